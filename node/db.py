@@ -1,0 +1,202 @@
+"""The node's index and durable state, through SQLAlchemy (SQLite by default, PostgreSQL-ready).
+
+Tables
+------
+instances   every stored instance (one row per SOP Instance UID), written before C-STORE success
+series      one row per series: routing attributes, completion state and generation
+jobs        the durable job queue: pending -> running -> done | failed -> (retry) | dead
+exports     one row per (job result file, destination): C-STORE SCU attempts and dead letters
+results     the ledger of objects prognode produced, with supersession links
+sweeps      one row per PACS sweep, with its items in sweep_items (resumable)
+
+All timestamps are UTC epoch seconds (float).  The schema is created by :func:`connect`.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from typing import Any
+
+from sqlalchemy import (
+    JSON,
+    Float,
+    ForeignKey,
+    Index,
+    Integer,
+    String,
+    Text,
+    UniqueConstraint,
+    create_engine,
+    event,
+)
+from sqlalchemy.engine import Engine
+from sqlalchemy.orm import DeclarativeBase, Mapped, Session, mapped_column, sessionmaker
+
+
+def now() -> float:
+    return time.time()
+
+
+class Base(DeclarativeBase):
+    pass
+
+
+class Instance(Base):
+    __tablename__ = "instances"
+    sop_instance_uid: Mapped[str] = mapped_column(String(64), primary_key=True)
+    series_uid: Mapped[str] = mapped_column(String(64), index=True)
+    study_uid: Mapped[str] = mapped_column(String(64), index=True)
+    sop_class_uid: Mapped[str] = mapped_column(String(64))
+    transfer_syntax: Mapped[str] = mapped_column(String(64))
+    path: Mapped[str] = mapped_column(Text)  # relative to the storage folder
+    size: Mapped[int] = mapped_column(Integer)
+    sha256: Mapped[str] = mapped_column(String(64))
+    instance_number: Mapped[int | None] = mapped_column(Integer, nullable=True)
+    position: Mapped[float | None] = mapped_column(Float, nullable=True)  # IPP projected on the slice normal (mm)
+    received_at: Mapped[float] = mapped_column(Float, default=now)
+    calling_ae: Mapped[str] = mapped_column(String(16), default="")
+    peer: Mapped[str] = mapped_column(String(64), default="")
+    generation: Mapped[int] = mapped_column(Integer, default=0)  # series generation it arrived in
+
+
+class Series(Base):
+    __tablename__ = "series"
+    series_uid: Mapped[str] = mapped_column(String(64), primary_key=True)
+    study_uid: Mapped[str] = mapped_column(String(64), index=True)
+    patient_id: Mapped[str] = mapped_column(String(64), default="")
+    modality: Mapped[str] = mapped_column(String(16), default="")
+    description: Mapped[str] = mapped_column(Text, default="")
+    attributes: Mapped[dict[str, Any]] = mapped_column(JSON, default=dict)  # routing keywords -> str
+    # receiving -> complete (jobs queued) ; a late instance reopens: complete -> receiving, generation += 1
+    state: Mapped[str] = mapped_column(String(16), default="receiving", index=True)
+    generation: Mapped[int] = mapped_column(Integer, default=0)
+    instances: Mapped[int] = mapped_column(Integer, default=0)
+    expected: Mapped[int | None] = mapped_column(Integer, nullable=True)  # count announced by headers
+    first_received: Mapped[float] = mapped_column(Float, default=now)
+    last_received: Mapped[float] = mapped_column(Float, default=now)
+    completed_at: Mapped[float | None] = mapped_column(Float, nullable=True)
+    completion_reason: Mapped[str] = mapped_column(String(32), default="")  # geometry | quiet | count
+    source: Mapped[str] = mapped_column(String(16), default="")  # calling AE of the first instance
+
+
+class Job(Base):
+    __tablename__ = "jobs"
+    __table_args__ = (UniqueConstraint("pipeline", "input_key", name="uq_job_input"),)
+    id: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=True)
+    series_uid: Mapped[str] = mapped_column(String(64), index=True)  # primary series of the job
+    study_uid: Mapped[str] = mapped_column(String(64), index=True)
+    route: Mapped[str] = mapped_column(String(64))
+    pipeline: Mapped[str] = mapped_column(String(64))
+    # series uids (with generations) the job reads: {"series": [{"uid":..,"generation":..,"role":..}]}
+    inputs: Mapped[dict[str, Any]] = mapped_column(JSON, default=dict)
+    input_key: Mapped[str] = mapped_column(String(128))  # hash of inputs: never complete twice
+    state: Mapped[str] = mapped_column(String(16), default="pending", index=True)
+    attempts: Mapped[int] = mapped_column(Integer, default=0)
+    error: Mapped[str] = mapped_column(Text, default="")
+    created_at: Mapped[float] = mapped_column(Float, default=now)
+    updated_at: Mapped[float] = mapped_column(Float, default=now)
+    not_before: Mapped[float] = mapped_column(Float, default=0.0)  # retry back-off
+    started_at: Mapped[float | None] = mapped_column(Float, nullable=True)
+    finished_at: Mapped[float | None] = mapped_column(Float, nullable=True)
+    lease_until: Mapped[float | None] = mapped_column(Float, nullable=True)
+    worker: Mapped[str] = mapped_column(String(64), default="")
+    last_image_at: Mapped[float | None] = mapped_column(Float, nullable=True)  # for time-to-result
+    result_dir: Mapped[str] = mapped_column(Text, default="")
+    summary: Mapped[dict[str, Any]] = mapped_column(JSON, default=dict)
+
+
+class Export(Base):
+    __tablename__ = "exports"
+    __table_args__ = (UniqueConstraint("job_id", "destination", "sop_instance_uid", name="uq_export"),)
+    id: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=True)
+    job_id: Mapped[int] = mapped_column(ForeignKey("jobs.id"), index=True)
+    destination: Mapped[str] = mapped_column(String(64))
+    path: Mapped[str] = mapped_column(Text)
+    sop_instance_uid: Mapped[str] = mapped_column(String(64))
+    state: Mapped[str] = mapped_column(String(16), default="pending", index=True)  # pending|sent|dead
+    attempts: Mapped[int] = mapped_column(Integer, default=0)
+    next_attempt_at: Mapped[float] = mapped_column(Float, default=0.0)
+    last_error: Mapped[str] = mapped_column(Text, default="")
+    sent_at: Mapped[float | None] = mapped_column(Float, nullable=True)
+
+
+class Result(Base):
+    __tablename__ = "results"
+    sop_instance_uid: Mapped[str] = mapped_column(String(64), primary_key=True)
+    job_id: Mapped[int] = mapped_column(ForeignKey("jobs.id"), index=True)
+    series_uid: Mapped[str] = mapped_column(String(64))  # the result's own series
+    source_series_uid: Mapped[str] = mapped_column(String(64), index=True)
+    study_uid: Mapped[str] = mapped_column(String(64), index=True)
+    modality: Mapped[str] = mapped_column(String(16))  # SEG | SR | ...
+    sop_class_uid: Mapped[str] = mapped_column(String(64))
+    pipeline: Mapped[str] = mapped_column(String(64))
+    supersedes: Mapped[str] = mapped_column(String(64), default="")  # SOP Instance UID it replaces
+    created_at: Mapped[float] = mapped_column(Float, default=now)
+    in_pacs_at: Mapped[float | None] = mapped_column(Float, nullable=True)  # first successful export
+
+
+class Sweep(Base):
+    __tablename__ = "sweeps"
+    id: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=True)
+    source: Mapped[str] = mapped_column(String(64))
+    date_from: Mapped[str] = mapped_column(String(8))
+    date_to: Mapped[str] = mapped_column(String(8))
+    state: Mapped[str] = mapped_column(String(16), default="running")  # running|done|failed|interrupted
+    dry_run: Mapped[int] = mapped_column(Integer, default=0)
+    started_at: Mapped[float] = mapped_column(Float, default=now)
+    finished_at: Mapped[float | None] = mapped_column(Float, nullable=True)
+    report: Mapped[dict[str, Any]] = mapped_column(JSON, default=dict)
+
+
+class SweepItem(Base):
+    __tablename__ = "sweep_items"
+    __table_args__ = (UniqueConstraint("sweep_id", "series_uid", name="uq_sweep_item"),)
+    id: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=True)
+    sweep_id: Mapped[int] = mapped_column(ForeignKey("sweeps.id"), index=True)
+    study_uid: Mapped[str] = mapped_column(String(64))
+    series_uid: Mapped[str] = mapped_column(String(64))
+    instances: Mapped[int] = mapped_column(Integer, default=0)
+    state: Mapped[str] = mapped_column(String(16), default="pending")  # pending|skipped|retrieved|failed
+    error: Mapped[str] = mapped_column(Text, default="")
+
+
+Index("ix_jobs_state_not_before", Job.state, Job.not_before)
+
+
+class Database:
+    """Engine plus session factory; pass it explicitly to whoever needs the index."""
+
+    def __init__(self, url: str) -> None:
+        self.url = url
+        kwargs: dict[str, Any] = {}
+        if url.startswith("sqlite"):
+            kwargs["connect_args"] = {"timeout": 30, "check_same_thread": False}
+        self.engine: Engine = create_engine(url, **kwargs)
+        if url.startswith("sqlite"):
+            event.listen(self.engine, "connect", _sqlite_pragmas)
+        Base.metadata.create_all(self.engine)
+        self._sessions = sessionmaker(self.engine, expire_on_commit=False)
+
+    @contextmanager
+    def session(self) -> Iterator[Session]:
+        """A transaction: committed on success, rolled back on error."""
+        with self._sessions() as s, s.begin():
+            yield s
+
+    def dispose(self) -> None:
+        self.engine.dispose()
+
+
+def _sqlite_pragmas(dbapi_conn: Any, _record: Any) -> None:
+    cur = dbapi_conn.cursor()
+    cur.execute("PRAGMA journal_mode=WAL")
+    cur.execute("PRAGMA synchronous=NORMAL")  # WAL + NORMAL is durable against process crashes
+    cur.execute("PRAGMA foreign_keys=ON")
+    cur.execute("PRAGMA busy_timeout=30000")
+    cur.close()
+
+
+def connect(url: str) -> Database:
+    return Database(url)

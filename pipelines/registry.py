@@ -1,0 +1,61 @@
+"""Import-cheap registry of pipelines: names map to ``module:factory`` import paths.
+
+Nothing heavy is imported until :func:`create` is called, so the SCP starts without
+torch or monai.  A factory takes the pipeline's options mapping (config
+``[pipelines.<name>]``) and returns a :class:`pipelines.base.Pipeline`; bad options
+raise ``node.config.ConfigError``-style ``ValueError`` naming ``pipelines.<name>.<key>``.
+"""
+
+from __future__ import annotations
+
+import importlib
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from pipelines.base import Pipeline
+
+
+@dataclass(frozen=True)
+class Entry:
+    name: str
+    target: str  # "module:factory"
+    level: str  # "series" or "study"
+    summary: str
+
+
+_ENTRIES = (
+    Entry("tissue-hu", "pipelines.tissue_hu:create", "series",
+          "Body mask, adipose (-190..-30 HU) and soft tissue (-29..150 HU) on every slice"),
+    Entry("body-composition", "pipelines.body_composition.pipeline:create", "series",
+          "L3/C3 muscle, SAT, VAT, IMAT, SMI and sarcopenia; psoas and erector spinae in 2D and 3D"),
+    Entry("tumour-radiomics", "pipelines.radiomics.pipeline:create", "study",
+          "Intratumoral and 3/6/9 mm peritumoral radiomics from a received SEG or RTSTRUCT ROI"),
+    Entry("dual-phase", "pipelines.dualphase.pipeline:create", "study",
+          "Arterial and portal-venous series registered and featurised together"),
+    Entry("deep-features", "pipelines.deep.pipeline:create", "series",
+          "MONAI encoder features (2D/3D) with attention maps"),
+    Entry("survival-risk", "pipelines.survival.pipeline:create", "series",
+          "Risk score and risk group from a fitted survival model, as a TID 1500 SR"),
+)
+REGISTRY: dict[str, Entry] = {e.name: e for e in _ENTRIES}
+
+
+def names() -> list[str]:
+    return list(REGISTRY)
+
+
+def entry(name: str) -> Entry:
+    try:
+        return REGISTRY[name]
+    except KeyError:
+        raise KeyError(f"unknown pipeline {name!r}; known: {', '.join(REGISTRY)}") from None
+
+
+def create(name: str, options: Mapping[str, Any] | None = None) -> Pipeline:
+    """Import the pipeline's module and build it with its options."""
+    module_name, factory_name = entry(name).target.split(":")
+    factory = getattr(importlib.import_module(module_name), factory_name)
+    pipeline: Pipeline = factory(dict(options or {}))
+    return pipeline
