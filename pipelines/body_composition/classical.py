@@ -1,0 +1,294 @@
+"""Weight-free backend: HU windows plus anatomical reasoning (CPU, no model files).
+
+Level finding: bone (HU > ``bone_hu``) is projected along the stack to find the spine
+column; per slice the bone area around it separates vertebral bodies from discs; runs of
+bone slices are vertebrae.  Landmarks name them: the sacrum (a vertebral run whose bone
+component is far wider than a vertebral body) and rib-bearing vertebrae (a separate bone
+component whose nearest point lies within ``rib_gap_mm`` of the vertebra).  L5 is the run
+above the sacrum, T12 the lowest rib-bearing run with a rib-free run below it, T1 the
+highest rib-bearing run with a rib-free run above it; the rest are counted from them.
+
+Slice segmentation: body = largest non-air component; fat -190..-30 HU, muscle -29..150 HU
+(Mitsiopoulos 1998 windows).  The abdominal envelope is the filled region enclosed by the
+non-fat tissue inside the skin; SAT is fat outside it.  Skeletal muscle is muscle-HU tissue
+in the wall (connected to the envelope's rim) and in the compartments named relative to the
+vertebra: psoas (beside the vertebral body) and erector spinae (beside the spinous process,
+behind the vertebra).  IMAT is fat enclosed by muscle; VAT is the remaining fat inside the
+envelope.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import numpy as np
+from numpy.typing import NDArray
+from scipy import ndimage as ndi
+
+from pipelines.body_composition.types import (
+    SEGMENT_KEYS,
+    LevelResult,
+    SliceAnatomy,
+    SliceSegmentation,
+    Vertebra,
+)
+from pipelines.common.volume import Volume
+
+log = logging.getLogger(__name__)
+
+ORDER = (["S1", "L5", "L4", "L3", "L2", "L1"] + [f"T{i}" for i in range(12, 0, -1)]
+         + [f"C{i}" for i in range(7, 1, -1)])
+
+
+@dataclass(frozen=True)
+class ClassicalParams:
+    bone_hu: float = 200.0
+    spine_roi_mm: float = 20.0
+    min_vertebra_mm: float = 8.0
+    sacrum_width_factor: float = 2.5
+    rib_gap_mm: float = 15.0
+    fat_hu: tuple[float, float] = (-190.0, -30.0)
+    muscle_hu: tuple[float, float] = (-29.0, 150.0)
+    skin_mm: float = 4.0
+    close_mm: float = 4.0
+    psoas_lateral_mm: float = 70.0
+    erector_lateral_mm: float = 80.0
+    imat_max_hole_mm2: float = 1000.0  # larger fat regions enclosed by muscle are visceral (the cavity)
+
+
+def _disk(radius_px: float) -> NDArray[np.bool_]:
+    r = max(1, int(np.ceil(radius_px)))
+    yy, xx = np.mgrid[-r : r + 1, -r : r + 1]
+    return np.asarray(xx**2 + yy**2 <= radius_px**2 + 1e-9)
+
+
+def _runs(flags: NDArray[np.bool_]) -> list[tuple[int, int]]:
+    out = []
+    k = 0
+    n = len(flags)
+    while k < n:
+        if flags[k]:
+            j = k
+            while j + 1 < n and flags[j + 1]:
+                j += 1
+            out.append((k, j))
+            k = j + 1
+        else:
+            k += 1
+    return out
+
+
+class ClassicalLevelFinder:
+    """Find and name vertebrae in a volume by counting from landmarks."""
+
+    def __init__(self, params: ClassicalParams = ClassicalParams()) -> None:
+        self.p = params
+
+    def vertebrae(self, vol: Volume) -> tuple[list[Vertebra], tuple[float, float], list[str]]:
+        """Vertebral runs (unnamed landmarks flagged), the spine centre (row, col), notes."""
+        p = self.p
+        bone = vol.hu > p.bone_hu
+        dy, dx = vol.pixel_spacing
+        notes: list[str] = []
+        count = bone.sum(axis=0).astype(np.float32)
+        count = ndi.gaussian_filter(count, sigma=(10.0 / dy, 10.0 / dx))
+        if count.max() <= 0:
+            return [], (0.0, 0.0), ["no bone in the series"]
+        r0, c0 = np.unravel_index(int(np.argmax(count)), count.shape)
+        yy, xx = np.mgrid[0 : vol.shape[1], 0 : vol.shape[2]]
+        roi = ((yy - r0) * dy) ** 2 + ((xx - c0) * dx) ** 2 <= p.spine_roi_mm**2
+        signal = bone[:, roi].sum(axis=1).astype(np.float64) * dy * dx
+        ref = float(np.percentile(signal, 90)) if signal.size else 0.0
+        flags = signal > 0.3 * ref if ref > 0 else np.zeros(len(signal), bool)
+        runs = [(a, b) for a, b in _runs(flags) if (b - a + 1) * vol.slice_spacing >= p.min_vertebra_mm
+                or a == 0 or b == len(flags) - 1]
+        verts: list[Vertebra] = []
+        for a, b in runs:
+            width = 0.0
+            ribs = False
+            body_c: list[tuple[float, float]] = []
+            half_w: list[float] = []
+            half_h: list[float] = []
+            for k in range(a, b + 1):
+                lab, n = ndi.label(bone[k])
+                if n == 0:
+                    continue
+                spine_ids = np.unique(lab[roi & bone[k]])
+                spine_ids = spine_ids[spine_ids > 0]
+                if spine_ids.size == 0:
+                    continue
+                spine = np.isin(lab, spine_ids)
+                cols = np.nonzero(spine.any(axis=0))[0]
+                width = max(width, float(cols[-1] - cols[0] + 1) * dx)
+                body = spine & roi
+                rr, cc = np.nonzero(body)
+                body_c.append((float(rr.mean()), float(cc.mean())))
+                half_w.append((cc.max() - cc.min() + 1) * dx / 2.0)
+                half_h.append((rr.max() - rr.min() + 1) * dy / 2.0)
+                if not ribs:
+                    dist = ndi.distance_transform_edt(~spine, sampling=(dy, dx))
+                    for i in range(1, n + 1):
+                        if i in spine_ids:
+                            continue
+                        comp = lab == i
+                        if float(dist[comp].min()) <= p.rib_gap_mm:
+                            _, ccc = np.nonzero(comp)
+                            if abs(float(ccc.mean()) - c0) * dx > 15.0:
+                                ribs = True
+                                break
+            if not body_c:
+                continue
+            centre = (float(np.median([c[0] for c in body_c])), float(np.median([c[1] for c in body_c])))
+            verts.append(Vertebra(name="", first=a, last=b, width_mm=width, rib_bearing=ribs,
+                                  centre_rc=centre, half_width_mm=float(np.median(half_w)),
+                                  half_height_mm=float(np.median(half_h)),
+                                  touches_edge=a == 0 or b == len(flags) - 1))
+        return verts, (float(r0), float(c0)), notes
+
+    def name(self, verts: list[Vertebra]) -> tuple[list[Vertebra], list[str]]:
+        """Name vertebral runs by counting from the sacrum and the rib-bearing vertebrae."""
+        p = self.p
+        notes: list[str] = []
+        if not verts:
+            return verts, ["no vertebrae found"]
+        widths = [v.width_mm for v in verts if not v.touches_edge] or [v.width_mm for v in verts]
+        median_w = float(np.median(widths))
+        anchors: dict[str, int] = {}
+        # sacrum: lowest runs much wider than a vertebral body
+        sacral = [i for i, v in enumerate(verts) if v.width_mm > p.sacrum_width_factor * min(widths)]
+        if sacral and sacral[0] == 0:
+            top = 0
+            while top + 1 in sacral:
+                top += 1
+            if top + 1 < len(verts):
+                anchors["sacrum"] = ORDER.index("L5") - (top + 1)
+                notes.append(f"sacrum at slices {verts[top].first}-{verts[top].last}")
+        ribs = [v.rib_bearing for v in verts]
+        for i in range(len(verts) - 1):
+            if ribs[i + 1] and not ribs[i] and not any(ribs[: i + 1]):
+                anchors["T12"] = ORDER.index("T12") - (i + 1)
+                notes.append(f"lowest rib-bearing vertebra (T12) at slices {verts[i + 1].first}-{verts[i + 1].last}")
+                break
+        for i in range(len(verts) - 1, 0, -1):
+            if ribs[i - 1] and not ribs[i] and not any(ribs[i:]) and "T12" not in anchors:
+                anchors["T1"] = ORDER.index("T1") - (i - 1)
+                notes.append(f"highest rib-bearing vertebra (T1) at slices {verts[i - 1].first}-{verts[i - 1].last}")
+                break
+        del median_w
+        if not anchors:
+            return [], ["no landmark (sacrum or rib-bearing vertebra) in the field of view: cannot count vertebrae"]
+        offsets = set(anchors.values())
+        if len(offsets) > 1:
+            return [], [f"landmarks disagree ({anchors}): transitional vertebra suspected, level not named"]
+        off = offsets.pop()
+        named = []
+        for i, v in enumerate(verts):
+            j = i + off
+            nm = ORDER[j] if 0 <= j < len(ORDER) else "?"
+            named.append(Vertebra(**{**v.__dict__, "name": nm}))
+        return named, notes
+
+    def run(self, vol: Volume, levels: Sequence[str]) -> LevelResult:
+        verts, centre, notes = self.vertebrae(vol)
+        named, notes2 = self.name(verts)
+        notes = notes + notes2
+        for level in levels:
+            for v in named:
+                if v.name == level:
+                    if v.touches_edge:
+                        notes.append(f"{level} touches the edge of the field of view")
+                        continue
+                    return LevelResult(level=level, slice_index=(v.first + v.last) // 2, vertebrae=tuple(named),
+                                       spine_centre_rc=centre, notes=tuple(notes), method="classical")
+        if named:
+            seen = ", ".join(v.name for v in named)
+            notes.append(f"{' or '.join(levels)} not in the field of view (vertebrae seen: {seen})")
+        return LevelResult(level=None, slice_index=None, vertebrae=tuple(named), spine_centre_rc=centre,
+                           notes=tuple(notes), method="classical")
+
+
+def anatomy_for_slice(level: LevelResult, k: int) -> SliceAnatomy:
+    """Vertebral body centre and size at slice ``k`` (nearest named vertebra)."""
+    best = min(level.vertebrae, key=lambda v: 0 if v.first <= k <= v.last else min(abs(k - v.first), abs(k - v.last)))
+    return SliceAnatomy(centre_rc=best.centre_rc, half_width_mm=best.half_width_mm, half_height_mm=best.half_height_mm)
+
+
+class ClassicalSliceSegmenter:
+    """HU windows plus compartments relative to the vertebra, on one axial slice."""
+
+    def __init__(self, params: ClassicalParams = ClassicalParams()) -> None:
+        self.p = params
+
+    def run(self, hu: NDArray[np.float32], spacing: tuple[float, float], anat: SliceAnatomy) -> SliceSegmentation:
+        p = self.p
+        dy, dx = spacing
+        px = float(np.sqrt(dy * dx))
+        lab, n = ndi.label(hu > -500)
+        if n == 0:
+            empty = np.zeros(hu.shape, bool)
+            return SliceSegmentation(masks={k: empty for k in SEGMENT_KEYS}, body=empty)
+        sizes = ndi.sum_labels(np.ones_like(lab), lab, index=np.arange(1, n + 1))
+        body = ndi.binary_fill_holes(lab == (int(np.argmax(sizes)) + 1))
+        fat = body & (hu >= p.fat_hu[0]) & (hu <= p.fat_hu[1])
+        muscle_hu = body & (hu >= p.muscle_hu[0]) & (hu <= p.muscle_hu[1])
+        bone = body & (hu > p.muscle_hu[1])
+        bone_hull = ndi.binary_fill_holes(ndi.binary_closing(bone, _disk(2)))
+        inner = ndi.binary_erosion(body, _disk(p.skin_mm / px))
+        nonfat = inner & ~fat & (hu > -500)
+        nonfat = ndi.binary_closing(nonfat, _disk(p.close_mm / px)) & inner
+        envelope = ndi.binary_fill_holes(nonfat)
+        sat = fat & ~envelope
+        soft = muscle_hu & envelope & ~bone_hull
+        # wall: soft tissue components touching the envelope's rim
+        rim = envelope & ~ndi.binary_erosion(envelope, _disk(1.5))
+        slab, sn = ndi.label(soft)
+        wall_ids = np.unique(slab[rim & soft])
+        wall = np.isin(slab, wall_ids[wall_ids > 0])
+
+        r0, c0 = anat.centre_rc
+        yy, xx = np.mgrid[0 : hu.shape[0], 0 : hu.shape[1]]
+        ymm = (yy - r0) * dy  # + posterior
+        xmm = (xx - c0) * dx  # + patient left
+        hw, hh = anat.half_width_mm, anat.half_height_mm
+
+        def pick(region: NDArray[np.bool_], exclude: NDArray[np.bool_], seed: tuple[float, float],
+                 max_dist_mm: float = 25.0) -> NDArray[np.bool_]:
+            """The muscle component in ``region`` nearest the seed (lateral mm, posterior mm)."""
+            cand = soft & region & ~exclude
+            cl, cn = ndi.label(cand)
+            if cn == 0:
+                return np.zeros(hu.shape, bool)
+            dist = np.hypot(xmm - seed[0], ymm - seed[1])
+            dmin = ndi.minimum(dist, cl, index=np.arange(1, cn + 1))
+            best = int(np.argmin(dmin))
+            if float(dmin[best]) > max_dist_mm:
+                return np.zeros(hu.shape, bool)
+            return np.asarray(cl == best + 1)
+
+        masks: dict[str, NDArray[np.bool_]] = {}
+        for side, sgn in (("left", 1.0), ("right", -1.0)):
+            lat = sgn * xmm
+            psoas_box = (lat > hw * 0.5) & (lat < hw + p.psoas_lateral_mm) & (ymm > -hh - 45.0) & (ymm < hh + 10.0)
+            masks[f"psoas_{side}"] = pick(psoas_box, wall, (sgn * (hw + 20.0), 0.0))
+            erector_box = (lat > 0.0) & (lat < p.erector_lateral_mm) & (ymm > hh + 5.0)
+            masks[f"erector_{side}"] = pick(erector_box, np.zeros(hu.shape, bool), (sgn * 40.0, hh + 35.0))
+        named = masks["psoas_left"] | masks["psoas_right"] | masks["erector_left"] | masks["erector_right"]
+        # the erector spinae may be one component with the posterior wall: named masks win
+        muscle = (wall | named) & soft
+        holes = ndi.binary_fill_holes(muscle) & ~muscle
+        hl, hn = ndi.label(holes)
+        if hn:
+            hs = ndi.sum_labels(np.ones_like(hl), hl, index=np.arange(1, hn + 1)) * dy * dx
+            small = np.concatenate([[False], hs <= p.imat_max_hole_mm2])
+            holes = small[hl]
+        imat = fat & holes & envelope
+        vat = fat & envelope & ~imat
+        masks["skeletal_muscle"] = muscle
+        masks["sat"] = sat
+        masks["vat"] = vat
+        masks["imat"] = imat
+        truncated = bool(body[0, :].any() or body[-1, :].any() or body[:, 0].any() or body[:, -1].any())
+        return SliceSegmentation(masks={k: np.asarray(masks[k]) for k in SEGMENT_KEYS}, body=np.asarray(body),
+                                 truncated=truncated)

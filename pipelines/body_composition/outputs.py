@@ -1,0 +1,139 @@
+"""Write the pipeline's DICOM objects (SEG, planar SR, volume SR) and its summary."""
+
+from __future__ import annotations
+
+import logging
+from typing import TYPE_CHECKING, Any
+
+import highdicom as hd
+import numpy as np
+from numpy.typing import NDArray
+
+from pipelines.base import PipelineContext, PipelineOutput, StageError
+from pipelines.body_composition import dicom_out
+from pipelines.body_composition.types import NAMED_MUSCLES, SEGMENT_KEYS, Measurements, Segmentation
+from pipelines.common.volume import Volume
+
+if TYPE_CHECKING:
+    from pipelines.body_composition.pipeline import BodyCompositionPipeline
+    from pipelines.body_composition.stages import Backend
+
+log = logging.getLogger(__name__)
+
+
+def _algorithm(pipeline: BodyCompositionPipeline, backend: Backend | None) -> dicom_out.AlgorithmInfo:
+    return dicom_out.AlgorithmInfo(
+        name="prognode body-composition", version=pipeline.version,
+        backend=backend.name if backend is not None else pipeline.options.backend,
+        model_version=backend.model_version if backend is not None else "",
+        cutoff=f"{pipeline.options.cutoffs[0]} (table {pipeline.table.version})")
+
+
+def _source_per_slice(volume: Volume) -> list[Any]:
+    if any(s.frame is not None for s in volume.slices):
+        raise StageError("seg-writer", volume.series_uid, "multi-frame source images are not supported for SEG/SR")
+    return [s.dataset for s in volume.slices]
+
+
+def write_not_evaluable(ctx: PipelineContext, volume: Volume, reason: str, pipeline: BodyCompositionPipeline,
+                        stage: str, backend: Backend | None = None) -> PipelineOutput:
+    _, concepts = dicom_out.load_codes()
+    site = concepts[pipeline.options.levels[0]]
+    algorithm = _algorithm(pipeline, backend)
+    sr = dicom_out.build_not_evaluable_sr(volume.source_datasets(), reason, site, algorithm, ctx.identity,
+                                          "Body composition: not evaluable")
+    path = ctx.work_dir / "sr.dcm"
+    sr.save_as(path)
+    log.info("series %s not evaluable at %s: %s", volume.series_uid, stage, reason)
+    return PipelineOutput(files=(path,), evaluable=False, reason=reason,
+                          summary={"evaluable": False, "stage": stage, "reason": reason,
+                                   "backend": algorithm.backend, "sr": path.name})
+
+
+def write_results(ctx: PipelineContext, volume: Volume, seg: Segmentation, meas: Measurements,
+                  pipeline: BodyCompositionPipeline, backend: Backend) -> PipelineOutput:
+    from pipelines.body_composition.pipeline import summary_of
+
+    src = _source_per_slice(volume)
+    _, concepts = dicom_out.load_codes()
+    algorithm = _algorithm(pipeline, backend)
+    k = meas.slice_index
+    level_code = concepts[meas.level]
+    masks: dict[str, NDArray[np.bool_]] = {}
+    for key in SEGMENT_KEYS:
+        m = np.zeros(volume.hu.shape, bool)
+        if meas.areas[key].evaluable:
+            m[k] = seg.slice_seg.masks[key]
+        if key in seg.volume_masks and meas.volumes[key].evaluable:
+            m |= seg.volume_masks[key]
+        masks[key] = m
+    files = []
+    summary: dict[str, Any] = {"evaluable": True, **summary_of(meas, seg)}
+    seg_obj: hd.seg.Segmentation | None = None
+    if any(m.any() for m in masks.values()):
+        seg_obj = dicom_out.build_seg(src, masks, algorithm, ctx.identity, f"Body composition {meas.level} SEG")
+        p = ctx.work_dir / "seg.dcm"
+        seg_obj.save_as(p)
+        files.append(p)
+        summary["seg"] = p.name
+
+    primary = pipeline.options.cutoffs[0]
+    items = []
+    for key in SEGMENT_KEYS:
+        a, h = meas.areas[key], meas.mean_hu[key]
+        if not a.evaluable:
+            continue
+        extra: list[tuple[hd.sr.CodedConcept, float, hd.sr.CodedConcept]] = []
+        qual: list[tuple[hd.sr.CodedConcept, hd.sr.CodedConcept]] = []
+        comments: list[str] = []
+        if key == "skeletal_muscle":
+            est = meas.derived.get("l3_muscle_area_estimate")
+            if est is not None and est.value is not None:
+                extra.append((concepts["l3_area_estimate"], est.value, concepts["cm2"]))
+            smi = meas.derived["smi"]
+            if smi.value is not None:
+                extra.append((concepts["smi"], smi.value, concepts["smi_unit"]))
+            else:
+                comments.append(f"Skeletal muscle index not evaluable: {smi.reason}")
+            for cid, res in meas.sarcopenia.items():
+                if "sarcopenic" in res:
+                    if cid == primary:
+                        qual.append((concepts["sarcopenia"], concepts["present" if res["sarcopenic"] else "absent"]))
+                    comments.append(f"Sarcopenia by {cid}: {'present' if res['sarcopenic'] else 'absent'} "
+                                    f"(SMI threshold {res['threshold']} {res['unit']}; {res['citation']})")
+                else:
+                    comments.append(f"Sarcopenia by {cid}: not evaluable: {res['not_evaluable']}")
+        items.append(dicom_out.PlanarItem(key=key, mask=seg.slice_seg.masks[key], area_cm2=a.value,
+                                          mean_hu=h.value, extra=extra, qualitative=qual, comments=comments))
+    not_eval = [f"{key}: {meas.areas[key].reason}" for key in SEGMENT_KEYS if not meas.areas[key].evaluable]
+    if items:
+        if not_eval:
+            items[0] = dicom_out.PlanarItem(**{**items[0].__dict__,
+                                               "comments": [*items[0].comments,
+                                                            *[f"Not evaluable: {t}" for t in not_eval]]})
+        sr = dicom_out.build_planar_sr(src[k], level_code, items, algorithm, ctx.identity,
+                                       f"Body composition {meas.level}")
+        p = ctx.work_dir / "sr.dcm"
+        sr.save_as(p)
+        files.append(p)
+        summary["sr"] = p.name
+    else:
+        reason = "; ".join(not_eval) or "no structure measured"
+        sr = dicom_out.build_not_evaluable_sr([src[k]], reason, level_code, algorithm, ctx.identity,
+                                              "Body composition: not evaluable")
+        p = ctx.work_dir / "sr.dcm"
+        sr.save_as(p)
+        files.append(p)
+        summary["sr"] = p.name
+    vols = {key: (meas.volumes[key].value, meas.volume_mean_hu[key].value) for key in NAMED_MUSCLES
+            if meas.volumes[key].value is not None}
+    if vols and seg_obj is not None:
+        evidence = [src[i] for i in range(len(src)) if any(masks[key][i].any() for key in NAMED_MUSCLES)]
+        vsr = dicom_out.build_volume_sr(evidence, seg_obj, vols,  # type: ignore[arg-type]
+                                        concepts["lumbar_spine"], algorithm, ctx.identity,
+                                        "Body composition lumbar muscle volumes")
+        p = ctx.work_dir / "sr-volumes.dcm"
+        vsr.save_as(p)
+        files.append(p)
+        summary["sr_volumes"] = p.name
+    return PipelineOutput(files=tuple(files), summary=summary, evaluable=True)
