@@ -72,14 +72,31 @@ class AlgorithmInfo:
 
 
 def build_seg(source: Sequence[Dataset], masks: Mapping[str, NDArray[np.bool_]], algorithm: AlgorithmInfo,
-              identity: Identity, series_description: str, uid_seed: str | None = None) -> hd.seg.Segmentation:
-    """BINARY SEG of ``masks`` (key -> (slices, rows, cols) on the grid of ``source``), empty frames left out."""
+              identity: Identity, series_description: str, series_number: int | None = None) -> hd.seg.Segmentation:
+    """BINARY SEG of ``masks`` (key -> (slices, rows, cols) on the grid of ``source``), empty frames left out.
+
+    Masks that do not overlap are passed to highdicom as one label map (much faster on 3D).
+    """
     seg_codes, _ = load_codes()
     keys = [k for k in SEGMENT_KEYS if k in masks and masks[k].any()]
     if not keys:
         raise ValueError("no segment has any voxel")
-    stack = np.stack([masks[k] for k in keys], axis=-1)
-    used = np.nonzero(stack.any(axis=(1, 2, 3)))[0]
+    any_mask = np.zeros(next(iter(masks.values())).shape[0], bool)
+    overlap = False
+    total = None
+    for k in keys:
+        any_mask |= masks[k].any(axis=(1, 2))
+    used = np.nonzero(any_mask)[0]
+    for k in keys:
+        m = masks[k][used]
+        total = m.astype(np.uint8) if total is None else total + m
+    overlap = bool(total is not None and total.max() > 1)
+    if overlap:
+        pixels = np.stack([masks[k][used] for k in keys], axis=-1).astype(np.uint8)
+    else:
+        pixels = np.zeros((len(used), *masks[keys[0]].shape[1:]), np.uint8)
+        for i, k in enumerate(keys, start=1):
+            pixels[masks[k][used]] = i
     alg = algorithm.identification()
     descriptions = []
     for i, key in enumerate(keys, start=1):
@@ -93,17 +110,17 @@ def build_seg(source: Sequence[Dataset], masks: Mapping[str, NDArray[np.bool_]],
             descriptions[-1].SegmentedPropertyTypeCodeSequence[0].SegmentedPropertyTypeModifierCodeSequence = [
                 row.modifier]
     return hd.seg.Segmentation(
-        source_images=[source[int(k)] for k in used], pixel_array=stack[used].astype(np.uint8),
+        source_images=[source[int(k)] for k in used], pixel_array=pixels,
         segmentation_type=hd.seg.SegmentationTypeValues.BINARY, segment_descriptions=descriptions,
-        series_instance_uid=hd.UID(), series_number=identity.seg_series_number, sop_instance_uid=hd.UID(),
-        instance_number=1, manufacturer=identity.manufacturer, manufacturer_model_name="prognode body-composition",
-        software_versions=identity.software_version, device_serial_number=identity.device_serial_number,
-        series_description=series_description, content_label="BODYCOMP",
-        content_description="Body composition segments",
+        series_instance_uid=hd.UID(), series_number=series_number or identity.seg_series_number,
+        sop_instance_uid=hd.UID(), instance_number=1, manufacturer=identity.manufacturer,
+        manufacturer_model_name="prognode body-composition", software_versions=identity.software_version,
+        device_serial_number=identity.device_serial_number, series_description=series_description,
+        content_label="BODYCOMP", content_description="Body composition segments",
         institution_name=identity.institution_name or None)
 
 
-def polygon(mask: NDArray[np.bool_]) -> NDArray[np.float32]:
+def polygon(mask: NDArray[np.bool_], max_points: int = 200) -> NDArray[np.float32]:
     """Closed outline (column, row pixel coordinates) of the largest connected part of ``mask``."""
     import contourpy
     from scipy import ndimage as ndi
@@ -119,6 +136,9 @@ def polygon(mask: NDArray[np.bool_]) -> NDArray[np.float32]:
     # contour coordinates are pixel indices (x = column, y = row); DICOM SCOORD uses
     # pixel-edge coordinates where the centre of the first pixel is (0.5, 0.5)
     pts = pts + 0.5
+    if len(pts) > max_points:  # display only: the NUM is the mask's area, not the polygon's
+        step = int(np.ceil(len(pts) / max_points))
+        pts = pts[::step]
     if not np.allclose(pts[0], pts[-1]):
         pts = np.vstack([pts, pts[:1]])
     return pts.astype(np.float32)
@@ -201,7 +221,7 @@ def build_planar_sr(image: Dataset, level_code: hd.sr.CodedConcept, items: Seque
     return sr
 
 
-def build_volume_sr(evidence: Sequence[Dataset], seg: hd.seg.Segmentation,
+def build_volume_sr(source_series_uid: str, seg: hd.seg.Segmentation,
                     volumes: Mapping[str, tuple[float, float | None]], site_code: hd.sr.CodedConcept,
                     algorithm: AlgorithmInfo, identity: Identity, series_description: str) -> hd.sr.Comprehensive3DSR:
     """TID 1411 groups: volume (cm3) and mean HU of each named muscle, referencing its SEG segment."""
@@ -219,10 +239,12 @@ def build_volume_sr(evidence: Sequence[Dataset], seg: hd.seg.Segmentation,
                                         derivation=concepts["mean"], algorithm_id=algorithm.sr_algorithm()))
         groups.append(hd.sr.VolumetricROIMeasurementsAndQualitativeEvaluations(
             tracking_identifier=hd.sr.TrackingIdentifier(uid=hd.UID(), identifier=f"{label} volume"),
-            referenced_segment=hd.sr.ReferencedSegment.from_segmentation(seg, segment_number=numbers[label]),
+            referenced_segment=hd.sr.ReferencedSegment(
+                sop_class_uid=seg.SOPClassUID, sop_instance_uid=seg.SOPInstanceUID, segment_number=numbers[label],
+                source_series=hd.sr.SourceSeriesForSegmentation(source_series_uid)),
             finding_type=seg_codes[key].type, finding_sites=[hd.sr.FindingSite(anatomic_location=site_code)],
             measurements=ms, algorithm_id=algorithm.sr_algorithm()))
-    return _sr([*evidence, seg], groups, identity, series_description)
+    return _sr([seg], groups, identity, series_description)
 
 
 def build_not_evaluable_sr(evidence: Sequence[Dataset], reason: str, site_code: hd.sr.CodedConcept,

@@ -59,23 +59,30 @@ def write_results(ctx: PipelineContext, volume: Volume, seg: Segmentation, meas:
     algorithm = _algorithm(pipeline, backend)
     k = meas.slice_index
     level_code = concepts[meas.level]
-    masks: dict[str, NDArray[np.bool_]] = {}
-    for key in SEGMENT_KEYS:
-        m = np.zeros(volume.hu.shape, bool)
-        if meas.areas[key].evaluable:
-            m[k] = seg.slice_seg.masks[key]
-        if key in seg.volume_masks and meas.volumes[key].evaluable:
-            m |= seg.volume_masks[key]
-        masks[key] = m
     files = []
     summary: dict[str, Any] = {"evaluable": True, **summary_of(meas, seg)}
-    seg_obj: hd.seg.Segmentation | None = None
-    if any(m.any() for m in masks.values()):
-        seg_obj = dicom_out.build_seg(src, masks, algorithm, ctx.identity, f"Body composition {meas.level} SEG")
+    # SEG 1: the level slice, all tissues (they overlap: muscle contains the named muscles)
+    level_src = [src[k]]
+    level_masks = {key: seg.slice_seg.masks[key][None] for key in SEGMENT_KEYS if meas.areas[key].evaluable}
+    if any(m.any() for m in level_masks.values()):
+        seg_level = dicom_out.build_seg(level_src, level_masks, algorithm, ctx.identity,
+                                        f"Body composition {meas.level} SEG")
         p = ctx.work_dir / "seg.dcm"
-        seg_obj.save_as(p)
+        seg_level.save_as(p)
         files.append(p)
         summary["seg"] = p.name
+    # SEG 2: named muscles in 3D over the lumbar spine (no overlap: written as a label map)
+    seg_3d: hd.seg.Segmentation | None = None
+    vol_masks = {key: seg.volume_masks[key] for key in NAMED_MUSCLES
+                 if key in seg.volume_masks and meas.volumes[key].evaluable}
+    if vol_masks:
+        seg_3d = dicom_out.build_seg(src, vol_masks, algorithm, ctx.identity,
+                                     "Body composition lumbar muscles 3D SEG",
+                                     series_number=ctx.identity.seg_series_number + 10)
+        p = ctx.work_dir / "seg-volumes.dcm"
+        seg_3d.save_as(p)
+        files.append(p)
+        summary["seg_volumes"] = p.name
 
     primary = pipeline.options.cutoffs[0]
     items = []
@@ -127,9 +134,8 @@ def write_results(ctx: PipelineContext, volume: Volume, seg: Segmentation, meas:
         summary["sr"] = p.name
     vols = {key: (meas.volumes[key].value, meas.volume_mean_hu[key].value) for key in NAMED_MUSCLES
             if meas.volumes[key].value is not None}
-    if vols and seg_obj is not None:
-        evidence = [src[i] for i in range(len(src)) if any(masks[key][i].any() for key in NAMED_MUSCLES)]
-        vsr = dicom_out.build_volume_sr(evidence, seg_obj, vols,  # type: ignore[arg-type]
+    if vols and seg_3d is not None:
+        vsr = dicom_out.build_volume_sr(volume.series_uid, seg_3d, vols,  # type: ignore[arg-type]
                                         concepts["lumbar_spine"], algorithm, ctx.identity,
                                         "Body composition lumbar muscle volumes")
         p = ctx.work_dir / "sr-volumes.dcm"

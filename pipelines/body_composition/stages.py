@@ -7,7 +7,8 @@ Each stage works without the node: ``QCGate().run(volume)``, ``LevelFinder(...).
 from __future__ import annotations
 
 import logging
-from collections.abc import Sequence
+from concurrent.futures import ThreadPoolExecutor
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, Protocol
 
@@ -58,6 +59,9 @@ class Backend(Protocol):
     def segment_slice(self, hu: NDArray[np.float32], spacing: tuple[float, float],
                       anatomy: SliceAnatomy) -> SliceSegmentation: ...
 
+    def segment_named(self, hu: NDArray[np.float32], spacing: tuple[float, float],
+                      anatomy: SliceAnatomy) -> Mapping[str, NDArray[np.bool_]]: ...
+
 
 class ClassicalBackend:
     """The weight-free default: HU windows plus anatomical reasoning."""
@@ -75,6 +79,10 @@ class ClassicalBackend:
     def segment_slice(self, hu: NDArray[np.float32], spacing: tuple[float, float],
                       anatomy: SliceAnatomy) -> SliceSegmentation:
         return self.segmenter.run(hu, spacing, anatomy)
+
+    def segment_named(self, hu: NDArray[np.float32], spacing: tuple[float, float],
+                      anatomy: SliceAnatomy) -> Mapping[str, NDArray[np.bool_]]:
+        return self.segmenter.named(hu, spacing, anatomy)
 
 
 class QCGate:
@@ -131,9 +139,10 @@ class TissueSegmenter:
 
     name = "tissue-segmentation"
 
-    def __init__(self, backend: Backend, volumes_3d: bool = True) -> None:
+    def __init__(self, backend: Backend, volumes_3d: bool = True, workers: int = 2) -> None:
         self.backend = backend
         self.volumes_3d = volumes_3d
+        self.workers = workers
 
     def run(self, data: SegmentInput) -> Segmentation:
         vol, level = data.volume, data.level
@@ -151,11 +160,17 @@ class TissueSegmenter:
                 rng = (l5.first, l1.last)
                 for key in NAMED_MUSCLES:
                     masks[key] = np.zeros(vol.hu.shape, bool)
-                for kk in range(rng[0], rng[1] + 1):
-                    s = seg if kk == k else self.backend.segment_slice(vol.hu[kk], vol.pixel_spacing,
-                                                                       anatomy_for_slice(level, kk))
-                    for key in NAMED_MUSCLES:
-                        masks[key][kk] = s.masks[key]
+                others = [kk for kk in range(rng[0], rng[1] + 1) if kk != k]
+
+                def one(kk: int) -> Mapping[str, NDArray[np.bool_]]:
+                    return self.backend.segment_named(vol.hu[kk], vol.pixel_spacing, anatomy_for_slice(level, kk))
+
+                with ThreadPoolExecutor(max_workers=self.workers) as pool:  # scipy releases the GIL
+                    results = list(pool.map(one, others))
+                for kk, named in [(k, seg.masks), *zip(others, results, strict=True)]:
+                    if rng[0] <= kk <= rng[1]:
+                        for key in NAMED_MUSCLES:
+                            masks[key][kk] = named[key]
         elif self.volumes_3d:
             note = f"3D volumes are measured over the lumbar spine only (level {level.level})"
         return Segmentation(level=level, slice_seg=seg, volume_masks=masks, volume_range=rng, volume_note=note,
