@@ -55,8 +55,10 @@ class ClassicalParams:
     skin_mm: float = 4.0
     close_mm: float = 4.0
     psoas_lateral_mm: float = 70.0
-    erector_lateral_mm: float = 80.0
-    imat_max_hole_mm2: float = 1000.0  # larger fat regions enclosed by muscle are visceral (the cavity)
+    erector_lateral_mm: float = 70.0
+    imat_max_hole_mm2: float = 1000.0
+    named_core_max_hu: float = 100.0  # stricter window for separating named muscles from enhancing organs
+    bridge_mm: float = 2.0  # connections thinner than about twice this are cut between components  # larger fat regions enclosed by muscle are visceral (the cavity)
 
 
 def _disk(radius_px: float) -> NDArray[np.bool_]:
@@ -273,8 +275,15 @@ def named_muscles(hu: NDArray[np.float32], spacing: tuple[float, float], anat: S
     ymm = ((np.arange(ra, rb) - r0) * dy)[:, None]
     xmm = ((np.arange(ca, cb) - c0) * dx)[None, :]
 
+    # components are separated on a stricter window and with thin bridges cut, so enhancing
+    # organs (liver, spleen) and the diaphragm crura do not join a muscle; the chosen core is
+    # then grown back into the full muscle window
+    strict = soft & (crop <= p.named_core_max_hu)
+    bridge_px = p.bridge_mm / float(np.sqrt(dy * dx))
+    strict = np.asarray(ndi.binary_opening(strict, _disk(bridge_px))) if bridge_px >= 1.0 else strict
+
     def pick(region: NDArray[np.bool_], seed: tuple[float, float], max_dist_mm: float = 25.0) -> NDArray[np.bool_]:
-        cl, cn = ndi.label(soft & region)
+        cl, cn = ndi.label(strict & region)
         if cn == 0:
             return np.zeros(crop.shape, bool)
         # nearest labelled pixel to the seed, searched in a window around it
@@ -289,12 +298,14 @@ def named_muscles(hu: NDArray[np.float32], spacing: tuple[float, float], anat: S
         if not near.any():
             return np.zeros(crop.shape, bool)
         best = win[near][int(np.argmin(dist[near]))]
-        return np.asarray(cl == best)
+        core = cl == best
+        grow = max(1.0, bridge_px + 1.0)
+        return np.asarray(_dilate(core, grow) & soft & region)
 
     for side, sgn in (("left", 1.0), ("right", -1.0)):
         lat = sgn * xmm
         psoas_box = (lat > hw * 0.5) & (lat < hw + p.psoas_lateral_mm) & (ymm > -hh - 45.0) & (ymm < hh + 10.0)
-        erector_box = (lat > 0.0) & (lat < p.erector_lateral_mm) & (ymm > hh + 5.0)
+        erector_box = (lat > 0.0) & (lat < p.erector_lateral_mm) & (ymm > hh + 12.0)
         for key, box, seed in ((f"psoas_{side}", psoas_box, (sgn * (hw + 20.0), 0.0)),
                                (f"erector_{side}", erector_box, (sgn * 40.0, hh + 35.0))):
             out[key][ra:rb, ca:cb] = pick(np.asarray(box), seed)

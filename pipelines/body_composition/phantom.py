@@ -293,3 +293,25 @@ def write_phantom(spec: PhantomSpec, out_dir: Path, study_uid: str | None = None
     # stored values are rounded to integers: truth HU is what a reader gets back
     truth.hu = (stored.astype(np.float32) - 1024.0)
     return truth
+
+
+def training_labels(truth: Truth, level: str = "L3") -> NDArray[np.uint8]:
+    """train-seg label map from the truth: classes 1-8 as they are, 20 on the level vertebra's bone."""
+    out = np.where(truth.labels <= 8, truth.labels, 0).astype(np.uint8)
+    ks = [k for k, lv in enumerate(truth.levels) if lv == level]
+    for k in ks:
+        out[k][truth.labels[k] == LABELS["bone"]] = 20
+    return out
+
+
+def write_training_case(spec: PhantomSpec, case_dir: Path, level: str = "L3") -> Truth:
+    """One train-seg case: ``case_dir/ct/*.dcm`` plus ``case_dir/labels.nii.gz``."""
+    import SimpleITK as sitk
+
+    truth = write_phantom(spec, case_dir / "ct")
+    img = sitk.GetImageFromArray(training_labels(truth, level))
+    n = spec.size
+    img.SetSpacing((spec.pixel_mm, spec.pixel_mm, spec.slice_mm))
+    img.SetOrigin((-(n - 1) / 2.0 * spec.pixel_mm, -(n - 1) / 2.0 * spec.pixel_mm, 0.0))
+    sitk.WriteImage(img, str(case_dir / "labels.nii.gz"))
+    return truth

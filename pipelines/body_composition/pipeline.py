@@ -147,6 +147,12 @@ class BodyCompositionPipeline:
         except Exception as e:
             raise StageError("series-to-volume", series.series_uid, str(e)) from e
         t0 = t.add("series-to-volume", t0)
+        missing = sorted({kw for ds in volume.source_datasets() for kw in
+                          ("StudyInstanceUID", "SeriesInstanceUID", "SOPInstanceUID", "SOPClassUID")
+                          if not str(ds.get(kw, "") or "")})
+        if missing:
+            raise StageError("series-to-volume", series.series_uid,
+                             f"instances lack {', '.join(missing)}: results could not reference them")
         from pipelines.body_composition import outputs  # highdicom import only when writing
 
         qc = self.qc.run(volume)
@@ -167,7 +173,12 @@ class BodyCompositionPipeline:
         t0 = t.add("segmentation", t0)
         meas = self.measure.run(MeasureInput(volume, seg, patient_factors(volume.first_dataset)))
         t0 = t.add("measurements", t0)
-        out = outputs.write_results(ctx, volume, seg, meas, self, backend)
+        try:
+            out = outputs.write_results(ctx, volume, seg, meas, self, backend)
+        except StageError:
+            raise
+        except Exception as e:
+            raise StageError("seg-sr-writers", series.series_uid, f"{type(e).__name__}: {e}") from e
         t.add("seg-sr-writers", t0)
         self.last_timings = t.seconds
         return out
