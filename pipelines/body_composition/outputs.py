@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import copy
 import logging
 from typing import TYPE_CHECKING, Any
 
 import highdicom as hd
 import numpy as np
 from numpy.typing import NDArray
+from pydicom.dataset import Dataset
 
 from pipelines.base import PipelineContext, PipelineOutput, StageError
 from pipelines.body_composition import dicom_out
@@ -29,10 +31,33 @@ def _algorithm(pipeline: BodyCompositionPipeline, backend: Backend | None) -> di
         cutoff=f"{pipeline.options.cutoffs[0]} (table {pipeline.table.version})")
 
 
+# Type 2 attributes highdicom copies from the first source image into SEG and SR; some
+# scanners and anonymisers leave them out.  They are added, empty, to a copy of that image
+# only (the stored source is untouched), so the derived objects stay valid.
+_TYPE2_COPIED = ("PatientName", "PatientID", "PatientBirthDate", "PatientSex", "StudyDate", "StudyTime",
+                 "ReferringPhysicianName", "StudyID", "AccessionNumber")
+
+
+def _with_type2(ds: Dataset) -> Dataset:
+    missing = [kw for kw in _TYPE2_COPIED if kw not in ds]
+    deid = (str(ds.get("PatientIdentityRemoved", "")).upper() == "YES" and not ds.get("DeidentificationMethod")
+            and "DeidentificationMethodCodeSequence" not in ds)
+    if not missing and not deid:
+        return ds
+    out = copy.copy(ds)
+    for kw in missing:
+        setattr(out, kw, "")
+    if deid:  # Type 1C when identity was removed; the source says YES but not how
+        out.DeidentificationMethod = "not stated in the source images"
+    log.info("source image %s lacks %s: written empty in derived objects", ds.get("SOPInstanceUID", "?"),
+             ", ".join(missing))
+    return out
+
+
 def _source_per_slice(volume: Volume) -> list[Any]:
     if any(s.frame is not None for s in volume.slices):
         raise StageError("seg-writer", volume.series_uid, "multi-frame source images are not supported for SEG/SR")
-    return [s.dataset for s in volume.slices]
+    return [_with_type2(s.dataset) for s in volume.slices]
 
 
 def write_not_evaluable(ctx: PipelineContext, volume: Volume, reason: str, pipeline: BodyCompositionPipeline,
@@ -40,7 +65,7 @@ def write_not_evaluable(ctx: PipelineContext, volume: Volume, reason: str, pipel
     _, concepts = dicom_out.load_codes()
     site = concepts[pipeline.options.levels[0]]
     algorithm = _algorithm(pipeline, backend)
-    sr = dicom_out.build_not_evaluable_sr(volume.source_datasets(), reason, site, algorithm, ctx.identity,
+    sr = dicom_out.build_not_evaluable_sr([_with_type2(d) for d in volume.source_datasets()], reason, site, algorithm, ctx.identity,
                                           "Body composition: not evaluable")
     path = ctx.work_dir / "sr.dcm"
     sr.save_as(path)
