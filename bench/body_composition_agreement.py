@@ -58,11 +58,15 @@ def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--data", type=Path, default=REPO.parent / "shared" / "data")
     a = ap.parse_args(argv)
-    from pipelines.body_composition.classical import ClassicalLevelFinder, ClassicalParams, named_muscles
+    from pipelines.body_composition.classical import (
+        ClassicalLevelFinder,
+        ClassicalParams,
+        anatomy_for_slice,
+        named_muscles,
+    )
     from pipelines.body_composition.labels import read_labels_on_volume
     from pipelines.body_composition.pipeline import run_folder
     from pipelines.body_composition.types import LevelResult
-    from pipelines.body_composition.classical import anatomy_for_slice
     from pipelines.common.volume import load_series
 
     base = a.data / "totalseg_example_ct_dicom"

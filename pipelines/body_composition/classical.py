@@ -111,7 +111,8 @@ def _runs(flags: NDArray[np.bool_]) -> list[tuple[int, int]]:
 class ClassicalLevelFinder:
     """Find and name vertebrae in a volume by counting from landmarks."""
 
-    def __init__(self, params: ClassicalParams = ClassicalParams()) -> None:
+    def __init__(self, params: ClassicalParams | None = None) -> None:
+        params = params or ClassicalParams()
         self.p = params
 
     def vertebrae(self, vol: Volume) -> tuple[list[Vertebra], tuple[float, float], list[str]]:
@@ -315,7 +316,8 @@ def named_muscles(hu: NDArray[np.float32], spacing: tuple[float, float], anat: S
 class ClassicalSliceSegmenter:
     """HU windows plus compartments relative to the vertebra, on one axial slice."""
 
-    def __init__(self, params: ClassicalParams = ClassicalParams()) -> None:
+    def __init__(self, params: ClassicalParams | None = None) -> None:
+        params = params or ClassicalParams()
         self.p = params
 
     def named(self, hu: NDArray[np.float32], spacing: tuple[float, float],

@@ -36,13 +36,13 @@ def read_labels_on_volume(path: Path, volume: Volume) -> NDArray[np.uint8]:
 
     img = sitk.ReadImage(str(path))
     arr = sitk.GetArrayFromImage(img)  # (k, j, i)
-    origin = np.asarray(img.GetOrigin())
-    direction = np.asarray(img.GetDirection()).reshape(3, 3)
-    spacing = np.asarray(img.GetSpacing())
+    origin = np.asarray(img.GetOrigin())  # type: ignore[no-untyped-call]
+    direction = np.asarray(img.GetDirection()).reshape(3, 3)  # type: ignore[no-untyped-call]
+    spacing = np.asarray(img.GetSpacing())  # type: ignore[no-untyped-call]
     inv = np.linalg.inv(direction * spacing[None, :])
     pts = voxel_centres(volume).reshape(-1, 3) - origin
     ijk = np.rint(pts @ inv.T).astype(np.int64)
-    size = np.asarray(img.GetSize())
+    size = np.asarray(img.GetSize())  # type: ignore[no-untyped-call]
     ok = np.all((ijk >= 0) & (ijk < size), axis=1)
     out = np.zeros(len(ijk), dtype=np.uint8)
     out[ok] = arr[ijk[ok, 2], ijk[ok, 1], ijk[ok, 0]]
@@ -54,8 +54,8 @@ def write_labels_for_volume(labels: NDArray[np.uint8], volume: Volume, path: Pat
     import SimpleITK as sitk
 
     img = sitk.GetImageFromArray(labels.astype(np.uint8))
-    img.SetSpacing((volume.pixel_spacing[1], volume.pixel_spacing[0], volume.slice_spacing))
-    img.SetOrigin(tuple(float(v) for v in volume.slices[0].position))
+    img.SetSpacing((volume.pixel_spacing[1], volume.pixel_spacing[0], volume.slice_spacing))  # type: ignore[no-untyped-call]
+    img.SetOrigin(tuple(float(v) for v in volume.slices[0].position))  # type: ignore[no-untyped-call]
     d = np.stack([volume.row_direction, volume.column_direction, volume.normal], axis=1)
-    img.SetDirection(tuple(float(v) for v in d.ravel()))
+    img.SetDirection(tuple(float(v) for v in d.ravel()))  # type: ignore[no-untyped-call]
     sitk.WriteImage(img, str(path))

@@ -19,7 +19,7 @@ from typing import Any
 import numpy as np
 import torch
 import torch.nn.functional as F
-from monai.networks.nets import BasicUNet
+from monai.networks.nets.basic_unet import BasicUNet
 from numpy.typing import NDArray
 from safetensors.torch import load_file
 

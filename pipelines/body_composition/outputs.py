@@ -7,8 +7,6 @@ import logging
 from typing import TYPE_CHECKING, Any
 
 import highdicom as hd
-import numpy as np
-from numpy.typing import NDArray
 from pydicom.dataset import Dataset
 
 from pipelines.base import PipelineContext, PipelineOutput, StageError

@@ -311,7 +311,7 @@ def write_training_case(spec: PhantomSpec, case_dir: Path, level: str = "L3") ->
     truth = write_phantom(spec, case_dir / "ct")
     img = sitk.GetImageFromArray(training_labels(truth, level))
     n = spec.size
-    img.SetSpacing((spec.pixel_mm, spec.pixel_mm, spec.slice_mm))
-    img.SetOrigin((-(n - 1) / 2.0 * spec.pixel_mm, -(n - 1) / 2.0 * spec.pixel_mm, 0.0))
+    img.SetSpacing((spec.pixel_mm, spec.pixel_mm, spec.slice_mm))  # type: ignore[no-untyped-call]
+    img.SetOrigin((-(n - 1) / 2.0 * spec.pixel_mm, -(n - 1) / 2.0 * spec.pixel_mm, 0.0))  # type: ignore[no-untyped-call]
     sitk.WriteImage(img, str(case_dir / "labels.nii.gz"))
     return truth

@@ -69,7 +69,8 @@ class Options:
         for key in raw:
             if key not in known:
                 raise ValueError(f"pipelines.{NAME}.{key}: unknown option (known: {', '.join(sorted(known))})")
-        opts = cls(**{k: (tuple(v) if isinstance(v, list) else v) for k, v in raw.items()})
+        kwargs: dict[str, Any] = {k: (tuple(v) if isinstance(v, list) else v) for k, v in raw.items()}
+        opts = cls(**kwargs)
         bad = [lv for lv in opts.levels if lv not in KNOWN_LEVELS]
         if bad or not opts.levels:
             raise ValueError(f"pipelines.{NAME}.levels: {bad or 'empty'}; supported: {KNOWN_LEVELS}")

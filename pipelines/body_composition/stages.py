@@ -7,8 +7,8 @@ Each stage works without the node: ``QCGate().run(volume)``, ``LevelFinder(...).
 from __future__ import annotations
 
 import logging
-from concurrent.futures import ThreadPoolExecutor
 from collections.abc import Mapping, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Any, Protocol
 
@@ -69,7 +69,8 @@ class ClassicalBackend:
     name = "classical"
     model_version = ""
 
-    def __init__(self, params: ClassicalParams = ClassicalParams()) -> None:
+    def __init__(self, params: ClassicalParams | None = None) -> None:
+        params = params or ClassicalParams()
         self.finder = ClassicalLevelFinder(params)
         self.segmenter = ClassicalSliceSegmenter(params)
 

@@ -74,7 +74,7 @@ def train(data_dir: Path, out_dir: Path, level: str = "L3", folds: int = 5, step
           device: str = "cpu") -> dict[str, Any]:
     import torch
     import torch.nn.functional as F
-    from monai.losses import DiceCELoss
+    from monai.losses.dice import DiceCELoss
     from safetensors.torch import save_file
 
     from pipelines.body_composition.labels import LEVEL_VERTEBRA_LABEL, TRAIN_CLASSES
