@@ -102,22 +102,35 @@ def build_seg(
     planes = source_frame_count(source_images)
     rows, cols = int(source_images[0].Rows), int(source_images[0].Columns)
     keys = list(masks)
-    stacked = np.zeros((planes, rows, cols, len(keys)), dtype=np.uint8)
-    for i, key in enumerate(keys):
+    arrays = []
+    for key in keys:
         codes.segment(key)  # KeyError naming an unknown key
         m = np.asarray(masks[key])
         if m.shape != (planes, rows, cols):
             raise ValueError(f"build_seg: mask {key!r} has shape {m.shape}, expected {(planes, rows, cols)}")
-        stacked[..., i] = m.astype(bool)
+        arrays.append(m.astype(bool, copy=False))
+    # Mutually exclusive masks travel as one label-map array (segment number per pixel),
+    # which highdicom checks far faster than a stacked (planes, rows, cols, segments) array;
+    # the SEG written is BINARY either way.
+    count = np.zeros((planes, rows, cols), dtype=np.uint8)
+    for m in arrays:
+        count += m
+    pixel_array: NDArray[np.uint8]
+    if len(keys) < 255 and int(count.max(initial=0)) <= 1:
+        pixel_array = np.zeros((planes, rows, cols), dtype=np.uint8)
+        for i, m in enumerate(arrays):
+            pixel_array[m] = i + 1
+    else:
+        pixel_array = np.stack(arrays, axis=-1).astype(np.uint8)
+    any_voxel = bool(count.any())
     descriptions = [
         segment_description(key, i + 1, algorithm, (labels or {}).get(key)) for i, key in enumerate(keys)
     ]
-    any_voxel = bool(stacked.any())
     if not any_voxel:
         log.info("build_seg: every mask is empty; keeping all %d frames", planes)
     seg = hd.seg.Segmentation(
         source_images=list(source_images),
-        pixel_array=stacked,
+        pixel_array=pixel_array,
         segmentation_type=hd.seg.SegmentationTypeValues.BINARY,
         segment_descriptions=descriptions,
         series_instance_uid=series_instance_uid or hd.UID(),
