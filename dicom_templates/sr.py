@@ -513,7 +513,8 @@ def read_groups(sr: Dataset) -> list[GroupReadout]:
                     float(mv.NumericValue),
                     str(mv.MeasurementUnitsCodeSequence[0].CodeValue),
                 )
-            elif it.ValueType == "CODE" and cn is not None:
+            elif it.ValueType == "CODE" and cn is not None and code not in ("121401", "370129005"):
+                # qualitative evaluations (a NUM's Derivation and Method modifiers are skipped)
                 g.qualitative[str(cn.CodeMeaning)] = str(it.ConceptCodeSequence[0].CodeMeaning)
             elif it.ValueType == "TEXT" and cn is not None and code == "111001":
                 g.algorithm = (str(it.TextValue), g.algorithm[1] if g.algorithm else "")
