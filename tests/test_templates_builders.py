@@ -224,3 +224,17 @@ def test_polygons_are_closed_and_checked(ct2: list[Dataset]) -> None:
     nan = PlanarGroup("x", "liver", ct2[0], np.array([[0, 0], [4, 0], [4, 4]]), [Measurement("area", float("nan"), "mm2")])
     with pytest.raises(ValueError, match="not finite"):
         build_measurement_report([ct2[0]], [nan], ALGORITHM, IDENTITY, "x")
+
+
+def test_identity_is_written_without_placeholders(ct2: list[Dataset]) -> None:
+    ident = Identity("prognode", "0.2.0", "serial-42", institution_name="Test Hospital", seg_series_number=77,
+                     sr_series_number=78)
+    masks = {"liver": np.ones((len(ct2), int(ct2[0].Rows), int(ct2[0].Columns)), bool)}
+    seg = build_seg(ct2, masks, ALGORITHM, ident, "SEG")
+    sr = build_measurement_report([ct2[1]], [_planar(ct2[1])], ALGORITHM, ident, "SR")
+    for obj, number in ((seg, 77), (sr, 78)):
+        assert obj.SeriesNumber == number
+        assert (obj.Manufacturer, obj.SoftwareVersions, obj.DeviceSerialNumber) == ("prognode", "0.2.0", "serial-42")
+        assert obj.InstitutionName == "Test Hospital"
+    with pytest.raises(ValueError, match="manufacturer"):
+        build_measurement_report([ct2[1]], [_planar(ct2[1])], ALGORITHM, Identity(" ", "1", "s"), "SR")
