@@ -64,6 +64,9 @@ def handle_store(event: Event, store: Storage, index: Index, audit: AuditLog,
     try:
         ds = event.dataset
         ds.file_meta = event.file_meta
+        broken = truncation(ds)
+        if broken:
+            return outcome(CANNOT_UNDERSTAND, f"unreadable dataset: {broken}")
         meta = InstanceMeta.from_dataset(ds, extra_keywords)
     except InvalidInstance as e:
         return outcome(DATASET_MISMATCH, f"{e}; assign valid UIDs before sending")
@@ -92,6 +95,22 @@ def handle_store(event: Event, store: Storage, index: Index, audit: AuditLog,
     return outcome(SUCCESS, "", sop=meta.sop_instance_uid, series_uid=meta.series_uid, study_uid=meta.study_uid,
                    bytes=stored.size, generation=rec.generation, reopened=rec.reopened,
                    ms=round((time.perf_counter() - t0) * 1000, 2))
+
+
+UNDEFINED_LENGTH = 0xFFFFFFFF
+
+
+def truncation(ds: Dataset) -> str:
+    """Why the decoded dataset is visibly incomplete ('' when it is not)."""
+    if len(ds) == 0:
+        return "no data elements"
+    last = ds.get_item(next(reversed(ds.keys())))
+    length = getattr(last, "length", None)
+    value = getattr(last, "value", None)
+    if isinstance(length, int) and length != UNDEFINED_LENGTH and isinstance(value, (bytes, bytearray)) \
+            and len(value) < length:
+        return f"element {last.tag} truncated ({len(value)} of {length} bytes)"
+    return ""
 
 
 def handle_echo(event: Event, audit: AuditLog) -> int:
