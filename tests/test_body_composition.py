@@ -165,7 +165,7 @@ def test_qc_tilt_refused(tmp_path: Path) -> None:
     r = _run(tmp_path, PhantomSpec(size=64, pixel_mm=6.0, tilt_deg=15.0))
     assert not r.result.evaluable and "gantry tilt" in r.result.reason
     assert [p.name for p in r.result.files] == ["sr.dcm"]
-    assert "Not evaluable: gantry tilt" in _text(pydicom.dcmread(r.out / "sr.dcm"))
+    assert "gantry tilt of 15.0 degrees" in _text(pydicom.dcmread(r.out / "sr.dcm"))
 
 
 def test_qc_thick_slices_and_non_ct(tmp_path: Path) -> None:
