@@ -25,25 +25,54 @@ TEMPLATE_KEYS: Mapping[str, str] = {
 LEVEL_CONCEPTS: Mapping[str, str] = {"L3": "l3-vertebra", "C3": "c3-vertebra"}
 
 
-def polygon(mask: NDArray[np.bool_], max_points: int = 200) -> NDArray[np.float32]:
-    """Closed outline (column, row image coordinates) of the largest connected part of ``mask``.
+def _signed_area(pts: NDArray[np.float64]) -> float:
+    x, y = pts[:, 0], pts[:, 1]
+    return float(0.5 * (np.dot(x[:-1], y[1:]) - np.dot(x[1:], y[:-1])))
 
-    For display only (OHIF draws it); the area reported is the mask's pixel count, not the
-    polygon's.  Coordinates follow DICOM SCOORD: the first pixel's centre is (0.5, 0.5).
+
+def polygon(mask: NDArray[np.bool_], max_points: int = 400) -> NDArray[np.float32]:
+    """One closed polygon (column, row image coordinates) whose enclosed area is the mask's.
+
+    Every boundary of the mask (outer outlines of all parts, and holes) is a loop; loops are
+    chained by zero-width cuts travelled out and back, and holes run against the outlines,
+    so the shoelace area of the single polygon equals the mask's area (to the half-pixel
+    staircase) and OHIF, which recomputes statistics from the polygon, shows the same area.
+    Coordinates follow DICOM SCOORD: the first pixel's centre is (0.5, 0.5).
     """
     import contourpy
-    from scipy import ndimage as ndi
 
-    lab, n = ndi.label(mask)
-    if n == 0:
+    if not mask.any():
         raise ValueError("empty mask has no outline")
-    sizes = ndi.sum_labels(np.ones_like(lab), lab, index=np.arange(1, n + 1))
-    part = np.pad(lab == int(np.argmax(sizes)) + 1, 1).astype(np.float64)
-    lines = contourpy.contour_generator(z=part, name="serial").lines(0.5)
-    best = max(lines, key=lambda a: len(a))  # type: ignore[arg-type]
-    pts = np.asarray(best, dtype=np.float64) - 1.0 + 0.5  # undo the padding; pixel centres at +0.5
-    if len(pts) > max_points:
-        pts = pts[:: int(np.ceil(len(pts) / max_points))]
+    z = np.pad(mask, 1).astype(np.float64)
+    loops = [np.asarray(a, dtype=np.float64) - 1.0 + 0.5
+             for a in contourpy.contour_generator(z=z, name="serial").lines(0.5)]  # type: ignore[union-attr]
+    loops = [lp if np.allclose(lp[0], lp[-1]) else np.vstack([lp, lp[:1]]) for lp in loops if len(lp) >= 3]
+    # outlines counter-clockwise in (column, row) = positive shoelace; holes negative
+    areas = [_signed_area(lp) for lp in loops]
+    order = np.argsort([-abs(a) for a in areas])
+    loops = [loops[i] for i in order]
+    areas = [areas[i] for i in order]
+    # contourpy orients every loop with the region on the same side, so holes already run
+    # against the outlines; only the overall sense is normalised at the end
+    outer_sign = np.sign(areas[0]) or 1.0
+    fixed = loops
+    total = sum(len(lp) for lp in fixed)
+    step = max(1, int(np.ceil(total / max_points)))
+    thinned = []
+    for lp in fixed:
+        s = step if len(lp) // step >= 4 else max(1, len(lp) // 4)
+        t = lp[:-1][::s]
+        thinned.append(np.vstack([t, t[:1]]))
+    # chain: visit each loop's start from the previous one, travel the loop, then come back
+    path = [thinned[0]]
+    starts = [thinned[0][0]]
+    for lp in thinned[1:]:
+        path.append(lp)
+        starts.append(lp[0])
+    back = np.asarray(starts[-2::-1]) if len(starts) > 1 else np.zeros((0, 2))
+    pts = np.vstack([*path, back]) if len(back) else path[0]
     if not np.allclose(pts[0], pts[-1]):
         pts = np.vstack([pts, pts[:1]])
+    if outer_sign < 0:
+        pts = pts[::-1]
     return pts.astype(np.float32)

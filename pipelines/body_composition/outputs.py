@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import copy
 import logging
+from dataclasses import replace
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
@@ -35,7 +36,13 @@ from dicom_templates.sr import (
 )
 from pipelines.base import PipelineContext, PipelineOutput, StageError
 from pipelines.body_composition.dicom_out import LEVEL_CONCEPTS, TEMPLATE_KEYS, polygon
-from pipelines.body_composition.types import NAMED_MUSCLES, SEGMENT_KEYS, SEGMENT_LABELS, Measurements, Segmentation
+from pipelines.body_composition.types import (
+    NAMED_MUSCLES,
+    SEGMENT_KEYS,
+    SEGMENT_LABELS,
+    Measurements,
+    Segmentation,
+)
 from pipelines.common.volume import Volume
 
 if TYPE_CHECKING:
@@ -181,7 +188,10 @@ def write_results(ctx: PipelineContext, volume: Volume, seg: Segmentation, meas:
         a, b = seg.volume_range
         masks: dict[str, NDArray[np.bool_]] = {TEMPLATE_KEYS[key]: seg.volume_masks[key][a : b + 1]
                                                for key in vol_keys}
-        seg_3d = build_seg(src[a : b + 1], masks, algorithm, ctx.identity, "Body composition lumbar muscles 3D SEG",
+        # the 3D objects get their own series numbers (configured SEG/SR numbers + 10)
+        ident3d = replace(ctx.identity, seg_series_number=ctx.identity.seg_series_number + 10,
+                          sr_series_number=ctx.identity.sr_series_number + 10)
+        seg_3d = build_seg(src[a : b + 1], masks, algorithm, ident3d, "Body composition lumbar muscles 3D SEG",
                            labels={TEMPLATE_KEYS[k_]: SEGMENT_LABELS[k_] for k_ in vol_keys})
         p = ctx.work_dir / "seg-volumes.dcm"
         seg_3d.save_as(p)
@@ -197,7 +207,7 @@ def write_results(ctx: PipelineContext, volume: Volume, seg: Segmentation, meas:
                 segment_number=numbers[SEGMENT_LABELS[key]], finding_site="lumbar-spine",
                 measurements=[Measurement("volume", round(v, 2), "cm3"),
                               Measurement("attenuation", round(h, 1), "[hnsf'U]", derivation="mean")]))
-        vsr = build_measurement_report([seg_3d, *src[a : b + 1]], vgroups, algorithm, ctx.identity,
+        vsr = build_measurement_report([seg_3d, *src[a : b + 1]], vgroups, algorithm, ident3d,
                                        "Body composition lumbar muscle volumes", predecessors=ctx.predecessors,
                                        texts=texts[:2], allow_scoordless=True)
         p = ctx.work_dir / "sr-volumes.dcm"
