@@ -46,7 +46,7 @@ from pydicom.sr.codedict import codes as dcm_codes
 from pydicom.uid import generate_uid
 
 from dicom_templates import codes
-from dicom_templates.common import Algorithm, check_identity, contributing_equipment, device_uid
+from dicom_templates.common import Algorithm, check_identity, contributing_equipment, device_uid, with_type2
 from pipelines.base import Identity, Predecessor
 
 log = logging.getLogger(__name__)
@@ -441,7 +441,7 @@ def build_measurement_report(
     _report_qualitative(report, report_qualitative, report_texts)
     schemes = codes.coding_schemes(*_all_concepts(groups, report_qualitative, report_texts))
     sr = hd.sr.Comprehensive3DSR(
-        evidence=list(evidence),
+        evidence=[with_type2(evidence[0]), *evidence[1:]],
         content=report[0],
         series_instance_uid=series_instance_uid or hd.UID(),
         series_number=identity.sr_series_number,
