@@ -475,8 +475,8 @@ class TissueHuPipeline:
             raise StageError(self.measurements.name, uid, str(e)) from e
         try:
             files = outputs.run(volume, masks, stats, work_dir, predecessors)
-        except (ValueError, KeyError) as e:
-            raise StageError(outputs.name, uid, str(e)) from e
+        except (ValueError, KeyError, AttributeError) as e:  # highdicom reads source attributes directly
+            raise StageError(outputs.name, uid, f"{type(e).__name__}: {e}") from e
         summary = {
             "pipeline": NAME,
             "version": VERSION,
