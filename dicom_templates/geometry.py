@@ -25,15 +25,23 @@ def signed_area(pts: NDArray[np.floating[Any]]) -> float:
 
 
 def _contour(mask: NDArray[np.bool_]) -> NDArray[np.float64]:
-    """Longest 0.5 iso-contour of a filled binary mask, open (first point not repeated), x=column, y=row."""
+    """Longest 0.5 iso-contour of a filled binary mask, open (first point not repeated), x=column, y=row.
+
+    Works on the mask's bounding box (plus a one-pixel margin) only.
+    """
     import contourpy
 
-    padded = np.pad(mask.astype(np.float64), 1)
+    rows = np.flatnonzero(mask.any(axis=1))
+    cols = np.flatnonzero(mask.any(axis=0))
+    if rows.size == 0:
+        raise ValueError("no contour found")
+    r0, r1, c0, c1 = rows[0], rows[-1] + 1, cols[0], cols[-1] + 1
+    padded = np.pad(mask[r0:r1, c0:c1].astype(np.float64), 1)
     lines = contourpy.contour_generator(z=padded, line_type=contourpy.LineType.Separate).lines(0.5)
     if not lines:
         raise ValueError("no contour found")
     longest = max(lines, key=lambda line: int(np.asarray(line).shape[0]))
-    pts = np.asarray(longest, dtype=np.float64)[:, :2] - 1.0
+    pts = np.asarray(longest, dtype=np.float64)[:, :2] - 1.0 + np.array([c0, r0], dtype=np.float64)
     if len(pts) > 1 and np.allclose(pts[0], pts[-1]):
         pts = pts[:-1]
     return pts
@@ -79,8 +87,12 @@ def mask_polygon(
     if n_holes:
         sizes = np.bincount(hole_labels.ravel())[1:]
         order = [int(i) + 1 for i in np.argsort(sizes)[::-1][:max_holes] if sizes[i] >= min_hole_pixels]
+        boxes = ndimage.find_objects(hole_labels)
         for label in order:
-            h = _contour(hole_labels == label)
+            box = boxes[label - 1]
+            assert box is not None
+            r0, c0 = box[0].start, box[1].start
+            h = _contour(hole_labels[box] == label) + np.array([c0, r0], dtype=np.float64)
             holes.append(h[::-1] if signed_area(h) > 0 else h)  # holes run the other way round
 
     total = len(outer) + sum(len(h) for h in holes)
