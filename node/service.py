@@ -78,7 +78,8 @@ class Node:
                                on_done=lambda _id: self.exporter.wake.set())
         jobs = self.jobs
         self.completion = CompletionMonitor(self.db, self.config.completion, self.router, self.audit,
-                                            on_jobs=lambda _ids: jobs.wake.set())
+                                            on_jobs=lambda _ids: jobs.wake.set(),
+                                            busy=self.server.open_associations.busy)
         self.server.start()
         for name, target in (("completion", self.completion.run), ("jobs", self.jobs.run),
                              ("export", self.exporter.run)):
