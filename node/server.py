@@ -231,7 +231,8 @@ class DicomServer:
         self.server = None
         server.shutdown()  # stops serve_forever and closes the listening socket
         deadline = time.monotonic() + timeout
-        while server.active_associations and time.monotonic() < deadline:
+        # connections that never sent an A-ASSOCIATE-RQ (port probes) are not in flight
+        while any(a.is_established for a in server.active_associations) and time.monotonic() < deadline:
             wait(0.05)
         left = server.active_associations
         for assoc in left:
