@@ -189,7 +189,7 @@ class Design:
     def _project(self, encoded: npt.NDArray[np.float64]) -> npt.NDArray[np.float64]:
         z = (encoded - np.asarray(self.means)) / np.asarray(self.scales)
         if not self.pca_groups:
-            return z
+            return np.asarray(z, dtype=np.float64)
         index = {c: i for i, c in enumerate(self.encoded_columns)}
         grouped = {c for g in self.pca_groups for c in g.columns}
         parts = [z[:, [index[c] for c in self.encoded_columns if c not in grouped]]]

@@ -44,7 +44,7 @@ def evaluate(model: SurvivalModel, cohort: Cohort, n_boot: int = 200, seed: int 
     except ValueError as e:
         out["uno_c_index"], out["uno_c_index_ci"], out["uno_error"] = None, None, str(e)
     out["td_auc"] = metrics.td_auc(time, event, s, metrics.default_auc_times(time, horizon))
-    groups = [g for g, keep in zip(scored.groups, ok, strict=True) if keep]
+    groups = [g or "" for g, keep in zip(scored.groups, ok, strict=True) if keep]
     labels = list(model.risk_groups.labels)
     out["hazard_ratios"] = metrics.hazard_ratios(time, event, s, groups, labels)
     out["model_hazard_ratios"] = [dict(h) for h in model.hazard_ratios]
