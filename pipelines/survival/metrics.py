@@ -95,15 +95,27 @@ def td_auc(time: F64, event: B, score: F64, times: Sequence[float]) -> dict[str,
 
 
 def km_at(time: F64, event: B, t: float) -> tuple[float, float, float]:
-    """Kaplan-Meier survival at ``t`` with its 95% CI (lifelines, exponential Greenwood)."""
-    from lifelines import KaplanMeierFitter
+    """Kaplan-Meier survival at ``t`` with its 95% CI (exponential Greenwood, as lifelines computes it).
 
-    km = KaplanMeierFitter().fit(time, event)
-    s = float(km.survival_function_at_times(t).iloc[0])
-    ci = km.confidence_interval_survival_function_
-    rows = ci[ci.index <= t]
-    lo, hi = (float(rows.iloc[-1, 0]), float(rows.iloc[-1, 1])) if len(rows) else (1.0, 1.0)
-    return s, lo, hi
+    A few lines of numpy instead of a lifelines fit, because decision curves need it per threshold;
+    ``tests/test_survival_models.py`` checks it against lifelines' ``KaplanMeierFitter``.
+    """
+    ev = np.unique(time[event & (time <= t)])
+    if len(ev) == 0:
+        return 1.0, 1.0, 1.0
+    at_risk = np.asarray([np.sum(time >= u) for u in ev], dtype=np.float64)
+    deaths = np.asarray([np.sum((time == u) & event) for u in ev], dtype=np.float64)
+    s = float(np.prod(1 - deaths / at_risk))
+    if s <= 0:
+        return 0.0, 0.0, 0.0
+    with np.errstate(divide="ignore", invalid="ignore"):
+        greenwood = float(np.sum(deaths / (at_risk * (at_risk - deaths))))
+    if s >= 1 or not math.isfinite(greenwood):
+        return s, s, s
+    z = 1.959963984540054
+    half = z * math.sqrt(greenwood / math.log(s) ** 2)
+    loglog = math.log(-math.log(s))
+    return s, math.exp(-math.exp(loglog + half)), math.exp(-math.exp(loglog - half))
 
 
 def logistic_fit(x: F64, y: B) -> tuple[float, F64, F64]:
