@@ -13,8 +13,11 @@ OHIF blanks a whole SR when any group lacks a SCOORD):
   the risk group label, the model's name, version and kind, and the horizon in days;
 - the model is also the algorithm of the group and of each NUM (TID 4019).
 
-When the inputs are missing, the group is a TID 1410 planar ROI group on the same polygon with
-CODE "Evaluability" = "Not evaluable" and TEXT "Reason not evaluable" (still SCOORD-bearing).
+When inputs are missing, the same kind of group carries no risk numbers: CODE "Evaluability" =
+"Not evaluable", TEXT "Reason not evaluable", and one true number, NUM "Number of unusable model
+inputs" ({inputs}), INFERRED FROM the same polygon.  That NUM is there because OHIF 3.13 lists a
+group only through a NUM on a SCOORD (a TID 1410 group with just an image region is loaded but not
+listed, checked with ohif-check); it is never a stand-in score.
 
 Codes: DICOM/SNOMED where one exists; the rest use the project's private scheme ``99PROGNODE``
 with the same values as ``dicom_templates/codes.toml`` (declared in the Coding Scheme
@@ -54,6 +57,8 @@ GROUP_CODES = {"low": _c("RISKLOW", "Low risk group"), "high": _c("RISKHIGH", "H
 EVALUABILITY = _c("EVAL", "Evaluability")
 NOT_EVALUABLE = _c("EVALNO", "Not evaluable")
 NOT_EVALUABLE_REASON = _c("EVALWHY", "Reason not evaluable")
+UNUSABLE_INPUTS = _c("NINPUTBAD", "Number of unusable model inputs")
+INPUTS = hd.sr.CodedConcept(value="{inputs}", scheme_designator="UCUM", meaning="inputs")
 MODEL_NAME = _c("MODELNAME", "Model name")
 MODEL_VERSION = _c("MODELVER", "Model version")
 MODEL_KIND = _c("MODELKIND", "Model kind")
@@ -77,6 +82,7 @@ class RiskContent:
     horizon_probability: float | None
     evaluable: bool = True
     reason: str = ""
+    unusable_inputs: int = 0  # not evaluable: how many model inputs were missing or unusable
 
 
 def close_polygon(polygon: npt.ArrayLike) -> npt.NDArray[np.float32]:
@@ -100,11 +106,11 @@ def _group(content: RiskContent, image: Dataset, polygon: npt.NDArray[np.float32
         identifier=OHIF_TRACKING_IDENTIFIER)
     texts = [_text(MODEL_NAME, content.model_name), _text(MODEL_VERSION, content.model_version),
              _text(MODEL_KIND, content.model_kind)]
+    coords = [hd.sr.CoordinatesForMeasurement(graphic_type=hd.sr.GraphicTypeValues.POLYLINE,
+                                              graphic_data=polygon, source_image=source)]
     if content.evaluable:
         if content.score is None or not np.isfinite(content.score):
             raise ValueError("an evaluable risk needs a finite score")
-        coords = [hd.sr.CoordinatesForMeasurement(graphic_type=hd.sr.GraphicTypeValues.POLYLINE,
-                                                  graphic_data=polygon, source_image=source)]
         nums = [hd.sr.Measurement(name=RISK_SCORE, value=float(content.score), unit=NO_UNITS,
                                   algorithm_id=algorithm, referenced_coordinates=coords)]
         if content.horizon_probability is not None:
@@ -113,20 +119,17 @@ def _group(content: RiskContent, image: Dataset, polygon: npt.NDArray[np.float32
         qual = None
         if content.group in GROUP_CODES:
             qual = [hd.sr.QualitativeEvaluation(name=RISK_GROUP, value=GROUP_CODES[content.group])]
-        group: Any = hd.sr.MeasurementsAndQualitativeEvaluations(
-            tracking_identifier=tracking, finding_type=FINDING, algorithm_id=algorithm,
-            measurements=nums, qualitative_evaluations=qual)
         texts.append(_text(RISK_GROUP, content.group or ""))
     else:
         if not content.reason.strip():
             raise ValueError("a not-evaluable risk needs a reason")
-        group = hd.sr.PlanarROIMeasurementsAndQualitativeEvaluations(
-            tracking_identifier=tracking,
-            referenced_region=hd.sr.ImageRegion(graphic_type=hd.sr.GraphicTypeValues.POLYLINE,
-                                                graphic_data=polygon, source_image=source),
-            finding_type=FINDING, algorithm_id=algorithm,
-            qualitative_evaluations=[hd.sr.QualitativeEvaluation(name=EVALUABILITY, value=NOT_EVALUABLE)])
+        nums = [hd.sr.Measurement(name=UNUSABLE_INPUTS, value=float(max(content.unusable_inputs, 1)), unit=INPUTS,
+                                  algorithm_id=algorithm, referenced_coordinates=coords)]
+        qual = [hd.sr.QualitativeEvaluation(name=EVALUABILITY, value=NOT_EVALUABLE)]
         texts.append(_text(NOT_EVALUABLE_REASON, content.reason))
+    group: Any = hd.sr.MeasurementsAndQualitativeEvaluations(
+        tracking_identifier=tracking, finding_type=FINDING, algorithm_id=algorithm,
+        measurements=nums, qualitative_evaluations=qual)
     if content.horizon_days is not None:
         texts.append(_text(HORIZON_DAYS, f"{content.horizon_days:g}"))
     group[0].ContentSequence.extend(texts)

@@ -183,7 +183,7 @@ def test_missing_input_gives_not_evaluable_sr(tmp_path: Path, model_dir: Path) -
     assert out.reason == "SMI: missing (from sr:skeletal muscle index)"
     sr = check_sr(out.files[0])
     got = read_risk(sr)
-    assert got["numbers"] == {}
+    assert got["numbers"] == {"Number of unusable model inputs": 1.0}  # no score, no probability
     assert got["codes"]["Evaluability"] == "Not evaluable"
     assert got["texts"]["Reason not evaluable"] == out.reason
     assert got["scoord"][0] == "POLYLINE"  # still a SCOORD group, so OHIF keeps the SR

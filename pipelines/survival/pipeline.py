@@ -168,7 +168,8 @@ class SurvivalRiskPipeline:
         risk = score(model, raw)
         reason = self._explain(risk, raw) if not risk.evaluable else ""
         content = RiskContent(model.name, model.version, model.kind, risk.score, risk.group, model.horizon_days,
-                              risk.horizon_probability, risk.evaluable, reason)
+                              risk.horizon_probability, risk.evaluable, reason,
+                              unusable_inputs=len(risk.reason.split("; ")) if risk.reason else 0)
         try:
             sr = build_risk_sr(content, key.image, key.polygon, ctx.identity,
                                series_description=self.options.series_description)
