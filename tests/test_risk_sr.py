@@ -122,10 +122,11 @@ def bodycomp_sr(ct: Path, out: Path, smi: float) -> Path:
     return out
 
 
-def run(tmp_path: Path, model_dir: Path, extra: tuple[Path, ...], options: dict | None = None,  # type: ignore[type-arg]
-        sex: str = "M"):  # type: ignore[no-untyped-def]
-    files = phantom_ct(tmp_path / "ct", sex=sex)
-    extra_files = tuple(bodycomp_sr(files[0], tmp_path / "bc.dcm", smi) for smi in extra)  # type: ignore[misc]
+def run(tmp_path: Path, model_dir: Path, extra: tuple[float, ...], options: dict | None = None,  # type: ignore[type-arg]
+        sex: str = "M", files: list[Path] | None = None):  # type: ignore[no-untyped-def]
+    tmp_path.mkdir(parents=True, exist_ok=True)
+    files = files or phantom_ct(tmp_path / "ct", sex=sex)
+    extra_files = tuple(bodycomp_sr(files[0], tmp_path / "bc.dcm", smi) for smi in extra)
     ds = pydicom.dcmread(files[0])
     pipeline = registry.create("survival-risk", options or OPTIONS)
     ctx = PipelineContext(series=(SeriesInput(ds.SeriesInstanceUID, ds.StudyInstanceUID, tuple(files)),),
@@ -224,3 +225,27 @@ def test_header_age_from_birth_date() -> None:
     got = HeaderSource().collect(ds, [])
     assert got["age"] == 62.0 and got["sex"] == "F" and got["bmi"] == pytest.approx(25.0)
     assert dt.date(2023, 6, 14)  # keeps the import honest
+
+
+@pytest.mark.slow
+@pytest.mark.browser
+def test_ohif_displays_risk_srs(tmp_path: Path, model_dir: Path) -> None:
+    """OHIF 3.13 (ohif-check, headless Chromium) lists both the evaluable and the not-evaluable SR."""
+    import json
+    import subprocess
+
+    from tests.peers import SHARED
+
+    tool = SHARED / "tools" / "ohif-check" / "run.sh"
+    if not tool.exists():
+        pytest.skip(f"ohif-check not found at {tool}")
+    need("chromium", "node", "Orthanc")
+    files = phantom_ct(tmp_path / "ct")
+    ok, _ = run(tmp_path / "ok", model_dir, (41.5,), files=files)
+    missing, _ = run(tmp_path / "missing", model_dir, (), files=files)
+    r = subprocess.run([str(tool), "--out", str(tmp_path / "ohif"), str(tmp_path / "ct"), str(ok.files[0]),
+                        str(missing.files[0])], capture_output=True, text=True, timeout=500)
+    if r.returncode == 2:
+        pytest.skip(f"ohif-check could not run: {r.stderr[-500:]}")
+    lines = [json.loads(x) for x in r.stdout.splitlines() if x.startswith("{")]
+    assert len(lines) == 2 and all(x["displayed"] for x in lines), r.stdout
