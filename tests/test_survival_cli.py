@@ -132,3 +132,14 @@ def test_pca_group_option_and_errors(split: Path, tmp_path: Path, capsys: pytest
     (tmp_path / "evil" / "model.joblib").write_bytes(b"\x80\x04junk")
     code, _, err = inproc(capsys, "model", "evaluate", "--model", tmp_path / "evil", "--data", split / "test.csv")
     assert code == 2 and "never loads" in err
+
+
+def test_cohort_km_sarcopenia(shared_data: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """KM and log-rank for pre-RT sarcopenia status on the whole HNSCC cohort."""
+    code, out, _ = inproc(capsys, "cohort", "km", "--data", shared_data / "survival_csv_hn" / "HNSCC_clinical.csv",
+                          "--time", TIME, "--event", EVENT, "--time-unit", "months", "--group", SARCO, "--json")
+    res = json.loads(out)
+    assert code == 0 and res["logrank_df"] == 1 and 0 < res["logrank_p"] < 1
+    by = {g["group"]: g for g in res["groups"]}
+    assert by["SM depleted"]["n"] == 76 and by["SM not depleted"]["n"] == 139
+    assert by["SM depleted"]["events"] + by["SM not depleted"]["events"] == 77

@@ -96,6 +96,16 @@ def register(subparsers: Any) -> None:
     split.add_argument("--out-dir", type=Path, required=True)
     split.set_defaults(func=cmd_split)
 
+    km = cohort.add_parser("km", help="Kaplan-Meier by a grouping column and the log-rank test")
+    km.add_argument("--data", type=Path, required=True)
+    km.add_argument("--time", required=True)
+    km.add_argument("--event", required=True)
+    km.add_argument("--time-unit", choices=tuple(DAYS_PER), default="days")
+    km.add_argument("--group", required=True, help="grouping column (e.g. sarcopenia status)")
+    km.add_argument("--horizon", type=float, default=1826.0, help="days at which survival is reported")
+    km.add_argument("--json", action="store_true")
+    km.set_defaults(func=cmd_km)
+
 
 def _parse_groups(items: Sequence[str]) -> dict[str, list[str]]:
     groups: dict[str, list[str]] = {}
@@ -183,6 +193,37 @@ def cmd_split(args: argparse.Namespace) -> int:
 
     s = split_file(args.data, args.out_dir, args.test_fraction, args.seed, args.stratify)
     print(f"wrote {s.train} ({s.n_train} rows) and {s.test} ({s.n_test} rows)")
+    return 0
+
+
+def cmd_km(args: argparse.Namespace) -> int:
+    import numpy as np
+
+    from pipelines.survival.data import load_cohort
+    from pipelines.survival.metrics import km_by_group
+
+    cohort = load_cohort(args.data, args.time, args.event, args.time_unit)
+    if args.group not in cohort.frame.columns:
+        raise CohortError(f"column {args.group!r} not in {args.data}")
+    values = cohort.frame[args.group]
+    ok = values.notna().to_numpy()
+    groups = [str(v) for v in values[ok]]
+    res = km_by_group(cohort.time_days[ok], cohort.event[ok], groups, horizon=args.horizon)
+    res["n_missing_group"] = int((~ok).sum())
+    if args.json:
+        for g in res["groups"]:
+            g.pop("curve")
+        print(json.dumps(res, allow_nan=False))
+        return 0
+    print(f"Kaplan-Meier by {args.group!r} ({int(np.sum(ok))} patients, {int((~ok).sum())} without a group)")
+    for g in res["groups"]:
+        med = g["median_survival_days"]
+        s, lo, hi = g["survival_at_horizon"]
+        print(f"  {g['group']:<24} n={g['n']:<4} events={g['events']:<4} median="
+              + (f"{med / 365.25:.1f}y" if med else "not reached")
+              + f"  S({args.horizon:g} d)={s:.2f} ({lo:.2f}-{hi:.2f})")
+    if res["logrank_p"] is not None:
+        print(f"log-rank chi2={res['logrank_statistic']:.2f}, df={res['logrank_df']}, p={res['logrank_p']:.3g}")
     return 0
 
 
