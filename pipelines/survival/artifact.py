@@ -90,10 +90,21 @@ class SurvivalModel:
             "baseline_survival": [{"time_days": t, "survival": s} for t, s in sorted(self.baseline_survival.items())],
             "risk_groups": {"method": self.risk_groups.method, "cutoffs": list(self.risk_groups.cutoffs),
                             "labels": list(self.risk_groups.labels)},
-            "training": dict(self.training), "metrics": dict(self.metrics),
-            "hazard_ratios": [dict(h) for h in self.hazard_ratios],
-            "fit_details": dict(self.fit_details),
+            "training": _json_safe(dict(self.training)), "metrics": _json_safe(dict(self.metrics)),
+            "hazard_ratios": _json_safe([dict(h) for h in self.hazard_ratios]),
+            "fit_details": _json_safe(dict(self.fit_details)),
         }
+
+
+def _json_safe(value: Any) -> Any:
+    """Non-finite numbers in descriptive fields (e.g. an infinite CI bound) become null."""
+    if isinstance(value, float):
+        return value if math.isfinite(value) else None
+    if isinstance(value, Mapping):
+        return {str(k): _json_safe(v) for k, v in value.items()}
+    if isinstance(value, list | tuple):
+        return [_json_safe(v) for v in value]
+    return value
 
 
 def _need(d: Mapping[str, Any], key: str, kind: type | tuple[type, ...], where: str = "") -> Any:
@@ -243,6 +254,7 @@ def model_card(model: SurvivalModel) -> str:
     for c, b in zip(model.design.columns, model.coefficients, strict=True):
         h = hr.get(c)
         ci = f"{h['ratio']:.3f} ({h['lower']:.3f}-{h['upper']:.3f})" if h and h.get("lower") is not None \
+            and h.get("upper") is not None \
             else f"{math.exp(b):.3f} (no CI: penalised)" if model.kind == "lasso-cox" else "-"
         lines.append(f"| `{c}` | {b:+.4f} | {ci} |")
     rg = model.risk_groups
@@ -254,7 +266,7 @@ def model_card(model: SurvivalModel) -> str:
             lines.append(f"- {split}: Harrell's C {_fmt_ci(m, 'c_index')}; Uno's C {_fmt_ci(m, 'uno_c_index')}"
                          f" (n={m.get('n')}, events={m.get('events')})")
     if model.fit_details:
-        brief = {k: v for k, v in model.fit_details.items() if not isinstance(v, list) or k == "selected"}
+        brief = {k: v for k, v in model.fit_details.items() if not isinstance(v, list) or k in ("selected", "warnings")}
         lines += ["", "## Fitting", "", "```", json.dumps(brief, indent=1), "```",
                   "(the full penalty path and cross-validation curve are in model.json)"
                   if len(brief) < len(model.fit_details) else ""]

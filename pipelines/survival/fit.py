@@ -104,9 +104,15 @@ def _cox_lifelines(x: F64, time: F64, event: npt.NDArray[np.bool_], columns: Seq
 
     df = pd.DataFrame(x, columns=list(columns))
     df["__T"], df["__E"] = time, event.astype(int)
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        return CoxPHFitter(penalizer=penalizer, l1_ratio=l1_ratio).fit(df, "__T", "__E")
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        cph = CoxPHFitter(penalizer=penalizer, l1_ratio=l1_ratio).fit(df, "__T", "__E")
+    messages = sorted({str(w.message).split("\n")[0].strip() for w in caught
+                       if issubclass(w.category, UserWarning | RuntimeWarning)} - {""})
+    for m in messages:
+        log.warning("cox fit: %s", m)
+    cph.prognode_warnings = messages
+    return cph
 
 
 def _coxnet_path(x: F64, time: F64, event: npt.NDArray[np.bool_], alphas: Sequence[float] | None,
@@ -214,7 +220,13 @@ def fit_model(cohort: Cohort, opts: FitOptions, software_version: str = "") -> S
             r = summ.loc[c]
             hrs.append({"term": c, "ratio": float(r["exp(coef)"]), "lower": float(r["exp(coef) lower 95%"]),
                         "upper": float(r["exp(coef) upper 95%"]), "p": float(r["p"])})
+        large = [c for c, b in zip(cols, coef, strict=True) if abs(b) > 5]
+        if large:
+            log.warning("cox: |coefficient| > 5 per SD for %s: probably separation (a level without events); "
+                        "use --penalizer or lasso-cox", ", ".join(large))
         details = {"library": "lifelines.CoxPHFitter", "ties": "efron", "penalizer": opts.penalizer,
+                   "warnings": [*cph.prognode_warnings,
+                                *([f"|coefficient| > 5 per SD (separation?): {', '.join(large)}"] if large else [])],
                    "log_likelihood": float(cph.log_likelihood_), "concordance_lifelines": float(cph.concordance_index_)}
     elif opts.kind == "lasso-cox":
         cv = lasso_cv(x, time_fit, event_fit, opts.cv_folds, opts.seed, opts.n_alphas, opts.one_se)

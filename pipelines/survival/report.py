@@ -108,6 +108,11 @@ def _forest(rows: list[dict[str, Any]], title: str) -> Callable[[Any], None]:
     return draw
 
 
+def _drawable(h: dict[str, Any]) -> bool:
+    vals = [h.get("ratio"), h.get("lower"), h.get("upper")]
+    return all(isinstance(v, int | float) and 0 < v < float("inf") for v in vals)
+
+
 def _img(b64: str, alt: str) -> str:
     return f'<figure><img alt="{html.escape(alt)}" src="data:image/png;base64,{b64}"/></figure>'
 
@@ -131,9 +136,8 @@ def render(model: SurvivalModel, result: dict[str, Any], table: str) -> str:
             parts.append("<h2>Calibration</h2>" + _img(_png(_cal(result)), "calibration"))
         if result.get("net_benefit"):
             parts.append("<h2>Decision curve</h2>" + _img(_png(_dca(result)), "decision curve"))
-        rows = [h for h in result.get("hazard_ratios", []) if h.get("lower") is not None]
-        rows += [{**h, "term": f"model: {h['term']}"} for h in result.get("model_hazard_ratios", [])
-                 if h.get("lower") is not None]
+        rows = [h for h in result.get("hazard_ratios", []) if _drawable(h)]
+        rows += [{**h, "term": f"model: {h['term']}"} for h in result.get("model_hazard_ratios", []) if _drawable(h)]
         if rows:
             parts.append("<h2>Hazard/odds ratios</h2>" + _img(
                 _png(_forest(rows, "Ratios with 95% CIs"), (7.0, 1.5 + 0.35 * len(rows))), "forest plot"))
