@@ -101,12 +101,17 @@ def _risk_groups(method: str, scores: F64) -> RiskGroups:
 def _cox_lifelines(x: F64, time: F64, event: npt.NDArray[np.bool_], columns: Sequence[str],
                    penalizer: float, l1_ratio: float = 0.0) -> Any:
     from lifelines import CoxPHFitter
+    from lifelines.exceptions import ConvergenceError
 
     df = pd.DataFrame(x, columns=list(columns))
     df["__T"], df["__E"] = time, event.astype(int)
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
-        cph = CoxPHFitter(penalizer=penalizer, l1_ratio=l1_ratio).fit(df, "__T", "__E")
+        try:
+            cph = CoxPHFitter(penalizer=penalizer, l1_ratio=l1_ratio).fit(df, "__T", "__E")
+        except ConvergenceError as e:
+            raise FitError(f"Cox fit did not converge ({str(e).split('.')[0]}): probably collinear columns or a "
+                           "level without events; try --penalizer 0.01, lasso-cox, or fewer levels") from None
     messages = sorted({str(w.message).split("\n")[0].strip() for w in caught
                        if issubclass(w.category, UserWarning | RuntimeWarning)} - {""})
     for m in messages:
