@@ -1,7 +1,7 @@
 """``prognode model fit|evaluate|report`` and ``cohort split`` through the command line, on HNSCC.
 
-Runs ``python -m pipelines.survival.cli`` as a subprocess (the ``prognode`` console script loads the
-same ``register`` through node/cli.py EXTENSIONS).
+The main checks run ``python -m node`` as a subprocess (node/cli.py loads ``register`` through
+EXTENSIONS); secondary checks call ``pipelines.survival.cli.main`` in-process.
 """
 
 from __future__ import annotations
@@ -25,8 +25,9 @@ SARCO = "PreRT Skeletal Muscle status"
 
 
 def cli(*args: str | Path, check: bool = True) -> subprocess.CompletedProcess[str]:
+    """``prognode ...`` as the console script runs it: node/cli.py with its EXTENSIONS."""
     env = dict(os.environ, PYTHONPATH=str(REPO), MPLBACKEND="Agg")
-    r = subprocess.run([sys.executable, "-m", "pipelines.survival.cli", *map(str, args)], cwd=REPO, env=env,
+    r = subprocess.run([sys.executable, "-m", "node", *map(str, args)], cwd=REPO, env=env,
                        capture_output=True, text=True, timeout=300)
     if check and r.returncode != 0:
         raise AssertionError(f"exit {r.returncode}\nstdout:\n{r.stdout}\nstderr:\n{r.stderr}")

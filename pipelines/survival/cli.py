@@ -8,10 +8,11 @@ callable taking the parsed namespace and returning the exit status.
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import logging
 import sys
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -41,6 +42,20 @@ def _sub(subparsers: Any, name: str, help_text: str) -> Any:
     return parser.add_subparsers(dest=f"{name}_command", required=True)
 
 
+def _friendly(handler: Callable[[argparse.Namespace], int]) -> Callable[[argparse.Namespace], int]:
+    """Bad input (a missing column, a model folder that is refused, a fit that fails) -> message, exit 2."""
+
+    @functools.wraps(handler)
+    def run(args: argparse.Namespace) -> int:
+        try:
+            return handler(args)
+        except (OSError, ValueError) as e:  # CohortError, FitError, ArtifactError, DesignError are ValueErrors
+            print(f"prognode {getattr(args, 'command', '')}: error: {e}".replace("  ", " "), file=sys.stderr)
+            return 2
+
+    return run
+
+
 def register(subparsers: Any) -> None:
     """Add ``model`` (fit, evaluate, report) and ``cohort split`` to the ``prognode`` parser."""
     model = _sub(subparsers, "model", "fit, evaluate and report survival models")
@@ -68,7 +83,7 @@ def register(subparsers: Any) -> None:
     fit.add_argument("--seed", type=int, default=0)
     fit.add_argument("--n-boot", type=int, default=200, help="bootstrap resamples for confidence intervals")
     fit.add_argument("--out", type=Path, required=True, help="model folder to write")
-    fit.set_defaults(func=cmd_fit)
+    fit.set_defaults(func=_friendly(cmd_fit))
 
     for name, helptext in (("evaluate", "evaluate a model on a cohort CSV"),
                            ("report", "write a self-contained HTML validation report")):
@@ -82,10 +97,10 @@ def register(subparsers: Any) -> None:
         p.add_argument("--n-boot", type=int, default=200)
         if name == "evaluate":
             p.add_argument("--json", action="store_true", help="print one JSON object")
-            p.set_defaults(func=cmd_evaluate)
+            p.set_defaults(func=_friendly(cmd_evaluate))
         else:
             p.add_argument("--out", type=Path, required=True, help="HTML file to write")
-            p.set_defaults(func=cmd_report)
+            p.set_defaults(func=_friendly(cmd_report))
 
     cohort = _sub(subparsers, "cohort", "cohort tools")
     split = cohort.add_parser("split", help="seeded held-out split of a cohort CSV")
@@ -94,7 +109,7 @@ def register(subparsers: Any) -> None:
     split.add_argument("--seed", type=int, default=0)
     split.add_argument("--stratify", default=None, help="column to stratify on (e.g. the event column)")
     split.add_argument("--out-dir", type=Path, required=True)
-    split.set_defaults(func=cmd_split)
+    split.set_defaults(func=_friendly(cmd_split))
 
     km = cohort.add_parser("km", help="Kaplan-Meier by a grouping column and the log-rank test")
     km.add_argument("--data", type=Path, required=True)
@@ -104,7 +119,7 @@ def register(subparsers: Any) -> None:
     km.add_argument("--group", required=True, help="grouping column (e.g. sarcopenia status)")
     km.add_argument("--horizon", type=float, default=1826.0, help="days at which survival is reported")
     km.add_argument("--json", action="store_true")
-    km.set_defaults(func=cmd_km)
+    km.set_defaults(func=_friendly(cmd_km))
 
 
 def _parse_groups(items: Sequence[str]) -> dict[str, list[str]]:
@@ -233,11 +248,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     register(subparsers)
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
-    try:
-        code: int = args.func(args)
-    except (CohortError, ValueError) as e:
-        print(f"prognode {args.command}: error: {e}", file=sys.stderr)
-        return 2
+    code: int = args.func(args)
     return code
 
 
