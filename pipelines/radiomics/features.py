@@ -47,10 +47,10 @@ class BodyMask:
         above = hu > self.threshold_hu
         labels, n = ndimage.label(above)
         if n == 0:
-            return above
+            return np.asarray(above, dtype=bool)
         sizes = np.bincount(labels.ravel())
         sizes[0] = 0
-        body = labels == int(np.argmax(sizes))
+        body: NDArray[np.bool_] = np.asarray(labels == int(np.argmax(sizes)), dtype=bool)
         for k in range(body.shape[0]):
             body[k] = ndimage.binary_fill_holes(body[k])
         return body
@@ -193,7 +193,7 @@ class RadiomicsExtractor:
     def _extractor(self, with_shape: bool) -> Any:
         from radiomics import featureextractor
 
-        logging.getLogger("radiomics").setLevel(logging.WARNING)
+        logging.getLogger("radiomics").setLevel(logging.ERROR)
         data = {k: (dict(v) if isinstance(v, dict) else v) for k, v in self.params.data.items()}
         classes = dict(data.get("featureClass") or {})
         if not with_shape:

@@ -95,7 +95,7 @@ def largest_slice_outline(mask: NDArray[np.bool_]) -> tuple[int, NDArray[np.floa
     lines = contourpy.contour_generator(z=plane).lines(0.5)
     if not lines:
         raise ValueError("empty slice")
-    line = max(lines, key=len)  # (x=col, y=row) in padded index space
+    line = max(lines, key=lambda a: len(a))  # (x=col, y=row) in padded index space
     pts = np.asarray(line, dtype=np.float64) - 1.0 + 0.5  # unpad; DICOM pixel centre = index + 0.5
     if not np.allclose(pts[0], pts[-1]):
         pts = np.vstack([pts, pts[:1]])
