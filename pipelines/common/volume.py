@@ -85,7 +85,7 @@ class Volume:
     @property
     def is_axial(self) -> bool:
         """True when the slice normal is within 10 degrees of the patient's head-feet axis."""
-        return abs(float(self.normal[2])) > np.cos(np.deg2rad(10.0))
+        return bool(abs(float(self.normal[2])) > np.cos(np.deg2rad(10.0)))
 
     @property
     def tilted(self) -> bool:
@@ -213,8 +213,8 @@ class SeriesToVolume:
         if any(np.max(np.abs(s.orientation - ori0)) > self.orientation_tolerance for s in slices):
             raise StageError(STAGE, series_uid, "slices have different orientations (not one stack)")
         row_dir, col_dir = ori0[:3], ori0[3:]
-        normal = np.cross(row_dir, col_dir)
-        normal /= np.linalg.norm(normal)
+        cross = np.cross(row_dir, col_dir)
+        normal: NDArray[np.float64] = np.asarray(cross / np.linalg.norm(cross), dtype=np.float64)
 
         proj = np.array([float(s.position @ normal) for s in slices])
         order = np.argsort(proj, kind="stable")
