@@ -125,6 +125,7 @@ def _check_outputs(out, work: Path) -> None:  # type: ignore[no-untyped-def]
     seg = hd.seg.segread(seg_path)
     labels = [str(d.segment_label) for d in seg.SegmentSequence]
     assert labels[0].startswith("Tumour") and labels[1:] == ["Peritumoral 3 mm", "Peritumoral 6 mm", "Peritumoral 9 mm"]
+    assert [str(d.SegmentedPropertyTypeCodeSequence[0].CodeValue) for d in seg.SegmentSequence][1:] == ["PTR3", "PTR6", "PTR9"]
     sr = hd.sr.srread(sr_path)
     groups = sr.content.get_image_measurement_groups()
     assert len(groups) == 1

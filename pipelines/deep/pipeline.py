@@ -152,18 +152,22 @@ class DeepFeatures:
         return PipelineOutput(files=tuple(files), summary=summary)
 
     def _write_seg(self, ctx: PipelineContext, volume: Volume, roi: RoiMask, result: DeepResult) -> Path:
-        from pipelines.roi.dicom_out import build_mask_seg, save, tissue_segment, tumour_segment
+        from dicom_templates.common import Algorithm
+        from pipelines.roi.dicom_out import build_mask_seg, save
 
-        segs = [tumour_segment(f"Tumour ({roi.label})", roi.mask)]
-        colours = {2: (255, 140, 0), 3: (255, 0, 200)}
-        thr = self.options.attention_threshold
+        o = self.options
+        masks = {"tumour": roi.mask}
+        labels = {"tumour": f"Tumour ({roi.label})"[:64]}
         for dims, mask in sorted(result.attention.items()):
             if mask.any():
-                segs.append(tissue_segment(f"Attention {dims}D (Grad-CAM >= {thr:g})", mask, colours[dims]))
+                masks[f"attention-map-{dims}d"] = mask
+                labels[f"attention-map-{dims}d"] = f"Attention {dims}D (Grad-CAM >= {o.attention_threshold:g})"
             else:
-                log.warning("%dD Grad-CAM map has no voxel above %g: no attention segment", dims, thr)
-        seg = build_mask_seg(volume, segs, ctx.identity, f"prognode {NAME} {self.options.arch}", VERSION,
-                             "Deep features attention", series_number=ctx.identity.map_series_number)
+                log.warning("%dD Grad-CAM map has no voxel above %g: no attention segment", dims, o.attention_threshold)
+        params = {"arch": o.arch, "crop_mm": f"{o.crop_mm:g}", "threshold": f"{o.attention_threshold:g}",
+                  **{f"weights_{d}d_sha256": h for d, h in result.weights_sha256.items()}}
+        algorithm = Algorithm(name=f"prognode {NAME}", version=VERSION, family="family-ai", parameters=params)
+        seg = build_mask_seg(volume, masks, ctx.identity, algorithm, "Deep features attention", labels=labels)
         path = ctx.work_dir / "attention_seg.dcm"
         save(seg, path)
         return path

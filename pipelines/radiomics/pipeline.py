@@ -22,7 +22,6 @@ from typing import Any
 import numpy as np
 import pydicom
 from numpy.typing import NDArray
-from pydicom.sr.codedict import codes
 
 from pipelines.base import NotEvaluable, PipelineContext, PipelineOutput, SeriesInput, StageError
 from pipelines.common.volume import CT_IMAGE_STORAGE, ENHANCED_CT_IMAGE_STORAGE, SeriesToVolume, Volume
@@ -41,7 +40,6 @@ log = logging.getLogger(__name__)
 
 NAME = "tumour-radiomics"
 VERSION = "1.0.0"
-RING_COLOURS = ((255, 200, 0), (0, 180, 255), (160, 90, 255), (80, 220, 120))
 
 
 @dataclass(frozen=True)
@@ -183,36 +181,46 @@ class TumourRadiomics:
         }
         return PipelineOutput(files=tuple(files), summary=summary)
 
-    def _write_seg(self, ctx: PipelineContext, volume: Volume, result: TumourFeatures) -> Path:
-        from pipelines.roi.dicom_out import build_mask_seg, save, tissue_segment, tumour_segment
+    def _algorithm(self, params: Params) -> Any:
+        from dicom_templates.common import Algorithm
 
-        segs = [tumour_segment(f"Tumour ({result.roi.label})", result.roi.mask)]
-        for i, (k, m) in enumerate(result.rings.items()):
+        o = self.options
+        return Algorithm(name=f"prognode {NAME}", version=VERSION, family="family-histogram", parameters={
+            "radiomics_params": params.name, "params_sha256": params.sha256,
+            "rings_mm": ",".join(f"{r:g}" for r in o.rings_mm), "rings_mode": o.rings_mode,
+        })
+
+    def _write_seg(self, ctx: PipelineContext, volume: Volume, result: TumourFeatures) -> Path:
+        from pipelines.roi.dicom_out import build_mask_seg, save
+
+        masks = {"tumour": result.roi.mask}
+        labels = {"tumour": f"Tumour ({result.roi.label})"[:64]}
+        for k, m in result.rings.items():
+            key = f"peritumoral-ring-{k[4:]}mm"
             if m.any():
-                segs.append(tissue_segment(f"Peritumoral {k[4:]} mm", m, RING_COLOURS[i % len(RING_COLOURS)]))
-        seg = build_mask_seg(volume, segs, ctx.identity, f"prognode {NAME}", VERSION, "Tumour and peritumoral rings")
+                masks[key] = m
+                labels[key] = f"Peritumoral {k[4:]} mm"
+        seg = build_mask_seg(volume, masks, ctx.identity, self._algorithm(result.params), "Tumour and peritumoral rings",
+                             labels=labels)
         path = ctx.work_dir / "tumour_rings_seg.dcm"
         save(seg, path)
         return path
 
     def _write_sr(self, ctx: PipelineContext, volume: Volume, result: TumourFeatures) -> Path:
-        from pipelines.roi.dicom_out import NumericMeasurement, build_tumour_sr, save
+        from pipelines.roi.dicom_out import Measurement, build_tumour_sr, save
 
         f, mask = result.features, result.roi.mask
         hu = volume.hu[mask]
         k = int(np.argmax(mask.sum(axis=(1, 2))))
         ms = [
-            NumericMeasurement(codes.SCT.Volume, result.roi.volume_mm3, codes.UCUM.CubicMillimeter),
-            NumericMeasurement(codes.SCT.Area, float(mask[k].sum()) * volume.pixel_area_mm2, codes.UCUM.SquareMillimeter),
-            NumericMeasurement(codes.DCM.AttenuationCoefficient, float(hu.mean()), codes.UCUM.HounsfieldUnit, codes.SCT.Mean),
-            NumericMeasurement(codes.DCM.AttenuationCoefficient, float(hu.std()), codes.UCUM.HounsfieldUnit,
-                               codes.SCT.StandardDeviation),
+            Measurement("volume", float(result.roi.volume_mm3), "mm3"),
+            Measurement("area", float(mask[k].sum()) * volume.pixel_area_mm2, "mm2"),
+            Measurement("attenuation", float(hu.mean()), "[hnsf'U]", derivation="mean"),
+            Measurement("attenuation", float(hu.std()), "[hnsf'U]", derivation="standard-deviation"),
         ]
         if "intra_shape_Maximum3DDiameter" in f:
-            ms.append(NumericMeasurement(codes.SCT.Diameter, f["intra_shape_Maximum3DDiameter"], codes.UCUM.Millimeter))
-        params = [f"radiomics params {result.params.name} sha256 {result.params.sha256}",
-                  f"rings mm {','.join(f'{r:g}' for r in self.options.rings_mm)} {self.options.rings_mode}"]
-        sr = build_tumour_sr(volume, mask, ms, ctx.identity, f"prognode {NAME}", VERSION, params, "Tumour radiomics")
+            ms.append(Measurement("diameter", f["intra_shape_Maximum3DDiameter"], "mm"))
+        sr = build_tumour_sr(volume, mask, ms, ctx.identity, self._algorithm(result.params), "Tumour radiomics")
         path = ctx.work_dir / "tumour_sr.dcm"
         save(sr, path)
         return path
