@@ -169,3 +169,20 @@ def test_pipeline_without_roi_is_not_evaluable(shared_data: Path, tmp_path: Path
 def test_bad_option_named() -> None:
     with pytest.raises(ValueError, match="pipelines.tumour-radiomics.ring_mm"):
         create("tumour-radiomics", {"ring_mm": [3]})
+
+
+def test_body_mask_fills_lungs_drops_noise_keeps_arms() -> None:
+    from pipelines.radiomics.features import BodyMask
+
+    hu = np.full((3, 80, 80), -1000.0, np.float32)
+    yy, xx = np.mgrid[:80, :80]
+    trunk = (yy - 40) ** 2 + (xx - 35) ** 2 <= 25**2
+    lung = (yy - 40) ** 2 + (xx - 35) ** 2 <= 10**2
+    arm = (yy - 40) ** 2 + (xx - 72) ** 2 <= 5**2
+    hu[:, trunk] = 40
+    hu[:, lung] = -850
+    hu[:, arm] = 40
+    hu[:, 2:4, 2:4] = 100  # a speck of noise
+    body = BodyMask(min_area_mm2=20.0).run(hu, pixel_area_mm2=1.0, slices=range(1, 3))
+    assert not body[0].any()
+    assert body[1][lung].all() and body[1][arm].all() and not body[1, 2:4, 2:4].any()

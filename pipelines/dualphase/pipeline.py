@@ -138,7 +138,7 @@ class DualPhase:
 
     def _fat(self, volume: Volume, roi: RoiMask, opts: RadiomicsOptions) -> dict[str, float]:
         ks = np.nonzero(roi.mask.any(axis=(1, 2)))[0]
-        body = BodyMask(opts.body_threshold_hu).run(volume.hu)
+        body = BodyMask(opts.body_threshold_hu).run(volume.hu, volume.pixel_area_mm2, range(int(ks.min()), int(ks.max()) + 1))
         fat = np.zeros(volume.shape, bool)
         sl = slice(int(ks.min()), int(ks.max()) + 1)
         fat[sl] = body[sl] & (volume.hu[sl] >= FAT_HU[0]) & (volume.hu[sl] <= FAT_HU[1]) & ~roi.mask[sl]

@@ -36,23 +36,31 @@ DEFAULT_PARAMS = "ct_v1.yaml"
 
 # Body mask -------------------------------------------------------------------------------
 class BodyMask:
-    """Stage: HU array -> body mask (largest connected component above ``threshold_hu``, holes filled per slice)."""
+    """Stage: HU array -> body mask, slice by slice.
+
+    On each slice: voxels above ``threshold_hu``, holes filled (lungs, bowel gas), components
+    smaller than ``min_area_mm2`` dropped (noise, thin table parts).  Arms and legs stay in.
+    ``slices`` limits the work to the slices that matter (the rings' extent); others are False.
+    """
 
     name = "body-mask"
 
-    def __init__(self, threshold_hu: float = -500.0) -> None:
+    def __init__(self, threshold_hu: float = -500.0, min_area_mm2: float = 500.0) -> None:
         self.threshold_hu = threshold_hu
+        self.min_area_mm2 = min_area_mm2
 
-    def run(self, hu: NDArray[np.float32]) -> NDArray[np.bool_]:
-        above = hu > self.threshold_hu
-        labels, n = ndimage.label(above)
-        if n == 0:
-            return np.asarray(above, dtype=bool)
-        sizes = np.bincount(labels.ravel())
-        sizes[0] = 0
-        body: NDArray[np.bool_] = np.asarray(labels == int(np.argmax(sizes)), dtype=bool)
-        for k in range(body.shape[0]):
-            body[k] = ndimage.binary_fill_holes(body[k])
+    def run(self, hu: NDArray[np.float32], pixel_area_mm2: float = 1.0, slices: range | None = None) -> NDArray[np.bool_]:
+        body = np.zeros(hu.shape, dtype=bool)
+        min_pixels = self.min_area_mm2 / pixel_area_mm2
+        for k in slices if slices is not None else range(hu.shape[0]):
+            filled = ndimage.binary_fill_holes(hu[k] > self.threshold_hu)
+            labels, n = ndimage.label(filled)
+            if n == 0:
+                continue
+            sizes = np.bincount(labels.ravel())
+            keep = np.nonzero(sizes >= min_pixels)[0]
+            keep = keep[keep > 0]
+            body[k] = np.isin(labels, keep)
         return body
 
 

@@ -32,6 +32,7 @@ from pipelines.radiomics.features import (
     PeritumoralRings,
     RadiomicsExtractor,
     RingsInput,
+    bbox,
 )
 from pipelines.roi.geometry import to_sitk
 from pipelines.roi.mask import RoiMask, RoiToMask, find_roi_objects
@@ -119,7 +120,8 @@ def extract(volume: Volume, roi: RoiMask, opts: RadiomicsOptions, organ: NDArray
             prefix: str = "") -> TumourFeatures:
     """Rings + pyradiomics for one tumour on one volume (used by the pipeline, cohort and dual-phase)."""
     params = Params.load(opts.params)
-    body = BodyMask(opts.body_threshold_hu).run(volume.hu) | roi.mask
+    lo, hi = bbox(roi.mask, max(opts.rings_mm), volume.spacing_zyx, extra=1)
+    body = BodyMask(opts.body_threshold_hu).run(volume.hu, volume.pixel_area_mm2, range(lo[0], hi[0])) | roi.mask
     rings = PeritumoralRings(opts.rings_mm, opts.rings_mode).run(RingsInput(roi.mask, volume.spacing_zyx, body, organ))
     masks = {f"{prefix}intra": roi.mask, **{f"{prefix}{k}": v for k, v in rings.items() if v.any()}}
     for k, v in rings.items():
