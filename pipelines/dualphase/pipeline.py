@@ -94,7 +94,8 @@ class DualPhase:
             volumes = {"art": SeriesToVolume().run(art.files), "pv": SeriesToVolume().run(pv.files)}
             for v in volumes.values():
                 check_volume(v)
-            roi_files = find_roi_objects(list(ctx.extra_files))
+            others = [f for s in ctx.series if s.role not in (o.arterial_role, o.portal_role) for f in s.files]
+            roi_files = find_roi_objects([*ctx.extra_files, *others])
             ref_key, roi = self._reference({"pv": volumes["pv"], "art": volumes["art"]}, roi_files)
         except NotEvaluable as e:
             return PipelineOutput(files=(), summary={"pipeline": NAME, "reason": e.reason}, evaluable=False, reason=e.reason)
