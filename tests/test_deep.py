@@ -88,6 +88,7 @@ def test_refuses_without_weights(studies: Path, weights: dict[str, Path], tmp_pa
         create("deep-features", {**OPTIONS, "dims": [3]}).run(_ctx(studies, tmp_path, {"deep3d": weights["deep2d"]}))
 
 
+@pytest.mark.slow
 def test_train_deep_cox_then_use(studies: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     from pipelines.deep.train import main
 

@@ -186,3 +186,18 @@ def test_body_mask_fills_lungs_drops_noise_keeps_arms() -> None:
     body = BodyMask(min_area_mm2=20.0).run(hu, pixel_area_mm2=1.0, slices=range(1, 3))
     assert not body[0].any()
     assert body[1][lung].all() and body[1][arm].all() and not body[1, 2:4, 2:4].any()
+
+
+def test_creating_tumour_pipelines_imports_no_torch_monai_or_pyradiomics() -> None:
+    import subprocess
+    import sys
+
+    code = ("import sys\nfrom pipelines.registry import create\n"
+            "for n in ('tumour-radiomics', 'dual-phase', 'deep-features'): create(n, {})\n"
+            "import pipelines.radiomics.cohort, pipelines.deep.train\n"
+            "print(sorted(m for m in ('torch', 'monai', 'radiomics') if m in sys.modules))")
+    root = Path(__file__).resolve().parents[1]
+    out = subprocess.run([sys.executable, "-c", code], cwd=root, capture_output=True, text=True, timeout=120,
+                         env={"PYTHONPATH": str(root), "PATH": "/usr/bin:/bin"})
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.strip() == "[]"
