@@ -164,6 +164,12 @@ def test_pipeline_without_roi_is_not_evaluable(shared_data: Path, tmp_path: Path
                           work_dir=tmp_path, identity=IDENTITY)
     out = create("tumour-radiomics", {}).run(ctx)
     assert not out.evaluable and "no SEG or RTSTRUCT" in out.reason
+    (sr_path,) = out.files
+    _check_dicom(sr_path)
+    sr = hd.sr.srread(sr_path)
+    texts = [str(e.value) for e in sr.iterall() if e.keyword == "TextValue"]
+    assert any("no SEG or RTSTRUCT" in t for t in texts)
+    assert {e.value for e in sr.iterall() if e.keyword == "GraphicType"} == {"POLYLINE"}
 
 
 def test_bad_option_named() -> None:

@@ -161,7 +161,7 @@ class DeepFeatures:
         for dims, mask in sorted(result.attention.items()):
             if mask.any():
                 masks[f"attention-map-{dims}d"] = mask
-                labels[f"attention-map-{dims}d"] = f"Attention {dims}D (Grad-CAM >= {o.attention_threshold:g})"
+                labels[f"attention-map-{dims}d"] = f"Attention {dims}D"  # threshold: algorithm parameters
             else:
                 log.warning("%dD Grad-CAM map has no voxel above %g: no attention segment", dims, o.attention_threshold)
         params = {"arch": o.arch, "crop_mm": f"{o.crop_mm:g}", "threshold": f"{o.attention_threshold:g}",

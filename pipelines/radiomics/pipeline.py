@@ -150,6 +150,7 @@ class TumourRadiomics:
 
     def run(self, ctx: PipelineContext) -> PipelineOutput:
         opts = self.options
+        volume: Volume | None = None
         try:
             ct = pick_ct(ctx.series)
             volume = SeriesToVolume().run(ct.files)
@@ -159,7 +160,9 @@ class TumourRadiomics:
             roi = load_roi(volume, roi_files, opts.label)
         except NotEvaluable as e:
             log.info("%s not evaluable: %s", NAME, e.reason)
-            return PipelineOutput(files=(), summary={"pipeline": NAME, "reason": e.reason}, evaluable=False, reason=e.reason)
+            written = [self._write_not_evaluable_sr(ctx, volume, e.reason)] if volume is not None and opts.write_sr else []
+            return PipelineOutput(files=tuple(written), summary={"pipeline": NAME, "reason": e.reason}, evaluable=False,
+                                  reason=e.reason)
         organ = load_roi(volume, roi_files, opts.organ_label).mask if opts.organ_label else None
         result = extract(volume, roi, opts, organ)
         f = result.features
@@ -191,6 +194,19 @@ class TumourRadiomics:
             "radiomics_params": params.name, "params_sha256": params.sha256,
             "rings_mm": ",".join(f"{r:g}" for r in o.rings_mm), "rings_mode": o.rings_mode,
         })
+
+    def _write_not_evaluable_sr(self, ctx: PipelineContext, volume: Volume, reason: str) -> Path:
+        """A TID 1500 SR saying "not evaluable" and why, on the CT's middle image (OHIF-safe)."""
+        from dicom_templates.sr import build_measurement_report
+        from pipelines.roi.dicom_out import save, source_images
+
+        sources = source_images(volume)
+        sr = build_measurement_report([sources[len(sources) // 2]], [], self._algorithm(Params.load(self.options.params)),
+                                      ctx.identity, "Tumour radiomics", not_evaluable_reason=reason)
+        ctx.work_dir.mkdir(parents=True, exist_ok=True)
+        path = ctx.work_dir / "tumour_sr_not_evaluable.dcm"
+        save(sr, path)
+        return path
 
     def _write_seg(self, ctx: PipelineContext, volume: Volume, result: TumourFeatures) -> Path:
         from pipelines.roi.dicom_out import build_mask_seg, save

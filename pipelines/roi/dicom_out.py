@@ -25,10 +25,10 @@ from dicom_templates.sr import Measurement, PlanarGroup, build_measurement_repor
 from pipelines.base import Identity, StageError
 from pipelines.common.volume import Volume
 
-__all__ = ["Algorithm", "Measurement", "build_mask_seg", "build_tumour_sr", "largest_slice_outline", "save"]
+__all__ = ["Algorithm", "Measurement", "build_mask_seg", "source_images", "build_tumour_sr", "largest_slice_outline", "save"]
 
 
-def _sources(volume: Volume) -> list[Dataset]:
+def source_images(volume: Volume) -> list[Dataset]:
     """Source images in slice order; an empty SpecificCharacterSet (seen in real GE data) is dropped
     from a shallow copy, since highdicom refuses '' as a character set."""
     sources = volume.source_datasets()
@@ -46,7 +46,7 @@ def _sources(volume: Volume) -> list[Dataset]:
 def build_mask_seg(volume: Volume, masks: Mapping[str, NDArray[np.bool_]], identity: Identity, algorithm: Algorithm,
                    series_description: str, labels: Mapping[str, str] | None = None) -> hd.seg.Segmentation:
     """BINARY SEG, one segment per code-table key of ``masks`` (masks on the volume grid)."""
-    return build_seg(_sources(volume), masks, algorithm, identity, series_description[:64], labels=labels)
+    return build_seg(source_images(volume), masks, algorithm, identity, series_description[:64], labels=labels)
 
 
 def largest_slice_outline(mask: NDArray[np.bool_]) -> tuple[int, NDArray[np.float32]]:
@@ -72,7 +72,7 @@ def largest_slice_outline(mask: NDArray[np.bool_]) -> tuple[int, NDArray[np.floa
 def build_tumour_sr(volume: Volume, mask: NDArray[np.bool_], measurements: Sequence[Measurement], identity: Identity,
                     algorithm: Algorithm, series_description: str, tracking_id: str = "tumour",
                     finding: str = "tumour") -> hd.sr.Comprehensive3DSR:
-    sources = _sources(volume)
+    sources = source_images(volume)
     k, polygon = largest_slice_outline(mask)
     group = PlanarGroup(tracking_id=tracking_id, finding=finding, image=sources[k], polygon=polygon,
                         measurements=list(measurements))
