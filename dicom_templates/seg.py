@@ -141,6 +141,7 @@ def build_seg(
         manufacturer_model_name=algorithm.name,
         software_versions=identity.software_version,
         device_serial_number=identity.device_serial_number,
+        institution_name=identity.institution_name or None,
         content_label=content_label,
         content_description=f"{algorithm.name} {algorithm.version}"[:64],
         series_description=series_description,

@@ -6,13 +6,23 @@ Two kinds of measurement group, which go in **separate SRs**:
   closed SCOORD POLYLINE that is SELECTED FROM a source image, with the tracking identifier
   ``Cornerstone3DTools@^0.1.0:PlanarFreehandROI``.  This is the layout OHIF 3.13 restores and
   lists (``../shared/tools/ohif-check/README.md``).  A planar group without measurements
-  (e.g. a "not evaluable" marker) becomes a TID 1410 group whose Image Region is the polygon.
+  becomes a TID 1410 group whose Image Region is the polygon: OHIF draws it without error
+  but does not list it (the panel says "Measurements (0)").
 - :class:`VolumeGroup` -> TID 1411 "Volumetric ROI" group referencing a SEG segment.  It has
   no SCOORD; OHIF 3.13 throws on any SCOORD-less group and then blanks the *whole* SR.
 
 :func:`build_measurement_report` therefore refuses to mix the two unless
 ``allow_scoordless=True`` (which knowingly gives an SR OHIF cannot show).  Put SEG-referencing
 volume groups in their own SR, next to the OHIF-visible planar SR.
+
+What OHIF 3.13 shows of a planar group (checked with ohif-check on tissue-hu output): the
+polygon, labelled with the finding's meaning, and in the panel the group's Area NUM until the
+annotation is rendered; once rendered, it recomputes and shows the polygon's own statistics
+(area, mean, min, max, std dev of HU inside the outline, perimeter).  The other NUMs (volume,
+mean HU of a segment, SMI, ...) stay in the SR but are not shown by OHIF.  So make the polygon
+outline the region the numbers describe wherever possible.  A report with no measurement group
+at all (an empty Imaging Measurements container) makes OHIF fail ("Something went wrong",
+blank viewport), so a "not evaluable" report keeps one planar group (:func:`not_evaluable_group`).
 
 Each group names the algorithm and its version (TID 4019); the report's observer context
 names this node as a device (TID 1004) from :class:`pipelines.base.Identity`.  Private codes
@@ -53,6 +63,8 @@ __all__ = [
     "VolumeGroup",
     "build_measurement_report",
     "not_evaluable_group",
+    "pixel_spacing",
+    "polygon_area_mm2",
     "read_groups",
 ]
 
@@ -243,8 +255,33 @@ def _volume(g: VolumeGroup, algorithm: Algorithm) -> Any:
     return group
 
 
+def pixel_spacing(image: Dataset) -> tuple[float, float]:
+    """(row, column) spacing in mm of a single-frame image or of an Enhanced (multi-frame) image."""
+    if "PixelSpacing" in image:
+        return float(image.PixelSpacing[0]), float(image.PixelSpacing[1])
+    for groups in ("SharedFunctionalGroupsSequence", "PerFrameFunctionalGroupsSequence"):
+        if groups in image and "PixelMeasuresSequence" in image[groups][0]:
+            ps = image[groups][0].PixelMeasuresSequence[0].PixelSpacing
+            return float(ps[0]), float(ps[1])
+    raise ValueError(f"image {image.get('SOPInstanceUID', '?')} has no pixel spacing")
+
+
+def polygon_area_mm2(polygon: NDArray[np.floating[Any]], image: Dataset) -> float:
+    """Area enclosed by a (column, row) pixel polygon on ``image`` (shoelace formula)."""
+    pts = close_polygon(polygon).astype(np.float64)
+    row_mm, col_mm = pixel_spacing(image)
+    x, y = pts[:, 0] * col_mm, pts[:, 1] * row_mm
+    return float(0.5 * abs(np.dot(x[:-1], y[1:]) - np.dot(x[1:], y[:-1])))
+
+
 def not_evaluable_group(image: Dataset, reason: str, tracking_id: str = "not-evaluable") -> PlanarGroup:
-    """A planar group saying "not evaluable" and why, outlining ``image`` (OHIF-safe: it has a SCOORD)."""
+    """A planar group saying "not evaluable" and why, outlining the examined ``image``.
+
+    OHIF 3.13 lists a group only when a NUM is INFERRED FROM its SCOORD, so the group carries
+    one true measurement: the area of the outlined image (finding "Not Evaluated").  OHIF
+    then shows the outline and lists "Not Evaluated"; the reason is a TEXT item of the group
+    and of the report's Qualitative Evaluations.
+    """
     rows, cols = int(image.Rows), int(image.Columns)
     outline = np.array([[0.5, 0.5], [cols - 0.5, 0.5], [cols - 0.5, rows - 0.5], [0.5, rows - 0.5]])
     return PlanarGroup(
@@ -252,6 +289,7 @@ def not_evaluable_group(image: Dataset, reason: str, tracking_id: str = "not-eva
         finding="not-evaluated",
         image=image,
         polygon=outline,
+        measurements=[Measurement("area", round(polygon_area_mm2(outline, image), 2), "mm2")],
         qualitative=[Qualitative("evaluability", "not-evaluable")],
         text=[Text("not-evaluable-reason", reason)],
         frame_number=1 if int(image.get("NumberOfFrames", 1) or 1) > 1 else None,
@@ -475,7 +513,8 @@ def read_groups(sr: Dataset) -> list[GroupReadout]:
                     float(mv.NumericValue),
                     str(mv.MeasurementUnitsCodeSequence[0].CodeValue),
                 )
-            elif it.ValueType == "CODE" and cn is not None:
+            elif it.ValueType == "CODE" and cn is not None and code not in ("121401", "370129005"):
+                # qualitative evaluations (a NUM's Derivation and Method modifiers are skipped)
                 g.qualitative[str(cn.CodeMeaning)] = str(it.ConceptCodeSequence[0].CodeMeaning)
             elif it.ValueType == "TEXT" and cn is not None and code == "111001":
                 g.algorithm = (str(it.TextValue), g.algorithm[1] if g.algorithm else "")

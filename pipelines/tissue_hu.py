@@ -188,7 +188,9 @@ class BodyMask:
         blocks = _pool_any(padded, f)
         block_mm = f * px
         iterations = int(round(self.table_erosion_mm / block_mm)) if block_mm > 0 else 0
-        core = ndimage.binary_erosion(blocks, _INPLANE_4, iterations=iterations) if iterations else blocks
+        core = (
+            ndimage.binary_erosion(blocks, _INPLANE_4, iterations=iterations, border_value=1) if iterations else blocks
+        )  # border_value=1: a body cut off at the field of view's edge is not eroded from there
         labels, n = ndimage.label(core, structure=_INPLANE_8)
         min_blocks = int(self.min_area_mm2 / (f * f * volume.pixel_area_mm2))
         kept = _largest_per_slice(labels, n, min_blocks)
@@ -254,6 +256,9 @@ class TissueMeasurements:
             slab = np.diff(edges)
         else:
             slab = np.array([volume.slice_thickness or volume.slice_spacing])
+        if volume.slice_thickness:
+            # slices with gaps between them: count only the imaged slab of each slice
+            slab = np.minimum(slab, volume.slice_thickness)
         out = {}
         for key, m in masks.items():
             per_slice = m.reshape(m.shape[0], -1).sum(axis=1)
@@ -491,7 +496,10 @@ class TissueHuPipeline:
             "version": VERSION,
             "series_uid": uid,
             "slices": volume.shape[0],
-            "segments": {k: {"volume_ml": s.volume_ml, "mean_hu": s.mean_hu, "voxels": s.voxels} for k, s in stats.items()},
+            "segments": {
+                k: {"volume_ml": s.volume_ml, "mean_hu": s.mean_hu if s.voxels else None, "voxels": s.voxels}
+                for k, s in stats.items()
+            },
         }
         from dicom_templates.codes import TABLE_VERSION
 
