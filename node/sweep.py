@@ -45,12 +45,6 @@ from typing import Any
 from pydicom.dataset import Dataset
 from pynetdicom import AE, build_role, evt
 from pynetdicom.association import Association
-from pynetdicom.sop_class import (
-    StudyRootQueryRetrieveInformationModelFind,
-    StudyRootQueryRetrieveInformationModelGet,
-    StudyRootQueryRetrieveInformationModelMove,
-    Verification,
-)
 from sqlalchemy import func, select
 
 from node import config as config_mod
@@ -66,6 +60,12 @@ StoreHandler = Callable[[Any], Any]  # EVT_C_STORE handler: event -> status (int
 Progress = Callable[[str], None]
 
 SCHEDULER_JOB_ID = "prognode-sweep"
+
+# Study Root Query/Retrieve Information Model (PS3.4 C.6.2) and Verification SOP Class UIDs
+StudyRootQueryRetrieveInformationModelFind = "1.2.840.10008.5.1.4.1.2.2.1"
+StudyRootQueryRetrieveInformationModelMove = "1.2.840.10008.5.1.4.1.2.2.2"
+StudyRootQueryRetrieveInformationModelGet = "1.2.840.10008.5.1.4.1.2.2.3"
+Verification = "1.2.840.10008.1.1"
 
 # Storage SOP classes a sweep accepts (C-GET sub-operations and the temporary C-MOVE receiver).
 RETRIEVE_SOP_CLASSES = (
