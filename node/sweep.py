@@ -48,6 +48,7 @@ from pynetdicom.association import Association
 from sqlalchemy import func, select
 
 from node import config as config_mod
+from node.access import AccessPolicy, access_handlers
 from node.audit import AuditLog
 from node.config import Config, SourceConfig
 from node.db import Database, Job, Result, Series, Sweep, SweepItem
@@ -207,7 +208,7 @@ def _retrieve_contexts(ae: AE, model: str) -> list[Any]:
 class Receiver:
     """A temporary storage SCP at the node's address for C-MOVE sweeps when no node is running."""
 
-    def __init__(self, config: Config, handler: StoreHandler) -> None:
+    def __init__(self, config: Config, handler: StoreHandler, audit: AuditLog | None = None) -> None:
         node = config.node
         self.ae = AE(ae_title=node.ae_title)
         self.ae.add_supported_context(Verification)
@@ -215,10 +216,12 @@ class Receiver:
             self.ae.add_supported_context(uid, list(TRANSFER_SYNTAXES))
         self.ae.maximum_pdu_size = node.max_pdu
         self.ae.network_timeout = node.network_timeout
-        self.ae.require_calling_aet = list(node.allowed_calling_aets)
         ctx = server_context(node.tls, config.base_dir) if node.tls.enabled else None
+        policy = AccessPolicy.from_lists(node.allowed_calling_aets, node.allowed_hosts)
+        self.ae.require_calling_aet = []  # the policy handler rejects, with AE@network pairs too
+        handlers: list[Any] = [(evt.EVT_C_STORE, handler), *access_handlers(policy, audit)]
         self.server = self.ae.start_server((node.host, node.port), block=False, ssl_context=ctx,
-                                           evt_handlers=[(evt.EVT_C_STORE, handler)])
+                                           evt_handlers=handlers)
         log.info("sweep receiver %s listening on %s:%d", node.ae_title, node.host, node.port)
 
     def stop(self) -> None:
@@ -493,7 +496,7 @@ class Sweeper:
         receiver = None
         if src.retrieve == "move" and not (src.move_destination and src.move_destination != node.ae_title) \
                 and not _listening(node.host, node.port):
-            receiver = Receiver(self.config, self.store_handler)
+            receiver = Receiver(self.config, self.store_handler, self.audit)
         try:
             yield
         finally:
