@@ -195,6 +195,16 @@ def _listening(host: str, port: int) -> bool:
         return False
 
 
+def _nodelay(event: Any) -> None:
+    """EVT_CONN_OPEN: TCP_NODELAY, so small DIMSE PDUs are not held back by Nagle's algorithm."""
+    sock = getattr(getattr(event.assoc.dul, "socket", None), "socket", None)
+    if sock is not None:
+        try:
+            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        except OSError as e:  # not TCP (tests may use other transports)
+            log.debug("TCP_NODELAY not set: %s", e)
+
+
 def _retrieve_contexts(ae: AE, model: str) -> list[Any]:
     """Request the retrieve model plus storage contexts with the SCP role (for C-GET)."""
     ae.add_requested_context(model)
@@ -219,7 +229,8 @@ class Receiver:
         ctx = server_context(node.tls, config.base_dir) if node.tls.enabled else None
         policy = AccessPolicy.from_lists(node.allowed_calling_aets, node.allowed_hosts)
         self.ae.require_calling_aet = []  # the policy handler rejects, with AE@network pairs too
-        handlers: list[Any] = [(evt.EVT_C_STORE, handler), *access_handlers(policy, audit)]
+        handlers: list[Any] = [(evt.EVT_C_STORE, handler), (evt.EVT_CONN_OPEN, _nodelay),
+                               *access_handlers(policy, audit)]
         self.server = self.ae.start_server((node.host, node.port), block=False, ssl_context=ctx,
                                            evt_handlers=handlers)
         log.info("sweep receiver %s listening on %s:%d", node.ae_title, node.host, node.port)
@@ -336,7 +347,7 @@ class Sweeper:
         ae.maximum_pdu_size = self.config.node.max_pdu
         assoc = ae.associate(src.host, src.port, ae_title=src.ae_title, ext_neg=ext_neg,
                              tls_args=tls_args(src.tls, self.config.base_dir, src.host),
-                             evt_handlers=handlers)
+                             evt_handlers=[(evt.EVT_CONN_OPEN, _nodelay), *(handlers or [])])
         if not assoc.is_established:
             raise SweepError(f"sweep: association with {src.ae_title}@{src.host}:{src.port} "
                              f"{'rejected' if assoc.is_rejected else 'failed'}")
