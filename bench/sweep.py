@@ -28,6 +28,7 @@ import sys
 import tempfile
 import time
 from pathlib import Path
+from typing import Any
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
@@ -73,7 +74,7 @@ def sweep_cli(cfg: Path, *extra: str) -> list[str]:
             "--to", LAST.isoformat(), "--json", *extra]
 
 
-def run_prognode(cfg: Path) -> tuple[float, dict]:
+def run_prognode(cfg: Path) -> tuple[float, dict[str, Any]]:
     env = dict(os.environ, PYTHONPATH=str(REPO))
     t = time.monotonic()
     r = subprocess.run(sweep_cli(cfg), cwd=REPO, env=env, capture_output=True, text=True, timeout=900)
@@ -132,7 +133,7 @@ def run_dcmtk(pacs: Orthanc, work: Path, method: str) -> tuple[float, int, int, 
     return wall, len(studies), len(series), len(list(received.iterdir()))
 
 
-def run_killed(pacs: Orthanc, work: Path, n_series: int) -> dict:
+def run_killed(pacs: Orthanc, work: Path, n_series: int) -> dict[str, Any]:
     cfg = node_config(work, pacs, "move", 1, pause=0.3)
     env = dict(os.environ, PYTHONPATH=str(REPO))
     proc = subprocess.Popen(sweep_cli(cfg), cwd=REPO, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
