@@ -630,7 +630,19 @@ def default_store_handler(config: Config, db: Database, metrics: Metrics | None 
     storage = Storage(config.storage_dir, fsync=config.node.fsync, min_free_bytes=config.node.min_free_bytes)
     index = Index(db, config.storage_dir)
     core_audit = audit if audit is not None else AuditLog(None)
-    return functools.partial(core_handlers.handle_store, store=storage, index=index, audit=core_audit)
+    core = functools.partial(core_handlers.handle_store, store=storage, index=index, audit=core_audit)
+    return core if metrics is None else functools.partial(_metered_store, core, metrics)
+
+
+def _metered_store(handler: StoreHandler, metrics: Metrics, event: Any) -> Any:
+    """Call the store handler, then count the instance and its bytes when it was stored."""
+    status = handler(event)
+    code = int(status.Status) if isinstance(status, Dataset) else int(status)
+    if code == 0x0000:
+        raw = getattr(event.request, "DataSet", None)
+        size = raw.getbuffer().nbytes if hasattr(raw, "getbuffer") else 0
+        metrics.record_instance(int(size))
+    return status
 
 
 def run_sweep(config: Config, db: Database, date_from: dt.date, date_to: dt.date, dry_run: bool = False,
