@@ -639,8 +639,8 @@ def _metered_store(handler: StoreHandler, metrics: Metrics, event: Any) -> Any:
     status = handler(event)
     code = int(status.Status) if isinstance(status, Dataset) else int(status)
     if code == 0x0000:
-        raw = getattr(event.request, "DataSet", None)
-        size = raw.getbuffer().nbytes if hasattr(raw, "getbuffer") else 0
+        raw: Any = getattr(event.request, "DataSet", None)
+        size = raw.getbuffer().nbytes if raw is not None and hasattr(raw, "getbuffer") else 0
         metrics.record_instance(int(size))
     return status
 
