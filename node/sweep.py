@@ -629,7 +629,8 @@ def default_store_handler(config: Config, db: Database, metrics: Metrics | None 
         return InterimStore(config.storage_dir, db, metrics, audit, fsync=config.node.fsync).handle_store
     storage = Storage(config.storage_dir, fsync=config.node.fsync, min_free_bytes=config.node.min_free_bytes)
     index = Index(db, config.storage_dir)
-    core_audit = audit if audit is not None else AuditLog(None)
+    # node.audit.AuditLog and the core's node.logs.AuditLog share ``write(event, **fields)``
+    core_audit: Any = audit if audit is not None else AuditLog(None)
     core = functools.partial(core_handlers.handle_store, store=storage, index=index, audit=core_audit)
     return core if metrics is None else functools.partial(_metered_store, core, metrics)
 
