@@ -195,3 +195,24 @@ def test_dashboard_in_chromium(node_db: tuple[Config, Database], tmp_path: Path)
         assert scrape.status_code == 200 and 'prognode_jobs{state="pending"} 2.0' in scrape.text
     finally:
         server.stop()
+
+
+def test_operations_start_web_and_schedule(tmp_path: Path) -> None:
+    from node.ops import Operations
+    from node.sweep import SCHEDULER_JOB_ID
+
+    cfg_file = tmp_path / "config.toml"
+    cfg_file.write_text('[node]\nstorage = "var"\n[[sources]]\nname = "pacs"\nae_title = "PACS"\nhost = "127.0.0.1"\n'
+                        'port = 4242\n[sweep]\nenabled = true\nsource = "pacs"\n[web]\nport = 0\n')
+    cfg = config_mod.load(cfg_file)
+    cfg.storage_dir.mkdir()
+    db = Database(cfg.database_url)
+    ops = Operations(cfg, db, AuditLog(tmp_path / "audit.jsonl")).start()
+    try:
+        assert ops.web is not None and ops.scheduler is not None
+        assert httpx.get(ops.web.url + "/healthz").json() == {"status": "ok", "ae_title": "PROGNODE"}
+        assert ops.scheduler.get_job(SCHEDULER_JOB_ID) is not None
+        assert "prognode_queue_depth 0.0" in httpx.get(ops.web.url + "/metrics").text
+    finally:
+        ops.stop()
+        db.dispose()
