@@ -205,4 +205,21 @@ def test_scheduler_restart_keeps_one_job(tmp_path: Path) -> None:
     with sqlite3.connect(cfg.storage_dir / "prognode.db") as c:
         rows = c.execute("select id from apscheduler_jobs").fetchall()
     assert rows == [(SCHEDULER_JOB_ID,)]
-    _unused = run_sweep  # public entry point used by the CLI and the scheduler
+
+
+
+def test_move_sweep_into_running_node(tmp_path: Path, source_pacs: Orthanc) -> None:
+    """With the node serving, C-MOVE results arrive through the node's own SCP (no sweep receiver)."""
+    service = pytest.importorskip("node.service", reason="node core not merged yet")
+    cfg_path = write_config(tmp_path, source_pacs, "move")
+    cfg = config_mod.load(cfg_path)
+    node = service.Node(cfg).start()
+    try:
+        db = open_database(cfg)
+        out = run_sweep(cfg, db, FIRST, FIRST + dt.timedelta(days=10))
+        assert (out.retrieved, out.failed, out.instances_retrieved) == (N_STUDIES, 0, N_STUDIES * SLICES)
+        assert _instances(db) == N_STUDIES * SLICES
+        again = run_sweep(cfg, db, FIRST, FIRST + dt.timedelta(days=10))
+        assert (again.retrieved, again.skipped) == (0, N_STUDIES)
+    finally:
+        node.stop()
