@@ -205,6 +205,10 @@ def _nodelay(event: Any) -> None:
             log.debug("TCP_NODELAY not set: %s", e)
 
 
+def _count_association(_event: Any, metrics: Metrics, direction: str, outcome: str) -> None:
+    metrics.record_association(direction, outcome)
+
+
 def _retrieve_contexts(ae: AE, model: str) -> list[Any]:
     """Request the retrieve model plus storage contexts with the SCP role (for C-GET)."""
     ae.add_requested_context(model)
@@ -218,7 +222,8 @@ def _retrieve_contexts(ae: AE, model: str) -> list[Any]:
 class Receiver:
     """A temporary storage SCP at the node's address for C-MOVE sweeps when no node is running."""
 
-    def __init__(self, config: Config, handler: StoreHandler, audit: AuditLog | None = None) -> None:
+    def __init__(self, config: Config, handler: StoreHandler, audit: AuditLog | None = None,
+                 metrics: Metrics | None = None) -> None:
         node = config.node
         self.ae = AE(ae_title=node.ae_title)
         self.ae.add_supported_context(Verification)
@@ -231,6 +236,9 @@ class Receiver:
         self.ae.require_calling_aet = []  # the policy handler rejects, with AE@network pairs too
         handlers: list[Any] = [(evt.EVT_C_STORE, handler), (evt.EVT_CONN_OPEN, _nodelay),
                                *access_handlers(policy, audit)]
+        if metrics is not None:
+            handlers += [(evt.EVT_ACCEPTED, _count_association, [metrics, "in", "accepted"]),
+                         (evt.EVT_REJECTED, _count_association, [metrics, "in", "rejected"])]
         self.server = self.ae.start_server((node.host, node.port), block=False, ssl_context=ctx,
                                            evt_handlers=handlers)
         log.info("sweep receiver %s listening on %s:%d", node.ae_title, node.host, node.port)
@@ -348,6 +356,8 @@ class Sweeper:
         assoc = ae.associate(src.host, src.port, ae_title=src.ae_title, ext_neg=ext_neg,
                              tls_args=tls_args(src.tls, self.config.base_dir, src.host),
                              evt_handlers=[(evt.EVT_CONN_OPEN, _nodelay), *(handlers or [])])
+        if self.metrics is not None:
+            self.metrics.record_association("out", "accepted" if assoc.is_established else "rejected")
         if not assoc.is_established:
             raise SweepError(f"sweep: association with {src.ae_title}@{src.host}:{src.port} "
                              f"{'rejected' if assoc.is_rejected else 'failed'}")
@@ -507,7 +517,7 @@ class Sweeper:
         receiver = None
         if src.retrieve == "move" and not (src.move_destination and src.move_destination != node.ae_title) \
                 and not _listening(node.host, node.port):
-            receiver = Receiver(self.config, self.store_handler, self.audit)
+            receiver = Receiver(self.config, self.store_handler, self.audit, self.metrics)
         try:
             yield
         finally:

@@ -111,6 +111,10 @@ def test_sweep_retrieves_then_second_sweep_retrieves_nothing(tmp_path: Path, sou
     assert any("instances by C-" in ln for ln in lines)
     scrape = metrics.exposition().decode()
     assert f'prognode_sweep_series_retrieved_total{{method="{method}"}} {float(N_STUDIES)}' in scrape
+    # one C-FIND association, one per retrieval; C-MOVE sub-operations come in to the sweep receiver
+    assert f'prognode_associations_total{{direction="out",outcome="accepted"}} {float(N_STUDIES + 1)}' in scrape
+    if method == "move":
+        assert f'prognode_associations_total{{direction="in",outcome="accepted"}} {float(N_STUDIES)}' in scrape
     if method == "get":  # C-GET stores through this process's store path
         assert f"prognode_instances_received_total {float(N_STUDIES * SLICES)}" in scrape
     events = [r["event"] for r in AuditLog(cfg.path(cfg.logging.audit_file)).read()]
