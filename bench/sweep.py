@@ -27,6 +27,7 @@ import subprocess
 import sys
 import tempfile
 import time
+import urllib.request
 from pathlib import Path
 from typing import Any
 
@@ -156,12 +157,43 @@ def run_killed(pacs: Orthanc, work: Path, n_series: int) -> dict[str, Any]:
     return {"killed_after": before, **rep}
 
 
+def show_node(cfg_path: Path, metrics_out: Path | None, screenshot: Path | None) -> None:
+    """Scrape /metrics and screenshot the dashboard of a swept node (real uvicorn, real Chromium)."""
+    from node import config as config_mod
+    from node.db import Database
+    from node.metrics import Metrics
+    from node.web import serve_web
+
+    cfg = config_mod.load(cfg_path)
+    db = Database(cfg.database_url)
+    server = serve_web(cfg, db, Metrics(db), port=0)
+    try:
+        if metrics_out is not None:
+            with urllib.request.urlopen(server.url + "/metrics", timeout=30) as r:
+                metrics_out.write_bytes(r.read())
+        if screenshot is not None and shutil.which("chromium"):
+            with tempfile.TemporaryDirectory() as profile:
+                subprocess.run(["chromium", "--headless", "--no-sandbox", "--disable-gpu", "--disable-quic",
+                                "--no-first-run", "--disable-background-networking", "--disable-component-update",
+                                "--disable-sync", f"--user-data-dir={profile}", f"--screenshot={screenshot}",
+                                "--window-size=1280,900", server.url + "/#sweeps"], capture_output=True, timeout=120)
+    finally:
+        server.stop()
+        db.dispose()
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--studies", type=int, default=24)
     ap.add_argument("--slices", type=int, default=16)
     ap.add_argument("--size", type=int, default=64)
+    ap.add_argument("--metrics-out", type=Path, default=REPO / "test-output" / "sweep-metrics.txt",
+                    help="where to save a /metrics scrape of the swept node")
+    ap.add_argument("--screenshot", type=Path, default=REPO / "test-output" / "dashboard-sweep.png",
+                    help="where to save a Chromium screenshot of the swept node's dashboard")
     args = ap.parse_args()
+    args.metrics_out.parent.mkdir(parents=True, exist_ok=True)
+    args.screenshot.parent.mkdir(parents=True, exist_ok=True)
     root = Path(tempfile.mkdtemp(prefix="prognode-bench-sweep-"))
     pacs = Orthanc(root / "orthanc")
     try:
@@ -183,6 +215,7 @@ def main() -> int:
                 wall2, rep2 = run_prognode(cfg)
                 add("  second sweep, same range", rep2["studies"], rep2["retrieved"], rep2["instances_retrieved"],
                     wall2, f"{rep2['skipped']} series skipped by the ledger")
+                show_node(cfg, args.metrics_out, args.screenshot)
         for method in ("move", "get"):
             wall, st, se, files = run_dcmtk(pacs, root / f"dcmtk-{method}", method)
             tool = "movescu -> storescp" if method == "move" else "getscu"
@@ -204,6 +237,7 @@ def main() -> int:
     for name, st, se, inst, wall, note in rows:
         spm = 60.0 * st / wall if wall > 0 else 0.0
         print(f"{name:44} {st:7d} {se:6d} {inst:6d} {wall:7.2f} {spm:11.1f}  {note}")
+    print(f"\n/metrics scrape of the C-MOVE x2 node: {args.metrics_out}; dashboard: {args.screenshot}")
     return 0
 
 
