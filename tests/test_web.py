@@ -151,6 +151,9 @@ def test_metrics_scrape(node_db: tuple[Config, Database]) -> None:
     ]
     for line in expected:
         assert line in text, line
+    saved = REPO / "test-output"
+    saved.mkdir(exist_ok=True)
+    (saved / "metrics-sample.txt").write_text(text)
 
 
 def _chromium(url: str, out: Path, dom: bool) -> str:
