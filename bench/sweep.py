@@ -176,7 +176,7 @@ def show_node(cfg_path: Path, metrics_out: Path | None, screenshot: Path | None)
                 subprocess.run(["chromium", "--headless", "--no-sandbox", "--disable-gpu", "--disable-quic",
                                 "--no-first-run", "--disable-background-networking", "--disable-component-update",
                                 "--disable-sync", f"--user-data-dir={profile}", f"--screenshot={screenshot}",
-                                "--window-size=1280,900", server.url + "/#sweeps"], capture_output=True, timeout=120)
+                                "--window-size=1280,900", server.url + "/"], capture_output=True, timeout=120)
     finally:
         server.stop()
         db.dispose()

@@ -71,18 +71,6 @@ def dashboard(node_title: str, series: list[SeriesOut], jobs: list[JobOut], dead
                 f'<button type="submit" id="resend-{job_id}">Resend</button></form>')
 
     sections = [
-        _table("series", f"Series ({len(series)})",
-               ["Series UID", "Patient", "Modality", "Description", "Instances", "State", "Gen", "Last image (UTC)",
-                "Completed (UTC)", "By", "From AE"],
-               [[_uid(s.series_uid), escape(s.patient_id), escape(s.modality), escape(s.description),
-                 str(s.instances), _state(s.state), str(s.generation), fmt_time(s.last_received),
-                 fmt_time(s.completed_at), escape(s.completion_reason), escape(s.source)] for s in series]),
-        _table("jobs", f"Jobs ({len(jobs)})",
-               ["Job", "Pipeline", "Route", "Series UID", "State", "Attempts", "Created (UTC)", "Finished (UTC)",
-                "Error"],
-               [[str(j.id), escape(j.pipeline), escape(j.route), _uid(j.series_uid), _state(j.state),
-                 str(j.attempts), fmt_time(j.created_at), fmt_time(j.finished_at), escape(j.error[:120])]
-                for j in jobs]),
         _table("dead-letters", f"Dead letters ({len(dead)})",
                ["Kind", "Job", "Pipeline", "Destination", "Attempts", "Error", "Series UID", ""],
                [[escape(d.kind), str(d.job_id), escape(d.pipeline), escape(d.destination), str(d.attempts),
@@ -93,6 +81,12 @@ def dashboard(node_title: str, series: list[SeriesOut], jobs: list[JobOut], dead
                [[_uid(r.sop_instance_uid), escape(r.modality), escape(r.pipeline), str(r.job_id),
                  _uid(r.source_series_uid), fmt_time(r.created_at), fmt_time(r.in_pacs_at),
                  fmt_secs(r.seconds_to_pacs), _uid(r.supersedes) if r.supersedes else ""] for r in results]),
+        _table("jobs", f"Jobs ({len(jobs)})",
+               ["Job", "Pipeline", "Route", "Series UID", "State", "Attempts", "Created (UTC)", "Finished (UTC)",
+                "Error"],
+               [[str(j.id), escape(j.pipeline), escape(j.route), _uid(j.series_uid), _state(j.state),
+                 str(j.attempts), fmt_time(j.created_at), fmt_time(j.finished_at), escape(j.error[:120])]
+                for j in jobs]),
         _table("sweeps", f"Sweeps ({len(sweeps)})",
                ["Sweep", "Source", "Dates", "State", "Studies", "Retrieved", "Skipped", "Failed", "Planned",
                 "Started (UTC)", "Finished (UTC)"],
@@ -100,11 +94,17 @@ def dashboard(node_title: str, series: list[SeriesOut], jobs: list[JobOut], dead
                  + (" (dry run)" if w.dry_run else ""), _state(w.state), str(w.studies), str(w.retrieved),
                  str(w.skipped), str(w.failed), str(w.planned), fmt_time(w.started_at), fmt_time(w.finished_at)]
                 for w in sweeps]),
+        _table("series", f"Series ({len(series)})",
+               ["Series UID", "Patient", "Modality", "Description", "Instances", "State", "Gen", "Last image (UTC)",
+                "Completed (UTC)", "By", "From AE"],
+               [[_uid(s.series_uid), escape(s.patient_id), escape(s.modality), escape(s.description),
+                 str(s.instances), _state(s.state), str(s.generation), fmt_time(s.last_received),
+                 fmt_time(s.completed_at), escape(s.completion_reason), escape(s.source)] for s in series]),
     ]
     msg = f'<p class="msg" id="message">{escape(message)}</p>' if message else ""
     nav = "".join(f'<a href="#{a}">{escape(t)}</a>' for a, t in
-                  (("series", "Series"), ("jobs", "Jobs"), ("dead-letters", "Dead letters"), ("results", "Results"),
-                   ("sweeps", "Sweeps"))) + '<a href="/openapi.json">API</a><a href="/metrics">Metrics</a>'
+                  (("dead-letters", "Dead letters"), ("results", "Results"), ("jobs", "Jobs"), ("sweeps", "Sweeps"),
+                   ("series", "Series"))) + '<a href="/openapi.json">API</a><a href="/metrics">Metrics</a>'
     return (f"<!doctype html><html lang=en><head><meta charset=utf-8><title>prognode {escape(node_title)}</title>"
             f'<meta name="viewport" content="width=device-width"><meta http-equiv="refresh" content="30">'
             f"<style>{CSS}</style></head><body><header><h1>prognode</h1><span>{escape(node_title)}</span>"
