@@ -59,6 +59,8 @@ class Instance(Base):
     calling_ae: Mapped[str] = mapped_column(String(16), default="")
     peer: Mapped[str] = mapped_column(String(64), default="")
     generation: Mapped[int] = mapped_column(Integer, default=0)  # series generation it arrived in
+    frames: Mapped[int] = mapped_column(Integer, default=1)  # NumberOfFrames (multi-frame: Enhanced CT, SEG)
+    expected: Mapped[int | None] = mapped_column(Integer, nullable=True)  # ImagesInAcquisition, if sent
 
 
 class Series(Base):
@@ -172,10 +174,13 @@ class Database:
         self.url = url
         kwargs: dict[str, Any] = {}
         if url.startswith("sqlite"):
-            kwargs["connect_args"] = {"timeout": 30, "check_same_thread": False}
+            # isolation_level=None + BEGIN IMMEDIATE: writers queue on busy_timeout instead of
+            # failing with "database is locked" when a read transaction tries to upgrade.
+            kwargs["connect_args"] = {"timeout": 30, "check_same_thread": False, "isolation_level": None}
         self.engine: Engine = create_engine(url, **kwargs)
         if url.startswith("sqlite"):
             event.listen(self.engine, "connect", _sqlite_pragmas)
+            event.listen(self.engine, "begin", _sqlite_begin_immediate)
         Base.metadata.create_all(self.engine)
         self._sessions = sessionmaker(self.engine, expire_on_commit=False)
 
@@ -196,6 +201,10 @@ def _sqlite_pragmas(dbapi_conn: Any, _record: Any) -> None:
     cur.execute("PRAGMA foreign_keys=ON")
     cur.execute("PRAGMA busy_timeout=30000")
     cur.close()
+
+
+def _sqlite_begin_immediate(conn: Any) -> None:
+    conn.exec_driver_sql("BEGIN IMMEDIATE")
 
 
 def connect(url: str) -> Database:

@@ -222,3 +222,41 @@ def http_json(url: str, timeout: float = 10.0) -> Any:
             return json.loads(r.read())
     except urllib.error.HTTPError as e:
         raise RuntimeError(f"{url}: HTTP {e.code}: {e.read()[:200]!r}") from e
+
+
+# Real data with proper identifiers (node tests, bench, demo) ----------------------------
+
+
+def with_uids(src: Path, dst: Path, seed: str = "prognode", patient_id: str = "PN-TEST-1") -> list[Path]:
+    """Copy a series (e.g. the shared TotalSegmentator CT, whose UIDs are empty) giving it
+    Study, Series and SOP Instance UIDs derived from ``seed``, CT Image Storage and a patient
+    ID; pixel data and its encoding are kept as they are.  Returns the written files, sorted."""
+    import pydicom
+    from pydicom.uid import CTImageStorage, generate_uid
+
+    dst.mkdir(parents=True, exist_ok=True)
+    files = sorted(p for p in src.iterdir() if p.is_file())
+    study, series = generate_uid(entropy_srcs=[seed, "study"]), generate_uid(entropy_srcs=[seed, "series"])
+    out = []
+    for i, f in enumerate(files):
+        ds = pydicom.dcmread(f)
+        sop = generate_uid(entropy_srcs=[seed, f.name])
+        ds.StudyInstanceUID, ds.SeriesInstanceUID, ds.SOPInstanceUID = study, series, sop
+        if not ds.get("SOPClassUID"):
+            ds.SOPClassUID = ds.file_meta.get("MediaStorageSOPClassUID", CTImageStorage)
+        ds.file_meta.MediaStorageSOPClassUID = ds.SOPClassUID
+        ds.file_meta.MediaStorageSOPInstanceUID = sop
+        if not ds.get("PatientID"):
+            ds.PatientID = patient_id
+        if not ds.get("PatientName"):
+            ds.PatientName = "Test^Prognode"
+        if not ds.get("StudyID"):
+            ds.StudyID = "1"
+        if not ds.get("AccessionNumber"):
+            ds.AccessionNumber = ""
+        if ds.get("SeriesNumber") in (None, ""):
+            ds.SeriesNumber = 1
+        p = dst / f"{i:04d}.dcm"
+        ds.save_as(p, enforce_file_format=True)
+        out.append(p)
+    return out

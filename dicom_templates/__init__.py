@@ -1,0 +1,7 @@
+"""Versioned code tables and thin highdicom builders for the DICOM objects prognode writes.
+
+- :mod:`dicom_templates.codes`: ``codes.toml`` as typed highdicom objects.
+- :mod:`dicom_templates.seg`: :func:`~dicom_templates.seg.build_seg` (Segmentation IOD, PS3.3 A.51).
+- :mod:`dicom_templates.sr`: :func:`~dicom_templates.sr.build_measurement_report`
+  (TID 1500 Measurement Report in a Comprehensive 3D SR, PS3.16 / PS3.3 A.35.13).
+"""

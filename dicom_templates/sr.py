@@ -1,0 +1,532 @@
+"""TID 1500 Measurement Report builder (PS3.16 TID 1500) in a Comprehensive 3D SR (PS3.3 A.35.13).
+
+Two kinds of measurement group, which go in **separate SRs**:
+
+- :class:`PlanarGroup` -> TID 1501 "Measurement Group" whose NUMs are each INFERRED FROM a
+  closed SCOORD POLYLINE that is SELECTED FROM a source image, with the tracking identifier
+  ``Cornerstone3DTools@^0.1.0:PlanarFreehandROI``.  This is the layout OHIF 3.13 restores and
+  lists (``../shared/tools/ohif-check/README.md``).  A planar group without measurements
+  becomes a TID 1410 group whose Image Region is the polygon: OHIF draws it without error
+  but does not list it (the panel says "Measurements (0)").
+- :class:`VolumeGroup` -> TID 1411 "Volumetric ROI" group referencing a SEG segment.  It has
+  no SCOORD; OHIF 3.13 throws on any SCOORD-less group and then blanks the *whole* SR.
+
+:func:`build_measurement_report` therefore refuses to mix the two unless
+``allow_scoordless=True`` (which knowingly gives an SR OHIF cannot show).  Put SEG-referencing
+volume groups in their own SR, next to the OHIF-visible planar SR.
+
+What OHIF 3.13 shows of a planar group (checked with ohif-check on tissue-hu output): the
+polygon, labelled with the finding's meaning, and in the panel the group's Area NUM until the
+annotation is rendered; once rendered, it recomputes and shows the polygon's own statistics
+(area, mean, min, max, std dev of HU inside the outline, perimeter).  The other NUMs (volume,
+mean HU of a segment, SMI, ...) stay in the SR but are not shown by OHIF.  So make the polygon
+outline the region the numbers describe wherever possible.  A report with no measurement group
+at all (an empty Imaging Measurements container) makes OHIF fail ("Something went wrong",
+blank viewport), so a "not evaluable" report keeps one planar group (:func:`not_evaluable_group`).
+
+Each group names the algorithm and its version (TID 4019); the report's observer context
+names this node as a device (TID 1004) from :class:`pipelines.base.Identity`.  Private codes
+(``99PROGNODE``) are declared in the Coding Scheme Identification Sequence.  A re-run's SR
+lists the SRs it supersedes in the Predecessor Documents Sequence (highdicom
+``previous_versions``).
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import highdicom as hd
+import numpy as np
+from numpy.typing import NDArray
+from pydicom.dataset import Dataset
+from pydicom.sr.codedict import codes as dcm_codes
+from pydicom.uid import generate_uid
+
+from dicom_templates import codes
+from dicom_templates.common import Algorithm, check_identity, contributing_equipment, device_uid
+from pipelines.base import Identity, Predecessor
+
+log = logging.getLogger(__name__)
+
+OHIF_TRACKING_IDENTIFIER = "Cornerstone3DTools@^0.1.0:PlanarFreehandROI"
+
+__all__ = [
+    "OHIF_TRACKING_IDENTIFIER",
+    "Algorithm",
+    "Measurement",
+    "PlanarGroup",
+    "Qualitative",
+    "Text",
+    "VolumeGroup",
+    "build_measurement_report",
+    "not_evaluable_group",
+    "pixel_spacing",
+    "polygon_area_mm2",
+    "read_groups",
+]
+
+
+@dataclass(frozen=True)
+class Measurement:
+    """One NUM (TID 300): ``concept`` and ``unit`` are code-table keys (UCUM code for the unit).
+
+    ``derivation`` (e.g. ``"mean"``) and ``method`` are optional concept keys.
+    """
+
+    concept: str
+    value: float
+    unit: str
+    derivation: str | None = None
+    method: str | None = None
+
+
+@dataclass(frozen=True)
+class Qualitative:
+    """A coded question and answer (CODE item): both concept keys, e.g. ("sarcopenia", "present")."""
+
+    concept: str
+    value: str
+
+
+@dataclass(frozen=True)
+class Text:
+    """A free-text item (TEXT): concept key and text, e.g. ("cutoff-used", "Prado 2008")."""
+
+    concept: str
+    value: str
+
+
+@dataclass(frozen=True)
+class PlanarGroup:
+    """A measurement group drawn as a closed polygon on one source image (OHIF-visible).
+
+    ``polygon`` is (N, 2) image pixel coordinates (column, row), at least 3 points; the
+    builder closes it (the last point repeats the first).  ``frame_number`` (1-based) is
+    needed for a multi-frame image.  ``tracking_id`` names the ROI; the group's Tracking
+    UID is derived from it and the study, so re-runs track the same ROI under the same UID.
+    """
+
+    tracking_id: str
+    finding: str
+    image: Dataset
+    polygon: NDArray[np.floating[Any]]
+    measurements: Sequence[Measurement] = ()
+    finding_site: str | None = None
+    qualitative: Sequence[Qualitative] = ()
+    text: Sequence[Text] = ()
+    frame_number: int | None = None
+
+
+@dataclass(frozen=True)
+class VolumeGroup:
+    """A measurement group of one SEG segment (TID 1411); no SCOORD, so OHIF cannot show it."""
+
+    tracking_id: str
+    finding: str
+    segmentation: Dataset
+    segment_number: int
+    measurements: Sequence[Measurement] = ()
+    finding_site: str | None = None
+    qualitative: Sequence[Qualitative] = ()
+    text: Sequence[Text] = ()
+
+
+Group = PlanarGroup | VolumeGroup
+
+
+# ------------------------------------------------------------------------------------------
+
+
+def close_polygon(polygon: NDArray[np.floating[Any]] | Sequence[Sequence[float]]) -> NDArray[np.float32]:
+    """(N, 2) -> closed (M, 2) float32 polygon whose last point repeats the first."""
+    pts = np.asarray(polygon, dtype=np.float64)
+    if pts.ndim != 2 or pts.shape[1] != 2:
+        raise ValueError(f"polygon must be (N, 2) (column, row) points, got shape {pts.shape}")
+    if not np.all(np.isfinite(pts)):
+        raise ValueError("polygon has non-finite coordinates")
+    if len(pts) >= 2 and np.allclose(pts[0], pts[-1]):
+        pts = pts[:-1]
+    if len(np.unique(pts, axis=0)) < 3:
+        raise ValueError("polygon needs at least 3 distinct points")
+    return np.vstack([pts, pts[:1]]).astype(np.float32)
+
+
+def _tracking_uid(study_uid: str, tracking_id: str) -> str:
+    return str(generate_uid(entropy_srcs=["prognode-tracking", study_uid, tracking_id]))
+
+
+def _finding_sites(key: str | None) -> list[hd.sr.FindingSite] | None:
+    return [hd.sr.FindingSite(anatomic_location=codes.concept(key))] if key else None
+
+
+def _qualitative(items: Sequence[Qualitative]) -> list[hd.sr.QualitativeEvaluation] | None:
+    out = [hd.sr.QualitativeEvaluation(name=codes.concept(q.concept), value=codes.concept(q.value)) for q in items]
+    return out or None
+
+
+def _text_items(items: Sequence[Text]) -> list[hd.sr.TextContentItem]:
+    return [
+        hd.sr.TextContentItem(
+            name=codes.concept(t.concept),
+            value=t.value,
+            relationship_type=hd.sr.RelationshipTypeValues.CONTAINS,
+        )
+        for t in items
+    ]
+
+
+def _num(m: Measurement, algorithm: Algorithm, coords: Sequence[hd.sr.CoordinatesForMeasurement] | None) -> hd.sr.Measurement:
+    if not np.isfinite(m.value):
+        raise ValueError(f"measurement {m.concept!r} is not finite ({m.value}); report it as not evaluable instead")
+    return hd.sr.Measurement(
+        name=codes.concept(m.concept),
+        value=float(m.value),
+        unit=codes.unit(m.unit),
+        derivation=codes.concept(m.derivation) if m.derivation else None,
+        method=codes.concept(m.method) if m.method else None,
+        algorithm_id=algorithm.sr_identification(),
+        referenced_coordinates=list(coords) if coords else None,
+    )
+
+
+def _append(group: Any, items: Sequence[Any]) -> None:
+    """Append TEXT content items to a group's container (TID 1501/1410/1411 are extensible)."""
+    if items:
+        group[0].ContentSequence.extend(items)
+
+
+def _planar(g: PlanarGroup, algorithm: Algorithm) -> Any:
+    study_uid = str(g.image.StudyInstanceUID)
+    pts = close_polygon(g.polygon)
+    rows, cols = int(g.image.Rows), int(g.image.Columns)
+    if pts[:, 0].min() < 0 or pts[:, 1].min() < 0 or pts[:, 0].max() > cols or pts[:, 1].max() > rows:
+        raise ValueError(f"group {g.tracking_id!r}: polygon leaves the {cols}x{rows} image")
+    frames = [g.frame_number] if g.frame_number is not None else None
+    source = hd.sr.SourceImageForRegion.from_source_image(g.image, referenced_frame_numbers=frames)
+    tracking = hd.sr.TrackingIdentifier(uid=_tracking_uid(study_uid, g.tracking_id), identifier=OHIF_TRACKING_IDENTIFIER)
+    if g.measurements:
+        coords = [
+            hd.sr.CoordinatesForMeasurement(
+                graphic_type=hd.sr.GraphicTypeValues.POLYLINE, graphic_data=pts, source_image=source
+            )
+        ]
+        group: Any = hd.sr.MeasurementsAndQualitativeEvaluations(
+            tracking_identifier=tracking,
+            finding_type=codes.finding(g.finding),
+            algorithm_id=algorithm.sr_identification(),
+            finding_sites=_finding_sites(g.finding_site),
+            measurements=[_num(m, algorithm, coords) for m in g.measurements],
+            qualitative_evaluations=_qualitative(g.qualitative),
+        )
+    else:
+        group = hd.sr.PlanarROIMeasurementsAndQualitativeEvaluations(
+            tracking_identifier=tracking,
+            referenced_region=hd.sr.ImageRegion(
+                graphic_type=hd.sr.GraphicTypeValues.POLYLINE, graphic_data=pts, source_image=source
+            ),
+            finding_type=codes.finding(g.finding),
+            algorithm_id=algorithm.sr_identification(),
+            finding_sites=_finding_sites(g.finding_site),
+            qualitative_evaluations=_qualitative(g.qualitative),
+        )
+    _append(group, _text_items(g.text))
+    return group
+
+
+def _volume(g: VolumeGroup, algorithm: Algorithm) -> Any:
+    numbers = [int(s.SegmentNumber) for s in g.segmentation.SegmentSequence]
+    if g.segment_number not in numbers:
+        raise ValueError(f"group {g.tracking_id!r}: segment {g.segment_number} not in the SEG (has {numbers})")
+    group = hd.sr.VolumetricROIMeasurementsAndQualitativeEvaluations(
+        tracking_identifier=hd.sr.TrackingIdentifier(
+            uid=_tracking_uid(str(g.segmentation.StudyInstanceUID), g.tracking_id), identifier=g.tracking_id
+        ),
+        referenced_segment=hd.sr.ReferencedSegment.from_segmentation(g.segmentation, segment_number=g.segment_number),
+        finding_type=codes.finding(g.finding),
+        algorithm_id=algorithm.sr_identification(),
+        finding_sites=_finding_sites(g.finding_site),
+        measurements=[_num(m, algorithm, None) for m in g.measurements] or None,
+        qualitative_evaluations=_qualitative(g.qualitative),
+    )
+    _append(group, _text_items(g.text))
+    return group
+
+
+def pixel_spacing(image: Dataset) -> tuple[float, float]:
+    """(row, column) spacing in mm of a single-frame image or of an Enhanced (multi-frame) image."""
+    if "PixelSpacing" in image:
+        return float(image.PixelSpacing[0]), float(image.PixelSpacing[1])
+    for groups in ("SharedFunctionalGroupsSequence", "PerFrameFunctionalGroupsSequence"):
+        if groups in image and "PixelMeasuresSequence" in image[groups][0]:
+            ps = image[groups][0].PixelMeasuresSequence[0].PixelSpacing
+            return float(ps[0]), float(ps[1])
+    raise ValueError(f"image {image.get('SOPInstanceUID', '?')} has no pixel spacing")
+
+
+def polygon_area_mm2(polygon: NDArray[np.floating[Any]], image: Dataset) -> float:
+    """Area enclosed by a (column, row) pixel polygon on ``image`` (shoelace formula)."""
+    pts = close_polygon(polygon).astype(np.float64)
+    row_mm, col_mm = pixel_spacing(image)
+    x, y = pts[:, 0] * col_mm, pts[:, 1] * row_mm
+    return float(0.5 * abs(np.dot(x[:-1], y[1:]) - np.dot(x[1:], y[:-1])))
+
+
+def not_evaluable_group(image: Dataset, reason: str, tracking_id: str = "not-evaluable") -> PlanarGroup:
+    """A planar group saying "not evaluable" and why, outlining the examined ``image``.
+
+    OHIF 3.13 lists a group only when a NUM is INFERRED FROM its SCOORD, so the group carries
+    one true measurement: the area of the outlined image (finding "Not Evaluated").  OHIF
+    then shows the outline and lists "Not Evaluated"; the reason is a TEXT item of the group
+    and of the report's Qualitative Evaluations.
+    """
+    rows, cols = int(image.Rows), int(image.Columns)
+    outline = np.array([[0.5, 0.5], [cols - 0.5, 0.5], [cols - 0.5, rows - 0.5], [0.5, rows - 0.5]])
+    return PlanarGroup(
+        tracking_id=tracking_id,
+        finding="not-evaluated",
+        image=image,
+        polygon=outline,
+        measurements=[Measurement("area", round(polygon_area_mm2(outline, image), 2), "mm2")],
+        qualitative=[Qualitative("evaluability", "not-evaluable")],
+        text=[Text("not-evaluable-reason", reason)],
+        frame_number=1 if int(image.get("NumberOfFrames", 1) or 1) > 1 else None,
+    )
+
+
+def _predecessor_datasets(predecessors: Sequence[Predecessor | Dataset]) -> list[Dataset]:
+    out = []
+    for p in predecessors:
+        if isinstance(p, Dataset):
+            out.append(p)
+            continue
+        ds = Dataset()  # reference only: highdicom reads these four UIDs to build the sequence
+        ds.StudyInstanceUID = p.study_uid
+        ds.SeriesInstanceUID = p.series_uid
+        ds.SOPInstanceUID = p.sop_instance_uid
+        ds.SOPClassUID = p.sop_class_uid
+        out.append(ds)
+    return out
+
+
+def _report_qualitative(report: Any, qualitative: Sequence[Qualitative], texts: Sequence[Text]) -> None:
+    """TID 1500 rows 12-14: a "Qualitative Evaluations" container of CODE/TEXT items."""
+    if not qualitative and not texts:
+        return
+    container = hd.sr.ContainerContentItem(
+        name=codes.concept("qualitative-evaluations"),
+        relationship_type=hd.sr.RelationshipTypeValues.CONTAINS,
+    )
+    items: list[Any] = [
+        hd.sr.CodeContentItem(
+            name=codes.concept(q.concept),
+            value=codes.concept(q.value),
+            relationship_type=hd.sr.RelationshipTypeValues.CONTAINS,
+        )
+        for q in qualitative
+    ]
+    items += _text_items(texts)
+    container.ContentSequence = hd.sr.ContentSequence(items)
+    report[0].ContentSequence.append(container)
+
+
+def _all_concepts(groups: Sequence[Group], qualitative: Sequence[Qualitative], texts: Sequence[Text]) -> list[Any]:
+    found: list[Any] = []
+    for g in groups:
+        found.append(codes.finding(g.finding))
+        if g.finding_site:
+            found.append(codes.concept(g.finding_site))
+        for m in g.measurements:
+            found.append(codes.concept(m.concept))
+            found += [codes.concept(k) for k in (m.derivation, m.method) if k]
+        for q in g.qualitative:
+            found += [codes.concept(q.concept), codes.concept(q.value)]
+        found += [codes.concept(t.concept) for t in g.text]
+    for q in qualitative:
+        found += [codes.concept(q.concept), codes.concept(q.value)]
+    found += [codes.concept(t.concept) for t in texts]
+    return found
+
+
+def build_measurement_report(
+    evidence: Sequence[Dataset],
+    groups: Sequence[Group],
+    algorithm: Algorithm,
+    identity: Identity,
+    series_description: str,
+    predecessors: Sequence[Predecessor | Dataset] = (),
+    not_evaluable_reason: str | None = None,
+    qualitative: Sequence[Qualitative] = (),
+    *,
+    texts: Sequence[Text] = (),
+    allow_scoordless: bool = False,
+    series_instance_uid: str | None = None,
+    sop_instance_uid: str | None = None,
+    instance_number: int = 1,
+    procedure: str = "procedure-ct",
+) -> hd.sr.Comprehensive3DSR:
+    """Build a TID 1500 Measurement Report (PS3.16) as a Comprehensive 3D SR (PS3.3 A.35.13).
+
+    Parameters
+    ----------
+    evidence:
+        Every instance the groups reference (source images, SEGs), all of one study; the
+        SR copies patient and study from ``evidence[0]`` and lists them all as evidence.
+    groups:
+        :class:`PlanarGroup` (OHIF-visible) or :class:`VolumeGroup` (SEG-referencing).
+        Mixing them, or any VolumeGroup at all, needs ``allow_scoordless=True``:
+        OHIF 3.13 blanks a whole SR that has one SCOORD-less group.
+    algorithm:
+        Named in every group and every NUM (TID 4019).
+    identity:
+        Observer device (TID 1004), manufacturer, software version and device serial.
+    predecessors:
+        Earlier SRs this one supersedes (Predecessor Documents Sequence).
+    not_evaluable_reason:
+        The report says "not evaluable" and why in TID 1500's Qualitative Evaluations
+        container.  Without groups, a :func:`not_evaluable_group` outlining the middle image
+        of ``evidence`` is added so that the SR still has a SCOORD group for OHIF.
+    qualitative, texts:
+        Report-level coded and free-text evaluations (TID 1500 rows 12-14).
+
+    Raises
+    ------
+    KeyError: an unknown code-table key.
+    ValueError: no groups and no reason, SCOORD-less groups without ``allow_scoordless``,
+        bad polygons, non-finite values, or empty identity.
+    """
+    check_identity(identity)
+    if not evidence:
+        raise ValueError("build_measurement_report: evidence is empty")
+    groups = list(groups)
+    report_qualitative = list(qualitative)
+    report_texts = list(texts)
+    if not_evaluable_reason is not None:
+        if not not_evaluable_reason.strip():
+            raise ValueError("not_evaluable_reason is empty: say why")
+        report_qualitative.append(Qualitative("evaluability", "not-evaluable"))
+        report_texts.append(Text("not-evaluable-reason", not_evaluable_reason))
+        if not groups:
+            images = [d for d in evidence if "Rows" in d and "SegmentSequence" not in d]
+            if not images:
+                raise ValueError("not evaluable report needs at least one image in evidence to stay OHIF-safe")
+            groups.append(not_evaluable_group(images[len(images) // 2], not_evaluable_reason))
+    if not groups:
+        raise ValueError("build_measurement_report: no measurement groups (give not_evaluable_reason instead)")
+    scoordless = [g.tracking_id for g in groups if isinstance(g, VolumeGroup)]
+    if scoordless and not allow_scoordless:
+        raise ValueError(
+            f"groups {scoordless} have no SCOORD: OHIF 3.13 cannot display an SR containing them; "
+            "put VolumeGroups in a separate SR built with allow_scoordless=True"
+        )
+
+    content = [_planar(g, algorithm) if isinstance(g, PlanarGroup) else _volume(g, algorithm) for g in groups]
+    observer = hd.sr.ObserverContext(
+        observer_type=dcm_codes.DCM.Device,
+        observer_identifying_attributes=hd.sr.DeviceObserverIdentifyingAttributes(
+            uid=device_uid(identity),
+            name=f"{identity.manufacturer} node",
+            manufacturer_name=identity.manufacturer,
+            model_name=algorithm.name,
+            serial_number=identity.device_serial_number,
+        ),
+    )
+    report = hd.sr.MeasurementReport(
+        observation_context=hd.sr.ObservationContext(observer_device_context=observer),
+        procedure_reported=codes.concept(procedure),
+        imaging_measurements=content,
+    )
+    _report_qualitative(report, report_qualitative, report_texts)
+    schemes = codes.coding_schemes(*_all_concepts(groups, report_qualitative, report_texts))
+    sr = hd.sr.Comprehensive3DSR(
+        evidence=list(evidence),
+        content=report[0],
+        series_instance_uid=series_instance_uid or hd.UID(),
+        series_number=identity.sr_series_number,
+        sop_instance_uid=sop_instance_uid or hd.UID(),
+        instance_number=instance_number,
+        manufacturer=identity.manufacturer,
+        is_complete=True,
+        institution_name=identity.institution_name or None,
+        previous_versions=_predecessor_datasets(predecessors) or None,
+        contributing_equipment=[contributing_equipment(identity, algorithm)],
+        series_description=series_description,
+        manufacturer_model_name=algorithm.name,
+        software_versions=identity.software_version,
+        device_serial_number=identity.device_serial_number,
+        coding_schemes=schemes or None,
+    )
+    return sr
+
+
+# ------------------------------------------------------------------------------------------
+# Reading back (tests and consumers): plain dicts of every measurement group.
+
+
+@dataclass
+class GroupReadout:
+    tracking_identifier: str
+    tracking_uid: str
+    finding: tuple[str, str] | None  # (scheme, value)
+    finding_site: tuple[str, str] | None
+    measurements: dict[str, tuple[float, str]] = field(default_factory=dict)  # meaning -> (value, UCUM)
+    qualitative: dict[str, str] = field(default_factory=dict)  # concept meaning -> value meaning
+    texts: dict[str, str] = field(default_factory=dict)
+    scoords: list[NDArray[np.float32]] = field(default_factory=list)
+    referenced_segment: int | None = None
+    algorithm: tuple[str, str] | None = None  # (name, version)
+
+
+def _walk(items: Sequence[Dataset]) -> Iterator[Dataset]:
+    for it in items:
+        yield it
+        if "ContentSequence" in it:
+            yield from _walk(it.ContentSequence)
+
+
+def read_groups(sr: Dataset) -> list[GroupReadout]:
+    """Every TID 1500 measurement group of ``sr`` (a dataset read from disk) as a readout."""
+    out = []
+    for container in _walk(sr.ContentSequence):
+        name = container.ConceptNameCodeSequence[0] if "ConceptNameCodeSequence" in container else None
+        if container.ValueType != "CONTAINER" or name is None or name.CodeValue != "125007":
+            continue
+        g = GroupReadout("", "", None, None)
+        for it in _walk(container.ContentSequence):
+            cn = it.ConceptNameCodeSequence[0] if "ConceptNameCodeSequence" in it else None
+            code = cn.CodeValue if cn is not None else ""
+            if it.ValueType == "TEXT" and code == "112039":
+                g.tracking_identifier = str(it.TextValue)
+            elif it.ValueType == "UIDREF" and code == "112040":
+                g.tracking_uid = str(it.UID)
+            elif it.ValueType == "CODE" and code == "121071":
+                c = it.ConceptCodeSequence[0]
+                g.finding = (str(c.CodingSchemeDesignator), str(c.CodeValue))
+            elif it.ValueType == "CODE" and code in ("363698007", "G-C0E3"):
+                c = it.ConceptCodeSequence[0]
+                g.finding_site = (str(c.CodingSchemeDesignator), str(c.CodeValue))
+            elif it.ValueType == "NUM":
+                mv = it.MeasuredValueSequence[0]
+                g.measurements[str(cn.CodeMeaning)] = (  # type: ignore[union-attr]
+                    float(mv.NumericValue),
+                    str(mv.MeasurementUnitsCodeSequence[0].CodeValue),
+                )
+            elif it.ValueType == "CODE" and cn is not None and code not in ("121401", "370129005"):
+                # qualitative evaluations (a NUM's Derivation and Method modifiers are skipped)
+                g.qualitative[str(cn.CodeMeaning)] = str(it.ConceptCodeSequence[0].CodeMeaning)
+            elif it.ValueType == "TEXT" and cn is not None and code == "111001":
+                g.algorithm = (str(it.TextValue), g.algorithm[1] if g.algorithm else "")
+            elif it.ValueType == "TEXT" and cn is not None and code == "111003":
+                g.algorithm = (g.algorithm[0] if g.algorithm else "", str(it.TextValue))
+            elif it.ValueType == "TEXT" and cn is not None:
+                g.texts[str(cn.CodeMeaning)] = str(it.TextValue)
+            elif it.ValueType == "SCOORD":
+                g.scoords.append(np.asarray(it.GraphicData, dtype=np.float32).reshape(-1, 2))
+            elif it.ValueType == "IMAGE" and "ReferencedSOPSequence" in it:
+                ref = it.ReferencedSOPSequence[0]
+                if "ReferencedSegmentNumber" in ref:
+                    g.referenced_segment = int(ref.ReferencedSegmentNumber)
+        out.append(g)
+    return out

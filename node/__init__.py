@@ -1,0 +1,1 @@
+"""The prognode node: DICOM SCP, index, completion, routing, durable jobs, export, CLI."""

@@ -1,0 +1,147 @@
+"""Series completion: geometry first, quiet time as the fallback.
+
+A series is complete when its slices form a contiguous, evenly spaced stack that agrees
+with any count the headers announce (ImagesInAcquisition) and nothing new arrived for
+``settle_seconds``; a multi-frame or non-image series (Enhanced CT, SEG, SR, RTSTRUCT)
+once nothing new arrived for ``settle_seconds``; anything else after ``quiet_seconds``.
+An instance that arrives later reopens the series (see :meth:`node.index.Index.record_instance`).
+"""
+
+from __future__ import annotations
+
+import logging
+import statistics
+import threading
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+
+from sqlalchemy import select
+
+from node.config import CompletionConfig
+from node.db import Database, Instance, Job, Series, now
+from node.logs import AuditLog
+from node.routing import Router
+
+logger = logging.getLogger(__name__)
+
+SPACING_REL_TOL = 0.01  # slice gaps may differ from their median by 1 % ...
+SPACING_ABS_TOL = 0.02  # ... or 0.02 mm, whichever is larger
+DUPLICATE_MM = 1e-3
+
+
+@dataclass(frozen=True)
+class SliceInfo:
+    position: float | None
+    frames: int
+
+
+def geometry_reason(slices: Sequence[SliceInfo], expected: int | None) -> str | None:
+    """Why the stack is complete by its own evidence ('geometry', 'count', 'multiframe', 'object'), or None."""
+    if not slices:
+        return None
+    if all(s.frames > 1 for s in slices):
+        return "multiframe"
+    if all(s.position is None for s in slices):
+        # non-image objects (SR, RTSTRUCT) or images without geometry: only a count can decide
+        if expected is not None:
+            return "count" if len(slices) == expected else None
+        return "object"
+    positions = [s.position for s in slices]
+    if any(p is None for p in positions) or any(s.frames > 1 for s in slices):
+        return None
+    ps = sorted(p for p in positions if p is not None)
+    if expected is not None and len(ps) != expected:
+        return None
+    if len(ps) == 1:
+        return "count" if expected == 1 else None
+    gaps = [b - a for a, b in zip(ps, ps[1:], strict=False)]
+    if min(gaps) < DUPLICATE_MM:
+        return None
+    d = statistics.median(gaps)
+    tol = max(SPACING_REL_TOL * d, SPACING_ABS_TOL)
+    if any(abs(g - d) > tol for g in gaps):
+        return None
+    return "count" if expected is not None else "geometry"
+
+
+def decide(slices: Sequence[SliceInfo], expected: int | None, idle: float, settle: float, quiet: float,
+           has_images: bool = True) -> str | None:
+    """The completion reason for a series idle for ``idle`` seconds, or None (keep waiting)."""
+    reason = geometry_reason(slices, expected)
+    if reason == "object" and has_images:
+        reason = None
+    if reason is not None and idle >= settle:
+        return reason
+    if idle >= quiet:
+        return "quiet"
+    return None
+
+
+IMAGE_CLASS_PREFIXES = ("1.2.840.10008.5.1.4.1.1.2", "1.2.840.10008.5.1.4.1.1.4", "1.2.840.10008.5.1.4.1.1.128",
+                        "1.2.840.10008.5.1.4.1.1.7", "1.2.840.10008.5.1.4.1.1.1")
+
+
+def _is_image_class(uid: str) -> bool:
+    return uid.startswith(IMAGE_CLASS_PREFIXES)
+
+
+class CompletionMonitor:
+    """Polls receiving series, completes them and queues their jobs in one transaction."""
+
+    def __init__(self, db: Database, cfg: CompletionConfig, router: Router, audit: AuditLog,
+                 on_jobs: Callable[[list[int]], None] | None = None) -> None:
+        self.db = db
+        self.cfg = cfg
+        self.router = router
+        self.audit = audit
+        self.on_jobs = on_jobs
+
+    def scan(self, t: float | None = None) -> list[str]:
+        """Complete every series that is ready now; returns their UIDs."""
+        t = now() if t is None else t
+        with self.db.session() as s:
+            candidates = s.execute(select(Series.series_uid, Series.last_received).where(
+                Series.state == "receiving", Series.last_received <= t - self.cfg.settle_seconds)).all()
+        done: list[str] = []
+        for uid, last in candidates:
+            if self._try_complete(uid, last, t):
+                done.append(uid)
+        return done
+
+    def _try_complete(self, uid: str, last: float, t: float) -> bool:
+        with self.db.session() as s:
+            series = s.get(Series, uid)
+            if series is None or series.state != "receiving" or series.last_received != last:
+                return False
+            rows = s.execute(select(Instance.position, Instance.frames, Instance.sop_class_uid)
+                             .where(Instance.series_uid == uid)).all()
+            slices = [SliceInfo(p, f or 1) for p, f, _ in rows]
+            has_images = any(_is_image_class(c) for _, _, c in rows)
+            reason = decide(slices, series.expected, t - last, self.cfg.settle_seconds, self.cfg.quiet_seconds,
+                            has_images)
+            if reason is None:
+                return False
+            series.state = "complete"
+            series.completed_at = t
+            series.completion_reason = reason
+            jobs: list[Job] = self.router.on_series_complete(s, series)
+            job_ids = [j.id for j in jobs]
+            info = dict(series_uid=uid, study_uid=series.study_uid, generation=series.generation,
+                        instances=series.instances, reason=reason,
+                        latency_s=round(t - last, 3), jobs=job_ids)
+        logger.info("series %s complete (%s, %d instances, generation %d, %.2f s after last image): jobs %s",
+                    uid, reason, info["instances"], info["generation"], t - last, job_ids or "none")
+        self.audit.write("series_complete", **info)
+        for j in job_ids:
+            self.audit.write("job_pending", job_id=j, series_uid=uid)
+        if self.on_jobs and job_ids:
+            self.on_jobs(job_ids)
+        return True
+
+    def run(self, stop: threading.Event) -> None:
+        while not stop.is_set():
+            try:
+                self.scan()
+            except Exception:
+                logger.exception("completion scan failed")
+            stop.wait(self.cfg.poll_seconds)

@@ -1,0 +1,132 @@
+"""Typed DIMSE and association event handlers, bound with explicit dependencies.
+
+C-STORE does cheap durable work only: validate, write the encoded dataset atomically,
+index it, then answer.  Every failure answers a named DIMSE status with the reason in
+ErrorComment, writes one log line and one audit record, and leaves nothing partial.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Sequence
+from typing import Any
+
+from pydicom.dataset import Dataset
+from pynetdicom import evt
+from pynetdicom.events import Event
+from pynetdicom.status import Status
+
+from node.index import Index, InstanceMeta, InvalidInstance
+from node.logs import AuditLog
+from node.storage import OutOfSpace, Storage
+
+logger = logging.getLogger(__name__)
+
+# C-STORE statuses (PS3.4 Table B.2-1), named here rather than as bare numbers at call sites.
+SUCCESS = int(Status.SUCCESS)
+OUT_OF_RESOURCES = 0xA700  # Refused: Out of Resources (disk full, write error, index unavailable)
+DATASET_MISMATCH = 0xA900  # Error: Data Set does not match SOP Class (missing or invalid UIDs)
+CANNOT_UNDERSTAND = 0xC210  # Error: Cannot understand (unreadable dataset)
+
+ERROR_COMMENT_MAX = 64  # ErrorComment is LO
+
+
+def _status(code: int, comment: str = "") -> Dataset:
+    ds = Dataset()
+    ds.Status = code
+    if comment:
+        ds.ErrorComment = comment[:ERROR_COMMENT_MAX]
+    return ds
+
+
+def peer_of(event: Event) -> tuple[str, str]:
+    """(calling AE title, 'host:port') of the association's requestor."""
+    req = event.assoc.requestor
+    return str(req.ae_title).strip(), f"{req.address}:{req.port}"
+
+
+def handle_store(event: Event, store: Storage, index: Index, audit: AuditLog,
+                 extra_keywords: Sequence[str] = ()) -> Dataset:
+    """EVT_C_STORE: validate, write atomically, index, then answer."""
+    calling, peer = peer_of(event)
+    rq_sop = str(getattr(event.request, "AffectedSOPInstanceUID", "") or "")
+
+    def outcome(code: int, reason: str, sop: str = rq_sop, **extra: Any) -> Dataset:
+        ok = code == SUCCESS
+        logger.log(logging.INFO if ok else logging.WARNING,
+                   "C-STORE %s from %s at %s: SOP Instance %s status 0x%04X%s", "stored" if ok else "refused",
+                   calling, peer, sop or "?", code, f" ({reason})" if reason else "")
+        audit.write("instance_stored" if ok else "instance_refused", calling_ae=calling, peer=peer,
+                    sop_instance_uid=sop, status=f"0x{code:04X}", reason=reason, **extra)
+        return _status(code, "" if ok else reason)
+
+    try:
+        ds = event.dataset
+        ds.file_meta = event.file_meta
+        broken = truncation(ds)
+        if broken:
+            return outcome(CANNOT_UNDERSTAND, f"unreadable dataset: {broken}")
+        meta = InstanceMeta.from_dataset(ds, extra_keywords)
+    except InvalidInstance as e:
+        return outcome(DATASET_MISMATCH, f"{e}; assign valid UIDs before sending")
+    except Exception as e:  # pydicom raises many types on malformed data
+        return outcome(CANNOT_UNDERSTAND, f"unreadable dataset: {type(e).__name__}: {e}")
+    if rq_sop and meta.sop_instance_uid != rq_sop:
+        return outcome(DATASET_MISMATCH, "SOPInstanceUID differs from Affected SOP Instance UID",
+                       sop=meta.sop_instance_uid)
+
+    t0 = time.perf_counter()
+    try:
+        data = event.encoded_dataset(include_meta=True)
+        stored = store.write_instance(meta.study_uid, meta.series_uid, meta.sop_instance_uid, data)
+    except OutOfSpace as e:
+        return outcome(OUT_OF_RESOURCES, f"out of disk space: {e.strerror}", sop=meta.sop_instance_uid)
+    except OSError as e:
+        return outcome(OUT_OF_RESOURCES, f"write error: {e.strerror or e}", sop=meta.sop_instance_uid)
+    try:
+        rec = index.record_instance(meta, stored.path, stored.size, stored.sha256,
+                                    str(event.context.transfer_syntax), calling, peer)
+    except Exception as e:
+        logger.exception("index write failed for %s", meta.sop_instance_uid)
+        if not index.has_instance_safely(meta.sop_instance_uid):
+            store.remove(stored.path)
+        return outcome(OUT_OF_RESOURCES, f"index write failed: {type(e).__name__}", sop=meta.sop_instance_uid)
+    return outcome(SUCCESS, "", sop=meta.sop_instance_uid, series_uid=meta.series_uid, study_uid=meta.study_uid,
+                   bytes=stored.size, generation=rec.generation, reopened=rec.reopened,
+                   ms=round((time.perf_counter() - t0) * 1000, 2))
+
+
+UNDEFINED_LENGTH = 0xFFFFFFFF
+
+
+def truncation(ds: Dataset) -> str:
+    """Why the decoded dataset is visibly incomplete ('' when it is not)."""
+    if len(ds) == 0:
+        return "no data elements"
+    last = ds.get_item(next(reversed(ds.keys())))
+    length = getattr(last, "length", None)
+    value = getattr(last, "value", None)
+    if isinstance(length, int) and length != UNDEFINED_LENGTH and isinstance(value, (bytes, bytearray)) \
+            and len(value) < length:
+        return f"element {last.tag} truncated ({len(value)} of {length} bytes)"
+    return ""
+
+
+def handle_echo(event: Event, audit: AuditLog) -> int:
+    calling, peer = peer_of(event)
+    logger.info("C-ECHO from %s at %s", calling, peer)
+    audit.write("echo", calling_ae=calling, peer=peer)
+    return SUCCESS
+
+
+def handle_association(event: Event, audit: AuditLog) -> None:
+    """EVT_ACCEPTED, EVT_REJECTED, EVT_RELEASED, EVT_ABORTED: one line each."""
+    calling, peer = peer_of(event)
+    names: dict[Any, str] = {evt.EVT_ACCEPTED: "accepted", evt.EVT_REJECTED: "rejected",
+                             evt.EVT_RELEASED: "released", evt.EVT_ABORTED: "aborted"}
+    what = names.get(event.event, event.event.name)
+    called = str(event.assoc.acceptor.ae_title).strip()
+    level = logging.WARNING if what in ("rejected", "aborted") else logging.INFO
+    logger.log(level, "association %s: calling %s at %s, called %s", what, calling, peer, called)
+    audit.write(f"association_{what}", calling_ae=calling, peer=peer, called_ae=called)

@@ -1,0 +1,491 @@
+"""The durable job queue (same database as the index) and its runner.
+
+States: ``pending`` -> ``running`` -> ``done``; a failed attempt goes to ``failed`` and is
+retried after ``jobs.retry_seconds`` until ``jobs.max_attempts``, then ``dead``.  A restart
+(kill -9 included) puts ``running`` jobs back to ``pending``.  A job completes once:
+:meth:`JobQueue.finish` only succeeds for the attempt that holds the job, and the unique
+``(pipeline, input_key)`` keeps the same input from being queued twice.
+
+Workers are separate processes behind :class:`Runner`; :class:`LocalProcessRunner` is a
+local process pool, and a distributed engine can implement the same two methods.  The
+worker entry point :func:`execute` is also what ``prognode run`` calls.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import importlib
+import importlib.metadata
+import json
+import logging
+import multiprocessing
+import os
+import signal
+import socket
+import threading
+import tomllib
+import traceback
+from collections.abc import Callable, Mapping, Sequence
+from concurrent.futures import Future, ProcessPoolExecutor
+from concurrent.futures.process import BrokenProcessPool
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Protocol
+
+from sqlalchemy import func, select, update
+
+from node.config import Config
+from node.db import Database, Export, Job, Result, now
+from node.index import Index
+from node.logs import AuditLog
+from node.storage import Storage
+from pipelines.base import Identity, Pipeline, PipelineContext, PipelineOutput, Predecessor, SeriesInput
+
+logger = logging.getLogger(__name__)
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+# Identity ------------------------------------------------------------------------------
+
+
+def package_version() -> str:
+    """The installed prognode version, or the one in pyproject.toml when not installed."""
+    try:
+        return importlib.metadata.version("prognode")
+    except importlib.metadata.PackageNotFoundError:
+        data = tomllib.loads((REPO / "pyproject.toml").read_text(encoding="utf-8"))
+        return str(data["project"]["version"])
+
+
+def machine_serial() -> str:
+    """A stable per-host serial: /etc/machine-id (systemd), else the host name."""
+    for p in (Path("/etc/machine-id"), Path("/var/lib/dbus/machine-id")):
+        try:
+            value = p.read_text(encoding="ascii").strip()
+        except OSError:
+            continue
+        if value:
+            return value[:64]
+    return socket.gethostname()[:64]
+
+
+def identity_from_config(config: Config) -> Identity:
+    return Identity(
+        manufacturer=config.output.manufacturer,
+        software_version=package_version(),
+        device_serial_number=config.node.device_serial_number or machine_serial(),
+        institution_name=config.node.institution_name,
+        seg_series_number=config.output.seg_series_number,
+        sr_series_number=config.output.sr_series_number,
+        map_series_number=config.output.map_series_number,
+    )
+
+
+# Worker side ---------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class JobSpec:
+    """Everything a worker needs; picklable, no database."""
+
+    job_id: int
+    attempt: int
+    pipeline: str
+    options: Mapping[str, Any]
+    series: tuple[SeriesInput, ...]
+    work_dir: Path
+    identity: Identity
+    predecessors: tuple[Predecessor, ...] = ()
+    extra_files: tuple[Path, ...] = ()
+    models: Mapping[str, Path] = field(default_factory=dict)
+    device: str = "cpu"
+    factory: str = ""  # "module:function" replacing the registry entry (tests only); empty: registry
+
+
+@dataclass(frozen=True)
+class ResultFile:
+    path: str  # absolute
+    sop_instance_uid: str
+    sop_class_uid: str
+    series_uid: str
+    study_uid: str
+    modality: str
+
+
+@dataclass(frozen=True)
+class JobOutcome:
+    ok: bool
+    files: tuple[ResultFile, ...] = ()
+    summary: Mapping[str, Any] = field(default_factory=dict)
+    evaluable: bool = True
+    reason: str = ""
+    error: str = ""
+
+
+def create_pipeline(name: str, options: Mapping[str, Any], factory: str = "") -> Pipeline:
+    """Production path: :func:`pipelines.registry.create`; ``factory`` only where tests pass one."""
+    if factory:
+        module, func_name = factory.split(":")
+        made: Pipeline = getattr(importlib.import_module(module), func_name)(dict(options))
+        return made
+    from pipelines import registry
+
+    return registry.create(name, options)
+
+
+def describe_file(path: Path) -> ResultFile:
+    import pydicom
+
+    ds = pydicom.dcmread(path, stop_before_pixels=True)
+    return ResultFile(str(path), str(ds.SOPInstanceUID), str(ds.SOPClassUID), str(ds.SeriesInstanceUID),
+                      str(ds.StudyInstanceUID), str(ds.get("Modality", "")))
+
+
+def run_pipeline(spec: JobSpec) -> PipelineOutput:
+    """Build the context and run the pipeline (shared by the worker and ``prognode run``)."""
+    spec.work_dir.mkdir(parents=True, exist_ok=True)
+    pipeline = create_pipeline(spec.pipeline, spec.options, spec.factory)
+    ctx = PipelineContext(series=spec.series, work_dir=spec.work_dir, identity=spec.identity,
+                          options=dict(spec.options), models=dict(spec.models), predecessors=spec.predecessors,
+                          device=spec.device, extra_files=spec.extra_files)
+    out = pipeline.run(ctx)
+    summary = {"pipeline": spec.pipeline, "pipeline_version": getattr(pipeline, "version", ""),
+               "evaluable": out.evaluable, "reason": out.reason, "files": [str(f) for f in out.files],
+               **dict(out.summary)}
+    (spec.work_dir / "summary.json").write_text(json.dumps(summary, indent=1, default=str), encoding="utf-8")
+    return out
+
+
+def execute(spec: JobSpec) -> JobOutcome:
+    """Worker entry point: never raises; failures come back as ``ok=False`` with the reason."""
+    try:
+        out = run_pipeline(spec)
+        files = tuple(describe_file(Path(f)) for f in out.files)
+        return JobOutcome(True, files, json.loads(json.dumps(dict(out.summary), default=str)), out.evaluable,
+                          out.reason)
+    except Exception as e:
+        logger.error("job %d (%s) failed: %s", spec.job_id, spec.pipeline, e)
+        return JobOutcome(False, error=f"{type(e).__name__}: {e}"[:2000],
+                          summary={"traceback": traceback.format_exc()[-4000:]})
+
+
+def _worker_init() -> None:
+    """Die with the node (Linux), so a kill -9 of the node leaves no orphan writing results."""
+    try:
+        libc = ctypes.CDLL("libc.so.6", use_errno=True)
+        pr_set_pdeathsig = 1
+        libc.prctl(pr_set_pdeathsig, signal.SIGKILL)
+    except OSError:
+        pass
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+
+
+def _noop() -> int:
+    return os.getpid()
+
+
+# Runner interface -----------------------------------------------------------------------
+
+
+class Runner(Protocol):
+    """Where jobs run; a distributed engine implements the same calls."""
+
+    def submit(self, spec: JobSpec) -> Future[JobOutcome]: ...
+
+    def shutdown(self, wait: bool) -> None: ...
+
+
+class LocalProcessRunner:
+    """A pool of local worker processes (spawned: no state inherited from the server's threads)."""
+
+    def __init__(self, workers: int, warm: bool = True) -> None:
+        self.workers = workers
+        self.pool = self._new_pool()
+        if warm:
+            for _ in range(workers):
+                self.pool.submit(_noop)
+
+    def _new_pool(self) -> ProcessPoolExecutor:
+        return ProcessPoolExecutor(max_workers=self.workers, mp_context=multiprocessing.get_context("spawn"),
+                                   initializer=_worker_init)
+
+    def submit(self, spec: JobSpec) -> Future[JobOutcome]:
+        try:
+            return self.pool.submit(execute, spec)
+        except BrokenProcessPool:
+            logger.warning("worker pool broken (a worker died): starting a new one")
+            self.pool.shutdown(wait=False, cancel_futures=True)
+            self.pool = self._new_pool()
+            return self.pool.submit(execute, spec)
+
+    def shutdown(self, wait: bool) -> None:
+        if not wait:
+            for p in list(getattr(self.pool, "_processes", {}).values()):
+                if p.is_alive():
+                    p.kill()
+        self.pool.shutdown(wait=wait, cancel_futures=True)
+
+
+# Queue ----------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class JobView:
+    id: int
+    series_uid: str
+    study_uid: str
+    route: str
+    pipeline: str
+    state: str
+    attempts: int
+    error: str
+    created_at: float
+    started_at: float | None
+    finished_at: float | None
+    last_image_at: float | None
+    inputs: Mapping[str, Any]
+
+
+def _rowcount(res: Any) -> int:
+    return int(getattr(res, "rowcount", 0))
+
+
+def _view(j: Job) -> JobView:
+    return JobView(j.id, j.series_uid, j.study_uid, j.route, j.pipeline, j.state, j.attempts, j.error,
+                   j.created_at, j.started_at, j.finished_at, j.last_image_at, dict(j.inputs or {}))
+
+
+class JobQueue:
+    """Transitions of the durable queue; each method is one transaction."""
+
+    def __init__(self, db: Database, audit: AuditLog, max_attempts: int = 3, retry_seconds: float = 30.0,
+                 lease_seconds: float = 600.0) -> None:
+        self.db = db
+        self.audit = audit
+        self.max_attempts = max_attempts
+        self.retry_seconds = retry_seconds
+        self.lease_seconds = lease_seconds
+
+    def recover(self) -> list[int]:
+        """At start-up: every ``running`` job was interrupted; queue it again."""
+        with self.db.session() as s:
+            ids = list(s.scalars(select(Job.id).where(Job.state == "running")).all())
+            if ids:
+                s.execute(update(Job).where(Job.id.in_(ids)).values(
+                    state="pending", worker="", lease_until=None, not_before=0.0, updated_at=now(),
+                    error="interrupted by a restart"))
+        for i in ids:
+            logger.warning("job %d was interrupted by a restart: pending again", i)
+            self.audit.write("job_pending", job_id=i, reason="interrupted by a restart")
+        return ids
+
+    def expire_leases(self) -> list[int]:
+        t = now()
+        with self.db.session() as s:
+            ids = list(s.scalars(select(Job.id).where(Job.state == "running", Job.lease_until < t)).all())
+            if ids:
+                s.execute(update(Job).where(Job.id.in_(ids)).values(state="pending", worker="", lease_until=None,
+                                                                   error="lease expired", updated_at=t))
+        for i in ids:
+            self.audit.write("job_pending", job_id=i, reason="lease expired")
+        return ids
+
+    def claim(self, worker: str) -> JobView | None:
+        """Take the oldest runnable job; returns it with its new attempt number."""
+        t = now()
+        with self.db.session() as s:
+            job = s.scalars(select(Job).where(Job.state.in_(("pending", "failed")), Job.not_before <= t)
+                            .order_by(Job.id).limit(1)).first()
+            if job is None:
+                return None
+            job.state = "running"
+            job.attempts += 1
+            job.worker = worker
+            job.started_at = t
+            job.updated_at = t
+            job.lease_until = t + self.lease_seconds
+            view = _view(job)
+        logger.info("job %d running: %s on series %s (attempt %d)", view.id, view.pipeline, view.series_uid,
+                    view.attempts)
+        self.audit.write("job_running", job_id=view.id, pipeline=view.pipeline, series_uid=view.series_uid,
+                         attempt=view.attempts)
+        return view
+
+    def renew(self, ids: Sequence[int]) -> None:
+        if not ids:
+            return
+        with self.db.session() as s:
+            s.execute(update(Job).where(Job.id.in_(list(ids)), Job.state == "running")
+                      .values(lease_until=now() + self.lease_seconds))
+
+    def predecessors(self, job: JobView) -> tuple[Predecessor, ...]:
+        """Results of the latest earlier done job of the same pipeline on the same series."""
+        with self.db.session() as s:
+            prev = s.scalar(select(func.max(Job.id)).where(
+                Job.pipeline == job.pipeline, Job.series_uid == job.series_uid, Job.route == job.route,
+                Job.state == "done", Job.id != job.id))
+            if prev is None:
+                return ()
+            rows = s.scalars(select(Result).where(Result.job_id == prev)).all()
+            return tuple(Predecessor(r.sop_instance_uid, r.series_uid, r.study_uid, r.sop_class_uid) for r in rows)
+
+    def finish(self, job: JobView, attempt: int, outcome: JobOutcome, result_dir: str,
+               predecessors: Sequence[Predecessor], send_to: Sequence[str]) -> bool:
+        """Record a successful attempt, its results and their exports; False if this attempt lost the job."""
+        t = now()
+        with self.db.session() as s:
+            res = s.execute(update(Job).where(Job.id == job.id, Job.state == "running", Job.attempts == attempt)
+                          .values(state="done", finished_at=t, updated_at=t, lease_until=None, error="",
+                                  result_dir=result_dir,
+                                  summary={"evaluable": outcome.evaluable, "reason": outcome.reason,
+                                           **dict(outcome.summary)}))
+            if _rowcount(res) != 1:
+                return False
+            by_class = {p.sop_class_uid: p.sop_instance_uid for p in predecessors}
+            for f in outcome.files:
+                s.add(Result(sop_instance_uid=f.sop_instance_uid, job_id=job.id, series_uid=f.series_uid,
+                             source_series_uid=job.series_uid, study_uid=f.study_uid, modality=f.modality,
+                             sop_class_uid=f.sop_class_uid, pipeline=job.pipeline,
+                             supersedes=by_class.get(f.sop_class_uid, ""), created_at=t))
+                for dest in send_to:
+                    s.add(Export(job_id=job.id, destination=dest, path=f.path, sop_instance_uid=f.sop_instance_uid,
+                                 state="pending", attempts=0, next_attempt_at=0.0))
+        logger.info("job %d done: %d result files%s", job.id, len(outcome.files),
+                    "" if outcome.evaluable else f" (not evaluable: {outcome.reason})")
+        self.audit.write("job_done", job_id=job.id, pipeline=job.pipeline, series_uid=job.series_uid,
+                         attempt=attempt, results=[f.sop_instance_uid for f in outcome.files],
+                         evaluable=outcome.evaluable, reason=outcome.reason)
+        return True
+
+    def fail(self, job: JobView, attempt: int, error: str) -> str:
+        """Record a failed attempt: ``failed`` (retried later) or ``dead``; returns the new state."""
+        t = now()
+        with self.db.session() as s:
+            row = s.get(Job, job.id)
+            if row is None or row.state != "running" or row.attempts != attempt:
+                return row.state if row is not None else "missing"
+            state = "dead" if row.attempts >= self.max_attempts else "failed"
+            row.state = state
+            row.error = error[:4000]
+            row.updated_at = t
+            row.finished_at = t
+            row.lease_until = None
+            row.not_before = t + self.retry_seconds
+        logger.warning("job %d %s after attempt %d: %s", job.id, state, attempt, error)
+        self.audit.write(f"job_{state}", job_id=job.id, pipeline=job.pipeline, series_uid=job.series_uid,
+                         attempt=attempt, error=error[:500])
+        return state
+
+    def resend(self, job_id: int) -> tuple[str, int]:
+        """Queue a job's exports again (and the job itself when it failed or died)."""
+        with self.db.session() as s:
+            job = s.get(Job, job_id)
+            if job is None:
+                raise KeyError(f"no job {job_id}")
+            if job.state in ("failed", "dead"):
+                job.state, job.attempts, job.not_before, job.error = "pending", 0, 0.0, ""
+                job.updated_at = now()
+                what = "job"
+                n = 1
+            else:
+                res = s.execute(update(Export).where(Export.job_id == job_id).values(
+                    state="pending", attempts=0, next_attempt_at=0.0, last_error=""))
+                n = _rowcount(res)
+                what = "exports"
+        self.audit.write("resend", job_id=job_id, what=what, count=n)
+        return what, n
+
+    def get(self, job_id: int) -> JobView | None:
+        with self.db.session() as s:
+            j = s.get(Job, job_id)
+            return _view(j) if j is not None else None
+
+    def list(self, limit: int = 1000) -> list[JobView]:
+        with self.db.session() as s:
+            return [_view(j) for j in s.scalars(select(Job).order_by(Job.id.desc()).limit(limit)).all()]
+
+
+# Manager: claims jobs, hands them to the runner, records outcomes -----------------------------
+
+
+class JobManager:
+    """The node-side loop between the queue and the runner."""
+
+    def __init__(self, config: Config, queue: JobQueue, index: Index, storage: Storage, runner: Runner,
+                 factories: Mapping[str, str] | None = None, on_done: Callable[[int], None] | None = None) -> None:
+        self.config = config
+        self.queue = queue
+        self.index = index
+        self.storage = storage
+        self.runner = runner
+        self.factories = dict(factories or {})
+        self.identity = identity_from_config(config)
+        self.worker_name = f"{socket.gethostname()}:{os.getpid()}"
+        self.inflight: dict[int, tuple[JobView, int, Future[JobOutcome], JobSpec]] = {}
+        self.on_done = on_done
+        self.wake = threading.Event()
+
+    def spec_for(self, job: JobView) -> JobSpec:
+        series = []
+        for item in job.inputs.get("series", []):
+            files = tuple(self.index.series_files(str(item["uid"])))
+            study = job.study_uid
+            series.append(SeriesInput(series_uid=str(item["uid"]), study_uid=study, files=files,
+                                      role=str(item.get("role", ""))))
+        extra: tuple[Path, ...] = ()
+        if job.inputs.get("level") == "study":
+            extra = tuple(self.index.study_files(job.study_uid, exclude_series=[s.series_uid for s in series]))
+        work = self.storage.work_dir(job.id, fresh=False) / f"attempt-{job.attempts}"
+        if work.exists():
+            import shutil
+
+            shutil.rmtree(work)
+        device = self.config.jobs.device
+        if device == "auto":
+            device = "cpu"  # the worker may upgrade to cuda itself; the node never imports torch
+        return JobSpec(job_id=job.id, attempt=job.attempts, pipeline=job.pipeline,
+                       options=dict(self.config.pipelines.get(job.pipeline, {})), series=tuple(series),
+                       work_dir=work, identity=self.identity, predecessors=self.queue.predecessors(job),
+                       extra_files=extra,
+                       models={k: self.config.path(v) for k, v in self.config.models.items()},
+                       device=device, factory=self.factories.get(job.pipeline, ""))
+
+    def tick(self) -> None:
+        self.queue.expire_leases()
+        while len(self.inflight) < self.config.jobs.workers:
+            job = self.queue.claim(self.worker_name)
+            if job is None:
+                break
+            try:
+                spec = self.spec_for(job)
+                fut = self.runner.submit(spec)
+            except Exception as e:
+                self.queue.fail(job, job.attempts, f"could not start: {type(e).__name__}: {e}")
+                continue
+            self.inflight[job.id] = (job, job.attempts, fut, spec)
+        self.queue.renew(list(self.inflight))
+        for job_id, (job, attempt, fut, spec) in list(self.inflight.items()):
+            if not fut.done():
+                continue
+            del self.inflight[job_id]
+            try:
+                outcome = fut.result()
+            except Exception as e:  # the worker process died (BrokenProcessPool) or similar
+                outcome = JobOutcome(False, error=f"worker failed: {type(e).__name__}: {e}")
+            if outcome.ok:
+                send_to = [str(d) for d in job.inputs.get("send_to", [])]
+                self.queue.finish(job, attempt, outcome, str(spec.work_dir), spec.predecessors, send_to)
+                if self.on_done:
+                    self.on_done(job_id)
+            else:
+                self.queue.fail(job, attempt, outcome.error)
+
+    def run(self, stop: threading.Event) -> None:
+        while not stop.is_set():
+            try:
+                self.tick()
+            except Exception:
+                logger.exception("job manager tick failed")
+            self.wake.wait(self.config.completion.poll_seconds)
+            self.wake.clear()

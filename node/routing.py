@@ -1,0 +1,93 @@
+"""Route matching: a complete series (or a study whose required series are all complete)
+becomes one durable job per pipeline of each matching ``[[routes]]`` entry.
+
+Jobs are created inside the caller's transaction, so completing a series and queuing its
+jobs happen together or not at all.  The unique ``(pipeline, input_key)`` makes a second
+attempt to queue the same input a no-op.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+from collections.abc import Sequence
+from typing import Any
+
+from sqlalchemy import select
+from sqlalchemy.orm import Session
+
+from node.config import RouteConfig, SeriesMatch, match_attributes
+from node.db import Job, Series, now
+
+logger = logging.getLogger(__name__)
+
+
+def input_key(route: str, series: Sequence[dict[str, Any]]) -> str:
+    """Stable key of a job's input: route plus each series UID with its generation."""
+    canon = json.dumps({"route": route, "series": sorted((s["uid"], s["generation"]) for s in series)},
+                       sort_keys=True)
+    return hashlib.sha256(canon.encode()).hexdigest()[:40]
+
+
+def series_attributes(row: Series) -> dict[str, str]:
+    attrs = {str(k): str(v) for k, v in (row.attributes or {}).items()}
+    attrs.setdefault("Modality", row.modality)
+    return attrs
+
+
+class Router:
+    """Matches routes against series attributes and queues jobs."""
+
+    def __init__(self, routes: Sequence[RouteConfig]) -> None:
+        self.routes = tuple(routes)
+
+    def matching_series_routes(self, attributes: dict[str, str]) -> list[RouteConfig]:
+        return [r for r in self.routes if r.level == "series" and r.matches(attributes)]
+
+    def on_series_complete(self, s: Session, series: Series) -> list[Job]:
+        """Queue jobs for a series that has just completed (same transaction)."""
+        created: list[Job] = []
+        attrs = series_attributes(series)
+        for route in self.matching_series_routes(attrs):
+            inputs = [{"uid": series.series_uid, "generation": series.generation, "role": ""}]
+            created += self._queue(s, route, series.series_uid, series.study_uid, inputs, series.last_received)
+        for route in self.routes:
+            if route.level == "study":
+                created += self._study_route(s, route, series.study_uid)
+        return created
+
+    def _study_route(self, s: Session, route: RouteConfig, study_uid: str) -> list[Job]:
+        requirements = route.requires or (SeriesMatch(name="series", when=dict(route.when)),)
+        complete = s.scalars(select(Series).where(Series.study_uid == study_uid, Series.state == "complete")
+                             .order_by(Series.last_received.desc())).all()
+        chosen: list[Series] = []
+        for req in requirements:
+            match = next((c for c in complete if match_attributes(req.when, series_attributes(c))
+                          and c not in chosen), None)
+            if match is None:
+                return []
+            chosen.append(match)
+        inputs = [{"uid": c.series_uid, "generation": c.generation, "role": req.name}
+                  for c, req in zip(chosen, requirements, strict=True)]
+        last = max(c.last_received for c in chosen)
+        return self._queue(s, route, chosen[0].series_uid, study_uid, inputs, last)
+
+    def _queue(self, s: Session, route: RouteConfig, series_uid: str, study_uid: str,
+               inputs: list[dict[str, Any]], last_image_at: float) -> list[Job]:
+        key = input_key(route.name, inputs)
+        out: list[Job] = []
+        for pipeline in route.pipelines:
+            exists = s.scalar(select(Job.id).where(Job.pipeline == pipeline, Job.input_key == key))
+            if exists is not None:
+                continue
+            job = Job(series_uid=series_uid, study_uid=study_uid, route=route.name, pipeline=pipeline,
+                      inputs={"series": inputs, "send_to": list(route.send_to), "level": route.level},
+                      input_key=key, state="pending", attempts=0, created_at=now(), updated_at=now(),
+                      not_before=0.0, last_image_at=last_image_at)
+            s.add(job)
+            s.flush()
+            logger.info("job %d queued: pipeline %s on series %s (route %s)", job.id, pipeline, series_uid,
+                        route.name)
+            out.append(job)
+        return out

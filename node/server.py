@@ -1,0 +1,240 @@
+"""The node's Application Entity: presentation contexts, socket tuning, allow-lists, clean stop.
+
+Handlers live in :mod:`node.handlers` and are bound here with their dependencies
+(``(evt.EVT_C_STORE, handle_store, [store, index, audit, keywords])``).  Importing this
+module imports neither torch nor monai.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import logging
+import socket
+import ssl
+import struct
+import threading
+import time
+from collections.abc import Callable, Sequence
+from typing import Any
+
+from pydicom.uid import (
+    JPEG2000,
+    UID,
+    BasicTextSRStorage,
+    Comprehensive3DSRStorage,
+    ComprehensiveSRStorage,
+    CTImageStorage,
+    DeflatedExplicitVRLittleEndian,
+    EnhancedCTImageStorage,
+    EnhancedSRStorage,
+    ExplicitVRLittleEndian,
+    ExtensibleSRStorage,
+    ImplicitVRLittleEndian,
+    JPEG2000Lossless,
+    JPEGBaseline8Bit,
+    JPEGExtended12Bit,
+    JPEGLossless,
+    JPEGLosslessSV1,
+    JPEGLSLossless,
+    JPEGLSNearLossless,
+    KeyObjectSelectionDocumentStorage,
+    LegacyConvertedEnhancedCTImageStorage,
+    RLELossless,
+    RTStructureSetStorage,
+    SegmentationStorage,
+)
+from pynetdicom import AE, evt
+from pynetdicom.transport import ThreadedAssociationServer
+
+from node import handlers
+from node.config import Config, NodeConfig
+from node.index import Index
+from node.logs import AuditLog
+from node.storage import Storage
+
+logger = logging.getLogger(__name__)
+
+VERIFICATION = UID("1.2.840.10008.1.1")
+LABEL_MAP_SEGMENTATION_STORAGE = UID("1.2.840.10008.5.1.4.1.1.66.7")
+
+STORAGE_CLASSES: tuple[UID, ...] = (
+    CTImageStorage, EnhancedCTImageStorage, LegacyConvertedEnhancedCTImageStorage,
+    SegmentationStorage, LABEL_MAP_SEGMENTATION_STORAGE, RTStructureSetStorage,
+    BasicTextSRStorage, EnhancedSRStorage, ComprehensiveSRStorage, Comprehensive3DSRStorage,
+    ExtensibleSRStorage, KeyObjectSelectionDocumentStorage,
+)
+
+# Accepted as sent: the node stores the encoded bytes and never transcodes on receipt.
+TRANSFER_SYNTAXES: tuple[UID, ...] = (
+    ExplicitVRLittleEndian, ImplicitVRLittleEndian, DeflatedExplicitVRLittleEndian,
+    JPEGLosslessSV1, JPEGLossless, JPEGLSLossless, JPEGLSNearLossless,
+    JPEG2000Lossless, JPEG2000, RLELossless, JPEGBaseline8Bit, JPEGExtended12Bit,
+)
+
+# A-ASSOCIATE-RJ PDU (PS3.8 9.3.4): type 0x03, length 4; result 1 rejected-permanent,
+# source 1 DICOM UL service-user, reason 1 no-reason-given (there is none for addresses).
+_RJ_PDU_TYPE, _RJ_PERMANENT, _RJ_SERVICE_USER, _RJ_NO_REASON = 0x03, 0x01, 0x01, 0x01
+
+
+def _reject_pdu() -> bytes:
+    return struct.pack(">BBIBBBB", _RJ_PDU_TYPE, 0, 4, 0, _RJ_PERMANENT, _RJ_SERVICE_USER, _RJ_NO_REASON)
+
+
+class HostAllowList:
+    """Peer addresses allowed to associate (IPs or CIDR networks); empty: any."""
+
+    def __init__(self, entries: Sequence[str]) -> None:
+        self.networks = [ipaddress.ip_network(e, strict=False) for e in entries]
+
+    def allows(self, host: str) -> bool:
+        if not self.networks:
+            return True
+        try:
+            addr = ipaddress.ip_address(host)
+        except ValueError:
+            return False
+        return any(addr in n for n in self.networks)
+
+
+class NodeServer(ThreadedAssociationServer):
+    """pynetdicom's threaded server with TCP_NODELAY on accepted sockets and an address allow-list."""
+
+    daemon_threads = True
+    allow_list: HostAllowList = HostAllowList(())
+    audit: AuditLog = AuditLog(None)
+    tcp_nodelay: bool = True
+    recv_buffer: int = 4 * 1024 * 1024
+
+    def get_request(self) -> tuple[socket.socket, tuple[str, int]]:
+        sock, address = super().get_request()
+        if self.tcp_nodelay:
+            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        if self.recv_buffer:
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, self.recv_buffer)
+        return sock, address
+
+    def process_request_thread(self, request: Any, client_address: Any) -> None:
+        host = str(client_address[0]) if isinstance(client_address, tuple) else str(client_address)
+        if not self.allow_list.allows(host):
+            self._reject_address(request, client_address)
+            return
+        super().process_request_thread(request, client_address)
+
+    def _reject_address(self, request: socket.socket, client_address: tuple[str, int]) -> None:
+        peer = f"{client_address[0]}:{client_address[1]}"
+        calling = ""
+        try:
+            request.settimeout(5)
+            header = request.recv(6)
+            if len(header) == 6:
+                pdu_type, _, length = struct.unpack(">BBI", header)
+                body = b""
+                while len(body) < min(length, 68):
+                    chunk = request.recv(min(length, 68) - len(body))
+                    if not chunk:
+                        break
+                    body += chunk
+                if pdu_type == 0x01 and len(body) >= 36:
+                    calling = body[20:36].decode("ascii", "replace").strip()
+            request.sendall(_reject_pdu())
+        except OSError:
+            pass
+        finally:
+            self.shutdown_request(request)
+        logger.warning("association rejected: calling %s at %s, address not in node.allowed_hosts",
+                       calling or "?", peer)
+        self.audit.write("association_rejected", calling_ae=calling, peer=peer, reason="address not allowed")
+
+
+def build_ae(cfg: NodeConfig) -> AE:
+    """The AE with its supported presentation contexts and tuned limits."""
+    ae = AE(ae_title=cfg.ae_title)
+    ae.add_supported_context(VERIFICATION)
+    for sop in STORAGE_CLASSES:
+        ae.add_supported_context(sop, list(TRANSFER_SYNTAXES))
+    ae.maximum_pdu_size = cfg.max_pdu
+    ae.maximum_associations = cfg.max_associations
+    ae.network_timeout = cfg.network_timeout
+    ae.acse_timeout = cfg.network_timeout
+    ae.dimse_timeout = cfg.network_timeout
+    ae.require_calling_aet = list(cfg.allowed_calling_aets)
+    ae.require_called_aet = False
+    return ae
+
+
+def event_handlers(store: Storage, index: Index, audit: AuditLog,
+                   extra_keywords: Sequence[str] = ()) -> list[Any]:
+    """Handlers bound with explicit dependencies."""
+    kws = tuple(extra_keywords)
+    return [
+        (evt.EVT_C_STORE, handlers.handle_store, [store, index, audit, kws]),
+        (evt.EVT_C_ECHO, handlers.handle_echo, [audit]),
+        (evt.EVT_ACCEPTED, handlers.handle_association, [audit]),
+        (evt.EVT_REJECTED, handlers.handle_association, [audit]),
+        (evt.EVT_RELEASED, handlers.handle_association, [audit]),
+        (evt.EVT_ABORTED, handlers.handle_association, [audit]),
+    ]
+
+
+def route_keywords(config: Config) -> tuple[str, ...]:
+    kws: set[str] = set()
+    for r in config.routes:
+        kws.update(r.when)
+        for req in r.requires:
+            kws.update(req.when)
+    return tuple(sorted(kws))
+
+
+class DicomServer:
+    """The running SCP; :meth:`stop` stops accepting, then waits for in-flight associations."""
+
+    def __init__(self, config: Config, store: Storage, index: Index, audit: AuditLog,
+                 ssl_context: ssl.SSLContext | None = None) -> None:
+        self.config = config
+        self.ae = build_ae(config.node)
+        self._handlers = event_handlers(store, index, audit, route_keywords(config))
+        self._audit = audit
+        self._ssl = ssl_context
+        self.server: NodeServer | None = None
+        self._thread: threading.Thread | None = None
+
+    @property
+    def port(self) -> int:
+        assert self.server is not None
+        return int(self.server.server_address[1])
+
+    def start(self) -> DicomServer:
+        cfg = self.config.node
+        server = self.ae.make_server((cfg.host, cfg.port), ae_title=cfg.ae_title, ssl_context=self._ssl,
+                                     evt_handlers=self._handlers, server_class=NodeServer)
+        assert isinstance(server, NodeServer)
+        server.allow_list = HostAllowList(cfg.allowed_hosts)
+        server.audit = self._audit
+        self.ae._servers.append(server)
+        self._thread = threading.Thread(target=server.serve_forever, name="dicom-acceptor", daemon=True)
+        self._thread.start()
+        self.server = server
+        logger.info("DICOM SCP %s listening on %s:%d (max PDU %d, TCP_NODELAY)", cfg.ae_title, cfg.host,
+                    self.port, cfg.max_pdu)
+        return self
+
+    def active(self) -> int:
+        return len(self.server.active_associations) if self.server is not None else 0
+
+    def stop(self, timeout: float = 30.0, wait: Callable[[float], None] = time.sleep) -> None:
+        """Stop accepting, let in-flight associations finish (up to ``timeout``), then abort the rest."""
+        server = self.server
+        if server is None:
+            return
+        self.server = None
+        server.shutdown()  # stops serve_forever and closes the listening socket
+        deadline = time.monotonic() + timeout
+        while server.active_associations and time.monotonic() < deadline:
+            wait(0.05)
+        left = server.active_associations
+        for assoc in left:
+            logger.warning("aborting association with %s still open at shutdown", assoc.requestor.ae_title)
+            assoc.abort()
+        if self._thread is not None:
+            self._thread.join(5)
+        logger.info("DICOM SCP stopped")

@@ -1,0 +1,152 @@
+"""Atomic, durable instance files under the storage folder.
+
+Every instance is written to a temporary file in its final folder, flushed and
+``fsync``-ed, then renamed over its final name (and the folder entry synced), so a
+crash leaves either the old file, the new one, or a stray ``.tmp`` that
+:meth:`Storage.sweep_temporaries` removes at start-up: never a partial instance.
+
+Layout: ``instances/<StudyUID>/<SeriesUID>/<SOPInstanceUID>.dcm`` and
+``jobs/<job id>/`` for pipeline work folders.
+"""
+
+from __future__ import annotations
+
+import errno
+import hashlib
+import logging
+import os
+import shutil
+from dataclasses import dataclass
+from pathlib import Path
+
+logger = logging.getLogger(__name__)
+
+INSTANCES = "instances"
+JOBS = "jobs"
+TMP_SUFFIX = ".tmp"
+
+
+class OutOfSpace(OSError):
+    """Free space is below the configured floor, or the disk is full."""
+
+    def __init__(self, message: str) -> None:
+        super().__init__(errno.ENOSPC, message)
+
+
+@dataclass(frozen=True)
+class StoredFile:
+    path: str  # relative to the storage root
+    size: int
+    sha256: str
+
+
+def _safe_component(uid: str) -> str:
+    if not uid or "/" in uid or "\\" in uid or uid in {".", ".."} or "\x00" in uid:
+        raise ValueError(f"unusable UID for a file name: {uid!r}")
+    return uid
+
+
+class Storage:
+    """The storage folder: instance files and job work folders.
+
+    Parameters
+    ----------
+    root
+        The storage folder (created if missing).
+    fsync
+        Flush every file and its folder entry to disk before returning.
+    min_free_bytes
+        Refuse a write when less than this much space would remain.
+    """
+
+    def __init__(self, root: Path, fsync: bool = True, min_free_bytes: int = 0) -> None:
+        self.root = root
+        self.fsync = fsync
+        self.min_free_bytes = min_free_bytes
+        (root / INSTANCES).mkdir(parents=True, exist_ok=True)
+        (root / JOBS).mkdir(parents=True, exist_ok=True)
+        self._known_dirs: set[Path] = set()
+
+    def instance_path(self, study_uid: str, series_uid: str, sop_uid: str) -> Path:
+        rel = Path(INSTANCES, _safe_component(study_uid), _safe_component(series_uid),
+                   _safe_component(sop_uid) + ".dcm")
+        return rel
+
+    def absolute(self, rel: str | Path) -> Path:
+        return self.root / rel
+
+    def check_space(self, needed: int) -> None:
+        free = shutil.disk_usage(self.root).free
+        if free - needed < self.min_free_bytes:
+            raise OutOfSpace(f"free space {free} B minus {needed} B is below min_free_bytes {self.min_free_bytes}")
+
+    def write_instance(self, study_uid: str, series_uid: str, sop_uid: str, data: bytes) -> StoredFile:
+        """Write ``data`` atomically; raises :class:`OutOfSpace` or another ``OSError``."""
+        rel = self.instance_path(study_uid, series_uid, sop_uid)
+        self.check_space(len(data))
+        final = self.root / rel
+        folder = final.parent
+        if folder not in self._known_dirs:
+            folder.mkdir(parents=True, exist_ok=True)
+            if self.fsync:
+                _fsync_dir(folder.parent)
+            self._known_dirs.add(folder)
+        tmp = folder / f".{sop_uid}.{os.getpid()}.{id(data)}{TMP_SUFFIX}"
+        try:
+            fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o640)
+            try:
+                view = memoryview(data)
+                while view:
+                    n = os.write(fd, view)
+                    view = view[n:]
+                if self.fsync:
+                    os.fsync(fd)
+            finally:
+                os.close(fd)
+            os.replace(tmp, final)
+            if self.fsync:
+                _fsync_dir(folder)
+        except OSError as e:
+            _unlink_quietly(tmp)
+            if e.errno in (errno.ENOSPC, errno.EDQUOT):
+                raise OutOfSpace(f"disk full writing {rel}: {e.strerror}") from e
+            raise
+        return StoredFile(str(rel), len(data), hashlib.sha256(data).hexdigest())
+
+    def remove(self, rel: str | Path) -> None:
+        _unlink_quietly(self.root / rel)
+
+    def work_dir(self, job_id: int, fresh: bool = True) -> Path:
+        """The job's work folder, emptied when ``fresh`` (a re-run starts clean)."""
+        d = self.root / JOBS / str(job_id)
+        if fresh and d.exists():
+            shutil.rmtree(d)
+        d.mkdir(parents=True, exist_ok=True)
+        return d
+
+    def sweep_temporaries(self) -> int:
+        """Remove temporaries left by a crash; returns how many."""
+        n = 0
+        for p in (self.root / INSTANCES).rglob(f"*{TMP_SUFFIX}"):
+            _unlink_quietly(p)
+            n += 1
+        if n:
+            logger.info("removed %d partial temporary files left by an earlier crash", n)
+        return n
+
+
+def _fsync_dir(folder: Path) -> None:
+    fd = os.open(folder, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _unlink_quietly(p: Path) -> None:
+    try:
+        p.unlink()
+    except FileNotFoundError:
+        pass
+    except OSError as e:  # pragma: no cover - nothing more to do
+        logger.warning("could not remove %s: %s", p, e)
