@@ -188,11 +188,19 @@ def _pid_alive(pid: int) -> bool:
 
 
 def _listening(host: str, port: int) -> bool:
-    try:
-        with socket.create_connection((host, port), timeout=0.5):
+    """True when something (the running node) holds ``host:port``.
+
+    Checked by trying to bind, not by connecting: a bare TCP connect would leave the node's SCP
+    waiting for an A-ASSOCIATE-RQ until its ACSE timeout.
+    """
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    with socket.socket(family, socket.SOCK_STREAM) as s:
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            s.bind((host, port))
+        except OSError:
             return True
-    except OSError:
-        return False
+    return False
 
 
 def _nodelay(event: Any) -> None:
