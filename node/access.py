@@ -21,7 +21,7 @@ from typing import Any
 
 from pynetdicom import evt
 
-from node.audit import AuditLog
+from node.audit import AuditSink
 
 log = logging.getLogger(__name__)
 
@@ -76,7 +76,7 @@ class AccessPolicy:
         return None
 
 
-def _handle_requested(event: Any, policy: AccessPolicy, audit: AuditLog | None) -> None:
+def _handle_requested(event: Any, policy: AccessPolicy, audit: AuditSink | None) -> None:
     assoc = event.assoc
     calling = str(assoc.requestor.primitive.calling_ae_title).strip()
     ip = str(assoc.requestor.address)
@@ -86,12 +86,12 @@ def _handle_requested(event: Any, policy: AccessPolicy, audit: AuditLog | None) 
     reason, diagnostic = verdict
     log.warning("association rejected: calling_ae=%s peer=%s reason=%s", calling, ip, reason)
     if audit is not None:
-        audit.record("association", calling_ae=calling, peer=ip, accepted=False, reason=reason)
+        audit.write("association", calling_ae=calling, peer=ip, accepted=False, reason=reason)
     assoc.acse.send_reject(REJECT_PERMANENT, SOURCE_SERVICE_USER, diagnostic)
 
 
 def access_handlers(
-    policy: AccessPolicy, audit: AuditLog | None = None
+    policy: AccessPolicy, audit: AuditSink | None = None
 ) -> list[tuple[Any, Callable[..., Any], list[Any]]]:
     """``evt_handlers`` entries enforcing ``policy`` on an SCP."""
     return [(evt.EVT_REQUESTED, _handle_requested, [policy, audit])]

@@ -19,7 +19,13 @@ import json
 import os
 import threading
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
+
+
+class AuditSink(Protocol):
+    """What writers of audit records need: this module's :class:`AuditLog` or the core's ``node.logs.AuditLog``."""
+
+    def write(self, event: str, **fields: Any) -> None: ...
 
 
 def utc_now_iso() -> str:

@@ -17,7 +17,8 @@ from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
+from typing import Any
 
 from prometheus_client import CollectorRegistry, Counter, generate_latest
 from prometheus_client.core import (
@@ -27,6 +28,7 @@ from prometheus_client.core import (
     Metric,
 )
 from prometheus_client.registry import Collector
+from pynetdicom import evt
 from sqlalchemy import func, select
 
 from node.db import Database, Export, Instance, Job, Result, Series, SweepItem
@@ -125,6 +127,16 @@ class DatabaseCollector(Collector):
                                RESULT_BUCKETS)
 
 
+def _on_association(_event: Any, metrics: Metrics, outcome: str) -> None:
+    metrics.record_association("in", outcome)
+
+
+def _on_dimse(event: Any, metrics: Metrics) -> None:
+    message = event.message
+    if type(message).__name__ == "C_STORE_RQ" and message.data_set is not None:
+        metrics.record_instance(message.data_set.getbuffer().nbytes)
+
+
 class Metrics:
     """The node's metrics; one per process, passed explicitly to whoever records."""
 
@@ -150,6 +162,12 @@ class Metrics:
 
     def record_sweep_retrieval(self, method: str) -> None:
         self.sweep_retrieved.labels(method=method).inc()
+
+    def scp_handlers(self) -> list[tuple[Any, Callable[..., None], list[Any]]]:
+        """Notification handlers for an SCP's ``evt_handlers``: associations and C-STORE requests received."""
+        return [(evt.EVT_ACCEPTED, _on_association, [self, "accepted"]),
+                (evt.EVT_REJECTED, _on_association, [self, "rejected"]),
+                (evt.EVT_DIMSE_RECV, _on_dimse, [self])]
 
     def exposition(self) -> bytes:
         return generate_latest(self.registry)

@@ -189,10 +189,11 @@ class DicomServer:
     """The running SCP; :meth:`stop` stops accepting, then waits for in-flight associations."""
 
     def __init__(self, config: Config, store: Storage, index: Index, audit: AuditLog,
-                 ssl_context: ssl.SSLContext | None = None) -> None:
+                 ssl_context: ssl.SSLContext | None = None, extra_handlers: Sequence[Any] = ()) -> None:
         self.config = config
         self.ae = build_ae(config.node)
-        self._handlers = event_handlers(store, index, audit, route_keywords(config))
+        # extra_handlers: notification handlers of others, e.g. node.metrics.Metrics.scp_handlers()
+        self._handlers = event_handlers(store, index, audit, route_keywords(config)) + list(extra_handlers)
         self._audit = audit
         self._ssl = ssl_context
         self.server: NodeServer | None = None

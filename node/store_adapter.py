@@ -26,7 +26,7 @@ from pydicom import dcmread
 from pydicom.errors import InvalidDicomError
 from sqlalchemy import func, select
 
-from node.audit import AuditLog
+from node.audit import AuditSink
 from node.db import Database, Instance, Series
 from node.metrics import Metrics
 
@@ -47,7 +47,7 @@ class InterimStore:
     storage_dir: Path
     db: Database
     metrics: Metrics | None = None
-    audit: AuditLog | None = None
+    audit: AuditSink | None = None
     fsync: bool = True
 
     def handle_store(self, event: Any) -> int:
@@ -91,7 +91,7 @@ class InterimStore:
         if self.metrics is not None:
             self.metrics.record_instance(len(data))
         if self.audit is not None:
-            self.audit.record("store", calling_ae=calling_ae, peer=peer, sop_instance_uid=sop,
+            self.audit.write("store", calling_ae=calling_ae, peer=peer, sop_instance_uid=sop,
                               series_uid=series_uid, study_uid=study_uid, status=0)
         log.info("stored calling_ae=%s peer=%s sop=%s status=0x0000", calling_ae, peer, sop)
         return STATUS_SUCCESS

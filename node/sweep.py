@@ -49,7 +49,7 @@ from sqlalchemy import func, select
 
 from node import config as config_mod
 from node.access import AccessPolicy, access_handlers
-from node.audit import AuditLog
+from node.audit import AuditLog, AuditSink
 from node.config import Config, SourceConfig
 from node.db import Database, Job, Result, Series, Sweep, SweepItem
 from node.metrics import Metrics
@@ -230,7 +230,7 @@ def _retrieve_contexts(ae: AE, model: str) -> list[Any]:
 class Receiver:
     """A temporary storage SCP at the node's address for C-MOVE sweeps when no node is running."""
 
-    def __init__(self, config: Config, handler: StoreHandler, audit: AuditLog | None = None,
+    def __init__(self, config: Config, handler: StoreHandler, audit: AuditSink | None = None,
                  metrics: Metrics | None = None) -> None:
         node = config.node
         self.ae = AE(ae_title=node.ae_title)
@@ -278,7 +278,7 @@ class Sweeper:
     """
 
     def __init__(self, config: Config, db: Database, store_handler: StoreHandler,
-                 metrics: Metrics | None = None, audit: AuditLog | None = None,
+                 metrics: Metrics | None = None, audit: AuditSink | None = None,
                  progress: Progress | None = None, hour: Callable[[], int] = _local_hour) -> None:
         self.config = config
         self.db = db
@@ -407,7 +407,7 @@ class Sweeper:
         finally:
             assoc.release()
         if self.audit is not None:
-            self.audit.record("query", source=src.name, level="STUDY/SERIES", study_date=f"{d_from}-{d_to}",
+            self.audit.write("query", source=src.name, level="STUDY/SERIES", study_date=f"{d_from}-{d_to}",
                               modality=modality, studies=len(studies), series=len(found))
         return len(studies), found
 
@@ -501,7 +501,7 @@ class Sweeper:
                 if self.metrics is not None:
                     self.metrics.record_sweep_retrieval(src.retrieve)
                 if self.audit is not None:
-                    self.audit.record("retrieve", source=src.name, method=src.retrieve, study_uid=study,
+                    self.audit.write("retrieve", source=src.name, method=src.retrieve, study_uid=study,
                                       series_uid=series, instances=got, sweep_id=sweep_id)
                 with lock:
                     out.retrieved += 1
@@ -593,7 +593,7 @@ class Sweeper:
         tmp.write_text(json.dumps(report, indent=1, default=str), encoding="utf-8")
         os.replace(tmp, path)
         if self.audit is not None:
-            self.audit.record("sweep", sweep_id=sweep_id, state=out.state, source=out.source,
+            self.audit.write("sweep", sweep_id=sweep_id, state=out.state, source=out.source,
                               retrieved=out.retrieved, skipped=out.skipped, failed=out.failed)
         self.progress(f"sweep {sweep_id}: {out.state}{f' ({out.stopped_reason})' if out.stopped_reason else ''}: "
                       f"{out.retrieved} series retrieved ({out.instances_retrieved} instances), "
@@ -634,13 +634,12 @@ def _iso_now() -> str:
 
 
 def default_store_handler(config: Config, db: Database, metrics: Metrics | None = None,
-                          audit: AuditLog | None = None) -> StoreHandler:
+                          audit: AuditSink | None = None) -> StoreHandler:
     """The node's C-STORE path: the node core's ``handle_store`` when available, else the interim adapter."""
     try:
+        from node import handlers as core_handlers  # type: ignore[attr-defined,unused-ignore]
         from node.index import Index  # type: ignore[attr-defined,unused-ignore]
         from node.storage import Storage  # type: ignore[attr-defined,unused-ignore]
-
-        from node import handlers as core_handlers  # type: ignore[attr-defined,unused-ignore]
     except ImportError:
         from node.store_adapter import InterimStore
 
@@ -665,7 +664,7 @@ def _metered_store(handler: StoreHandler, metrics: Metrics, event: Any) -> Any:
 
 
 def run_sweep(config: Config, db: Database, date_from: dt.date, date_to: dt.date, dry_run: bool = False,
-              source: str | None = None, metrics: Metrics | None = None, audit: AuditLog | None = None,
+              source: str | None = None, metrics: Metrics | None = None, audit: AuditSink | None = None,
               progress: Progress | None = None) -> SweepOutcome:
     handler = default_store_handler(config, db, metrics, audit)
     return Sweeper(config, db, handler, metrics, audit, progress).run(date_from, date_to, dry_run, source)

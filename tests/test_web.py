@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import shutil
 import subprocess
+import sys
 import tempfile
 import time
 from collections.abc import Iterator
@@ -219,3 +220,39 @@ def test_operations_start_web_and_schedule(tmp_path: Path) -> None:
     finally:
         ops.stop()
         db.dispose()
+
+
+@pytest.mark.slow
+def test_node_serve_runs_web_and_counts_scp_events(tmp_path: Path) -> None:
+    """`prognode serve` starts the dashboard beside the SCP; /metrics counts what the SCP received."""
+    import datetime as dt
+    import os
+
+    from tests.peers import free_port, stop_pid, storescu, wait_port, wait_until
+    from tests.synthetic_ct import write_study
+
+    need("storescu")
+    dicom_port, web_port = free_port(), free_port()
+    cfg = tmp_path / "config.toml"
+    cfg.write_text(f'[node]\nport = {dicom_port}\nstorage = "var"\nfsync = false\n'
+                   f'[web]\nport = {web_port}\ntoken = "{TOKEN}"\n')
+    proc = subprocess.Popen([sys.executable, "-m", "node", "serve", "--config", str(cfg)], cwd=REPO,
+                            env=dict(os.environ, PYTHONPATH=str(REPO)), stdout=subprocess.DEVNULL,
+                            stderr=subprocess.DEVNULL)
+    try:
+        wait_port(dicom_port, 60)
+        wait_port(web_port, 60)
+        study = write_study(tmp_path / "dcm", 7, dt.date(2026, 3, 2), slices=3)
+        storescu(dicom_port, list(study.files))
+        url = f"http://127.0.0.1:{web_port}"
+        series = wait_until(lambda: httpx.get(url + "/api/series").json(), 30, what="series listed")
+        assert series[0]["series_uid"] == study.series_uids[0] and series[0]["instances"] == 3
+        text = httpx.get(url + "/metrics").text
+        assert "prognode_instances_received_total 3.0" in text
+        assert 'prognode_associations_total{direction="in",outcome="accepted"} 1.0' in text
+        assert "prognode_instances_stored 3.0" in text
+        saved = REPO / "test-output"
+        saved.mkdir(exist_ok=True)
+        (saved / "metrics-node-serve.txt").write_text(text)
+    finally:
+        stop_pid(proc)

@@ -19,7 +19,7 @@ from fastapi import Depends, FastAPI, Header, HTTPException, Query, Request
 from fastapi.responses import HTMLResponse, RedirectResponse, Response
 from sqlalchemy import func, select
 
-from node.audit import AuditLog
+from node.audit import AuditSink
 from node.config import Config
 from node.db import Database, Job, Series
 from node.metrics import CONTENT_TYPE, Metrics
@@ -34,7 +34,7 @@ def _token_ok(expected: str, given: str) -> bool:
     return bool(expected) and hmac.compare_digest(expected.encode(), given.encode())
 
 
-def create_app(config: Config, db: Database, metrics: Metrics, audit: AuditLog | None = None) -> FastAPI:
+def create_app(config: Config, db: Database, metrics: Metrics, audit: AuditSink | None = None) -> FastAPI:
     """The node's web app; dependencies are passed in, nothing is global."""
     app = FastAPI(title="prognode", version=API_VERSION, docs_url=None, redoc_url=None,
                   description="Series, jobs, dead letters, results and sweeps of a prognode DICOM node.")
@@ -56,7 +56,7 @@ def create_app(config: Config, db: Database, metrics: Metrics, audit: AuditLog |
         log.info("resend job %d by %s: job requeued %s, %d exports requeued", job_id, by, out.job_requeued,
                  out.exports_requeued)
         if audit is not None:
-            audit.record("resend", job_id=job_id, by=by, job_requeued=out.job_requeued,
+            audit.write("resend", job_id=job_id, by=by, job_requeued=out.job_requeued,
                          exports_requeued=out.exports_requeued)
         return out
 
@@ -166,7 +166,7 @@ class WebServer:
         self.thread.join(timeout)
 
 
-def serve_web(config: Config, db: Database, metrics: Metrics, audit: AuditLog | None = None,
+def serve_web(config: Config, db: Database, metrics: Metrics, audit: AuditSink | None = None,
               port: int | None = None) -> "WebServer":
     """Start the web app for the node service (``[web].host``/``port``; ``port=0`` picks a free one)."""
     app = create_app(config, db, metrics, audit)
