@@ -325,45 +325,17 @@ def test_seg_and_sr_display_in_ohif(phantom_run: Run, tmp_path: Path) -> None:
     need("chromium", "Orthanc")
     if not OHIF.exists():
         pytest.skip(f"ohif-check not found at {OHIF}")
-    r = subprocess.run([str(OHIF), "--out", str(tmp_path / "ohif"), str(phantom_run.ct),
-                        str(phantom_run.out / "seg.dcm"), str(phantom_run.out / "sr.dcm")],
-                       capture_output=True, text=True, timeout=400)
-    lines = [json.loads(x) for x in r.stdout.splitlines() if x.startswith("{")]
+    def check(out: Path) -> tuple[subprocess.CompletedProcess[str], list[dict]]:  # type: ignore[type-arg]
+        r = subprocess.run([str(OHIF), "--out", str(out), "--timeout", "180", str(phantom_run.ct),
+                            str(phantom_run.out / "seg.dcm"), str(phantom_run.out / "sr.dcm")],
+                           capture_output=True, text=True, timeout=600)
+        return r, [json.loads(x) for x in r.stdout.splitlines() if x.startswith("{")]
+
+    r, lines = check(tmp_path / "ohif")
+    # a browser step that timed out on a loaded machine is retried once; a failed display check is not
+    if r.returncode == 1 and all(x["displayed"] or any("check aborted" in y for y in x["reasons"]) for x in lines):
+        r, lines = check(tmp_path / "ohif-retry")
     assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-2000:]
     assert len(lines) == 2 and all(x["displayed"] for x in lines)
-
-
-def test_prognode_run_cli(tmp_path: Path) -> None:
-    """`prognode run body-composition INPUT --out DIR` (the node's generic runner) writes SEG, SR, summary."""
-    truth = write_phantom(PhantomSpec(size=64, pixel_mm=6.0), tmp_path / "ct")
-    r = subprocess.run([sys.executable, "-m", "node", "run", "body-composition", str(tmp_path / "ct"), "--out",
-                        str(tmp_path / "out")], cwd=REPO, env={**os.environ, "PYTHONPATH": str(REPO)},
-                       capture_output=True, text=True, timeout=300)
-    assert r.returncode == 0, r.stderr[-2000:]
-    summary = json.loads((tmp_path / "out" / "summary.json").read_text())
-    assert summary["level"] == "L3" and summary["slice_index"] == truth.level_slices["L3"]
-    assert {"seg.dcm", "sr.dcm"} <= {p.name for p in (tmp_path / "out").iterdir()}
-
-
-def test_c3_measurement_converted_by_swartz(tmp_path: Path) -> None:
-    """At C3 the muscle area is converted to an L3 estimate (Swartz 2016) before SMI and cut-offs."""
-    from pipelines.body_composition.reference import patient_factors
-    from pipelines.body_composition.stages import ClassicalBackend, Measure, MeasureInput
-    from pipelines.body_composition.types import LevelResult, Segmentation, Vertebra
-    from pipelines.common.volume import load_series
-
-    truth = write_phantom(PhantomSpec(size=64, pixel_mm=6.0, sex="F", height_m=1.6, weight_kg=60.0, age="050Y"),
-                          tmp_path / "ct")
-    vol = load_series(truth.files)
-    k = truth.level_slices["L3"]
-    v = Vertebra("C3", k - 1, k + 1, 40.0, False, (40.0, 32.0), 22.0, 16.0)
-    level = LevelResult("C3", k, (v,), (40.0, 32.0))
-    seg = ClassicalBackend().segment_slice(vol.hu[k], vol.pixel_spacing, __import__(
-        "pipelines.body_composition.classical", fromlist=["anatomy_for_slice"]).anatomy_for_slice(level, k))
-    meas = Measure(load_table()).run(MeasureInput(vol, Segmentation(level, seg), patient_factors(vol.first_dataset)))
-    area = meas.areas["skeletal_muscle"].value
-    assert area is not None
-    est = 27.304 + 1.363 * area - 0.671 * 50 + 0.640 * 60.0 + 26.442 * 1
-    assert meas.derived["l3_muscle_area_estimate"].value == pytest.approx(est)
-    assert meas.derived["smi"].value == pytest.approx(est / 1.6**2)
-    assert meas.sarcopenia["prado-2008"]["via"] == "swartz-2016"
+    labels = next(x for x in lines if x["modality"] == "SEG")["panel_items"]
+    assert "Psoas major left" in labels and "Intermuscular adipose tissue" in labels
