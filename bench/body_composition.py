@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import shutil
 import subprocess
 import sys
@@ -27,11 +28,14 @@ t0 = time.perf_counter()
 from pipelines.body_composition.pipeline import run_folder
 t_import = time.perf_counter() - t0
 t0 = time.perf_counter()
+ru0 = resource.getrusage(resource.RUSAGE_SELF)
 out = run_folder(Path(sys.argv[1]), Path(sys.argv[2]), json.loads(sys.argv[3]))
 wall = time.perf_counter() - t0
+ru1 = resource.getrusage(resource.RUSAGE_SELF)
+cpu = (ru1.ru_utime - ru0.ru_utime) + (ru1.ru_stime - ru0.ru_stime)
 s = json.loads((Path(sys.argv[2]) / "summary.json").read_text())
 print(json.dumps({"import_s": t_import, "wall_s": wall, "timings": s.get("timings_s", {}),
-                  "evaluable": out.evaluable, "level": s.get("level"),
+                  "evaluable": out.evaluable, "level": s.get("level"), "cpu_s": cpu,
                   "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}))
 """
 
@@ -65,6 +69,8 @@ def main(argv: list[str] | None = None) -> int:
     for stage, sec in res["timings"].items():
         print(f"{stage:<22}{sec:>10.2f}")
     print(f"{'total (run_folder)':<22}{res['wall_s']:>10.2f}")
+    print(f"{'CPU time (user+sys)':<22}{res['cpu_s']:>10.2f}")
+    print(f"load average at the end: {os.getloadavg()[0]:.1f} on {os.cpu_count()} cores")
     print(f"peak RSS {res['peak_rss_mb']:.0f} MB; level {res['level']}; evaluable {res['evaluable']}")
     return 0
 
