@@ -339,3 +339,16 @@ def test_seg_and_sr_display_in_ohif(phantom_run: Run, tmp_path: Path) -> None:
     assert len(lines) == 2 and all(x["displayed"] for x in lines)
     labels = next(x for x in lines if x["modality"] == "SEG")["panel_items"]
     assert "Psoas major left" in labels and "Intermuscular adipose tissue" in labels
+
+
+def test_neck_phantom_c3_found_and_converted(tmp_path: Path) -> None:
+    """Neck CT: C3 counted up from the highest rib-bearing vertebra (T1); the SR is coded at C3."""
+    r = _run(tmp_path, PhantomSpec(size=64, pixel_mm=6.0, region="neck", sex="F", age="055Y"))
+    s = r.summary
+    assert s["level"] == "C3" and s["slice_index"] == r.truth.level_slices["C3"]
+    assert any("T1" in n for n in s["level_notes"])
+    assert s["derived"]["l3_muscle_area_estimate"]["value"] > s["areas_cm2"]["skeletal_muscle"]["value"]
+    assert s["sarcopenia"]["prado-2008"]["via"] == "swartz-2016"
+    assert s["volumes_cm3"]["psoas_left"]["value"] is None  # 3D volumes are lumbar only
+    text = _text(pydicom.dcmread(r.out / "sr.dcm"))
+    assert "C3 vertebra" in text and "swartz-2016" in text

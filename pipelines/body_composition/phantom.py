@@ -73,6 +73,7 @@ class PhantomSpec:
     weight_kg: float | None = 80.0
     age: str | None = "060Y"
     modality: str = "CT"
+    region: str = "abdomen"  # or "neck": T2, T1 (rib-bearing), C7..C3, C2 (tall) from feet to head
     patient_id: str = "PHANTOM-001"
     patient_name: str = "Phantom^Abdomen"
 
@@ -116,6 +117,12 @@ def _layout(spec: PhantomSpec) -> list[tuple[str, bool]]:
         out.extend([(name, body)] * max(1, int(round(mm / spec.slice_mm))))
 
     add("below", spec.disc_mm, False)
+    if spec.region == "neck":
+        neck = ["T2", "T1", "C7", "C6", "C5", "C4", "C3", "C2"]
+        for i, name in enumerate(neck):
+            add(name, spec.vertebra_mm * (1.8 if name == "C2" else 1.0), True)
+            add(f"{name}-{neck[i + 1]}" if i + 1 < len(neck) else "above", spec.disc_mm, False)
+        return out
     if spec.with_sacrum:
         add("S", spec.sacrum_mm, True)
         add("L5-S", spec.disc_mm, False)
