@@ -18,6 +18,7 @@ import tempfile
 from pathlib import Path
 
 import numpy as np
+from numpy.typing import NDArray
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
@@ -50,7 +51,7 @@ def with_uids(src: Path, dst: Path) -> list[Path]:
     return out
 
 
-def dice(a: np.ndarray, b: np.ndarray) -> float:
+def dice(a: NDArray[np.bool_], b: NDArray[np.bool_]) -> float:
     return 2.0 * float((a & b).sum()) / float(a.sum() + b.sum())
 
 

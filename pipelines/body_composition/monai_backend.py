@@ -116,15 +116,15 @@ class MonaiBackend:
             n3.append(b.eval())
         return cls(spec, n2, n3, device)
 
-    @torch.no_grad()
     def level_section(self, volume: Volume) -> NDArray[np.bool_]:
         """Per-slice flag: the slice belongs to the level vertebra (majority vote of the 3D folds)."""
         x = prep3d(volume.hu, self.spec.shape3d, self.spec.hu3d).to(self.device)
         votes = []
-        for net in self.nets3d:
-            pred = net.to(self.device)(x).argmax(1, keepdim=True).float()
-            up = F.interpolate(pred, size=volume.shape, mode="nearest")[0, 0]
-            votes.append(up.cpu().numpy().astype(np.int64))
+        with torch.no_grad():
+            for net in self.nets3d:
+                pred = net.to(self.device)(x).argmax(1, keepdim=True).float()
+                up = F.interpolate(pred, size=volume.shape, mode="nearest")[0, 0]
+                votes.append(up.cpu().numpy().astype(np.int64))
         vote = majority(votes, 2)
         return np.asarray(vote.reshape(vote.shape[0], -1).sum(axis=1) > 0)
 
@@ -161,14 +161,15 @@ class MonaiBackend:
         return LevelResult(level=self.spec.level, slice_index=k, vertebrae=verts,
                            spine_centre_rc=classical.spine_centre_rc, notes=tuple(notes), method="monai")
 
-    @torch.no_grad()
     def classes(self, hu: NDArray[np.float32]) -> NDArray[np.int64]:
+        """Per-pixel class of the slice: majority vote of the 2D fold models."""
         x = prep2d(hu, self.spec.size2d, self.spec.hu2d).to(self.device)
         votes = []
-        for net in self.nets2d:
-            logits = net.to(self.device)(x)
-            up = F.interpolate(logits, size=hu.shape, mode="bilinear", align_corners=False)
-            votes.append(up.argmax(1)[0].cpu().numpy().astype(np.int64))
+        with torch.no_grad():
+            for net in self.nets2d:
+                logits = net.to(self.device)(x)
+                up = F.interpolate(logits, size=hu.shape, mode="bilinear", align_corners=False)
+                votes.append(up.argmax(1)[0].cpu().numpy().astype(np.int64))
         return majority(votes, len(TRAIN_CLASSES))
 
     def segment_slice(self, hu: NDArray[np.float32], spacing: tuple[float, float],
