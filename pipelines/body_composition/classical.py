@@ -305,7 +305,7 @@ def named_muscles(hu: NDArray[np.float32], spacing: tuple[float, float], anat: S
 
     for side, sgn in (("left", 1.0), ("right", -1.0)):
         lat = sgn * xmm
-        psoas_box = (lat > hw * 0.5) & (lat < hw + p.psoas_lateral_mm) & (ymm > -hh - 45.0) & (ymm < hh + 10.0)
+        psoas_box = (lat > hw * 0.5) & (lat < hw + p.psoas_lateral_mm) & (ymm > -hh - 45.0) & (ymm < hh + 20.0)
         erector_box = (lat > 0.0) & (lat < p.erector_lateral_mm) & (ymm > hh + 12.0)
         for key, box, seed in ((f"psoas_{side}", psoas_box, (sgn * (hw + 20.0), 0.0)),
                                (f"erector_{side}", erector_box, (sgn * 40.0, hh + 35.0))):
