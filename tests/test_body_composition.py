@@ -352,3 +352,17 @@ def test_neck_phantom_c3_found_and_converted(tmp_path: Path) -> None:
     assert s["volumes_cm3"]["psoas_left"]["value"] is None  # 3D volumes are lumbar only
     text = _text(pydicom.dcmread(r.out / "sr.dcm"))
     assert "C3 vertebra" in text and "swartz-2016" in text
+
+
+def test_polygon_encloses_the_mask_area() -> None:
+    """One closed polygon per structure whose shoelace area is the mask's (OHIF recomputes areas from it)."""
+    from pipelines.body_composition.dicom_out import _signed_area, polygon
+    from pipelines.body_composition.phantom import make_phantom
+
+    t = make_phantom(PhantomSpec())
+    k = t.level_slices["L3"]
+    for lbl in ([1, 2, 3, 4, 5], [6], [7], [2]):  # muscle (several parts, holes), SAT ring, VAT, psoas
+        m = np.isin(t.labels[k], lbl)
+        pts = polygon(m).astype(np.float64)
+        assert np.allclose(pts[0], pts[-1])
+        assert abs(_signed_area(pts)) == pytest.approx(m.sum(), rel=0.02)

@@ -63,12 +63,20 @@ def polygon(mask: NDArray[np.bool_], max_points: int = 400) -> NDArray[np.float3
         s = step if len(lp) // step >= 4 else max(1, len(lp) // 4)
         t = lp[:-1][::s]
         thinned.append(np.vstack([t, t[:1]]))
-    # chain: visit each loop's start from the previous one, travel the loop, then come back
+    # chain: from the current point go to the nearest remaining loop (entering it at its point
+    # nearest to here), travel it round, then continue; finally retrace the cuts back home
+    rest = thinned[1:]
     path = [thinned[0]]
     starts = [thinned[0][0]]
-    for lp in thinned[1:]:
-        path.append(lp)
-        starts.append(lp[0])
+    here = thinned[0][0]
+    while rest:
+        dists = [np.min(np.hypot(*(lp[:-1] - here).T)) for lp in rest]
+        lp = rest.pop(int(np.argmin(dists)))
+        j = int(np.argmin(np.hypot(*(lp[:-1] - here).T)))
+        ring = np.vstack([lp[:-1][j:], lp[:-1][:j], lp[j : j + 1]])
+        path.append(ring)
+        starts.append(ring[0])
+        here = ring[0]
     back = np.asarray(starts[-2::-1]) if len(starts) > 1 else np.zeros((0, 2))
     pts = np.vstack([*path, back]) if len(back) else path[0]
     if not np.allclose(pts[0], pts[-1]):
