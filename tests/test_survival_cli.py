@@ -144,3 +144,9 @@ def test_cohort_km_sarcopenia(shared_data: Path, capsys: pytest.CaptureFixture[s
     by = {g["group"]: g for g in res["groups"]}
     assert by["SM depleted"]["n"] == 76 and by["SM not depleted"]["n"] == 139
     assert by["SM depleted"]["events"] + by["SM not depleted"]["events"] == 77
+
+
+def test_cohort_group_is_shared_with_radiomics() -> None:
+    """`prognode cohort` holds radiomics' `features` and survival's `split` and `km` together."""
+    r = cli("cohort", "--help")
+    assert all(name in r.stdout for name in ("features", "split", "km"))
