@@ -190,11 +190,14 @@ class DicomServer:
 
     def __init__(self, config: Config, store: Storage, index: Index, audit: AuditLog,
                  ssl_context: ssl.SSLContext | None = None,
-                 open_associations: handlers.OpenAssociations | None = None) -> None:
+                 open_associations: handlers.OpenAssociations | None = None,
+                 extra_handlers: Sequence[Any] = ()) -> None:
         self.config = config
         self.ae = build_ae(config.node)
         self.open_associations = open_associations or handlers.OpenAssociations()
-        self._handlers = event_handlers(store, index, audit, route_keywords(config), self.open_associations)
+        # extra_handlers: notification handlers of others, e.g. node.metrics.Metrics.scp_handlers()
+        self._handlers = (event_handlers(store, index, audit, route_keywords(config), self.open_associations)
+                          + list(extra_handlers))
         self._audit = audit
         self._ssl = ssl_context
         self.server: NodeServer | None = None
