@@ -99,6 +99,7 @@ class Node:
             t = threading.Thread(target=target, args=(self._stop,), name=f"prognode-{name}", daemon=True)
             t.start()
             self._threads.append(t)
+        self.ops.start()
         self.audit.write("node_started", ae_title=self.config.node.ae_title, port=self.port)
         return self
 
@@ -108,6 +109,7 @@ class Node:
         self._stopped.set()
         logger.info("stopping: no new associations; waiting for in-flight ones")
         self.server.stop(timeout)
+        self.ops.stop()
         self._stop.set()
         if self.jobs is not None:
             self.jobs.wake.set()
