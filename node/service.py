@@ -19,8 +19,9 @@ from node.config import Config, TlsConfig
 from node.db import Database
 from node.export import Exporter
 from node.index import Index
-from node.jobs import JobManager, JobQueue, LocalProcessRunner, Runner
+from node.jobs import JobManager, JobQueue, LocalProcessRunner, Runner, pipeline_modules
 from node.logs import AuditLog
+from node.ops import Operations
 from node.routing import Router
 from node.server import DicomServer
 from node.storage import Storage
@@ -57,8 +58,11 @@ class Node:
         self.runner: Runner | None = runner
         self._factories = dict(factories or {})
         self.exporter = Exporter(self.db, config, self.audit, config.completion.poll_seconds)
+        # operations (issue 6): metrics on the SCP's events, web dashboard/REST/metrics, sweep schedule
+        self.ops = Operations(config, self.db, self.audit)
         self.server = DicomServer(config, self.storage, self.index, self.audit,
-                                  server_ssl_context(config.node.tls, config))
+                                  server_ssl_context(config.node.tls, config),
+                                  extra_handlers=self.ops.metrics.scp_handlers())
         self.jobs: JobManager | None = None
         self.completion: CompletionMonitor | None = None
         self._stop = threading.Event()
@@ -73,13 +77,18 @@ class Node:
         self.storage.sweep_temporaries()
         self.queue.recover()
         if self.runner is None:
-            self.runner = LocalProcessRunner(self.config.jobs.workers)
+            names = [p for r in self.config.routes for p in r.pipelines]
+            self.runner = LocalProcessRunner(self.config.jobs.workers,
+                                             preload=pipeline_modules(names, self._factories),
+                                             log_level=self.config.logging.level)
         self.jobs = JobManager(self.config, self.queue, self.index, self.storage, self.runner, self._factories,
                                on_done=lambda _id: self.exporter.wake.set())
         jobs = self.jobs
         self.completion = CompletionMonitor(self.db, self.config.completion, self.router, self.audit,
-                                            on_jobs=lambda _ids: jobs.wake.set())
+                                            on_jobs=lambda _ids: jobs.wake.set(),
+                                            busy=self.server.open_associations.busy)
         self.server.start()
+        self.ops.start()
         for name, target in (("completion", self.completion.run), ("jobs", self.jobs.run),
                              ("export", self.exporter.run)):
             t = threading.Thread(target=target, args=(self._stop,), name=f"prognode-{name}", daemon=True)
@@ -103,6 +112,7 @@ class Node:
         if self.runner is not None:
             # running jobs are not waited for: they are pending again at the next start
             self.runner.shutdown(wait=False)
+        self.ops.stop()
         self.audit.write("node_stopped")
         self.db.dispose()
         logger.info("stopped")

@@ -1,0 +1,97 @@
+"""Who may associate with the node: calling AE titles and peer IP addresses, per peer.
+
+Config (``[node]``):
+
+* ``allowed_calling_aets``: empty means any.  An entry is ``"AET"`` (from any allowed host) or
+  ``"AET@10.1.2.3"`` / ``"AET@10.1.0.0/16"`` (that AE only from that address or network).
+* ``allowed_hosts``: IPs or CIDR networks any association must come from; empty means any.
+
+:func:`access_handlers` returns the ``EVT_REQUESTED`` handler that rejects a refused association with
+a proper A-ASSOCIATE-RJ (permanent; "calling AE title not recognised" or "no reason given" for an
+address) before any negotiation, logs one line and writes an ``association`` audit record.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import logging
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+from pynetdicom import evt
+
+from node.audit import AuditSink
+
+log = logging.getLogger(__name__)
+
+Network = ipaddress.IPv4Network | ipaddress.IPv6Network
+
+REJECT_PERMANENT = 0x01
+SOURCE_SERVICE_USER = 0x01
+DIAG_NO_REASON = 0x01
+DIAG_CALLING_AE_NOT_RECOGNISED = 0x03
+
+
+def _net(text: str) -> Network:
+    return ipaddress.ip_network(text.strip(), strict=False)
+
+
+@dataclass(frozen=True)
+class AccessPolicy:
+    """Immutable allow-lists; :meth:`check` returns ``None`` when allowed, else the reason."""
+
+    aets: dict[str, tuple[Network, ...]]  # AE -> networks it may come from (empty tuple: any allowed host)
+    hosts: tuple[Network, ...]
+
+    @classmethod
+    def from_lists(cls, allowed_calling_aets: Sequence[str], allowed_hosts: Sequence[str]) -> AccessPolicy:
+        aets: dict[str, list[Network]] = {}
+        for entry in allowed_calling_aets:
+            ae, _, where = entry.partition("@")
+            nets = aets.setdefault(ae.strip(), [])
+            if where:
+                nets.append(_net(where))
+        return cls({k: tuple(v) for k, v in aets.items()}, tuple(_net(h) for h in allowed_hosts))
+
+    @staticmethod
+    def _in(ip: str, nets: Sequence[Network]) -> bool:
+        try:
+            addr = ipaddress.ip_address(ip)
+        except ValueError:
+            return False
+        return any(addr in n for n in nets)
+
+    def check(self, calling_ae: str, ip: str) -> tuple[str, int] | None:
+        """``None`` if allowed, else ``(reason, A-ASSOCIATE-RJ diagnostic)``."""
+        ae = calling_ae.strip()
+        if self.hosts and not self._in(ip, self.hosts):
+            return f"peer address {ip} not in allowed_hosts", DIAG_NO_REASON
+        if self.aets:
+            if ae not in self.aets:
+                return f"calling AE {ae!r} not in allowed_calling_aets", DIAG_CALLING_AE_NOT_RECOGNISED
+            nets = self.aets[ae]
+            if nets and not self._in(ip, nets):
+                return f"calling AE {ae!r} not allowed from {ip}", DIAG_CALLING_AE_NOT_RECOGNISED
+        return None
+
+
+def _handle_requested(event: Any, policy: AccessPolicy, audit: AuditSink | None) -> None:
+    assoc = event.assoc
+    calling = str(assoc.requestor.primitive.calling_ae_title).strip()
+    ip = str(assoc.requestor.address)
+    verdict = policy.check(calling, ip)
+    if verdict is None:
+        return
+    reason, diagnostic = verdict
+    log.warning("association rejected: calling_ae=%s peer=%s reason=%s", calling, ip, reason)
+    if audit is not None:
+        audit.write("association", calling_ae=calling, peer=ip, accepted=False, reason=reason)
+    assoc.acse.send_reject(REJECT_PERMANENT, SOURCE_SERVICE_USER, diagnostic)
+
+
+def access_handlers(
+    policy: AccessPolicy, audit: AuditSink | None = None
+) -> list[tuple[Any, Callable[..., Any], list[Any]]]:
+    """``evt_handlers`` entries enforcing ``policy`` on an SCP."""
+    return [(evt.EVT_REQUESTED, _handle_requested, [policy, audit])]

@@ -1,0 +1,82 @@
+"""Audit log in JSON lines: who sent or queried what, what was exported where.
+
+One JSON object per line, ``{"time": "<UTC ISO 8601>", "event": "...", ...fields}``, appended and
+flushed (and fsynced) per record so that a hospital can keep, rotate and ship the file.  Safe to
+share between threads; several processes may append to the same file (each record is a single
+``write`` of one line on a file opened in append mode).
+
+Events used by prognode (fields are free-form keyword arguments):
+``association`` (calling_ae, peer, accepted, reason), ``store`` (calling_ae, peer, sop_instance_uid,
+series_uid, status), ``query`` (source, level, filters, matches), ``retrieve`` (source, method,
+series_uid, instances), ``export`` (job_id, destination, sop_instance_uid, status),
+``resend`` (job_id, by), ``sweep`` (sweep_id, state).
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import json
+import os
+import threading
+from pathlib import Path
+from typing import Any, Protocol
+
+
+class AuditSink(Protocol):
+    """What writers of audit records need: this module's :class:`AuditLog` or the core's ``node.logs.AuditLog``."""
+
+    def write(self, event: str, **fields: Any) -> None: ...
+
+
+def utc_now_iso() -> str:
+    return dt.datetime.now(dt.UTC).isoformat(timespec="milliseconds").replace("+00:00", "Z")
+
+
+class AuditLog:
+    """Append-only JSON-lines audit file.
+
+    Parameters
+    ----------
+    path
+        The audit file; its folder is created.  ``None`` disables auditing (records are dropped).
+    fsync
+        Also fsync after each record (default True: the audit trail survives power loss).
+    """
+
+    def __init__(self, path: Path | None, fsync: bool = True) -> None:
+        self.path = path
+        self._fsync = fsync
+        self._lock = threading.Lock()
+        if path is not None:
+            path.parent.mkdir(parents=True, exist_ok=True)
+
+    def record(self, event: str, **fields: Any) -> None:
+        """Append one record; values that JSON cannot encode are written as strings."""
+        if self.path is None:
+            return
+        entry: dict[str, Any] = {"time": utc_now_iso(), "event": event}
+        entry.update(fields)
+        line = json.dumps(entry, default=str, ensure_ascii=False, separators=(",", ":")) + "\n"
+        data = line.encode("utf-8")
+        with self._lock:
+            fd = os.open(self.path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o640)
+            try:
+                os.write(fd, data)
+                if self._fsync:
+                    os.fsync(fd)
+            finally:
+                os.close(fd)
+
+    # The node core's handlers call ``write``; same record.
+    write = record
+
+    def read(self) -> list[dict[str, Any]]:
+        """All records (for tests and the dashboard)."""
+        if self.path is None or not self.path.exists():
+            return []
+        out: list[dict[str, Any]] = []
+        with self.path.open(encoding="utf-8") as f:
+            for line in f:
+                if line.strip():
+                    out.append(json.loads(line))
+        return out

@@ -1,0 +1,173 @@
+"""Prometheus metrics with an explicit :class:`prometheus_client.CollectorRegistry` (never the global one).
+
+Two kinds of figures:
+
+* **Events of this process** (the SCP and the sweep receiver): instances and bytes received and
+  associations, recorded through :meth:`Metrics.record_instance` / :meth:`Metrics.record_association`.
+  Pass the :class:`Metrics` object explicitly to whoever records.
+* **State in the database**, computed at scrape time by :class:`DatabaseCollector`: series completed,
+  jobs by state, queue depth, export attempts and failures, dead letters, sweep items, and the
+  histograms of completion latency, pipeline time and time to result in PACS.  Worker processes thus
+  record by writing the database they already write; no shared memory between processes.
+
+``Metrics.exposition()`` returns the text format served at ``/metrics``.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Callable, Iterable, Iterator, Sequence
+from typing import Any
+
+from prometheus_client import CollectorRegistry, Counter, generate_latest
+from prometheus_client.core import (
+    CounterMetricFamily,
+    GaugeMetricFamily,
+    HistogramMetricFamily,
+    Metric,
+)
+from prometheus_client.registry import Collector
+from pynetdicom import evt
+from sqlalchemy import func, select
+
+from node.db import Database, Export, Instance, Job, Result, Series, SweepItem
+
+log = logging.getLogger(__name__)
+
+CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
+
+JOB_STATES = ("pending", "running", "done", "failed", "dead")
+SERIES_STATES = ("receiving", "complete")
+COMPLETION_BUCKETS = (0.25, 0.5, 1.0, 2.0, 5.0, 10.0, 20.0, 30.0, 60.0, 120.0)
+PIPELINE_BUCKETS = (1.0, 2.0, 5.0, 10.0, 20.0, 30.0, 60.0, 120.0, 300.0, 600.0, 1800.0)
+RESULT_BUCKETS = (2.0, 5.0, 10.0, 20.0, 30.0, 60.0, 120.0, 300.0, 600.0, 1800.0, 3600.0)
+
+
+def histogram_family(name: str, doc: str, values: Iterable[float], buckets: Sequence[float]) -> HistogramMetricFamily:
+    """A histogram family from raw observations (cumulative buckets, sum, count)."""
+    vals = [v for v in values if v is not None and v >= 0]
+    counts = [(format(b, "g"), float(sum(1 for v in vals if v <= b))) for b in buckets]
+    counts.append(("+Inf", float(len(vals))))
+    return HistogramMetricFamily(name, doc, buckets=counts, sum_value=float(sum(vals)))
+
+
+def _delta(later: float | None, earlier: float | None) -> float:
+    return float(later or 0.0) - float(earlier or 0.0)
+
+
+class DatabaseCollector(Collector):
+    """Figures derived from the node's database at each scrape."""
+
+    def __init__(self, db: Database, window_seconds: float = 7 * 86400.0) -> None:
+        self.db = db
+        self.window_seconds = window_seconds  # histograms look at this much recent history
+
+    def collect(self) -> Iterator[Metric]:
+        since = time.time() - self.window_seconds
+        with self.db.session() as s:
+            series_by_state = dict(s.execute(select(Series.state, func.count()).group_by(Series.state)).all())
+            completed = s.scalar(select(func.count()).select_from(Series).where(Series.completed_at.is_not(None)))
+            jobs_by_state = dict(s.execute(select(Job.state, func.count()).group_by(Job.state)).all())
+            now = time.time()
+            queue = s.scalar(select(func.count()).select_from(Job)
+                             .where(Job.state.in_(("pending", "failed")), Job.not_before <= now))
+            exp_attempts = s.scalar(select(func.coalesce(func.sum(Export.attempts), 0)))
+            exp_sent = s.scalar(select(func.count()).select_from(Export).where(Export.state == "sent"))
+            exp_by_state = dict(s.execute(select(Export.state, func.count()).group_by(Export.state)).all())
+            stored = s.execute(select(func.count(), func.coalesce(func.sum(Instance.size), 0))).one()
+            sweep_items = dict(s.execute(select(SweepItem.state, func.count()).group_by(SweepItem.state)).all())
+            completion = [_delta(c, lr) for c, lr in s.execute(
+                select(Series.completed_at, Series.last_received)
+                .where(Series.completed_at.is_not(None), Series.completed_at >= since)).all()]
+            pipeline = [_delta(f, st) for f, st in s.execute(
+                select(Job.finished_at, Job.started_at)
+                .where(Job.state == "done", Job.finished_at.is_not(None), Job.started_at.is_not(None),
+                       Job.finished_at >= since)).all()]
+            # time from the last image of the input to the first result of the job filed in PACS
+            ttr_rows = s.execute(
+                select(Job.id, Job.last_image_at, func.min(Result.in_pacs_at))
+                .join(Result, Result.job_id == Job.id)
+                .where(Result.in_pacs_at.is_not(None), Job.last_image_at.is_not(None), Result.in_pacs_at >= since)
+                .group_by(Job.id, Job.last_image_at)).all()
+        ttr = [_delta(pacs, last) for _id, last, pacs in ttr_rows]
+
+        g = GaugeMetricFamily("prognode_series", "Series in the index by state", labels=["state"])
+        for st in sorted(set(SERIES_STATES) | set(series_by_state)):
+            g.add_metric([st], float(series_by_state.get(st, 0)))
+        yield g
+        yield CounterMetricFamily("prognode_series_completed", "Series detected complete",
+                                  value=float(completed or 0))
+        g = GaugeMetricFamily("prognode_jobs", "Jobs by state", labels=["state"])
+        for st in sorted(set(JOB_STATES) | set(jobs_by_state)):
+            g.add_metric([st], float(jobs_by_state.get(st, 0)))
+        yield g
+        yield GaugeMetricFamily("prognode_queue_depth", "Jobs ready to run (pending or failed and due)",
+                                value=float(queue or 0))
+        yield CounterMetricFamily("prognode_export_attempts", "C-STORE export attempts",
+                                  value=float(exp_attempts or 0))
+        yield CounterMetricFamily("prognode_export_failures", "C-STORE export attempts that failed",
+                                  value=float(max(0, int(exp_attempts or 0) - int(exp_sent or 0))))
+        g = GaugeMetricFamily("prognode_exports", "Export rows by state (dead = dead letters)", labels=["state"])
+        for st in sorted({"pending", "sent", "dead"} | set(exp_by_state)):
+            g.add_metric([st], float(exp_by_state.get(st, 0)))
+        yield g
+        yield GaugeMetricFamily("prognode_instances_stored", "Instances in the index", value=float(stored[0]))
+        yield GaugeMetricFamily("prognode_bytes_stored", "Bytes of instances in the index", value=float(stored[1]))
+        g = GaugeMetricFamily("prognode_sweep_items", "Sweep items by state", labels=["state"])
+        for st, n in sorted(sweep_items.items()):
+            g.add_metric([st], float(n))
+        yield g
+        yield histogram_family("prognode_completion_latency_seconds",
+                               "From the last instance of a series to its completion", completion, COMPLETION_BUCKETS)
+        yield histogram_family("prognode_pipeline_seconds", "Pipeline run time of done jobs", pipeline,
+                               PIPELINE_BUCKETS)
+        yield histogram_family("prognode_time_to_result_seconds",
+                               "From the last image of a series to its first result stored in PACS", ttr,
+                               RESULT_BUCKETS)
+
+
+def _on_association(_event: Any, metrics: Metrics, outcome: str) -> None:
+    metrics.record_association("in", outcome)
+
+
+def _on_dimse(event: Any, metrics: Metrics) -> None:
+    message = event.message
+    if type(message).__name__ == "C_STORE_RQ" and message.data_set is not None:
+        metrics.record_instance(message.data_set.getbuffer().nbytes)
+
+
+class Metrics:
+    """The node's metrics; one per process, passed explicitly to whoever records."""
+
+    def __init__(self, db: Database | None = None, registry: CollectorRegistry | None = None) -> None:
+        self.registry = registry if registry is not None else CollectorRegistry(auto_describe=True)
+        self.instances_received = Counter("prognode_instances_received", "Instances received (C-STORE)",
+                                          registry=self.registry)
+        self.bytes_received = Counter("prognode_bytes_received", "Bytes of instances received",
+                                      registry=self.registry)
+        self.associations = Counter("prognode_associations", "Associations by direction and outcome",
+                                    ["direction", "outcome"], registry=self.registry)
+        self.sweep_retrieved = Counter("prognode_sweep_series_retrieved", "Series retrieved by sweeps",
+                                       ["method"], registry=self.registry)
+        if db is not None:
+            self.registry.register(DatabaseCollector(db))
+
+    def record_instance(self, size: int) -> None:
+        self.instances_received.inc()
+        self.bytes_received.inc(size)
+
+    def record_association(self, direction: str = "in", outcome: str = "accepted") -> None:
+        self.associations.labels(direction=direction, outcome=outcome).inc()
+
+    def record_sweep_retrieval(self, method: str) -> None:
+        self.sweep_retrieved.labels(method=method).inc()
+
+    def scp_handlers(self) -> list[tuple[Any, Callable[..., None], list[Any]]]:
+        """Notification handlers for an SCP's ``evt_handlers``: associations and C-STORE requests received."""
+        return [(evt.EVT_ACCEPTED, _on_association, [self, "accepted"]),
+                (evt.EVT_REJECTED, _on_association, [self, "rejected"]),
+                (evt.EVT_DIMSE_RECV, _on_dimse, [self])]
+
+    def exposition(self) -> bytes:
+        return generate_latest(self.registry)

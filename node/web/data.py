@@ -1,0 +1,197 @@
+"""Read models and actions shared by the dashboard and the REST API (one query per view)."""
+
+from __future__ import annotations
+
+import time
+from typing import Any
+
+from pydantic import BaseModel
+from sqlalchemy import select
+
+from node.db import Database, Export, Job, Result, Series, Sweep
+
+
+class SeriesOut(BaseModel):
+    series_uid: str
+    study_uid: str
+    patient_id: str
+    modality: str
+    description: str
+    instances: int
+    state: str
+    generation: int
+    last_received: float
+    completed_at: float | None
+    completion_reason: str
+    source: str
+
+
+class JobOut(BaseModel):
+    id: int
+    series_uid: str
+    study_uid: str
+    route: str
+    pipeline: str
+    state: str
+    attempts: int
+    error: str
+    created_at: float
+    updated_at: float
+    started_at: float | None
+    finished_at: float | None
+
+
+class DeadLetterOut(BaseModel):
+    kind: str  # "job" (the pipeline gave up) or "export" (a destination never took the result)
+    job_id: int
+    series_uid: str
+    pipeline: str
+    destination: str
+    attempts: int
+    error: str
+    sop_instance_uid: str
+
+
+class ResultOut(BaseModel):
+    sop_instance_uid: str
+    job_id: int
+    modality: str
+    pipeline: str
+    study_uid: str
+    source_series_uid: str
+    supersedes: str
+    created_at: float
+    in_pacs_at: float | None
+    last_image_at: float | None
+    seconds_to_pacs: float | None  # from the last image of the input series to the result stored in PACS
+
+
+class SweepOut(BaseModel):
+    id: int
+    source: str
+    date_from: str
+    date_to: str
+    state: str
+    dry_run: bool
+    started_at: float
+    finished_at: float | None
+    studies: int
+    retrieved: int
+    skipped: int
+    failed: int
+    planned: int
+    item_states: dict[str, int]
+
+
+class ResendOut(BaseModel):
+    job_id: int
+    job_requeued: bool
+    exports_requeued: int
+
+
+class ActionError(Exception):
+    def __init__(self, status: int, detail: str) -> None:
+        super().__init__(detail)
+        self.status = status
+        self.detail = detail
+
+
+def list_series(db: Database, limit: int = 200, state: str | None = None) -> list[SeriesOut]:
+    with db.session() as s:
+        q = select(Series).order_by(Series.last_received.desc()).limit(limit)
+        if state:
+            q = q.where(Series.state == state)
+        return [SeriesOut(series_uid=r.series_uid, study_uid=r.study_uid, patient_id=r.patient_id,
+                          modality=r.modality, description=r.description, instances=r.instances, state=r.state,
+                          generation=r.generation, last_received=r.last_received, completed_at=r.completed_at,
+                          completion_reason=r.completion_reason, source=r.source)
+                for r in s.scalars(q)]
+
+
+def _job(r: Job) -> JobOut:
+    return JobOut(id=r.id, series_uid=r.series_uid, study_uid=r.study_uid, route=r.route, pipeline=r.pipeline,
+                  state=r.state, attempts=r.attempts, error=r.error, created_at=r.created_at,
+                  updated_at=r.updated_at, started_at=r.started_at, finished_at=r.finished_at)
+
+
+def list_jobs(db: Database, limit: int = 200, state: str | None = None) -> list[JobOut]:
+    with db.session() as s:
+        q = select(Job).order_by(Job.id.desc()).limit(limit)
+        if state:
+            q = q.where(Job.state == state)
+        return [_job(r) for r in s.scalars(q)]
+
+
+def get_job(db: Database, job_id: int) -> JobOut | None:
+    with db.session() as s:
+        r = s.get(Job, job_id)
+        return _job(r) if r is not None else None
+
+
+def list_dead_letters(db: Database, limit: int = 200) -> list[DeadLetterOut]:
+    out: list[DeadLetterOut] = []
+    with db.session() as s:
+        for j in s.scalars(select(Job).where(Job.state == "dead").order_by(Job.id.desc()).limit(limit)):
+            out.append(DeadLetterOut(kind="job", job_id=j.id, series_uid=j.series_uid, pipeline=j.pipeline,
+                                     destination="", attempts=j.attempts, error=j.error, sop_instance_uid=""))
+        rows = s.execute(select(Export, Job).join(Job, Job.id == Export.job_id)
+                         .where(Export.state == "dead").order_by(Export.id.desc()).limit(limit)).all()
+        for e, j in rows:
+            out.append(DeadLetterOut(kind="export", job_id=j.id, series_uid=j.series_uid, pipeline=j.pipeline,
+                                     destination=e.destination, attempts=e.attempts, error=e.last_error,
+                                     sop_instance_uid=e.sop_instance_uid))
+    return out
+
+
+def list_results(db: Database, limit: int = 200) -> list[ResultOut]:
+    with db.session() as s:
+        rows = s.execute(select(Result, Job.last_image_at).join(Job, Job.id == Result.job_id)
+                         .order_by(Result.created_at.desc()).limit(limit)).all()
+        out = []
+        for r, last in rows:
+            secs = (r.in_pacs_at - last) if (r.in_pacs_at is not None and last is not None) else None
+            out.append(ResultOut(sop_instance_uid=r.sop_instance_uid, job_id=r.job_id, modality=r.modality,
+                                 pipeline=r.pipeline, study_uid=r.study_uid, source_series_uid=r.source_series_uid,
+                                 supersedes=r.supersedes, created_at=r.created_at, in_pacs_at=r.in_pacs_at,
+                                 last_image_at=last, seconds_to_pacs=secs))
+        return out
+
+
+def list_sweeps(db: Database, limit: int = 50) -> list[SweepOut]:
+    with db.session() as s:
+        out = []
+        for w in s.scalars(select(Sweep).order_by(Sweep.id.desc()).limit(limit)):
+            rep: dict[str, Any] = w.report or {}
+            out.append(SweepOut(id=w.id, source=w.source, date_from=w.date_from, date_to=w.date_to, state=w.state,
+                                dry_run=bool(w.dry_run), started_at=w.started_at, finished_at=w.finished_at,
+                                studies=int(rep.get("studies", 0)), retrieved=int(rep.get("retrieved", 0)),
+                                skipped=int(rep.get("skipped", 0)), failed=int(rep.get("failed", 0)),
+                                planned=int(rep.get("planned", 0)),
+                                item_states={str(k): int(v) for k, v in (rep.get("item_states") or {}).items()}))
+        return out
+
+
+def resend_job(db: Database, job_id: int) -> ResendOut:
+    """Queue a dead (or failed) job again, and its dead exports; what ``prognode resend`` does."""
+    t = time.time()
+    with db.session() as s:
+        job = s.get(Job, job_id)
+        if job is None:
+            raise ActionError(404, f"job {job_id} not found")
+        requeue_job = job.state in ("dead", "failed")
+        dead_exports = list(s.scalars(select(Export).where(Export.job_id == job_id, Export.state == "dead")))
+        if not requeue_job and not dead_exports:
+            raise ActionError(409, f"job {job_id} is {job.state} and has no dead exports: nothing to resend")
+        if requeue_job:
+            job.state = "pending"
+            job.attempts = 0
+            job.error = ""
+            job.not_before = 0.0
+            job.lease_until = None
+            job.updated_at = t
+        for e in dead_exports:
+            e.state = "pending"
+            e.attempts = 0
+            e.next_attempt_at = 0.0
+            e.last_error = ""
+        return ResendOut(job_id=job_id, job_requeued=requeue_job, exports_requeued=len(dead_exports))

@@ -1,0 +1,190 @@
+"""deploy/: compose services, ports and volumes; Helm templates rendered without helm; systemd unit;
+Dockerfile references; every shipped config.toml validates against node.config."""
+
+from __future__ import annotations
+
+import base64
+import re
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any
+
+import pytest
+import yaml
+
+from node import config as config_mod
+from tests.peers import REPO
+
+DEPLOY = REPO / "deploy"
+CHART = DEPLOY / "helm" / "prognode"
+
+
+# A tiny renderer for the Helm template subset the chart uses -----------------------------------------
+_ACTION = re.compile(r"(\s*)\{\{(-?)\s*(.*?)\s*(-?)\}\}")
+
+
+def _lookup(path: str, scope: dict[str, Any]) -> Any:
+    if not path.startswith("."):
+        raise ValueError(f"unsupported template value {path!r}")
+    cur: Any = scope
+    for part in path[1:].split("."):
+        if not isinstance(cur, dict) or part not in cur:
+            raise KeyError(f"template refers to missing {path}")
+        cur = cur[part]
+    return cur
+
+
+def _eval(expr: str, scope: dict[str, Any]) -> str:
+    head, *filters = [p.strip() for p in expr.split("|")]
+    value: Any = _lookup(head, scope)
+    for f in filters:
+        name, *args = f.split()
+        if name == "quote":
+            value = '"' + str(value).replace("\\", "\\\\").replace('"', '\\"') + '"'
+        elif name == "b64enc":
+            value = base64.b64encode(str(value).encode()).decode()
+        elif name == "nindent":
+            pad = " " * int(args[0])
+            value = "\n" + "\n".join(pad + ln if ln else ln for ln in str(value).splitlines())
+        else:
+            raise ValueError(f"unsupported template filter {name!r}")
+    return str(value)
+
+
+def render(template: str, values: dict[str, Any], release: str = "prognode") -> str:
+    chart = yaml.safe_load((CHART / "Chart.yaml").read_text())
+    scope = {"Values": values, "Release": {"Name": release}, "Chart": {"Name": chart["name"],
+                                                                        "Version": chart["version"]}}
+
+    def sub(m: re.Match[str]) -> str:
+        ws, trim_left, expr, _trim_right = m.groups()
+        return ("" if trim_left else ws) + _eval(expr, scope)
+
+    return _ACTION.sub(sub, template)
+
+
+@pytest.fixture(scope="module")
+def rendered() -> dict[str, dict[str, Any]]:
+    values = yaml.safe_load((CHART / "values.yaml").read_text())
+    values["web"]["token"] = "t0ken"
+    out = {}
+    for t in sorted((CHART / "templates").glob("*.yaml")):
+        doc = yaml.safe_load(render(t.read_text(), values))
+        out[doc["kind"]] = doc
+    return out
+
+
+def test_helm_chart_renders(rendered: dict[str, dict[str, Any]], tmp_path: Path) -> None:
+    assert set(rendered) == {"Deployment", "Service", "PersistentVolumeClaim", "ConfigMap", "Secret"}
+    dep = rendered["Deployment"]
+    pod = dep["spec"]["template"]["spec"]
+    (container,) = pod["containers"]
+    ports = {p["name"]: p["containerPort"] for p in container["ports"]}
+    assert ports == {"dicom": 11112, "web": 8080}
+    assert dep["spec"]["selector"]["matchLabels"] == dep["spec"]["template"]["metadata"]["labels"]
+    svc = rendered["Service"]
+    assert {(p["name"], p["port"], p["targetPort"]) for p in svc["spec"]["ports"]} == {("dicom", 11112, "dicom"),
+                                                                                      ("web", 8080, "web")}
+    assert svc["spec"]["selector"] == dep["spec"]["selector"]["matchLabels"]
+    mounts = {m["name"]: m["mountPath"] for m in container["volumeMounts"]}
+    volumes = {v["name"]: v for v in pod["volumes"]}
+    assert set(mounts) == set(volumes)
+    assert mounts["data"] == "/var/lib/prognode"
+    assert volumes["data"]["persistentVolumeClaim"]["claimName"] == rendered["PersistentVolumeClaim"]["metadata"]["name"]
+    assert volumes["config"]["configMap"]["name"] == rendered["ConfigMap"]["metadata"]["name"]
+    assert volumes["tls"]["secret"]["secretName"] == rendered["Secret"]["metadata"]["name"]
+    assert rendered["PersistentVolumeClaim"]["spec"]["resources"]["requests"]["storage"] == "50Gi"
+    secret = rendered["Secret"]["data"]
+    assert base64.b64decode(secret["web-token"]) == b"t0ken"
+    env = {e["name"]: e["valueFrom"]["secretKeyRef"] for e in container["env"]}
+    assert env["PROGNODE_WEB_TOKEN"] == {"name": rendered["Secret"]["metadata"]["name"], "key": "web-token"}
+    assert container["securityContext"]["readOnlyRootFilesystem"] is True and pod["securityContext"]["runAsNonRoot"]
+    # the ConfigMap's config.toml is a valid prognode config whose ports match the pod's
+    cfg_file = tmp_path / "config.toml"
+    cfg_file.write_text(rendered["ConfigMap"]["data"]["config.toml"])
+    cfg = config_mod.load(cfg_file, environ={})
+    assert (cfg.node.port, cfg.web.port, cfg.web.host) == (ports["dicom"], ports["web"], "0.0.0.0")
+    assert str(cfg.storage_dir) == mounts["data"]
+
+
+def test_compose_services_ports_volumes(tmp_path: Path) -> None:
+    compose = yaml.safe_load((DEPLOY / "docker-compose.yml").read_text())
+    services = compose["services"]
+    assert set(services) == {"prognode", "orthanc", "ohif", "gateway"}
+    assert set(compose["volumes"]) == {"prognode-data", "orthanc-data"}
+
+    def ports(name: str) -> set[str]:
+        return {str(p) for p in services[name]["ports"]}
+
+    assert ports("prognode") == {"11112:11112", "127.0.0.1:8080:8080"}
+    assert "4242:4242" in ports("orthanc") and "3000:80" in ports("gateway")
+    assert "prognode-data:/var/lib/prognode" in services["prognode"]["volumes"]
+    assert "orthanc-data:/var/lib/orthanc/db" in services["orthanc"]["volumes"]
+    assert services["prognode"]["build"]["dockerfile"] == "deploy/Dockerfile"
+    assert (DEPLOY / services["prognode"]["build"]["context"]).resolve() == REPO
+    # every bind-mounted file exists
+    for svc in services.values():
+        for vol in svc.get("volumes", []):
+            src = vol.split(":")[0]
+            if src.startswith("./"):
+                assert (DEPLOY / src).exists(), src
+    # the node's config validates and points at the orthanc service; orthanc knows the node's AE
+    cfg = config_mod.load(DEPLOY / "config" / "prognode.toml", environ={})
+    assert cfg.destination("pacs").host == "orthanc" and cfg.source("pacs").retrieve == "move"
+    assert cfg.node.port == 11112 and cfg.web.port == 8080 and cfg.sweep.enabled
+    import json
+
+    orthanc = json.loads((DEPLOY / "orthanc" / "orthanc.json").read_text())
+    assert orthanc["DicomModalities"]["prognode"] == [cfg.node.ae_title, "prognode", cfg.node.port]
+    assert orthanc["DicomPort"] == cfg.destination("pacs").port and orthanc["DicomWeb"]["Enable"]
+    nginx = (DEPLOY / "nginx" / "default.conf").read_text()
+    assert "http://orthanc:8042/dicom-web/" in nginx and "http://ohif:80/" in nginx
+
+
+def test_systemd_unit(tmp_path: Path) -> None:
+    text = (DEPLOY / "systemd" / "prognode.service").read_text()
+    sections: dict[str, dict[str, str]] = {}
+    current = ""
+    for line in text.splitlines():
+        line = line.strip()
+        if not line or line.startswith("#"):
+            continue
+        if line.startswith("["):
+            current = line.strip("[]")
+            sections[current] = {}
+        else:
+            key, _, value = line.partition("=")
+            sections[current][key] = value
+    svc = sections["Service"]
+    assert svc["User"] == "prognode" and svc["ProtectSystem"] == "strict"
+    assert svc["Restart"] == "on-failure" and svc["KillSignal"] == "SIGTERM"
+    assert "/var/lib/prognode" in svc["ReadWritePaths"].split()
+    assert svc["NoNewPrivileges"] == "true" and svc["CapabilityBoundingSet"] == ""
+    assert svc["ExecStart"].endswith("serve --config /etc/prognode/config.toml")
+    assert sections["Install"]["WantedBy"] == "multi-user.target"
+    if shutil.which("systemd-analyze") is None:
+        return
+    # verify a copy whose ExecStart points at an executable that exists here
+    unit = tmp_path / "prognode.service"
+    unit.write_text(text.replace("/opt/prognode/venv/bin/prognode", sys.executable))
+    r = subprocess.run(["systemd-analyze", "verify", str(unit)], capture_output=True, text=True, timeout=60)
+    problems = [ln for ln in (r.stdout + r.stderr).splitlines()
+                if "prognode.service" in ln and "Documentation" not in ln and "Failed to" not in ln]
+    assert r.returncode == 0 and not problems, r.stdout + r.stderr
+
+
+def test_dockerfile_references_exist() -> None:
+    text = (DEPLOY / "Dockerfile").read_text()
+    assert re.search(r"^FROM debian:bookworm", text, re.M)
+    copies = re.findall(r"^COPY\s+(.+)$", text, re.M)
+    assert copies
+    for line in copies:
+        *sources, _dest = line.split()
+        for src in sources:
+            assert (REPO / src).exists(), f"Dockerfile COPY {src}: missing"
+    # CPU torch from the CPU index strictly before the lock file
+    assert text.index("download.pytorch.org/whl/cpu") < text.index("-r requirements.lock")
+    assert "torch==2.13.0" in (REPO / "requirements.lock").read_text()
+    assert re.search(r"^EXPOSE 11112 8080$", text, re.M) and "USER prognode" in text

@@ -1,0 +1,229 @@
+"""Sweeps against a real Orthanc: C-MOVE and C-GET, skip by ledger, dry run, kill -9 and resume, hours."""
+
+from __future__ import annotations
+
+import datetime as dt
+import json
+import os
+import signal
+import sqlite3
+import subprocess
+import sys
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+from sqlalchemy import func, select
+
+from node import config as config_mod
+from node.audit import AuditLog
+from node.db import Database, Instance, Sweep, SweepItem
+from node.metrics import Metrics
+from node.sweep import (
+    SCHEDULER_JOB_ID,
+    Sweeper,
+    default_store_handler,
+    open_database,
+    run_sweep,
+    start_scheduler,
+)
+from tests.conftest import need
+from tests.peers import REPO, Orthanc, free_port, orthanc, wait_until
+from tests.synthetic_ct import write_studies
+
+FIRST = dt.date(2026, 3, 2)
+N_STUDIES = 6
+SLICES = 4
+
+
+@pytest.fixture(scope="module")
+def source_pacs(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Orthanc]:
+    need("Orthanc")
+    root = tmp_path_factory.mktemp("sweep-pacs")
+    studies = write_studies(root / "dcm", N_STUDIES, FIRST, slices=SLICES)
+    with orthanc(root / "orthanc") as o:
+        o.upload([f for s in studies for f in s.files])
+        # one study outside the date range, which no sweep of the range may touch
+        late = write_studies(root / "late", 1, FIRST + dt.timedelta(days=60), slices=2, seed="late")
+        o.upload(list(late[0].files))
+        yield o
+
+
+def write_config(tmp: Path, pacs: Orthanc, retrieve: str = "move", extra: str = "") -> Path:
+    port = free_port()
+    pacs.add_modality("prognode", "PROGNODE", "127.0.0.1", port)
+    cfg = tmp / "config.toml"
+    cfg.write_text(f"""
+[node]
+ae_title = "PROGNODE"
+host = "127.0.0.1"
+port = {port}
+storage = "var"
+fsync = false
+
+[[sources]]
+name = "pacs"
+ae_title = "{pacs.aet}"
+host = "127.0.0.1"
+port = {pacs.dicom_port}
+retrieve = "{retrieve}"
+
+[sweep]
+source = "pacs"
+max_concurrent = 2
+{extra}
+[logging]
+audit_file = "var/audit.jsonl"
+""")
+    return cfg
+
+
+def _run(cfg_path: Path, dry_run: bool = False, hour: int | None = None) -> tuple:
+    cfg = config_mod.load(cfg_path)
+    db = open_database(cfg)
+    audit = AuditLog(cfg.path(cfg.logging.audit_file))
+    metrics = Metrics(db)
+    lines: list[str] = []
+    sweeper = Sweeper(cfg, db, default_store_handler(cfg, db, metrics, audit), metrics, audit, lines.append,
+                      **({"hour": lambda: hour} if hour is not None else {}))
+    out = sweeper.run(FIRST, FIRST + dt.timedelta(days=10), dry_run=dry_run)
+    return cfg, db, out, lines, metrics
+
+
+def _instances(db: Database) -> int:
+    with db.session() as s:
+        return int(s.scalar(select(func.count()).select_from(Instance)) or 0)
+
+
+@pytest.mark.parametrize("method", ["move", "get"])
+def test_sweep_retrieves_then_second_sweep_retrieves_nothing(tmp_path: Path, source_pacs: Orthanc,
+                                                             method: str) -> None:
+    cfg_path = write_config(tmp_path, source_pacs, method)
+    cfg, db, out, lines, metrics = _run(cfg_path)
+    assert out.state == "done", lines
+    assert (out.studies, out.series, out.retrieved, out.failed) == (N_STUDIES, N_STUDIES, N_STUDIES, 0)
+    assert out.instances_retrieved == N_STUDIES * SLICES
+    assert _instances(db) == N_STUDIES * SLICES
+    files = list((cfg.storage_dir / "instances").rglob("*.dcm"))
+    assert len(files) == N_STUDIES * SLICES
+    report = json.loads((cfg.storage_dir / "sweeps" / f"sweep-{out.sweep_id}.json").read_text())
+    assert report["retrieved"] == N_STUDIES and report["item_states"] == {"retrieved": N_STUDIES}
+    assert any("instances by C-" in ln for ln in lines)
+    scrape = metrics.exposition().decode()
+    assert f'prognode_sweep_series_retrieved_total{{method="{method}"}} {float(N_STUDIES)}' in scrape
+    # one C-FIND association, one per retrieval; C-MOVE sub-operations come in to the sweep receiver
+    assert f'prognode_associations_total{{direction="out",outcome="accepted"}} {float(N_STUDIES + 1)}' in scrape
+    if method == "move":
+        assert f'prognode_associations_total{{direction="in",outcome="accepted"}} {float(N_STUDIES)}' in scrape
+    if method == "get":  # C-GET stores through this process's store path
+        assert f"prognode_instances_received_total {float(N_STUDIES * SLICES)}" in scrape
+    events = [r["event"] for r in AuditLog(cfg.path(cfg.logging.audit_file)).read()]
+    assert events.count("retrieve") == N_STUDIES and "query" in events and events[-1] == "sweep"
+
+    # same range again: the ledger has every series with its content, nothing is retrieved
+    _cfg2, db2, out2, _lines2, _m = _run(cfg_path)
+    assert out2.sweep_id != out.sweep_id
+    assert (out2.retrieved, out2.skipped, out2.state) == (0, N_STUDIES, "done")
+    assert all(item["reason"] == "present" for item in out2.items)
+    assert _instances(db2) == N_STUDIES * SLICES
+
+
+def test_dry_run_cli_retrieves_nothing(tmp_path: Path, source_pacs: Orthanc) -> None:
+    cfg_path = write_config(tmp_path, source_pacs)
+    r = subprocess.run([sys.executable, "-m", "node.sweep", "sweep", "--config", str(cfg_path),
+                        "--from", FIRST.isoformat(), "--to", (FIRST + dt.timedelta(days=10)).isoformat(),
+                        "--dry-run", "--json"], cwd=REPO, env=dict(os.environ, PYTHONPATH=str(REPO)),
+                       capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0, r.stdout + r.stderr
+    summary = json.loads(r.stdout[r.stdout.index("{"):])
+    assert (summary["planned"], summary["retrieved"], summary["dry_run"]) == (N_STUDIES, 0, True)
+    assert "found 6 studies, 6 series" in r.stdout
+    db = open_database(config_mod.load(cfg_path))
+    assert _instances(db) == 0
+
+
+@pytest.mark.slow
+def test_killed_sweep_resumes(tmp_path: Path, source_pacs: Orthanc) -> None:
+    cfg_path = write_config(tmp_path, source_pacs, extra="pause_seconds = 0.6\n")
+    cfg_path.write_text(cfg_path.read_text().replace("max_concurrent = 2", "max_concurrent = 1"))
+    cfg = config_mod.load(cfg_path)
+    args = [sys.executable, "-m", "node.sweep", "sweep", "--config", str(cfg_path), "--from", FIRST.isoformat(),
+            "--to", (FIRST + dt.timedelta(days=10)).isoformat(), "--json"]
+    env = dict(os.environ, PYTHONPATH=str(REPO))
+    proc = subprocess.Popen(args, cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+    dbfile = cfg.storage_dir / "prognode.db"
+
+    def retrieved() -> int:
+        if not dbfile.exists():
+            return 0
+        try:
+            with sqlite3.connect(dbfile, timeout=5) as c:
+                return int(c.execute("select count(*) from sweep_items where state='retrieved'").fetchone()[0])
+        except sqlite3.OperationalError:
+            return 0
+
+    try:
+        wait_until(lambda: retrieved() >= 2, timeout=60, what="two series retrieved")
+    finally:
+        os.kill(proc.pid, signal.SIGKILL)
+        proc.wait(10)
+    done_before = retrieved()
+    assert done_before < N_STUDIES
+    r = subprocess.run(args, cwd=REPO, env=env, capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0, r.stdout + r.stderr
+    summary = json.loads(r.stdout[r.stdout.index("{\n"):])
+    assert summary["resumed"] is True and summary["sweep_id"] == 1
+    assert summary["already_done"] == done_before
+    assert summary["already_done"] + summary["retrieved"] + summary["skipped"] == N_STUDIES
+    assert "resuming" in r.stdout
+    db = Database(cfg.database_url)
+    with db.session() as s:
+        assert s.scalar(select(func.count()).select_from(Sweep)) == 1
+        states = {i.state for i in s.scalars(select(SweepItem))}
+    assert states <= {"retrieved", "skipped"}
+    assert _instances(db) == N_STUDIES * SLICES
+
+
+def test_allowed_hours_stop_then_resume(tmp_path: Path, source_pacs: Orthanc) -> None:
+    cfg_path = write_config(tmp_path, source_pacs, "get", extra="allowed_hours = [20, 6]\n")
+    _cfg, db, out, _lines, _m = _run(cfg_path, hour=12)
+    assert out.state == "interrupted" and "allowed hours" in out.stopped_reason
+    assert out.retrieved == 0 and _instances(db) == 0
+    _cfg, db, out2, _lines, _m = _run(cfg_path, hour=23)  # inside the night window: resumes the same sweep
+    assert out2.sweep_id == out.sweep_id and out2.resumed and out2.state == "done"
+    assert out2.retrieved == N_STUDIES and _instances(db) == N_STUDIES * SLICES
+
+
+def test_scheduler_restart_keeps_one_job(tmp_path: Path) -> None:
+    cfg_path = tmp_path / "config.toml"
+    cfg_path.write_text('[node]\nstorage = "var"\n[sweep]\ncron = "30 2 * * *"\n')
+    cfg = config_mod.load(cfg_path)
+    cfg.storage_dir.mkdir(parents=True)
+    db = Database(cfg.database_url)
+    for _restart in range(2):
+        sched = start_scheduler(cfg, db)
+        job = sched.get_job(SCHEDULER_JOB_ID)
+        assert job is not None and job.next_run_time.hour == 2 and job.next_run_time.minute == 30
+        assert job.max_instances == 1 and job.coalesce
+        sched.shutdown(wait=False)
+    with sqlite3.connect(cfg.storage_dir / "prognode.db") as c:
+        rows = c.execute("select id from apscheduler_jobs").fetchall()
+    assert rows == [(SCHEDULER_JOB_ID,)]
+
+
+
+def test_move_sweep_into_running_node(tmp_path: Path, source_pacs: Orthanc) -> None:
+    """With the node serving, C-MOVE results arrive through the node's own SCP (no sweep receiver)."""
+    service = pytest.importorskip("node.service", reason="node core not merged yet")
+    cfg_path = write_config(tmp_path, source_pacs, "move")
+    cfg = config_mod.load(cfg_path)
+    node = service.Node(cfg).start()
+    try:
+        db = open_database(cfg)
+        out = run_sweep(cfg, db, FIRST, FIRST + dt.timedelta(days=10))
+        assert (out.retrieved, out.failed, out.instances_retrieved) == (N_STUDIES, 0, N_STUDIES * SLICES)
+        assert _instances(db) == N_STUDIES * SLICES
+        again = run_sweep(cfg, db, FIRST, FIRST + dt.timedelta(days=10))
+        assert (again.retrieved, again.skipped) == (0, N_STUDIES)
+    finally:
+        node.stop()
