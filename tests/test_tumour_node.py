@@ -21,7 +21,7 @@ def test_study_route_ct_plus_rtstruct_to_pacs(tmp_path: Path, shared_data: Path,
     route = {"name": "tumour", "level": "study", "pipelines": ["tumour-radiomics"], "send_to": ["pacs"],
              "requires": [{"name": "ct", "when": {"Modality": "CT"}}, {"name": "roi", "when": {"Modality": "RTSTRUCT"}}]}
     cfg = write_config(tmp_path, destinations=[pacs_destination(pacs.dicom_port)], routes=[route],
-                       completion={"quiet_seconds": 1.0})
+                       completion={"quiet_seconds": 1.0}, web={"enabled": False})
     study = "1.2.840.113619.2.405.3.84541899.902.1605198123.910"
     with running_node(cfg) as node:
         storescu(node.port, [shared_data / RT / "rt.dcm"], extra=["-R"])  # the ROI first: the job must wait for the CT
