@@ -1,7 +1,8 @@
 """Audit log in JSON lines: who sent or queried what, what was exported where.
 
-One JSON object per line, ``{"time": "<UTC ISO 8601>", "event": "...", ...fields}``, appended and
-flushed (and fsynced) per record so that a hospital can keep, rotate and ship the file.  Safe to
+One JSON object per line, ``{"ts": "<UTC ISO 8601>", "event": "...", ...fields}`` (the same record
+as the node core's ``node.logs.AuditLog``, so both may append to one file), written with one
+``write`` per record (optionally fsynced) so that a hospital can keep, rotate and ship the file.  Safe to
 share between threads; several processes may append to the same file (each record is a single
 ``write`` of one line on a file opened in append mode).
 
@@ -29,7 +30,7 @@ class AuditSink(Protocol):
 
 
 def utc_now_iso() -> str:
-    return dt.datetime.now(dt.UTC).isoformat(timespec="milliseconds").replace("+00:00", "Z")
+    return dt.datetime.now(dt.UTC).isoformat(timespec="milliseconds")
 
 
 class AuditLog:
@@ -40,10 +41,11 @@ class AuditLog:
     path
         The audit file; its folder is created.  ``None`` disables auditing (records are dropped).
     fsync
-        Also fsync after each record (default True: the audit trail survives power loss).
+        Also fsync after each record (the trail then survives power loss, at one more fsync per
+        stored instance); default False: records survive a crash of the process.
     """
 
-    def __init__(self, path: Path | None, fsync: bool = True) -> None:
+    def __init__(self, path: Path | None, fsync: bool = False) -> None:
         self.path = path
         self._fsync = fsync
         self._lock = threading.Lock()
@@ -54,7 +56,7 @@ class AuditLog:
         """Append one record; values that JSON cannot encode are written as strings."""
         if self.path is None:
             return
-        entry: dict[str, Any] = {"time": utc_now_iso(), "event": event}
+        entry: dict[str, Any] = {"ts": utc_now_iso(), "event": event}
         entry.update(fields)
         line = json.dumps(entry, default=str, ensure_ascii=False, separators=(",", ":")) + "\n"
         data = line.encode("utf-8")

@@ -130,7 +130,7 @@ def test_sweep_retrieves_then_second_sweep_retrieves_nothing(tmp_path: Path, sou
 
 def test_dry_run_cli_retrieves_nothing(tmp_path: Path, source_pacs: Orthanc) -> None:
     cfg_path = write_config(tmp_path, source_pacs)
-    r = subprocess.run([sys.executable, "-m", "node.sweep", "sweep", "--config", str(cfg_path),
+    r = subprocess.run([sys.executable, "-m", "node", "sweep", "--config", str(cfg_path),
                         "--from", FIRST.isoformat(), "--to", (FIRST + dt.timedelta(days=10)).isoformat(),
                         "--dry-run", "--json"], cwd=REPO, env=dict(os.environ, PYTHONPATH=str(REPO)),
                        capture_output=True, text=True, timeout=120)
@@ -147,7 +147,7 @@ def test_killed_sweep_resumes(tmp_path: Path, source_pacs: Orthanc) -> None:
     cfg_path = write_config(tmp_path, source_pacs, extra="pause_seconds = 0.6\n")
     cfg_path.write_text(cfg_path.read_text().replace("max_concurrent = 2", "max_concurrent = 1"))
     cfg = config_mod.load(cfg_path)
-    args = [sys.executable, "-m", "node.sweep", "sweep", "--config", str(cfg_path), "--from", FIRST.isoformat(),
+    args = [sys.executable, "-m", "node", "sweep", "--config", str(cfg_path), "--from", FIRST.isoformat(),
             "--to", (FIRST + dt.timedelta(days=10)).isoformat(), "--json"]
     env = dict(os.environ, PYTHONPATH=str(REPO))
     proc = subprocess.Popen(args, cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
@@ -214,7 +214,8 @@ def test_scheduler_restart_keeps_one_job(tmp_path: Path) -> None:
 
 def test_move_sweep_into_running_node(tmp_path: Path, source_pacs: Orthanc) -> None:
     """With the node serving, C-MOVE results arrive through the node's own SCP (no sweep receiver)."""
-    service = pytest.importorskip("node.service", reason="node core not merged yet")
+    from node import service
+
     cfg_path = write_config(tmp_path, source_pacs, "move")
     cfg = config_mod.load(cfg_path)
     node = service.Node(cfg).start()

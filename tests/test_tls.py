@@ -17,8 +17,7 @@ from node.access import AccessPolicy
 from node.audit import AuditLog
 from node.config import Config, TlsConfig
 from node.db import Database
-from node.store_adapter import InterimStore
-from node.sweep import Receiver
+from node.sweep import Receiver, default_store_handler
 from node.tls import TlsError, client_context, server_context, tls_args
 from tests.conftest import need
 from tests.peers import free_port, stop_pid, wait_port
@@ -93,7 +92,7 @@ def tls_scp(tmp_path: Path, pki: Pki) -> Iterator[tuple[Config, Database, AuditL
     cfg = node_config(tmp_path, pki, allowed_aets='["STORESCU", "ECHOSCU@127.0.0.0/8", "FARAWAY@10.9.0.0/16"]')
     db = Database(cfg.database_url)
     audit = AuditLog(tmp_path / "audit.jsonl")
-    receiver = Receiver(cfg, InterimStore(cfg.storage_dir, db, audit=audit, fsync=False).handle_store, audit)
+    receiver = Receiver(cfg, default_store_handler(cfg, db, audit=audit), audit)
     try:
         yield cfg, db, audit
     finally:
@@ -126,8 +125,8 @@ def test_dcmtk_tls_to_pynetdicom_scp(tls_scp: tuple[Config, Database, AuditLog],
     assert _dcmtk("echoscu", port, "INTRUDER", good).returncode != 0
     assert _dcmtk("echoscu", port, "FARAWAY", good).returncode != 0
     records = audit.read()
-    stores = [r for r in records if r["event"] == "store"]
-    assert len(stores) == 2 and stores[0]["calling_ae"] == "STORESCU" and stores[0]["time"].endswith("Z")
+    stores = [r for r in records if r["event"] == "instance_stored"]
+    assert len(stores) == 2 and stores[0]["calling_ae"] == "STORESCU" and stores[0]["ts"].endswith("+00:00")
     rejected = [r for r in records if r["event"] == "association" and not r["accepted"]]
     assert [r["calling_ae"] for r in rejected] == ["INTRUDER", "FARAWAY"]
     assert "not allowed from 127.0.0.1" in rejected[1]["reason"]
