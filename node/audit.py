@@ -6,11 +6,12 @@ as the node core's ``node.logs.AuditLog``, so both may append to one file), writ
 share between threads; several processes may append to the same file (each record is a single
 ``write`` of one line on a file opened in append mode).
 
-Events used by prognode (fields are free-form keyword arguments):
-``association`` (calling_ae, peer, accepted, reason), ``store`` (calling_ae, peer, sop_instance_uid,
-series_uid, status), ``query`` (source, level, filters, matches), ``retrieve`` (source, method,
-series_uid, instances), ``export`` (job_id, destination, sop_instance_uid, status),
-``resend`` (job_id, by), ``sweep`` (sweep_id, state).
+Events written by prognode (fields are keyword arguments): ``association_accepted`` /
+``association_rejected`` / ``association_released`` / ``association_aborted`` (calling_ae, peer,
+called_ae, reason), ``instance_stored`` / ``instance_refused`` (calling_ae, peer, SOP instance, series,
+status), ``echo``, ``series_complete``, ``job_*``, ``export_sent`` / ``export_failed`` (job, destination,
+SOP instance), ``resend`` (job_id, by), and from sweeps ``query`` (source, date range, matches),
+``retrieve`` (source, method, series, instances) and ``sweep`` (sweep_id, state, counts).
 """
 
 from __future__ import annotations

@@ -20,7 +20,7 @@ from node.db import Database
 from node.sweep import Receiver, default_store_handler
 from node.tls import TlsError, client_context, server_context, tls_args
 from tests.conftest import need
-from tests.peers import free_port, stop_pid, wait_port
+from tests.peers import echoscu, free_port, stop_pid, wait_port
 from tests.synthetic_ct import write_study
 
 
@@ -127,7 +127,7 @@ def test_dcmtk_tls_to_pynetdicom_scp(tls_scp: tuple[Config, Database, AuditLog],
     records = audit.read()
     stores = [r for r in records if r["event"] == "instance_stored"]
     assert len(stores) == 2 and stores[0]["calling_ae"] == "STORESCU" and stores[0]["ts"].endswith("+00:00")
-    rejected = [r for r in records if r["event"] == "association" and not r["accepted"]]
+    rejected = [r for r in records if r["event"] == "association_rejected"]
     assert [r["calling_ae"] for r in rejected] == ["INTRUDER", "FARAWAY"]
     assert "not allowed from 127.0.0.1" in rejected[1]["reason"]
 
@@ -188,3 +188,31 @@ def test_access_policy_rules() -> None:
     assert p.check("CT2", "10.0.0.7") is not None
     assert p.check("CT1", "192.168.1.1") is not None
     assert AccessPolicy.from_lists([], []).check("ANY", "203.0.113.9") is None
+
+
+def test_node_scp_allow_list_pairs(tmp_path: Path) -> None:
+    """The node's own SCP honours "AET@network" entries next to plain AE titles."""
+    need("echoscu")
+    from node.index import Index
+    from node.server import DicomServer
+    from node.storage import Storage
+
+    cfg_file = tmp_path / "config.toml"
+    cfg_file.write_text(f'[node]\nport = {free_port()}\nstorage = "var"\n'
+                        'allowed_calling_aets = ["ECHOSCU@127.0.0.0/8", "FARAWAY@10.9.0.0/16", "PLAIN"]\n')
+    cfg = config_mod.load(cfg_file)
+    cfg.storage_dir.mkdir()
+    db = Database(cfg.database_url)
+    audit = AuditLog(tmp_path / "audit.jsonl")
+    server = DicomServer(cfg, Storage(cfg.storage_dir), Index(db, cfg.storage_dir), audit).start()
+    try:
+        port = cfg.node.port
+        assert echoscu(port, calling="ECHOSCU") == 0
+        assert echoscu(port, calling="PLAIN") == 0
+        assert echoscu(port, calling="FARAWAY") != 0
+        assert echoscu(port, calling="INTRUDER") != 0
+    finally:
+        server.stop(timeout=5)
+        db.dispose()
+    rejected = [r["calling_ae"] for r in audit.read() if r["event"] == "association_rejected"]
+    assert "FARAWAY" in rejected
