@@ -125,7 +125,7 @@ def main() -> int:
         ref = statistics.median(times["storescp TCP_NODELAY=1"])
         print(f"\ningest: {len(files)} slices 512x512, {mb:.1f} MB, explicit VR LE, storescu -> receiver on "
               f"127.0.0.1, median of {args.repeats}, {os.cpu_count()} CPUs")
-        print(f"| receiver | seconds (median) | MB/s | vs storescp TCP_NODELAY |")
+        print("| receiver | seconds (median) | MB/s | vs storescp TCP_NODELAY |")
         print("|---|---:|---:|---:|")
         for name, ts in times.items():
             t = statistics.median(ts)

@@ -12,7 +12,7 @@ from __future__ import annotations
 import functools
 import tomllib
 from collections.abc import Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from importlib import resources
 from typing import Any
 
@@ -48,6 +48,7 @@ class Table:
     concepts: Mapping[str, CodedConcept]
     units: Mapping[str, CodedConcept]
     schemes: Mapping[str, Mapping[str, str]]
+    sections: Mapping[str, Any] = field(default_factory=dict)  # other top-level tables, as parsed
 
 
 def _coded(raw: Any, where: str) -> CodedConcept:
@@ -96,7 +97,10 @@ def parse(text: str) -> Table:
         for code, meaning in data.get("units", {}).items()
     }
     schemes = {k: {kk: str(vv) for kk, vv in v.items()} for k, v in data.get("schemes", {}).items()}
-    return Table(version=version, segments=segments, concepts=concepts, units=units, schemes=schemes)
+    known = {"version", "segments", "concepts", "units", "schemes"}
+    sections = {k: v for k, v in data.items() if k not in known}
+    return Table(version=version, segments=segments, concepts=concepts, units=units, schemes=schemes,
+                 sections=sections)
 
 
 @functools.cache
@@ -139,6 +143,15 @@ def finding(key: str) -> CodedConcept:
     if key in t.segments:
         return t.segments[key].type
     raise KeyError(f"unknown finding {key!r}: neither a concept nor a segment in dicom_templates/codes.toml")
+
+
+def section(name: str) -> Any:
+    """Another top-level table of ``codes.toml`` (e.g. versioned cut-offs with citations), as parsed.
+
+    Lets pipelines keep their coded reference data in the same versioned file; treat the
+    result as read-only.  KeyError naming the section when it is missing.
+    """
+    return _lookup("section", table().sections, name)
 
 
 def segment_keys() -> list[str]:

@@ -6,6 +6,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 
 import highdicom as hd
+from pydicom.dataset import Dataset
 from pydicom.sr.codedict import codes as dcm_codes
 from pydicom.uid import generate_uid
 
@@ -70,3 +71,28 @@ def contributing_equipment(identity: Identity, algorithm: Algorithm) -> hd.Contr
 def device_uid(identity: Identity) -> str:
     """A stable Device Observer UID for this node, derived from manufacturer and serial."""
     return str(generate_uid(entropy_srcs=["prognode-device", identity.manufacturer, identity.device_serial_number]))
+
+
+# Type 2 attributes of the Patient and General Study modules (PS3.3 C.7.1.1, C.7.2.1) that
+# highdicom copies from the first source: a source that lacks one gets it empty, which is
+# what Type 2 means for "unknown".
+_TYPE2_SOURCE = (
+    "PatientName", "PatientID", "PatientBirthDate", "PatientSex",
+    "StudyDate", "StudyTime", "ReferringPhysicianName", "StudyID", "AccessionNumber",
+)
+
+
+def with_type2(ds: Dataset) -> Dataset:
+    """``ds`` itself, or a copy of its elements with missing Patient/Study Type 2 attributes empty.
+
+    The input dataset is never modified.
+    """
+    missing = [kw for kw in _TYPE2_SOURCE if kw not in ds]
+    if not missing:
+        return ds
+    out = Dataset({tag: elem for tag, elem in ds.items()})
+    if hasattr(ds, "file_meta"):
+        out.file_meta = ds.file_meta
+    for kw in missing:
+        setattr(out, kw, "")
+    return out

@@ -11,7 +11,7 @@ from numpy.typing import NDArray
 from pydicom.dataset import Dataset
 
 from dicom_templates import codes
-from dicom_templates.common import Algorithm, check_identity, contributing_equipment
+from dicom_templates.common import Algorithm, check_identity, contributing_equipment, with_type2
 from pipelines.base import Identity
 
 log = logging.getLogger(__name__)
@@ -129,7 +129,7 @@ def build_seg(
     if not any_voxel:
         log.info("build_seg: every mask is empty; keeping all %d frames", planes)
     seg = hd.seg.Segmentation(
-        source_images=list(source_images),
+        source_images=[with_type2(d) for d in source_images],
         pixel_array=pixel_array,
         segmentation_type=hd.seg.SegmentationTypeValues.BINARY,
         segment_descriptions=descriptions,

@@ -46,7 +46,7 @@ from pydicom.sr.codedict import codes as dcm_codes
 from pydicom.uid import generate_uid
 
 from dicom_templates import codes
-from dicom_templates.common import Algorithm, check_identity, contributing_equipment, device_uid
+from dicom_templates.common import Algorithm, check_identity, contributing_equipment, device_uid, with_type2
 from pipelines.base import Identity, Predecessor
 
 log = logging.getLogger(__name__)
@@ -56,12 +56,14 @@ OHIF_TRACKING_IDENTIFIER = "Cornerstone3DTools@^0.1.0:PlanarFreehandROI"
 __all__ = [
     "OHIF_TRACKING_IDENTIFIER",
     "Algorithm",
+    "GroupReadout",
     "Measurement",
     "PlanarGroup",
     "Qualitative",
     "Text",
     "VolumeGroup",
     "build_measurement_report",
+    "close_polygon",
     "not_evaluable_group",
     "pixel_spacing",
     "polygon_area_mm2",
@@ -441,7 +443,7 @@ def build_measurement_report(
     _report_qualitative(report, report_qualitative, report_texts)
     schemes = codes.coding_schemes(*_all_concepts(groups, report_qualitative, report_texts))
     sr = hd.sr.Comprehensive3DSR(
-        evidence=list(evidence),
+        evidence=[with_type2(evidence[0]), *evidence[1:]],
         content=report[0],
         series_instance_uid=series_instance_uid or hd.UID(),
         series_number=identity.sr_series_number,

@@ -1,6 +1,6 @@
 """Series completion: geometry first, quiet time as the fallback.
 
-A series is complete when its slices form a contiguous, evenly spaced stack that agrees
+A series is complete when no association that delivered it is still open, its slices form a contiguous, evenly spaced stack that agrees
 with any count the headers announce (ImagesInAcquisition) and nothing new arrived for
 ``settle_seconds``; a multi-frame or non-image series (Enhanced CT, SEG, SR, RTSTRUCT)
 once nothing new arrived for ``settle_seconds``; anything else after ``quiet_seconds``.
@@ -89,8 +89,10 @@ class CompletionMonitor:
     """Polls receiving series, completes them and queues their jobs in one transaction."""
 
     def __init__(self, db: Database, cfg: CompletionConfig, router: Router, audit: AuditLog,
-                 on_jobs: Callable[[list[int]], None] | None = None) -> None:
+                 on_jobs: Callable[[list[int]], None] | None = None,
+                 busy: Callable[[], set[str]] | None = None) -> None:
         self.db = db
+        self.busy = busy  # series an open association is still delivering (wait for its release)
         self.cfg = cfg
         self.router = router
         self.audit = audit
@@ -103,7 +105,10 @@ class CompletionMonitor:
             candidates = s.execute(select(Series.series_uid, Series.last_received).where(
                 Series.state == "receiving", Series.last_received <= t - self.cfg.settle_seconds)).all()
         done: list[str] = []
+        busy = self.busy() if self.busy is not None else set()
         for uid, last in candidates:
+            if uid in busy and t - last < self.cfg.quiet_seconds:
+                continue
             if self._try_complete(uid, last, t):
                 done.append(uid)
         return done

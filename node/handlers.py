@@ -8,6 +8,7 @@ ErrorComment, writes one log line and one audit record, and leaves nothing parti
 from __future__ import annotations
 
 import logging
+import threading
 import time
 from collections.abc import Sequence
 from typing import Any
@@ -32,6 +33,30 @@ CANNOT_UNDERSTAND = 0xC210  # Error: Cannot understand (unreadable dataset)
 ERROR_COMMENT_MAX = 64  # ErrorComment is LO
 
 
+class OpenAssociations:
+    """Series that an association still open has delivered instances of.
+
+    While the sender's association is open more slices may come, so completion waits for
+    its release (or for ``quiet_seconds``) even when the stack already looks complete.
+    """
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._series: dict[int, set[str]] = {}
+
+    def add(self, assoc_id: int, series_uid: str) -> None:
+        with self._lock:
+            self._series.setdefault(assoc_id, set()).add(series_uid)
+
+    def close(self, assoc_id: int) -> None:
+        with self._lock:
+            self._series.pop(assoc_id, None)
+
+    def busy(self) -> set[str]:
+        with self._lock:
+            return set().union(*self._series.values()) if self._series else set()
+
+
 def _status(code: int, comment: str = "") -> Dataset:
     ds = Dataset()
     ds.Status = code
@@ -47,7 +72,7 @@ def peer_of(event: Event) -> tuple[str, str]:
 
 
 def handle_store(event: Event, store: Storage, index: Index, audit: AuditLog,
-                 extra_keywords: Sequence[str] = ()) -> Dataset:
+                 extra_keywords: Sequence[str] = (), open_associations: OpenAssociations | None = None) -> Dataset:
     """EVT_C_STORE: validate, write atomically, index, then answer."""
     calling, peer = peer_of(event)
     rq_sop = str(getattr(event.request, "AffectedSOPInstanceUID", "") or "")
@@ -92,6 +117,8 @@ def handle_store(event: Event, store: Storage, index: Index, audit: AuditLog,
         if not index.has_instance_safely(meta.sop_instance_uid):
             store.remove(stored.path)
         return outcome(OUT_OF_RESOURCES, f"index write failed: {type(e).__name__}", sop=meta.sop_instance_uid)
+    if open_associations is not None:
+        open_associations.add(id(event.assoc), meta.series_uid)
     return outcome(SUCCESS, "", sop=meta.sop_instance_uid, series_uid=meta.series_uid, study_uid=meta.study_uid,
                    bytes=stored.size, generation=rec.generation, reopened=rec.reopened,
                    ms=round((time.perf_counter() - t0) * 1000, 2))
@@ -104,7 +131,7 @@ def truncation(ds: Dataset) -> str:
     """Why the decoded dataset is visibly incomplete ('' when it is not)."""
     if len(ds) == 0:
         return "no data elements"
-    last = ds.get_item(next(reversed(ds.keys())))
+    last = ds.get_item(sorted(ds.keys())[-1])
     length = getattr(last, "length", None)
     value = getattr(last, "value", None)
     if isinstance(length, int) and length != UNDEFINED_LENGTH and isinstance(value, (bytes, bytearray)) \
@@ -120,8 +147,10 @@ def handle_echo(event: Event, audit: AuditLog) -> int:
     return SUCCESS
 
 
-def handle_association(event: Event, audit: AuditLog) -> None:
+def handle_association(event: Event, audit: AuditLog, open_associations: OpenAssociations | None = None) -> None:
     """EVT_ACCEPTED, EVT_REJECTED, EVT_RELEASED, EVT_ABORTED: one line each."""
+    if open_associations is not None and event.event in (evt.EVT_RELEASED, evt.EVT_ABORTED):
+        open_associations.close(id(event.assoc))
     calling, peer = peer_of(event)
     names: dict[Any, str] = {evt.EVT_ACCEPTED: "accepted", evt.EVT_REJECTED: "rejected",
                              evt.EVT_RELEASED: "released", evt.EVT_ABORTED: "aborted"}

@@ -170,8 +170,18 @@ def execute(spec: JobSpec) -> JobOutcome:
                           summary={"traceback": traceback.format_exc()[-4000:]})
 
 
-def _worker_init() -> None:
-    """Die with the node (Linux), so a kill -9 of the node leaves no orphan writing results."""
+def _worker_init(preload: tuple[str, ...] = (), log_level: str = "") -> None:
+    """Die with the node (Linux), so a kill -9 of the node leaves no orphan writing results;
+    import the configured pipelines' modules now, so the first job does not pay for it."""
+    if log_level:
+        from node.logs import FORMAT
+
+        logging.basicConfig(level=log_level.upper(), format=f"[worker %(process)d] {FORMAT}")
+    for module in preload:
+        try:
+            importlib.import_module(module)
+        except Exception as e:  # the job itself will report it
+            logger.warning("could not preload %s: %s", module, e)
     try:
         libc = ctypes.CDLL("libc.so.6", use_errno=True)
         pr_set_pdeathsig = 1
@@ -183,6 +193,18 @@ def _worker_init() -> None:
 
 def _noop() -> int:
     return os.getpid()
+
+
+def pipeline_modules(names: Sequence[str], factories: Mapping[str, str] | None = None) -> tuple[str, ...]:
+    """Modules that implement the named pipelines (registry entries, or test factories)."""
+    from pipelines import registry
+
+    out = []
+    for name in names:
+        target = (factories or {}).get(name) or (registry.REGISTRY[name].target if name in registry.REGISTRY else "")
+        if target:
+            out.append(target.split(":")[0])
+    return tuple(dict.fromkeys(out))
 
 
 # Runner interface -----------------------------------------------------------------------
@@ -199,8 +221,10 @@ class Runner(Protocol):
 class LocalProcessRunner:
     """A pool of local worker processes (spawned: no state inherited from the server's threads)."""
 
-    def __init__(self, workers: int, warm: bool = True) -> None:
+    def __init__(self, workers: int, warm: bool = True, preload: Sequence[str] = (), log_level: str = "") -> None:
         self.workers = workers
+        self.preload = tuple(preload)
+        self.log_level = log_level
         self.pool = self._new_pool()
         if warm:
             for _ in range(workers):
@@ -208,7 +232,7 @@ class LocalProcessRunner:
 
     def _new_pool(self) -> ProcessPoolExecutor:
         return ProcessPoolExecutor(max_workers=self.workers, mp_context=multiprocessing.get_context("spawn"),
-                                   initializer=_worker_init)
+                                   initializer=_worker_init, initargs=(self.preload, self.log_level))
 
     def submit(self, spec: JobSpec) -> Future[JobOutcome]:
         try:

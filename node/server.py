@@ -164,17 +164,17 @@ def build_ae(cfg: NodeConfig) -> AE:
     return ae
 
 
-def event_handlers(store: Storage, index: Index, audit: AuditLog,
-                   extra_keywords: Sequence[str] = ()) -> list[Any]:
+def event_handlers(store: Storage, index: Index, audit: AuditLog, extra_keywords: Sequence[str] = (),
+                   open_associations: handlers.OpenAssociations | None = None) -> list[Any]:
     """Handlers bound with explicit dependencies."""
     kws = tuple(extra_keywords)
     return [
-        (evt.EVT_C_STORE, handlers.handle_store, [store, index, audit, kws]),
+        (evt.EVT_C_STORE, handlers.handle_store, [store, index, audit, kws, open_associations]),
         (evt.EVT_C_ECHO, handlers.handle_echo, [audit]),
-        (evt.EVT_ACCEPTED, handlers.handle_association, [audit]),
-        (evt.EVT_REJECTED, handlers.handle_association, [audit]),
-        (evt.EVT_RELEASED, handlers.handle_association, [audit]),
-        (evt.EVT_ABORTED, handlers.handle_association, [audit]),
+        (evt.EVT_ACCEPTED, handlers.handle_association, [audit, open_associations]),
+        (evt.EVT_REJECTED, handlers.handle_association, [audit, open_associations]),
+        (evt.EVT_RELEASED, handlers.handle_association, [audit, open_associations]),
+        (evt.EVT_ABORTED, handlers.handle_association, [audit, open_associations]),
     ]
 
 
@@ -191,11 +191,15 @@ class DicomServer:
     """The running SCP; :meth:`stop` stops accepting, then waits for in-flight associations."""
 
     def __init__(self, config: Config, store: Storage, index: Index, audit: AuditLog,
-                 ssl_context: ssl.SSLContext | None = None, extra_handlers: Sequence[Any] = ()) -> None:
+                 ssl_context: ssl.SSLContext | None = None,
+                 open_associations: handlers.OpenAssociations | None = None,
+                 extra_handlers: Sequence[Any] = ()) -> None:
         self.config = config
         self.ae = build_ae(config.node)
+        self.open_associations = open_associations or handlers.OpenAssociations()
         # extra_handlers: notification handlers of others, e.g. node.metrics.Metrics.scp_handlers()
-        self._handlers = event_handlers(store, index, audit, route_keywords(config)) + list(extra_handlers)
+        self._handlers = (event_handlers(store, index, audit, route_keywords(config), self.open_associations)
+                          + list(extra_handlers))
         if any("@" in a for a in config.node.allowed_calling_aets):
             policy = AccessPolicy.from_lists(config.node.allowed_calling_aets, config.node.allowed_hosts)
             self._handlers += access_handlers(policy, audit)
@@ -235,7 +239,8 @@ class DicomServer:
         self.server = None
         server.shutdown()  # stops serve_forever and closes the listening socket
         deadline = time.monotonic() + timeout
-        while server.active_associations and time.monotonic() < deadline:
+        # connections that never sent an A-ASSOCIATE-RQ (port probes) are not in flight
+        while any(a.is_established for a in server.active_associations) and time.monotonic() < deadline:
             wait(0.05)
         left = server.active_associations
         for assoc in left:

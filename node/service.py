@@ -19,7 +19,7 @@ from node.config import Config, TlsConfig
 from node.db import Database
 from node.export import Exporter
 from node.index import Index
-from node.jobs import JobManager, JobQueue, LocalProcessRunner, Runner
+from node.jobs import JobManager, JobQueue, LocalProcessRunner, Runner, pipeline_modules
 from node.logs import AuditLog
 from node.ops import Operations
 from node.routing import Router
@@ -77,12 +77,16 @@ class Node:
         self.storage.sweep_temporaries()
         self.queue.recover()
         if self.runner is None:
-            self.runner = LocalProcessRunner(self.config.jobs.workers)
+            names = [p for r in self.config.routes for p in r.pipelines]
+            self.runner = LocalProcessRunner(self.config.jobs.workers,
+                                             preload=pipeline_modules(names, self._factories),
+                                             log_level=self.config.logging.level)
         self.jobs = JobManager(self.config, self.queue, self.index, self.storage, self.runner, self._factories,
                                on_done=lambda _id: self.exporter.wake.set())
         jobs = self.jobs
         self.completion = CompletionMonitor(self.db, self.config.completion, self.router, self.audit,
-                                            on_jobs=lambda _ids: jobs.wake.set())
+                                            on_jobs=lambda _ids: jobs.wake.set(),
+                                            busy=self.server.open_associations.busy)
         self.server.start()
         self.ops.start()
         for name, target in (("completion", self.completion.run), ("jobs", self.jobs.run),

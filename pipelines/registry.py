@@ -34,7 +34,7 @@ _ENTRIES = (
           "Intratumoral and 3/6/9 mm peritumoral radiomics from a received SEG or RTSTRUCT ROI"),
     Entry("dual-phase", "pipelines.dualphase.pipeline:create", "study",
           "Arterial and portal-venous series registered and featurised together"),
-    Entry("deep-features", "pipelines.deep.pipeline:create", "series",
+    Entry("deep-features", "pipelines.deep.pipeline:create", "study",
           "MONAI encoder features (2D/3D) with attention maps"),
     Entry("survival-risk", "pipelines.survival.pipeline:create", "series",
           "Risk score and risk group from a fitted survival model, as a TID 1500 SR"),

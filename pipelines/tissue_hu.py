@@ -10,9 +10,10 @@ Stages (each typed, config in ``__init__``, pure ``run``):
    on every slice.
 4. :class:`TissueMeasurements`: volume (mL) and mean HU of each segment; slab thickness per
    slice from the slice positions (exact for tilted and unevenly spaced stacks).
-5. :class:`TissueOutputs`: a BINARY SEG with both segments and a TID 1500 SR whose groups
-   each carry the segment's outline on its largest slice as a closed polygon (OHIF-visible),
-   with the segment's volume, mean HU and area on that slice.  SEG-referencing volume groups
+5. :class:`TissueOutputs`: a BINARY SEG with both segments and a TID 1500 SR with one group
+   per segment: the segment's volume and mean HU over the series, drawn as the outline (holes
+   cut out) of its largest region on its largest slice, with that region's area; OHIF lists
+   the groups and shows the outlined region's own statistics.  SEG-referencing volume groups
    (which OHIF cannot show) go, when ``volume_sr`` is on, into a second SR.
 """
 
@@ -277,32 +278,6 @@ class TissueMeasurements:
         return out
 
 
-def outline(mask2d: NDArray[np.bool_], max_points: int = 256) -> NDArray[np.float64]:
-    """Outer contour of the largest region of a 2D mask, as (column, row) DICOM image coordinates.
-
-    DICOM image coordinates put the top-left corner of the first pixel at (0, 0), so pixel
-    centres are at +0.5; the contour runs on the 0.5 iso-line between pixel centres.
-    """
-    import contourpy
-    from scipy import ndimage
-
-    labels, n = ndimage.label(mask2d)
-    if n == 0:
-        raise ValueError("empty mask has no outline")
-    largest = labels == (np.argmax(np.bincount(labels.ravel())[1:]) + 1)
-    filled = ndimage.binary_fill_holes(largest)
-    padded = np.pad(filled.astype(np.float64), 1)
-    lines = contourpy.contour_generator(z=padded, line_type=contourpy.LineType.Separate).lines(0.5)
-    if not lines:
-        raise ValueError("no contour found")
-    longest = max(lines, key=lambda line: int(np.asarray(line).shape[0]))
-    pts = np.asarray(longest, dtype=np.float64)[:, :2] - 1.0 + 0.5  # undo padding; pixel centres
-    if len(pts) > max_points:
-        idx = np.linspace(0, len(pts) - 1, max_points).round().astype(int)
-        pts = pts[idx]
-    return pts
-
-
 # ------------------------------------------------------------------------------------------
 # Outputs
 
@@ -366,8 +341,15 @@ class TissueOutputs:
         work_dir: Path,
         predecessors: Sequence[Predecessor] = (),
     ) -> list[Path]:
+        from dicom_templates.geometry import mask_polygon
         from dicom_templates.seg import build_seg
-        from dicom_templates.sr import Measurement, PlanarGroup, VolumeGroup, build_measurement_report
+        from dicom_templates.sr import (
+            Measurement,
+            PlanarGroup,
+            VolumeGroup,
+            build_measurement_report,
+            polygon_area_mm2,
+        )
 
         algorithm = self.algorithm()
         sources, index = source_order(volume)
@@ -386,17 +368,21 @@ class TissueOutputs:
                 continue
             plane = _plane(volume, st.best_slice)
             evidence[str(plane.dataset.SOPInstanceUID)] = plane.dataset
+            # OHIF shows the statistics of the polygon itself, so the polygon traces the
+            # segment's largest region on its largest slice with its holes cut out, and the
+            # Area NUM is that outlined region's area
+            polygon = mask_polygon(masks[key][st.best_slice])
             groups.append(
                 PlanarGroup(
                     tracking_id=f"{NAME}/{key}",
                     finding=key,
                     image=plane.dataset,
                     frame_number=plane.frame_number,
-                    polygon=outline(masks[key][st.best_slice]),
+                    polygon=polygon,
                     measurements=[
                         Measurement("volume", round(st.volume_ml, 3), "ml"),
                         Measurement("attenuation", round(st.mean_hu, 2), "[hnsf'U]", derivation="mean"),
-                        Measurement("area", round(st.best_slice_area_mm2, 2), "mm2"),
+                        Measurement("area", round(polygon_area_mm2(polygon, plane.dataset), 2), "mm2"),
                     ],
                 )
             )
@@ -489,8 +475,8 @@ class TissueHuPipeline:
             raise StageError(self.measurements.name, uid, str(e)) from e
         try:
             files = outputs.run(volume, masks, stats, work_dir, predecessors)
-        except (ValueError, KeyError) as e:
-            raise StageError(outputs.name, uid, str(e)) from e
+        except (ValueError, KeyError, AttributeError) as e:  # highdicom reads source attributes directly
+            raise StageError(outputs.name, uid, f"{type(e).__name__}: {e}") from e
         summary = {
             "pipeline": NAME,
             "version": VERSION,

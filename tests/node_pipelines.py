@@ -2,7 +2,8 @@
 
 ``test-sr`` writes one highdicom Comprehensive 3D SR (TID 1500, no measurements) in the
 source study.  Options: ``sleep`` (seconds, before writing), ``marker`` (a file that gets
-one line per run, so a test can count runs), ``fail`` (raise a StageError).
+one line per run, so a test can count runs), ``fail`` (raise a StageError), ``write``
+(false: no SR, only the summary).
 """
 
 from __future__ import annotations
@@ -27,6 +28,7 @@ class SrPipeline:
         self.sleep = float(options.get("sleep", 0.0))
         self.marker = str(options.get("marker", ""))
         self.fail = bool(options.get("fail", False))
+        self.write = bool(options.get("write", True))
 
     def run(self, ctx: PipelineContext) -> PipelineOutput:
         series = ctx.series[0]
@@ -36,6 +38,10 @@ class SrPipeline:
         if self.fail:
             raise StageError("test-sr", series.series_uid, "asked to fail")
         time.sleep(self.sleep)
+        summary = {"instances": len(series.files), "predecessors": [p.sop_instance_uid for p in ctx.predecessors],
+                   "extra_files": [str(p) for p in ctx.extra_files], "roles": [s.role for s in ctx.series]}
+        if not self.write:
+            return PipelineOutput(files=(), summary=summary)
         ref = pydicom.dcmread(sorted(series.files)[0], stop_before_pixels=True)
         device = hd.sr.DeviceObserverIdentifyingAttributes(uid=hd.UID(), manufacturer_name=ctx.identity.manufacturer)
         observation = hd.sr.ObservationContext(
@@ -59,9 +65,7 @@ class SrPipeline:
         if self.marker:
             with open(self.marker, "a", encoding="utf-8") as f:
                 f.write(f"done {os.getpid()} {series.series_uid}\n")
-        return PipelineOutput(files=(out,), summary={"instances": len(series.files),
-                                                     "predecessors": [p.sop_instance_uid for p in ctx.predecessors],
-                                                     "extra_files": [str(p) for p in ctx.extra_files]})
+        return PipelineOutput(files=(out,), summary=summary)
 
 
 def create(options: dict[str, Any]) -> SrPipeline:

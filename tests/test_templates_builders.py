@@ -238,3 +238,20 @@ def test_identity_is_written_without_placeholders(ct2: list[Dataset]) -> None:
         assert obj.InstitutionName == "Test Hospital"
     with pytest.raises(ValueError, match="manufacturer"):
         build_measurement_report([ct2[1]], [_planar(ct2[1])], ALGORITHM, Identity(" ", "1", "s"), "SR")
+
+
+def test_sources_missing_type2_attributes(shared_data: Path, tmp_path: Path) -> None:
+    """Real data lacks Type 2 patient/study attributes at times: the objects get them empty."""
+    need("dciodvfy")
+    files = sorted((shared_data / "pydicom_testfiles" / "CT2_series").iterdir())
+    sources = sorted((pydicom.dcmread(f) for f in files), key=lambda d: float(d.ImagePositionPatient[2]))
+    for d in sources:
+        for kw in ("PatientBirthDate", "StudyID", "AccessionNumber"):
+            if kw in d:
+                delattr(d, kw)
+    masks = {"liver": np.ones((len(sources), int(sources[0].Rows), int(sources[0].Columns)), bool)}
+    seg = build_seg(sources, masks, ALGORITHM, IDENTITY, "SEG")
+    assert seg.PatientBirthDate == "" and "PatientBirthDate" not in sources[0]
+    write_read(seg, tmp_path / "seg.dcm")
+    sr = build_measurement_report(sources[1:2], [_planar(sources[1])], ALGORITHM, IDENTITY, "SR")
+    write_read(sr, tmp_path / "sr.dcm")

@@ -117,3 +117,10 @@ def test_bad_table_rows_are_refused() -> None:
         codes.parse(good + "color = [1, 2, 3]\nshade = 1\n")
     with pytest.raises(ValueError, match="concepts.y"):
         codes.parse('version = "1"\n[concepts]\ny = ["SCT", "1"]\n')
+
+
+def test_other_sections_are_kept_for_pipelines() -> None:
+    t = codes.parse('version = "1"\n[cutoffs.prado-2008]\ncitation = "Prado 2008"\nmen = 52.4\n')
+    assert t.sections["cutoffs"]["prado-2008"]["men"] == 52.4
+    with pytest.raises(KeyError, match="no-such-section"):
+        codes.section("no-such-section")

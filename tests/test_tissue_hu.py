@@ -19,7 +19,7 @@ from dicom_templates import codes
 from dicom_templates.common import Algorithm
 from dicom_templates.sr import build_measurement_report, read_groups
 from pipelines import registry
-from pipelines.base import Identity, PipelineContext, PipelineOutput, SeriesInput
+from pipelines.base import Identity, PipelineContext, PipelineOutput, Predecessor, SeriesInput
 from pipelines.common.volume import Slice, Volume
 from pipelines.tissue_hu import BodyMask, TissueHuOptions, TissueMasks, TissueMeasurements, create
 from tests.conftest import need
@@ -156,8 +156,11 @@ def totalseg_series(shared_data: Path, tmp_path_factory: pytest.TempPathFactory)
     return out
 
 
-def run_pipeline(files: list[Path], work: Path, options: dict[str, object] | None = None) -> PipelineOutput:
-    ctx = PipelineContext(series=(SeriesInput("", "", tuple(files)),), work_dir=work, identity=IDENTITY)
+def run_pipeline(
+    files: list[Path], work: Path, options: dict[str, object] | None = None, predecessors: tuple[Predecessor, ...] = ()
+) -> PipelineOutput:
+    ctx = PipelineContext(series=(SeriesInput("", "", tuple(files)),), work_dir=work, identity=IDENTITY,
+                          predecessors=predecessors)
     return registry.create("tissue-hu", options or {}).run(ctx)
 
 
@@ -222,9 +225,16 @@ def test_totalseg_ct_end_to_end(totalseg_series: Path, totalseg_result: Pipeline
 
 
 def test_highdicom_ct_image(shared_data: Path, tmp_path: Path) -> None:
+    """A single slice; the re-run names the SR it supersedes (Predecessor Documents Sequence)."""
     path = shared_data / "highdicom_testfiles" / "ct_image.dcm"
-    out = run_pipeline([path], tmp_path)
-    check_outputs(out, [pydicom.dcmread(path, stop_before_pixels=True)])
+    first = run_pipeline([path], tmp_path / "first")
+    check_outputs(first, [pydicom.dcmread(path, stop_before_pixels=True)])
+    old = pydicom.dcmread(first.files[1])
+    pred = Predecessor(old.SOPInstanceUID, old.SeriesInstanceUID, old.StudyInstanceUID, old.SOPClassUID)
+    again = run_pipeline([path], tmp_path / "again", predecessors=(pred,))
+    new = pydicom.dcmread(again.files[1])
+    ref = new.PredecessorDocumentsSequence[0].ReferencedSeriesSequence[0].ReferencedSOPSequence[0]
+    assert ref.ReferencedSOPInstanceUID == old.SOPInstanceUID != new.SOPInstanceUID
 
 
 def test_ct2_series_small_crop(shared_data: Path, tmp_path: Path) -> None:

@@ -1,0 +1,256 @@
+"""The ``body-composition`` pipeline: series -> QC -> level -> tissues -> measurements -> SEG + SR.
+
+``create(options)`` builds it from config ``[pipelines.body-composition]``; ``run(ctx)`` is what
+the node and ``prognode run`` call; :func:`run_folder` runs it on a folder of DICOM files.
+Importing this module imports neither torch nor monai (the MONAI backend loads them lazily).
+
+Options (all optional):
+
+``levels`` (["L3", "C3"]) levels to look for, first found wins; ``backend`` ("classical" or
+``"monai"``); ``model`` (name in config ``[models]`` of a model.json written by ``train-seg``);
+``max_slice_thickness_mm`` (5.0); ``cutoffs`` (["prado-2008", "martin-2013"]), the first is the
+one named in the SR; ``volumes_3d`` (true).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import time
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from importlib import metadata
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pydicom
+
+from pipelines.base import (
+    Identity,
+    PipelineContext,
+    PipelineOutput,
+    SeriesInput,
+    StageError,
+)
+from pipelines.body_composition.reference import load_table, patient_factors
+from pipelines.body_composition.stages import (
+    Backend,
+    ClassicalBackend,
+    LevelFinder,
+    Measure,
+    MeasureInput,
+    QCGate,
+    SegmentInput,
+    TissueSegmenter,
+)
+from pipelines.body_composition.types import NAMED_MUSCLES, SEGMENT_KEYS, Measurements, Segmentation
+from pipelines.common.volume import SeriesToVolume, Volume
+
+log = logging.getLogger(__name__)
+
+NAME = "body-composition"
+VERSION = "0.1.0"
+KNOWN_LEVELS = ("L3", "C3")
+
+
+@dataclass(frozen=True)
+class Options:
+    levels: tuple[str, ...] = ("L3", "C3")
+    backend: str = "classical"
+    model: str = "body-composition"
+    max_slice_thickness_mm: float = 5.0
+    cutoffs: tuple[str, ...] = ("prado-2008", "martin-2013")
+    volumes_3d: bool = True
+
+    @classmethod
+    def parse(cls, raw: Mapping[str, Any]) -> Options:
+        known = set(cls.__dataclass_fields__)
+        for key in raw:
+            if key not in known:
+                raise ValueError(f"pipelines.{NAME}.{key}: unknown option (known: {', '.join(sorted(known))})")
+        kwargs: dict[str, Any] = {k: (tuple(v) if isinstance(v, list) else v) for k, v in raw.items()}
+        opts = cls(**kwargs)
+        bad = [lv for lv in opts.levels if lv not in KNOWN_LEVELS]
+        if bad or not opts.levels:
+            raise ValueError(f"pipelines.{NAME}.levels: {bad or 'empty'}; supported: {KNOWN_LEVELS}")
+        if opts.backend not in ("classical", "monai"):
+            raise ValueError(f"pipelines.{NAME}.backend: {opts.backend!r}; use 'classical' or 'monai'")
+        if opts.max_slice_thickness_mm <= 0:
+            raise ValueError(f"pipelines.{NAME}.max_slice_thickness_mm: must be positive")
+        if not opts.cutoffs:
+            raise ValueError(f"pipelines.{NAME}.cutoffs: at least one cut-off")
+        return opts
+
+
+@dataclass
+class Timings:
+    seconds: dict[str, float] = field(default_factory=dict)
+
+    def add(self, stage: str, t0: float) -> float:
+        now = time.perf_counter()
+        self.seconds[stage] = self.seconds.get(stage, 0.0) + now - t0
+        return now
+
+
+def _software_version() -> str:
+    try:
+        return metadata.version("prognode")
+    except metadata.PackageNotFoundError:
+        return VERSION
+
+
+def default_identity() -> Identity:
+    """Identity for runs outside the node: the host's machine id as device serial number."""
+    serial = ""
+    for p in (Path("/etc/machine-id"), Path("/var/lib/dbus/machine-id")):
+        if p.exists():
+            serial = p.read_text().strip()[:16]
+            break
+    return Identity(manufacturer="prognode", software_version=_software_version(),
+                    device_serial_number=serial or "unknown-host")
+
+
+class BodyCompositionPipeline:
+    name = NAME
+    version = VERSION
+
+    def __init__(self, options: Options) -> None:
+        self.options = options
+        self.table = load_table()
+        self.loader = SeriesToVolume()
+        self.qc = QCGate(max_slice_thickness_mm=options.max_slice_thickness_mm)
+        self.measure = Measure(self.table, options.cutoffs)
+        self.last_timings: dict[str, float] = {}
+
+    def backend(self, ctx: PipelineContext) -> Backend:
+        if self.options.backend == "classical":
+            return ClassicalBackend()
+        from pipelines.body_composition.monai_backend import MonaiBackend  # torch only here
+
+        path = ctx.models.get(self.options.model)
+        if path is None:
+            raise StageError("load-model", ctx.series[0].series_uid if ctx.series else "",
+                             f"backend 'monai' needs models.{self.options.model} (a model.json from train-seg)")
+        return MonaiBackend.load(Path(path), device=ctx.device)
+
+    # ------------------------------------------------------------------------------------------
+    def run(self, ctx: PipelineContext) -> PipelineOutput:
+        if len(ctx.series) != 1:
+            raise StageError("input", "", f"{NAME} takes one series, got {len(ctx.series)}")
+        series = ctx.series[0]
+        t = Timings()
+        t0 = time.perf_counter()
+        try:
+            volume = self.loader.run(list(series.files))
+        except StageError:
+            raise
+        except Exception as e:
+            raise StageError("series-to-volume", series.series_uid, str(e)) from e
+        t0 = t.add("series-to-volume", t0)
+        missing = sorted({kw for ds in volume.source_datasets() for kw in
+                          ("StudyInstanceUID", "SeriesInstanceUID", "SOPInstanceUID", "SOPClassUID")
+                          if not str(ds.get(kw, "") or "")})
+        if missing:
+            raise StageError("series-to-volume", series.series_uid,
+                             f"instances lack {', '.join(missing)}: results could not reference them")
+        from pipelines.body_composition import outputs  # highdicom import only when writing
+
+        qc = self.qc.run(volume)
+        t0 = t.add("qc-gate", t0)
+        if not qc.evaluable:
+            out = outputs.write_not_evaluable(ctx, volume, qc.reason, self, "qc-gate")
+            self.last_timings = t.seconds
+            return out
+        backend = self.backend(ctx)
+        level = LevelFinder(backend, self.options.levels).run(volume)
+        t0 = t.add("level-finder", t0)
+        if level.level is None or level.slice_index is None:
+            reason = "; ".join(level.notes) or "level not found"
+            out = outputs.write_not_evaluable(ctx, volume, reason, self, "level-finder", backend=backend)
+            self.last_timings = t.seconds
+            return out
+        seg = TissueSegmenter(backend, self.options.volumes_3d).run(SegmentInput(volume, level))
+        t0 = t.add("segmentation", t0)
+        meas = self.measure.run(MeasureInput(volume, seg, patient_factors(volume.first_dataset)))
+        t0 = t.add("measurements", t0)
+        try:
+            out = outputs.write_results(ctx, volume, seg, meas, self, backend)
+        except StageError:
+            raise
+        except Exception as e:
+            raise StageError("seg-sr-writers", series.series_uid, f"{type(e).__name__}: {e}") from e
+        t.add("seg-sr-writers", t0)
+        self.last_timings = t.seconds
+        return out
+
+
+def create(options: Mapping[str, Any]) -> BodyCompositionPipeline:
+    return BodyCompositionPipeline(Options.parse(options))
+
+
+def summary_of(meas: Measurements, seg: Segmentation) -> dict[str, Any]:
+    return {
+        "level": meas.level,
+        "slice_index": meas.slice_index,
+        "level_method": seg.level.method,
+        "level_notes": list(seg.level.notes),
+        "backend": seg.backend,
+        "model_version": seg.model_version or None,
+        "areas_cm2": {k: meas.areas[k].as_json() for k in SEGMENT_KEYS},
+        "mean_hu": {k: meas.mean_hu[k].as_json() for k in SEGMENT_KEYS},
+        "volumes_cm3": {k: meas.volumes[k].as_json() for k in NAMED_MUSCLES},
+        "volume_mean_hu": {k: meas.volume_mean_hu[k].as_json() for k in NAMED_MUSCLES},
+        "volume_slices": list(seg.volume_range) if seg.volume_range else None,
+        "derived": {k: v.as_json() for k, v in meas.derived.items()},
+        "sarcopenia": dict(meas.sarcopenia),
+        "cutoff_table_version": meas.table_version,
+    }
+
+
+def series_of_folder(input_dir: Path) -> SeriesInput:
+    """The one image series in ``input_dir`` (recursively); several series raise ValueError."""
+    files = [p for p in sorted(Path(input_dir).rglob("*")) if p.is_file()]
+    by_series: dict[str, list[Path]] = {}
+    study = ""
+    for p in files:
+        try:
+            ds = pydicom.dcmread(p, stop_before_pixels=True)
+        except Exception:
+            continue
+        if "ImagePositionPatient" not in ds and "PerFrameFunctionalGroupsSequence" not in ds:
+            continue
+        by_series.setdefault(str(ds.get("SeriesInstanceUID", "")), []).append(p)
+        study = str(ds.get("StudyInstanceUID", ""))
+    if len(by_series) != 1:
+        raise ValueError(f"{input_dir}: expected one image series, found {len(by_series)}")
+    uid, paths = next(iter(by_series.items()))
+    return SeriesInput(series_uid=uid, study_uid=study, files=tuple(paths))
+
+
+def run_folder(input_dir: Path, out_dir: Path, options: Mapping[str, Any] | None = None,
+               models: Mapping[str, Path] | None = None, identity: Identity | None = None) -> PipelineOutput:
+    """Run the pipeline on a folder holding one CT series; writes SEG, SR(s) and summary.json."""
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    pipeline = create(options or {})
+    ctx = PipelineContext(series=(series_of_folder(Path(input_dir)),), work_dir=out_dir,
+                          identity=identity or default_identity(), options=dict(options or {}),
+                          models=dict(models or {}))
+    out = pipeline.run(ctx)
+    summary = dict(out.summary)
+    summary["timings_s"] = {k: round(v, 4) for k, v in pipeline.last_timings.items()}
+    (out_dir / "summary.json").write_text(json.dumps(summary, indent=1, default=_json_default))
+    return out
+
+
+def _json_default(o: object) -> Any:
+    if isinstance(o, np.generic):
+        return o.item()
+    if isinstance(o, Path):
+        return str(o)
+    raise TypeError(type(o).__name__)
+
+
+def volume_of(files: list[Path]) -> Volume:
+    return SeriesToVolume().run(files)

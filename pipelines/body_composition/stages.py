@@ -1,0 +1,269 @@
+"""Typed stages of the body-composition pipeline: config in ``__init__``, pure ``run``.
+
+Each stage works without the node: ``QCGate().run(volume)``, ``LevelFinder(...).run(volume)``,
+``TissueSegmenter(...).run(SegmentInput(...))``, ``Measure(...).run(MeasureInput(...))``.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Mapping, Sequence
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from typing import Any, Protocol
+
+import numpy as np
+from numpy.typing import NDArray
+
+from pipelines.body_composition.classical import (
+    ClassicalLevelFinder,
+    ClassicalParams,
+    ClassicalSliceSegmenter,
+    anatomy_for_slice,
+)
+from pipelines.body_composition.reference import (
+    Classification,
+    PatientFactors,
+    ReferenceTable,
+    Unavailable,
+    c3_to_l3,
+    classify,
+    smi,
+)
+from pipelines.body_composition.types import (
+    NAMED_MUSCLES,
+    SEGMENT_KEYS,
+    LevelResult,
+    Measurements,
+    QCResult,
+    Segmentation,
+    SliceAnatomy,
+    SliceSegmentation,
+    Value,
+)
+from pipelines.common.volume import Volume
+
+log = logging.getLogger(__name__)
+
+LUMBAR = ("L1", "L2", "L3", "L4", "L5")
+
+
+class Backend(Protocol):
+    """What a segmentation backend provides (weight-free or MONAI)."""
+
+    name: str
+    model_version: str
+
+    def find_level(self, volume: Volume, levels: Sequence[str]) -> LevelResult: ...
+
+    def segment_slice(self, hu: NDArray[np.float32], spacing: tuple[float, float],
+                      anatomy: SliceAnatomy) -> SliceSegmentation: ...
+
+    def segment_named(self, hu: NDArray[np.float32], spacing: tuple[float, float],
+                      anatomy: SliceAnatomy) -> Mapping[str, NDArray[np.bool_]]: ...
+
+
+class ClassicalBackend:
+    """The weight-free default: HU windows plus anatomical reasoning."""
+
+    name = "classical"
+    model_version = ""
+
+    def __init__(self, params: ClassicalParams | None = None) -> None:
+        params = params or ClassicalParams()
+        self.finder = ClassicalLevelFinder(params)
+        self.segmenter = ClassicalSliceSegmenter(params)
+
+    def find_level(self, volume: Volume, levels: Sequence[str]) -> LevelResult:
+        return self.finder.run(volume, levels)
+
+    def segment_slice(self, hu: NDArray[np.float32], spacing: tuple[float, float],
+                      anatomy: SliceAnatomy) -> SliceSegmentation:
+        return self.segmenter.run(hu, spacing, anatomy)
+
+    def segment_named(self, hu: NDArray[np.float32], spacing: tuple[float, float],
+                      anatomy: SliceAnatomy) -> Mapping[str, NDArray[np.bool_]]:
+        return self.segmenter.named(hu, spacing, anatomy)
+
+
+class QCGate:
+    """Header and geometry checks before any heavy work."""
+
+    name = "qc-gate"
+
+    def __init__(self, max_slice_thickness_mm: float = 5.0, max_tilt_deg: float = 0.5,
+                 require_uniform_spacing: bool = True) -> None:
+        self.max_slice_thickness_mm = max_slice_thickness_mm
+        self.max_tilt_deg = max_tilt_deg
+        self.require_uniform_spacing = require_uniform_spacing
+
+    def run(self, volume: Volume) -> QCResult:
+        ds = volume.first_dataset
+        reasons: list[str] = []
+        modality = str(ds.get("Modality", ""))
+        if modality != "CT":
+            reasons.append(f"modality is {modality or 'missing'}, not CT")
+        if volume.tilt_degrees > self.max_tilt_deg:
+            reasons.append(f"gantry tilt of {volume.tilt_degrees:.1f} degrees (slices are sheared; "
+                           "areas on tilted planes are not axial cross-sections and are not reported)")
+        elif not volume.is_axial:
+            reasons.append("slices are not axial (normal more than 10 degrees from the head-feet axis)")
+        thickness = volume.slice_thickness if volume.slice_thickness is not None else volume.slice_spacing
+        if thickness > self.max_slice_thickness_mm:
+            reasons.append(f"slice thickness {thickness:.1f} mm above the limit of {self.max_slice_thickness_mm:.1f} mm")
+        if self.require_uniform_spacing and not volume.spacing_uniform:
+            reasons.append(f"uneven slice spacing (up to {volume.max_spacing_deviation:.2f} mm from the median)")
+        if len(volume.slices) < 3:
+            reasons.append(f"only {len(volume.slices)} slice(s): vertebrae cannot be counted")
+        return QCResult(evaluable=not reasons, reason="; ".join(reasons))
+
+
+class LevelFinder:
+    name = "level-finder"
+
+    def __init__(self, backend: Backend, levels: Sequence[str] = ("L3", "C3")) -> None:
+        self.backend = backend
+        self.levels = tuple(levels)
+
+    def run(self, volume: Volume) -> LevelResult:
+        return self.backend.find_level(volume, self.levels)
+
+
+@dataclass(frozen=True)
+class SegmentInput:
+    volume: Volume
+    level: LevelResult
+
+
+class TissueSegmenter:
+    """Tissue and named muscles on the level slice; named muscles in 3D over L1-L5 when in view."""
+
+    name = "tissue-segmentation"
+
+    def __init__(self, backend: Backend, volumes_3d: bool = True, workers: int = 2) -> None:
+        self.backend = backend
+        self.volumes_3d = volumes_3d
+        self.workers = workers
+
+    def run(self, data: SegmentInput) -> Segmentation:
+        vol, level = data.volume, data.level
+        assert level.slice_index is not None
+        k = level.slice_index
+        seg = self.backend.segment_slice(vol.hu[k], vol.pixel_spacing, anatomy_for_slice(level, k))
+        masks: dict[str, NDArray[np.bool_]] = {}
+        rng: tuple[int, int] | None = None
+        note = ""
+        if self.volumes_3d and level.level in LUMBAR:
+            l1, l5 = level.vertebra("L1"), level.vertebra("L5")
+            if l1 is None or l5 is None or l1.touches_edge or l5.touches_edge:
+                note = "3D volumes need L1 to L5 completely in the field of view"
+            else:
+                rng = (l5.first, l1.last)
+                for key in NAMED_MUSCLES:
+                    masks[key] = np.zeros(vol.hu.shape, bool)
+                others = [kk for kk in range(rng[0], rng[1] + 1) if kk != k]
+
+                def one(kk: int) -> Mapping[str, NDArray[np.bool_]]:
+                    return self.backend.segment_named(vol.hu[kk], vol.pixel_spacing, anatomy_for_slice(level, kk))
+
+                with ThreadPoolExecutor(max_workers=self.workers) as pool:  # scipy releases the GIL
+                    results = list(pool.map(one, others))
+                for kk, named in [(k, seg.masks), *zip(others, results, strict=True)]:
+                    if rng[0] <= kk <= rng[1]:
+                        for key in NAMED_MUSCLES:
+                            masks[key][kk] = named[key]
+        elif self.volumes_3d:
+            note = f"3D volumes are measured over the lumbar spine only (level {level.level})"
+        return Segmentation(level=level, slice_seg=seg, volume_masks=masks, volume_range=rng, volume_note=note,
+                            backend=self.backend.name, model_version=self.backend.model_version)
+
+
+@dataclass(frozen=True)
+class MeasureInput:
+    volume: Volume
+    segmentation: Segmentation
+    factors: PatientFactors
+
+
+def _touches_border(mask: NDArray[np.bool_]) -> bool:
+    return bool(mask[0, :].any() or mask[-1, :].any() or mask[:, 0].any() or mask[:, -1].any())
+
+
+class Measure:
+    """Areas, mean HU, volumes, SMI and sarcopenia by the configured cut-offs."""
+
+    name = "measurements"
+
+    def __init__(self, table: ReferenceTable, cutoffs: Sequence[str] = ("prado-2008", "martin-2013"),
+                 conversion: str = "swartz-2016") -> None:
+        unknown = [c for c in cutoffs if c not in table.cutoffs]
+        if unknown:
+            raise ValueError(f"unknown cut-off(s) {unknown}; known: {sorted(table.cutoffs)}")
+        self.table = table
+        self.cutoffs = tuple(cutoffs)
+        self.conversion = conversion
+
+    def run(self, data: MeasureInput) -> Measurements:
+        vol, seg, f = data.volume, data.segmentation, data.factors
+        level = seg.level.level or ""
+        k = seg.level.slice_index if seg.level.slice_index is not None else -1
+        px_cm2 = vol.pixel_area_mm2 / 100.0
+        hu = vol.hu[k]
+        truncated = seg.slice_seg.truncated
+        cut = "body cut off at the edge of the field of view: whole-slice tissue areas unreliable"
+        areas: dict[str, Value] = {}
+        means: dict[str, Value] = {}
+        for key in SEGMENT_KEYS:
+            m = seg.slice_seg.masks[key]
+            reason = ""
+            if truncated and key not in NAMED_MUSCLES:
+                reason = cut
+            elif key in NAMED_MUSCLES and _touches_border(m):
+                reason = "structure touches the edge of the field of view"
+            elif not m.any():
+                reason = "structure not found on the level slice"
+            if reason:
+                areas[key] = Value(None, "cm2", reason)
+                means[key] = Value(None, "HU", reason)
+            else:
+                areas[key] = Value(float(m.sum()) * px_cm2, "cm2")
+                means[key] = Value(float(hu[m].mean()), "HU")
+        volumes: dict[str, Value] = {}
+        vmeans: dict[str, Value] = {}
+        for key in NAMED_MUSCLES:
+            vm = seg.volume_masks.get(key)
+            if vm is None or not vm.any():
+                reason = seg.volume_note or "not segmented"
+                volumes[key] = Value(None, "cm3", reason)
+                vmeans[key] = Value(None, "HU", reason)
+            else:
+                volumes[key] = Value(float(vm.sum()) * vol.voxel_volume_mm3 / 1000.0, "cm3")
+                vmeans[key] = Value(float(vol.hu[vm].mean()), "HU")
+
+        derived: dict[str, Value] = {}
+        sarc: dict[str, Any] = {}
+        muscle = areas["skeletal_muscle"]
+        l3_area: float | Unavailable
+        if muscle.value is None:
+            l3_area = Unavailable(f"skeletal muscle area not evaluable: {muscle.reason}")
+        elif level == "C3":
+            l3_area = c3_to_l3(muscle.value, f, self.table.conversions[self.conversion])
+            derived["l3_muscle_area_estimate"] = (
+                Value(l3_area, "cm2") if not isinstance(l3_area, Unavailable) else Value(None, "cm2", l3_area.reason))
+        else:
+            l3_area = muscle.value
+        s = smi(l3_area, f) if not isinstance(l3_area, Unavailable) else l3_area
+        derived["smi"] = Value(s, "cm2/m2") if not isinstance(s, Unavailable) else Value(None, "cm2/m2", s.reason)
+        for cid in self.cutoffs:
+            cutoff = self.table.cutoffs[cid]
+            if isinstance(s, Unavailable):
+                sarc[cid] = {"not_evaluable": s.reason, "citation": cutoff.citation}
+                continue
+            c = classify(s, f, cutoff)
+            if isinstance(c, Classification):
+                sarc[cid] = {"sarcopenic": c.sarcopenic, "threshold": c.threshold, "unit": cutoff.unit,
+                             "citation": c.citation, "via": self.conversion if level == "C3" else None}
+            else:
+                sarc[cid] = {"not_evaluable": c.reason, "citation": cutoff.citation}
+        return Measurements(level=level, slice_index=k, areas=areas, mean_hu=means, volumes=volumes,
+                            volume_mean_hu=vmeans, derived=derived, sarcopenia=sarc, table_version=self.table.version)

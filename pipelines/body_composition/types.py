@@ -1,0 +1,126 @@
+"""Dataclasses passed between the body-composition stages (no heavy imports)."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+from numpy.typing import NDArray
+
+from pipelines.common.volume import Volume
+
+# Segment keys in SEG order; the display label of each comes from SEGMENT_LABELS.
+SEGMENT_KEYS = ("skeletal_muscle", "psoas_left", "psoas_right", "erector_left", "erector_right", "sat", "vat", "imat")
+SEGMENT_LABELS: Mapping[str, str] = {
+    "skeletal_muscle": "Skeletal muscle",
+    "psoas_left": "Psoas major left",
+    "psoas_right": "Psoas major right",
+    "erector_left": "Erector spinae left",
+    "erector_right": "Erector spinae right",
+    "sat": "Subcutaneous adipose tissue",
+    "vat": "Visceral adipose tissue",
+    "imat": "Intermuscular adipose tissue",
+}
+NAMED_MUSCLES = ("psoas_left", "psoas_right", "erector_left", "erector_right")
+
+
+@dataclass(frozen=True)
+class Vertebra:
+    name: str  # "L3", "T12", ... or "" before naming
+    first: int  # first and last slice index of the vertebral body run
+    last: int
+    width_mm: float  # widest bone component through the spine (sacrum detection)
+    rib_bearing: bool
+    centre_rc: tuple[float, float]  # vertebral body centre (row, column)
+    half_width_mm: float
+    half_height_mm: float
+    touches_edge: bool = False
+
+
+@dataclass(frozen=True)
+class LevelResult:
+    level: str | None  # the level found ("L3", "C3") or None
+    slice_index: int | None  # index into the volume of the level slice
+    vertebrae: tuple[Vertebra, ...]
+    spine_centre_rc: tuple[float, float]
+    notes: tuple[str, ...] = ()
+    method: str = ""
+
+    def vertebra(self, name: str) -> Vertebra | None:
+        for v in self.vertebrae:
+            if v.name == name:
+                return v
+        return None
+
+
+@dataclass(frozen=True)
+class SliceAnatomy:
+    centre_rc: tuple[float, float]
+    half_width_mm: float
+    half_height_mm: float
+
+
+@dataclass(frozen=True)
+class SliceSegmentation:
+    masks: Mapping[str, NDArray[np.bool_]]  # SEGMENT_KEYS -> (rows, columns)
+    body: NDArray[np.bool_]
+    truncated: bool = False
+
+
+@dataclass(frozen=True)
+class QCResult:
+    evaluable: bool
+    reason: str = ""
+    warnings: tuple[str, ...] = ()
+    sat_reliable: bool = True
+
+
+@dataclass(frozen=True)
+class SeriesAndQC:
+    volume: Volume
+    qc: QCResult
+
+
+@dataclass(frozen=True)
+class Segmentation:
+    """Everything segmented: the level slice and, where the lumbar spine is in view, 3D masks."""
+
+    level: LevelResult
+    slice_seg: SliceSegmentation
+    volume_masks: Mapping[str, NDArray[np.bool_]] = field(default_factory=dict)  # NAMED_MUSCLES -> (z, y, x)
+    volume_range: tuple[int, int] | None = None  # slice range of the 3D masks (inclusive)
+    volume_note: str = ""
+    backend: str = "classical"
+    model_version: str = ""
+
+
+@dataclass(frozen=True)
+class Value:
+    """A measurement or the reason it is not evaluable."""
+
+    value: float | None
+    unit: str
+    reason: str = ""
+
+    @property
+    def evaluable(self) -> bool:
+        return self.value is not None
+
+    def as_json(self) -> Any:
+        return {"value": self.value, "unit": self.unit} if self.value is not None else {
+            "value": None, "unit": self.unit, "not_evaluable": self.reason}
+
+
+@dataclass(frozen=True)
+class Measurements:
+    level: str
+    slice_index: int
+    areas: Mapping[str, Value]  # SEGMENT_KEYS -> cm2
+    mean_hu: Mapping[str, Value]  # SEGMENT_KEYS -> HU
+    volumes: Mapping[str, Value]  # NAMED_MUSCLES -> cm3
+    volume_mean_hu: Mapping[str, Value]
+    derived: Mapping[str, Value]  # smi, l3_muscle_area (from C3), ...
+    sarcopenia: Mapping[str, Any]  # cutoff id -> {"sarcopenic": bool, ...} or {"not_evaluable": reason}
+    table_version: str = ""

@@ -1,0 +1,1 @@
+"""Dual-phase (arterial + portal-venous) tumour studies: registration and features of both phases."""

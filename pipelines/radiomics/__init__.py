@@ -1,0 +1,1 @@
+"""Tumour radiomics: intratumoral and peritumoral-ring pyradiomics features from a received ROI."""

@@ -1,0 +1,256 @@
+"""``prognode model fit|evaluate|report`` and ``prognode cohort split``.
+
+``node/cli.py`` loads this through ``EXTENSIONS`` (``pipelines.survival.cli:register``); it also runs
+on its own: ``python -m pipelines.survival.cli model fit ...``.  Each sub-command sets ``func``, a
+callable taking the parsed namespace and returning the exit status.
+"""
+
+from __future__ import annotations
+
+import argparse
+import functools
+import json
+import logging
+import sys
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any
+
+from pipelines.survival.data import DAYS_PER, CohortError
+
+log = logging.getLogger(__name__)
+
+
+def _version() -> str:
+    try:
+        from importlib.metadata import version
+
+        return version("prognode")
+    except Exception:  # noqa: BLE001 - not installed (running from a checkout)
+        return "0.1.0"
+
+
+def _sub(subparsers: Any, name: str, help_text: str) -> Any:
+    """The sub-command group ``name`` (e.g. ``cohort``), created or reused if another extension made it."""
+    existing = subparsers.choices.get(name)
+    if existing is not None:
+        for action in existing._actions:  # argparse has no public accessor for a parser's subparsers
+            if isinstance(action, argparse._SubParsersAction):
+                return action
+        return existing.add_subparsers(dest=f"{name}_command", required=True)
+    parser = subparsers.add_parser(name, help=help_text)
+    return parser.add_subparsers(dest=f"{name}_command", required=True)
+
+
+def _friendly(handler: Callable[[argparse.Namespace], int]) -> Callable[[argparse.Namespace], int]:
+    """Bad input (a missing column, a model folder that is refused, a fit that fails) -> message, exit 2."""
+
+    @functools.wraps(handler)
+    def run(args: argparse.Namespace) -> int:
+        try:
+            return handler(args)
+        except (OSError, ValueError) as e:  # CohortError, FitError, ArtifactError, DesignError are ValueErrors
+            print(f"prognode {getattr(args, 'command', '')}: error: {e}".replace("  ", " "), file=sys.stderr)
+            return 2
+
+    return run
+
+
+def register(subparsers: Any) -> None:
+    """Add ``model`` (fit, evaluate, report) and ``cohort split`` to the ``prognode`` parser."""
+    model = _sub(subparsers, "model", "fit, evaluate and report survival models")
+
+    fit = model.add_parser("fit", help="fit a Cox, Lasso-Cox or logistic-at-horizon model on a cohort CSV")
+    fit.add_argument("--data", type=Path, required=True, help="cohort CSV, one row per patient")
+    fit.add_argument("--time", required=True, help="follow-up time column")
+    fit.add_argument("--event", required=True, help="event column: 1 event (e.g. death), 0 censored")
+    fit.add_argument("--kind", required=True, choices=("cox", "lasso-cox", "logistic"))
+    fit.add_argument("--features", nargs="+", required=True, help="feature columns (quote names with spaces)")
+    fit.add_argument("--categorical", nargs="*", default=[], help="numeric columns to treat as categorical")
+    fit.add_argument("--group", action="append", default=[], metavar="NAME=COL,COL,...",
+                     help="PCA fusion group of features (repeatable); columns separated by ','")
+    fit.add_argument("--pca-variance", type=float, default=0.9, help="variance kept per PCA group (0-1]")
+    fit.add_argument("--horizon", type=float, default=1826.0, help="horizon in days (default 1826 = 5 years)")
+    fit.add_argument("--time-unit", choices=tuple(DAYS_PER), default="days", help="unit of the time column")
+    fit.add_argument("--risk-groups", choices=("median", "tertiles", "quartiles"), default="median")
+    fit.add_argument("--name", default="", help="model name (default: the output folder's name)")
+    fit.add_argument("--model-version", default="1.0.0")
+    fit.add_argument("--penalizer", type=float, default=0.0, help="cox: ridge penalty (lifelines)")
+    fit.add_argument("--cv-folds", type=int, default=5, help="lasso-cox: folds for choosing the penalty")
+    fit.add_argument("--one-se", action="store_true", help="lasso-cox: largest penalty within 1 SE of the best")
+    fit.add_argument("--impute-at-prediction", action="store_true",
+                     help="impute missing inputs at prediction time (stated in the model card)")
+    fit.add_argument("--seed", type=int, default=0)
+    fit.add_argument("--n-boot", type=int, default=200, help="bootstrap resamples for confidence intervals")
+    fit.add_argument("--out", type=Path, required=True, help="model folder to write")
+    fit.set_defaults(func=_friendly(cmd_fit))
+
+    for name, helptext in (("evaluate", "evaluate a model on a cohort CSV"),
+                           ("report", "write a self-contained HTML validation report")):
+        p = model.add_parser(name, help=helptext)
+        p.add_argument("--model", type=Path, required=True, help="model folder (model.json)")
+        p.add_argument("--data", type=Path, required=True, help="cohort CSV")
+        p.add_argument("--time", default=None, help="time column (default: as in training)")
+        p.add_argument("--event", default=None, help="event column (default: as in training)")
+        p.add_argument("--time-unit", choices=tuple(DAYS_PER), default=None, help="default: as in training")
+        p.add_argument("--seed", type=int, default=0)
+        p.add_argument("--n-boot", type=int, default=200)
+        if name == "evaluate":
+            p.add_argument("--json", action="store_true", help="print one JSON object")
+            p.set_defaults(func=_friendly(cmd_evaluate))
+        else:
+            p.add_argument("--out", type=Path, required=True, help="HTML file to write")
+            p.set_defaults(func=_friendly(cmd_report))
+
+    cohort = _sub(subparsers, "cohort", "cohort tools")
+    split = cohort.add_parser("split", help="seeded held-out split of a cohort CSV")
+    split.add_argument("--data", type=Path, required=True)
+    split.add_argument("--test-fraction", type=float, default=0.3)
+    split.add_argument("--seed", type=int, default=0)
+    split.add_argument("--stratify", default=None, help="column to stratify on (e.g. the event column)")
+    split.add_argument("--out-dir", type=Path, required=True)
+    split.set_defaults(func=_friendly(cmd_split))
+
+    km = cohort.add_parser("km", help="Kaplan-Meier by a grouping column and the log-rank test")
+    km.add_argument("--data", type=Path, required=True)
+    km.add_argument("--time", required=True)
+    km.add_argument("--event", required=True)
+    km.add_argument("--time-unit", choices=tuple(DAYS_PER), default="days")
+    km.add_argument("--group", required=True, help="grouping column (e.g. sarcopenia status)")
+    km.add_argument("--horizon", type=float, default=1826.0, help="days at which survival is reported")
+    km.add_argument("--json", action="store_true")
+    km.set_defaults(func=_friendly(cmd_km))
+
+
+def _parse_groups(items: Sequence[str]) -> dict[str, list[str]]:
+    groups: dict[str, list[str]] = {}
+    for item in items:
+        if "=" not in item:
+            raise CohortError(f"--group {item!r}: expected NAME=COL,COL,...")
+        name, cols = item.split("=", 1)
+        groups[name.strip()] = [c.strip() for c in cols.split(",") if c.strip()]
+    return groups
+
+
+def cmd_fit(args: argparse.Namespace) -> int:
+    from pipelines.survival.artifact import save_model
+    from pipelines.survival.data import load_cohort
+    from pipelines.survival.fit import FitOptions, fit_model
+
+    cohort = load_cohort(args.data, args.time, args.event, args.time_unit)
+    groups = _parse_groups(args.group)
+    features = list(dict.fromkeys([*args.features, *[c for cols in groups.values() for c in cols]]))
+    opts = FitOptions(kind=args.kind, features=tuple(features), horizon_days=args.horizon,
+                      categorical=tuple(args.categorical), groups=groups, pca_variance=args.pca_variance,
+                      risk_groups=args.risk_groups, name=args.name or args.out.resolve().name,
+                      version=args.model_version, penalizer=args.penalizer, cv_folds=args.cv_folds,
+                      one_se=args.one_se, seed=args.seed, n_boot=args.n_boot,
+                      impute_at_prediction=args.impute_at_prediction, time_column=args.time,
+                      event_column=args.event, time_unit=args.time_unit)
+    model = fit_model(cohort, opts, software_version=_version())
+    save_model(model, args.out)
+    m = model.metrics["training (apparent)"]
+    ci = m.get("c_index_ci") or (float("nan"), float("nan"))
+    print(f"fitted {model.kind} on {cohort.n} patients ({cohort.events} events): "
+          f"{len(model.design.columns)} model columns, apparent C-index {m['c_index']:.3f} "
+          f"({ci[0]:.3f}-{ci[1]:.3f})")
+    if model.kind == "lasso-cox":
+        d = model.fit_details
+        print(f"lasso: alpha {d['alpha']:.4g} by {d['folds']}-fold CV (C-index {d['cv_c_index']:.3f}); "
+              f"kept {len(d['selected'])}: {', '.join(d['selected'])}")
+    print(f"wrote {args.out}/model.json and MODEL_CARD.md")
+    return 0
+
+
+def _evaluate(args: argparse.Namespace) -> tuple[Any, dict[str, Any], str]:
+    from pipelines.survival.artifact import load_model
+    from pipelines.survival.data import load_cohort
+    from pipelines.survival.evaluate import evaluate, format_table
+
+    model = load_model(args.model)
+    time_col = args.time or model.training.get("time_column")
+    event_col = args.event or model.training.get("event_column")
+    unit = args.time_unit or model.training.get("time_unit") or "days"
+    if not time_col or not event_col:
+        raise CohortError("the model does not record its time/event columns: give --time and --event")
+    cohort = load_cohort(args.data, time_col, event_col, unit)
+    result = evaluate(model, cohort, n_boot=args.n_boot, seed=args.seed)
+    return model, result, format_table(result)
+
+
+def cmd_evaluate(args: argparse.Namespace) -> int:
+    _, result, table = _evaluate(args)
+    if args.json:
+        print(json.dumps(result, allow_nan=False, default=_json_default))
+    else:
+        print(table)
+    return 0 if result.get("c_index") is not None else 1
+
+
+def _json_default(o: Any) -> Any:
+    if hasattr(o, "item"):
+        return o.item()
+    raise TypeError(f"not JSON serialisable: {type(o).__name__}")
+
+
+def cmd_report(args: argparse.Namespace) -> int:
+    from pipelines.survival.report import render
+
+    model, result, table = _evaluate(args)
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_text(render(model, result, table), encoding="utf-8")
+    print(f"wrote {args.out}")
+    return 0
+
+
+def cmd_split(args: argparse.Namespace) -> int:
+    from pipelines.survival.cohort import split_file
+
+    s = split_file(args.data, args.out_dir, args.test_fraction, args.seed, args.stratify)
+    print(f"wrote {s.train} ({s.n_train} rows) and {s.test} ({s.n_test} rows)")
+    return 0
+
+
+def cmd_km(args: argparse.Namespace) -> int:
+    import numpy as np
+
+    from pipelines.survival.data import load_cohort
+    from pipelines.survival.metrics import km_by_group
+
+    cohort = load_cohort(args.data, args.time, args.event, args.time_unit)
+    if args.group not in cohort.frame.columns:
+        raise CohortError(f"column {args.group!r} not in {args.data}")
+    values = cohort.frame[args.group]
+    ok = values.notna().to_numpy()
+    groups = [str(v) for v in values[ok]]
+    res = km_by_group(cohort.time_days[ok], cohort.event[ok], groups, horizon=args.horizon)
+    res["n_missing_group"] = int((~ok).sum())
+    if args.json:
+        for g in res["groups"]:
+            g.pop("curve")
+        print(json.dumps(res, allow_nan=False))
+        return 0
+    print(f"Kaplan-Meier by {args.group!r} ({int(np.sum(ok))} patients, {int((~ok).sum())} without a group)")
+    for g in res["groups"]:
+        med = g["median_survival_days"]
+        s, lo, hi = g["survival_at_horizon"]
+        print(f"  {g['group']:<24} n={g['n']:<4} events={g['events']:<4} median="
+              + (f"{med / 365.25:.1f}y" if med else "not reached")
+              + f"  S({args.horizon:g} d)={s:.2f} ({lo:.2f}-{hi:.2f})")
+    if res["logrank_p"] is not None:
+        print(f"log-rank chi2={res['logrank_statistic']:.2f}, df={res['logrank_df']}, p={res['logrank_p']:.3g}")
+    return 0
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="prognode", description="prognode survival models and cohort tools")
+    subparsers = parser.add_subparsers(dest="command", required=True)
+    register(subparsers)
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    code: int = args.func(args)
+    return code
+
+
+if __name__ == "__main__":
+    sys.exit(main())

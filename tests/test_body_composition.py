@@ -1,0 +1,333 @@
+"""body-composition: phantoms with known truth, QC gate, cut-offs, SEG/SR validity, real CTs, training path."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import pydicom
+import pytest
+
+from pipelines.base import PipelineOutput
+from pipelines.body_composition.phantom import PhantomSpec, Truth, write_phantom, write_training_case
+from pipelines.body_composition.pipeline import run_folder
+from pipelines.body_composition.reference import (
+    PatientFactors,
+    Unavailable,
+    c3_to_l3,
+    classify,
+    load_table,
+    smi,
+)
+from tests.conftest import need
+from tests.peers import REPO, dciodvfy
+
+PAIRS = {  # summary key -> truth label
+    "psoas_left": "psoas_left", "psoas_right": "psoas_right", "erector_left": "erector_left",
+    "erector_right": "erector_right", "sat": "sat", "vat": "vat", "imat": "imat",
+}
+
+
+@dataclass
+class Run:
+    truth: Truth
+    ct: Path
+    out: Path
+    result: PipelineOutput
+    summary: dict  # type: ignore[type-arg]
+
+
+def _text(ds: pydicom.Dataset) -> str:
+    """Every value in a dataset, nested sequences included (str() truncates long ones)."""
+    return "\n".join(str(e.value) for e in ds.iterall() if e.VR not in ("SQ", "OB", "OW"))
+
+
+def _run(tmp: Path, spec: PhantomSpec, options: dict | None = None) -> Run:  # type: ignore[type-arg]
+    truth = write_phantom(spec, tmp / "ct")
+    result = run_folder(tmp / "ct", tmp / "out", options or {})
+    return Run(truth, tmp / "ct", tmp / "out", result, json.loads((tmp / "out" / "summary.json").read_text()))
+
+
+@pytest.fixture(scope="session")
+def phantom_run(tmp_path_factory: pytest.TempPathFactory) -> Run:
+    return _run(tmp_path_factory.mktemp("phantom"), PhantomSpec(noise_sd=5.0, seed=1))
+
+
+# --- registry and import hygiene ---------------------------------------------------------
+
+
+def test_registry_creates_pipeline_without_torch() -> None:
+    code = ("import sys, pipelines.registry as r; p = r.create('body-composition', {}); "
+            "assert p.name == 'body-composition'; "
+            "import pipelines.body_composition.pipeline, pipelines.body_composition.stages; "
+            "print('torch' in sys.modules or 'monai' in sys.modules)")
+    out = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True, check=True,
+                         env={**os.environ, "PYTHONPATH": str(REPO)})
+    assert out.stdout.strip() == "False"
+
+
+def test_bad_options_name_the_key() -> None:
+    from pipelines.registry import create
+
+    with pytest.raises(ValueError, match="pipelines.body-composition.colour"):
+        create("body-composition", {"colour": "red"})
+    with pytest.raises(ValueError, match="levels"):
+        create("body-composition", {"levels": ["T4"]})
+
+
+# --- phantom truth -------------------------------------------------------------------------
+
+
+def test_level_found_exactly(phantom_run: Run) -> None:
+    s = phantom_run.summary
+    assert s["level"] == "L3"
+    assert s["slice_index"] == phantom_run.truth.level_slices["L3"]
+    assert any("sacrum" in n for n in s["level_notes"]) and any("T12" in n for n in s["level_notes"])
+
+
+def test_areas_within_1_percent_and_hu_within_1(phantom_run: Run) -> None:
+    t, s = phantom_run.truth, phantom_run.summary
+    k = t.level_slices["L3"]
+    got = s["areas_cm2"]["skeletal_muscle"]["value"]
+    assert got == pytest.approx(t.muscle_area_cm2(k), rel=0.01)
+    assert s["mean_hu"]["skeletal_muscle"]["value"] == pytest.approx(t.muscle_mean_hu(k), abs=1.0)
+    for key, label in PAIRS.items():
+        assert s["areas_cm2"][key]["value"] == pytest.approx(t.area_cm2(label, k), rel=0.01), key
+        assert s["mean_hu"][key]["value"] == pytest.approx(t.mean_hu(label, k), abs=1.0), key
+
+
+def test_volumes_over_lumbar_spine(phantom_run: Run) -> None:
+    t, s = phantom_run.truth, phantom_run.summary
+    k0, k1 = s["volume_slices"]
+    assert t.levels[k0] == "L5" and t.levels[k1] == "L1"
+    for key in ("psoas_left", "psoas_right", "erector_left", "erector_right"):
+        assert s["volumes_cm3"][key]["value"] == pytest.approx(t.volume_cm3(key, k0, k1), rel=0.01), key
+        m = np.isin(t.labels[k0 : k1 + 1], [{"psoas_left": 2, "psoas_right": 3, "erector_left": 4,
+                                                "erector_right": 5}[key]])
+        assert s["volume_mean_hu"][key]["value"] == pytest.approx(float(t.hu[k0 : k1 + 1][m].mean()), abs=1.0)
+
+
+def test_smi_and_sarcopenia(phantom_run: Run) -> None:
+    s = phantom_run.summary
+    area = s["areas_cm2"]["skeletal_muscle"]["value"]
+    assert s["derived"]["smi"]["value"] == pytest.approx(area / 1.75**2)
+    smi_v = s["derived"]["smi"]["value"]
+    assert s["sarcopenia"]["prado-2008"]["sarcopenic"] is (smi_v < 52.4)
+    assert s["sarcopenia"]["martin-2013"]["threshold"] == 53.0  # man, BMI 26.1
+
+
+# --- outputs ---------------------------------------------------------------------------------
+
+
+def test_seg_and_sr_round_trip_and_dciodvfy(phantom_run: Run) -> None:
+    import highdicom as hd
+
+    need("dciodvfy")
+    out = phantom_run.out
+    names = sorted(p.name for p in phantom_run.result.files)
+    assert names == ["seg-volumes.dcm", "seg.dcm", "sr-volumes.dcm", "sr.dcm"]
+    for p in phantom_run.result.files:
+        ok, text = dciodvfy(p)
+        assert ok, text
+    seg = hd.seg.segread(out / "seg.dcm")
+    labels = {str(d.SegmentLabel) for d in seg.SegmentSequence}
+    assert {"Skeletal muscle", "Psoas major left", "Erector spinae right", "Subcutaneous adipose tissue",
+            "Visceral adipose tissue", "Intermuscular adipose tissue"} <= labels
+    ct0 = pydicom.dcmread(phantom_run.truth.files[0])
+    assert seg.StudyInstanceUID == ct0.StudyInstanceUID and seg.FrameOfReferenceUID == ct0.FrameOfReferenceUID
+    sr = hd.sr.srread(out / "sr.dcm")
+    text = _text(sr)
+    assert "prognode body-composition" in text and "backend=classical" in text and "cutoff=prado-2008" in text
+    assert "L3 vertebra" in text and "POLYLINE" in text
+    groups = sr.content.get_planar_roi_measurement_groups() + list(
+        sr.content.get_image_measurement_groups())
+    assert len(groups) == 8
+    for g in groups:
+        for m in g.get_measurements():
+            coords = m.referenced_coordinates or []
+            assert coords, "every NUM carries a SCOORD (OHIF)"
+            pts = np.asarray(coords[0].value)
+            assert np.allclose(pts[0], pts[-1]), "closed polygon"
+    vsr = hd.sr.srread(out / "sr-volumes.dcm")
+    assert len(vsr.content.get_volumetric_roi_measurement_groups()) == 4
+
+
+# --- QC gate ----------------------------------------------------------------------------------
+
+
+def test_qc_tilt_refused(tmp_path: Path) -> None:
+    r = _run(tmp_path, PhantomSpec(size=64, pixel_mm=6.0, tilt_deg=15.0))
+    assert not r.result.evaluable and "gantry tilt" in r.result.reason
+    assert [p.name for p in r.result.files] == ["sr.dcm"]
+    assert "gantry tilt of 15.0 degrees" in _text(pydicom.dcmread(r.out / "sr.dcm"))
+
+
+def test_qc_thick_slices_and_non_ct(tmp_path: Path) -> None:
+    r = _run(tmp_path / "thick", PhantomSpec(size=64, pixel_mm=6.0, slice_mm=7.0))
+    assert not r.result.evaluable and "slice thickness 7.0 mm" in r.result.reason
+    r = _run(tmp_path / "mr", PhantomSpec(size=64, pixel_mm=6.0, modality="MR"))
+    assert not r.result.evaluable and "not CT" in r.result.reason
+
+
+def test_qc_level_not_in_field_of_view(tmp_path: Path) -> None:
+    truth = write_phantom(PhantomSpec(size=64, pixel_mm=6.0), tmp_path / "all")
+    keep = [f for f, lv in zip(truth.files, truth.levels, strict=True) if lv.startswith("T") or lv == "above"]
+    (tmp_path / "upper").mkdir()
+    for f in keep:
+        shutil.copy(f, tmp_path / "upper" / f.name)
+    out = run_folder(tmp_path / "upper", tmp_path / "out", {})
+    assert not out.evaluable and "cannot count vertebrae" in out.reason
+
+
+def test_truncated_body_sat_not_evaluable(tmp_path: Path) -> None:
+    r = _run(tmp_path, PhantomSpec(truncate=True))
+    s = r.summary
+    assert r.result.evaluable
+    assert s["areas_cm2"]["sat"]["value"] is None and "field of view" in s["areas_cm2"]["sat"]["not_evaluable"]
+    assert "not_evaluable" in s["derived"]["smi"]
+    k = r.truth.level_slices["L3"]
+    assert s["areas_cm2"]["psoas_left"]["value"] == pytest.approx(r.truth.area_cm2("psoas_left", k), rel=0.01)
+
+
+def test_missing_height_only_dependent_values(tmp_path: Path) -> None:
+    r = _run(tmp_path, PhantomSpec(size=64, pixel_mm=6.0, height_m=None, sex=None), {"volumes_3d": False})
+    s = r.summary
+    assert s["areas_cm2"]["skeletal_muscle"]["value"] > 0
+    assert "PatientSize" in s["derived"]["smi"]["not_evaluable"]
+    assert "not_evaluable" in s["sarcopenia"]["prado-2008"]
+    assert "Skeletal muscle index not evaluable" in _text(pydicom.dcmread(r.out / "sr.dcm"))
+
+
+# --- reference table ---------------------------------------------------------------------------
+
+
+def test_cutoff_table_rules() -> None:
+    table = load_table()
+    assert table.version and all(c.citation for c in table.cutoffs.values())
+    man_thin = PatientFactors(height_m=1.8, weight_kg=70.0, sex="M", age_years=60)  # BMI 21.6
+    man_heavy = PatientFactors(height_m=1.8, weight_kg=90.0, sex="M", age_years=60)  # BMI 27.8
+    woman = PatientFactors(height_m=1.6, weight_kg=60.0, sex="F", age_years=60)
+    martin, prado = table.cutoffs["martin-2013"], table.cutoffs["prado-2008"]
+    assert classify(45.0, man_thin, martin).threshold == 43.0  # type: ignore[union-attr]
+    assert classify(45.0, man_heavy, martin).threshold == 53.0  # type: ignore[union-attr]
+    assert classify(40.0, woman, martin).sarcopenic is True  # type: ignore[union-attr]
+    assert classify(40.0, woman, prado).sarcopenic is False  # type: ignore[union-attr]
+    assert classify(50.0, man_thin, prado).sarcopenic is True  # type: ignore[union-attr]
+    no_weight = PatientFactors(height_m=1.8, weight_kg=None, sex="M", age_years=60)
+    assert isinstance(classify(45.0, no_weight, martin), Unavailable)
+    assert isinstance(smi(100.0, PatientFactors(None, 70.0, "M", 60)), Unavailable)
+
+
+def test_swartz_conversion() -> None:
+    conv = load_table().conversions["swartz-2016"]
+    f = PatientFactors(height_m=1.7, weight_kg=70.0, sex="F", age_years=60)
+    expected = 27.304 + 1.363 * 40.0 - 0.671 * 60 + 0.640 * 70.0 + 26.442 * 1
+    assert c3_to_l3(40.0, f, conv) == pytest.approx(expected)
+    m = PatientFactors(height_m=1.7, weight_kg=70.0, sex="M", age_years=60)
+    assert c3_to_l3(40.0, m, conv) == pytest.approx(expected + 26.442)
+    assert "PatientAge" in c3_to_l3(40.0, PatientFactors(1.7, 70.0, "M", None), conv).reason  # type: ignore[union-attr]
+
+
+# --- real shared CTs ---------------------------------------------------------------------------
+
+
+def test_tilted_head_ct_not_evaluable(shared_data: Path, tmp_path: Path) -> None:
+    out = run_folder(shared_data / "dcm_qa_ct_GE_tilt" / "dicom", tmp_path / "out", {})
+    assert not out.evaluable
+    assert "gantry tilt of 18.5 degrees" in out.reason
+    ok, text = dciodvfy(out.files[0]) if shutil.which("dciodvfy") else (True, "")
+    assert ok, text
+
+
+def test_real_ct_erector_agrees_with_totalsegmentator(shared_data: Path, tmp_path: Path) -> None:
+    sys.path.insert(0, str(REPO / "bench"))
+    from body_composition_agreement import TS_LABELS, dice, with_uids
+
+    from pipelines.body_composition.classical import (
+        ClassicalLevelFinder,
+        ClassicalParams,
+        anatomy_for_slice,
+        named_muscles,
+    )
+    from pipelines.body_composition.labels import read_labels_on_volume
+    from pipelines.body_composition.types import LevelResult
+    from pipelines.common.volume import load_series
+
+    base = shared_data / "totalseg_example_ct_dicom"
+    vol = load_series(with_uids(base / "dicom", tmp_path / "ct"))
+    ref = read_labels_on_volume(base / "example_seg_dicom.nii.gz", vol)
+    assert (ref == TS_LABELS["erector_left"]).sum() > 1000  # LAS NIfTI landed on the LPS grid
+    verts, centre, _ = ClassicalLevelFinder().vertebrae(vol)
+    lr = LevelResult(level=None, slice_index=None, vertebrae=tuple(verts), spine_centre_rc=centre)
+    scores = []
+    for k in range(vol.shape[0]):
+        ours = named_muscles(vol.hu[k], vol.pixel_spacing, anatomy_for_slice(lr, k), ClassicalParams())
+        r = ref[k] == TS_LABELS["erector_left"]
+        if r.any() and ours["erector_left"].any():
+            scores.append(dice(ours["erector_left"], r))
+    assert len(scores) >= 10 and float(np.mean(scores)) > 0.5
+    # the whole pipeline: T11-T12 only, so L3 is honestly not evaluable
+    out = run_folder(tmp_path / "ct", tmp_path / "out", {})
+    assert not out.evaluable and out.reason
+
+
+# --- MONAI training path -------------------------------------------------------------------------
+
+
+@pytest.mark.slow
+def test_train_seg_tiny_model_and_monai_backend(tmp_path: Path) -> None:
+    data = tmp_path / "data"
+    for i in range(2):
+        write_training_case(PhantomSpec(size=64, pixel_mm=6.0, noise_sd=5.0, seed=i,
+                                        body_semi_mm=(165.0 - 10 * i, 130.0)), data / f"case{i}")
+    model = tmp_path / "model"
+    env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "2"}
+    r = subprocess.run([sys.executable, "-m", "pipelines.body_composition.train", str(data), "--out", str(model),
+                        "--folds", "2", "--steps", "2", "--batch", "2", "--features", "4", "4", "8", "8", "16", "4",
+                        "--size2d", "64", "--shape3d", "16", "32", "32"],
+                       cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr[-2000:]
+    spec = json.loads((model / "model.json").read_text())
+    assert len(spec["folds"]) == 2 and (model / "MODEL_CARD.md").exists()
+    for fold in spec["folds"]:
+        head = (model / fold["net2d"]).read_bytes()[:8]
+        assert int.from_bytes(head, "little") < 1_000_000  # safetensors header length, not a pickle
+    assert b"\x80" != (model / spec["folds"][0]["net3d"]).read_bytes()[:1]
+    from pipelines.body_composition.monai_backend import MonaiBackend
+
+    backend = MonaiBackend.load(model / "model.json")
+    truth = write_phantom(PhantomSpec(size=64, pixel_mm=6.0, seed=5), tmp_path / "ct")
+    k = truth.level_slices["L3"]
+    classes = backend.classes(truth.hu[k])
+    assert classes.shape == truth.hu[k].shape and classes.min() >= 0 and classes.max() < 9
+    out = run_folder(tmp_path / "ct", tmp_path / "out", {"backend": "monai", "model": "bc"},
+                     models={"bc": model / "model.json"})
+    # an untrained model must give either numbers with a valid SR or a clear "not evaluable"
+    assert out.files and (out.evaluable or out.reason)
+    summary = json.loads((tmp_path / "out" / "summary.json").read_text())
+    assert summary["backend"] == "monai"
+
+
+# --- OHIF display --------------------------------------------------------------------------------
+
+OHIF = REPO.parent / "shared" / "tools" / "ohif-check" / "run.sh"
+
+
+@pytest.mark.slow
+@pytest.mark.browser
+def test_seg_and_sr_display_in_ohif(phantom_run: Run, tmp_path: Path) -> None:
+    need("chromium", "Orthanc")
+    if not OHIF.exists():
+        pytest.skip(f"ohif-check not found at {OHIF}")
+    r = subprocess.run([str(OHIF), "--out", str(tmp_path / "ohif"), str(phantom_run.ct),
+                        str(phantom_run.out / "seg.dcm"), str(phantom_run.out / "sr.dcm")],
+                       capture_output=True, text=True, timeout=400)
+    lines = [json.loads(x) for x in r.stdout.splitlines() if x.startswith("{")]
+    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-2000:]
+    assert len(lines) == 2 and all(x["displayed"] for x in lines)
