@@ -477,7 +477,9 @@ class Sweeper:
         lock = threading.Lock()
         counter = [0]
         with self._receiver_if_needed(src):
-            def work(item: tuple[int, str, str, int]) -> None:
+            retry: list[tuple[int, str, str, int]] = []
+
+            def work(item: tuple[int, str, str, int], last_try: bool = False) -> None:
                 item_id, study, series, n = item
                 if self._stop.is_set():
                     return
@@ -492,9 +494,14 @@ class Sweeper:
                     if n and local < n:
                         raise SweepError(f"retrieved {got}, index holds {local} of {n} instances")
                 except Exception as e:  # noqa: BLE001 - one failed series does not stop the sweep
-                    log.warning("sweep %d: retrieval of series %s failed: %s", sweep_id, series, e)
-                    self._set_item(item_id, ITEM_FAILED, str(e)[:500])
+                    log.warning("sweep %d: retrieval of series %s failed%s: %s", sweep_id, series,
+                                "" if last_try else " (will retry once)", e)
                     with lock:
+                        if not last_try:
+                            retry.append(item)
+                            out.items.append({"series_uid": series, "state": "retry", "error": str(e)})
+                            return
+                        self._set_item(item_id, ITEM_FAILED, str(e)[:500])
                         out.failed += 1
                         counter[0] += 1
                         out.items.append({"series_uid": series, "state": ITEM_FAILED, "error": str(e)})
@@ -505,7 +512,7 @@ class Sweeper:
                     self.metrics.record_sweep_retrieval(src.retrieve)
                 if self.audit is not None:
                     self.audit.write("retrieve", source=src.name, method=src.retrieve, study_uid=study,
-                                      series_uid=series, instances=got, sweep_id=sweep_id)
+                                     series_uid=series, instances=got, sweep_id=sweep_id)
                 with lock:
                     out.retrieved += 1
                     out.instances_retrieved += got
@@ -519,6 +526,10 @@ class Sweeper:
 
             with ThreadPoolExecutor(max_workers=cfg.max_concurrent, thread_name_prefix="sweep") as pool:
                 list(pool.map(work, todo))
+            # a series that failed (PACS busy, association dropped) gets one more, sequential try
+            for item in retry:
+                self._stop.wait(max(cfg.pause_seconds, 1.0))
+                work(item, last_try=True)
         if self._stop.is_set() and not out.stopped_reason:
             out.stopped_reason = "stopped"
 

@@ -174,7 +174,7 @@ def test_killed_sweep_resumes(tmp_path: Path, source_pacs: Orthanc) -> None:
     summary = json.loads(r.stdout[r.stdout.index("{\n"):])
     assert summary["resumed"] is True and summary["sweep_id"] == 1
     assert summary["already_done"] == done_before
-    assert summary["already_done"] + summary["retrieved"] + summary["skipped"] == N_STUDIES
+    assert summary["already_done"] + summary["retrieved"] + summary["skipped"] == N_STUDIES, r.stdout
     assert "resuming" in r.stdout
     db = Database(cfg.database_url)
     with db.session() as s:
@@ -228,3 +228,25 @@ def test_move_sweep_into_running_node(tmp_path: Path, source_pacs: Orthanc) -> N
         assert (again.retrieved, again.skipped) == (0, N_STUDIES)
     finally:
         node.stop()
+
+
+def test_failed_series_is_retried_once(tmp_path: Path, source_pacs: Orthanc) -> None:
+    """A series whose first retrieval fails (here: the store refuses one instance) is retried and completes."""
+    cfg_path = write_config(tmp_path, source_pacs, "get")
+    cfg = config_mod.load(cfg_path)
+    db = open_database(cfg)
+    store = default_store_handler(cfg, db)
+    refused: list[str] = []
+
+    def flaky(event: object) -> object:
+        if not refused:
+            refused.append("once")
+            return 0xA700  # Out of Resources for the very first instance
+        return store(event)
+
+    lines: list[str] = []
+    out = Sweeper(cfg, db, flaky, progress=lines.append).run(FIRST, FIRST + dt.timedelta(days=10))
+    assert refused == ["once"]
+    assert (out.retrieved, out.failed, out.state) == (N_STUDIES, 0, "done"), lines
+    assert [i["state"] for i in out.items].count("retry") == 1
+    assert _instances(db) == N_STUDIES * SLICES
