@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import datetime as dt
+import json
 import subprocess
+import urllib.request
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -216,3 +218,43 @@ def test_node_scp_allow_list_pairs(tmp_path: Path) -> None:
         db.dispose()
     rejected = [r["calling_ae"] for r in audit.read() if r["event"] == "association_rejected"]
     assert "FARAWAY" in rejected
+
+
+@pytest.mark.parametrize("method", ["get", "move"])
+def test_sweep_over_dicom_tls(tmp_path: Path, pki: Pki, method: str) -> None:
+    """Orthanc with DICOM TLS as the PACS: the sweep's C-FIND and C-GET/C-MOVE run over mutual TLS."""
+    need("Orthanc")
+    from node.sweep import run_sweep
+    from tests.peers import orthanc
+
+    study = write_study(tmp_path / "dcm", 3, dt.date(2026, 3, 2), slices=3)
+    tls_cfg = {"DicomTlsEnabled": True, "DicomTlsCertificate": str(pki.server_cert),
+               "DicomTlsPrivateKey": str(pki.server_key), "DicomTlsTrustedCertificates": str(pki.ca),
+               "DicomTlsRemoteCertificateRequired": True}
+    with orthanc(tmp_path / "orthanc", extra_config=tls_cfg) as pacs:
+        pacs.upload(list(study.files))
+        cfg = node_config(tmp_path, pki)
+        pacs.add_modality("prognode", "PROGNODE", "127.0.0.1", cfg.node.port)
+        if method == "move":  # Orthanc must open TLS to the node for the C-MOVE sub-operations
+            req = urllib.request.Request(f"{pacs.url}/modalities/prognode", method="PUT", data=json.dumps(
+                {"AET": "PROGNODE", "Host": "127.0.0.1", "Port": cfg.node.port, "UseDicomTls": True}).encode())
+            urllib.request.urlopen(req, timeout=10).read()
+        text = (tmp_path / "config.toml").read_text() + f"""
+[[sources]]
+name = "pacs"
+ae_title = "{pacs.aet}"
+host = "127.0.0.1"
+port = {pacs.dicom_port}
+retrieve = "{method}"
+[sources.tls]
+enabled = true
+certificate = "{pki.client_cert}"
+private_key = "{pki.client_key}"
+ca_certificates = "{pki.ca}"
+"""
+        (tmp_path / "config.toml").write_text(text)
+        cfg = config_mod.load(tmp_path / "config.toml")
+        db = Database(cfg.database_url)
+        out = run_sweep(cfg, db, dt.date(2026, 3, 1), dt.date(2026, 3, 5))
+        assert (out.studies, out.retrieved, out.instances_retrieved, out.failed) == (1, 1, 3, 0)
+        db.dispose()
