@@ -66,20 +66,23 @@ def main() -> None:
             shutil.rmtree(ct, ignore_errors=True)
             ct.mkdir()
             files = make_series(ct, args.slices)
+        import os
+
+        load0 = " ".join(f"{x:.1f}" for x in os.getloadavg())
         t0 = time.perf_counter()
         from dicom_templates.common import Algorithm  # noqa: F401 - import cost counted below
         from pipelines.base import Identity
         from pipelines.common.volume import SeriesToVolume
         from pipelines.tissue_hu import TissueOutputs, create
 
-        rows: list[tuple[str, float]] = [("imports", time.perf_counter() - t0)]
+        rows: list[tuple[str, float, float]] = [("imports", time.perf_counter() - t0, time.process_time())]
         pipeline = create({})
         identity = Identity("prognode", "bench", "bench-serial")
 
         def timed(name: str, fn):  # type: ignore[no-untyped-def]
-            t = time.perf_counter()
+            t, c = time.perf_counter(), time.process_time()
             result = fn()
-            rows.append((name, time.perf_counter() - t))
+            rows.append((name, time.perf_counter() - t, time.process_time() - c))
             return result
 
         volume = timed("series-to-volume (read + decode)", lambda: SeriesToVolume().run(files))
@@ -88,13 +91,16 @@ def main() -> None:
         stats = timed("measurements", lambda: pipeline.measurements.run(volume, masks))
         outputs = TissueOutputs(pipeline.options, identity)
         timed("SEG + SR (build + write)", lambda: outputs.run(volume, masks, stats, work / "out"))
-        total = sum(t for _, t in rows)
+        total = sum(t for _, t, _ in rows)
+        cpu = sum(c for _, _, c in rows)
         rss_mb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
         print(f"tissue-hu on {volume.shape[0]} slices of {volume.shape[1]}x{volume.shape[2]}\n")
-        print("| stage | seconds |\n|---|---|")
-        for name, t in rows:
-            print(f"| {name} | {t:.2f} |")
-        print(f"| **total** | **{total:.2f}** |\n\npeak RSS {rss_mb:.0f} MiB")
+        load = " ".join(f"{x:.1f}" for x in __import__("os").getloadavg())
+        print(f"load average before: {load0}, after: {load} ({__import__('os').cpu_count()} CPUs)\n")
+        print("| stage | wall s | CPU s |\n|---|---|---|")
+        for name, t, c in rows:
+            print(f"| {name} | {t:.2f} | {c:.2f} |")
+        print(f"| **total** | **{total:.2f}** | **{cpu:.2f}** |\n\npeak RSS {rss_mb:.0f} MiB")
         for key, s in stats.items():
             print(f"{key}: {s.volume_ml:.1f} mL, mean {s.mean_hu:.1f} HU")
     finally:
