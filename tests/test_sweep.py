@@ -250,3 +250,18 @@ def test_failed_series_is_retried_once(tmp_path: Path, source_pacs: Orthanc) -> 
     assert (out.retrieved, out.failed, out.state) == (N_STUDIES, 0, "done"), lines
     assert [i["state"] for i in out.items].count("retry") == 1
     assert _instances(db) == N_STUDIES * SLICES
+
+
+def test_scheduled_job_runs_a_sweep(tmp_path: Path, source_pacs: Orthanc) -> None:
+    """The function the cron job calls sweeps the lookback window from a serialised config."""
+    from node.sweep import scheduled_sweep
+
+    lookback = (dt.date.today() - FIRST).days + 1
+    cfg_path = write_config(tmp_path, source_pacs, "get", extra=f"enabled = true\nlookback_days = {lookback}\n")
+    cfg = config_mod.load(cfg_path)
+    scheduled_sweep(cfg.model_dump_json())
+    db = open_database(cfg)
+    with db.session() as s:
+        (sweep,) = s.scalars(select(Sweep)).all()
+        assert sweep.state == "done" and sweep.report["retrieved"] == N_STUDIES + 1  # the late study too
+    assert _instances(db) == N_STUDIES * SLICES + 2
