@@ -258,3 +258,25 @@ ca_certificates = "{pki.ca}"
         out = run_sweep(cfg, db, dt.date(2026, 3, 1), dt.date(2026, 3, 5))
         assert (out.studies, out.retrieved, out.instances_retrieved, out.failed) == (1, 1, 3, 0)
         db.dispose()
+
+
+def test_node_scp_over_tls_with_dcmtk(tmp_path: Path, pki: Pki) -> None:
+    """The node itself (Node: SCP, index, completion) accepts dcmtk storescu +tls with a client certificate."""
+    need("storescu", "echoscu")
+    from node.service import Node
+
+    cfg = node_config(tmp_path, pki)
+    (tmp_path / "config.toml").write_text((tmp_path / "config.toml").read_text() + "[web]\nenabled = false\n")
+    cfg = config_mod.load(tmp_path / "config.toml")
+    node = Node(cfg).start()
+    try:
+        port = cfg.node.port
+        good = ["+tls", str(pki.client_key), str(pki.client_cert), "+cf", str(pki.ca)]
+        study = write_study(tmp_path / "dcm", 4, dt.date(2026, 3, 2), slices=2)
+        r = _dcmtk("storescu", port, "STORESCU", good, [str(f) for f in study.files])
+        assert r.returncode == 0, r.stdout + r.stderr
+        assert _dcmtk("echoscu", port, "ECHOSCU", []).returncode != 0  # plain TCP refused
+        assert _dcmtk("echoscu", port, "ECHOSCU", ["+tla", "+cf", str(pki.ca)]).returncode != 0  # no client cert
+    finally:
+        node.stop(timeout=5)
+    assert len(list((cfg.storage_dir).rglob("*.dcm"))) == 2
