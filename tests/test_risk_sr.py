@@ -258,3 +258,22 @@ def test_ohif_displays_risk_srs(tmp_path: Path, model_dir: Path) -> None:
         pytest.skip(f"ohif-check could not run: {r.stderr[-500:]}")
     lines = [json.loads(x) for x in r.stdout.splitlines() if x.startswith("{")]
     assert len(lines) == 2 and all(x["displayed"] for x in lines), r.stdout
+
+
+@pytest.mark.parametrize(("group", "coded"), [("intermediate", True), ("Q3", False)])
+def test_risk_group_labels(tmp_path: Path, group: str, coded: bool) -> None:
+    from dicom_templates.risk_sr import RiskContent, build_risk_sr
+
+    image = pydicom.dcmread(phantom_ct(tmp_path / "ct")[1])
+    content = RiskContent("m", "1.0.0", "lasso-cox", 0.3, group, None, None)
+    sr = build_risk_sr(content, image, [[10, 10], [50, 10], [50, 50], [10, 50]], IDENTITY)
+    sr.save_as(tmp_path / "sr.dcm")
+    got = read_risk(check_sr(tmp_path / "sr.dcm"))
+    assert list(got["numbers"]) == ["Risk score"]  # no horizon: no probability
+    if coded:
+        assert got["codes"]["Risk group"] == "Intermediate risk group"
+    else:
+        assert got["texts"]["Risk group"] == "Q3"
+    with pytest.raises(ValueError, match="finite score"):
+        build_risk_sr(RiskContent("m", "1", "cox", float("nan"), "low", None, None), image,
+                      [[10, 10], [50, 10], [50, 50]], IDENTITY)

@@ -64,15 +64,16 @@ def test_split_is_seeded_stratified_and_disjoint(split: Path, shared_data: Path,
 
 
 @pytest.mark.parametrize("kind", ["cox", "lasso-cox", "logistic"])
-def test_fit_and_evaluate_each_kind(kind: str, split: Path, tmp_path: Path) -> None:
+def test_fit_and_evaluate_each_kind(kind: str, split: Path, tmp_path: Path,
+                                    capsys: pytest.CaptureFixture[str]) -> None:
     out = tmp_path / f"hn-{kind}"
     r = cli("model", "fit", "--data", split / "train.csv", "--time", TIME, "--event", EVENT, "--time-unit", "months",
             "--kind", kind, "--features", "Age", "Sex", "Stage", SMI, SARCO, "--horizon", "1826",
-            "--n-boot", "30", "--out", out)
+            "--n-boot", "20", "--out", out)
     assert f"fitted {kind} on 151 patients" in r.stdout
     assert (out / "model.json").is_file() and (out / "MODEL_CARD.md").is_file()
     assert not list(out.glob("*.pkl"))
-    r = cli("model", "evaluate", "--model", out, "--data", split / "test.csv", "--json", "--n-boot", "30")
+    r = cli("model", "evaluate", "--model", out, "--data", split / "test.csv", "--json", "--n-boot", "20")
     res = json.loads(r.stdout)
     assert res["n"] + res["n_not_evaluable"] == 64
     assert 0 <= res["c_index"] <= 1 and len(res["c_index_ci"]) == 2
@@ -83,8 +84,9 @@ def test_fit_and_evaluate_each_kind(kind: str, split: Path, tmp_path: Path) -> N
     assert res["kaplan_meier"]["logrank_p"] is not None
     assert res["calibration"]["groups"] and res["net_benefit"]["treat_none"][0] == 0
     if kind == "cox":
-        text = cli("model", "evaluate", "--model", out, "--data", split / "test.csv", "--n-boot", "30").stdout
-        assert "Harrell C" in text and "log-rank p=" in text and "net benefit" in text
+        code, text, _ = inproc(capsys, "model", "evaluate", "--model", out, "--data", split / "test.csv",
+                               "--n-boot", "20")
+        assert code == 0 and "Harrell C" in text and "log-rank p=" in text and "net benefit" in text
 
 
 def test_evaluate_counts_missing_inputs_as_not_evaluable(split: Path, tmp_path: Path,
@@ -144,3 +146,9 @@ def test_cohort_km_sarcopenia(shared_data: Path, capsys: pytest.CaptureFixture[s
     by = {g["group"]: g for g in res["groups"]}
     assert by["SM depleted"]["n"] == 76 and by["SM not depleted"]["n"] == 139
     assert by["SM depleted"]["events"] + by["SM not depleted"]["events"] == 77
+
+
+def test_cohort_group_is_shared_with_radiomics() -> None:
+    """`prognode cohort` holds radiomics' `features` and survival's `split` and `km` together."""
+    r = cli("cohort", "--help")
+    assert all(name in r.stdout for name in ("features", "split", "km"))

@@ -265,3 +265,16 @@ def test_km_at_matches_lifelines(hnscc: Cohort) -> None:
         assert s == pytest.approx(float(km.survival_function_at_times(t).iloc[0]), abs=1e-12)
         row = ci[ci.index <= t].iloc[-1]
         assert (lo, hi) == pytest.approx((float(row.iloc[0]), float(row.iloc[1])), abs=1e-9)
+
+
+def test_per_level_hazard_ratio_for_sarcopenia(hnscc: Cohort) -> None:
+    """The card's per-level HR (SM depleted vs not) equals a Cox fit on the raw 0/1 indicator."""
+    from lifelines import CoxPHFitter
+
+    m = fit_model(hnscc, FitOptions(kind="cox", features=(SARCO,), n_boot=20))
+    per = m.hazard_ratios[0]["per_unit"]
+    df = pd.DataFrame({"dep": (hnscc.frame[SARCO] == "SM depleted").astype(float),
+                       "T": hnscc.time_days, "E": hnscc.event.astype(int)})
+    s = CoxPHFitter().fit(df, "T", "E").summary.loc["dep"]
+    assert per["ratio"] == pytest.approx(s["exp(coef)"], rel=1e-4)
+    assert (per["lower"], per["upper"]) == pytest.approx((s["exp(coef) lower 95%"], s["exp(coef) upper 95%"]), rel=1e-4)

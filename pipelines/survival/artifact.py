@@ -249,14 +249,20 @@ def model_card(model: SurvivalModel) -> str:
     for g in model.design.pca_groups:
         lines.append(f"- PCA group `{g.name}`: {len(g.features)} features -> {len(g.components)} components "
                      f"explaining {sum(g.explained_variance_ratio):.1%} of its variance")
-    lines += ["", "## Coefficients", "", "| column | coefficient | HR/OR per SD (95% CI) |", "|---|---|---|"]
+    lines += ["", "## Coefficients", "",
+              "| column | coefficient | HR/OR per SD (95% CI) | per unit or level vs reference (95% CI) |",
+              "|---|---|---|---|"]
     hr = {h["term"]: h for h in model.hazard_ratios}
     for c, b in zip(model.design.columns, model.coefficients, strict=True):
         h = hr.get(c)
         ci = f"{h['ratio']:.3f} ({h['lower']:.3f}-{h['upper']:.3f})" if h and h.get("lower") is not None \
             and h.get("upper") is not None \
             else f"{math.exp(b):.3f} (no CI: penalised)" if model.kind == "lasso-cox" else "-"
-        lines.append(f"| `{c}` | {b:+.4f} | {ci} |")
+        pu = (h or {}).get("per_unit") or {}
+        unit = "-" if pu.get("ratio") is None else f"{pu['ratio']:.3f}" + (
+            f" ({pu['lower']:.3f}-{pu['upper']:.3f})" if pu.get("lower") is not None and pu.get("upper") is not None
+            else "")
+        lines.append(f"| `{c}` | {b:+.4f} | {ci} | {unit} |")
     rg = model.risk_groups
     lines += ["", f"Risk groups ({rg.method} of the training scores): "
               + ", ".join(f"{lab}" for lab in rg.labels) + "; cut-offs " + ", ".join(f"{c:.4f}" for c in rg.cutoffs)]

@@ -257,6 +257,7 @@ def fit_model(cohort: Cohort, opts: FitOptions, software_version: str = "") -> S
                    "censored_before_horizon": "excluded (complete case)"}
     else:
         raise FitError(f"unknown kind {opts.kind!r}")
+    _add_per_unit(hrs, design)
     scores = x @ coef + intercept - lp_center
     if opts.kind != "logistic":
         at = sorted({*STORED_HORIZONS_DAYS, *([float(opts.horizon_days)] if opts.horizon_days else [])})
@@ -273,6 +274,20 @@ def fit_model(cohort: Cohort, opts: FitOptions, software_version: str = "") -> S
         intercept=intercept, lp_center=lp_center, baseline_survival=baseline, training=training,
         metrics=model_metrics, hazard_ratios=tuple(hrs), fit_details=details,
         created=dt.datetime.now(dt.UTC).replace(microsecond=0).isoformat(), software_version=software_version)
+
+
+def _add_per_unit(hrs: list[dict[str, Any]], design: Any) -> None:
+    """Ratios per original unit (per year of age; level vs reference for a category), beside per SD."""
+    scale = dict(zip(design.encoded_columns, design.scales, strict=True))
+    for h in hrs:
+        sd = scale.get(h["term"])
+        if sd is None:  # a PCA score has no original unit
+            continue
+        per = {"ratio": math.exp(math.log(h["ratio"]) / sd) if h["ratio"] > 0 else None}
+        for k in ("lower", "upper"):
+            v = h.get(k)
+            per[k] = math.exp(math.log(v) / sd) if isinstance(v, float) and 0 < v < math.inf else None
+        h["per_unit"] = per
 
 
 def _wald_p(b: float, se: float) -> float | None:

@@ -103,6 +103,10 @@ def _forest(rows: list[dict[str, Any]], title: str) -> Callable[[Any], None]:
         ax.set_yticks(range(len(rows), 0, -1), [h["term"][:40] for h in rows])
         ax.axvline(1.0, ls="--", c="grey")
         ax.set_xscale("log")
+        from matplotlib.ticker import NullFormatter, ScalarFormatter
+
+        ax.xaxis.set_major_formatter(ScalarFormatter())
+        ax.xaxis.set_minor_formatter(NullFormatter())
         ax.set_xlabel("ratio (95% CI), log scale")
         ax.set_title(title)
     return draw
