@@ -26,6 +26,7 @@ from node.ops import Operations
 from node.routing import Router
 from node.server import DicomServer
 from node.storage import Storage
+from node.tls import server_context
 
 logger = logging.getLogger(__name__)
 
@@ -35,16 +36,10 @@ SERVE_SWITCH_INTERVAL = 0.0005
 
 
 def server_ssl_context(tls: TlsConfig, base: Config) -> ssl.SSLContext | None:
-    """TLS for the SCP when ``[node.tls] enabled``."""
+    """TLS for the SCP when ``[node.tls] enabled`` (built by :func:`node.tls.server_context`)."""
     if not tls.enabled:
         return None
-    assert tls.certificate is not None and tls.private_key is not None
-    ctx = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
-    ctx.load_cert_chain(base.path(tls.certificate), base.path(tls.private_key))
-    if tls.ca_certificates is not None:
-        ctx.load_verify_locations(base.path(tls.ca_certificates))
-    ctx.verify_mode = ssl.CERT_REQUIRED if tls.require_client_certificate else ssl.CERT_OPTIONAL
-    return ctx
+    return server_context(tls, base.base_dir)
 
 
 class Node:
