@@ -40,6 +40,7 @@ demo: setup
 bench: setup
 	$(PY) bench/ingest.py
 	$(PY) bench/time_to_result.py
+	$(PY) bench/sweep.py
 
 lint: venv
 	$(VENV)/bin/ruff check node pipelines dicom_templates tests bench scripts

@@ -74,7 +74,7 @@ def send(port: int, folder: Path, called: str) -> float:
 def start_prognode(work: Path) -> tuple[subprocess.Popen[bytes], int]:
     port = free_port()
     cfg = work / "prognode.toml"
-    cfg.write_text(f'[node]\nport = {port}\nstorage = "var"\nmin_free_bytes = 0\n[logging]\nlevel = "WARNING"\n')
+    cfg.write_text(f'[node]\nport = {port}\nstorage = "var"\nmin_free_bytes = 0\n[web]\nenabled = false\n[logging]\nlevel = "WARNING"\n')
     env = dict(os.environ, PYTHONPATH=str(REPO))
     proc = subprocess.Popen([sys.executable, "-m", "node", "serve", "--config", str(cfg)], cwd=REPO, env=env,
                             stdout=subprocess.DEVNULL, stderr=open(work / "prognode.log", "wb"))  # noqa: SIM115

@@ -71,7 +71,7 @@ audit_file = "var/audit.jsonl"
 
 
 def sweep_cli(cfg: Path, *extra: str) -> list[str]:
-    return [sys.executable, "-m", "node.sweep", "sweep", "--config", str(cfg), "--from", FIRST.isoformat(),
+    return [sys.executable, "-m", "node", "sweep", "--config", str(cfg), "--from", FIRST.isoformat(),
             "--to", LAST.isoformat(), "--json", *extra]
 
 

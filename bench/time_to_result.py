@@ -81,6 +81,8 @@ storage = "var"
 min_free_bytes = 0
 [completion]
 quiet_seconds = 20
+[web]
+enabled = false
 [logging]
 level = "WARNING"
 [[destinations]]

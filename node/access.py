@@ -8,7 +8,7 @@ Config (``[node]``):
 
 :func:`access_handlers` returns the ``EVT_REQUESTED`` handler that rejects a refused association with
 a proper A-ASSOCIATE-RJ (permanent; "calling AE title not recognised" or "no reason given" for an
-address) before any negotiation, logs one line and writes an ``association`` audit record.
+address) before any negotiation, logs one line and writes an ``association_rejected`` audit record.
 """
 
 from __future__ import annotations
@@ -86,7 +86,7 @@ def _handle_requested(event: Any, policy: AccessPolicy, audit: AuditSink | None)
     reason, diagnostic = verdict
     log.warning("association rejected: calling_ae=%s peer=%s reason=%s", calling, ip, reason)
     if audit is not None:
-        audit.write("association", calling_ae=calling, peer=ip, accepted=False, reason=reason)
+        audit.write("association_rejected", calling_ae=calling, peer=ip, reason=reason)
     assoc.acse.send_reject(REJECT_PERMANENT, SOURCE_SERVICE_USER, diagnostic)
 
 

@@ -1,15 +1,17 @@
 """Audit log in JSON lines: who sent or queried what, what was exported where.
 
-One JSON object per line, ``{"time": "<UTC ISO 8601>", "event": "...", ...fields}``, appended and
-flushed (and fsynced) per record so that a hospital can keep, rotate and ship the file.  Safe to
+One JSON object per line, ``{"ts": "<UTC ISO 8601>", "event": "...", ...fields}`` (the same record
+as the node core's ``node.logs.AuditLog``, so both may append to one file), written with one
+``write`` per record (optionally fsynced) so that a hospital can keep, rotate and ship the file.  Safe to
 share between threads; several processes may append to the same file (each record is a single
 ``write`` of one line on a file opened in append mode).
 
-Events used by prognode (fields are free-form keyword arguments):
-``association`` (calling_ae, peer, accepted, reason), ``store`` (calling_ae, peer, sop_instance_uid,
-series_uid, status), ``query`` (source, level, filters, matches), ``retrieve`` (source, method,
-series_uid, instances), ``export`` (job_id, destination, sop_instance_uid, status),
-``resend`` (job_id, by), ``sweep`` (sweep_id, state).
+Events written by prognode (fields are keyword arguments): ``association_accepted`` /
+``association_rejected`` / ``association_released`` / ``association_aborted`` (calling_ae, peer,
+called_ae, reason), ``instance_stored`` / ``instance_refused`` (calling_ae, peer, SOP instance, series,
+status), ``echo``, ``series_complete``, ``job_*``, ``export_sent`` / ``export_failed`` (job, destination,
+SOP instance), ``resend`` (job_id, by), and from sweeps ``query`` (source, date range, matches),
+``retrieve`` (source, method, series, instances) and ``sweep`` (sweep_id, state, counts).
 """
 
 from __future__ import annotations
@@ -29,7 +31,7 @@ class AuditSink(Protocol):
 
 
 def utc_now_iso() -> str:
-    return dt.datetime.now(dt.UTC).isoformat(timespec="milliseconds").replace("+00:00", "Z")
+    return dt.datetime.now(dt.UTC).isoformat(timespec="milliseconds")
 
 
 class AuditLog:
@@ -40,10 +42,11 @@ class AuditLog:
     path
         The audit file; its folder is created.  ``None`` disables auditing (records are dropped).
     fsync
-        Also fsync after each record (default True: the audit trail survives power loss).
+        Also fsync after each record (the trail then survives power loss, at one more fsync per
+        stored instance); default False: records survive a crash of the process.
     """
 
-    def __init__(self, path: Path | None, fsync: bool = True) -> None:
+    def __init__(self, path: Path | None, fsync: bool = False) -> None:
         self.path = path
         self._fsync = fsync
         self._lock = threading.Lock()
@@ -54,7 +57,7 @@ class AuditLog:
         """Append one record; values that JSON cannot encode are written as strings."""
         if self.path is None:
             return
-        entry: dict[str, Any] = {"time": utc_now_iso(), "event": event}
+        entry: dict[str, Any] = {"ts": utc_now_iso(), "event": event}
         entry.update(fields)
         line = json.dumps(entry, default=str, ensure_ascii=False, separators=(",", ":")) + "\n"
         data = line.encode("utf-8")

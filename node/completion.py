@@ -101,7 +101,7 @@ class CompletionMonitor:
     def scan(self, t: float | None = None) -> list[str]:
         """Complete every series that is ready now; returns their UIDs."""
         t = now() if t is None else t
-        with self.db.session() as s:
+        with self.db.read() as s:
             candidates = s.execute(select(Series.series_uid, Series.last_received).where(
                 Series.state == "receiving", Series.last_received <= t - self.cfg.settle_seconds)).all()
         done: list[str] = []

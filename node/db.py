@@ -183,11 +183,19 @@ class Database:
             event.listen(self.engine, "begin", _sqlite_begin_immediate)
         Base.metadata.create_all(self.engine)
         self._sessions = sessionmaker(self.engine, expire_on_commit=False)
+        self._readers = sessionmaker(self.engine.execution_options(prognode_read_only=True),
+                                     expire_on_commit=False)
 
     @contextmanager
     def session(self) -> Iterator[Session]:
         """A transaction: committed on success, rolled back on error."""
         with self._sessions() as s, s.begin():
+            yield s
+
+    @contextmanager
+    def read(self) -> Iterator[Session]:
+        """A read-only transaction: on SQLite a deferred BEGIN, so polling never holds the write lock."""
+        with self._readers() as s, s.begin():
             yield s
 
     def dispose(self) -> None:
@@ -204,7 +212,8 @@ def _sqlite_pragmas(dbapi_conn: Any, _record: Any) -> None:
 
 
 def _sqlite_begin_immediate(conn: Any) -> None:
-    conn.exec_driver_sql("BEGIN IMMEDIATE")
+    read_only = conn.get_execution_options().get("prognode_read_only", False)
+    conn.exec_driver_sql("BEGIN" if read_only else "BEGIN IMMEDIATE")
 
 
 def connect(url: str) -> Database:

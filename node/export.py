@@ -56,7 +56,7 @@ class Exporter:
         self.wake = threading.Event()
 
     def due(self, t: float) -> list[Pending]:
-        with self.db.session() as s:
+        with self.db.read() as s:
             rows = s.scalars(select(Export).where(Export.state == "pending", Export.next_attempt_at <= t)
                              .order_by(Export.id)).all()
             return [Pending(r.id, r.job_id, r.destination, r.path, r.sop_instance_uid, r.attempts) for r in rows]

@@ -109,6 +109,7 @@ def handle_store(event: Event, store: Storage, index: Index, audit: AuditLog,
         return outcome(OUT_OF_RESOURCES, f"out of disk space: {e.strerror}", sop=meta.sop_instance_uid)
     except OSError as e:
         return outcome(OUT_OF_RESOURCES, f"write error: {e.strerror or e}", sop=meta.sop_instance_uid)
+    t1 = time.perf_counter()
     try:
         rec = index.record_instance(meta, stored.path, stored.size, stored.sha256,
                                     str(event.context.transfer_syntax), calling, peer)
@@ -121,7 +122,7 @@ def handle_store(event: Event, store: Storage, index: Index, audit: AuditLog,
         open_associations.add(id(event.assoc), meta.series_uid)
     return outcome(SUCCESS, "", sop=meta.sop_instance_uid, series_uid=meta.series_uid, study_uid=meta.study_uid,
                    bytes=stored.size, generation=rec.generation, reopened=rec.reopened,
-                   ms=round((time.perf_counter() - t0) * 1000, 2))
+                   write_ms=round((t1 - t0) * 1000, 2), index_ms=round((time.perf_counter() - t1) * 1000, 2))
 
 
 UNDEFINED_LENGTH = 0xFFFFFFFF

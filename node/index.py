@@ -197,7 +197,7 @@ class Index:
 
     # Queries -----------------------------------------------------------------------
     def series_files(self, series_uid: str) -> list[Path]:
-        with self.db.session() as s:
+        with self.db.read() as s:
             rows = s.scalars(select(Instance.path).where(Instance.series_uid == series_uid)
                              .order_by(Instance.position, Instance.instance_number)).all()
         return [self.root / r for r in rows]
@@ -205,28 +205,28 @@ class Index:
     def study_files(self, study_uid: str, exclude_series: Iterable[str] = (),
                     modalities: Iterable[str] = ("SEG", "RTSTRUCT", "SR")) -> list[Path]:
         excluded = set(exclude_series)
-        with self.db.session() as s:
+        with self.db.read() as s:
             rows = s.execute(select(Instance.path, Instance.series_uid).join(
                 Series, Series.series_uid == Instance.series_uid).where(
                 Instance.study_uid == study_uid, Series.modality.in_(list(modalities)))).all()
         return [self.root / p for p, uid in rows if uid not in excluded]
 
     def series(self, series_uid: str) -> SeriesView | None:
-        with self.db.session() as s:
+        with self.db.read() as s:
             row = s.get(Series, series_uid)
             return _view(row) if row is not None else None
 
     def all_series(self, limit: int = 1000) -> list[SeriesView]:
-        with self.db.session() as s:
+        with self.db.read() as s:
             rows = s.scalars(select(Series).order_by(Series.last_received.desc()).limit(limit)).all()
             return [_view(r) for r in rows]
 
     def instance_count(self) -> int:
-        with self.db.session() as s:
+        with self.db.read() as s:
             return int(s.scalar(select(func.count()).select_from(Instance)) or 0)
 
     def has_instance(self, sop_instance_uid: str) -> bool:
-        with self.db.session() as s:
+        with self.db.read() as s:
             return s.get(Instance, sop_instance_uid) is not None
 
     def has_instance_safely(self, sop_instance_uid: str) -> bool:

@@ -306,6 +306,9 @@ class JobQueue:
 
     def expire_leases(self) -> list[int]:
         t = now()
+        with self.db.read() as s:
+            if s.scalar(select(Job.id).where(Job.state == "running", Job.lease_until < t).limit(1)) is None:
+                return []
         with self.db.session() as s:
             ids = list(s.scalars(select(Job.id).where(Job.state == "running", Job.lease_until < t)).all())
             if ids:
@@ -318,6 +321,10 @@ class JobQueue:
     def claim(self, worker: str) -> JobView | None:
         """Take the oldest runnable job; returns it with its new attempt number."""
         t = now()
+        with self.db.read() as s:
+            if s.scalar(select(Job.id).where(Job.state.in_(("pending", "failed")), Job.not_before <= t)
+                        .limit(1)) is None:
+                return None
         with self.db.session() as s:
             job = s.scalars(select(Job).where(Job.state.in_(("pending", "failed")), Job.not_before <= t)
                             .order_by(Job.id).limit(1)).first()
@@ -345,7 +352,7 @@ class JobQueue:
 
     def predecessors(self, job: JobView) -> tuple[Predecessor, ...]:
         """Results of the latest earlier done job of the same pipeline on the same series."""
-        with self.db.session() as s:
+        with self.db.read() as s:
             prev = s.scalar(select(func.max(Job.id)).where(
                 Job.pipeline == job.pipeline, Job.series_uid == job.series_uid, Job.route == job.route,
                 Job.state == "done", Job.id != job.id))
@@ -421,12 +428,12 @@ class JobQueue:
         return what, n
 
     def get(self, job_id: int) -> JobView | None:
-        with self.db.session() as s:
+        with self.db.read() as s:
             j = s.get(Job, job_id)
             return _view(j) if j is not None else None
 
     def list(self, limit: int = 1000) -> list[JobView]:
-        with self.db.session() as s:
+        with self.db.read() as s:
             return [_view(j) for j in s.scalars(select(Job).order_by(Job.id.desc()).limit(limit)).all()]
 
 

@@ -47,6 +47,7 @@ from pynetdicom import AE, evt
 from pynetdicom.transport import ThreadedAssociationServer
 
 from node import handlers
+from node.access import AccessPolicy, access_handlers
 from node.config import Config, NodeConfig
 from node.index import Index
 from node.logs import AuditLog
@@ -157,7 +158,8 @@ def build_ae(cfg: NodeConfig) -> AE:
     ae.network_timeout = cfg.network_timeout
     ae.acse_timeout = cfg.network_timeout
     ae.dimse_timeout = cfg.network_timeout
-    ae.require_calling_aet = list(cfg.allowed_calling_aets)
+    # "AET" or "AET@network" (node.access): pynetdicom checks the titles, the access handler the pairs
+    ae.require_calling_aet = list(dict.fromkeys(a.partition("@")[0].strip() for a in cfg.allowed_calling_aets))
     ae.require_called_aet = False
     return ae
 
@@ -198,6 +200,9 @@ class DicomServer:
         # extra_handlers: notification handlers of others, e.g. node.metrics.Metrics.scp_handlers()
         self._handlers = (event_handlers(store, index, audit, route_keywords(config), self.open_associations)
                           + list(extra_handlers))
+        if any("@" in a for a in config.node.allowed_calling_aets):
+            policy = AccessPolicy.from_lists(config.node.allowed_calling_aets, config.node.allowed_hosts)
+            self._handlers += access_handlers(policy, audit)
         self._audit = audit
         self._ssl = ssl_context
         self.server: NodeServer | None = None

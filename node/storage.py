@@ -16,6 +16,8 @@ import hashlib
 import logging
 import os
 import shutil
+import threading
+import time
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -24,6 +26,7 @@ logger = logging.getLogger(__name__)
 INSTANCES = "instances"
 JOBS = "jobs"
 TMP_SUFFIX = ".tmp"
+FREE_SPACE_RECHECK = 0.5  # seconds between statvfs calls while receiving
 
 
 class OutOfSpace(OSError):
@@ -66,6 +69,8 @@ class Storage:
         (root / INSTANCES).mkdir(parents=True, exist_ok=True)
         (root / JOBS).mkdir(parents=True, exist_ok=True)
         self._known_dirs: set[Path] = set()
+        self._free: tuple[float, int] = (0.0, 0)  # (monotonic time, free bytes) of the last statvfs
+        self._lock = threading.Lock()
 
     def instance_path(self, study_uid: str, series_uid: str, sop_uid: str) -> Path:
         rel = Path(INSTANCES, _safe_component(study_uid), _safe_component(series_uid),
@@ -76,7 +81,15 @@ class Storage:
         return self.root / rel
 
     def check_space(self, needed: int) -> None:
-        free = shutil.disk_usage(self.root).free
+        """Refuse when the write would leave less than ``min_free_bytes``; statvfs at most every
+        ``FREE_SPACE_RECHECK`` seconds, counting what was written since."""
+        with self._lock:
+            t = time.monotonic()
+            checked, free = self._free
+            if t - checked > FREE_SPACE_RECHECK or free - needed < self.min_free_bytes + needed:
+                free = shutil.disk_usage(self.root).free
+                checked = t
+            self._free = (checked, free - needed)
         if free - needed < self.min_free_bytes:
             raise OutOfSpace(f"free space {free} B minus {needed} B is below min_free_bytes {self.min_free_bytes}")
 

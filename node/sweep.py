@@ -11,7 +11,7 @@ serve`` runs ``[sweep].cron`` through :func:`start_scheduler`.
    result exists for it.  Such items are ``skipped``; the rest are retrieved unless ``--dry-run``
    (they become ``planned``).
 3. Retrieval by C-MOVE to the node's own AE (the PACS must know that AE) or by C-GET, where this
-   SCU stores the instances through the same store handler as the SCP.  If no node listens on
+   SCU stores the instances through the SCP's own store handler (``node.handlers.handle_store``).  If no node listens on
    ``[node].host:port`` during a C-MOVE sweep, the sweep starts a temporary receiver there.
 4. Throttled: ``max_concurrent`` associations, ``pause_seconds`` between retrievals of a worker,
    retrieval only within ``allowed_hours`` (outside them the sweep stops as ``interrupted`` and the
@@ -52,7 +52,10 @@ from node.access import AccessPolicy, access_handlers
 from node.audit import AuditLog, AuditSink
 from node.config import Config, SourceConfig
 from node.db import Database, Job, Result, Series, Sweep, SweepItem
+from node.handlers import handle_store
+from node.index import Index
 from node.metrics import Metrics
+from node.storage import Storage
 from node.tls import server_context, tls_args
 
 log = logging.getLogger(__name__)
@@ -474,7 +477,9 @@ class Sweeper:
         lock = threading.Lock()
         counter = [0]
         with self._receiver_if_needed(src):
-            def work(item: tuple[int, str, str, int]) -> None:
+            retry: list[tuple[int, str, str, int]] = []
+
+            def work(item: tuple[int, str, str, int], last_try: bool = False) -> None:
                 item_id, study, series, n = item
                 if self._stop.is_set():
                     return
@@ -489,9 +494,14 @@ class Sweeper:
                     if n and local < n:
                         raise SweepError(f"retrieved {got}, index holds {local} of {n} instances")
                 except Exception as e:  # noqa: BLE001 - one failed series does not stop the sweep
-                    log.warning("sweep %d: retrieval of series %s failed: %s", sweep_id, series, e)
-                    self._set_item(item_id, ITEM_FAILED, str(e)[:500])
+                    log.warning("sweep %d: retrieval of series %s failed%s: %s", sweep_id, series,
+                                "" if last_try else " (will retry once)", e)
                     with lock:
+                        if not last_try:
+                            retry.append(item)
+                            out.items.append({"series_uid": series, "state": "retry", "error": str(e)})
+                            return
+                        self._set_item(item_id, ITEM_FAILED, str(e)[:500])
                         out.failed += 1
                         counter[0] += 1
                         out.items.append({"series_uid": series, "state": ITEM_FAILED, "error": str(e)})
@@ -502,7 +512,7 @@ class Sweeper:
                     self.metrics.record_sweep_retrieval(src.retrieve)
                 if self.audit is not None:
                     self.audit.write("retrieve", source=src.name, method=src.retrieve, study_uid=study,
-                                      series_uid=series, instances=got, sweep_id=sweep_id)
+                                     series_uid=series, instances=got, sweep_id=sweep_id)
                 with lock:
                     out.retrieved += 1
                     out.instances_retrieved += got
@@ -516,6 +526,10 @@ class Sweeper:
 
             with ThreadPoolExecutor(max_workers=cfg.max_concurrent, thread_name_prefix="sweep") as pool:
                 list(pool.map(work, todo))
+            # a series that failed (PACS busy, association dropped) gets one more, sequential try
+            for item in retry:
+                self._stop.wait(max(cfg.pause_seconds, 1.0))
+                work(item, last_try=True)
         if self._stop.is_set() and not out.stopped_reason:
             out.stopped_reason = "stopped"
 
@@ -635,20 +649,11 @@ def _iso_now() -> str:
 
 def default_store_handler(config: Config, db: Database, metrics: Metrics | None = None,
                           audit: AuditSink | None = None) -> StoreHandler:
-    """The node's C-STORE path: the node core's ``handle_store`` when available, else the interim adapter."""
-    try:
-        from node import handlers as core_handlers  # type: ignore[attr-defined,unused-ignore]
-        from node.index import Index  # type: ignore[attr-defined,unused-ignore]
-        from node.storage import Storage  # type: ignore[attr-defined,unused-ignore]
-    except ImportError:
-        from node.store_adapter import InterimStore
-
-        return InterimStore(config.storage_dir, db, metrics, audit, fsync=config.node.fsync).handle_store
+    """The node's own C-STORE path (``node.handlers.handle_store``: atomic write, then index)."""
     storage = Storage(config.storage_dir, fsync=config.node.fsync, min_free_bytes=config.node.min_free_bytes)
     index = Index(db, config.storage_dir)
-    # node.audit.AuditLog and the core's node.logs.AuditLog share ``write(event, **fields)``
     core_audit: Any = audit if audit is not None else AuditLog(None)
-    core = functools.partial(core_handlers.handle_store, store=storage, index=index, audit=core_audit)
+    core = functools.partial(handle_store, store=storage, index=index, audit=core_audit)
     return core if metrics is None else functools.partial(_metered_store, core, metrics)
 
 

@@ -34,7 +34,8 @@ def _toml_value(v: Any) -> str:
 def write_config(folder: Path, destinations: Sequence[dict[str, Any]] = (), routes: Sequence[dict[str, Any]] = (),
                  pipelines: dict[str, dict[str, Any]] | None = None, **sections: dict[str, Any]) -> Path:
     """A config.toml in ``folder``: node on a free port, storage in ``folder/var``, fast timings."""
-    data: dict[str, dict[str, Any]] = {"node": {"port": free_port(), "storage": "var", "min_free_bytes": 0}}
+    data: dict[str, dict[str, Any]] = {"node": {"port": free_port(), "storage": "var", "min_free_bytes": 0},
+                                       "web": {"enabled": False}}
     for k, v in FAST.items():
         data[k] = dict(v)
     for k, v in sections.items():

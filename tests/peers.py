@@ -78,6 +78,7 @@ class Orthanc:
     dicom_port: int = field(default_factory=free_port)
     http_port: int = field(default_factory=free_port)
     modalities: dict[str, tuple[str, str, int]] = field(default_factory=dict)  # name -> (aet, host, port)
+    extra_config: dict[str, Any] = field(default_factory=dict)  # more Orthanc settings (e.g. DICOM TLS)
     proc: subprocess.Popen[bytes] | None = None
 
     def start(self, timeout: float = 30.0) -> Orthanc:
@@ -106,6 +107,7 @@ class Orthanc:
             "SaveJobs": False,
             "HttpThreadsCount": 4,
         }
+        cfg.update(self.extra_config)
         cfg_path = self.workdir / "orthanc.json"
         cfg_path.write_text(json.dumps(cfg, indent=1))
         env = dict(os.environ, LD_PRELOAD=str(bind_shim()))

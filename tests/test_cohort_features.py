@@ -52,3 +52,20 @@ def test_cohort_features_resumable(cohort: Path, tmp_path: Path, capsys: pytest.
     again = _rows(out)
     assert [r["study"] for r in again] == ["s0", "s1"] and again[0] == rows[0]
     assert np.isclose(float(again[1]["intra_firstorder_Mean"]), float(rows[1]["intra_firstorder_Mean"]))
+
+
+def test_cohort_group_shared_with_survival_cli() -> None:
+    """Both extensions add to one `cohort` group, in either order (node/cli.py EXTENSIONS)."""
+    import argparse
+
+    from pipelines.radiomics.cohort import register
+    from pipelines.survival.cli import register as survival_register
+
+    for order in ((register, survival_register), (survival_register, register)):
+        parser = argparse.ArgumentParser(prog="prognode")
+        sub = parser.add_subparsers(dest="command", required=True)
+        for reg in order:
+            reg(sub)
+        args = parser.parse_args(["cohort", "features", "studies", "--out", "f.csv"])
+        assert args.cohort_command == "features"
+        assert parser.parse_args(["cohort", "split", "--data", "d.csv", "--out-dir", "o"]).cohort_command == "split"

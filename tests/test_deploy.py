@@ -100,6 +100,8 @@ def test_helm_chart_renders(rendered: dict[str, dict[str, Any]], tmp_path: Path)
     assert base64.b64decode(secret["web-token"]) == b"t0ken"
     env = {e["name"]: e["valueFrom"]["secretKeyRef"] for e in container["env"]}
     assert env["PROGNODE_WEB_TOKEN"] == {"name": rendered["Secret"]["metadata"]["name"], "key": "web-token"}
+    annotations = dep["spec"]["template"]["metadata"]["annotations"]
+    assert annotations["prometheus.io/port"] == str(ports["web"]) and annotations["prometheus.io/path"] == "/metrics"
     assert container["securityContext"]["readOnlyRootFilesystem"] is True and pod["securityContext"]["runAsNonRoot"]
     # the ConfigMap's config.toml is a valid prognode config whose ports match the pod's
     cfg_file = tmp_path / "config.toml"

@@ -10,13 +10,14 @@ import threading
 import time
 from pathlib import Path
 
+import highdicom as hd
 import pydicom
 import pytest
 from pydicom.uid import generate_uid
 
 from tests.conftest import need
 from tests.node_helpers import cli, node_process, pacs_destination, write_config
-from tests.peers import Orthanc, storescu, wait_port, wait_until, with_uids
+from tests.peers import Orthanc, dciodvfy, storescu, wait_port, wait_until, with_uids
 
 pytestmark = [pytest.mark.peers, pytest.mark.slow]
 
@@ -127,6 +128,13 @@ def test_kill9_during_job_resumes_and_finishes_once(tmp_path: Path, ct: list[Pat
             jobs = db_rows(tmp_path, "select id, state, attempts from jobs")
             assert len(jobs) == 1 and jobs[0][1] == "done" and jobs[0][2] == 2
             assert len(db_rows(tmp_path, "select sop_instance_uid from results")) == 2
+            (result_dir,) = db_rows(tmp_path, "select result_dir from jobs")[0]
+            for f in sorted(Path(str(result_dir)).glob("*.dcm")):  # what went to the PACS: valid, readable
+                ok, report = dciodvfy(f)
+                assert ok, report
+                ds = pydicom.dcmread(f)
+                back = (hd.seg.Segmentation if ds.Modality == "SEG" else hd.sr.Comprehensive3DSR).from_dataset(ds)
+                assert back.StudyInstanceUID == study
             events = [json.loads(x) for x in (tmp_path / "var" / "audit.jsonl").read_text().splitlines()]
             assert any(e["event"] == "job_pending" and e.get("reason") == "interrupted by a restart" for e in events)
             assert [e["event"] for e in events].count("job_done") == 1

@@ -227,3 +227,20 @@ def test_scp_stops_cleanly_with_association_in_flight(tmp_path: Path, totalseg_c
         assert proc.wait(60) == 0  # the in-flight association finished
         stopper.join(30)
         assert node.index.instance_count() == 20
+
+
+def test_seg_labelmap_seg_rtstruct_and_sr_accepted(tmp_path: Path, shared_data: Path) -> None:
+    need("storescu")
+    files = [shared_data / "dcmqi_seg_sr_refs" / "segmentations" / "liver.dcm",
+             shared_data / "pydicom_testfiles" / "rtstruct.dcm",
+             shared_data / "highdicom_testfiles" / "sr_document.dcm"]
+    labelmap = shared_data / "highdicom_testfiles" / "seg_image_sm_control_labelmap.dcm"
+    cfg = write_config(tmp_path)
+    with running_node(cfg) as node:
+        r = storescu(node.port, files, extra=["-R"], check=False)  # -R: propose exactly these SOP classes
+        assert r.returncode == 0, r.stderr
+        # dcmtk 3.6.7 does not know Label Map Segmentation Storage: send it with pynetdicom
+        sop_class, sop, ts, payload = dataset_bytes(labelmap)
+        assert sop_class == "1.2.840.10008.5.1.4.1.1.66.7"
+        assert send_raw(node.port, sop_class, sop, ts, payload) == (0, "")
+        assert node.index.instance_count() == len(files) + 1

@@ -207,3 +207,23 @@ def test_creating_tumour_pipelines_imports_no_torch_monai_or_pyradiomics() -> No
                          env={"PYTHONPATH": str(root), "PATH": "/usr/bin:/bin"})
     assert out.returncode == 0, out.stderr
     assert out.stdout.strip() == "[]"
+
+
+def test_node_run_cli_with_rtstruct(shared_data: Path, tmp_path: Path) -> None:
+    """`prognode run tumour-radiomics FOLDER`: the CT and its RTSTRUCT in one folder, no node."""
+    import os
+    import shutil
+    import subprocess
+    import sys
+
+    folder = tmp_path / "in"
+    folder.mkdir()
+    for name in ("ct_1.dcm", "ct_2.dcm", "rt.dcm"):
+        shutil.copy(shared_data / RT / name, folder / name)
+    root = Path(__file__).resolve().parents[1]
+    env = {**os.environ, "PYTHONPATH": str(root)}
+    r = subprocess.run([sys.executable, "-m", "node", "run", "tumour-radiomics", str(folder), "--out", str(tmp_path / "out")],
+                       cwd=root, env=env, capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert (tmp_path / "out" / "tumour_sr.dcm").is_file() and (tmp_path / "out" / "tumour_rings_seg.dcm").is_file()
+    assert json.loads((tmp_path / "out" / "features.json").read_text())["roi_source"] == "RTSTRUCT"

@@ -130,7 +130,7 @@ def test_sweep_retrieves_then_second_sweep_retrieves_nothing(tmp_path: Path, sou
 
 def test_dry_run_cli_retrieves_nothing(tmp_path: Path, source_pacs: Orthanc) -> None:
     cfg_path = write_config(tmp_path, source_pacs)
-    r = subprocess.run([sys.executable, "-m", "node.sweep", "sweep", "--config", str(cfg_path),
+    r = subprocess.run([sys.executable, "-m", "node", "sweep", "--config", str(cfg_path),
                         "--from", FIRST.isoformat(), "--to", (FIRST + dt.timedelta(days=10)).isoformat(),
                         "--dry-run", "--json"], cwd=REPO, env=dict(os.environ, PYTHONPATH=str(REPO)),
                        capture_output=True, text=True, timeout=120)
@@ -147,7 +147,7 @@ def test_killed_sweep_resumes(tmp_path: Path, source_pacs: Orthanc) -> None:
     cfg_path = write_config(tmp_path, source_pacs, extra="pause_seconds = 0.6\n")
     cfg_path.write_text(cfg_path.read_text().replace("max_concurrent = 2", "max_concurrent = 1"))
     cfg = config_mod.load(cfg_path)
-    args = [sys.executable, "-m", "node.sweep", "sweep", "--config", str(cfg_path), "--from", FIRST.isoformat(),
+    args = [sys.executable, "-m", "node", "sweep", "--config", str(cfg_path), "--from", FIRST.isoformat(),
             "--to", (FIRST + dt.timedelta(days=10)).isoformat(), "--json"]
     env = dict(os.environ, PYTHONPATH=str(REPO))
     proc = subprocess.Popen(args, cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
@@ -174,7 +174,7 @@ def test_killed_sweep_resumes(tmp_path: Path, source_pacs: Orthanc) -> None:
     summary = json.loads(r.stdout[r.stdout.index("{\n"):])
     assert summary["resumed"] is True and summary["sweep_id"] == 1
     assert summary["already_done"] == done_before
-    assert summary["already_done"] + summary["retrieved"] + summary["skipped"] == N_STUDIES
+    assert summary["already_done"] + summary["retrieved"] + summary["skipped"] == N_STUDIES, r.stdout
     assert "resuming" in r.stdout
     db = Database(cfg.database_url)
     with db.session() as s:
@@ -214,7 +214,8 @@ def test_scheduler_restart_keeps_one_job(tmp_path: Path) -> None:
 
 def test_move_sweep_into_running_node(tmp_path: Path, source_pacs: Orthanc) -> None:
     """With the node serving, C-MOVE results arrive through the node's own SCP (no sweep receiver)."""
-    service = pytest.importorskip("node.service", reason="node core not merged yet")
+    from node import service
+
     cfg_path = write_config(tmp_path, source_pacs, "move")
     cfg = config_mod.load(cfg_path)
     node = service.Node(cfg).start()
@@ -227,3 +228,40 @@ def test_move_sweep_into_running_node(tmp_path: Path, source_pacs: Orthanc) -> N
         assert (again.retrieved, again.skipped) == (0, N_STUDIES)
     finally:
         node.stop()
+
+
+def test_failed_series_is_retried_once(tmp_path: Path, source_pacs: Orthanc) -> None:
+    """A series whose first retrieval fails (here: the store refuses one instance) is retried and completes."""
+    cfg_path = write_config(tmp_path, source_pacs, "get")
+    cfg = config_mod.load(cfg_path)
+    db = open_database(cfg)
+    store = default_store_handler(cfg, db)
+    refused: list[str] = []
+
+    def flaky(event: object) -> object:
+        if not refused:
+            refused.append("once")
+            return 0xA700  # Out of Resources for the very first instance
+        return store(event)
+
+    lines: list[str] = []
+    out = Sweeper(cfg, db, flaky, progress=lines.append).run(FIRST, FIRST + dt.timedelta(days=10))
+    assert refused == ["once"]
+    assert (out.retrieved, out.failed, out.state) == (N_STUDIES, 0, "done"), lines
+    assert [i["state"] for i in out.items].count("retry") == 1
+    assert _instances(db) == N_STUDIES * SLICES
+
+
+def test_scheduled_job_runs_a_sweep(tmp_path: Path, source_pacs: Orthanc) -> None:
+    """The function the cron job calls sweeps the lookback window from a serialised config."""
+    from node.sweep import scheduled_sweep
+
+    lookback = (dt.date.today() - FIRST).days + 1
+    cfg_path = write_config(tmp_path, source_pacs, "get", extra=f"enabled = true\nlookback_days = {lookback}\n")
+    cfg = config_mod.load(cfg_path)
+    scheduled_sweep(cfg.model_dump_json())
+    db = open_database(cfg)
+    with db.session() as s:
+        (sweep,) = s.scalars(select(Sweep)).all()
+        assert sweep.state == "done" and sweep.report["retrieved"] == N_STUDIES + 1  # the late study too
+    assert _instances(db) == N_STUDIES * SLICES + 2

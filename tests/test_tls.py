@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import datetime as dt
+import json
 import subprocess
+import urllib.request
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -17,11 +19,10 @@ from node.access import AccessPolicy
 from node.audit import AuditLog
 from node.config import Config, TlsConfig
 from node.db import Database
-from node.store_adapter import InterimStore
-from node.sweep import Receiver
+from node.sweep import Receiver, default_store_handler
 from node.tls import TlsError, client_context, server_context, tls_args
 from tests.conftest import need
-from tests.peers import free_port, stop_pid, wait_port
+from tests.peers import echoscu, free_port, stop_pid, wait_port
 from tests.synthetic_ct import write_study
 
 
@@ -93,7 +94,7 @@ def tls_scp(tmp_path: Path, pki: Pki) -> Iterator[tuple[Config, Database, AuditL
     cfg = node_config(tmp_path, pki, allowed_aets='["STORESCU", "ECHOSCU@127.0.0.0/8", "FARAWAY@10.9.0.0/16"]')
     db = Database(cfg.database_url)
     audit = AuditLog(tmp_path / "audit.jsonl")
-    receiver = Receiver(cfg, InterimStore(cfg.storage_dir, db, audit=audit, fsync=False).handle_store, audit)
+    receiver = Receiver(cfg, default_store_handler(cfg, db, audit=audit), audit)
     try:
         yield cfg, db, audit
     finally:
@@ -126,9 +127,9 @@ def test_dcmtk_tls_to_pynetdicom_scp(tls_scp: tuple[Config, Database, AuditLog],
     assert _dcmtk("echoscu", port, "INTRUDER", good).returncode != 0
     assert _dcmtk("echoscu", port, "FARAWAY", good).returncode != 0
     records = audit.read()
-    stores = [r for r in records if r["event"] == "store"]
-    assert len(stores) == 2 and stores[0]["calling_ae"] == "STORESCU" and stores[0]["time"].endswith("Z")
-    rejected = [r for r in records if r["event"] == "association" and not r["accepted"]]
+    stores = [r for r in records if r["event"] == "instance_stored"]
+    assert len(stores) == 2 and stores[0]["calling_ae"] == "STORESCU" and stores[0]["ts"].endswith("+00:00")
+    rejected = [r for r in records if r["event"] == "association_rejected"]
     assert [r["calling_ae"] for r in rejected] == ["INTRUDER", "FARAWAY"]
     assert "not allowed from 127.0.0.1" in rejected[1]["reason"]
 
@@ -189,3 +190,93 @@ def test_access_policy_rules() -> None:
     assert p.check("CT2", "10.0.0.7") is not None
     assert p.check("CT1", "192.168.1.1") is not None
     assert AccessPolicy.from_lists([], []).check("ANY", "203.0.113.9") is None
+
+
+def test_node_scp_allow_list_pairs(tmp_path: Path) -> None:
+    """The node's own SCP honours "AET@network" entries next to plain AE titles."""
+    need("echoscu")
+    from node.index import Index
+    from node.server import DicomServer
+    from node.storage import Storage
+
+    cfg_file = tmp_path / "config.toml"
+    cfg_file.write_text(f'[node]\nport = {free_port()}\nstorage = "var"\n'
+                        'allowed_calling_aets = ["ECHOSCU@127.0.0.0/8", "FARAWAY@10.9.0.0/16", "PLAIN"]\n')
+    cfg = config_mod.load(cfg_file)
+    cfg.storage_dir.mkdir()
+    db = Database(cfg.database_url)
+    audit = AuditLog(tmp_path / "audit.jsonl")
+    server = DicomServer(cfg, Storage(cfg.storage_dir), Index(db, cfg.storage_dir), audit).start()
+    try:
+        port = cfg.node.port
+        assert echoscu(port, calling="ECHOSCU") == 0
+        assert echoscu(port, calling="PLAIN") == 0
+        assert echoscu(port, calling="FARAWAY") != 0
+        assert echoscu(port, calling="INTRUDER") != 0
+    finally:
+        server.stop(timeout=5)
+        db.dispose()
+    rejected = [r["calling_ae"] for r in audit.read() if r["event"] == "association_rejected"]
+    assert "FARAWAY" in rejected
+
+
+@pytest.mark.parametrize("method", ["get", "move"])
+def test_sweep_over_dicom_tls(tmp_path: Path, pki: Pki, method: str) -> None:
+    """Orthanc with DICOM TLS as the PACS: the sweep's C-FIND and C-GET/C-MOVE run over mutual TLS."""
+    need("Orthanc")
+    from node.sweep import run_sweep
+    from tests.peers import orthanc
+
+    study = write_study(tmp_path / "dcm", 3, dt.date(2026, 3, 2), slices=3)
+    tls_cfg = {"DicomTlsEnabled": True, "DicomTlsCertificate": str(pki.server_cert),
+               "DicomTlsPrivateKey": str(pki.server_key), "DicomTlsTrustedCertificates": str(pki.ca),
+               "DicomTlsRemoteCertificateRequired": True}
+    with orthanc(tmp_path / "orthanc", extra_config=tls_cfg) as pacs:
+        pacs.upload(list(study.files))
+        cfg = node_config(tmp_path, pki)
+        pacs.add_modality("prognode", "PROGNODE", "127.0.0.1", cfg.node.port)
+        if method == "move":  # Orthanc must open TLS to the node for the C-MOVE sub-operations
+            req = urllib.request.Request(f"{pacs.url}/modalities/prognode", method="PUT", data=json.dumps(
+                {"AET": "PROGNODE", "Host": "127.0.0.1", "Port": cfg.node.port, "UseDicomTls": True}).encode())
+            urllib.request.urlopen(req, timeout=10).read()
+        text = (tmp_path / "config.toml").read_text() + f"""
+[[sources]]
+name = "pacs"
+ae_title = "{pacs.aet}"
+host = "127.0.0.1"
+port = {pacs.dicom_port}
+retrieve = "{method}"
+[sources.tls]
+enabled = true
+certificate = "{pki.client_cert}"
+private_key = "{pki.client_key}"
+ca_certificates = "{pki.ca}"
+"""
+        (tmp_path / "config.toml").write_text(text)
+        cfg = config_mod.load(tmp_path / "config.toml")
+        db = Database(cfg.database_url)
+        out = run_sweep(cfg, db, dt.date(2026, 3, 1), dt.date(2026, 3, 5))
+        assert (out.studies, out.retrieved, out.instances_retrieved, out.failed) == (1, 1, 3, 0)
+        db.dispose()
+
+
+def test_node_scp_over_tls_with_dcmtk(tmp_path: Path, pki: Pki) -> None:
+    """The node itself (Node: SCP, index, completion) accepts dcmtk storescu +tls with a client certificate."""
+    need("storescu", "echoscu")
+    from node.service import Node
+
+    cfg = node_config(tmp_path, pki)
+    (tmp_path / "config.toml").write_text((tmp_path / "config.toml").read_text() + "[web]\nenabled = false\n")
+    cfg = config_mod.load(tmp_path / "config.toml")
+    node = Node(cfg).start()
+    try:
+        port = cfg.node.port
+        good = ["+tls", str(pki.client_key), str(pki.client_cert), "+cf", str(pki.ca)]
+        study = write_study(tmp_path / "dcm", 4, dt.date(2026, 3, 2), slices=2)
+        r = _dcmtk("storescu", port, "STORESCU", good, [str(f) for f in study.files])
+        assert r.returncode == 0, r.stdout + r.stderr
+        assert _dcmtk("echoscu", port, "ECHOSCU", []).returncode != 0  # plain TCP refused
+        assert _dcmtk("echoscu", port, "ECHOSCU", ["+tla", "+cf", str(pki.ca)]).returncode != 0  # no client cert
+    finally:
+        node.stop(timeout=5)
+    assert len(list((cfg.storage_dir).rglob("*.dcm"))) == 2

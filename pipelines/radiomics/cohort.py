@@ -143,11 +143,21 @@ def run(args: argparse.Namespace) -> int:
     return 1 if failed and not done and not skipped else 0
 
 
+def _cohort_group(subparsers: Any) -> Any:
+    """The ``cohort`` sub-command group, reused when another extension (survival) made it first."""
+    existing = subparsers.choices.get("cohort")
+    if existing is None:
+        parser = subparsers.add_parser("cohort", help="cohort tools")
+        return parser.add_subparsers(dest="cohort_command", required=True)
+    for action in existing._actions:  # argparse has no public accessor for a parser's subparsers
+        if isinstance(action, argparse._SubParsersAction):
+            return action
+    return existing.add_subparsers(dest="cohort_command", required=True)
+
+
 def register(subparsers: Any) -> None:
     """Add ``cohort features`` to the ``prognode`` command line (node/cli.py EXTENSIONS)."""
-    cohort = subparsers.add_parser("cohort", help="cohort tools: feature tables from folders of studies")
-    sub = cohort.add_subparsers(dest="cohort_command", required=True)
-    p = sub.add_parser("features", help="radiomics feature table from a folder of studies (resumable)")
+    p = _cohort_group(subparsers).add_parser("features", help="radiomics feature table from a folder of studies (resumable)")
     _add_arguments(p)
     p.set_defaults(func=run)
 
