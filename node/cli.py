@@ -128,10 +128,10 @@ def cmd_echo(args: argparse.Namespace) -> int:
 
 
 def status_document(config: Config) -> dict[str, Any]:
+    from node.audit import AuditLog
     from node.db import Database
     from node.index import Index
     from node.jobs import JobQueue
-    from node.logs import AuditLog
 
     db = Database(config.database_url)
     try:
@@ -165,9 +165,9 @@ def cmd_status(args: argparse.Namespace) -> int:
 
 
 def cmd_resend(args: argparse.Namespace) -> int:
+    from node.audit import AuditLog
     from node.db import Database
     from node.jobs import JobQueue
-    from node.logs import AuditLog
 
     config = config_from_args(args)
     db = Database(config.database_url)

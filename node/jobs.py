@@ -34,10 +34,10 @@ from typing import Any, Protocol
 
 from sqlalchemy import func, select, update
 
+from node.audit import AuditLog
 from node.config import Config
 from node.db import Database, Export, Job, Result, now
 from node.index import Index
-from node.logs import AuditLog
 from node.storage import Storage
 from pipelines.base import Identity, Pipeline, PipelineContext, PipelineOutput, Predecessor, SeriesInput
 
