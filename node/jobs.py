@@ -256,6 +256,8 @@ class LocalProcessRunner:
 
 @dataclass(frozen=True)
 class JobView:
+    """A job row as read by the queue, ``prognode status`` and the web API (``node.web.data.JobOut``)."""
+
     id: int
     series_uid: str
     study_uid: str
@@ -265,6 +267,7 @@ class JobView:
     attempts: int
     error: str
     created_at: float
+    updated_at: float
     started_at: float | None
     finished_at: float | None
     last_image_at: float | None
@@ -277,7 +280,22 @@ def _rowcount(res: Any) -> int:
 
 def _view(j: Job) -> JobView:
     return JobView(j.id, j.series_uid, j.study_uid, j.route, j.pipeline, j.state, j.attempts, j.error,
-                   j.created_at, j.started_at, j.finished_at, j.last_image_at, dict(j.inputs or {}))
+                   j.created_at, j.updated_at, j.started_at, j.finished_at, j.last_image_at, dict(j.inputs or {}))
+
+
+def list_jobs(db: Database, limit: int = 1000, state: str | None = None) -> list[JobView]:
+    """The latest jobs, newest first, optionally of one state."""
+    q = select(Job).order_by(Job.id.desc()).limit(limit)
+    if state:
+        q = q.where(Job.state == state)
+    with db.read() as s:
+        return [_view(j) for j in s.scalars(q).all()]
+
+
+def get_job(db: Database, job_id: int) -> JobView | None:
+    with db.read() as s:
+        j = s.get(Job, job_id)
+        return _view(j) if j is not None else None
 
 
 @dataclass(frozen=True)
@@ -464,13 +482,10 @@ class JobQueue:
         return resend_job(self.db, job_id, self.audit, by)
 
     def get(self, job_id: int) -> JobView | None:
-        with self.db.read() as s:
-            j = s.get(Job, job_id)
-            return _view(j) if j is not None else None
+        return get_job(self.db, job_id)
 
     def list(self, limit: int = 1000) -> list[JobView]:
-        with self.db.read() as s:
-            return [_view(j) for j in s.scalars(select(Job).order_by(Job.id.desc()).limit(limit)).all()]
+        return list_jobs(self.db, limit)
 
 
 # Manager: claims jobs, hands them to the runner, records outcomes -----------------------------

@@ -7,7 +7,9 @@ from typing import Any
 from pydantic import BaseModel
 from sqlalchemy import select
 
+from node import jobs
 from node.db import Database, Export, Job, Result, Series, Sweep
+from node.jobs import JobView
 
 
 class SeriesOut(BaseModel):
@@ -26,6 +28,8 @@ class SeriesOut(BaseModel):
 
 
 class JobOut(BaseModel):
+    """The API's view of :class:`node.jobs.JobView` (its fields but ``last_image_at`` and ``inputs``)."""
+
     id: int
     series_uid: str
     study_uid: str
@@ -100,24 +104,17 @@ def list_series(db: Database, limit: int = 200, state: str | None = None) -> lis
                 for r in s.scalars(q)]
 
 
-def _job(r: Job) -> JobOut:
-    return JobOut(id=r.id, series_uid=r.series_uid, study_uid=r.study_uid, route=r.route, pipeline=r.pipeline,
-                  state=r.state, attempts=r.attempts, error=r.error, created_at=r.created_at,
-                  updated_at=r.updated_at, started_at=r.started_at, finished_at=r.finished_at)
+def _job(v: JobView) -> JobOut:
+    return JobOut.model_validate(v, from_attributes=True)
 
 
 def list_jobs(db: Database, limit: int = 200, state: str | None = None) -> list[JobOut]:
-    with db.session() as s:
-        q = select(Job).order_by(Job.id.desc()).limit(limit)
-        if state:
-            q = q.where(Job.state == state)
-        return [_job(r) for r in s.scalars(q)]
+    return [_job(v) for v in jobs.list_jobs(db, limit, state)]
 
 
 def get_job(db: Database, job_id: int) -> JobOut | None:
-    with db.session() as s:
-        r = s.get(Job, job_id)
-        return _job(r) if r is not None else None
+    v = jobs.get_job(db, job_id)
+    return _job(v) if v is not None else None
 
 
 def list_dead_letters(db: Database, limit: int = 200) -> list[DeadLetterOut]:
