@@ -26,8 +26,9 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
+from bench.common import serve_config, start_serve  # noqa: E402
 from bench.ingest import build_ct  # noqa: E402
-from tests.peers import Orthanc, free_port, stop_pid, wait_port  # noqa: E402
+from tests.peers import Orthanc, free_port, stop_pid  # noqa: E402
 
 
 def peak_rss_kib(pid: int) -> int:
@@ -73,18 +74,9 @@ def one_run(work: Path, ct_dir: Path, study: str) -> dict[str, float]:
     node = None
     try:
         port = free_port()
-        cfg = work / "bench.toml"
-        cfg.write_text(f"""
-[node]
-port = {port}
-storage = "var"
-min_free_bytes = 0
+        node = start_serve(work, serve_config(port, f"""
 [completion]
 quiet_seconds = 20
-[web]
-enabled = false
-[logging]
-level = "WARNING"
 [[destinations]]
 name = "pacs"
 ae_title = "ORTHANC"
@@ -96,11 +88,7 @@ name = "ct"
 when = {{ Modality = "CT" }}
 pipelines = ["tissue-hu"]
 send_to = ["pacs"]
-""")
-        env = dict(os.environ, PYTHONPATH=str(REPO))
-        node = subprocess.Popen([sys.executable, "-m", "node", "serve", "--config", str(cfg)], cwd=REPO, env=env,
-                                stdout=subprocess.DEVNULL, stderr=open(work / "node.log", "wb"))  # noqa: SIM115
-        wait_port(port, 120)
+"""), port, name="node", timeout=120)
         watch = RssWatch(node.pid)
         time.sleep(3)  # let the worker finish preloading, as on a node that has been up for a while
         t0 = time.time()
