@@ -89,6 +89,9 @@ def create_app(config: Config, db: Database, metrics: Metrics, audit: AuditSink 
 
     @app.post("/api/jobs/{job_id}/resend", response_model=data.ResendOut, tags=["write"])
     def api_resend(job_id: int, who: Annotated[str, Depends(require_token)]) -> Any:
+        """Send the job's results again to every destination; a failed or dead job runs again.
+
+        404: no such job; 409: nothing to resend (the job is pending or running, or has no results)."""
         return _resend(job_id, who)
 
     @app.get("/healthz", tags=["read"])
