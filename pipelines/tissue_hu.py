@@ -524,6 +524,24 @@ class TissueHuPipeline:
         )
 
 
+def warm() -> None:
+    """Worker preload hook: pay the one-off costs of a fresh process before the first job
+    rather than in it (scipy.ndimage, highdicom and the builders, pydicom's pixel handlers,
+    highdicom's standard tables that the SEG constructor consults).  No effect on results."""
+    import importlib
+
+    from scipy import ndimage  # noqa: F401
+
+    for module in ("highdicom", "dicom_templates.seg", "dicom_templates.sr", "dicom_templates.geometry",
+                   "pydicom.pixels", "pipelines.common.volume"):
+        importlib.import_module(module)
+    tables = importlib.import_module("highdicom._standard_utils")
+    for loader in ("get_module_attribute_map", "get_iod_module_map", "get_sop_class_iod_map"):
+        fn = getattr(tables, loader, None)  # private highdicom API: skipped if it moves
+        if callable(fn):
+            fn()
+
+
 def create(options: Mapping[str, Any]) -> TissueHuPipeline:
     """Registry factory: ``[pipelines.tissue-hu]`` options -> pipeline (ValueError names bad keys)."""
     return TissueHuPipeline(TissueHuOptions.from_mapping(options))
