@@ -497,6 +497,7 @@ class JobManager:
             except Exception as e:
                 self.queue.fail(job, job.attempts, f"could not start: {type(e).__name__}: {e}")
                 continue
+            fut.add_done_callback(lambda _f: self.wake.set())  # record and export at once, not at the next poll
             self.inflight[job.id] = (job, job.attempts, fut, spec)
         self.queue.renew(list(self.inflight))
         for job_id, (job, attempt, fut, spec) in list(self.inflight.items()):
