@@ -179,7 +179,10 @@ def _worker_init(preload: tuple[str, ...] = (), log_level: str = "") -> None:
         logging.basicConfig(level=log_level.upper(), format=f"[worker %(process)d] {FORMAT}")
     for module in preload:
         try:
-            importlib.import_module(module)
+            mod = importlib.import_module(module)
+            warm = getattr(mod, "warm", None)  # optional: a pipeline's one-off costs (lazy imports, tables)
+            if callable(warm):
+                warm()
         except Exception as e:  # the job itself will report it
             logger.warning("could not preload %s: %s", module, e)
     try:
@@ -545,6 +548,7 @@ class JobManager:
             except Exception as e:
                 self.queue.fail(job, job.attempts, f"could not start: {type(e).__name__}: {e}")
                 continue
+            fut.add_done_callback(lambda _f: self.wake.set())  # record and export at once, not at the next poll
             self.inflight[job.id] = (job, job.attempts, fut, spec)
         self.queue.renew(list(self.inflight))
         for job_id, (job, attempt, fut, spec) in list(self.inflight.items()):
