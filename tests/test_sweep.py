@@ -72,6 +72,9 @@ retrieve = "{retrieve}"
 source = "pacs"
 max_concurrent = 2
 {extra}
+[web]
+enabled = false
+
 [logging]
 audit_file = "var/audit.jsonl"
 """)
@@ -111,8 +114,9 @@ def test_sweep_retrieves_then_second_sweep_retrieves_nothing(tmp_path: Path, sou
     assert any("instances by C-" in ln for ln in lines)
     scrape = metrics.exposition().decode()
     assert f'prognode_sweep_series_retrieved_total{{method="{method}"}} {float(N_STUDIES)}' in scrape
-    # one C-FIND association, one per retrieval; C-MOVE sub-operations come in to the sweep receiver
-    assert f'prognode_associations_total{{direction="out",outcome="accepted"}} {float(N_STUDIES + 1)}' in scrape
+    # one association per C-FIND (studies, then the series of each study), one per retrieval;
+    # C-MOVE sub-operations come in to the sweep receiver
+    assert f'prognode_associations_total{{direction="out",outcome="accepted"}} {float(2 * N_STUDIES + 1)}' in scrape
     if method == "move":
         assert f'prognode_associations_total{{direction="in",outcome="accepted"}} {float(N_STUDIES)}' in scrape
     if method == "get":  # C-GET stores through this process's store path
@@ -225,7 +229,7 @@ def test_move_sweep_into_running_node(tmp_path: Path, source_pacs: Orthanc) -> N
         assert (out.retrieved, out.failed, out.instances_retrieved) == (N_STUDIES, 0, N_STUDIES * SLICES)
         assert _instances(db) == N_STUDIES * SLICES
         again = run_sweep(cfg, db, FIRST, FIRST + dt.timedelta(days=10))
-        assert (again.retrieved, again.skipped) == (0, N_STUDIES)
+        assert (again.retrieved, again.skipped) == (0, N_STUDIES), again.items
     finally:
         node.stop()
 
