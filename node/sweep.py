@@ -665,7 +665,8 @@ class Sweeper:
 
 def _find(assoc: Association, query: Dataset) -> Iterator[Dataset]:
     for status, ident in assoc.send_c_find(query, StudyRootQueryRetrieveInformationModelFind):
-        if status is None:
+        # pynetdicom yields an empty status Dataset when no response came (timeout, abort, lost)
+        if status is None or "Status" not in status:
             raise SweepError("C-FIND: no response (connection lost or timed out)")
         code = int(status.Status)
         if code in (0xFF00, 0xFF01) and ident is not None:
@@ -678,7 +679,7 @@ def _drain(responses: Any) -> tuple[int, int, int]:
     completed = failed = 0
     final = 0xFFFF
     for status, _ident in responses:
-        if status is None:
+        if status is None or "Status" not in status:  # pynetdicom: an empty Dataset when no response came
             raise SweepError("retrieve: no response (connection lost or timed out)")
         final = int(status.Status)
         if "NumberOfCompletedSuboperations" in status:
