@@ -88,7 +88,6 @@ class Node:
                                             on_jobs=lambda _ids: jobs.wake.set(),
                                             busy=self.server.open_associations.busy)
         self.server.start()
-        self.ops.start()
         for name, target in (("completion", self.completion.run), ("jobs", self.jobs.run),
                              ("export", self.exporter.run)):
             t = threading.Thread(target=target, args=(self._stop,), name=f"prognode-{name}", daemon=True)

@@ -4,8 +4,10 @@
 serve`` runs ``[sweep].cron`` through :func:`start_scheduler`.
 
 1. C-FIND (Study Root) at STUDY level for ``StudyDate`` in the range and ``ModalitiesInStudy``,
-   then at SERIES level per study (``Modality``, ``NumberOfSeriesRelatedInstances``).  The series
-   found become ``sweep_items`` (state ``pending``) of a ``sweeps`` row: the sweep's durable plan.
+   then at SERIES level per study (``Modality``, ``NumberOfSeriesRelatedInstances``), one
+   association per request; a study's answers are checked against its
+   ``NumberOfStudyRelatedSeries`` and queried again when some are missing.  The series found
+   become ``sweep_items`` (state ``pending``) of a ``sweeps`` row: the sweep's durable plan.
 2. Each pending item is checked against the ledger: the same SeriesInstanceUID with at least the
    same instance count in ``series`` is already here (``present``), and ``processed`` when a job or a
    result exists for it.  Such items are ``skipped``; the rest are retrieved unless ``--dry-run``
@@ -375,44 +377,90 @@ class Sweeper:
         return assoc
 
     def find(self, src: SourceConfig, d_from: str, d_to: str) -> tuple[int, list[RemoteSeries]]:
-        """C-FIND studies in the date range, then their series of ``[sweep].modality``."""
+        """C-FIND studies in the date range, then their series of ``[sweep].modality``.
+
+        Every C-FIND request gets an association of its own.  pynetdicom (3.0.4) loses responses
+        when one association carries C-FINDs back to back: once a request's final response is in,
+        the association's reactor thread wakes up and can take the first pending response of the
+        next request off the queue ("Received unexpected C-FIND service message") before the
+        requester reads it, and the request then ends with Success minus that match (pynetdicom
+        issue #875).  On a loaded machine that silently dropped whole series from a sweep's plan.
+        The series list of a study is also checked against the study's NumberOfStudyRelatedSeries
+        where the PACS gives it (:meth:`find_series`).
+        """
         modality = self.config.sweep.modality
-        ae = AE(ae_title=self.config.node.ae_title)
-        ae.add_requested_context(StudyRootQueryRetrieveInformationModelFind)
-        assoc = self._associate(src, ae)
-        try:
-            q = Dataset()
-            q.QueryRetrieveLevel = "STUDY"
-            q.StudyDate = f"{d_from}-{d_to}"
-            q.StudyInstanceUID = ""
-            q.ModalitiesInStudy = modality
-            q.AccessionNumber = ""
-            studies = [(str(ident.StudyInstanceUID), str(ident.get("StudyDate", "")))
-                       for ident in _find(assoc, q) if ident.get("StudyInstanceUID")]
-            studies.sort(key=lambda x: (x[1], x[0]))
-            found: list[RemoteSeries] = []
-            for study_uid, study_date in studies:
-                q = Dataset()
-                q.QueryRetrieveLevel = "SERIES"
-                q.StudyInstanceUID = study_uid
-                q.SeriesInstanceUID = ""
-                q.Modality = modality
-                q.SeriesDescription = ""
-                q.NumberOfSeriesRelatedInstances = ""
-                for ident in _find(assoc, q):
-                    uid = str(ident.get("SeriesInstanceUID", "") or "")
-                    if not uid:
-                        continue
-                    n = ident.get("NumberOfSeriesRelatedInstances")
-                    found.append(RemoteSeries(study_uid, uid, str(ident.get("Modality", "")),
-                                              int(n) if n not in (None, "") else None, study_date,
-                                              str(ident.get("SeriesDescription", ""))))
-        finally:
-            assoc.release()
+        q = Dataset()
+        q.QueryRetrieveLevel = "STUDY"
+        q.StudyDate = f"{d_from}-{d_to}"
+        q.StudyInstanceUID = ""
+        q.ModalitiesInStudy = modality
+        q.AccessionNumber = ""
+        q.NumberOfStudyRelatedSeries = ""
+        studies: list[tuple[str, str, int | None]] = []
+        for ident in self._query(src, q):
+            if not ident.get("StudyInstanceUID"):
+                continue
+            n = ident.get("NumberOfStudyRelatedSeries")
+            try:
+                announced = int(n) if n not in (None, "") else None
+            except (TypeError, ValueError):
+                announced = None
+            studies.append((str(ident.StudyInstanceUID), str(ident.get("StudyDate", "")), announced))
+        studies.sort(key=lambda x: (x[1], x[0]))
+        found: list[RemoteSeries] = []
+        for study_uid, study_date, announced in studies:
+            found.extend(self.find_series(src, study_uid, study_date, announced))
         if self.audit is not None:
             self.audit.write("query", source=src.name, level="STUDY/SERIES", study_date=f"{d_from}-{d_to}",
                               modality=modality, studies=len(studies), series=len(found))
         return len(studies), found
+
+    def find_series(self, src: SourceConfig, study_uid: str, study_date: str = "",
+                    announced: int | None = None, attempts: int = 3) -> list[RemoteSeries]:
+        """The series of one study that have a ``[sweep].modality`` (all of them when it is empty).
+
+        The query asks for every series of the study and filters on Modality here, so that the
+        number of answers can be checked against ``announced`` (the study's
+        NumberOfStudyRelatedSeries).  Fewer answers than announced means responses were lost on
+        the way: the query is repeated on a new association, up to ``attempts`` times; after that
+        the sweep goes on with what it got and logs a warning naming the study.
+        """
+        wanted = {m for m in self.config.sweep.modality.split("\\") if m}
+        got: list[Dataset] = []
+        for attempt in range(1, attempts + 1):
+            q = Dataset()
+            q.QueryRetrieveLevel = "SERIES"
+            q.StudyInstanceUID = study_uid
+            q.SeriesInstanceUID = ""
+            q.Modality = ""
+            q.SeriesDescription = ""
+            q.NumberOfSeriesRelatedInstances = ""
+            got = [ident for ident in self._query(src, q) if ident.get("SeriesInstanceUID")]
+            if announced is None or len(got) >= announced:
+                break
+            log.warning("sweep: study %s: %d of %d series answered by %s (attempt %d of %d)%s", study_uid,
+                        len(got), announced, src.ae_title, attempt, attempts,
+                        ", querying again" if attempt < attempts else ", going on with those")
+        found: list[RemoteSeries] = []
+        for ident in got:
+            modality = str(ident.get("Modality", "") or "")
+            if wanted and modality not in wanted:
+                continue
+            n = ident.get("NumberOfSeriesRelatedInstances")
+            found.append(RemoteSeries(study_uid, str(ident.SeriesInstanceUID), modality,
+                                      int(n) if n not in (None, "") else None, study_date,
+                                      str(ident.get("SeriesDescription", ""))))
+        return found
+
+    def _query(self, src: SourceConfig, query: Dataset) -> list[Dataset]:
+        """One C-FIND request on an association of its own (see :meth:`find`); the matches."""
+        ae = AE(ae_title=self.config.node.ae_title)
+        ae.add_requested_context(StudyRootQueryRetrieveInformationModelFind)
+        assoc = self._associate(src, ae)
+        try:
+            return list(_find(assoc, query))
+        finally:
+            assoc.release()
 
     def _plan(self, sweep_id: int, src: SourceConfig, d_from: str, d_to: str) -> None:
         n_studies, found = self.find(src, d_from, d_to)
@@ -617,7 +665,8 @@ class Sweeper:
 
 def _find(assoc: Association, query: Dataset) -> Iterator[Dataset]:
     for status, ident in assoc.send_c_find(query, StudyRootQueryRetrieveInformationModelFind):
-        if status is None:
+        # pynetdicom yields an empty status Dataset when no response came (timeout, abort, lost)
+        if status is None or "Status" not in status:
             raise SweepError("C-FIND: no response (connection lost or timed out)")
         code = int(status.Status)
         if code in (0xFF00, 0xFF01) and ident is not None:
@@ -630,7 +679,7 @@ def _drain(responses: Any) -> tuple[int, int, int]:
     completed = failed = 0
     final = 0xFFFF
     for status, _ident in responses:
-        if status is None:
+        if status is None or "Status" not in status:  # pynetdicom: an empty Dataset when no response came
             raise SweepError("retrieve: no response (connection lost or timed out)")
         final = int(status.Status)
         if "NumberOfCompletedSuboperations" in status:

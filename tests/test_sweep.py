@@ -87,8 +87,9 @@ def test_sweep_retrieves_then_second_sweep_retrieves_nothing(tmp_path: Path, sou
     assert any("instances by C-" in ln for ln in lines)
     scrape = metrics.exposition().decode()
     assert f'prognode_sweep_series_retrieved_total{{method="{method}"}} {float(N_STUDIES)}' in scrape
-    # one C-FIND association, one per retrieval; C-MOVE sub-operations come in to the sweep receiver
-    assert f'prognode_associations_total{{direction="out",outcome="accepted"}} {float(N_STUDIES + 1)}' in scrape
+    # one association per C-FIND (studies, then the series of each study), one per retrieval;
+    # C-MOVE sub-operations come in to the sweep receiver
+    assert f'prognode_associations_total{{direction="out",outcome="accepted"}} {float(2 * N_STUDIES + 1)}' in scrape
     if method == "move":
         assert f'prognode_associations_total{{direction="in",outcome="accepted"}} {float(N_STUDIES)}' in scrape
     if method == "get":  # C-GET stores through this process's store path
@@ -201,7 +202,7 @@ def test_move_sweep_into_running_node(tmp_path: Path, source_pacs: Orthanc) -> N
         assert (out.retrieved, out.failed, out.instances_retrieved) == (N_STUDIES, 0, N_STUDIES * SLICES)
         assert _instances(db) == N_STUDIES * SLICES
         again = run_sweep(cfg, db, FIRST, FIRST + dt.timedelta(days=10))
-        assert (again.retrieved, again.skipped) == (0, N_STUDIES)
+        assert (again.retrieved, again.skipped) == (0, N_STUDIES), again.items
     finally:
         node.stop()
 
@@ -241,3 +242,43 @@ def test_scheduled_job_runs_a_sweep(tmp_path: Path, source_pacs: Orthanc) -> Non
         (sweep,) = s.scalars(select(Sweep)).all()
         assert sweep.state == "done" and sweep.report["retrieved"] == N_STUDIES + 1  # the late study too
     assert _instances(db) == N_STUDIES * SLICES + 2
+
+
+def test_find_checks_series_answers_against_the_study(tmp_path: Path, source_pacs: Orthanc,
+                                                      caplog: pytest.LogCaptureFixture) -> None:
+    """Each C-FIND has its own association; a study with fewer series answers than it announces is asked again.
+
+    pynetdicom 3.0.4 can drop a C-FIND response when requests follow each other on one association
+    (the sweep then silently missed a series); here a study announcing more series than the PACS
+    holds stands in for the lost answer, deterministically.
+    """
+    cfg_path = write_config(tmp_path, source_pacs, "get")
+    cfg = config_mod.load(cfg_path)
+    db = open_database(cfg)
+    metrics = Metrics(db)
+    sweeper = Sweeper(cfg, db, default_store_handler(cfg, db), metrics)
+    src = sweeper.source_config()
+    d_from, d_to = FIRST.strftime("%Y%m%d"), (FIRST + dt.timedelta(days=10)).strftime("%Y%m%d")
+    n_studies, found = sweeper.find(src, d_from, d_to)
+    assert (n_studies, len(found)) == (N_STUDIES, N_STUDIES)
+    assert all(r.modality == "CT" and r.instances == SLICES for r in found)
+
+    def out_associations() -> float:
+        for line in metrics.exposition().decode().splitlines():
+            if line.startswith('prognode_associations_total{direction="out",outcome="accepted"}'):
+                return float(line.split()[-1])
+        return 0.0
+
+    assert out_associations() == N_STUDIES + 1  # the STUDY query, then one SERIES query per study
+    study = found[0].study_uid
+    with caplog.at_level("WARNING", logger="node.sweep"):
+        again = sweeper.find_series(src, study, announced=2, attempts=3)
+    assert [r.series_uid for r in again] == [found[0].series_uid]
+    assert out_associations() == N_STUDIES + 1 + 3
+    warnings = [r.getMessage() for r in caplog.records if r.name == "node.sweep"]
+    assert len(warnings) == 3 and all(f"study {study}: 1 of 2 series" in w for w in warnings), warnings
+    assert "going on with those" in warnings[-1]
+    # the announced count met: one query, no warning
+    caplog.clear()
+    assert len(sweeper.find_series(src, study, announced=1)) == 1
+    assert out_associations() == N_STUDIES + 1 + 3 + 1 and not caplog.records
