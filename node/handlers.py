@@ -11,10 +11,13 @@ import logging
 import threading
 import time
 from collections.abc import Sequence
-from typing import Any
+from io import BytesIO
+from typing import Any, cast
 
 from pydicom.dataset import Dataset
 from pynetdicom import evt
+from pynetdicom.dimse_primitives import C_STORE
+from pynetdicom.dsutils import encode_file_meta
 from pynetdicom.events import Event
 from pynetdicom.status import Status
 
@@ -31,6 +34,7 @@ DATASET_MISMATCH = 0xA900  # Error: Data Set does not match SOP Class (missing o
 CANNOT_UNDERSTAND = 0xC210  # Error: Cannot understand (unreadable dataset)
 
 ERROR_COMMENT_MAX = 64  # ErrorComment is LO
+PREAMBLE = b"\x00" * 128 + b"DICM"  # PS3.10 7.1: preamble and prefix before the File Meta Information
 
 
 class OpenAssociations:
@@ -87,8 +91,7 @@ def handle_store(event: Event, store: Storage, index: Index, audit: AuditLog,
         return _status(code, "" if ok else reason)
 
     try:
-        ds = event.dataset
-        ds.file_meta = event.file_meta
+        ds = event.dataset  # decoded once; the file is written from the bytes as received
         broken = truncation(ds)
         if broken:
             return outcome(CANNOT_UNDERSTAND, f"unreadable dataset: {broken}")
@@ -103,8 +106,9 @@ def handle_store(event: Event, store: Storage, index: Index, audit: AuditLog,
 
     t0 = time.perf_counter()
     try:
-        data = event.encoded_dataset(include_meta=True)
-        stored = store.write_instance(meta.study_uid, meta.series_uid, meta.sop_instance_uid, data)
+        head = PREAMBLE + encode_file_meta(event.file_meta)
+        with _encoded_dataset(event).getbuffer() as body:  # the encoded dataset, not copied
+            stored = store.write_instance(meta.study_uid, meta.series_uid, meta.sop_instance_uid, (head, body))
     except OutOfSpace as e:
         return outcome(OUT_OF_RESOURCES, f"out of disk space: {e.strerror}", sop=meta.sop_instance_uid)
     except OSError as e:
@@ -123,6 +127,14 @@ def handle_store(event: Event, store: Storage, index: Index, audit: AuditLog,
     return outcome(SUCCESS, "", sop=meta.sop_instance_uid, series_uid=meta.series_uid, study_uid=meta.study_uid,
                    bytes=stored.size, generation=rec.generation, reopened=rec.reopened,
                    write_ms=round((t1 - t0) * 1000, 2), index_ms=round((time.perf_counter() - t1) * 1000, 2))
+
+
+def _encoded_dataset(event: Event) -> BytesIO:
+    """The C-STORE request's dataset as received (encoded in the context's transfer syntax)."""
+    stream = cast(C_STORE, event.request).DataSet
+    if not isinstance(stream, BytesIO):
+        raise OSError("no encoded dataset in the C-STORE request")
+    return stream
 
 
 UNDEFINED_LENGTH = 0xFFFFFFFF

@@ -18,6 +18,7 @@ import os
 import shutil
 import threading
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -93,10 +94,16 @@ class Storage:
         if free - needed < self.min_free_bytes:
             raise OutOfSpace(f"free space {free} B minus {needed} B is below min_free_bytes {self.min_free_bytes}")
 
-    def write_instance(self, study_uid: str, series_uid: str, sop_uid: str, data: bytes) -> StoredFile:
-        """Write ``data`` atomically; raises :class:`OutOfSpace` or another ``OSError``."""
+    def write_instance(self, study_uid: str, series_uid: str, sop_uid: str,
+                       parts: Sequence[bytes | memoryview]) -> StoredFile:
+        """Write the concatenation of ``parts`` atomically, without joining them first (one
+        ``writev``); raises :class:`OutOfSpace` or another ``OSError``.
+
+        Durable before it returns: the temporary file is fsynced, renamed over the final name,
+        and the folder fsynced, so the rename survives a crash (power loss included)."""
         rel = self.instance_path(study_uid, series_uid, sop_uid)
-        self.check_space(len(data))
+        size = sum(len(p) for p in parts)
+        self.check_space(size)
         final = self.root / rel
         folder = final.parent
         if folder not in self._known_dirs:
@@ -104,14 +111,12 @@ class Storage:
             if self.fsync:
                 _fsync_dir(folder.parent)
             self._known_dirs.add(folder)
-        tmp = folder / f".{sop_uid}.{os.getpid()}.{id(data)}{TMP_SUFFIX}"
+        tmp = folder / f".{sop_uid}.{os.getpid()}.{threading.get_ident()}{TMP_SUFFIX}"
+        digest = hashlib.sha256()
         try:
             fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o640)
             try:
-                view = memoryview(data)
-                while view:
-                    n = os.write(fd, view)
-                    view = view[n:]
+                _write_all(fd, parts)
                 if self.fsync:
                     os.fsync(fd)
             finally:
@@ -124,7 +129,9 @@ class Storage:
             if e.errno in (errno.ENOSPC, errno.EDQUOT):
                 raise OutOfSpace(f"disk full writing {rel}: {e.strerror}") from e
             raise
-        return StoredFile(str(rel), len(data), hashlib.sha256(data).hexdigest())
+        for p in parts:
+            digest.update(p)
+        return StoredFile(str(rel), size, digest.hexdigest())
 
     def remove(self, rel: str | Path) -> None:
         _unlink_quietly(self.root / rel)
@@ -146,6 +153,18 @@ class Storage:
         if n:
             logger.info("removed %d partial temporary files left by an earlier crash", n)
         return n
+
+
+def _write_all(fd: int, parts: Sequence[bytes | memoryview]) -> None:
+    """``writev`` until every byte of ``parts`` is written (a regular file rarely needs a second call)."""
+    views = [memoryview(p).cast("B") for p in parts if len(p)]
+    while views:
+        n = os.writev(fd, views)
+        while views and n >= len(views[0]):
+            n -= len(views[0])
+            views.pop(0)
+        if views and n:
+            views[0] = views[0][n:]
 
 
 def _fsync_dir(folder: Path) -> None:
