@@ -90,29 +90,46 @@ def handle_store(event: Event, store: Storage, index: Index, audit: AuditLog,
                     sop_instance_uid=sop, status=f"0x{code:04X}", reason=reason, **extra)
         return _status(code, "" if ok else reason)
 
-    try:
-        ds = event.dataset  # decoded once; the file is written from the bytes as received
-        broken = truncation(ds)
-        if broken:
-            return outcome(CANNOT_UNDERSTAND, f"unreadable dataset: {broken}")
-        meta = InstanceMeta.from_dataset(ds, extra_keywords)
-    except InvalidInstance as e:
-        return outcome(DATASET_MISMATCH, f"{e}; assign valid UIDs before sending")
-    except Exception as e:  # pydicom raises many types on malformed data
-        return outcome(CANNOT_UNDERSTAND, f"unreadable dataset: {type(e).__name__}: {e}")
-    if rq_sop and meta.sop_instance_uid != rq_sop:
-        return outcome(DATASET_MISMATCH, "SOPInstanceUID differs from Affected SOP Instance UID",
-                       sop=meta.sop_instance_uid)
-
+    # The write and its fsync start now, in the storage's helper thread, while the dataset is
+    # decoded and validated here; a refused instance's temporary file is discarded.
     t0 = time.perf_counter()
     try:
         head = PREAMBLE + encode_file_meta(event.file_meta)
-        with _encoded_dataset(event).getbuffer() as body:  # the encoded dataset, not copied
-            stored = store.write_instance(meta.study_uid, meta.series_uid, meta.sop_instance_uid, (head, body))
-    except OutOfSpace as e:
-        return outcome(OUT_OF_RESOURCES, f"out of disk space: {e.strerror}", sop=meta.sop_instance_uid)
-    except OSError as e:
-        return outcome(OUT_OF_RESOURCES, f"write error: {e.strerror or e}", sop=meta.sop_instance_uid)
+        stream = _encoded_dataset(event)
+    except Exception as e:
+        return outcome(CANNOT_UNDERSTAND, f"unreadable request: {type(e).__name__}: {e}")
+    with stream.getbuffer() as body:  # the encoded dataset, not copied
+        try:
+            staged = store.stage((head, body))
+        except OutOfSpace as e:
+            return outcome(OUT_OF_RESOURCES, f"out of disk space: {e.strerror}")
+        except OSError as e:
+            return outcome(OUT_OF_RESOURCES, f"write error: {e.strerror or e}")
+        refused: Dataset | None = None
+        try:
+            ds = event.dataset  # decoded once; the file is written from the bytes as received
+            broken = truncation(ds)
+            if broken:
+                refused = outcome(CANNOT_UNDERSTAND, f"unreadable dataset: {broken}")
+            else:
+                meta = InstanceMeta.from_dataset(ds, extra_keywords)
+                if rq_sop and meta.sop_instance_uid != rq_sop:
+                    refused = outcome(DATASET_MISMATCH, "SOPInstanceUID differs from Affected SOP Instance UID",
+                                      sop=meta.sop_instance_uid)
+        except InvalidInstance as e:
+            refused = outcome(DATASET_MISMATCH, f"{e}; assign valid UIDs before sending")
+        except Exception as e:  # pydicom raises many types on malformed data
+            refused = outcome(CANNOT_UNDERSTAND, f"unreadable dataset: {type(e).__name__}: {e}")
+        if refused is not None:
+            store.discard(staged)
+            return refused
+        try:
+            stored = store.commit(staged, meta.study_uid, meta.series_uid, meta.sop_instance_uid)
+        except OutOfSpace as e:
+            return outcome(OUT_OF_RESOURCES, f"out of disk space: {e.strerror}", sop=meta.sop_instance_uid)
+        except (OSError, ValueError) as e:
+            return outcome(OUT_OF_RESOURCES, f"write error: {getattr(e, 'strerror', None) or e}",
+                           sop=meta.sop_instance_uid)
     t1 = time.perf_counter()
     try:
         rec = index.record_instance(meta, stored.path, stored.size, stored.sha256,
