@@ -7,9 +7,11 @@ reopens it and bumps its generation, so the series is completed (and routed) aga
 
 from __future__ import annotations
 
+import hashlib
 import logging
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
+from io import BytesIO
 from pathlib import Path
 from typing import Any, cast
 
@@ -213,6 +215,35 @@ class Index:
             c.execute(_UPDATE_SERIES, {"uid": meta.series_uid, "inc": 1 if old is None else 0,
                                        "t": None if duplicate else t, "expected": meta.expected})
             return Recorded(meta.series_uid, generation, reopened, duplicate)
+
+    def reindex_from_disk(self, since: float = 0.0, extra_keywords: Iterable[str] = ()) -> int:
+        """Index the instance files that the index lacks; returns how many.
+
+        The files are the source of truth: each was fsynced before its C-STORE success, while the
+        SQLite index (WAL, ``synchronous=NORMAL``) may lose its last commits on power loss.  Files
+        last modified before ``since`` (epoch seconds) are skipped, so a recovery can look at the
+        recent ones only.  A series that gains instances here is reopened as on any late arrival.
+        """
+        import pydicom  # only here: the handler never reads files back
+
+        added = 0
+        for path in sorted((self.root / "instances").glob("*/*/*.dcm")):
+            if path.stat().st_mtime < since or self.has_instance(path.stem):
+                continue
+            try:
+                data = path.read_bytes()
+                ds = pydicom.dcmread(BytesIO(data), stop_before_pixels=True)
+                meta = InstanceMeta.from_dataset(ds, extra_keywords)
+            except Exception as e:
+                logger.warning("re-index: skipping %s: %s: %s", path, type(e).__name__, e)
+                continue
+            self.record_instance(meta, str(path.relative_to(self.root)), len(data), hashlib.sha256(data).hexdigest(),
+                                 str(ds.file_meta.get("TransferSyntaxUID", "")),
+                                 str(ds.file_meta.get("SourceApplicationEntityTitle", "") or ""))
+            added += 1
+        if added:
+            logger.info("re-index: %d instance files were missing from the index", added)
+        return added
 
     # Queries -----------------------------------------------------------------------
     def series_files(self, series_uid: str) -> list[Path]:
