@@ -11,10 +11,13 @@ import logging
 import threading
 import time
 from collections.abc import Sequence
-from typing import Any
+from io import BytesIO
+from typing import Any, cast
 
 from pydicom.dataset import Dataset
 from pynetdicom import evt
+from pynetdicom.dimse_primitives import C_STORE
+from pynetdicom.dsutils import encode_file_meta
 from pynetdicom.events import Event
 from pynetdicom.status import Status
 
@@ -31,6 +34,7 @@ DATASET_MISMATCH = 0xA900  # Error: Data Set does not match SOP Class (missing o
 CANNOT_UNDERSTAND = 0xC210  # Error: Cannot understand (unreadable dataset)
 
 ERROR_COMMENT_MAX = 64  # ErrorComment is LO
+PREAMBLE = b"\x00" * 128 + b"DICM"  # PS3.10 7.1: preamble and prefix before the File Meta Information
 
 
 class OpenAssociations:
@@ -86,29 +90,46 @@ def handle_store(event: Event, store: Storage, index: Index, audit: AuditLog,
                     sop_instance_uid=sop, status=f"0x{code:04X}", reason=reason, **extra)
         return _status(code, "" if ok else reason)
 
-    try:
-        ds = event.dataset
-        ds.file_meta = event.file_meta
-        broken = truncation(ds)
-        if broken:
-            return outcome(CANNOT_UNDERSTAND, f"unreadable dataset: {broken}")
-        meta = InstanceMeta.from_dataset(ds, extra_keywords)
-    except InvalidInstance as e:
-        return outcome(DATASET_MISMATCH, f"{e}; assign valid UIDs before sending")
-    except Exception as e:  # pydicom raises many types on malformed data
-        return outcome(CANNOT_UNDERSTAND, f"unreadable dataset: {type(e).__name__}: {e}")
-    if rq_sop and meta.sop_instance_uid != rq_sop:
-        return outcome(DATASET_MISMATCH, "SOPInstanceUID differs from Affected SOP Instance UID",
-                       sop=meta.sop_instance_uid)
-
+    # The write and its fsync start now, in the storage's helper thread, while the dataset is
+    # decoded and validated here; a refused instance's temporary file is discarded.
     t0 = time.perf_counter()
     try:
-        data = event.encoded_dataset(include_meta=True)
-        stored = store.write_instance(meta.study_uid, meta.series_uid, meta.sop_instance_uid, data)
-    except OutOfSpace as e:
-        return outcome(OUT_OF_RESOURCES, f"out of disk space: {e.strerror}", sop=meta.sop_instance_uid)
-    except OSError as e:
-        return outcome(OUT_OF_RESOURCES, f"write error: {e.strerror or e}", sop=meta.sop_instance_uid)
+        head = PREAMBLE + encode_file_meta(event.file_meta)
+        stream = _encoded_dataset(event)
+    except Exception as e:
+        return outcome(CANNOT_UNDERSTAND, f"unreadable request: {type(e).__name__}: {e}")
+    with stream.getbuffer() as body:  # the encoded dataset, not copied
+        try:
+            staged = store.stage((head, body))
+        except OutOfSpace as e:
+            return outcome(OUT_OF_RESOURCES, f"out of disk space: {e.strerror}")
+        except OSError as e:
+            return outcome(OUT_OF_RESOURCES, f"write error: {e.strerror or e}")
+        refused: Dataset | None = None
+        try:
+            ds = event.dataset  # decoded once; the file is written from the bytes as received
+            broken = truncation(ds)
+            if broken:
+                refused = outcome(CANNOT_UNDERSTAND, f"unreadable dataset: {broken}")
+            else:
+                meta = InstanceMeta.from_dataset(ds, extra_keywords)
+                if rq_sop and meta.sop_instance_uid != rq_sop:
+                    refused = outcome(DATASET_MISMATCH, "SOPInstanceUID differs from Affected SOP Instance UID",
+                                      sop=meta.sop_instance_uid)
+        except InvalidInstance as e:
+            refused = outcome(DATASET_MISMATCH, f"{e}; assign valid UIDs before sending")
+        except Exception as e:  # pydicom raises many types on malformed data
+            refused = outcome(CANNOT_UNDERSTAND, f"unreadable dataset: {type(e).__name__}: {e}")
+        if refused is not None:
+            store.discard(staged)
+            return refused
+        try:
+            stored = store.commit(staged, meta.study_uid, meta.series_uid, meta.sop_instance_uid)
+        except OutOfSpace as e:
+            return outcome(OUT_OF_RESOURCES, f"out of disk space: {e.strerror}", sop=meta.sop_instance_uid)
+        except (OSError, ValueError) as e:
+            return outcome(OUT_OF_RESOURCES, f"write error: {getattr(e, 'strerror', None) or e}",
+                           sop=meta.sop_instance_uid)
     t1 = time.perf_counter()
     try:
         rec = index.record_instance(meta, stored.path, stored.size, stored.sha256,
@@ -123,6 +144,14 @@ def handle_store(event: Event, store: Storage, index: Index, audit: AuditLog,
     return outcome(SUCCESS, "", sop=meta.sop_instance_uid, series_uid=meta.series_uid, study_uid=meta.study_uid,
                    bytes=stored.size, generation=rec.generation, reopened=rec.reopened,
                    write_ms=round((t1 - t0) * 1000, 2), index_ms=round((time.perf_counter() - t1) * 1000, 2))
+
+
+def _encoded_dataset(event: Event) -> BytesIO:
+    """The C-STORE request's dataset as received (encoded in the context's transfer syntax)."""
+    stream = cast(C_STORE, event.request).DataSet
+    if not isinstance(stream, BytesIO):
+        raise OSError("no encoded dataset in the C-STORE request")
+    return stream
 
 
 UNDEFINED_LENGTH = 0xFFFFFFFF

@@ -7,15 +7,19 @@ reopens it and bumps its generation, so the series is completed (and routed) aga
 
 from __future__ import annotations
 
+import hashlib
 import logging
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
+from io import BytesIO
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 from pydicom.dataset import Dataset
 from pydicom.uid import UID
-from sqlalchemy import func, select
+from sqlalchemy import Table, func, select, text
+from sqlalchemy.dialects import postgresql, sqlite
+from sqlalchemy.engine import Connection
 
 from node.db import Database, Instance, Series, now
 
@@ -27,6 +31,24 @@ ROUTING_KEYWORDS = (
     "Manufacturer", "ManufacturerModelName", "StationName", "InstitutionName", "ConvolutionKernel",
     "ContrastBolusAgent", "ImageType", "SliceThickness", "SeriesNumber", "PatientID", "AccessionNumber",
 )
+
+
+# The statements of Index.record_instance, built once (plain SQL that SQLite and PostgreSQL share).
+_SELECT_SERIES = text("SELECT state, generation FROM series WHERE series_uid = :uid")
+_SELECT_INSTANCE = text("SELECT sha256, series_uid, generation FROM instances WHERE sop_instance_uid = :sop")
+_DELETE_INSTANCE = text("DELETE FROM instances WHERE sop_instance_uid = :sop")
+_INSTANCE_COLUMNS = ("sop_instance_uid", "series_uid", "study_uid", "sop_class_uid", "transfer_syntax", "path",
+                     "size", "sha256", "instance_number", "position", "received_at", "calling_ae", "peer",
+                     "generation", "frames", "expected")
+_INSTANCE_UPDATED = ("transfer_syntax", "path", "size", "sha256", "instance_number", "position", "received_at",
+                     "calling_ae", "peer", "generation", "frames")
+_UPSERT_INSTANCE = text(
+    f"INSERT INTO instances ({', '.join(_INSTANCE_COLUMNS)}) VALUES ({', '.join(':' + c for c in _INSTANCE_COLUMNS)})"
+    f" ON CONFLICT (sop_instance_uid) DO UPDATE SET {', '.join(f'{c} = excluded.{c}' for c in _INSTANCE_UPDATED)}")
+_UPDATE_SERIES = text("UPDATE series SET instances = instances + :inc, last_received = COALESCE(:t, last_received),"
+                      " expected = COALESCE(:expected, expected) WHERE series_uid = :uid")
+_REOPEN_SERIES = text("UPDATE series SET state = 'receiving', generation = :generation, completed_at = NULL,"
+                      " completion_reason = '' WHERE series_uid = :uid")
 
 
 class InvalidInstance(ValueError):
@@ -152,48 +174,76 @@ class Index:
 
     def record_instance(self, meta: InstanceMeta, path: str, size: int, sha256: str, transfer_syntax: str,
                         calling_ae: str = "", peer: str = "") -> Recorded:
+        """Index one stored instance in one short transaction of plain SQL statements.
+
+        The common case (an instance new to a series that is receiving) is four statements built
+        once: read the series' state, look the SOP Instance UID up, ``INSERT ... ON CONFLICT`` the
+        instance (SQLite and PostgreSQL), and bump the series' counter in place.  No ORM unit of
+        work: that cost more than the SQL itself on every instance.
+        """
         t = now()
-        with self.db.session() as s:
-            series = s.get(Series, meta.series_uid)
-            reopened = False
-            if series is None:
-                series = Series(series_uid=meta.series_uid, study_uid=meta.study_uid, patient_id=meta.patient_id,
-                                modality=meta.modality, description=meta.description,
-                                attributes=dict(meta.attributes), state="receiving", generation=0, instances=0,
-                                expected=meta.expected, first_received=t, last_received=t, source=calling_ae)
-                s.add(series)
-                s.flush()
-            old = s.get(Instance, meta.sop_instance_uid)
-            duplicate = old is not None and old.sha256 == sha256 and old.series_uid == meta.series_uid
-            if series.state != "receiving" and not duplicate:
-                series.state = "receiving"
-                series.generation += 1
-                series.completed_at = None
-                series.completion_reason = ""
-                reopened = True
-            if old is not None and old.series_uid != meta.series_uid:
-                s.delete(old)
-                s.flush()
+        with self.db.transaction() as c:
+            row = c.execute(_SELECT_SERIES, {"uid": meta.series_uid}).first()
+            if row is None:
+                se = cast(Table, Series.__table__)
+                c.execute(_insert(c, se).values(
+                    series_uid=meta.series_uid, study_uid=meta.study_uid, patient_id=meta.patient_id,
+                    modality=meta.modality, description=meta.description, attributes=dict(meta.attributes),
+                    state="receiving", generation=0, instances=0, expected=meta.expected, first_received=t,
+                    last_received=t, completed_at=None, completion_reason="", source=calling_ae,
+                ).on_conflict_do_nothing(index_elements=[se.c.series_uid]))
+                row = c.execute(_SELECT_SERIES, {"uid": meta.series_uid}).one()
+            state, generation = str(row[0]), int(row[1])
+            old = c.execute(_SELECT_INSTANCE, {"sop": meta.sop_instance_uid}).first()
+            duplicate = old is not None and old[0] == sha256 and old[1] == meta.series_uid
+            reopened = state != "receiving" and not duplicate
+            if reopened:
+                generation += 1
+                c.execute(_REOPEN_SERIES, {"uid": meta.series_uid, "generation": generation})
+            if old is not None and old[1] != meta.series_uid:
+                # moved to another series: the old row goes (as before, the old series keeps its count)
+                c.execute(_DELETE_INSTANCE, {"sop": meta.sop_instance_uid})
                 old = None
-            if old is None:
-                s.add(Instance(sop_instance_uid=meta.sop_instance_uid, series_uid=meta.series_uid,
-                               study_uid=meta.study_uid, sop_class_uid=meta.sop_class_uid,
-                               transfer_syntax=transfer_syntax, path=path, size=size, sha256=sha256,
-                               instance_number=meta.instance_number, position=meta.position, received_at=t,
-                               calling_ae=calling_ae, peer=peer, generation=series.generation,
-                               frames=meta.frames, expected=meta.expected))
-                series.instances += 1
-            else:
-                old.transfer_syntax, old.path, old.size, old.sha256 = transfer_syntax, path, size, sha256
-                old.instance_number, old.position, old.frames = meta.instance_number, meta.position, meta.frames
-                old.received_at, old.calling_ae, old.peer = t, calling_ae, peer
-                if not duplicate:
-                    old.generation = series.generation
-            if meta.expected is not None:
-                series.expected = meta.expected
-            if not duplicate:
-                series.last_received = t
-            return Recorded(meta.series_uid, series.generation, reopened, duplicate)
+            c.execute(_UPSERT_INSTANCE, {
+                "sop_instance_uid": meta.sop_instance_uid, "series_uid": meta.series_uid,
+                "study_uid": meta.study_uid, "sop_class_uid": meta.sop_class_uid,
+                "transfer_syntax": transfer_syntax, "path": path, "size": size, "sha256": sha256,
+                "instance_number": meta.instance_number, "position": meta.position, "received_at": t,
+                "calling_ae": calling_ae, "peer": peer,
+                "generation": int(old[2]) if duplicate and old is not None else generation,
+                "frames": meta.frames, "expected": meta.expected})
+            c.execute(_UPDATE_SERIES, {"uid": meta.series_uid, "inc": 1 if old is None else 0,
+                                       "t": None if duplicate else t, "expected": meta.expected})
+            return Recorded(meta.series_uid, generation, reopened, duplicate)
+
+    def reindex_from_disk(self, since: float = 0.0, extra_keywords: Iterable[str] = ()) -> int:
+        """Index the instance files that the index lacks; returns how many.
+
+        The files are the source of truth: each was fsynced before its C-STORE success, while the
+        SQLite index (WAL, ``synchronous=NORMAL``) may lose its last commits on power loss.  Files
+        last modified before ``since`` (epoch seconds) are skipped, so a recovery can look at the
+        recent ones only.  A series that gains instances here is reopened as on any late arrival.
+        """
+        import pydicom  # only here: the handler never reads files back
+
+        added = 0
+        for path in sorted((self.root / "instances").glob("*/*/*.dcm")):
+            if path.stat().st_mtime < since or self.has_instance(path.stem):
+                continue
+            try:
+                data = path.read_bytes()
+                ds = pydicom.dcmread(BytesIO(data), stop_before_pixels=True)
+                meta = InstanceMeta.from_dataset(ds, extra_keywords)
+            except Exception as e:
+                logger.warning("re-index: skipping %s: %s: %s", path, type(e).__name__, e)
+                continue
+            self.record_instance(meta, str(path.relative_to(self.root)), len(data), hashlib.sha256(data).hexdigest(),
+                                 str(ds.file_meta.get("TransferSyntaxUID", "")),
+                                 str(ds.file_meta.get("SourceApplicationEntityTitle", "") or ""))
+            added += 1
+        if added:
+            logger.info("re-index: %d instance files were missing from the index", added)
+        return added
 
     # Queries -----------------------------------------------------------------------
     def series_files(self, series_uid: str) -> list[Path]:
@@ -235,6 +285,13 @@ class Index:
             return self.has_instance(sop_instance_uid)
         except Exception:
             return False
+
+
+def _insert(conn: Connection, table: Table) -> Any:
+    """INSERT with ``on_conflict_do_*`` for the connection's dialect (SQLite or PostgreSQL)."""
+    if conn.dialect.name == "postgresql":
+        return postgresql.insert(table)
+    return sqlite.insert(table)
 
 
 def _view(r: Series) -> SeriesView:

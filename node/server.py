@@ -44,6 +44,12 @@ from pydicom.uid import (
     SegmentationStorage,
 )
 from pynetdicom import AE, evt
+from pynetdicom._handlers import (
+    standard_dimse_recv_handler,
+    standard_dimse_sent_handler,
+    standard_pdu_recv_handler,
+    standard_pdu_sent_handler,
+)
 from pynetdicom.transport import ThreadedAssociationServer
 
 from node import handlers
@@ -52,6 +58,7 @@ from node.config import Config, NodeConfig
 from node.index import Index
 from node.logs import AuditLog
 from node.storage import Storage
+from node.transport import NodeRequestHandler
 
 logger = logging.getLogger(__name__)
 
@@ -70,6 +77,11 @@ TRANSFER_SYNTAXES: tuple[UID, ...] = (
     ExplicitVRLittleEndian, ImplicitVRLittleEndian, DeflatedExplicitVRLittleEndian,
     JPEGLosslessSV1, JPEGLossless, JPEGLSLossless, JPEGLSNearLossless,
     JPEG2000Lossless, JPEG2000, RLELossless, JPEGBaseline8Bit, JPEGExtended12Bit,
+)
+
+STANDARD_LOG_HANDLERS: tuple[tuple[Any, Callable[..., Any]], ...] = (
+    (evt.EVT_DIMSE_RECV, standard_dimse_recv_handler), (evt.EVT_DIMSE_SENT, standard_dimse_sent_handler),
+    (evt.EVT_PDU_RECV, standard_pdu_recv_handler), (evt.EVT_PDU_SENT, standard_pdu_sent_handler),
 )
 
 # A-ASSOCIATE-RJ PDU (PS3.8 9.3.4): type 0x03, length 4; result 1 rejected-permanent,
@@ -216,8 +228,13 @@ class DicomServer:
     def start(self) -> DicomServer:
         cfg = self.config.node
         server = self.ae.make_server((cfg.host, cfg.port), ae_title=cfg.ae_title, ssl_context=self._ssl,
-                                     evt_handlers=self._handlers, server_class=NodeServer)
+                                     evt_handlers=self._handlers, server_class=NodeServer,
+                                     request_handler=NodeRequestHandler)
         assert isinstance(server, NodeServer)
+        # pynetdicom's debug-log handlers run on every PDU and DIMSE message even when the log
+        # level drops their output; the node logs one line per association and instance itself
+        for event, handler in STANDARD_LOG_HANDLERS:
+            server.unbind(event, handler)
         server.allow_list = HostAllowList(cfg.allowed_hosts)
         server.audit = self._audit
         self.ae._servers.append(server)

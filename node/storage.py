@@ -1,9 +1,10 @@
 """Atomic, durable instance files under the storage folder.
 
-Every instance is written to a temporary file in its final folder, flushed and
-``fsync``-ed, then renamed over its final name (and the folder entry synced), so a
-crash leaves either the old file, the new one, or a stray ``.tmp`` that
-:meth:`Storage.sweep_temporaries` removes at start-up: never a partial instance.
+Every instance is written to a temporary file in ``instances/.incoming`` (same
+filesystem) and ``fsync``-ed, in a helper thread while the C-STORE handler decodes it;
+then renamed over its final name and the folder entry synced, so a crash leaves either
+the old file, the new one, or a stray ``.tmp`` that :meth:`Storage.sweep_temporaries`
+removes at start-up: never a partial instance.
 
 Layout: ``instances/<StudyUID>/<SeriesUID>/<SOPInstanceUID>.dcm`` and
 ``jobs/<job id>/`` for pipeline work folders.
@@ -13,11 +14,14 @@ from __future__ import annotations
 
 import errno
 import hashlib
+import itertools
 import logging
 import os
 import shutil
 import threading
 import time
+from collections.abc import Sequence
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -26,6 +30,8 @@ logger = logging.getLogger(__name__)
 INSTANCES = "instances"
 JOBS = "jobs"
 TMP_SUFFIX = ".tmp"
+INCOMING = ".incoming"  # instances/.incoming: staged temporaries, renamed into their series folder
+WRITERS = 8
 FREE_SPACE_RECHECK = 0.5  # seconds between statvfs calls while receiving
 
 
@@ -34,6 +40,16 @@ class OutOfSpace(OSError):
 
     def __init__(self, message: str) -> None:
         super().__init__(errno.ENOSPC, message)
+
+
+@dataclass(frozen=True)
+class Staged:
+    """A write in progress (see :meth:`Storage.stage`)."""
+
+    tmp: Path
+    parts: Sequence[bytes | memoryview]
+    size: int
+    written: Future[None]
 
 
 @dataclass(frozen=True)
@@ -71,6 +87,9 @@ class Storage:
         self._known_dirs: set[Path] = set()
         self._free: tuple[float, int] = (0.0, 0)  # (monotonic time, free bytes) of the last statvfs
         self._lock = threading.Lock()
+        self._serial = itertools.count()
+        # writes and fsyncs run here while the C-STORE handler decodes; one per concurrent association
+        self._pool = ThreadPoolExecutor(max_workers=WRITERS, thread_name_prefix="prognode-write")
 
     def instance_path(self, study_uid: str, series_uid: str, sop_uid: str) -> Path:
         rel = Path(INSTANCES, _safe_component(study_uid), _safe_component(series_uid),
@@ -93,38 +112,74 @@ class Storage:
         if free - needed < self.min_free_bytes:
             raise OutOfSpace(f"free space {free} B minus {needed} B is below min_free_bytes {self.min_free_bytes}")
 
-    def write_instance(self, study_uid: str, series_uid: str, sop_uid: str, data: bytes) -> StoredFile:
-        """Write ``data`` atomically; raises :class:`OutOfSpace` or another ``OSError``."""
-        rel = self.instance_path(study_uid, series_uid, sop_uid)
-        self.check_space(len(data))
-        final = self.root / rel
-        folder = final.parent
-        if folder not in self._known_dirs:
-            folder.mkdir(parents=True, exist_ok=True)
-            if self.fsync:
-                _fsync_dir(folder.parent)
-            self._known_dirs.add(folder)
-        tmp = folder / f".{sop_uid}.{os.getpid()}.{id(data)}{TMP_SUFFIX}"
+    def stage(self, parts: Sequence[bytes | memoryview]) -> Staged:
+        """Start writing the concatenation of ``parts`` to a temporary file (one ``writev``, then
+        fsync) in a helper thread, so that the caller can decode and validate meanwhile.
+
+        Every :class:`Staged` must end in :meth:`commit` or :meth:`discard`; ``parts`` must stay
+        valid until then.  Raises :class:`OutOfSpace` when the write would pass ``min_free_bytes``."""
+        size = sum(len(p) for p in parts)
+        self.check_space(size)
+        incoming = self.root / INSTANCES / INCOMING
+        if incoming not in self._known_dirs:
+            incoming.mkdir(parents=True, exist_ok=True)
+            self._known_dirs.add(incoming)
+        tmp = incoming / f"{os.getpid()}.{next(self._serial)}{TMP_SUFFIX}"
+        return Staged(tmp, parts, size, self._pool.submit(self._write_temporary, tmp, parts))
+
+    def commit(self, staged: Staged, study_uid: str, series_uid: str, sop_uid: str) -> StoredFile:
+        """Wait for the staged write, rename it to its final name and fsync that folder: durable
+        (power loss included) when it returns.  On any error the temporary file is removed."""
         try:
-            fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o640)
-            try:
-                view = memoryview(data)
-                while view:
-                    n = os.write(fd, view)
-                    view = view[n:]
+            rel = self.instance_path(study_uid, series_uid, sop_uid)
+            digest = hashlib.sha256()
+            for p in staged.parts:  # while the helper thread waits for fsync (hashlib drops the GIL)
+                digest.update(p)
+            staged.written.result()
+            final = self.root / rel
+            folder = final.parent
+            if folder not in self._known_dirs:
+                folder.mkdir(parents=True, exist_ok=True)
                 if self.fsync:
-                    os.fsync(fd)
-            finally:
-                os.close(fd)
-            os.replace(tmp, final)
+                    _fsync_dir(folder.parent)
+                    _fsync_dir(folder.parent.parent)
+                self._known_dirs.add(folder)
+            os.replace(staged.tmp, final)
             if self.fsync:
                 _fsync_dir(folder)
-        except OSError as e:
-            _unlink_quietly(tmp)
-            if e.errno in (errno.ENOSPC, errno.EDQUOT):
-                raise OutOfSpace(f"disk full writing {rel}: {e.strerror}") from e
+        except BaseException as e:
+            self.discard(staged)
+            if isinstance(e, OSError) and e.errno in (errno.ENOSPC, errno.EDQUOT) and not isinstance(e, OutOfSpace):
+                raise OutOfSpace(f"disk full writing {staged.tmp.name}: {e.strerror}") from e
             raise
-        return StoredFile(str(rel), len(data), hashlib.sha256(data).hexdigest())
+        return StoredFile(str(rel), staged.size, digest.hexdigest())
+
+    def discard(self, staged: Staged) -> None:
+        """Wait for the staged write (its outcome does not matter) and remove the temporary file."""
+        try:
+            staged.written.result()
+        except Exception:
+            pass
+        _unlink_quietly(staged.tmp)
+
+    def write_instance(self, study_uid: str, series_uid: str, sop_uid: str,
+                       parts: Sequence[bytes | memoryview]) -> StoredFile:
+        """:meth:`stage` then :meth:`commit`: the file is durable when this returns."""
+        self.instance_path(study_uid, series_uid, sop_uid)  # refuse unusable UIDs before writing
+        return self.commit(self.stage(parts), study_uid, series_uid, sop_uid)
+
+    def _write_temporary(self, tmp: Path, parts: Sequence[bytes | memoryview]) -> None:
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o640)
+        try:
+            _write_all(fd, parts)
+            if self.fsync:
+                os.fsync(fd)
+        finally:
+            os.close(fd)
+
+    def close(self) -> None:
+        """Stop the helper threads (pending writes finish first)."""
+        self._pool.shutdown(wait=True)
 
     def remove(self, rel: str | Path) -> None:
         _unlink_quietly(self.root / rel)
@@ -146,6 +201,18 @@ class Storage:
         if n:
             logger.info("removed %d partial temporary files left by an earlier crash", n)
         return n
+
+
+def _write_all(fd: int, parts: Sequence[bytes | memoryview]) -> None:
+    """``writev`` until every byte of ``parts`` is written (a regular file rarely needs a second call)."""
+    views = [memoryview(p).cast("B") for p in parts if len(p)]
+    while views:
+        n = os.writev(fd, views)
+        while views and n >= len(views[0]):
+            n -= len(views[0])
+            views.pop(0)
+        if views and n:
+            views[0] = views[0][n:]
 
 
 def _fsync_dir(folder: Path) -> None:

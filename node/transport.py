@@ -1,0 +1,230 @@
+"""pynetdicom's acceptor with a receive path that waits on the socket instead of polling.
+
+pynetdicom 3.0 (pinned in requirements.lock) runs two polling loops per association: the DUL
+reactor sleeps 1 ms whenever it finds nothing to do and reads each PDU in 4 KiB ``recv``
+calls, and the association reactor sleeps 1 ms before each look at the DIMSE queue.  storescu
+sends one instance at a time and waits for its C-STORE-RSP, so every one of those sleeps is on
+the critical path of every instance.  Here:
+
+- :class:`WakingSocket` reads a PDU with ``recv_into`` straight into one buffer, and its
+  :meth:`~WakingSocket.ready` blocks in ``select`` on the socket *and* a wake-up pipe (at most
+  ``POLL_SECONDS``), so incoming data is seen at once;
+- :class:`WakingQueue` (the DUL's outgoing queue) writes to that pipe on ``put``, so a response
+  queued by the handler is sent at once rather than after the DUL's next sleep;
+- :class:`NodeAssociation` waits on the DIMSE message queue (at most ``POLL_SECONDS``) instead
+  of sleeping before each look;
+- :class:`NodeRequestHandler` builds associations from these three.
+
+Everything else (state machine, ACSE, DIMSE, events) is pynetdicom's own.  Idle cost is the
+same as pynetdicom's (each loop wakes at most every ``POLL_SECONDS``).
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import queue
+import select
+import ssl
+import threading
+import weakref
+from copy import deepcopy
+from datetime import datetime
+from typing import Any, cast
+
+from pynetdicom import evt
+from pynetdicom._globals import MODE_ACCEPTOR
+from pynetdicom.association import Association
+from pynetdicom.transport import AssociationSocket, RequestHandler
+
+logger = logging.getLogger(__name__)
+
+PREALLOCATE_MAX = 16 * 1024 * 1024  # a PDU up to this long is read into one buffer allocated up front
+POLL_SECONDS = 0.001  # the longest a loop waits before re-checking timers and state (pynetdicom: 1 ms sleeps)
+
+
+class Waker:
+    """A non-blocking pipe: :meth:`wake` from any thread makes ``select`` on :attr:`fd` return.
+
+    Closed once by the association's thread when it ends; a ``wake`` after that does nothing
+    (never a write to a reused descriptor)."""
+
+    def __init__(self) -> None:
+        self.fd, self._w = os.pipe()
+        os.set_blocking(self.fd, False)
+        os.set_blocking(self._w, False)
+        self._lock = threading.Lock()
+        self._closed = False
+
+    def wake(self) -> None:
+        with self._lock:
+            if self._closed:
+                return
+            try:
+                os.write(self._w, b"\x01")
+            except BlockingIOError:  # a full pipe wakes the reader already
+                pass
+
+    def drain(self) -> None:
+        try:
+            os.read(self.fd, 4096)
+        except BlockingIOError:
+            pass
+
+    def close(self) -> None:
+        with self._lock:
+            if not self._closed:
+                self._closed = True
+                os.close(self._w)
+                os.close(self.fd)
+
+
+class WakingQueue(queue.Queue[Any]):
+    """A queue that wakes ``waker`` on every ``put``."""
+
+    def __init__(self, waker: Waker) -> None:
+        super().__init__()
+        self.waker = waker
+
+    def _put(self, item: Any) -> None:
+        super()._put(item)
+        self.waker.wake()
+
+
+class WakingSocket(AssociationSocket):
+    """An :class:`AssociationSocket` whose ``ready`` waits for data or a wake-up, and whose
+    ``recv`` reads into one preallocated buffer."""
+
+    def __init__(self, assoc: Association, client_socket: Any, waker: Waker) -> None:
+        super().__init__(assoc, client_socket=client_socket)
+        self.waker = waker
+
+    @property
+    def ready(self) -> bool:  # type: ignore[override]
+        sock = self.socket
+        if sock is None or self._is_connected is False:
+            return False
+        if isinstance(sock, ssl.SSLSocket) and sock.pending():
+            return True
+        try:
+            fds: list[Any] = [sock, self.waker.fd]
+            readable, _, _ = select.select(fds, [], [], POLL_SECONDS)
+        except (OSError, TimeoutError, ValueError):
+            self.event_queue.put("Evt17")  # transport connection closed
+            return False
+        if self.waker.fd in readable:
+            self.waker.drain()
+        return sock in readable
+
+    def recv(self, nr_bytes: int) -> bytearray:
+        """Read ``nr_bytes`` (fewer only if the peer closed the connection)."""
+        sock = cast(Any, self.socket)
+        if nr_bytes > PREALLOCATE_MAX:
+            # a length this large is the peer's claim, not yet data: grow as bytes arrive
+            grown = bytearray()
+            while len(grown) < nr_bytes:
+                chunk = sock.recv(min(PREALLOCATE_MAX, nr_bytes - len(grown)))
+                if not chunk:
+                    break
+                grown += chunk
+            return grown
+        buf = bytearray(nr_bytes)
+        view = memoryview(buf)
+        got = 0
+        while got < nr_bytes:
+            n = sock.recv_into(view[got:], nr_bytes - got)
+            if not n:
+                break
+            got += n
+        view.release()
+        if got < nr_bytes:
+            del buf[got:]
+        return buf
+
+
+class NodeAssociation(Association):
+    """An acceptor :class:`Association` whose reactor waits on the DIMSE queue instead of sleeping."""
+
+    waker: Waker | None = None
+
+    def run_reactor(self) -> None:
+        try:
+            super().run_reactor()
+        finally:
+            # the DUL thread has stopped (Association.kill waits for it): nothing selects on the pipe
+            if self.waker is not None and not self.dul.is_alive():
+                self.waker.close()
+
+    def _run_reactor(self) -> None:
+        # pynetdicom 3.0.4's Association._run_reactor, with `time.sleep(0.001)` + a non-blocking
+        # get replaced by a get that waits up to POLL_SECONDS (it returns as soon as a message is queued)
+        self._is_paused = False
+        msg_queue = self.dimse.msg_queue
+        while not self._kill:
+            self._is_paused = True
+            self._reactor_checkpoint.wait()
+            self._is_paused = False
+            try:
+                context_id, msg = msg_queue.get(timeout=POLL_SECONDS)
+            except queue.Empty:
+                context_id, msg = None, None
+            if msg:
+                self._serve_request(msg, cast(int, context_id))
+            if self.is_established and self.acse.is_release_requested():
+                self.acse.send_release(is_response=True)
+                logger.debug("Association Released")
+                self.is_released = True
+                self.is_established = False
+                evt.trigger(self, evt.EVT_RELEASED, {})
+                self.kill()
+                return
+            if self.acse.is_aborted():
+                self.dul.receive_pdu(wait=False)  # so that EVT_ACSE_RECV fires for subscribers
+                self.is_aborted = True
+                self.is_established = False
+                evt.trigger(self, evt.EVT_ABORTED, {})
+                self.kill()
+                return
+            if not self.dul.is_alive():
+                self.kill()
+                return
+            if self.dul.idle_timer_expired():
+                logger.error("network timeout reached")
+                if self.network_timeout_response == "A-RELEASE":
+                    self._is_paused = True
+                    self._reactor_checkpoint.wait()
+                    self.release()
+                    self._is_paused = False
+                else:
+                    self.abort()
+                self.kill()
+                return
+
+
+class NodeRequestHandler(RequestHandler):
+    """pynetdicom's request handler, building a :class:`NodeAssociation` on a :class:`WakingSocket`."""
+
+    def _create_association(self) -> Association:
+        # pynetdicom 3.0.4's RequestHandler._create_association with our classes
+        assoc = NodeAssociation(self.ae, MODE_ACCEPTOR)
+        assoc._server = self.server
+        assoc.name = f"AcceptorThread@{datetime.now():%Y%m%d%H%M%S}"
+        assoc.waker = Waker()
+        weakref.finalize(assoc, assoc.waker.close)  # in case the reactor ended before the DUL did
+        assoc.dul.to_provider_queue = WakingQueue(assoc.waker)
+        assoc.dul._run_loop_delay = 0  # WakingSocket.ready does the waiting
+        assoc.set_socket(WakingSocket(assoc, cast(Any, self.request), assoc.waker))
+        assoc.acceptor.maximum_length = self.ae.maximum_pdu_size
+        assoc.acceptor.ae_title = self.server.ae_title
+        assoc.acceptor.address_info = self.local
+        assoc.acceptor.implementation_class_uid = self.ae.implementation_class_uid
+        assoc.acceptor.implementation_version_name = self.ae.implementation_version_name
+        assoc.acceptor.supported_contexts = deepcopy(self.server.contexts)
+        assoc.requestor.address_info = self.remote
+        for event, handlers in self.server._handlers.items():
+            if event.is_intervention and handlers:
+                assoc.bind(event, *handlers)
+            elif isinstance(event, evt.NotificationEvent):
+                for handler in cast(list[tuple[Any, Any]], handlers):
+                    assoc.bind(event, handler[0], handler[1])
+        return assoc
