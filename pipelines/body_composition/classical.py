@@ -22,6 +22,7 @@ from __future__ import annotations
 import logging
 from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 from numpy.typing import NDArray
@@ -58,6 +59,13 @@ class ClassicalParams:
     erector_lateral_mm: float = 70.0
     imat_max_hole_mm2: float = 1000.0
     named_core_max_hu: float = 100.0  # stricter window for separating named muscles from enhancing organs
+    core_smooth_max_hu: float = 80.0  # ... applied to a lightly smoothed image (sigma core_smooth_mm) as well
+    core_smooth_mm: float = 1.0
+    envelope_min_lat_mm: float = 8.0  # bone this far from the midline (laminae, transverse processes, ribs)
+    envelope_max_depth_mm: float = 70.0  # ... and at most this far behind the vertebral body centre + half height
+    rib_margin_mm: float = 5.0  # erector spinae stays medial to the rib angle (+ this margin)
+    rib_angle_min_lat_mm: float = 40.0  # a rib angle lies this far or more from the midline
+    min_bone_piece_mm2: float = 20.0  # smaller pieces above bone_hu are vessels or noise, not a bony landmark
     bridge_mm: float = 2.0  # connections thinner than about twice this are cut between components  # larger fat regions enclosed by muscle are visceral (the cavity)
 
 
@@ -273,6 +281,7 @@ def named_muscles(hu: NDArray[np.float32], spacing: tuple[float, float], anat: S
     soft = (crop >= p.muscle_hu[0]) & (crop <= p.muscle_hu[1])
     bone = crop > p.muscle_hu[1]
     soft &= ~fill_holes(np.asarray(ndi.binary_closing(bone, _disk(1.5))))
+    bone_env = crop > p.bone_hu
     ymm = ((np.arange(ra, rb) - r0) * dy)[:, None]
     xmm = ((np.arange(ca, cb) - c0) * dx)[None, :]
 
@@ -280,10 +289,16 @@ def named_muscles(hu: NDArray[np.float32], spacing: tuple[float, float], anat: S
     # organs (liver, spleen) and the diaphragm crura do not join a muscle; the chosen core is
     # then grown back into the full muscle window
     strict = soft & (crop <= p.named_core_max_hu)
+    if p.core_smooth_mm > 0:
+        # enhancing liver, spleen and kidney sit at 80-150 HU, muscle at 20-60 HU: on a lightly smoothed
+        # image (noise down) the organ interior leaves the core window while muscle stays in it
+        smooth = ndi.gaussian_filter(crop, sigma=(p.core_smooth_mm / dy, p.core_smooth_mm / dx))
+        strict &= smooth <= p.core_smooth_max_hu
     bridge_px = p.bridge_mm / float(np.sqrt(dy * dx))
     strict = np.asarray(ndi.binary_opening(strict, _disk(bridge_px))) if bridge_px >= 1.0 else strict
 
-    def pick(region: NDArray[np.bool_], seed: tuple[float, float], max_dist_mm: float = 25.0) -> NDArray[np.bool_]:
+    def pick(region: NDArray[np.bool_], seed: tuple[float, float], max_dist_mm: float = 25.0,
+             largest: bool = False) -> NDArray[np.bool_]:
         cl, cn = ndi.label(strict & region)
         if cn == 0:
             return np.zeros(crop.shape, bool)
@@ -298,7 +313,11 @@ def named_muscles(hu: NDArray[np.float32], spacing: tuple[float, float], anat: S
         near = (dist <= max_dist_mm) & (win > 0)
         if not near.any():
             return np.zeros(crop.shape, bool)
-        best = win[near][int(np.argmin(dist[near]))]
+        if largest:  # the biggest muscle mass inside the search disc (thin strips beside it lose)
+            ids = np.unique(win[near])
+            best = ids[int(np.argmax(ndi.sum_labels(near, win, index=ids)))]
+        else:
+            best = win[near][int(np.argmin(dist[near]))]
         core = cl == best
         grow = max(1.0, bridge_px + 1.0)
         return np.asarray(_dilate(core, grow) & soft & region)
@@ -307,10 +326,62 @@ def named_muscles(hu: NDArray[np.float32], spacing: tuple[float, float], anat: S
         lat = sgn * xmm
         psoas_box = (lat > hw * 0.5) & (lat < hw + p.psoas_lateral_mm) & (ymm > -hh - 45.0) & (ymm < hh + 20.0)
         erector_box = (lat > 0.0) & (lat < p.erector_lateral_mm) & (ymm > hh + 12.0)
-        for key, box, seed in ((f"psoas_{side}", psoas_box, (sgn * (hw + 20.0), 0.0)),
-                               (f"erector_{side}", erector_box, (sgn * 40.0, hh + 35.0))):
-            out[key][ra:rb, ca:cb] = pick(np.asarray(box), seed)
+        erector_box &= _posterior_compartment(bone_env, ymm, lat, hh, dy * dx, p)
+        out[f"psoas_{side}"][ra:rb, ca:cb] = pick(np.asarray(psoas_box), (sgn * (hw + 20.0), 0.0))
+        # erector spinae: the largest muscle mass of the posterior compartment near its usual place
+        out[f"erector_{side}"][ra:rb, ca:cb] = pick(np.asarray(erector_box), (sgn * 40.0, hh + 35.0), 35.0, True)
     return out
+
+
+def _posterior_compartment(bone: NDArray[np.bool_], ymm: NDArray[np.floating[Any]], lat: NDArray[np.floating[Any]],
+                           hh: float, px_area_mm2: float, p: ClassicalParams) -> NDArray[np.bool_]:
+    """Where one side's erector spinae may lie: behind the posterior bony envelope, medial to the rib angle.
+
+    Anatomy: the erector spinae (and transversospinales) fill the groove behind the laminae and
+    transverse processes, and in the thorax behind the rib necks, medial to the rib angles; the
+    liver, kidney and quadratus lumborum lie in front of that bony floor.  Per column, the floor is
+    the most posterior bone pixel (laminae, transverse processes, ribs; the spinous process in the
+    midline is left out), linearly interpolated across columns without bone and held constant
+    beyond the outermost one.  A bone component that is not joined to the vertebra in this slice
+    (a rib, or the iliac crest low in the lumbar spine) bounds the compartment laterally at its
+    most posterior point (the rib angle).  Without lateral bone (a disc slice) nothing is removed.
+    """
+    side = (lat > p.envelope_min_lat_mm) & (ymm > -hh) & (ymm < hh + p.envelope_max_depth_mm)
+    b = bone & side
+    ok = np.ones(bone.shape, bool)
+    if not b.any():
+        return ok
+    # enhancing vessels (segmental, intercostal) are small: keep bone pieces of rib size and up
+    lab, n = ndi.label(b)
+    sizes = ndi.sum_labels(np.ones(b.shape), lab, index=np.arange(1, n + 1)) * px_area_mm2
+    b = np.concatenate([[False], sizes >= p.min_bone_piece_mm2])[lab]
+    if not b.any():
+        return ok
+    cols = np.nonzero(b.any(axis=0))[0]
+    ys = np.where(b, np.broadcast_to(ymm, b.shape), -np.inf).max(axis=0)[cols]
+    lat_row = lat[0]
+    order = np.argsort(lat_row[cols])
+    floor = np.interp(lat_row, lat_row[cols][order], ys[order])
+    ok &= ymm > floor[None, :]
+    # lateral bound at the rib angle of bone components not joined to the vertebra (nearest the midline)
+    # pieces less than ~2 mm apart (a transverse process split by partial volume) count as one
+    join = max(1.0, 1.0 / float(np.sqrt(px_area_mm2)))
+    lab, n = ndi.label(_dilate(b, join))
+    lab = np.where(b, lab, 0)
+    if n > 1:
+        medial_lat = ndi.minimum(np.broadcast_to(lat, b.shape), lab, index=np.arange(1, n + 1))
+        vert = int(np.argmin(medial_lat)) + 1
+        bounds = []
+        for i in range(1, n + 1):
+            if i == vert or not (lab == i).any():
+                continue
+            rr, cc = np.nonzero(lab == i)
+            j = int(np.argmax(ymm[rr, 0]))
+            if lat_row[cc[j]] >= p.rib_angle_min_lat_mm:
+                bounds.append(float(lat_row[cc[j]]))
+        if bounds:
+            ok &= lat < min(bounds) + p.rib_margin_mm
+    return ok
 
 
 class ClassicalSliceSegmenter:
