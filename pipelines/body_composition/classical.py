@@ -65,6 +65,7 @@ class ClassicalParams:
     envelope_max_depth_mm: float = 70.0  # ... and at most this far behind the vertebral body centre + half height
     rib_margin_mm: float = 5.0  # erector spinae stays medial to the rib angle (+ this margin)
     rib_angle_min_lat_mm: float = 40.0  # a rib angle lies this far or more from the midline
+    erector_open_mm: float = 4.0  # thinner sheets (latissimus dorsi, serratus posterior) are cut off the erector
     min_bone_piece_mm2: float = 20.0  # smaller pieces above bone_hu are vessels or noise, not a bony landmark
     bridge_mm: float = 2.0  # connections thinner than about twice this are cut between components  # larger fat regions enclosed by muscle are visceral (the cavity)
 
@@ -298,8 +299,11 @@ def named_muscles(hu: NDArray[np.float32], spacing: tuple[float, float], anat: S
     strict = np.asarray(ndi.binary_opening(strict, _disk(bridge_px))) if bridge_px >= 1.0 else strict
 
     def pick(region: NDArray[np.bool_], seed: tuple[float, float], max_dist_mm: float = 25.0,
-             largest: bool = False) -> NDArray[np.bool_]:
-        cl, cn = ndi.label(strict & region)
+             largest: bool = False, open_px: float = 0.0) -> NDArray[np.bool_]:
+        cand = strict & region
+        if open_px > bridge_px and open_px >= 1.0:
+            cand = np.asarray(ndi.binary_opening(cand, _disk(open_px)))
+        cl, cn = ndi.label(cand)
         if cn == 0:
             return np.zeros(crop.shape, bool)
         # nearest labelled pixel to the seed, searched in a window around it
@@ -319,8 +323,14 @@ def named_muscles(hu: NDArray[np.float32], spacing: tuple[float, float], anat: S
         else:
             best = win[near][int(np.argmin(dist[near]))]
         core = cl == best
-        grow = max(1.0, bridge_px + 1.0)
-        return np.asarray(_dilate(core, grow) & soft & region)
+        grow = max(1.0, max(bridge_px, open_px) + 1.0)
+        grown = _dilate(core, grow) & soft & region
+        if open_px <= bridge_px:
+            return np.asarray(grown)
+        # after a wider opening, grow back only what is joined to the core (not across a fat plane)
+        gl, _ = ndi.label(grown)
+        ids = np.unique(gl[core & grown])
+        return np.asarray(np.isin(gl, ids[ids > 0]))
 
     for side, sgn in (("left", 1.0), ("right", -1.0)):
         lat = sgn * xmm
@@ -329,7 +339,8 @@ def named_muscles(hu: NDArray[np.float32], spacing: tuple[float, float], anat: S
         erector_box &= _posterior_compartment(bone_env, ymm, lat, hh, dy * dx, p)
         out[f"psoas_{side}"][ra:rb, ca:cb] = pick(np.asarray(psoas_box), (sgn * (hw + 20.0), 0.0))
         # erector spinae: the largest muscle mass of the posterior compartment near its usual place
-        out[f"erector_{side}"][ra:rb, ca:cb] = pick(np.asarray(erector_box), (sgn * 40.0, hh + 35.0), 35.0, True)
+        out[f"erector_{side}"][ra:rb, ca:cb] = pick(np.asarray(erector_box), (sgn * 40.0, hh + 35.0), 35.0, True,
+                                                    p.erector_open_mm / float(np.sqrt(dy * dx)))
     return out
 
 
