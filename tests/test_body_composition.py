@@ -156,6 +156,16 @@ def test_seg_and_sr_round_trip_and_dciodvfy(phantom_run: Run) -> None:
             assert np.allclose(pts[0], pts[-1]), "closed polygon"
     vsr = hd.sr.srread(out / "sr-volumes.dcm")
     assert len(vsr.content.get_volumetric_roi_measurement_groups()) == 4
+    # volume groups name the SEG segment and the CT series (TID 1411 source series); evidence = the SEG
+    seg3d = pydicom.dcmread(out / "seg-volumes.dcm", stop_before_pixels=True)
+    evidence = {str(i.ReferencedSOPInstanceUID) for st in vsr.CurrentRequestedProcedureEvidenceSequence
+                for se in st.ReferencedSeriesSequence for i in se.ReferencedSOPSequence}
+    assert evidence == {str(seg3d.SOPInstanceUID)}
+    for g in vsr.content.get_volumetric_roi_measurement_groups():
+        ref = g.referenced_segment
+        assert ref is not None and ref.referenced_sop_instance_uid == seg3d.SOPInstanceUID
+        assert str(ref.source_series_for_segmentation.UID) == ct0.SeriesInstanceUID
+        assert not ref.has_source_images()
 
 
 # --- QC gate ----------------------------------------------------------------------------------
