@@ -85,11 +85,18 @@ class Options:
 
 @dataclass
 class Timings:
+    """Wall seconds per stage, and process CPU seconds (all threads) per stage beside them."""
+
     seconds: dict[str, float] = field(default_factory=dict)
+    cpu_seconds: dict[str, float] = field(default_factory=dict)
+    _cpu0: float = field(default_factory=time.process_time)
 
     def add(self, stage: str, t0: float) -> float:
         now = time.perf_counter()
+        cpu = time.process_time()
         self.seconds[stage] = self.seconds.get(stage, 0.0) + now - t0
+        self.cpu_seconds[stage] = self.cpu_seconds.get(stage, 0.0) + cpu - self._cpu0
+        self._cpu0 = cpu
         return now
 
 
@@ -122,6 +129,7 @@ class BodyCompositionPipeline:
         self.qc = QCGate(max_slice_thickness_mm=options.max_slice_thickness_mm)
         self.measure = Measure(self.table, options.cutoffs)
         self.last_timings: dict[str, float] = {}
+        self.last_cpu_timings: dict[str, float] = {}
 
     def backend(self, ctx: PipelineContext) -> Backend:
         if self.options.backend == "classical":
@@ -160,7 +168,7 @@ class BodyCompositionPipeline:
         t0 = t.add("qc-gate", t0)
         if not qc.evaluable:
             out = outputs.write_not_evaluable(ctx, volume, qc.reason, self, "qc-gate")
-            self.last_timings = t.seconds
+            self.last_timings, self.last_cpu_timings = t.seconds, t.cpu_seconds
             return out
         backend = self.backend(ctx)
         level = LevelFinder(backend, self.options.levels).run(volume)
@@ -168,7 +176,7 @@ class BodyCompositionPipeline:
         if level.level is None or level.slice_index is None:
             reason = "; ".join(level.notes) or "level not found"
             out = outputs.write_not_evaluable(ctx, volume, reason, self, "level-finder", backend=backend)
-            self.last_timings = t.seconds
+            self.last_timings, self.last_cpu_timings = t.seconds, t.cpu_seconds
             return out
         seg = TissueSegmenter(backend, self.options.volumes_3d).run(SegmentInput(volume, level))
         t0 = t.add("segmentation", t0)
@@ -181,7 +189,7 @@ class BodyCompositionPipeline:
         except Exception as e:
             raise StageError("seg-sr-writers", series.series_uid, f"{type(e).__name__}: {e}") from e
         t.add("seg-sr-writers", t0)
-        self.last_timings = t.seconds
+        self.last_timings, self.last_cpu_timings = t.seconds, t.cpu_seconds
         return out
 
 
@@ -240,6 +248,7 @@ def run_folder(input_dir: Path, out_dir: Path, options: Mapping[str, Any] | None
     out = pipeline.run(ctx)
     summary = dict(out.summary)
     summary["timings_s"] = {k: round(v, 4) for k, v in pipeline.last_timings.items()}
+    summary["cpu_timings_s"] = {k: round(v, 4) for k, v in pipeline.last_cpu_timings.items()}
     (out_dir / "summary.json").write_text(json.dumps(summary, indent=1, default=_json_default))
     return out
 
