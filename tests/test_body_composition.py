@@ -176,6 +176,8 @@ def test_qc_tilt_refused(tmp_path: Path) -> None:
     assert not r.result.evaluable and "gantry tilt" in r.result.reason
     assert [p.name for p in r.result.files] == ["sr.dcm"]
     assert "gantry tilt of 15.0 degrees" in _text(pydicom.dcmread(r.out / "sr.dcm"))
+    # the refusal says what the series holds: the phantom's L3 is there, to be reconstructed without tilt
+    assert "L3 appears to be in the field of view" in r.result.reason
 
 
 def test_qc_thick_slices_and_non_ct(tmp_path: Path) -> None:
@@ -251,6 +253,8 @@ def test_tilted_head_ct_not_evaluable(shared_data: Path, tmp_path: Path) -> None
     out = run_folder(shared_data / "dcm_qa_ct_GE_tilt" / "dicom", tmp_path / "out", {})
     assert not out.evaluable
     assert "gantry tilt of 18.5 degrees" in out.reason
+    # and why it would not be measurable anyway: a head CT without vertebral landmarks
+    assert "could not be measured in this series (body part examined: HEAD)" in out.reason
     ok, text = dciodvfy(out.files[0]) if shutil.which("dciodvfy") else (True, "")
     assert ok, text
 

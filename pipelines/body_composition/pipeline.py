@@ -142,6 +142,28 @@ class BodyCompositionPipeline:
                              f"backend 'monai' needs models.{self.options.model} (a model.json from train-seg)")
         return MonaiBackend.load(Path(path), device=ctx.device)
 
+    def tilted_content(self, volume: Volume) -> str:
+        """What a refused tilted series holds, so its "not evaluable" says whether a level was there at all.
+
+        Counting vertebrae is a stack-direction profile of bone near the spine; the in-plane shear
+        of a gantry tilt blurs it but does not remove vertebrae, so the weight-free finder is run
+        on the sheared stack only to describe the content (never to measure).
+        """
+        levels = " or ".join(self.options.levels)
+        part = str(volume.first_dataset.get("BodyPartExamined", "") or "").strip()
+        where = f" (body part examined: {part})" if part else ""
+        try:
+            level = ClassicalBackend().find_level(volume, self.options.levels)
+        except Exception as e:  # a description only: never let it hide the refusal itself
+            log.info("series %s: content of the tilted series not described: %s", volume.series_uid, e)
+            return f"content of the tilted series not assessed{where}"
+        if level.level is not None and level.slice_index is not None:
+            return (f"{level.level} appears to be in the field of view (around slice {level.slice_index + 1}) but "
+                    "is not measured on tilted slices: reconstruct the series without gantry tilt (axial) to "
+                    "measure it")
+        notes = "; ".join(level.notes) or "no vertebral level found"
+        return f"even without the tilt, {levels} could not be measured in this series{where}: {notes}"
+
     # ------------------------------------------------------------------------------------------
     def run(self, ctx: PipelineContext) -> PipelineOutput:
         if len(ctx.series) != 1:
@@ -167,7 +189,10 @@ class BodyCompositionPipeline:
         qc = self.qc.run(volume)
         t0 = t.add("qc-gate", t0)
         if not qc.evaluable:
-            out = outputs.write_not_evaluable(ctx, volume, qc.reason, self, "qc-gate")
+            reason = qc.reason
+            if volume.tilted and str(volume.first_dataset.get("Modality", "")) == "CT":
+                reason = f"{reason}; {self.tilted_content(volume)}"
+            out = outputs.write_not_evaluable(ctx, volume, reason, self, "qc-gate")
             self.last_timings, self.last_cpu_timings = t.seconds, t.cpu_seconds
             return out
         backend = self.backend(ctx)
