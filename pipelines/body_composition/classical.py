@@ -63,6 +63,7 @@ class ClassicalParams:
     core_smooth_mm: float = 1.0
     envelope_min_lat_mm: float = 8.0  # bone this far from the midline (laminae, transverse processes, ribs)
     envelope_max_depth_mm: float = 70.0  # ... and at most this far behind the vertebral body centre + half height
+    floor_hold_mm: float = 10.0  # the floor beyond the vertebra's outermost bone is held at its last 10 mm
     rib_margin_mm: float = 5.0  # erector spinae stays medial to the rib angle (+ this margin)
     rib_angle_min_lat_mm: float = 40.0  # a rib angle lies this far or more from the midline
     erector_open_mm: float = 4.0  # thinner sheets (latissimus dorsi, serratus posterior) are cut off the erector
@@ -383,23 +384,36 @@ def _posterior_compartment(bone: NDArray[np.bool_], ymm: NDArray[np.floating[Any
     b = np.concatenate([[False], sizes >= p.min_bone_piece_mm2])[lab]
     if not b.any():
         return ok
-    cols = np.nonzero(b.any(axis=0))[0]
-    ys = np.where(b, np.broadcast_to(ymm, b.shape), -np.inf).max(axis=0)[cols]
-    lat_row = lat[0]
-    order = np.argsort(lat_row[cols])
-    floor = np.interp(lat_row, lat_row[cols][order], ys[order])
-    ok &= ymm > floor[None, :]
-    # lateral bound at the rib angle of bone components not joined to the vertebra (nearest the midline)
     # pieces less than ~2 mm apart (a transverse process split by partial volume) count as one
     join = max(1.0, 1.0 / float(np.sqrt(px_area_mm2)))
     lab, n = ndi.label(_dilate(b, join))
     lab = np.where(b, lab, 0)
+    medial_lat = ndi.minimum(np.broadcast_to(lat, b.shape), lab, index=np.arange(1, n + 1))
+    # pieces joined to the vertebra reach the midline cut (body, lamina: a few mm apart at most)
+    vert_ids = np.nonzero(medial_lat <= float(medial_lat.min()) + 3.0)[0] + 1
+    vmask = np.isin(lab, vert_ids)
+    lat_row = lat[0]
+    ymm_b = np.broadcast_to(ymm, b.shape)
+    cols = np.nonzero(b.any(axis=0))[0]
+    ys = np.where(b, ymm_b, -np.inf).max(axis=0)[cols]
+    # lateral to the vertebra's outermost bone (transverse process tip, or the pedicle between
+    # processes) the floor is held at the most posterior bone of its last hold_mm, not let fall
+    # forward to the lateral edge of the vertebral body
+    vcols = np.nonzero(vmask.any(axis=0))[0]
+    if vcols.size:
+        lat_out = float(lat_row[vcols].max())
+        tip = vmask & (np.broadcast_to(lat, b.shape) >= lat_out - p.floor_hold_mm)
+        hold = float(ymm_b[tip].max())
+        in_tip = lat_row[cols] >= lat_out - p.floor_hold_mm
+        ys = np.where(in_tip, np.maximum(ys, hold), ys)
+    order = np.argsort(lat_row[cols])
+    floor = np.interp(lat_row, lat_row[cols][order], ys[order])
+    ok &= ymm > floor[None, :]
+    # lateral bound at the rib angle of bone components not joined to the vertebra
     if n > 1:
-        medial_lat = ndi.minimum(np.broadcast_to(lat, b.shape), lab, index=np.arange(1, n + 1))
-        vert = int(np.argmin(medial_lat)) + 1
         bounds = []
         for i in range(1, n + 1):
-            if i == vert or not (lab == i).any():
+            if i in vert_ids or not (lab == i).any():
                 continue
             rr, cc = np.nonzero(lab == i)
             j = int(np.argmax(ymm[rr, 0]))
