@@ -24,6 +24,7 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
+from bench.common import serve_config, start_serve  # noqa: E402
 from tests.peers import DATA, free_port, stop_pid, wait_port  # noqa: E402
 
 
@@ -73,13 +74,7 @@ def send(port: int, folder: Path, called: str) -> float:
 
 def start_prognode(work: Path) -> tuple[subprocess.Popen[bytes], int]:
     port = free_port()
-    cfg = work / "prognode.toml"
-    cfg.write_text(f'[node]\nport = {port}\nstorage = "var"\nmin_free_bytes = 0\n[web]\nenabled = false\n[logging]\nlevel = "WARNING"\n')
-    env = dict(os.environ, PYTHONPATH=str(REPO))
-    proc = subprocess.Popen([sys.executable, "-m", "node", "serve", "--config", str(cfg)], cwd=REPO, env=env,
-                            stdout=subprocess.DEVNULL, stderr=open(work / "prognode.log", "wb"))  # noqa: SIM115
-    wait_port(port, 60)
-    return proc, port
+    return start_serve(work, serve_config(port), port), port
 
 
 def start_storescp(work: Path, nodelay: bool) -> tuple[subprocess.Popen[bytes], int]:

@@ -36,7 +36,7 @@ sys.path.insert(0, str(REPO))
 
 from pydicom import dcmread  # noqa: E402
 
-from tests.peers import Orthanc, free_port, stop_pid, wait_port, wait_until  # noqa: E402
+from tests.peers import Orthanc, free_port, stop_pid, sweep_node_config, wait_port, wait_until  # noqa: E402
 from tests.synthetic_ct import write_studies  # noqa: E402
 
 FIRST = dt.date(2026, 3, 2)
@@ -44,30 +44,7 @@ LAST = FIRST + dt.timedelta(days=10)
 
 
 def node_config(folder: Path, pacs: Orthanc, retrieve: str, concurrency: int, pause: float = 0.0) -> Path:
-    folder.mkdir(parents=True, exist_ok=True)
-    port = free_port()
-    pacs.add_modality("prognode", "PROGNODE", "127.0.0.1", port)
-    cfg = folder / "config.toml"
-    cfg.write_text(f"""
-[node]
-ae_title = "PROGNODE"
-host = "127.0.0.1"
-port = {port}
-storage = "var"
-[[sources]]
-name = "pacs"
-ae_title = "{pacs.aet}"
-host = "127.0.0.1"
-port = {pacs.dicom_port}
-retrieve = "{retrieve}"
-[sweep]
-source = "pacs"
-max_concurrent = {concurrency}
-pause_seconds = {pause}
-[logging]
-audit_file = "var/audit.jsonl"
-""")
-    return cfg
+    return sweep_node_config(folder, pacs, retrieve, concurrency, sweep_extra=f"pause_seconds = {pause}")
 
 
 def sweep_cli(cfg: Path, *extra: str) -> list[str]:

@@ -4,7 +4,8 @@ A 300-slice 512x512 CT built from real data (see bench/ingest.py) is sent with s
 to ``python -m node serve`` routing CT to ``tissue-hu`` and sending to a loopback
 Orthanc.  Reported: ingest time, completion latency (last image -> series complete, from
 the node's ledger), job time, last image -> both results in the PACS (ledger and as seen
-by polling Orthanc's REST API), and peak RSS of the node and of its worker process.
+by polling Orthanc's REST API), and peak RSS of the node and of its worker process,
+and the CPU seconds each spent (a load-independent view when other work shares the CPU).
 
     .venv/bin/python bench/time_to_result.py [--slices 300] [--runs 1]
 """
@@ -26,8 +27,9 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
+from bench.common import serve_config, start_serve  # noqa: E402
 from bench.ingest import build_ct  # noqa: E402
-from tests.peers import Orthanc, free_port, stop_pid, wait_port  # noqa: E402
+from tests.peers import Orthanc, free_port, stop_pid  # noqa: E402
 
 
 def peak_rss_kib(pid: int) -> int:
@@ -45,6 +47,25 @@ def children(pid: int) -> list[int]:
         return [int(x) for x in Path(f"/proc/{pid}/task/{pid}/children").read_text().split()]
     except OSError:
         return []
+
+
+def cpu_seconds(pid: int) -> float:
+    """User + system CPU seconds of one process (0 when it is gone)."""
+    try:
+        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+        return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+    except (OSError, IndexError, ValueError):
+        return 0.0
+
+
+def descendants_cpu(pid: int) -> float:
+    """CPU seconds of the node's descendants (the worker pool), summed."""
+    total, todo = 0.0, children(pid)
+    while todo:
+        c = todo.pop()
+        total += cpu_seconds(c)
+        todo += children(c)
+    return total
 
 
 class RssWatch:
@@ -73,18 +94,9 @@ def one_run(work: Path, ct_dir: Path, study: str) -> dict[str, float]:
     node = None
     try:
         port = free_port()
-        cfg = work / "bench.toml"
-        cfg.write_text(f"""
-[node]
-port = {port}
-storage = "var"
-min_free_bytes = 0
+        node = start_serve(work, serve_config(port, f"""
 [completion]
 quiet_seconds = 20
-[web]
-enabled = false
-[logging]
-level = "WARNING"
 [[destinations]]
 name = "pacs"
 ae_title = "ORTHANC"
@@ -96,13 +108,18 @@ name = "ct"
 when = {{ Modality = "CT" }}
 pipelines = ["tissue-hu"]
 send_to = ["pacs"]
-""")
-        env = dict(os.environ, PYTHONPATH=str(REPO))
-        node = subprocess.Popen([sys.executable, "-m", "node", "serve", "--config", str(cfg)], cwd=REPO, env=env,
-                                stdout=subprocess.DEVNULL, stderr=open(work / "node.log", "wb"))  # noqa: SIM115
-        wait_port(port, 120)
+"""), port, name="node", timeout=120)
         watch = RssWatch(node.pid)
-        time.sleep(3)  # let the worker finish preloading, as on a node that has been up for a while
+        # let the worker finish preloading, as on a node that has been up for a while: wait until
+        # the worker pool exists and its CPU time has stopped growing (at least 3 s, at most 120 s)
+        settle0 = time.time()
+        last, still = -1.0, 0
+        while time.time() - settle0 < 120 and (time.time() - settle0 < 3 or still < 4 or last <= 0):
+            time.sleep(0.25)
+            cpu = descendants_cpu(node.pid)
+            still = still + 1 if cpu == last else 0
+            last = cpu
+        cpu0_node, cpu0_workers = cpu_seconds(node.pid), descendants_cpu(node.pid)
         t0 = time.time()
         subprocess.run(["storescu", "-aet", "BENCH", "-aec", "PROGNODE", "+sd", "127.0.0.1", str(port), str(ct_dir)],
                        check=True, capture_output=True, timeout=900)
@@ -115,6 +132,7 @@ send_to = ["pacs"]
                 raise TimeoutError("no SEG and SR after 600 s")
             time.sleep(0.05)
         seen = time.time()
+        cpu_node, cpu_workers = cpu_seconds(node.pid) - cpu0_node, descendants_cpu(node.pid) - cpu0_workers
         watch.stop.set()
         watch.thread.join()
         con = sqlite3.connect(work / "var" / "prognode.db", timeout=30)
@@ -126,6 +144,7 @@ send_to = ["pacs"]
             con.close()
         return {"ingest_s": sent - t0, "completion_s": done - last, "job_s": fin - start,
                 "ledger_last_to_pacs_s": pacs_at - last, "seen_last_to_pacs_s": seen - sent,
+                "node_cpu_s": cpu_node, "worker_cpu_s": cpu_workers,
                 "node_rss_mib": watch.node / 1024, "worker_rss_mib": watch.workers / 1024}
     finally:
         if node is not None:
@@ -153,10 +172,12 @@ def main() -> int:
         print(f"\ntime to result: {args.slices} slices 512x512 (real CT, explicit VR LE) -> tissue-hu -> Orthanc; "
               f"{os.cpu_count()} CPUs, load average {load[0]:.1f}")
         keys = ["ingest_s", "completion_s", "job_s", "ledger_last_to_pacs_s", "seen_last_to_pacs_s",
-                "node_rss_mib", "worker_rss_mib"]
+                "node_cpu_s", "worker_cpu_s", "node_rss_mib", "worker_rss_mib"]
         labels = {"ingest_s": "ingest (storescu, s)", "completion_s": "completion latency (s)",
                   "job_s": "tissue-hu job (s)", "ledger_last_to_pacs_s": "last image -> SEG+SR in PACS, ledger (s)",
                   "seen_last_to_pacs_s": "last image sent -> SEG+SR retrievable, REST poll (s)",
+                  "node_cpu_s": "node CPU, ingest to results (s)",
+                  "worker_cpu_s": "worker CPU = job CPU, load-independent (s)",
                   "node_rss_mib": "peak RSS node (MiB)", "worker_rss_mib": "peak RSS worker (MiB)"}
         print("| measure | " + " | ".join(f"run {i + 1}" for i in range(len(rows))) + " |")
         print("|---|" + "---:|" * len(rows))

@@ -111,18 +111,26 @@ def build_seg(
         arrays.append(m.astype(bool, copy=False))
     # Mutually exclusive masks travel as one label-map array (segment number per pixel),
     # which highdicom checks far faster than a stacked (planes, rows, cols, segments) array;
-    # the SEG written is BINARY either way.
-    count = np.zeros((planes, rows, cols), dtype=np.uint8)
-    for m in arrays:
-        count += m
+    # the SEG written is BINARY either way.  Built with whole-array byte arithmetic (no
+    # boolean fancy indexing): overlap is any pixel where the running sum exceeds 1.
     pixel_array: NDArray[np.uint8]
-    if len(keys) < 255 and int(count.max(initial=0)) <= 1:
-        pixel_array = np.zeros((planes, rows, cols), dtype=np.uint8)
-        for i, m in enumerate(arrays):
-            pixel_array[m] = i + 1
+    exclusive = len(keys) < 255
+    label = np.zeros((planes, rows, cols), dtype=np.uint8)
+    covered = np.zeros((planes, rows, cols), dtype=bool)
+    for i, m in enumerate(arrays):
+        if exclusive and np.logical_and(covered, m).any():
+            exclusive = False
+        if not exclusive:
+            break
+        np.logical_or(covered, m, out=covered)
+        label += m.view(np.uint8) * np.uint8(i + 1)
+    if exclusive:
+        pixel_array = label
+        any_voxel = bool(covered.any())
     else:
         pixel_array = np.stack(arrays, axis=-1).astype(np.uint8)
-    any_voxel = bool(count.any())
+        any_voxel = bool(pixel_array.any())
+    del covered
     descriptions = [
         segment_description(key, i + 1, algorithm, (labels or {}).get(key)) for i, key in enumerate(keys)
     ]

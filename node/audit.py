@@ -1,7 +1,6 @@
 """Audit log in JSON lines: who sent or queried what, what was exported where.
 
-One JSON object per line, ``{"ts": "<UTC ISO 8601>", "event": "...", ...fields}`` (the same record
-as the node core's ``node.logs.AuditLog``, so both may append to one file), written with one
+One JSON object per line, ``{"ts": "<UTC ISO 8601>", "event": "...", ...fields}``, written with one
 ``write`` per record (optionally fsynced) so that a hospital can keep, rotate and ship the file.  Safe to
 share between threads; several processes may append to the same file (each record is a single
 ``write`` of one line on a file opened in append mode).
@@ -12,6 +11,8 @@ called_ae, reason), ``instance_stored`` / ``instance_refused`` (calling_ae, peer
 status), ``echo``, ``series_complete``, ``job_*``, ``export_sent`` / ``export_failed`` (job, destination,
 SOP instance), ``resend`` (job_id, by), and from sweeps ``query`` (source, date range, matches),
 ``retrieve`` (source, method, series, instances) and ``sweep`` (sweep_id, state, counts).
+
+This is the only audit writer: ``node.logs.AuditLog`` is this class, re-exported for the node core.
 """
 
 from __future__ import annotations
@@ -25,7 +26,7 @@ from typing import Any, Protocol
 
 
 class AuditSink(Protocol):
-    """What writers of audit records need: this module's :class:`AuditLog` or the core's ``node.logs.AuditLog``."""
+    """What writers of audit records need (:class:`AuditLog`, or any object with the same ``write``)."""
 
     def write(self, event: str, **fields: Any) -> None: ...
 
@@ -59,7 +60,7 @@ class AuditLog:
             return
         entry: dict[str, Any] = {"ts": utc_now_iso(), "event": event}
         entry.update(fields)
-        line = json.dumps(entry, default=str, ensure_ascii=False, separators=(",", ":")) + "\n"
+        line = json.dumps(entry, default=str, ensure_ascii=False) + "\n"
         data = line.encode("utf-8")
         with self._lock:
             fd = os.open(self.path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o640)

@@ -128,10 +128,10 @@ def cmd_echo(args: argparse.Namespace) -> int:
 
 
 def status_document(config: Config) -> dict[str, Any]:
+    from node.audit import AuditLog
     from node.db import Database
     from node.index import Index
     from node.jobs import JobQueue
-    from node.logs import AuditLog
 
     db = Database(config.database_url)
     try:
@@ -165,20 +165,26 @@ def cmd_status(args: argparse.Namespace) -> int:
 
 
 def cmd_resend(args: argparse.Namespace) -> int:
+    from node.audit import AuditLog
     from node.db import Database
-    from node.jobs import JobQueue
-    from node.logs import AuditLog
+    from node.jobs import NothingToResend, resend_job
 
     config = config_from_args(args)
     db = Database(config.database_url)
     try:
-        what, n = JobQueue(db, AuditLog(config.path(config.logging.audit_file))).resend(args.job_id)
+        out = resend_job(db, args.job_id, AuditLog(config.path(config.logging.audit_file)), by="cli")
     except KeyError as e:
         print(f"resend: {e.args[0]}", file=sys.stderr)
         return EXIT_USAGE
+    except NothingToResend as e:
+        print(f"resend: {e}", file=sys.stderr)
+        return EXIT_FAIL
     finally:
         db.dispose()
-    print(f"job {args.job_id}: {'queued again' if what == 'job' else f'{n} exports queued again'}")
+    done = ["queued again"] if out.job_requeued else []
+    if out.exports_requeued or not out.job_requeued:
+        done.append(f"{out.exports_requeued} exports queued again")
+    print(f"job {args.job_id}: {', '.join(done)}")
     return EXIT_OK
 
 

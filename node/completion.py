@@ -17,9 +17,9 @@ from dataclasses import dataclass
 
 from sqlalchemy import select
 
+from node.audit import AuditLog
 from node.config import CompletionConfig
 from node.db import Database, Instance, Job, Series, now
-from node.logs import AuditLog
 from node.routing import Router
 
 logger = logging.getLogger(__name__)

@@ -99,36 +99,33 @@ class JobsConfig(_Model):
     device: Literal["auto", "cpu", "cuda"] = "auto"
 
 
-class DestinationConfig(_Model):
+class _RemoteAE(_Model):
+    """A DICOM peer this node opens associations to (a destination or a source)."""
+
     name: str
     ae_title: str
     host: str
     port: int = Field(ge=1, le=65535)
+    tls: TlsConfig = TlsConfig()
+
+    @field_validator("ae_title")
+    @classmethod
+    def _ae(cls, value: str) -> str:
+        return _check_ae_title(value)
+
+
+class DestinationConfig(_RemoteAE):
+    """A PACS that gets the results (C-STORE), retried then dead-lettered."""
+
     retry_seconds: float = Field(30.0, ge=0)
     max_attempts: int = Field(10, ge=1)
-    tls: TlsConfig = TlsConfig()
-
-    @field_validator("ae_title")
-    @classmethod
-    def _ae(cls, value: str) -> str:
-        return _check_ae_title(value)
 
 
-class SourceConfig(_Model):
+class SourceConfig(_RemoteAE):
     """A PACS to query and retrieve from (C-FIND, then C-MOVE or C-GET)."""
 
-    name: str
-    ae_title: str
-    host: str
-    port: int = Field(ge=1, le=65535)
     retrieve: Literal["move", "get"] = "move"
     move_destination: str = ""  # AE title the PACS sends C-MOVE results to; empty: this node's
-    tls: TlsConfig = TlsConfig()
-
-    @field_validator("ae_title")
-    @classmethod
-    def _ae(cls, value: str) -> str:
-        return _check_ae_title(value)
 
 
 class SeriesMatch(_Model):

@@ -22,9 +22,9 @@ from pynetdicom import AE
 from pynetdicom.presentation import build_context
 from sqlalchemy import select, update
 
+from node.audit import AuditLog
 from node.config import Config, DestinationConfig
 from node.db import Database, Export, Result, now
-from node.logs import AuditLog
 
 logger = logging.getLogger(__name__)
 

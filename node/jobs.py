@@ -34,10 +34,10 @@ from typing import Any, Protocol
 
 from sqlalchemy import func, select, update
 
+from node.audit import AuditLog, AuditSink
 from node.config import Config
 from node.db import Database, Export, Job, Result, now
 from node.index import Index
-from node.logs import AuditLog
 from node.storage import Storage
 from pipelines.base import Identity, Pipeline, PipelineContext, PipelineOutput, Predecessor, SeriesInput
 
@@ -179,7 +179,10 @@ def _worker_init(preload: tuple[str, ...] = (), log_level: str = "") -> None:
         logging.basicConfig(level=log_level.upper(), format=f"[worker %(process)d] {FORMAT}")
     for module in preload:
         try:
-            importlib.import_module(module)
+            mod = importlib.import_module(module)
+            warm = getattr(mod, "warm", None)  # optional: a pipeline's one-off costs (lazy imports, tables)
+            if callable(warm):
+                warm()
         except Exception as e:  # the job itself will report it
             logger.warning("could not preload %s: %s", module, e)
     try:
@@ -256,6 +259,8 @@ class LocalProcessRunner:
 
 @dataclass(frozen=True)
 class JobView:
+    """A job row as read by the queue, ``prognode status`` and the web API (``node.web.data.JobOut``)."""
+
     id: int
     series_uid: str
     study_uid: str
@@ -265,6 +270,7 @@ class JobView:
     attempts: int
     error: str
     created_at: float
+    updated_at: float
     started_at: float | None
     finished_at: float | None
     last_image_at: float | None
@@ -277,7 +283,73 @@ def _rowcount(res: Any) -> int:
 
 def _view(j: Job) -> JobView:
     return JobView(j.id, j.series_uid, j.study_uid, j.route, j.pipeline, j.state, j.attempts, j.error,
-                   j.created_at, j.started_at, j.finished_at, j.last_image_at, dict(j.inputs or {}))
+                   j.created_at, j.updated_at, j.started_at, j.finished_at, j.last_image_at, dict(j.inputs or {}))
+
+
+def list_jobs(db: Database, limit: int = 1000, state: str | None = None) -> list[JobView]:
+    """The latest jobs, newest first, optionally of one state."""
+    q = select(Job).order_by(Job.id.desc()).limit(limit)
+    if state:
+        q = q.where(Job.state == state)
+    with db.read() as s:
+        return [_view(j) for j in s.scalars(q).all()]
+
+
+def get_job(db: Database, job_id: int) -> JobView | None:
+    with db.read() as s:
+        j = s.get(Job, job_id)
+        return _view(j) if j is not None else None
+
+
+@dataclass(frozen=True)
+class Resend:
+    """What :func:`resend_job` queued again."""
+
+    job_id: int
+    job_requeued: bool
+    exports_requeued: int
+
+
+class NothingToResend(Exception):
+    """The job is neither failed/dead nor has results that can be sent again (pending, running)."""
+
+
+def resend_job(db: Database, job_id: int, audit: AuditSink | None, by: str) -> Resend:
+    """Queue a job's results again to every destination; run a failed or dead job again.
+
+    The one resend of the node (``prognode resend``, ``POST /api/jobs/{id}/resend`` and the
+    dashboard's button):
+
+    - a ``failed`` or ``dead`` job goes back to ``pending`` with its attempts reset (it runs again,
+      and its new results are exported to the route's destinations when it is done);
+    - every export of the job that is not already queued (``sent`` or ``dead``) goes back to
+      ``pending`` with its attempts reset, so each destination gets the results again;
+    - a job with neither (``pending``/``running``, or ``done`` with nothing to send) raises
+      :class:`NothingToResend`; an unknown job raises ``KeyError``.
+
+    One ``resend`` audit record (``job_id``, ``by``, ``job_requeued``, ``exports_requeued``).
+    """
+    t = now()
+    with db.session() as s:
+        job = s.get(Job, job_id)
+        if job is None:
+            raise KeyError(f"job {job_id} not found")
+        requeue_job = job.state in ("failed", "dead")
+        exports = list(s.scalars(select(Export).where(Export.job_id == job_id, Export.state != "pending")))
+        if not requeue_job and not exports:
+            raise NothingToResend(f"job {job_id} is {job.state} and has no results to send again: nothing to resend")
+        if requeue_job:
+            job.state, job.attempts, job.error = "pending", 0, ""
+            job.not_before, job.lease_until, job.updated_at = 0.0, None, t
+        for e in exports:
+            e.state, e.attempts, e.next_attempt_at, e.last_error = "pending", 0, 0.0, ""
+        out = Resend(job_id=job_id, job_requeued=requeue_job, exports_requeued=len(exports))
+    logger.info("resend job %d by %s: job requeued %s, %d exports requeued", job_id, by, out.job_requeued,
+                out.exports_requeued)
+    if audit is not None:
+        audit.write("resend", job_id=job_id, by=by, job_requeued=out.job_requeued,
+                    exports_requeued=out.exports_requeued)
+    return out
 
 
 class JobQueue:
@@ -408,33 +480,15 @@ class JobQueue:
                          attempt=attempt, error=error[:500])
         return state
 
-    def resend(self, job_id: int) -> tuple[str, int]:
-        """Queue a job's exports again (and the job itself when it failed or died)."""
-        with self.db.session() as s:
-            job = s.get(Job, job_id)
-            if job is None:
-                raise KeyError(f"no job {job_id}")
-            if job.state in ("failed", "dead"):
-                job.state, job.attempts, job.not_before, job.error = "pending", 0, 0.0, ""
-                job.updated_at = now()
-                what = "job"
-                n = 1
-            else:
-                res = s.execute(update(Export).where(Export.job_id == job_id).values(
-                    state="pending", attempts=0, next_attempt_at=0.0, last_error=""))
-                n = _rowcount(res)
-                what = "exports"
-        self.audit.write("resend", job_id=job_id, what=what, count=n)
-        return what, n
+    def resend(self, job_id: int, by: str = "cli") -> Resend:
+        """:func:`resend_job` with this queue's database and audit log."""
+        return resend_job(self.db, job_id, self.audit, by)
 
     def get(self, job_id: int) -> JobView | None:
-        with self.db.read() as s:
-            j = s.get(Job, job_id)
-            return _view(j) if j is not None else None
+        return get_job(self.db, job_id)
 
     def list(self, limit: int = 1000) -> list[JobView]:
-        with self.db.read() as s:
-            return [_view(j) for j in s.scalars(select(Job).order_by(Job.id.desc()).limit(limit)).all()]
+        return list_jobs(self.db, limit)
 
 
 # Manager: claims jobs, hands them to the runner, records outcomes -----------------------------
@@ -494,6 +548,7 @@ class JobManager:
             except Exception as e:
                 self.queue.fail(job, job.attempts, f"could not start: {type(e).__name__}: {e}")
                 continue
+            fut.add_done_callback(lambda _f: self.wake.set())  # record and export at once, not at the next poll
             self.inflight[job.id] = (job, job.attempts, fut, spec)
         self.queue.renew(list(self.inflight))
         for job_id, (job, attempt, fut, spec) in list(self.inflight.items()):

@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Callable, Iterable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from typing import Any
 
 from prometheus_client import CollectorRegistry, Counter, generate_latest
@@ -50,6 +50,14 @@ def histogram_family(name: str, doc: str, values: Iterable[float], buckets: Sequ
     counts = [(format(b, "g"), float(sum(1 for v in vals if v <= b))) for b in buckets]
     counts.append(("+Inf", float(len(vals))))
     return HistogramMetricFamily(name, doc, buckets=counts, sum_value=float(sum(vals)))
+
+
+def _by_state(name: str, doc: str, counts: Mapping[str, int], states: Iterable[str] = ()) -> GaugeMetricFamily:
+    """A gauge labelled ``state``: every state in ``states`` (0 when absent) and in ``counts``."""
+    g = GaugeMetricFamily(name, doc, labels=["state"])
+    for st in sorted(set(states) | set(counts)):
+        g.add_metric([st], float(counts.get(st, 0)))
+    return g
 
 
 def _delta(later: float | None, earlier: float | None) -> float:
@@ -92,32 +100,21 @@ class DatabaseCollector(Collector):
                 .group_by(Job.id, Job.last_image_at)).all()
         ttr = [_delta(pacs, last) for _id, last, pacs in ttr_rows]
 
-        g = GaugeMetricFamily("prognode_series", "Series in the index by state", labels=["state"])
-        for st in sorted(set(SERIES_STATES) | set(series_by_state)):
-            g.add_metric([st], float(series_by_state.get(st, 0)))
-        yield g
+        yield _by_state("prognode_series", "Series in the index by state", series_by_state, SERIES_STATES)
         yield CounterMetricFamily("prognode_series_completed", "Series detected complete",
                                   value=float(completed or 0))
-        g = GaugeMetricFamily("prognode_jobs", "Jobs by state", labels=["state"])
-        for st in sorted(set(JOB_STATES) | set(jobs_by_state)):
-            g.add_metric([st], float(jobs_by_state.get(st, 0)))
-        yield g
+        yield _by_state("prognode_jobs", "Jobs by state", jobs_by_state, JOB_STATES)
         yield GaugeMetricFamily("prognode_queue_depth", "Jobs ready to run (pending or failed and due)",
                                 value=float(queue or 0))
         yield CounterMetricFamily("prognode_export_attempts", "C-STORE export attempts",
                                   value=float(exp_attempts or 0))
         yield CounterMetricFamily("prognode_export_failures", "C-STORE export attempts that failed",
                                   value=float(max(0, int(exp_attempts or 0) - int(exp_sent or 0))))
-        g = GaugeMetricFamily("prognode_exports", "Export rows by state (dead = dead letters)", labels=["state"])
-        for st in sorted({"pending", "sent", "dead"} | set(exp_by_state)):
-            g.add_metric([st], float(exp_by_state.get(st, 0)))
-        yield g
+        yield _by_state("prognode_exports", "Export rows by state (dead = dead letters)", exp_by_state,
+                        ("pending", "sent", "dead"))
         yield GaugeMetricFamily("prognode_instances_stored", "Instances in the index", value=float(stored[0]))
         yield GaugeMetricFamily("prognode_bytes_stored", "Bytes of instances in the index", value=float(stored[1]))
-        g = GaugeMetricFamily("prognode_sweep_items", "Sweep items by state", labels=["state"])
-        for st, n in sorted(sweep_items.items()):
-            g.add_metric([st], float(n))
-        yield g
+        yield _by_state("prognode_sweep_items", "Sweep items by state", sweep_items)
         yield histogram_family("prognode_completion_latency_seconds",
                                "From the last instance of a series to its completion", completion, COMPLETION_BUCKETS)
         yield histogram_family("prognode_pipeline_seconds", "Pipeline run time of done jobs", pipeline,

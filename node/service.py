@@ -15,13 +15,13 @@ import threading
 from collections.abc import Mapping
 from types import FrameType
 
+from node.audit import AuditLog
 from node.completion import CompletionMonitor
 from node.config import Config, TlsConfig
 from node.db import Database
 from node.export import Exporter
 from node.index import Index
 from node.jobs import JobManager, JobQueue, LocalProcessRunner, Runner, pipeline_modules
-from node.logs import AuditLog
 from node.ops import Operations
 from node.routing import Router
 from node.server import DicomServer

@@ -652,7 +652,7 @@ def default_store_handler(config: Config, db: Database, metrics: Metrics | None 
     """The node's own C-STORE path (``node.handlers.handle_store``: atomic write, then index)."""
     storage = Storage(config.storage_dir, fsync=config.node.fsync, min_free_bytes=config.node.min_free_bytes)
     index = Index(db, config.storage_dir)
-    core_audit: Any = audit if audit is not None else AuditLog(None)
+    core_audit: Any = audit if audit is not None else AuditLog(None)  # handle_store is typed with AuditLog
     core = functools.partial(handle_store, store=storage, index=index, audit=core_audit)
     return core if metrics is None else functools.partial(_metered_store, core, metrics)
 

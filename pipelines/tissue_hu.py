@@ -147,12 +147,16 @@ def _upsample(a: NDArray[np.uint8], f: int) -> NDArray[np.uint8]:
 
 def _pool_any(a: NDArray[np.bool_], f: int) -> NDArray[np.bool_]:
     """(z, r, c) -> (z, r/f, c/f): a block is True when any of its pixels is (r, c multiples of f)."""
-    out = a[:, 0::f, 0::f].copy()
-    for i in range(f):
-        for j in range(f):
-            if i or j:
-                out |= a[:, i::f, j::f]
-    return out
+    if f == 1:
+        return a
+    z, r, c = a.shape
+    if f in _REPLICATE:
+        # the f bytes of a block's row read as one integer: non-zero when any of them is True
+        wide = _REPLICATE[f][0]
+        rowwise = np.ascontiguousarray(a).view(np.uint8).reshape(z, r, c // f, f).view(wide)[..., 0] != 0
+    else:
+        rowwise = a.reshape(z, r, c // f, f).any(axis=3)
+    return np.asarray(rowwise.reshape(z, r // f, f, c // f).any(axis=2))
 
 
 @dataclass(frozen=True)
@@ -353,9 +357,10 @@ class TissueOutputs:
 
         algorithm = self.algorithm()
         sources, index = source_order(volume)
+        identity_order = bool(np.array_equal(index, np.arange(len(volume.slices))))  # no copy of the masks
         seg = build_seg(
             sources,
-            {k: masks[k][index] for k in SEGMENTS},
+            {k: masks[k] if identity_order else masks[k][index] for k in SEGMENTS},
             algorithm,
             self.identity,
             self.options.seg_series_description,
@@ -517,6 +522,24 @@ class TissueHuPipeline:
             files=(path,), summary={"pipeline": NAME, "version": VERSION, "series_uid": volume.series_uid},
             evaluable=False, reason=reason,
         )
+
+
+def warm() -> None:
+    """Worker preload hook: pay the one-off costs of a fresh process before the first job
+    rather than in it (scipy.ndimage, highdicom and the builders, pydicom's pixel handlers,
+    highdicom's standard tables that the SEG constructor consults).  No effect on results."""
+    import importlib
+
+    from scipy import ndimage  # noqa: F401
+
+    for module in ("highdicom", "dicom_templates.seg", "dicom_templates.sr", "dicom_templates.geometry",
+                   "pydicom.pixels", "pipelines.common.volume"):
+        importlib.import_module(module)
+    tables = importlib.import_module("highdicom._standard_utils")
+    for loader in ("get_module_attribute_map", "get_iod_module_map", "get_sop_class_iod_map"):
+        fn = getattr(tables, loader, None)  # private highdicom API: skipped if it moves
+        if callable(fn):
+            fn()
 
 
 def create(options: Mapping[str, Any]) -> TissueHuPipeline:

@@ -3,9 +3,10 @@
 Starts a private Orthanc (the PACS) on free loopback ports, starts the node
 (``python -m node serve --config FILE`` with ports, storage and destination overridden by
 ``--set``), sends a real CT series from ../shared/data with dcmtk's storescu (the shared
-TotalSegmentator CT, given proper UIDs in a temporary copy), waits until the DICOM SEG and
-SR are in Orthanc, prints what arrived and the seconds from the last image to results in
-the PACS, and stops what it started.  Exits non-zero on failure.
+TotalSegmentator CT, given proper UIDs in a temporary copy) and a generated abdomen phantom
+that contains L3, waits until every routed job's SEG and SR are in Orthanc, prints what
+arrived and the seconds from the last image to results in the PACS, and stops what it
+started.  Exits non-zero on failure.
 
     .venv/bin/python scripts/demo.py --config config.toml
 """
@@ -27,6 +28,15 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
 from tests.peers import DATA, Orthanc, free_port, stop_pid, storescu, wait_port, wait_until, with_uids  # noqa: E402
+
+
+def _quantity(value: object) -> str:
+    """``{"value": 148.95, "unit": "cm2"}`` -> ``148.95 cm2``; anything else as it is."""
+    if isinstance(value, dict) and "value" in value:
+        v = value["value"]
+        text = f"{v:.2f}" if isinstance(v, float) else str(v)
+        return f"{text} {value.get('unit', '')}".strip() + (f" ({value['reason']})" if value.get("reason") else "")
+    return str(value)
 
 
 def main() -> int:
@@ -60,40 +70,86 @@ def main() -> int:
         wait_port(port, 120)
         print(f"node: prognode on 127.0.0.1:{port} (config {args.config}, log {work / 'node.log'})")
 
-        ct = with_uids(src, work / "ct", seed=f"demo-{time.time()}")
         import pydicom
 
+        from pipelines.body_composition.phantom import PhantomSpec, write_phantom
+
+        # 1. the real CT (upper abdomen, T11-T12: no L3 in the field of view)
+        ct = with_uids(src, work / "ct", seed=f"demo-{time.time()}")
         first = pydicom.dcmread(ct[0], stop_before_pixels=True)
-        study = str(first.StudyInstanceUID)
+        # 2. a generated abdomen CT with known truth that contains L3 (body composition with numbers)
+        truth = write_phantom(PhantomSpec(size=256, pixel_mm=1.5, slice_mm=5.0, noise_sd=5.0,
+                                          patient_id="PN-DEMO-2", patient_name="Phantom^Abdomen"),
+                              work / "phantom")
+        studies = {str(first.StudyInstanceUID): f"real CT, {len(ct)} slices ({first.get('SeriesDescription', '')})",
+                   truth.study_uid: f"phantom abdomen with known truth, {len(truth.files)} slices"}
+        sent_at: dict[str, float] = {}
         storescu(port, ct, calling="SCANNER", extra=["-xv"])  # JPEG 2000 lossless, as stored
-        last_sent = time.time()
-        print(f"sent: {len(ct)} CT slices ({first.get('SeriesDescription', '')}) with storescu, study {study}")
+        sent_at[str(first.StudyInstanceUID)] = time.time()
+        storescu(port, truth.files, calling="SCANNER")
+        sent_at[truth.study_uid] = time.time()
+        for uid, what in studies.items():
+            print(f"sent: {what} with storescu, study {uid}")
 
-        def arrived() -> list[str]:
-            mods = pacs.modalities_in_study(study)
-            return mods if {"SEG", "SR"} <= set(mods) else []
+        db_path = work / "var" / "prognode.db"
 
-        wait_until(arrived, args.timeout, interval=0.1, what="SEG and SR in the PACS")
+        def settled() -> bool:
+            """Every routed job finished (done or dead) and every export sent or dead."""
+            if not db_path.exists():
+                return False
+            con = sqlite3.connect(db_path, timeout=30)
+            try:
+                jobs = con.execute("select state from jobs").fetchall()
+                open_exports = con.execute("select count(*) from exports where state = 'pending'").fetchone()[0]
+            finally:
+                con.close()
+            return len(jobs) >= 4 and all(j[0] in ("done", "dead") for j in jobs) and open_exports == 0
+
+        wait_until(settled, args.timeout, interval=0.2, what="all jobs done and results exported")
         seen = time.time()
-        series = pacs.post("/tools/find", json.dumps({"Level": "Series", "Query": {"StudyInstanceUID": study},
-                                                       "Expand": True}))
-        print("in the PACS now:")
-        for s in series:
-            tags = s["MainDicomTags"]
-            print(f"  {tags.get('Modality', ''):<4} series {tags.get('SeriesNumber', ''):>5}  "
-                  f"{len(s['Instances'])} instance(s)  {tags.get('SeriesDescription', '')}")
-        con = sqlite3.connect(work / "var" / "prognode.db", timeout=30)
+        con = sqlite3.connect(db_path, timeout=30)
         try:
-            row = con.execute("select s.last_received, s.completed_at, j.started_at, j.finished_at, "
-                              "max(r.in_pacs_at) from series s join jobs j on j.series_uid = s.series_uid "
-                              "join results r on r.job_id = j.id").fetchone()
+            jobs = con.execute("select j.study_uid, j.pipeline, j.state, j.error, j.summary, s.last_received, "
+                               "s.completed_at, j.started_at, j.finished_at, "
+                               "(select max(r.in_pacs_at) from results r where r.job_id = j.id) "
+                               "from jobs j join series s on s.series_uid = j.series_uid order by j.id").fetchall()
         finally:
             con.close()
-        print(f"seconds from last image sent to SEG and SR seen in the PACS: {seen - last_sent:.2f}")
-        if row and all(v is not None for v in row):
-            last, done, start, fin, pacs_at = row
-            print(f"  (node's ledger: completion {done - last:.2f} s, job {fin - start:.2f} s, "
-                  f"last image to both in PACS {pacs_at - last:.2f} s)")
+        failed = False
+        for uid, what in studies.items():
+            print(f"\nstudy {uid}: {what}")
+            series = pacs.post("/tools/find", json.dumps({"Level": "Series", "Query": {"StudyInstanceUID": uid},
+                                                           "Expand": True}))
+            print("  in the PACS now:")
+            for s in sorted(series, key=lambda s: int(s["MainDicomTags"].get("SeriesNumber", "0") or 0)):
+                tags = s["MainDicomTags"]
+                print(f"    {tags.get('Modality', ''):<4} series {tags.get('SeriesNumber', ''):>5}  "
+                      f"{len(s['Instances'])} instance(s)  {tags.get('SeriesDescription', '')}")
+            for (study, pipeline, state, error, summary, last, done, start, fin, in_pacs) in jobs:
+                if study != uid:
+                    continue
+                info = json.loads(summary or "{}")
+                line = f"  job {pipeline}: {state}"
+                if state != "done":
+                    failed = True
+                    line += f" ({error.strip().splitlines()[-1] if error else ''})"
+                elif not info.get("evaluable", True):
+                    line += f", not evaluable: {info.get('reason', '')}"
+                if in_pacs and last:
+                    line += (f"; completion {done - last:.2f} s, job {fin - start:.2f} s, "
+                             f"last image to results in PACS {in_pacs - last:.2f} s")
+                print(line)
+                if pipeline == "body-composition" and info.get("level"):
+                    print(f"    level {info['level']} ({info.get('level_method', '')})")
+                    for key, value in [*(info.get("areas_cm2") or {}).items(), *(info.get("derived") or {}).items()]:
+                        print(f"    {key}: {_quantity(value)}")
+                    for key, value in (info.get("sarcopenia") or {}).items():
+                        verdict = value.get("sarcopenic") if isinstance(value, dict) else value
+                        cut = f" (cut-off {value.get('threshold')} {value.get('unit', '')})" if isinstance(value, dict) else ""
+                        print(f"    sarcopenia by {key}: {verdict}{cut}")
+            print(f"  seconds from last image sent to all results in the PACS: {seen - sent_at[uid]:.2f} (wall)")
+        if failed:
+            return 1
         return 0
     except Exception as e:
         print(f"demo failed: {type(e).__name__}: {e}", file=sys.stderr)

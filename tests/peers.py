@@ -262,3 +262,31 @@ def with_uids(src: Path, dst: Path, seed: str = "prognode", patient_id: str = "P
         ds.save_as(p, enforce_file_format=True)
         out.append(p)
     return out
+
+
+# Node configs that point at an Orthanc (tests/test_sweep.py, tests/test_tls.py, bench/sweep.py) ---------------
+
+
+def pacs_source_toml(pacs: Orthanc, retrieve: str = "move", name: str = "pacs") -> str:
+    """A ``[[sources]]`` entry of a node's config.toml for ``pacs`` (C-MOVE or C-GET)."""
+    return (f'[[sources]]\nname = "{name}"\nae_title = "{pacs.aet}"\nhost = "127.0.0.1"\n'
+            f'port = {pacs.dicom_port}\nretrieve = "{retrieve}"\n')
+
+
+def sweep_node_config(folder: Path, pacs: Orthanc, retrieve: str = "move", max_concurrent: int = 2,
+                      node_extra: str = "", sweep_extra: str = "") -> Path:
+    """``folder/config.toml`` of a node that sweeps ``pacs``.
+
+    The node's DICOM port is free and registered in Orthanc as modality ``prognode`` (AE PROGNODE) for
+    C-MOVE; storage and the audit file under ``folder/var``; the web dashboard is off (no port 8080).
+    ``node_extra``/``sweep_extra`` are TOML lines added to ``[node]``/``[sweep]``.
+    """
+    folder.mkdir(parents=True, exist_ok=True)
+    port = free_port()
+    pacs.add_modality("prognode", "PROGNODE", "127.0.0.1", port)
+    cfg = folder / "config.toml"
+    cfg.write_text(f'[node]\nae_title = "PROGNODE"\nhost = "127.0.0.1"\nport = {port}\nstorage = "var"\n{node_extra}\n'
+                   f"{pacs_source_toml(pacs, retrieve)}\n"
+                   f'[sweep]\nsource = "pacs"\nmax_concurrent = {max_concurrent}\n{sweep_extra}\n'
+                   '[web]\nenabled = false\n[logging]\naudit_file = "var/audit.jsonl"\n')
+    return cfg

@@ -28,7 +28,7 @@ from node.sweep import (
     start_scheduler,
 )
 from tests.conftest import need
-from tests.peers import REPO, Orthanc, free_port, orthanc, wait_until
+from tests.peers import REPO, Orthanc, orthanc, sweep_node_config, wait_until
 from tests.synthetic_ct import write_studies
 
 FIRST = dt.date(2026, 3, 2)
@@ -50,32 +50,8 @@ def source_pacs(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Orthanc]:
 
 
 def write_config(tmp: Path, pacs: Orthanc, retrieve: str = "move", extra: str = "") -> Path:
-    port = free_port()
-    pacs.add_modality("prognode", "PROGNODE", "127.0.0.1", port)
-    cfg = tmp / "config.toml"
-    cfg.write_text(f"""
-[node]
-ae_title = "PROGNODE"
-host = "127.0.0.1"
-port = {port}
-storage = "var"
-fsync = false
-
-[[sources]]
-name = "pacs"
-ae_title = "{pacs.aet}"
-host = "127.0.0.1"
-port = {pacs.dicom_port}
-retrieve = "{retrieve}"
-
-[sweep]
-source = "pacs"
-max_concurrent = 2
-{extra}
-[logging]
-audit_file = "var/audit.jsonl"
-""")
-    return cfg
+    """The node's config for a sweep of ``pacs``; ``extra``: lines of ``[sweep]``."""
+    return sweep_node_config(tmp, pacs, retrieve, max_concurrent=2, node_extra="fsync = false", sweep_extra=extra)
 
 
 def _run(cfg_path: Path, dry_run: bool = False, hour: int | None = None) -> tuple:

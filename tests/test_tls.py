@@ -22,7 +22,7 @@ from node.db import Database
 from node.sweep import Receiver, default_store_handler
 from node.tls import TlsError, client_context, server_context, tls_args
 from tests.conftest import need
-from tests.peers import echoscu, free_port, stop_pid, wait_port
+from tests.peers import echoscu, free_port, pacs_source_toml, stop_pid, wait_port
 from tests.synthetic_ct import write_study
 
 
@@ -239,14 +239,7 @@ def test_sweep_over_dicom_tls(tmp_path: Path, pki: Pki, method: str) -> None:
             req = urllib.request.Request(f"{pacs.url}/modalities/prognode", method="PUT", data=json.dumps(
                 {"AET": "PROGNODE", "Host": "127.0.0.1", "Port": cfg.node.port, "UseDicomTls": True}).encode())
             urllib.request.urlopen(req, timeout=10).read()
-        text = (tmp_path / "config.toml").read_text() + f"""
-[[sources]]
-name = "pacs"
-ae_title = "{pacs.aet}"
-host = "127.0.0.1"
-port = {pacs.dicom_port}
-retrieve = "{method}"
-[sources.tls]
+        text = (tmp_path / "config.toml").read_text() + pacs_source_toml(pacs, method) + f"""[sources.tls]
 enabled = true
 certificate = "{pki.client_cert}"
 private_key = "{pki.client_key}"

@@ -126,6 +126,28 @@ def test_resend_needs_token(node_db: tuple[Config, Database], tmp_path: Path) ->
     assert client_off.post("/ui/jobs/1/resend", content="token=").status_code == 403
 
 
+def test_resend_is_one_behaviour_for_cli_and_api(node_db: tuple[Config, Database], tmp_path: Path) -> None:
+    """node.jobs.resend_job: a done job's results go again to every destination (sent ones too);
+    a pending job has nothing to resend; the CLI and the API answer the same."""
+    from node.jobs import NothingToResend, resend_job
+
+    cfg, db = node_db
+    audit = AuditLog(tmp_path / "audit.jsonl")
+    out = resend_job(db, 1, audit, by="cli")
+    assert (out.job_requeued, out.exports_requeued) == (False, 2)
+    with db.session() as s:
+        assert {e.state for e in s.query(Export).filter(Export.job_id == 1)} == {"pending"}
+    with pytest.raises(NothingToResend):
+        resend_job(db, 4, audit, by="cli")
+    with pytest.raises(KeyError):
+        resend_job(db, 99, audit, by="cli")
+    client = TestClient(create_app(cfg, db, Metrics(db), audit))
+    auth = {"Authorization": f"Bearer {TOKEN}"}
+    assert client.post("/api/jobs/4/resend", headers=auth).status_code == 409
+    assert client.post("/api/jobs/99/resend", headers=auth).status_code == 404
+    assert [(e["event"], e["by"]) for e in audit.read()] == [("resend", "cli")]
+
+
 def test_metrics_scrape(node_db: tuple[Config, Database]) -> None:
     cfg, db = node_db
     metrics = Metrics(db)

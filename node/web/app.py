@@ -22,6 +22,7 @@ from sqlalchemy import func, select
 from node.audit import AuditSink
 from node.config import Config
 from node.db import Database, Job, Series
+from node.jobs import NothingToResend, resend_job
 from node.metrics import CONTENT_TYPE, Metrics
 from node.web import data, pages
 
@@ -50,15 +51,13 @@ def create_app(config: Config, db: Database, metrics: Metrics, audit: AuditSink 
 
     def _resend(job_id: int, by: str) -> data.ResendOut:
         try:
-            out = data.resend_job(db, job_id)
-        except data.ActionError as e:
-            raise HTTPException(e.status, e.detail) from None
-        log.info("resend job %d by %s: job requeued %s, %d exports requeued", job_id, by, out.job_requeued,
-                 out.exports_requeued)
-        if audit is not None:
-            audit.write("resend", job_id=job_id, by=by, job_requeued=out.job_requeued,
-                         exports_requeued=out.exports_requeued)
-        return out
+            out = resend_job(db, job_id, audit, by)
+        except KeyError as e:
+            raise HTTPException(404, str(e.args[0])) from None
+        except NothingToResend as e:
+            raise HTTPException(409, str(e)) from None
+        return data.ResendOut(job_id=out.job_id, job_requeued=out.job_requeued,
+                              exports_requeued=out.exports_requeued)
 
     # REST ------------------------------------------------------------------------------------
     @app.get("/api/series", response_model=list[data.SeriesOut], tags=["read"])
@@ -90,6 +89,9 @@ def create_app(config: Config, db: Database, metrics: Metrics, audit: AuditSink 
 
     @app.post("/api/jobs/{job_id}/resend", response_model=data.ResendOut, tags=["write"])
     def api_resend(job_id: int, who: Annotated[str, Depends(require_token)]) -> Any:
+        """Send the job's results again to every destination; a failed or dead job runs again.
+
+        404: no such job; 409: nothing to resend (the job is pending or running, or has no results)."""
         return _resend(job_id, who)
 
     @app.get("/healthz", tags=["read"])

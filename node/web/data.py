@@ -1,14 +1,15 @@
-"""Read models and actions shared by the dashboard and the REST API (one query per view)."""
+"""Read models shared by the dashboard and the REST API (one query per view); resend is node.jobs.resend_job."""
 
 from __future__ import annotations
 
-import time
 from typing import Any
 
 from pydantic import BaseModel
 from sqlalchemy import select
 
+from node import jobs
 from node.db import Database, Export, Job, Result, Series, Sweep
+from node.jobs import JobView
 
 
 class SeriesOut(BaseModel):
@@ -27,6 +28,8 @@ class SeriesOut(BaseModel):
 
 
 class JobOut(BaseModel):
+    """The API's view of :class:`node.jobs.JobView` (its fields but ``last_image_at`` and ``inputs``)."""
+
     id: int
     series_uid: str
     study_uid: str
@@ -89,13 +92,6 @@ class ResendOut(BaseModel):
     exports_requeued: int
 
 
-class ActionError(Exception):
-    def __init__(self, status: int, detail: str) -> None:
-        super().__init__(detail)
-        self.status = status
-        self.detail = detail
-
-
 def list_series(db: Database, limit: int = 200, state: str | None = None) -> list[SeriesOut]:
     with db.session() as s:
         q = select(Series).order_by(Series.last_received.desc()).limit(limit)
@@ -108,24 +104,17 @@ def list_series(db: Database, limit: int = 200, state: str | None = None) -> lis
                 for r in s.scalars(q)]
 
 
-def _job(r: Job) -> JobOut:
-    return JobOut(id=r.id, series_uid=r.series_uid, study_uid=r.study_uid, route=r.route, pipeline=r.pipeline,
-                  state=r.state, attempts=r.attempts, error=r.error, created_at=r.created_at,
-                  updated_at=r.updated_at, started_at=r.started_at, finished_at=r.finished_at)
+def _job(v: JobView) -> JobOut:
+    return JobOut.model_validate(v, from_attributes=True)
 
 
 def list_jobs(db: Database, limit: int = 200, state: str | None = None) -> list[JobOut]:
-    with db.session() as s:
-        q = select(Job).order_by(Job.id.desc()).limit(limit)
-        if state:
-            q = q.where(Job.state == state)
-        return [_job(r) for r in s.scalars(q)]
+    return [_job(v) for v in jobs.list_jobs(db, limit, state)]
 
 
 def get_job(db: Database, job_id: int) -> JobOut | None:
-    with db.session() as s:
-        r = s.get(Job, job_id)
-        return _job(r) if r is not None else None
+    v = jobs.get_job(db, job_id)
+    return _job(v) if v is not None else None
 
 
 def list_dead_letters(db: Database, limit: int = 200) -> list[DeadLetterOut]:
@@ -169,29 +158,3 @@ def list_sweeps(db: Database, limit: int = 50) -> list[SweepOut]:
                                 planned=int(rep.get("planned", 0)),
                                 item_states={str(k): int(v) for k, v in (rep.get("item_states") or {}).items()}))
         return out
-
-
-def resend_job(db: Database, job_id: int) -> ResendOut:
-    """Queue a dead (or failed) job again, and its dead exports; what ``prognode resend`` does."""
-    t = time.time()
-    with db.session() as s:
-        job = s.get(Job, job_id)
-        if job is None:
-            raise ActionError(404, f"job {job_id} not found")
-        requeue_job = job.state in ("dead", "failed")
-        dead_exports = list(s.scalars(select(Export).where(Export.job_id == job_id, Export.state == "dead")))
-        if not requeue_job and not dead_exports:
-            raise ActionError(409, f"job {job_id} is {job.state} and has no dead exports: nothing to resend")
-        if requeue_job:
-            job.state = "pending"
-            job.attempts = 0
-            job.error = ""
-            job.not_before = 0.0
-            job.lease_until = None
-            job.updated_at = t
-        for e in dead_exports:
-            e.state = "pending"
-            e.attempts = 0
-            e.next_attempt_at = 0.0
-            e.last_error = ""
-        return ResendOut(job_id=job_id, job_requeued=requeue_job, exports_requeued=len(dead_exports))

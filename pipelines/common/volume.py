@@ -179,6 +179,32 @@ def _slices_of(ds: Dataset, series_uid: str) -> list[Slice]:
     ]
 
 
+_NATIVE_LE = {"1.2.840.10008.1.2", "1.2.840.10008.1.2.1"}  # implicit / explicit VR little endian
+
+
+def _native_pixels(ds: Dataset) -> NDArray[np.generic] | None:
+    """Pixels of an uncompressed single-frame 16-bit greyscale image read straight from the
+    buffer (what ``pixel_array`` returns, without its per-instance handler overhead), or None
+    where the general path is needed (compressed, other layouts, signed with unused high bits,
+    or unsigned with bits set above BitsStored)."""
+    try:
+        ts = str(ds.file_meta.TransferSyntaxUID)
+        if (ts not in _NATIVE_LE or int(ds.get("NumberOfFrames", 1) or 1) != 1 or int(ds.SamplesPerPixel) != 1
+                or int(ds.BitsAllocated) != 16):
+            return None
+        stored, signed = int(ds.BitsStored), int(ds.PixelRepresentation) == 1
+        rows, cols = int(ds.Rows), int(ds.Columns)
+        data = ds.PixelData
+    except (AttributeError, KeyError, TypeError, ValueError):
+        return None
+    if len(data) < 2 * rows * cols or (signed and stored != 16):
+        return None
+    arr = np.frombuffer(data, dtype="<i2" if signed else "<u2", count=rows * cols).reshape(rows, cols)
+    if not signed and stored < 16 and bool((arr >> stored).any()):
+        return None
+    return arr
+
+
 class SeriesToVolume:
     """Stage: files of one series -> :class:`Volume`.
 
@@ -246,11 +272,13 @@ class SeriesToVolume:
             try:
                 key = id(s.dataset)
                 if key not in cache:
-                    cache[key] = s.dataset.pixel_array
+                    native = _native_pixels(s.dataset) if s.frame is None else None
+                    cache[key] = native if native is not None else s.dataset.pixel_array
                 pixels = cache[key] if s.frame is None else cache[key][s.frame]
             except Exception as e:  # decoder plugins raise many types
                 raise StageError(STAGE, series_uid, f"cannot decode pixel data: {e}") from e
-            hu[k] = pixels.astype(np.float32) * s.slope + s.intercept
+            np.multiply(pixels, np.float32(s.slope), out=hu[k], casting="unsafe")
+            hu[k] += np.float32(s.intercept)
 
         thickness = slices[0].thickness
         log.debug("series %s: %d slices, spacing %.3f mm, tilt %.2f deg", series_uid, len(slices), spacing, tilt)

@@ -22,6 +22,7 @@ import numpy as np
 from numpy.typing import NDArray
 
 from pipelines.base import NotEvaluable, PipelineContext, PipelineOutput, StageError
+from pipelines.common.options import parse_options
 from pipelines.common.volume import SeriesToVolume, Volume
 from pipelines.deep.crop import RoiCrop, patch_map_to_volume
 from pipelines.radiomics.pipeline import check_volume, load_roi, pick_ct, write_table
@@ -51,15 +52,7 @@ class DeepOptions:
     def from_mapping(cls, options: Mapping[str, Any]) -> DeepOptions:
         from pipelines.deep.encoders import ARCHES
 
-        unknown = set(options) - set(cls.__dataclass_fields__)
-        if unknown:
-            raise ValueError(f"pipelines.{NAME}.{sorted(unknown)[0]}: unknown option")
-        kw = dict(options)
-        if "dims" in kw:
-            kw["dims"] = tuple(int(d) for d in (kw["dims"] if isinstance(kw["dims"], list | tuple) else [kw["dims"]]))
-        if "window" in kw:
-            kw["window"] = tuple(float(v) for v in kw["window"])
-        opts = cls(**kw)
+        opts = parse_options(cls, options, NAME)
         if opts.arch not in ARCHES:
             raise ValueError(f"pipelines.{NAME}.arch: {opts.arch!r} is not one of {ARCHES}")
         if not opts.dims or any(d not in (2, 3) for d in opts.dims):

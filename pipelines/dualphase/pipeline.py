@@ -22,6 +22,7 @@ from typing import Any
 import numpy as np
 
 from pipelines.base import NotEvaluable, PipelineContext, PipelineOutput, SeriesInput, StageError
+from pipelines.common.options import parse_options
 from pipelines.common.volume import SeriesToVolume, Volume
 from pipelines.dualphase.registration import PhaseRegistration, RegistrationInput, resample_to_fixed
 from pipelines.radiomics.features import BodyMask, ExtractionInput, Params, RadiomicsExtractor
@@ -49,13 +50,7 @@ class DualPhaseOptions:
 
     @classmethod
     def from_mapping(cls, options: Mapping[str, Any]) -> DualPhaseOptions:
-        unknown = set(options) - set(cls.__dataclass_fields__)
-        if unknown:
-            raise ValueError(f"pipelines.{NAME}.{sorted(unknown)[0]}: unknown option")
-        kwargs = dict(options)
-        if "rings_mm" in kwargs:
-            kwargs["rings_mm"] = tuple(float(r) for r in kwargs["rings_mm"])
-        opts = cls(**kwargs)
+        opts = parse_options(cls, options, NAME)
         PhaseRegistration(opts.registration)
         return opts
 

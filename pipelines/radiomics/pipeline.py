@@ -24,6 +24,7 @@ import pydicom
 from numpy.typing import NDArray
 
 from pipelines.base import NotEvaluable, PipelineContext, PipelineOutput, SeriesInput, StageError
+from pipelines.common.options import parse_options
 from pipelines.common.volume import CT_IMAGE_STORAGE, ENHANCED_CT_IMAGE_STORAGE, SeriesToVolume, Volume
 from pipelines.radiomics.features import (
     BodyMask,
@@ -58,14 +59,7 @@ class RadiomicsOptions:
 
     @classmethod
     def from_mapping(cls, options: Mapping[str, Any], section: str = NAME) -> RadiomicsOptions:
-        known = set(cls.__dataclass_fields__)
-        unknown = set(options) - known
-        if unknown:
-            raise ValueError(f"pipelines.{section}.{sorted(unknown)[0]}: unknown option (known: {sorted(known)})")
-        kwargs = dict(options)
-        if "rings_mm" in kwargs:
-            kwargs["rings_mm"] = tuple(float(r) for r in kwargs["rings_mm"])
-        opts = cls(**kwargs)
+        opts = parse_options(cls, options, section)
         PeritumoralRings(opts.rings_mm, opts.rings_mode)  # validates
         return opts
 
