@@ -314,10 +314,9 @@ def named_muscles(hu: NDArray[np.float32], spacing: tuple[float, float], anat: S
         # everything below runs on the region's bounding box only (the result lies inside it)
         bb = np.s_[rows[0] : rows[-1] + 1, cols[0] : cols[-1] + 1]
         region, ym, xm = region_full[bb], ymm[bb[0]], xmm[:, bb[1]]
-        cand = strict[bb]
-        cand = (_open(cand, bridge_px) if bridge_px >= 1.0 else cand) & region
-        if open_px > bridge_px and open_px >= 1.0:
-            cand = _open(cand, open_px)
+        # openings by disks compose to the larger one, so the wider erector opening replaces the bridge cut
+        r_open = max(bridge_px, open_px)
+        cand = (_open(strict[bb], r_open) if r_open >= 1.0 else strict[bb]) & region
         cl, cn = ndi.label(cand)
         if cn == 0:
             return out_full
