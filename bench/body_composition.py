@@ -35,6 +35,7 @@ ru1 = resource.getrusage(resource.RUSAGE_SELF)
 cpu = (ru1.ru_utime - ru0.ru_utime) + (ru1.ru_stime - ru0.ru_stime)
 s = json.loads((Path(sys.argv[2]) / "summary.json").read_text())
 print(json.dumps({"import_s": t_import, "wall_s": wall, "timings": s.get("timings_s", {}),
+                  "cpu_timings": s.get("cpu_timings_s", {}),
                   "evaluable": out.evaluable, "level": s.get("level"), "cpu_s": cpu,
                   "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}))
 """
@@ -58,19 +59,20 @@ def main(argv: list[str] | None = None) -> int:
         write_phantom(PhantomSpec(size=a.size, pixel_mm=384.0 / a.size, slice_mm=a.slice_mm, noise_sd=8.0), ct)
     n = len(list(ct.iterdir()))
     print(f"phantom: {n} slices of {a.size}x{a.size} ready in {time.perf_counter() - t0:.1f} s ({base})")
+    load0 = os.getloadavg()[0]
     r = subprocess.run([sys.executable, "-c", CHILD, str(ct), str(out), a.options], capture_output=True, text=True,
                        cwd=REPO, env={"PYTHONPATH": str(REPO), "PATH": "/usr/bin:/bin"})
     if r.returncode != 0:
         print(r.stderr[-3000:])
         return 1
     res = json.loads(r.stdout.strip().splitlines()[-1])
-    print(f"{'stage':<22}{'seconds':>10}")
+    print(f"{'stage':<22}{'wall s':>10}{'CPU s':>10}")
     print(f"{'(imports)':<22}{res['import_s']:>10.2f}")
     for stage, sec in res["timings"].items():
-        print(f"{stage:<22}{sec:>10.2f}")
+        print(f"{stage:<22}{sec:>10.2f}{res['cpu_timings'].get(stage, float('nan')):>10.2f}")
     print(f"{'total (run_folder)':<22}{res['wall_s']:>10.2f}")
     print(f"{'CPU time (user+sys)':<22}{res['cpu_s']:>10.2f}")
-    print(f"load average at the end: {os.getloadavg()[0]:.1f} on {os.cpu_count()} cores")
+    print(f"load average at the start {load0:.1f}, at the end {os.getloadavg()[0]:.1f} on {os.cpu_count()} cores")
     print(f"peak RSS {res['peak_rss_mb']:.0f} MB; level {res['level']}; evaluable {res['evaluable']}")
     return 0
 

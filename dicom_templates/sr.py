@@ -134,6 +134,10 @@ class VolumeGroup:
     finding_site: str | None = None
     qualitative: Sequence[Qualitative] = ()
     text: Sequence[Text] = ()
+    # TID 1411 allows the segmented images to be named by their series ("Source series for
+    # segmentation") instead of image by image: for a SEG over hundreds of slices this keeps
+    # the SR small and fast, and the evidence list can then be the SEG alone.
+    reference_source_series: bool = False
 
 
 Group = PlanarGroup | VolumeGroup
@@ -238,6 +242,18 @@ def _planar(g: PlanarGroup, algorithm: Algorithm) -> Any:
     return group
 
 
+def _referenced_segment(g: VolumeGroup) -> hd.sr.ReferencedSegment:
+    if not g.reference_source_series:
+        return hd.sr.ReferencedSegment.from_segmentation(g.segmentation, segment_number=g.segment_number)
+    series = g.segmentation.ReferencedSeriesSequence[0].SeriesInstanceUID
+    return hd.sr.ReferencedSegment(
+        sop_class_uid=g.segmentation.SOPClassUID,
+        sop_instance_uid=g.segmentation.SOPInstanceUID,
+        segment_number=g.segment_number,
+        source_series=hd.sr.SourceSeriesForSegmentation(series),
+    )
+
+
 def _volume(g: VolumeGroup, algorithm: Algorithm) -> Any:
     numbers = [int(s.SegmentNumber) for s in g.segmentation.SegmentSequence]
     if g.segment_number not in numbers:
@@ -246,7 +262,7 @@ def _volume(g: VolumeGroup, algorithm: Algorithm) -> Any:
         tracking_identifier=hd.sr.TrackingIdentifier(
             uid=_tracking_uid(str(g.segmentation.StudyInstanceUID), g.tracking_id), identifier=g.tracking_id
         ),
-        referenced_segment=hd.sr.ReferencedSegment.from_segmentation(g.segmentation, segment_number=g.segment_number),
+        referenced_segment=_referenced_segment(g),
         finding_type=codes.finding(g.finding),
         algorithm_id=algorithm.sr_identification(),
         finding_sites=_finding_sites(g.finding_site),

@@ -22,6 +22,7 @@ from __future__ import annotations
 import logging
 from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 from numpy.typing import NDArray
@@ -58,6 +59,15 @@ class ClassicalParams:
     erector_lateral_mm: float = 70.0
     imat_max_hole_mm2: float = 1000.0
     named_core_max_hu: float = 100.0  # stricter window for separating named muscles from enhancing organs
+    core_smooth_max_hu: float = 80.0  # ... applied to a lightly smoothed image (sigma core_smooth_mm) as well
+    core_smooth_mm: float = 1.0
+    envelope_min_lat_mm: float = 8.0  # bone this far from the midline (laminae, transverse processes, ribs)
+    envelope_max_depth_mm: float = 70.0  # ... and at most this far behind the vertebral body centre + half height
+    floor_hold_mm: float = 10.0  # the floor beyond the vertebra's outermost bone is held at its last 10 mm
+    rib_margin_mm: float = 5.0  # erector spinae stays medial to the rib angle (+ this margin)
+    rib_angle_min_lat_mm: float = 40.0  # a rib angle lies this far or more from the midline
+    erector_open_mm: float = 4.0  # thinner sheets (latissimus dorsi, serratus posterior) are cut off the erector
+    min_bone_piece_mm2: float = 20.0  # smaller pieces above bone_hu are vessels or noise, not a bony landmark
     bridge_mm: float = 2.0  # connections thinner than about twice this are cut between components  # larger fat regions enclosed by muscle are visceral (the cavity)
 
 
@@ -90,6 +100,13 @@ def _dilate(mask: NDArray[np.bool_], radius_px: float) -> NDArray[np.bool_]:
     if radius_px <= 1.5:
         return np.asarray(ndi.binary_dilation(mask, _disk(radius_px)))
     return np.asarray(ndi.distance_transform_edt(~mask) <= radius_px)
+
+
+def _open(mask: NDArray[np.bool_], radius_px: float) -> NDArray[np.bool_]:
+    """Opening by a disk; via distance transforms for larger radii (far cheaper than binary_opening)."""
+    if radius_px <= 1.5:
+        return np.asarray(ndi.binary_opening(mask, _disk(radius_px)))
+    return _dilate(_erode(mask, radius_px), radius_px)
 
 
 def _runs(flags: NDArray[np.bool_]) -> list[tuple[int, int]]:
@@ -273,6 +290,7 @@ def named_muscles(hu: NDArray[np.float32], spacing: tuple[float, float], anat: S
     soft = (crop >= p.muscle_hu[0]) & (crop <= p.muscle_hu[1])
     bone = crop > p.muscle_hu[1]
     soft &= ~fill_holes(np.asarray(ndi.binary_closing(bone, _disk(1.5))))
+    bone_env = crop > p.bone_hu
     ymm = ((np.arange(ra, rb) - r0) * dy)[:, None]
     xmm = ((np.arange(ca, cb) - c0) * dx)[None, :]
 
@@ -280,37 +298,129 @@ def named_muscles(hu: NDArray[np.float32], spacing: tuple[float, float], anat: S
     # organs (liver, spleen) and the diaphragm crura do not join a muscle; the chosen core is
     # then grown back into the full muscle window
     strict = soft & (crop <= p.named_core_max_hu)
+    if p.core_smooth_mm > 0:
+        # enhancing liver, spleen and kidney sit at 80-150 HU, muscle at 20-60 HU: on a lightly smoothed
+        # image (noise down) the organ interior leaves the core window while muscle stays in it
+        smooth = ndi.gaussian_filter(crop, sigma=(p.core_smooth_mm / dy, p.core_smooth_mm / dx))
+        strict &= smooth <= p.core_smooth_max_hu
     bridge_px = p.bridge_mm / float(np.sqrt(dy * dx))
-    strict = np.asarray(ndi.binary_opening(strict, _disk(bridge_px))) if bridge_px >= 1.0 else strict
 
-    def pick(region: NDArray[np.bool_], seed: tuple[float, float], max_dist_mm: float = 25.0) -> NDArray[np.bool_]:
-        cl, cn = ndi.label(strict & region)
+    def pick(region_full: NDArray[np.bool_], seed: tuple[float, float], max_dist_mm: float = 25.0,
+             largest: bool = False, open_px: float = 0.0) -> NDArray[np.bool_]:
+        out_full = np.zeros(crop.shape, bool)
+        rows, cols = np.nonzero(region_full.any(axis=1))[0], np.nonzero(region_full.any(axis=0))[0]
+        if rows.size == 0:
+            return out_full
+        # everything below runs on the region's bounding box only (the result lies inside it)
+        bb = np.s_[rows[0] : rows[-1] + 1, cols[0] : cols[-1] + 1]
+        region, ym, xm = region_full[bb], ymm[bb[0]], xmm[:, bb[1]]
+        # openings by disks compose to the larger one, so the wider erector opening replaces the bridge cut
+        r_open = max(bridge_px, open_px)
+        cand = (_open(strict[bb], r_open) if r_open >= 1.0 else strict[bb]) & region
+        cl, cn = ndi.label(cand)
         if cn == 0:
-            return np.zeros(crop.shape, bool)
-        # nearest labelled pixel to the seed, searched in a window around it
-        sr_, sc_ = (seed[1] - ymm[0, 0]) / dy, (seed[0] - xmm[0, 0]) / dx
-        wa, wb = max(0, int(sr_ - max_dist_mm / dy)), min(crop.shape[0], int(sr_ + max_dist_mm / dy) + 2)
-        va, vb = max(0, int(sc_ - max_dist_mm / dx)), min(crop.shape[1], int(sc_ + max_dist_mm / dx) + 2)
+            return out_full
+        # labelled pixels near the seed, searched in a window around it
+        sr_, sc_ = (seed[1] - ym[0, 0]) / dy, (seed[0] - xm[0, 0]) / dx
+        wa, wb = max(0, int(sr_ - max_dist_mm / dy)), min(cl.shape[0], int(sr_ + max_dist_mm / dy) + 2)
+        va, vb = max(0, int(sc_ - max_dist_mm / dx)), min(cl.shape[1], int(sc_ + max_dist_mm / dx) + 2)
         if wa >= wb or va >= vb:
-            return np.zeros(crop.shape, bool)
+            return out_full
         win = cl[wa:wb, va:vb]
-        dist = np.hypot(xmm[:, va:vb] - seed[0], ymm[wa:wb, :] - seed[1])
+        dist = np.hypot(xm[:, va:vb] - seed[0], ym[wa:wb, :] - seed[1])
         near = (dist <= max_dist_mm) & (win > 0)
         if not near.any():
-            return np.zeros(crop.shape, bool)
-        best = win[near][int(np.argmin(dist[near]))]
+            return out_full
+        if largest:  # the biggest muscle mass inside the search disc (thin strips beside it lose)
+            ids = np.unique(win[near])
+            best = ids[int(np.argmax(ndi.sum_labels(near, win, index=ids)))]
+        else:
+            best = win[near][int(np.argmin(dist[near]))]
         core = cl == best
-        grow = max(1.0, bridge_px + 1.0)
-        return np.asarray(_dilate(core, grow) & soft & region)
+        grow = max(1.0, max(bridge_px, open_px) + 1.0)
+        grown = _dilate(core, grow) & soft[bb] & region
+        if open_px > bridge_px:
+            # after a wider opening, grow back only what is joined to the core (not across a fat plane)
+            gl, _ = ndi.label(grown)
+            ids = np.unique(gl[core & grown])
+            grown = np.isin(gl, ids[ids > 0])
+        out_full[bb] = grown
+        return out_full
 
     for side, sgn in (("left", 1.0), ("right", -1.0)):
         lat = sgn * xmm
         psoas_box = (lat > hw * 0.5) & (lat < hw + p.psoas_lateral_mm) & (ymm > -hh - 45.0) & (ymm < hh + 20.0)
         erector_box = (lat > 0.0) & (lat < p.erector_lateral_mm) & (ymm > hh + 12.0)
-        for key, box, seed in ((f"psoas_{side}", psoas_box, (sgn * (hw + 20.0), 0.0)),
-                               (f"erector_{side}", erector_box, (sgn * 40.0, hh + 35.0))):
-            out[key][ra:rb, ca:cb] = pick(np.asarray(box), seed)
+        erector_box &= _posterior_compartment(bone_env, ymm, lat, hh, dy * dx, p)
+        out[f"psoas_{side}"][ra:rb, ca:cb] = pick(np.asarray(psoas_box), (sgn * (hw + 20.0), 0.0))
+        # erector spinae: the largest muscle mass of the posterior compartment near its usual place
+        out[f"erector_{side}"][ra:rb, ca:cb] = pick(np.asarray(erector_box), (sgn * 40.0, hh + 35.0), 35.0, True,
+                                                    p.erector_open_mm / float(np.sqrt(dy * dx)))
     return out
+
+
+def _posterior_compartment(bone: NDArray[np.bool_], ymm: NDArray[np.floating[Any]], lat: NDArray[np.floating[Any]],
+                           hh: float, px_area_mm2: float, p: ClassicalParams) -> NDArray[np.bool_]:
+    """Where one side's erector spinae may lie: behind the posterior bony envelope, medial to the rib angle.
+
+    Anatomy: the erector spinae (and transversospinales) fill the groove behind the laminae and
+    transverse processes, and in the thorax behind the rib necks, medial to the rib angles; the
+    liver, kidney and quadratus lumborum lie in front of that bony floor.  Per column, the floor is
+    the most posterior bone pixel (laminae, transverse processes, ribs; the spinous process in the
+    midline is left out), linearly interpolated across columns without bone and held constant
+    beyond the outermost one.  A bone component that is not joined to the vertebra in this slice
+    (a rib, or the iliac crest low in the lumbar spine) bounds the compartment laterally at its
+    most posterior point (the rib angle).  Without lateral bone (a disc slice) nothing is removed.
+    """
+    side = (lat > p.envelope_min_lat_mm) & (ymm > -hh) & (ymm < hh + p.envelope_max_depth_mm)
+    b = bone & side
+    ok = np.ones(bone.shape, bool)
+    if not b.any():
+        return ok
+    # enhancing vessels (segmental, intercostal) are small: keep bone pieces of rib size and up
+    lab, n = ndi.label(b)
+    sizes = ndi.sum_labels(np.ones(b.shape), lab, index=np.arange(1, n + 1)) * px_area_mm2
+    b = np.concatenate([[False], sizes >= p.min_bone_piece_mm2])[lab]
+    if not b.any():
+        return ok
+    # pieces less than ~2 mm apart (a transverse process split by partial volume) count as one
+    join = max(1.0, 1.0 / float(np.sqrt(px_area_mm2)))
+    lab, n = ndi.label(_dilate(b, join))
+    lab = np.where(b, lab, 0)
+    medial_lat = ndi.minimum(np.broadcast_to(lat, b.shape), lab, index=np.arange(1, n + 1))
+    # pieces joined to the vertebra reach the midline cut (body, lamina: a few mm apart at most)
+    vert_ids = np.nonzero(medial_lat <= float(medial_lat.min()) + 3.0)[0] + 1
+    vmask = np.isin(lab, vert_ids)
+    lat_row = lat[0]
+    ymm_b = np.broadcast_to(ymm, b.shape)
+    cols = np.nonzero(b.any(axis=0))[0]
+    ys = np.where(b, ymm_b, -np.inf).max(axis=0)[cols]
+    # lateral to the vertebra's outermost bone (transverse process tip, or the pedicle between
+    # processes) the floor is held at the most posterior bone of its last hold_mm, not let fall
+    # forward to the lateral edge of the vertebral body
+    vcols = np.nonzero(vmask.any(axis=0))[0]
+    if vcols.size:
+        lat_out = float(lat_row[vcols].max())
+        tip = vmask & (np.broadcast_to(lat, b.shape) >= lat_out - p.floor_hold_mm)
+        hold = float(ymm_b[tip].max())
+        in_tip = lat_row[cols] >= lat_out - p.floor_hold_mm
+        ys = np.where(in_tip, np.maximum(ys, hold), ys)
+    order = np.argsort(lat_row[cols])
+    floor = np.interp(lat_row, lat_row[cols][order], ys[order])
+    ok &= ymm > floor[None, :]
+    # lateral bound at the rib angle of bone components not joined to the vertebra
+    if n > 1:
+        bounds = []
+        for i in range(1, n + 1):
+            if i in vert_ids or not (lab == i).any():
+                continue
+            rr, cc = np.nonzero(lab == i)
+            j = int(np.argmax(ymm[rr, 0]))
+            if lat_row[cc[j]] >= p.rib_angle_min_lat_mm:
+                bounds.append(float(lat_row[cc[j]]))
+        if bounds:
+            ok &= lat < min(bounds) + p.rib_margin_mm
+    return ok
 
 
 class ClassicalSliceSegmenter:

@@ -205,9 +205,12 @@ def write_results(ctx: PipelineContext, volume: Volume, seg: Segmentation, meas:
             vgroups.append(VolumeGroup(
                 tracking_id=f"body-composition-lumbar-{key}", finding=TEMPLATE_KEYS[key], segmentation=seg_3d,
                 segment_number=numbers[SEGMENT_LABELS[key]], finding_site="lumbar-spine",
+                reference_source_series=True,
                 measurements=[Measurement("volume", round(v, 2), "cm3"),
                               Measurement("attenuation", round(h, 1), "[hnsf'U]", derivation="mean")]))
-        vsr = build_measurement_report([seg_3d, *src[a : b + 1]], vgroups, algorithm, ident3d,
+        # groups name the SEG segment and the source series (TID 1411), so the evidence is the SEG
+        # alone rather than every lumbar image: the SR stays a few kB instead of ~0.5 MB
+        vsr = build_measurement_report([seg_3d], vgroups, algorithm, ident3d,
                                        "Body composition lumbar muscle volumes", predecessors=ctx.predecessors,
                                        texts=texts[:2], allow_scoordless=True)
         p = ctx.work_dir / "sr-volumes.dcm"

@@ -85,11 +85,18 @@ class Options:
 
 @dataclass
 class Timings:
+    """Wall seconds per stage, and process CPU seconds (all threads) per stage beside them."""
+
     seconds: dict[str, float] = field(default_factory=dict)
+    cpu_seconds: dict[str, float] = field(default_factory=dict)
+    _cpu0: float = field(default_factory=time.process_time)
 
     def add(self, stage: str, t0: float) -> float:
         now = time.perf_counter()
+        cpu = time.process_time()
         self.seconds[stage] = self.seconds.get(stage, 0.0) + now - t0
+        self.cpu_seconds[stage] = self.cpu_seconds.get(stage, 0.0) + cpu - self._cpu0
+        self._cpu0 = cpu
         return now
 
 
@@ -122,6 +129,7 @@ class BodyCompositionPipeline:
         self.qc = QCGate(max_slice_thickness_mm=options.max_slice_thickness_mm)
         self.measure = Measure(self.table, options.cutoffs)
         self.last_timings: dict[str, float] = {}
+        self.last_cpu_timings: dict[str, float] = {}
 
     def backend(self, ctx: PipelineContext) -> Backend:
         if self.options.backend == "classical":
@@ -133,6 +141,28 @@ class BodyCompositionPipeline:
             raise StageError("load-model", ctx.series[0].series_uid if ctx.series else "",
                              f"backend 'monai' needs models.{self.options.model} (a model.json from train-seg)")
         return MonaiBackend.load(Path(path), device=ctx.device)
+
+    def tilted_content(self, volume: Volume) -> str:
+        """What a refused tilted series holds, so its "not evaluable" says whether a level was there at all.
+
+        Counting vertebrae is a stack-direction profile of bone near the spine; the in-plane shear
+        of a gantry tilt blurs it but does not remove vertebrae, so the weight-free finder is run
+        on the sheared stack only to describe the content (never to measure).
+        """
+        levels = " or ".join(self.options.levels)
+        part = str(volume.first_dataset.get("BodyPartExamined", "") or "").strip()
+        where = f" (body part examined: {part})" if part else ""
+        try:
+            level = ClassicalBackend().find_level(volume, self.options.levels)
+        except Exception as e:  # a description only: never let it hide the refusal itself
+            log.info("series %s: content of the tilted series not described: %s", volume.series_uid, e)
+            return f"content of the tilted series not assessed{where}"
+        if level.level is not None and level.slice_index is not None:
+            return (f"{level.level} appears to be in the field of view (around slice {level.slice_index + 1}) but "
+                    "is not measured on tilted slices: reconstruct the series without gantry tilt (axial) to "
+                    "measure it")
+        notes = "; ".join(level.notes) or "no vertebral level found"
+        return f"even without the tilt, {levels} could not be measured in this series{where}: {notes}"
 
     # ------------------------------------------------------------------------------------------
     def run(self, ctx: PipelineContext) -> PipelineOutput:
@@ -159,8 +189,11 @@ class BodyCompositionPipeline:
         qc = self.qc.run(volume)
         t0 = t.add("qc-gate", t0)
         if not qc.evaluable:
-            out = outputs.write_not_evaluable(ctx, volume, qc.reason, self, "qc-gate")
-            self.last_timings = t.seconds
+            reason = qc.reason
+            if volume.tilted and str(volume.first_dataset.get("Modality", "")) == "CT":
+                reason = f"{reason}; {self.tilted_content(volume)}"
+            out = outputs.write_not_evaluable(ctx, volume, reason, self, "qc-gate")
+            self.last_timings, self.last_cpu_timings = t.seconds, t.cpu_seconds
             return out
         backend = self.backend(ctx)
         level = LevelFinder(backend, self.options.levels).run(volume)
@@ -168,7 +201,7 @@ class BodyCompositionPipeline:
         if level.level is None or level.slice_index is None:
             reason = "; ".join(level.notes) or "level not found"
             out = outputs.write_not_evaluable(ctx, volume, reason, self, "level-finder", backend=backend)
-            self.last_timings = t.seconds
+            self.last_timings, self.last_cpu_timings = t.seconds, t.cpu_seconds
             return out
         seg = TissueSegmenter(backend, self.options.volumes_3d).run(SegmentInput(volume, level))
         t0 = t.add("segmentation", t0)
@@ -181,7 +214,7 @@ class BodyCompositionPipeline:
         except Exception as e:
             raise StageError("seg-sr-writers", series.series_uid, f"{type(e).__name__}: {e}") from e
         t.add("seg-sr-writers", t0)
-        self.last_timings = t.seconds
+        self.last_timings, self.last_cpu_timings = t.seconds, t.cpu_seconds
         return out
 
 
@@ -240,6 +273,7 @@ def run_folder(input_dir: Path, out_dir: Path, options: Mapping[str, Any] | None
     out = pipeline.run(ctx)
     summary = dict(out.summary)
     summary["timings_s"] = {k: round(v, 4) for k, v in pipeline.last_timings.items()}
+    summary["cpu_timings_s"] = {k: round(v, 4) for k, v in pipeline.last_cpu_timings.items()}
     (out_dir / "summary.json").write_text(json.dumps(summary, indent=1, default=_json_default))
     return out
 
