@@ -172,7 +172,19 @@ def execute(spec: JobSpec) -> JobOutcome:
 
 def _worker_init(preload: tuple[str, ...] = (), log_level: str = "") -> None:
     """Die with the node (Linux), so a kill -9 of the node leaves no orphan writing results;
-    import the configured pipelines' modules now, so the first job does not pay for it."""
+    import the configured pipelines' modules now, so the first job does not pay for it.
+
+    The death signal is armed first: a node killed while its workers preload leaves none behind
+    (and a node already gone by then ends the worker at once)."""
+    try:
+        libc = ctypes.CDLL("libc.so.6", use_errno=True)
+        pr_set_pdeathsig = 1
+        libc.prctl(pr_set_pdeathsig, signal.SIGKILL)
+    except OSError:
+        pass
+    parent = multiprocessing.parent_process()
+    if parent is not None and parent.pid is not None and os.getppid() != parent.pid:
+        os._exit(1)  # the node died before the death signal was armed
     if log_level:
         from node.logs import FORMAT
 
@@ -185,12 +197,6 @@ def _worker_init(preload: tuple[str, ...] = (), log_level: str = "") -> None:
                 warm()
         except Exception as e:  # the job itself will report it
             logger.warning("could not preload %s: %s", module, e)
-    try:
-        libc = ctypes.CDLL("libc.so.6", use_errno=True)
-        pr_set_pdeathsig = 1
-        libc.prctl(pr_set_pdeathsig, signal.SIGKILL)
-    except OSError:
-        pass
     signal.signal(signal.SIGINT, signal.SIG_IGN)
 
 
