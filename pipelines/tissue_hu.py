@@ -37,6 +37,7 @@ from pipelines.base import (
     Predecessor,
     StageError,
 )
+from pipelines.common.options import parse_options
 from pipelines.common.volume import SeriesToVolume, Volume
 
 log = logging.getLogger(__name__)
@@ -68,25 +69,11 @@ class TissueHuOptions:
     @classmethod
     def from_mapping(cls, options: Mapping[str, Any]) -> TissueHuOptions:
         prefix = f"pipelines.{NAME}"
-        fields = cls.__dataclass_fields__
-        values: dict[str, Any] = {}
-        for key, raw in options.items():
-            if key not in fields:
-                raise ValueError(f"{prefix}.{key}: unknown option (known: {', '.join(fields)})")
-            default = getattr(cls, key)
-            if isinstance(default, bool):
-                if not isinstance(raw, bool):
-                    raise ValueError(f"{prefix}.{key}: expected true or false, got {raw!r}")
-                values[key] = raw
-            elif isinstance(default, float):
-                if isinstance(raw, bool) or not isinstance(raw, int | float) or not np.isfinite(raw):
-                    raise ValueError(f"{prefix}.{key}: expected a number, got {raw!r}")
-                values[key] = float(raw)
-            else:
-                if not isinstance(raw, str) or not raw.strip() or len(raw) > 64:
-                    raise ValueError(f"{prefix}.{key}: expected a text of 1-64 characters, got {raw!r}")
-                values[key] = raw
-        opts = cls(**values)
+        opts = parse_options(cls, options, NAME)  # unknown keys, types, finite numbers
+        for key in ("seg_series_description", "sr_series_description"):
+            text = getattr(opts, key)
+            if not text.strip() or len(text) > 64:
+                raise ValueError(f"{prefix}.{key}: expected a text of 1-64 characters, got {text!r}")
         if not opts.adipose_min_hu < opts.adipose_max_hu:
             raise ValueError(f"{prefix}.adipose_min_hu: must be below adipose_max_hu")
         if not opts.soft_min_hu < opts.soft_max_hu:

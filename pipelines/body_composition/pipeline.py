@@ -45,6 +45,7 @@ from pipelines.body_composition.stages import (
     TissueSegmenter,
 )
 from pipelines.body_composition.types import NAMED_MUSCLES, SEGMENT_KEYS, Measurements, Segmentation
+from pipelines.common.options import parse_options
 from pipelines.common.volume import SeriesToVolume, Volume
 
 log = logging.getLogger(__name__)
@@ -65,12 +66,7 @@ class Options:
 
     @classmethod
     def parse(cls, raw: Mapping[str, Any]) -> Options:
-        known = set(cls.__dataclass_fields__)
-        for key in raw:
-            if key not in known:
-                raise ValueError(f"pipelines.{NAME}.{key}: unknown option (known: {', '.join(sorted(known))})")
-        kwargs: dict[str, Any] = {k: (tuple(v) if isinstance(v, list) else v) for k, v in raw.items()}
-        opts = cls(**kwargs)
+        opts = parse_options(cls, raw, NAME)  # unknown keys and types
         bad = [lv for lv in opts.levels if lv not in KNOWN_LEVELS]
         if bad or not opts.levels:
             raise ValueError(f"pipelines.{NAME}.levels: {bad or 'empty'}; supported: {KNOWN_LEVELS}")
