@@ -7,6 +7,7 @@ ErrorComment, writes one log line and one audit record, and leaves nothing parti
 
 from __future__ import annotations
 
+import functools
 import logging
 import threading
 import time
@@ -17,11 +18,11 @@ from typing import Any, cast
 from pydicom.dataset import Dataset
 from pynetdicom import evt
 from pynetdicom.dimse_primitives import C_STORE
-from pynetdicom.dsutils import encode_file_meta
 from pynetdicom.events import Event
 from pynetdicom.status import Status
 
-from node.index import Index, InstanceMeta, InvalidInstance
+from node.header import HeaderError, HeaderReader, file_meta_bytes, readable_here
+from node.index import META_KEYWORDS, ROUTING_KEYWORDS, Index, InstanceMeta, InvalidInstance
 from node.logs import AuditLog
 from node.storage import OutOfSpace, Storage
 
@@ -90,11 +91,15 @@ def handle_store(event: Event, store: Storage, index: Index, audit: AuditLog,
                     sop_instance_uid=sop, status=f"0x{code:04X}", reason=reason, **extra)
         return _status(code, "" if ok else reason)
 
-    # The write and its fsync start now, in the storage's helper thread, while the dataset is
-    # decoded and validated here; a refused instance's temporary file is discarded.
+    # The write and its fsync start now, in the storage's helper thread, while the header is
+    # read and validated here; a refused instance's temporary file is discarded.
     t0 = time.perf_counter()
     try:
-        head = PREAMBLE + encode_file_meta(event.file_meta)
+        request = cast(C_STORE, event.request)
+        syntax = event.context.transfer_syntax
+        head = PREAMBLE + file_meta_bytes(str(request.AffectedSOPClassUID or ""), rq_sop, str(syntax),
+                                          event.assoc.acceptor.implementation_class_uid or "",
+                                          event.assoc.acceptor.implementation_version_name or "")
         stream = _encoded_dataset(event)
     except Exception as e:
         return outcome(CANNOT_UNDERSTAND, f"unreadable request: {type(e).__name__}: {e}")
@@ -107,15 +112,12 @@ def handle_store(event: Event, store: Storage, index: Index, audit: AuditLog,
             return outcome(OUT_OF_RESOURCES, f"write error: {e.strerror or e}")
         refused: Dataset | None = None
         try:
-            ds = event.dataset  # decoded once; the file is written from the bytes as received
-            broken = truncation(ds)
-            if broken:
-                refused = outcome(CANNOT_UNDERSTAND, f"unreadable dataset: {broken}")
-            else:
-                meta = InstanceMeta.from_dataset(ds, extra_keywords)
-                if rq_sop and meta.sop_instance_uid != rq_sop:
-                    refused = outcome(DATASET_MISMATCH, "SOPInstanceUID differs from Affected SOP Instance UID",
-                                      sop=meta.sop_instance_uid)
+            meta = InstanceMeta.from_text(_header(event, body, extra_keywords), extra_keywords)
+            if rq_sop and meta.sop_instance_uid != rq_sop:
+                refused = outcome(DATASET_MISMATCH, "SOPInstanceUID differs from Affected SOP Instance UID",
+                                  sop=meta.sop_instance_uid)
+        except HeaderError as e:
+            refused = outcome(CANNOT_UNDERSTAND, f"unreadable dataset: {e}")
         except InvalidInstance as e:
             refused = outcome(DATASET_MISMATCH, f"{e}; assign valid UIDs before sending")
         except Exception as e:  # pydicom raises many types on malformed data
@@ -144,6 +146,24 @@ def handle_store(event: Event, store: Storage, index: Index, audit: AuditLog,
     return outcome(SUCCESS, "", sop=meta.sop_instance_uid, series_uid=meta.series_uid, study_uid=meta.study_uid,
                    bytes=stored.size, generation=rec.generation, reopened=rec.reopened,
                    write_ms=round((t1 - t0) * 1000, 2), index_ms=round((time.perf_counter() - t1) * 1000, 2))
+
+
+@functools.lru_cache(maxsize=8)
+def _reader(extra_keywords: tuple[str, ...]) -> HeaderReader:
+    return HeaderReader.for_keywords((*META_KEYWORDS, *ROUTING_KEYWORDS, *extra_keywords))
+
+
+def _header(event: Event, body: memoryview, extra_keywords: Sequence[str]) -> dict[str, str]:
+    """The text of the attributes InstanceMeta needs: read straight from the encoded little endian
+    dataset (see :mod:`node.header`), or from pydicom's decoding for deflated and big endian ones."""
+    syntax = event.context.transfer_syntax
+    if readable_here(syntax):
+        return _reader(tuple(extra_keywords)).read(body, bool(syntax.is_implicit_VR))
+    ds = event.dataset
+    broken = truncation(ds)
+    if broken:
+        raise HeaderError(broken)
+    return InstanceMeta.text_of(ds, extra_keywords)
 
 
 def _encoded_dataset(event: Event) -> BytesIO:

@@ -33,6 +33,13 @@ ROUTING_KEYWORDS = (
 )
 
 
+# What InstanceMeta reads besides the routing keywords.
+META_KEYWORDS = (
+    "SOPInstanceUID", "SOPClassUID", "StudyInstanceUID", "SeriesInstanceUID", "PatientID", "Modality",
+    "SeriesDescription", "InstanceNumber", "ImagePositionPatient", "ImageOrientationPatient", "NumberOfFrames",
+    "ImagesInAcquisition",
+)
+
 # The statements of Index.record_instance, built once (plain SQL that SQLite and PostgreSQL share).
 _SELECT_SERIES = text("SELECT state, generation FROM series WHERE series_uid = :uid")
 _SELECT_INSTANCE = text("SELECT sha256, series_uid, generation FROM instances WHERE sop_instance_uid = :sop")
@@ -55,8 +62,8 @@ class InvalidInstance(ValueError):
     """The dataset cannot be stored: the message says why (fits an ErrorComment)."""
 
 
-def _uid(ds: Dataset, keyword: str) -> str:
-    value = str(ds.get(keyword, "") or "").strip()
+def _uid(values: Mapping[str, str], keyword: str) -> str:
+    value = values.get(keyword, "").strip()
     if not value:
         raise InvalidInstance(f"empty {keyword}")
     if not UID(value).is_valid:
@@ -92,53 +99,67 @@ class InstanceMeta:
     @classmethod
     def from_dataset(cls, ds: Dataset, extra_keywords: Iterable[str] = ()) -> InstanceMeta:
         """Read and validate; raises :class:`InvalidInstance` naming what is wrong."""
+        return cls.from_text(cls.text_of(ds, extra_keywords), extra_keywords)
+
+    @staticmethod
+    def text_of(ds: Dataset, extra_keywords: Iterable[str] = ()) -> dict[str, str]:
+        """The text of each attribute :meth:`from_text` reads that ``ds`` has."""
+        return {kw: _text(ds.get(kw)) for kw in (*META_KEYWORDS, *ROUTING_KEYWORDS, *extra_keywords) if kw in ds}
+
+    @classmethod
+    def from_text(cls, values: Mapping[str, str], extra_keywords: Iterable[str] = ()) -> InstanceMeta:
+        """From the text of each attribute present (multiple values joined by backslashes), as
+        :class:`node.header.HeaderReader` reads it; raises :class:`InvalidInstance`."""
         missing = [k for k in ("StudyInstanceUID", "SeriesInstanceUID", "SOPInstanceUID")
-                   if not str(ds.get(k, "") or "").strip()]
+                   if not values.get(k, "").strip()]
         if missing:
             raise InvalidInstance("empty " + ", ".join(missing))
-        sop = _uid(ds, "SOPInstanceUID")
-        sop_class = _uid(ds, "SOPClassUID")
-        study = _uid(ds, "StudyInstanceUID")
-        series = _uid(ds, "SeriesInstanceUID")
-        number = ds.get("InstanceNumber")
-        try:
-            instance_number = int(number) if number not in (None, "") else None
-        except (TypeError, ValueError):
-            instance_number = None
-        frames = 1
-        try:
-            frames = max(1, int(ds.get("NumberOfFrames", 1) or 1))
-        except (TypeError, ValueError):
-            frames = 1
-        expected = None
-        try:
-            raw = ds.get("ImagesInAcquisition")
-            expected = int(raw) if raw not in (None, "") and int(raw) > 0 else None
-        except (TypeError, ValueError):
-            expected = None
-        attributes: dict[str, str] = {}
-        for kw in (*ROUTING_KEYWORDS, *extra_keywords):
-            if kw in ds:
-                attributes[kw] = _text(ds.get(kw))[:256]
+        sop = _uid(values, "SOPInstanceUID")
+        sop_class = _uid(values, "SOPClassUID")
+        study = _uid(values, "StudyInstanceUID")
+        series = _uid(values, "SeriesInstanceUID")
+        expected = _int(values.get("ImagesInAcquisition"))
+        attributes = {kw: values[kw][:256] for kw in (*ROUTING_KEYWORDS, *extra_keywords) if kw in values}
         return cls(
             sop_instance_uid=sop, sop_class_uid=sop_class, study_uid=study, series_uid=series,
-            patient_id=_text(ds.get("PatientID", ""))[:64], modality=_text(ds.get("Modality", ""))[:16],
-            description=_text(ds.get("SeriesDescription", "")), instance_number=instance_number,
-            position=slice_position(ds), frames=frames, expected=expected, attributes=attributes,
+            patient_id=values.get("PatientID", "")[:64], modality=values.get("Modality", "")[:16],
+            description=values.get("SeriesDescription", ""), instance_number=_int(values.get("InstanceNumber")),
+            position=_position(values.get("ImagePositionPatient"), values.get("ImageOrientationPatient")),
+            frames=max(1, _int(values.get("NumberOfFrames")) or 1),
+            expected=expected if expected is not None and expected > 0 else None, attributes=attributes,
         )
+
+
+def _int(text: str | None) -> int | None:
+    """An IS value as an int (None when absent, empty or not a number)."""
+    if text is None or not text.strip():
+        return None
+    try:
+        return int(text.strip())
+    except ValueError:
+        try:
+            return int(float(text))  # IS written as '1.0' by some writers
+        except ValueError:
+            return None
 
 
 def slice_position(ds: Dataset) -> float | None:
     """ImagePositionPatient projected on the slice normal (mm), or None (no or odd geometry)."""
-    ipp = ds.get("ImagePositionPatient")
-    iop = ds.get("ImageOrientationPatient")
-    if ipp is None or iop is None or len(ipp) != 3 or len(iop) != 6:
+    ipp, iop = ds.get("ImagePositionPatient"), ds.get("ImageOrientationPatient")
+    return _position(None if ipp is None else _text(ipp), None if iop is None else _text(iop))
+
+
+def _position(ipp_text: str | None, iop_text: str | None) -> float | None:
+    if not ipp_text or not iop_text:
+        return None
+    ipp, iop = ipp_text.split("\\"), iop_text.split("\\")
+    if len(ipp) != 3 or len(iop) != 6:
         return None
     try:
         r = [float(v) for v in iop[:3]]
         c = [float(v) for v in iop[3:]]
         p = [float(v) for v in ipp]
-    except (TypeError, ValueError):
+    except ValueError:
         return None
     n = (r[1] * c[2] - r[2] * c[1], r[2] * c[0] - r[0] * c[2], r[0] * c[1] - r[1] * c[0])
     return n[0] * p[0] + n[1] * p[1] + n[2] * p[2]
