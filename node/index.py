@@ -40,21 +40,44 @@ META_KEYWORDS = (
     "ImagesInAcquisition",
 )
 
+class _Statement:
+    """A plain SQL statement compiled once per dialect and run on the transaction's DB-API cursor.
+
+    ``record_instance`` runs on every received instance; SQLAlchemy's per-execute work (result
+    objects, events, parameter processing) cost several times the SQL itself there.  The
+    statement still goes through SQLAlchemy's compiler, so the paramstyle is the dialect's own
+    (qmark for SQLite, pyformat for psycopg)."""
+
+    def __init__(self, sql: str) -> None:
+        self.clause = text(sql)
+        self._compiled: dict[str, tuple[str, tuple[str, ...] | None]] = {}
+
+    def run(self, conn: Connection, cur: Any, params: dict[str, Any]) -> Any:
+        compiled = self._compiled.get(conn.dialect.name)
+        if compiled is None:
+            c = self.clause.compile(dialect=conn.dialect)
+            positions = tuple(c.positiontup) if c.positional and c.positiontup is not None else None
+            compiled = self._compiled[conn.dialect.name] = (c.string, positions)
+        sql, positions = compiled
+        cur.execute(sql, [params[k] for k in positions] if positions is not None else params)
+        return cur
+
+
 # The statements of Index.record_instance, built once (plain SQL that SQLite and PostgreSQL share).
-_SELECT_SERIES = text("SELECT state, generation FROM series WHERE series_uid = :uid")
-_SELECT_INSTANCE = text("SELECT sha256, series_uid, generation FROM instances WHERE sop_instance_uid = :sop")
-_DELETE_INSTANCE = text("DELETE FROM instances WHERE sop_instance_uid = :sop")
+_SELECT_SERIES = _Statement("SELECT state, generation FROM series WHERE series_uid = :uid")
+_SELECT_INSTANCE = _Statement("SELECT sha256, series_uid, generation FROM instances WHERE sop_instance_uid = :sop")
+_DELETE_INSTANCE = _Statement("DELETE FROM instances WHERE sop_instance_uid = :sop")
 _INSTANCE_COLUMNS = ("sop_instance_uid", "series_uid", "study_uid", "sop_class_uid", "transfer_syntax", "path",
                      "size", "sha256", "instance_number", "position", "received_at", "calling_ae", "peer",
                      "generation", "frames", "expected")
 _INSTANCE_UPDATED = ("transfer_syntax", "path", "size", "sha256", "instance_number", "position", "received_at",
                      "calling_ae", "peer", "generation", "frames")
-_UPSERT_INSTANCE = text(
+_UPSERT_INSTANCE = _Statement(
     f"INSERT INTO instances ({', '.join(_INSTANCE_COLUMNS)}) VALUES ({', '.join(':' + c for c in _INSTANCE_COLUMNS)})"
     f" ON CONFLICT (sop_instance_uid) DO UPDATE SET {', '.join(f'{c} = excluded.{c}' for c in _INSTANCE_UPDATED)}")
-_UPDATE_SERIES = text("UPDATE series SET instances = instances + :inc, last_received = COALESCE(:t, last_received),"
+_UPDATE_SERIES = _Statement("UPDATE series SET instances = instances + :inc, last_received = COALESCE(:t, last_received),"
                       " expected = COALESCE(:expected, expected) WHERE series_uid = :uid")
-_REOPEN_SERIES = text("UPDATE series SET state = 'receiving', generation = :generation, completed_at = NULL,"
+_REOPEN_SERIES = _Statement("UPDATE series SET state = 'receiving', generation = :generation, completed_at = NULL,"
                       " completion_reason = '' WHERE series_uid = :uid")
 
 
@@ -204,38 +227,46 @@ class Index:
         """
         t = now()
         with self.db.transaction() as c:
-            row = c.execute(_SELECT_SERIES, {"uid": meta.series_uid}).first()
-            if row is None:
-                se = cast(Table, Series.__table__)
-                c.execute(_insert(c, se).values(
-                    series_uid=meta.series_uid, study_uid=meta.study_uid, patient_id=meta.patient_id,
-                    modality=meta.modality, description=meta.description, attributes=dict(meta.attributes),
-                    state="receiving", generation=0, instances=0, expected=meta.expected, first_received=t,
-                    last_received=t, completed_at=None, completion_reason="", source=calling_ae,
-                ).on_conflict_do_nothing(index_elements=[se.c.series_uid]))
-                row = c.execute(_SELECT_SERIES, {"uid": meta.series_uid}).one()
-            state, generation = str(row[0]), int(row[1])
-            old = c.execute(_SELECT_INSTANCE, {"sop": meta.sop_instance_uid}).first()
-            duplicate = old is not None and old[0] == sha256 and old[1] == meta.series_uid
-            reopened = state != "receiving" and not duplicate
-            if reopened:
-                generation += 1
-                c.execute(_REOPEN_SERIES, {"uid": meta.series_uid, "generation": generation})
-            if old is not None and old[1] != meta.series_uid:
-                # moved to another series: the old row goes (as before, the old series keeps its count)
-                c.execute(_DELETE_INSTANCE, {"sop": meta.sop_instance_uid})
-                old = None
-            c.execute(_UPSERT_INSTANCE, {
-                "sop_instance_uid": meta.sop_instance_uid, "series_uid": meta.series_uid,
-                "study_uid": meta.study_uid, "sop_class_uid": meta.sop_class_uid,
-                "transfer_syntax": transfer_syntax, "path": path, "size": size, "sha256": sha256,
-                "instance_number": meta.instance_number, "position": meta.position, "received_at": t,
-                "calling_ae": calling_ae, "peer": peer,
-                "generation": int(old[2]) if duplicate and old is not None else generation,
-                "frames": meta.frames, "expected": meta.expected})
-            c.execute(_UPDATE_SERIES, {"uid": meta.series_uid, "inc": 1 if old is None else 0,
-                                       "t": None if duplicate else t, "expected": meta.expected})
-            return Recorded(meta.series_uid, generation, reopened, duplicate)
+            cur = c.connection.dbapi_connection.cursor()  # type: ignore[union-attr]
+            try:
+                return self._record(c, cur, meta, path, size, sha256, transfer_syntax, calling_ae, peer, t)
+            finally:
+                cur.close()
+
+    def _record(self, c: Connection, cur: Any, meta: InstanceMeta, path: str, size: int, sha256: str,
+                transfer_syntax: str, calling_ae: str, peer: str, t: Any) -> Recorded:
+        row = _SELECT_SERIES.run(c, cur, {"uid": meta.series_uid}).fetchone()
+        if row is None:
+            se = cast(Table, Series.__table__)
+            c.execute(_insert(c, se).values(
+                series_uid=meta.series_uid, study_uid=meta.study_uid, patient_id=meta.patient_id,
+                modality=meta.modality, description=meta.description, attributes=dict(meta.attributes),
+                state="receiving", generation=0, instances=0, expected=meta.expected, first_received=t,
+                last_received=t, completed_at=None, completion_reason="", source=calling_ae,
+            ).on_conflict_do_nothing(index_elements=[se.c.series_uid]))
+            row = _SELECT_SERIES.run(c, cur, {"uid": meta.series_uid}).fetchone()
+        state, generation = str(row[0]), int(row[1])
+        old = _SELECT_INSTANCE.run(c, cur, {"sop": meta.sop_instance_uid}).fetchone()
+        duplicate = old is not None and old[0] == sha256 and old[1] == meta.series_uid
+        reopened = state != "receiving" and not duplicate
+        if reopened:
+            generation += 1
+            _REOPEN_SERIES.run(c, cur, {"uid": meta.series_uid, "generation": generation})
+        if old is not None and old[1] != meta.series_uid:
+            # moved to another series: the old row goes (as before, the old series keeps its count)
+            _DELETE_INSTANCE.run(c, cur, {"sop": meta.sop_instance_uid})
+            old = None
+        _UPSERT_INSTANCE.run(c, cur, {
+            "sop_instance_uid": meta.sop_instance_uid, "series_uid": meta.series_uid,
+            "study_uid": meta.study_uid, "sop_class_uid": meta.sop_class_uid,
+            "transfer_syntax": transfer_syntax, "path": path, "size": size, "sha256": sha256,
+            "instance_number": meta.instance_number, "position": meta.position, "received_at": t,
+            "calling_ae": calling_ae, "peer": peer,
+            "generation": int(old[2]) if duplicate and old is not None else generation,
+            "frames": meta.frames, "expected": meta.expected})
+        _UPDATE_SERIES.run(c, cur, {"uid": meta.series_uid, "inc": 1 if old is None else 0,
+                                    "t": None if duplicate else t, "expected": meta.expected})
+        return Recorded(meta.series_uid, generation, reopened, duplicate)
 
     def reindex_from_disk(self, since: float = 0.0, extra_keywords: Iterable[str] = ()) -> int:
         """Index the instance files that the index lacks; returns how many.
