@@ -103,7 +103,7 @@ def _dictionary_vr(tag: int) -> str:
 
 _TEXT_VRS = frozenset({"AE", "AS", "CS", "DA", "DS", "DT", "IS", "LO", "LT", "PN", "SH", "ST", "TM", "UC", "UI",
                        "UR", "UT"})
-_SINGLE_VALUED = frozenset({"LT", "ST", "UT", "UR"})  # backslash is text there, not a value separator
+_NUMBER_STRINGS = frozenset({"DS", "IS"})
 _CHARSET_VRS = frozenset({"LO", "LT", "PN", "SH", "ST", "UC", "UT"})  # PS3.5 6.1.2.3: affected by the charset
 _BINARY = {"US": "H", "UL": "I", "SS": "h", "SL": "i", "FL": "f", "FD": "d", "SV": "q", "UV": "Q"}
 
@@ -123,10 +123,9 @@ def _to_text(tag: int, vr: str, raw: bytes, encodings: list[str], implicit_vr: b
         ds[tag] = RawDataElement(Tag(tag), vr, len(raw), raw, 0, implicit_vr, True)  # type: ignore[assignment]
         value = ds[tag].value
         return "\\".join(str(v) for v in value) if type(value).__name__ == "MultiValue" else str(value)
-    if vr in _SINGLE_VALUED:
-        return text.rstrip("\x00 ")
-    parts = text.split("\\")
-    return "\\".join(p.strip("\x00 ") for p in parts)
+    if vr in _NUMBER_STRINGS:  # pydicom parses each value, dropping the spaces around it
+        return "\\".join(p.strip("\x00 ") for p in text.split("\\"))
+    return text.rstrip("\x00 ")  # trailing padding only, as pydicom
 
 
 def _walk(view: memoryview, pos: int, end: int, implicit_vr: bool, wanted: frozenset[int] | None,
@@ -203,7 +202,7 @@ def file_meta_bytes(sop_class_uid: str, sop_instance_uid: str, transfer_syntax: 
         _explicit(0x0003, b"UI", _padded(sop_instance_uid, b"\x00")),
         _explicit(0x0010, b"UI", _padded(transfer_syntax, b"\x00")),
         _explicit(0x0012, b"UI", _padded(implementation_uid, b"\x00")),
-        *((_explicit(0x0013, b"SH", _padded(implementation_version, b" ")),) if implementation_version else ()),
+        _explicit(0x0013, b"SH", _padded(implementation_version, b" ")),
     ))
     return _explicit(0x0000, b"UL", _U32.pack(len(body))) + body
 
