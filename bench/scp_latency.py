@@ -34,8 +34,7 @@ def serve_and_send(folder: Path, node_transport: bool, handler_s: float) -> tupl
     from pynetdicom import AE, evt
     from pynetdicom.transport import ThreadedAssociationServer
 
-    from node.server import STANDARD_LOG_HANDLERS
-    from node.transport import NodeRequestHandler
+    from node.transport import STANDARD_LOG_HANDLERS, NodeRequestHandler
 
     marks: list[tuple[str, float]] = []
 

@@ -44,12 +44,6 @@ from pydicom.uid import (
     SegmentationStorage,
 )
 from pynetdicom import AE, evt
-from pynetdicom._handlers import (
-    standard_dimse_recv_handler,
-    standard_dimse_sent_handler,
-    standard_pdu_recv_handler,
-    standard_pdu_sent_handler,
-)
 from pynetdicom.transport import ThreadedAssociationServer
 
 from node import handlers
@@ -58,7 +52,7 @@ from node.config import Config, NodeConfig
 from node.index import Index
 from node.logs import AuditLog
 from node.storage import Storage
-from node.transport import NodeRequestHandler
+from node.transport import STANDARD_LOG_HANDLERS, NodeRequestHandler
 
 logger = logging.getLogger(__name__)
 
@@ -79,10 +73,6 @@ TRANSFER_SYNTAXES: tuple[UID, ...] = (
     JPEG2000Lossless, JPEG2000, RLELossless, JPEGBaseline8Bit, JPEGExtended12Bit,
 )
 
-STANDARD_LOG_HANDLERS: tuple[tuple[Any, Callable[..., Any]], ...] = (
-    (evt.EVT_DIMSE_RECV, standard_dimse_recv_handler), (evt.EVT_DIMSE_SENT, standard_dimse_sent_handler),
-    (evt.EVT_PDU_RECV, standard_pdu_recv_handler), (evt.EVT_PDU_SENT, standard_pdu_sent_handler),
-)
 
 # A-ASSOCIATE-RJ PDU (PS3.8 9.3.4): type 0x03, length 4; result 1 rejected-permanent,
 # source 1 DICOM UL service-user, reason 1 no-reason-given (there is none for addresses).
@@ -233,6 +223,7 @@ class DicomServer:
         assert isinstance(server, NodeServer)
         # pynetdicom's debug-log handlers run on every PDU and DIMSE message even when the log
         # level drops their output; the node logs one line per association and instance itself
+        # (NodeRequestHandler unbinds them from each association as well)
         for event, handler in STANDARD_LOG_HANDLERS:
             server.unbind(event, handler)
         server.allow_list = HostAllowList(cfg.allowed_hosts)

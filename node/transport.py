@@ -11,12 +11,16 @@ the critical path of every instance.  Here:
   ``POLL_SECONDS``), so incoming data is seen at once;
 - :class:`WakingQueue` (the DUL's outgoing queue) writes to that pipe on ``put``, so a response
   queued by the handler is sent at once rather than after the DUL's next sleep;
-- :class:`NodeAssociation` waits on the DIMSE message queue (at most ``POLL_SECONDS``) instead
-  of sleeping before each look;
-- :class:`NodeRequestHandler` builds associations from these three.
+- :class:`NodeAssociation` waits on the DIMSE message queue instead of sleeping before each
+  look, and :class:`UserQueue` (the DUL's queue to the association: release and abort
+  requests) puts a wake-up token on that queue, so both loops sleep until something happens
+  (or ``POLL_SECONDS`` pass, for timers) rather than waking every millisecond and competing
+  for the GIL with the thread that is storing an instance;
+- :class:`NodeDIMSE` encodes C-STORE responses directly (PS3.7 9.3.1.2), byte for byte what
+  pynetdicom would send, without building and encoding a pydicom Dataset per response;
+- :class:`NodeRequestHandler` builds associations from these.
 
-Everything else (state machine, ACSE, DIMSE, events) is pynetdicom's own.  Idle cost is the
-same as pynetdicom's (each loop wakes at most every ``POLL_SECONDS``).
+Everything else (state machine, ACSE, DIMSE, events) is pynetdicom's own.
 """
 
 from __future__ import annotations
@@ -26,21 +30,38 @@ import os
 import queue
 import select
 import ssl
+import struct
 import threading
 import weakref
+from collections.abc import Callable
 from copy import deepcopy
 from datetime import datetime
 from typing import Any, cast
 
 from pynetdicom import evt
 from pynetdicom._globals import MODE_ACCEPTOR
+from pynetdicom._handlers import (
+    standard_dimse_recv_handler,
+    standard_dimse_sent_handler,
+    standard_pdu_recv_handler,
+    standard_pdu_sent_handler,
+)
 from pynetdicom.association import Association
+from pynetdicom.dimse import DIMSEServiceProvider
+from pynetdicom.dimse_primitives import C_STORE, DimsePrimitiveType
+from pynetdicom.pdu_primitives import P_DATA
 from pynetdicom.transport import AssociationSocket, RequestHandler
 
 logger = logging.getLogger(__name__)
 
 PREALLOCATE_MAX = 16 * 1024 * 1024  # a PDU up to this long is read into one buffer allocated up front
-POLL_SECONDS = 0.001  # the longest a loop waits before re-checking timers and state (pynetdicom: 1 ms sleeps)
+# pynetdicom binds these debug-log handlers to every association (pynetdicom._config.LOG_HANDLER_LEVEL);
+# each builds an Event per PDU and DIMSE message even when the log level drops its output
+STANDARD_LOG_HANDLERS: tuple[tuple[Any, Callable[..., Any]], ...] = (
+    (evt.EVT_DIMSE_RECV, standard_dimse_recv_handler), (evt.EVT_DIMSE_SENT, standard_dimse_sent_handler),
+    (evt.EVT_PDU_RECV, standard_pdu_recv_handler), (evt.EVT_PDU_SENT, standard_pdu_sent_handler),
+)
+POLL_SECONDS = 0.02  # the longest a loop waits before re-checking timers (pynetdicom: 1 ms sleeps); events wake it
 
 
 class Waker:
@@ -89,6 +110,81 @@ class WakingQueue(queue.Queue[Any]):
     def _put(self, item: Any) -> None:
         super()._put(item)
         self.waker.wake()
+
+
+class UserQueue(queue.Queue[Any]):
+    """The DUL's queue to the association: each ``put`` also calls ``wake``, which puts a
+    ``(None, None)`` token on the association's DIMSE message queue, so that a release or abort
+    request is seen at once by :meth:`NodeAssociation._run_reactor`."""
+
+    def __init__(self, wake: Callable[[], None]) -> None:
+        super().__init__()
+        self.wake = wake
+
+    def put(self, item: Any, block: bool = True, timeout: float | None = None) -> None:
+        super().put(item, block, timeout)
+        self.wake()
+
+
+# C-STORE-RSP command elements (PS3.7 Table 9.3-2), implicit VR little endian (PS3.7 6.3.1)
+_ELEMENT = struct.Struct("<HHI")
+_US = struct.Struct("<H")
+_C_STORE_RSP = 0x8001
+_NO_DATA_SET = 0x0101
+_COMMAND_LAST_FRAGMENT = b"\x03"  # message control header: command, last fragment (PS3.8 E.2)
+
+
+def c_store_rsp_command(primitive: C_STORE) -> bytes | None:
+    """The encoded command set of a C-STORE response, or None when it carries an element this
+    encoder does not write (then pynetdicom encodes it).  Same elements, order and padding as
+    pynetdicom's ``C_STORE_RSP.encode_msg``."""
+    if getattr(primitive, "OffendingElement", None) or primitive.MessageIDBeingRespondedTo is None \
+            or primitive.Status is None:
+        return None
+    parts: list[bytes] = []
+    sop_class = primitive.AffectedSOPClassUID
+    if sop_class:
+        parts.append(_element(0x0002, _padded(str(sop_class), b"\x00")))
+    parts.append(_element(0x0100, _US.pack(_C_STORE_RSP)))
+    parts.append(_element(0x0120, _US.pack(int(primitive.MessageIDBeingRespondedTo))))
+    parts.append(_element(0x0800, _US.pack(_NO_DATA_SET)))
+    parts.append(_element(0x0900, _US.pack(int(primitive.Status))))
+    comment = getattr(primitive, "ErrorComment", None)
+    if comment:
+        try:
+            parts.append(_element(0x0902, _padded(str(comment), b" ")))
+        except UnicodeEncodeError:
+            return None
+    sop = primitive.AffectedSOPInstanceUID
+    if sop:
+        parts.append(_element(0x1000, _padded(str(sop), b"\x00")))
+    body = b"".join(parts)
+    return _element(0x0000, struct.pack("<I", len(body))) + body
+
+
+def _element(element: int, value: bytes) -> bytes:
+    return _ELEMENT.pack(0x0000, element, len(value)) + value
+
+
+def _padded(text: str, pad: bytes) -> bytes:
+    raw = text.encode("ascii")
+    return raw + pad if len(raw) % 2 else raw
+
+
+class NodeDIMSE(DIMSEServiceProvider):
+    """pynetdicom's DIMSE provider; C-STORE responses are encoded by :func:`c_store_rsp_command`
+    unless a handler is bound to ``EVT_DIMSE_SENT`` (it expects pynetdicom's message object)."""
+
+    def send_msg(self, primitive: DimsePrimitiveType, context_id: int) -> None:
+        if isinstance(primitive, C_STORE) and not self.assoc.get_handlers(evt.EVT_DIMSE_SENT):
+            command = c_store_rsp_command(primitive)
+            max_pdu = self.maximum_pdu_size
+            if command is not None and (not max_pdu or len(command) + 6 <= max_pdu):
+                pdata = P_DATA()
+                pdata.presentation_data_value_list.append((context_id, _COMMAND_LAST_FRAGMENT + command))
+                self.dul.send_pdu(pdata)
+                return
+        super().send_msg(primitive, context_id)
 
 
 class WakingSocket(AssociationSocket):
@@ -207,10 +303,15 @@ class NodeRequestHandler(RequestHandler):
     def _create_association(self) -> Association:
         # pynetdicom 3.0.4's RequestHandler._create_association with our classes
         assoc = NodeAssociation(self.ae, MODE_ACCEPTOR)
+        for log_event, log_handler in STANDARD_LOG_HANDLERS:
+            assoc.unbind(log_event, log_handler)
         assoc._server = self.server
         assoc.name = f"AcceptorThread@{datetime.now():%Y%m%d%H%M%S}"
         assoc.waker = Waker()
         weakref.finalize(assoc, assoc.waker.close)  # in case the reactor ended before the DUL did
+        assoc.dimse = NodeDIMSE(assoc)
+        msg_queue = assoc.dimse.msg_queue
+        assoc.dul.to_user_queue = UserQueue(lambda: msg_queue.put((None, None)))
         assoc.dul.to_provider_queue = WakingQueue(assoc.waker)
         assoc.dul._run_loop_delay = 0  # WakingSocket.ready does the waiting
         assoc.set_socket(WakingSocket(assoc, cast(Any, self.request), assoc.waker))
