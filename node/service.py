@@ -114,6 +114,7 @@ class Node:
             # running jobs are not waited for: they are pending again at the next start
             self.runner.shutdown(wait=False)
         self.ops.stop()
+        self.storage.close()  # after the SCP and the jobs: removes the temporary files made ahead of time
         self.audit.write("node_stopped")
         self.db.dispose()
         logger.info("stopped")

@@ -1,10 +1,9 @@
 """Atomic, durable instance files under the storage folder.
 
 Every instance is written to a temporary file in ``instances/.incoming`` (same
-filesystem) and ``fsync``-ed, in a helper thread while the C-STORE handler decodes it;
-then renamed over its final name and the folder entry synced, so a crash leaves either
-the old file, the new one, or a stray ``.tmp`` that :meth:`Storage.sweep_temporaries`
-removes at start-up: never a partial instance.
+filesystem) and ``fsync``-ed, then renamed over its final name and the folder entry
+synced, so a crash leaves either the old file, the new one, or a stray ``.tmp`` that
+:meth:`Storage.sweep_temporaries` removes at start-up: never a partial instance.
 
 Layout: ``instances/<StudyUID>/<SeriesUID>/<SOPInstanceUID>.dcm`` and
 ``jobs/<job id>/`` for pipeline work folders.
@@ -17,11 +16,12 @@ import hashlib
 import itertools
 import logging
 import os
+import queue
 import shutil
 import threading
 import time
 from collections.abc import Sequence
-from concurrent.futures import Future, ThreadPoolExecutor
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -31,7 +31,7 @@ INSTANCES = "instances"
 JOBS = "jobs"
 TMP_SUFFIX = ".tmp"
 INCOMING = ".incoming"  # instances/.incoming: staged temporaries, renamed into their series folder
-WRITERS = 8
+SPARES = 8  # temporary files made ahead of time, at most (one per concurrent association is enough)
 FREE_SPACE_RECHECK = 0.5  # seconds between statvfs calls while receiving
 
 
@@ -40,16 +40,6 @@ class OutOfSpace(OSError):
 
     def __init__(self, message: str) -> None:
         super().__init__(errno.ENOSPC, message)
-
-
-@dataclass(frozen=True)
-class Staged:
-    """A write in progress (see :meth:`Storage.stage`)."""
-
-    tmp: Path
-    parts: Sequence[bytes | memoryview]
-    size: int
-    written: Future[None]
 
 
 @dataclass(frozen=True)
@@ -88,8 +78,10 @@ class Storage:
         self._free: tuple[float, int] = (0.0, 0)  # (monotonic time, free bytes) of the last statvfs
         self._lock = threading.Lock()
         self._serial = itertools.count()
-        # writes and fsyncs run here while the C-STORE handler decodes; one per concurrent association
-        self._pool = ThreadPoolExecutor(max_workers=WRITERS, thread_name_prefix="prognode-write")
+        # makes the next temporary files ahead of time, off the C-STORE path (see write_instance)
+        self._maker = ThreadPoolExecutor(max_workers=1, thread_name_prefix="prognode-temporaries")
+        self._spares: queue.SimpleQueue[tuple[Path, int]] = queue.SimpleQueue()
+        self._closed = False
 
     def instance_path(self, study_uid: str, series_uid: str, sop_uid: str) -> Path:
         rel = Path(INSTANCES, _safe_component(study_uid), _safe_component(series_uid),
@@ -112,74 +104,95 @@ class Storage:
         if free - needed < self.min_free_bytes:
             raise OutOfSpace(f"free space {free} B minus {needed} B is below min_free_bytes {self.min_free_bytes}")
 
-    def stage(self, parts: Sequence[bytes | memoryview]) -> Staged:
-        """Start writing the concatenation of ``parts`` to a temporary file (one ``writev``, then
-        fsync) in a helper thread, so that the caller can decode and validate meanwhile.
+    def write_instance(self, study_uid: str, series_uid: str, sop_uid: str,
+                       parts: Sequence[bytes | memoryview]) -> StoredFile:
+        """Write the concatenation of ``parts`` as the instance's file: durable (power loss
+        included) when this returns.
 
-        Every :class:`Staged` must end in :meth:`commit` or :meth:`discard`; ``parts`` must stay
-        valid until then.  Raises :class:`OutOfSpace` when the write would pass ``min_free_bytes``."""
+        The bytes go to a temporary file in ``instances/.incoming`` (one ``writev``), which is
+        fsynced, renamed over its final name, and that folder fsynced, all in the calling
+        thread: on this path a hand-over to another thread costs more than it saves.  The
+        temporary file was created ahead of time by a helper thread (creating a file right after
+        the previous instance's fsyncs can wait a millisecond or more on the filesystem
+        journal).  On any error the temporary file is removed and nothing is left under the
+        final name.  Raises :class:`OutOfSpace` (free space under ``min_free_bytes``, or the disk
+        full), :class:`OSError` for other write errors, :class:`ValueError` for a UID that
+        cannot be a file name."""
+        rel = self.instance_path(study_uid, series_uid, sop_uid)
         size = sum(len(p) for p in parts)
         self.check_space(size)
-        incoming = self.root / INSTANCES / INCOMING
-        if incoming not in self._known_dirs:
-            incoming.mkdir(parents=True, exist_ok=True)
-            self._known_dirs.add(incoming)
-        tmp = incoming / f"{os.getpid()}.{next(self._serial)}{TMP_SUFFIX}"
-        return Staged(tmp, parts, size, self._pool.submit(self._write_temporary, tmp, parts))
-
-    def commit(self, staged: Staged, study_uid: str, series_uid: str, sop_uid: str) -> StoredFile:
-        """Wait for the staged write, rename it to its final name and fsync that folder: durable
-        (power loss included) when it returns.  On any error the temporary file is removed."""
+        digest = hashlib.sha256()
+        for p in parts:
+            digest.update(p)
+        final = self.root / rel
+        folder = final.parent
+        tmp: Path | None = None
         try:
-            rel = self.instance_path(study_uid, series_uid, sop_uid)
-            digest = hashlib.sha256()
-            for p in staged.parts:  # while the helper thread waits for fsync (hashlib drops the GIL)
-                digest.update(p)
-            staged.written.result()
-            final = self.root / rel
-            folder = final.parent
+            tmp, fd = self._temporary()
+            try:
+                _write_all(fd, parts)
+                if self.fsync:
+                    os.fsync(fd)
+            finally:
+                os.close(fd)
             if folder not in self._known_dirs:
                 folder.mkdir(parents=True, exist_ok=True)
                 if self.fsync:
                     _fsync_dir(folder.parent)
                     _fsync_dir(folder.parent.parent)
                 self._known_dirs.add(folder)
-            os.replace(staged.tmp, final)
+            os.replace(tmp, final)
             if self.fsync:
                 _fsync_dir(folder)
         except BaseException as e:
-            self.discard(staged)
+            if tmp is not None:
+                _unlink_quietly(tmp)
             if isinstance(e, OSError) and e.errno in (errno.ENOSPC, errno.EDQUOT) and not isinstance(e, OutOfSpace):
-                raise OutOfSpace(f"disk full writing {staged.tmp.name}: {e.strerror}") from e
+                raise OutOfSpace(f"disk full writing {rel.name}: {e.strerror}") from e
             raise
-        return StoredFile(str(rel), staged.size, digest.hexdigest())
+        return StoredFile(str(rel), size, digest.hexdigest())
 
-    def discard(self, staged: Staged) -> None:
-        """Wait for the staged write (its outcome does not matter) and remove the temporary file."""
+    def _temporary(self) -> tuple[Path, int]:
+        """A temporary file made ahead of time (or now, if none is ready), opened for writing; the
+        helper thread starts making the next one."""
         try:
-            staged.written.result()
-        except Exception:
-            pass
-        _unlink_quietly(staged.tmp)
+            made = self._spares.get_nowait()
+        except queue.Empty:
+            made = self._new_temporary()
+        if not self._closed:
+            try:
+                self._maker.submit(self._make_spare)
+            except RuntimeError:  # closing
+                pass
+        return made
 
-    def write_instance(self, study_uid: str, series_uid: str, sop_uid: str,
-                       parts: Sequence[bytes | memoryview]) -> StoredFile:
-        """:meth:`stage` then :meth:`commit`: the file is durable when this returns."""
-        self.instance_path(study_uid, series_uid, sop_uid)  # refuse unusable UIDs before writing
-        return self.commit(self.stage(parts), study_uid, series_uid, sop_uid)
+    def _new_temporary(self) -> tuple[Path, int]:
+        incoming = self.root / INSTANCES / INCOMING
+        if incoming not in self._known_dirs:
+            incoming.mkdir(parents=True, exist_ok=True)
+            self._known_dirs.add(incoming)
+        tmp = incoming / f"{os.getpid()}.{next(self._serial)}{TMP_SUFFIX}"
+        return tmp, os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o640)
 
-    def _write_temporary(self, tmp: Path, parts: Sequence[bytes | memoryview]) -> None:
-        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o640)
+    def _make_spare(self) -> None:
+        if self._spares.qsize() >= SPARES:
+            return
         try:
-            _write_all(fd, parts)
-            if self.fsync:
-                os.fsync(fd)
-        finally:
-            os.close(fd)
+            self._spares.put(self._new_temporary())
+        except OSError as e:  # the next write makes its own, and reports the error
+            logger.debug("could not make a temporary file ahead of time: %s", e)
 
     def close(self) -> None:
-        """Stop the helper threads (pending writes finish first)."""
-        self._pool.shutdown(wait=True)
+        """Stop the helper thread and remove the temporary files it made ahead of time."""
+        self._closed = True
+        self._maker.shutdown(wait=True)
+        while True:
+            try:
+                tmp, fd = self._spares.get_nowait()
+            except queue.Empty:
+                break
+            os.close(fd)
+            _unlink_quietly(tmp)
 
     def remove(self, rel: str | Path) -> None:
         _unlink_quietly(self.root / rel)
@@ -193,14 +206,28 @@ class Storage:
         return d
 
     def sweep_temporaries(self) -> int:
-        """Remove temporaries left by a crash; returns how many."""
+        """Remove temporaries left by a crash (named after a process that is gone); returns how many."""
         n = 0
         for p in (self.root / INSTANCES).rglob(f"*{TMP_SUFFIX}"):
+            if _process_alive(p.name.split(".", 1)[0]):
+                continue  # another live process's file, made ahead of time or being written
             _unlink_quietly(p)
             n += 1
         if n:
             logger.info("removed %d partial temporary files left by an earlier crash", n)
         return n
+
+
+def _process_alive(pid_text: str) -> bool:
+    if not pid_text.isdigit() or int(pid_text) == os.getpid():
+        return False
+    try:
+        os.kill(int(pid_text), 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # alive, another user's
+        return True
+    return True
 
 
 def _write_all(fd: int, parts: Sequence[bytes | memoryview]) -> None:

@@ -14,6 +14,7 @@ import pytest
 from pydicom.uid import generate_uid
 
 from node.handlers import CANNOT_UNDERSTAND, DATASET_MISMATCH, OUT_OF_RESOURCES
+from node.storage import INCOMING
 from tests.conftest import need
 from tests.node_helpers import dataset_bytes, running_node, send_raw, write_config
 from tests.peers import echoscu, storescu, wait_until, with_uids
@@ -33,7 +34,8 @@ def audit(folder: Path) -> list[dict[str, object]]:
 
 
 def stored_files(folder: Path) -> list[Path]:
-    return sorted(p for p in (folder / "var" / "instances").rglob("*") if p.is_file())
+    """Instance files (not the temporary files the node makes ahead of time in instances/.incoming)."""
+    return sorted(p for p in (folder / "var" / "instances").rglob("*") if p.is_file() and INCOMING not in p.parts)
 
 
 def test_real_ct_jpeg2000_stored_as_sent_and_completed_by_geometry(tmp_path: Path, totalseg_ct: list[Path]) -> None:
