@@ -142,6 +142,8 @@ _US = struct.Struct("<H")
 _C_STORE_RSP = 0x8001
 _NO_DATA_SET = 0x0101
 _COMMAND_LAST_FRAGMENT = b"\x03"  # message control header: command, last fragment (PS3.8 E.2)
+_PDU_HEADER = struct.Struct(">BBI")  # PDU type, reserved, PDU length (PS3.8 9.3.1)
+_PDV_ITEM = struct.Struct(">IB")  # PDV item length, presentation context ID (PS3.8 9.3.5.1)
 
 
 def c_store_rsp_command(primitive: C_STORE) -> bytes | None:
@@ -170,6 +172,13 @@ def c_store_rsp_command(primitive: C_STORE) -> bytes | None:
         parts.append(_element(0x1000, _padded(str(sop), b"\x00")))
     body = b"".join(parts)
     return _element(0x0000, struct.pack("<I", len(body))) + body
+
+
+def p_data_tf(context_id: int, value: bytes) -> bytes:
+    """A P-DATA-TF PDU holding one PDV (PS3.8 9.3.5): ``value`` is the message control header
+    followed by the fragment."""
+    item = _PDV_ITEM.pack(len(value) + 1, context_id) + value
+    return _PDU_HEADER.pack(0x04, 0, len(item)) + item
 
 
 def _element(element: int, value: bytes) -> bytes:
@@ -232,11 +241,26 @@ class NodeDIMSE(DIMSEServiceProvider):
             command = c_store_rsp_command(primitive)
             max_pdu = self.maximum_pdu_size
             if command is not None and (not max_pdu or len(command) + 6 <= max_pdu):
-                pdata = P_DATA()
-                pdata.presentation_data_value_list.append((context_id, _COMMAND_LAST_FRAGMENT + command))
-                self.dul.send_pdu(pdata)
+                value = _COMMAND_LAST_FRAGMENT + command
+                if not self._send_now(context_id, value):
+                    pdata = P_DATA()
+                    pdata.presentation_data_value_list.append((context_id, value))
+                    self.dul.send_pdu(pdata)
                 return
         super().send_msg(primitive, context_id)
+
+    def _send_now(self, context_id: int, value: bytes) -> bool:
+        """Send a one-PDV P-DATA-TF PDU (PS3.8 9.3.5) straight to the socket, when called in the
+        DUL's own thread in the data transfer state (Sta6) with nothing queued before it: what
+        the state machine's DT-1 action would do, without the round trip through the DUL's
+        queue.  Returns False (the caller queues it as usual) in any other case."""
+        dul = self.dul
+        sock = dul.socket
+        if (threading.current_thread() is not dul or sock is None or dul.state_machine.current_state != "Sta6"
+                or not dul.to_provider_queue.empty() or self.assoc.get_handlers(evt.EVT_PDU_SENT)):
+            return False
+        sock.send(p_data_tf(context_id, value))
+        return True
 
 
 class WakingSocket(AssociationSocket):

@@ -15,9 +15,11 @@ from pynetdicom import AE, evt
 from pynetdicom.dimse_messages import C_STORE_RSP
 from pynetdicom.dimse_primitives import C_STORE
 from pynetdicom.dsutils import encode
+from pynetdicom.pdu import P_DATA_TF
+from pynetdicom.pdu_primitives import P_DATA
 from pynetdicom.transport import ThreadedAssociationServer
 
-from node.transport import STANDARD_LOG_HANDLERS, NodeRequestHandler, c_store_rsp_command
+from node.transport import STANDARD_LOG_HANDLERS, NodeRequestHandler, c_store_rsp_command, p_data_tf
 from tests.peers import storescu
 from tests.synthetic_ct import write_study
 
@@ -50,6 +52,16 @@ def _pynetdicom_bytes(rsp: C_STORE) -> bytes:
 def test_c_store_rsp_bytes_as_pynetdicom(status: int, comment: str | None, sop: str) -> None:
     rsp = _rsp(status, sop, comment)
     assert c_store_rsp_command(rsp) == _pynetdicom_bytes(rsp)
+
+
+@pytest.mark.parametrize("context_id", [1, 3, 255])
+def test_p_data_tf_bytes_as_pynetdicom(context_id: int) -> None:
+    value = b"\x03" + bytes(cast(bytes, c_store_rsp_command(_rsp(0, "1.2.3.4"))))
+    pdata = P_DATA()
+    pdata.presentation_data_value_list.append((context_id, value))
+    pdu = P_DATA_TF()
+    pdu.from_primitive(pdata)
+    assert p_data_tf(context_id, value) == pdu.encode()
 
 
 def test_c_store_rsp_without_sop_class_and_large_message_id() -> None:
