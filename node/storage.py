@@ -144,6 +144,7 @@ class Storage:
             os.replace(tmp, final)
             if self.fsync:
                 _fsync_dir(folder)
+            self._make_next()
         except BaseException as e:
             if tmp is not None:
                 _unlink_quietly(tmp)
@@ -153,18 +154,20 @@ class Storage:
         return StoredFile(str(rel), size, digest.hexdigest())
 
     def _temporary(self) -> tuple[Path, int]:
-        """A temporary file made ahead of time (or now, if none is ready), opened for writing; the
-        helper thread starts making the next one."""
+        """A temporary file made ahead of time (or now, if none is ready), opened for writing."""
         try:
-            made = self._spares.get_nowait()
+            return self._spares.get_nowait()
         except queue.Empty:
-            made = self._new_temporary()
+            return self._new_temporary()
+
+    def _make_next(self) -> None:
+        """Have the helper thread make the next temporary file, once this write's fsyncs are done
+        (a file created while they run joins the journal commit they wait for)."""
         if not self._closed:
             try:
                 self._maker.submit(self._make_spare)
             except RuntimeError:  # closing
                 pass
-        return made
 
     def _new_temporary(self) -> tuple[Path, int]:
         incoming = self.root / INSTANCES / INCOMING
