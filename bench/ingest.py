@@ -6,7 +6,8 @@ endian), once per repeat with new UIDs, then sent with dcmtk's storescu to each 
 in turn, ``--repeats`` times, interleaved: in repeat k every receiver gets copy k, so no
 receiver is timed on instances it already holds (a re-sent instance replaces a file, which
 costs more).  prognode runs as ``python -m node serve`` with fsync on (its default) and no
-routes; storescp writes files with ``-od`` and never fsyncs.  Prints seconds (median and
+routes; storescp writes files with ``-od`` and never fsyncs.  Every send starts after ``sync``, so
+no receiver pays for writing back another's files.  Prints seconds (median and
 best), MB/s (median) and ratios (medians), and the re-send of a copy prognode already holds.
 
     .venv/bin/python bench/ingest.py [--slices 300] [--repeats 5]
@@ -69,6 +70,7 @@ def build_ct(out: Path, slices: int) -> list[Path]:
 
 
 def send(port: int, folder: Path, called: str) -> float:
+    os.sync()  # start from a quiet disk: no receiver pays for writing back another's files
     t0 = time.perf_counter()
     subprocess.run(["storescu", "-aet", "BENCH", "-aec", called, "+sd", "127.0.0.1", str(port), str(folder)],
                    check=True, capture_output=True, timeout=600)
