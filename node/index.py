@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import hashlib
 import logging
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable, Iterator, Mapping
 from dataclasses import dataclass, field
 from io import BytesIO
 from pathlib import Path
@@ -279,7 +279,7 @@ class Index:
         import pydicom  # only here: the handler never reads files back
 
         added = 0
-        for path in sorted((self.root / "instances").glob("*/*/*.dcm")):
+        for path in self._files_since(since):
             if path.stat().st_mtime < since or self.has_instance(path.stem):
                 continue
             try:
@@ -296,6 +296,14 @@ class Index:
         if added:
             logger.info("re-index: %d instance files were missing from the index", added)
         return added
+
+    def _files_since(self, since: float) -> Iterator[Path]:
+        """Instance files in series folders changed at or after ``since`` (a rename into a folder
+        updates its mtime), so that a recovery does not stat every file of a large archive."""
+        for study in sorted(p for p in (self.root / "instances").iterdir() if p.is_dir() and not p.name.startswith(".")):
+            for series in sorted(p for p in study.iterdir() if p.is_dir()):
+                if series.stat().st_mtime >= since:
+                    yield from sorted(series.glob("*.dcm"))
 
     # Queries -----------------------------------------------------------------------
     def series_files(self, series_uid: str) -> list[Path]:

@@ -8,11 +8,13 @@ stops the loops and the worker pool.  Interrupted jobs resume on the next start.
 from __future__ import annotations
 
 import logging
+import os
 import signal
 import ssl
 import sys
 import threading
 from collections.abc import Mapping
+from pathlib import Path
 from types import FrameType
 
 from node.audit import AuditLog
@@ -24,7 +26,7 @@ from node.index import Index
 from node.jobs import JobManager, JobQueue, LocalProcessRunner, Runner, pipeline_modules
 from node.ops import Operations
 from node.routing import Router
-from node.server import DicomServer
+from node.server import DicomServer, route_keywords
 from node.storage import Storage
 from node.tls import server_context
 
@@ -40,6 +42,10 @@ def server_ssl_context(tls: TlsConfig, base: Config) -> ssl.SSLContext | None:
     if not tls.enabled:
         return None
     return server_context(tls, base.base_dir)
+
+
+RUNNING_MARK = "node.running"  # in the storage folder while a node runs; left behind by an unclean stop
+RECOVERY_SLACK_SECONDS = 60.0  # files this much older than the last start are looked at too (clock steps)
 
 
 class Node:
@@ -74,6 +80,7 @@ class Node:
         return self.server.port
 
     def start(self) -> Node:
+        self._recover_index()
         self.storage.sweep_temporaries()
         self.queue.recover()
         if self.runner is None:
@@ -94,8 +101,26 @@ class Node:
             t.start()
             self._threads.append(t)
         self.ops.start()
+        self._running_mark.write_text(f"{os.getpid()}\n")
         self.audit.write("node_started", ae_title=self.config.node.ae_title, port=self.port)
         return self
+
+    @property
+    def _running_mark(self) -> Path:
+        return self.config.storage_dir / RUNNING_MARK
+
+    def _recover_index(self) -> None:
+        """After a stop that was not clean (the mark of the last run is still there: kill -9, a crash,
+        power loss), index the instance files the index lacks: the files were fsynced before
+        their success status, the index's last commits may be gone (WAL, ``synchronous=NORMAL``)."""
+        mark = self._running_mark
+        if not mark.exists():
+            return
+        since = mark.stat().st_mtime - RECOVERY_SLACK_SECONDS
+        added = self.index.reindex_from_disk(since, route_keywords(self.config))
+        logger.warning("the last run did not stop cleanly: %d instance files received since it started "
+                       "were missing from the index and are indexed again", added)
+        self.audit.write("index_recovered", instances=added, since=since)
 
     def stop(self, timeout: float = 30.0) -> None:
         if self._stopped.is_set():
@@ -115,6 +140,7 @@ class Node:
             self.runner.shutdown(wait=False)
         self.ops.stop()
         self.storage.close()  # after the SCP and the jobs: removes the temporary files made ahead of time
+        self._running_mark.unlink(missing_ok=True)  # a clean stop: no recovery at the next start
         self.audit.write("node_stopped")
         self.db.dispose()
         logger.info("stopped")
