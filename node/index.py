@@ -8,18 +8,19 @@ reopens it and bumps its generation, so the series is completed (and routed) aga
 from __future__ import annotations
 
 import hashlib
+import json
 import logging
 from collections.abc import Iterable, Iterator, Mapping
 from dataclasses import dataclass, field
 from io import BytesIO
 from pathlib import Path
-from typing import Any, cast
+from typing import Any
 
 from pydicom.dataset import Dataset
 from pydicom.uid import UID
 from sqlalchemy import Table, func, select, text
 from sqlalchemy.dialects import postgresql, sqlite
-from sqlalchemy.engine import Connection
+from sqlalchemy.engine import Connection, Dialect
 
 from node.db import Database, Instance, Series, now
 
@@ -52,12 +53,12 @@ class _Statement:
         self.clause = text(sql)
         self._compiled: dict[str, tuple[str, tuple[str, ...] | None]] = {}
 
-    def run(self, conn: Connection, cur: Any, params: dict[str, Any]) -> Any:
-        compiled = self._compiled.get(conn.dialect.name)
+    def run(self, dialect: Dialect, cur: Any, params: dict[str, Any]) -> Any:
+        compiled = self._compiled.get(dialect.name)
         if compiled is None:
-            c = self.clause.compile(dialect=conn.dialect)
+            c = self.clause.compile(dialect=dialect)
             positions = tuple(c.positiontup) if c.positional and c.positiontup is not None else None
-            compiled = self._compiled[conn.dialect.name] = (c.string, positions)
+            compiled = self._compiled[dialect.name] = (c.string, positions)
         sql, positions = compiled
         cur.execute(sql, [params[k] for k in positions] if positions is not None else params)
         return cur
@@ -75,6 +76,12 @@ _INSTANCE_UPDATED = ("transfer_syntax", "path", "size", "sha256", "instance_numb
 _UPSERT_INSTANCE = _Statement(
     f"INSERT INTO instances ({', '.join(_INSTANCE_COLUMNS)}) VALUES ({', '.join(':' + c for c in _INSTANCE_COLUMNS)})"
     f" ON CONFLICT (sop_instance_uid) DO UPDATE SET {', '.join(f'{c} = excluded.{c}' for c in _INSTANCE_UPDATED)}")
+_SERIES_COLUMNS = ("series_uid", "study_uid", "patient_id", "modality", "description", "attributes", "state",
+                   "generation", "instances", "expected", "first_received", "last_received", "completed_at",
+                   "completion_reason", "source")
+_INSERT_SERIES = _Statement(  # attributes: JSON text, as SQLAlchemy's JSON type writes it
+    f"INSERT INTO series ({', '.join(_SERIES_COLUMNS)}) VALUES ({', '.join(':' + c for c in _SERIES_COLUMNS)})"
+    " ON CONFLICT (series_uid) DO NOTHING")
 _UPDATE_SERIES = _Statement("UPDATE series SET instances = instances + :inc, last_received = COALESCE(:t, last_received),"
                       " expected = COALESCE(:expected, expected) WHERE series_uid = :uid")
 _REOPEN_SERIES = _Statement("UPDATE series SET state = 'receiving', generation = :generation, completed_at = NULL,"
@@ -226,37 +233,48 @@ class Index:
         work: that cost more than the SQL itself on every instance.
         """
         t = now()
-        with self.db.transaction() as c:
-            cur = c.connection.dbapi_connection.cursor()  # type: ignore[union-attr]
+        engine = self.db.engine
+        dialect = engine.dialect
+        raw = engine.raw_connection()  # a pooled DB-API connection: no Connection/Transaction objects
+        try:
+            cur = raw.cursor()
             try:
-                return self._record(c, cur, meta, path, size, sha256, transfer_syntax, calling_ae, peer, t)
+                if dialect.name == "sqlite":
+                    cur.execute("BEGIN IMMEDIATE")  # as Database's begin hook: take the write lock now
+                rec = self._record(dialect, cur, meta, path, size, sha256, transfer_syntax, calling_ae, peer, t)
+                raw.commit()
+                return rec
+            except BaseException:
+                raw.rollback()
+                raise
             finally:
                 cur.close()
+        finally:
+            raw.close()  # back to the pool
 
-    def _record(self, c: Connection, cur: Any, meta: InstanceMeta, path: str, size: int, sha256: str,
+    def _record(self, dialect: Dialect, cur: Any, meta: InstanceMeta, path: str, size: int, sha256: str,
                 transfer_syntax: str, calling_ae: str, peer: str, t: Any) -> Recorded:
-        row = _SELECT_SERIES.run(c, cur, {"uid": meta.series_uid}).fetchone()
+        row = _SELECT_SERIES.run(dialect, cur, {"uid": meta.series_uid}).fetchone()
         if row is None:
-            se = cast(Table, Series.__table__)
-            c.execute(_insert(c, se).values(
-                series_uid=meta.series_uid, study_uid=meta.study_uid, patient_id=meta.patient_id,
-                modality=meta.modality, description=meta.description, attributes=dict(meta.attributes),
-                state="receiving", generation=0, instances=0, expected=meta.expected, first_received=t,
-                last_received=t, completed_at=None, completion_reason="", source=calling_ae,
-            ).on_conflict_do_nothing(index_elements=[se.c.series_uid]))
-            row = _SELECT_SERIES.run(c, cur, {"uid": meta.series_uid}).fetchone()
+            _INSERT_SERIES.run(dialect, cur, {
+                "series_uid": meta.series_uid, "study_uid": meta.study_uid, "patient_id": meta.patient_id,
+                "modality": meta.modality, "description": meta.description,
+                "attributes": json.dumps(dict(meta.attributes)), "state": "receiving", "generation": 0,
+                "instances": 0, "expected": meta.expected, "first_received": t, "last_received": t,
+                "completed_at": None, "completion_reason": "", "source": calling_ae})
+            row = _SELECT_SERIES.run(dialect, cur, {"uid": meta.series_uid}).fetchone()
         state, generation = str(row[0]), int(row[1])
-        old = _SELECT_INSTANCE.run(c, cur, {"sop": meta.sop_instance_uid}).fetchone()
+        old = _SELECT_INSTANCE.run(dialect, cur, {"sop": meta.sop_instance_uid}).fetchone()
         duplicate = old is not None and old[0] == sha256 and old[1] == meta.series_uid
         reopened = state != "receiving" and not duplicate
         if reopened:
             generation += 1
-            _REOPEN_SERIES.run(c, cur, {"uid": meta.series_uid, "generation": generation})
+            _REOPEN_SERIES.run(dialect, cur, {"uid": meta.series_uid, "generation": generation})
         if old is not None and old[1] != meta.series_uid:
             # moved to another series: the old row goes (as before, the old series keeps its count)
-            _DELETE_INSTANCE.run(c, cur, {"sop": meta.sop_instance_uid})
+            _DELETE_INSTANCE.run(dialect, cur, {"sop": meta.sop_instance_uid})
             old = None
-        _UPSERT_INSTANCE.run(c, cur, {
+        _UPSERT_INSTANCE.run(dialect, cur, {
             "sop_instance_uid": meta.sop_instance_uid, "series_uid": meta.series_uid,
             "study_uid": meta.study_uid, "sop_class_uid": meta.sop_class_uid,
             "transfer_syntax": transfer_syntax, "path": path, "size": size, "sha256": sha256,
@@ -264,7 +282,7 @@ class Index:
             "calling_ae": calling_ae, "peer": peer,
             "generation": int(old[2]) if duplicate and old is not None else generation,
             "frames": meta.frames, "expected": meta.expected})
-        _UPDATE_SERIES.run(c, cur, {"uid": meta.series_uid, "inc": 1 if old is None else 0,
+        _UPDATE_SERIES.run(dialect, cur, {"uid": meta.series_uid, "inc": 1 if old is None else 0,
                                     "t": None if duplicate else t, "expected": meta.expected})
         return Recorded(meta.series_uid, generation, reopened, duplicate)
 
