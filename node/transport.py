@@ -64,7 +64,7 @@ from pynetdicom.utils import make_target
 
 logger = logging.getLogger(__name__)
 
-PREALLOCATE_MAX = 16 * 1024 * 1024  # a PDU up to this long is read into one buffer allocated up front
+READ_AHEAD = 1024 * 1024  # bytes a socket read may take at once (PDUs longer than this are read as they come)
 # pynetdicom binds these debug-log handlers to every association (pynetdicom._config.LOG_HANDLER_LEVEL);
 # each builds an Event per PDU and DIMSE message even when the log level drops its output
 STANDARD_LOG_HANDLERS: tuple[tuple[Any, Callable[..., Any]], ...] = (
@@ -265,18 +265,21 @@ class NodeDIMSE(DIMSEServiceProvider):
 
 class WakingSocket(AssociationSocket):
     """An :class:`AssociationSocket` whose ``ready`` waits for data or a wake-up, and whose
-    ``recv`` reads into one preallocated buffer."""
+    ``recv`` reads ahead into one buffer."""
 
     def __init__(self, assoc: Association, client_socket: Any, waker: Waker) -> None:
         super().__init__(assoc, client_socket=client_socket)
         self.waker = waker
+        self._buf = bytearray(READ_AHEAD)
+        self._view = memoryview(self._buf)
+        self._start = self._end = 0  # the unread bytes are self._buf[self._start:self._end]
 
     @property
     def ready(self) -> bool:  # type: ignore[override]
         sock = self.socket
         if sock is None or self._is_connected is False:
             return False
-        if isinstance(sock, ssl.SSLSocket) and sock.pending():
+        if self._end > self._start or (isinstance(sock, ssl.SSLSocket) and sock.pending()):
             return True
         try:
             fds: list[Any] = [sock, self.waker.fd]
@@ -289,29 +292,43 @@ class WakingSocket(AssociationSocket):
         return sock in readable
 
     def recv(self, nr_bytes: int) -> bytearray:
-        """Read ``nr_bytes`` (fewer only if the peer closed the connection)."""
+        """Read ``nr_bytes`` (fewer only if the peer closed the connection).
+
+        Reads ahead: each ``recv_into`` takes whatever has arrived, up to ``READ_AHEAD`` bytes, so
+        the PDU header and body, and the next PDUs of an instance already sent, cost one system
+        call (and at most one wake-up) instead of one or more each."""
         sock = cast(Any, self.socket)
-        if nr_bytes > PREALLOCATE_MAX:
+        if nr_bytes > READ_AHEAD:
             # a length this large is the peer's claim, not yet data: grow as bytes arrive
-            grown = bytearray()
+            grown = bytearray(self._take(min(nr_bytes, self._end - self._start)))
             while len(grown) < nr_bytes:
-                chunk = sock.recv(min(PREALLOCATE_MAX, nr_bytes - len(grown)))
+                chunk = sock.recv(min(READ_AHEAD, nr_bytes - len(grown)))
                 if not chunk:
                     break
                 grown += chunk
             return grown
-        buf = bytearray(nr_bytes)
-        view = memoryview(buf)
-        got = 0
-        while got < nr_bytes:
-            n = sock.recv_into(view[got:], nr_bytes - got)
-            if not n:
-                break
-            got += n
-        view.release()
-        if got < nr_bytes:
-            del buf[got:]
-        return buf
+        while self._end - self._start < nr_bytes:
+            if self._start:  # keep what is left at the front
+                left = self._end - self._start
+                self._buf[:left] = self._buf[self._start:self._end]
+                self._start, self._end = 0, left
+            n = sock.recv_into(self._view[self._end:], READ_AHEAD - self._end)
+            if not n:  # the peer closed the connection
+                return self._take(self._end - self._start)
+            self._end += n
+        return self._take(nr_bytes)
+
+    def _take(self, n: int) -> bytearray:
+        out = bytearray(self._view[self._start:self._start + n])
+        self._start += n
+        if self._start == self._end:
+            self._start = self._end = 0
+        return out
+
+    @property
+    def buffered(self) -> bool:
+        """Whether bytes already read from the socket wait in the read-ahead buffer."""
+        return self._end > self._start
 
 
 class NodeAssociation(Association):
