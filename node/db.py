@@ -31,7 +31,7 @@ from sqlalchemy import (
     create_engine,
     event,
 )
-from sqlalchemy.engine import Connection, Engine
+from sqlalchemy.engine import Engine
 from sqlalchemy.orm import DeclarativeBase, Mapped, Session, mapped_column, sessionmaker
 
 
@@ -191,15 +191,6 @@ class Database:
         """A transaction: committed on success, rolled back on error."""
         with self._sessions() as s, s.begin():
             yield s
-
-    @contextmanager
-    def transaction(self) -> Iterator[Connection]:
-        """A Core transaction (no ORM unit of work): committed on success, rolled back on error.
-
-        For hot paths such as indexing a received instance, where the ORM's per-object work
-        costs more than the SQL itself."""
-        with self.engine.begin() as conn:
-            yield conn
 
     @contextmanager
     def read(self) -> Iterator[Session]:

@@ -18,9 +18,8 @@ from typing import Any
 
 from pydicom.dataset import Dataset
 from pydicom.uid import UID
-from sqlalchemy import Table, func, select, text
-from sqlalchemy.dialects import postgresql, sqlite
-from sqlalchemy.engine import Connection, Dialect
+from sqlalchemy import func, select, text
+from sqlalchemy.engine import Dialect
 
 from node.db import Database, Instance, Series, now
 
@@ -363,13 +362,6 @@ class Index:
             return self.has_instance(sop_instance_uid)
         except Exception:
             return False
-
-
-def _insert(conn: Connection, table: Table) -> Any:
-    """INSERT with ``on_conflict_do_*`` for the connection's dialect (SQLite or PostgreSQL)."""
-    if conn.dialect.name == "postgresql":
-        return postgresql.insert(table)
-    return sqlite.insert(table)
 
 
 def _view(r: Series) -> SeriesView:
