@@ -4,6 +4,7 @@ against a real storescu (release, abort, several instances on one association)."
 from __future__ import annotations
 
 import datetime as dt
+import socket
 import threading
 import time
 from pathlib import Path
@@ -12,6 +13,8 @@ from typing import Any, cast
 import pytest
 from pydicom.uid import CTImageStorage, ExplicitVRLittleEndian, generate_uid
 from pynetdicom import AE, evt
+from pynetdicom._globals import MODE_ACCEPTOR
+from pynetdicom.association import Association
 from pynetdicom.dimse_messages import C_STORE_RSP
 from pynetdicom.dimse_primitives import C_STORE
 from pynetdicom.dsutils import encode
@@ -19,14 +22,22 @@ from pynetdicom.pdu import P_DATA_TF
 from pynetdicom.pdu_primitives import P_DATA
 from pynetdicom.transport import ThreadedAssociationServer
 
-from node.transport import STANDARD_LOG_HANDLERS, NodeRequestHandler, c_store_rsp_command, p_data_tf
+from node.transport import (
+    READ_AHEAD,
+    STANDARD_LOG_HANDLERS,
+    NodeRequestHandler,
+    Waker,
+    WakingSocket,
+    c_store_rsp_command,
+    p_data_tf,
+)
 from tests.peers import storescu
 from tests.synthetic_ct import write_study
 
 
 def _rsp(status: int, sop: str, comment: str | None = None, sop_class: str | None = CTImageStorage,
          message_id: int = 7) -> C_STORE:
-    rsp: Any = C_STORE()
+    rsp = C_STORE()
     rsp.MessageID = message_id
     rsp.MessageIDBeingRespondedTo = message_id
     rsp.AffectedSOPInstanceUID = sop
@@ -34,7 +45,7 @@ def _rsp(status: int, sop: str, comment: str | None = None, sop_class: str | Non
         rsp.AffectedSOPClassUID = sop_class
     rsp.Status = status
     if comment is not None:
-        rsp.ErrorComment = comment
+        cast(Any, rsp).ErrorComment = comment  # typed None in pynetdicom's stubs
     return rsp
 
 
@@ -136,3 +147,33 @@ def test_failure_status_reaches_storescu(tmp_path: Path) -> None:
     finally:
         server.shutdown()
         thread.join(5)
+
+
+def test_read_ahead_gives_exact_reads_across_buffer_and_large_pdus() -> None:
+    """WakingSocket.recv returns exactly what was asked, in order, whether the bytes were read ahead
+    with an earlier PDU, arrive in odd pieces, or belong to a PDU longer than the read-ahead buffer;
+    a peer that closes mid-PDU gives a short read (pynetdicom then signals Evt17)."""
+    ours, peer = socket.socketpair()
+    waker = Waker()
+    try:
+        sock = WakingSocket(Association(AE(), MODE_ACCEPTOR), ours, waker)
+        small = [bytes([i]) * n for i, n in enumerate((6, 130_000, 6, 1, 6, 65_536))]
+        large = bytes(range(256)) * ((READ_AHEAD * 3) // 256 + 7)  # longer than the buffer
+        tail = b"\x04\x00" + b"\x00\x00\x10\x00" + b"x" * 100  # a header, then a cut body
+        stream = b"".join(small) + large + tail
+        def send_in_pieces() -> None:
+            for i in range(0, len(stream), 7777):
+                peer.sendall(stream[i:i + 7777])
+            peer.close()
+
+        sender = threading.Thread(target=send_in_pieces)
+        sender.start()
+        for expected in small:
+            assert sock.recv(len(expected)) == expected
+        assert sock.recv(len(large)) == large
+        assert sock.recv(6) == tail[:6]
+        assert sock.recv(0x1000) == tail[6:]  # the peer closed: fewer bytes than asked
+        sender.join(5)
+    finally:
+        ours.close()
+        waker.close()
