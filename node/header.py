@@ -198,16 +198,17 @@ def file_meta_bytes(sop_class_uid: str, sop_instance_uid: str, transfer_syntax: 
     Instance UIDs, Transfer Syntax UID, Implementation Class UID and Version Name."""
     body = b"".join((
         _explicit(0x0001, b"OB", b"\x00\x01"),
-        _explicit(0x0002, b"UI", _padded(sop_class_uid, b"\x00")),
-        _explicit(0x0003, b"UI", _padded(sop_instance_uid, b"\x00")),
-        _explicit(0x0010, b"UI", _padded(transfer_syntax, b"\x00")),
-        _explicit(0x0012, b"UI", _padded(implementation_uid, b"\x00")),
-        _explicit(0x0013, b"SH", _padded(implementation_version, b" ")),
+        _explicit(0x0002, b"UI", padded(sop_class_uid, b"\x00")),
+        _explicit(0x0003, b"UI", padded(sop_instance_uid, b"\x00")),
+        _explicit(0x0010, b"UI", padded(transfer_syntax, b"\x00")),
+        _explicit(0x0012, b"UI", padded(implementation_uid, b"\x00")),
+        _explicit(0x0013, b"SH", padded(implementation_version, b" ")),
     ))
     return _explicit(0x0000, b"UL", _U32.pack(len(body))) + body
 
 
-def _padded(text: str, pad: bytes) -> bytes:
+def padded(text: str, pad: bytes) -> bytes:
+    """``text`` as ASCII, padded to an even length with ``pad`` (PS3.5 6.2: NUL for UI, space otherwise)."""
     raw = text.encode("ascii")
     return raw + pad if len(raw) % 2 else raw
 

@@ -6,9 +6,9 @@ calls, and the association reactor sleeps 1 ms before each look at the DIMSE que
 sends one instance at a time and waits for its C-STORE-RSP, so every one of those sleeps is on
 the critical path of every instance.  Here:
 
-- :class:`WakingSocket` reads a PDU with ``recv_into`` straight into one buffer, and its
-  :meth:`~WakingSocket.ready` blocks in ``select`` on the socket *and* a wake-up pipe (at most
-  ``POLL_SECONDS``), so incoming data is seen at once;
+- :class:`WakingSocket` reads ahead (one ``recv_into`` takes whatever has arrived, up to
+  ``READ_AHEAD``) with TCP_QUICKACK set, and its :meth:`~WakingSocket.ready` blocks in ``select``
+  on the socket *and* a wake-up pipe (at most ``POLL_SECONDS``), so incoming data is seen at once;
 - :class:`WakingQueue` (the DUL's outgoing queue) writes to that pipe on ``put``, so a response
   queued by the handler is sent at once rather than after the DUL's next sleep;
 - :class:`NodeAssociation` waits on the DIMSE message queue instead of sleeping before each
@@ -16,8 +16,9 @@ the critical path of every instance.  Here:
   requests) puts a wake-up token on that queue, so both loops sleep until something happens
   (or ``POLL_SECONDS`` pass, for timers) rather than waking every millisecond and competing
   for the GIL with the thread that is storing an instance;
-- :class:`NodeDIMSE` encodes C-STORE responses directly (PS3.7 9.3.1.2), byte for byte what
-  pynetdicom would send, without building and encoding a pydicom Dataset per response;
+- :class:`NodeDIMSE` serves a complete C-STORE or C-ECHO request in the DUL thread that decoded
+  it, and encodes C-STORE responses directly (PS3.7 9.3.1.2), byte for byte what pynetdicom would
+  send, writing them straight to the socket;
 - :class:`NodeRequestHandler` builds associations from these.
 
 Everything else (state machine, ACSE, DIMSE, events) is pynetdicom's own.
@@ -62,6 +63,8 @@ from pynetdicom.dimse_primitives import (
 from pynetdicom.pdu_primitives import P_DATA
 from pynetdicom.transport import AssociationSocket, RequestHandler
 from pynetdicom.utils import make_target
+
+from node.header import padded
 
 logger = logging.getLogger(__name__)
 
@@ -157,7 +160,7 @@ def c_store_rsp_command(primitive: C_STORE) -> bytes | None:
     parts: list[bytes] = []
     sop_class = primitive.AffectedSOPClassUID
     if sop_class:
-        parts.append(_element(0x0002, _padded(str(sop_class), b"\x00")))
+        parts.append(_element(0x0002, padded(str(sop_class), b"\x00")))
     parts.append(_element(0x0100, _US.pack(_C_STORE_RSP)))
     parts.append(_element(0x0120, _US.pack(int(primitive.MessageIDBeingRespondedTo))))
     parts.append(_element(0x0800, _US.pack(_NO_DATA_SET)))
@@ -165,12 +168,12 @@ def c_store_rsp_command(primitive: C_STORE) -> bytes | None:
     comment = getattr(primitive, "ErrorComment", None)
     if comment:
         try:
-            parts.append(_element(0x0902, _padded(str(comment), b" ")))
+            parts.append(_element(0x0902, padded(str(comment), b" ")))
         except UnicodeEncodeError:
             return None
     sop = primitive.AffectedSOPInstanceUID
     if sop:
-        parts.append(_element(0x1000, _padded(str(sop), b"\x00")))
+        parts.append(_element(0x1000, padded(str(sop), b"\x00")))
     body = b"".join(parts)
     return _element(0x0000, struct.pack("<I", len(body))) + body
 
@@ -184,11 +187,6 @@ def p_data_tf(context_id: int, value: bytes) -> bytes:
 
 def _element(element: int, value: bytes) -> bytes:
     return _ELEMENT.pack(0x0000, element, len(value)) + value
-
-
-def _padded(text: str, pad: bytes) -> bytes:
-    raw = text.encode("ascii")
-    return raw + pad if len(raw) % 2 else raw
 
 
 class NodeDIMSE(DIMSEServiceProvider):
