@@ -383,3 +383,60 @@ def test_polygon_encloses_the_mask_area() -> None:
         pts = polygon(m).astype(np.float64)
         assert np.allclose(pts[0], pts[-1])
         assert abs(_signed_area(pts)) == pytest.approx(m.sum(), rel=0.02)
+
+
+def _restore(src: Path, dst: Path, flip_cols: bool, flip_rows: bool) -> None:
+    """Store the same series with mirrored rows and/or columns: same anatomy at the same LPS points."""
+    dst.mkdir(parents=True, exist_ok=True)
+    for p in sorted(src.glob("*.dcm")):
+        ds = pydicom.dcmread(p)
+        arr = ds.pixel_array
+        iop = [float(v) for v in ds.ImageOrientationPatient]
+        ipp = np.array([float(v) for v in ds.ImagePositionPatient])
+        dy, dx = (float(v) for v in ds.PixelSpacing)
+        if flip_cols:
+            ipp = ipp + (int(ds.Columns) - 1) * dx * np.array(iop[:3])
+            iop[:3] = [-v for v in iop[:3]]
+            arr = arr[:, ::-1]
+        if flip_rows:
+            ipp = ipp + (int(ds.Rows) - 1) * dy * np.array(iop[3:])
+            iop[3:] = [-v for v in iop[3:]]
+            arr = arr[::-1, :]
+        ds.ImageOrientationPatient = [round(v, 6) + 0.0 for v in iop]
+        ds.ImagePositionPatient = [round(float(v), 4) for v in ipp]
+        ds.PixelData = np.ascontiguousarray(arr).tobytes()
+        ds.save_as(dst / p.name)
+
+
+@pytest.mark.parametrize("mirror", [(True, False), (True, True)], ids=["rows-mirrored", "prone-like"])
+def test_laterality_follows_patient_axes(phantom_run: Run, tmp_path: Path, mirror: tuple[bool, bool]) -> None:
+    """The same anatomy stored with another orientation: same level, left stays the patient's left."""
+    _restore(phantom_run.ct, tmp_path / "ct", *mirror)
+    run_folder(tmp_path / "ct", tmp_path / "out", {})
+    s = json.loads((tmp_path / "out" / "summary.json").read_text())
+    ref = phantom_run.summary
+    assert s["level"] == ref["level"]
+    # the level slice is the same plane of the body (slice indices follow each stored stack's own order)
+    from pipelines.common.volume import load_series
+
+    z = load_series(sorted((tmp_path / "ct").glob("*.dcm"))).slices[s["slice_index"]].position[2]
+    z_ref = load_series(sorted(phantom_run.ct.glob("*.dcm"))).slices[ref["slice_index"]].position[2]
+    assert z == pytest.approx(z_ref)
+    for key in ("psoas_left", "psoas_right", "erector_left", "erector_right"):
+        assert s["areas_cm2"][key]["value"] == pytest.approx(ref["areas_cm2"][key]["value"], rel=0.02), key
+    # the SEG's "left" segment lies at positive x (the patient's left) in patient coordinates
+    seg = pydicom.dcmread(tmp_path / "out" / "seg.dcm")
+    labels = {int(d.SegmentNumber): str(d.SegmentLabel) for d in seg.SegmentSequence}
+    left = next(n for n, lab in labels.items() if "left" in lab.lower() and "psoas" in lab.lower())
+    frames = [i for i, f in enumerate(seg.PerFrameFunctionalGroupsSequence)
+              if int(f.SegmentIdentificationSequence[0].ReferencedSegmentNumber) == left]
+    fr = seg.pixel_array[frames[0]] if seg.pixel_array.ndim == 3 else seg.pixel_array
+    rows, cols = np.nonzero(fr)
+    fg = seg.PerFrameFunctionalGroupsSequence[frames[0]]
+    ipp = np.array([float(v) for v in fg.PlanePositionSequence[0].ImagePositionPatient])
+    iop = np.array([float(v) for v in seg.SharedFunctionalGroupsSequence[0].PlaneOrientationSequence[0]
+                    .ImageOrientationPatient])
+    dy, dx = (float(v) for v in seg.SharedFunctionalGroupsSequence[0].PixelMeasuresSequence[0].PixelSpacing)
+    xs = ipp[0] + cols.mean() * dx * iop[0] + rows.mean() * dy * iop[3]
+    body_x = ipp[0] + (fr.shape[1] - 1) / 2 * dx * iop[0] + (fr.shape[0] - 1) / 2 * dy * iop[3]
+    assert xs > body_x, "left psoas must lie on the patient's left (+x)"

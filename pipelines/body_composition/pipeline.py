@@ -18,7 +18,7 @@ import json
 import logging
 import time
 from collections.abc import Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from importlib import metadata
 from pathlib import Path
 from typing import Any
@@ -46,7 +46,7 @@ from pipelines.body_composition.stages import (
 )
 from pipelines.body_composition.types import NAMED_MUSCLES, SEGMENT_KEYS, Measurements, Segmentation
 from pipelines.common.options import parse_options
-from pipelines.common.volume import SeriesToVolume, Volume
+from pipelines.common.volume import Reorient, SeriesToVolume, Volume
 
 log = logging.getLogger(__name__)
 
@@ -149,7 +149,7 @@ class BodyCompositionPipeline:
         part = str(volume.first_dataset.get("BodyPartExamined", "") or "").strip()
         where = f" (body part examined: {part})" if part else ""
         try:
-            level = ClassicalBackend().find_level(volume, self.options.levels)
+            level = ClassicalBackend().find_level(volume.canonical_axial()[0], self.options.levels)
         except Exception as e:  # a description only: never let it hide the refusal itself
             log.info("series %s: content of the tilted series not described: %s", volume.series_uid, e)
             return f"content of the tilted series not assessed{where}"
@@ -192,19 +192,23 @@ class BodyCompositionPipeline:
             self.last_timings, self.last_cpu_timings = t.seconds, t.cpu_seconds
             return out
         backend = self.backend(ctx)
+        # every anatomical stage works on patient axes (k -> head, rows -> back, columns -> the
+        # patient's left), whatever the stored orientation; results go back to the stored order
+        source, (volume, reorient) = volume, volume.canonical_axial()
         level = LevelFinder(backend, self.options.levels).run(volume)
         t0 = t.add("level-finder", t0)
         if level.level is None or level.slice_index is None:
             reason = "; ".join(level.notes) or "level not found"
-            out = outputs.write_not_evaluable(ctx, volume, reason, self, "level-finder", backend=backend)
+            out = outputs.write_not_evaluable(ctx, source, reason, self, "level-finder", backend=backend)
             self.last_timings, self.last_cpu_timings = t.seconds, t.cpu_seconds
             return out
         seg = TissueSegmenter(backend, self.options.volumes_3d).run(SegmentInput(volume, level))
         t0 = t.add("segmentation", t0)
         meas = self.measure.run(MeasureInput(volume, seg, patient_factors(volume.first_dataset)))
         t0 = t.add("measurements", t0)
+        seg, meas = segmentation_to_source(seg, meas, reorient)
         try:
-            out = outputs.write_results(ctx, volume, seg, meas, self, backend)
+            out = outputs.write_results(ctx, source, seg, meas, self, backend)
         except StageError:
             raise
         except Exception as e:
@@ -212,6 +216,31 @@ class BodyCompositionPipeline:
         t.add("seg-sr-writers", t0)
         self.last_timings, self.last_cpu_timings = t.seconds, t.cpu_seconds
         return out
+
+
+def segmentation_to_source(seg: Segmentation, meas: Measurements,
+                           reorient: Reorient) -> tuple[Segmentation, Measurements]:
+    """Results found on patient axes, mapped back to the stored series' own slice, row and column order."""
+    if reorient.identity:
+        return seg, meas
+
+    def k_src(k: int | None) -> int | None:
+        return None if k is None else reorient.index_to_source(k)
+
+    def span(a: int, b: int) -> tuple[int, int]:
+        x, y = reorient.index_to_source(a), reorient.index_to_source(b)
+        return (min(x, y), max(x, y))
+
+    verts = tuple(replace(v, first=span(v.first, v.last)[0], last=span(v.first, v.last)[1])
+                  for v in seg.level.vertebrae)
+    level = replace(seg.level, slice_index=k_src(seg.level.slice_index), vertebrae=verts)
+    slice_seg = replace(seg.slice_seg, masks={k: reorient.slice_to_source(m) for k, m in seg.slice_seg.masks.items()},
+                        body=reorient.slice_to_source(seg.slice_seg.body))
+    volume_masks = {k: reorient.to_source(m) for k, m in seg.volume_masks.items()}
+    rng = span(*seg.volume_range) if seg.volume_range is not None else None
+    seg = replace(seg, level=level, slice_seg=slice_seg, volume_masks=volume_masks, volume_range=rng)
+    meas = replace(meas, slice_index=reorient.index_to_source(meas.slice_index))
+    return seg, meas
 
 
 def create(options: Mapping[str, Any]) -> BodyCompositionPipeline:

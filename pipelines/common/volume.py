@@ -10,8 +10,9 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pydicom
@@ -102,6 +103,57 @@ class Volume:
             seen.setdefault(str(s.dataset.SOPInstanceUID), s.dataset)
         return list(seen.values())
 
+    def canonical_axial(self) -> tuple[Volume, Reorient]:
+        """This volume re-ordered to patient axes, and how to map results back.
+
+        In the returned volume ``hu[k, r, c]``: ``k`` increases toward the head (+z), ``r``
+        toward the patient's back (+y) and ``c`` toward the patient's left (+x), whatever the
+        stored ImageOrientationPatient (prone, mirrored rows, feet-first, rows along y).
+        Geometry (directions, per-slice positions, spacings) is updated so that
+        :meth:`index_to_world` stays exact.  Only axial stacks (within 45 degrees) qualify.
+        """
+        if abs(float(self.normal[2])) < np.cos(np.deg2rad(45.0)):
+            raise StageError(STAGE, self.series_uid, "not an axial stack: cannot re-order to patient axes")
+        row_dir: NDArray[np.float64] = np.asarray(self.row_direction, dtype=np.float64)
+        col_dir: NDArray[np.float64] = np.asarray(self.column_direction, dtype=np.float64)
+        dy, dx = self.pixel_spacing
+        n, rows, cols = self.shape
+        transpose = abs(float(row_dir[0])) < abs(float(row_dir[1]))
+        if transpose:
+            row_dir, col_dir = col_dir, row_dir
+            dy, dx = dx, dy
+            rows, cols = cols, rows
+        flip_cols = float(row_dir[0]) < 0
+        flip_rows = float(col_dir[1]) < 0
+        shift: NDArray[np.float64] = np.zeros(3)
+        if flip_cols:
+            shift = np.asarray(shift + (cols - 1) * dx * row_dir, dtype=np.float64)
+            row_dir = np.asarray(-row_dir, dtype=np.float64)
+        if flip_rows:
+            shift = np.asarray(shift + (rows - 1) * dy * col_dir, dtype=np.float64)
+            col_dir = np.asarray(-col_dir, dtype=np.float64)
+        cross = np.cross(row_dir, col_dir)
+        normal: NDArray[np.float64] = np.asarray(cross / np.linalg.norm(cross), dtype=np.float64)
+        if float(normal[2]) < 0:  # only possible for a left-handed input; keep the stack order honest
+            raise StageError(STAGE, self.series_uid, "row and column directions form a left-handed frame")
+        # slices were sorted along the stored normal; re-sort along the new one
+        flip_slices = bool(float(normal @ self.normal) < 0)
+        reo = Reorient(transpose=transpose, flip_cols=flip_cols, flip_rows=flip_rows, flip_slices=flip_slices,
+                       n_slices=n)
+        if reo.identity:
+            return self, reo
+        ori = np.concatenate([row_dir, col_dir])
+        new_slices = tuple(replace(s, position=np.asarray(s.position + shift), orientation=ori,
+                                   pixel_spacing=(dy, dx)) for s in self.slices)
+        if flip_slices:
+            new_slices = new_slices[::-1]
+        positions = np.array([float(s.position @ normal) for s in new_slices])
+        canon = replace(self, hu=np.ascontiguousarray(reo.forward(self.hu)), slices=new_slices,
+                        row_direction=np.asarray(row_dir, dtype=np.float64),
+                        column_direction=np.asarray(col_dir, dtype=np.float64), normal=normal,
+                        pixel_spacing=(dy, dx), positions=positions)
+        return canon, reo
+
     def world_to_index(self, point: Sequence[float]) -> tuple[float, float, float]:
         """Continuous (k, row, column) index of an LPS point, for untilted volumes."""
         p = np.asarray(point, dtype=np.float64) - self.slices[0].position
@@ -117,6 +169,62 @@ class Volume:
         return np.asarray(
             origin + col * self.pixel_spacing[1] * self.row_direction + row * self.pixel_spacing[0] * self.column_direction
         )
+
+
+@dataclass(frozen=True)
+class Reorient:
+    """How :meth:`Volume.canonical_axial` re-ordered a volume's arrays, and the way back.
+
+    Forward, in this order: swap rows and columns (``transpose``), reverse columns, reverse
+    rows, reverse slices.  Only re-ordering: no voxel is resampled, so a mask mapped back with
+    :meth:`to_source` lies on exactly the stored pixels.
+    """
+
+    transpose: bool = False
+    flip_cols: bool = False
+    flip_rows: bool = False
+    flip_slices: bool = False
+    n_slices: int = 0
+
+    @property
+    def identity(self) -> bool:
+        return not (self.transpose or self.flip_cols or self.flip_rows or self.flip_slices)
+
+    def forward(self, a: NDArray[Any]) -> NDArray[Any]:
+        """Source (slices, rows, columns) array -> canonical order (a view where possible)."""
+        if self.transpose:
+            a = a.transpose(0, 2, 1)
+        if self.flip_cols:
+            a = a[:, :, ::-1]
+        if self.flip_rows:
+            a = a[:, ::-1, :]
+        if self.flip_slices:
+            a = a[::-1]
+        return a
+
+    def to_source(self, a: NDArray[Any]) -> NDArray[Any]:
+        """Canonical (slices, rows, columns) array -> the stored series' own array order."""
+        if self.flip_slices:
+            a = a[::-1]
+        if self.flip_rows:
+            a = a[:, ::-1, :]
+        if self.flip_cols:
+            a = a[:, :, ::-1]
+        if self.transpose:
+            a = a.transpose(0, 2, 1)
+        return np.ascontiguousarray(a)
+
+    def slice_to_source(self, a: NDArray[Any]) -> NDArray[Any]:
+        """One canonical (rows, columns) plane -> the stored image's own row and column order."""
+        out: NDArray[Any] = self.to_source(a[None])[0]
+        return out
+
+    def index_to_source(self, k: int) -> int:
+        """Canonical slice index -> index into the source volume's slices."""
+        return self.n_slices - 1 - k if self.flip_slices else k
+
+    def index_from_source(self, k: int) -> int:
+        return self.index_to_source(k)
 
 
 def _float_list(value: object, n: int, what: str, series_uid: str) -> NDArray[np.float64]:
