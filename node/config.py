@@ -170,10 +170,38 @@ class SweepConfig(_Model):
 
 
 class WebConfig(_Model):
+    """Dashboard, REST API, ``/metrics`` (node/web).  Who may do what (node.web.auth):
+
+    * ``token`` (write token): write actions (resend) and every read;
+    * ``read_token``: reads of the dashboard and ``/api`` (PHI: patient IDs, series descriptions, UIDs);
+    * nobody else: with neither token set the dashboard and ``/api`` answer 403, never anonymously;
+      ``/healthz`` and ``/metrics`` are open and carry no PHI.
+    """
+
     enabled: bool = True
     host: str = "127.0.0.1"
     port: int = Field(8080, ge=0, le=65535)
-    token: str = ""  # bearer token for write actions; empty: writes refused
+    token: str = ""  # write token (Bearer; reads too); empty: writes refused
+    read_token: str = ""  # read-only token; empty: only the write token reads
+    session_hours: float = Field(12.0, gt=0, le=24 * 30)  # lifetime of the dashboard's sign-in cookie
+    secure_cookies: bool = False  # mark the cookie Secure over plain HTTP too (behind a TLS proxy)
+    tls_certificate: Path | None = None  # PEM chain: serve HTTPS (the cookie is then always Secure)
+    tls_private_key: Path | None = None  # PEM key of tls_certificate
+
+    @field_validator("token", "read_token")
+    @classmethod
+    def _token_chars(cls, value: str) -> str:
+        if value != value.strip() or not value.isprintable() or " " in value:
+            raise ValueError("a token is printable characters without spaces")
+        return value
+
+    @model_validator(mode="after")
+    def _distinct_tokens(self) -> WebConfig:
+        if self.read_token and self.read_token == self.token:
+            raise ValueError("read_token equals token: a reader could write; use two different tokens")
+        if (self.tls_certificate is None) != (self.tls_private_key is None):
+            raise ValueError("tls_certificate and tls_private_key go together")
+        return self
 
 
 class OutputConfig(_Model):

@@ -24,7 +24,7 @@ overflow:hidden;text-overflow:ellipsis}.st{padding:1px 7px;border-radius:9px;fon
 .cards{display:flex;gap:12px;margin-bottom:16px}.card{background:#fff;border-radius:6px;box-shadow:0 1px 2px #0002;
 padding:10px 16px;min-width:120px}.card b{display:block;font-size:22px}.empty{color:#7a8793;font-style:italic}
 form.inline{display:inline}button{background:#17324d;color:#fff;border:0;border-radius:4px;padding:3px 10px;cursor:pointer}
-input[type=password]{font-size:12px;padding:2px 4px;width:110px}.msg{background:#e1efff;padding:8px 12px;border-radius:4px}
+input[type=password]{font-size:13px;padding:3px 6px;width:260px}.signout{margin-left:auto;font-size:13px}.msg{background:#e1efff;padding:8px 12px;border-radius:4px}
 """
 
 
@@ -57,17 +57,46 @@ def _uid(v: str) -> str:
     return f"<!--uid--><span title=\"{escape(v)}\">{escape(v)}</span>"
 
 
+def _page(title: str, header_extra: str, body: str) -> str:
+    return (f"<!doctype html><html lang=en><head><meta charset=utf-8><title>prognode {escape(title)}</title>"
+            f'<meta name="viewport" content="width=device-width">'
+            f"<style>{CSS}</style></head><body><header><h1>prognode</h1><span>{escape(title)}</span>"
+            f"{header_extra}</header><main>{body}</main></body></html>")
+
+
+def signin(node_title: str, message: str, next_path: str, enabled: bool, signed_in_as: str = "") -> str:
+    """The token form (``POST /signin``); no PHI on this page."""
+    msg = f'<p class="msg" id="message">{escape(message)}</p>' if message else ""
+    if not enabled:
+        form = ('<p id="closed">No token is configured on this node: set <code>[web].read_token</code> and/or '
+                "<code>[web].token</code> (or <code>PROGNODE_WEB_READ_TOKEN</code> / "
+                "<code>PROGNODE_WEB_TOKEN</code>) and restart.</p>")
+    else:
+        already = (f'<p id="signed-in">Signed in ({escape(signed_in_as)}). <a href="/">Dashboard</a></p>'
+                   if signed_in_as else "")
+        form = (f'{already}<form method="post" action="/signin" id="signin">'
+                f'<input type="hidden" name="next" value="{escape(next_path)}">'
+                '<label>Token <input type="password" name="token" id="token" autocomplete="current-password" '
+                'required autofocus></label> <button type="submit" id="signin-submit">Sign in</button></form>'
+                '<p class="empty">The read token shows the dashboard; the write token also resends.</p>')
+    return _page(node_title, "", f'{msg}<section id="signin-section"><h2>Sign in</h2>{form}</section>')
+
+
 def dashboard(node_title: str, series: list[SeriesOut], jobs: list[JobOut], dead: list[DeadLetterOut],
-              results: list[ResultOut], sweeps: list[SweepOut], writes_enabled: bool, message: str = "",
-              counts: dict[str, Any] | None = None) -> str:
+              results: list[ResultOut], sweeps: list[SweepOut], writes: str = "disabled", csrf: str = "",
+              access: str = "", message: str = "", counts: dict[str, Any] | None = None) -> str:
+    """``writes``: "enabled" (a write session: Resend buttons), "read-only" or "disabled" (no write token);
+    ``access``: the session's access ("read"/"write"; empty for a bearer client: no sign-out form)."""
     counts = counts or {}
     cards = "".join(f'<div class="card">{escape(k)}<b>{escape(str(v))}</b></div>' for k, v in counts.items())
+    csrf_input = f'<input type="hidden" name="csrf" value="{escape(csrf)}">'
 
     def resend_form(job_id: int) -> str:
-        if not writes_enabled:
+        if writes == "disabled":
             return '<span class="empty">writes disabled</span>'
-        return (f'<form class="inline" method="post" action="/ui/jobs/{job_id}/resend">'
-                f'<input type="password" name="token" placeholder="token" aria-label="token" required> '
+        if writes != "enabled":
+            return '<span class="empty">sign in with the write token to resend</span>'
+        return (f'<form class="inline" method="post" action="/ui/jobs/{job_id}/resend">{csrf_input}'
                 f'<button type="submit" id="resend-{job_id}">Resend</button></form>')
 
     sections = [
@@ -105,10 +134,12 @@ def dashboard(node_title: str, series: list[SeriesOut], jobs: list[JobOut], dead
     nav = "".join(f'<a href="#{a}">{escape(t)}</a>' for a, t in
                   (("dead-letters", "Dead letters"), ("results", "Results"), ("jobs", "Jobs"), ("sweeps", "Sweeps"),
                    ("series", "Series"))) + '<a href="/openapi.json">API</a><a href="/metrics">Metrics</a>'
+    who = ""
+    if access:
+        who = (f'<form class="inline signout" method="post" action="/signout">{csrf_input}'
+               f'<span id="access">{escape(access)}</span> <button type="submit" id="signout">Sign out</button></form>')
     return (f"<!doctype html><html lang=en><head><meta charset=utf-8><title>prognode {escape(node_title)}</title>"
             f'<meta name="viewport" content="width=device-width"><meta http-equiv="refresh" content="30">'
             f"<style>{CSS}</style></head><body><header><h1>prognode</h1><span>{escape(node_title)}</span>"
-            f"<nav>{nav}</nav></header><main>{msg}<div class=cards>{cards}</div>{''.join(sections)}</main></body></html>")
-
-
-
+            f"<nav>{nav}</nav>{who}</header><main>{msg}<div class=cards>{cards}</div>{''.join(sections)}</main>"
+            "</body></html>")
