@@ -392,6 +392,30 @@ def test_config_tokens(tmp_path: Path) -> None:
         config_mod.load(cfg_file, environ={"PROGNODE_WEB_READ_TOKEN": "two words"})
 
 
+def test_dashboard_over_https(node_db: tuple[Config, Database], tmp_path: Path) -> None:
+    """[web].tls_certificate/tls_private_key: uvicorn serves HTTPS and the sign-in cookie is Secure."""
+    import ssl
+
+    need("openssl")
+    crt, key = tmp_path / "web.crt", tmp_path / "web.key"
+    subprocess.run(["openssl", "req", "-x509", "-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:prime256v1", "-nodes",
+                    "-keyout", str(key), "-out", str(crt), "-days", "1", "-subj", "/CN=127.0.0.1",
+                    "-addext", "subjectAltName=IP:127.0.0.1"], check=True, capture_output=True, timeout=60)
+    _cfg, db = node_db
+    cfg = make_config(tmp_path / "tls", extra='tls_certificate = "../web.crt"\ntls_private_key = "../web.key"\n')
+    server = serve_web(cfg, db, Metrics(db), port=0)
+    try:
+        assert server.url.startswith("https://127.0.0.1:")
+        with httpx.Client(base_url=server.url, verify=ssl.create_default_context(cafile=str(crt))) as client:
+            assert client.get("/api/series").status_code == 401
+            r = client.post("/signin", data={"token": READ_TOKEN}, follow_redirects=False)
+            assert r.status_code == 303
+            assert "secure" in {a.strip().lower() for a in r.headers["set-cookie"].split(";")}
+            assert "Abdomen 0" in client.get("/").text
+    finally:
+        server.stop()
+
+
 _ATTACK = """<!doctype html><form id=f method=post action="{url}/ui/jobs/2/resend">
 <input name=csrf value=guess></form>"""
 

@@ -137,7 +137,7 @@ def dashboard(node_title: str, series: list[SeriesOut], jobs: list[JobOut], dead
     who = ""
     if access:
         who = (f'<form class="inline signout" method="post" action="/signout">{csrf_input}'
-               f'<span id="access">{escape(access)}</span> <button type="submit" id="signout">Sign out</button></form>')
+               f'<span id="access">signed in: {escape(access)}</span> <button type="submit" id="signout">Sign out</button></form>')
     return (f"<!doctype html><html lang=en><head><meta charset=utf-8><title>prognode {escape(node_title)}</title>"
             f'<meta name="viewport" content="width=device-width"><meta http-equiv="refresh" content="30">'
             f"<style>{CSS}</style></head><body><header><h1>prognode</h1><span>{escape(node_title)}</span>"
