@@ -43,6 +43,8 @@ def _eval(expr: str, scope: dict[str, Any]) -> str:
         name, *args = f.split()
         if name == "quote":
             value = '"' + str(value).replace("\\", "\\\\").replace('"', '\\"') + '"'
+        elif name == "toYaml":
+            value = yaml.safe_dump(value, default_flow_style=False, sort_keys=False).rstrip("\n")
         elif name == "b64enc":
             value = base64.b64encode(str(value).encode()).decode()
         elif name == "nindent":
@@ -69,6 +71,7 @@ def render(template: str, values: dict[str, Any], release: str = "prognode") -> 
 def rendered() -> dict[str, dict[str, Any]]:
     values = yaml.safe_load((CHART / "values.yaml").read_text())
     values["web"]["token"] = "t0ken"
+    values["web"]["readToken"] = "r3ad"
     out = {}
     for t in sorted((CHART / "templates").glob("*.yaml")):
         doc = yaml.safe_load(render(t.read_text(), values))
@@ -77,7 +80,7 @@ def rendered() -> dict[str, dict[str, Any]]:
 
 
 def test_helm_chart_renders(rendered: dict[str, dict[str, Any]], tmp_path: Path) -> None:
-    assert set(rendered) == {"Deployment", "Service", "PersistentVolumeClaim", "ConfigMap", "Secret"}
+    assert set(rendered) == {"Deployment", "Service", "PersistentVolumeClaim", "ConfigMap", "Secret", "NetworkPolicy"}
     dep = rendered["Deployment"]
     pod = dep["spec"]["template"]["spec"]
     (container,) = pod["containers"]
@@ -98,8 +101,10 @@ def test_helm_chart_renders(rendered: dict[str, dict[str, Any]], tmp_path: Path)
     assert rendered["PersistentVolumeClaim"]["spec"]["resources"]["requests"]["storage"] == "50Gi"
     secret = rendered["Secret"]["data"]
     assert base64.b64decode(secret["web-token"]) == b"t0ken"
+    assert base64.b64decode(secret["web-read-token"]) == b"r3ad"
     env = {e["name"]: e["valueFrom"]["secretKeyRef"] for e in container["env"]}
     assert env["PROGNODE_WEB_TOKEN"] == {"name": rendered["Secret"]["metadata"]["name"], "key": "web-token"}
+    assert env["PROGNODE_WEB_READ_TOKEN"] == {"name": rendered["Secret"]["metadata"]["name"], "key": "web-read-token"}
     annotations = dep["spec"]["template"]["metadata"]["annotations"]
     assert annotations["prometheus.io/port"] == str(ports["web"]) and annotations["prometheus.io/path"] == "/metrics"
     assert container["securityContext"]["readOnlyRootFilesystem"] is True and pod["securityContext"]["runAsNonRoot"]
@@ -111,6 +116,31 @@ def test_helm_chart_renders(rendered: dict[str, dict[str, Any]], tmp_path: Path)
     assert str(cfg.storage_dir) == mounts["data"]
 
 
+def test_helm_network_policy(rendered: dict[str, dict[str, Any]]) -> None:
+    """Ingress only to the DICOM port from dicomFrom and to the web port from webFrom; egress only DNS and the
+    PACS of the default config; no rule open to every source or to 0.0.0.0/0."""
+    values = yaml.safe_load((CHART / "values.yaml").read_text())["networkPolicy"]
+    pol = rendered["NetworkPolicy"]["spec"]
+    dep = rendered["Deployment"]
+    assert pol["podSelector"]["matchLabels"] == dep["spec"]["selector"]["matchLabels"]
+    assert pol["policyTypes"] == ["Ingress", "Egress"]
+    by_port = {r["ports"][0]["port"]: r for r in pol["ingress"]}
+    assert set(by_port) == {"dicom", "web"}  # the container's named ports
+    (container,) = dep["spec"]["template"]["spec"]["containers"]
+    assert set(by_port) == {p["name"] for p in container["ports"]}
+    assert by_port["dicom"]["from"] == values["dicomFrom"] and by_port["web"]["from"] == values["webFrom"]
+    for rule in pol["ingress"] + pol["egress"]:
+        peers = rule.get("from", rule.get("to"))
+        assert peers, f"a rule without peers admits everyone: {rule}"
+        for peer in peers:
+            assert peer.get("ipBlock", {}).get("cidr") not in ("0.0.0.0/0", "::/0"), peer
+    dns, *pacs = pol["egress"]
+    assert {p["port"] for p in dns["ports"]} == {53} and pacs == values["egress"]
+    cfg = yaml.safe_load((CHART / "values.yaml").read_text())["config"]
+    pacs_port = int(re.search(r"port = (\d+)\n\n\[\[routes", cfg).group(1))  # type: ignore[union-attr]
+    assert pacs_port in {p["port"] for rule in pacs for p in rule["ports"]}
+
+
 def test_compose_services_ports_volumes(tmp_path: Path) -> None:
     compose = yaml.safe_load((DEPLOY / "docker-compose.yml").read_text())
     services = compose["services"]
@@ -118,20 +148,33 @@ def test_compose_services_ports_volumes(tmp_path: Path) -> None:
     assert set(compose["volumes"]) == {"prognode-data", "orthanc-data"}
 
     def ports(name: str) -> set[str]:
-        return {str(p) for p in services[name]["ports"]}
+        return {str(p) for p in services[name].get("ports", [])}
 
+    # published: the node's DICOM port (scanners), its web port on loopback, the viewer gateway on loopback by
+    # default; Orthanc (DICOM and HTTP) and OHIF only on the compose network
     assert ports("prognode") == {"11112:11112", "127.0.0.1:8080:8080"}
-    assert "4242:4242" in ports("orthanc") and "3000:80" in ports("gateway")
+    assert ports("orthanc") == set() and ports("ohif") == set()
+    assert ports("gateway") == {"${PROGNODE_VIEWER_BIND:-127.0.0.1}:3000:80"}
+    assert services["prognode"]["environment"]["PROGNODE_WEB_READ_TOKEN"] == "${PROGNODE_WEB_READ_TOKEN:-}"
     assert "prognode-data:/var/lib/prognode" in services["prognode"]["volumes"]
     assert "orthanc-data:/var/lib/orthanc/db" in services["orthanc"]["volumes"]
     assert services["prognode"]["build"]["dockerfile"] == "deploy/Dockerfile"
     assert (DEPLOY / services["prognode"]["build"]["context"]).resolve() == REPO
-    # every bind-mounted file exists
+    # every bind-mounted file exists, but the gateway's htpasswd: made at deploy time, ignored by git, and
+    # compose refuses to start without it (no empty folder in its place)
+    deploy_time = []
     for svc in services.values():
         for vol in svc.get("volumes", []):
+            if isinstance(vol, dict):
+                assert vol["type"] == "bind" and vol["bind"]["create_host_path"] is False and vol["read_only"]
+                deploy_time.append(vol["source"])
+                continue
             src = vol.split(":")[0]
             if src.startswith("./"):
                 assert (DEPLOY / src).exists(), src
+    assert deploy_time == ["./nginx/htpasswd"]
+    r = subprocess.run(["git", "check-ignore", "-q", "deploy/nginx/htpasswd"], cwd=REPO, timeout=30)
+    assert r.returncode == 0, "deploy/nginx/htpasswd must be ignored by git"
     # the node's config validates and points at the orthanc service; orthanc knows the node's AE
     cfg = config_mod.load(DEPLOY / "config" / "prognode.toml", environ={})
     assert cfg.destination("pacs").host == "orthanc" and cfg.source("pacs").retrieve == "move"
@@ -143,6 +186,39 @@ def test_compose_services_ports_volumes(tmp_path: Path) -> None:
     assert orthanc["DicomPort"] == cfg.destination("pacs").port and orthanc["DicomWeb"]["Enable"]
     nginx = (DEPLOY / "nginx" / "default.conf").read_text()
     assert "http://orthanc:8042/dicom-web/" in nginx and "http://ohif:80/" in nginx
+    # every location of the gateway is behind basic auth (set at server level, never switched off)
+    assert "auth_basic_user_file /etc/nginx/htpasswd;" in nginx and "auth_basic off" not in nginx
+    server = nginx[nginx.index("server {"):]
+    assert server.index("auth_basic ") < server.index("location")
+
+
+def test_orthanc_of_compose_accepts_only_the_node(tmp_path: Path) -> None:
+    """deploy/orthanc/orthanc.json's DICOM rules in a real Orthanc: C-STORE only from the node's AE title and
+    only to ORTHANC; C-ECHO from anyone."""
+    import json
+
+    from tests.conftest import need
+    from tests.peers import echoscu, orthanc, storescu
+    from tests.synthetic_ct import write_study
+
+    need("Orthanc", "storescu", "echoscu")
+    deployed = json.loads((DEPLOY / "orthanc" / "orthanc.json").read_text())
+    rules = {k: v for k, v in deployed.items() if k.startswith(("DicomAlwaysAllow", "DicomCheck"))}
+    assert rules["DicomAlwaysAllowStore"] is False and rules["DicomCheckCalledAet"] is True
+    import datetime as dt
+
+    study = write_study(tmp_path / "dcm", 3, dt.date(2026, 3, 2), slices=1)
+    aet = deployed["DicomModalities"]["prognode"][0]
+    with orthanc(tmp_path / "orthanc", aet=deployed["DicomAet"], extra_config=rules,
+                 modalities={"prognode": (aet, "127.0.0.1", 11112)}) as pacs:
+        assert echoscu(pacs.dicom_port, called="ORTHANC", calling="ANYONE") == 0
+        assert storescu(pacs.dicom_port, list(study.files), called="ORTHANC", calling="STRANGER",
+                        check=False).returncode != 0
+        assert storescu(pacs.dicom_port, list(study.files), called="WRONG", calling=aet,
+                        check=False).returncode != 0
+        assert pacs.get("/instances") == []
+        storescu(pacs.dicom_port, list(study.files), called="ORTHANC", calling=aet)
+        assert len(pacs.get("/instances")) == 1
 
 
 def test_systemd_unit(tmp_path: Path) -> None:
