@@ -135,13 +135,17 @@ def run_killed(pacs: Orthanc, work: Path, n_series: int) -> dict[str, Any]:
 
 
 def show_node(cfg_path: Path, metrics_out: Path | None, screenshot: Path | None) -> None:
-    """Scrape /metrics and screenshot the dashboard of a swept node (real uvicorn, real Chromium)."""
+    """Scrape /metrics and screenshot the dashboard of a swept node (real uvicorn, real Chromium signed in
+    through the dashboard's form with a read token made for this run)."""
+    import secrets
+
     from node import config as config_mod
     from node.db import Database
     from node.metrics import Metrics
     from node.web import serve_web
 
-    cfg = config_mod.load(cfg_path)
+    token = secrets.token_hex(16)
+    cfg = config_mod.load(cfg_path, overrides=[f"web.read_token={token}", "web.token="])
     db = Database(cfg.database_url)
     server = serve_web(cfg, db, Metrics(db), port=0)
     try:
@@ -149,11 +153,14 @@ def show_node(cfg_path: Path, metrics_out: Path | None, screenshot: Path | None)
             with urllib.request.urlopen(server.url + "/metrics", timeout=30) as r:
                 metrics_out.write_bytes(r.read())
         if screenshot is not None and shutil.which("chromium"):
-            with tempfile.TemporaryDirectory() as profile:
-                subprocess.run(["chromium", "--headless", "--no-sandbox", "--disable-gpu", "--disable-quic",
-                                "--no-first-run", "--disable-background-networking", "--disable-component-update",
-                                "--disable-sync", f"--user-data-dir={profile}", f"--screenshot={screenshot}",
-                                "--window-size=1280,900", server.url + "/"], capture_output=True, timeout=120)
+            from tests.cdp import Browser
+
+            with Browser(timeout=120) as browser:
+                page = browser.new_page()
+                page.goto(server.url + "/signin")
+                page.act_and_wait_load(f"document.getElementById('token').value = {token!r};"
+                                       "document.getElementById('signin-submit').click()")
+                page.screenshot(screenshot)
     finally:
         server.stop()
         db.dispose()
