@@ -9,7 +9,8 @@ Events written by prognode (fields are keyword arguments): ``association_accepte
 ``association_rejected`` / ``association_released`` / ``association_aborted`` (calling_ae, peer,
 called_ae, reason), ``instance_stored`` / ``instance_refused`` (calling_ae, peer, SOP instance, series,
 status), ``echo``, ``series_complete``, ``job_*``, ``export_sent`` / ``export_failed`` (job, destination,
-SOP instance), ``resend`` (job_id, by), and from sweeps ``query`` (source, date range, matches),
+SOP instance), ``resend`` (job_id, by), ``web_signin`` (client, ok, access) / ``web_signout``
+(client, access) from the dashboard, and from sweeps ``query`` (source, date range, matches),
 ``retrieve`` (source, method, series, instances) and ``sweep`` (sweep_id, state, counts).
 
 This is the only audit writer: ``node.logs.AuditLog`` is this class, re-exported for the node core.
