@@ -535,8 +535,11 @@ class JobManager:
         device = self.config.jobs.device
         if device == "auto":
             device = "cpu"  # the worker may upgrade to cuda itself; the node never imports torch
+        options = dict(self.config.pipelines.get(job.pipeline, {}))
+        if job.inputs.get("level_override"):  # a reader-confirmed level (node.reader): this job's only
+            options["level_override"] = dict(job.inputs["level_override"])
         return JobSpec(job_id=job.id, attempt=job.attempts, pipeline=job.pipeline,
-                       options=dict(self.config.pipelines.get(job.pipeline, {})), series=tuple(series),
+                       options=options, series=tuple(series),
                        work_dir=work, identity=self.identity, predecessors=self.queue.predecessors(job),
                        extra_files=extra,
                        models={k: self.config.path(v) for k, v in self.config.models.items()},

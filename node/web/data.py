@@ -69,6 +69,20 @@ class ResultOut(BaseModel):
     seconds_to_pacs: float | None  # from the last image of the input series to the result stored in PACS
 
 
+class LevelIn(BaseModel):
+    """A reader-confirmed level: the level and one image of the series (by UID or instance number)."""
+
+    level: str  # "L3" or "C3"
+    sop_instance_uid: str | None = None
+    instance_number: int | None = None
+    reader: str = ""  # DICOM person name, Family^Given
+
+
+class LevelOut(BaseModel):
+    job_id: int
+    sop_instance_uid: str  # the image the job measures on
+
+
 class SweepOut(BaseModel):
     id: int
     source: str
