@@ -228,7 +228,10 @@ def _code(seq_item: Any, name: str) -> tuple[str, str, str] | None:
     if name not in seq_item or not seq_item[name].value:
         return None
     c = seq_item[name].value[0]
-    return (str(c.get("CodingSchemeDesignator", "")), str(c.get("CodeValue", "")), str(c.get("CodeMeaning", "")))
+    # dcmjs writes CORNERSTONEFREETEXT (19 characters) as a Code Value; a conformant writer (highdicom)
+    # uses Long Code Value for a code longer than 16 characters (PS3.3 8.8)
+    value = c.get("CodeValue", "") or c.get("LongCodeValue", "") or c.get("URNCodeValue", "")
+    return (str(c.get("CodingSchemeDesignator", "")), str(value), str(c.get("CodeMeaning", "")))
 
 
 def markers_of(ds: Any, own_devices: Sequence[tuple[str, str]] = ()) -> tuple[list[Marker], list[str]]:
