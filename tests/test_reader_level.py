@@ -282,7 +282,9 @@ def test_marker_sr_by_cstore_supersedes_the_result_in_pacs(phantom: Truth, tmp_p
         first = wait_until(lambda: done_jobs() or None, 120, interval=0.2, what="the automatic job")[0]
         marker = tmp_path / "marker.dcm"
         marker_sr(image, "L3", reader="Reader^Rita").save_as(marker)
-        storescu(node.port, [marker])  # OHIF saved it to the PACS, which forwards it to prognode
+        # OHIF saved it to the PACS, which forwards it to prognode (-R: propose the SR's own SOP class,
+        # which is not in storescu's default list)
+        storescu(node.port, [marker], extra=["-R"])
         jobs = wait_until(lambda: (j := done_jobs()) and len(j) >= 2 and j, 120, interval=0.2,
                           what="the reader-confirmed job")
         second = jobs[1]
@@ -290,7 +292,7 @@ def test_marker_sr_by_cstore_supersedes_the_result_in_pacs(phantom: Truth, tmp_p
         assert second.inputs["level_override"]["marker_sop_instance_uid"] == _sop(marker)
         assert second.route == first.route and second.summary["slice_index"] == k
         # the same marker sent again queues nothing new
-        storescu(node.port, [marker])
+        storescu(node.port, [marker], extra=["-R"])
         time.sleep(1.5)
         with node.db.read() as s:
             assert s.query(Job).count() == 2
