@@ -300,7 +300,7 @@ def test_marker_sr_by_cstore_supersedes_the_result_in_pacs(phantom: Truth, tmp_p
         assert any(e["event"] == "level_confirmed" and e["source"] == "ohif-sr" for e in audit)
 
         def in_pacs() -> list[pydicom.Dataset]:
-            found = []
+            found: list[pydicom.Dataset] = []
             for inst in pacs.instances_of_study(phantom.study_uid):
                 tags = pacs.get(f"/instances/{inst['ID']}/simplified-tags")
                 if tags.get("Modality") in ("SEG", "SR") and tags.get("Manufacturer") != "OHIF":
