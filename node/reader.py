@@ -182,6 +182,7 @@ def request_level(db: Database, router: Router, audit: AuditSink | None, series_
 
 CORNERSTONE_FREE_TEXT = "CORNERSTONEFREETEXT"  # how OHIF/dcmjs code a measurement's free-text label
 FINDING = ("DCM", "121071")
+COMMENT = ("DCM", "121106")  # OHIF 3.13 writes a measurement's label as a TEXT "Comment" in its group
 FINDING_SITES = (("SCT", "363698007"), ("SRT", "G-C0E3"))
 MEASUREMENT_GROUP = "125007"
 ALGORITHM_NAME = "111001"
@@ -238,10 +239,11 @@ def markers_of(ds: Any, own_devices: Sequence[tuple[str, str]] = ()) -> tuple[li
     """Level markers in an SR dataset, and why groups that look like one were not taken.
 
     A marker is a TID 1500 measurement group with no algorithm identification (a reader's, not a
-    machine's) whose label is "L3" or "C3" -- OHIF 3.13 writes the label as a free-text code
-    (``CORNERSTONEJS``/``CORNERSTONEFREETEXT``) in the group's Finding Site, or in its Finding for
-    an arrow annotation -- or, without a free-text label, whose Finding Site is the L3 or C3
-    vertebra (SCT), and whose spatial coordinates are selected from exactly one image.
+    machine's) whose label is "L3" or "C3" -- OHIF 3.13 writes the label as a TEXT "Comment"
+    (DCM 121106) of the group (seen in an SR it saved); OHIF's older adapters write it as a free-text
+    code (``CORNERSTONEJS``/``CORNERSTONEFREETEXT``) in the group's Finding Site, or in its Finding
+    for an arrow -- or, without any free-text label, whose Finding Site is the L3 or C3 vertebra
+    (SCT), and whose spatial coordinates are selected from exactly one image.
     SRs written by this node (manufacturer and device serial in ``own_devices``) are skipped.
     """
     sop = str(ds.get("SOPInstanceUID", ""))
@@ -277,7 +279,7 @@ def markers_of(ds: Any, own_devices: Sequence[tuple[str, str]] = ()) -> tuple[li
                     free.append(code[2])
                 elif cn[:2] in FINDING_SITES and code[:2] in vertebrae:
                     coded.append((vertebrae[code[:2]], code[2]))
-            elif cn is not None and vt == "TEXT" and cn[:2] == FINDING:
+            elif cn is not None and vt == "TEXT" and cn[:2] in (FINDING, COMMENT):
                 free.append(str(it.get("TextValue", "")))
             elif vt == "IMAGE" and "ReferencedSOPSequence" in it:
                 images.add(str(it.ReferencedSOPSequence[0].ReferencedSOPInstanceUID))

@@ -88,11 +88,13 @@ def test_markers_in_ohif_style_srs(phantom: Truth, tmp_path: Path) -> None:
         marker_sr(image, **kw).save_as(path)
         return markers_of(pydicom.dcmread(path), own_devices=[("prognode", "serial-1")])
 
-    found, _ = markers()  # a Length labelled "L3": the label is a free-text Finding Site
+    found, _ = markers()  # a Length labelled "L3", as OHIF 3.13 writes it: a TEXT Comment in the group
     assert [(m.level, m.image_sop_instance_uid, m.reader, m.label) for m in found] == [("L3", sop, "", "L3")]
     found, _ = markers(label="l3 vertebra", reader="Reader^Rita")
     assert [(m.level, m.reader) for m in found] == [("L3", "Reader^Rita")]
-    found, _ = markers(label="C3", tool="ArrowAnnotate")  # an arrow's label is its Finding
+    found, _ = markers(label="L3", label_as="code")  # older adapters: a free-text code as Finding Site
+    assert [m.level for m in found] == ["L3"]
+    found, _ = markers(label="C3", label_as="code", tool="ArrowAnnotate")  # ... and an arrow's as its Finding
     assert [m.level for m in found] == ["C3"]
     l3 = concept("l3-vertebra")
     coded = CodedConcept(l3.value, l3.scheme_designator, l3.meaning)
@@ -100,11 +102,42 @@ def test_markers_in_ohif_style_srs(phantom: Truth, tmp_path: Path) -> None:
     assert [m.level for m in found] == ["L3"]
     # a free-text label decides over a coded site (OHIF re-saving prognode's "Skeletal muscle" outline)
     assert markers(label="Skeletal muscle", finding_site=coded)[0] == []
+    assert markers(label="Skeletal muscle", label_as="code", finding_site=coded)[0] == []
     assert markers(label="L4")[0] == []
     assert markers(algorithm=True)[0] == []  # a machine's measurement is not a reader's marker
     assert markers(manufacturer="prognode")[0] != []  # the manufacturer alone does not make it ours
     found, skipped = markers(extra_images=(other,))
     assert found == [] and "2 images" in skipped[0]
+
+
+@pytest.mark.slow
+@pytest.mark.browser
+def test_an_sr_that_ohif_saved_is_a_marker(phantom: Truth, tmp_path: Path) -> None:
+    """OHIF 3.13.2 in headless Chromium: a Length drawn on one image, labelled "L3", saved as OHIF saves."""
+    from tests.ohif_sr import ohif_saved_marker
+    from tests.peers import SHARED
+
+    need("Orthanc", "node", "chromium")
+    cache = Path.home() / ".cache" / "ohif-check"
+    if not (cache / "ohif-app-3.13.2" / "dist").is_dir() or not (SHARED / "tools" / "ohif-check").is_dir():
+        pytest.skip("ohif-check is not set up (../shared/tools/ohif-check/setup.sh)")
+    k = phantom.level_slices["L3"]
+    sop = _sop(phantom.files[k])
+    saved = pydicom.dcmread(ohif_saved_marker(phantom.files, sop, "L3", tmp_path / "ohif"))
+    found, skipped = markers_of(saved)
+    assert [(m.level, m.image_sop_instance_uid, m.reader) for m in found] == [("L3", sop, "")] and not skipped
+    # what tests build stands for it: same SOP class, template, tracking identifier and label item
+    built = marker_sr(pydicom.dcmread(phantom.files[k]), "L3")
+
+    def shape(ds: pydicom.Dataset) -> tuple[Any, ...]:
+        group = next(it for it in _walk(ds.ContentSequence) if it.ValueType == "CONTAINER"
+                     and it.ConceptNameCodeSequence[0].CodeValue == "125007")
+        items = [(it.ValueType, it.ConceptNameCodeSequence[0].CodeValue) for it in group.ContentSequence]
+        tracking = next(str(it.TextValue) for it in group.ContentSequence
+                        if it.ConceptNameCodeSequence[0].CodeValue == "112039")
+        return ds.SOPClassUID, ds.ContentTemplateSequence[0].TemplateIdentifier, tracking, sorted(items)
+
+    assert shape(saved) == shape(built)
 
 
 # Pipeline ---------------------------------------------------------------------------------------
@@ -303,7 +336,7 @@ def test_marker_sr_by_cstore_supersedes_the_result_in_pacs(phantom: Truth, tmp_p
             found: list[pydicom.Dataset] = []
             for inst in pacs.instances_of_study(phantom.study_uid):
                 tags = pacs.get(f"/instances/{inst['ID']}/simplified-tags")
-                if tags.get("Modality") in ("SEG", "SR") and tags.get("Manufacturer") != "OHIF":
+                if tags.get("Modality") in ("SEG", "SR") and tags.get("SeriesDescription") != "Research Derived Series":
                     with urllib.request.urlopen(f"{pacs.url}/instances/{inst['ID']}/file", timeout=30) as r:
                         path = tmp_path / f"{inst['ID']}.dcm"
                         path.write_bytes(r.read())
