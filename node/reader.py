@@ -242,8 +242,10 @@ def markers_of(ds: Any, own_devices: Sequence[tuple[str, str]] = ()) -> tuple[li
     machine's) whose label is "L3" or "C3" -- OHIF 3.13 writes the label as a TEXT "Comment"
     (DCM 121106) of the group (seen in an SR it saved); OHIF's older adapters write it as a free-text
     code (``CORNERSTONEJS``/``CORNERSTONEFREETEXT``) in the group's Finding Site, or in its Finding
-    for an arrow -- or, without any free-text label, whose Finding Site is the L3 or C3 vertebra
-    (SCT), and whose spatial coordinates are selected from exactly one image.
+    for an arrow -- or, without any free-text label, whose Finding Site (or Finding) is the L3 or C3
+    vertebra (SCT) and which names no other finding (a muscle measured *at* L3 is not a marker: OHIF
+    saves prognode's groups that way, without their algorithm, when a reader re-saves them), and
+    whose spatial coordinates are selected from exactly one image.
     SRs written by this node (manufacturer and device serial in ``own_devices``) are skipped.
     """
     sop = str(ds.get("SOPInstanceUID", ""))
@@ -264,6 +266,7 @@ def markers_of(ds: Any, own_devices: Sequence[tuple[str, str]] = ()) -> tuple[li
             continue
         free: list[str] = []
         coded: list[tuple[str, str]] = []
+        findings: list[str] = []  # coded findings other than a level: the group measures a structure
         images: set[str] = set()
         automatic = False
         for it in _walk(group.get("ContentSequence", [])):
@@ -277,8 +280,10 @@ def markers_of(ds: Any, own_devices: Sequence[tuple[str, str]] = ()) -> tuple[li
                     continue
                 if code[1] == CORNERSTONE_FREE_TEXT:
                     free.append(code[2])
-                elif cn[:2] in FINDING_SITES and code[:2] in vertebrae:
+                elif code[:2] in vertebrae:
                     coded.append((vertebrae[code[:2]], code[2]))
+                elif cn[:2] == FINDING:
+                    findings.append(code[2])
             elif cn is not None and vt == "TEXT" and cn[:2] in (FINDING, COMMENT):
                 free.append(str(it.get("TextValue", "")))
             elif vt == "IMAGE" and "ReferencedSOPSequence" in it:
@@ -288,6 +293,8 @@ def markers_of(ds: Any, own_devices: Sequence[tuple[str, str]] = ()) -> tuple[li
         if free:  # a free-text label decides: a coded finding site beside it came from elsewhere
             levels = {lv for lv in (level_of_label(x) for x in free) if lv}
             label = next((x for x in free if level_of_label(x)), "")
+        elif findings:  # e.g. "Skeletal muscle" at finding site L3 vertebra (prognode's own groups, which
+            continue    # OHIF saves again without their algorithm when a reader re-saves the measurements)
         else:
             levels = {lv for lv, _ in coded}
             label = coded[0][1] if coded else ""

@@ -1,6 +1,8 @@
 // Draws a Length on one image in OHIF 3.13 (headless Chromium), labels it, and saves the measurements
 // as OHIF does (the CORNERSTONE_STRUCTURED_REPORT storeMeasurements command: dcmjs SR, STOW to the PACS).
-// Usage: node ohif_save_marker.js JOB.json   JOB: {base_url, study_uid, sop_instance_uid, label, chromium, out}
+// Usage: node ohif_save_marker.js JOB.json
+//   JOB: {base_url, study_uid, sop_instance_uid, label, chromium, out, hydrate_series_uid (optional: an SR
+//   series loaded into the measurement panel first, whose measurements OHIF then saves again)}
 // NODE_PATH must reach playwright-core (ohif-check's cache). Writes {ok, report|error, ...} to JOB.out.
 'use strict';
 const fs = require('fs');
@@ -28,6 +30,22 @@ const log = (...a) => console.log(new Date().toISOString().slice(11, 23), ...a);
       window.cornerstone.getRenderingEngines()[0].getViewports().some(v => v.getImageIds && v.getImageIds().length),
     null, { timeout: 90000, polling: 250 });
     await sleep(2000);
+    if (job.hydrate_series_uid) {
+      // first loads an SR into the measurement panel (as a reader opening prognode's result does)
+      const dsUid = await page.waitForFunction(uid => {
+        const d = window.services.displaySetService.getActiveDisplaySets().find(x => x.SeriesInstanceUID === uid);
+        return d && d.displaySetInstanceUID;
+      }, job.hydrate_series_uid, { timeout: 60000, polling: 250 }).then(h => h.jsonValue());
+      await page.locator(`[id="thumbnail-${dsUid}"]`).dblclick();
+      const hydrate = page.locator('[data-cy="yes-hydrate-btn"]');
+      await hydrate.waitFor({ state: 'visible', timeout: 30000 });
+      await hydrate.click();
+      await page.waitForFunction(() => window.services.measurementService.getMeasurements().length > 0, null,
+        { timeout: 30000, polling: 250 });
+      await sleep(1500);
+      log('hydrated', await page.evaluate(() => window.services.measurementService.getMeasurements()
+        .map(m => m.label).join('|')));
+    }
     // the reader scrolls to the chosen image
     const index = await page.evaluate(async sop => {
       const vp = window.cornerstone.getRenderingEngines()[0].getViewports().find(v => v.getImageIds && v.getImageIds().length);
@@ -63,14 +81,16 @@ const log = (...a) => console.log(new Date().toISOString().slice(11, 23), ...a);
     // labels it (what the panel's rename dialog does) and saves as OHIF's "Save" does
     const report = await page.evaluate(async ({ label }) => {
       const ms = window.services.measurementService;
-      const m = ms.getMeasurements()[0];
+      const all = ms.getMeasurements();
+      const m = all[all.length - 1];  // the one just drawn
       ms.update(m.uid, { ...m, label }, true);
       const dataSource = window.extensionManager.activeDataSourceName || 'orthanc';  // a data source *name*
       const r = await window.commandsManager.runCommand('storeMeasurements', {
         measurementData: ms.getMeasurements(), dataSource, additionalFindingTypes: ['ArrowAnnotate'],
         options: { SeriesDescription: 'Research Derived Series', SeriesNumber: 1001 },
       }, 'CORNERSTONE_STRUCTURED_REPORT');
-      return { SOPInstanceUID: r.SOPInstanceUID, SOPClassUID: r.SOPClassUID, label: ms.getMeasurements()[0].label };
+      return { SOPInstanceUID: r.SOPInstanceUID, SOPClassUID: r.SOPClassUID,
+        labels: ms.getMeasurements().map(x => x.label) };
     }, { label: job.label });
     log('stored', JSON.stringify(report));
     result.ok = true;

@@ -44,7 +44,7 @@ COMMENT = CodedConcept("121106", "DCM", "Comment")
 
 
 def marker_sr(image: Dataset, label: str | None = "L3", *, reader: str = "unknown^unknown", tool: str = "Length",
-              label_as: str = "comment", finding_site: CodedConcept | None = None,
+              label_as: str = "comment", finding_site: CodedConcept | None = None, finding: CodedConcept | None = None,
               extra_images: tuple[Dataset, ...] = (), algorithm: bool = False,
               manufacturer: str = "Unspecified") -> hd.sr.EnhancedSR | hd.sr.Comprehensive3DSR:
     """An SR with one measurement drawn on ``image`` (a Length, or the ``tool`` named), labelled ``label``:
@@ -64,7 +64,7 @@ def marker_sr(image: Dataset, label: str | None = "L3", *, reader: str = "unknow
         sites.append(hd.sr.FindingSite(anatomic_location=finding_site))
     group = hd.sr.MeasurementsAndQualitativeEvaluations(
         tracking_identifier=hd.sr.TrackingIdentifier(uid=hd.UID(), identifier=f"{CORNERSTONE_3D_TAG}:{tool}"),
-        finding_type=free_text(label) if label and coded_label and tool == "ArrowAnnotate" else None,
+        finding_type=free_text(label) if label and coded_label and tool == "ArrowAnnotate" else finding,
         finding_sites=sites or None,
         algorithm_id=hd.sr.AlgorithmIdentification(name="some CAD", version="1") if algorithm else None,
         measurements=[hd.sr.Measurement(name=LENGTH, value=float(cols) * 0.4, unit=codes.UCUM.Millimeter,
@@ -109,10 +109,12 @@ def as_dcmjs_codes(ds: Dataset) -> None:
 # An SR that OHIF 3.13 itself saves ---------------------------------------------------------------
 
 def ohif_saved_marker(ct_files: list[Path], sop_instance_uid: str, label: str, work: Path,
-                      timeout: float = 240.0) -> Path:
+                      timeout: float = 240.0, hydrate: Path | None = None) -> Path:
     """Load ``ct_files`` into a private Orthanc, open them in OHIF 3.13 (ohif-check's cached build and
     static server) in headless Chromium, draw a Length on image ``sop_instance_uid``, label it ``label``
     and save the measurements as OHIF does (STOW to Orthanc); returns the SR file as Orthanc holds it.
+    ``hydrate``: an SR (e.g. prognode's) loaded into the measurement panel first, so OHIF saves its
+    measurements again beside the new one.
 
     Needs ``../shared/tools/ohif-check`` set up (its ``setup.sh``); raises RuntimeError when the
     browser step fails."""
@@ -135,14 +137,16 @@ def ohif_saved_marker(ct_files: list[Path], sop_instance_uid: str, label: str, w
 
     work.mkdir(parents=True, exist_ok=True)
     with orthanc(work / "orthanc") as pacs:
-        pacs.upload(ct_files)
+        pacs.upload([*ct_files, *([hydrate] if hydrate else [])])
+        hydrate_series = str(pydicom.dcmread(hydrate, stop_before_pixels=True).SeriesInstanceUID) if hydrate else ""
         study = str(pydicom.dcmread(ct_files[0], stop_before_pixels=True).StudyInstanceUID)
         viewer = ViewerServer(str(dist), str(tool / "lib" / "app-config.js"), pacs.url).start()
         try:
             job = work / "job.json"
             out = work / "result.json"
             job.write_text(json.dumps({"base_url": viewer.url, "study_uid": study, "sop_instance_uid": sop_instance_uid,
-                                       "label": label, "chromium": chromium, "out": str(out)}))
+                                       "label": label, "chromium": chromium, "out": str(out),
+                                       "hydrate_series_uid": hydrate_series}))
             env = dict(os.environ, NODE_PATH=str(node_modules))
             run = subprocess.run(["node", str(Path(__file__).with_name("ohif_save_marker.js")), str(job)], env=env,
                                  capture_output=True, text=True, timeout=timeout)

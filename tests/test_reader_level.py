@@ -103,6 +103,8 @@ def test_markers_in_ohif_style_srs(phantom: Truth, tmp_path: Path) -> None:
     # a free-text label decides over a coded site (OHIF re-saving prognode's "Skeletal muscle" outline)
     assert markers(label="Skeletal muscle", finding_site=coded)[0] == []
     assert markers(label="Skeletal muscle", label_as="code", finding_site=coded)[0] == []
+    muscle = CodedConcept("127954009", "SCT", "Skeletal muscle")  # prognode's group as OHIF re-saves it
+    assert markers(label=None, finding=muscle, finding_site=coded)[0] == []
     assert markers(label="L4")[0] == []
     assert markers(algorithm=True)[0] == []  # a machine's measurement is not a reader's marker
     assert markers(manufacturer="prognode")[0] != []  # the manufacturer alone does not make it ours
@@ -138,6 +140,18 @@ def test_an_sr_that_ohif_saved_is_a_marker(phantom: Truth, tmp_path: Path) -> No
         return ds.SOPClassUID, ds.ContentTemplateSequence[0].TemplateIdentifier, tracking, sorted(items)
 
     assert shape(saved) == shape(built)
+
+    # a reader opens prognode's SR, draws "L3" on another slice and saves: OHIF writes prognode's 8 groups
+    # again (no algorithm; Finding "Skeletal muscle" etc. at Finding Site "L3 vertebra") beside the new one
+    auto = run_folder(phantom.files[0].parent, tmp_path / "auto", {"volumes_3d": False})
+    other = _sop(phantom.files[k + 1])
+    resaved = pydicom.dcmread(ohif_saved_marker(phantom.files, other, "L3", tmp_path / "ohif2",
+                                                hydrate=next(f for f in auto.files if f.name == "sr.dcm")))
+    groups = [it for it in _walk(resaved.ContentSequence) if it.ValueType == "CONTAINER"
+              and it.ConceptNameCodeSequence[0].CodeValue == "125007"]
+    assert len(groups) == 9
+    found, skipped = markers_of(resaved)
+    assert [(m.level, m.image_sop_instance_uid) for m in found] == [("L3", other)] and not skipped
 
 
 # Pipeline ---------------------------------------------------------------------------------------
