@@ -129,12 +129,15 @@ def _key(route: str, series_uid: str, generation: int, override: dict[str, str])
 
 def request_level(db: Database, router: Router, audit: AuditSink | None, series_uid: str, level: str, *,
                   sop_instance_uid: str | None = None, instance_number: int | None = None, reader: str = "",
-                  source: str = "api", marker_sop_instance_uid: str = "", refuse_active: bool = True) -> Queued:
+                  source: str = "api", marker_sop_instance_uid: str = "", refuse_active: bool = True,
+                  unless_current: bool = False) -> Queued:
     """Queue a body-composition job measuring ``series_uid`` at the reader's ``level`` and image.
 
     Raises :class:`UnknownSeries` (404), :class:`SliceNotInSeries` (422: bad level, image not in the
     series, an absent or repeated instance number) or, with ``refuse_active``, :class:`JobActive`
     (409: a body-composition job on the series is pending, running or waiting for a retry).
+    ``unless_current``: queue nothing when the series' latest body-composition job already measures
+    at this level on this image (a viewer SR saved again with an earlier marker in it).
     """
     if level not in LEVELS:
         raise SliceNotInSeries(f"level {level!r}: a reader may confirm {' or '.join(LEVELS)}")
@@ -154,6 +157,12 @@ def request_level(db: Database, router: Router, audit: AuditSink | None, series_
             if active is not None:
                 raise JobActive(f"job {active} ({PIPELINE}) on series {series_uid} is queued or running: "
                                 "ask again when it is done")
+        if unless_current:
+            last = s.scalars(select(Job).where(Job.series_uid == series_uid, Job.pipeline == PIPELINE)
+                             .order_by(Job.id.desc()).limit(1)).first()
+            current = (last.inputs or {}).get("level_override") or {} if last is not None else {}
+            if last is not None and current.get("level") == level and current.get("sop_instance_uid") == sop:
+                return Queued(int(last.id), False, sop)
         route, send_to = _route_for(s, router, series)
         override = {"level": level, "sop_instance_uid": sop, "reader": reader, "source": source,
                     "time": now_iso(t), "marker_sop_instance_uid": marker_sop_instance_uid}
@@ -359,7 +368,8 @@ class LevelMarkers:
             try:
                 q = request_level(self.db, self.router, self.audit, target, level,
                                   sop_instance_uid=m.image_sop_instance_uid, reader=m.reader, source="ohif-sr",
-                                  marker_sop_instance_uid=m.marker_sop_instance_uid, refuse_active=False)
+                                  marker_sop_instance_uid=m.marker_sop_instance_uid, refuse_active=False,
+                                  unless_current=True)
             except LevelRequestError as e:
                 self._ignored(series_uid, f"{level} marker of SR {m.marker_sop_instance_uid}: {e}")
                 continue

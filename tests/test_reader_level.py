@@ -338,8 +338,11 @@ def test_marker_sr_by_cstore_supersedes_the_result_in_pacs(phantom: Truth, tmp_p
         assert second.inputs["level_override"]["source"] == "ohif-sr"
         assert second.inputs["level_override"]["marker_sop_instance_uid"] == _sop(marker)
         assert second.route == first.route and second.summary["slice_index"] == k
-        # the same marker sent again queues nothing new
-        storescu(node.port, [marker], extra=["-R"])
+        # the same marker sent again queues nothing new, nor does a new SR with a marker on the same image
+        # (a reader who saves again in OHIF writes the earlier measurements again)
+        again = tmp_path / "again.dcm"
+        marker_sr(image, "L3", reader="Reader^Rita").save_as(again)
+        storescu(node.port, [marker, again], extra=["-R"])
         time.sleep(1.5)
         with node.db.read() as s:
             assert s.query(Job).count() == 2
