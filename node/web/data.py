@@ -28,7 +28,8 @@ class SeriesOut(BaseModel):
 
 
 class JobOut(BaseModel):
-    """The API's view of :class:`node.jobs.JobView` (its fields but ``last_image_at`` and ``inputs``)."""
+    """The API's view of :class:`node.jobs.JobView` (its fields but ``last_image_at`` and ``inputs``;
+    ``level_override`` from the inputs of a job at a reader-confirmed level, see :mod:`node.reader`)."""
 
     id: int
     series_uid: str
@@ -42,6 +43,7 @@ class JobOut(BaseModel):
     updated_at: float
     started_at: float | None
     finished_at: float | None
+    level_override: dict[str, str] | None = None  # level, image, reader, source, time (node.reader)
 
 
 class DeadLetterOut(BaseModel):
@@ -119,7 +121,11 @@ def list_series(db: Database, limit: int = 200, state: str | None = None) -> lis
 
 
 def _job(v: JobView) -> JobOut:
-    return JobOut.model_validate(v, from_attributes=True)
+    out = JobOut.model_validate(v, from_attributes=True)
+    override = v.inputs.get("level_override")
+    if override:
+        out.level_override = {str(k): str(val) for k, val in dict(override).items()}
+    return out
 
 
 def list_jobs(db: Database, limit: int = 200, state: str | None = None) -> list[JobOut]:
