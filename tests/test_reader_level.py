@@ -388,3 +388,27 @@ def test_marker_sr_by_cstore_supersedes_the_result_in_pacs(phantom: Truth, tmp_p
             assert rows and all(r.supersedes in old_rows for r in rows)
     finally:
         db.dispose()
+
+
+def test_a_later_job_on_the_series_waits_for_the_running_one(tmp_path: Path) -> None:
+    """So a reader-confirmed job that arrives while the automatic one runs gets its results as predecessors."""
+    from node.jobs import JobQueue
+
+    db = Database(f"sqlite:///{tmp_path / 'index.db'}")
+    try:
+        with db.session() as s:
+            for i, series in ((1, "1.2.1"), (2, "1.2.1"), (3, "1.2.2")):
+                s.add(Job(id=i, series_uid=series, study_uid="1.2", route="bc", pipeline="body-composition",
+                          inputs={}, input_key=f"k{i}", state="pending", attempts=0))
+        queue = JobQueue(db, AuditLog(None))
+        first = queue.claim("w")
+        assert first is not None and first.id == 1
+        nxt = queue.claim("w")
+        assert nxt is not None and nxt.id == 3  # another series goes ahead; job 2 waits for job 1
+        assert queue.claim("w") is None
+        with db.session() as s:
+            s.get(Job, 1).state = "done"  # type: ignore[union-attr]
+        last = queue.claim("w")
+        assert last is not None and last.id == 2
+    finally:
+        db.dispose()
