@@ -135,7 +135,8 @@ def request_level(db: Database, router: Router, audit: AuditSink | None, series_
 
     Raises :class:`UnknownSeries` (404), :class:`SliceNotInSeries` (422: bad level, image not in the
     series, an absent or repeated instance number) or, with ``refuse_active``, :class:`JobActive`
-    (409: a body-composition job on the series is pending, running or waiting for a retry).
+    (409: a body-composition job on the series is pending, running or waiting for a retry, or the
+    series is still receiving).
     ``unless_current``: queue nothing when the series' latest body-composition job already measures
     at this level on this image (a viewer SR saved again with an earlier marker in it).
     """
@@ -151,6 +152,8 @@ def request_level(db: Database, router: Router, audit: AuditSink | None, series_
         if series is None:
             raise UnknownSeries(f"series {series_uid} not found")
         sop = _resolve(s, series_uid, sop_instance_uid, instance_number)
+        if refuse_active and series.state != "complete":
+            raise JobActive(f"series {series_uid} is still receiving instances: ask again once it is complete")
         if refuse_active:
             active = s.scalar(select(Job.id).where(Job.series_uid == series_uid, Job.pipeline == PIPELINE,
                                                    Job.state.in_(ACTIVE_STATES)).limit(1))

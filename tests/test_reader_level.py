@@ -254,7 +254,7 @@ def api(tmp_path: Path) -> Iterator[tuple[TestClient, Database, AuditLog]]:
     with db.session() as s:
         s.add(Series(series_uid="1.2.3.1", study_uid="1.2.3", modality="CT", state="complete", generation=0,
                      instances=3, attributes={"Modality": "CT"}))
-        s.add(Series(series_uid="1.2.3.2", study_uid="1.2.3", modality="CT", state="complete", instances=1))
+        s.add(Series(series_uid="1.2.3.2", study_uid="1.2.3", modality="CT", state="receiving", instances=1))
         for i, n in enumerate((1, 2, 2)):
             s.add(Instance(sop_instance_uid=f"1.2.3.1.{i}", series_uid="1.2.3.1", study_uid="1.2.3",
                            sop_class_uid="1.2.840.10008.5.1.4.1.1.2", transfer_syntax="1.2.840.10008.1.2.1",
@@ -298,6 +298,8 @@ def test_rest_level(api: tuple[TestClient, Database, AuditLog]) -> None:
         assert job.input_key != "k1"
         assert job.inputs["level_override"]["reader"] == "Reader^Rita"
         assert job.inputs["level_override"]["source"] == "api"
+    r = client.post("/api/series/1.2.3.2/level", json={"level": "L3", "instance_number": 1}, headers=auth)
+    assert r.status_code == 409 and "still receiving" in r.json()["detail"]
     # while that job is queued (or running), a second request is refused
     r = client.post(url, json={"level": "L3", "sop_instance_uid": "1.2.3.1.0"}, headers=auth)
     assert r.status_code == 409 and f"job {job_id}" in r.json()["detail"]

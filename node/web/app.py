@@ -105,7 +105,7 @@ def create_app(config: Config, db: Database, metrics: Metrics, audit: AuditSink 
         Queues a new body-composition job whose results supersede the earlier ones (202, its id).
         404: unknown series; 422: bad level, image not in the series, an absent or repeated instance
         number, or a reader that is not a person name; 409: a body-composition job on the series is
-        queued or running."""
+        queued or running, or the series is still receiving."""
         try:
             q = request_level(db, router, audit, series_uid, body.level, sop_instance_uid=body.sop_instance_uid,
                               instance_number=body.instance_number, reader=body.reader, source="api")
