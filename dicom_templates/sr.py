@@ -314,11 +314,18 @@ def not_evaluable_group(image: Dataset, reason: str, tracking_id: str = "not-eva
     )
 
 
+SR_STORAGE_PREFIX = "1.2.840.10008.5.1.4.1.1.88."  # the SR Storage SOP classes (PS3.4 B.5)
+
+
 def _predecessor_datasets(predecessors: Sequence[Predecessor | Dataset]) -> list[Dataset]:
+    """The Predecessor Documents (PS3.3 C.17.2.3): earlier SR documents only; an earlier SEG that a
+    re-run replaces is not a predecessor document (the node's results ledger links it instead)."""
     out = []
     for p in predecessors:
         if isinstance(p, Dataset):
             out.append(p)
+            continue
+        if not p.sop_class_uid.startswith(SR_STORAGE_PREFIX):
             continue
         ds = Dataset()  # reference only: highdicom reads these four UIDs to build the sequence
         ds.StudyInstanceUID = p.study_uid
@@ -384,6 +391,7 @@ def build_measurement_report(
     sop_instance_uid: str | None = None,
     instance_number: int = 1,
     procedure: str = "procedure-ct",
+    person_observer: str | None = None,
 ) -> hd.sr.Comprehensive3DSR:
     """Build a TID 1500 Measurement Report (PS3.16) as a Comprehensive 3D SR (PS3.3 A.35.13).
 
@@ -408,6 +416,9 @@ def build_measurement_report(
         of ``evidence`` is added so that the SR still has a SCOORD group for OHIF.
     qualitative, texts:
         Report-level coded and free-text evaluations (TID 1500 rows 12-14).
+    person_observer:
+        A person who took part in the observation (a reader who confirmed an input), as a DICOM
+        person name ``Family^Given``: TID 1002 Person Observer beside the device observer (TID 1001).
 
     Raises
     ------
@@ -451,8 +462,14 @@ def build_measurement_report(
             serial_number=identity.device_serial_number,
         ),
     )
+    person = None
+    if person_observer:
+        person = hd.sr.ObserverContext(
+            observer_type=dcm_codes.DCM.Person,
+            observer_identifying_attributes=hd.sr.PersonObserverIdentifyingAttributes(name=person_observer),
+        )
     report = hd.sr.MeasurementReport(
-        observation_context=hd.sr.ObservationContext(observer_device_context=observer),
+        observation_context=hd.sr.ObservationContext(observer_person_context=person, observer_device_context=observer),
         procedure_reported=codes.concept(procedure),
         imaging_measurements=content,
     )

@@ -79,6 +79,10 @@ def check_config(config: Config) -> list[str]:
     for name in config.pipelines:
         if name not in registry.REGISTRY:
             problems.append(f"pipelines.{name}: unknown pipeline {name!r}")
+        if "level_override" in config.pipelines[name]:
+            problems.append(f"pipelines.{name}.level_override: set per job (a reader-confirmed level: "
+                            "prognode run --level, POST /api/series/{uid}/level, a marker from the viewer), "
+                            "never in a config file")
     return problems
 
 
@@ -212,12 +216,61 @@ def group_folder(folder: Path) -> tuple[dict[str, list[Path]], dict[str, str], l
     return dict(groups), studies, extra
 
 
+LEVEL_PIPELINE = "body-composition"  # the pipeline that takes a reader-confirmed level (--level)
+
+
+class LevelArgError(ValueError):
+    """``--level`` cannot be used as given; the message says why."""
+
+
+def level_override(level_arg: str, reader: str, files: Sequence[Path]) -> dict[str, str]:
+    """``--level L3=SLICE`` -> the pipeline's ``level_override``: SLICE with a dot is a SOP Instance
+    UID, digits only an Instance Number; an absent or repeated instance number is refused."""
+    import pydicom
+
+    from node.reader import LEVELS, check_reader, now_iso
+
+    level, sep, slice_ = level_arg.partition("=")
+    level, slice_ = level.strip().upper(), slice_.strip()
+    if not sep or level not in LEVELS or not slice_:
+        raise LevelArgError(f"--level {level_arg!r}: expected LEVEL=SLICE with LEVEL one of {', '.join(LEVELS)} "
+                            "(e.g. L3=42 or L3=1.2.840...)")
+    if "." not in slice_ and not slice_.isdigit():
+        raise LevelArgError(f"--level {level_arg!r}: SLICE is an Instance Number (digits) or a SOP Instance UID "
+                            "(with dots)")
+    try:
+        reader = check_reader(reader)
+    except ValueError as e:
+        raise LevelArgError(f"--reader: {e}") from None
+    headers = [pydicom.dcmread(f, stop_before_pixels=True, specific_tags=["SOPInstanceUID", "InstanceNumber"])
+               for f in files]
+    if "." in slice_:
+        if not any(str(h.get("SOPInstanceUID", "")) == slice_ for h in headers):
+            raise LevelArgError(f"--level: no image of the series has SOP Instance UID {slice_}")
+        sop = slice_
+    else:
+        hits = [str(h.SOPInstanceUID) for h in headers if str(h.get("InstanceNumber", "")).strip() == str(int(slice_))]
+        if not hits:
+            raise LevelArgError(f"--level: no image of the series has Instance Number {int(slice_)}")
+        if len(hits) > 1:
+            raise LevelArgError(f"--level: {len(hits)} images of the series have Instance Number {int(slice_)}; "
+                                "give the SOP Instance UID instead")
+        sop = hits[0]
+    return {"level": level, "sop_instance_uid": sop, "reader": reader, "source": "cli", "time": now_iso()}
+
+
 def cmd_run(args: argparse.Namespace) -> int:
     from node.jobs import JobSpec, identity_from_config, run_pipeline
     from pipelines.base import SeriesInput
 
     config = config_from_args(args)
     _setup_logging(config)
+    if args.level is not None and args.pipeline != LEVEL_PIPELINE:
+        print(f"run: --level is for {LEVEL_PIPELINE} only, not {args.pipeline}", file=sys.stderr)
+        return EXIT_USAGE
+    if args.reader and args.level is None:
+        print("run: --reader names who confirmed a --level; give --level too", file=sys.stderr)
+        return EXIT_USAGE
     groups, studies, extra = group_folder(args.input_dir)
     if not groups:
         print(f"run: no DICOM image series in {args.input_dir}", file=sys.stderr)
@@ -227,7 +280,14 @@ def cmd_run(args: argparse.Namespace) -> int:
               "give a folder with one series", file=sys.stderr)
         return EXIT_USAGE
     uid, files = next(iter(groups.items()))
-    spec = JobSpec(job_id=0, attempt=1, pipeline=args.pipeline, options=dict(config.pipelines.get(args.pipeline, {})),
+    options = dict(config.pipelines.get(args.pipeline, {}))
+    if args.level is not None:
+        try:
+            options["level_override"] = level_override(args.level, args.reader or "", files)
+        except LevelArgError as e:
+            print(f"run: {e}", file=sys.stderr)
+            return EXIT_USAGE
+    spec = JobSpec(job_id=0, attempt=1, pipeline=args.pipeline, options=options,
                    series=(SeriesInput(uid, studies[uid], tuple(files)),), work_dir=args.out.resolve(),
                    identity=identity_from_config(config), extra_files=tuple(extra),
                    models={k: config.path(v) for k, v in config.models.items()},
@@ -297,6 +357,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("pipeline")
     p.add_argument("input_dir", type=Path)
     p.add_argument("--out", type=Path, required=True)
+    p.add_argument("--level", metavar="LEVEL=SLICE",
+                   help="body-composition only: measure at a reader-confirmed level, L3 or C3, on SLICE (an "
+                        "Instance Number, or a SOP Instance UID)")
+    p.add_argument("--reader", default="", metavar="FAMILY^GIVEN",
+                   help="who confirmed the --level (named in the SR as Person Observer)")
     add_common(p, config_required=False)
     p.set_defaults(func=cmd_run)
 

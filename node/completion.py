@@ -90,8 +90,11 @@ class CompletionMonitor:
 
     def __init__(self, db: Database, cfg: CompletionConfig, router: Router, audit: AuditLog,
                  on_jobs: Callable[[list[int]], None] | None = None,
-                 busy: Callable[[], set[str]] | None = None) -> None:
+                 busy: Callable[[], set[str]] | None = None,
+                 on_complete: Callable[[str, str], list[int]] | None = None) -> None:
         self.db = db
+        # after the completing transaction: (series UID, modality) -> jobs it queued (level markers)
+        self.on_complete = on_complete
         self.busy = busy  # series an open association is still delivering (wait for its release)
         self.cfg = cfg
         self.router = router
@@ -131,6 +134,7 @@ class CompletionMonitor:
             series.completion_reason = reason
             jobs: list[Job] = self.router.on_series_complete(s, series)
             job_ids = [j.id for j in jobs]
+            modality = series.modality
             info = dict(series_uid=uid, study_uid=series.study_uid, generation=series.generation,
                         instances=series.instances, reason=reason,
                         latency_s=round(t - last, 3), jobs=job_ids)
@@ -139,6 +143,11 @@ class CompletionMonitor:
         self.audit.write("series_complete", **info)
         for j in job_ids:
             self.audit.write("job_pending", job_id=j, series_uid=uid)
+        if self.on_complete is not None:
+            try:
+                job_ids = job_ids + self.on_complete(uid, modality)
+            except Exception:  # a marker that cannot be read never stops completion
+                logger.exception("series %s: after-completion hook failed", uid)
         if self.on_jobs and job_ids:
             self.on_jobs(job_ids)
         return True

@@ -32,7 +32,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Protocol
 
-from sqlalchemy import func, select, update
+from sqlalchemy import exists, func, select, update
+from sqlalchemy.orm import aliased
 
 from node.audit import AuditLog, AuditSink
 from node.config import Config
@@ -397,14 +398,21 @@ class JobQueue:
         return ids
 
     def claim(self, worker: str) -> JobView | None:
-        """Take the oldest runnable job; returns it with its new attempt number."""
+        """Take the oldest runnable job; returns it with its new attempt number.
+
+        A job waits while another job of the same pipeline on the same series runs, so a later job
+        (a new generation, a reader-confirmed level) starts after the earlier one is done and gets
+        its results as predecessors to supersede."""
         t = now()
         with self.db.read() as s:
             if s.scalar(select(Job.id).where(Job.state.in_(("pending", "failed")), Job.not_before <= t)
                         .limit(1)) is None:
                 return None
+        running = aliased(Job)
+        busy = exists().where(running.series_uid == Job.series_uid, running.pipeline == Job.pipeline,
+                              running.state == "running")
         with self.db.session() as s:
-            job = s.scalars(select(Job).where(Job.state.in_(("pending", "failed")), Job.not_before <= t)
+            job = s.scalars(select(Job).where(Job.state.in_(("pending", "failed")), Job.not_before <= t, ~busy)
                             .order_by(Job.id).limit(1)).first()
             if job is None:
                 return None
@@ -535,8 +543,11 @@ class JobManager:
         device = self.config.jobs.device
         if device == "auto":
             device = "cpu"  # the worker may upgrade to cuda itself; the node never imports torch
+        options = dict(self.config.pipelines.get(job.pipeline, {}))
+        if job.inputs.get("level_override"):  # a reader-confirmed level (node.reader): this job's only
+            options["level_override"] = dict(job.inputs["level_override"])
         return JobSpec(job_id=job.id, attempt=job.attempts, pipeline=job.pipeline,
-                       options=dict(self.config.pipelines.get(job.pipeline, {})), series=tuple(series),
+                       options=options, series=tuple(series),
                        work_dir=work, identity=self.identity, predecessors=self.queue.predecessors(job),
                        extra_files=extra,
                        models={k: self.config.path(v) for k, v in self.config.models.items()},

@@ -26,6 +26,7 @@ from node.export import Exporter
 from node.index import Index
 from node.jobs import JobManager, JobQueue, LocalProcessRunner, Runner, pipeline_modules
 from node.ops import Operations
+from node.reader import LevelMarkers
 from node.routing import Router
 from node.server import DicomServer, route_keywords
 from node.storage import Storage
@@ -72,6 +73,7 @@ class Node:
                                   extra_handlers=self.ops.metrics.scp_handlers())
         self.jobs: JobManager | None = None
         self.completion: CompletionMonitor | None = None
+        self.markers: LevelMarkers | None = None
         self._stop = threading.Event()
         self._threads: list[threading.Thread] = []
         self._stopped = threading.Event()
@@ -92,9 +94,12 @@ class Node:
         self.jobs = JobManager(self.config, self.queue, self.index, self.storage, self.runner, self._factories,
                                on_done=lambda _id: self.exporter.wake.set())
         jobs = self.jobs
+        own = (self.jobs.identity.manufacturer, self.jobs.identity.device_serial_number)
+        self.markers = LevelMarkers(self.db, self.index, self.router, self.audit, own_devices=[own])
         self.completion = CompletionMonitor(self.db, self.config.completion, self.router, self.audit,
                                             on_jobs=lambda _ids: jobs.wake.set(),
-                                            busy=self.server.open_associations.busy)
+                                            busy=self.server.open_associations.busy,
+                                            on_complete=self.markers.on_series_complete)
         self.server.start()
         for name, target in (("completion", self.completion.run), ("jobs", self.jobs.run),
                              ("export", self.exporter.run)):

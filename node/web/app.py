@@ -28,6 +28,8 @@ from node.config import Config
 from node.db import Database, Job, Series
 from node.jobs import NothingToResend, resend_job
 from node.metrics import CONTENT_TYPE, Metrics
+from node.reader import LevelRequestError, request_level
+from node.routing import Router
 from node.web import data, pages
 from node.web.auth import (
     COOKIE,
@@ -212,6 +214,23 @@ def create_app(config: Config, db: Database, metrics: Metrics, audit: AuditSink 
         401: no or wrong token; 403: the read token, or writes disabled; 404: no such job;
         409: nothing to resend (the job is pending or running, or has no results)."""
         return _resend(job_id, who)
+
+    router = Router(config.routes)
+
+    @app.post("/api/series/{series_uid}/level", response_model=data.LevelOut, status_code=202, tags=["write"])
+    def api_level(series_uid: str, body: data.LevelIn, who: Annotated[str, Depends(require_write)]) -> Any:
+        """Recompute body composition at a reader-confirmed level (L3 or C3) on one image of the series.
+
+        Queues a new body-composition job whose results supersede the earlier ones (202, its id).
+        404: unknown series; 422: bad level, image not in the series, an absent or repeated instance
+        number, or a reader that is not a person name; 409: a body-composition job on the series is
+        queued or running, or the series is still receiving."""
+        try:
+            q = request_level(db, router, audit, series_uid, body.level, sop_instance_uid=body.sop_instance_uid,
+                              instance_number=body.instance_number, reader=body.reader, source="api")
+        except LevelRequestError as e:
+            raise HTTPException(e.status, str(e)) from None
+        return data.LevelOut(job_id=q.job_id, sop_instance_uid=q.sop_instance_uid)
 
     @app.get("/healthz", tags=["public"])
     def healthz() -> dict[str, str]:

@@ -28,7 +28,8 @@ class SeriesOut(BaseModel):
 
 
 class JobOut(BaseModel):
-    """The API's view of :class:`node.jobs.JobView` (its fields but ``last_image_at`` and ``inputs``)."""
+    """The API's view of :class:`node.jobs.JobView` (its fields but ``last_image_at`` and ``inputs``;
+    ``level_override`` from the inputs of a job at a reader-confirmed level, see :mod:`node.reader`)."""
 
     id: int
     series_uid: str
@@ -42,6 +43,7 @@ class JobOut(BaseModel):
     updated_at: float
     started_at: float | None
     finished_at: float | None
+    level_override: dict[str, str] | None = None  # level, image, reader, source, time (node.reader)
 
 
 class DeadLetterOut(BaseModel):
@@ -67,6 +69,20 @@ class ResultOut(BaseModel):
     in_pacs_at: float | None
     last_image_at: float | None
     seconds_to_pacs: float | None  # from the last image of the input series to the result stored in PACS
+
+
+class LevelIn(BaseModel):
+    """A reader-confirmed level: the level and one image of the series (by UID or instance number)."""
+
+    level: str  # "L3" or "C3"
+    sop_instance_uid: str | None = None
+    instance_number: int | None = None
+    reader: str = ""  # DICOM person name, Family^Given
+
+
+class LevelOut(BaseModel):
+    job_id: int
+    sop_instance_uid: str  # the image the job measures on
 
 
 class SweepOut(BaseModel):
@@ -105,7 +121,11 @@ def list_series(db: Database, limit: int = 200, state: str | None = None) -> lis
 
 
 def _job(v: JobView) -> JobOut:
-    return JobOut.model_validate(v, from_attributes=True)
+    out = JobOut.model_validate(v, from_attributes=True)
+    override = v.inputs.get("level_override")
+    if override:
+        out.level_override = {str(k): str(val) for k, val in dict(override).items()}
+    return out
 
 
 def list_jobs(db: Database, limit: int = 200, state: str | None = None) -> list[JobOut]:

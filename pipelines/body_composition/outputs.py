@@ -155,12 +155,16 @@ def write_results(ctx: PipelineContext, volume: Volume, seg: Segmentation, meas:
     image = src[k]
     files = []
     summary: dict[str, Any] = {"evaluable": True, **summary_of(meas, seg)}
+    # a reader-confirmed level: the SR names the reader (Person Observer) and says when and how
+    reader = pipeline.override if seg.level.method == "reader" else None
+    confirmed = " (reader-confirmed)" if reader is not None else ""
 
     # SEG of the level slice (segments overlap: skeletal muscle contains the named muscles)
     level_masks = {TEMPLATE_KEYS[key]: seg.slice_seg.masks[key][None] for key in SEGMENT_KEYS
                    if meas.areas[key].evaluable}
     if level_masks:
-        seg_level = build_seg([image], level_masks, algorithm, ctx.identity, f"Body composition {meas.level} SEG",
+        seg_level = build_seg([image], level_masks, algorithm, ctx.identity,
+                              f"Body composition {meas.level} SEG{confirmed}",
                               labels={TEMPLATE_KEYS[k_]: v for k_, v in SEGMENT_LABELS.items()})
         p = ctx.work_dir / "seg.dcm"
         seg_level.save_as(p)
@@ -174,8 +178,11 @@ def write_results(ctx: PipelineContext, volume: Volume, seg: Segmentation, meas:
     texts = [Text("backend", f"{algorithm.parameters['backend']}; model {algorithm.parameters['model']}"),
              Text("cutoff-used", algorithm.parameters["cutoff"])]
     texts += [Text("not-evaluable-reason", t) for t in not_eval]
-    sr = build_measurement_report([image], groups, algorithm, ctx.identity, f"Body composition {meas.level}",
+    if reader is not None:
+        texts.append(Text("level-source", seg.level.notes[0]))
+    sr = build_measurement_report([image], groups, algorithm, ctx.identity, f"Body composition {meas.level}{confirmed}",
                                   predecessors=ctx.predecessors, texts=texts,
+                                  person_observer=reader.reader or None if reader is not None else None,
                                   not_evaluable_reason=None if groups else "; ".join(not_eval) or "nothing measured")
     p = ctx.work_dir / "sr.dcm"
     sr.save_as(p)

@@ -10,6 +10,10 @@ Options (all optional):
 ``"monai"``); ``model`` (name in config ``[models]`` of a model.json written by ``train-seg``);
 ``max_slice_thickness_mm`` (5.0); ``cutoffs`` (["prado-2008", "martin-2013"]), the first is the
 one named in the SR; ``volumes_3d`` (true).
+
+``level_override`` is set per job, not in a config file: a reader-confirmed level and slice
+(see :mod:`pipelines.body_composition.reader_level`); the pipeline then measures on exactly that
+slice and the SR names the reader (Person Observer) and when.
 """
 
 from __future__ import annotations
@@ -28,11 +32,13 @@ import pydicom
 
 from pipelines.base import (
     Identity,
+    NotEvaluable,
     PipelineContext,
     PipelineOutput,
     SeriesInput,
     StageError,
 )
+from pipelines.body_composition.reader_level import LevelOverride, level_from_override, level_source
 from pipelines.body_composition.reference import load_table, patient_factors
 from pipelines.body_composition.stages import (
     Backend,
@@ -63,6 +69,7 @@ class Options:
     max_slice_thickness_mm: float = 5.0
     cutoffs: tuple[str, ...] = ("prado-2008", "martin-2013")
     volumes_3d: bool = True
+    level_override: Mapping[str, Any] | None = None  # per job: a reader-confirmed level (reader_level.py)
 
     @classmethod
     def parse(cls, raw: Mapping[str, Any]) -> Options:
@@ -76,6 +83,8 @@ class Options:
             raise ValueError(f"pipelines.{NAME}.max_slice_thickness_mm: must be positive")
         if not opts.cutoffs:
             raise ValueError(f"pipelines.{NAME}.cutoffs: at least one cut-off")
+        if opts.level_override is not None:
+            LevelOverride.from_mapping(opts.level_override, f"pipelines.{NAME}.level_override")
         return opts
 
 
@@ -126,6 +135,8 @@ class BodyCompositionPipeline:
         self.measure = Measure(self.table, options.cutoffs)
         self.last_timings: dict[str, float] = {}
         self.last_cpu_timings: dict[str, float] = {}
+        self.override = (LevelOverride.from_mapping(options.level_override)
+                         if options.level_override is not None else None)
 
     def backend(self, ctx: PipelineContext) -> Backend:
         if self.options.backend == "classical":
@@ -162,6 +173,10 @@ class BodyCompositionPipeline:
 
     # ------------------------------------------------------------------------------------------
     def run(self, ctx: PipelineContext) -> PipelineOutput:
+        out = self._run(ctx)
+        return replace(out, summary={**out.summary, "level_source": level_source(self.override)})
+
+    def _run(self, ctx: PipelineContext) -> PipelineOutput:
         if len(ctx.series) != 1:
             raise StageError("input", "", f"{NAME} takes one series, got {len(ctx.series)}")
         series = ctx.series[0]
@@ -196,13 +211,24 @@ class BodyCompositionPipeline:
         # patient's left), whatever the stored orientation; results go back to the stored order
         source, (volume, reorient) = volume, volume.canonical_axial()
         level = LevelFinder(backend, self.options.levels).run(volume)
+        if self.override is not None:  # the reader's slice wins; the finder only gives the anatomy there
+            try:
+                level = level_from_override(volume, self.override, level)
+            except NotEvaluable as e:
+                out = outputs.write_not_evaluable(ctx, volume, e.reason, self, "reader-level", backend=backend)
+                self.last_timings, self.last_cpu_timings = t.seconds, t.cpu_seconds
+                return out
         t0 = t.add("level-finder", t0)
         if level.level is None or level.slice_index is None:
             reason = "; ".join(level.notes) or "level not found"
             out = outputs.write_not_evaluable(ctx, source, reason, self, "level-finder", backend=backend)
             self.last_timings, self.last_cpu_timings = t.seconds, t.cpu_seconds
             return out
-        seg = TissueSegmenter(backend, self.options.volumes_3d).run(SegmentInput(volume, level))
+        names_kept = self.override is None or any(v.name for v in level.vertebrae)
+        seg = TissueSegmenter(backend, self.options.volumes_3d and names_kept).run(SegmentInput(volume, level))
+        if not names_kept and self.options.volumes_3d:
+            seg = replace(seg, volume_note="3D lumbar volumes not measured: the automatic vertebra names disagree "
+                                           f"with the reader's level {level.level}")
         t0 = t.add("segmentation", t0)
         meas = self.measure.run(MeasureInput(volume, seg, patient_factors(volume.first_dataset)))
         t0 = t.add("measurements", t0)
