@@ -289,9 +289,9 @@ def test_rest_level(api: tuple[TestClient, Database, AuditLog]) -> None:
     assert r.status_code == 202, r.text
     job_id = r.json()["job_id"]
     assert r.json()["sop_instance_uid"] == "1.2.3.1.0"
-    shown = client.get(f"/api/jobs/{job_id}").json()["level_override"]
+    shown = client.get(f"/api/jobs/{job_id}", headers=auth).json()["level_override"]
     assert shown["level"] == "L3" and shown["reader"] == "Reader^Rita" and shown["source"] == "api"
-    assert client.get("/api/jobs/1").json()["level_override"] is None
+    assert client.get("/api/jobs/1", headers=auth).json()["level_override"] is None
     with db.read() as s:
         job = s.get(Job, job_id)
         assert job is not None and job.state == "pending" and job.route == "bc" and job.inputs["send_to"] == ["pacs"]
