@@ -88,7 +88,9 @@ def cmd_config_check(args: argparse.Namespace) -> int:
     except ConfigError as e:
         print(f"config error: {e}", file=sys.stderr)
         return EXIT_USAGE
-    problems = check_config(config)
+    from node.tls import tls_problems
+
+    problems = check_config(config) + tls_problems(config)  # TLS files that are missing or do not load
     if problems:
         for p in problems:
             print(f"config error: {p}", file=sys.stderr)
@@ -119,7 +121,7 @@ def cmd_echo(args: argparse.Namespace) -> int:
     ae.add_requested_context(VERIFICATION)
     opened = associate(ae, peer, config.base_dir)  # the peer's [tls] settings, as export and sweeps use them
     if not opened.ok or opened.assoc is None:
-        print(f"echo {args.dest} ({label}): no association: {opened.error}", file=sys.stderr)
+        print(f"echo {args.dest}: no association: {opened.error}", file=sys.stderr)
         return EXIT_FAIL
     assoc = opened.assoc
     try:

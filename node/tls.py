@@ -26,7 +26,7 @@ from pynetdicom import AE, evt
 from pynetdicom.association import Association
 
 from node.audit import AuditSink
-from node.config import DestinationConfig, NodeTlsConfig, PeerTlsConfig, RemoteAE
+from node.config import Config, DestinationConfig, NodeTlsConfig, PeerTlsConfig, RemoteAE
 
 log = logging.getLogger(__name__)
 
@@ -246,6 +246,23 @@ def tls_args(peer: RemoteAE, base_dir: Path) -> tuple[ClientContext, str] | None
     return client_context(peer.tls, base_dir, peer_where(peer)), server_hostname(peer)
 
 
+def tls_problems(config: Config) -> list[str]:
+    """Every TLS setting of ``config`` built once (``prognode config check``): files that are missing or
+    do not load, each named by its key."""
+    problems: list[str] = []
+    if config.node.tls.enabled:
+        try:
+            server_context(config.node.tls, config.base_dir)
+        except TlsError as e:
+            problems.append(str(e))
+    for peer in (*config.destinations, *config.sources):
+        try:
+            tls_args(peer, config.base_dir)
+        except TlsError as e:
+            problems.append(str(e))
+    return problems
+
+
 @dataclass(frozen=True)
 class Opened:
     """An association attempt: ``error`` is empty when ``assoc`` is established, else why not."""
@@ -265,8 +282,9 @@ def _describe_tls_failure(e: OSError, peer: RemoteAE) -> str:
         return (f"TLS: the certificate of {peer.host}:{peer.port} does not name {server_hostname(peer)!r} "
                 f"({verify or text}); connect by the name it carries or set {peer_where(peer)}.server_hostname")
     if isinstance(e, ssl.SSLCertVerificationError):
+        store = " (and the system store)" if peer.tls.use_system_store else ""
         return (f"TLS: the certificate of {peer.host}:{peer.port} is not trusted ({verify or text}); "
-                f"check {peer_where(peer)}.ca_bundle")
+                f"check {peer_where(peer)}.ca_bundle{store}")
     if "certificate required" in text.lower() or "alert_certificate_required" in text.lower() \
             or "handshake failure" in text.lower():
         return (f"TLS: {peer.host}:{peer.port} refused the connection ({text}); it may require a client "

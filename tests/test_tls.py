@@ -290,7 +290,7 @@ server_hostname = "pacs.test"
     assert len(ctx.get_ca_certs()) == 1  # the configured CA, not the system store
 
 
-def test_tls_config_errors(tmp_path: Path, pki: Pki) -> None:
+def test_tls_config_errors(tmp_path: Path, pki: Pki, capsys: pytest.CaptureFixture[str]) -> None:
     """Each setting is checked where it belongs and the error names the key."""
     from node.config import ConfigError, NodeTlsConfig, PeerTlsConfig
 
@@ -328,6 +328,12 @@ def test_tls_config_errors(tmp_path: Path, pki: Pki) -> None:
                                      ca_bundle=pki.ca), tmp_path)
     with pytest.raises(TlsError, match=r"destinations 'x' tls\.ca_bundle: file not found"):
         client_context(PeerTlsConfig(enabled=True, ca_bundle=Path("nope.pem")), tmp_path, "destinations 'x' tls")
+    # prognode config check builds every TLS setting once
+    from node.cli import main
+
+    (tmp_path / "files.toml").write_text(dest + 'enabled = true\nca_bundle = "missing-ca.pem"\n')
+    assert main(["config", "check", str(tmp_path / "files.toml")]) == 2
+    assert "destinations 'pacs' tls.ca_bundle: file not found" in capsys.readouterr().err
     # server-only TLS on the node: no client certificate asked for
     ctx = server_context(NodeTlsConfig(enabled=True, certificate=pki.server_cert, private_key=pki.server_key,
                                        require_client_certificate=False), tmp_path)
