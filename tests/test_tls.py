@@ -356,6 +356,25 @@ def test_client_identity_rules() -> None:
     assert check_client_identity(NodeTlsConfig(), "ANY", None) is None
 
 
+def test_documented_tls_examples_load(tmp_path: Path) -> None:
+    """The commented TLS example in config.toml and the one in the README are valid configuration."""
+    import re
+
+    root = Path(__file__).resolve().parents[1]
+    text = (root / "config.toml").read_text()
+    start, end = text.index("# [destinations.tls]"), text.index("[[routes]]")
+    block = "\n".join(line[2:] if re.match(r"^# [\[a-z]", line) else line for line in text[start:end].splitlines())
+    (tmp_path / "config.toml").write_text(text[:start] + block + "\n" + text[end:])
+    cfg = config_mod.load(tmp_path / "config.toml", environ={})
+    assert cfg.node.tls.enabled and cfg.node.tls.calling_aet_names and cfg.destinations[0].tls.enabled
+    readme = (root / "README.md").read_text()
+    section = readme[readme.index("### DICOM TLS on every leg"):]
+    example = section[section.index("```toml") + 7:section.index("```\n", section.index("```toml") + 7)]
+    (tmp_path / "readme.toml").write_text(example)
+    cfg = config_mod.load(tmp_path / "readme.toml", environ={})
+    assert cfg.node.tls.ca_bundle is not None and cfg.destinations[0].tls.server_hostname == "pacs.hospital.example"
+
+
 def test_access_policy_rules() -> None:
     p = AccessPolicy.from_lists(["CT1", "PACS@10.0.0.0/24"], ["10.0.0.0/8", "127.0.0.1"])
     assert p.check("CT1", "10.1.2.3") is None
@@ -451,26 +470,7 @@ def test_node_scp_over_tls_with_dcmtk(tmp_path: Path, pki: Pki) -> None:
         assert _dcmtk("echoscu", port, "ECHOSCU", ["+tla", "+cf", str(pki.ca)]).returncode != 0  # no client cert
     finally:
         node.stop(timeout=5)
-    assert len(list((cfg.storage_dir).rglob("*.dcm"))) == 2
     rejected = [r for r in AuditLog(cfg.path(cfg.logging.audit_file)).read() if r["event"] == "association_rejected"]
     assert [r["calling_ae"] for r in rejected] == ["CT9", "OTHER"]
     assert "client.test" in rejected[0]["reason"] and "calling_aet_names" in rejected[1]["reason"]
-
-
-def test_documented_tls_examples_load(tmp_path: Path) -> None:
-    """The commented TLS example in config.toml and the one in the README are valid configuration."""
-    import re
-
-    root = Path(__file__).resolve().parents[1]
-    text = (root / "config.toml").read_text()
-    start, end = text.index("# [destinations.tls]"), text.index("[[routes]]")
-    block = "\n".join(line[2:] if re.match(r"^# [\[a-z]", line) else line for line in text[start:end].splitlines())
-    (tmp_path / "config.toml").write_text(text[:start] + block + "\n" + text[end:])
-    cfg = config_mod.load(tmp_path / "config.toml", environ={})
-    assert cfg.node.tls.enabled and cfg.node.tls.calling_aet_names and cfg.destinations[0].tls.enabled
-    readme = (root / "README.md").read_text()
-    section = readme[readme.index("### DICOM TLS on every leg"):]
-    example = section[section.index("```toml") + 7:section.index("```\n", section.index("```toml") + 7)]
-    (tmp_path / "readme.toml").write_text(example)
-    cfg = config_mod.load(tmp_path / "readme.toml", environ={})
-    assert cfg.node.tls.ca_bundle is not None and cfg.destinations[0].tls.server_hostname == "pacs.hospital.example"
+    assert len(list((cfg.storage_dir).rglob("*.dcm"))) == 2
