@@ -92,7 +92,9 @@ def cmd_config_check(args: argparse.Namespace) -> int:
     except ConfigError as e:
         print(f"config error: {e}", file=sys.stderr)
         return EXIT_USAGE
-    problems = check_config(config)
+    from node.tls import tls_problems
+
+    problems = check_config(config) + tls_problems(config)  # TLS files that are missing or do not load
     if problems:
         for p in problems:
             print(f"config error: {p}", file=sys.stderr)
@@ -105,29 +107,34 @@ def cmd_config_check(args: argparse.Namespace) -> int:
 def cmd_echo(args: argparse.Namespace) -> int:
     from pynetdicom import AE
 
+    from node.config import RemoteAE
     from node.server import VERIFICATION
+    from node.tls import associate
 
     config = config_from_args(args)
-    peers = {d.name: (d.ae_title, d.host, d.port) for d in config.destinations}
-    peers.update({s.name: (s.ae_title, s.host, s.port) for s in config.sources})
+    peers: dict[str, RemoteAE] = {d.name: d for d in config.destinations}
+    peers.update({s.name: s for s in config.sources})
     if args.dest not in peers:
         print(f"echo: unknown destination {args.dest!r}; known: {', '.join(peers) or 'none'}", file=sys.stderr)
         return EXIT_USAGE
-    aet, host, port = peers[args.dest]
+    peer = peers[args.dest]
+    label = f"{peer.ae_title}@{peer.host}:{peer.port}{' over TLS' if peer.tls.enabled else ''}"
     ae = AE(ae_title=config.node.ae_title)
     ae.acse_timeout = ae.network_timeout = ae.dimse_timeout = args.timeout
+    ae.connection_timeout = args.timeout
     ae.add_requested_context(VERIFICATION)
-    assoc = ae.associate(host, port, ae_title=aet)
-    if not assoc.is_established:
-        print(f"echo {args.dest} ({aet}@{host}:{port}): no association", file=sys.stderr)
+    opened = associate(ae, peer, config.base_dir)  # the peer's [tls] settings, as export and sweeps use them
+    if not opened.ok or opened.assoc is None:
+        print(f"echo {args.dest}: no association: {opened.error}", file=sys.stderr)
         return EXIT_FAIL
+    assoc = opened.assoc
     try:
         status = assoc.send_c_echo()
     finally:
         assoc.release()
     code = int(status.Status) if status is not None and "Status" in status else -1
     ok = code == 0
-    print(f"echo {args.dest} ({aet}@{host}:{port}): {'ok' if ok else f'status {code:#06x}'}")
+    print(f"echo {args.dest} ({label}): {'ok' if ok else f'status {code:#06x}'}")
     return EXIT_OK if ok else EXIT_FAIL
 
 

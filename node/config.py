@@ -14,12 +14,21 @@ import fnmatch
 import ipaddress
 import json
 import os
+import re
 import tomllib
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import (
+    AliasChoices,
+    BaseModel,
+    ConfigDict,
+    Field,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
 
 ENV_PREFIX = "PROGNODE_"
 
@@ -38,19 +47,97 @@ def _check_ae_title(value: str) -> str:
     return value
 
 
-class TlsConfig(_Model):
-    """DICOM TLS (PS3.15 Annex B.1) for the SCP or an SCU peer."""
+class NodeTlsConfig(_Model):
+    """The node's own DICOM TLS as an SCP (``[node.tls]``; PS3.15 B.1, TLS 1.2 or newer).
+
+    ``certificate`` and ``private_key`` are required when enabled.  ``ca_bundle`` verifies the
+    certificates callers present: with ``require_client_certificate`` (the default) a caller without a
+    certificate from that bundle is refused (mutual TLS, the usual hospital set-up); set it to false for
+    TLS without client certificates.  ``calling_aet_names`` ties calling AE titles to certificates:
+    ``{ CT1 = ["ct1.hospital.example"] }`` admits calling AE ``CT1`` only with a client certificate whose
+    subject CN or a subjectAltName (DNS, IP, URI, e-mail) is one of those names, and refuses AE titles that
+    are not listed.
+    """
 
     enabled: bool = False
     certificate: Path | None = None  # PEM certificate chain of this node
     private_key: Path | None = None  # PEM private key of this node
-    ca_certificates: Path | None = None  # PEM bundle used to verify the peer
-    require_client_certificate: bool = True  # SCP side: mutual TLS
+    # PEM bundle that verifies client certificates ("ca_certificates" is the older name of this key)
+    ca_bundle: Path | None = Field(None, validation_alias=AliasChoices("ca_bundle", "ca_certificates"))
+    require_client_certificate: bool = True  # mutual TLS; needs ca_bundle
+    calling_aet_names: dict[str, tuple[str, ...]] = {}  # calling AE -> names its client certificate must carry
+
+    @property
+    def ca_certificates(self) -> Path | None:  # the older name, for code written against it
+        return self.ca_bundle
+
+    @field_validator("calling_aet_names")
+    @classmethod
+    def _bound_aets(cls, value: dict[str, tuple[str, ...]]) -> dict[str, tuple[str, ...]]:
+        for ae, names in value.items():
+            _check_ae_title(ae)
+            if not names or any(not n.strip() for n in names):
+                raise ValueError(f"{ae}: give at least one certificate name (CN or subjectAltName), none empty")
+        return value
 
     @model_validator(mode="after")
-    def _files_when_enabled(self) -> TlsConfig:
-        if self.enabled and (self.certificate is None or self.private_key is None):
-            raise ValueError("tls.enabled needs certificate and private_key")
+    def _consistent(self) -> NodeTlsConfig:
+        if not self.enabled:
+            return self
+        for key in ("certificate", "private_key"):
+            if getattr(self, key) is None:
+                raise ValueError(f"{key}: required when enabled (the node's own PEM certificate and key)")
+        if self.require_client_certificate and self.ca_bundle is None:
+            raise ValueError("ca_bundle: required for mutual TLS (require_client_certificate = true, the "
+                             "default); set require_client_certificate = false for TLS without client "
+                             "certificates")
+        if self.calling_aet_names and (self.ca_bundle is None or not self.require_client_certificate):
+            raise ValueError("calling_aet_names: needs ca_bundle and require_client_certificate = true")
+        return self
+
+
+TlsConfig = NodeTlsConfig  # the older name
+
+
+_OLD_PEER_TLS_KEYS = {"certificate": "client_certificate", "private_key": "client_private_key",
+                      "ca_certificates": "ca_bundle", "require_client_certificate": None}
+
+
+class PeerTlsConfig(_Model):
+    """DICOM TLS to a peer this node calls (``tls`` of a destination or source; TLS 1.2 or newer).
+
+    The peer's certificate is verified against ``ca_bundle`` only (``use_system_store = true`` adds, or
+    without ``ca_bundle`` uses, the operating system's store) and must name ``server_hostname`` (default:
+    the peer's ``host``; an IP address must then be in the certificate's subjectAltName).
+    ``client_certificate`` and ``client_private_key`` are for peers that require mutual TLS.
+    """
+
+    enabled: bool = False
+    ca_bundle: Path | None = None  # PEM bundle that verifies the peer's certificate
+    use_system_store: bool = False  # trust the operating system's CA store too
+    client_certificate: Path | None = None  # PEM chain presented for mutual TLS
+    client_private_key: Path | None = None  # PEM key of client_certificate
+    server_hostname: str = ""  # the name the peer's certificate must carry; empty: the peer's host
+
+    @model_validator(mode="before")
+    @classmethod
+    def _old_keys(cls, data: Any) -> Any:
+        if isinstance(data, Mapping):
+            for old, new in _OLD_PEER_TLS_KEYS.items():
+                if old in data:
+                    hint = f"use {new}" if new else "a peer's TLS has no such setting (it is [node.tls]'s)"
+                    raise ValueError(f"{old}: not a peer TLS key; {hint}")
+        return data
+
+    @model_validator(mode="after")
+    def _consistent(self) -> PeerTlsConfig:
+        if (self.client_certificate is None) != (self.client_private_key is None):
+            raise ValueError("client_certificate: goes together with client_private_key (mutual TLS)")
+        if self.enabled and self.ca_bundle is None and not self.use_system_store:
+            raise ValueError("ca_bundle: required when enabled (the CA that signed the peer's certificate), "
+                             "unless use_system_store = true")
+        if self.server_hostname != self.server_hostname.strip():
+            raise ValueError("server_hostname: no surrounding spaces")
         return self
 
 
@@ -67,7 +154,7 @@ class NodeConfig(_Model):
     network_timeout: float = Field(60.0, gt=0)
     min_free_bytes: int = Field(512 * 1024 * 1024, ge=0)  # refuse instances below this free space
     fsync: bool = True
-    tls: TlsConfig = TlsConfig()
+    tls: NodeTlsConfig = NodeTlsConfig()
     institution_name: str = ""  # written into Contributing Equipment when set
     device_serial_number: str = ""  # empty: derived from the host's machine id
 
@@ -99,14 +186,14 @@ class JobsConfig(_Model):
     device: Literal["auto", "cpu", "cuda"] = "auto"
 
 
-class _RemoteAE(_Model):
+class RemoteAE(_Model):
     """A DICOM peer this node opens associations to (a destination or a source)."""
 
     name: str
     ae_title: str
     host: str
     port: int = Field(ge=1, le=65535)
-    tls: TlsConfig = TlsConfig()
+    tls: PeerTlsConfig = PeerTlsConfig()
 
     @field_validator("ae_title")
     @classmethod
@@ -114,14 +201,17 @@ class _RemoteAE(_Model):
         return _check_ae_title(value)
 
 
-class DestinationConfig(_RemoteAE):
+_RemoteAE = RemoteAE  # the older name
+
+
+class DestinationConfig(RemoteAE):
     """A PACS that gets the results (C-STORE), retried then dead-lettered."""
 
     retry_seconds: float = Field(30.0, ge=0)
     max_attempts: int = Field(10, ge=1)
 
 
-class SourceConfig(_RemoteAE):
+class SourceConfig(RemoteAE):
     """A PACS to query and retrieve from (C-FIND, then C-MOVE or C-GET)."""
 
     retrieve: Literal["move", "get"] = "move"
@@ -287,6 +377,18 @@ def _format_loc(loc: Sequence[int | str]) -> str:
     return out
 
 
+_KEY_FIRST = re.compile(r"^([a-z_][a-z0-9_]*): (.*)$", re.DOTALL)
+
+
+def _error_line(loc: str, msg: str) -> str:
+    """``loc: msg``; a model check's ``Value error, key: why`` becomes ``loc.key: why``."""
+    msg = msg.removeprefix("Value error, ")
+    m = _KEY_FIRST.match(msg)
+    if m is not None:
+        loc, msg = (f"{loc}.{m.group(1)}" if loc else m.group(1)), m.group(2)
+    return f"{loc or 'config'}: {msg}"
+
+
 def _set_dotted(data: dict[str, Any], dotted: str, raw: str) -> None:
     """Set ``section.key`` (or ``section.sub.key``) from a string; JSON values are decoded."""
     try:
@@ -357,5 +459,5 @@ def load(
         lines = []
         for err in e.errors():
             loc = _format_loc([x for x in err["loc"] if not str(x).startswith("function-")])
-            lines.append(f"{loc or 'config'}: {err['msg']}")
+            lines.append(_error_line(loc, str(err["msg"])))
         raise ConfigError("; ".join(lines)) from None

@@ -5,7 +5,8 @@ Each (result file, destination) is one row in ``exports``.  A pending row whose
 destination's ``retry_seconds`` until ``max_attempts``, then the row is ``dead``
 (``prognode resend JOB_ID`` queues it again).  A destination that is down when a job
 finishes thus gets the results once it is back.  The first successful send of a result
-sets ``results.in_pacs_at``.
+sets ``results.in_pacs_at``.  A destination with ``tls.enabled`` gets its results over DICOM TLS
+(:func:`node.tls.associate`: its CA bundle, its host name checked, our client certificate where it wants one).
 """
 
 from __future__ import annotations
@@ -22,6 +23,7 @@ from pynetdicom import AE
 from pynetdicom.presentation import build_context
 from sqlalchemy import select, update
 
+from node import tls
 from node.audit import AuditLog
 from node.config import Config, DestinationConfig
 from node.db import Database, Export, Result, now
@@ -90,11 +92,11 @@ class Exporter:
         contexts = {(str(ds.SOPClassUID), str(ds.file_meta.TransferSyntaxUID)) for _, ds in datasets}
         for sop_class, ts in sorted(contexts)[:MAX_CONTEXTS]:
             ae.requested_contexts = [*ae.requested_contexts, build_context(sop_class, [ts])]
-        assoc = ae.associate(dest.host, dest.port, ae_title=dest.ae_title)
-        if not assoc.is_established:
-            why = "association rejected" if assoc.is_rejected else "association failed (destination down?)"
-            self._failed([p for p, _ in datasets], dest, f"{why}: {dest.ae_title}@{dest.host}:{dest.port}")
+        opened = tls.associate(ae, dest, self.config.base_dir)  # over TLS where dest.tls is enabled
+        if not opened.ok or opened.assoc is None:
+            self._failed([p for p, _ in datasets], dest, opened.error)
             return 0
+        assoc = opened.assoc
         sent = 0
         try:
             for p, ds in datasets:

@@ -30,7 +30,7 @@ from node.reader import LevelMarkers
 from node.routing import Router
 from node.server import DicomServer, route_keywords
 from node.storage import Storage
-from node.tls import server_context
+from node.tls import client_identity_handlers, server_context
 
 logger = logging.getLogger(__name__)
 
@@ -70,7 +70,8 @@ class Node:
         self.ops = Operations(config, self.db, self.audit)
         self.server = DicomServer(config, self.storage, self.index, self.audit,
                                   server_ssl_context(config.node.tls, config),
-                                  extra_handlers=self.ops.metrics.scp_handlers())
+                                  extra_handlers=[*self.ops.metrics.scp_handlers(),  # calling AE <-> client cert:
+                                                  *client_identity_handlers(config.node.tls, self.audit)])
         self.jobs: JobManager | None = None
         self.completion: CompletionMonitor | None = None
         self.markers: LevelMarkers | None = None

@@ -58,7 +58,7 @@ from node.handlers import handle_store
 from node.index import Index
 from node.metrics import Metrics
 from node.storage import Storage
-from node.tls import server_context, tls_args
+from node.tls import associate, client_identity_handlers, server_context
 
 log = logging.getLogger(__name__)
 
@@ -248,7 +248,7 @@ class Receiver:
         policy = AccessPolicy.from_lists(node.allowed_calling_aets, node.allowed_hosts)
         self.ae.require_calling_aet = []  # the policy handler rejects, with AE@network pairs too
         handlers: list[Any] = [(evt.EVT_C_STORE, handler), (evt.EVT_CONN_OPEN, _nodelay),
-                               *access_handlers(policy, audit)]
+                               *access_handlers(policy, audit), *client_identity_handlers(node.tls, audit)]
         if metrics is not None:
             handlers += [(evt.EVT_ACCEPTED, _count_association, [metrics, "in", "accepted"]),
                          (evt.EVT_REJECTED, _count_association, [metrics, "in", "rejected"])]
@@ -366,15 +366,14 @@ class Sweeper:
         ae.dimse_timeout = self.config.node.network_timeout
         ae.network_timeout = self.config.node.network_timeout
         ae.maximum_pdu_size = self.config.node.max_pdu
-        assoc = ae.associate(src.host, src.port, ae_title=src.ae_title, ext_neg=ext_neg,
-                             tls_args=tls_args(src.tls, self.config.base_dir, src.host),
-                             evt_handlers=[(evt.EVT_CONN_OPEN, _nodelay), *(handlers or [])])
+        # over TLS where src.tls is enabled: its CA bundle, its host name checked (node.tls)
+        opened = associate(ae, src, self.config.base_dir, ext_neg=ext_neg,
+                           evt_handlers=[(evt.EVT_CONN_OPEN, _nodelay), *(handlers or [])])
         if self.metrics is not None:
-            self.metrics.record_association("out", "accepted" if assoc.is_established else "rejected")
-        if not assoc.is_established:
-            raise SweepError(f"sweep: association with {src.ae_title}@{src.host}:{src.port} "
-                             f"{'rejected' if assoc.is_rejected else 'failed'}")
-        return assoc
+            self.metrics.record_association("out", "accepted" if opened.ok else "rejected")
+        if not opened.ok or opened.assoc is None:
+            raise SweepError(f"sweep: association with {src.name}: {opened.error}")
+        return opened.assoc
 
     def find(self, src: SourceConfig, d_from: str, d_to: str) -> tuple[int, list[RemoteSeries]]:
         """C-FIND studies in the date range, then their series of ``[sweep].modality``.

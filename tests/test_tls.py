@@ -2,13 +2,16 @@
 
 from __future__ import annotations
 
+import contextlib
 import datetime as dt
 import json
+import ssl
 import subprocess
 import urllib.request
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import pytest
 from pydicom import dcmread
@@ -17,10 +20,10 @@ from pynetdicom import AE
 from node import config as config_mod
 from node.access import AccessPolicy
 from node.audit import AuditLog
-from node.config import Config, TlsConfig
+from node.config import Config
 from node.db import Database
 from node.sweep import Receiver, default_store_handler
-from node.tls import TlsError, client_context, server_context, tls_args
+from node.tls import TlsError, client_context, server_context
 from tests.conftest import need
 from tests.peers import echoscu, free_port, pacs_source_toml, stop_pid, wait_port
 from tests.synthetic_ct import write_study
@@ -36,6 +39,9 @@ class Pki:
     client_key: Path
     rogue_cert: Path  # signed by another CA
     rogue_key: Path
+    rogue_ca: Path
+    elsewhere_cert: Path  # signed by the CA, names only pacs.elsewhere.test (not 127.0.0.1)
+    elsewhere_key: Path
 
 
 def _openssl(*args: str, cwd: Path) -> None:
@@ -64,11 +70,13 @@ def pki(tmp_path_factory: pytest.TempPathFactory) -> Pki:
     _leaf(d, "server", "ca.crt", "ca.key", "IP:127.0.0.1,DNS:localhost")
     _leaf(d, "client", "ca.crt", "ca.key", "DNS:client.test")
     _leaf(d, "rogue", "rogue-ca.crt", "rogue-ca.key", "DNS:rogue.test")
+    _leaf(d, "elsewhere", "ca.crt", "ca.key", "DNS:pacs.elsewhere.test")
     return Pki(d, d / "ca.crt", d / "server.crt", d / "server.key", d / "client.crt", d / "client.key",
-               d / "rogue.crt", d / "rogue.key")
+               d / "rogue.crt", d / "rogue.key", d / "rogue-ca.crt", d / "elsewhere.crt", d / "elsewhere.key")
 
 
-def node_config(tmp: Path, pki: Pki, allowed_aets: str = "[]", allowed_hosts: str = "[]") -> Config:
+def node_config(tmp: Path, pki: Pki, allowed_aets: str = "[]", allowed_hosts: str = "[]",
+                node_tls_extra: str = "") -> Config:
     cfg = tmp / "config.toml"
     cfg.write_text(f"""
 [node]
@@ -82,7 +90,8 @@ allowed_hosts = {allowed_hosts}
 enabled = true
 certificate = "{pki.server_cert}"
 private_key = "{pki.server_key}"
-ca_certificates = "{pki.ca}"
+ca_bundle = "{pki.ca}"
+{node_tls_extra}
 """)
     c = config_mod.load(cfg)
     c.storage_dir.mkdir(parents=True, exist_ok=True)
@@ -134,52 +143,236 @@ def test_dcmtk_tls_to_pynetdicom_scp(tls_scp: tuple[Config, Database, AuditLog],
     assert "not allowed from 127.0.0.1" in rejected[1]["reason"]
 
 
-def test_pynetdicom_tls_scu_to_dcmtk_storescp(tmp_path: Path, pki: Pki) -> None:
+@contextlib.contextmanager
+def storescp_tls(folder: Path, key: Path, cert: Path, ca: Path, peer_auth: str = "-rc") -> Iterator[tuple[int, Path]]:
+    """dcmtk storescp +tls as the PACS (AE DCMTKSCP): ``peer_auth`` -rc requires a client certificate
+    from ``ca`` (mutual TLS), -ic asks for none.  Yields (port, folder the received files land in)."""
     need("storescp")
     port = free_port()
-    out = tmp_path / "received"
-    out.mkdir()
-    proc = subprocess.Popen(["storescp", "-aet", "DCMTKSCP", "+tls", str(pki.server_key), str(pki.server_cert),
-                             "+cf", str(pki.ca), "-rc", "-od", str(out), str(port)],
-                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+    out = folder / f"received-{port}"
+    out.mkdir(parents=True)
+    proc = subprocess.Popen(["storescp", "-aet", "DCMTKSCP", "+tls", str(key), str(cert), "+cf", str(ca),
+                             peer_auth, "-od", str(out), str(port)],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     try:
         wait_port(port)
-        study = write_study(tmp_path / "dcm", 1, dt.date(2026, 3, 2), slices=1)
-        ds = dcmread(study.files[0])
-        peer = TlsConfig(enabled=True, certificate=pki.client_cert, private_key=pki.client_key,
-                         ca_certificates=pki.ca)
-        ae = AE(ae_title="PROGNODE")
-        ae.add_requested_context(ds.SOPClassUID, ds.file_meta.TransferSyntaxUID)
-        assoc = ae.associate("127.0.0.1", port, ae_title="DCMTKSCP", tls_args=tls_args(peer, tmp_path, "127.0.0.1"))
-        assert assoc.is_established
-        status = assoc.send_c_store(ds)
-        assoc.release()
-        assert int(status.Status) == 0
-        assert len(list(out.iterdir())) == 1
-        # hostname checking also works when the certificate names the host
-        ctx = client_context(peer, tmp_path, check_hostname=True)
-        assoc = ae.associate("127.0.0.1", port, ae_title="DCMTKSCP", tls_args=(ctx, "127.0.0.1"))
-        assert assoc.is_established
-        assoc.release()
-        # an SCU without a client certificate is refused by storescp -rc
-        anon = TlsConfig(enabled=False, ca_certificates=pki.ca)
-        assoc = ae.associate("127.0.0.1", port, ae_title="DCMTKSCP", tls_args=(client_context(anon, tmp_path),
-                                                                               "127.0.0.1"))
-        assert not assoc.is_established
+        yield port, out
     finally:
         stop_pid(proc)
 
 
-def test_tls_config_errors(tmp_path: Path, pki: Pki) -> None:
-    assert tls_args(TlsConfig(), tmp_path, "h") is None
-    with pytest.raises(TlsError, match="not found"):
-        server_context(TlsConfig(enabled=True, certificate=Path("missing.crt"), private_key=pki.server_key,
-                                 ca_certificates=pki.ca), tmp_path)
-    with pytest.raises(TlsError, match="needs ca_certificates"):
-        server_context(TlsConfig(enabled=True, certificate=pki.server_cert, private_key=pki.server_key), tmp_path)
+def _destination(name: str, port: int, tls: str) -> str:
+    return (f'[[destinations]]\nname = "{name}"\nae_title = "DCMTKSCP"\nhost = "127.0.0.1"\nport = {port}\n'
+            f"max_attempts = 1\n[destinations.tls]\n{tls}\n")
+
+
+def _peer_config(tmp: Path, destinations: str) -> Path:
+    cfg = tmp / "peers.toml"
+    cfg.write_text(f'[node]\nae_title = "PROGNODE"\nstorage = "var"\n[web]\nenabled = false\n'
+                   f'[logging]\naudit_file = "var/audit.jsonl"\n{destinations}')
+    return cfg
+
+
+def _echo(cfg: Path, name: str, capsys: pytest.CaptureFixture[str]) -> tuple[int, str]:
+    from node.cli import main
+
+    rc = main(["echo", name, "--config", str(cfg), "--timeout", "5"])
+    out = capsys.readouterr()
+    return rc, out.out + out.err
+
+
+def test_export_over_mutual_tls_to_dcmtk_storescp(tmp_path: Path, pki: Pki) -> None:
+    """The export's C-STORE goes over TLS with the destination's CA bundle and client certificate to a
+    storescp +tls that requires one (-rc): the results with patient name and ID arrive; the same
+    destination without our client certificate gets a dead letter that says why."""
+    from sqlalchemy import select
+
+    from node.db import Export, Job
+    from node.export import Exporter
+
+    study = write_study(tmp_path / "dcm", 5, dt.date(2026, 3, 2), slices=2)
+    with storescp_tls(tmp_path, pki.server_key, pki.server_cert, pki.ca) as (port, out):
+        mutual = (f'enabled = true\nca_bundle = "{pki.ca}"\nclient_certificate = "{pki.client_cert}"\n'
+                  f'client_private_key = "{pki.client_key}"')
+        cfg = config_mod.load(_peer_config(tmp_path, _destination("pacs", port, mutual)
+                                           + _destination("nocert", port, f'enabled = true\nca_bundle = "{pki.ca}"')))
+        cfg.storage_dir.mkdir()
+        db = Database(cfg.database_url)
+        try:
+            with db.session() as s:
+                s.add(Job(id=1, series_uid=study.series_uids[0], study_uid=study.study_uid, route="r",
+                          pipeline="p", input_key="k1", state="done"))
+                s.flush()
+                for dest in ("pacs", "nocert"):
+                    for f in study.files:
+                        s.add(Export(job_id=1, destination=dest, path=str(f),
+                                     sop_instance_uid=str(dcmread(f).SOPInstanceUID)))
+            assert Exporter(db, cfg, AuditLog(None)).tick() == 2
+            with db.read() as s:
+                rows = {(r.destination, r.state): r.last_error for r in s.scalars(select(Export))}
+        finally:
+            db.dispose()
+        received = sorted(out.iterdir())
+        assert len(received) == 2
+        ds = dcmread(received[0])
+        assert ds.PatientID == dcmread(study.files[0]).PatientID and ds.StudyInstanceUID == study.study_uid
+        assert ("pacs", "sent") in rows and ("nocert", "dead") in rows
+        assert "TLS" in rows[("nocert", "dead")] and "client certificate" in rows[("nocert", "dead")]
+
+
+def test_echo_over_tls_verifies_the_peer(tmp_path: Path, pki: Pki, capsys: pytest.CaptureFixture[str]) -> None:
+    """``prognode echo`` uses each destination's tls: mutual TLS to a storescp +tls -rc; server-authenticated
+    TLS (a CA bundle, no client certificate) to one that asks for none; refused with a clear error: a
+    certificate for another name at 127.0.0.1 (unless server_hostname names it), a CA bundle that did not
+    sign the PACS's certificate, and plain TCP to a TLS port."""
+    need("storescp")
+    ca = f'enabled = true\nca_bundle = "{pki.ca}"'
+    client = f'\nclient_certificate = "{pki.client_cert}"\nclient_private_key = "{pki.client_key}"'
+    with storescp_tls(tmp_path, pki.server_key, pki.server_cert, pki.ca) as (mport, _), \
+            storescp_tls(tmp_path, pki.elsewhere_key, pki.elsewhere_cert, pki.ca, "-ic") as (eport, _), \
+            storescp_tls(tmp_path, pki.server_key, pki.server_cert, pki.ca, "-ic") as (sport, _):
+        cfg = _peer_config(tmp_path, "".join([
+            _destination("mutual", mport, ca + client),
+            _destination("server-only", sport, ca),
+            _destination("by-localhost", sport, ca + '\nserver_hostname = "localhost"'),
+            _destination("elsewhere", eport, ca),
+            _destination("elsewhere-named", eport, ca + '\nserver_hostname = "pacs.elsewhere.test"'),
+            _destination("wrong-ca", sport, f'enabled = true\nca_bundle = "{pki.rogue_ca}"'),
+            _destination("plain", sport, "enabled = false"),
+        ]))
+        for name in ("mutual", "server-only", "by-localhost", "elsewhere-named"):
+            rc, text = _echo(cfg, name, capsys)
+            assert rc == 0 and "over TLS): ok" in text, (name, text)
+        rc, text = _echo(cfg, "elsewhere", capsys)
+        assert rc == 1 and "does not name '127.0.0.1'" in text and "server_hostname" in text, text
+        rc, text = _echo(cfg, "wrong-ca", capsys)
+        assert rc == 1 and "not trusted" in text and "ca_bundle" in text, text
+        rc, text = _echo(cfg, "plain", capsys)
+        assert rc == 1 and "no association" in text, text
+
+
+def test_sweep_associates_with_the_sources_tls(tmp_path: Path, pki: Pki, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The sweep's associations (C-FIND, C-MOVE, C-GET all go through ``Sweeper._associate``) carry the
+    source's client context: host name checked, CA bundle only, our certificate for mutual TLS."""
+    from node.sweep import Sweeper, SweepError
+
+    (tmp_path / "c.toml").write_text(f"""[[sources]]
+name = "pacs"
+ae_title = "PACS"
+host = "127.0.0.1"
+port = 4242
+[sources.tls]
+enabled = true
+ca_bundle = "{pki.ca}"
+client_certificate = "{pki.client_cert}"
+client_private_key = "{pki.client_key}"
+server_hostname = "pacs.test"
+""")
+    cfg = config_mod.load(tmp_path / "c.toml", environ={})
+    seen: list[Any] = []
+
+    def fake_associate(self: AE, host: str, port: int, **kw: Any) -> Any:
+        seen.append((host, port, kw))
+
+        class _Assoc:
+            is_established = is_rejected = is_aborted = False
+        return _Assoc()
+
+    monkeypatch.setattr(AE, "associate", fake_associate)
+    sweeper = Sweeper(cfg, None, default_store_handler)  # type: ignore[arg-type]
+    with pytest.raises(SweepError, match="pacs"):
+        sweeper._associate(cfg.source("pacs"), AE(ae_title="PROGNODE"))
+    (host, port, kw), = seen
+    ctx, hostname = kw["tls_args"]
+    assert (host, port, hostname, kw["ae_title"]) == ("127.0.0.1", 4242, "pacs.test", "PACS")
+    assert ctx.check_hostname and ctx.verify_mode == ssl.CERT_REQUIRED
+    assert ctx.minimum_version == ssl.TLSVersion.TLSv1_2
+    assert len(ctx.get_ca_certs()) == 1  # the configured CA, not the system store
+
+
+def test_tls_config_errors(tmp_path: Path, pki: Pki, capsys: pytest.CaptureFixture[str]) -> None:
+    """Each setting is checked where it belongs and the error names the key."""
+    from node.config import ConfigError, NodeTlsConfig, PeerTlsConfig
+
+    def load_error(text: str) -> str:
+        (tmp_path / "bad.toml").write_text(text)
+        with pytest.raises(ConfigError) as e:
+            config_mod.load(tmp_path / "bad.toml", environ={})
+        return str(e.value)
+
+    dest = '[[destinations]]\nname = "pacs"\nae_title = "PACS"\nhost = "pacs.test"\nport = 104\n[destinations.tls]\n'
+    assert "destinations[0].tls.ca_bundle: required" in load_error(dest + "enabled = true\n")
+    assert "destinations[0].tls.certificate: not a peer TLS key; use client_certificate" in load_error(
+        dest + 'enabled = true\nca_bundle = "ca.pem"\ncertificate = "c.pem"\n')
+    assert "destinations[0].tls.client_certificate: goes together with client_private_key" in load_error(
+        dest + 'enabled = true\nca_bundle = "ca.pem"\nclient_certificate = "c.pem"\n')
+    assert "node.tls.private_key: required" in load_error('[node.tls]\nenabled = true\ncertificate = "c.pem"\n')
+    assert "node.tls.ca_bundle: required for mutual TLS" in load_error(
+        '[node.tls]\nenabled = true\ncertificate = "c.pem"\nprivate_key = "k.pem"\n')
+    assert "node.tls.calling_aet_names" in load_error(
+        '[node.tls]\nenabled = true\ncertificate = "c.pem"\nprivate_key = "k.pem"\n'
+        "require_client_certificate = false\ncalling_aet_names = { CT1 = [\"ct1\"] }\n")
+    # a peer: server-authenticated TLS needs only a CA bundle, or the system store when asked for
+    assert PeerTlsConfig(enabled=True, ca_bundle=pki.ca).client_certificate is None
+    assert PeerTlsConfig(enabled=True, use_system_store=True).ca_bundle is None
+    # the node: server-only TLS; "ca_certificates" is still read as ca_bundle
+    assert NodeTlsConfig(enabled=True, certificate=pki.server_cert, private_key=pki.server_key,
+                         require_client_certificate=False).ca_bundle is None
+    assert NodeTlsConfig.model_validate({"ca_certificates": str(pki.ca)}).ca_bundle == pki.ca
+    # files: missing or mismatched, named by key
+    with pytest.raises(TlsError, match=r"node\.tls\.certificate: file not found"):
+        server_context(NodeTlsConfig(enabled=True, certificate=Path("missing.crt"), private_key=pki.server_key,
+                                     ca_bundle=pki.ca), tmp_path)
     with pytest.raises(TlsError, match="cannot load"):
-        server_context(TlsConfig(enabled=True, certificate=pki.server_cert, private_key=pki.client_key,
-                                 ca_certificates=pki.ca), tmp_path)
+        server_context(NodeTlsConfig(enabled=True, certificate=pki.server_cert, private_key=pki.client_key,
+                                     ca_bundle=pki.ca), tmp_path)
+    with pytest.raises(TlsError, match=r"destinations 'x' tls\.ca_bundle: file not found"):
+        client_context(PeerTlsConfig(enabled=True, ca_bundle=Path("nope.pem")), tmp_path, "destinations 'x' tls")
+    # prognode config check builds every TLS setting once
+    from node.cli import main
+
+    (tmp_path / "files.toml").write_text(dest + 'enabled = true\nca_bundle = "missing-ca.pem"\n')
+    assert main(["config", "check", str(tmp_path / "files.toml")]) == 2
+    assert "destinations 'pacs' tls.ca_bundle: file not found" in capsys.readouterr().err
+    # server-only TLS on the node: no client certificate asked for
+    ctx = server_context(NodeTlsConfig(enabled=True, certificate=pki.server_cert, private_key=pki.server_key,
+                                       require_client_certificate=False), tmp_path)
+    assert ctx.verify_mode == ssl.CERT_NONE and ctx.minimum_version == ssl.TLSVersion.TLSv1_2
+
+
+def test_client_identity_rules() -> None:
+    """``[node.tls] calling_aet_names``: CN or subjectAltName, case-insensitive; unlisted AE titles refused."""
+    from node.config import NodeTlsConfig
+    from node.tls import certificate_names, check_client_identity
+
+    cert = {"subject": ((("commonName", "ct1-console"),),),
+            "subjectAltName": (("DNS", "CT1.hospital.test"), ("IP Address", "10.0.0.7"))}
+    assert certificate_names(cert) == {"ct1-console", "CT1.hospital.test", "10.0.0.7"}
+    tls = NodeTlsConfig(calling_aet_names={"CT1": ("ct1.hospital.test",), "CT2": ("ct2-console",)})
+    assert check_client_identity(tls, "CT1", cert) is None
+    assert check_client_identity(tls, "CT2", cert) is not None
+    assert "not in node.tls.calling_aet_names" in (check_client_identity(tls, "CT3", cert) or "")
+    assert "no client certificate" in (check_client_identity(tls, "CT1", {}) or "")
+    assert check_client_identity(NodeTlsConfig(), "ANY", None) is None
+
+
+def test_documented_tls_examples_load(tmp_path: Path) -> None:
+    """The commented TLS example in config.toml and the one in the README are valid configuration."""
+    import re
+
+    root = Path(__file__).resolve().parents[1]
+    text = (root / "config.toml").read_text()
+    start, end = text.index("# [destinations.tls]"), text.index("[[routes]]")
+    block = "\n".join(line[2:] if re.match(r"^# [\[a-z]", line) else line for line in text[start:end].splitlines())
+    (tmp_path / "config.toml").write_text(text[:start] + block + "\n" + text[end:])
+    cfg = config_mod.load(tmp_path / "config.toml", environ={})
+    assert cfg.node.tls.enabled and cfg.node.tls.calling_aet_names and cfg.destinations[0].tls.enabled
+    readme = (root / "README.md").read_text()
+    section = readme[readme.index("### DICOM TLS on every leg"):]
+    example = section[section.index("```toml") + 7:section.index("```\n", section.index("```toml") + 7)]
+    (tmp_path / "readme.toml").write_text(example)
+    cfg = config_mod.load(tmp_path / "readme.toml", environ={})
+    assert cfg.node.tls.ca_bundle is not None and cfg.destinations[0].tls.server_hostname == "pacs.hospital.example"
 
 
 def test_access_policy_rules() -> None:
@@ -241,9 +434,9 @@ def test_sweep_over_dicom_tls(tmp_path: Path, pki: Pki, method: str) -> None:
             urllib.request.urlopen(req, timeout=10).read()
         text = (tmp_path / "config.toml").read_text() + pacs_source_toml(pacs, method) + f"""[sources.tls]
 enabled = true
-certificate = "{pki.client_cert}"
-private_key = "{pki.client_key}"
-ca_certificates = "{pki.ca}"
+ca_bundle = "{pki.ca}"
+client_certificate = "{pki.client_cert}"
+client_private_key = "{pki.client_key}"
 """
         (tmp_path / "config.toml").write_text(text)
         cfg = config_mod.load(tmp_path / "config.toml")
@@ -254,11 +447,13 @@ ca_certificates = "{pki.ca}"
 
 
 def test_node_scp_over_tls_with_dcmtk(tmp_path: Path, pki: Pki) -> None:
-    """The node itself (Node: SCP, index, completion) accepts dcmtk storescu +tls with a client certificate."""
+    """The node itself (Node: SCP, index, completion) accepts dcmtk storescu +tls with a client certificate,
+    and ``[node.tls] calling_aet_names`` ties calling AE titles to client certificates."""
     need("storescu", "echoscu")
     from node.service import Node
 
-    cfg = node_config(tmp_path, pki)
+    cfg = node_config(tmp_path, pki, node_tls_extra='calling_aet_names = { STORESCU = ["client.test"], '
+                                                   'ECHOSCU = ["CLIENT"], CT9 = ["ct9.hospital.test"] }')
     (tmp_path / "config.toml").write_text((tmp_path / "config.toml").read_text() + "[web]\nenabled = false\n")
     cfg = config_mod.load(tmp_path / "config.toml")
     node = Node(cfg).start()
@@ -268,8 +463,14 @@ def test_node_scp_over_tls_with_dcmtk(tmp_path: Path, pki: Pki) -> None:
         study = write_study(tmp_path / "dcm", 4, dt.date(2026, 3, 2), slices=2)
         r = _dcmtk("storescu", port, "STORESCU", good, [str(f) for f in study.files])
         assert r.returncode == 0, r.stdout + r.stderr
+        assert _dcmtk("echoscu", port, "ECHOSCU", good).returncode == 0  # the subject CN "client"
+        assert _dcmtk("echoscu", port, "CT9", good).returncode != 0  # a certificate for another name
+        assert _dcmtk("echoscu", port, "OTHER", good).returncode != 0  # an AE title tied to no certificate
         assert _dcmtk("echoscu", port, "ECHOSCU", []).returncode != 0  # plain TCP refused
         assert _dcmtk("echoscu", port, "ECHOSCU", ["+tla", "+cf", str(pki.ca)]).returncode != 0  # no client cert
     finally:
         node.stop(timeout=5)
+    rejected = [r for r in AuditLog(cfg.path(cfg.logging.audit_file)).read() if r["event"] == "association_rejected"]
+    assert [r["calling_ae"] for r in rejected] == ["CT9", "OTHER"]
+    assert "client.test" in rejected[0]["reason"] and "calling_aet_names" in rejected[1]["reason"]
     assert len(list((cfg.storage_dir).rglob("*.dcm"))) == 2
