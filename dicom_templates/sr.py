@@ -25,7 +25,7 @@ at all (an empty Imaging Measurements container) makes OHIF fail ("Something wen
 blank viewport), so a "not evaluable" report keeps one planar group (:func:`not_evaluable_group`).
 
 Each group names the algorithm and its version (TID 4019); the report's observer context
-names this node as a device (TID 1004) from :class:`pipelines.base.Identity`.  Private codes
+names this node as a device (TID 1004) from :class:`dicom_templates.identity.Identity`.  Private codes
 (``99PROGNODE``) are declared in the Coding Scheme Identification Sequence.  A re-run's SR
 lists the SRs it supersedes in the Predecessor Documents Sequence (highdicom
 ``previous_versions``).
@@ -47,7 +47,7 @@ from pydicom.uid import generate_uid
 
 from dicom_templates import codes
 from dicom_templates.common import Algorithm, check_identity, contributing_equipment, device_uid, with_type2
-from pipelines.base import Identity, Predecessor
+from dicom_templates.identity import Identity, Predecessor
 
 log = logging.getLogger(__name__)
 
