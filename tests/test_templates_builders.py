@@ -53,7 +53,7 @@ def _masks(n: int, rows: int, cols: int) -> dict[str, np.ndarray]:
     a[3, 5:7, 5:7] = True
     b[1:3, 10:14, 1:5] = True
     b[1, 3:5, 4:6] = True  # overlaps a: stacked-segments path
-    return {"psoas-left": a, "sat": b}
+    return {"iliopsoas-left": a, "sat": b}
 
 
 def test_seg_on_ct2_round_trip_and_geometry(ct2: list[Dataset], tmp_path: Path) -> None:
@@ -71,7 +71,7 @@ def test_seg_on_ct2_round_trip_and_geometry(ct2: list[Dataset], tmp_path: Path) 
     labels = [s.SegmentLabel for s in back.SegmentSequence]
     assert labels == ["Psoas major left", "Subcutaneous adipose tissue"]
     s1 = back.get_segment_description(1)
-    assert s1.segmented_property_type == codes.segment("psoas-left").type
+    assert s1.segmented_property_type == codes.segment("iliopsoas-left").type
     assert s1.SegmentedPropertyTypeCodeSequence[0].SegmentedPropertyTypeModifierCodeSequence[0].CodeValue == "7771000"
     assert s1.algorithm_identification[0].AlgorithmName == "builder-test"
 
