@@ -22,7 +22,23 @@ annotation is rendered; once rendered, it recomputes and shows the polygon's own
 mean HU of a segment, SMI, ...) stay in the SR but are not shown by OHIF.  So make the polygon
 outline the region the numbers describe wherever possible.  A report with no measurement group
 at all (an empty Imaging Measurements container) makes OHIF fail ("Something went wrong",
-blank viewport), so a "not evaluable" report keeps one planar group (:func:`not_evaluable_group`).
+blank viewport), so a "not evaluable" report keeps one planar group (:func:`not_evaluable_group`):
+an outline without any number, which OHIF draws without error but does not list.
+
+No made-up numbers: a value that is not evaluable is a NUM whose Measured Value Sequence is
+empty, with a Numeric Value Qualifier (CID 42, "Value unknown" by default) and a TEXT "Reason
+not evaluable" in its group.
+
+Groups are distinguishable: the finding (e.g. Iliopsoas muscle), finding sites (the structure
+with its laterality for a sided structure, and the vertebral level) and a Tracking UID.  With a
+:class:`TrackingKey` the Tracking UID is ``2.25.<uuid5>`` of issuer of patient ID + patient ID
++ structure + side + level (:func:`tracking_uid`), not of the study, so the same structure in a
+later study keeps its UID.  The Tracking Identifier text stays OHIF's
+``Cornerstone3DTools@^0.1.0:PlanarFreehandROI`` (OHIF lists a planar group only with it).
+
+A report may say how its vertebral level was found (:class:`LevelProvenance`: automatic or
+confirmed by a reader, anchor votes, confidence); a reader-confirmed level adds the reader as
+person observer (TID 1002, role Reader) beside the device observer.
 
 Each group names the algorithm and its version (TID 4019); the report's observer context
 names this node as a device (TID 1004) from :class:`dicom_templates.identity.Identity`.  Private codes
