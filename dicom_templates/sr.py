@@ -206,7 +206,8 @@ class PlanarGroup:
 
     When ``finding`` is a segment key whose row has a laterality modifier (e.g. ``"iliopsoas-left"``),
     the group gets a finding site of that structure with its laterality (TID 1501 Finding Site with
-    Laterality), besides ``finding_site`` (e.g. the vertebral level).
+    Laterality), and when the row has an anatomic region (VAT: abdominal cavity), that region as
+    a finding site, besides ``finding_site`` (e.g. the vertebral level), which comes last.
     """
 
     tracking_id: str
@@ -271,11 +272,14 @@ def _tracking_uid(source: Dataset, g: PlanarGroup | VolumeGroup) -> str:
 
 
 def _finding_sites(g: PlanarGroup | VolumeGroup) -> list[hd.sr.FindingSite] | None:
-    """The group's finding sites: its structure with laterality (when the finding has a side), its level."""
+    """The group's finding sites: its structure with laterality (when the finding has a side), the
+    anatomic region of a tissue (VAT: abdominal cavity; IMAT: skeletal muscle), its level."""
     sites = []
     row = codes.table().segments.get(g.finding)
     if row is not None and row.modifier is not None:
         sites.append(hd.sr.FindingSite(anatomic_location=row.type, laterality=row.modifier))
+    if row is not None and row.region is not None:
+        sites.append(hd.sr.FindingSite(anatomic_location=row.region))
     if g.finding_site:
         sites.append(hd.sr.FindingSite(anatomic_location=codes.concept(g.finding_site)))
     return sites or None

@@ -469,3 +469,27 @@ def test_writers_take_any_subset_of_structures(tmp_path: Path) -> None:
         outputs.write_results(ctx, volume, replace(seg, slice_seg=SliceSegmentation(
             masks={**masks, "spleen_of_doom": masks["skeletal_muscle"]}, body=masks["skeletal_muscle"])),
             replace(meas, areas={**areas, "spleen_of_doom": Value(1.0, "cm2")}), create({}), ClassicalBackend())
+
+
+def test_vat_and_imat_groups_differ_by_their_region(phantom_run: Run) -> None:
+    groups = read_groups(pydicom.dcmread(phantom_run.out / "sr.dcm"))
+    fat = [g.finding_sites for g in groups if g.finding == ("SCT", "55603005")]
+    assert sorted(fat) == [[("SCT", "127954009"), ("SCT", "36470004")], [("SCT", "52731004"), ("SCT", "36470004")]]
+
+
+@pytest.mark.slow
+@pytest.mark.browser
+def test_not_evaluable_sr_is_displayable_in_ohif_without_a_number(tmp_path: Path) -> None:
+    """OHIF 3.13 loads the not-evaluable SR without error and draws its outline; with no number in
+    it, OHIF does not list it (it lists a planar group only through a valued NUM), as ohif-check shows."""
+    need("chromium", "Orthanc")
+    if not OHIF.exists():
+        pytest.skip(f"ohif-check not found at {OHIF}")
+    r = _run(tmp_path, PhantomSpec(size=64, pixel_mm=6.0, tilt_deg=15.0))
+    sr = pydicom.dcmread(r.out / "sr.dcm")
+    assert not [e for e in sr.iterall() if e.keyword in ("NumericValue", "FloatingPointValue")]
+    p = subprocess.run([str(OHIF), "--out", str(tmp_path / "ohif"), "--timeout", "180", str(r.ct), str(r.out / "sr.dcm")],
+                       capture_output=True, text=True, timeout=600)
+    (line,) = [json.loads(x) for x in p.stdout.splitlines() if x.startswith("{")]
+    assert line["checks"]["no_error_notification"] and line["checks"]["canvas_not_blank"], line
+    assert not line["checks"]["panel_lists_measurements"], "OHIF now lists a group without a value: see sr.py"
