@@ -493,3 +493,17 @@ def test_not_evaluable_sr_is_displayable_in_ohif_without_a_number(tmp_path: Path
     (line,) = [json.loads(x) for x in p.stdout.splitlines() if x.startswith("{")]
     assert line["checks"]["no_error_notification"] and line["checks"]["canvas_not_blank"], line
     assert not line["checks"]["panel_lists_measurements"], "OHIF now lists a group without a value: see sr.py"
+
+
+def test_same_patient_later_study_keeps_tracking_uids(tmp_path: Path) -> None:
+    """Two studies of one patient: every structure's group keeps its Tracking UID (another patient or side:
+    test_templates_builders)."""
+    def uids(name: str, spec: PhantomSpec) -> dict[tuple[object, ...], str]:
+        write_phantom(spec, tmp_path / name / "ct")
+        run_folder(tmp_path / name / "ct", tmp_path / name / "out", {"volumes_3d": False})
+        groups = read_groups(pydicom.dcmread(tmp_path / name / "out" / "sr.dcm"))
+        return {(g.finding, g.laterality, tuple(g.finding_sites)): g.tracking_uid for g in groups}
+
+    spec = PhantomSpec(size=64, pixel_mm=6.0)
+    first, later = uids("first", spec), uids("later", spec)
+    assert len(first) >= 6 and first == later and len(set(first.values())) == len(first)
