@@ -196,6 +196,11 @@ def test_qc_level_not_in_field_of_view(tmp_path: Path) -> None:
         shutil.copy(f, tmp_path / "upper" / f.name)
     out = run_folder(tmp_path / "upper", tmp_path / "out", {})
     assert not out.evaluable and "cannot count vertebrae" in out.reason
+    sr = pydicom.dcmread(tmp_path / "out" / "sr.dcm")  # the level finder's account is in the SR too
+    (qe,) = [it for it in sr.ContentSequence if it.ConceptNameCodeSequence[0].CodeValue == "C0034375"]
+    assert any(it.ConceptNameCodeSequence[0].CodeMeaning in ("Level anchor vote", "Level confidence")
+               for it in qe.ContentSequence)
+    assert not [e for e in sr.iterall() if e.keyword in ("NumericValue", "FloatingPointValue")]
 
 
 def test_truncated_body_sat_not_evaluable(tmp_path: Path) -> None:

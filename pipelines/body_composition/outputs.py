@@ -101,12 +101,17 @@ def _source_per_slice(volume: Volume) -> list[Dataset]:
 
 
 def write_not_evaluable(ctx: PipelineContext, volume: Volume, reason: str, pipeline: BodyCompositionPipeline,
-                        stage: str, backend: Backend | None = None) -> PipelineOutput:
+                        stage: str, backend: Backend | None = None, level: LevelResult | None = None) -> PipelineOutput:
+    """One SR saying "not evaluable" and why; with the level finder's result, its anchor votes too."""
     algorithm = _algorithm(pipeline, backend)
     evidence = [_with_type2(d) for d in volume.source_datasets()]
+    texts = [Text("backend", algorithm.parameters["backend"])]
+    if level is not None:
+        prov = level_provenance(level, level.level or "")
+        texts += [Text("level-anchor-vote", a) for a in prov.anchors]
+        texts += [Text("level-confidence", prov.confidence)] if prov.confidence else []
     sr = build_measurement_report(evidence, [], algorithm, ctx.identity, "Body composition: not evaluable",
-                                  predecessors=ctx.predecessors, not_evaluable_reason=reason,
-                                  texts=[Text("backend", algorithm.parameters["backend"])])
+                                  predecessors=ctx.predecessors, not_evaluable_reason=reason, texts=texts)
     path = ctx.work_dir / "sr.dcm"
     sr.save_as(path)
     log.info("series %s not evaluable at %s: %s", volume.series_uid, stage, reason)

@@ -196,7 +196,7 @@ class BodyCompositionPipeline:
         t0 = t.add("level-finder", t0)
         if level.level is None or level.slice_index is None:
             reason = "; ".join(level.notes) or "level not found"
-            out = outputs.write_not_evaluable(ctx, volume, reason, self, "level-finder", backend=backend)
+            out = outputs.write_not_evaluable(ctx, volume, reason, self, "level-finder", backend=backend, level=level)
             self.last_timings, self.last_cpu_timings = t.seconds, t.cpu_seconds
             return out
         seg = TissueSegmenter(backend, self.options.volumes_3d).run(SegmentInput(volume, level))
