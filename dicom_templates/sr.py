@@ -278,10 +278,11 @@ def _finding_sites(g: PlanarGroup | VolumeGroup) -> list[hd.sr.FindingSite] | No
     row = codes.table().segments.get(g.finding)
     if row is not None and row.modifier is not None:
         sites.append(hd.sr.FindingSite(anatomic_location=row.type, laterality=row.modifier))
-    if row is not None and row.region is not None:
+    level = codes.concept(g.finding_site) if g.finding_site else None
+    if row is not None and row.region is not None and row.region != level:
         sites.append(hd.sr.FindingSite(anatomic_location=row.region))
-    if g.finding_site:
-        sites.append(hd.sr.FindingSite(anatomic_location=codes.concept(g.finding_site)))
+    if level is not None:
+        sites.append(hd.sr.FindingSite(anatomic_location=level))
     return sites or None
 
 
