@@ -457,7 +457,9 @@ def test_writers_take_any_subset_of_structures(tmp_path: Path) -> None:
     for p in out.files:
         ok, text = dciodvfy(p)
         assert ok, text
-    labels = [str(s.SegmentLabel) for s in pydicom.dcmread(ctx.work_dir / "seg.dcm").SegmentSequence]
+    import highdicom as hd
+
+    labels = [str(s.SegmentLabel) for s in hd.seg.segread(ctx.work_dir / "seg.dcm").SegmentSequence]
     assert labels == ["Skeletal muscle", "Sternocleidomastoid left", "Sternocleidomastoid right",
                       "Paravertebral muscles left"]  # the right paravertebral area failed its gate
     sr = pydicom.dcmread(ctx.work_dir / "sr.dcm")
