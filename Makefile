@@ -44,6 +44,7 @@ bench: setup
 
 lint: venv
 	$(VENV)/bin/ruff check node pipelines dicom_templates tests bench scripts
+	$(VENV)/bin/lint-imports --no-cache  # layers and the torch-free receive path ([tool.importlinter] in pyproject.toml)
 
 typecheck: venv
 	$(VENV)/bin/mypy

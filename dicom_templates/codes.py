@@ -42,6 +42,30 @@ class SegmentCode:
 
 
 @dataclass(frozen=True)
+class ExternalCode:
+    """A standard code that pydicom's tables lack, with where it is published."""
+
+    scheme: str
+    value: str
+    meaning: str
+    source: str
+
+
+@dataclass(frozen=True)
+class PrivateCode:
+    """A ``99PROGNODE`` code with the reason no standard code is used.
+
+    ``differs_from`` names standard codes ("SCHEME:VALUE") whose meaning is close to this one's
+    but whose concept is not this one.
+    """
+
+    value: str
+    meaning: str
+    reason: str
+    differs_from: tuple[str, ...] = ()
+
+
+@dataclass(frozen=True)
 class Table:
     version: str
     segments: Mapping[str, SegmentCode]
@@ -49,6 +73,20 @@ class Table:
     units: Mapping[str, CodedConcept]
     schemes: Mapping[str, Mapping[str, str]]
     sections: Mapping[str, Any] = field(default_factory=dict)  # other top-level tables, as parsed
+    external: Mapping[tuple[str, str], ExternalCode] = field(default_factory=dict)  # (scheme, value) ->
+    private: Mapping[str, PrivateCode] = field(default_factory=dict)  # 99PROGNODE code value ->
+
+    def all_codes(self) -> list[tuple[str, CodedConcept]]:
+        """Every code the table uses, each with where it is used (``segments.x.type``, ``concepts.y``, ...)."""
+        out: list[tuple[str, CodedConcept]] = []
+        for key, row in self.segments.items():
+            for part in ("category", "type", "modifier", "region"):
+                c = getattr(row, part)
+                if c is not None:
+                    out.append((f"segments.{key}.{part}", c))
+        out += [(f"concepts.{key}", c) for key, c in self.concepts.items()]
+        out += [(f"units.{key}", c) for key, c in self.units.items()]
+        return out
 
 
 def _coded(raw: Any, where: str) -> CodedConcept:
@@ -97,10 +135,53 @@ def parse(text: str) -> Table:
         for code, meaning in data.get("units", {}).items()
     }
     schemes = {k: {kk: str(vv) for kk, vv in v.items()} for k, v in data.get("schemes", {}).items()}
-    known = {"version", "segments", "concepts", "units", "schemes"}
+    external = _external(data.get("external", {}))
+    private = _private(data.get("private", {}))
+    known = {"version", "segments", "concepts", "units", "schemes", "external", "private"}
     sections = {k: v for k, v in data.items() if k not in known}
-    return Table(version=version, segments=segments, concepts=concepts, units=units, schemes=schemes,
-                 sections=sections)
+    table = Table(version=version, segments=segments, concepts=concepts, units=units, schemes=schemes,
+                  sections=sections, external=external, private=private)
+    _check_declared(table)
+    return table
+
+
+def _external(raw: Mapping[str, Any]) -> dict[tuple[str, str], ExternalCode]:
+    out = {}
+    for key, row in raw.items():
+        scheme, _, value = key.partition(":")
+        meaning, source = row.get("meaning"), row.get("source")
+        if not (scheme and value and isinstance(meaning, str) and meaning and isinstance(source, str) and source):
+            raise ValueError(f"codes.toml external.{key!r}: needs a SCHEME:VALUE key, a meaning and a source")
+        out[(scheme, value)] = ExternalCode(scheme, value, meaning, source)
+    return out
+
+
+def _private(raw: Mapping[str, Any]) -> dict[str, PrivateCode]:
+    out = {}
+    for value, row in raw.items():
+        meaning, reason = row.get("meaning"), row.get("reason")
+        if not (isinstance(meaning, str) and meaning and isinstance(reason, str) and reason.strip()):
+            raise ValueError(f"codes.toml private.{value}: needs a meaning and the reason no standard code is used")
+        differs = row.get("differs_from", [])
+        if not (isinstance(differs, list) and all(isinstance(d, str) and ":" in d for d in differs)):
+            raise ValueError(f"codes.toml private.{value}.differs_from: a list of \"SCHEME:VALUE\" strings")
+        out[value] = PrivateCode(value, meaning, reason, tuple(differs))
+    return out
+
+
+def _check_declared(table: Table) -> None:
+    """Every private code used is declared in [private]; declared meanings match the rows'."""
+    for where, c in table.all_codes():
+        if c.scheme_designator == PRIVATE_SCHEME:
+            declared = table.private.get(c.value)
+            if declared is None:
+                raise ValueError(f"codes.toml {where}: private code {c.value} is not declared in [private] with a reason")
+            if declared.meaning != c.meaning:
+                raise ValueError(f"codes.toml {where}: {c.value} means {c.meaning!r} here, {declared.meaning!r} in [private]")
+        ext = table.external.get((c.scheme_designator, c.value))
+        if ext is not None and ext.meaning != c.meaning:
+            raise ValueError(f"codes.toml {where}: {c.scheme_designator} {c.value} means {c.meaning!r} here, "
+                             f"{ext.meaning!r} in [external]")
 
 
 @functools.cache

@@ -11,7 +11,7 @@ from pydicom.sr.codedict import codes as dcm_codes
 from pydicom.uid import generate_uid
 
 from dicom_templates import codes
-from pipelines.base import Identity
+from dicom_templates.identity import Identity
 
 
 @dataclass(frozen=True)

@@ -30,6 +30,7 @@ import numpy.typing as npt
 from pydicom.dataset import Dataset
 
 from dicom_templates.common import Algorithm
+from dicom_templates.identity import Identity, Predecessor
 from dicom_templates.sr import (
     OHIF_TRACKING_IDENTIFIER,
     Measurement,
@@ -39,7 +40,6 @@ from dicom_templates.sr import (
     build_measurement_report,
     read_groups,
 )
-from pipelines.base import Identity, Predecessor
 
 __all__ = ["OHIF_TRACKING_IDENTIFIER", "RiskContent", "build_risk_sr", "read_risk"]
 

@@ -12,7 +12,7 @@ from pydicom.dataset import Dataset
 
 from dicom_templates import codes
 from dicom_templates.common import Algorithm, check_identity, contributing_equipment, with_type2
-from pipelines.base import Identity
+from dicom_templates.identity import Identity
 
 log = logging.getLogger(__name__)
 

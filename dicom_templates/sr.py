@@ -22,10 +22,26 @@ annotation is rendered; once rendered, it recomputes and shows the polygon's own
 mean HU of a segment, SMI, ...) stay in the SR but are not shown by OHIF.  So make the polygon
 outline the region the numbers describe wherever possible.  A report with no measurement group
 at all (an empty Imaging Measurements container) makes OHIF fail ("Something went wrong",
-blank viewport), so a "not evaluable" report keeps one planar group (:func:`not_evaluable_group`).
+blank viewport), so a "not evaluable" report keeps one planar group (:func:`not_evaluable_group`):
+an outline without any number, which OHIF draws without error but does not list.
+
+No made-up numbers: a value that is not evaluable is a NUM whose Measured Value Sequence is
+empty, with a Numeric Value Qualifier (CID 42, "Value unknown" by default) and a TEXT "Reason
+not evaluable" in its group.
+
+Groups are distinguishable: the finding (e.g. Iliopsoas muscle), finding sites (the structure
+with its laterality for a sided structure, and the vertebral level) and a Tracking UID.  With a
+:class:`TrackingKey` the Tracking UID is ``2.25.<uuid5>`` of issuer of patient ID + patient ID
++ structure + side + level (:func:`tracking_uid`), not of the study, so the same structure in a
+later study keeps its UID.  The Tracking Identifier text stays OHIF's
+``Cornerstone3DTools@^0.1.0:PlanarFreehandROI`` (OHIF lists a planar group only with it).
+
+A report may say how its vertebral level was found (:class:`LevelProvenance`: automatic or
+confirmed by a reader, anchor votes, confidence); a reader-confirmed level adds the reader as
+person observer (TID 1002, role Reader) beside the device observer.
 
 Each group names the algorithm and its version (TID 4019); the report's observer context
-names this node as a device (TID 1004) from :class:`pipelines.base.Identity`.  Private codes
+names this node as a device (TID 1004) from :class:`dicom_templates.identity.Identity`.  Private codes
 (``99PROGNODE``) are declared in the Coding Scheme Identification Sequence.  A re-run's SR
 lists the SRs it supersedes in the Predecessor Documents Sequence (highdicom
 ``previous_versions``).
@@ -34,6 +50,7 @@ lists the SRs it supersedes in the Predecessor Documents Sequence (highdicom
 from __future__ import annotations
 
 import logging
+import uuid
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -47,7 +64,7 @@ from pydicom.uid import generate_uid
 
 from dicom_templates import codes
 from dicom_templates.common import Algorithm, check_identity, contributing_equipment, device_uid, with_type2
-from pipelines.base import Identity, Predecessor
+from dicom_templates.identity import Identity, Predecessor
 
 log = logging.getLogger(__name__)
 
@@ -57,10 +74,12 @@ __all__ = [
     "OHIF_TRACKING_IDENTIFIER",
     "Algorithm",
     "GroupReadout",
+    "LevelProvenance",
     "Measurement",
     "PlanarGroup",
     "Qualitative",
     "Text",
+    "TrackingKey",
     "VolumeGroup",
     "build_measurement_report",
     "close_polygon",
@@ -68,6 +87,7 @@ __all__ = [
     "pixel_spacing",
     "polygon_area_mm2",
     "read_groups",
+    "tracking_uid",
 ]
 
 
@@ -76,13 +96,82 @@ class Measurement:
     """One NUM (TID 300): ``concept`` and ``unit`` are code-table keys (UCUM code for the unit).
 
     ``derivation`` (e.g. ``"mean"``) and ``method`` are optional concept keys.
+
+    A value that is not evaluable is ``value=None`` with the ``reason``: the NUM then has an
+    empty Measured Value Sequence and a Numeric Value Qualifier (CID 42; ``qualifier`` is its
+    concept key, "Value unknown" by default), and the group gets a TEXT "Reason not evaluable"
+    naming the measurement.  No number is written for it.
     """
 
     concept: str
-    value: float
+    value: float | None
     unit: str
     derivation: str | None = None
     method: str | None = None
+    reason: str = ""
+    qualifier: str = "value-unknown"
+
+    def __post_init__(self) -> None:
+        if self.value is None and not self.reason.strip():
+            raise ValueError(f"measurement {self.concept!r} has no value: say why (reason)")
+
+
+@dataclass(frozen=True)
+class TrackingKey:
+    """What a measurement group tracks, stable for the patient over time.
+
+    The group's Tracking UID is derived from the patient (Issuer of Patient ID + Patient ID of
+    the source image) and this key, never from the study: the same structure, side and level in
+    a later study of the same patient gets the same Tracking UID, so its values can be followed.
+    ``structure`` is a code-table key (e.g. ``"iliopsoas-left"``'s structure ``"iliopsoas"``),
+    ``side`` ``"left"``, ``"right"`` or ``""``, ``level`` e.g. ``"L3"``.
+    """
+
+    structure: str
+    side: str = ""
+    level: str = ""
+
+    def __post_init__(self) -> None:
+        if not self.structure:
+            raise ValueError("TrackingKey needs a structure")
+        if self.side not in ("", "left", "right"):
+            raise ValueError(f"TrackingKey side {self.side!r}: use 'left', 'right' or ''")
+
+
+# A fixed namespace for the name-based (UUID version 5) Tracking UIDs; never change it, or every
+# Tracking UID written so far stops matching later studies.
+_TRACKING_NAMESPACE = uuid.UUID("6f1c2a53-5e0b-5b8e-9d43-70726f676e6f")
+
+
+def tracking_uid(issuer_of_patient_id: str, patient_id: str, key: TrackingKey) -> str:
+    """The Tracking UID of ``key`` for one patient: ``2.25.<UUID v5 as an integer>`` (PS3.5 B.2).
+
+    Deterministic: issuer + patient ID + structure + side + level, and nothing of the study.
+    """
+    if not patient_id.strip():
+        raise ValueError("a patient-stable Tracking UID needs a Patient ID")
+    name = "\x1f".join(["prognode-tracking/1", issuer_of_patient_id.strip(), patient_id.strip(), key.structure,
+                        key.side, key.level])
+    return f"2.25.{uuid.uuid5(_TRACKING_NAMESPACE, name).int}"
+
+
+@dataclass(frozen=True)
+class LevelProvenance:
+    """How the vertebral level of a report was found; written in the report's Qualitative Evaluations.
+
+    ``anchors`` are one line per landmark the level finder used ("sacrum: L3 at slice 41"),
+    ``confidence`` the finder's confidence in words or numbers.  A reader-confirmed level names
+    the ``reader`` (DICOM PN, "Family^Given"), who becomes the report's person observer
+    (TID 1002, role Reader), and when (``confirmed_at``, ISO 8601).
+    """
+
+    level: str
+    reader_confirmed: bool = False
+    anchors: Sequence[str] = ()
+    confidence: str = ""
+    reader: str = ""
+    confirmed_at: str = ""
+    provenance: str = ""  # who chose the slice, when and from where (a viewer marker, the command line, the API)
 
 
 @dataclass(frozen=True)
@@ -107,8 +196,15 @@ class PlanarGroup:
 
     ``polygon`` is (N, 2) image pixel coordinates (column, row), at least 3 points; the
     builder closes it (the last point repeats the first).  ``frame_number`` (1-based) is
-    needed for a multi-frame image.  ``tracking_id`` names the ROI; the group's Tracking
-    UID is derived from it and the study, so re-runs track the same ROI under the same UID.
+    needed for a multi-frame image.  ``tracking_id`` names the ROI.  With a ``tracking_key``
+    the group's Tracking UID is derived from the patient and that key (:func:`tracking_uid`);
+    without one, from the study and ``tracking_id``, so re-runs on the same study track the same
+    ROI under the same UID.
+
+    When ``finding`` is a segment key whose row has a laterality modifier (e.g. ``"iliopsoas-left"``),
+    the group gets a finding site of that structure with its laterality (TID 1501 Finding Site with
+    Laterality), and when the row has an anatomic region (VAT: abdominal cavity), that region as
+    a finding site, besides ``finding_site`` (e.g. the vertebral level), which comes last.
     """
 
     tracking_id: str
@@ -120,6 +216,7 @@ class PlanarGroup:
     qualitative: Sequence[Qualitative] = ()
     text: Sequence[Text] = ()
     frame_number: int | None = None
+    tracking_key: TrackingKey | None = None
 
 
 @dataclass(frozen=True)
@@ -138,6 +235,7 @@ class VolumeGroup:
     # segmentation") instead of image by image: for a SEG over hundreds of slices this keeps
     # the SR small and fast, and the evidence list can then be the SEG alone.
     reference_source_series: bool = False
+    tracking_key: TrackingKey | None = None
 
 
 Group = PlanarGroup | VolumeGroup
@@ -160,12 +258,29 @@ def close_polygon(polygon: NDArray[np.floating[Any]] | Sequence[Sequence[float]]
     return np.vstack([pts, pts[:1]]).astype(np.float32)
 
 
-def _tracking_uid(study_uid: str, tracking_id: str) -> str:
-    return str(generate_uid(entropy_srcs=["prognode-tracking", study_uid, tracking_id]))
+def _tracking_uid(source: Dataset, g: PlanarGroup | VolumeGroup) -> str:
+    if g.tracking_key is not None:
+        patient_id = str(source.get("PatientID", "") or "")
+        if patient_id.strip():
+            return tracking_uid(str(source.get("IssuerOfPatientID", "") or ""), patient_id, g.tracking_key)
+        log.warning("group %r: source has no Patient ID, Tracking UID derived from the study instead",
+                    g.tracking_id)
+    return str(generate_uid(entropy_srcs=["prognode-tracking", str(source.StudyInstanceUID), g.tracking_id]))
 
 
-def _finding_sites(key: str | None) -> list[hd.sr.FindingSite] | None:
-    return [hd.sr.FindingSite(anatomic_location=codes.concept(key))] if key else None
+def _finding_sites(g: PlanarGroup | VolumeGroup) -> list[hd.sr.FindingSite] | None:
+    """The group's finding sites: its structure with laterality (when the finding has a side), the
+    anatomic region of a tissue (VAT: abdominal cavity; IMAT: skeletal muscle), its level."""
+    sites = []
+    row = codes.table().segments.get(g.finding)
+    if row is not None and row.modifier is not None:
+        sites.append(hd.sr.FindingSite(anatomic_location=row.type, laterality=row.modifier))
+    level = codes.concept(g.finding_site) if g.finding_site else None
+    if row is not None and row.region is not None and row.region != level:
+        sites.append(hd.sr.FindingSite(anatomic_location=row.region))
+    if level is not None:
+        sites.append(hd.sr.FindingSite(anatomic_location=level))
+    return sites or None
 
 
 def _qualitative(items: Sequence[Qualitative]) -> list[hd.sr.QualitativeEvaluation] | None:
@@ -185,17 +300,42 @@ def _text_items(items: Sequence[Text]) -> list[hd.sr.TextContentItem]:
 
 
 def _num(m: Measurement, algorithm: Algorithm, coords: Sequence[hd.sr.CoordinatesForMeasurement] | None) -> hd.sr.Measurement:
-    if not np.isfinite(m.value):
+    if m.value is not None and not np.isfinite(m.value):
         raise ValueError(f"measurement {m.concept!r} is not finite ({m.value}); report it as not evaluable instead")
-    return hd.sr.Measurement(
+    num = hd.sr.Measurement(
         name=codes.concept(m.concept),
-        value=float(m.value),
+        value=float(m.value) if m.value is not None else 0.0,
         unit=codes.unit(m.unit),
+        qualifier=codes.concept(m.qualifier) if m.value is None else None,
         derivation=codes.concept(m.derivation) if m.derivation else None,
         method=codes.concept(m.method) if m.method else None,
         algorithm_id=algorithm.sr_identification(),
         referenced_coordinates=list(coords) if coords else None,
     )
+    return num
+
+
+def _drop_placeholder_values(items: Sequence[Dataset]) -> int:
+    """Empty the Measured Value Sequence of every NUM that carries a Numeric Value Qualifier.
+
+    highdicom 0.28 builds (and re-parses) a NUM only with a value, so a value that is not
+    evaluable is built with a placeholder 0 and its qualifier; PS3.3 C.18.1 (Numeric Measurement
+    Macro) lets the Measured Value Sequence be empty when the qualifier says why, and so it is
+    emptied here, on the finished document: no number is written.  Only this builder sets a
+    qualifier, and only for values that are None.
+    """
+    n = 0
+    for it in _walk(items):
+        if it.get("ValueType") == "NUM" and "NumericValueQualifierCodeSequence" in it:
+            it.MeasuredValueSequence = []
+            n += 1
+    return n
+
+
+def _reasons(measurements: Sequence[Measurement]) -> list[Text]:
+    """A TEXT "Reason not evaluable" for each measurement without a value, naming it."""
+    return [Text("not-evaluable-reason", f"{codes.concept(m.concept).meaning}: {m.reason}")
+            for m in measurements if m.value is None]
 
 
 def _append(group: Any, items: Sequence[Any]) -> None:
@@ -205,14 +345,13 @@ def _append(group: Any, items: Sequence[Any]) -> None:
 
 
 def _planar(g: PlanarGroup, algorithm: Algorithm) -> Any:
-    study_uid = str(g.image.StudyInstanceUID)
     pts = close_polygon(g.polygon)
     rows, cols = int(g.image.Rows), int(g.image.Columns)
     if pts[:, 0].min() < 0 or pts[:, 1].min() < 0 or pts[:, 0].max() > cols or pts[:, 1].max() > rows:
         raise ValueError(f"group {g.tracking_id!r}: polygon leaves the {cols}x{rows} image")
     frames = [g.frame_number] if g.frame_number is not None else None
     source = hd.sr.SourceImageForRegion.from_source_image(g.image, referenced_frame_numbers=frames)
-    tracking = hd.sr.TrackingIdentifier(uid=_tracking_uid(study_uid, g.tracking_id), identifier=OHIF_TRACKING_IDENTIFIER)
+    tracking = hd.sr.TrackingIdentifier(uid=_tracking_uid(g.image, g), identifier=OHIF_TRACKING_IDENTIFIER)
     if g.measurements:
         coords = [
             hd.sr.CoordinatesForMeasurement(
@@ -223,7 +362,7 @@ def _planar(g: PlanarGroup, algorithm: Algorithm) -> Any:
             tracking_identifier=tracking,
             finding_type=codes.finding(g.finding),
             algorithm_id=algorithm.sr_identification(),
-            finding_sites=_finding_sites(g.finding_site),
+            finding_sites=_finding_sites(g),
             measurements=[_num(m, algorithm, coords) for m in g.measurements],
             qualitative_evaluations=_qualitative(g.qualitative),
         )
@@ -235,10 +374,10 @@ def _planar(g: PlanarGroup, algorithm: Algorithm) -> Any:
             ),
             finding_type=codes.finding(g.finding),
             algorithm_id=algorithm.sr_identification(),
-            finding_sites=_finding_sites(g.finding_site),
+            finding_sites=_finding_sites(g),
             qualitative_evaluations=_qualitative(g.qualitative),
         )
-    _append(group, _text_items(g.text))
+    _append(group, _text_items([*g.text, *_reasons(g.measurements)]))
     return group
 
 
@@ -259,17 +398,15 @@ def _volume(g: VolumeGroup, algorithm: Algorithm) -> Any:
     if g.segment_number not in numbers:
         raise ValueError(f"group {g.tracking_id!r}: segment {g.segment_number} not in the SEG (has {numbers})")
     group = hd.sr.VolumetricROIMeasurementsAndQualitativeEvaluations(
-        tracking_identifier=hd.sr.TrackingIdentifier(
-            uid=_tracking_uid(str(g.segmentation.StudyInstanceUID), g.tracking_id), identifier=g.tracking_id
-        ),
+        tracking_identifier=hd.sr.TrackingIdentifier(uid=_tracking_uid(g.segmentation, g), identifier=g.tracking_id),
         referenced_segment=_referenced_segment(g),
         finding_type=codes.finding(g.finding),
         algorithm_id=algorithm.sr_identification(),
-        finding_sites=_finding_sites(g.finding_site),
+        finding_sites=_finding_sites(g),
         measurements=[_num(m, algorithm, None) for m in g.measurements] or None,
         qualitative_evaluations=_qualitative(g.qualitative),
     )
-    _append(group, _text_items(g.text))
+    _append(group, _text_items([*g.text, *_reasons(g.measurements)]))
     return group
 
 
@@ -292,25 +429,50 @@ def polygon_area_mm2(polygon: NDArray[np.floating[Any]], image: Dataset) -> floa
     return float(0.5 * abs(np.dot(x[:-1], y[1:]) - np.dot(x[1:], y[:-1])))
 
 
-def not_evaluable_group(image: Dataset, reason: str, tracking_id: str = "not-evaluable") -> PlanarGroup:
-    """A planar group saying "not evaluable" and why, outlining the examined ``image``.
+NOT_EVALUABLE_FORMS = ("num-qualifier", "region-only")
+DEFAULT_NOT_EVALUABLE_FORM = "region-only"  # ohif-check: OHIF 3.13 lists neither form; see not_evaluable_group
 
-    OHIF 3.13 lists a group only when a NUM is INFERRED FROM its SCOORD, so the group carries
-    one true measurement: the area of the outlined image (finding "Not Evaluated").  OHIF
-    then shows the outline and lists "Not Evaluated"; the reason is a TEXT item of the group
-    and of the report's Qualitative Evaluations.
-    """
+
+def image_outline(image: Dataset) -> NDArray[np.float64]:
+    """The outline of the whole image, half a pixel inside its edges (column, row)."""
     rows, cols = int(image.Rows), int(image.Columns)
-    outline = np.array([[0.5, 0.5], [cols - 0.5, 0.5], [cols - 0.5, rows - 0.5], [0.5, rows - 0.5]])
+    return np.array([[0.5, 0.5], [cols - 0.5, 0.5], [cols - 0.5, rows - 0.5], [0.5, rows - 0.5]])
+
+
+def not_evaluable_group(image: Dataset, reason: str, tracking_id: str = "not-evaluable", *,
+                        form: str = DEFAULT_NOT_EVALUABLE_FORM, outline: NDArray[np.floating[Any]] | None = None,
+                        finding: str = "not-evaluated", measurement: str = "area", unit: str = "mm2",
+                        finding_site: str | None = None, tracking_key: TrackingKey | None = None) -> PlanarGroup:
+    """A planar group saying "not evaluable" and why, on the examined ``image``; no number in it.
+
+    The group outlines ``outline`` (default: the whole image) and says "Evaluability: Not
+    evaluable" with a TEXT "Reason not evaluable".  ``form`` chooses how:
+
+    - ``"region-only"`` (default): a TID 1410 group whose Image Region is the outline, no NUM;
+    - ``"num-qualifier"``: a NUM ``measurement`` INFERRED FROM the outline whose Measured Value
+      Sequence is empty and whose Numeric Value Qualifier is "Value unknown" (CID 42).
+
+    Checked with ohif-check (OHIF 3.13.2, docs/dicom-templates.md): both forms load without
+    error and OHIF draws the outline, but neither is listed in the measurement panel
+    ("Measurements (0)"): OHIF lists a group only through a NUM *with a value* on a SCOORD, and
+    a value here would be made up.  The region-only form is the default because highdicom 0.28
+    can read it back (it cannot parse a NUM without a value).
+    """
+    if form not in NOT_EVALUABLE_FORMS:
+        raise ValueError(f"not_evaluable_group form {form!r}: one of {NOT_EVALUABLE_FORMS}")
+    polygon = image_outline(image) if outline is None else np.asarray(outline, dtype=np.float64)
+    measurements = [Measurement(measurement, None, unit, reason=reason)] if form == "num-qualifier" else []
     return PlanarGroup(
         tracking_id=tracking_id,
-        finding="not-evaluated",
+        finding=finding,
         image=image,
-        polygon=outline,
-        measurements=[Measurement("area", round(polygon_area_mm2(outline, image), 2), "mm2")],
+        polygon=polygon,
+        measurements=measurements,
+        finding_site=finding_site,
         qualitative=[Qualitative("evaluability", "not-evaluable")],
-        text=[Text("not-evaluable-reason", reason)],
+        text=[] if measurements else [Text("not-evaluable-reason", reason)],
         frame_number=1 if int(image.get("NumberOfFrames", 1) or 1) > 1 else None,
+        tracking_key=tracking_key,
     )
 
 
@@ -366,6 +528,8 @@ def _all_concepts(groups: Sequence[Group], qualitative: Sequence[Qualitative], t
         for m in g.measurements:
             found.append(codes.concept(m.concept))
             found += [codes.concept(k) for k in (m.derivation, m.method) if k]
+            if m.value is None:
+                found += [codes.concept(m.qualifier), codes.concept("not-evaluable-reason")]
         for q in g.qualitative:
             found += [codes.concept(q.concept), codes.concept(q.value)]
         found += [codes.concept(t.concept) for t in g.text]
@@ -386,12 +550,13 @@ def build_measurement_report(
     qualitative: Sequence[Qualitative] = (),
     *,
     texts: Sequence[Text] = (),
+    level: LevelProvenance | None = None,
+    not_evaluable_form: str = DEFAULT_NOT_EVALUABLE_FORM,
     allow_scoordless: bool = False,
     series_instance_uid: str | None = None,
     sop_instance_uid: str | None = None,
     instance_number: int = 1,
     procedure: str = "procedure-ct",
-    person_observer: str | None = None,
 ) -> hd.sr.Comprehensive3DSR:
     """Build a TID 1500 Measurement Report (PS3.16) as a Comprehensive 3D SR (PS3.3 A.35.13).
 
@@ -416,9 +581,12 @@ def build_measurement_report(
         of ``evidence`` is added so that the SR still has a SCOORD group for OHIF.
     qualitative, texts:
         Report-level coded and free-text evaluations (TID 1500 rows 12-14).
-    person_observer:
-        A person who took part in the observation (a reader who confirmed an input), as a DICOM
-        person name ``Family^Given``: TID 1002 Person Observer beside the device observer (TID 1001).
+    level:
+        How the vertebral level was found: level source (automatic or reader-confirmed), each
+        anchor's vote, the confidence, and for a reader-confirmed level when; the reader is
+        added as person observer (TID 1002, role NCIt Reader) beside the device observer.
+    not_evaluable_form:
+        Form of the group added for a not evaluable report without groups (:func:`not_evaluable_group`).
 
     Raises
     ------
@@ -432,6 +600,16 @@ def build_measurement_report(
     groups = list(groups)
     report_qualitative = list(qualitative)
     report_texts = list(texts)
+    if level is not None:
+        report_qualitative.append(Qualitative(
+            "level-source", "level-reader-confirmed" if level.reader_confirmed else "level-automatic"))
+        report_texts += [Text("level-anchor-vote", a) for a in level.anchors]
+        if level.confidence:
+            report_texts.append(Text("level-confidence", level.confidence))
+        if level.confirmed_at:
+            report_texts.append(Text("level-confirmed-at", level.confirmed_at))
+        if level.provenance:
+            report_texts.append(Text("level-provenance", level.provenance))
     if not_evaluable_reason is not None:
         if not not_evaluable_reason.strip():
             raise ValueError("not_evaluable_reason is empty: say why")
@@ -441,7 +619,8 @@ def build_measurement_report(
             images = [d for d in evidence if "Rows" in d and "SegmentSequence" not in d]
             if not images:
                 raise ValueError("not evaluable report needs at least one image in evidence to stay OHIF-safe")
-            groups.append(not_evaluable_group(images[len(images) // 2], not_evaluable_reason))
+            groups.append(not_evaluable_group(images[len(images) // 2], not_evaluable_reason,
+                                              form=not_evaluable_form))
     if not groups:
         raise ValueError("build_measurement_report: no measurement groups (give not_evaluable_reason instead)")
     scoordless = [g.tracking_id for g in groups if isinstance(g, VolumeGroup)]
@@ -463,13 +642,15 @@ def build_measurement_report(
         ),
     )
     person = None
-    if person_observer:
+    if level is not None and level.reader_confirmed and level.reader.strip():
         person = hd.sr.ObserverContext(
             observer_type=dcm_codes.DCM.Person,
-            observer_identifying_attributes=hd.sr.PersonObserverIdentifyingAttributes(name=person_observer),
+            observer_identifying_attributes=hd.sr.PersonObserverIdentifyingAttributes(
+                name=level.reader, role_in_procedure=codes.concept("reader")),
         )
     report = hd.sr.MeasurementReport(
-        observation_context=hd.sr.ObservationContext(observer_person_context=person, observer_device_context=observer),
+        observation_context=hd.sr.ObservationContext(observer_person_context=person,
+                                                     observer_device_context=observer),
         procedure_reported=codes.concept(procedure),
         imaging_measurements=content,
     )
@@ -493,6 +674,7 @@ def build_measurement_report(
         device_serial_number=identity.device_serial_number,
         coding_schemes=schemes or None,
     )
+    _drop_placeholder_values(sr.ContentSequence)
     return sr
 
 
@@ -505,8 +687,11 @@ class GroupReadout:
     tracking_identifier: str
     tracking_uid: str
     finding: tuple[str, str] | None  # (scheme, value)
-    finding_site: tuple[str, str] | None
+    finding_site: tuple[str, str] | None  # the last finding site (the level, where a group has one)
     measurements: dict[str, tuple[float, str]] = field(default_factory=dict)  # meaning -> (value, UCUM)
+    qualifiers: dict[str, str] = field(default_factory=dict)  # NUM without value: meaning -> qualifier meaning
+    finding_sites: list[tuple[str, str]] = field(default_factory=list)
+    laterality: tuple[str, str] | None = None
     qualitative: dict[str, str] = field(default_factory=dict)  # concept meaning -> value meaning
     texts: dict[str, str] = field(default_factory=dict)
     scoords: list[NDArray[np.float32]] = field(default_factory=list)
@@ -542,6 +727,13 @@ def read_groups(sr: Dataset) -> list[GroupReadout]:
             elif it.ValueType == "CODE" and code in ("363698007", "G-C0E3"):
                 c = it.ConceptCodeSequence[0]
                 g.finding_site = (str(c.CodingSchemeDesignator), str(c.CodeValue))
+                g.finding_sites.append(g.finding_site)
+            elif it.ValueType == "CODE" and code in ("272741003", "G-C171"):
+                c = it.ConceptCodeSequence[0]
+                g.laterality = (str(c.CodingSchemeDesignator), str(c.CodeValue))
+            elif it.ValueType == "NUM" and not it.get("MeasuredValueSequence"):
+                q = it.NumericValueQualifierCodeSequence[0] if "NumericValueQualifierCodeSequence" in it else None
+                g.qualifiers[str(cn.CodeMeaning)] = str(q.CodeMeaning) if q is not None else ""  # type: ignore[union-attr]
             elif it.ValueType == "NUM":
                 mv = it.MeasuredValueSequence[0]
                 g.measurements[str(cn.CodeMeaning)] = (  # type: ignore[union-attr]

@@ -12,6 +12,13 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Protocol, TypeVar, runtime_checkable
 
+from dicom_templates.identity import Identity, Predecessor  # re-exported: defined in the lowest layer
+
+__all__ = [
+    "Identity", "NotEvaluable", "Pipeline", "PipelineContext", "PipelineOutput", "Predecessor", "SeriesInput",
+    "Stage", "StageError",
+]
+
 In = TypeVar("In", contravariant=True)
 Out = TypeVar("Out", covariant=True)
 
@@ -49,29 +56,6 @@ class SeriesInput:
     study_uid: str
     files: tuple[Path, ...]
     role: str = ""  # for study-level routes: the name of the matched requirement (e.g. "arterial")
-
-
-@dataclass(frozen=True)
-class Predecessor:
-    """An earlier result that a re-run supersedes (SR Predecessor Documents Sequence)."""
-
-    sop_instance_uid: str
-    series_uid: str
-    study_uid: str
-    sop_class_uid: str
-
-
-@dataclass(frozen=True)
-class Identity:
-    """Who wrote the objects: from config [output] and [node], never placeholders."""
-
-    manufacturer: str
-    software_version: str
-    device_serial_number: str
-    institution_name: str = ""
-    seg_series_number: int = 9101
-    sr_series_number: int = 9102
-    map_series_number: int = 9103
 
 
 @dataclass(frozen=True)

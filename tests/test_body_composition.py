@@ -7,13 +7,14 @@ import os
 import shutil
 import subprocess
 import sys
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import numpy as np
 import pydicom
 import pytest
 
+from dicom_templates.sr import TrackingKey, read_groups, tracking_uid
 from pipelines.base import PipelineOutput
 from pipelines.body_composition.phantom import PhantomSpec, Truth, write_phantom, write_training_case
 from pipelines.body_composition.pipeline import run_folder
@@ -137,7 +138,7 @@ def test_seg_and_sr_round_trip_and_dciodvfy(phantom_run: Run) -> None:
         assert ok, text
     seg = hd.seg.segread(out / "seg.dcm")
     labels = {str(d.SegmentLabel) for d in seg.SegmentSequence}
-    assert {"Skeletal muscle", "Psoas major left", "Erector spinae right", "Subcutaneous adipose tissue",
+    assert {"Skeletal muscle", "Iliopsoas left", "Erector spinae with multifidus right", "Subcutaneous adipose tissue",
             "Visceral adipose tissue", "Intermuscular adipose tissue"} <= labels
     ct0 = pydicom.dcmread(phantom_run.truth.files[0])
     assert seg.StudyInstanceUID == ct0.StudyInstanceUID and seg.FrameOfReferenceUID == ct0.FrameOfReferenceUID
@@ -195,6 +196,11 @@ def test_qc_level_not_in_field_of_view(tmp_path: Path) -> None:
         shutil.copy(f, tmp_path / "upper" / f.name)
     out = run_folder(tmp_path / "upper", tmp_path / "out", {})
     assert not out.evaluable and "cannot count vertebrae" in out.reason
+    sr = pydicom.dcmread(tmp_path / "out" / "sr.dcm")  # the level finder's account is in the SR too
+    (qe,) = [it for it in sr.ContentSequence if it.ConceptNameCodeSequence[0].CodeValue == "C0034375"]
+    assert any(it.ConceptNameCodeSequence[0].CodeMeaning in ("Level anchor vote", "Level confidence")
+               for it in qe.ContentSequence)
+    assert not [e for e in sr.iterall() if e.keyword in ("NumericValue", "FloatingPointValue")]
 
 
 def test_truncated_body_sat_not_evaluable(tmp_path: Path) -> None:
@@ -213,7 +219,11 @@ def test_missing_height_only_dependent_values(tmp_path: Path) -> None:
     assert s["areas_cm2"]["skeletal_muscle"]["value"] > 0
     assert "PatientSize" in s["derived"]["smi"]["not_evaluable"]
     assert "not_evaluable" in s["sarcopenia"]["prado-2008"]
-    assert "Skeletal muscle index not evaluable" in _text(pydicom.dcmread(r.out / "sr.dcm"))
+    sr = pydicom.dcmread(r.out / "sr.dcm")
+    (muscle,) = [g for g in read_groups(sr) if g.finding == ("SCT", "127954009")]
+    assert muscle.qualifiers["Skeletal muscle index"] == "Value unknown"  # a NUM without a number
+    assert muscle.texts["Reason not evaluable"].startswith("Skeletal muscle index: ") and "PatientSize" in _text(sr)
+    assert "Skeletal muscle index" not in muscle.measurements
 
 
 # --- reference table ---------------------------------------------------------------------------
@@ -355,7 +365,7 @@ def test_seg_and_sr_display_in_ohif(phantom_run: Run, tmp_path: Path) -> None:
     assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-2000:]
     assert len(lines) == 2 and all(x["displayed"] for x in lines)
     labels = next(x for x in lines if x["modality"] == "SEG")["panel_items"]
-    assert "Psoas major left" in labels and "Intermuscular adipose tissue" in labels
+    assert "Iliopsoas left" in labels and "Intermuscular adipose tissue" in labels
 
 
 def test_neck_phantom_c3_found_and_converted(tmp_path: Path) -> None:
@@ -440,3 +450,124 @@ def test_laterality_follows_patient_axes(phantom_run: Run, tmp_path: Path, mirro
     xs = ipp[0] + cols.mean() * dx * iop[0] + rows.mean() * dy * iop[3]
     body_x = ipp[0] + (fr.shape[1] - 1) / 2 * dx * iop[0] + (fr.shape[0] - 1) / 2 * dy * iop[3]
     assert xs > body_x, "left psoas must lie on the patient's left (+x)"
+
+
+# --- SR structure: distinguishable, tracked groups for whatever structures were measured ---------
+
+
+def test_sr_groups_carry_side_level_and_patient_stable_tracking(phantom_run: Run) -> None:
+    ds = pydicom.dcmread(phantom_run.out / "sr.dcm")
+    groups = read_groups(ds)
+    assert len({g.tracking_uid for g in groups}) == len(groups), "each group has its own Tracking UID"
+    by_side = {g.laterality: g for g in groups if g.finding == ("SCT", "68455001")}  # iliopsoas (TS code)
+    assert set(by_side) == {("SCT", "7771000"), ("SCT", "24028007")}
+    left = by_side[("SCT", "7771000")]
+    assert left.finding_sites == [("SCT", "68455001"), ("SCT", "36470004")]  # the muscle with its side, L3
+    ct0 = pydicom.dcmread(phantom_run.truth.files[0], stop_before_pixels=True)
+    expected = tracking_uid(str(ct0.get("IssuerOfPatientID", "")), str(ct0.PatientID),
+                            TrackingKey("iliopsoas", "left", "L3"))
+    assert left.tracking_uid == expected  # from patient + structure + side + level, not from the study
+    erector = [g for g in groups if g.finding == ("SCT", "244849004")]  # erector spinae with multifidus
+    assert len(erector) == 2 and {g.laterality for g in erector} == set(by_side)
+    (qe,) = [it for it in ds.ContentSequence if it.ConceptNameCodeSequence[0].CodeValue == "C0034375"]
+    assert any(it.ConceptNameCodeSequence[0].CodeMeaning == "Level source"
+               and it.ConceptCodeSequence[0].CodeMeaning == "Level found automatically" for it in qe.ContentSequence)
+
+
+def test_writers_take_any_subset_of_structures(tmp_path: Path) -> None:
+    """C3-style measurements (no VAT, no abdominal cavity, no psoas; new neck muscles): labels and codes per key."""
+    from pipelines.base import PipelineContext
+    from pipelines.body_composition import outputs
+    from pipelines.body_composition.pipeline import create, default_identity, volume_of
+    from pipelines.body_composition.stages import ClassicalBackend
+    from pipelines.body_composition.types import (
+        LevelResult,
+        Measurements,
+        Segmentation,
+        SliceSegmentation,
+        Value,
+    )
+
+    need("dciodvfy")
+    truth = write_phantom(PhantomSpec(size=64, pixel_mm=6.0), tmp_path / "ct")
+    volume = volume_of(truth.files)
+    k = volume.shape[0] // 2
+    rows, cols = volume.shape[1:]
+    masks = {}
+    for i, key in enumerate(("sternocleidomastoid_left", "sternocleidomastoid_right", "paravertebral_left",
+                             "paravertebral_right")):
+        m = np.zeros((rows, cols), bool)
+        m[10 + 10 * (i // 2): 16 + 10 * (i // 2), 10 + 30 * (i % 2): 20 + 30 * (i % 2)] = True
+        masks[key] = m
+    masks["skeletal_muscle"] = np.logical_or.reduce(list(masks.values()))
+    areas = {key: Value(float(m.sum()) * 0.36, "cm2") for key, m in masks.items()}
+    areas["paravertebral_right"] = Value(None, "cm2", "outside the plausible range")
+    hu = {key: Value(40.0, "HU") for key in masks}
+    level = LevelResult(level="C3", slice_index=k, vertebrae=(), spine_centre_rc=(rows / 2, cols / 2), method="test")
+    seg = Segmentation(level=level, slice_seg=SliceSegmentation(masks=masks, body=masks["skeletal_muscle"]))
+    meas = Measurements(level="C3", slice_index=k, areas=areas, mean_hu=hu, volumes={}, volume_mean_hu={},
+                        derived={"smi": Value(None, "cm2/m2", "PatientSize (height) missing")}, sarcopenia={})
+    ctx = PipelineContext(series=(), work_dir=tmp_path / "out", identity=default_identity())
+    ctx.work_dir.mkdir()
+    out = outputs.write_results(ctx, volume, seg, meas, create({}), ClassicalBackend())
+    assert sorted(p.name for p in out.files) == ["seg.dcm", "sr.dcm"]
+    for p in out.files:
+        ok, text = dciodvfy(p)
+        assert ok, text
+    import highdicom as hd
+
+    labels = [str(s.SegmentLabel) for s in hd.seg.segread(ctx.work_dir / "seg.dcm").SegmentSequence]
+    assert labels == ["Skeletal muscle", "Sternocleidomastoid left", "Sternocleidomastoid right",
+                      "Paravertebral muscles left"]  # the right paravertebral area failed its gate
+    sr = pydicom.dcmread(ctx.work_dir / "sr.dcm")
+    groups = read_groups(sr)
+    assert [g.finding for g in groups] == [("SCT", "127954009"), ("SCT", "22823000"), ("SCT", "22823000"),
+                                           ("SCT", "81727001")]
+    assert all(g.finding_site == ("SCT", "113205007") for g in groups)  # C3 vertebra
+    assert groups[0].qualifiers == {"Skeletal muscle index": "Value unknown"}
+    text = _text(sr)
+    assert "Paravertebral muscles right: outside the plausible range" in text
+    assert "Visceral" not in text and "Abdominal cavity" not in text and "Iliopsoas" not in text
+    assert set(out.summary["areas_cm2"]) == set(masks)
+    with pytest.raises(KeyError, match="spleen_of_doom"):
+        outputs.write_results(ctx, volume, replace(seg, slice_seg=SliceSegmentation(
+            masks={**masks, "spleen_of_doom": masks["skeletal_muscle"]}, body=masks["skeletal_muscle"])),
+            replace(meas, areas={**areas, "spleen_of_doom": Value(1.0, "cm2")}), create({}), ClassicalBackend())
+
+
+def test_vat_and_imat_groups_differ_by_their_region(phantom_run: Run) -> None:
+    groups = read_groups(pydicom.dcmread(phantom_run.out / "sr.dcm"))
+    fat = [g.finding_sites for g in groups if g.finding == ("SCT", "55603005")]
+    assert sorted(fat) == [[("SCT", "127954009"), ("SCT", "36470004")], [("SCT", "52731004"), ("SCT", "36470004")]]
+
+
+@pytest.mark.slow
+@pytest.mark.browser
+def test_not_evaluable_sr_is_displayable_in_ohif_without_a_number(tmp_path: Path) -> None:
+    """OHIF 3.13 loads the not-evaluable SR without error and draws its outline; with no number in
+    it, OHIF does not list it (it lists a planar group only through a valued NUM), as ohif-check shows."""
+    need("chromium", "Orthanc")
+    if not OHIF.exists():
+        pytest.skip(f"ohif-check not found at {OHIF}")
+    r = _run(tmp_path, PhantomSpec(size=64, pixel_mm=6.0, tilt_deg=15.0))
+    sr = pydicom.dcmread(r.out / "sr.dcm")
+    assert not [e for e in sr.iterall() if e.keyword in ("NumericValue", "FloatingPointValue")]
+    p = subprocess.run([str(OHIF), "--out", str(tmp_path / "ohif"), "--timeout", "180", str(r.ct), str(r.out / "sr.dcm")],
+                       capture_output=True, text=True, timeout=600)
+    (line,) = [json.loads(x) for x in p.stdout.splitlines() if x.startswith("{")]
+    assert line["checks"]["no_error_notification"] and line["checks"]["canvas_not_blank"], line
+    assert not line["checks"]["panel_lists_measurements"], "OHIF now lists a group without a value: see sr.py"
+
+
+def test_same_patient_later_study_keeps_tracking_uids(tmp_path: Path) -> None:
+    """Two studies of one patient: every structure's group keeps its Tracking UID (another patient or side:
+    test_templates_builders)."""
+    def uids(name: str, spec: PhantomSpec) -> dict[tuple[object, ...], str]:
+        write_phantom(spec, tmp_path / name / "ct")
+        run_folder(tmp_path / name / "ct", tmp_path / name / "out", {"volumes_3d": False})
+        groups = read_groups(pydicom.dcmread(tmp_path / name / "out" / "sr.dcm"))
+        return {(g.finding, g.laterality, tuple(g.finding_sites)): g.tracking_uid for g in groups}
+
+    spec = PhantomSpec(size=64, pixel_mm=6.0)
+    first, later = uids("first", spec), uids("later", spec)
+    assert len(first) >= 6 and first == later and len(set(first.values())) == len(first)

@@ -63,7 +63,7 @@ def _person_observer(sr: pydicom.Dataset) -> str:
 
 
 def _level_source_text(sr: pydicom.Dataset) -> str:
-    code = concept("level-source")
+    code = concept("level-provenance")
     texts = [str(it.TextValue) for it in _walk(sr.ContentSequence) if it.ValueType == "TEXT"
              and it.ConceptNameCodeSequence[0].CodeValue == code.value]
     return texts[0] if texts else ""

@@ -1,11 +1,21 @@
-"""The versioned code table: every row builds a valid highdicom object; lookups fail loudly."""
+"""The versioned code table: every row builds a valid highdicom object, every code is verified, lookups fail loudly.
+
+Every code of ``codes.toml`` (segments' category/type/modifier/region, SR concepts, units) is
+checked against pydicom's tables (``pydicom.sr._concepts_dict``, generated from PS3.16): a code
+pydicom holds must carry one of pydicom's meanings; a code it lacks must be in ``[external]`` with
+its source; a private ``99PROGNODE`` code must be in ``[private]`` with its reason and must not
+stand in for a concept pydicom holds.
+"""
 
 from __future__ import annotations
 
+import difflib
+import functools
 import re
 
 import highdicom as hd
 import pytest
+from pydicom.sr._concepts_dict import concepts as pydicom_concepts
 from pydicom.sr.codedict import codes as dcm_codes
 
 from dicom_templates import codes
@@ -13,13 +23,17 @@ from dicom_templates.common import Algorithm
 from dicom_templates.seg import segment_description
 
 REQUIRED_SEGMENTS = [
-    "body", "adipose-tissue", "soft-tissue", "skeletal-muscle", "psoas-left", "psoas-right",
+    "body", "adipose-tissue", "soft-tissue", "skeletal-muscle", "iliopsoas-left", "iliopsoas-right",
+    "autochthon-left", "autochthon-right", "sternocleidomastoid-left", "sternocleidomastoid-right",
+    "paravertebral-left", "paravertebral-right", "paravertebral",
     "erector-spinae-left", "erector-spinae-right", "sat", "vat", "imat", "vertebral-body-l3",
     "vertebral-body-c3", "tumour", "peritumoral-ring-3mm", "peritumoral-ring-6mm", "peritumoral-ring-9mm", "liver",
 ]
 REQUIRED_CONCEPTS = [
     "area", "volume", "attenuation", "mean", "smi", "sarcopenia", "present", "absent", "risk-score", "risk-group",
     "horizon-probability", "l3-vertebra", "c3-vertebra", "evaluability", "not-evaluable", "not-evaluable-reason",
+    "value-unknown", "level-source", "level-automatic", "level-reader-confirmed", "level-anchor-vote",
+    "level-confidence", "level-confirmed-at", "reader",
 ]
 ALGORITHM = Algorithm("codes-test", "1.0")
 
@@ -63,18 +77,112 @@ def test_required_rows_present() -> None:
     assert not set(REQUIRED_SEGMENTS) - set(codes.segment_keys())
     assert not set(REQUIRED_CONCEPTS) - set(codes.concept_keys())
     assert codes.segment("sat").label == "Subcutaneous adipose tissue"
-    assert codes.segment("psoas-left").modifier == dcm_codes.SCT.Left
+    assert codes.segment("iliopsoas-left").modifier == dcm_codes.SCT.Left
+    assert codes.segment("iliopsoas-left").type.value == "68455001"  # TotalSegmentator's iliopsoas code
 
 
-def test_standard_codes_agree_with_pydicom_where_pydicom_knows_them() -> None:
-    assert codes.concept("area") == dcm_codes.SCT.Area
-    assert codes.concept("volume") == dcm_codes.SCT.Volume
-    assert codes.concept("attenuation") == dcm_codes.DCM.AttenuationCoefficient
-    assert codes.concept("l3-vertebra") == dcm_codes.SCT.L3Vertebra
-    assert codes.concept("c3-vertebra") == dcm_codes.SCT.C3Vertebra
-    assert codes.segment("tumour").type == dcm_codes.SCT.Neoplasm
-    assert codes.segment("liver").type == dcm_codes.SCT.Liver
-    assert codes.segment("erector-spinae-left").type == dcm_codes.SCT.ErectorSpinaeMuscle
+# ------------------------------------------------------------------------------------------
+# Every code, checked against pydicom's tables
+
+
+def _norm(meaning: str) -> str:
+    """Meaning without case and without the "(body structure)" / "structure of" wording."""
+    m = meaning.lower().replace("(body structure)", " ")
+    m = re.sub(r"\s+", " ", m).strip()
+    m = re.sub(r"^structure of ", "", m)
+    m = re.sub(r" structure$", "", m)
+    return m.strip()
+
+
+@functools.cache
+def _pydicom_meanings() -> dict[tuple[str, str], set[str]]:
+    """(scheme, code value) -> every meaning pydicom's tables give it."""
+    out: dict[tuple[str, str], set[str]] = {}
+    for scheme, keywords in pydicom_concepts.items():
+        for by_code in keywords.values():
+            for value, (meaning, _cids) in by_code.items():
+                out.setdefault((scheme, value), set()).add(meaning)
+    return out
+
+
+@functools.cache
+def _pydicom_by_meaning() -> dict[str, set[str]]:
+    """normalised meaning -> {"SCHEME:VALUE", ...} over pydicom's tables."""
+    out: dict[str, set[str]] = {}
+    for (scheme, value), meanings in _pydicom_meanings().items():
+        for m in meanings:
+            out.setdefault(_norm(m), set()).add(f"{scheme}:{value}")
+    return out
+
+
+ALL_CODES = codes.table().all_codes()
+
+
+@pytest.mark.parametrize(("where", "code"), ALL_CODES, ids=[w for w, _ in ALL_CODES])
+def test_every_code_is_verified(where: str, code: hd.sr.CodedConcept) -> None:
+    t = codes.table()
+    scheme, value, meaning = code.scheme_designator, code.value, code.meaning
+    if scheme == codes.PRIVATE_SCHEME:
+        declared = t.private.get(value)
+        assert declared is not None and declared.meaning == meaning and declared.reason.strip(), (
+            f"{where}: private {value} must be declared in [private] with a reason")
+        return
+    known = _pydicom_meanings().get((scheme, value))
+    if known is not None:
+        if scheme == "UCUM":  # the UCUM code is the unit; pydicom's display texts vary ("Centimeter**2")
+            return
+        assert _norm(meaning) in {_norm(m) for m in known}, (
+            f"{where}: {scheme} {value} {meaning!r} is not pydicom's meaning for that code: {sorted(known)}")
+        return
+    ext = t.external.get((scheme, value))
+    assert ext is not None, (
+        f"{where}: {scheme} {value} {meaning!r} is not in pydicom's tables: list it in [external] with its source")
+    assert ext.meaning == meaning and ext.source.strip()
+
+
+@pytest.mark.parametrize("key", list(codes.table().external), ids=lambda k: ":".join(k))
+def test_external_codes_are_used_and_really_missing_from_pydicom(key: tuple[str, str]) -> None:
+    t = codes.table()
+    assert key not in _pydicom_meanings(), f"{key} is in pydicom's tables: use pydicom's meaning, drop it from [external]"
+    assert any((c.scheme_designator, c.value) == key for _, c in t.all_codes()), f"{key} is declared but not used"
+
+
+@pytest.mark.parametrize("value", list(codes.table().private))
+def test_private_codes_do_not_stand_in_for_standard_ones(value: str) -> None:
+    t = codes.table()
+    row = t.private[value]
+    assert any(c.scheme_designator == codes.PRIVATE_SCHEME and c.value == value for _, c in t.all_codes()), (
+        f"private {value} is declared but not used")
+    by_meaning = _pydicom_by_meaning()
+    same = by_meaning.get(_norm(row.meaning))
+    assert not same, f"private {value} {row.meaning!r} stands in for {sorted(same)} in pydicom's tables: use that code"
+    close = difflib.get_close_matches(_norm(row.meaning), list(by_meaning), n=5, cutoff=0.8)
+    near = {c for m in close for c in by_meaning[m]}
+    unexplained = near - set(row.differs_from)
+    assert not unexplained, (
+        f"private {value} {row.meaning!r} is close to {sorted(unexplained)} ({close}): use that code, or say in "
+        "differs_from why it is another concept")
+
+
+def test_psoas_is_not_the_intercostal_lymph_node_code() -> None:
+    used = {c.value for _, c in codes.table().all_codes()}
+    assert "64038003" not in used  # pydicom: SCT 64038003 is "intercostal lymph node"
+
+
+@pytest.mark.parametrize("key", codes.segment_keys())
+def test_laterality_is_a_modifier(key: str) -> None:
+    row = codes.segment(key)
+    words = set(re.findall(r"[a-z]+", row.label.lower()))
+    for part in (row.type, row.region, row.category):
+        if part is not None:
+            assert not {"left", "right"} & set(re.findall(r"[a-z]+", part.meaning.lower())), (
+                f"{key}: laterality belongs in the modifier, not in {part.meaning!r}")
+    if "left" in words:
+        assert row.modifier == dcm_codes.SCT.Left
+    elif "right" in words:
+        assert row.modifier == dcm_codes.SCT.Right
+    elif row.modifier is not None:
+        assert row.modifier not in (dcm_codes.SCT.Left, dcm_codes.SCT.Right), f"{key}: side in modifier, not in label"
 
 
 def test_one_meaning_per_code() -> None:
@@ -87,7 +195,7 @@ def test_one_meaning_per_code() -> None:
         key = (c.scheme_designator, c.value)
         assert seen.setdefault(key, c.meaning) == c.meaning, f"{key} has two meanings"
     designators = {c.scheme_designator for c in all_codes}
-    assert designators <= {"SCT", "DCM", "UCUM", "LN", "UMLS", codes.PRIVATE_SCHEME}
+    assert designators <= {"SCT", "DCM", "UCUM", "LN", "UMLS", "NCIt", codes.PRIVATE_SCHEME}
 
 
 def test_unknown_keys_raise_keyerror_naming_them() -> None:

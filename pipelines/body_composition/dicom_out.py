@@ -6,23 +6,60 @@ mask as a polygon live here; every DICOM object is built by ``dicom_templates`` 
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
 
 import numpy as np
 from numpy.typing import NDArray
 
-# this pipeline's structure keys -> dicom_templates/codes.toml segment keys
-TEMPLATE_KEYS: Mapping[str, str] = {
+from dicom_templates import codes
+from dicom_templates.sr import TrackingKey
+
+# This pipeline's structure keys whose code-table key is not the key with "-" for "_".
+# psoas: segmented as TotalSegmentator's iliopsoas (at L3 the iliopsoas is the psoas major);
+# erector: the whole paraspinal compartment (erector spinae with multifidus), TS's autochthon.
+TEMPLATE_ALIASES: Mapping[str, str] = {
     "skeletal_muscle": "skeletal-muscle",
-    "psoas_left": "psoas-left",
-    "psoas_right": "psoas-right",
-    "erector_left": "erector-spinae-left",
-    "erector_right": "erector-spinae-right",
-    "sat": "sat",
-    "vat": "vat",
-    "imat": "imat",
+    "psoas_left": "iliopsoas-left",
+    "psoas_right": "iliopsoas-right",
+    "erector_left": "autochthon-left",
+    "erector_right": "autochthon-right",
 }
 LEVEL_CONCEPTS: Mapping[str, str] = {"L3": "l3-vertebra", "C3": "c3-vertebra"}
+# SEG/SR order of the structures this pipeline knows; any other measured key follows, sorted.
+STRUCTURE_ORDER = ("skeletal_muscle", "psoas_left", "psoas_right", "erector_left", "erector_right",
+                   "autochthon_left", "autochthon_right", "sternocleidomastoid_left", "sternocleidomastoid_right",
+                   "paravertebral_left", "paravertebral_right", "paravertebral", "quadratus_lumborum_left",
+                   "quadratus_lumborum_right", "sat", "vat", "imat")
+_SIDES = {"7771000": "left", "24028007": "right"}
+
+
+def template_key(key: str) -> str:
+    """The ``codes.toml`` segment key of this pipeline's structure ``key``; KeyError naming it when none."""
+    name = TEMPLATE_ALIASES.get(key, key.replace("_", "-"))
+    if name not in codes.table().segments:
+        raise KeyError(f"body-composition structure {key!r} has no segment row {name!r} in dicom_templates/codes.toml")
+    return name
+
+
+def ordered(keys: Iterable[str]) -> list[str]:
+    """``keys`` in SEG/SR order: the known structures first, then any other key, sorted."""
+    keys = list(keys)
+    known = [k for k in STRUCTURE_ORDER if k in keys]
+    return known + sorted(k for k in keys if k not in STRUCTURE_ORDER)
+
+
+def label(key: str) -> str:
+    """The SegmentLabel (and SR wording) of structure ``key``, from the code table."""
+    return codes.segment(template_key(key)).label
+
+
+def tracking_key(key: str, level: str) -> TrackingKey:
+    """What a group of structure ``key`` at ``level`` tracks: structure, side (from the laterality modifier), level."""
+    name = template_key(key)
+    row = codes.segment(name)
+    side = _SIDES.get(row.modifier.value, "") if row.modifier is not None else ""
+    structure = name.removesuffix(f"-{side}") if side else name
+    return TrackingKey(structure=structure, side=side, level=level)
 
 
 def _signed_area(pts: NDArray[np.float64]) -> float:

@@ -1,11 +1,19 @@
 """Write the pipeline's DICOM objects through ``dicom_templates`` and its summary.
 
-Objects written for an evaluable series:
+Objects written for an evaluable series, for the structures actually measured (whatever keys
+``Measurements.areas`` holds: at L3 skeletal muscle, iliopsoas and erector spinae with multifidus
+left and right, SAT, VAT, IMAT; at C3 e.g. sternocleidomastoids and paravertebral muscles), each
+labelled and coded from ``dicom_templates/codes.toml`` (:func:`~.dicom_out.template_key`):
 
-* ``seg.dcm``: the level slice, all tissues (skeletal muscle, psoas and erector spinae left
-  and right, SAT, VAT, IMAT), overlapping segments.
+* ``seg.dcm``: the level slice, every evaluable structure, overlapping segments.
 * ``sr.dcm``: TID 1500, one planar group per structure on the level image (closed polygon
-  SCOORD; area, mean HU; SMI and sarcopenia on the skeletal muscle group), OHIF-visible.
+  SCOORD; area, mean HU; SMI and sarcopenia on the skeletal muscle group), OHIF-visible.  Each
+  group has its finding (the structure), finding sites (the structure with its laterality, the
+  vertebral level) and a Tracking UID derived from the patient, structure, side and level
+  (:func:`dicom_templates.sr.tracking_uid`), so a later study gives the same UID.  A value that
+  is not evaluable is a NUM without a number (Numeric Value Qualifier) and a TEXT with the reason.
+  The level's provenance (automatic or reader-confirmed, anchors, confidence) is in the report's
+  Qualitative Evaluations.
 * ``seg-volumes.dcm`` + ``sr-volumes.dcm``: the named muscles in 3D over L1-L5 and an SR whose
   groups reference those segments (SCOORD-less, so kept out of ``sr.dcm``: OHIF 3.13 blanks an
   SR with one such group).
@@ -27,6 +35,7 @@ from pydicom.dataset import Dataset
 from dicom_templates.common import Algorithm
 from dicom_templates.seg import build_seg
 from dicom_templates.sr import (
+    LevelProvenance,
     Measurement,
     PlanarGroup,
     Qualitative,
@@ -35,18 +44,20 @@ from dicom_templates.sr import (
     build_measurement_report,
 )
 from pipelines.base import PipelineContext, PipelineOutput, StageError
-from pipelines.body_composition.dicom_out import LEVEL_CONCEPTS, TEMPLATE_KEYS, polygon
-from pipelines.body_composition.types import (
-    NAMED_MUSCLES,
-    SEGMENT_KEYS,
-    SEGMENT_LABELS,
-    Measurements,
-    Segmentation,
+from pipelines.body_composition.dicom_out import (
+    LEVEL_CONCEPTS,
+    label,
+    ordered,
+    polygon,
+    template_key,
+    tracking_key,
 )
+from pipelines.body_composition.types import LevelResult, Measurements, Segmentation, Value
 from pipelines.common.volume import Volume
 
 if TYPE_CHECKING:
     from pipelines.body_composition.pipeline import BodyCompositionPipeline
+    from pipelines.body_composition.reader_level import LevelOverride
     from pipelines.body_composition.stages import Backend
 
 log = logging.getLogger(__name__)
@@ -91,12 +102,17 @@ def _source_per_slice(volume: Volume) -> list[Dataset]:
 
 
 def write_not_evaluable(ctx: PipelineContext, volume: Volume, reason: str, pipeline: BodyCompositionPipeline,
-                        stage: str, backend: Backend | None = None) -> PipelineOutput:
+                        stage: str, backend: Backend | None = None, level: LevelResult | None = None) -> PipelineOutput:
+    """One SR saying "not evaluable" and why; with the level finder's result, its anchor votes too."""
     algorithm = _algorithm(pipeline, backend)
     evidence = [_with_type2(d) for d in volume.source_datasets()]
+    texts = [Text("backend", algorithm.parameters["backend"])]
+    if level is not None:
+        prov = level_provenance(level, level.level or "")
+        texts += [Text("level-anchor-vote", a) for a in prov.anchors]
+        texts += [Text("level-confidence", prov.confidence)] if prov.confidence else []
     sr = build_measurement_report(evidence, [], algorithm, ctx.identity, "Body composition: not evaluable",
-                                  predecessors=ctx.predecessors, not_evaluable_reason=reason,
-                                  texts=[Text("backend", algorithm.parameters["backend"])])
+                                  predecessors=ctx.predecessors, not_evaluable_reason=reason, texts=texts)
     path = ctx.work_dir / "sr.dcm"
     sr.save_as(path)
     log.info("series %s not evaluable at %s: %s", volume.series_uid, stage, reason)
@@ -105,28 +121,55 @@ def write_not_evaluable(ctx: PipelineContext, volume: Volume, reason: str, pipel
                                    "backend": algorithm.parameters["backend"], "sr": path.name})
 
 
-def _level_groups(volume: Volume, seg: Segmentation, meas: Measurements, pipeline: BodyCompositionPipeline,
+def level_provenance(level: LevelResult, name: str, override: LevelOverride | None = None) -> LevelProvenance:
+    """The level's provenance for the SR, from what the level finder recorded.
+
+    Anchor votes and confidence are read when the level result carries them (``anchors`` /
+    ``anchor_votes``, ``confidence``); a reader-confirmed level carries ``reader`` (and
+    ``confirmed_at``).  Otherwise the method and notes say how the level was found.
+    """
+    anchors = getattr(level, "anchor_votes", None) or getattr(level, "anchors", None) or ()
+    votes = [str(a) for a in anchors] or [n for n in level.notes if n]
+    confidence = str(getattr(level, "confidence", "") or "")
+    if not confidence and level.method:
+        confidence = f"method: {level.method}"
+    if override is not None:  # a reader-confirmed level: the first note says by whom, when and from where
+        return LevelProvenance(level=name, reader_confirmed=True, anchors=votes[1:], confidence=confidence,
+                               reader=override.reader, confirmed_at=override.time,
+                               provenance=level.notes[0] if level.notes else "")
+    return LevelProvenance(level=name, reader_confirmed=False, anchors=votes, confidence=confidence)
+
+
+def _value(concept: str, v: Value, unit: str, digits: int, derivation: str | None = None) -> Measurement:
+    """A NUM of ``v``, or a NUM without a number and with the reason when ``v`` is not evaluable."""
+    if v.value is None:
+        return Measurement(concept, None, unit, derivation=derivation, reason=v.reason or "not evaluable")
+    return Measurement(concept, round(v.value, digits), unit, derivation=derivation)
+
+
+def _level_groups(seg: Segmentation, meas: Measurements, pipeline: BodyCompositionPipeline,
                   image: Dataset) -> list[PlanarGroup]:
     site = LEVEL_CONCEPTS[meas.level]
     primary = pipeline.options.cutoffs[0]
     groups = []
-    for key in SEGMENT_KEYS:
-        a, h = meas.areas[key], meas.mean_hu[key]
-        if a.value is None or h.value is None:
-            continue
-        ms = [Measurement("area", round(a.value, 2), "cm2"),
-              Measurement("attenuation", round(h.value, 1), "[hnsf'U]", derivation="mean")]
+    for key in ordered(meas.areas):
+        a = meas.areas[key]
+        mask = seg.slice_seg.masks.get(key)
+        if a.value is None or mask is None or not mask.any():
+            continue  # not outlined: named with its reason in the report's Qualitative Evaluations
+        ms = [_value("area", a, "cm2", 2)]
+        h = meas.mean_hu.get(key)
+        if h is not None:
+            ms.append(_value("attenuation", h, "[hnsf'U]", 1, derivation="mean"))
         qual: list[Qualitative] = []
         texts: list[Text] = []
         if key == "skeletal_muscle":
             est = meas.derived.get("l3_muscle_area_estimate")
-            if est is not None and est.value is not None:
-                ms.append(Measurement("l3-muscle-area-estimate", round(est.value, 2), "cm2"))
-            smi = meas.derived["smi"]
-            if smi.value is not None:
-                ms.append(Measurement("smi", round(smi.value, 2), "cm2/m2"))
-            else:
-                texts.append(Text("not-evaluable-reason", f"Skeletal muscle index not evaluable: {smi.reason}"))
+            if est is not None:
+                ms.append(_value("l3-muscle-area-estimate", est, "cm2", 2))
+            smi = meas.derived.get("smi")
+            if smi is not None:
+                ms.append(_value("smi", smi, "cm2/m2", 2))
             for cid, res in meas.sarcopenia.items():
                 if "sarcopenic" in res:
                     if cid == primary:
@@ -139,9 +182,9 @@ def _level_groups(volume: Volume, seg: Segmentation, meas: Measurements, pipelin
                     texts.append(Text("not-evaluable-reason", f"Sarcopenia by {cid} not evaluable: "
                                       f"{res['not_evaluable']}"))
         groups.append(PlanarGroup(
-            tracking_id=f"body-composition-{meas.level}-{key}", finding=TEMPLATE_KEYS[key], image=image,
-            polygon=polygon(seg.slice_seg.masks[key]), measurements=ms, finding_site=site, qualitative=qual,
-            text=texts))
+            tracking_id=f"body-composition-{meas.level}-{key}", finding=template_key(key), image=image,
+            polygon=polygon(mask), measurements=ms, finding_site=site, qualitative=qual, text=texts,
+            tracking_key=tracking_key(key, meas.level)))
     return groups
 
 
@@ -160,29 +203,26 @@ def write_results(ctx: PipelineContext, volume: Volume, seg: Segmentation, meas:
     confirmed = " (reader-confirmed)" if reader is not None else ""
 
     # SEG of the level slice (segments overlap: skeletal muscle contains the named muscles)
-    level_masks = {TEMPLATE_KEYS[key]: seg.slice_seg.masks[key][None] for key in SEGMENT_KEYS
-                   if meas.areas[key].evaluable}
+    level_masks = {template_key(key): seg.slice_seg.masks[key][None] for key in ordered(meas.areas)
+                   if meas.areas[key].evaluable and key in seg.slice_seg.masks and seg.slice_seg.masks[key].any()}
     if level_masks:
         seg_level = build_seg([image], level_masks, algorithm, ctx.identity,
-                              f"Body composition {meas.level} SEG{confirmed}",
-                              labels={TEMPLATE_KEYS[k_]: v for k_, v in SEGMENT_LABELS.items()})
+                              f"Body composition {meas.level} SEG{confirmed}")
         p = ctx.work_dir / "seg.dcm"
         seg_level.save_as(p)
         files.append(p)
         summary["seg"] = p.name
 
     # planar SR (OHIF-visible); values that are not evaluable are named with their reason
-    not_eval = [f"{SEGMENT_LABELS[key]}: {meas.areas[key].reason}" for key in SEGMENT_KEYS
+    not_eval = [f"{label(key)}: {meas.areas[key].reason or 'not evaluable'}" for key in ordered(meas.areas)
                 if not meas.areas[key].evaluable]
-    groups = _level_groups(volume, seg, meas, pipeline, image)
+    groups = _level_groups(seg, meas, pipeline, image)
     texts = [Text("backend", f"{algorithm.parameters['backend']}; model {algorithm.parameters['model']}"),
              Text("cutoff-used", algorithm.parameters["cutoff"])]
     texts += [Text("not-evaluable-reason", t) for t in not_eval]
-    if reader is not None:
-        texts.append(Text("level-source", seg.level.notes[0]))
     sr = build_measurement_report([image], groups, algorithm, ctx.identity, f"Body composition {meas.level}{confirmed}",
                                   predecessors=ctx.predecessors, texts=texts,
-                                  person_observer=reader.reader or None if reader is not None else None,
+                                  level=level_provenance(seg.level, meas.level, reader),
                                   not_evaluable_reason=None if groups else "; ".join(not_eval) or "nothing measured")
     p = ctx.work_dir / "sr.dcm"
     sr.save_as(p)
@@ -190,16 +230,15 @@ def write_results(ctx: PipelineContext, volume: Volume, seg: Segmentation, meas:
     summary["sr"] = p.name
 
     # 3D named muscles over the lumbar spine: their own SEG and a SEG-referencing SR
-    vol_keys = [key for key in NAMED_MUSCLES if key in seg.volume_masks and meas.volumes[key].evaluable]
+    vol_keys = [key for key in ordered(meas.volumes) if key in seg.volume_masks and meas.volumes[key].evaluable]
     if vol_keys and seg.volume_range is not None:
         a, b = seg.volume_range
-        masks: dict[str, NDArray[np.bool_]] = {TEMPLATE_KEYS[key]: seg.volume_masks[key][a : b + 1]
+        masks: dict[str, NDArray[np.bool_]] = {template_key(key): seg.volume_masks[key][a : b + 1]
                                                for key in vol_keys}
         # the 3D objects get their own series numbers (configured SEG/SR numbers + 10)
         ident3d = replace(ctx.identity, seg_series_number=ctx.identity.seg_series_number + 10,
                           sr_series_number=ctx.identity.sr_series_number + 10)
-        seg_3d = build_seg(src[a : b + 1], masks, algorithm, ident3d, "Body composition lumbar muscles 3D SEG",
-                           labels={TEMPLATE_KEYS[k_]: SEGMENT_LABELS[k_] for k_ in vol_keys})
+        seg_3d = build_seg(src[a : b + 1], masks, algorithm, ident3d, "Body composition lumbar muscles 3D SEG")
         p = ctx.work_dir / "seg-volumes.dcm"
         seg_3d.save_as(p)
         files.append(p)
@@ -207,14 +246,14 @@ def write_results(ctx: PipelineContext, volume: Volume, seg: Segmentation, meas:
         numbers = {str(d.SegmentLabel): int(d.SegmentNumber) for d in seg_3d.SegmentSequence}
         vgroups = []
         for key in vol_keys:
-            v, h = meas.volumes[key].value, meas.volume_mean_hu[key].value
-            assert v is not None and h is not None
+            ms = [_value("volume", meas.volumes[key], "cm3", 2)]
+            h3 = meas.volume_mean_hu.get(key)
+            if h3 is not None:
+                ms.append(_value("attenuation", h3, "[hnsf'U]", 1, derivation="mean"))
             vgroups.append(VolumeGroup(
-                tracking_id=f"body-composition-lumbar-{key}", finding=TEMPLATE_KEYS[key], segmentation=seg_3d,
-                segment_number=numbers[SEGMENT_LABELS[key]], finding_site="lumbar-spine",
-                reference_source_series=True,
-                measurements=[Measurement("volume", round(v, 2), "cm3"),
-                              Measurement("attenuation", round(h, 1), "[hnsf'U]", derivation="mean")]))
+                tracking_id=f"body-composition-lumbar-{key}", finding=template_key(key), segmentation=seg_3d,
+                segment_number=numbers[label(key)], finding_site="lumbar-spine",
+                reference_source_series=True, measurements=ms, tracking_key=tracking_key(key, "lumbar-3d")))
         # groups name the SEG segment and the source series (TID 1411), so the evidence is the SEG
         # alone rather than every lumbar image: the SR stays a few kB instead of ~0.5 MB
         vsr = build_measurement_report([seg_3d], vgroups, algorithm, ident3d,

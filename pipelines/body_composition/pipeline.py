@@ -50,7 +50,7 @@ from pipelines.body_composition.stages import (
     SegmentInput,
     TissueSegmenter,
 )
-from pipelines.body_composition.types import NAMED_MUSCLES, SEGMENT_KEYS, Measurements, Segmentation
+from pipelines.body_composition.types import Measurements, Segmentation
 from pipelines.common.options import parse_options
 from pipelines.common.volume import Reorient, SeriesToVolume, Volume
 
@@ -215,13 +215,13 @@ class BodyCompositionPipeline:
             try:
                 level = level_from_override(volume, self.override, level)
             except NotEvaluable as e:
-                out = outputs.write_not_evaluable(ctx, volume, e.reason, self, "reader-level", backend=backend)
+                out = outputs.write_not_evaluable(ctx, source, e.reason, self, "reader-level", backend=backend)
                 self.last_timings, self.last_cpu_timings = t.seconds, t.cpu_seconds
                 return out
         t0 = t.add("level-finder", t0)
         if level.level is None or level.slice_index is None:
             reason = "; ".join(level.notes) or "level not found"
-            out = outputs.write_not_evaluable(ctx, source, reason, self, "level-finder", backend=backend)
+            out = outputs.write_not_evaluable(ctx, source, reason, self, "level-finder", backend=backend, level=level)
             self.last_timings, self.last_cpu_timings = t.seconds, t.cpu_seconds
             return out
         names_kept = self.override is None or any(v.name for v in level.vertebrae)
@@ -281,10 +281,10 @@ def summary_of(meas: Measurements, seg: Segmentation) -> dict[str, Any]:
         "level_notes": list(seg.level.notes),
         "backend": seg.backend,
         "model_version": seg.model_version or None,
-        "areas_cm2": {k: meas.areas[k].as_json() for k in SEGMENT_KEYS},
-        "mean_hu": {k: meas.mean_hu[k].as_json() for k in SEGMENT_KEYS},
-        "volumes_cm3": {k: meas.volumes[k].as_json() for k in NAMED_MUSCLES},
-        "volume_mean_hu": {k: meas.volume_mean_hu[k].as_json() for k in NAMED_MUSCLES},
+        "areas_cm2": {k: v.as_json() for k, v in meas.areas.items()},  # the structures measured, whichever
+        "mean_hu": {k: v.as_json() for k, v in meas.mean_hu.items()},
+        "volumes_cm3": {k: v.as_json() for k, v in meas.volumes.items()},
+        "volume_mean_hu": {k: v.as_json() for k, v in meas.volume_mean_hu.items()},
         "volume_slices": list(seg.volume_range) if seg.volume_range else None,
         "derived": {k: v.as_json() for k, v in meas.derived.items()},
         "sarcopenia": dict(meas.sarcopenia),
