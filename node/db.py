@@ -17,6 +17,7 @@ from __future__ import annotations
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
+from enum import StrEnum
 from typing import Any
 
 from sqlalchemy import (
@@ -37,6 +38,24 @@ from sqlalchemy.orm import DeclarativeBase, Mapped, Session, mapped_column, sess
 
 def now() -> float:
     return time.time()
+
+
+class JobState(StrEnum):
+    """``jobs.state`` (the strings stored): pending -> running -> done | failed -> (retry) | dead."""
+
+    PENDING = "pending"
+    RUNNING = "running"
+    DONE = "done"
+    FAILED = "failed"  # an attempt failed; retried after jobs.retry_seconds
+    DEAD = "dead"  # out of attempts
+
+
+class ExportState(StrEnum):
+    """``exports.state`` (the strings stored): pending -> sent, or dead (a dead letter)."""
+
+    PENDING = "pending"
+    SENT = "sent"
+    DEAD = "dead"
 
 
 class Base(DeclarativeBase):
@@ -94,7 +113,7 @@ class Job(Base):
     # series uids (with generations) the job reads: {"series": [{"uid":..,"generation":..,"role":..}]}
     inputs: Mapped[dict[str, Any]] = mapped_column(JSON, default=dict)
     input_key: Mapped[str] = mapped_column(String(128))  # hash of inputs: never complete twice
-    state: Mapped[str] = mapped_column(String(16), default="pending", index=True)
+    state: Mapped[str] = mapped_column(String(16), default=JobState.PENDING.value, index=True)  # JobState
     attempts: Mapped[int] = mapped_column(Integer, default=0)
     error: Mapped[str] = mapped_column(Text, default="")
     created_at: Mapped[float] = mapped_column(Float, default=now)
@@ -117,7 +136,7 @@ class Export(Base):
     destination: Mapped[str] = mapped_column(String(64))
     path: Mapped[str] = mapped_column(Text)
     sop_instance_uid: Mapped[str] = mapped_column(String(64))
-    state: Mapped[str] = mapped_column(String(16), default="pending", index=True)  # pending|sent|dead
+    state: Mapped[str] = mapped_column(String(16), default=ExportState.PENDING.value, index=True)  # ExportState
     attempts: Mapped[int] = mapped_column(Integer, default=0)
     next_attempt_at: Mapped[float] = mapped_column(Float, default=0.0)
     last_error: Mapped[str] = mapped_column(Text, default="")
