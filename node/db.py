@@ -8,6 +8,7 @@ jobs        the durable job queue: pending -> running -> done | failed -> (retry
 exports     one row per (job result file, destination): C-STORE SCU attempts and dead letters
 results     the ledger of objects prognode produced, with supersession links
 sweeps      one row per PACS sweep, with its items in sweep_items (resumable)
+state_counts  counts by state and totals kept by triggers as rows change (node.counters)
 
 All timestamps are UTC epoch seconds (float).  The schema is created by :func:`connect`.
 """
@@ -22,6 +23,7 @@ from typing import Any
 
 from sqlalchemy import (
     JSON,
+    BigInteger,
     Float,
     ForeignKey,
     Index,
@@ -34,6 +36,8 @@ from sqlalchemy import (
 )
 from sqlalchemy.engine import Engine
 from sqlalchemy.orm import DeclarativeBase, Mapped, Session, mapped_column, sessionmaker
+
+from node import counters
 
 
 def now() -> float:
@@ -183,7 +187,18 @@ class SweepItem(Base):
     error: Mapped[str] = mapped_column(Text, default="")
 
 
+class StateCount(Base):
+    """A count kept by the database's triggers (:mod:`node.counters`): ``jobs.pending``, ``instances:bytes``..."""
+
+    __tablename__ = "state_counts"
+    name: Mapped[str] = mapped_column(String(64), primary_key=True)
+    value: Mapped[int] = mapped_column(BigInteger, default=0)
+
+
 Index("ix_jobs_state_not_before", Job.state, Job.not_before)
+# time windows of the metrics' histograms (created on existing databases too, see Database)
+WINDOW_INDEXES = (Index("ix_series_completed_at", Series.completed_at), Index("ix_jobs_finished_at", Job.finished_at),
+                  Index("ix_results_in_pacs_at", Result.in_pacs_at))
 
 
 class Database:
@@ -201,6 +216,11 @@ class Database:
             event.listen(self.engine, "connect", _sqlite_pragmas)
             event.listen(self.engine, "begin", _sqlite_begin_immediate)
         Base.metadata.create_all(self.engine)
+        # additive schema changes on a database made by an earlier version (create_all makes
+        # missing tables only): indexes of existing tables, then the counters' triggers
+        for ix in WINDOW_INDEXES:
+            ix.create(self.engine, checkfirst=True)
+        counters.install(self.engine)
         self._sessions = sessionmaker(self.engine, expire_on_commit=False)
         self._readers = sessionmaker(self.engine.execution_options(prognode_read_only=True),
                                      expire_on_commit=False)

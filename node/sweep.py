@@ -477,7 +477,7 @@ class Sweeper:
 
     def ledger_status(self, series_uid: str, remote_instances: int | None) -> str | None:
         """``processed`` / ``present`` when the ledger already has this series and content, else None."""
-        with self.db.session() as s:
+        with self.db.read() as s:
             series = s.get(Series, series_uid)
             jobs = s.scalar(select(func.count()).select_from(Job).where(Job.series_uid == series_uid)) or 0
             results = s.scalar(select(func.count()).select_from(Result)
@@ -490,7 +490,7 @@ class Sweeper:
         return None
 
     def _execute(self, sweep_id: int, src: SourceConfig, dry_run: bool, out: SweepOutcome) -> None:
-        with self.db.session() as s:
+        with self.db.read() as s:
             sw = s.get(Sweep, sweep_id)
             assert sw is not None
             out.studies = int(sw.report.get("studies", 0))
@@ -620,7 +620,7 @@ class Sweeper:
         return completed
 
     def _local_count(self, series_uid: str) -> int:
-        with self.db.session() as s:
+        with self.db.read() as s:
             series = s.get(Series, series_uid)
             return series.instances if series is not None else 0
 
