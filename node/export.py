@@ -39,6 +39,7 @@ logger = logging.getLogger(__name__)
 
 MAX_CONTEXTS = 128  # PS3.8: at most 128 presentation contexts per association
 VERIFICATION = "1.2.840.10008.1.1"  # Verification SOP Class (C-ECHO)
+BATCH = 64  # results read and sent per association: a backlog after an outage is sent in bounded memory
 UNREADABLE = "cannot read "  # start of the error of a result file that cannot be read (never requeued by a probe)
 
 
@@ -136,24 +137,25 @@ class Exporter:
         self.rng = rng or random.Random()
         self._reach: dict[str, _Reachability] = {d.name: _Reachability() for d in config.destinations}
 
-    def due(self, t: float, destination: str | None = None) -> list[Pending]:
+    def due(self, t: float, destination: str | None = None, limit: int | None = None) -> list[Pending]:
         q = select(Export).where(Export.state == ExportState.PENDING, Export.next_attempt_at <= t)
         if destination is not None:
             q = q.where(Export.destination == destination)
         with self.db.read() as s:
-            rows = s.scalars(q.order_by(Export.id)).all()
+            rows = s.scalars(q.order_by(Export.id).limit(limit)).all()
             return [Pending(r.id, r.job_id, r.destination, r.path, r.sop_instance_uid, r.attempts) for r in rows]
 
     def tick(self) -> int:
-        """One pass: every destination in turn (probe when due, then send what is due); returns how
-        many were sent."""
+        """One pass: every destination in turn (probe when due, then send at most :data:`BATCH` of
+        what is due); returns how many were sent."""
         self._unconfigured()
         return sum(self.tick_destination(dest) for dest in self.config.destinations)
 
     def tick_destination(self, dest: DestinationConfig) -> int:
-        """Probe ``dest`` when that is due, then send its due exports; returns how many were sent."""
+        """Probe ``dest`` when that is due, then send its due exports (at most :data:`BATCH`);
+        returns how many were sent."""
         self._probe_if_due(dest)
-        items = self.due(now(), dest.name)
+        items = self.due(now(), dest.name, BATCH)
         return self._send(dest, items) if items else 0
 
     def _unconfigured(self) -> None:
@@ -319,9 +321,11 @@ class Exporter:
     def _run_destination(self, dest: DestinationConfig, stop: threading.Event) -> None:
         wake = self.wake.event()
         while not stop.is_set():
+            sent = 0
             try:
-                self.tick_destination(dest)
+                sent = self.tick_destination(dest)
             except Exception:
                 logger.exception("export pass to %s failed", dest.name)
-            wake.wait(self.poll_seconds)
-            wake.clear()
+            if sent < BATCH:  # a full batch went: the next one at once
+                wake.wait(self.poll_seconds)
+                wake.clear()

@@ -186,3 +186,15 @@ def test_a_hung_destination_does_not_hold_up_the_others(tmp_path: Path) -> None:
     t.join(40)
     assert not t.is_alive()
     db.dispose()
+
+
+def test_a_backlog_goes_in_bounded_batches(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(export_mod, "BATCH", 3)  # results read into memory per association
+    port = free_port()
+    db, config, _ = setup(tmp_path, [dest("pacs", port)], results=5)
+    exporter = Exporter(db, config, AuditLog(None))
+    with storescp(port, tmp_path / "received") as received:
+        assert exporter.tick() == 3
+        assert exporter.tick() == 2
+        assert len(list(received.iterdir())) == 5
+    db.dispose()
