@@ -188,11 +188,12 @@ class SweepItem(Base):
 
 
 class StateCount(Base):
-    """A count kept by the database's triggers (:mod:`node.counters`): ``jobs.pending``, ``instances:bytes``..."""
+    """A count kept by the database's triggers (:mod:`node.counters`): ``jobs.pending``, ``instances``..."""
 
     __tablename__ = "state_counts"
     name: Mapped[str] = mapped_column(String(64), primary_key=True)
-    value: Mapped[int] = mapped_column(BigInteger, default=0)
+    value: Mapped[int] = mapped_column(BigInteger, default=0)  # rows counted
+    total: Mapped[int] = mapped_column(BigInteger, default=0)  # sum of the figure's total over them (bytes...)
 
 
 Index("ix_jobs_state_not_before", Job.state, Job.not_before)
