@@ -173,11 +173,11 @@ class Exporter:
         reach = self._reach.setdefault(dest.name, _Reachability())
         if reach.down is False or now() < reach.next_probe:
             return
+        reach.next_probe = now() + dest.probe_seconds  # also the pace of the look-up below
         # unknown since the start: only dead letters are a reason to probe (pending ones are simply tried)
         waiting = self._undelivered(dest.name, include_pending=reach.down is True)
         if not waiting:
             return
-        reach.next_probe = now() + dest.probe_seconds
         ok, why = self._echo(dest)
         if not ok:
             reach.down = True
