@@ -205,10 +205,22 @@ _RemoteAE = RemoteAE  # the older name
 
 
 class DestinationConfig(RemoteAE):
-    """A PACS that gets the results (C-STORE), retried then dead-lettered."""
+    """A PACS that gets the results (C-STORE), see :mod:`node.export`.
 
-    retry_seconds: float = Field(30.0, ge=0)
-    max_attempts: int = Field(10, ge=1)
+    A failed attempt is retried after ``retry_seconds``, doubled at each failure up to
+    ``retry_max_seconds`` (each delay lengthened at random by up to ``retry_jitter`` of itself,
+    never beyond ``retry_max_seconds``); once the delays add up to ``dead_letter_after_seconds``
+    (or after ``max_attempts``, when set) the result is a dead letter.  While results wait or are
+    dead letters because the destination is unreachable, it is probed with C-ECHO every
+    ``probe_seconds``; when it answers, waiting results go at once and dead letters again."""
+
+    retry_seconds: float = Field(30.0, gt=0)  # delay after the first failed attempt
+    retry_max_seconds: float = Field(3600.0, gt=0)  # cap of one delay
+    retry_jitter: float = Field(0.2, ge=0, le=1)  # random lengthening of each delay, as a fraction of it
+    dead_letter_after_seconds: float = Field(86400.0, ge=0)  # back-off horizon before a dead letter
+    max_attempts: int = Field(0, ge=0)  # also a dead letter after this many attempts; 0: the horizon alone
+    probe_seconds: float = Field(60.0, gt=0)  # C-ECHO interval while the destination is unreachable
+    timeout_seconds: float = Field(30.0, gt=0)  # association, DIMSE and network timeouts of one attempt
 
 
 class SourceConfig(RemoteAE):

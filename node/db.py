@@ -8,6 +8,7 @@ jobs        the durable job queue: pending -> running -> done | failed -> (retry
 exports     one row per (job result file, destination): C-STORE SCU attempts and dead letters
 results     the ledger of objects prognode produced, with supersession links
 sweeps      one row per PACS sweep, with its items in sweep_items (resumable)
+state_counts  counts by state and totals kept by triggers as rows change (node.counters)
 
 All timestamps are UTC epoch seconds (float).  The schema is created by :func:`connect`.
 """
@@ -17,10 +18,12 @@ from __future__ import annotations
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
+from enum import StrEnum
 from typing import Any
 
 from sqlalchemy import (
     JSON,
+    BigInteger,
     Float,
     ForeignKey,
     Index,
@@ -34,9 +37,29 @@ from sqlalchemy import (
 from sqlalchemy.engine import Engine
 from sqlalchemy.orm import DeclarativeBase, Mapped, Session, mapped_column, sessionmaker
 
+from node import counters
+
 
 def now() -> float:
     return time.time()
+
+
+class JobState(StrEnum):
+    """``jobs.state`` (the strings stored): pending -> running -> done | failed -> (retry) | dead."""
+
+    PENDING = "pending"
+    RUNNING = "running"
+    DONE = "done"
+    FAILED = "failed"  # an attempt failed; retried after jobs.retry_seconds
+    DEAD = "dead"  # out of attempts
+
+
+class ExportState(StrEnum):
+    """``exports.state`` (the strings stored): pending -> sent, or dead (a dead letter)."""
+
+    PENDING = "pending"
+    SENT = "sent"
+    DEAD = "dead"
 
 
 class Base(DeclarativeBase):
@@ -94,7 +117,7 @@ class Job(Base):
     # series uids (with generations) the job reads: {"series": [{"uid":..,"generation":..,"role":..}]}
     inputs: Mapped[dict[str, Any]] = mapped_column(JSON, default=dict)
     input_key: Mapped[str] = mapped_column(String(128))  # hash of inputs: never complete twice
-    state: Mapped[str] = mapped_column(String(16), default="pending", index=True)
+    state: Mapped[str] = mapped_column(String(16), default=JobState.PENDING.value, index=True)  # JobState
     attempts: Mapped[int] = mapped_column(Integer, default=0)
     error: Mapped[str] = mapped_column(Text, default="")
     created_at: Mapped[float] = mapped_column(Float, default=now)
@@ -117,7 +140,7 @@ class Export(Base):
     destination: Mapped[str] = mapped_column(String(64))
     path: Mapped[str] = mapped_column(Text)
     sop_instance_uid: Mapped[str] = mapped_column(String(64))
-    state: Mapped[str] = mapped_column(String(16), default="pending", index=True)  # pending|sent|dead
+    state: Mapped[str] = mapped_column(String(16), default=ExportState.PENDING.value, index=True)  # ExportState
     attempts: Mapped[int] = mapped_column(Integer, default=0)
     next_attempt_at: Mapped[float] = mapped_column(Float, default=0.0)
     last_error: Mapped[str] = mapped_column(Text, default="")
@@ -164,7 +187,19 @@ class SweepItem(Base):
     error: Mapped[str] = mapped_column(Text, default="")
 
 
+class StateCount(Base):
+    """A count kept by the database's triggers (:mod:`node.counters`): ``jobs.pending``, ``instances``..."""
+
+    __tablename__ = "state_counts"
+    name: Mapped[str] = mapped_column(String(64), primary_key=True)
+    value: Mapped[int] = mapped_column(BigInteger, default=0)  # rows counted
+    total: Mapped[int] = mapped_column(BigInteger, default=0)  # sum of the figure's total over them (bytes...)
+
+
 Index("ix_jobs_state_not_before", Job.state, Job.not_before)
+# time windows of the metrics' histograms (created on existing databases too, see Database)
+WINDOW_INDEXES = (Index("ix_series_completed_at", Series.completed_at), Index("ix_jobs_finished_at", Job.finished_at),
+                  Index("ix_results_in_pacs_at", Result.in_pacs_at))
 
 
 class Database:
@@ -182,6 +217,11 @@ class Database:
             event.listen(self.engine, "connect", _sqlite_pragmas)
             event.listen(self.engine, "begin", _sqlite_begin_immediate)
         Base.metadata.create_all(self.engine)
+        # additive schema changes on a database made by an earlier version (create_all makes
+        # missing tables only): indexes of existing tables, then the counters' triggers
+        for ix in WINDOW_INDEXES:
+            ix.create(self.engine, checkfirst=True)
+        counters.install(self.engine)
         self._sessions = sessionmaker(self.engine, expire_on_commit=False)
         self._readers = sessionmaker(self.engine.execution_options(prognode_read_only=True),
                                      expire_on_commit=False)

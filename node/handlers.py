@@ -116,7 +116,7 @@ def handle_store(event: Event, store: Storage, index: Index, audit: AuditLog,
             return outcome(DATASET_MISMATCH, "SOPInstanceUID differs from Affected SOP Instance UID",
                            sop=meta.sop_instance_uid)
         try:
-            stored = store.write_instance(meta.study_uid, meta.series_uid, meta.sop_instance_uid, (head, body))
+            stored = store.stage_instance(meta.study_uid, meta.series_uid, meta.sop_instance_uid, (head, body))
         except OutOfSpace as e:
             return outcome(OUT_OF_RESOURCES, f"out of disk space: {e.strerror}", sop=meta.sop_instance_uid)
         except (OSError, ValueError) as e:
@@ -128,9 +128,14 @@ def handle_store(event: Event, store: Storage, index: Index, audit: AuditLog,
                                     str(event.context.transfer_syntax), calling, peer)
     except Exception as e:
         logger.exception("index write failed for %s", meta.sop_instance_uid)
-        if not index.has_instance_safely(meta.sop_instance_uid):
-            store.remove(stored.path)
+        # a staged copy goes and an earlier acknowledged file of the instance stays as it was
+        if stored.staged or not index.has_instance_safely(meta.sop_instance_uid):
+            store.discard(stored)
         return outcome(OUT_OF_RESOURCES, f"index write failed: {type(e).__name__}", sop=meta.sop_instance_uid)
+    try:
+        store.commit(stored)  # a new copy of an instance already here replaces it now that it is indexed
+    except OSError as e:
+        return outcome(OUT_OF_RESOURCES, f"write error: {e.strerror or e}", sop=meta.sop_instance_uid)
     if open_associations is not None:
         open_associations.add(id(event.assoc), meta.series_uid)
     return outcome(SUCCESS, "", sop=meta.sop_instance_uid, series_uid=meta.series_uid, study_uid=meta.study_uid,

@@ -18,9 +18,10 @@ from typing import Any
 
 from pydicom.dataset import Dataset
 from pydicom.uid import UID
-from sqlalchemy import func, select, text
+from sqlalchemy import select, text
 from sqlalchemy.engine import Dialect
 
+from node import counters
 from node.db import Database, Instance, Series, now
 
 logger = logging.getLogger(__name__)
@@ -349,8 +350,9 @@ class Index:
             return [_view(r) for r in rows]
 
     def instance_count(self) -> int:
+        """Instances in the index (the counter the database keeps, :mod:`node.counters`)."""
         with self.db.read() as s:
-            return int(s.scalar(select(func.count()).select_from(Instance)) or 0)
+            return counters.read_counters(s.connection())["instances:count"]
 
     def has_instance(self, sop_instance_uid: str) -> bool:
         with self.db.read() as s:

@@ -37,7 +37,7 @@ from sqlalchemy.orm import aliased
 
 from node.audit import AuditLog, AuditSink
 from node.config import Config
-from node.db import Database, Export, Job, Result, now
+from node.db import Database, Export, ExportState, Job, JobState, Result, now
 from node.index import Index
 from node.storage import Storage
 from pipelines.base import Identity, Pipeline, PipelineContext, PipelineOutput, Predecessor, SeriesInput
@@ -341,15 +341,15 @@ def resend_job(db: Database, job_id: int, audit: AuditSink | None, by: str) -> R
         job = s.get(Job, job_id)
         if job is None:
             raise KeyError(f"job {job_id} not found")
-        requeue_job = job.state in ("failed", "dead")
-        exports = list(s.scalars(select(Export).where(Export.job_id == job_id, Export.state != "pending")))
+        requeue_job = job.state in (JobState.FAILED, JobState.DEAD)
+        exports = list(s.scalars(select(Export).where(Export.job_id == job_id, Export.state != ExportState.PENDING)))
         if not requeue_job and not exports:
             raise NothingToResend(f"job {job_id} is {job.state} and has no results to send again: nothing to resend")
         if requeue_job:
-            job.state, job.attempts, job.error = "pending", 0, ""
+            job.state, job.attempts, job.error = JobState.PENDING.value, 0, ""
             job.not_before, job.lease_until, job.updated_at = 0.0, None, t
         for e in exports:
-            e.state, e.attempts, e.next_attempt_at, e.last_error = "pending", 0, 0.0, ""
+            e.state, e.attempts, e.next_attempt_at, e.last_error = ExportState.PENDING.value, 0, 0.0, ""
         out = Resend(job_id=job_id, job_requeued=requeue_job, exports_requeued=len(exports))
     logger.info("resend job %d by %s: job requeued %s, %d exports requeued", job_id, by, out.job_requeued,
                 out.exports_requeued)
@@ -373,10 +373,10 @@ class JobQueue:
     def recover(self) -> list[int]:
         """At start-up: every ``running`` job was interrupted; queue it again."""
         with self.db.session() as s:
-            ids = list(s.scalars(select(Job.id).where(Job.state == "running")).all())
+            ids = list(s.scalars(select(Job.id).where(Job.state == JobState.RUNNING)).all())
             if ids:
                 s.execute(update(Job).where(Job.id.in_(ids)).values(
-                    state="pending", worker="", lease_until=None, not_before=0.0, updated_at=now(),
+                    state=JobState.PENDING.value, worker="", lease_until=None, not_before=0.0, updated_at=now(),
                     error="interrupted by a restart"))
         for i in ids:
             logger.warning("job %d was interrupted by a restart: pending again", i)
@@ -386,12 +386,12 @@ class JobQueue:
     def expire_leases(self) -> list[int]:
         t = now()
         with self.db.read() as s:
-            if s.scalar(select(Job.id).where(Job.state == "running", Job.lease_until < t).limit(1)) is None:
+            if s.scalar(select(Job.id).where(Job.state == JobState.RUNNING, Job.lease_until < t).limit(1)) is None:
                 return []
         with self.db.session() as s:
-            ids = list(s.scalars(select(Job.id).where(Job.state == "running", Job.lease_until < t)).all())
+            ids = list(s.scalars(select(Job.id).where(Job.state == JobState.RUNNING, Job.lease_until < t)).all())
             if ids:
-                s.execute(update(Job).where(Job.id.in_(ids)).values(state="pending", worker="", lease_until=None,
+                s.execute(update(Job).where(Job.id.in_(ids)).values(state=JobState.PENDING.value, worker="", lease_until=None,
                                                                    error="lease expired", updated_at=t))
         for i in ids:
             self.audit.write("job_pending", job_id=i, reason="lease expired")
@@ -405,18 +405,18 @@ class JobQueue:
         its results as predecessors to supersede."""
         t = now()
         with self.db.read() as s:
-            if s.scalar(select(Job.id).where(Job.state.in_(("pending", "failed")), Job.not_before <= t)
+            if s.scalar(select(Job.id).where(Job.state.in_((JobState.PENDING, JobState.FAILED)), Job.not_before <= t)
                         .limit(1)) is None:
                 return None
         running = aliased(Job)
         busy = exists().where(running.series_uid == Job.series_uid, running.pipeline == Job.pipeline,
-                              running.state == "running")
+                              running.state == JobState.RUNNING)
         with self.db.session() as s:
-            job = s.scalars(select(Job).where(Job.state.in_(("pending", "failed")), Job.not_before <= t, ~busy)
+            job = s.scalars(select(Job).where(Job.state.in_((JobState.PENDING, JobState.FAILED)), Job.not_before <= t, ~busy)
                             .order_by(Job.id).limit(1)).first()
             if job is None:
                 return None
-            job.state = "running"
+            job.state = JobState.RUNNING.value
             job.attempts += 1
             job.worker = worker
             job.started_at = t
@@ -433,7 +433,7 @@ class JobQueue:
         if not ids:
             return
         with self.db.session() as s:
-            s.execute(update(Job).where(Job.id.in_(list(ids)), Job.state == "running")
+            s.execute(update(Job).where(Job.id.in_(list(ids)), Job.state == JobState.RUNNING)
                       .values(lease_until=now() + self.lease_seconds))
 
     def predecessors(self, job: JobView) -> tuple[Predecessor, ...]:
@@ -441,7 +441,7 @@ class JobQueue:
         with self.db.read() as s:
             prev = s.scalar(select(func.max(Job.id)).where(
                 Job.pipeline == job.pipeline, Job.series_uid == job.series_uid, Job.route == job.route,
-                Job.state == "done", Job.id != job.id))
+                Job.state == JobState.DONE, Job.id != job.id))
             if prev is None:
                 return ()
             rows = s.scalars(select(Result).where(Result.job_id == prev)).all()
@@ -452,8 +452,8 @@ class JobQueue:
         """Record a successful attempt, its results and their exports; False if this attempt lost the job."""
         t = now()
         with self.db.session() as s:
-            res = s.execute(update(Job).where(Job.id == job.id, Job.state == "running", Job.attempts == attempt)
-                          .values(state="done", finished_at=t, updated_at=t, lease_until=None, error="",
+            res = s.execute(update(Job).where(Job.id == job.id, Job.state == JobState.RUNNING, Job.attempts == attempt)
+                          .values(state=JobState.DONE.value, finished_at=t, updated_at=t, lease_until=None, error="",
                                   result_dir=result_dir,
                                   summary={"evaluable": outcome.evaluable, "reason": outcome.reason,
                                            **dict(outcome.summary)}))
@@ -467,7 +467,7 @@ class JobQueue:
                              supersedes=by_class.get(f.sop_class_uid, ""), created_at=t))
                 for dest in send_to:
                     s.add(Export(job_id=job.id, destination=dest, path=f.path, sop_instance_uid=f.sop_instance_uid,
-                                 state="pending", attempts=0, next_attempt_at=0.0))
+                                 state=ExportState.PENDING.value, attempts=0, next_attempt_at=0.0))
         logger.info("job %d done: %d result files%s", job.id, len(outcome.files),
                     "" if outcome.evaluable else f" (not evaluable: {outcome.reason})")
         self.audit.write("job_done", job_id=job.id, pipeline=job.pipeline, series_uid=job.series_uid,
@@ -480,10 +480,10 @@ class JobQueue:
         t = now()
         with self.db.session() as s:
             row = s.get(Job, job.id)
-            if row is None or row.state != "running" or row.attempts != attempt:
+            if row is None or row.state != JobState.RUNNING or row.attempts != attempt:
                 return row.state if row is not None else "missing"
-            state = "dead" if row.attempts >= self.max_attempts else "failed"
-            row.state = state
+            state = JobState.DEAD if row.attempts >= self.max_attempts else JobState.FAILED
+            row.state = state.value
             row.error = error[:4000]
             row.updated_at = t
             row.finished_at = t

@@ -31,13 +31,14 @@ from prometheus_client.registry import Collector
 from pynetdicom import evt
 from sqlalchemy import func, select
 
-from node.db import Database, Export, Instance, Job, Result, Series, SweepItem
+from node import counters
+from node.db import Database, ExportState, Job, JobState, Result, Series
 
 log = logging.getLogger(__name__)
 
 CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
 
-JOB_STATES = ("pending", "running", "done", "failed", "dead")
+JOB_STATES = tuple(JobState)
 SERIES_STATES = ("receiving", "complete")
 COMPLETION_BUCKETS = (0.25, 0.5, 1.0, 2.0, 5.0, 10.0, 20.0, 30.0, 60.0, 120.0)
 PIPELINE_BUCKETS = (1.0, 2.0, 5.0, 10.0, 20.0, 30.0, 60.0, 120.0, 300.0, 600.0, 1800.0)
@@ -72,25 +73,20 @@ class DatabaseCollector(Collector):
         self.window_seconds = window_seconds  # histograms look at this much recent history
 
     def collect(self) -> Iterator[Metric]:
+        """One read-only transaction: the counters the database keeps as rows change
+        (:mod:`node.counters`) plus the histograms' recent window (indexed time columns)."""
         since = time.time() - self.window_seconds
-        with self.db.session() as s:
-            series_by_state = dict(s.execute(select(Series.state, func.count()).group_by(Series.state)).all())
-            completed = s.scalar(select(func.count()).select_from(Series).where(Series.completed_at.is_not(None)))
-            jobs_by_state = dict(s.execute(select(Job.state, func.count()).group_by(Job.state)).all())
+        with self.db.read() as s:
+            figures = counters.read_counters(s.connection())
             now = time.time()
             queue = s.scalar(select(func.count()).select_from(Job)
-                             .where(Job.state.in_(("pending", "failed")), Job.not_before <= now))
-            exp_attempts = s.scalar(select(func.coalesce(func.sum(Export.attempts), 0)))
-            exp_sent = s.scalar(select(func.count()).select_from(Export).where(Export.state == "sent"))
-            exp_by_state = dict(s.execute(select(Export.state, func.count()).group_by(Export.state)).all())
-            stored = s.execute(select(func.count(), func.coalesce(func.sum(Instance.size), 0))).one()
-            sweep_items = dict(s.execute(select(SweepItem.state, func.count()).group_by(SweepItem.state)).all())
+                             .where(Job.state.in_((JobState.PENDING, JobState.FAILED)), Job.not_before <= now))
             completion = [_delta(c, lr) for c, lr in s.execute(
                 select(Series.completed_at, Series.last_received)
                 .where(Series.completed_at.is_not(None), Series.completed_at >= since)).all()]
             pipeline = [_delta(f, st) for f, st in s.execute(
                 select(Job.finished_at, Job.started_at)
-                .where(Job.state == "done", Job.finished_at.is_not(None), Job.started_at.is_not(None),
+                .where(Job.state == JobState.DONE, Job.finished_at.is_not(None), Job.started_at.is_not(None),
                        Job.finished_at >= since)).all()]
             # time from the last image of the input to the first result of the job filed in PACS
             ttr_rows = s.execute(
@@ -99,6 +95,14 @@ class DatabaseCollector(Collector):
                 .where(Result.in_pacs_at.is_not(None), Job.last_image_at.is_not(None), Result.in_pacs_at >= since)
                 .group_by(Job.id, Job.last_image_at)).all()
         ttr = [_delta(pacs, last) for _id, last, pacs in ttr_rows]
+        series_by_state = counters.by_state(figures, "series")
+        completed = figures.get("series:completed", 0)
+        jobs_by_state = counters.by_state(figures, "jobs")
+        exp_attempts = figures.get("exports:attempts", 0)
+        exp_by_state = counters.by_state(figures, "exports")
+        exp_sent = exp_by_state.get(ExportState.SENT, 0)
+        stored = (figures.get("instances:count", 0), figures.get("instances:bytes", 0))
+        sweep_items = counters.by_state(figures, "sweep_items")
 
         yield _by_state("prognode_series", "Series in the index by state", series_by_state, SERIES_STATES)
         yield CounterMetricFamily("prognode_series_completed", "Series detected complete",
@@ -111,7 +115,7 @@ class DatabaseCollector(Collector):
         yield CounterMetricFamily("prognode_export_failures", "C-STORE export attempts that failed",
                                   value=float(max(0, int(exp_attempts or 0) - int(exp_sent or 0))))
         yield _by_state("prognode_exports", "Export rows by state (dead = dead letters)", exp_by_state,
-                        ("pending", "sent", "dead"))
+                        tuple(ExportState))
         yield GaugeMetricFamily("prognode_instances_stored", "Instances in the index", value=float(stored[0]))
         yield GaugeMetricFamily("prognode_bytes_stored", "Bytes of instances in the index", value=float(stored[1]))
         yield _by_state("prognode_sweep_items", "Sweep items by state", sweep_items)

@@ -35,7 +35,7 @@ from sqlalchemy import select
 from sqlalchemy.orm import Session
 
 from node.audit import AuditSink
-from node.db import Database, Instance, Job, Series, now
+from node.db import Database, Instance, Job, JobState, Series, now
 from node.index import Index
 from node.routing import Router, series_attributes
 
@@ -43,7 +43,7 @@ logger = logging.getLogger(__name__)
 
 PIPELINE = "body-composition"
 LEVELS = ("L3", "C3")
-ACTIVE_STATES = ("pending", "running", "failed")  # failed: waiting for its retry
+ACTIVE_STATES = (JobState.PENDING, JobState.RUNNING, JobState.FAILED)  # failed: waiting for its retry
 READER_ROUTE = "reader-level"  # route name of a job for a series no route sends to body-composition
 PN_MAX = 64 * 5  # five components of at most 64 characters (PS3.5 6.2, PN)
 
@@ -176,7 +176,7 @@ def request_level(db: Database, router: Router, audit: AuditSink | None, series_
         job = Job(series_uid=series_uid, study_uid=series.study_uid, route=route, pipeline=PIPELINE,
                   inputs={"series": [{"uid": series_uid, "generation": series.generation, "role": ""}],
                           "send_to": send_to, "level": "series", "level_override": override},
-                  input_key=key, state="pending", attempts=0, created_at=t, updated_at=t, not_before=0.0,
+                  input_key=key, state=JobState.PENDING.value, attempts=0, created_at=t, updated_at=t, not_before=0.0,
                   last_image_at=series.last_received)
         s.add(job)
         s.flush()

@@ -18,7 +18,7 @@ from sqlalchemy import select
 from sqlalchemy.orm import Session
 
 from node.config import RouteConfig, SeriesMatch, match_attributes
-from node.db import Job, Series, now
+from node.db import Job, JobState, Series, now
 
 logger = logging.getLogger(__name__)
 
@@ -83,7 +83,7 @@ class Router:
                 continue
             job = Job(series_uid=series_uid, study_uid=study_uid, route=route.name, pipeline=pipeline,
                       inputs={"series": inputs, "send_to": list(route.send_to), "level": route.level},
-                      input_key=key, state="pending", attempts=0, created_at=now(), updated_at=now(),
+                      input_key=key, state=JobState.PENDING.value, attempts=0, created_at=now(), updated_at=now(),
                       not_before=0.0, last_image_at=last_image_at)
             s.add(job)
             s.flush()

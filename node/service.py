@@ -56,7 +56,8 @@ class Node:
     def __init__(self, config: Config, runner: Runner | None = None,
                  factories: Mapping[str, str] | None = None) -> None:
         self.config = config
-        self.storage = Storage(config.storage_dir, config.node.fsync, config.node.min_free_bytes)
+        # the process's one Storage of the folder: a sweep inside serve (C-GET) writes through it too
+        self.storage = Storage.shared(config.storage_dir, config.node.fsync, config.node.min_free_bytes)
         self.db = Database(config.database_url)
         self.index = Index(self.db, config.storage_dir)
         self.audit = AuditLog(config.path(config.logging.audit_file))

@@ -5,6 +5,15 @@ filesystem) and ``fsync``-ed, then renamed over its final name and the folder en
 synced, so a crash leaves either the old file, the new one, or a stray ``.tmp`` that
 :meth:`Storage.sweep_temporaries` removes at start-up: never a partial instance.
 
+Temporary files are created with ``O_CREAT | O_EXCL`` under names unique to the process
+and the :class:`Storage` object (``<pid>.<random>.<serial>.tmp``): two writers never share
+one.  A process uses one :class:`Storage` per folder (:meth:`Storage.shared`: the node and a
+C-GET sweep inside ``serve`` write through the same object).
+
+When a file of the same instance is already there (a copy acknowledged earlier), the new
+copy stays staged until the caller has indexed it (:meth:`Storage.commit`); a failed index
+write discards the staged copy (:meth:`Storage.discard`) and the earlier file is untouched.
+
 Layout: ``instances/<StudyUID>/<SeriesUID>/<SOPInstanceUID>.dcm`` and
 ``jobs/<job id>/`` for pipeline work folders.
 """
@@ -17,6 +26,7 @@ import itertools
 import logging
 import os
 import queue
+import secrets
 import shutil
 import threading
 import time
@@ -47,6 +57,9 @@ class StoredFile:
     path: str  # relative to the storage root
     size: int
     sha256: str
+    # absolute path of the staged new copy when a file was already there under ``path``: it
+    # replaces that file at :meth:`Storage.commit`, or goes at :meth:`Storage.discard`
+    staged: str = ""
 
 
 def _safe_component(uid: str) -> str:
@@ -82,6 +95,29 @@ class Storage:
         self._maker = ThreadPoolExecutor(max_workers=1, thread_name_prefix="prognode-temporaries")
         self._spares: queue.SimpleQueue[tuple[Path, int]] = queue.SimpleQueue()
         self._closed = False
+        self._token = secrets.token_hex(4)  # temporary names unique to this object, not only the process
+        self._users = 1  # holders of a shared object (see shared()); close() by the last one closes it
+        self._key: Path | None = None
+
+    @classmethod
+    def shared(cls, root: Path, fsync: bool = True, min_free_bytes: int = 0) -> Storage:
+        """The process's one :class:`Storage` for ``root`` (made at the first call); each caller
+        calls :meth:`close` when done, and the last one closes it.  The settings of the first
+        caller hold (they come from the same ``[node]`` configuration)."""
+        key = Path(os.path.realpath(root))
+        with _SHARED_LOCK:
+            found = _SHARED.get(key)
+            if found is not None:
+                with found._lock:
+                    found._users += 1
+                if (found.fsync, found.min_free_bytes) != (fsync, min_free_bytes):
+                    logger.warning("storage %s is already open with fsync=%s min_free_bytes=%d; keeping those",
+                                   key, found.fsync, found.min_free_bytes)
+                return found
+            made = cls(root, fsync, min_free_bytes)
+            made._key = key
+            _SHARED[key] = made
+            return made
 
     def instance_path(self, study_uid: str, series_uid: str, sop_uid: str) -> Path:
         rel = Path(INSTANCES, _safe_component(study_uid), _safe_component(series_uid),
@@ -106,18 +142,28 @@ class Storage:
 
     def write_instance(self, study_uid: str, series_uid: str, sop_uid: str,
                        parts: Sequence[bytes | memoryview]) -> StoredFile:
+        """Write the concatenation of ``parts`` as the instance's file, in place when this returns:
+        :meth:`stage_instance` then :meth:`commit` (for callers with no index write in between)."""
+        stored = self.stage_instance(study_uid, series_uid, sop_uid, parts)
+        self.commit(stored)
+        return stored
+
+    def stage_instance(self, study_uid: str, series_uid: str, sop_uid: str,
+                       parts: Sequence[bytes | memoryview]) -> StoredFile:
         """Write the concatenation of ``parts`` as the instance's file: durable (power loss
         included) when this returns.
 
         The bytes go to a temporary file in ``instances/.incoming`` (one ``writev``), which is
-        fsynced, renamed over its final name, and that folder fsynced, all in the calling
+        fsynced, renamed to its final name, and that folder fsynced, all in the calling
         thread: on this path a hand-over to another thread costs more than it saves.  The
         temporary file was created ahead of time by a helper thread (creating a file right after
         the previous instance's fsyncs can wait a millisecond or more on the filesystem
-        journal).  On any error the temporary file is removed and nothing is left under the
-        final name.  Raises :class:`OutOfSpace` (free space under ``min_free_bytes``, or the disk
-        full), :class:`OSError` for other write errors, :class:`ValueError` for a UID that
-        cannot be a file name."""
+        journal).  When a file is already there under the final name (a copy acknowledged
+        earlier), the new copy stays staged (``StoredFile.staged``) and the caller must
+        :meth:`commit` it once indexed, or :meth:`discard` it.  On any error the temporary file
+        is removed and nothing is left under the final name.  Raises :class:`OutOfSpace` (free
+        space under ``min_free_bytes``, or the disk full), :class:`OSError` for other write
+        errors, :class:`ValueError` for a UID that cannot be a file name."""
         rel = self.instance_path(study_uid, series_uid, sop_uid)
         size = sum(len(p) for p in parts)
         self.check_space(size)
@@ -127,6 +173,7 @@ class Storage:
         final = self.root / rel
         folder = final.parent
         tmp: Path | None = None
+        staged = ""
         try:
             tmp, fd = self._temporary()
             try:
@@ -141,9 +188,12 @@ class Storage:
                     _fsync_dir(folder.parent)
                     _fsync_dir(folder.parent.parent)
                 self._known_dirs.add(folder)
-            os.replace(tmp, final)
-            if self.fsync:
-                _fsync_dir(folder)
+            if os.path.lexists(final):
+                staged = str(tmp)  # an earlier copy stays in place until this one is indexed
+            else:
+                os.replace(tmp, final)
+                if self.fsync:
+                    _fsync_dir(folder)
             self._make_next()
         except BaseException as e:
             if tmp is not None:
@@ -151,7 +201,28 @@ class Storage:
             if isinstance(e, OSError) and e.errno in (errno.ENOSPC, errno.EDQUOT) and not isinstance(e, OutOfSpace):
                 raise OutOfSpace(f"disk full writing {rel.name}: {e.strerror}") from e
             raise
-        return StoredFile(str(rel), size, digest.hexdigest())
+        return StoredFile(str(rel), size, digest.hexdigest(), staged)
+
+    def commit(self, stored: StoredFile) -> None:
+        """Put a staged copy in place of the earlier file (nothing to do for a new file)."""
+        if not stored.staged:
+            return
+        final = self.root / stored.path
+        try:
+            os.replace(stored.staged, final)
+            if self.fsync:
+                _fsync_dir(final.parent)
+        except BaseException:
+            _unlink_quietly(Path(stored.staged))
+            raise
+
+    def discard(self, stored: StoredFile) -> None:
+        """Undo :meth:`stage_instance` (its index write failed): a staged copy goes and the earlier
+        file stays as it was; a new file is removed."""
+        if stored.staged:
+            _unlink_quietly(Path(stored.staged))
+        else:
+            self.remove(stored.path)
 
     def _temporary(self) -> tuple[Path, int]:
         """A temporary file made ahead of time (or now, if none is ready), opened for writing."""
@@ -174,8 +245,13 @@ class Storage:
         if incoming not in self._known_dirs:
             incoming.mkdir(parents=True, exist_ok=True)
             self._known_dirs.add(incoming)
-        tmp = incoming / f"{os.getpid()}.{next(self._serial)}{TMP_SUFFIX}"
-        return tmp, os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o640)
+        while True:
+            tmp = incoming / f"{os.getpid()}.{self._token}.{next(self._serial)}{TMP_SUFFIX}"
+            try:
+                # O_EXCL: never open a file someone else made (another Storage, a reused pid's leftover)
+                return tmp, os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o640)
+            except FileExistsError:
+                logger.warning("temporary file %s already exists: taking the next name", tmp.name)
 
     def _make_spare(self) -> None:
         if self._spares.qsize() >= SPARES:
@@ -186,7 +262,17 @@ class Storage:
             logger.debug("could not make a temporary file ahead of time: %s", e)
 
     def close(self) -> None:
-        """Stop the helper thread and remove the temporary files it made ahead of time."""
+        """Stop the helper thread and remove the temporary files it made ahead of time (for a
+        :meth:`shared` object: once its last holder closes it)."""
+        with _SHARED_LOCK:
+            with self._lock:
+                self._users -= 1
+                if self._users > 0:
+                    return
+            if self._key is not None and _SHARED.get(self._key) is self:
+                del _SHARED[self._key]
+        if self._closed:
+            return
         self._closed = True
         self._maker.shutdown(wait=True)
         while True:
@@ -219,6 +305,10 @@ class Storage:
         if n:
             logger.info("removed %d partial temporary files left by an earlier crash", n)
         return n
+
+
+_SHARED_LOCK = threading.Lock()
+_SHARED: dict[Path, Storage] = {}  # Storage.shared: one object per storage folder in this process
 
 
 def _process_alive(pid_text: str) -> bool:

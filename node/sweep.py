@@ -476,7 +476,7 @@ class Sweeper:
 
     def ledger_status(self, series_uid: str, remote_instances: int | None) -> str | None:
         """``processed`` / ``present`` when the ledger already has this series and content, else None."""
-        with self.db.session() as s:
+        with self.db.read() as s:
             series = s.get(Series, series_uid)
             jobs = s.scalar(select(func.count()).select_from(Job).where(Job.series_uid == series_uid)) or 0
             results = s.scalar(select(func.count()).select_from(Result)
@@ -489,7 +489,7 @@ class Sweeper:
         return None
 
     def _execute(self, sweep_id: int, src: SourceConfig, dry_run: bool, out: SweepOutcome) -> None:
-        with self.db.session() as s:
+        with self.db.read() as s:
             sw = s.get(Sweep, sweep_id)
             assert sw is not None
             out.studies = int(sw.report.get("studies", 0))
@@ -619,7 +619,7 @@ class Sweeper:
         return completed
 
     def _local_count(self, series_uid: str) -> int:
-        with self.db.session() as s:
+        with self.db.read() as s:
             series = s.get(Series, series_uid)
             return series.instances if series is not None else 0
 
@@ -696,9 +696,13 @@ def _iso_now() -> str:
 
 
 def default_store_handler(config: Config, db: Database, metrics: Metrics | None = None,
-                          audit: AuditSink | None = None) -> StoreHandler:
-    """The node's own C-STORE path (``node.handlers.handle_store``: atomic write, then index)."""
-    storage = Storage(config.storage_dir, fsync=config.node.fsync, min_free_bytes=config.node.min_free_bytes)
+                          audit: AuditSink | None = None, storage: Storage | None = None) -> StoreHandler:
+    """The node's own C-STORE path (``node.handlers.handle_store``: atomic write, then index), through
+    ``storage`` or else the process's one :class:`Storage` of the folder (:meth:`Storage.shared`:
+    inside ``prognode serve``, the node's own)."""
+    if storage is None:
+        storage = Storage.shared(config.storage_dir, fsync=config.node.fsync,
+                                 min_free_bytes=config.node.min_free_bytes)
     index = Index(db, config.storage_dir)
     core_audit: Any = audit if audit is not None else AuditLog(None)  # handle_store is typed with AuditLog
     core = functools.partial(handle_store, store=storage, index=index, audit=core_audit)
@@ -719,8 +723,12 @@ def _metered_store(handler: StoreHandler, metrics: Metrics, event: Any) -> Any:
 def run_sweep(config: Config, db: Database, date_from: dt.date, date_to: dt.date, dry_run: bool = False,
               source: str | None = None, metrics: Metrics | None = None, audit: AuditSink | None = None,
               progress: Progress | None = None) -> SweepOutcome:
-    handler = default_store_handler(config, db, metrics, audit)
-    return Sweeper(config, db, handler, metrics, audit, progress).run(date_from, date_to, dry_run, source)
+    storage = Storage.shared(config.storage_dir, fsync=config.node.fsync, min_free_bytes=config.node.min_free_bytes)
+    try:
+        handler = default_store_handler(config, db, metrics, audit, storage)
+        return Sweeper(config, db, handler, metrics, audit, progress).run(date_from, date_to, dry_run, source)
+    finally:
+        storage.close()  # the node's stays open: it holds the object too
 
 
 def open_database(config: Config) -> Database:

@@ -11,7 +11,7 @@ import pytest
 from sqlalchemy import select
 
 from node.completion import SliceInfo, decide, geometry_reason
-from node.db import Export, Job, Result
+from node.db import Export, ExportState, Job, Result
 from tests.conftest import need
 from tests.node_helpers import ROUTE, cli, pacs_destination, running_node, write_config
 from tests.peers import Orthanc, dciodvfy, free_port, storescu, wait_until, with_uids
@@ -148,6 +148,31 @@ def test_dead_letter_then_resend(tmp_path: Path, ct: list[Path]) -> None:
             wait_until(lambda: "SR" in pacs.modalities_in_study(study), 60, what="SR after resend")
         finally:
             pacs.stop()
+
+
+def test_dead_letter_goes_by_itself_once_the_pacs_answers_echo(tmp_path: Path, ct: list[Path]) -> None:
+    need("storescu", "Orthanc")
+    port = free_port()
+    cfg = write_config(tmp_path, destinations=[pacs_destination(port, max_attempts=1, probe_seconds=0.5)],
+                       routes=[ROUTE])
+    study, _ = study_of(ct)
+    with running_node(cfg) as node:
+        storescu(node.port, ct, extra=["-xv"])
+
+        def dead() -> bool:
+            with node.db.read() as s:
+                return s.scalars(select(Export).where(Export.state == ExportState.DEAD)).first() is not None
+
+        wait_until(dead, 60, what="a dead letter")
+        pacs = Orthanc(tmp_path / "orthanc", dicom_port=port).start()
+        try:  # no resend: the C-ECHO probe finds the PACS back and the dead letter goes again
+            wait_until(lambda: "SR" in pacs.modalities_in_study(study), 60, what="SR once the PACS answers")
+        finally:
+            pacs.stop()
+        with node.db.read() as s:
+            exp = s.scalars(select(Export)).one()
+            assert exp.state == ExportState.SENT and exp.attempts == 1  # attempts reset by the requeue
+        assert "export_destination_up" in [e["event"] for e in node.audit.read()]
 
 
 def test_failing_pipeline_retries_then_dies(tmp_path: Path, ct: list[Path]) -> None:

@@ -21,11 +21,11 @@ import uvicorn
 from fastapi import Depends, FastAPI, HTTPException, Query, Request
 from fastapi.responses import HTMLResponse, JSONResponse, RedirectResponse, Response
 from fastapi.security import HTTPBearer
-from sqlalchemy import func, select
 
+from node import counters
 from node.audit import AuditSink
 from node.config import Config
-from node.db import Database, Job, Series
+from node.db import Database, ExportState, JobState
 from node.jobs import NothingToResend, resend_job
 from node.metrics import CONTENT_TYPE, Metrics
 from node.reader import LevelRequestError, request_level
@@ -298,15 +298,16 @@ def create_app(config: Config, db: Database, metrics: Metrics, audit: AuditSink 
     @app.get("/", response_class=HTMLResponse, include_in_schema=False)
     def dashboard(request: Request, msg: str = "") -> str:
         cred = credential(request)
-        with db.session() as s:
-            counts = {
-                "Series": s.scalar(select(func.count()).select_from(Series)) or 0,
-                "Jobs pending": s.scalar(select(func.count()).select_from(Job).where(Job.state == "pending")) or 0,
-                "Jobs running": s.scalar(select(func.count()).select_from(Job).where(Job.state == "running")) or 0,
-                "Jobs done": s.scalar(select(func.count()).select_from(Job).where(Job.state == "done")) or 0,
-            }
+        with db.read() as s:  # the counters kept by the database (node.counters), not table scans
+            figures = counters.read_counters(s.connection())
+        counts = {
+            "Series": sum(counters.by_state(figures, "series").values()),
+            "Jobs pending": figures.get(f"jobs.{JobState.PENDING}", 0),
+            "Jobs running": figures.get(f"jobs.{JobState.RUNNING}", 0),
+            "Jobs done": figures.get(f"jobs.{JobState.DONE}", 0),
+        }
         dead = data.list_dead_letters(db, 100)
-        counts["Dead letters"] = len(dead)
+        counts["Dead letters"] = figures.get(f"jobs.{JobState.DEAD}", 0) + figures.get(f"exports.{ExportState.DEAD}", 0)
         if not auth.writes_enabled:
             writes = "disabled"
         elif cred.writes and cred.via == "cookie":

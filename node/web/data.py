@@ -8,7 +8,7 @@ from pydantic import BaseModel
 from sqlalchemy import select
 
 from node import jobs
-from node.db import Database, Export, Job, Result, Series, Sweep
+from node.db import Database, Export, ExportState, Job, JobState, Result, Series, Sweep
 from node.jobs import JobView
 
 
@@ -109,7 +109,7 @@ class ResendOut(BaseModel):
 
 
 def list_series(db: Database, limit: int = 200, state: str | None = None) -> list[SeriesOut]:
-    with db.session() as s:
+    with db.read() as s:
         q = select(Series).order_by(Series.last_received.desc()).limit(limit)
         if state:
             q = q.where(Series.state == state)
@@ -139,12 +139,12 @@ def get_job(db: Database, job_id: int) -> JobOut | None:
 
 def list_dead_letters(db: Database, limit: int = 200) -> list[DeadLetterOut]:
     out: list[DeadLetterOut] = []
-    with db.session() as s:
-        for j in s.scalars(select(Job).where(Job.state == "dead").order_by(Job.id.desc()).limit(limit)):
+    with db.read() as s:
+        for j in s.scalars(select(Job).where(Job.state == JobState.DEAD).order_by(Job.id.desc()).limit(limit)):
             out.append(DeadLetterOut(kind="job", job_id=j.id, series_uid=j.series_uid, pipeline=j.pipeline,
                                      destination="", attempts=j.attempts, error=j.error, sop_instance_uid=""))
         rows = s.execute(select(Export, Job).join(Job, Job.id == Export.job_id)
-                         .where(Export.state == "dead").order_by(Export.id.desc()).limit(limit)).all()
+                         .where(Export.state == ExportState.DEAD).order_by(Export.id.desc()).limit(limit)).all()
         for e, j in rows:
             out.append(DeadLetterOut(kind="export", job_id=j.id, series_uid=j.series_uid, pipeline=j.pipeline,
                                      destination=e.destination, attempts=e.attempts, error=e.last_error,
@@ -153,7 +153,7 @@ def list_dead_letters(db: Database, limit: int = 200) -> list[DeadLetterOut]:
 
 
 def list_results(db: Database, limit: int = 200) -> list[ResultOut]:
-    with db.session() as s:
+    with db.read() as s:
         rows = s.execute(select(Result, Job.last_image_at).join(Job, Job.id == Result.job_id)
                          .order_by(Result.created_at.desc()).limit(limit)).all()
         out = []
@@ -167,7 +167,7 @@ def list_results(db: Database, limit: int = 200) -> list[ResultOut]:
 
 
 def list_sweeps(db: Database, limit: int = 50) -> list[SweepOut]:
-    with db.session() as s:
+    with db.read() as s:
         out = []
         for w in s.scalars(select(Sweep).order_by(Sweep.id.desc()).limit(limit)):
             rep: dict[str, Any] = w.report or {}
