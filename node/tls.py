@@ -16,6 +16,7 @@ Two kinds of settings (:mod:`node.config`), relative paths against the config fo
 from __future__ import annotations
 
 import logging
+import socket
 import ssl
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
@@ -292,6 +293,15 @@ def _describe_tls_failure(e: OSError, peer: RemoteAE) -> str:
     return f"TLS with {peer.host}:{peer.port} failed: {text}"
 
 
+def _reachable(host: str, port: int, timeout: float) -> bool:
+    """Whether a TCP connection to ``host:port`` opens (only asked after an association failed)."""
+    try:
+        with socket.create_connection((host, port), timeout=timeout):
+            return True
+    except OSError:
+        return False
+
+
 def associate(ae: AE, peer: RemoteAE, base_dir: Path, **kwargs: Any) -> Opened:
     """``ae.associate`` to ``peer`` with its TLS settings; never raises for the peer's sake.
 
@@ -306,7 +316,9 @@ def associate(ae: AE, peer: RemoteAE, base_dir: Path, **kwargs: Any) -> Opened:
     if assoc.is_established:
         return Opened(assoc, "")
     failure = args[0].failure if args is not None else None
-    if failure is not None:
+    if failure is None and not _reachable(peer.host, peer.port, min(5.0, float(ae.acse_timeout or 5.0))):
+        why = "association failed (peer down or unreachable?: no TCP connection)"
+    elif failure is not None:
         why = _describe_tls_failure(failure, peer)
     elif assoc.is_rejected:
         why = "association rejected"
