@@ -98,8 +98,21 @@ def test_areas_within_1_percent_and_hu_within_1(phantom_run: Run) -> None:
     assert got == pytest.approx(t.muscle_area_cm2(k), rel=0.01)
     assert s["mean_hu"]["skeletal_muscle"]["value"] == pytest.approx(t.muscle_mean_hu(k), abs=1.0)
     for key, label in PAIRS.items():
+        if key in ("vat", "imat"):
+            continue
         assert s["areas_cm2"][key]["value"] == pytest.approx(t.area_cm2(label, k), rel=0.01), key
         assert s["mean_hu"][key]["value"] == pytest.approx(t.mean_hu(label, k), abs=1.0), key
+    # This schematic phantom paints "VAT" around the erector spinae behind the spine, where the
+    # paraspinal compartment lies (fat there is intermuscular, not visceral), and has no transverse
+    # processes to say where that compartment begins.  So: fat is conserved (VAT + IMAT = painted
+    # VAT + IMAT), and VAT lies between the painted VAT in front of the vertebral body's back and
+    # all painted VAT.
+    vat, imat = s["areas_cm2"]["vat"]["value"], s["areas_cm2"]["imat"]["value"]
+    assert vat + imat == pytest.approx(t.area_cm2("vat", k) + t.area_cm2("imat", k), rel=0.01)
+    n = t.labels.shape[1]
+    y = ((np.arange(n) - (n - 1) / 2.0) * 3.0)[:, None] * np.ones((1, n))
+    front = float(((t.labels[k] == 7) & (y < 36.0)).sum()) * t.pixel_area_mm2 / 100.0  # body: y 4..36 mm
+    assert front * 0.99 <= vat <= t.area_cm2("vat", k) * 1.01
 
 
 def test_volumes_over_lumbar_spine(phantom_run: Run) -> None:

@@ -21,6 +21,10 @@ TEMPLATE_KEYS: Mapping[str, str] = {
     "sat": "sat",
     "vat": "vat",
     "imat": "imat",
+    "sternocleidomastoid_left": "sternocleidomastoid-left",
+    "sternocleidomastoid_right": "sternocleidomastoid-right",
+    "paravertebral_left": "paravertebral-muscles-left",
+    "paravertebral_right": "paravertebral-muscles-right",
 }
 LEVEL_CONCEPTS: Mapping[str, str] = {"L3": "l3-vertebra", "C3": "c3-vertebra"}
 

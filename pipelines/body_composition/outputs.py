@@ -38,7 +38,6 @@ from pipelines.base import PipelineContext, PipelineOutput, StageError
 from pipelines.body_composition.dicom_out import LEVEL_CONCEPTS, TEMPLATE_KEYS, polygon
 from pipelines.body_composition.types import (
     NAMED_MUSCLES,
-    SEGMENT_KEYS,
     SEGMENT_LABELS,
     Measurements,
     Segmentation,
@@ -110,7 +109,7 @@ def _level_groups(volume: Volume, seg: Segmentation, meas: Measurements, pipelin
     site = LEVEL_CONCEPTS[meas.level]
     primary = pipeline.options.cutoffs[0]
     groups = []
-    for key in SEGMENT_KEYS:
+    for key in meas.areas:
         a, h = meas.areas[key], meas.mean_hu[key]
         if a.value is None or h.value is None:
             continue
@@ -157,7 +156,7 @@ def write_results(ctx: PipelineContext, volume: Volume, seg: Segmentation, meas:
     summary: dict[str, Any] = {"evaluable": True, **summary_of(meas, seg)}
 
     # SEG of the level slice (segments overlap: skeletal muscle contains the named muscles)
-    level_masks = {TEMPLATE_KEYS[key]: seg.slice_seg.masks[key][None] for key in SEGMENT_KEYS
+    level_masks = {TEMPLATE_KEYS[key]: seg.slice_seg.masks[key][None] for key in meas.areas
                    if meas.areas[key].evaluable}
     if level_masks:
         seg_level = build_seg([image], level_masks, algorithm, ctx.identity, f"Body composition {meas.level} SEG",
@@ -168,7 +167,7 @@ def write_results(ctx: PipelineContext, volume: Volume, seg: Segmentation, meas:
         summary["seg"] = p.name
 
     # planar SR (OHIF-visible); values that are not evaluable are named with their reason
-    not_eval = [f"{SEGMENT_LABELS[key]}: {meas.areas[key].reason}" for key in SEGMENT_KEYS
+    not_eval = [f"{SEGMENT_LABELS[key]}: {meas.areas[key].reason}" for key in meas.areas
                 if not meas.areas[key].evaluable]
     groups = _level_groups(volume, seg, meas, pipeline, image)
     texts = [Text("backend", f"{algorithm.parameters['backend']}; model {algorithm.parameters['model']}"),

@@ -44,7 +44,7 @@ from pipelines.body_composition.stages import (
     SegmentInput,
     TissueSegmenter,
 )
-from pipelines.body_composition.types import NAMED_MUSCLES, SEGMENT_KEYS, Measurements, Segmentation
+from pipelines.body_composition.types import Measurements, Segmentation
 from pipelines.common.options import parse_options
 from pipelines.common.volume import Reorient, SeriesToVolume, Volume
 
@@ -255,10 +255,12 @@ def summary_of(meas: Measurements, seg: Segmentation) -> dict[str, Any]:
         "level_notes": list(seg.level.notes),
         "backend": seg.backend,
         "model_version": seg.model_version or None,
-        "areas_cm2": {k: meas.areas[k].as_json() for k in SEGMENT_KEYS},
-        "mean_hu": {k: meas.mean_hu[k].as_json() for k in SEGMENT_KEYS},
-        "volumes_cm3": {k: meas.volumes[k].as_json() for k in NAMED_MUSCLES},
-        "volume_mean_hu": {k: meas.volume_mean_hu[k].as_json() for k in NAMED_MUSCLES},
+        "areas_cm2": {k: v.as_json() for k, v in meas.areas.items()},
+        "mean_hu": {k: v.as_json() for k, v in meas.mean_hu.items()},
+        "volumes_cm3": {k: v.as_json() for k, v in meas.volumes.items()},
+        "volume_mean_hu": {k: v.as_json() for k, v in meas.volume_mean_hu.items()},
+        "segmentation_notes": list(seg.slice_seg.notes),
+        "plausibility": dict(meas.gates),
         "volume_slices": list(seg.volume_range) if seg.volume_range else None,
         "derived": {k: v.as_json() for k, v in meas.derived.items()},
         "sarcopenia": dict(meas.sarcopenia),

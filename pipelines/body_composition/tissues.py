@@ -110,6 +110,7 @@ class TissueParams:
     scm_min_mm2: float = 80.0
     prevertebral_mm: float = 8.0  # longus colli/capitis in front of the vertebral body belong to the paravertebrals
     neck_lateral_mm: float = 90.0
+    posterior_piece_min_mm2: float = 150.0  # posterior neck muscle pieces apart from the spine count from this size
 
 
 # --------------------------------------------------------------------------------------------
@@ -355,7 +356,9 @@ def lumbar_named(hu: NDArray[np.float32], spacing: tuple[float, float], anat: Sl
             solid = fill_holes(core)
             edge = solid & ~ndi.binary_erosion(solid)
             on_box = edge & ~ndi.binary_erosion(region, border_value=0)
-            if float(on_box.sum()) > p.box_contact_max * float(edge.sum()):
+            # ... or one lying in enhancing soft tissue (the part of an enhancing organ below the strict cut)
+            organ_side = edge & ndi.binary_dilation(soft[bb] & ~strict[bb] & ~solid, disk(1.5))
+            if float((on_box | organ_side).sum()) > p.box_contact_max * float(edge.sum()):
                 return out_full
         grow = max(1.0, max(bridge_px, open_px) + 1.0)
         grown = dilate(core, grow) & soft[bb] & region
@@ -449,7 +452,18 @@ def segment_lumbar(hu: NDArray[np.float32], spacing: tuple[float, float], anat: 
     vb = _vertebral_body_area(hu, spacing, anat, p)
     return SliceSegmentation(masks={k: np.asarray(masks[k]) for k in keys_for_level("L3")}, body=np.asarray(body),
                              truncated=truncated, limbs=tr.limbs, notes=tr.notes,
-                             body_area_cm2=float(body.sum()) * dy * dx / 100.0, vertebral_body_cm2=vb)
+                             body_area_cm2=float(body.sum()) * dy * dx / 100.0, vertebral_body_cm2=vb,
+                             trunk_half_widths_mm=_half_widths(body, spacing, anat.centre_rc))
+
+
+def _half_widths(body: NDArray[np.bool_], spacing: tuple[float, float],
+                 centre_rc: tuple[float, float]) -> tuple[float, float] | None:
+    """How far the trunk reaches to the patient's left and right of the vertebra (mm)."""
+    cols = np.nonzero(body.any(axis=0))[0]
+    if cols.size == 0:
+        return None
+    c0 = centre_rc[1]
+    return (max(0.0, float(cols[-1] - c0)) * spacing[1], max(0.0, float(c0 - cols[0])) * spacing[1])
 
 
 def _vertebral_body_area(hu: NDArray[np.float32], spacing: tuple[float, float], anat: SliceAnatomy,
@@ -507,14 +521,25 @@ def segment_c3(hu: NDArray[np.float32], spacing: tuple[float, float], anat: Slic
         masks[f"sternocleidomastoid_{side}"] = scm
         medial = (lat > 0.0) if side == "left" else (lat >= 0.0)
         pv_region = medial & (ymm > -hh - p.prevertebral_mm) & (lat < p.neck_lateral_mm) & ~dilate(scm, 1.0)
+        # muscle hugging the spine (deep neck muscles, longus, scalenes) and the posterior neck muscles
+        # behind the vertebral body centre (trapezius, splenius, levator scapulae) even across a fat plane;
+        # small round pieces in front of that (vessels, nodes) only where they touch the spine
+        pl, pn = ndi.label(cand & pv_region)
         pv = components_touching(cand & pv_region, spine)
+        if pn:
+            ids = np.arange(1, pn + 1)
+            area = ndi.sum_labels(np.ones(pl.shape), pl, index=ids) * dy * dx
+            cy = np.asarray(ndi.mean(np.broadcast_to(ymm, pl.shape), pl, index=ids))
+            back = ids[(area >= p.posterior_piece_min_mm2) & (cy > 0.0)]
+            pv |= np.isin(pl, back)
         masks[f"paravertebral_{side}"] = dilate(pv, bridge_px + 1.0) & soft & pv_region
     masks["skeletal_muscle"] = np.asarray(np.logical_or.reduce([masks[k] for k in C3_NAMED]))
     truncated = bool(body[0, :].any() or body[-1, :].any() or body[:, 0].any() or body[:, -1].any())
     return SliceSegmentation(masks={k: np.asarray(masks[k]) for k in keys_for_level("C3")}, body=np.asarray(body),
                              truncated=truncated, limbs=tr.limbs, notes=tr.notes,
                              body_area_cm2=float(body.sum()) * dy * dx / 100.0,
-                             vertebral_body_cm2=_vertebral_body_area(hu, spacing, anat, p))
+                             vertebral_body_cm2=_vertebral_body_area(hu, spacing, anat, p),
+                             trunk_half_widths_mm=_half_widths(body, spacing, anat.centre_rc))
 
 
 class TissueSlicer:

@@ -94,6 +94,7 @@ class SliceSegmentation:
     notes: tuple[str, ...] = ()
     body_area_cm2: float | None = None  # trunk cross-section (plausibility of areas against body size)
     vertebral_body_cm2: float | None = None  # vertebral body cross-section on the slice
+    trunk_half_widths_mm: tuple[float, float] | None = None  # trunk outline left / right of the vertebra
     not_evaluable: Mapping[str, str] = field(default_factory=dict)  # key -> reason found while segmenting
 
 
