@@ -102,6 +102,7 @@ class TissueParams:
     floor_hold_mm: float = 10.0  # the floor beyond the vertebra's outermost bone is held at its last 10 mm
     rib_margin_mm: float = 5.0  # erector spinae stays medial to the rib angle (+ this margin)
     rib_angle_min_lat_mm: float = 40.0  # a rib angle lies this far or more from the midline
+    erector_sheet_mm: float = 4.0  # the outer layer under the fat is latissimus dorsi, trapezius, fascia: not erector
     erector_open_mm: float = 4.0  # thinner sheets (latissimus dorsi, serratus posterior) are cut off the erector
     min_bone_piece_mm2: float = 20.0  # smaller pieces above bone_hu are vessels or noise, not a bony landmark
     bridge_mm: float = 2.0  # connections thinner than about twice this are cut between components
@@ -369,11 +370,18 @@ def lumbar_named(hu: NDArray[np.float32], spacing: tuple[float, float], anat: Sl
         out_full[bb] = grown
         return out_full
 
+    # the superficial back muscles (latissimus dorsi, trapezius, serratus posterior) and the
+    # thoracolumbar fascia are the outer sheet_mm of the soft tissue under the subcutaneous fat
+    if p.erector_sheet_mm > 0:
+        nonfat = fill_holes(closing(crop > p.fat_hu[1], 1.0))
+        under_fat = ndi.distance_transform_edt(nonfat, sampling=spacing) > p.erector_sheet_mm
+    else:
+        under_fat = np.ones(crop.shape, bool)
     for side, sgn in (("left", 1.0), ("right", -1.0)):
         lat = sgn * xmm
         psoas_box = (lat > hw * 0.5) & (lat < hw + p.psoas_lateral_mm) & (ymm > -hh - 45.0) & (ymm < hh + 20.0)
         floor = _posterior_floor(bone_env, ymm, lat, hh, dy * dx, p)
-        erector_box = (lat > 0.0) & (lat < p.erector_lateral_mm) & (ymm > hh + 12.0) & floor
+        erector_box = (lat > 0.0) & (lat < p.erector_lateral_mm) & (ymm > hh + 12.0) & floor & under_fat
         out[f"psoas_{side}"][ra:rb, ca:cb] = pick(np.asarray(psoas_box), (sgn * (hw + 20.0), 0.0), compact=True)
         out[f"erector_{side}"][ra:rb, ca:cb] = pick(np.asarray(erector_box), (sgn * 40.0, hh + 35.0), 35.0, True,
                                                     p.erector_open_mm / float(np.sqrt(dy * dx)))
