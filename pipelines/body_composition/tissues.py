@@ -161,7 +161,10 @@ def trunk_of(hu: NDArray[np.float32], spacing: tuple[float, float], centre_rc: t
     notes: list[str] = []
     # limbs joined to the trunk: a large bone piece away from the vertebra whose deep surroundings part
     # from the trunk's when the body is eroded (a neck much thinner than the limb)
-    depth = ndi.distance_transform_edt(body, sampling=spacing)
+    # depth on the body as it is (holes open): an arm touching the trunk at two points encloses an
+    # air gap that hole filling would turn into a thick bridge
+    solid = np.asarray(lab == tid)
+    depth = ndi.distance_transform_edt(solid, sampling=spacing)
     bone = bone_all & body
     blab, bn = ndi.label(fill_holes(bone))
     if bn:
@@ -173,8 +176,11 @@ def trunk_of(hu: NDArray[np.float32], spacing: tuple[float, float], centre_rc: t
     if big.size and seed is not None:
         # vertebra, aorta and anything this close to the vertebra are trunk, never limb bone
         com = np.asarray(ndi.center_of_mass(np.ones(blab.shape), blab, big), dtype=np.float64).reshape(-1, 2)
-        far = np.hypot((com[:, 0] - seed[0]) * dy, (com[:, 1] - seed[1]) * dx) >= p.limb_min_dist_mm
-        big = big[far]
+        off_r, off_c = (com[:, 0] - seed[0]) * dy, (com[:, 1] - seed[1]) * dx
+        far = np.hypot(off_r, off_c) >= p.limb_min_dist_mm
+        # arms lie beside the trunk: the sternum (in front) and scapulae (behind) are never limb bone
+        beside = np.abs(off_c) > np.abs(off_r)
+        big = big[far & beside]
     if big.size and seed is not None:
         yy, xx = np.ogrid[: hu.shape[0], : hu.shape[1]]
         core = body & (((yy - seed[0]) * dy) ** 2 + ((xx - seed[1]) * dx) ** 2 <= 15.0**2)
@@ -186,7 +192,7 @@ def trunk_of(hu: NDArray[np.float32], spacing: tuple[float, float], centre_rc: t
         for t in np.arange(2.0, 2.0 * p.limb_min_depth_mm + 1e-6, 2.0):
             if not todo:
                 break
-            lab_t, _ = ndi.label(body & (depth > t))
+            lab_t, _ = ndi.label(solid & (depth > t))
             trunk_ids = set(np.unique(lab_t[core]).tolist()) - {0}
             if not trunk_ids:
                 break
@@ -206,7 +212,7 @@ def trunk_of(hu: NDArray[np.float32], spacing: tuple[float, float], centre_rc: t
             # the basins' shallow rims are shared with the trunk: every body pixel goes to the nearest
             # deep part (the limb's beyond its neck, or the trunk's)
             seeds = np.zeros(hu.shape, np.int16)
-            seeds[body & (depth > max(necks))] = 1
+            seeds[solid & (depth > max(necks))] = 1
             for i, c in enumerate(cores):
                 seeds[c] = i + 2
             _, (ri, ci) = ndi.distance_transform_edt(seeds == 0, sampling=spacing, return_indices=True)
