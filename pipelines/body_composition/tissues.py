@@ -378,9 +378,12 @@ def lumbar_named(hu: NDArray[np.float32], spacing: tuple[float, float], anat: Sl
 
     # the superficial back muscles (latissimus dorsi, trapezius, serratus posterior) and the
     # thoracolumbar fascia are the outer sheet_mm of the soft tissue under the subcutaneous fat
+    # (the fat joined to the air behind the patient's back)
     if p.erector_sheet_mm > 0:
-        nonfat = fill_holes(closing(crop > p.fat_hu[1], 1.0))
-        under_fat = ndi.distance_transform_edt(nonfat, sampling=spacing) > p.erector_sheet_mm
+        back = (crop < -500.0) & (ymm > hh + 20.0)
+        skin = ndi.distance_transform_edt(~back, sampling=spacing) <= p.skin_mm + 1.0
+        outside = components_touching((crop <= p.fat_hu[1]) | skin, back)
+        under_fat = ndi.distance_transform_edt(~outside, sampling=spacing) > p.erector_sheet_mm
     else:
         under_fat = np.ones(crop.shape, bool)
     for side, sgn in (("left", 1.0), ("right", -1.0)):
