@@ -29,9 +29,9 @@ from pipelines.body_composition.types import (
     NAMED_MUSCLES,
     LevelResult,
     SliceAnatomy,
-    keys_for_level,
     SliceSegmentation,
     Vertebra,
+    keys_for_level,
 )
 from pipelines.common.volume import Volume
 
