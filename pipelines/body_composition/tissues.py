@@ -327,6 +327,8 @@ def lumbar_named(hu: NDArray[np.float32], spacing: tuple[float, float], anat: Sl
         smooth = ndi.gaussian_filter(crop, sigma=(p.core_smooth_mm / dy, p.core_smooth_mm / dx))
         strict &= smooth <= p.core_smooth_max_hu
     bridge_px = p.bridge_mm / float(np.sqrt(dy * dx))
+    # enhancing soft tissue (organ parenchyma above the strict cut), not the partial-volume rim of bone
+    organ_like = soft & ~strict & ~dilate(bone, 2.0)
 
     def pick(region_full: NDArray[np.bool_], seed: tuple[float, float], max_dist_mm: float = 25.0,
              largest: bool = False, open_px: float = 0.0, compact: bool = False) -> NDArray[np.bool_]:
@@ -364,7 +366,7 @@ def lumbar_named(hu: NDArray[np.float32], spacing: tuple[float, float], anat: Sl
             edge = solid & ~ndi.binary_erosion(solid)
             on_box = edge & ~ndi.binary_erosion(region, border_value=0)
             # ... or one lying in enhancing soft tissue (the part of an enhancing organ below the strict cut)
-            organ_side = edge & ndi.binary_dilation(soft[bb] & ~strict[bb] & ~solid, disk(1.5))
+            organ_side = edge & ndi.binary_dilation(organ_like[bb] & ~solid, disk(1.5))
             if float((on_box | organ_side).sum()) > p.box_contact_max * float(edge.sum()):
                 return out_full
         grow = max(1.0, max(bridge_px, open_px) + 1.0)
