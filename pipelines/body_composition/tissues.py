@@ -100,7 +100,7 @@ class TissueParams:
     envelope_min_lat_mm: float = 8.0  # bone this far from the midline (laminae, transverse processes, ribs)
     envelope_max_depth_mm: float = 70.0  # ... and at most this far behind the vertebral body centre + half height
     floor_hold_mm: float = 10.0  # the floor beyond the vertebra's outermost bone is held at its last 10 mm
-    rib_margin_mm: float = 5.0  # erector spinae stays medial to the rib angle (+ this margin)
+    rib_margin_mm: float = 10.0  # erector spinae (iliocostalis) reaches about 1 cm beyond the rib angles
     rib_angle_min_lat_mm: float = 40.0  # a rib angle lies this far or more from the midline
     erector_sheet_mm: float = 4.0  # the outer layer under the fat is latissimus dorsi, trapezius, fascia: not erector
     erector_open_mm: float = 4.0  # thinner sheets (latissimus dorsi, serratus posterior) are cut off the erector
