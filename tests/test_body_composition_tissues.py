@@ -30,8 +30,8 @@ from pipelines.body_composition.types import (
     SliceSegmentation,
     Value,
 )
-from tests.neck_slice import neck_slice
 from tests.peers import REPO
+from tests.schematic_slices import neck_slice, trunk_with_arm
 
 LIVER, SPLEEN, STOMACH = 5, 1, 6
 HUMERUS = (69, 70)
@@ -126,6 +126,33 @@ def test_real_ct_mirrored_slice_swaps_sides(real_ct: Any) -> None:
     # and "left" is the patient's left: TotalSegmentator's autochthon_left lies in our erector_left
     assert _dice(a.masks["erector_left"], ref[k] == 86) > 0.6
     assert _dice(a.masks["erector_left"], ref[k] == 87) < 0.05
+
+
+@pytest.mark.parametrize("overlap", [2.0, 10.0])
+def test_arm_against_the_trunk_is_cut_off(overlap: float) -> None:
+    t = trunk_with_arm(overlap)
+    anat = SliceAnatomy(t.centre_rc, t.half_width_mm, t.half_height_mm)
+    seg = TissueSlicer().run(t.hu, (t.pixel_mm, t.pixel_mm), anat, "L3")
+    assert seg.limbs is not None and any("limb" in n for n in seg.notes)
+    assert float((seg.limbs & t.arm).sum()) > 0.97 * float(t.arm.sum())
+    assert float(seg.body.sum()) == pytest.approx(float(t.trunk.sum()), rel=0.01)
+    for key in ("skeletal_muscle", "sat", "vat", "imat"):
+        assert float((seg.masks[key] & t.arm).sum()) < 0.01 * float(t.arm.sum()), key
+    a, m, failed = apply_gates("L3", *_values(**GOOD), seg, load_gates())
+    assert not any(f["gate"].startswith("trunk") for f in failed)
+
+
+@pytest.mark.parametrize("overlap", [20.0, 30.0])
+def test_arm_fused_with_the_trunk_makes_whole_slice_values_not_evaluable(overlap: float) -> None:
+    """An arm that cannot be cut off: the trunk outline gates refuse SAT, VAT, IMAT and total muscle."""
+    t = trunk_with_arm(overlap)
+    anat = SliceAnatomy(t.centre_rc, t.half_width_mm, t.half_height_mm)
+    seg = TissueSlicer().run(t.hu, (t.pixel_mm, t.pixel_mm), anat, "L3")
+    a, m, failed = apply_gates("L3", *_values(**GOOD), seg, load_gates())
+    for key in ("skeletal_muscle", "sat", "vat", "imat"):
+        assert a[key].value is None and "arm" in a[key].reason, key
+    for key in ("psoas_left", "erector_right"):  # the named muscles do not depend on the outline
+        assert a[key].value is not None, key
 
 
 # --- C3 -------------------------------------------------------------------------------------------

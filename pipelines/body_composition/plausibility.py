@@ -44,6 +44,7 @@ class Gates:
     vertebra_ratios: tuple[Bound, ...]
     symmetry: tuple[Symmetry, ...]
     max_half_width_ratio: float
+    max_lateral_concavity: float
     trunk_source: str
 
 
@@ -57,6 +58,7 @@ def load_gates(path: Path = GATES_PATH) -> Gates:
         vertebra_ratios=tuple(Bound(**r) for r in data.get("vertebra_ratio", [])),
         symmetry=tuple(Symmetry(**r) for r in data.get("symmetry", [])),
         max_half_width_ratio=float(trunk.get("max_half_width_ratio", float("inf"))),
+        max_lateral_concavity=float(trunk.get("max_lateral_concavity", float("inf"))),
         trunk_source=str(trunk.get("source", "")),
     )
 
@@ -84,6 +86,12 @@ def apply_gates(level: str, areas: Mapping[str, Value], means: Mapping[str, Valu
                 fail(key, "trunk symmetry", f"trunk half-widths left {lw:.0f} mm and right {rw:.0f} mm about the "
                      f"spine (ratio {ratio:.2f} > {gates.max_half_width_ratio}): an arm or other structure may be "
                      "joined to the trunk", gates.trunk_source)
+    notch = seg.trunk_lateral_concavity
+    if notch is not None and notch > gates.max_lateral_concavity:
+        for key in WHOLE_SLICE:
+            fail(key, "trunk outline", f"notches beside the trunk ({notch:.3f} of its area inside its convex hull, "
+                 f"> {gates.max_lateral_concavity:g}): an arm lying against the trunk may not have been cut off",
+                 gates.trunk_source)
     # values are judged on what was measured, before any other gate removed a partner
     raw = {k: v.value for k, v in a.items()}
     raw_hu = {k: v.value for k, v in m.items()}

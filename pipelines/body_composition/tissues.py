@@ -76,11 +76,11 @@ class TissueParams:
     skin_mm: float = 4.0
     close_mm: float = 4.0
     # arms
-    limb_bone_min_mm2: float = 200.0  # a limb bone section (humerus, forearm pair) is at least this large (ribs ~100)
+    limb_bone_min_mm2: float = 80.0  # a limb bone section (humerus, radius, ulna) is at least this large
     limb_min_area_cm2: float = 12.0
     limb_min_dist_mm: float = 70.0  # limb bone lies at least this far from the vertebral body centre
     limb_min_depth_mm: float = 15.0  # a limb is at least this thick (distance to its skin)
-    limb_neck_ratio: float = 0.6  # ... and joined to the trunk by a neck at most this fraction of its depth
+    limb_neck_ratio: float = 0.75  # ... and joined to the trunk by a neck at most this fraction of its depth
     # abdominal wall and organs
     wall_max_mm: float = 30.0  # wall muscles (obliques, transversus, rectus, QL) lie within this of the fascia
     wall_keep_mm: float = 6.0  # the outermost layer of the band is always wall muscle
@@ -472,7 +472,8 @@ def segment_lumbar(hu: NDArray[np.float32], spacing: tuple[float, float], anat: 
     return SliceSegmentation(masks={k: np.asarray(masks[k]) for k in keys_for_level("L3")}, body=np.asarray(body),
                              truncated=truncated, limbs=tr.limbs, notes=tr.notes,
                              body_area_cm2=float(body.sum()) * dy * dx / 100.0, vertebral_body_cm2=vb,
-                             trunk_half_widths_mm=_half_widths(body, spacing, anat.centre_rc))
+                             trunk_half_widths_mm=_half_widths(body, spacing, anat.centre_rc),
+                             trunk_lateral_concavity=_lateral_concavity(body, anat.centre_rc))
 
 
 def _half_widths(body: NDArray[np.bool_], spacing: tuple[float, float],
@@ -483,6 +484,32 @@ def _half_widths(body: NDArray[np.bool_], spacing: tuple[float, float],
         return None
     c0 = centre_rc[1]
     return (max(0.0, float(cols[-1] - c0)) * spacing[1], max(0.0, float(c0 - cols[0])) * spacing[1])
+
+
+def _lateral_concavity(body: NDArray[np.bool_], centre_rc: tuple[float, float]) -> float | None:
+    """Share of the trunk's area that its convex hull adds beside the spine (outer half of each side).
+
+    A trunk outline is nearly convex at the sides; an arm lying against it leaves notches in front
+    of and behind the contact.  The groove along the spine and the navel are medial and not counted.
+    """
+    from scipy.spatial import ConvexHull, QhullError
+
+    rows, cols = np.nonzero(body.any(axis=1))[0], np.nonzero(body.any(axis=0))[0]
+    if rows.size < 3 or cols.size < 3:
+        return None
+    box = body[rows[0] : rows[-1] + 1, cols[0] : cols[-1] + 1]
+    edge = np.argwhere(box & ~ndi.binary_erosion(box)).astype(np.float64)
+    try:
+        hull = ConvexHull(edge)
+    except QhullError:
+        return None
+    yy, xx = np.mgrid[: box.shape[0], : box.shape[1]]
+    pts = np.stack([yy.ravel(), xx.ravel(), np.ones(yy.size)], axis=1)
+    inside = (pts @ hull.equations.T <= 1e-6).all(axis=1).reshape(box.shape)
+    c0 = centre_rc[1] - cols[0]
+    half = max(float(box.shape[1] - 1 - c0), float(c0))
+    notch = inside & ~box & (np.abs(xx - c0) > 0.5 * half)
+    return float(notch.sum()) / float(box.sum())
 
 
 def _vertebral_body_area(hu: NDArray[np.float32], spacing: tuple[float, float], anat: SliceAnatomy,

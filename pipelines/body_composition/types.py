@@ -95,6 +95,7 @@ class SliceSegmentation:
     body_area_cm2: float | None = None  # trunk cross-section (plausibility of areas against body size)
     vertebral_body_cm2: float | None = None  # vertebral body cross-section on the slice
     trunk_half_widths_mm: tuple[float, float] | None = None  # trunk outline left / right of the vertebra
+    trunk_lateral_concavity: float | None = None  # hull area beside the spine not in the trunk, per trunk area
     not_evaluable: Mapping[str, str] = field(default_factory=dict)  # key -> reason found while segmenting
 
 
