@@ -206,7 +206,8 @@ def test_c3_conversion_only_with_every_input() -> None:
     # one sternocleidomastoid missing (e.g. after neck dissection): the C3 area is not Swartz's
     n2, seg2 = _neck_seg(without_scm="right")
     m = _measure(seg2, n2.hu, "C3", f)
-    assert m.areas["sternocleidomastoid_left"].value is not None
+    assert m.areas["paravertebral_left"].value is not None
+    assert "one-sided" in m.areas["sternocleidomastoid_left"].reason  # a one-sided find is not trusted
     assert m.areas["skeletal_muscle"].value is None
     assert "sternocleidomastoid right" in m.areas["skeletal_muscle"].reason
     assert m.derived["l3_muscle_area_estimate"].value is None and m.derived["smi"].value is None
@@ -248,6 +249,7 @@ def test_gates_pass_a_plausible_l3() -> None:
     ({"psoas_right": 3.0}, {"vb_cm2": 25.0}, ["psoas_right", "psoas_left"], "vertebral body"),
     ({"erector_left": 9.0}, {}, ["erector_left", "erector_right"], "left/right symmetry"),
     ({}, {"widths": (160.0, 240.0)}, ["skeletal_muscle", "sat", "vat", "imat"], "trunk symmetry"),
+    ({"psoas_right": 1.0}, {}, ["psoas_right", "psoas_left"], "area range"),  # right refused, so left too
 ])
 def test_gates_make_implausible_values_not_evaluable(change: dict[str, float], seg_kw: dict[str, Any],
                                                      bad: list[str], gate: str) -> None:
@@ -259,6 +261,17 @@ def test_gates_make_implausible_values_not_evaluable(change: dict[str, float], s
     assert any(gate in f["gate"] or gate in f["reason"] for f in failed), failed
     for key in set(GOOD) - set(bad):
         assert a2[key].value == a[key].value, key
+
+
+def test_gate_refuses_a_one_sided_find_unless_the_edge_cut_the_other() -> None:
+    a, m = _values(**GOOD)
+    a["psoas_right"] = Value(None, "cm2", "structure not found on the level slice")
+    m["psoas_right"] = Value(None, "HU", "structure not found on the level slice")
+    a2, _, _ = apply_gates("L3", a, m, _fake_seg(), load_gates())
+    assert a2["psoas_left"].value is None and "psoas right not evaluable" in a2["psoas_left"].reason
+    a["psoas_right"] = Value(None, "cm2", "structure touches the edge of the field of view")
+    a2, _, _ = apply_gates("L3", a, m, _fake_seg(), load_gates())
+    assert a2["psoas_left"].value == GOOD["psoas_left"]
 
 
 def test_gate_on_mean_hu_and_measure_carries_it() -> None:

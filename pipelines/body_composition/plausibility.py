@@ -122,7 +122,17 @@ def apply_gates(level: str, areas: Mapping[str, Value], means: Mapping[str, Valu
             fail(b.key, "size against the vertebral body", f"{val:.1f} cm2 is {f:.2f} times the "
                  f"{seg.vertebral_body_cm2:.1f} cm2 vertebral body (plausible {b.min:g}..{b.max:g})", b.source)
     for s in gates.symmetry:
+        if s.left not in a or s.right not in a:
+            continue
         lv, rv = raw.get(s.left), raw.get(s.right)
+        if (lv is None) != (rv is None):
+            # a paired muscle found on one side only: that find is not trusted either
+            found, other = (s.left, s.right) if lv is not None else (s.right, s.left)
+            if "field of view" in a[other].reason:  # cut off by the image edge: the found side stands
+                continue
+            fail(found, "left/right symmetry", f"{other.replace('_', ' ')} not evaluable "
+                 f"({a[other].reason}): a one-sided find is not trusted", s.source)
+            continue
         if lv is None or rv is None:
             continue
         ratio = max(lv, rv) / max(min(lv, rv), 1e-6)

@@ -524,11 +524,17 @@ def _vertebral_body_area(hu: NDArray[np.float32], spacing: tuple[float, float], 
     if crop.size == 0:
         return None
     hull = fill_holes(np.asarray(ndi.binary_closing(crop > p.bone_hu, disk(2.0))))
-    seed = (int(round(r0)) - ra, int(round(c0)) - ca)
-    if not (0 <= seed[0] < hull.shape[0] and 0 <= seed[1] < hull.shape[1]) or not hull[seed]:
+    lab, n = ndi.label(hull)
+    if n == 0:
         return None
-    lab, _ = ndi.label(hull)
-    return float((lab == lab[seed]).sum()) * dy * dx / 100.0
+    # the bone piece nearest the vertebral body centre (the centre may fall just outside on this slice)
+    _, (ri, ci) = ndi.distance_transform_edt(lab == 0, return_indices=True)
+    sr = min(max(int(round(r0)) - ra, 0), hull.shape[0] - 1)
+    sc = min(max(int(round(c0)) - ca, 0), hull.shape[1] - 1)
+    if np.hypot((ri[sr, sc] - sr) * dy, (ci[sr, sc] - sc) * dx) > 10.0:
+        return None
+    best = lab[ri[sr, sc], ci[sr, sc]]
+    return float((lab == best).sum()) * dy * dx / 100.0
 
 
 def segment_c3(hu: NDArray[np.float32], spacing: tuple[float, float], anat: SliceAnatomy,
