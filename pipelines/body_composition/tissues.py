@@ -327,8 +327,6 @@ def lumbar_named(hu: NDArray[np.float32], spacing: tuple[float, float], anat: Sl
         smooth = ndi.gaussian_filter(crop, sigma=(p.core_smooth_mm / dy, p.core_smooth_mm / dx))
         strict &= smooth <= p.core_smooth_max_hu
     bridge_px = p.bridge_mm / float(np.sqrt(dy * dx))
-    # enhancing soft tissue (organ parenchyma above the strict cut), not the partial-volume rim of bone
-    organ_like = soft & ~strict & ~dilate(bone, 2.0)
 
     def pick(region_full: NDArray[np.bool_], seed: tuple[float, float], max_dist_mm: float = 25.0,
              largest: bool = False, open_px: float = 0.0, compact: bool = False) -> NDArray[np.bool_]:
@@ -366,7 +364,9 @@ def lumbar_named(hu: NDArray[np.float32], spacing: tuple[float, float], anat: Sl
             edge = solid & ~ndi.binary_erosion(solid)
             on_box = edge & ~ndi.binary_erosion(region, border_value=0)
             # ... or one lying in enhancing soft tissue (the part of an enhancing organ below the strict cut)
-            organ_side = edge & ndi.binary_dilation(organ_like[bb] & ~solid, disk(1.5))
+            # enhancing soft tissue (organ parenchyma above the strict cut), not the partial-volume rim of bone
+            organ_like = soft[bb] & ~strict[bb] & ~ndi.binary_dilation(bone[bb], disk(2.0))
+            organ_side = edge & ndi.binary_dilation(organ_like & ~solid, disk(1.5))
             if float((on_box | organ_side).sum()) > p.box_contact_max * float(edge.sum()):
                 return out_full
         grow = max(1.0, max(bridge_px, open_px) + 1.0)
@@ -381,13 +381,14 @@ def lumbar_named(hu: NDArray[np.float32], spacing: tuple[float, float], anat: Sl
     # the superficial back muscles (latissimus dorsi, trapezius, serratus posterior) and the
     # thoracolumbar fascia are the outer sheet_mm of the soft tissue under the subcutaneous fat
     # (the fat joined to the air behind the patient's back)
-    if p.erector_sheet_mm > 0:
-        back = (crop < -500.0) & (ymm > hh + 20.0)
+    under_fat = np.ones(crop.shape, bool)
+    rows_back = np.nonzero(ymm[:, 0] > hh)[0]  # only behind the vertebral body (where the erector lies)
+    if p.erector_sheet_mm > 0 and rows_back.size:
+        sub = crop[rows_back[0] :]
+        back = (sub < -500.0) & (ymm[rows_back[0] :] > hh + 20.0)
         skin = ndi.distance_transform_edt(~back, sampling=spacing) <= p.skin_mm + 1.0
-        outside = components_touching((crop <= p.fat_hu[1]) | skin, back)
-        under_fat = ndi.distance_transform_edt(~outside, sampling=spacing) > p.erector_sheet_mm
-    else:
-        under_fat = np.ones(crop.shape, bool)
+        outside = components_touching((sub <= p.fat_hu[1]) | skin, back)
+        under_fat[rows_back[0] :] = ndi.distance_transform_edt(~outside, sampling=spacing) > p.erector_sheet_mm
     for side, sgn in (("left", 1.0), ("right", -1.0)):
         lat = sgn * xmm
         psoas_box = (lat > hw * 0.5) & (lat < hw + p.psoas_lateral_mm) & (ymm > -hh - 45.0) & (ymm < hh + 20.0)
