@@ -198,6 +198,8 @@ def test_c3_conversion_only_with_every_input() -> None:
     assert m.derived["l3_muscle_area_estimate"].value == pytest.approx(
         27.304 + 1.363 * c3 - 0.671 * 55 + 0.640 * 70 + 26.442 * 1)
     assert m.sarcopenia["prado-2008"]["via"] == "swartz-2016"
+    assert m.sarcopenia["prado-2008"]["inputs"]["c3_muscle_area_cm2"] == pytest.approx(c3)
+    assert {"age_years", "weight_kg", "sex", "height_m"} <= set(m.sarcopenia["prado-2008"]["inputs"])
     # a missing input of the formula is named; nothing is estimated
     m = _measure(seg, n.hu, "C3", replace(f, weight_kg=None))
     assert m.derived["l3_muscle_area_estimate"].value is None

@@ -277,6 +277,13 @@ class Measure:
         else:
             l3_area = muscle.value
         s = smi(l3_area, f) if not isinstance(l3_area, Unavailable) else l3_area
+        # every input of the formulas behind the classification, named
+        inputs: dict[str, Any] = {"muscle_area_cm2": muscle.value, "height_m": f.height_m, "sex": f.sex}
+        if level == "C3":
+            inputs = {"c3_muscle_area_cm2": muscle.value, "age_years": f.age_years, "weight_kg": f.weight_kg,
+                      "sex": f.sex, "height_m": f.height_m, "l3_muscle_area_estimate_cm2": l3_area}
+        if f.bmi is not None:
+            inputs["bmi"] = round(f.bmi, 2)
         derived["smi"] = Value(s, "cm2/m2") if not isinstance(s, Unavailable) else Value(None, "cm2/m2", s.reason)
         for cid in self.cutoffs:
             cutoff = self.table.cutoffs[cid]
@@ -286,7 +293,8 @@ class Measure:
             c = classify(s, f, cutoff)
             if isinstance(c, Classification):
                 sarc[cid] = {"sarcopenic": c.sarcopenic, "threshold": c.threshold, "unit": cutoff.unit,
-                             "citation": c.citation, "via": self.conversion if level == "C3" else None}
+                             "citation": c.citation, "via": self.conversion if level == "C3" else None,
+                             "inputs": inputs}
             else:
                 sarc[cid] = {"not_evaluable": c.reason, "citation": cutoff.citation}
         return Measurements(level=level, slice_index=k, areas=areas, mean_hu=means, volumes=volumes,
