@@ -154,8 +154,11 @@ def trunk_of(hu: NDArray[np.float32], spacing: tuple[float, float], centre_rc: t
     if others.any():
         bone_px = ndi.sum_labels(bone_all, lab, index=np.arange(1, n + 1))
         size_px = ndi.sum_labels(np.ones(lab.shape), lab, index=np.arange(1, n + 1))
+        # ... and thick (the table and its mattress are thin sheets, a limb is round)
+        thick = ndi.maximum(ndi.distance_transform_edt(lab > 0, sampling=spacing), lab, index=np.arange(1, n + 1))
         is_limb = np.concatenate([[False], (bone_px * dy * dx >= p.limb_bone_min_mm2)
-                                  & (size_px * dy * dx / 100.0 >= p.limb_min_area_cm2)])
+                                  & (size_px * dy * dx / 100.0 >= p.limb_min_area_cm2)
+                                  & (np.asarray(thick) >= p.limb_min_depth_mm)])
         is_limb[tid] = False
         limbs |= is_limb[lab]
     notes: list[str] = []
