@@ -4,12 +4,15 @@ Input arrays are canonical (``Volume.canonical_axial``): rows increase toward th
 back, columns toward the patient's LEFT, so "left" is always the larger column index.
 HU windows follow Mitsiopoulos 1998 (muscle -29..150, fat -190..-30).
 
-Trunk.  The body is the non-air component holding the vertebra.  Arms are cut off: a limb
-joined to the trunk by a skin contact is a basin of the body's distance map (deep around
-its own bone, shallow where it touches the trunk); a marker watershed from the vertebra and
-from every large bone piece splits the body at those shallow necks, and a basin that holds
-limb bone, is thick and is joined to the trunk by a neck much thinner than itself is a limb.
-Arms are never muscle, SAT or VAT.
+Trunk.  The body is the non-air component holding the vertebra.  Arms are cut off: an arm
+lying apart is another component that holds limb bone and is thick (the table is not); an arm
+touching the trunk is found from its bone (a piece of at least ``limb_bone_min_mm2``, at least
+``limb_min_dist_mm`` from the vertebra and beside it rather than in front or behind): eroding
+the body step by step, the deep part around that bone comes apart from the trunk's deep part
+once the erosion passes half the skin contact, while a rib or a scapula sinks into the trunk;
+every body pixel then goes to the nearer deep part.  Arms are never muscle, SAT or VAT.  An
+arm that cannot be cut off (pressed deep into the outline) is caught by the trunk-outline gates
+(``plausibility.toml``).
 
 L3 (lumbar) compartments.  The envelope is the filled non-fat tissue inside the skin; SAT is
 the trunk's fat outside it.  Skeletal muscle is only:
@@ -227,6 +230,8 @@ def trunk_of(hu: NDArray[np.float32], spacing: tuple[float, float], centre_rc: t
                 notes.append(f"limb of {float(b.sum()) * dy * dx / 100.0:.0f} cm2 joined to the trunk by a "
                              f"{2 * neck:.0f} mm contact cut off")
         body = components_touching(body, core) if (body & core).any() else body
+    for note in notes:
+        log.debug("trunk: %s", note)
     return Trunk(np.asarray(body), np.asarray(limbs), tuple(notes))
 
 
