@@ -92,6 +92,32 @@ def test_real_ct_organs_and_arm_are_not_muscle_or_sat(real_ct: Any, k: int) -> N
     assert seg.body_area_cm2 is not None and 0.1 < float(muscle.sum()) * px / seg.body_area_cm2 < 0.4
 
 
+UNENHANCED = ((LIVER, 55.0), (SPLEEN, 45.0), (52, 40.0), (63, 40.0), (64, 40.0), (7, 40.0))  # organ, vessel HU
+
+
+def unenhanced(hu: np.ndarray, ref: np.ndarray) -> np.ndarray:  # type: ignore[type-arg]
+    """The contrast series as if unenhanced: liver, spleen, pancreas and the great vessels shifted to muscle-like HU."""
+    out = hu.copy()
+    for lab, target in UNENHANCED:
+        m = ref == lab
+        if m.any():
+            out[m] = hu[m] - float(np.median(hu[m])) + target
+    return out
+
+
+@pytest.mark.parametrize("k", [0, 9])
+def test_real_ct_unenhanced_organs_are_not_muscle(real_ct: Any, k: int) -> None:
+    """Without contrast, HU cannot tell liver, spleen or aorta from muscle: the geometry (bulk, depth, position) must."""
+    vol, ref = real_ct.vol, real_ct.ref
+    px = vol.pixel_area_mm2 / 100.0
+    hu = unenhanced(vol.hu[k], ref[k])
+    assert abs(float(np.median(hu[ref[k] == LIVER])) - 55.0) < 1.0
+    seg = TissueSlicer().run(hu, vol.pixel_spacing, _anat(real_ct, k), "L3")
+    muscle = seg.masks["skeletal_muscle"]
+    for organ in (LIVER, SPLEEN, STOMACH, 52):
+        assert float((muscle & (ref[k] == organ)).sum()) * px < 4.0, organ
+
+
 def test_real_ct_erector_agrees_with_totalsegmentator(real_ct: Any) -> None:
     """Erector spinae (paraspinal compartment) against TotalSegmentator's autochthon, every slice counted."""
     vol, ref = real_ct.vol, real_ct.ref

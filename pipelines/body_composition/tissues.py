@@ -95,6 +95,7 @@ class TissueParams:
     paraspinal_front_mm: float = 5.0  # the compartment starts this far behind the vertebral body's centre + half height
     # named lumbar muscles
     psoas_lateral_mm: float = 70.0
+    psoas_front_frac: float = 0.5  # the psoas centre lies behind (vertebral centre - this x half height)
     box_contact_max: float = 0.3  # a psoas lies inside its search box (at most this share of its outline on the box)
     erector_lateral_mm: float = 70.0
     named_core_max_hu: float = 100.0  # stricter window for separating named muscles from enhancing organs
@@ -365,6 +366,9 @@ def lumbar_named(hu: NDArray[np.float32], spacing: tuple[float, float], anat: Sl
         else:
             best = win[near][int(np.argmin(dist[near]))]
         core = cl == best
+        if compact and float(np.broadcast_to(ym, core.shape)[core].mean()) < -p.psoas_front_frac * hh:
+            # the psoas lies beside the vertebral body; a mass in front of it is the aorta or the vena cava
+            return out_full
         if compact:
             # a muscle lies inside its box; a component pressed against the box's edges over much of
             # its outline is an organ cut by the box (liver or spleen beside the vertebra), not a muscle
