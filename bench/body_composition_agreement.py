@@ -11,6 +11,8 @@ by geometry (``labels.read_labels_on_volume``).  Printed, per slice and summaris
 * organs inside "skeletal muscle": the area of liver, spleen, stomach (and kidneys, colon,
   aorta, IVC where labelled) that the muscle mask holds, before (the old segmenter,
   ``classical.ClassicalSliceSegmenter``, where it still exists) and after (``tissues``);
+  "unenhanced": the same slices with liver, spleen, pancreas and the great vessels shifted to
+  unenhanced attenuation (55, 45, 40 HU medians), where HU cannot separate them from muscle;
 * the arms: muscle and SAT inside the arm region, before and after.  The arm region is
   the body within 60 mm of TotalSegmentator's humerus that is nearer to the humerus than to
   any rib of that side (TotalSegmentator has no arm soft-tissue label).
@@ -69,6 +71,17 @@ def dice(a: NDArray[np.bool_], b: NDArray[np.bool_]) -> float:
 ORGANS = {"liver": 5, "spleen": 1, "stomach": 6, "kidney_right": 2, "kidney_left": 3, "colon": 20,
           "aorta": 52, "inferior_vena_cava": 63}
 RIBS = range(92, 116)
+# the series as if unenhanced: organ and vessel attenuation shifted to muscle-like values (HU)
+UNENHANCED = {5: 55.0, 1: 45.0, 52: 40.0, 63: 40.0, 64: 40.0, 7: 40.0}
+
+
+def unenhanced(hu: NDArray[np.float32], ref: NDArray[np.uint8]) -> NDArray[np.float32]:
+    out = hu.copy()
+    for lab, target in UNENHANCED.items():
+        m = ref == lab
+        if m.any():
+            out[m] = hu[m] - float(np.median(hu[m])) + target
+    return out
 HUMERUS = (69, 70)
 
 
@@ -123,7 +136,8 @@ def main(argv: list[str] | None = None) -> int:
         old = Old() if Old is not None else None
         dices: dict[str, list[float]] = {k: [] for k in TS_LABELS if k.startswith("erector")}
         errs: dict[str, list[float]] = {k: [] for k in dices}
-        organ: dict[str, dict[str, list[float]]] = {o: {"before": [], "after": []} for o in ORGANS}
+        organ: dict[str, dict[str, list[float]]] = {o: {"before": [], "after": [], "unenhanced": []}
+                                                    for o in ORGANS}
         arm: dict[str, list[float]] = {"muscle before": [], "muscle after": [], "sat before": [], "sat after": [],
                                        "arm area": []}
         totals: dict[str, list[float]] = {"muscle before": [], "muscle after": [], "sat before": [], "sat after": []}
@@ -138,6 +152,10 @@ def main(argv: list[str] | None = None) -> int:
                     dices[key].append(dice(m, r) if m.any() else 0.0)
                     errs[key].append((float(m.sum()) - float(r.sum())) * px)
             prev = old.run(vol.hu[k], vol.pixel_spacing, anat) if old is not None else None
+            plain = new.run(unenhanced(vol.hu[k], ref[k]), vol.pixel_spacing, anat, "L3")
+            for name, lab in ORGANS.items():
+                if (ref[k] == lab).any():
+                    organ[name]["unenhanced"].append(float((plain.masks["skeletal_muscle"] & (ref[k] == lab)).sum()) * px)
             body_all = seg.body | (seg.limbs if seg.limbs is not None else False)
             arms = arm_region(ref[k], body_all, vol.pixel_spacing, anat.centre_rc[1])
             arm["arm area"].append(float(arms.sum()) * px)
@@ -163,12 +181,14 @@ def main(argv: list[str] | None = None) -> int:
                       f"{np.mean(errs[key]):>+14.2f}")
         print()
         print("organs inside 'skeletal muscle' (cm2 per slice, mean / max over slices where the organ is labelled)")
-        print(f"{'organ':<20}{'slices':>7}{'before mean':>13}{'max':>8}{'after mean':>12}{'max':>8}")
+        print(f"{'organ':<20}{'slices':>7}{'before mean':>13}{'max':>8}{'after mean':>12}{'max':>8}"
+              f"{'unenhanced mean':>17}{'max':>8}")
         for name, d in organ.items():
             if d["after"]:
                 b = (f"{np.mean(d['before']):>13.1f}{np.max(d['before']):>8.1f}" if d["before"]
                      else f"{'n/a':>13}{'':>8}")
-                print(f"{name:<20}{len(d['after']):>7}{b}{np.mean(d['after']):>12.1f}{np.max(d['after']):>8.1f}")
+                print(f"{name:<20}{len(d['after']):>7}{b}{np.mean(d['after']):>12.1f}{np.max(d['after']):>8.1f}"
+                      f"{np.mean(d['unenhanced']):>17.1f}{np.max(d['unenhanced']):>8.1f}")
         print()
         print("arms (cm2 per slice, mean / max)")
         for key, v in arm.items():
