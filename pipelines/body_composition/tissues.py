@@ -95,7 +95,7 @@ class TissueParams:
     paraspinal_front_mm: float = 5.0  # the compartment starts this far behind the vertebral body's centre + half height
     # named lumbar muscles
     psoas_lateral_mm: float = 70.0
-    psoas_front_frac: float = 0.5  # the psoas centre lies behind (vertebral centre - this x half height)
+    psoas_front_frac: float = 0.75  # the psoas centre lies behind (vertebral centre - this x half height)
     box_contact_max: float = 0.3  # a psoas lies inside its search box (at most this share of its outline on the box)
     erector_lateral_mm: float = 70.0
     named_core_max_hu: float = 100.0  # stricter window for separating named muscles from enhancing organs
