@@ -31,6 +31,7 @@ from pipelines.body_composition.types import (
     SliceAnatomy,
     SliceSegmentation,
     Vertebra,
+    keys_for_level,
 )
 from pipelines.common.volume import Volume
 
@@ -173,7 +174,12 @@ class MonaiBackend:
         return majority(votes, len(TRAIN_CLASSES))
 
     def segment_slice(self, hu: NDArray[np.float32], spacing: tuple[float, float],
-                      anatomy: SliceAnatomy) -> SliceSegmentation:
+                      anatomy: SliceAnatomy, level: str = "L3") -> SliceSegmentation:
+        if level == "C3":  # trained on lumbar classes only: the C3 structures are not segmented
+            empty = np.zeros(hu.shape, bool)
+            why = "the MONAI model segments lumbar structures only (not the C3 structures)"
+            return SliceSegmentation(masks={k: empty for k in keys_for_level("C3")}, body=hu > -500,
+                                     not_evaluable={k: why for k in keys_for_level("C3")})
         c = self.classes(hu)
         idx = {name: i for i, name in enumerate(TRAIN_CLASSES)}
         masks = {

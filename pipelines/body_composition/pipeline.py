@@ -281,10 +281,12 @@ def summary_of(meas: Measurements, seg: Segmentation) -> dict[str, Any]:
         "level_notes": list(seg.level.notes),
         "backend": seg.backend,
         "model_version": seg.model_version or None,
-        "areas_cm2": {k: v.as_json() for k, v in meas.areas.items()},  # the structures measured, whichever
+        "areas_cm2": {k: v.as_json() for k, v in meas.areas.items()},
         "mean_hu": {k: v.as_json() for k, v in meas.mean_hu.items()},
         "volumes_cm3": {k: v.as_json() for k, v in meas.volumes.items()},
         "volume_mean_hu": {k: v.as_json() for k, v in meas.volume_mean_hu.items()},
+        "segmentation_notes": list(seg.slice_seg.notes),
+        "plausibility": dict(meas.gates),
         "volume_slices": list(seg.volume_range) if seg.volume_range else None,
         "derived": {k: v.as_json() for k, v in meas.derived.items()},
         "sarcopenia": dict(meas.sarcopenia),

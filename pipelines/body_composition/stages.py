@@ -18,9 +18,9 @@ from numpy.typing import NDArray
 from pipelines.body_composition.classical import (
     ClassicalLevelFinder,
     ClassicalParams,
-    ClassicalSliceSegmenter,
     anatomy_for_slice,
 )
+from pipelines.body_composition.plausibility import Gates, apply_gates, load_gates
 from pipelines.body_composition.reference import (
     Classification,
     PatientFactors,
@@ -30,9 +30,11 @@ from pipelines.body_composition.reference import (
     classify,
     smi,
 )
+from pipelines.body_composition.tissues import TissueParams, TissueSlicer
 from pipelines.body_composition.types import (
+    C3_NAMED,
     NAMED_MUSCLES,
-    SEGMENT_KEYS,
+    WHOLE_SLICE,
     LevelResult,
     Measurements,
     QCResult,
@@ -40,6 +42,8 @@ from pipelines.body_composition.types import (
     SliceAnatomy,
     SliceSegmentation,
     Value,
+    keys_for_level,
+    named_for_level,
 )
 from pipelines.common.volume import Volume
 
@@ -57,7 +61,7 @@ class Backend(Protocol):
     def find_level(self, volume: Volume, levels: Sequence[str]) -> LevelResult: ...
 
     def segment_slice(self, hu: NDArray[np.float32], spacing: tuple[float, float],
-                      anatomy: SliceAnatomy) -> SliceSegmentation: ...
+                      anatomy: SliceAnatomy, level: str = "L3") -> SliceSegmentation: ...
 
     def segment_named(self, hu: NDArray[np.float32], spacing: tuple[float, float],
                       anatomy: SliceAnatomy) -> Mapping[str, NDArray[np.bool_]]: ...
@@ -69,17 +73,16 @@ class ClassicalBackend:
     name = "classical"
     model_version = ""
 
-    def __init__(self, params: ClassicalParams | None = None) -> None:
-        params = params or ClassicalParams()
-        self.finder = ClassicalLevelFinder(params)
-        self.segmenter = ClassicalSliceSegmenter(params)
+    def __init__(self, params: ClassicalParams | None = None, tissue: TissueParams | None = None) -> None:
+        self.finder = ClassicalLevelFinder(params or ClassicalParams())
+        self.segmenter = TissueSlicer(tissue or TissueParams())
 
     def find_level(self, volume: Volume, levels: Sequence[str]) -> LevelResult:
         return self.finder.run(volume, levels)
 
     def segment_slice(self, hu: NDArray[np.float32], spacing: tuple[float, float],
-                      anatomy: SliceAnatomy) -> SliceSegmentation:
-        return self.segmenter.run(hu, spacing, anatomy)
+                      anatomy: SliceAnatomy, level: str = "L3") -> SliceSegmentation:
+        return self.segmenter.run(hu, spacing, anatomy, level)
 
     def segment_named(self, hu: NDArray[np.float32], spacing: tuple[float, float],
                       anatomy: SliceAnatomy) -> Mapping[str, NDArray[np.bool_]]:
@@ -149,7 +152,8 @@ class TissueSegmenter:
         vol, level = data.volume, data.level
         assert level.slice_index is not None
         k = level.slice_index
-        seg = self.backend.segment_slice(vol.hu[k], vol.pixel_spacing, anatomy_for_slice(level, k))
+        seg = self.backend.segment_slice(vol.hu[k], vol.pixel_spacing, anatomy_for_slice(level, k),
+                                         level=level.level or "L3")
         masks: dict[str, NDArray[np.bool_]] = {}
         rng: tuple[int, int] | None = None
         note = ""
@@ -195,13 +199,14 @@ class Measure:
     name = "measurements"
 
     def __init__(self, table: ReferenceTable, cutoffs: Sequence[str] = ("prado-2008", "martin-2013"),
-                 conversion: str = "swartz-2016") -> None:
+                 conversion: str = "swartz-2016", gates: Gates | None = None) -> None:
         unknown = [c for c in cutoffs if c not in table.cutoffs]
         if unknown:
             raise ValueError(f"unknown cut-off(s) {unknown}; known: {sorted(table.cutoffs)}")
         self.table = table
         self.cutoffs = tuple(cutoffs)
         self.conversion = conversion
+        self.gates = gates or load_gates()
 
     def run(self, data: MeasureInput) -> Measurements:
         vol, seg, f = data.volume, data.segmentation, data.factors
@@ -211,34 +216,50 @@ class Measure:
         hu = vol.hu[k]
         truncated = seg.slice_seg.truncated
         cut = "body cut off at the edge of the field of view: whole-slice tissue areas unreliable"
+        named = named_for_level(level)
         areas: dict[str, Value] = {}
         means: dict[str, Value] = {}
-        for key in SEGMENT_KEYS:
-            m = seg.slice_seg.masks[key]
-            reason = ""
-            if truncated and key not in NAMED_MUSCLES:
+        for key in keys_for_level(level):
+            m = seg.slice_seg.masks.get(key)
+            reason = seg.slice_seg.not_evaluable.get(key, "")
+            if reason:
+                pass
+            elif m is None:
+                reason = f"not segmented by the {seg.backend} backend"
+            elif truncated and key in WHOLE_SLICE:
                 reason = cut
-            elif key in NAMED_MUSCLES and _touches_border(m):
+            elif key in named and _touches_border(m):
                 reason = "structure touches the edge of the field of view"
             elif not m.any():
                 reason = "structure not found on the level slice"
-            if reason:
+            if reason or m is None:
                 areas[key] = Value(None, "cm2", reason)
                 means[key] = Value(None, "HU", reason)
             else:
                 areas[key] = Value(float(m.sum()) * px_cm2, "cm2")
                 means[key] = Value(float(hu[m].mean()), "HU")
+        areas, means, failed = apply_gates(level, areas, means, seg.slice_seg, self.gates)
+        if level == "C3" and areas["skeletal_muscle"].value is not None:
+            # Swartz 2016: the C3 area is the paravertebral muscles plus BOTH sternocleidomastoids
+            missing = [f"{key.replace('_', ' ')} ({areas[key].reason})" for key in C3_NAMED
+                       if areas[key].value is None]
+            if missing:
+                why = "C3 muscle area (Swartz 2016) needs all of its parts; not evaluable: " + "; ".join(missing)
+                areas["skeletal_muscle"] = Value(None, "cm2", why)
+                means["skeletal_muscle"] = Value(None, "HU", why)
         volumes: dict[str, Value] = {}
         vmeans: dict[str, Value] = {}
-        for key in NAMED_MUSCLES:
-            vm = seg.volume_masks.get(key)
-            if vm is None or not vm.any():
-                reason = seg.volume_note or "not segmented"
-                volumes[key] = Value(None, "cm3", reason)
-                vmeans[key] = Value(None, "HU", reason)
-            else:
-                volumes[key] = Value(float(vm.sum()) * vol.voxel_volume_mm3 / 1000.0, "cm3")
-                vmeans[key] = Value(float(vol.hu[vm].mean()), "HU")
+        if level != "C3":
+            for key in NAMED_MUSCLES:
+                vm = seg.volume_masks.get(key)
+                if vm is None or not vm.any():
+                    reason = seg.volume_note or "not segmented"
+                    volumes[key] = Value(None, "cm3", reason)
+                    vmeans[key] = Value(None, "HU", reason)
+                else:
+                    volumes[key] = Value(float(vm.sum()) * vol.voxel_volume_mm3 / 1000.0, "cm3")
+                    vmeans[key] = Value(float(vol.hu[vm].mean()), "HU")
+        gates = {"version": self.gates.version, "failed": failed}
 
         derived: dict[str, Value] = {}
         sarc: dict[str, Any] = {}
@@ -246,6 +267,9 @@ class Measure:
         l3_area: float | Unavailable
         if muscle.value is None:
             l3_area = Unavailable(f"skeletal muscle area not evaluable: {muscle.reason}")
+            if level == "C3":
+                derived["l3_muscle_area_estimate"] = Value(None, "cm2", f"{self.conversion} conversion needs the C3 "
+                                                           f"muscle area: {muscle.reason}")
         elif level == "C3":
             l3_area = c3_to_l3(muscle.value, f, self.table.conversions[self.conversion])
             derived["l3_muscle_area_estimate"] = (
@@ -253,6 +277,13 @@ class Measure:
         else:
             l3_area = muscle.value
         s = smi(l3_area, f) if not isinstance(l3_area, Unavailable) else l3_area
+        # every input of the formulas behind the classification, named
+        inputs: dict[str, Any] = {"muscle_area_cm2": muscle.value, "height_m": f.height_m, "sex": f.sex}
+        if level == "C3":
+            inputs = {"c3_muscle_area_cm2": muscle.value, "age_years": f.age_years, "weight_kg": f.weight_kg,
+                      "sex": f.sex, "height_m": f.height_m, "l3_muscle_area_estimate_cm2": l3_area}
+        if f.bmi is not None:
+            inputs["bmi"] = round(f.bmi, 2)
         derived["smi"] = Value(s, "cm2/m2") if not isinstance(s, Unavailable) else Value(None, "cm2/m2", s.reason)
         for cid in self.cutoffs:
             cutoff = self.table.cutoffs[cid]
@@ -262,8 +293,10 @@ class Measure:
             c = classify(s, f, cutoff)
             if isinstance(c, Classification):
                 sarc[cid] = {"sarcopenic": c.sarcopenic, "threshold": c.threshold, "unit": cutoff.unit,
-                             "citation": c.citation, "via": self.conversion if level == "C3" else None}
+                             "citation": c.citation, "via": self.conversion if level == "C3" else None,
+                             "inputs": inputs}
             else:
                 sarc[cid] = {"not_evaluable": c.reason, "citation": cutoff.citation}
         return Measurements(level=level, slice_index=k, areas=areas, mean_hu=means, volumes=volumes,
-                            volume_mean_hu=vmeans, derived=derived, sarcopenia=sarc, table_version=self.table.version)
+                            volume_mean_hu=vmeans, derived=derived, sarcopenia=sarc, table_version=self.table.version,
+                            gates=gates)

@@ -11,19 +11,29 @@ from numpy.typing import NDArray
 
 from pipelines.common.volume import Volume
 
-# Segment keys in SEG order; the display label of each comes from SEGMENT_LABELS.
-SEGMENT_KEYS = ("skeletal_muscle", "psoas_left", "psoas_right", "erector_left", "erector_right", "sat", "vat", "imat")
-SEGMENT_LABELS: Mapping[str, str] = {
-    "skeletal_muscle": "Skeletal muscle",
-    "psoas_left": "Psoas major left",
-    "psoas_right": "Psoas major right",
-    "erector_left": "Erector spinae left",
-    "erector_right": "Erector spinae right",
-    "sat": "Subcutaneous adipose tissue",
-    "vat": "Visceral adipose tissue",
-    "imat": "Intermuscular adipose tissue",
-}
-NAMED_MUSCLES = ("psoas_left", "psoas_right", "erector_left", "erector_right")
+# Structures per level, in SEG order; labels and codes of each come from dicom_templates/codes.toml
+# (pipelines.body_composition.dicom_out.template_key).
+# L3 (and any lumbar slice): whole-slice tissues plus the named lumbar muscles.
+L3_NAMED = ("psoas_left", "psoas_right", "erector_left", "erector_right")
+L3_KEYS = ("skeletal_muscle", *L3_NAMED, "sat", "vat", "imat")
+# C3 (Swartz et al. 2016, Oral Oncol 62:28-33): the cross-sectional muscle area is the
+# paravertebral muscles plus both sternocleidomastoids; no SAT, VAT, cavity or psoas.
+C3_NAMED = ("sternocleidomastoid_left", "sternocleidomastoid_right", "paravertebral_left", "paravertebral_right")
+C3_KEYS = ("skeletal_muscle", *C3_NAMED)
+LEVEL_KEYS: Mapping[str, tuple[str, ...]] = {"L3": L3_KEYS, "C3": C3_KEYS}
+SEGMENT_KEYS = L3_KEYS  # the lumbar set (kept for callers that only know L3)
+NAMED_MUSCLES = L3_NAMED  # measured in 3D over the lumbar spine
+NAMED_BY_LEVEL: Mapping[str, tuple[str, ...]] = {"L3": L3_NAMED, "C3": C3_NAMED}
+WHOLE_SLICE = ("skeletal_muscle", "sat", "vat", "imat")  # need the whole body cross-section in view
+
+
+def keys_for_level(level: str) -> tuple[str, ...]:
+    """The structures measured at ``level`` (lumbar levels measure the L3 set)."""
+    return LEVEL_KEYS.get(level, L3_KEYS)
+
+
+def named_for_level(level: str) -> tuple[str, ...]:
+    return NAMED_BY_LEVEL.get(level, L3_NAMED)
 
 
 @dataclass(frozen=True)
@@ -64,9 +74,16 @@ class SliceAnatomy:
 
 @dataclass(frozen=True)
 class SliceSegmentation:
-    masks: Mapping[str, NDArray[np.bool_]]  # SEGMENT_KEYS -> (rows, columns)
-    body: NDArray[np.bool_]
+    masks: Mapping[str, NDArray[np.bool_]]  # keys_for_level(level) -> (rows, columns)
+    body: NDArray[np.bool_]  # the trunk (or neck), limbs cut off
     truncated: bool = False
+    limbs: NDArray[np.bool_] | None = None  # what was cut off as arms (never muscle, SAT or VAT)
+    notes: tuple[str, ...] = ()
+    body_area_cm2: float | None = None  # trunk cross-section (plausibility of areas against body size)
+    vertebral_body_cm2: float | None = None  # vertebral body cross-section on the slice
+    trunk_half_widths_mm: tuple[float, float] | None = None  # trunk outline left / right of the vertebra
+    trunk_lateral_concavity: float | None = None  # hull area beside the spine not in the trunk, per trunk area
+    not_evaluable: Mapping[str, str] = field(default_factory=dict)  # key -> reason found while segmenting
 
 
 @dataclass(frozen=True)
@@ -117,10 +134,11 @@ class Value:
 class Measurements:
     level: str
     slice_index: int
-    areas: Mapping[str, Value]  # SEGMENT_KEYS -> cm2
-    mean_hu: Mapping[str, Value]  # SEGMENT_KEYS -> HU
-    volumes: Mapping[str, Value]  # NAMED_MUSCLES -> cm3
+    areas: Mapping[str, Value]  # keys_for_level(level) -> cm2 (only the keys of its level)
+    mean_hu: Mapping[str, Value]  # keys_for_level(level) -> HU
+    volumes: Mapping[str, Value]  # NAMED_MUSCLES -> cm3 (lumbar levels only; empty at C3)
     volume_mean_hu: Mapping[str, Value]
     derived: Mapping[str, Value]  # smi, l3_muscle_area (from C3), ...
     sarcopenia: Mapping[str, Any]  # cutoff id -> {"sarcopenic": bool, ...} or {"not_evaluable": reason}
     table_version: str = ""
+    gates: Mapping[str, Any] = field(default_factory=dict)  # plausibility checks applied (version, failures)

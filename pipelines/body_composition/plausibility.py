@@ -1,0 +1,143 @@
+"""Gates that stop wrong numbers: published plausible ranges and the body's own size.
+
+The ranges live in ``plausibility.toml`` (versioned, one source per row); this module reads
+them and applies them to one level's areas and mean HU.  A value that fails a gate becomes
+"not evaluable" with the reason (the gate, the value and the bound), never a number.
+"""
+
+from __future__ import annotations
+
+import tomllib
+from collections.abc import Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from pipelines.body_composition.types import WHOLE_SLICE, SliceSegmentation, Value
+
+GATES_PATH = Path(__file__).with_name("plausibility.toml")
+
+
+@dataclass(frozen=True)
+class Bound:
+    key: str
+    level: str
+    min: float
+    max: float
+    source: str
+    quantity: str = "area"  # ranges: "area" (cm2) or "mean_hu" (HU)
+
+
+@dataclass(frozen=True)
+class Symmetry:
+    left: str
+    right: str
+    max_ratio: float
+    source: str
+
+
+@dataclass(frozen=True)
+class Gates:
+    version: str
+    ranges: tuple[Bound, ...]
+    fractions: tuple[Bound, ...]
+    vertebra_ratios: tuple[Bound, ...]
+    symmetry: tuple[Symmetry, ...]
+    max_half_width_ratio: float
+    max_lateral_concavity: float
+    trunk_source: str
+
+
+def load_gates(path: Path = GATES_PATH) -> Gates:
+    data: dict[str, Any] = tomllib.loads(path.read_text(encoding="utf-8"))
+    trunk = data.get("trunk", {})
+    return Gates(
+        version=str(data["version"]),
+        ranges=tuple(Bound(**r) for r in data.get("range", [])),
+        fractions=tuple(Bound(**r) for r in data.get("fraction", [])),
+        vertebra_ratios=tuple(Bound(**r) for r in data.get("vertebra_ratio", [])),
+        symmetry=tuple(Symmetry(**r) for r in data.get("symmetry", [])),
+        max_half_width_ratio=float(trunk.get("max_half_width_ratio", float("inf"))),
+        max_lateral_concavity=float(trunk.get("max_lateral_concavity", float("inf"))),
+        trunk_source=str(trunk.get("source", "")),
+    )
+
+
+def apply_gates(level: str, areas: Mapping[str, Value], means: Mapping[str, Value], seg: SliceSegmentation,
+                gates: Gates) -> tuple[dict[str, Value], dict[str, Value], list[dict[str, Any]]]:
+    """Areas and mean HU with every value that fails a gate replaced by "not evaluable" (reason = the gate)."""
+    a, m = dict(areas), dict(means)
+    failed: list[dict[str, Any]] = []
+
+    def fail(key: str, gate: str, reason: str, source: str) -> None:
+        if key not in a or a[key].value is None:
+            return
+        text = f"implausible ({gate}): {reason}"
+        a[key] = Value(None, a[key].unit, text)
+        m[key] = Value(None, m[key].unit, text)
+        failed.append({"key": key, "gate": gate, "reason": reason, "source": source})
+
+    # the trunk outline: an arm that could not be cut off makes every whole-slice area wrong
+    if seg.trunk_half_widths_mm is not None:
+        lw, rw = seg.trunk_half_widths_mm
+        ratio = max(lw, rw) / max(min(lw, rw), 1e-6)
+        if ratio > gates.max_half_width_ratio:
+            for key in WHOLE_SLICE:
+                fail(key, "trunk symmetry", f"trunk half-widths left {lw:.0f} mm and right {rw:.0f} mm about the "
+                     f"spine (ratio {ratio:.2f} > {gates.max_half_width_ratio}): an arm or other structure may be "
+                     "joined to the trunk", gates.trunk_source)
+    notch = seg.trunk_lateral_concavity
+    if notch is not None and notch > gates.max_lateral_concavity:
+        for key in WHOLE_SLICE:
+            fail(key, "trunk outline", f"notches beside the trunk ({notch:.3f} of its area inside its convex hull, "
+                 f"> {gates.max_lateral_concavity:g}): an arm lying against the trunk may not have been cut off",
+                 gates.trunk_source)
+    # values are judged on what was measured, before any other gate removed a partner
+    raw = {k: v.value for k, v in a.items()}
+    raw_hu = {k: v.value for k, v in m.items()}
+    for b in gates.ranges:
+        if b.level != level:
+            continue
+        val = raw.get(b.key) if b.quantity == "area" else raw_hu.get(b.key)
+        if val is None:
+            continue
+        unit = "cm2" if b.quantity == "area" else "HU"
+        if not b.min <= val <= b.max:
+            fail(b.key, f"{b.quantity} range", f"{b.quantity.replace('_', ' ')} {val:.1f} {unit} outside "
+                 f"{b.min:g}..{b.max:g} {unit}", b.source)
+    for b in gates.fractions:
+        val = raw.get(b.key)
+        if b.level != level or val is None or not seg.body_area_cm2:
+            continue
+        f = val / seg.body_area_cm2
+        if not b.min <= f <= b.max:
+            fail(b.key, "share of the body cross-section", f"{val:.1f} cm2 is {f:.2f} of the {seg.body_area_cm2:.0f} "
+                 f"cm2 body cross-section (plausible {b.min:g}..{b.max:g})", b.source)
+    for b in gates.vertebra_ratios:
+        val = raw.get(b.key)
+        if b.level != level or val is None or not seg.vertebral_body_cm2:
+            continue
+        f = val / seg.vertebral_body_cm2
+        if not b.min <= f <= b.max:
+            fail(b.key, "size against the vertebral body", f"{val:.1f} cm2 is {f:.2f} times the "
+                 f"{seg.vertebral_body_cm2:.1f} cm2 vertebral body (plausible {b.min:g}..{b.max:g})", b.source)
+    for s in gates.symmetry:
+        if s.left not in a or s.right not in a:
+            continue
+        lv, rv = raw.get(s.left), raw.get(s.right)
+        if (lv is None) != (rv is None):
+            # a paired muscle found on one side only: that find is not trusted either
+            found, other = (s.left, s.right) if lv is not None else (s.right, s.left)
+            if "field of view" in a[other].reason:  # cut off by the image edge: the found side stands
+                continue
+            fail(found, "left/right symmetry", f"{other.replace('_', ' ')} not evaluable "
+                 f"({a[other].reason}): a one-sided find is not trusted", s.source)
+            continue
+        if lv is None or rv is None:
+            continue
+        ratio = max(lv, rv) / max(min(lv, rv), 1e-6)
+        if ratio > s.max_ratio:
+            why = f"left {lv:.1f} cm2 and right {rv:.1f} cm2 differ by a factor {ratio:.2f} (> {s.max_ratio:g})"
+            fail(s.left, "left/right symmetry", why, s.source)
+            fail(s.right, "left/right symmetry", why, s.source)
+    return a, m, failed

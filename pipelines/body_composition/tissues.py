@@ -1,0 +1,624 @@
+"""Weight-free tissue segmentation bounded by anatomy, on one canonical axial slice.
+
+Input arrays are canonical (``Volume.canonical_axial``): rows increase toward the patient's
+back, columns toward the patient's LEFT, so "left" is always the larger column index.
+HU windows follow Mitsiopoulos 1998 (muscle -29..150, fat -190..-30).
+
+Trunk.  The body is the non-air component holding the vertebra.  Arms are cut off: an arm
+lying apart is another component that holds limb bone and is thick (the table is not); an arm
+touching the trunk is found from its bone (a piece of at least ``limb_bone_min_mm2``, at least
+``limb_min_dist_mm`` from the vertebra and beside it rather than in front or behind): eroding
+the body step by step, the deep part around that bone comes apart from the trunk's deep part
+once the erosion passes half the skin contact, while a rib or a scapula sinks into the trunk;
+every body pixel then goes to the nearer deep part.  Arms are never muscle, SAT or VAT.  An
+arm that cannot be cut off (pressed deep into the outline) is caught by the trunk-outline gates
+(``plausibility.toml``).
+
+L3 (lumbar) compartments.  The envelope is the filled non-fat tissue inside the skin; SAT is
+the trunk's fat outside it.  Skeletal muscle is only:
+
+* the paraspinal compartment: tissue behind the posterior bony floor (laminae, transverse
+  processes, rib necks) and medial to the rib angle, both sides (erector spinae with
+  multifidus, as TotalSegmentator's "autochthon"); the erector masks are its largest muscle
+  mass per side;
+* psoas beside the vertebral body (nearest muscle component to its seed);
+* the abdominal wall, quadratus lumborum included: muscle-HU tissue in a band of bounded
+  thickness (``wall_max_mm``) inside the outer fascia, the paraspinal compartment counted as
+  outside (so the quadratus lumborum lying in front of it is in the band).  Bulky soft tissue
+  that reaches deeper than the band (liver, spleen, kidney, bowel, stomach: thicker than
+  2 x ``organ_bulk_mm`` and reaching into the cavity) and enhancing tissue (smoothed HU above
+  ``organ_hu``) are cut from the band except for its outermost ``wall_keep_mm``, which is
+  always muscle (intercostals and obliques lie between the fat and any organ).
+
+IMAT is fat enclosed by those muscles plus fat inside the paraspinal compartment; VAT is the
+remaining fat inside the envelope and outside the paraspinal compartment (the cavity and
+the extraperitoneal fat).  Vessels, organs and bowel are none of these: they are neither fat
+nor in a muscle compartment.
+
+C3 (Swartz 2016).  Skeletal muscle is the paravertebral muscles (all muscle around the
+cervical spine behind the prevertebral plane, both sides) plus both sternocleidomastoids
+(the superficial anterolateral muscle bellies); no SAT, VAT, cavity or psoas is reported.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+from numpy.typing import NDArray
+from scipy import ndimage as ndi
+
+from pipelines.body_composition.morphology import (
+    closing,
+    components_touching,
+    dilate,
+    disk,
+    erode,
+    fill_holes,
+    opening,
+)
+from pipelines.body_composition.types import (
+    C3_NAMED,
+    L3_NAMED,
+    SliceAnatomy,
+    SliceSegmentation,
+    keys_for_level,
+)
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class TissueParams:
+    bone_hu: float = 200.0
+    fat_hu: tuple[float, float] = (-190.0, -30.0)
+    muscle_hu: tuple[float, float] = (-29.0, 150.0)
+    skin_mm: float = 4.0
+    close_mm: float = 4.0
+    # arms
+    limb_bone_min_mm2: float = 80.0  # a limb bone section (humerus, radius, ulna) is at least this large
+    limb_min_area_cm2: float = 12.0
+    limb_min_dist_mm: float = 70.0  # limb bone lies at least this far from the vertebral body centre
+    limb_min_depth_mm: float = 15.0  # a limb is at least this thick (distance to its skin)
+    limb_neck_ratio: float = 0.75  # ... and joined to the trunk by a neck at most this fraction of its depth
+    # abdominal wall and organs
+    wall_max_mm: float = 30.0  # wall muscles (obliques, transversus, rectus, QL) lie within this of the fascia
+    wall_keep_mm: float = 6.0  # the outermost layer of the band is always wall muscle
+    organ_bulk_mm: float = 10.0  # organs are thicker than twice this
+    organ_hu: float = 85.0  # enhancing organs: smoothed HU above this is not muscle
+    organ_smooth_mm: float = 2.0
+    imat_max_hole_mm2: float = 1000.0
+    paraspinal_lateral_mm: float = 85.0
+    paraspinal_front_mm: float = 5.0  # the compartment starts this far behind the vertebral body's centre + half height
+    # named lumbar muscles
+    psoas_lateral_mm: float = 70.0
+    psoas_front_frac: float = 0.75  # the psoas centre lies behind (vertebral centre - this x half height)
+    box_contact_max: float = 0.3  # a psoas lies inside its search box (at most this share of its outline on the box)
+    erector_lateral_mm: float = 70.0
+    named_core_max_hu: float = 100.0  # stricter window for separating named muscles from enhancing organs
+    core_smooth_max_hu: float = 80.0  # ... applied to a lightly smoothed image (sigma core_smooth_mm) as well
+    core_smooth_mm: float = 1.0
+    envelope_min_lat_mm: float = 8.0  # bone this far from the midline (laminae, transverse processes, ribs)
+    envelope_max_depth_mm: float = 70.0  # ... and at most this far behind the vertebral body centre + half height
+    floor_hold_mm: float = 10.0  # the floor beyond the vertebra's outermost bone is held at its last 10 mm
+    rib_margin_mm: float = 10.0  # erector spinae (iliocostalis) reaches about 1 cm beyond the rib angles
+    rib_angle_min_lat_mm: float = 40.0  # a rib angle lies this far or more from the midline
+    erector_sheet_mm: float = 4.0  # the outer layer under the fat is latissimus dorsi, trapezius, fascia: not erector
+    erector_open_mm: float = 4.0  # thinner sheets (latissimus dorsi, serratus posterior) are cut off the erector
+    min_bone_piece_mm2: float = 20.0  # smaller pieces above bone_hu are vessels or noise, not a bony landmark
+    bridge_mm: float = 2.0  # connections thinner than about twice this are cut between components
+    # C3
+    scm_depth_mm: float = 30.0  # the sternocleidomastoid lies within this of the skin
+    scm_min_mm2: float = 80.0
+    prevertebral_mm: float = 8.0  # longus colli/capitis in front of the vertebral body belong to the paravertebrals
+    neck_lateral_mm: float = 90.0
+    posterior_piece_min_mm2: float = 150.0  # posterior neck muscle pieces apart from the spine count from this size
+
+
+# --------------------------------------------------------------------------------------------
+# trunk
+
+
+@dataclass(frozen=True)
+class Trunk:
+    body: NDArray[np.bool_]  # the trunk (or neck), arms removed, holes filled
+    limbs: NDArray[np.bool_]  # what was cut off as limbs (joined components and separate ones)
+    notes: tuple[str, ...]
+
+
+def _seed_inside(mask: NDArray[np.bool_], rc: tuple[float, float]) -> tuple[int, int] | None:
+    r, c = int(round(rc[0])), int(round(rc[1]))
+    if 0 <= r < mask.shape[0] and 0 <= c < mask.shape[1] and mask[r, c]:
+        return r, c
+    return None
+
+
+def trunk_of(hu: NDArray[np.float32], spacing: tuple[float, float], centre_rc: tuple[float, float],
+             p: TissueParams) -> Trunk:
+    """The trunk (or neck) on one slice, with limbs that touch it cut off at their skin contact."""
+    dy, dx = spacing
+    lab, n = ndi.label(hu > -500)
+    empty = np.zeros(hu.shape, bool)
+    if n == 0:
+        return Trunk(empty, empty, ("no body on the slice",))
+    seed = _seed_inside(lab > 0, centre_rc)
+    if seed is not None:
+        tid = int(lab[seed])
+    else:
+        sizes = ndi.sum_labels(np.ones(lab.shape), lab, index=np.arange(1, n + 1))
+        tid = int(np.argmax(sizes)) + 1
+    body = fill_holes(np.asarray(lab == tid))
+    # other components of limb size holding limb bone are limbs (arms lying apart)
+    others = (lab > 0) & (lab != tid)
+    bone_all = hu > p.bone_hu
+    limbs = np.zeros(hu.shape, bool)
+    if others.any():
+        bone_px = ndi.sum_labels(bone_all, lab, index=np.arange(1, n + 1))
+        size_px = ndi.sum_labels(np.ones(lab.shape), lab, index=np.arange(1, n + 1))
+        # ... and thick (the table and its mattress are thin sheets, a limb is round)
+        thick = ndi.maximum(ndi.distance_transform_edt(lab > 0, sampling=spacing), lab, index=np.arange(1, n + 1))
+        is_limb = np.concatenate([[False], (bone_px * dy * dx >= p.limb_bone_min_mm2)
+                                  & (size_px * dy * dx / 100.0 >= p.limb_min_area_cm2)
+                                  & (np.asarray(thick) >= p.limb_min_depth_mm)])
+        is_limb[tid] = False
+        limbs |= is_limb[lab]
+    notes: list[str] = []
+    # limbs joined to the trunk: a large bone piece away from the vertebra whose deep surroundings part
+    # from the trunk's when the body is eroded (a neck much thinner than the limb)
+    # depth on the body as it is (holes open): an arm touching the trunk at two points encloses an
+    # air gap that hole filling would turn into a thick bridge
+    solid = np.asarray(lab == tid)
+    depth = ndi.distance_transform_edt(solid, sampling=spacing)
+    bone = bone_all & body
+    blab, bn = ndi.label(fill_holes(bone))
+    if bn:
+        bsize = ndi.sum_labels(np.ones(blab.shape), blab, index=np.arange(1, bn + 1)) * dy * dx
+        big = np.nonzero(bsize >= p.limb_bone_min_mm2)[0] + 1
+    else:
+        big = np.zeros(0, int)
+    seed = _seed_inside(body, centre_rc)
+    if big.size and seed is not None:
+        # vertebra, aorta and anything this close to the vertebra are trunk, never limb bone
+        com = np.asarray(ndi.center_of_mass(np.ones(blab.shape), blab, big), dtype=np.float64).reshape(-1, 2)
+        off_r, off_c = (com[:, 0] - seed[0]) * dy, (com[:, 1] - seed[1]) * dx
+        far = np.hypot(off_r, off_c) >= p.limb_min_dist_mm
+        # arms lie beside the trunk: the sternum (in front) and scapulae (behind) are never limb bone
+        beside = np.abs(off_c) > np.abs(off_r)
+        big = big[far & beside]
+    if big.size and seed is not None:
+        yy, xx = np.ogrid[: hu.shape[0], : hu.shape[1]]
+        core = body & (((yy - seed[0]) * dy) ** 2 + ((xx - seed[1]) * dx) ** 2 <= 15.0**2)
+        # erode the body step by step (depth > t): a limb's deep part comes apart from the trunk's
+        # once t passes half its contact; ribs and scapulae never do (they sink into the trunk)
+        cores: list[NDArray[np.bool_]] = []
+        necks: list[float] = []
+        todo = [blab == bb for bb in big]
+        for t in np.arange(2.0, 2.0 * p.limb_min_depth_mm + 1e-6, 2.0):
+            if not todo:
+                break
+            lab_t, _ = ndi.label(solid & (depth > t))
+            trunk_ids = set(np.unique(lab_t[core]).tolist()) - {0}
+            if not trunk_ids:
+                break
+            left = []
+            for bm in todo:
+                ids = set(np.unique(lab_t[bm]).tolist()) - {0} - trunk_ids
+                if not ids:
+                    left.append(bm)
+                    continue
+                comp = np.isin(lab_t, list(ids))
+                deep = float(depth[comp].max())
+                if deep >= p.limb_min_depth_mm and t <= p.limb_neck_ratio * deep:
+                    cores.append(comp)
+                    necks.append(float(t))
+            todo = left
+        if cores:
+            # the basins' shallow rims are shared with the trunk: every body pixel goes to the nearest
+            # deep part (the limb's beyond its neck, or the trunk's)
+            seeds = np.zeros(hu.shape, np.int16)
+            seeds[solid & (depth > max(necks))] = 1
+            for i, c in enumerate(cores):
+                seeds[c] = i + 2
+            _, (ri, ci) = ndi.distance_transform_edt(seeds == 0, sampling=spacing, return_indices=True)
+            owner = np.where(body, seeds[ri, ci], 0)
+            for i, neck in enumerate(necks):
+                b = owner == i + 2
+                limbs |= b
+                body = body & ~b
+                notes.append(f"limb of {float(b.sum()) * dy * dx / 100.0:.0f} cm2 joined to the trunk by a "
+                             f"{2 * neck:.0f} mm contact cut off")
+        body = components_touching(body, core) if (body & core).any() else body
+    for note in notes:
+        log.debug("trunk: %s", note)
+    return Trunk(np.asarray(body), np.asarray(limbs), tuple(notes))
+
+
+# --------------------------------------------------------------------------------------------
+# lumbar named muscles and the paraspinal compartment
+
+
+def _posterior_floor(bone: NDArray[np.bool_], ymm: NDArray[np.floating[Any]], lat: NDArray[np.floating[Any]],
+                     hh: float, px_area_mm2: float, p: TissueParams) -> NDArray[np.bool_]:
+    """Where one side's paraspinal muscles may lie: behind the posterior bony floor, medial to the rib angle.
+
+    Anatomy: the erector spinae (and transversospinales) fill the groove behind the laminae and
+    transverse processes, and in the thorax behind the rib necks, medial to the rib angles; the
+    liver, kidney and quadratus lumborum lie in front of that bony floor.  Per column, the floor is
+    the most posterior bone pixel (laminae, transverse processes, ribs; the spinous process in the
+    midline is left out), linearly interpolated across columns without bone and held constant
+    beyond the outermost one.  A bone component that is not joined to the vertebra in this slice
+    (a rib, or the iliac crest low in the lumbar spine) bounds the compartment laterally at its
+    most posterior point (the rib angle).  Without lateral bone (a disc slice) nothing is removed.
+    """
+    side = (lat > p.envelope_min_lat_mm) & (ymm > -hh) & (ymm < hh + p.envelope_max_depth_mm)
+    b = bone & side
+    ok = np.ones(bone.shape, bool)
+    if not b.any():
+        return ok
+    # enhancing vessels (segmental, intercostal) are small: keep bone pieces of rib size and up
+    lab, n = ndi.label(b)
+    sizes = ndi.sum_labels(np.ones(b.shape), lab, index=np.arange(1, n + 1)) * px_area_mm2
+    b = np.concatenate([[False], sizes >= p.min_bone_piece_mm2])[lab]
+    if not b.any():
+        return ok
+    # pieces less than ~2 mm apart (a transverse process split by partial volume) count as one
+    join = max(1.0, 1.0 / float(np.sqrt(px_area_mm2)))
+    lab, n = ndi.label(dilate(b, join))
+    lab = np.where(b, lab, 0)
+    medial_lat = ndi.minimum(np.broadcast_to(lat, b.shape), lab, index=np.arange(1, n + 1))
+    # pieces joined to the vertebra reach the midline cut (body, lamina: a few mm apart at most)
+    vert_ids = np.nonzero(medial_lat <= float(np.min(medial_lat)) + 3.0)[0] + 1
+    vmask = np.isin(lab, vert_ids)
+    lat_row = lat[0]
+    ymm_b = np.broadcast_to(ymm, b.shape)
+    cols = np.nonzero(b.any(axis=0))[0]
+    ys = np.where(b, ymm_b, -np.inf).max(axis=0)[cols]
+    vcols = np.nonzero(vmask.any(axis=0))[0]
+    if vcols.size:
+        lat_out = float(lat_row[vcols].max())
+        tip = vmask & (np.broadcast_to(lat, b.shape) >= lat_out - p.floor_hold_mm)
+        hold = float(ymm_b[tip].max())
+        in_tip = lat_row[cols] >= lat_out - p.floor_hold_mm
+        ys = np.where(in_tip, np.maximum(ys, hold), ys)
+    order = np.argsort(lat_row[cols])
+    floor = np.interp(lat_row, lat_row[cols][order], ys[order])
+    ok &= ymm > floor[None, :]
+    if n > 1:
+        bounds = []
+        for i in range(1, n + 1):
+            if i in vert_ids or not (lab == i).any():
+                continue
+            rr, cc = np.nonzero(lab == i)
+            j = int(np.argmax(ymm[rr, 0]))
+            if lat_row[cc[j]] >= p.rib_angle_min_lat_mm:
+                bounds.append(float(lat_row[cc[j]]))
+        if bounds:
+            ok &= lat < min(bounds) + p.rib_margin_mm
+    return ok
+
+
+def lumbar_named(hu: NDArray[np.float32], spacing: tuple[float, float], anat: SliceAnatomy,
+                 p: TissueParams, compartments: bool = False) -> dict[str, NDArray[np.bool_]]:
+    """Psoas and erector spinae, left and right, found relative to the vertebra (on a crop around it).
+
+    With ``compartments`` the paraspinal compartment of each side is returned as well
+    (``paraspinal_region_left`` / ``_right``: where that side's paraspinal muscles may lie).
+    """
+    dy, dx = spacing
+    r0, c0 = anat.centre_rc
+    hw, hh = anat.half_width_mm, anat.half_height_mm
+    lat_max = max(hw + p.psoas_lateral_mm, p.erector_lateral_mm, p.paraspinal_lateral_mm) + 5.0
+    top, bottom = -hh - 50.0, hh + 120.0
+    ra = max(0, int(np.floor(r0 + top / dy)))
+    rb = min(hu.shape[0], int(np.ceil(r0 + bottom / dy)) + 1)
+    ca = max(0, int(np.floor(c0 - lat_max / dx)))
+    cb = min(hu.shape[1], int(np.ceil(c0 + lat_max / dx)) + 1)
+    crop = hu[ra:rb, ca:cb]
+    keys = list(L3_NAMED) + (["paraspinal_region_left", "paraspinal_region_right"] if compartments else [])
+    out = {k: np.zeros(hu.shape, bool) for k in keys}
+    if crop.size == 0:
+        return out
+    soft = (crop >= p.muscle_hu[0]) & (crop <= p.muscle_hu[1])
+    bone = crop > p.muscle_hu[1]
+    soft &= ~fill_holes(np.asarray(ndi.binary_closing(bone, disk(1.5))))
+    bone_env = crop > p.bone_hu
+    ymm = ((np.arange(ra, rb) - r0) * dy)[:, None]
+    xmm = ((np.arange(ca, cb) - c0) * dx)[None, :]
+
+    # components are separated on a stricter window and with thin bridges cut, so enhancing
+    # organs (liver, spleen) and the diaphragm crura do not join a muscle; the chosen core is
+    # then grown back into the full muscle window
+    strict = soft & (crop <= p.named_core_max_hu)
+    if p.core_smooth_mm > 0:
+        smooth = ndi.gaussian_filter(crop, sigma=(p.core_smooth_mm / dy, p.core_smooth_mm / dx))
+        strict &= smooth <= p.core_smooth_max_hu
+    bridge_px = p.bridge_mm / float(np.sqrt(dy * dx))
+
+    def pick(region_full: NDArray[np.bool_], seed: tuple[float, float], max_dist_mm: float = 25.0,
+             largest: bool = False, open_px: float = 0.0, compact: bool = False) -> NDArray[np.bool_]:
+        out_full = np.zeros(crop.shape, bool)
+        rows, cols = np.nonzero(region_full.any(axis=1))[0], np.nonzero(region_full.any(axis=0))[0]
+        if rows.size == 0:
+            return out_full
+        bb = np.s_[rows[0] : rows[-1] + 1, cols[0] : cols[-1] + 1]
+        region, ym, xm = region_full[bb], ymm[bb[0]], xmm[:, bb[1]]
+        r_open = max(bridge_px, open_px)
+        cand = (opening(strict[bb], r_open) if r_open >= 1.0 else strict[bb]) & region
+        cl, cn = ndi.label(cand)
+        if cn == 0:
+            return out_full
+        sr_, sc_ = (seed[1] - ym[0, 0]) / dy, (seed[0] - xm[0, 0]) / dx
+        wa, wb = max(0, int(sr_ - max_dist_mm / dy)), min(cl.shape[0], int(sr_ + max_dist_mm / dy) + 2)
+        va, vb = max(0, int(sc_ - max_dist_mm / dx)), min(cl.shape[1], int(sc_ + max_dist_mm / dx) + 2)
+        if wa >= wb or va >= vb:
+            return out_full
+        win = cl[wa:wb, va:vb]
+        dist = np.hypot(xm[:, va:vb] - seed[0], ym[wa:wb, :] - seed[1])
+        near = (dist <= max_dist_mm) & (win > 0)
+        if not near.any():
+            return out_full
+        if largest:  # the biggest muscle mass inside the search disc (thin strips beside it lose)
+            ids = np.unique(win[near])
+            best = ids[int(np.argmax(ndi.sum_labels(near, win, index=ids)))]
+        else:
+            best = win[near][int(np.argmin(dist[near]))]
+        core = cl == best
+        if compact and float(np.broadcast_to(ym, core.shape)[core].mean()) < -p.psoas_front_frac * hh:
+            # the psoas lies beside the vertebral body; a mass in front of it is the aorta or the vena cava
+            return out_full
+        if compact:
+            # a muscle lies inside its box; a component pressed against the box's edges over much of
+            # its outline is an organ cut by the box (liver or spleen beside the vertebra), not a muscle
+            solid = fill_holes(core)
+            edge = solid & ~ndi.binary_erosion(solid)
+            on_box = edge & ~ndi.binary_erosion(region, border_value=0)
+            # ... or one lying in enhancing soft tissue (the part of an enhancing organ below the strict cut)
+            # enhancing soft tissue (organ parenchyma above the strict cut), not the partial-volume rim of bone
+            organ_like = soft[bb] & ~strict[bb] & ~ndi.binary_dilation(bone[bb], disk(2.0))
+            organ_side = edge & ndi.binary_dilation(organ_like & ~solid, disk(1.5))
+            if float((on_box | organ_side).sum()) > p.box_contact_max * float(edge.sum()):
+                return out_full
+        grow = max(1.0, max(bridge_px, open_px) + 1.0)
+        grown = dilate(core, grow) & soft[bb] & region
+        if open_px > bridge_px:
+            gl, _ = ndi.label(grown)
+            ids = np.unique(gl[core & grown])
+            grown = np.isin(gl, ids[ids > 0])
+        out_full[bb] = grown
+        return out_full
+
+    # the superficial back muscles (latissimus dorsi, trapezius, serratus posterior) and the
+    # thoracolumbar fascia are the outer sheet_mm of the soft tissue under the subcutaneous fat
+    # (the fat joined to the air behind the patient's back)
+    under_fat = np.ones(crop.shape, bool)
+    rows_back = np.nonzero(ymm[:, 0] > hh)[0]  # only behind the vertebral body (where the erector lies)
+    if p.erector_sheet_mm > 0 and rows_back.size:
+        sub = crop[rows_back[0] :]
+        back = (sub < -500.0) & (ymm[rows_back[0] :] > hh + 20.0)
+        skin = ndi.distance_transform_edt(~back, sampling=spacing) <= p.skin_mm + 1.0
+        outside = components_touching((sub <= p.fat_hu[1]) | skin, back)
+        under_fat[rows_back[0] :] = ndi.distance_transform_edt(~outside, sampling=spacing) > p.erector_sheet_mm
+    for side, sgn in (("left", 1.0), ("right", -1.0)):
+        lat = sgn * xmm
+        psoas_box = (lat > hw * 0.5) & (lat < hw + p.psoas_lateral_mm) & (ymm > -hh - 45.0) & (ymm < hh + 20.0)
+        floor = _posterior_floor(bone_env, ymm, lat, hh, dy * dx, p)
+        erector_box = (lat > 0.0) & (lat < p.erector_lateral_mm) & (ymm > hh + 12.0) & floor & under_fat
+        out[f"psoas_{side}"][ra:rb, ca:cb] = pick(np.asarray(psoas_box), (sgn * (hw + 20.0), 0.0), compact=True)
+        out[f"erector_{side}"][ra:rb, ca:cb] = pick(np.asarray(erector_box), (sgn * 40.0, hh + 35.0), 35.0, True,
+                                                    p.erector_open_mm / float(np.sqrt(dy * dx)))
+        if compartments:
+            medial = (lat > 0.0) if side == "left" else (lat >= 0.0)
+            region = medial & (lat < p.paraspinal_lateral_mm) & (ymm > hh + p.paraspinal_front_mm) & floor
+            out[f"paraspinal_region_{side}"][ra:rb, ca:cb] = region
+    return out
+
+
+# --------------------------------------------------------------------------------------------
+# whole-slice segmentation
+
+
+def _windows(hu: NDArray[np.float32], body: NDArray[np.bool_], p: TissueParams
+             ) -> tuple[NDArray[np.bool_], NDArray[np.bool_], NDArray[np.bool_]]:
+    fat = body & (hu >= p.fat_hu[0]) & (hu <= p.fat_hu[1])
+    muscle_hu = body & (hu >= p.muscle_hu[0]) & (hu <= p.muscle_hu[1])
+    bone_hull = fill_holes(np.asarray(ndi.binary_closing(body & (hu > p.muscle_hu[1]), disk(1.5))))
+    return fat, muscle_hu, bone_hull
+
+
+def _empty(level: str, shape: tuple[int, ...], reason: str) -> SliceSegmentation:
+    empty = np.zeros(shape, bool)
+    return SliceSegmentation(masks={k: empty for k in keys_for_level(level)}, body=empty, notes=(reason,))
+
+
+def segment_lumbar(hu: NDArray[np.float32], spacing: tuple[float, float], anat: SliceAnatomy,
+                   p: TissueParams) -> SliceSegmentation:
+    """L3 (any lumbar or lower thoracic slice): muscle compartments, SAT, VAT, IMAT."""
+    dy, dx = spacing
+    px = float(np.sqrt(dy * dx))
+    tr = trunk_of(hu, spacing, anat.centre_rc, p)
+    body = tr.body
+    if not body.any():
+        return _empty("L3", hu.shape, "no trunk found on the level slice")
+    fat, muscle_hu, bone_hull = _windows(hu, body, p)
+    inner = erode(body, p.skin_mm / px)
+    nonfat = inner & ~fat & (hu > -500)
+    envelope = fill_holes(closing(nonfat, p.close_mm / px) & inner)
+    sat = fat & ~envelope
+    soft = muscle_hu & envelope & ~bone_hull
+
+    named = lumbar_named(hu, spacing, anat, p, compartments=True)
+    smooth = ndi.gaussian_filter(hu, sigma=(p.organ_smooth_mm / dy, p.organ_smooth_mm / dx))
+    enhancing = smooth > p.organ_hu
+    para = (named.pop("paraspinal_region_left") | named.pop("paraspinal_region_right")) & envelope & ~enhancing
+    masks: dict[str, NDArray[np.bool_]] = {k: v & envelope for k, v in named.items()}
+    psoas = masks["psoas_left"] | masks["psoas_right"]
+
+    # the wall band: depth from the outer fascia, the paraspinal compartment counted as outside
+    cavity_side = envelope & ~para
+    depth = ndi.distance_transform_edt(cavity_side, sampling=spacing)
+    bulky = opening(soft & ~psoas, p.organ_bulk_mm / px)
+    deep = soft & (depth > p.wall_max_mm)
+    organ = components_touching(bulky, deep) | (soft & enhancing)
+    band = soft & cavity_side & (depth <= p.wall_max_mm) & ~psoas
+    band &= ~(organ & (depth > p.wall_keep_mm))
+    rim = cavity_side & ~erode(cavity_side, 1.5) & ~dilate(para, 1.5)
+    wall = components_touching(band, rim)
+    paraspinal_muscle = soft & para
+    muscle = (wall | psoas | paraspinal_muscle | masks["erector_left"] | masks["erector_right"]) & soft
+
+    holes = fill_holes(muscle) & ~muscle
+    hl, hn = ndi.label(holes)
+    if hn:
+        hs = ndi.sum_labels(np.ones(hl.shape), hl, index=np.arange(1, hn + 1)) * dy * dx
+        holes = np.concatenate([[False], hs <= p.imat_max_hole_mm2])[hl]
+    imat = fat & envelope & (holes | para)
+    vat = fat & envelope & ~imat & ~para
+    masks["skeletal_muscle"] = muscle
+    masks["sat"] = sat
+    masks["vat"] = vat
+    masks["imat"] = imat
+    truncated = bool(body[0, :].any() or body[-1, :].any() or body[:, 0].any() or body[:, -1].any())
+    vb = _vertebral_body_area(hu, spacing, anat, p)
+    return SliceSegmentation(masks={k: np.asarray(masks[k]) for k in keys_for_level("L3")}, body=np.asarray(body),
+                             truncated=truncated, limbs=tr.limbs, notes=tr.notes,
+                             body_area_cm2=float(body.sum()) * dy * dx / 100.0, vertebral_body_cm2=vb,
+                             trunk_half_widths_mm=_half_widths(body, spacing, anat.centre_rc),
+                             trunk_lateral_concavity=_lateral_concavity(body, anat.centre_rc))
+
+
+def _half_widths(body: NDArray[np.bool_], spacing: tuple[float, float],
+                 centre_rc: tuple[float, float]) -> tuple[float, float] | None:
+    """How far the trunk reaches to the patient's left and right of the vertebra (mm)."""
+    cols = np.nonzero(body.any(axis=0))[0]
+    if cols.size == 0:
+        return None
+    c0 = centre_rc[1]
+    return (max(0.0, float(cols[-1] - c0)) * spacing[1], max(0.0, float(c0 - cols[0])) * spacing[1])
+
+
+def _lateral_concavity(body: NDArray[np.bool_], centre_rc: tuple[float, float]) -> float | None:
+    """Share of the trunk's area that its convex hull adds beside the spine (outer half of each side).
+
+    A trunk outline is nearly convex at the sides; an arm lying against it leaves notches in front
+    of and behind the contact.  The groove along the spine and the navel are medial and not counted.
+    """
+    from scipy.spatial import ConvexHull, QhullError
+
+    rows, cols = np.nonzero(body.any(axis=1))[0], np.nonzero(body.any(axis=0))[0]
+    if rows.size < 3 or cols.size < 3:
+        return None
+    box = body[rows[0] : rows[-1] + 1, cols[0] : cols[-1] + 1]
+    edge = np.argwhere(box & ~ndi.binary_erosion(box)).astype(np.float64)
+    try:
+        hull = ConvexHull(edge)
+    except QhullError:
+        return None
+    yy, xx = np.mgrid[: box.shape[0], : box.shape[1]]
+    pts = np.stack([yy.ravel(), xx.ravel(), np.ones(yy.size)], axis=1)
+    inside = (pts @ hull.equations.T <= 1e-6).all(axis=1).reshape(box.shape)
+    c0 = centre_rc[1] - cols[0]
+    half = max(float(box.shape[1] - 1 - c0), float(c0))
+    notch = inside & ~box & (np.abs(xx - c0) > 0.5 * half)
+    return float(notch.sum()) / float(box.sum())
+
+
+def _vertebral_body_area(hu: NDArray[np.float32], spacing: tuple[float, float], anat: SliceAnatomy,
+                         p: TissueParams) -> float | None:
+    """Cross-section of the vertebral body (bone hull around the body centre), cm2; None if not on the slice."""
+    dy, dx = spacing
+    r0, c0 = anat.centre_rc
+    hw, hh = anat.half_width_mm, anat.half_height_mm
+    ra, rb = max(0, int(r0 - (hh + 10) / dy)), min(hu.shape[0], int(r0 + (hh + 10) / dy) + 1)
+    ca, cb = max(0, int(c0 - (hw + 10) / dx)), min(hu.shape[1], int(c0 + (hw + 10) / dx) + 1)
+    crop = hu[ra:rb, ca:cb]
+    if crop.size == 0:
+        return None
+    hull = fill_holes(np.asarray(ndi.binary_closing(crop > p.bone_hu, disk(2.0))))
+    lab, n = ndi.label(hull)
+    if n == 0:
+        return None
+    # the bone piece nearest the vertebral body centre (the centre may fall just outside on this slice)
+    _, (ri, ci) = ndi.distance_transform_edt(lab == 0, return_indices=True)
+    sr = min(max(int(round(r0)) - ra, 0), hull.shape[0] - 1)
+    sc = min(max(int(round(c0)) - ca, 0), hull.shape[1] - 1)
+    if np.hypot((ri[sr, sc] - sr) * dy, (ci[sr, sc] - sc) * dx) > 10.0:
+        return None
+    best = lab[ri[sr, sc], ci[sr, sc]]
+    return float((lab == best).sum()) * dy * dx / 100.0
+
+
+def segment_c3(hu: NDArray[np.float32], spacing: tuple[float, float], anat: SliceAnatomy,
+               p: TissueParams) -> SliceSegmentation:
+    """C3 by Swartz 2016: paravertebral muscles and both sternocleidomastoids (no SAT, VAT or psoas)."""
+    dy, dx = spacing
+    px = float(np.sqrt(dy * dx))
+    tr = trunk_of(hu, spacing, anat.centre_rc, p)
+    body = tr.body
+    if not body.any():
+        return _empty("C3", hu.shape, "no neck found on the level slice")
+    fat, muscle_hu, bone_hull = _windows(hu, body, p)
+    inner = erode(body, p.skin_mm / px)
+    soft = muscle_hu & inner & ~bone_hull
+    smooth = ndi.gaussian_filter(hu, sigma=(p.organ_smooth_mm / dy, p.organ_smooth_mm / dx))
+    strict = soft & (smooth <= p.organ_hu)
+    bridge_px = p.bridge_mm / px
+    cand = opening(strict, bridge_px) if bridge_px >= 1.0 else strict
+    depth = ndi.distance_transform_edt(body, sampling=spacing)
+    r0, c0 = anat.centre_rc
+    hw, hh = anat.half_width_mm, anat.half_height_mm
+    ymm = ((np.arange(hu.shape[0]) - r0) * dy)[:, None]
+    xmm = ((np.arange(hu.shape[1]) - c0) * dx)[None, :]
+    masks: dict[str, NDArray[np.bool_]] = {}
+    spine = dilate(bone_hull & (np.abs(ymm) < hh + 40.0) & (np.abs(xmm) < hw + 30.0), 12.0 / px)
+    for side, sgn in (("left", 1.0), ("right", -1.0)):
+        lat = sgn * xmm
+        scm_region = (lat > hw) & (ymm < hh) & (depth <= p.scm_depth_mm) & (lat < p.neck_lateral_mm)
+        cl, cn = ndi.label(cand & scm_region)
+        scm = np.zeros(hu.shape, bool)
+        if cn:
+            sizes = ndi.sum_labels(np.ones(cl.shape), cl, index=np.arange(1, cn + 1)) * dy * dx
+            best = int(np.argmax(sizes))
+            if sizes[best] >= p.scm_min_mm2:
+                scm = dilate(cl == best + 1, bridge_px + 1.0) & soft & scm_region
+        masks[f"sternocleidomastoid_{side}"] = scm
+        medial = (lat > 0.0) if side == "left" else (lat >= 0.0)
+        pv_region = medial & (ymm > -hh - p.prevertebral_mm) & (lat < p.neck_lateral_mm) & ~dilate(scm, 1.0)
+        # muscle hugging the spine (deep neck muscles, longus, scalenes) and the posterior neck muscles
+        # behind the vertebral body centre (trapezius, splenius, levator scapulae) even across a fat plane;
+        # small round pieces in front of that (vessels, nodes) only where they touch the spine
+        pl, pn = ndi.label(cand & pv_region)
+        pv = components_touching(cand & pv_region, spine)
+        if pn:
+            ids = np.arange(1, pn + 1)
+            area = ndi.sum_labels(np.ones(pl.shape), pl, index=ids) * dy * dx
+            cy = np.asarray(ndi.mean(np.broadcast_to(ymm, pl.shape), pl, index=ids))
+            back = ids[(area >= p.posterior_piece_min_mm2) & (cy > 0.0)]
+            pv |= np.isin(pl, back)
+        masks[f"paravertebral_{side}"] = dilate(pv, bridge_px + 1.0) & soft & pv_region
+    masks["skeletal_muscle"] = np.asarray(np.logical_or.reduce([masks[k] for k in C3_NAMED]))
+    truncated = bool(body[0, :].any() or body[-1, :].any() or body[:, 0].any() or body[:, -1].any())
+    return SliceSegmentation(masks={k: np.asarray(masks[k]) for k in keys_for_level("C3")}, body=np.asarray(body),
+                             truncated=truncated, limbs=tr.limbs, notes=tr.notes,
+                             body_area_cm2=float(body.sum()) * dy * dx / 100.0,
+                             vertebral_body_cm2=_vertebral_body_area(hu, spacing, anat, p),
+                             trunk_half_widths_mm=_half_widths(body, spacing, anat.centre_rc))
+
+
+class TissueSlicer:
+    """The weight-free slice segmenter: the structures of the level (L3 or C3) on one canonical slice."""
+
+    def __init__(self, params: TissueParams | None = None) -> None:
+        self.p = params or TissueParams()
+
+    def run(self, hu: NDArray[np.float32], spacing: tuple[float, float], anat: SliceAnatomy,
+            level: str = "L3") -> SliceSegmentation:
+        if level == "C3":
+            return segment_c3(hu, spacing, anat, self.p)
+        return segment_lumbar(hu, spacing, anat, self.p)
+
+    def named(self, hu: NDArray[np.float32], spacing: tuple[float, float],
+              anat: SliceAnatomy) -> Mapping[str, NDArray[np.bool_]]:
+        return lumbar_named(hu, spacing, anat, self.p)

@@ -1,0 +1,319 @@
+"""Tissues bounded by anatomy, C3 by its own definition, and the gates that stop wrong numbers.
+
+Real CT: the shared TotalSegmentator example (T11-T12, contrast, the patient's right arm
+touching the trunk) with TotalSegmentator's labels as reference.  Synthetic: a schematic C3
+neck slice with truth (tests/neck_slice.py) and hand-made values for the gates.
+"""
+
+from __future__ import annotations
+
+import sys
+from dataclasses import replace
+from pathlib import Path
+from types import SimpleNamespace
+from typing import Any
+
+import numpy as np
+import pytest
+
+from pipelines.body_composition.plausibility import apply_gates, load_gates
+from pipelines.body_composition.reference import PatientFactors, load_table
+from pipelines.body_composition.stages import Measure, MeasureInput
+from pipelines.body_composition.tissues import TissueParams, TissueSlicer, lumbar_named
+from pipelines.body_composition.types import (
+    C3_KEYS,
+    L3_KEYS,
+    LevelResult,
+    Segmentation,
+    SliceAnatomy,
+    SliceSegmentation,
+    Value,
+)
+from tests.peers import REPO
+from tests.schematic_slices import neck_slice, trunk_with_arm
+
+LIVER, SPLEEN, STOMACH = 5, 1, 6
+HUMERUS = (69, 70)
+
+
+@pytest.fixture(scope="module")
+def real_ct(shared_data: Path, tmp_path_factory: pytest.TempPathFactory) -> Any:
+    sys.path.insert(0, str(REPO / "bench"))
+    from body_composition_agreement import with_uids
+
+    from pipelines.body_composition.classical import ClassicalLevelFinder
+    from pipelines.body_composition.labels import read_labels_on_volume
+    from pipelines.common.volume import load_series
+
+    base = shared_data / "totalseg_example_ct_dicom"
+    vol = load_series(with_uids(base / "dicom", tmp_path_factory.mktemp("realct"))).canonical_axial()[0]
+    ref = read_labels_on_volume(base / "example_seg_dicom.nii.gz", vol)
+    verts, centre, _ = ClassicalLevelFinder().vertebrae(vol)
+    lr = LevelResult(level=None, slice_index=None, vertebrae=tuple(verts), spine_centre_rc=centre)
+    return SimpleNamespace(vol=vol, ref=ref, level=lr)
+
+
+def _anat(real_ct: Any, k: int) -> SliceAnatomy:
+    from pipelines.body_composition.classical import anatomy_for_slice
+
+    return anatomy_for_slice(real_ct.level, k)
+
+
+def _dice(a: np.ndarray, b: np.ndarray) -> float:  # type: ignore[type-arg]
+    return 2.0 * float((a & b).sum()) / float(a.sum() + b.sum())
+
+
+# --- real CT ------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("k", [0, 9, 18])
+def test_real_ct_organs_and_arm_are_not_muscle_or_sat(real_ct: Any, k: int) -> None:
+    """Liver, spleen and stomach touch the wall but are not muscle; the right arm touches the trunk but is cut off."""
+    vol, ref = real_ct.vol, real_ct.ref
+    px = vol.pixel_area_mm2 / 100.0
+    seg = TissueSlicer().run(vol.hu[k], vol.pixel_spacing, _anat(real_ct, k), "L3")
+    muscle = seg.masks["skeletal_muscle"]
+    for organ in (LIVER, SPLEEN, STOMACH):
+        assert (ref[k] == organ).sum() * px > 15.0  # the organ is on the slice
+        assert float((muscle & (ref[k] == organ)).sum()) * px < 4.0, organ  # was 8-180 cm2 per organ
+        for key in ("sat", "vat", "imat"):  # fat-density gastric content and label edges: a few cm2 at most
+            assert float((seg.masks[key] & (ref[k] == organ)).sum()) * px < 3.0, (organ, key)
+    # both arms (one lying apart, one touching the trunk from slice 1 on) are limbs, never trunk tissue
+    humerus = np.isin(ref[k], HUMERUS)
+    assert humerus.sum() > 200 and not (seg.body & humerus).any()
+    assert seg.limbs is not None and 90.0 < float(seg.limbs.sum()) * px < 130.0  # both arms, ~50 + ~55 cm2 (no table)
+    for key in ("skeletal_muscle", "sat", "vat", "imat"):
+        assert not (seg.masks[key] & seg.limbs).any(), key
+    # the paraspinal compartment is muscle: most of TotalSegmentator's autochthon is in the muscle mask
+    auto = np.isin(ref[k], (86, 87))
+    assert float((muscle & auto).sum()) > 0.8 * float(auto.sum())
+    # and the whole-slice muscle is a plausible share of the trunk (it was ~0.7 with the liver in it)
+    assert seg.body_area_cm2 is not None and 0.1 < float(muscle.sum()) * px / seg.body_area_cm2 < 0.4
+
+
+UNENHANCED = ((LIVER, 55.0), (SPLEEN, 45.0), (52, 40.0), (63, 40.0), (64, 40.0), (7, 40.0))  # organ, vessel HU
+
+
+def unenhanced(hu: np.ndarray, ref: np.ndarray) -> np.ndarray:  # type: ignore[type-arg]
+    """The contrast series as if unenhanced: liver, spleen, pancreas and the great vessels shifted to muscle-like HU."""
+    out = hu.copy()
+    for lab, target in UNENHANCED:
+        m = ref == lab
+        if m.any():
+            out[m] = hu[m] - float(np.median(hu[m])) + target
+    return out
+
+
+@pytest.mark.parametrize("k", [0, 9])
+def test_real_ct_unenhanced_organs_are_not_muscle(real_ct: Any, k: int) -> None:
+    """Without contrast, HU cannot tell liver, spleen or aorta from muscle: the geometry (bulk, depth, position) must."""
+    vol, ref = real_ct.vol, real_ct.ref
+    px = vol.pixel_area_mm2 / 100.0
+    hu = unenhanced(vol.hu[k], ref[k])
+    assert abs(float(np.median(hu[ref[k] == LIVER])) - 55.0) < 1.0
+    seg = TissueSlicer().run(hu, vol.pixel_spacing, _anat(real_ct, k), "L3")
+    muscle = seg.masks["skeletal_muscle"]
+    for organ in (LIVER, SPLEEN, STOMACH, 52):
+        assert float((muscle & (ref[k] == organ)).sum()) * px < 4.0, organ
+
+
+def test_real_ct_erector_agrees_with_totalsegmentator(real_ct: Any) -> None:
+    """Erector spinae (paraspinal compartment) against TotalSegmentator's autochthon, every slice counted."""
+    vol, ref = real_ct.vol, real_ct.ref
+    scores: dict[str, list[float]] = {"erector_left": [], "erector_right": []}
+    for k in range(0, vol.shape[0], 2):
+        ours = lumbar_named(vol.hu[k], vol.pixel_spacing, _anat(real_ct, k), TissueParams())
+        for key, lab in (("erector_left", 86), ("erector_right", 87)):
+            r = ref[k] == lab
+            if r.any():
+                scores[key].append(_dice(ours[key], r) if ours[key].any() else 0.0)
+    # measured (bench/body_composition_agreement.py, all 20 slices): left 0.743 (min 0.63), right 0.762
+    # (min 0.69), up from 0.688 / 0.727 with the old segmenter; the Done-when bar of 0.90 is NOT reached
+    # on this T11-T12 series
+    floor = {"erector_left": 0.72, "erector_right": 0.74}
+    for key, s in scores.items():
+        assert len(s) >= 10, key
+        assert float(np.mean(s)) > floor[key] and min(s) > 0.6, (key, s)
+
+
+def test_real_ct_mirrored_slice_swaps_sides(real_ct: Any) -> None:
+    """No hidden side bias: the mirrored slice gives the mirrored masks with left and right swapped."""
+    vol, ref = real_ct.vol, real_ct.ref
+    k = 10
+    anat = _anat(real_ct, k)
+    n = vol.shape[2]
+    mirrored = SliceAnatomy((anat.centre_rc[0], n - 1 - anat.centre_rc[1]), anat.half_width_mm, anat.half_height_mm)
+    a = TissueSlicer().run(vol.hu[k], vol.pixel_spacing, anat, "L3")
+    b = TissueSlicer().run(np.ascontiguousarray(vol.hu[k][:, ::-1]), vol.pixel_spacing, mirrored, "L3")
+    for left, right in (("erector_left", "erector_right"), ("psoas_left", "psoas_right")):
+        if a.masks[left].any() or b.masks[right].any():
+            assert _dice(a.masks[left], b.masks[right][:, ::-1]) > 0.95, left
+    # and "left" is the patient's left: TotalSegmentator's autochthon_left lies in our erector_left
+    assert _dice(a.masks["erector_left"], ref[k] == 86) > 0.6
+    assert _dice(a.masks["erector_left"], ref[k] == 87) < 0.05
+
+
+@pytest.mark.parametrize("overlap", [2.0, 10.0])
+def test_arm_against_the_trunk_is_cut_off(overlap: float) -> None:
+    t = trunk_with_arm(overlap)
+    anat = SliceAnatomy(t.centre_rc, t.half_width_mm, t.half_height_mm)
+    seg = TissueSlicer().run(t.hu, (t.pixel_mm, t.pixel_mm), anat, "L3")
+    assert seg.limbs is not None and any("limb" in n for n in seg.notes)
+    assert float((seg.limbs & t.arm).sum()) > 0.97 * float(t.arm.sum())
+    assert float(seg.body.sum()) == pytest.approx(float(t.trunk.sum()), rel=0.01)
+    for key in ("skeletal_muscle", "sat", "vat", "imat"):
+        assert float((seg.masks[key] & t.arm).sum()) < 0.01 * float(t.arm.sum()), key
+    a, m, failed = apply_gates("L3", *_values(**GOOD), seg, load_gates())
+    assert not any(f["gate"].startswith("trunk") for f in failed)
+
+
+@pytest.mark.parametrize("overlap", [20.0, 30.0])
+def test_arm_fused_with_the_trunk_makes_whole_slice_values_not_evaluable(overlap: float) -> None:
+    """An arm that cannot be cut off: the trunk outline gates refuse SAT, VAT, IMAT and total muscle."""
+    t = trunk_with_arm(overlap)
+    anat = SliceAnatomy(t.centre_rc, t.half_width_mm, t.half_height_mm)
+    seg = TissueSlicer().run(t.hu, (t.pixel_mm, t.pixel_mm), anat, "L3")
+    a, m, failed = apply_gates("L3", *_values(**GOOD), seg, load_gates())
+    for key in ("skeletal_muscle", "sat", "vat", "imat"):
+        assert a[key].value is None and "arm" in a[key].reason, key
+    for key in ("psoas_left", "erector_right"):  # the named muscles do not depend on the outline
+        assert a[key].value is not None, key
+
+
+# --- C3 -------------------------------------------------------------------------------------------
+
+
+def _neck_seg(**kw: Any) -> tuple[Any, SliceSegmentation]:
+    n = neck_slice(**kw)
+    anat = SliceAnatomy(n.centre_rc, n.half_width_mm, n.half_height_mm)
+    return n, TissueSlicer().run(n.hu, (1.0, 1.0), anat, "C3")
+
+
+def test_c3_structures_are_swartz(tmp_path: Path) -> None:
+    """At C3: paravertebral muscles and both sternocleidomastoids; no SAT, VAT, cavity or psoas."""
+    n, seg = _neck_seg()
+    assert tuple(seg.masks) == C3_KEYS
+    assert not {"vat", "sat", "imat", "psoas_left", "erector_left"} & set(seg.masks)
+    for key, truth in n.truth.items():
+        got, want = float(seg.masks[key].sum()), float(truth.sum())
+        assert got == pytest.approx(want, rel=0.05), key
+        assert _dice(seg.masks[key], truth) > 0.95, key
+    total = np.logical_or.reduce([n.truth[k] for k in n.truth])
+    assert _dice(seg.masks["skeletal_muscle"], total) > 0.95
+    from pipelines.body_composition.dicom_out import template_key
+
+    assert all(template_key(k) for k in (*C3_KEYS, *L3_KEYS))  # every structure has a code-table row
+
+
+def _measure(seg: SliceSegmentation, hu: np.ndarray, level: str, factors: PatientFactors) -> Any:  # type: ignore[type-arg]
+    vol = SimpleNamespace(hu=hu[None], pixel_area_mm2=1.0, voxel_volume_mm3=1.0)
+    lr = LevelResult(level=level, slice_index=0, vertebrae=(), spine_centre_rc=(0.0, 0.0))
+    s = Segmentation(level=lr, slice_seg=seg)
+    return Measure(load_table()).run(MeasureInput(vol, s, factors))  # type: ignore[arg-type]
+
+
+def test_c3_conversion_only_with_every_input() -> None:
+    n, seg = _neck_seg()
+    f = PatientFactors(height_m=1.7, weight_kg=70.0, sex="F", age_years=55.0)
+    m = _measure(seg, n.hu, "C3", f)
+    assert set(m.areas) == set(C3_KEYS) and m.volumes == {}
+    c3 = m.areas["skeletal_muscle"].value
+    assert c3 == pytest.approx(sum(m.areas[k].value for k in C3_KEYS[1:]))
+    assert m.derived["l3_muscle_area_estimate"].value == pytest.approx(
+        27.304 + 1.363 * c3 - 0.671 * 55 + 0.640 * 70 + 26.442 * 1)
+    assert m.sarcopenia["prado-2008"]["via"] == "swartz-2016"
+    assert m.sarcopenia["prado-2008"]["inputs"]["c3_muscle_area_cm2"] == pytest.approx(c3)
+    assert {"age_years", "weight_kg", "sex", "height_m"} <= set(m.sarcopenia["prado-2008"]["inputs"])
+    # a missing input of the formula is named; nothing is estimated
+    m = _measure(seg, n.hu, "C3", replace(f, weight_kg=None))
+    assert m.derived["l3_muscle_area_estimate"].value is None
+    assert "PatientWeight" in m.derived["l3_muscle_area_estimate"].reason
+    assert "not_evaluable" in m.sarcopenia["prado-2008"]
+    # one sternocleidomastoid missing (e.g. after neck dissection): the C3 area is not Swartz's
+    n2, seg2 = _neck_seg(without_scm="right")
+    m = _measure(seg2, n2.hu, "C3", f)
+    assert m.areas["paravertebral_left"].value is not None
+    assert "one-sided" in m.areas["sternocleidomastoid_left"].reason  # a one-sided find is not trusted
+    assert m.areas["skeletal_muscle"].value is None
+    assert "sternocleidomastoid right" in m.areas["skeletal_muscle"].reason
+    assert m.derived["l3_muscle_area_estimate"].value is None and m.derived["smi"].value is None
+
+
+# --- gates ------------------------------------------------------------------------------------------
+
+
+def _fake_seg(level: str = "L3", body_cm2: float = 700.0, vb_cm2: float = 15.0,
+              widths: tuple[float, float] = (160.0, 165.0)) -> SliceSegmentation:
+    empty = np.zeros((4, 4), bool)
+    keys = L3_KEYS if level == "L3" else C3_KEYS
+    return SliceSegmentation(masks={k: empty for k in keys}, body=empty, body_area_cm2=body_cm2,
+                             vertebral_body_cm2=vb_cm2, trunk_half_widths_mm=widths)
+
+
+def _values(**areas: float) -> tuple[dict[str, Value], dict[str, Value]]:
+    hu = {"sat": -100.0, "vat": -95.0, "imat": -70.0}
+    return ({k: Value(v, "cm2") for k, v in areas.items()},
+            {k: Value(hu.get(k, 40.0), "HU") for k in areas})
+
+
+GOOD = {"skeletal_muscle": 150.0, "psoas_left": 10.0, "psoas_right": 11.0, "erector_left": 22.0,
+        "erector_right": 21.0, "sat": 200.0, "vat": 120.0, "imat": 8.0}
+
+
+def test_gates_pass_a_plausible_l3() -> None:
+    gates = load_gates()
+    assert gates.version and all(b.source for b in (*gates.ranges, *gates.fractions))
+    a, m = _values(**GOOD)
+    a2, m2, failed = apply_gates("L3", a, m, _fake_seg(), gates)
+    assert failed == [] and a2 == a and m2 == m
+
+
+@pytest.mark.parametrize(("change", "seg_kw", "bad", "gate"), [
+    ({"skeletal_muscle": 496.0}, {}, ["skeletal_muscle"], "area range"),  # liver and spleen in "muscle"
+    ({"skeletal_muscle": 300.0}, {"body_cm2": 450.0}, ["skeletal_muscle"], "share of the body"),
+    ({"psoas_left": 31.0}, {}, ["psoas_left", "psoas_right"], "area range"),  # and then left/right
+    ({"psoas_right": 3.0}, {"vb_cm2": 25.0}, ["psoas_right", "psoas_left"], "vertebral body"),
+    ({"erector_left": 9.0}, {}, ["erector_left", "erector_right"], "left/right symmetry"),
+    ({}, {"widths": (160.0, 240.0)}, ["skeletal_muscle", "sat", "vat", "imat"], "trunk symmetry"),
+    ({"psoas_right": 1.0}, {}, ["psoas_right", "psoas_left"], "area range"),  # right refused, so left too
+])
+def test_gates_make_implausible_values_not_evaluable(change: dict[str, float], seg_kw: dict[str, Any],
+                                                     bad: list[str], gate: str) -> None:
+    a, m = _values(**{**GOOD, **change})
+    a2, m2, failed = apply_gates("L3", a, m, _fake_seg(**seg_kw), load_gates())
+    for key in bad:
+        assert a2[key].value is None and m2[key].value is None, key
+        assert a2[key].reason.startswith("implausible"), key
+    assert any(gate in f["gate"] or gate in f["reason"] for f in failed), failed
+    for key in set(GOOD) - set(bad):
+        assert a2[key].value == a[key].value, key
+
+
+def test_gate_refuses_a_one_sided_find_unless_the_edge_cut_the_other() -> None:
+    a, m = _values(**GOOD)
+    a["psoas_right"] = Value(None, "cm2", "structure not found on the level slice")
+    m["psoas_right"] = Value(None, "HU", "structure not found on the level slice")
+    a2, _, _ = apply_gates("L3", a, m, _fake_seg(), load_gates())
+    assert a2["psoas_left"].value is None and "psoas right not evaluable" in a2["psoas_left"].reason
+    a["psoas_right"] = Value(None, "cm2", "structure touches the edge of the field of view")
+    a2, _, _ = apply_gates("L3", a, m, _fake_seg(), load_gates())
+    assert a2["psoas_left"].value == GOOD["psoas_left"]
+
+
+def test_gate_on_mean_hu_and_measure_carries_it() -> None:
+    """An enhancing organ taken as muscle shows as a high mean HU: not evaluable, and so are SMI and sarcopenia."""
+    a, m = _values(**GOOD)
+    m["skeletal_muscle"] = Value(105.0, "HU")
+    a2, _, failed = apply_gates("L3", a, m, _fake_seg(), load_gates())
+    assert a2["skeletal_muscle"].value is None and "mean hu" in a2["skeletal_muscle"].reason
+    # through Measure: an implausible muscle area leaves SMI and every cut-off "not evaluable" with the reason
+    hu = np.full((40, 40), 45.0, np.float32)
+    big = np.zeros((40, 40), bool)
+    big[:, :] = True
+    seg = SliceSegmentation(masks={k: (big if k == "skeletal_muscle" else np.zeros_like(big)) for k in L3_KEYS},
+                            body=big, body_area_cm2=16.0, vertebral_body_cm2=None)
+    meas = _measure(seg, hu, "L3", PatientFactors(1.75, 80.0, "M", 60.0))
+    assert meas.areas["skeletal_muscle"].value is None
+    assert "implausible" in meas.derived["smi"].reason
+    assert all("not_evaluable" in v for v in meas.sarcopenia.values())
+    assert meas.gates["version"] and meas.gates["failed"]
