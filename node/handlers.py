@@ -133,8 +133,8 @@ def handle_store(event: Event, store: Storage, index: Index, audit: AuditLog,
                            sop=meta.sop_instance_uid)
         rq_class = str(request.AffectedSOPClassUID or "")
         if rq_class and meta.sop_class_uid != rq_class:
-            return outcome(DATASET_MISMATCH, f"SOPClassUID {meta.sop_class_uid[:28]} differs from Affected SOP Class",
-                           sop=meta.sop_instance_uid)
+            return outcome(DATASET_MISMATCH, "data set's SOP Class UID differs from Affected SOP Class UID",
+                           sop=meta.sop_instance_uid, sop_class_uid=meta.sop_class_uid[:64])
         if facts is not None:
             try:
                 check_image(facts, meta.sop_class_uid, bool(event.context.transfer_syntax.is_implicit_VR))

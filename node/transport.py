@@ -363,6 +363,8 @@ class NodeDIMSE(DIMSEServiceProvider):
         if not self.message.decode_msg(primitive, self.assoc):
             return
         dropped, self._dropped = self._dropped, 0
+        if dropped:
+            self.message.data_set = BytesIO()  # what was kept of it is gone; the handler refuses the request
         evt.trigger(self.assoc, evt.EVT_DIMSE_RECV, {"message": self.message})
         context_id = cast(int, self.message.context_id)
         try:
@@ -382,7 +384,6 @@ class NodeDIMSE(DIMSEServiceProvider):
                 logger.warning("aborting: a %s data set over node.max_dataset_bytes", type(request).__name__)
                 self.dul.event_queue.put("Evt19")
                 return
-            request.DataSet = BytesIO()
             cast(Any, request).dropped_bytes = dropped  # node.handlers answers Out of Resources
         if isinstance(request, C_CANCEL) and len(self.cancel_req) < 10:
             self.cancel_req[cast(int, request.MessageIDBeingRespondedTo)] = request
@@ -408,7 +409,7 @@ class NodeDIMSE(DIMSEServiceProvider):
         if held + incoming > cap:
             logger.warning("a data set over node.max_dataset_bytes (%d): dropping it as it arrives", cap)
             self._dropped = held + incoming
-            message.data_set = _Discard()
+            message.data_set = cast(BytesIO, _Discard())  # decode_msg only writes to it
 
     def _served_here(self, request: Any, context_id: int) -> bool:
         return (isinstance(request, (C_STORE, C_ECHO)) and request.is_valid_request

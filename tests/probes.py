@@ -289,7 +289,6 @@ def _second_uids_after_delimiter(payload: bytes) -> bytes:
 
 def malformed_cases() -> list[Case]:
     """Malformed data sets the node must refuse (and store nothing of)."""
-    us = lambda v: struct.pack("<H", v)  # noqa: E731
     return [
         _case("sop-class-differs", refuse=(0xA900,), comment="SOP Class", rq_class=EnhancedCTImageStorage),
         _case("no-pixel-data", _del("PixelData"), REFUSED, "Pixel Data"),
@@ -313,10 +312,10 @@ def malformed_cases() -> list[Case]:
                                          explicit_element(0x0028, 0x0010, "US", b"\x10\x00\x00"))),
         _case("rows-bogus-vr", refuse=REFUSED, comment="Rows",
               raw=lambda p: with_element(without_element(p, 0x00280010), 0x00280010,
-                                         explicit_element(0x0028, 0x0010, "QQ", us(16)))),
+                                         explicit_element(0x0028, 0x0010, "QQ", struct.pack("<H", 16)))),
         _case("bits-allocated-zero", refuse=REFUSED, comment="BitsAllocated",
               raw=lambda p: with_element(without_element(p, 0x00280100), 0x00280100,
-                                         explicit_element(0x0028, 0x0100, "US", us(0)))),
+                                         explicit_element(0x0028, 0x0100, "US", struct.pack("<H", 0)))),
         _case("group-0002-in-data-set", refuse=REFUSED, comment="0002",
               raw=lambda p: explicit_element(0x0002, 0x0010, "UI", b"1.2.840.10008.1.2\x00") + p),
         _case("stray-delimiter-then-second-uids", refuse=REFUSED, comment="delimit",
