@@ -19,7 +19,10 @@ the critical path of every instance.  Here:
 - :class:`NodeDIMSE` serves a complete C-STORE or C-ECHO request in the DUL thread that decoded
   it, and encodes C-STORE responses directly (PS3.7 9.3.1.2), byte for byte what pynetdicom would
   send, writing them straight to the socket;
-- :class:`NodeRequestHandler` builds associations from these.
+- :class:`NodeRequestHandler` builds associations from these;
+- with a :class:`ConnectionGate` on the server (node.server.NodeServer), every accepted socket has
+  timeouts (:class:`Limits`), PDUs are checked from their header (:func:`read_pdu_data`), data sets are
+  capped as they arrive, and an association holds a slot only once its A-ASSOCIATE-RQ is admitted.
 
 Everything else (state machine, ACSE, DIMSE, events) is pynetdicom's own.
 """
@@ -533,8 +536,16 @@ class WakingSocket(AssociationSocket):
             self._set_timeout(sock, timeout)
 
     def _set_timeout(self, sock: Any, timeout: float | None) -> None:
+        """Kernel-side timeouts (SO_RCVTIMEO, SO_SNDTIMEO) on the blocking socket: a read or send that waits
+        longer fails with EAGAIN (an OSError).  Python's own ``settimeout`` would cost a ``poll`` and a GIL
+        round trip before every ``recv``, on the path of every instance."""
+        if self._timeout is None and timeout is not None and sock.gettimeout() is not None:
+            sock.settimeout(None)  # blocking again (the TLS handshake ran with a Python-side timeout)
+        seconds = timeout or 0.0  # 0: no timeout
+        value = struct.pack("@ll", int(seconds), int((seconds % 1) * 1_000_000))
         try:
-            sock.settimeout(timeout)
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVTIMEO, value)
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDTIMEO, value)
         except OSError:
             pass
         self._timeout = timeout

@@ -228,3 +228,16 @@ def test_silent_connection_does_not_stall_plain_accepts(tmp_path: Path) -> None:
         finally:
             for s in silent:
                 s.close()
+
+
+def test_stall_inside_a_pdu_aborted_after_dimse_timeout(tmp_path: Path) -> None:
+    need("echoscu")
+    cfg = write_config(tmp_path, node={"dimse_timeout": 1.0})
+    with running_node(cfg) as node:
+        s = associated(node.port, calling="MIDPDU")
+        try:
+            s.sendall(b"\x04\x00\x00\x00\x10\x00" + b"\x00" * 100)  # a P-DATA-TF of 4096 bytes, cut short
+            assert closed_within([s], 8)[0] == 1
+        finally:
+            s.close()
+        assert echoscu(node.port, extra=QUICK) == 0
