@@ -241,3 +241,29 @@ def test_stall_inside_a_pdu_aborted_after_dimse_timeout(tmp_path: Path) -> None:
         finally:
             s.close()
         assert echoscu(node.port, extra=QUICK) == 0
+
+
+def test_sixteen_senders_at_once_all_succeed(tmp_path: Path) -> None:
+    """16 dcmtk storescu associations at once, 50 CT instances of 128x128 each: all 800 stored (Success).
+    Before the gate, pynetdicom counted every live connection thread (handshakes, a port probe's connection
+    waiting out its ACSE timeout, associations still ending) against max_associations and rejected some of
+    the 16 with local-limit-exceeded.  (Throughput: bench/concurrency.py.)"""
+    need("storescu")
+    import datetime as dt
+    import subprocess
+
+    from tests.synthetic_ct import write_study
+
+    folders = []
+    for i in range(16):
+        write_study(tmp_path / f"sender{i}", i, dt.date(2026, 1, 1), slices=50, size=128, seed="sixteen")
+        folders.append(tmp_path / f"sender{i}")
+    cfg = write_config(tmp_path / "node")
+    with running_node(cfg) as node:
+        wait_port(node.port)  # a port probe, as monitoring does: it must not cost a slot
+        procs = [subprocess.Popen(["storescu", "-aet", f"SENDER{i}", "-aec", "PROGNODE", "-ta", "120", "-td", "120",
+                                   "+sd", "127.0.0.1", str(node.port), str(d)],
+                                  stdout=subprocess.DEVNULL, stderr=subprocess.PIPE) for i, d in enumerate(folders)]
+        codes = [p.wait(300) for p in procs]
+        assert codes == [0] * 16, [p.stderr.read()[-300:] for p in procs if p.returncode and p.stderr]
+        assert node.index.instance_count() == 800
