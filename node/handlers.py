@@ -192,27 +192,36 @@ class TooLarge(ValueError):
 INFLATE_CHUNK = 4 * 1024 * 1024
 
 
-def inflate(data: bytes | memoryview, cap: int) -> bytearray:
-    """The deflated data set ``data`` (PS3.5 A.5: raw deflate) inflated, in pieces of at most
-    ``INFLATE_CHUNK``; raises :class:`TooLarge` as soon as the output would pass ``cap`` bytes (a deflate
-    bomb costs ``cap`` bytes of memory at most), :class:`HeaderError` when the stream is broken."""
-    inflater = zlib.decompressobj(-zlib.MAX_WBITS)
-    out = bytearray()
-    pending: bytes | memoryview = data
+def inflate(data: bytes | memoryview, cap: int) -> bytes:
+    """The deflated data set ``data`` (PS3.5 A.5: raw deflate) inflated.
+
+    Two passes: the first inflates in pieces of at most ``INFLATE_CHUNK`` and keeps nothing, only counting,
+    and raises :class:`TooLarge` as soon as the count passes ``cap`` (a deflate bomb costs one piece of
+    memory and some CPU, never its inflated size); the second, for a data set within the cap, keeps the
+    output.  :class:`HeaderError` when the stream is broken."""
+    _inflated_size(data, cap)
     try:
-        while True:
-            out += inflater.decompress(pending, INFLATE_CHUNK)
-            if len(out) > cap:
-                raise TooLarge(f"inflated data set over node.max_dataset_bytes ({cap})")
-            pending = inflater.unconsumed_tail
-            if not pending:
-                break
-        out += inflater.flush()
+        return zlib.decompress(data, -zlib.MAX_WBITS)
     except zlib.error as e:
         raise HeaderError(f"deflated data set broken: {e}") from e
-    if len(out) > cap:
+
+
+def _inflated_size(data: bytes | memoryview, cap: int) -> int:
+    inflater = zlib.decompressobj(-zlib.MAX_WBITS)
+    size = 0
+    pending: bytes | memoryview = data
+    try:
+        while pending:
+            size += len(inflater.decompress(pending, INFLATE_CHUNK))
+            if size > cap:
+                raise TooLarge(f"inflated data set over node.max_dataset_bytes ({cap})")
+            pending = inflater.unconsumed_tail
+        size += len(inflater.flush())
+    except zlib.error as e:
+        raise HeaderError(f"deflated data set broken: {e}") from e
+    if size > cap:
         raise TooLarge(f"inflated data set over node.max_dataset_bytes ({cap})")
-    return out
+    return size
 
 
 def _max_dataset_bytes(event: Event) -> int:

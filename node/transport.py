@@ -472,6 +472,8 @@ class WakingSocket(AssociationSocket):
     def ready(self) -> bool:  # type: ignore[override]
         sock = self.socket
         if sock is None or self._is_connected is False:
+            # closed: the DUL loop has nothing to wait on until the association ends it; do not let it spin
+            time.sleep(POLL_SECONDS)
             return False
         if self._end > self._start or (isinstance(sock, ssl.SSLSocket) and sock.pending()):
             return True
@@ -580,7 +582,7 @@ def read_pdu_data(dul: DULServiceProvider) -> None:
     try:
         header = sock.recv(6)
         if len(header) < 6:
-            dul.event_queue.put("Evt17")  # the peer closed the connection
+            sock.close()  # the peer closed the connection: Evt17
             return
         pdu_type, _, length = struct.unpack(">BBL", header)
         if pdu_type not in (0x01, 0x02, 0x03, 0x04, 0x05, 0x06, 0x07):
@@ -606,7 +608,7 @@ def read_pdu_data(dul: DULServiceProvider) -> None:
         return
     if len(body) != length:
         logger.error("the received PDU is shorter than expected (%d of %d bytes)", len(body) + 6, length + 6)
-        dul.event_queue.put("Evt17")
+        sock.close()  # Evt17
         return
     data = header + body
     try:
@@ -650,14 +652,16 @@ class NodeAssociation(Association):
         self._dul_ready.wait()
         deadline = conn.opened + gate.limits.association_timeout
         primitive = None
-        while primitive is None and self.dul.is_alive():
+        sock = cast(AssociationSocket, self.dul.socket)
+        while primitive is None and self.dul.is_alive() and sock.socket is not None:
             left = deadline - time.monotonic()
             if left <= 0:
                 break
             primitive = self.dul.receive_pdu(wait=True, timeout=min(left, 0.5))
-        sock = cast(AssociationSocket, self.dul.socket)
+        if primitive is None:  # an RQ that arrived just before the connection closed
+            primitive = self.dul.receive_pdu(wait=False)
         if not isinstance(primitive, A_ASSOCIATE):
-            if primitive is None and self.dul.is_alive():
+            if primitive is None and time.monotonic() >= deadline:
                 logger.warning("closing the connection from %s: no A-ASSOCIATE-RQ within %.0f s "
                                "(node.association_timeout)", conn.host, gate.limits.association_timeout)
             conn.shutdown()
