@@ -7,6 +7,7 @@ Probes (tests/probes.py builds them):
 - big PDU: a PDU header claiming 4 GiB, before association (A-ASSOCIATE-RQ) and after (P-DATA-TF);
 - deflate bomb: a Deflated Explicit VR CT data set of about 1.5 MB inflating to 1.5 GiB;
 - malformed: each case of tests.probes.malformed_cases (and the valid unusual ones);
+- matrix: tests.probes.malformed_matrix (~580 generated malformed data sets) and valid_matrix, counted;
 - concurrency: 16 storescu associations at once, 50 CT instances of 128x128 each.
 
 Peak RSS is the node process's VmHWM.  ``--node-extra`` adds TOML lines to the node's [node] table
@@ -123,6 +124,24 @@ def probe_malformed(port: int, called: str, audit: Path) -> list[tuple[str, str,
     return rows
 
 
+def probe_matrix(port: int, called: str, audit: Path) -> dict[str, Any]:
+    from tests.probes import malformed_matrix, valid_matrix
+
+    malformed, valid = malformed_matrix(), valid_matrix()
+    refused = stored = no_answer = 0
+    for case in malformed:
+        before = _stored(audit)
+        status, _ = raw_c_store(port, case.sop_class, case.sop_instance, case.syntax, case.payload)
+        refused += status in case.refuse
+        stored += _stored(audit) > before
+        no_answer += status < 0
+    ok = sum(raw_c_store(port, c.sop_class, c.sop_instance, c.syntax, c.payload)[0] == 0 for c in valid)
+    rc, t = echo(port, called)
+    return {"malformed refused with a named status": f"{refused}/{len(malformed)}",
+            "malformed stored": f"{stored}/{len(malformed)}", "malformed without an answer": no_answer,
+            "unusual valid stored": f"{ok}/{len(valid)}", "echo after": f"{'ok' if rc == 0 else 'FAILED'} ({t:.2f} s)"}
+
+
 def _stored(audit: Path) -> int:
     if not audit.exists():
         return 0
@@ -157,7 +176,7 @@ def probe_concurrency(port: int, called: str, folders: list[Path], count: Any) -
 
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--only", default="stall,pdu,bomb,malformed,concurrency")
+    ap.add_argument("--only", default="stall,pdu,bomb,malformed,matrix,concurrency")
     ap.add_argument("--no-orthanc", action="store_true")
     ap.add_argument("--node-extra", default="association_timeout = 2")
     ap.add_argument("--senders", type=int, default=16)
@@ -169,7 +188,7 @@ def main() -> int:
     try:
         extra = args.node_extra.replace("\\n", "\n")
         folders: list[Path] = []
-        for probe in ("stall", "pdu", "malformed", "bomb", "concurrency"):
+        for probe in ("stall", "pdu", "malformed", "matrix", "bomb", "concurrency"):
             if probe not in only:
                 continue
             # a fresh node per probe, so that one probe's damage does not show up in the next
@@ -180,7 +199,8 @@ def main() -> int:
             text += 'audit_file = "var/audit.jsonl"\n'
             proc = start_serve(node_dir, text, port)
             audit = node_dir / "var" / "audit.jsonl"
-            name = {"stall": "stall", "pdu": "big PDU", "malformed": "malformed", "bomb": "deflate bomb",
+            name = {"stall": "stall", "pdu": "big PDU", "malformed": "malformed", "matrix": "malformed matrix",
+                    "bomb": "deflate bomb",
                     "concurrency": f"concurrency {args.senders} x {args.per_sender}"}[probe]
             try:
                 if probe == "stall":
@@ -189,6 +209,8 @@ def main() -> int:
                     value = probe_pdu(port, "PROGNODE")
                 elif probe == "malformed":
                     value = probe_malformed(port, "PROGNODE", audit)
+                elif probe == "matrix":
+                    value = probe_matrix(port, "PROGNODE", audit)
                 elif probe == "bomb":
                     value = probe_bomb(port, proc.pid, work, "PROGNODE")
                 else:

@@ -458,3 +458,176 @@ def raw_c_store(port: int, sop_class: str, sop_instance: str, syntax: str, paylo
         return -1, f"{type(e).__name__}: {e}"
     finally:
         s.close()
+
+
+# A larger, generated table: every Type 1 image pixel attribute and Pixel Data mutated in each way, in each
+# transfer syntax the node reads itself (bench/hostile.py --matrix; tests/test_node_hostile.py) -------------
+
+_LONG = {b"OB", b"OD", b"OF", b"OL", b"OV", b"OW", b"SQ", b"SV", b"UC", b"UN", b"UR", b"UT", b"UV"}
+_US_ATTRIBUTES = {"SamplesPerPixel": 0x00280002, "Rows": 0x00280010, "Columns": 0x00280011,
+                  "BitsAllocated": 0x00280100, "BitsStored": 0x00280101, "HighBit": 0x00280102,
+                  "PixelRepresentation": 0x00280103}
+
+
+def _spans(payload: bytes, implicit: bool) -> list[tuple[int, int, int]]:
+    """(tag, start, end) of each top-level element of a data set without undefined lengths."""
+    out, pos = [], 0
+    while pos < len(payload):
+        group, elem = struct.unpack_from("<HH", payload, pos)
+        if implicit:
+            end = pos + 8 + struct.unpack_from("<I", payload, pos + 4)[0]
+        elif payload[pos + 4:pos + 6] in _LONG:
+            end = pos + 12 + struct.unpack_from("<I", payload, pos + 8)[0]
+        else:
+            end = pos + 8 + struct.unpack_from("<H", payload, pos + 6)[0]
+        out.append((group << 16 | elem, pos, end))
+        pos = end
+    return out
+
+
+def _element(tag: int, vr: str, value: bytes, implicit: bool) -> bytes:
+    if implicit:
+        return struct.pack("<HHI", tag >> 16, tag & 0xFFFF, len(value)) + value
+    return explicit_element(tag >> 16, tag & 0xFFFF, vr, value)
+
+
+def _replace(payload: bytes, implicit: bool, tag: int, new: bytes | None) -> bytes:
+    """``payload`` with top-level element ``tag`` replaced by the encoded ``new`` (None: removed; inserted in
+    tag order when absent)."""
+    spans = _spans(payload, implicit)
+    for t, start, end in spans:
+        if t == tag:
+            return payload[:start] + (new or b"") + payload[end:]
+    if new is None:
+        return payload
+    at = next((start for t, start, _ in spans if t > tag), len(payload))
+    return payload[:at] + new + payload[at:]
+
+
+def _deflate(data: bytes) -> bytes:
+    c = zlib.compressobj(6, zlib.DEFLATED, -15)
+    return c.compress(data) + c.flush()
+
+
+def malformed_matrix() -> list[Case]:
+    """About 200 data sets the node must refuse: each Type 1 image pixel attribute missing, empty, of odd or
+    double length, of a wrong or bogus VR, or with an impossible value; Pixel Data missing, empty, short by
+    one or two bytes, half, one frame of two; encapsulated without fragments; File Meta elements, stray
+    delimiters and repeated elements at the top level; SOP Class or Instance differing from the request;
+    for CT, Enhanced CT and Segmentation, in explicit VR, implicit VR and deflated explicit VR."""
+    cases: list[Case] = []
+    us = lambda v: struct.pack("<H", v)  # noqa: E731
+    for sop_class, label in ((CTImageStorage, "ct"), (EnhancedCTImageStorage, "ect"),
+                             ("1.2.840.10008.5.1.4.1.1.66.4", "seg")):
+        base = ct_dataset(16, 16, sop_class)
+        if label == "ect":
+            base.NumberOfFrames = 1
+        if label == "seg":
+            base.BitsAllocated, base.BitsStored, base.HighBit, base.PixelRepresentation = 1, 1, 0, 0
+            base.NumberOfFrames = 8
+            base.PixelData = b"\x55" * (16 * 16 * 8 // 8)
+            base["PixelData"].VR = "OB"
+        sop, cls = str(base.SOPInstanceUID), str(base.SOPClassUID)
+        for kind in ("explicit", "implicit", "deflated"):
+            implicit = kind == "implicit"
+            syntax = {"explicit": ExplicitVRLittleEndian, "implicit": ImplicitVRLittleEndian,
+                      "deflated": DeflatedExplicitVRLittleEndian}[kind]
+            plain = encoded(base, ImplicitVRLittleEndian if implicit else ExplicitVRLittleEndian)
+
+            def add(name: str, payload: bytes, refuse: tuple[int, ...] = REFUSED, comment: str = "",
+                    rq_class: str = cls, rq_sop: str = sop, kind: str = kind, syntax: str = syntax,
+                    label: str = label) -> None:
+                data = _deflate(payload) if kind == "deflated" else payload
+                cases.append(Case(f"{label}-{kind}-{name}", rq_class, rq_sop, syntax, data, refuse, comment))
+
+            for keyword, tag in _US_ATTRIBUTES.items():
+                add(f"{keyword}-missing", _replace(plain, implicit, tag, None), comment=keyword)
+                add(f"{keyword}-empty", _replace(plain, implicit, tag, _element(tag, "US", b"", implicit)),
+                    comment=keyword)
+                add(f"{keyword}-odd-length", _replace(plain, implicit, tag, _element(tag, "US", b"\x01\x00\x00",
+                                                                                     implicit)), comment=keyword)
+                add(f"{keyword}-two-values", _replace(plain, implicit, tag, _element(tag, "US", b"\x01\x00" * 2,
+                                                                                     implicit)), comment=keyword)
+                if not implicit:
+                    add(f"{keyword}-vr-QQ", _replace(plain, False, tag, _element(tag, "QQ", us(16), False)),
+                        comment=keyword)
+                    add(f"{keyword}-vr-LO", _replace(plain, False, tag, _element(tag, "LO", b"16", False)),
+                        comment=keyword)
+            for name, tag, value in (("Rows-zero", 0x00280010, 0), ("Columns-zero", 0x00280011, 0),
+                                     ("BitsAllocated-12", 0x00280100, 12), ("BitsStored-zero", 0x00280101, 0),
+                                     ("BitsStored-over", 0x00280101, 33), ("HighBit-over", 0x00280102, 40),
+                                     ("PixelRepresentation-2", 0x00280103, 2),
+                                     ("SamplesPerPixel-zero", 0x00280002, 0)):
+                add(name, _replace(plain, implicit, tag, _element(tag, "US", us(value), implicit)))
+            photometric = 0x00280004
+            add("Photometric-missing", _replace(plain, implicit, photometric, None), comment="Photometric")
+            add("Photometric-empty", _replace(plain, implicit, photometric, _element(photometric, "CS", b"", implicit)),
+                comment="Photometric")
+            add("Photometric-lowercase", _replace(plain, implicit, photometric,
+                                                  _element(photometric, "CS", b"mono", implicit)),
+                comment="Photometric")
+            frames_tag = 0x00280008
+            add("NumberOfFrames-zero", _replace(plain, implicit, frames_tag, _element(frames_tag, "IS", b"0 ", implicit)))
+            add("NumberOfFrames-text", _replace(plain, implicit, frames_tag, _element(frames_tag, "IS", b"ab", implicit)))
+            pixel = 0x7FE00010
+            value = bytes(base.PixelData)
+            vr = base["PixelData"].VR
+            add("PixelData-missing", _replace(plain, implicit, pixel, None), comment="Pixel Data")
+            for name, cut in (("empty", len(value)), ("short-1", 1), ("short-2", 2), ("half", len(value) // 2)):
+                add(f"PixelData-{name}", _replace(plain, implicit, pixel,
+                                                  _element(pixel, vr, value[:len(value) - cut], implicit)),
+                    comment="Pixel Data")
+            add("PixelData-one-frame-of-two", _replace(
+                _replace(plain, implicit, frames_tag, _element(frames_tag, "IS", str(2 * int(base.get("NumberOfFrames", 1))).encode().ljust(2), implicit)),
+                implicit, pixel, _element(pixel, vr, value, implicit)), comment="Pixel Data")
+            add("group-0002-first", _element(0x00020010, "UI", b"1.2.840.10008.1.2\x00", implicit) + plain,
+                comment="0002")
+            add("item-delimiter-last", plain + struct.pack("<HHI", 0xFFFE, 0xE00D, 0), comment="delimit")
+            add("sequence-delimiter-last", plain + struct.pack("<HHI", 0xFFFE, 0xE0DD, 0), comment="delimit")
+            add("item-at-top-level", plain + struct.pack("<HHI", 0xFFFE, 0xE000, 0), comment="delimit")
+            add("SOPInstanceUID-twice", plain + _element(0x00080018, "UI", _ui(sop), implicit), comment="twice")
+            other_class = EnhancedCTImageStorage if sop_class == CTImageStorage else CTImageStorage
+            add("request-SOP-Class-differs", plain, (0xA900,), "SOP Class", rq_class=other_class)
+            add("request-SOP-Instance-differs", plain, (0xA900,), "SOP Instance", rq_sop=str(generate_uid()))
+            if kind == "explicit":
+                add("encapsulated-no-fragment", encapsulated(plain, []), comment="Pixel Data", syntax=RLELossless)
+                add("encapsulated-empty-fragments", encapsulated(plain, [b"", b""]), comment="Pixel Data",
+                    syntax=RLELossless)
+    return cases
+
+
+def valid_matrix() -> list[Case]:
+    """Unusual but valid variants the node must store: private elements, trailing pixel padding, several
+    frames, a 32-bit CT, a 16-bit segmentation, an encapsulated one, in each syntax."""
+    cases: list[Case] = []
+    for kind in ("explicit", "implicit", "deflated"):
+        syntax = {"explicit": ExplicitVRLittleEndian, "implicit": ImplicitVRLittleEndian,
+                  "deflated": DeflatedExplicitVRLittleEndian}[kind]
+        variants: list[tuple[str, Dataset]] = []
+        ds = ct_dataset(16, 16)
+        ds.private_block(0x0009, "PROBE PRIVATE", create=True).add_new(0x01, "LO", "private")
+        variants.append(("private", ds))
+        ds = ct_dataset(16, 16)
+        ds.PixelData = bytes(ds.PixelData) + b"\x00\x00"
+        variants.append(("padded-pixels", ds))
+        ds = ct_dataset(16, 16, EnhancedCTImageStorage)
+        ds.NumberOfFrames = 3
+        ds.PixelData = bytes(ds.PixelData) * 3
+        variants.append(("enhanced-3-frames", ds))
+        ds = ct_dataset(16, 16)
+        ds.BitsAllocated, ds.BitsStored, ds.HighBit = 32, 32, 31
+        ds.PixelData = b"\x00" * (16 * 16 * 4)
+        variants.append(("32-bit", ds))
+        ds = ct_dataset(16, 16, "1.2.840.10008.5.1.4.1.1.66.4")
+        ds.NumberOfFrames = 2
+        ds.BitsAllocated, ds.BitsStored, ds.HighBit, ds.PixelRepresentation = 1, 1, 0, 0
+        ds.PixelData = b"\xff" * (16 * 16 * 2 // 8)
+        ds["PixelData"].VR = "OB"
+        variants.append(("seg-binary", ds))
+        for name, ds in variants:
+            payload = encoded(ds, syntax)
+            cases.append(Case(f"{kind}-{name}", str(ds.SOPClassUID), str(ds.SOPInstanceUID), syntax, payload))
+    ds = ct_dataset(16, 16)
+    cases.append(Case("rle-two-fragments", str(ds.SOPClassUID), str(ds.SOPInstanceUID), RLELossless,
+                      encapsulated(encoded(ds), [b"\x00" * 64, b"\x00" * 10])))
+    return cases
