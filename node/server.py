@@ -74,10 +74,10 @@ TRANSFER_SYNTAXES: tuple[UID, ...] = (
 )
 
 
-# A-ASSOCIATE-RJ PDU (PS3.8 9.3.4): type 0x03, length 4; result 1 rejected-permanent,
-# source 1 DICOM UL service-user, reason 1 no-reason-given (there is none for addresses).
 STOP_GRACE = 4.0  # seconds stop() gives aborted associations to end before cutting their connections
 
+# A-ASSOCIATE-RJ PDU (PS3.8 9.3.4): type 0x03, length 4; result 1 rejected-permanent,
+# source 1 DICOM UL service-user, reason 1 no-reason-given (there is none for addresses).
 _RJ_PDU_TYPE, _RJ_PERMANENT, _RJ_SERVICE_USER, _RJ_NO_REASON = 0x03, 0x01, 0x01, 0x01
 
 
