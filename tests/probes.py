@@ -504,6 +504,10 @@ def _replace(payload: bytes, implicit: bool, tag: int, new: bytes | None) -> byt
     return payload[:at] + new + payload[at:]
 
 
+def _us(value: int) -> bytes:
+    return struct.pack("<H", value)
+
+
 def _deflate(data: bytes) -> bytes:
     c = zlib.compressobj(6, zlib.DEFLATED, -15)
     return c.compress(data) + c.flush()
@@ -516,7 +520,6 @@ def malformed_matrix() -> list[Case]:
     delimiters and repeated elements at the top level; SOP Class or Instance differing from the request;
     for CT, Enhanced CT and Segmentation, in explicit VR, implicit VR and deflated explicit VR."""
     cases: list[Case] = []
-    us = lambda v: struct.pack("<H", v)  # noqa: E731
     for sop_class, label in ((CTImageStorage, "ct"), (EnhancedCTImageStorage, "ect"),
                              ("1.2.840.10008.5.1.4.1.1.66.4", "seg")):
         base = ct_dataset(16, 16, sop_class)
@@ -549,7 +552,7 @@ def malformed_matrix() -> list[Case]:
                 add(f"{keyword}-two-values", _replace(plain, implicit, tag, _element(tag, "US", b"\x01\x00" * 2,
                                                                                      implicit)), comment=keyword)
                 if not implicit:
-                    add(f"{keyword}-vr-QQ", _replace(plain, False, tag, _element(tag, "QQ", us(16), False)),
+                    add(f"{keyword}-vr-QQ", _replace(plain, False, tag, _element(tag, "QQ", _us(16), False)),
                         comment=keyword)
                     add(f"{keyword}-vr-LO", _replace(plain, False, tag, _element(tag, "LO", b"16", False)),
                         comment=keyword)
@@ -558,7 +561,7 @@ def malformed_matrix() -> list[Case]:
                                      ("BitsStored-over", 0x00280101, 33), ("HighBit-over", 0x00280102, 40),
                                      ("PixelRepresentation-2", 0x00280103, 2),
                                      ("SamplesPerPixel-zero", 0x00280002, 0)):
-                add(name, _replace(plain, implicit, tag, _element(tag, "US", us(value), implicit)))
+                add(name, _replace(plain, implicit, tag, _element(tag, "US", _us(value), implicit)))
             photometric = 0x00280004
             add("Photometric-missing", _replace(plain, implicit, photometric, None), comment="Photometric")
             add("Photometric-empty", _replace(plain, implicit, photometric, _element(photometric, "CS", b"", implicit)),
@@ -570,16 +573,18 @@ def malformed_matrix() -> list[Case]:
             add("NumberOfFrames-zero", _replace(plain, implicit, frames_tag, _element(frames_tag, "IS", b"0 ", implicit)))
             add("NumberOfFrames-text", _replace(plain, implicit, frames_tag, _element(frames_tag, "IS", b"ab", implicit)))
             pixel = 0x7FE00010
-            value = bytes(base.PixelData)
+            pixels = bytes(base.PixelData)
             vr = base["PixelData"].VR
             add("PixelData-missing", _replace(plain, implicit, pixel, None), comment="Pixel Data")
-            for name, cut in (("empty", len(value)), ("short-1", 1), ("short-2", 2), ("half", len(value) // 2)):
+            for name, cut in (("empty", len(pixels)), ("short-1", 1), ("short-2", 2), ("half", len(pixels) // 2)):
                 add(f"PixelData-{name}", _replace(plain, implicit, pixel,
-                                                  _element(pixel, vr, value[:len(value) - cut], implicit)),
+                                                  _element(pixel, vr, pixels[:len(pixels) - cut], implicit)),
                     comment="Pixel Data")
-            add("PixelData-one-frame-of-two", _replace(
-                _replace(plain, implicit, frames_tag, _element(frames_tag, "IS", str(2 * int(base.get("NumberOfFrames", 1))).encode().ljust(2), implicit)),
-                implicit, pixel, _element(pixel, vr, value, implicit)), comment="Pixel Data")
+            two = str(2 * int(base.get("NumberOfFrames", 1))).encode().ljust(2)
+            add("PixelData-one-frame-of-two", _replace(_replace(plain, implicit, frames_tag,
+                                                                _element(frames_tag, "IS", two, implicit)),
+                                                       implicit, pixel, _element(pixel, vr, pixels, implicit)),
+                comment="Pixel Data")
             add("group-0002-first", _element(0x00020010, "UI", b"1.2.840.10008.1.2\x00", implicit) + plain,
                 comment="0002")
             add("item-delimiter-last", plain + struct.pack("<HHI", 0xFFFE, 0xE00D, 0), comment="delimit")
