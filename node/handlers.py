@@ -273,5 +273,8 @@ def handle_association(event: Event, audit: AuditLog, open_associations: OpenAss
     what = names.get(event.event, event.event.name)
     called = str(event.assoc.acceptor.ae_title).strip()
     level = logging.WARNING if what in ("rejected", "aborted") else logging.INFO
-    logger.log(level, "association %s: calling %s at %s, called %s", what, calling, peer, called)
-    audit.write(f"association_{what}", calling_ae=calling, peer=peer, called_ae=called)
+    reason = str(getattr(event.assoc, "rejection_reason", "") or "") if what == "rejected" else ""
+    logger.log(level, "association %s: calling %s at %s, called %s%s", what, calling, peer, called,
+               f" ({reason})" if reason else "")
+    audit.write(f"association_{what}", calling_ae=calling, peer=peer, called_ae=called,
+                **({"reason": reason} if reason else {}))

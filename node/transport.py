@@ -607,7 +607,7 @@ def read_pdu_data(dul: DULServiceProvider) -> None:
         sock.close()  # Evt17: transport connection closed
         return
     if len(body) != length:
-        logger.error("the received PDU is shorter than expected (%d of %d bytes)", len(body) + 6, length + 6)
+        logger.warning("connection closed inside a PDU (%d of %d bytes received)", len(body) + 6, length + 6)
         sock.close()  # Evt17
         return
     data = header + body
@@ -629,6 +629,7 @@ class NodeAssociation(Association):
     waker: Waker | None = None
     gate: ConnectionGate | None = None
     connection: Connection | None = None
+    rejection_reason = ""  # why the gate refused it (node.max_associations, per host, per AE)
 
     def run_reactor(self) -> None:
         try:
@@ -675,7 +676,8 @@ class NodeAssociation(Association):
             calling = str(primitive.calling_ae_title).strip()
             refused = gate.admit(conn, calling)
             if refused:
-                logger.warning("association rejected: calling %s at %s: %s", calling, conn.host, refused)
+                self.requestor.ae_title = calling  # set by negotiation otherwise; the log and audit name it
+                self.rejection_reason = refused  # node.handlers.handle_association logs and audits it
                 # rejected-transient, service provider (presentation), local limit exceeded (PS3.8 9.3.4)
                 self.acse.send_reject(0x02, 0x03, 0x02)
                 evt.trigger(self, evt.EVT_REJECTED, {})

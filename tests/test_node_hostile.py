@@ -7,6 +7,7 @@ sets that must be refused at the door next to unusual valid ones that must still
 
 from __future__ import annotations
 
+import json
 import threading
 import time
 from collections.abc import Iterator
@@ -107,6 +108,10 @@ def test_associations_counted_when_established_and_per_peer(tmp_path: Path) -> N
         third = wait_until(lambda: _try_associate(node.port, "SCANNER3"), 10, what="a slot freed by the release")
         for s in (second, third, *stalled):
             s.close()
+    rejected = [json.loads(line) for line in (tmp_path / "var" / "audit.jsonl").read_text().splitlines()
+                if '"association_rejected"' in line]
+    assert [r["calling_ae"] for r in rejected] == ["SCANNER1", "SCANNER3"]
+    assert "max_associations_per_ae" in rejected[0]["reason"] and "max_associations" in rejected[1]["reason"]
     cfg = write_config(tmp_path / "per-host", node={"max_associations_per_host": 1})
     with running_node(cfg) as node:
         one = associated(node.port, calling="A")
