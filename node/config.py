@@ -149,9 +149,15 @@ class NodeConfig(_Model):
     database: str = ""  # SQLAlchemy URL; empty: sqlite file in storage
     allowed_calling_aets: tuple[str, ...] = ()  # empty: any
     allowed_hosts: tuple[str, ...] = ()  # IPs or CIDR networks; empty: any
-    max_pdu: int = Field(262_144, ge=0)  # 0: unlimited
-    max_associations: int = Field(16, ge=1)
-    network_timeout: float = Field(60.0, gt=0)
+    max_pdu: int = Field(262_144, ge=0)  # maximum PDU length announced and enforced on receipt; 0: unlimited
+    max_associations: int = Field(16, ge=1)  # established associations at once (handshakes do not count)
+    max_pending_associations: int = Field(32, ge=1)  # connections still in their handshake; the oldest goes when full
+    max_associations_per_host: int = Field(0, ge=0)  # established associations per peer address; 0: no own limit
+    max_associations_per_ae: int = Field(0, ge=0)  # established associations per calling AE title; 0: no own limit
+    association_timeout: float = Field(10.0, gt=0)  # accept -> complete A-ASSOCIATE-RQ (TLS handshake included)
+    network_timeout: float = Field(60.0, gt=0)  # idle time between messages before the association is aborted
+    dimse_timeout: float = Field(30.0, gt=0)  # longest pause inside a PDU, or a send the peer does not read
+    max_dataset_bytes: int = Field(1 << 30, ge=1024)  # longest data set (inflated if deflated); longer: 0xA700
     min_free_bytes: int = Field(512 * 1024 * 1024, ge=0)  # refuse instances below this free space
     fsync: bool = True
     tls: NodeTlsConfig = NodeTlsConfig()

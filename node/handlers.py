@@ -11,6 +11,7 @@ import functools
 import logging
 import threading
 import time
+import zlib
 from collections.abc import Sequence
 from io import BytesIO
 from typing import Any, cast
@@ -21,7 +22,15 @@ from pynetdicom.dimse_primitives import C_STORE
 from pynetdicom.events import Event
 from pynetdicom.status import Status
 
-from node.header import HeaderError, HeaderReader, file_meta_bytes, readable_here
+from node.header import (
+    HeaderError,
+    HeaderReader,
+    ImageError,
+    ImageFacts,
+    check_image,
+    file_meta_bytes,
+    readable_here,
+)
 from node.index import META_KEYWORDS, ROUTING_KEYWORDS, Index, InstanceMeta, InvalidInstance
 from node.logs import AuditLog
 from node.storage import OutOfSpace, Storage
@@ -94,6 +103,10 @@ def handle_store(event: Event, store: Storage, index: Index, audit: AuditLog,
     # The header is read first (a fraction of a millisecond, see node.header), so that a refused
     # instance is never written; then the file is written durably and indexed.
     t0 = time.perf_counter()
+    dropped = int(getattr(event.request, "dropped_bytes", 0) or 0)
+    if dropped:  # node.transport dropped the data set as it arrived: over node.max_dataset_bytes
+        return outcome(OUT_OF_RESOURCES, f"data set of {dropped} bytes over node.max_dataset_bytes "
+                                         f"({_max_dataset_bytes(event)})")
     try:
         request = cast(C_STORE, event.request)
         syntax = event.context.transfer_syntax
@@ -105,7 +118,10 @@ def handle_store(event: Event, store: Storage, index: Index, audit: AuditLog,
         return outcome(CANNOT_UNDERSTAND, f"unreadable request: {type(e).__name__}: {e}")
     with stream.getbuffer() as body:  # the encoded dataset, not copied
         try:
-            meta = InstanceMeta.from_text(_header(event, body, extra_keywords), extra_keywords)
+            texts, facts = _header(event, body, extra_keywords)
+            meta = InstanceMeta.from_text(texts, extra_keywords)
+        except TooLarge as e:
+            return outcome(OUT_OF_RESOURCES, str(e))
         except HeaderError as e:
             return outcome(CANNOT_UNDERSTAND, f"unreadable dataset: {e}")
         except InvalidInstance as e:
@@ -115,6 +131,15 @@ def handle_store(event: Event, store: Storage, index: Index, audit: AuditLog,
         if rq_sop and meta.sop_instance_uid != rq_sop:
             return outcome(DATASET_MISMATCH, "SOPInstanceUID differs from Affected SOP Instance UID",
                            sop=meta.sop_instance_uid)
+        rq_class = str(request.AffectedSOPClassUID or "")
+        if rq_class and meta.sop_class_uid != rq_class:
+            return outcome(DATASET_MISMATCH, "data set's SOP Class UID differs from Affected SOP Class UID",
+                           sop=meta.sop_instance_uid, sop_class_uid=meta.sop_class_uid[:64])
+        if facts is not None:
+            try:
+                check_image(facts, meta.sop_class_uid, bool(event.context.transfer_syntax.is_implicit_VR))
+            except ImageError as e:
+                return outcome(DATASET_MISMATCH, str(e), sop=meta.sop_instance_uid)
         try:
             stored = store.stage_instance(meta.study_uid, meta.series_uid, meta.sop_instance_uid, (head, body))
         except OutOfSpace as e:
@@ -148,17 +173,68 @@ def _reader(extra_keywords: tuple[str, ...]) -> HeaderReader:
     return HeaderReader.for_keywords((*META_KEYWORDS, *ROUTING_KEYWORDS, *extra_keywords))
 
 
-def _header(event: Event, body: memoryview, extra_keywords: Sequence[str]) -> dict[str, str]:
-    """The text of the attributes InstanceMeta needs: read straight from the encoded little endian
-    dataset (see :mod:`node.header`), or from pydicom's decoding for deflated and big endian ones."""
+def _header(event: Event, body: memoryview,
+            extra_keywords: Sequence[str]) -> tuple[dict[str, str], ImageFacts | None]:
+    """The text of the attributes InstanceMeta needs and the data set's :class:`ImageFacts`: read straight
+    from the encoded little endian dataset (see :mod:`node.header`; a deflated one is inflated first, with a
+    cap), or from pydicom's decoding for big endian ones (no image facts then)."""
     syntax = event.context.transfer_syntax
     if readable_here(syntax):
-        return _reader(tuple(extra_keywords)).read(body, bool(syntax.is_implicit_VR))
+        return _reader(tuple(extra_keywords)).read_instance(body, bool(syntax.is_implicit_VR))
+    if syntax.is_deflated:  # inflated here, with a cap, then read as explicit VR little endian
+        return _reader(tuple(extra_keywords)).read_instance(inflate(body, _max_dataset_bytes(event)), False)
     ds = event.dataset
     broken = truncation(ds)
     if broken:
         raise HeaderError(broken)
-    return InstanceMeta.text_of(ds, extra_keywords)
+    return InstanceMeta.text_of(ds, extra_keywords), None
+
+
+class TooLarge(ValueError):
+    """The data set is longer than node.max_dataset_bytes."""
+
+
+INFLATE_CHUNK = 4 * 1024 * 1024
+
+
+def inflate(data: bytes | memoryview, cap: int) -> bytes:
+    """The deflated data set ``data`` (PS3.5 A.5: raw deflate) inflated.
+
+    Two passes: the first inflates in pieces of at most ``INFLATE_CHUNK`` and keeps nothing, only counting,
+    and raises :class:`TooLarge` as soon as the count passes ``cap`` (a deflate bomb costs one piece of
+    memory and some CPU, never its inflated size); the second, for a data set within the cap, keeps the
+    output.  :class:`HeaderError` when the stream is broken."""
+    _inflated_size(data, cap)
+    try:
+        return zlib.decompress(data, -zlib.MAX_WBITS)
+    except zlib.error as e:
+        raise HeaderError(f"deflated data set broken: {e}") from e
+
+
+def _inflated_size(data: bytes | memoryview, cap: int) -> int:
+    inflater = zlib.decompressobj(-zlib.MAX_WBITS)
+    size = 0
+    pending: bytes | memoryview = data
+    try:
+        while pending:
+            size += len(inflater.decompress(pending, INFLATE_CHUNK))
+            if size > cap:
+                raise TooLarge(f"inflated data set over node.max_dataset_bytes ({cap})")
+            pending = inflater.unconsumed_tail
+        size += len(inflater.flush())
+    except zlib.error as e:
+        raise HeaderError(f"deflated data set broken: {e}") from e
+    if size > cap:
+        raise TooLarge(f"inflated data set over node.max_dataset_bytes ({cap})")
+    return size
+
+
+def _max_dataset_bytes(event: Event) -> int:
+    limits = getattr(getattr(event.assoc, "dimse", None), "limits", None)
+    return int(limits.max_dataset_bytes) if limits is not None else DEFAULT_MAX_DATASET_BYTES
+
+
+DEFAULT_MAX_DATASET_BYTES = 1 << 30  # without a node.transport.ConnectionGate (tests' plain servers)
 
 
 def _encoded_dataset(event: Event) -> BytesIO:
@@ -202,5 +278,8 @@ def handle_association(event: Event, audit: AuditLog, open_associations: OpenAss
     what = names.get(event.event, event.event.name)
     called = str(event.assoc.acceptor.ae_title).strip()
     level = logging.WARNING if what in ("rejected", "aborted") else logging.INFO
-    logger.log(level, "association %s: calling %s at %s, called %s", what, calling, peer, called)
-    audit.write(f"association_{what}", calling_ae=calling, peer=peer, called_ae=called)
+    reason = str(getattr(event.assoc, "rejection_reason", "") or "") if what == "rejected" else ""
+    logger.log(level, "association %s: calling %s at %s, called %s%s", what, calling, peer, called,
+               f" ({reason})" if reason else "")
+    audit.write(f"association_{what}", calling_ae=calling, peer=peer, called_ae=called,
+                **({"reason": reason} if reason else {}))

@@ -15,7 +15,7 @@ import struct
 import threading
 import time
 from collections.abc import Callable, Sequence
-from typing import Any
+from typing import Any, cast
 
 from pydicom.uid import (
     JPEG2000,
@@ -52,7 +52,7 @@ from node.config import Config, NodeConfig
 from node.index import Index
 from node.logs import AuditLog
 from node.storage import Storage
-from node.transport import STANDARD_LOG_HANDLERS, NodeRequestHandler
+from node.transport import STANDARD_LOG_HANDLERS, ConnectionGate, Limits, NodeRequestHandler
 
 logger = logging.getLogger(__name__)
 
@@ -73,6 +73,8 @@ TRANSFER_SYNTAXES: tuple[UID, ...] = (
     JPEG2000Lossless, JPEG2000, RLELossless, JPEGBaseline8Bit, JPEGExtended12Bit,
 )
 
+
+STOP_GRACE = 4.0  # seconds stop() gives aborted associations to end before cutting their connections
 
 # A-ASSOCIATE-RJ PDU (PS3.8 9.3.4): type 0x03, length 4; result 1 rejected-permanent,
 # source 1 DICOM UL service-user, reason 1 no-reason-given (there is none for addresses).
@@ -100,16 +102,23 @@ class HostAllowList:
 
 
 class NodeServer(ThreadedAssociationServer):
-    """pynetdicom's threaded server with TCP_NODELAY on accepted sockets and an address allow-list."""
+    """pynetdicom's threaded server with TCP_NODELAY on accepted sockets, an address allow-list, a
+    :class:`node.transport.ConnectionGate` (timeouts, handshake and association limits) and the TLS handshake
+    in the connection's own thread.
+
+    The accept loop only accepts: the allow-list, the TLS handshake (bounded by ``association_timeout``)
+    and everything after run in the connection's thread, so no peer can hold the loop up."""
 
     daemon_threads = True
     allow_list: HostAllowList = HostAllowList(())
     audit: AuditLog = AuditLog(None)
     tcp_nodelay: bool = True
     recv_buffer: int = 4 * 1024 * 1024
+    gate: ConnectionGate = ConnectionGate(Limits())
 
     def get_request(self) -> tuple[socket.socket, tuple[str, int]]:
-        sock, address = super().get_request()
+        # pynetdicom's get_request wraps the socket in TLS here, in the accept loop: not here
+        sock, address = cast(socket.socket, self.socket).accept()
         if self.tcp_nodelay:
             sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         if self.recv_buffer:
@@ -121,11 +130,35 @@ class NodeServer(ThreadedAssociationServer):
         if not self.allow_list.allows(host):
             self._reject_address(request, client_address)
             return
-        super().process_request_thread(request, client_address)
+        conn = self.gate.open(request, host)
+        if self.ssl_context is not None:
+            request.settimeout(self.gate.limits.association_timeout)
+            try:
+                request = self.ssl_context.wrap_socket(request, server_side=True, do_handshake_on_connect=False)
+                self.gate.rebind(conn, request)
+                request.do_handshake()
+            except (OSError, ValueError) as e:
+                logger.warning("TLS handshake with %s:%s failed: %s", host, client_address[1], e)
+                self.gate.close(conn)
+                self.shutdown_request(request)
+                return
+        try:
+            super().process_request_thread(request, client_address)
+        except BaseException:
+            self.gate.close(conn)
+            raise
+        if self.gate.find(request) is conn and not [a for a in self.active_associations
+                                                     if getattr(a, "connection", None) is conn]:
+            self.gate.close(conn)  # no association thread took it (an error while creating it)
 
     def _reject_address(self, request: socket.socket, client_address: tuple[str, int]) -> None:
         peer = f"{client_address[0]}:{client_address[1]}"
         calling = ""
+        if self.ssl_context is not None:  # a TLS peer: nothing to say in clear text
+            self.shutdown_request(request)
+            logger.warning("connection from %s closed: address not in node.allowed_hosts", peer)
+            self.audit.write("association_rejected", calling_ae="", peer=peer, reason="address not allowed")
+            return
         try:
             request.settimeout(5)
             header = request.recv(6)
@@ -156,14 +189,23 @@ def build_ae(cfg: NodeConfig) -> AE:
     for sop in STORAGE_CLASSES:
         ae.add_supported_context(sop, list(TRANSFER_SYNTAXES))
     ae.maximum_pdu_size = cfg.max_pdu
-    ae.maximum_associations = cfg.max_associations
+    # the gate (node.transport.ConnectionGate) counts established associations; pynetdicom's own check counts
+    # every connection thread, handshakes included, so it is set out of the gate's way
+    ae.maximum_associations = cfg.max_associations + cfg.max_pending_associations + 64
     ae.network_timeout = cfg.network_timeout
-    ae.acse_timeout = cfg.network_timeout
-    ae.dimse_timeout = cfg.network_timeout
+    ae.acse_timeout = cfg.association_timeout
+    ae.dimse_timeout = cfg.dimse_timeout
     # "AET" or "AET@network" (node.access): pynetdicom checks the titles, the access handler the pairs
     ae.require_calling_aet = list(dict.fromkeys(a.partition("@")[0].strip() for a in cfg.allowed_calling_aets))
     ae.require_called_aet = False
     return ae
+
+
+def limits_of(cfg: NodeConfig) -> Limits:
+    return Limits(association_timeout=cfg.association_timeout, dimse_timeout=cfg.dimse_timeout,
+                  max_associations=cfg.max_associations, max_pending=cfg.max_pending_associations,
+                  max_per_host=cfg.max_associations_per_host, max_per_ae=cfg.max_associations_per_ae,
+                  max_pdu=cfg.max_pdu, max_dataset_bytes=cfg.max_dataset_bytes)
 
 
 def event_handlers(store: Storage, index: Index, audit: AuditLog, extra_keywords: Sequence[str] = (),
@@ -227,6 +269,7 @@ class DicomServer:
         for event, handler in STANDARD_LOG_HANDLERS:
             server.unbind(event, handler)
         server.allow_list = HostAllowList(cfg.allowed_hosts)
+        server.gate = ConnectionGate(limits_of(cfg))
         server.audit = self._audit
         self.ae._servers.append(server)
         self._thread = threading.Thread(target=server.serve_forever, name="dicom-acceptor", daemon=True)
@@ -240,20 +283,31 @@ class DicomServer:
         return len(self.server.active_associations) if self.server is not None else 0
 
     def stop(self, timeout: float = 30.0, wait: Callable[[float], None] = time.sleep) -> None:
-        """Stop accepting, let in-flight associations finish (up to ``timeout``), then abort the rest."""
+        """Stop accepting, close connections still in their handshake, let established associations finish
+        (up to ``timeout``), then abort the rest: returns within about ``timeout`` + ``STOP_GRACE`` seconds
+        whatever the peers do."""
         server = self.server
         if server is None:
             return
         self.server = None
         server.shutdown()  # stops serve_forever and closes the listening socket
+        server.gate.shutdown(pending_only=True)
         deadline = time.monotonic() + timeout
-        # connections that never sent an A-ASSOCIATE-RQ (port probes) are not in flight
         while any(a.is_established for a in server.active_associations) and time.monotonic() < deadline:
             wait(0.05)
         left = server.active_associations
         for assoc in left:
             logger.warning("aborting association with %s still open at shutdown", assoc.requestor.ae_title)
-            assoc.abort()
+            # Association.abort waits for the peer; in a thread of its own so that none of them holds stop() up
+            threading.Thread(target=assoc.abort, name="prognode-abort", daemon=True).start()
+        grace = time.monotonic() + STOP_GRACE / 2
+        while server.active_associations and time.monotonic() < grace:
+            wait(0.05)
+        if server.active_associations:  # peers that neither answer nor read: cut the connections
+            server.gate.shutdown()
+            grace = time.monotonic() + STOP_GRACE / 2
+            while server.active_associations and time.monotonic() < grace:
+                wait(0.05)
         if self._thread is not None:
-            self._thread.join(5)
+            self._thread.join(1)
         logger.info("DICOM SCP stopped")

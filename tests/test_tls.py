@@ -474,3 +474,32 @@ def test_node_scp_over_tls_with_dcmtk(tmp_path: Path, pki: Pki) -> None:
     assert [r["calling_ae"] for r in rejected] == ["CT9", "OTHER"]
     assert "client.test" in rejected[0]["reason"] and "calling_aet_names" in rejected[1]["reason"]
     assert len(list((cfg.storage_dir).rglob("*.dcm"))) == 2
+
+
+def test_silent_tls_clients_do_not_block_accepts(tmp_path: Path, pki: Pki) -> None:
+    """The TLS handshake runs in the connection's own thread with node.association_timeout: clients that
+    connect and say nothing (or send garbage instead of a ClientHello) neither stop dcmtk's echoscu +tls
+    from getting through at once nor stay open past the timeout."""
+    need("echoscu")
+    from node.index import Index
+    from node.server import DicomServer
+    from node.storage import Storage
+    from tests.probes import closed_within, connect, stalled_connections
+
+    cfg = node_config(tmp_path, pki)
+    cfg = config_mod.load(tmp_path / "config.toml", [f"node.association_timeout={1.5}"])
+    db = Database(cfg.database_url)
+    server = DicomServer(cfg, Storage(cfg.storage_dir), Index(db, cfg.storage_dir), AuditLog(None),
+                         server_context(cfg.node.tls, cfg.base_dir)).start()
+    port = cfg.node.port
+    silent = [connect(port) for _ in range(5)] + stalled_connections(port, 3)
+    try:
+        good = ["+tls", str(pki.client_key), str(pki.client_cert), "+cf", str(pki.ca), "-to", "5", "-ta", "5"]
+        assert _dcmtk("echoscu", port, "ECHOSCU", good).returncode == 0
+        assert closed_within(silent, 10)[0] == len(silent)
+        assert _dcmtk("echoscu", port, "ECHOSCU", good).returncode == 0
+    finally:
+        for s in silent:
+            s.close()
+        server.stop(timeout=2)
+        db.dispose()
