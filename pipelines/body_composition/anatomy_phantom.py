@@ -265,21 +265,40 @@ _HU: Mapping[str, tuple[float, float, float]] = {
 
 def _superellipse(x: NDArray[np.float64], y: NDArray[np.float64], cx: float, cy: float, a: float, b: float,
                   p_front: float = 2.1, p_back: float = 2.6) -> NDArray[np.bool_]:
-    dx = np.abs(x - cx) / max(a, 1e-3)
-    dy = (y - cy) / max(b, 1e-3)
-    p = np.where(dy > 0, p_back, p_front)
-    return np.asarray(dx**p + np.abs(dy) ** p <= 1.0)
+    """Trunk-like outline: a superellipse, boxier behind (``p_back``) than in front."""
+    out = np.zeros(x.shape, dtype=bool)
+    if a <= 0 or b <= 0:
+        return out
+    xs, ys = x[0], y[:, 0]
+    ix = np.searchsorted(xs, [cx - a, cx + a])
+    for lo, hi, p in ((cy - b, cy, p_front), (cy, cy + b, p_back)):
+        iy = np.searchsorted(ys, [lo, hi])
+        sub = (slice(int(iy[0]), int(iy[1])), slice(int(ix[0]), int(ix[1])))
+        dx = np.abs(x[sub] - cx) / a
+        dy = np.abs(y[sub] - cy) / b
+        out[sub] = dx**p + dy**p <= 1.0
+    return out
 
 
 def _ell(x: NDArray[np.float64], y: NDArray[np.float64], cx: float, cy: float, a: float, b: float,
          angle_deg: float = 0.0) -> NDArray[np.bool_]:
+    """Filled ellipse on the meshgrid ``x``, ``y`` (evaluated only inside its bounding box)."""
+    out = np.zeros(x.shape, dtype=bool)
     if a <= 0 or b <= 0:
-        return np.zeros(np.broadcast(x, y).shape, dtype=bool)
+        return out
+    r = max(a, b)
+    xs, ys = x[0], y[:, 0]
+    ix = np.searchsorted(xs, [cx - r, cx + r])
+    iy = np.searchsorted(ys, [cy - r, cy + r])
+    if ix[0] >= ix[1] or iy[0] >= iy[1]:
+        return out
+    sub = (slice(int(iy[0]), int(iy[1])), slice(int(ix[0]), int(ix[1])))
     t = np.deg2rad(angle_deg)
-    dx, dy = x - cx, y - cy
+    dx, dy = x[sub] - cx, y[sub] - cy
     u = dx * np.cos(t) + dy * np.sin(t)
     v = -dx * np.sin(t) + dy * np.cos(t)
-    return np.asarray((u / a) ** 2 + (v / b) ** 2 <= 1.0)
+    out[sub] = (u / a) ** 2 + (v / b) ** 2 <= 1.0
+    return out
 
 
 def _smooth_interp(zq: float, zs: NDArray[np.float64], vs: NDArray[np.float64]) -> float:
@@ -329,34 +348,33 @@ def _column(spine: SpineModel, shift: NDArray[np.float64]) -> _Column:
 
 
 def _tube(points: NDArray[np.float64], radius: NDArray[np.float64], x: NDArray[np.float64],
-          y: NDArray[np.float64], z: NDArray[np.float64]) -> tuple[NDArray[np.float64], NDArray[np.int64],
-                                                                    NDArray[np.bool_]]:
-    """Rasterise a tube (polyline ``points`` (n, 3) with per-point radius) on the grid.
+          y: NDArray[np.float64], z: NDArray[np.float64]) -> tuple[tuple[slice, slice, slice], NDArray[np.float64],
+                                                                    NDArray[np.int64]]:
+    """Rasterise a tube (polyline ``points`` (n, 3) of x, y, z with per-point radius) on a grid.
 
-    Returns (distance to the centre line / radius, nearest point index, inside) for every voxel
-    of the grid, via a KD-tree on the centre line restricted to the tube's bounding box.
+    Returns the tube's bounding box on the grid (slices into [z, y, x]) and, inside it, the
+    distance to the centre line over the local radius (inside where <= 1) and the index of the
+    nearest centre-line point (-1 far away), via a KD-tree on the centre line.
     """
     from scipy.spatial import cKDTree
 
-    shape = (len(z), len(y), len(x))
-    rel = np.full(shape, np.inf)
-    idx = np.full(shape, -1, dtype=np.int64)
     rmax = float(radius.max())
     lo, hi = points.min(0) - rmax, points.max(0) + rmax
-    kz = np.nonzero((z >= lo[2]) & (z <= hi[2]))[0]
-    ky = np.nonzero((y >= lo[1]) & (y <= hi[1]))[0]
-    kx = np.nonzero((x >= lo[0]) & (x <= hi[0]))[0]
-    if not (len(kz) and len(ky) and len(kx)):
-        return rel, idx, rel < 1.0
-    zz, yy, xx = np.meshgrid(z[kz], y[ky], x[kx], indexing="ij")
+
+    def rng(a: NDArray[np.float64], lo_: float, hi_: float) -> slice:
+        i = np.nonzero((a >= lo_) & (a <= hi_))[0]
+        return slice(int(i[0]), int(i[-1]) + 1) if len(i) else slice(0, 0)
+
+    box = (rng(z, lo[2], hi[2]), rng(y, lo[1], hi[1]), rng(x, lo[0], hi[0]))
+    zz, yy, xx = np.meshgrid(z[box[0]], y[box[1]], x[box[2]], indexing="ij")
+    if zz.size == 0:
+        return box, np.full(zz.shape, np.inf), np.full(zz.shape, -1, dtype=np.int64)
     q = np.stack([xx.ravel(), yy.ravel(), zz.ravel()], axis=1)
     d, i = cKDTree(points).query(q, distance_upper_bound=rmax)
     ok = np.isfinite(d)
-    r = np.where(ok, d / radius[np.minimum(i, len(radius) - 1)], np.inf)
-    sub = np.ix_(kz, ky, kx)
-    rel[sub] = r.reshape(zz.shape)
-    idx[sub] = np.where(ok, i, -1).reshape(zz.shape)
-    return rel, idx, rel <= 1.0
+    ii = np.minimum(i, len(radius) - 1)
+    rel = np.where(ok, d / radius[ii], np.inf).reshape(zz.shape)
+    return box, rel, np.where(ok, i, -1).reshape(zz.shape)
 
 
 def _rib_path(col: _Column, vz: float, side: float, which: int, trunk: dict[str, float]) -> tuple[
@@ -398,7 +416,7 @@ class _Builder:
         neck = spec.region == "neck"
         self.neck = neck
         src = spec.spine or ("gl003" if neck else "verse004")
-        self.spine = load_spine(src, sacrum=not neck, sacralised_l5=spec.sacralised_l5)
+        self.spine = load_spine(src, not neck, spec.sacralised_l5)
         # world frame: spine midline at x = 0; body centre of L3 (or C4) at y = 0; z kept from the source
         ref = self.spine.vertebrae.get(NUMBERS["C4" if neck else "L3"]) or self.spine.ordered()[len(
             self.spine.vertebrae) // 2]
@@ -426,7 +444,7 @@ class _Builder:
         self.y = c.copy() + (10.0 if not neck else 5.0)
         self.X, self.Y = np.meshgrid(self.x, self.y)
         # sub-planes across the slice thickness (odd count, the middle one carries the labels)
-        nsub = max(1, int(np.ceil(spec.slice_mm / 1.25)))
+        nsub = max(1, int(np.ceil(spec.slice_mm / 2.0)))
         nsub += 1 - nsub % 2
         self.nsub = nsub
         offs = (np.arange(nsub) - (nsub - 1) / 2.0) * (spec.slice_mm / nsub)
@@ -559,9 +577,11 @@ class _Builder:
                 trunk = self.trunk(min(vz, zmax))
                 for side in (1.0, -1.0):
                     path, rad, ci = _rib_path(self.col, vz, side, which, trunk)
-                    rel, idx, inside = _tube(path, rad, self.x, self.y, self.zf)
-                    owner[inside & (owner == 0)] = v
-                    cart |= inside & (idx >= ci)
+                    box, rel, idx = _tube(path, rad, self.x, self.y, self.zf)
+                    inside = rel <= 1.0
+                    ob = owner[box]
+                    ob[inside & (ob == 0)] = v
+                    cart[box] |= inside & (idx >= ci)
         if not self.neck:
             bowel = self._bowel(shape)
         return {"rib_owner": owner, "rib_cart": cart, "bowel": bowel}
@@ -587,25 +607,29 @@ class _Builder:
             pts = np.stack([x0 + ax * np.sin(t + ph[0]), y0 + ay * np.sin(2 * t + ph[1]),
                             zc + az * np.sin(t + ph[2]) * np.cos(t)], axis=1)
             r = rng.uniform(9.0, 13.0)
-            rel, idx, inside = _tube(pts, np.full(len(pts), r), self.x, self.y, self.zf)
+            box, rel, idx = _tube(pts, np.full(len(pts), r), self.x, self.y, self.zf)
+            inside = rel <= 1.0
             gas_frac = rng.choice([0.0, 0.0, 0.3, 0.5])
             lumen = rel <= (r - 2.0) / r
-            yy = self.y[None, :, None]
+            yy = self.y[box[1]][None, :, None]
             cy = np.where(idx >= 0, pts[np.maximum(idx, 0), 1], 0.0)
             gas = lumen & (yy < cy - r * (1 - 2 * gas_frac)) if gas_frac > 0 else np.zeros_like(lumen)
-            free = out == 0
-            out[inside & free] = LABELS["small_bowel"]
-            out[gas & (out == LABELS["small_bowel"])] = LABELS["bowel_gas"]
+            ob = out[box]
+            new = inside & (ob == 0)
+            ob[new] = LABELS["small_bowel"]
+            ob[new & gas] = LABELS["bowel_gas"]
         # transverse colon across the front at L1-L2, against the anterior wall
         zc = zl.get("L2", z_top) + 12.0
         tr = self.trunk(zc)
         t = np.linspace(-1, 1, 80)
         pts = np.stack([t * tr["a_in"] * 0.75, (tr["yc_in"] - tr["b_in"]) + 22.0 + 10 * t**2,
                         zc + 8 * np.sin(3 * t)], axis=1)
-        rel, idx, inside = _tube(pts, np.full(len(pts), 20.0), self.x, self.y, self.zf)
-        gasm = (rel <= 0.85) & (self.y[None, :, None] < np.where(idx >= 0, pts[np.maximum(idx, 0), 1], 0) + 4.0)
-        out[inside] = LABELS["colon"]
-        out[gasm] = LABELS["bowel_gas"]
+        box, rel, idx = _tube(pts, np.full(len(pts), 20.0), self.x, self.y, self.zf)
+        gasm = (rel <= 0.85) & (self.y[box[1]][None, :, None] < np.where(idx >= 0, pts[np.maximum(idx, 0), 1], 0)
+                                 + 4.0)
+        ob = out[box]
+        ob[rel <= 1.0] = LABELS["colon"]
+        ob[gasm] = LABELS["bowel_gas"]
         return out
 
     def _plane(self, k: int, z: float) -> NDArray[np.uint8]:
@@ -627,7 +651,7 @@ class _Builder:
         left = X > 0
         lab[fascia & left] = L["wall_left"]
         lab[fascia & ~left] = L["wall_right"]
-        cav = _superellipse(X, Y, 0.0, fy + 4.0, fa - h.wall, fb - 11.0, 2.0, 2.4)
+        cav = _superellipse(X, Y, 0.0, fy + 4.0, fa - h.wall, fb - 11.0, 2.0, 2.4) & (Y < t["tp_y"] - 2.0)
         # rectus in front: the band in front of the cavity within 75 mm of the midline
         rect = fascia & ~cav & (Y < fy - 0.45 * fb) & (np.abs(X) < 75.0 * h.muscle_scale)
         lab[rect & left] = L["rectus_left"]
@@ -810,9 +834,16 @@ class _Builder:
             tr = self.trunk(float(z))
             dz = crest - z
             for side in (1.0, -1.0):
-                si = np.array([side * (s.ala_half_width - 4.0), top[1] + 10.0])
-                ant = np.array([side * (tr["a_in"] - 18.0 - 0.25 * dz), tr["yc_in"] - 0.25 * tr["b_in"] + 0.3 * dz])
-                ctrl = np.array([side * (tr["a_in"] + 8.0), top[1] + 25.0])
+                # from the posterior iliac spine (behind the sacroiliac joint) out and forward to the
+                # anterior superior spine, slightly convex outward (the iliac fossa faces in and forward)
+                si = np.array([side * (s.ala_half_width - 6.0), top[1] + 28.0])
+                ant = np.array([side * (tr["a_in"] - 22.0 - 0.3 * dz), tr["yc_in"] - 0.15 * tr["b_in"] + 0.4 * dz])
+                mid = 0.5 * (si + ant)
+                tang = ant - si
+                out_n = np.array([tang[1], -tang[0]]) / (np.linalg.norm(tang) + 1e-9)
+                if out_n[0] * side < 0:
+                    out_n = -out_n
+                ctrl = mid + 22.0 * out_n
                 u = np.linspace(0, 1, 60)
                 pts = ((1 - u) ** 2)[:, None] * si + (2 * u * (1 - u))[:, None] * ctrl + (u**2)[:, None] * ant
                 # the crest is highest laterally: the ends of the arc start lower
@@ -820,15 +851,20 @@ class _Builder:
                 keep = z <= ztop
                 if not keep.any():
                     continue
-                th = 4.0 + 14.0 * (1 - u) ** 3
+                th = 3.5 + 9.0 * (1 - u) ** 3
                 from scipy.spatial import cKDTree
 
                 tree = cKDTree(pts[keep])
-                q = np.stack([X.ravel(), Y.ravel()], axis=1)
+                lo, hi = pts[keep].min(0) - 36.0, pts[keep].max(0) + 36.0
+                ix = np.searchsorted(self.x, [lo[0], hi[0]])
+                iy = np.searchsorted(self.y, [lo[1], hi[1]])
+                box = (slice(int(iy[0]), int(iy[1])), slice(int(ix[0]), int(ix[1])))
+                Xb, Yb = X[box], Y[box]
+                q = np.stack([Xb.ravel(), Yb.ravel()], axis=1)
                 d, i = tree.query(q, distance_upper_bound=30.0)
                 ok = np.isfinite(d)
                 thk = np.where(ok, th[keep][np.minimum(i, keep.sum() - 1)], 0.0)
-                wing = (ok & (d <= thk)).reshape(X.shape)
+                wing = (ok & (d <= thk)).reshape(Xb.shape)
                 # iliacus on the inner (anteromedial) face, gluteal muscles on the outer face
                 nrm = np.zeros((len(pts), 2))
                 tang = np.gradient(pts, axis=0)
@@ -839,14 +875,15 @@ class _Builder:
                 dirv = (q - cen)
                 dotin = (dirv * inward[keep][np.minimum(i, keep.sum() - 1)]).sum(axis=1)
                 band = ok & (d > thk) & (d <= thk + (16.0 if dz > 8 else 6.0))
-                inner = (band & (dotin > 0)).reshape(X.shape)
-                outer = (band & (dotin <= 0)).reshape(X.shape)
-                soft = ~np.isin(lab[k], [L[b] for b in BONES] + [L["disc"], L["canal_csf"], L["cord"], L["costal_cartilage"],
-                                                                   L["skin"], L["sat"]])
-                inside_body = lab[k] > 0
-                lab[k][inner & soft & inside_body] = L["iliacus_left" if side > 0 else "iliacus_right"]
-                lab[k][outer & soft & inside_body] = L["gluteal_left" if side > 0 else "gluteal_right"]
-                lab[k][wing & inside_body & (lab[k] != L["sacrum"])] = L["ilium"]
+                inner = (band & (dotin > 0)).reshape(Xb.shape)
+                outer = (band & (dotin <= 0)).reshape(Xb.shape)
+                plane = lab[k][box]
+                soft = ~np.isin(plane, [L[b] for b in BONES] + [L["disc"], L["canal_csf"], L["cord"],
+                                                                L["costal_cartilage"], L["skin"], L["sat"]])
+                inside_body = plane > 0
+                plane[inner & soft & inside_body] = L["iliacus_left" if side > 0 else "iliacus_right"]
+                plane[outer & soft & inside_body] = L["gluteal_left" if side > 0 else "gluteal_right"]
+                plane[wing & inside_body & (plane != L["sacrum"])] = L["ilium"]
 
     def _arms_and_table(self, lab: NDArray[np.uint8]) -> None:
         L, spec, h = LABELS, self.spec, self.hab

@@ -246,7 +246,13 @@ def _synth_sacrum(vid: NDArray[np.uint8], l5: VertebraInfo, origin: tuple[float,
     bw, bd = hw * (1 - 0.55 * t), hd * (1 - 0.55 * t)
     body = ((dx / bw) ** 2 + (vv / bd) ** 2 <= 1.0)
     ala_w = ala * np.clip(1.0 - 0.9 * np.clip((u - 35.0) / 45.0, 0, 1), 0.15, 1)
-    alae = (np.abs(dx) <= ala_w) & (vv >= -0.2 * bd) & (vv <= bd + 22.0 - 10.0 * t)
+    # ala: wings that thin and slope backward toward the sacroiliac joint, rounded at the joint
+    lat = np.clip(np.abs(dx) - bw, 0.0, None)
+    v_lo = -0.2 * bd + 0.45 * lat
+    v_hi = bd + 20.0 - 10.0 * t - 0.12 * lat
+    alae = (np.abs(dx) <= ala_w) & (vv >= v_lo) & (vv <= v_hi) & (
+        ((np.abs(dx) - ala_w + 8.0).clip(0) / 8.0) ** 2 + ((vv - 0.5 * (v_lo + v_hi)) / (0.5 * (v_hi - v_lo) + 1e-3)) ** 2
+        <= 1.0)
     # sacral canal and its dorsal wall (laminae, median crest)
     cv = bd + 8.0 - 2.0 * t
     crx, cry = 11.0 * (1 - 0.5 * t), 5.5 * (1 - 0.4 * t)
@@ -300,9 +306,13 @@ def _disc(vid: NDArray[np.uint8], body: NDArray[np.bool_], upper: int, lower: in
     return sl, disc  # type: ignore[return-value]
 
 
-@functools.lru_cache(maxsize=8)
 def load_spine(source: str, sacrum: bool = True, sacralised_l5: bool = False) -> SpineModel:
     """The bone model of one VerSe spine (cached: a phantom's variants share it)."""
+    return _load_spine(source, bool(sacrum), bool(sacralised_l5))
+
+
+@functools.lru_cache(maxsize=8)
+def _load_spine(source: str, sacrum: bool, sacralised_l5: bool) -> SpineModel:
     if source not in SOURCES:
         raise ValueError(f"anatomical phantom: unknown spine source {source!r}; known: {sorted(SOURCES)}")
     path = DATA / SOURCES[source]
