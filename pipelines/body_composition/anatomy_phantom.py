@@ -147,7 +147,7 @@ class AnatomySpec:
     sacralised_l5: bool = False  # lumbosacral transitional vertebra
     crest_offset_mm: float = 0.0  # iliac crest relative to the L4-L5 disc
     rows: int = 256
-    fov_mm: float = 480.0
+    fov_mm: float = 0.0  # 0 = 480 mm for the abdomen (arms included), 360 mm for the neck (shoulders)
     slice_mm: float = 5.0  # thickness = spacing
     arms: bool = True
     table: bool = True
@@ -158,8 +158,12 @@ class AnatomySpec:
     age: str = "062Y"
 
     @property
+    def field_mm(self) -> float:
+        return self.fov_mm or (360.0 if self.region == "neck" else 480.0)
+
+    @property
     def pixel_mm(self) -> float:
-        return self.fov_mm / self.rows
+        return self.field_mm / self.rows
 
 
 @dataclass(frozen=True)
@@ -1044,8 +1048,8 @@ class _Builder:
         st[0] = st[2] = False
         bones = np.isin(lab, [L[b] for b in BONES])
         shell = bones & ~ndimage.binary_erosion(bones, structure=st)
-        hu[shell & ~np.isin(lab, [L[b] for b in ("humerus", "forearm_bone", "mandible", "skull", "clavicle")])] = (
-            750.0 + rng.standard_normal(int(shell.sum())).astype(np.float32)[:0].sum())
+        thin = shell & ~np.isin(lab, [L[b] for b in ("humerus", "forearm_bone", "mandible", "skull", "clavicle")])
+        hu[thin] = 750.0
         hu[shell] += rng.standard_normal(int(shell.sum())).astype(np.float32) * 80.0
         marrow = np.isin(lab, [L["humerus"], L["forearm_bone"]]) & ndimage.binary_erosion(
             np.isin(lab, [L["humerus"], L["forearm_bone"]]), structure=st, iterations=max(1, int(round(
@@ -1072,10 +1076,12 @@ class _Builder:
     def _anchor_facts(self, vert: NDArray[np.uint8], ribs: NDArray[np.uint8]) -> dict[str, object]:
         owners = sorted({int(v) for v in np.unique(ribs) if v > 0}, key=order_key)
         lowest = NAMES.get(owners[-1]) if owners else None
+        anatomy = {11: "T11", 12: "T12", 13: "L1"}[self.spec.rib_pairs]
         facts: dict[str, object] = {
             "rib_pairs": self.spec.rib_pairs,
-            "rib_owners": [NAMES[v] for v in owners],
-            "lowest_rib_bearing": lowest,
+            "rib_owners": [NAMES[v] for v in owners],  # vertebrae whose ribs appear in the images
+            "lowest_rib_bearing": anatomy,  # of the patient (T12 with 12 pairs)
+            "lowest_rib_bearing_in_view": lowest,
             "transitional": "sacralised L5" if self.spec.sacralised_l5 else None,
             "levels_in_view": [NAMES[v] for v in sorted({int(v) for v in np.unique(vert) if v > 0}, key=order_key)],
         }
