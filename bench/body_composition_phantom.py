@@ -90,6 +90,61 @@ def dice(a: np.ndarray, b: np.ndarray) -> float:
     return 2.0 * float((a & b).sum()) / s if s else float("nan")
 
 
+def tissues_at_true_level(ph: object, truth: SeriesTruth) -> dict[str, object]:
+    """The segmenter alone on the true L3 middle slice (as with a reader-confirmed level).
+
+    Uses the stage API (``ClassicalBackend.segment_slice`` with the truth's vertebral body as the
+    slice anatomy); the truth is sampled at the read volume's voxel centres in LPS, so it is right
+    for any stored orientation.  Returns {} when that API is not there (it is being rewritten).
+    """
+    from pipelines.body_composition.anatomy_phantom import COMPOSITION, LABELS, Anatomy
+    from pipelines.common.volume import SeriesToVolume
+
+    assert isinstance(ph, Anatomy)
+    try:
+        from pipelines.body_composition.stages import ClassicalBackend
+        from pipelines.body_composition.types import SliceAnatomy
+    except ImportError:
+        return {}
+    vol = SeriesToVolume().run(truth.files)
+    if hasattr(vol, "canonical_axial"):
+        vol = vol.canonical_axial()[0]
+    zs = np.array([s.position[2] for s in vol.slices])
+    k = int(np.argmin(np.abs(zs - ph.level_z["L3"])))
+    bx, by, _, hw, hd = ph.bodies["L3"]
+    _, r, c = vol.world_to_index((bx, by, zs[k]))
+    try:
+        seg = ClassicalBackend().segment_slice(vol.hu[k], vol.pixel_spacing, SliceAnatomy((r, c), hw, hd))
+    except Exception as e:  # the stage is being rewritten in parallel: report, do not fail the bench
+        return {"error": f"{type(e).__name__}: {e}"[:80]}
+    rows, cols = vol.hu.shape[1:]
+    rr, cc = np.mgrid[:rows, :cols]
+    pts = (vol.slices[k].position + cc[..., None] * vol.pixel_spacing[1] * vol.row_direction
+           + rr[..., None] * vol.pixel_spacing[0] * vol.column_direction)
+    tl = ph.labels_at(pts)
+    out: dict[str, object] = {}
+    area_px = vol.pixel_spacing[0] * vol.pixel_spacing[1] / 100.0
+    for key in KEYS:
+        t = np.isin(tl, [LABELS[n] for n in COMPOSITION[key]])
+        p = seg.masks.get(key)
+        if p is None:
+            continue
+        out[f"dice_{key}"] = dice(p, t)
+        ta = float(t.sum()) * area_px
+        out[f"area_{key}"] = 100.0 * (float(p.sum()) * area_px - ta) / ta if ta > 0 else None
+    # laterality of the segmenter's left masks in LPS
+    lat = []
+    for key in ("psoas_left", "erector_left", "psoas_right", "erector_right"):
+        p = seg.masks.get(key)
+        if p is not None and p.any():
+            x = float(pts[..., 0][p].mean())
+            lat.append((x > 0) == key.endswith("left"))
+    out["laterality"] = ("ok" if all(lat) else "WRONG") if lat else "n/a"
+    out["offset"] = 0.0
+    out["level"] = "L3*"
+    return out
+
+
 def run_variant(base: Path, spec: AnatomySpec, geometry: Geometry, options: dict[str, object],
                 cache: dict[AnatomySpec, object]) -> dict[str, object]:
     from pipelines.body_composition.pipeline import run_folder
@@ -139,6 +194,7 @@ def run_variant(base: Path, spec: AnatomySpec, geometry: Geometry, options: dict
     else:
         row["reason"] = str(s.get("reason") or "; ".join(s.get("level_notes") or []))[:110]
     row["k_found"] = sop_of
+    row["given"] = tissues_at_true_level(ph, truth)
     return row
 
 
@@ -190,6 +246,18 @@ def main(argv: list[str] | None = None) -> int:
         print(line)
     print(f"(phantoms and outputs in {base}; 'off' = found minus true L3 middle, in slices; D = Dice at the "
           "measured slice; A% = area error against the true L3 middle)")
+    print()
+    print("Tissue segmentation alone at the true L3 middle (level given, as a reader-confirmed level would):")
+    print(head + "".join(f"{'D ' + short[k]:>8}" for k in KEYS) + "".join(f"{'A% ' + short[k]:>9}" for k in KEYS))
+    for r in rows:
+        g = r.get("given") or {}
+        assert isinstance(g, dict)
+        line = f"{str(r['variant']):<28}{str(g.get('level') or '-'):>6}{'':>6} {str(g.get('laterality', '-')):>5}"
+        line += "".join(f"{f(g.get('dice_' + k), '.2f'):>8}" for k in KEYS)
+        line += "".join(f"{f(g.get('area_' + k), '+.0f'):>9}" for k in KEYS)
+        if g.get("error"):
+            line += f"  {g['error']}"
+        print(line)
     return 0
 
 

@@ -180,6 +180,21 @@ class Anatomy:
     z: NDArray[np.float64]  # slice centres (LPS z), increasing
     level_z: Mapping[str, float]  # vertebra name -> z of the middle of its body
     anchors: Mapping[str, object]
+    bodies: Mapping[str, tuple[float, float, float, float, float]] = field(default_factory=dict)
+    # vertebra name -> (x, y, z) of its body centre (LPS mm), half width and half depth (mm)
+
+    def labels_at(self, points: NDArray[np.float64]) -> NDArray[np.uint8]:
+        """Truth labels at LPS points (..., 3), nearest voxel; 0 outside the phantom's grid."""
+        px = self.spec.pixel_mm
+        c = np.rint((points[..., 0] - self.x[0]) / px).astype(np.int64)
+        r = np.rint((points[..., 1] - self.y[0]) / px).astype(np.int64)
+        dz = self.z[1] - self.z[0] if len(self.z) > 1 else 1.0
+        k = np.rint((points[..., 2] - self.z[0]) / dz).astype(np.int64)
+        n = self.labels.shape
+        ok = (c >= 0) & (c < n[2]) & (r >= 0) & (r < n[1]) & (k >= 0) & (k < n[0])
+        out = np.zeros(points.shape[:-1], dtype=np.uint8)
+        out[ok] = self.labels[k[ok], r[ok], c[ok]]
+        return out
 
 
 @dataclass(frozen=True)
@@ -523,8 +538,16 @@ class _Builder:
         ribs_mid = ribs.reshape(n, m, spec.rows, spec.rows)[:, mid].copy()
         hu = self._scanner(hu, lab)
         self.anchors.update(self._anchor_facts(vert_mid, ribs_mid))
+        bodies = {}
+        for v in self.spine.ordered():
+            name = "S1" if v.vid == SACRUM else v.name
+            if name in self.level_z:
+                c = np.asarray(v.body_centre) + self.shift
+                bodies[name] = (float(c[0]), float(c[1]), float(self.level_z[name]), float(v.half_width),
+                                float(v.half_depth))
         return Anatomy(spec=spec, labels=lab, hu=hu.astype(np.float32), vertebrae=vert_mid, ribs=ribs_mid,
-                       x=self.x, y=self.y, z=self.z, level_z=dict(self.level_z), anchors=dict(self.anchors))
+                       x=self.x, y=self.y, z=self.z, level_z=dict(self.level_z), anchors=dict(self.anchors),
+                       bodies=bodies)
 
     def _spine_on_grid(self) -> tuple[NDArray[np.uint8], NDArray[np.uint8], NDArray[np.bool_], NDArray[np.bool_],
                                       NDArray[np.bool_]]:
