@@ -26,6 +26,7 @@ import sys
 import tempfile
 import time
 from pathlib import Path
+from typing import Any
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
@@ -62,14 +63,14 @@ def _key_of(label: str) -> str | None:
     return None
 
 
-def seg_masks(seg_path: Path, truth: SeriesTruth) -> dict[str, np.ndarray]:
+def seg_masks(seg_path: Path, truth: SeriesTruth) -> dict[str, np.ndarray[Any, Any]]:
     """SEG segments as (written slices, rows, columns) masks aligned to the truth."""
     ds = pydicom.dcmread(seg_path)
     frames = ds.pixel_array
     if frames.ndim == 2:
         frames = frames[None]
     names = {int(s.SegmentNumber): _key_of(str(s.SegmentLabel)) for s in ds.SegmentSequence}
-    out: dict[str, np.ndarray] = {}
+    out: dict[str, np.ndarray[Any, Any]] = {}
     index = {uid: i for i, uid in enumerate(truth.sop_uids)}
     for f, item in enumerate(ds.PerFrameFunctionalGroupsSequence):
         seg_no = int(item.SegmentIdentificationSequence[0].ReferencedSegmentNumber)
@@ -85,7 +86,7 @@ def seg_masks(seg_path: Path, truth: SeriesTruth) -> dict[str, np.ndarray]:
     return out
 
 
-def dice(a: np.ndarray, b: np.ndarray) -> float:
+def dice(a: np.ndarray[Any, Any], b: np.ndarray[Any, Any]) -> float:
     s = int(a.sum()) + int(b.sum())
     return 2.0 * float((a & b).sum()) / s if s else float("nan")
 
@@ -221,9 +222,9 @@ def main(argv: list[str] | None = None) -> int:
         variants.append((AnatomySpec(habitus="average", sacralised_l5=True, **size), Geometry("FFS", True)))  # type: ignore[arg-type]
     cache: dict[AnatomySpec, object] = {}
     rows = []
-    for spec, g in variants:
+    for spec, geo in variants:
         t0 = time.perf_counter()
-        r = run_variant(base, spec, g, json.loads(a.options), cache)
+        r = run_variant(base, spec, geo, json.loads(a.options), cache)
         extra = ("-11ribs" if spec.rib_pairs == 11 else "") + ("-LSTV" if spec.sacralised_l5 else "")
         r["variant"] = str(r["variant"]) + extra
         rows.append(r)

@@ -24,7 +24,7 @@ from pipelines.body_composition.anatomy_phantom import (
     write_series,
 )
 from pipelines.body_composition.anatomy_spine import DATA, NUMBERS
-from pipelines.common.volume import SeriesToVolume
+from pipelines.common.volume import SeriesToVolume, Volume
 
 pytestmark = pytest.mark.skipif(not DATA.is_dir(), reason=f"VerSe masks not found at {DATA}")
 
@@ -43,7 +43,7 @@ def written(phantom: Anatomy, tmp_path_factory: pytest.TempPathFactory) -> dict[
     return {g: write_series(phantom, base / f"{g.position}{int(g.mirror_rows)}", g) for g in GEOMETRIES}
 
 
-def _volume_order(truth: SeriesTruth) -> tuple[object, list[int]]:
+def _volume_order(truth: SeriesTruth) -> tuple[Volume, list[int]]:
     vol = SeriesToVolume().run(truth.files)
     order = [truth.sop_uids.index(str(s.dataset.SOPInstanceUID)) for s in vol.slices]
     return vol, order

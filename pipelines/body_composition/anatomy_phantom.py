@@ -65,6 +65,7 @@ import logging
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TypeVar
 
 import numpy as np
 from numpy.typing import NDArray
@@ -73,6 +74,7 @@ from scipy import ndimage
 from pipelines.body_composition.anatomy_spine import NAMES, NUMBERS, SACRUM, SpineModel, load_spine, order_key
 
 log = logging.getLogger(__name__)
+_T = TypeVar("_T", bound=np.generic)
 
 LABELS: Mapping[str, int] = {
     "skin": 1, "sat": 2, "vat": 3, "imat": 4,
@@ -456,18 +458,18 @@ class _Builder:
         z_hi = vt.body_z[1] + 8.0
         z_lo = (self.level_z["S1"] - 25.0) if bottom == "S1" else vb.body_z[0] - 8.0
         n = max(2, int(round((z_hi - z_lo) / spec.slice_mm)) + 1)
-        self.z = z_lo + spec.slice_mm * np.arange(n)
+        self.z: NDArray[np.float64] = np.asarray(z_lo + spec.slice_mm * np.arange(n), dtype=np.float64)
         px = spec.pixel_mm
-        c = (np.arange(spec.rows) - (spec.rows - 1) / 2.0) * px
-        self.x = c.copy()
-        self.y = c.copy() + (10.0 if not neck else 5.0)
+        c = np.asarray((np.arange(spec.rows) - (spec.rows - 1) / 2.0) * px, dtype=np.float64)
+        self.x: NDArray[np.float64] = c.copy()
+        self.y: NDArray[np.float64] = c + (10.0 if not neck else 5.0)
         self.X, self.Y = np.meshgrid(self.x, self.y)
         # sub-planes across the slice thickness (odd count, the middle one carries the labels)
         nsub = max(1, int(np.ceil(spec.slice_mm / 2.0)))
         nsub += 1 - nsub % 2
         self.nsub = nsub
         offs = (np.arange(nsub) - (nsub - 1) / 2.0) * (spec.slice_mm / nsub)
-        self.zf = (self.z[:, None] + offs[None, :]).ravel()
+        self.zf: NDArray[np.float64] = np.asarray((self.z[:, None] + offs[None, :]).ravel(), dtype=np.float64)
         self.anchors: dict[str, object] = {}
 
     # -- per-z trunk geometry -------------------------------------------------------------------
@@ -514,28 +516,29 @@ class _Builder:
         spec = self.spec
         nz = len(self.zf)
         shape = (nz, spec.rows, spec.rows)
-        lab = np.zeros(shape, dtype=np.uint8)
+        lab: NDArray[np.uint8] = np.zeros(shape, dtype=np.uint8)
         self.tubes = self._tubes()
         for k, z in enumerate(self.zf):
             lab[k] = self._plane(k, float(z))
         vert, bone_lab, disc, canal, cord = self._spine_on_grid()
         # bones and the canal over soft tissue (muscles attach to them without a gap)
-        ribs = self.tubes["rib_owner"]
+        ribs = np.asarray(self.tubes["rib_owner"], dtype=np.uint8)
+        cart = np.asarray(self.tubes["rib_cart"], dtype=bool)
         for name, m in (("disc", disc), ("canal_csf", canal), ("cord", cord)):
             lab[m] = LABELS[name]
         lab[bone_lab > 0] = bone_lab[bone_lab > 0]
         rib = ribs > 0
-        lab[rib] = np.where(self.tubes["rib_cart"][rib], LABELS["costal_cartilage"], LABELS["rib"])
+        lab[rib] = np.where(cart[rib], LABELS["costal_cartilage"], LABELS["rib"])
         self._pelvis(lab)
         self._arms_and_table(lab)
         hu = self._hu(lab, vert)
         # thick slices: HU averaged over the sub-planes, labels from the middle one
-        n, m = len(self.z), self.nsub
-        hu = hu.reshape(n, m, spec.rows, spec.rows).mean(axis=1)
-        mid = (m - 1) // 2
-        lab = lab.reshape(n, m, spec.rows, spec.rows)[:, mid].copy()
-        vert_mid = vert.reshape(n, m, spec.rows, spec.rows)[:, mid].copy()
-        ribs_mid = ribs.reshape(n, m, spec.rows, spec.rows)[:, mid].copy()
+        n, ns = len(self.z), self.nsub
+        hu = hu.reshape(n, ns, spec.rows, spec.rows).mean(axis=1)
+        mid = (ns - 1) // 2
+        lab = lab.reshape(n, ns, spec.rows, spec.rows)[:, mid].copy()
+        vert_mid = vert.reshape(n, ns, spec.rows, spec.rows)[:, mid].copy()
+        ribs_mid = ribs.reshape(n, ns, spec.rows, spec.rows)[:, mid].copy()
         hu = self._scanner(hu, lab)
         self.anchors.update(self._anchor_facts(vert_mid, ribs_mid))
         bodies = {}
@@ -576,10 +579,9 @@ class _Builder:
     def _tubes(self) -> dict[str, NDArray[np.generic]]:
         """Ribs, transverse colon and small-bowel loops rasterised on the fine grid."""
         shape = (len(self.zf), len(self.y), len(self.x))
-        owner = np.zeros(shape, dtype=np.uint8)
-        cart = np.zeros(shape, dtype=bool)
-        bowel = np.zeros(shape, dtype=np.uint8)
-        zl = self.level_z
+        owner: NDArray[np.uint8] = np.zeros(shape, dtype=np.uint8)
+        cart: NDArray[np.bool_] = np.zeros(shape, dtype=bool)
+        bowel: NDArray[np.uint8] = np.zeros(shape, dtype=np.uint8)
         # ribs: thoracic vertebrae of the spine, extrapolated upward where the spine stops
         pairs = self.spec.rib_pairs
         owners = [NUMBERS[f"T{i}"] for i in range(1, 13)][: min(pairs, 12)]
@@ -613,9 +615,9 @@ class _Builder:
             bowel = self._bowel(shape)
         return {"rib_owner": owner, "rib_cart": cart, "bowel": bowel}
 
-    def _bowel(self, shape: tuple[int, int, int]) -> NDArray[np.uint8]:
+    def _bowel(self, shape: tuple[int, ...]) -> NDArray[np.uint8]:
         """Small-bowel loops (wall, fluid, a gas cap anterior) and the transverse colon."""
-        out = np.zeros(shape, dtype=np.uint8)
+        out: NDArray[np.uint8] = np.zeros(shape, dtype=np.uint8)
         zl = self.level_z
         z_top = zl.get("L2", zl.get("L1", 0.0))
         z_bot = zl.get("S1", z_top - 120.0) - 15.0
@@ -663,7 +665,7 @@ class _Builder:
         return self._neck_plane(k, z) if self.neck else self._abdomen_plane(k, z)
 
     def _abdomen_plane(self, k: int, z: float) -> NDArray[np.uint8]:
-        L, h, zl = LABELS, self.hab, self.level_z
+        L, h = LABELS, self.hab
         X, Y = self.X, self.Y
         t = self.trunk(z)
         lab = np.zeros(X.shape, dtype=np.uint8)
@@ -1125,7 +1127,7 @@ def make_anatomy(spec: AnatomySpec) -> Anatomy:
 
 
 # ------------------------------------------------------------------------------------------------
-def _written(a: NDArray[np.generic], geometry: Geometry) -> NDArray[np.generic]:
+def _written(a: NDArray[_T], geometry: Geometry) -> NDArray[_T]:
     """Canonical [k sup, r post, c left] -> written [instance, row, column] for ``geometry``."""
     rd, cd = geometry.directions()
     out = a
@@ -1164,7 +1166,8 @@ def write_series(ph: Anatomy, out_dir: Path, geometry: Geometry | None = None, s
     out_dir.mkdir(parents=True, exist_ok=True)
     study_uid = study_uid or generate_uid()
     series_uid, frame_uid = generate_uid(), generate_uid()
-    files, sops = [], []
+    files: list[Path] = []
+    sops: list[str] = []
     part = "NECK" if spec.region == "neck" else "ABDOMEN"
     for i in range(n):
         sop = generate_uid()
@@ -1228,7 +1231,7 @@ def write_series(ph: Anatomy, out_dir: Path, geometry: Geometry | None = None, s
         path = out_dir / f"CT{i + 1:04d}.dcm"
         ds.save_as(path, enforce_file_format=True)
         files.append(path)
-        sops.append(sop)
+        sops.append(str(sop))
     # middle of each vertebral body: the written slice nearest its z
     level_slices = {name: int(np.argmin(np.abs(zs - z))) for name, z in ph.level_z.items()
                     if zs.min() - spec.slice_mm / 2 <= z <= zs.max() + spec.slice_mm / 2}

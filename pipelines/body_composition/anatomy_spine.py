@@ -162,24 +162,24 @@ def _canal_line(vid: NDArray[np.uint8]) -> NDArray[np.float64]:
                 continue
             zz, yy, xx = np.nonzero(m)
             z = int(sl[0].start)
-            cy, cx = float(yy.mean() + sl[1].start), float(xx.mean() + sl[2].start)
+            hy, hx = float(yy.mean() + sl[1].start), float(xx.mean() + sl[2].start)
             # the canal is the largest hole near the body's midline in that plane
             prev = found.get(z)
-            score = area - 2.0 * abs(cx - cx_mid)
+            score = area - 2.0 * abs(hx - cx_mid)
             if prev is None or score > prev[2] - 2.0 * abs(prev[1] - cx_mid):
-                found[z] = (cy, cx, area)
+                found[z] = (hy, hx, area)
     if not found:
         raise ValueError("anatomical phantom: no spinal canal found in the vertebra masks")
     zs = np.array(sorted(found), dtype=np.float64)
-    cy = np.array([found[int(z)][0] for z in zs])
-    cx = np.array([found[int(z)][1] for z in zs])
-    r = np.sqrt(np.array([found[int(z)][2] for z in zs]) / np.pi)
+    cy: NDArray[np.float64] = np.array([found[int(z)][0] for z in zs])
+    cx: NDArray[np.float64] = np.array([found[int(z)][1] for z in zs])
+    r: NDArray[np.float64] = np.sqrt(np.array([found[int(z)][2] for z in zs]) / np.pi)
     # smooth along z (5 mm) to drop holes that are not the canal (foramina, partial rings)
     k = np.ones(5) / 5.0
     if len(zs) >= 5:
-        cy = np.convolve(np.pad(cy, 2, mode="edge"), k, "valid")
-        cx = np.convolve(np.pad(cx, 2, mode="edge"), k, "valid")
-        r = np.convolve(np.pad(r, 2, mode="edge"), k, "valid")
+        cy = np.asarray(np.convolve(np.pad(cy, 2, mode="edge"), k, "valid"), dtype=np.float64)
+        cx = np.asarray(np.convolve(np.pad(cx, 2, mode="edge"), k, "valid"), dtype=np.float64)
+        r = np.asarray(np.convolve(np.pad(r, 2, mode="edge"), k, "valid"), dtype=np.float64)
     allz = np.arange(nz, dtype=np.float64)
     return np.stack([allz, np.interp(allz, zs, cx), np.interp(allz, zs, cy), np.interp(allz, zs, r)], axis=1)
 
