@@ -87,7 +87,7 @@ LABELS: Mapping[str, int] = {
     "liver": 30, "spleen": 31, "kidney_left": 32, "kidney_right": 33, "stomach": 34, "colon": 35,
     "small_bowel": 36, "bowel_gas": 37, "aorta": 38, "ivc": 39, "iliac_artery": 40, "iliac_vein": 41,
     "lung": 42, "ligament": 43, "airway": 44, "thyroid": 45, "oesophagus": 46, "carotid": 47,
-    "jugular": 48, "larynx_cartilage": 49, "oral_soft_tissue": 50,
+    "jugular": 48, "larynx_cartilage": 49, "oral_soft_tissue": 50, "deep_neck_fat": 51,
     "vertebra": 60, "disc": 61, "canal_csf": 62, "cord": 63, "rib": 64, "costal_cartilage": 65,
     "sacrum": 66, "ilium": 67, "humerus": 68, "forearm_bone": 69, "mandible": 70, "skull": 71,
     "clavicle": 72, "scapula": 73,
@@ -280,7 +280,7 @@ _HU: Mapping[str, tuple[float, float, float]] = {
     "thyroid": (95, 160, 6), "oesophagus": (38, 60, 5), "vessel_neck": (42, 220, 5),
     "larynx_cartilage": (180, 180, 60), "oral_soft_tissue": (40, 60, 6), "disc": (85, 90, 6),
     "canal_csf": (10, 10, 4), "cord": (35, 36, 4), "cortex": (750, 750, 80), "costal_cartilage": (120, 125, 20),
-    "compact": (1150, 1150, 80), "table": (260, 260, 10),
+    "compact": (1150, 1150, 80), "table": (260, 260, 10), "deep_neck_fat": (-90, -90, 8),
 }
 
 
@@ -499,16 +499,18 @@ class _Builder:
         zl = self.level_z
         s = {"thin": 0.9, "average": 1.0, "obese": 1.18}[self.spec.habitus]
         z_c2, z_c7 = zl.get("C2", z), zl.get("C7", z - 100)
+        sat = {"thin": 3.0, "average": 6.0, "obese": 13.0}[self.spec.habitus]
         if z > z_c2:  # head: face and occiput
-            a, b, yoff = 72.0 * s, 88.0 * s, -28.0
+            a, front = 72.0 * s, c["by"] - 95.0 * s
         elif z > z_c7:
-            a, b, yoff = 60.0 * s, 62.0 * s, -18.0
+            a, front = 60.0 * s, c["by"] - 72.0 * s
         else:  # shoulders
             t = min(1.0, (z_c7 - z) / 35.0)
-            a, b, yoff = (60.0 + 110.0 * t) * s, (62.0 + 18.0 * t) * s, -18.0 + 8.0 * t
-        sat = {"thin": 3.0, "average": 6.0, "obese": 13.0}[self.spec.habitus]
-        return {"a": a, "b": b, "yc": c["by"] + yoff + 8.0, "xc": 0.0, "sat_f": sat, "sat_s": sat,
-                "sat_b": sat * 1.6, "a_in": a - sat - 3.0, "b_in": b - sat - 3.0, "yc_in": c["by"] + yoff + 8.0,
+            a, front = (60.0 + 110.0 * t) * s, c["by"] - (72.0 - 6.0 * t) * s
+        back = c["sp_y"] + 10.0 + 1.6 * sat  # skin behind the spinous processes (nuchal fat)
+        b, yc = 0.5 * (back - front), 0.5 * (back + front)
+        return {"a": a, "b": b, "yc": yc, "xc": 0.0, "sat_f": sat, "sat_s": sat,
+                "sat_b": sat * 1.6, "a_in": a - sat - 3.0, "b_in": b - sat - 3.0, "yc_in": yc,
                 **c, "neck_scale": s, "habitus_sd": h.noise_sd}
 
     # -- painting ---------------------------------------------------------------------------------
@@ -961,8 +963,15 @@ class _Builder:
         c = t
         z_c1, z_c2 = zl.get("C1", z), zl.get("C2", z)
         z_c7, z_t1 = zl.get("C7", z - 100), zl.get("T1", z - 120)
-        lab[fascia] = L["oral_soft_tissue"] if z > z_c2 - 12 else L["neck_muscle_other"]
+        # deep neck fat (parapharyngeal, carotid space, posterior triangle) between the muscles;
+        # tongue and floor of the mouth above C2-C3
+        lab[fascia] = L["oral_soft_tissue"] if z > z_c2 - 12 else L["deep_neck_fat"]
         s = t["neck_scale"]
+        zc3 = zl.get("C3", z_c2 - 20)
+        if zc3 - 10 < z <= z_c2 - 12:  # submandibular glands
+            for side in (1.0, -1.0):
+                lab[_ell(X, Y, c["bx"] + side * 30.0 * s, c["by"] - 42.0, 13.0, 9.0, side * 25.0) & fascia] = (
+                    L["oral_soft_tissue"])
         # posterior paravertebral muscles (deep and superficial, trapezius included)
         y_front = c["tp_y"] - 4.0
         for side, name in ((1.0, "paravertebral_left"), (-1.0, "paravertebral_right")):
@@ -987,6 +996,10 @@ class _Builder:
                 cart = _ell(X, Y, c["bx"], cyair, ra[0] + 3.0, ra[1] + 3.0) & ~air
                 lab[cart & fascia] = L["larynx_cartilage"]
             lab[air & fascia] = L["airway"]
+            if z < zl.get("C4", z + 1):  # strap muscles in front of the larynx, trachea and thyroid
+                for side in (1.0, -1.0):
+                    strap = _ell(X, Y, c["bx"] + side * 14.0, cyair - ra[1] - 6.0, 12.0, 3.5, side * -25.0) & fascia
+                    lab[strap & (lab == L["deep_neck_fat"])] = L["neck_muscle_other"]
             if z < zc6:
                 oe = _ell(X, Y, c["bx"] - 3.0, c["by"] - c["hd"] - 8.0, 8.0, 5.0) & fascia
                 lab[oe] = L["oesophagus"]
@@ -1003,16 +1016,15 @@ class _Builder:
         u = np.clip((z_c1 - z) / max(1.0, z_c1 - z_t1), 0.0, 1.0)
         if z < z_c1 + 10:
             for side, name in ((1.0, "scm_left"), (-1.0, "scm_right")):
-                cx = c["bx"] + side * (t["a_in"] * 0.78 * (1 - 0.45 * u))
-                cy = c["by"] + 10.0 - 55.0 * u
+                cx = c["bx"] + side * (t["a_in"] - 8.0) * (1 - 0.3 * u)
+                cy = c["by"] + 5.0 - 60.0 * u
                 scm = _ell(X, Y, cx, cy, 8.0 * s, 18.0 * s, side * (-20.0 - 40.0 * u)) & body
                 lab[scm & ~np.isin(lab, (L["skin"],))] = L[name]
         # mandible at C2-C3 (a U in front of the airway) and the skull base above C1
-        zc3 = zl.get("C3", z_c2 - 20)
         if zc3 - 8 < z < z_c2 + 6:
-            r = 42.0 * s
-            ring = _ell(X, Y, c["bx"], c["by"] - 38.0, r, r) & ~_ell(X, Y, c["bx"], c["by"] - 38.0, r - 8.0, r - 8.0)
-            lab[ring & (Y < c["by"] - 45.0) & body] = L["mandible"]
+            r = 38.0 * s
+            ring = _ell(X, Y, c["bx"], c["by"] - 28.0, r, r) & ~_ell(X, Y, c["bx"], c["by"] - 28.0, r - 7.0, r - 7.0)
+            lab[ring & (Y < c["by"] - 38.0) & fascia] = L["mandible"]
         if z > zl.get("C1", z) + 6:
             occ = _ell(X, Y, c["bx"], c["by"] + 30.0, 55.0, 45.0) & ~_ell(X, Y, c["bx"], c["by"] + 30.0, 47.0, 37.0)
             lab[occ & (Y > c["by"] + 30.0) & body] = L["skull"]
@@ -1049,7 +1061,7 @@ class _Builder:
 
         for n in ("skin", "sat", "vat", "imat", "liver", "spleen", "stomach", "colon", "small_bowel", "bowel_gas",
                   "aorta", "ivc", "lung", "ligament", "airway", "thyroid", "oesophagus", "larynx_cartilage",
-                  "oral_soft_tissue", "disc", "canal_csf", "cord", "costal_cartilage", "table"):
+                  "oral_soft_tissue", "disc", "canal_csf", "cord", "costal_cartilage", "table", "deep_neck_fat"):
             setv((n,))
         setv(("kidney_left", "kidney_right"), "kidney")
         setv(("iliac_artery",), "aorta")
