@@ -25,6 +25,8 @@ from pipelines.body_composition.anatomy_phantom import (
 )
 from pipelines.body_composition.anatomy_spine import DATA, NUMBERS
 from pipelines.common.volume import SeriesToVolume, Volume
+from tests.conftest import need
+from tests.peers import dciodvfy
 
 pytestmark = pytest.mark.skipif(not DATA.is_dir(), reason=f"VerSe masks not found at {DATA}")
 
@@ -97,6 +99,10 @@ def test_laterality_is_patient_side_in_every_geometry(written: dict[Geometry, Se
 
 def test_dicom_header_carries_what_smi_needs(written: dict[Geometry, SeriesTruth]) -> None:
     truth = written[Geometry("HFS")]
+    need("dciodvfy")
+    for g in (Geometry("HFS"), Geometry("FFP", mirror_rows=True)):
+        ok, text = dciodvfy(written[g].files[0])
+        assert ok, text
     ds = pydicom.dcmread(truth.files[len(truth.files) // 2])
     assert ds.SOPClassUID == pydicom.uid.CTImageStorage
     assert ds.file_meta.MediaStorageSOPInstanceUID == ds.SOPInstanceUID

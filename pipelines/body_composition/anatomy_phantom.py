@@ -1196,6 +1196,7 @@ def write_series(ph: Anatomy, out_dir: Path, geometry: Geometry | None = None, s
         ds.StudyInstanceUID = study_uid
         ds.SeriesInstanceUID = series_uid
         ds.FrameOfReferenceUID = frame_uid
+        ds.PositionReferenceIndicator = ""
         ds.Modality = "CT"
         ds.PatientName = patient_name
         ds.PatientID = patient_id
