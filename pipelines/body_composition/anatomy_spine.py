@@ -266,7 +266,6 @@ def _synth_sacrum(vid: NDArray[np.uint8], l5: VertebraInfo, origin: tuple[float,
         l5z = l5.body_centre[2]
         for tp in (l5.tp_left, l5.tp_right):
             side = np.sign(tp[0] - top[0]) or 1.0
-            zz2 = z[(z >= top[2] - 20) & (z <= l5z)].ravel() if False else None  # noqa: F841 (kept simple)
             w = ((zz >= top[2] - 15.0) & (zz <= l5z - 5.0) & (np.abs(dx) >= l5.half_width)
                  & (np.abs(dx) <= abs(tp[0] - top[0]) + 6.0) & (np.sign(dx) == side)
                  & (np.abs(y - tp[1]) <= 9.0))
@@ -339,11 +338,14 @@ def _load_spine(source: str, sacrum: bool, sacralised_l5: bool) -> SpineModel:
         top_z = sac.top[2] - origin[2]
         zs = np.arange(nz, dtype=np.float64)
         below = zs < top_z
-        u = (top_z - zs[below]) / np.cos(np.deg2rad(sac.slope_deg))
-        t = np.clip(u / sac.length, 0, 1)
-        y_off = u * np.sin(np.deg2rad(sac.slope_deg)) + (sac.half_depth * (1 - 0.55 * t) + 8.0)
+        sn, cs = np.sin(np.deg2rad(sac.slope_deg)), np.cos(np.deg2rad(sac.slope_deg))
+        u = (top_z - zs[below]) / cs
+        for _ in range(3):  # the canal's (u, v) in sacral coordinates for each grid z (fixed point)
+            t = np.clip(u / sac.length, 0, 1)
+            v = sac.half_depth * (1 - 0.55 * t) + 8.0 - 2.0 * t - 0.0035 * u**2
+            u = (top_z - zs[below] + v * sn) / cs
         line[below, 1] = sac.top[0] - origin[0]
-        line[below, 2] = sac.top[1] - origin[1] + y_off - 0.0035 * u**2 * 0.0
+        line[below, 2] = sac.top[1] - origin[1] + u * sn + v * cs
         line[below, 3] = np.maximum(3.0, 7.0 * (1 - 0.6 * t))
         front = (line[:, 2] - 0.9 * line[:, 3])[:, None, None]
         body = (vid > 0) & (yy < front)
