@@ -11,7 +11,7 @@ What it is made of (all in LPS millimetres: x to the patient's left, y posterior
   pedicles, laminae, transverse and spinous processes, lordosis and kyphosis; discs of the real
   height between the bodies (85 HU); the canal with cord (35 HU) above the conus and CSF (10 HU);
   a synthesised sacrum (S1-S5 with ala and sacral canal) below L5; cortex 750 HU (a one-pixel
-  shell) around cancellous bone of 160-240 HU (denser in the thoracic spine).
+  shell) around cancellous bone of 160-200 HU (denser in the thoracic spine).
 - **Ribs** as curved tubes from the costal facet (head) and the transverse-process tip (tubercle)
   of each thoracic vertebra, around the trunk just inside the wall, sloping down as they run
   forward; costal cartilage (120 HU) on the front end of ribs 1-10; T11 and T12 are floating ribs.
@@ -285,18 +285,19 @@ _HU: Mapping[str, tuple[float, float, float]] = {
 
 
 def _superellipse(x: NDArray[np.float64], y: NDArray[np.float64], cx: float, cy: float, a: float, b: float,
-                  p_front: float = 2.1, p_back: float = 2.6) -> NDArray[np.bool_]:
+                  p_front: float = 2.1, p_back: float = 2.6, b_back: float | None = None) -> NDArray[np.bool_]:
     """Trunk-like outline: a superellipse, boxier behind (``p_back``) than in front."""
     out = np.zeros(x.shape, dtype=bool)
-    if a <= 0 or b <= 0:
+    bb = b if b_back is None else b_back
+    if a <= 0 or b <= 0 or bb <= 0:
         return out
     xs, ys = x[0], y[:, 0]
     ix = np.searchsorted(xs, [cx - a, cx + a])
-    for lo, hi, p in ((cy - b, cy, p_front), (cy, cy + b, p_back)):
+    for lo, hi, p, bh in ((cy - b, cy, p_front, b), (cy, cy + bb, p_back, bb)):
         iy = np.searchsorted(ys, [lo, hi])
         sub = (slice(int(iy[0]), int(iy[1])), slice(int(ix[0]), int(ix[1])))
         dx = np.abs(x[sub] - cx) / a
-        dy = np.abs(y[sub] - cy) / b
+        dy = np.abs(y[sub] - cy) / bh
         out[sub] = dx**p + dy**p <= 1.0
     return out
 
@@ -404,8 +405,13 @@ def _rib_path(col: _Column, vz: float, side: float, which: int, trunk: dict[str,
     c = col.at(vz)
     head = np.array([c["bx"] + side * (c["hw"] + 2.0), c["by"] + 0.55 * c["hd"], vz + 4.0])
     tub = np.array([c["bx"] + side * max(c["tp_x"] - 3.0, c["hw"] + 8.0), c["tp_y"] - 2.0, vz + 2.0])
-    # around the trunk just inside the wall: angle from the trunk centre, posterior = +90 deg
-    a_in, b_in, yc = trunk["a_in"], trunk["b_in"], trunk["yc"]
+    # around the trunk inside the muscular wall (between the fascia and the cavity outline, the
+    # same superellipses the trunk is painted with): angle from the wall centre, posterior = +90 deg
+    fy = trunk["yc"] + 0.5 * (trunk["sat_f"] - trunk["sat_b"])
+    fa, fb = trunk["a"] - trunk["sat_s"], trunk["b"] - 0.5 * (trunk["sat_f"] + trunk["sat_b"])
+    wall = trunk.get("wall", 10.0)
+    a_in, b_in, yc = fa - 0.5 * wall, fb - 6.0, fy + 4.0
+    b_back = trunk.get("cav_b_back", b_in) + 6.0
     th0 = np.degrees(np.arctan2(tub[1] - yc, side * (tub[0] - c["bx"])))
     end = {13: 55.0, 12: 35.0, 11: -10.0, 10: -50.0, 9: -62.0, 8: -70.0, 7: -78.0}.get(which, -82.0)
     drop = {13: 12.0, 12: 20.0, 11: 40.0, 10: 70.0, 9: 75.0, 8: 75.0, 7: 70.0, 1: 25.0}.get(which, 60.0)
@@ -414,8 +420,9 @@ def _rib_path(col: _Column, vz: float, side: float, which: int, trunk: dict[str,
     th = np.radians(th0 + (end - th0) * t)
     # follow an ellipse through the tubercle that widens to the wall
     rr = 1.0 - 0.12 * (1 - t) ** 3
-    px = c["bx"] + side * a_in * rr * np.cos(th)
-    py = yc + b_in * rr * np.sin(th)
+    p = np.where(np.sin(th) > 0, 2.4, 2.0)
+    px = c["bx"] + side * a_in * rr * np.sign(np.cos(th)) * np.abs(np.cos(th)) ** (2.0 / p)
+    py = yc + np.where(np.sin(th) > 0, b_back, b_in) * rr * np.sign(np.sin(th)) * np.abs(np.sin(th)) ** (2.0 / p)
     pz = tub[2] - drop * (3 * t**2 - 2 * t**3)
     path = np.concatenate([np.linspace(head, tub, 12), np.stack([px, py, pz], axis=1)])
     # start the arc exactly at the tubercle
@@ -479,7 +486,8 @@ class _Builder:
         if self.neck:
             return self._neck_trunk(z, c)
         z_l2, z_s1 = zl.get("L2", z), zl.get("S1", z - 200)
-        z_t11 = zl.get("T11", zl.get("T12", zl.get("L1", z)) + 28.0)
+        z12 = zl.get("T12", zl.get("L1", z) + 28.0)
+        z_t11 = zl.get("T11", z12 + 28.0)
         f = 1.0
         if z > z_l2:  # rib cage widens the upper abdomen
             f = 1.0 + 0.07 * min(1.0, (z - z_l2) / max(1.0, z_t11 - z_l2))
@@ -490,7 +498,16 @@ class _Builder:
         y_back = c["sp_y"] + 9.0 + h.sat_back
         yc = y_back - b
         wall_f = 1.0
+        # inside the rib cage the cavity (and the lung bases) stop in front of the ribs, which run
+        # back from the transverse processes: its posterior half is shallower above L1
+        fy = yc + 0.5 * (h.sat_front - h.sat_back)
+        fb = b - 0.5 * (h.sat_front + h.sat_back)
+        cav_b = fb - 11.0
+        z_l1 = zl.get("L1", z12 - 28.0)
+        ramp = float(np.clip((z - (z_l1 - 10.0)) / 30.0, 0.0, 1.0))
+        cav_bb = cav_b + ramp * (min(cav_b, c["tp_y"] + 4.0 - (fy + 4.0)) - cav_b)
         return {"a": a, "b": b, "yc": yc, "xc": 0.0, "sat_f": h.sat_front, "sat_s": h.sat_side, "sat_b": h.sat_back,
+                "wall": h.wall * wall_f, "cav_b_back": cav_bb,
                 "a_in": a - h.sat_side - h.wall * wall_f, "b_in": b - 0.5 * (h.sat_front + h.sat_back) - 10.0,
                 "yc_in": yc + 0.5 * (h.sat_front - h.sat_back) + 2.0, **c}
 
@@ -684,7 +701,7 @@ class _Builder:
         lab[fascia & ~left] = L["wall_right"]
         # the cavity stops in front of the transverse processes next to the spine; farther out it
         # reaches back to the posterolateral wall (posterior pararenal fat)
-        cav = _superellipse(X, Y, 0.0, fy + 4.0, fa - h.wall, fb - 11.0, 2.0, 2.4) & ~(
+        cav = _superellipse(X, Y, 0.0, fy + 4.0, fa - h.wall, fb - 11.0, 2.0, 2.4, t["cav_b_back"]) & ~(
             (Y > t["tp_y"] - 2.0) & (np.abs(X - t["bx"]) < t["tp_x"] + 45.0))
         # rectus in front: the band in front of the cavity within 75 mm of the midline
         rect = fascia & ~cav & (Y < fy - 0.45 * fb) & (np.abs(X) < 75.0 * h.muscle_scale)
