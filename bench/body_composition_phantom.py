@@ -72,12 +72,32 @@ def seg_masks(seg_path: Path, truth: SeriesTruth) -> dict[str, np.ndarray[Any, A
     names = {int(s.SegmentNumber): _key_of(str(s.SegmentLabel)) for s in ds.SegmentSequence}
     out: dict[str, np.ndarray[Any, Any]] = {}
     index = {uid: i for i, uid in enumerate(truth.sop_uids)}
+    shared = ds.SharedFunctionalGroupsSequence[0] if "SharedFunctionalGroupsSequence" in ds else None
+    labelmap = str(ds.get("SegmentationType", "")) == "LABELMAP"
+
+    def group(item: Any, kw: str) -> Any:
+        if kw in item:
+            return item[kw].value[0]
+        if shared is not None and kw in shared:
+            return shared[kw].value[0]
+        return None
+
     for f, item in enumerate(ds.PerFrameFunctionalGroupsSequence):
-        seg_no = int(item.SegmentIdentificationSequence[0].ReferencedSegmentNumber)
-        key = names.get(seg_no)
+        src = group(item, "DerivationImageSequence")
+        if src is None:
+            continue
+        uid = str(src.SourceImageSequence[0].ReferencedSOPInstanceUID)
+        if labelmap:  # pixel values are segment numbers
+            i = index.get(uid)
+            for seg_no, key in names.items():
+                if key is not None and i is not None:
+                    m = out.setdefault(key, np.zeros(truth.labels.shape, dtype=bool))
+                    m[i] |= frames[f] == seg_no
+            continue
+        ident = group(item, "SegmentIdentificationSequence")
+        key = names.get(int(ident.ReferencedSegmentNumber)) if ident is not None else None
         if key is None:
             continue
-        uid = str(item.DerivationImageSequence[0].SourceImageSequence[0].ReferencedSOPInstanceUID)
         i = index.get(uid)
         if i is None:
             continue
@@ -193,7 +213,9 @@ def run_variant(base: Path, spec: AnatomySpec, geometry: Geometry, options: dict
             lat.append((x > 0) == key.endswith("left"))
         row["laterality"] = ("ok" if all(lat) else "WRONG") if lat else "n/a"
     else:
-        row["reason"] = str(s.get("reason") or "; ".join(s.get("level_notes") or []))[:110]
+        why = s.get("reason") or "; ".join(f"{k}: {v.get('not_evaluable')}" for k, v in (s.get("areas_cm2") or {}).items()
+                                           if isinstance(v, dict) and v.get("not_evaluable"))
+        row["reason"] = str(why or "no SEG written")[:110]
     row["k_found"] = sop_of
     row["given"] = tissues_at_true_level(ph, truth)
     return row
@@ -207,7 +229,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--options", default="{}")
     a = ap.parse_args(argv)
     base = a.keep or Path(tempfile.mkdtemp(prefix="bench-anat-"))
-    size = dict(rows=512, fov_mm=460.0, slice_mm=1.0) if a.full else dict(rows=256, fov_mm=480.0, slice_mm=5.0)
+    size = dict(rows=512, fov_mm=480.0, slice_mm=1.0) if a.full else dict(rows=256, fov_mm=480.0, slice_mm=5.0)
     geoms = [Geometry("HFS"), Geometry("HFS", mirror_rows=True), Geometry("HFP"), Geometry("FFS")]
     variants: list[tuple[AnatomySpec, Geometry]] = []
     if a.quick:
