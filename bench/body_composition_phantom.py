@@ -131,8 +131,9 @@ def tissues_at_true_level(ph: object, truth: SeriesTruth) -> dict[str, object]:
     if hasattr(vol, "canonical_axial"):
         vol = vol.canonical_axial()[0]
     zs = np.array([s.position[2] for s in vol.slices])
-    k = int(np.argmin(np.abs(zs - ph.level_z["L3"])))
-    bx, by, _, hw, hd = ph.bodies["L3"]
+    lv = "C3" if ph.spec.region == "neck" else "L3"
+    k = int(np.argmin(np.abs(zs - ph.level_z[lv])))
+    bx, by, _, hw, hd = ph.bodies[lv]
     _, r, c = vol.world_to_index((bx, by, zs[k]))
     try:
         seg = ClassicalBackend().segment_slice(vol.hu[k], vol.pixel_spacing, SliceAnatomy((r, c), hw, hd))
@@ -146,7 +147,8 @@ def tissues_at_true_level(ph: object, truth: SeriesTruth) -> dict[str, object]:
     out: dict[str, object] = {}
     area_px = vol.pixel_spacing[0] * vol.pixel_spacing[1] / 100.0
     for key in KEYS:
-        t = np.isin(tl, [LABELS[n] for n in COMPOSITION[key]])
+        tkey = "c3_muscle" if (key == "skeletal_muscle" and lv == "C3") else key  # Swartz 2016 at C3
+        t = np.isin(tl, [LABELS[n] for n in COMPOSITION[tkey]])
         p = seg.masks.get(key)
         if p is None:
             continue
@@ -162,7 +164,7 @@ def tissues_at_true_level(ph: object, truth: SeriesTruth) -> dict[str, object]:
             lat.append((x > 0) == key.endswith("left"))
     out["laterality"] = ("ok" if all(lat) else "WRONG") if lat else "n/a"
     out["offset"] = 0.0
-    out["level"] = "L3*"
+    out["level"] = f"{lv}*"
     return out
 
 
@@ -173,7 +175,8 @@ def run_variant(base: Path, spec: AnatomySpec, geometry: Geometry, options: dict
     ph = cache.get(spec)
     if ph is None:
         ph = cache[spec] = make_anatomy(spec)
-    name = f"{spec.habitus}-{'c' if spec.contrast else 'nc'}-{geometry.position}{'-mirror' if geometry.mirror_rows else ''}"
+    name = (f"{spec.habitus}-{'c' if spec.contrast else 'nc'}-{geometry.position}"
+            f"{'-mirror' if geometry.mirror_rows else ''}{'-' + spec.spine if spec.region == 'neck' else ''}")
     d = base / name
     truth = write_series(ph, d / "ct", geometry)  # type: ignore[arg-type]
     t0 = time.perf_counter()
@@ -181,7 +184,8 @@ def run_variant(base: Path, spec: AnatomySpec, geometry: Geometry, options: dict
     wall = time.perf_counter() - t0
     s = json.loads((d / "out" / "summary.json").read_text())
     row: dict[str, object] = {"variant": name, "wall_s": wall, "level": s.get("level"), "slices": len(truth.files)}
-    k_true = truth.level_slices.get("L3")
+    lv = "C3" if spec.region == "neck" else "L3"
+    k_true = truth.level_slices.get(lv)
     sop_of = None
     if s.get("slice_index") is not None and s.get("seg"):
         segs = seg_masks(d / "out" / str(s["seg"]), truth)
@@ -194,7 +198,7 @@ def run_variant(base: Path, spec: AnatomySpec, geometry: Geometry, options: dict
         if k_found is not None and k_true is not None:
             row["offset"] = (truth.positions[k_found][2] - truth.positions[k_true][2]) / truth.slice_mm
         for key in KEYS:
-            t_mask = truth.mask(key)
+            t_mask = truth.mask("c3_muscle" if (key == "skeletal_muscle" and lv == "C3") else key)
             p = segs.get(key)
             if p is None or k_found is None:
                 continue
@@ -242,12 +246,17 @@ def main(argv: list[str] | None = None) -> int:
                 variants += [(spec, g) for g in gs]
         variants.append((AnatomySpec(habitus="average", rib_pairs=11, **size), Geometry("HFS")))  # type: ignore[arg-type]
         variants.append((AnatomySpec(habitus="average", sacralised_l5=True, **size), Geometry("FFS", True)))  # type: ignore[arg-type]
+        neck = dict(rows=size["rows"], slice_mm=min(float(size["slice_mm"]), 3.0))
+        for spine in ("gl003", "gl017"):
+            for gn in (Geometry("HFS"), Geometry("HFS", mirror_rows=True)):
+                variants.append((AnatomySpec(region="neck", spine=spine, **neck), gn))  # type: ignore[arg-type]
     cache: dict[AnatomySpec, object] = {}
     rows = []
     for spec, geo in variants:
         t0 = time.perf_counter()
         r = run_variant(base, spec, geo, json.loads(a.options), cache)
-        extra = ("-11ribs" if spec.rib_pairs == 11 else "") + ("-LSTV" if spec.sacralised_l5 else "")
+        extra = ("-11ribs" if spec.rib_pairs == 11 else "") + ("-LSTV" if spec.sacralised_l5 else "") + (
+            f"-neck-{spec.spine}" if spec.region == "neck" else "")
         r["variant"] = str(r["variant"]) + extra
         rows.append(r)
         print(f"... {r['variant']}: {time.perf_counter() - t0:.1f} s", file=sys.stderr)
@@ -255,27 +264,27 @@ def main(argv: list[str] | None = None) -> int:
     def f(v: object, fmt: str) -> str:
         return format(v, fmt) if isinstance(v, (int, float)) and v == v else "-"
 
-    head = f"{'variant':<28}{'level':>6}{'off':>6} {'lat':>5}"
+    head = f"{'variant':<34}{'level':>6}{'off':>6} {'lat':>5}"
     short = {"skeletal_muscle": "SM", "psoas_left": "PsL", "psoas_right": "PsR", "erector_left": "ErL",
              "erector_right": "ErR", "sat": "SAT", "vat": "VAT", "imat": "IMAT"}
     print(head + "".join(f"{'D ' + short[k]:>8}" for k in KEYS) + "".join(f"{'A% ' + short[k]:>9}" for k in KEYS))
     for r in rows:
-        line = f"{str(r['variant']):<28}{str(r.get('level') or '-'):>6}{f(r.get('offset'), '+.1f'):>6} " \
+        line = f"{str(r['variant']):<34}{str(r.get('level') or '-'):>6}{f(r.get('offset'), '+.1f'):>6} " \
                f"{str(r.get('laterality', '-')):>5}"
         line += "".join(f"{f(r.get('dice_' + k), '.2f'):>8}" for k in KEYS)
         line += "".join(f"{f(r.get('area_' + k), '+.0f'):>9}" for k in KEYS)
         if r.get("reason"):
             line += f"  not evaluable: {r['reason']}"
         print(line)
-    print(f"(phantoms and outputs in {base}; 'off' = found minus true L3 middle, in slices; D = Dice at the "
-          "measured slice; A% = area error against the true L3 middle)")
+    print(f"(phantoms and outputs in {base}; 'off' = found minus true L3 (neck: C3) middle, in slices; D = Dice at the "
+          "measured slice; A% = area error against the true level middle; at C3 'SM' truth is SCM + paravertebral, Swartz 2016)")
     print()
-    print("Tissue segmentation alone at the true L3 middle (level given, as a reader-confirmed level would):")
+    print("Tissue segmentation alone at the true L3 / C3 middle (level given, as a reader-confirmed level would):")
     print(head + "".join(f"{'D ' + short[k]:>8}" for k in KEYS) + "".join(f"{'A% ' + short[k]:>9}" for k in KEYS))
     for r in rows:
         g = r.get("given") or {}
         assert isinstance(g, dict)
-        line = f"{str(r['variant']):<28}{str(g.get('level') or '-'):>6}{'':>6} {str(g.get('laterality', '-')):>5}"
+        line = f"{str(r['variant']):<34}{str(g.get('level') or '-'):>6}{'':>6} {str(g.get('laterality', '-')):>5}"
         line += "".join(f"{f(g.get('dice_' + k), '.2f'):>8}" for k in KEYS)
         line += "".join(f"{f(g.get('area_' + k), '+.0f'):>9}" for k in KEYS)
         if g.get("error"):
