@@ -233,7 +233,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--options", default="{}")
     a = ap.parse_args(argv)
     base = a.keep or Path(tempfile.mkdtemp(prefix="bench-anat-"))
-    size = dict(rows=512, fov_mm=480.0, slice_mm=1.0) if a.full else dict(rows=256, fov_mm=480.0, slice_mm=5.0)
+    size = dict(rows=512, slice_mm=1.0) if a.full else dict(rows=256, slice_mm=5.0)
     geoms = [Geometry("HFS"), Geometry("HFS", mirror_rows=True), Geometry("HFP"), Geometry("FFS")]
     variants: list[tuple[AnatomySpec, Geometry]] = []
     if a.quick:

@@ -149,7 +149,7 @@ class AnatomySpec:
     sacralised_l5: bool = False  # lumbosacral transitional vertebra
     crest_offset_mm: float = 0.0  # iliac crest relative to the L4-L5 disc
     rows: int = 256
-    fov_mm: float = 0.0  # 0 = 480 mm for the abdomen (arms included), 360 mm for the neck (shoulders)
+    fov_mm: float = 0.0  # 0 = 500 mm for the abdomen (arms included), 360 mm for the neck (shoulders)
     slice_mm: float = 5.0  # thickness = spacing
     arms: bool = True
     table: bool = True
@@ -161,7 +161,7 @@ class AnatomySpec:
 
     @property
     def field_mm(self) -> float:
-        return self.fov_mm or (360.0 if self.region == "neck" else 480.0)
+        return self.fov_mm or (360.0 if self.region == "neck" else 500.0)
 
     @property
     def pixel_mm(self) -> float:
@@ -947,8 +947,8 @@ class _Builder:
             body = lab[k] > 0
             if spec.arms and not self.neck:
                 below = z < z_elbow
-                ra = 36.0 + h.arm_fat if not below else 30.0 + h.arm_fat * 0.8
-                rb = ra * 1.12
+                ra = (36.0 + h.arm_fat if not below else 30.0 + h.arm_fat * 0.8) * 0.9  # lateral semi-axis
+                rb = ra * 1.25
                 for side, mus, fat in ((1.0, "arm_muscle_left", "arm_fat_left"), (-1.0, "arm_muscle_right",
                                                                                      "arm_fat_right")):
                     cx = side * (tr["a"] + ra - 3.0)
