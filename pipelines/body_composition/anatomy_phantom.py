@@ -702,7 +702,7 @@ class _Builder:
         # the cavity stops in front of the transverse processes next to the spine; farther out it
         # reaches back to the posterolateral wall (posterior pararenal fat)
         cav = _superellipse(X, Y, 0.0, fy + 4.0, fa - h.wall, fb - 11.0, 2.0, 2.4, t["cav_b_back"]) & ~(
-            (Y > t["tp_y"] - 2.0) & (np.abs(X - t["bx"]) < t["tp_x"] + 45.0))
+            (Y > t["tp_y"] - 2.0) & _ell(X, Y, t["bx"], t["tp_y"] + 10.0, t["tp_x"] + 50.0, 60.0))
         # rectus in front: the band in front of the cavity within 75 mm of the midline
         rect = fascia & ~cav & (Y < fy - 0.45 * fb) & (np.abs(X) < 75.0 * h.muscle_scale)
         lab[rect & left] = L["rectus_left"]
