@@ -21,6 +21,7 @@ from pipelines.body_composition.anatomy_phantom import (
     Geometry,
     SeriesTruth,
     make_anatomy,
+    write_anatomy,
     write_series,
 )
 from pipelines.body_composition.anatomy_spine import DATA, NUMBERS
@@ -172,7 +173,7 @@ def test_muscles_touch_bone_and_organs(phantom: Anatomy) -> None:
     assert (bowel & np.isin(lab3, [LABELS["rectus_left"], LABELS["rectus_right"]])).any()
 
 
-def test_habitus_contrast_rib_count_and_transitional_options() -> None:
+def test_habitus_contrast_rib_count_and_transitional_options(tmp_path: Path) -> None:
     small = dict(rows=128, slice_mm=5.0, top="T11", bottom="L5")
     thin = make_anatomy(AnatomySpec(habitus="thin", contrast=False, rib_pairs=11, **small))  # type: ignore[arg-type]
     obese = make_anatomy(AnatomySpec(habitus="obese", rib_pairs=13, **small))  # type: ignore[arg-type]
@@ -184,8 +185,11 @@ def test_habitus_contrast_rib_count_and_transitional_options() -> None:
     liver_nc = float(np.median(thin.hu[thin.labels == LABELS["liver"]]))
     liver_c = float(np.median(obese.hu[obese.labels == LABELS["liver"]]))
     assert 45 < liver_nc < 75 and 95 < liver_c < 135
-    lstv = make_anatomy(AnatomySpec(sacralised_l5=True, rows=128, top="L4", bottom="S1"))
+    lstv = write_anatomy(AnatomySpec(sacralised_l5=True, rows=128, top="L4", bottom="S1"), tmp_path / "lstv",
+                         Geometry("FFS"))
     assert lstv.anchors["transitional"] == "sacralised L5"
+    # feet first: the first image is the lowest, so S1 comes before L5 in the written order
+    assert lstv.level_slices["S1"] < lstv.level_slices["L5"] < lstv.level_slices["L4"]
 
 
 def test_thin_slices_and_neck_phantom(tmp_path: Path) -> None:
