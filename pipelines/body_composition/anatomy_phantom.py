@@ -1133,7 +1133,10 @@ class _Builder:
         sd = self.hab.noise_sd if spec.noise_sd is None else spec.noise_sd
         if sd > 0:
             rng = np.random.default_rng(spec.seed + 1)
-            hu = hu + rng.standard_normal(hu.shape, dtype=np.float32) * np.float32(sd)
+            # CT noise is correlated in-plane (the reconstruction kernel): low-pass white noise,
+            # then scale it back to the habitus's SD
+            noise = ndimage.gaussian_filter(rng.standard_normal(hu.shape, dtype=np.float32), sigma=(0, 0.6, 0.6))
+            hu = hu + noise * np.float32(sd / max(float(noise.std()), 1e-6))
         hu[lab == 0] = np.where(hu[lab == 0] > -990, -1000.0, hu[lab == 0])
         return hu
 
