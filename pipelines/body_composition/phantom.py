@@ -1,4 +1,8 @@
-"""Abdominal CT phantoms with known truth, written as real DICOM CT series.
+"""Schematic abdominal CT phantoms with known truth, written as real DICOM CT series.
+
+Schematic: it tests bookkeeping (areas, SEG/SR round trips, the training path), not anatomy.
+For anatomy-true phantoms built around real spines (ribs, pelvis, organs touching the muscles,
+arms, habitus, contrast, every patient position) use :mod:`.anatomy_phantom`.
 
 The phantom is schematic but anatomically ordered, so the weight-free level finder can
 count: a wide sacrum at the bottom, L5..L1 above it, then T12 and T11 with rib heads beside
