@@ -42,7 +42,7 @@ class CompletionReason(StrEnum):
 
 
 class JobState(StrEnum):
-    """``jobs.state``: pending -> running -> done | failed -> (retry) | dead."""
+    """``jobs.state``: pending -> running -> done; a failed attempt: failed (retried), then dead when out of attempts."""
 
     PENDING = "pending"
     RUNNING = "running"
@@ -60,7 +60,7 @@ class ExportState(StrEnum):
 
 
 class SweepState(StrEnum):
-    """``sweeps.state``: running -> done | failed | interrupted (resumed by the next run)."""
+    """``sweeps.state``: running -> done, failed or interrupted (resumed by the next run)."""
 
     RUNNING = "running"
     DONE = "done"
@@ -69,7 +69,7 @@ class SweepState(StrEnum):
 
 
 class SweepItemState(StrEnum):
-    """``sweep_items.state``: pending -> skipped | retrieved | failed | planned (dry run)."""
+    """``sweep_items.state``: pending -> skipped, retrieved, failed or planned (dry run)."""
 
     PENDING = "pending"
     SKIPPED = "skipped"
@@ -180,3 +180,28 @@ TRANSFER_SYNTAXES: tuple[TransferSyntax, ...] = (
 
 TRANSFER_SYNTAX_UIDS: tuple[UID, ...] = tuple(t.uid for t in TRANSFER_SYNTAXES)
 TRANSFER_SYNTAX_BY_UID: dict[str, TransferSyntax] = {t.uid: t for t in TRANSFER_SYNTAXES}
+
+
+# docs/node.md carries these tables (``python -m node.dicom_facts`` prints them; a test compares) ------
+
+
+def markdown() -> str:
+    """The tables above in Markdown, as docs/node.md carries them."""
+    rules = {Completion.STACK: "stack: geometry or count, else quiet time",
+             Completion.MULTIFRAME: "multi-frame: each instance a volume",
+             Completion.OBJECT: "object: whole on arrival"}
+    lines = ["| SOP Class | UID | image | Pixel Data | a series completes by |", "|---|---|---|---|---|"]
+    lines += [f"| {c.name} | `{c.uid}` | {'yes' if c.image else 'no'} | {'required' if c.pixel_data else '-'} "
+              f"| {rules[c.completion]} |" for c in STORAGE_SOP_CLASSES]
+    lines += ["", "| Transfer syntax | UID | encoding | VR | lossy |", "|---|---|---|---|---|"]
+    lines += [f"| {t.name} | `{t.uid}` | {t.encoding} | {'implicit' if t.implicit_vr else 'explicit'} "
+              f"| {'yes' if t.lossy else 'no'} |" for t in TRANSFER_SYNTAXES]
+    lines += ["", "| column | values (stored as text) | |", "|---|---|---|"]
+    for enum in (SeriesState, CompletionReason, JobState, ExportState, SweepState, SweepItemState):
+        column, _, meaning = (enum.__doc__ or "").partition(": ")
+        lines.append(f"| {column.replace('``', '`')} | {', '.join(f'`{v}`' for v in enum)} | {meaning.strip().replace('|', '/')} |")
+    return "\n".join(lines) + "\n"
+
+
+if __name__ == "__main__":
+    print(markdown(), end="")
