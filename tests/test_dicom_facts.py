@@ -5,12 +5,15 @@ contexts are the table, docs/node.md carries it, and SEG/RTSTRUCT/SR series comp
 from __future__ import annotations
 
 import ast
+from collections.abc import Sequence
 from pathlib import Path
 
 import pydicom
 import pydicom.uid
 import pytest
+from pydicom._uid_dict import UID_dictionary
 from pynetdicom import AE
+from pynetdicom.presentation import PresentationContext
 
 from node import dicom_facts as facts
 from node.completion import SliceInfo, decide, geometry_reason
@@ -49,8 +52,8 @@ def test_no_sop_class_or_transfer_syntax_outside_the_table() -> None:
     assert not found, "UIDs of the standard outside node/dicom_facts.py:\n" + "\n".join(found)
 
 
-def _contexts(contexts: list[object]) -> dict[str, list[str]]:
-    return {str(c.abstract_syntax): [str(t) for t in c.transfer_syntax] for c in contexts}  # type: ignore[attr-defined]
+def _contexts(contexts: Sequence[PresentationContext]) -> dict[str, list[str]]:
+    return {str(c.abstract_syntax): [str(t) for t in c.transfer_syntax] for c in contexts}
 
 
 TABLE = {str(c.uid): [str(t.uid) for t in facts.TRANSFER_SYNTAXES] for c in facts.STORAGE_SOP_CLASSES}
@@ -81,7 +84,7 @@ def test_sweep_contexts_are_the_table(tmp_path: Path) -> None:
 
 def test_table_agrees_with_pydicom() -> None:
     for c in facts.STORAGE_SOP_CLASSES:
-        known = pydicom.uid.UID_dictionary.get(c.uid)
+        known = UID_dictionary.get(c.uid)
         if known is not None:  # Label Map Segmentation (2024) is newer than pydicom 3.0's dictionary
             assert known[0] == c.name and known[1] == "SOP Class", c
         assert c.image == (c.completion is not Completion.OBJECT)
