@@ -108,7 +108,7 @@ def cmd_echo(args: argparse.Namespace) -> int:
     from pynetdicom import AE
 
     from node.config import RemoteAE
-    from node.server import VERIFICATION
+    from node.dicom_facts import VERIFICATION
     from node.tls import associate
 
     config = config_from_args(args)

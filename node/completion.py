@@ -1,9 +1,17 @@
-"""Series completion: geometry first, quiet time as the fallback.
+"""Series completion: by the SOP classes' own rule, geometry first, quiet time as the fallback.
 
-A series is complete when no association that delivered it is still open, its slices form a contiguous, evenly spaced stack that agrees
-with any count the headers announce (ImagesInAcquisition) and nothing new arrived for
-``settle_seconds``; a multi-frame or non-image series (Enhanced CT, SEG, SR, RTSTRUCT)
-once nothing new arrived for ``settle_seconds``; anything else after ``quiet_seconds``.
+How a series completes depends on the SOP classes of its instances (:mod:`node.dicom_facts`,
+never a UID prefix):
+
+- single-frame images (CT): their slices form a contiguous, evenly spaced stack that agrees with any
+  count the headers announce (ImagesInAcquisition) -- reason ``geometry`` or ``count``;
+- multi-frame images (Enhanced CT, Legacy Converted Enhanced CT): each instance holds its volume --
+  ``multiframe``;
+- non-image objects (SEG, RTSTRUCT, SR, KOS): each instance is whole when it arrives -- ``object``;
+  objects in a series of images are left out of the images' geometry;
+
+and then nothing new arrived for ``settle_seconds`` and no association that delivered it is still
+open.  A series whose images cannot decide completes after ``quiet_seconds`` (``quiet``).
 An instance that arrives later reopens the series (see :meth:`node.index.Index.record_instance`).
 """
 
@@ -20,6 +28,7 @@ from sqlalchemy import select
 from node.audit import AuditLog
 from node.config import CompletionConfig
 from node.db import Database, Instance, Job, Series, now
+from node.dicom_facts import Completion, CompletionReason, SeriesState, completion_of
 from node.routing import Router
 
 logger = logging.getLogger(__name__)
@@ -33,27 +42,32 @@ DUPLICATE_MM = 1e-3
 class SliceInfo:
     position: float | None
     frames: int
+    completion: Completion = Completion.STACK  # the rule of the instance's SOP class
 
 
-def geometry_reason(slices: Sequence[SliceInfo], expected: int | None) -> str | None:
-    """Why the stack is complete by its own evidence ('geometry', 'count', 'multiframe', 'object'), or None."""
+def geometry_reason(slices: Sequence[SliceInfo], expected: int | None) -> CompletionReason | None:
+    """Why the series is complete by its own evidence, or None.
+
+    Objects (SEG, RTSTRUCT, SR) are whole on arrival: a series of objects only is complete
+    (``object``); in a series with images they are left out.  Multi-frame images each hold a volume
+    (``multiframe``).  Single-frame images need a contiguous, evenly spaced stack (``geometry``)
+    that agrees with ``expected`` when the headers announce a count (``count``).
+    """
     if not slices:
         return None
-    if all(s.frames > 1 for s in slices):
-        return "multiframe"
-    if all(s.position is None for s in slices):
-        # non-image objects (SR, RTSTRUCT) or images without geometry: only a count can decide
-        if expected is not None:
-            return "count" if len(slices) == expected else None
-        return "object"
-    positions = [s.position for s in slices]
-    if any(p is None for p in positions) or any(s.frames > 1 for s in slices):
+    images = [s for s in slices if s.completion is not Completion.OBJECT]
+    if not images:
+        return CompletionReason.OBJECT
+    if all(s.completion is Completion.MULTIFRAME or s.frames > 1 for s in images):
+        return CompletionReason.MULTIFRAME
+    positions = [s.position for s in images]
+    if any(p is None for p in positions) or any(s.frames > 1 for s in images):
         return None
     ps = sorted(p for p in positions if p is not None)
     if expected is not None and len(ps) != expected:
         return None
     if len(ps) == 1:
-        return "count" if expected == 1 else None
+        return CompletionReason.COUNT if expected == 1 else None
     gaps = [b - a for a, b in zip(ps, ps[1:], strict=False)]
     if min(gaps) < DUPLICATE_MM:
         return None
@@ -61,28 +75,18 @@ def geometry_reason(slices: Sequence[SliceInfo], expected: int | None) -> str | 
     tol = max(SPACING_REL_TOL * d, SPACING_ABS_TOL)
     if any(abs(g - d) > tol for g in gaps):
         return None
-    return "count" if expected is not None else "geometry"
+    return CompletionReason.COUNT if expected is not None else CompletionReason.GEOMETRY
 
 
-def decide(slices: Sequence[SliceInfo], expected: int | None, idle: float, settle: float, quiet: float,
-           has_images: bool = True) -> str | None:
+def decide(slices: Sequence[SliceInfo], expected: int | None, idle: float, settle: float,
+           quiet: float) -> CompletionReason | None:
     """The completion reason for a series idle for ``idle`` seconds, or None (keep waiting)."""
     reason = geometry_reason(slices, expected)
-    if reason == "object" and has_images:
-        reason = None
     if reason is not None and idle >= settle:
         return reason
     if idle >= quiet:
-        return "quiet"
+        return CompletionReason.QUIET
     return None
-
-
-IMAGE_CLASS_PREFIXES = ("1.2.840.10008.5.1.4.1.1.2", "1.2.840.10008.5.1.4.1.1.4", "1.2.840.10008.5.1.4.1.1.128",
-                        "1.2.840.10008.5.1.4.1.1.7", "1.2.840.10008.5.1.4.1.1.1")
-
-
-def _is_image_class(uid: str) -> bool:
-    return uid.startswith(IMAGE_CLASS_PREFIXES)
 
 
 class CompletionMonitor:
@@ -106,7 +110,7 @@ class CompletionMonitor:
         t = now() if t is None else t
         with self.db.read() as s:
             candidates = s.execute(select(Series.series_uid, Series.last_received).where(
-                Series.state == "receiving", Series.last_received <= t - self.cfg.settle_seconds)).all()
+                Series.state == SeriesState.RECEIVING, Series.last_received <= t - self.cfg.settle_seconds)).all()
         done: list[str] = []
         busy = self.busy() if self.busy is not None else set()
         for uid, last in candidates:
@@ -119,24 +123,22 @@ class CompletionMonitor:
     def _try_complete(self, uid: str, last: float, t: float) -> bool:
         with self.db.session() as s:
             series = s.get(Series, uid)
-            if series is None or series.state != "receiving" or series.last_received != last:
+            if series is None or series.state != SeriesState.RECEIVING or series.last_received != last:
                 return False
             rows = s.execute(select(Instance.position, Instance.frames, Instance.sop_class_uid)
                              .where(Instance.series_uid == uid)).all()
-            slices = [SliceInfo(p, f or 1) for p, f, _ in rows]
-            has_images = any(_is_image_class(c) for _, _, c in rows)
-            reason = decide(slices, series.expected, t - last, self.cfg.settle_seconds, self.cfg.quiet_seconds,
-                            has_images)
+            slices = [SliceInfo(p, f or 1, completion_of(c)) for p, f, c in rows]
+            reason = decide(slices, series.expected, t - last, self.cfg.settle_seconds, self.cfg.quiet_seconds)
             if reason is None:
                 return False
-            series.state = "complete"
+            series.state = SeriesState.COMPLETE.value
             series.completed_at = t
-            series.completion_reason = reason
+            series.completion_reason = reason.value
             jobs: list[Job] = self.router.on_series_complete(s, series)
             job_ids = [j.id for j in jobs]
             modality = series.modality
             info = dict(series_uid=uid, study_uid=series.study_uid, generation=series.generation,
-                        instances=series.instances, reason=reason,
+                        instances=series.instances, reason=reason.value,
                         latency_s=round(t - last, 3), jobs=job_ids)
         logger.info("series %s complete (%s, %d instances, generation %d, %.2f s after last image): jobs %s",
                     uid, reason, info["instances"], info["generation"], t - last, job_ids or "none")

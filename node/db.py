@@ -18,7 +18,6 @@ from __future__ import annotations
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
-from enum import StrEnum
 from typing import Any
 
 from sqlalchemy import (
@@ -39,27 +38,17 @@ from sqlalchemy.orm import DeclarativeBase, Mapped, Session, mapped_column, sess
 
 from node import counters
 
+# the states stored in the tables below (re-exported: node.db.JobState is node.dicom_facts.JobState)
+from node.dicom_facts import CompletionReason as CompletionReason
+from node.dicom_facts import ExportState as ExportState
+from node.dicom_facts import JobState as JobState
+from node.dicom_facts import SeriesState as SeriesState
+from node.dicom_facts import SweepItemState as SweepItemState
+from node.dicom_facts import SweepState as SweepState
+
 
 def now() -> float:
     return time.time()
-
-
-class JobState(StrEnum):
-    """``jobs.state`` (the strings stored): pending -> running -> done | failed -> (retry) | dead."""
-
-    PENDING = "pending"
-    RUNNING = "running"
-    DONE = "done"
-    FAILED = "failed"  # an attempt failed; retried after jobs.retry_seconds
-    DEAD = "dead"  # out of attempts
-
-
-class ExportState(StrEnum):
-    """``exports.state`` (the strings stored): pending -> sent, or dead (a dead letter)."""
-
-    PENDING = "pending"
-    SENT = "sent"
-    DEAD = "dead"
 
 
 class Base(DeclarativeBase):
@@ -95,14 +84,14 @@ class Series(Base):
     description: Mapped[str] = mapped_column(Text, default="")
     attributes: Mapped[dict[str, Any]] = mapped_column(JSON, default=dict)  # routing keywords -> str
     # receiving -> complete (jobs queued) ; a late instance reopens: complete -> receiving, generation += 1
-    state: Mapped[str] = mapped_column(String(16), default="receiving", index=True)
+    state: Mapped[str] = mapped_column(String(16), default=SeriesState.RECEIVING.value, index=True)  # SeriesState
     generation: Mapped[int] = mapped_column(Integer, default=0)
     instances: Mapped[int] = mapped_column(Integer, default=0)
     expected: Mapped[int | None] = mapped_column(Integer, nullable=True)  # count announced by headers
     first_received: Mapped[float] = mapped_column(Float, default=now)
     last_received: Mapped[float] = mapped_column(Float, default=now)
     completed_at: Mapped[float | None] = mapped_column(Float, nullable=True)
-    completion_reason: Mapped[str] = mapped_column(String(32), default="")  # geometry | quiet | count
+    completion_reason: Mapped[str] = mapped_column(String(32), default="")  # CompletionReason
     source: Mapped[str] = mapped_column(String(16), default="")  # calling AE of the first instance
 
 
@@ -168,7 +157,7 @@ class Sweep(Base):
     source: Mapped[str] = mapped_column(String(64))
     date_from: Mapped[str] = mapped_column(String(8))
     date_to: Mapped[str] = mapped_column(String(8))
-    state: Mapped[str] = mapped_column(String(16), default="running")  # running|done|failed|interrupted
+    state: Mapped[str] = mapped_column(String(16), default=SweepState.RUNNING.value)  # SweepState
     dry_run: Mapped[int] = mapped_column(Integer, default=0)
     started_at: Mapped[float] = mapped_column(Float, default=now)
     finished_at: Mapped[float | None] = mapped_column(Float, nullable=True)
@@ -183,7 +172,7 @@ class SweepItem(Base):
     study_uid: Mapped[str] = mapped_column(String(64))
     series_uid: Mapped[str] = mapped_column(String(64))
     instances: Mapped[int] = mapped_column(Integer, default=0)
-    state: Mapped[str] = mapped_column(String(16), default="pending")  # pending|skipped|retrieved|failed
+    state: Mapped[str] = mapped_column(String(16), default=SweepItemState.PENDING.value)  # SweepItemState
     error: Mapped[str] = mapped_column(Text, default="")
 
 

@@ -37,11 +37,11 @@ from node import tls
 from node.audit import AuditLog
 from node.config import Config, DestinationConfig
 from node.db import Database, Export, ExportState, Result, now
+from node.dicom_facts import VERIFICATION
 
 logger = logging.getLogger(__name__)
 
 MAX_CONTEXTS = 128  # PS3.8: at most 128 presentation contexts per association
-VERIFICATION = "1.2.840.10008.1.1"  # Verification SOP Class (C-ECHO)
 BATCH = 64  # results read and sent per association: a backlog after an outage is sent in bounded memory
 UNREADABLE = "cannot read "  # start of the error of a result file that cannot be read (never requeued by a probe)
 

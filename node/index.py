@@ -22,7 +22,7 @@ from sqlalchemy import select, text
 from sqlalchemy.engine import Dialect
 
 from node import counters
-from node.db import Database, Instance, Series, now
+from node.db import Database, Instance, Series, SeriesState, now
 
 logger = logging.getLogger(__name__)
 
@@ -84,7 +84,7 @@ _INSERT_SERIES = _Statement(  # attributes: JSON text, as SQLAlchemy's JSON type
     " ON CONFLICT (series_uid) DO NOTHING")
 _UPDATE_SERIES = _Statement("UPDATE series SET instances = instances + :inc, last_received = COALESCE(:t, last_received),"
                       " expected = COALESCE(:expected, expected) WHERE series_uid = :uid")
-_REOPEN_SERIES = _Statement("UPDATE series SET state = 'receiving', generation = :generation, completed_at = NULL,"
+_REOPEN_SERIES = _Statement("UPDATE series SET state = :state, generation = :generation, completed_at = NULL,"
                       " completion_reason = '' WHERE series_uid = :uid")
 
 
@@ -259,17 +259,18 @@ class Index:
             _INSERT_SERIES.run(dialect, cur, {
                 "series_uid": meta.series_uid, "study_uid": meta.study_uid, "patient_id": meta.patient_id,
                 "modality": meta.modality, "description": meta.description,
-                "attributes": json.dumps(dict(meta.attributes)), "state": "receiving", "generation": 0,
+                "attributes": json.dumps(dict(meta.attributes)), "state": SeriesState.RECEIVING.value, "generation": 0,
                 "instances": 0, "expected": meta.expected, "first_received": t, "last_received": t,
                 "completed_at": None, "completion_reason": "", "source": calling_ae})
             row = _SELECT_SERIES.run(dialect, cur, {"uid": meta.series_uid}).fetchone()
         state, generation = str(row[0]), int(row[1])
         old = _SELECT_INSTANCE.run(dialect, cur, {"sop": meta.sop_instance_uid}).fetchone()
         duplicate = old is not None and old[0] == sha256 and old[1] == meta.series_uid
-        reopened = state != "receiving" and not duplicate
+        reopened = state != SeriesState.RECEIVING and not duplicate
         if reopened:
             generation += 1
-            _REOPEN_SERIES.run(dialect, cur, {"uid": meta.series_uid, "generation": generation})
+            _REOPEN_SERIES.run(dialect, cur, {"uid": meta.series_uid, "generation": generation,
+                                                "state": SeriesState.RECEIVING.value})
         if old is not None and old[1] != meta.series_uid:
             # moved to another series: the old row goes (as before, the old series keeps its count)
             _DELETE_INSTANCE.run(dialect, cur, {"sop": meta.sop_instance_uid})

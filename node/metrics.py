@@ -32,14 +32,14 @@ from pynetdicom import evt
 from sqlalchemy import func, select
 
 from node import counters
-from node.db import Database, ExportState, Job, JobState, Result, Series
+from node.db import Database, ExportState, Job, JobState, Result, Series, SeriesState
 
 log = logging.getLogger(__name__)
 
 CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
 
 JOB_STATES = tuple(JobState)
-SERIES_STATES = ("receiving", "complete")
+SERIES_STATES = tuple(SeriesState)
 COMPLETION_BUCKETS = (0.25, 0.5, 1.0, 2.0, 5.0, 10.0, 20.0, 30.0, 60.0, 120.0)
 PIPELINE_BUCKETS = (1.0, 2.0, 5.0, 10.0, 20.0, 30.0, 60.0, 120.0, 300.0, 600.0, 1800.0)
 RESULT_BUCKETS = (2.0, 5.0, 10.0, 20.0, 30.0, 60.0, 120.0, 300.0, 600.0, 1800.0, 3600.0)

@@ -35,7 +35,7 @@ from sqlalchemy import select
 from sqlalchemy.orm import Session
 
 from node.audit import AuditSink
-from node.db import Database, Instance, Job, JobState, Series, now
+from node.db import Database, Instance, Job, JobState, Series, SeriesState, now
 from node.index import Index
 from node.routing import Router, series_attributes
 
@@ -152,7 +152,7 @@ def request_level(db: Database, router: Router, audit: AuditSink | None, series_
         if series is None:
             raise UnknownSeries(f"series {series_uid} not found")
         sop = _resolve(s, series_uid, sop_instance_uid, instance_number)
-        if refuse_active and series.state != "complete":
+        if refuse_active and series.state != SeriesState.COMPLETE:
             raise JobActive(f"series {series_uid} is still receiving instances: ask again once it is complete")
         if refuse_active:
             active = s.scalar(select(Job.id).where(Job.series_uid == series_uid, Job.pipeline == PIPELINE,

@@ -18,7 +18,7 @@ from sqlalchemy import select
 from sqlalchemy.orm import Session
 
 from node.config import RouteConfig, SeriesMatch, match_attributes
-from node.db import Job, JobState, Series, now
+from node.db import Job, JobState, Series, SeriesState, now
 
 logger = logging.getLogger(__name__)
 
@@ -59,7 +59,7 @@ class Router:
 
     def _study_route(self, s: Session, route: RouteConfig, study_uid: str) -> list[Job]:
         requirements = route.requires or (SeriesMatch(name="series", when=dict(route.when)),)
-        complete = s.scalars(select(Series).where(Series.study_uid == study_uid, Series.state == "complete")
+        complete = s.scalars(select(Series).where(Series.study_uid == study_uid, Series.state == SeriesState.COMPLETE)
                              .order_by(Series.last_received.desc())).all()
         chosen: list[Series] = []
         for req in requirements:

@@ -17,38 +17,13 @@ import time
 from collections.abc import Callable, Sequence
 from typing import Any, cast
 
-from pydicom.uid import (
-    JPEG2000,
-    UID,
-    BasicTextSRStorage,
-    Comprehensive3DSRStorage,
-    ComprehensiveSRStorage,
-    CTImageStorage,
-    DeflatedExplicitVRLittleEndian,
-    EnhancedCTImageStorage,
-    EnhancedSRStorage,
-    ExplicitVRLittleEndian,
-    ExtensibleSRStorage,
-    ImplicitVRLittleEndian,
-    JPEG2000Lossless,
-    JPEGBaseline8Bit,
-    JPEGExtended12Bit,
-    JPEGLossless,
-    JPEGLosslessSV1,
-    JPEGLSLossless,
-    JPEGLSNearLossless,
-    KeyObjectSelectionDocumentStorage,
-    LegacyConvertedEnhancedCTImageStorage,
-    RLELossless,
-    RTStructureSetStorage,
-    SegmentationStorage,
-)
 from pynetdicom import AE, evt
 from pynetdicom.transport import ThreadedAssociationServer
 
 from node import handlers
 from node.access import AccessPolicy, access_handlers
 from node.config import Config, NodeConfig
+from node.dicom_facts import STORAGE_CLASS_UIDS, TRANSFER_SYNTAX_UIDS, VERIFICATION
 from node.index import Index
 from node.logs import AuditLog
 from node.storage import Storage
@@ -56,22 +31,9 @@ from node.transport import STANDARD_LOG_HANDLERS, ConnectionGate, Limits, NodeRe
 
 logger = logging.getLogger(__name__)
 
-VERIFICATION = UID("1.2.840.10008.1.1")
-LABEL_MAP_SEGMENTATION_STORAGE = UID("1.2.840.10008.5.1.4.1.1.66.7")
-
-STORAGE_CLASSES: tuple[UID, ...] = (
-    CTImageStorage, EnhancedCTImageStorage, LegacyConvertedEnhancedCTImageStorage,
-    SegmentationStorage, LABEL_MAP_SEGMENTATION_STORAGE, RTStructureSetStorage,
-    BasicTextSRStorage, EnhancedSRStorage, ComprehensiveSRStorage, Comprehensive3DSRStorage,
-    ExtensibleSRStorage, KeyObjectSelectionDocumentStorage,
-)
-
-# Accepted as sent: the node stores the encoded bytes and never transcodes on receipt.
-TRANSFER_SYNTAXES: tuple[UID, ...] = (
-    ExplicitVRLittleEndian, ImplicitVRLittleEndian, DeflatedExplicitVRLittleEndian,
-    JPEGLosslessSV1, JPEGLossless, JPEGLSLossless, JPEGLSNearLossless,
-    JPEG2000Lossless, JPEG2000, RLELossless, JPEGBaseline8Bit, JPEGExtended12Bit,
-)
+# one table (node.dicom_facts): the SOP classes and transfer syntaxes this SCP accepts, as sent (never transcoded)
+STORAGE_CLASSES = STORAGE_CLASS_UIDS
+TRANSFER_SYNTAXES = TRANSFER_SYNTAX_UIDS
 
 
 STOP_GRACE = 4.0  # seconds stop() gives aborted associations to end before cutting their connections

@@ -54,6 +54,16 @@ from node.access import AccessPolicy, access_handlers
 from node.audit import AuditLog, AuditSink
 from node.config import Config, SourceConfig
 from node.db import Database, Job, Result, Series, Sweep, SweepItem
+from node.dicom_facts import (
+    STORAGE_CLASS_UIDS,
+    STUDY_ROOT_FIND,
+    STUDY_ROOT_GET,
+    STUDY_ROOT_MOVE,
+    TRANSFER_SYNTAX_UIDS,
+    VERIFICATION,
+    SweepItemState,
+    SweepState,
+)
 from node.handlers import handle_store
 from node.index import Index
 from node.metrics import Metrics
@@ -66,44 +76,6 @@ StoreHandler = Callable[[Any], Any]  # EVT_C_STORE handler: event -> status (int
 Progress = Callable[[str], None]
 
 SCHEDULER_JOB_ID = "prognode-sweep"
-
-# Study Root Query/Retrieve Information Model (PS3.4 C.6.2) and Verification SOP Class UIDs
-StudyRootQueryRetrieveInformationModelFind = "1.2.840.10008.5.1.4.1.2.2.1"
-StudyRootQueryRetrieveInformationModelMove = "1.2.840.10008.5.1.4.1.2.2.2"
-StudyRootQueryRetrieveInformationModelGet = "1.2.840.10008.5.1.4.1.2.2.3"
-Verification = "1.2.840.10008.1.1"
-
-# Storage SOP classes a sweep accepts (C-GET sub-operations and the temporary C-MOVE receiver).
-RETRIEVE_SOP_CLASSES = (
-    "1.2.840.10008.5.1.4.1.1.2",  # CT Image Storage
-    "1.2.840.10008.5.1.4.1.1.2.1",  # Enhanced CT Image Storage
-    "1.2.840.10008.5.1.4.1.1.2.2",  # Legacy Converted Enhanced CT
-    "1.2.840.10008.5.1.4.1.1.66.4",  # Segmentation Storage
-    "1.2.840.10008.5.1.4.1.1.66.7",  # Label Map Segmentation Storage
-    "1.2.840.10008.5.1.4.1.1.481.3",  # RT Structure Set Storage
-    "1.2.840.10008.5.1.4.1.1.88.11",  # Basic Text SR
-    "1.2.840.10008.5.1.4.1.1.88.22",  # Enhanced SR
-    "1.2.840.10008.5.1.4.1.1.88.33",  # Comprehensive SR
-    "1.2.840.10008.5.1.4.1.1.88.34",  # Comprehensive 3D SR
-    "1.2.840.10008.5.1.4.1.1.7",  # Secondary Capture
-    "1.2.840.10008.5.1.4.1.1.128",  # PET
-    "1.2.840.10008.5.1.4.1.1.4",  # MR
-)
-TRANSFER_SYNTAXES = (
-    "1.2.840.10008.1.2.1",  # Explicit VR Little Endian
-    "1.2.840.10008.1.2",  # Implicit VR Little Endian
-    "1.2.840.10008.1.2.1.99",  # Deflated Explicit VR Little Endian
-    "1.2.840.10008.1.2.4.70",  # JPEG Lossless SV1
-    "1.2.840.10008.1.2.4.80",  # JPEG-LS Lossless
-    "1.2.840.10008.1.2.4.90",  # JPEG 2000 Lossless
-    "1.2.840.10008.1.2.5",  # RLE Lossless
-)
-
-ITEM_PENDING = "pending"
-ITEM_SKIPPED = "skipped"
-ITEM_RETRIEVED = "retrieved"
-ITEM_FAILED = "failed"
-ITEM_PLANNED = "planned"  # dry run: would be retrieved
 
 
 class SweepError(RuntimeError):
@@ -130,7 +102,7 @@ class SweepOutcome:
     date_from: str
     date_to: str
     dry_run: bool
-    state: str = "running"
+    state: str = SweepState.RUNNING
     resumed: bool = False
     studies: int = 0
     series: int = 0
@@ -223,11 +195,12 @@ def _count_association(_event: Any, metrics: Metrics, direction: str, outcome: s
 
 
 def _retrieve_contexts(ae: AE, model: str) -> list[Any]:
-    """Request the retrieve model plus storage contexts with the SCP role (for C-GET)."""
+    """Request the retrieve model plus storage contexts with the SCP role (for C-GET): the SOP classes
+    and transfer syntaxes the node's SCP accepts (:mod:`node.dicom_facts`)."""
     ae.add_requested_context(model)
     roles = []
-    for uid in RETRIEVE_SOP_CLASSES:
-        ae.add_requested_context(uid, list(TRANSFER_SYNTAXES))
+    for uid in STORAGE_CLASS_UIDS:
+        ae.add_requested_context(uid, list(TRANSFER_SYNTAX_UIDS))
         roles.append(build_role(uid, scp_role=True))
     return roles
 
@@ -239,9 +212,9 @@ class Receiver:
                  metrics: Metrics | None = None) -> None:
         node = config.node
         self.ae = AE(ae_title=node.ae_title)
-        self.ae.add_supported_context(Verification)
-        for uid in RETRIEVE_SOP_CLASSES:
-            self.ae.add_supported_context(uid, list(TRANSFER_SYNTAXES))
+        self.ae.add_supported_context(VERIFICATION)
+        for uid in STORAGE_CLASS_UIDS:
+            self.ae.add_supported_context(uid, list(TRANSFER_SYNTAX_UIDS))
         self.ae.maximum_pdu_size = node.max_pdu
         self.ae.network_timeout = node.network_timeout
         ctx = server_context(node.tls, config.base_dir) if node.tls.enabled else None
@@ -321,9 +294,9 @@ class Sweeper:
             if not planned_already:
                 self._plan(sweep_id, src, d_from, d_to)
             self._execute(sweep_id, src, dry_run, out)
-            out.state = "interrupted" if out.stopped_reason else "done"
+            out.state = SweepState.INTERRUPTED if out.stopped_reason else SweepState.DONE
         except BaseException as e:  # noqa: BLE001 - record the state, then re-raise
-            out.state = "failed" if isinstance(e, Exception) else "interrupted"
+            out.state = SweepState.FAILED if isinstance(e, Exception) else SweepState.INTERRUPTED
             out.stopped_reason = out.stopped_reason or f"{type(e).__name__}: {e}"
             self._finish(sweep_id, out, t0)
             raise
@@ -339,23 +312,24 @@ class Sweeper:
         with self.db.session() as s:
             prev = s.scalars(select(Sweep).where(
                 Sweep.source == source, Sweep.date_from == d_from, Sweep.date_to == d_to,
-                Sweep.dry_run == int(dry_run), Sweep.state.in_(("running", "interrupted", "failed")))
+                Sweep.dry_run == int(dry_run),
+                Sweep.state.in_((SweepState.RUNNING, SweepState.INTERRUPTED, SweepState.FAILED)))
                 .order_by(Sweep.id.desc())).first()
             if prev is not None:
                 pid = int(prev.report.get("pid", 0) or 0)
                 host = str(prev.report.get("host", ""))
-                if prev.state == "running" and pid and host == socket.gethostname() and pid != os.getpid() \
+                if prev.state == SweepState.RUNNING and pid and host == socket.gethostname() and pid != os.getpid() \
                         and _pid_alive(pid):
                     raise SweepError(f"sweep {prev.id} of {source} {d_from}-{d_to} is running in process {pid}")
                 report = dict(prev.report)
                 report.update(pid=os.getpid(), host=socket.gethostname(),
                               resumes=int(report.get("resumes", 0)) + 1)
                 prev.report = report
-                prev.state = "running"
+                prev.state = SweepState.RUNNING.value
                 prev.finished_at = None
                 return prev.id, True, bool(report.get("plan_ready"))
-            sw = Sweep(source=source, date_from=d_from, date_to=d_to, dry_run=int(dry_run), state="running",
-                       report={"pid": os.getpid(), "host": socket.gethostname(), "plan_ready": False})
+            sw = Sweep(source=source, date_from=d_from, date_to=d_to, dry_run=int(dry_run),
+                       state=SweepState.RUNNING.value, report={"pid": os.getpid(), "host": socket.gethostname(), "plan_ready": False})
             s.add(sw)
             s.flush()
             return sw.id, False, False
@@ -454,7 +428,7 @@ class Sweeper:
     def _query(self, src: SourceConfig, query: Dataset) -> list[Dataset]:
         """One C-FIND request on an association of its own (see :meth:`find`); the matches."""
         ae = AE(ae_title=self.config.node.ae_title)
-        ae.add_requested_context(StudyRootQueryRetrieveInformationModelFind)
+        ae.add_requested_context(STUDY_ROOT_FIND)
         assoc = self._associate(src, ae)
         try:
             return list(_find(assoc, query))
@@ -466,7 +440,7 @@ class Sweeper:
         with self.db.session() as s:
             for r in found:
                 s.add(SweepItem(sweep_id=sweep_id, study_uid=r.study_uid, series_uid=r.series_uid,
-                                instances=r.instances or 0, state=ITEM_PENDING))
+                                instances=r.instances or 0, state=SweepItemState.PENDING.value))
             sw = s.get(Sweep, sweep_id)
             assert sw is not None
             report = dict(sw.report)
@@ -499,19 +473,19 @@ class Sweeper:
         out.series = len(items)
         todo: list[tuple[int, str, str, int]] = []
         for item_id, study, series, n, state in items:
-            if state in (ITEM_RETRIEVED, ITEM_SKIPPED):
+            if state in (SweepItemState.RETRIEVED, SweepItemState.SKIPPED):
                 out.already_done += 1
                 continue
             why = self.ledger_status(series, n or None)
             if why is not None:
-                self._set_item(item_id, ITEM_SKIPPED, why)
+                self._set_item(item_id, SweepItemState.SKIPPED, why)
                 out.skipped += 1
-                out.items.append({"series_uid": series, "state": ITEM_SKIPPED, "reason": why})
+                out.items.append({"series_uid": series, "state": SweepItemState.SKIPPED, "reason": why})
                 continue
             if dry_run:
-                self._set_item(item_id, ITEM_PLANNED, "")
+                self._set_item(item_id, SweepItemState.PLANNED, "")
                 out.planned += 1
-                out.items.append({"series_uid": series, "study_uid": study, "state": ITEM_PLANNED,
+                out.items.append({"series_uid": series, "study_uid": study, "state": SweepItemState.PLANNED,
                                   "instances": n})
                 continue
             todo.append((item_id, study, series, n))
@@ -548,13 +522,13 @@ class Sweeper:
                             retry.append(item)
                             out.items.append({"series_uid": series, "state": "retry", "error": str(e)})
                             return
-                        self._set_item(item_id, ITEM_FAILED, str(e)[:500])
+                        self._set_item(item_id, SweepItemState.FAILED, str(e)[:500])
                         out.failed += 1
                         counter[0] += 1
-                        out.items.append({"series_uid": series, "state": ITEM_FAILED, "error": str(e)})
+                        out.items.append({"series_uid": series, "state": SweepItemState.FAILED, "error": str(e)})
                         self.progress(f"[{counter[0]}/{len(todo)}] {series}: FAILED {e}")
                     return
-                self._set_item(item_id, ITEM_RETRIEVED, "")
+                self._set_item(item_id, SweepItemState.RETRIEVED, "")
                 if self.metrics is not None:
                     self.metrics.record_sweep_retrieval(src.retrieve)
                 if self.audit is not None:
@@ -564,7 +538,7 @@ class Sweeper:
                     out.retrieved += 1
                     out.instances_retrieved += got
                     counter[0] += 1
-                    out.items.append({"series_uid": series, "study_uid": study, "state": ITEM_RETRIEVED,
+                    out.items.append({"series_uid": series, "study_uid": study, "state": SweepItemState.RETRIEVED,
                                       "instances": got})
                     self.progress(f"[{counter[0]}/{len(todo)}] {series}: {got} instances by "
                                   f"C-{src.retrieve.upper()} in {time.monotonic() - t:.2f}s")
@@ -601,14 +575,14 @@ class Sweeper:
         q.SeriesInstanceUID = series_uid
         ae = AE(ae_title=self.config.node.ae_title)
         if src.retrieve == "move":
-            ae.add_requested_context(StudyRootQueryRetrieveInformationModelMove)
+            ae.add_requested_context(STUDY_ROOT_MOVE)
             assoc = self._associate(src, ae)
             dest = src.move_destination or self.config.node.ae_title
-            responses = assoc.send_c_move(q, dest, StudyRootQueryRetrieveInformationModelMove)
+            responses = assoc.send_c_move(q, dest, STUDY_ROOT_MOVE)
         else:
-            roles = _retrieve_contexts(ae, StudyRootQueryRetrieveInformationModelGet)
+            roles = _retrieve_contexts(ae, STUDY_ROOT_GET)
             assoc = self._associate(src, ae, ext_neg=roles, handlers=[(evt.EVT_C_STORE, self.store_handler)])
-            responses = assoc.send_c_get(q, StudyRootQueryRetrieveInformationModelGet)
+            responses = assoc.send_c_get(q, STUDY_ROOT_GET)
         try:
             completed, failed, status = _drain(responses)
         finally:
@@ -623,11 +597,11 @@ class Sweeper:
             series = s.get(Series, series_uid)
             return series.instances if series is not None else 0
 
-    def _set_item(self, item_id: int, state: str, error: str) -> None:
+    def _set_item(self, item_id: int, state: SweepItemState, error: str) -> None:
         with self.db.session() as s:
             item = s.get(SweepItem, item_id)
             assert item is not None
-            item.state = state
+            item.state = state.value
             item.error = error
 
     def _finish(self, sweep_id: int, out: SweepOutcome, t0: float) -> None:
@@ -663,7 +637,7 @@ class Sweeper:
 
 
 def _find(assoc: Association, query: Dataset) -> Iterator[Dataset]:
-    for status, ident in assoc.send_c_find(query, StudyRootQueryRetrieveInformationModelFind):
+    for status, ident in assoc.send_c_find(query, STUDY_ROOT_FIND):
         # pynetdicom yields an empty status Dataset when no response came (timeout, abort, lost)
         if status is None or "Status" not in status:
             raise SweepError("C-FIND: no response (connection lost or timed out)")
@@ -792,7 +766,7 @@ def _cmd_sweep(args: argparse.Namespace) -> int:
         db.dispose()
     if args.json:
         print(json.dumps({k: v for k, v in asdict(out).items() if k != "items"}, indent=1))
-    return 0 if out.state == "done" and not out.failed else 1
+    return 0 if out.state == SweepState.DONE and not out.failed else 1
 
 
 def register(subparsers: Any) -> None:

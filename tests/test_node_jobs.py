@@ -12,6 +12,7 @@ from sqlalchemy import select
 
 from node.completion import SliceInfo, decide, geometry_reason
 from node.db import Export, ExportState, Job, Result
+from node.dicom_facts import Completion
 from tests.conftest import need
 from tests.node_helpers import ROUTE, cli, pacs_destination, running_node, write_config
 from tests.peers import Orthanc, dciodvfy, free_port, storescu, wait_until, with_uids
@@ -35,7 +36,8 @@ def test_geometry_rules() -> None:
     assert geometry_reason(stack([0, 2, 4]), 4) is None  # headers announce 4
     assert geometry_reason(stack([0, 2, 4, 6]), 4) == "count"
     assert geometry_reason([SliceInfo(None, 40)], None) == "multiframe"
-    assert geometry_reason([SliceInfo(None, 1)], None) == "object"
+    assert geometry_reason([SliceInfo(None, 1)], None) is None  # an image without geometry: quiet time
+    assert geometry_reason([SliceInfo(None, 1, Completion.OBJECT)], None) == "object"  # SEG, RTSTRUCT, SR
     assert geometry_reason([SliceInfo(0, 1), SliceInfo(None, 1)], None) is None
 
 
@@ -45,7 +47,7 @@ def test_decide_settle_then_quiet() -> None:
     assert decide(even, None, idle=0.6, settle=0.5, quiet=5) == "geometry"
     assert decide(gap, None, idle=0.6, settle=0.5, quiet=5) is None
     assert decide(gap, None, idle=5.1, settle=0.5, quiet=5) == "quiet"
-    assert decide([SliceInfo(None, 1)], None, idle=1, settle=0.5, quiet=5, has_images=True) is None
+    assert decide([SliceInfo(None, 1)], None, idle=1, settle=0.5, quiet=5) is None
 
 
 # End to end with Orthanc ------------------------------------------------------------------
