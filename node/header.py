@@ -30,6 +30,8 @@ from pydicom.dataset import Dataset
 from pydicom.tag import Tag
 from pydicom.uid import UID
 
+from node.dicom_facts import STORAGE_SOP_CLASSES
+
 UNDEFINED_LENGTH = 0xFFFFFFFF
 ITEM = 0xFFFEE000
 ITEM_DELIMITER = 0xFFFEE00D
@@ -282,9 +284,9 @@ def _walk_items(view: memoryview, pos: int, end: int, implicit_vr: bool,
 
 # Image Storage SOP Classes whose data sets must carry a complete image (PS3.4 B.5): CT, Enhanced CT, Legacy
 # Converted Enhanced CT; Segmentation and Label Map Segmentation (PS3.3 A.51) with their own bit depths.
-IMAGE_SOP_CLASSES = frozenset({"1.2.840.10008.5.1.4.1.1.2", "1.2.840.10008.5.1.4.1.1.2.1",
-                               "1.2.840.10008.5.1.4.1.1.2.2"})
-SEGMENTATION_SOP_CLASSES = frozenset({"1.2.840.10008.5.1.4.1.1.66.4", "1.2.840.10008.5.1.4.1.1.66.7"})
+# (node.dicom_facts: the SOP Classes that require Pixel Data; the segmentations are its non-image ones)
+IMAGE_SOP_CLASSES = frozenset(c.uid for c in STORAGE_SOP_CLASSES if c.pixel_data and c.image)
+SEGMENTATION_SOP_CLASSES = frozenset(c.uid for c in STORAGE_SOP_CLASSES if c.pixel_data and not c.image)
 _CS_CHARACTERS = frozenset(b"ABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789_ ")
 
 
