@@ -16,11 +16,10 @@ import numpy as np
 from numpy.typing import NDArray
 
 from pipelines.body_composition.classical import (
-    ClassicalLevelFinder,
     ClassicalParams,
     ClassicalSliceSegmenter,
-    anatomy_for_slice,
 )
+from pipelines.body_composition.levels import SpineLevelFinder, anatomy_for_slice
 from pipelines.body_composition.reference import (
     Classification,
     PatientFactors,
@@ -71,7 +70,7 @@ class ClassicalBackend:
 
     def __init__(self, params: ClassicalParams | None = None) -> None:
         params = params or ClassicalParams()
-        self.finder = ClassicalLevelFinder(params)
+        self.finder = SpineLevelFinder()
         self.segmenter = ClassicalSliceSegmenter(params)
 
     def find_level(self, volume: Volume, levels: Sequence[str]) -> LevelResult:
