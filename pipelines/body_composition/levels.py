@@ -651,8 +651,8 @@ class _Ctx:
             post = self.bone[k, a:b, ca:cb]
             lat = (np.arange(ca, cb) - c0) * gx
             if post.size and float(post.sum()) * gy * gx >= 900.0 and post[:, lat < -50].any() and \
-                    post[:, lat > 50].any() and self.body_hw[k] < 20.0:
-                skull_k.append(k)
+                    post[:, lat > 50].any() and self.body_hw[k] < 15.0 and k > segs[-1].lo:
+                skull_k.append(k)  # above the highest disc only (ribs and scapulae are not a skull)
             # dens: at full resolution, a bone island in front of the canal, ringed by soft tissue,
             # with C1's anterior arch in front and its lateral masses beside
             if self.body_hw[k] > 20.0:
