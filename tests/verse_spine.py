@@ -113,13 +113,16 @@ def build(case: str, spacing: float = 3.0, ribs: tuple[str, ...] | None = None, 
             continue
         z, y, x = np.nonzero(lab == v)
         cz, cy, cx = cent[v]
+        zb_ = z[y < np.percentile(y, 40)]
+        zmid = float(zb_.mean())
+        up = float(np.percentile(zb_, 80))  # rib necks lie at the upper body / pedicles
         for sgn in (1.0, -1.0):
             side = (x - cx) * sgn
-            near = np.abs(z - cz) < 12
+            near = (z >= zmid) & (z <= up + 4)
             if not (near & (side > 0)).any():
                 continue
             j = int(np.argmax(np.where(near, side, -1e9)))
-            tz, ty, tx = float(z[j]), float(y[j]), float(x[j])
+            tz, ty, tx = up, float(y[j]), float(x[j])
             # head at the body's posterolateral corner, neck in front of the transverse process to its tip
             bz = np.abs(z - tz) < 6
             body = bz & (y < np.percentile(y, 40))
@@ -127,8 +130,8 @@ def build(case: str, spacing: float = 3.0, ribs: tuple[str, ...] | None = None, 
                 hx = cx + sgn * 0.8 * float(np.abs(x[body] - cx).max())
                 hy = float(np.percentile(y[body], 90))
                 for t in np.linspace(0.0, 1.0, 25):
-                    _stamp(extra, tz + 2.0, hy + (ty - hy) * t, hx + (tx - hx) * t, 4.0)
-                    _stamp(extra_inner, tz + 2.0, hy + (ty - hy) * t, hx + (tx - hx) * t, 2.0)
+                    _stamp(extra, tz, hy + (ty - hy) * t, hx + (tx - hx) * t, 4.0)
+                    _stamp(extra_inner, tz, hy + (ty - hy) * t, hx + (tx - hx) * t, 2.0)
             cy_c = ty - 70.0
             ry = 75.0
             lat = abs(tx - cx)

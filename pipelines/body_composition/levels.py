@@ -48,6 +48,8 @@ ORDER: tuple[str, ...] = (("S1", "L5", "L4", "L3", "L2", "L1") + tuple(f"T{i}" f
                           + tuple(f"C{i}" for i in range(7, 1, -1)))
 IDX = {n: i for i, n in enumerate(ORDER)}
 METHOD = "canal-profile-anchors"
+# anchors trusted to name the column on their own ("moderate"); the others need a second, agreeing anchor
+STANDALONE = frozenset({"sacrum", "lowest rib-bearing vertebra"})
 
 
 @dataclass(frozen=True)
@@ -68,7 +70,9 @@ class LevelParams:
     disc_min_mm: float = 10.0  # vertebra pitch (body + disc) limits
     disc_max_mm: float = 55.0
     min_depth: float = 0.12  # of the profile's 10-90 % range
-    height_change_cost: float = 0.6  # per unit |log(h_i / h_{i-1})|
+    min_peak: float = 0.25  # a bright band (thin disc between two endplates, slices >= 2 mm)
+    peak_weight: float = 0.7
+    height_change_cost: float = 0.35  # per unit |log(h_i / h_{i-1})|
     pitch_cost: float = 0.3  # per unit |log(h / expected)|, expected = the body's depth
     corridor_mm: float = 26.0  # spinal corridor half width for rib search
     rib_attach_mm: float = 10.0  # a rib's medial end lies within this of the corridor
@@ -118,6 +122,7 @@ class SpineLevelFinder:
                                notes=("spinal canal not found: no vertebral column in the field of view",),
                                method=METHOD, confidence="low")
         ctx.find_body()
+        ctx.find_skull()
         discs = ctx.find_discs()
         segs = ctx.segments(discs)
         ctx.lateral_features()
@@ -351,6 +356,28 @@ class _Ctx:
         self.body_hw = _smooth_interp(karr, robust(list(hw_s)), n, sig)
         self.body_hh = _smooth_interp(karr, robust(list(hh_s)), n, sig)
 
+    def find_skull(self) -> None:
+        """Skull base: above the top of the spinal canal, a broad ring of bone (occiput, mastoids) around it."""
+        g, n, gy, gx, dz = self.g, self.n, self.gy, self.gx, self.dz
+        self.skull_from: int | None = None
+        top = int(self.canal_ks.max())
+        self.canal_top = top
+        if (n - 1 - top) * dz < 10.0:
+            return
+        r0, c0 = self.canal_r[top], self.canal_c[top]
+        yy = (np.arange(g.shape[1]) - r0)[:, None] * gy
+        xx = (np.arange(g.shape[2]) - c0)[None, :] * gx
+        disk = yy**2 + xx**2 <= 75.0**2
+        hits = []
+        for k in range(top + 1, n):
+            b = self.bone[k] & disk
+            area = float(b.sum()) * gy * gx
+            cols = b.any(axis=0)
+            if area >= 1500.0 and cols[xx[0] < -45.0].any() and cols[xx[0] > 45.0].any():
+                hits.append(k)
+        if len(hits) * dz >= 10.0:
+            self.skull_from = min(hits)
+
     # --- 4. bone profile and discs ---------------------------------------------------------------
     def profile(self) -> NDArray[np.float64]:
         p, g, n, gy, gx = self.p, self.g, self.n, self.gy, self.gx
@@ -377,30 +404,12 @@ class _Ctx:
         if n < 3:
             return []
         s = ndi.gaussian_filter1d(prof, 1.5 / dz, mode="nearest") if dz < 2.0 else prof.copy()
-        lo_, hi_ = np.percentile(s, [10, 90])
-        scale = max(float(hi_ - lo_), 30.0)
+        lo_, med = np.percentile(s, [10, 50])
+        scale = max(float(med - lo_), 30.0)  # bodies' plateau above the discs (endplate peaks left out)
         sn = (s - lo_) / scale
         self.prof_n = sn
         w = max(2, int(round(15.0 / dz)))
-        cands: list[tuple[float, float]] = []  # (position, depth)
-        for k in range(1, n - 1):
-            if not (sn[k] <= sn[k - 1] and sn[k] <= sn[k + 1] and (sn[k] < sn[k - 1] or sn[k] < sn[k + 1])):
-                continue
-            # depth below the typical level on each side (medians: endplate peaks do not make a dip)
-            lw, rw = sn[max(0, k - w) : k], sn[k + 1 : k + w + 1]
-            left = float(np.median(lw)) if lw.size else -np.inf
-            right = float(np.median(rw)) if rw.size else -np.inf
-            if lw.size < max(2, w // 2):  # the window is cut by the end of the volume: the other side decides
-                left = right
-            elif rw.size < max(2, w // 2):
-                right = left
-            depth = min(left, right) - float(sn[k])
-            if depth < p.min_depth:
-                continue
-            # sub-slice position (parabola through the three samples)
-            den = sn[k - 1] - 2 * sn[k] + sn[k + 1]
-            off = 0.5 * (sn[k - 1] - sn[k + 1]) / den if den > 1e-9 else 0.0
-            cands.append((k + float(np.clip(off, -0.5, 0.5)), depth))
+        cands = self.disc_candidates(sn, w)
         self.disc_cands = cands
         if not cands:
             return []
@@ -435,6 +444,66 @@ class _Ctx:
             chain.append(int(back[chain[-1], chain[-2]]))
         return sorted(cands[c][0] for c in chain)
 
+    def disc_candidates(self, sn: NDArray[np.float64], w: int) -> list[tuple[float, float]]:
+        """(position, score) of disc candidates along the normalised profile.
+
+        A disc thicker than the slice is a dip below the bodies' plateau (often between two bright
+        endplates); a disc thinner than the slice is averaged with both endplates into a bright band.
+        Both are anomalies against the plateau (the median of the profile on each side); anomalies
+        closer than a disc's height are one disc, placed at its dip where there is one.
+        """
+        p, n, dz = self.p, self.n, self.dz
+        raw: list[tuple[float, float, bool]] = []  # position, score, is_dip
+        for k in range(n):
+            lw, rw = sn[max(0, k - w) : k], sn[k + 1 : k + w + 1]
+            left = float(np.median(lw)) if lw.size >= max(2, w // 2) else None
+            right = float(np.median(rw)) if rw.size >= max(2, w // 2) else None
+            if left is None and right is None:
+                continue
+            lv = left if left is not None else right
+            rv = right if right is not None else left
+            assert lv is not None and rv is not None
+            prev_ = sn[k - 1] if k > 0 else sn[k]
+            next_ = sn[k + 1] if k + 1 < n else sn[k]
+            if sn[k] <= prev_ and sn[k] <= next_ and (sn[k] < prev_ or sn[k] < next_):
+                depth = min(lv, rv) - float(sn[k])
+                if depth >= p.min_depth:
+                    raw.append((self._subslice(sn, k, dip=True), depth, True))
+            elif sn[k] >= prev_ and sn[k] >= next_ and (sn[k] > prev_ or sn[k] > next_) and dz >= 2.0:
+                height = float(sn[k]) - max(lv, rv)
+                if height >= p.min_peak:
+                    raw.append((self._subslice(sn, k, dip=False), p.peak_weight * height, False))
+        raw.sort()
+        out: list[tuple[float, float]] = []
+        merge = max(8.0, 1.5 * dz) / dz
+        i = 0
+        while i < len(raw):
+            j = i
+            while j + 1 < len(raw) and raw[j + 1][0] - raw[j][0] <= merge:
+                j += 1
+            grp = raw[i : j + 1]
+            dips = [g for g in grp if g[2]]
+            if dips:
+                pos, sc = max(dips, key=lambda g: g[1])[:2]
+                sc = max(sc, max(g[1] for g in grp))
+            else:
+                wsum = sum(g[1] for g in grp)
+                pos = sum(g[0] * g[1] for g in grp) / wsum
+                sc = max(g[1] for g in grp)
+            out.append((float(pos), float(sc)))
+            i = j + 1
+        return out
+
+    @staticmethod
+    def _subslice(sn: NDArray[np.float64], k: int, dip: bool) -> float:
+        if k == 0 or k == len(sn) - 1:
+            return float(k)
+        den = sn[k - 1] - 2 * sn[k] + sn[k + 1]
+        if (dip and den <= 1e-9) or (not dip and den >= -1e-9):
+            return float(k)
+        off = 0.5 * (sn[k - 1] - sn[k + 1]) / den
+        return k + float(np.clip(off, -0.5, 0.5))
+
     def expected_pitch(self, k: float) -> float:
         """Body height plus disc is about the body's depth (cervical to lumbar)."""
         kk = int(np.clip(round(k), 0, self.n - 1))
@@ -448,6 +517,10 @@ class _Ctx:
             first, last = int(np.floor(a)) + 1, int(np.ceil(b)) - 1
             if last < first:
                 continue
+            if float(np.median(self.prof_n[first : last + 1])) < 0.4:
+                continue  # no vertebral body between these discs (beyond the end of the column)
+            if self.skull_from is not None and 0.5 * (a + b) > self.canal_top:
+                continue  # above the spinal canal: skull base, not a vertebra
             segs.append(_Seg(lo=a, hi=b, first=first, last=last, edge_lo=a < 0, edge_hi=b > n - 1))
         return segs
 
@@ -522,10 +595,13 @@ class _Ctx:
         # iliac crests: the run of iliac slices from the bottom (or the sacrum) upward
         # the iliac bones rise from the sacrum (fused with it where the sacroiliac joint is not resolved)
         il = self.iliac_present | (self.sacral & (self.ala_reach.min(axis=1) >= 70.0))
+        self.crest_top = -1
         if il.any():
             runs = _runs(il, max(1, int(round(4.0 / dz))))
             a, b = runs[0]
             from_bottom = a <= max(1, int(round(6.0 / dz))) or (sac_top >= 0 and a <= sac_top)
+            if from_bottom and (b - a + 1) * dz >= self.p.iliac_run_mm:
+                self.crest_top = int(b)
             if from_bottom and (b - a + 1) * dz >= self.p.iliac_run_mm and b < n - 1:
                 zc = float(b)
                 si = next((i for i, s in enumerate(segs) if s.lo <= zc <= s.hi), None)
@@ -540,7 +616,7 @@ class _Ctx:
                     out.append((Anchor("iliac crest", (int(a), int(b)), (s.first, s.last),
                                        tuple(sorted(allowed))), si, allowed))
         # ribs
-        ribs = self.rib_attachments(segs, sac_top)
+        ribs = self.rib_attachments(segs, max(sac_top, self.crest_top))
         self.rib_segs = ribs
         bearing = [bool(ribs.get(i)) for i in range(len(segs))]
         complete = [not (s.edge_lo and s.edge_hi) for s in segs]
@@ -558,8 +634,9 @@ class _Ctx:
         for i in range(len(segs) - 1, -1, -1):
             if not bearing[i]:
                 continue
-            if i + 1 < len(segs) and not any(bearing[i + 1 :]) and not segs[i + 1].edge_lo and \
-                    not segs[i + 1].edge_hi:
+            # the two vertebrae above (C7, C6) are complete and rib-free: one missed rib cannot fake T1
+            above = segs[i + 1 : i + 3]
+            if len(above) == 2 and not any(bearing[i + 1 :]) and not any(a.edge_lo or a.edge_hi for a in above):
                 s = segs[i]
                 out.append((Anchor("highest rib-bearing vertebra", (s.first, s.last), (s.first, s.last), ("T1",)),
                             i, {"T1"}))
@@ -586,16 +663,17 @@ class _Ctx:
         # a rib's head, neck and shaft are often separate pieces above the bone threshold: link pieces
         # that are a few millimetres apart (in plane) before following the rib
         link = outside  # no bridging: a lumbar transverse process near a rib must not become a rib
-        # leave out the pelvis: slices of the sacrum and of the iliac bones that rise from it
+        # leave out the pelvis: slices of the sacrum and of the iliac bones that rise from it (up to the crest)
         if sac_top >= 0:
             outside[: sac_top + 1] = False
+        if self.skull_from is not None:
+            outside[self.canal_top + 1 :] = False
         lab, nl = ndi.label(link)
         lab[~outside] = 0
         if nl == 0:
             return {}
         objs = ndi.find_objects(lab)
         out: dict[int, set[str]] = {}
-        il = self.iliac_present
         for i, sl in enumerate(objs, start=1):
             if sl is None:
                 continue
@@ -611,8 +689,6 @@ class _Ctx:
                 continue
             if (kk.max() - kk.min() + 1) * dz > 150.0:  # a scapula / hip-sized sheet, not a rib near the spine
                 pass
-            if il[kk].mean() > 0.5 and sac_top >= 0:
-                continue
             near = (np.abs(la) <= p.corridor_mm + p.rib_attach_mm)
             band = (rr >= self.body_r[kk] - self.body_hh[kk] / gy) & (rr <= self.canal_r[kk] + 30.0 / gy)
             att = near & band
@@ -642,17 +718,9 @@ class _Ctx:
         vol = self.vol
         dy, dx = vol.pixel_spacing
         dens_k: list[int] = []
-        skull_k: list[int] = []
-        for k in range(n):
-            # skull base: broad bone behind and beside the canal (occipital bone)
+        top = self.canal_top
+        for k in range(max(0, top - int(round(30.0 / dz))), top + 1):
             r0, c0 = self.canal_r[k], self.canal_c[k]
-            a, b = max(0, int(r0)), min(g.shape[1], int(r0 + 70.0 / gy) + 1)
-            ca, cb = max(0, int(c0 - 70.0 / gx)), min(g.shape[2], int(c0 + 70.0 / gx) + 1)
-            post = self.bone[k, a:b, ca:cb]
-            lat = (np.arange(ca, cb) - c0) * gx
-            if post.size and float(post.sum()) * gy * gx >= 900.0 and post[:, lat < -50].any() and \
-                    post[:, lat > 50].any() and self.body_hw[k] < 15.0 and k > segs[-1].lo:
-                skull_k.append(k)  # above the highest disc only (ribs and scapulae are not a skull)
             # dens: at full resolution, a bone island in front of the canal, ringed by soft tissue,
             # with C1's anterior arch in front and its lateral masses beside
             if self.body_hw[k] > 20.0:
@@ -685,22 +753,20 @@ class _Ctx:
                 if (front > 0).any() and (left > 0).any() and (right > 0).any():
                     dens_k.append(k)
                     break
-        self.skull_k, self.dens_k = skull_k, dens_k
-        top_skull = min(skull_k) if skull_k else None
+        self.dens_k = dens_k
         if dens_k:
             dk = float(np.median(dens_k))
             si = next((i for i, s in enumerate(segs) if s.lo <= dk <= s.hi), None)
             if si is not None:
                 s = segs[si]
                 out.append((Anchor("dens of C2", (min(dens_k), max(dens_k)), (s.first, s.last), ("C2",)), si, {"C2"}))
-        if top_skull is not None:
-            below = [i for i, s in enumerate(segs) if s.hi <= top_skull + 1 and (s.hi - s.lo) * dz >= 8.0]
-            if below:
-                si = below[-1]
+        if self.skull_from is not None:
+            # C1 has no body: the top of the canal is C1's ring; 15 mm below it lies C2 (dens and body)
+            zc2 = top - 15.0 / dz
+            si = next((i for i, s in enumerate(segs) if s.lo <= zc2 <= s.hi), None)
+            if si is not None and not segs[si].edge_lo:
                 s = segs[si]
-                if not s.edge_lo:
-                    out.append((Anchor("skull base", (top_skull, max(skull_k)), (s.first, s.last), ("C2",)),
-                                si, {"C2"}))
+                out.append((Anchor("skull base", (self.skull_from, n - 1), (s.first, s.last), ("C2",)), si, {"C2"}))
         return out
 
 
@@ -748,9 +814,13 @@ def _name(segs: list[_Seg], anchors: list[tuple[Anchor, int, set[str]]], ctx: _C
     else:
         common = set.intersection(*[v for _, v in votes])
         exact = [a for a, v in votes if len(v) == 1]
-        if len(common) == 1 and exact:
+        kinds = {a.name for a, _ in votes}
+        if len(common) == 1 and exact and (len(kinds) >= 2 or kinds & STANDALONE):
             offset = common.pop()
-            conf = "high" if len({a.name for a, _ in votes}) >= 2 else "moderate"
+            conf = "high" if len(kinds) >= 2 else "moderate"
+        elif len(common) == 1 and exact:
+            notes.append(f"only one anchor ({', '.join(sorted(kinds))}), not validated to name vertebrae on its own: "
+                         "vertebrae not named")
         elif len(common) > 1:
             notes.append("only the iliac crest is in view, which puts L4 or L5 at its top: vertebrae not named")
         else:
