@@ -105,17 +105,31 @@ class SpineLevelFinder:
         dy, dx = vol.pixel_spacing
         dz = vol.slice_spacing
         fy, fx = max(1, int(round(p.grid_mm / dy))), max(1, int(round(p.grid_mm / dx)))
-        r2, c2 = rows // fy, cols // fx
-        hu = vol.hu[:, : r2 * fy, : c2 * fx]
+        # crop to the patient (bounding box of tissue on a sparse sample), then block means / maxima
+        sub = vol.hu[:: max(1, n // 24), :: 4, :: 4] > -400.0
+        rr, cc = np.nonzero(sub.any(axis=0))
+        if rr.size:
+            r_off = max(0, int(rr.min()) * 4 - 8)
+            c_off = max(0, int(cc.min()) * 4 - 8)
+            r_end, c_end = min(rows, int(rr.max()) * 4 + 12), min(cols, int(cc.max()) * 4 + 12)
+        else:
+            r_off, c_off, r_end, c_end = 0, 0, rows, cols
+        r2, c2 = (r_end - r_off) // fy, (c_end - c_off) // fx
+        hu = vol.hu[:, r_off : r_off + r2 * fy, c_off : c_off + c2 * fx]
         if fy > 1 or fx > 1:
-            blocks = hu.reshape(n, r2, fy, c2, fx)
-            g = blocks.mean(axis=(2, 4), dtype=np.float32)
-            gmax = blocks.max(axis=(2, 4))  # thin cortex and ribs survive the coarser grid
+            views = [hu[:, i::fy, j::fx] for i in range(fy) for j in range(fx)]
+            acc = views[0].astype(np.float32)
+            gmax = acc.copy()
+            for v in views[1:]:
+                acc += v
+                np.maximum(gmax, v, out=gmax)  # thin cortex and ribs survive the coarser grid
+            g = acc * np.float32(1.0 / len(views))
         else:
             g = np.asarray(hu, dtype=np.float32)
             gmax = g
         gy, gx = dy * fy, dx * fx
         ctx = _Ctx(vol=vol, g=g, gmax=gmax, gy=gy, gx=gx, dz=dz, fy=fy, fx=fx, p=p)
+        ctx.r_off, ctx.c_off = r_off, c_off
         notes: list[str] = []
         if not ctx.find_canal():
             return LevelResult(level=None, slice_index=None, vertebrae=(), spine_centre_rc=(0.0, 0.0),
@@ -129,10 +143,8 @@ class SpineLevelFinder:
         anchors = ctx.anchors(segs, discs)
         verts, offset, anchors, conf, notes2 = _name(segs, anchors, ctx, levels)
         notes.extend(notes2)
-        body_line = tuple((float(r) * fy + (fy - 1) / 2.0, float(c) * fx + (fx - 1) / 2.0)
-                          for r, c in zip(ctx.body_r, ctx.body_c, strict=True))
-        canal_line = tuple((float(r) * fy + (fy - 1) / 2.0, float(c) * fx + (fx - 1) / 2.0)
-                           for r, c in zip(ctx.canal_r, ctx.canal_c, strict=True))
+        body_line = tuple(ctx.full_rc(r, c) for r, c in zip(ctx.body_r, ctx.body_c, strict=True))
+        canal_line = tuple(ctx.full_rc(r, c) for r, c in zip(ctx.canal_r, ctx.canal_c, strict=True))
         sizes = tuple((float(a), float(b)) for a, b in zip(ctx.body_hw, ctx.body_hh, strict=True))
         centre = (float(np.median([b[0] for b in body_line])), float(np.median([b[1] for b in body_line])))
         base = dict(vertebrae=tuple(verts), spine_centre_rc=centre, method=METHOD, anchors=tuple(anchors),
@@ -168,6 +180,7 @@ class _Ctx:
     def __init__(self, vol: Volume, g: NDArray[np.float32], gmax: NDArray[np.float32], gy: float, gx: float, dz: float, fy: int, fx: int,
                  p: LevelParams) -> None:
         self.vol, self.g, self.gy, self.gx, self.dz, self.fy, self.fx, self.p = vol, g, gy, gx, dz, fy, fx, p
+        self.r_off, self.c_off = 0, 0
         self.n = g.shape[0]
         # the patient: per slice the largest component above -400 HU (not the table, not the air)
         s2 = np.zeros((3, 3, 3), bool)
@@ -187,6 +200,11 @@ class _Ctx:
             body &= best[:, None, None] > 0
         self.body = body
         self.bone = (gmax > p.bone_hu) & body
+
+    def full_rc(self, r: float, c: float) -> tuple[float, float]:
+        """Working-grid (row, column) -> the volume's pixel (row, column)."""
+        return (float(r) * self.fy + (self.fy - 1) / 2.0 + self.r_off,
+                float(c) * self.fx + (self.fx - 1) / 2.0 + self.c_off)
 
     # --- 2. spinal canal -------------------------------------------------------------------------
     def find_canal(self) -> bool:
@@ -725,8 +743,8 @@ class _Ctx:
             # with C1's anterior arch in front and its lateral masses beside
             if self.body_hw[k] > 20.0:
                 continue
-            C = int(round(c0 * self.fx))
-            fr = int(round(self.canal_front[k] * self.fy))
+            C = int(round(self.full_rc(0.0, c0)[1]))
+            fr = int(round(self.full_rc(self.canal_front[k], 0.0)[0]))
             ra, rb = max(0, fr - int(25.0 / dy)), min(vol.shape[1], fr + int(3.0 / dy))
             cA, cB = max(0, C - int(30.0 / dx)), min(vol.shape[2], C + int(30.0 / dx) + 1)
             crop = vol.hu[k, ra:rb, cA:cB] > p.bone_hu
@@ -853,7 +871,7 @@ def _name(segs: list[_Seg], anchors: list[tuple[Anchor, int, set[str]]], ctx: _C
         edge = s.edge_lo or s.edge_hi
         mid = None if edge else 0.5 * (s.lo + s.hi)
         ks = np.arange(s.first, s.last + 1)
-        body = [(float(ctx.body_r[k]) * ctx.fy, float(ctx.body_c[k]) * ctx.fx) for k in ks]
+        body = [ctx.full_rc(ctx.body_r[k], ctx.body_c[k]) for k in ks]
         centre = (float(np.median([b[0] for b in body])), float(np.median([b[1] for b in body])))
         sides = tuple(sorted(getattr(ctx, "rib_segs", {}).get(i, set())))
         w = float(np.median(ctx.ala[ks].max(axis=1))) if hasattr(ctx, "ala") else 0.0
