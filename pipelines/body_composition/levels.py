@@ -215,7 +215,8 @@ class _Ctx:
         s8 = np.zeros((3, 3, 3), bool)
         s8[1] = True
         mb0 = (g > p.bone_hu) & self.body
-        closed = ndi.binary_closing(mb0, structure=s8, border_value=0) | mb0
+        # close 1-pixel gaps in the bony ring on the ~2 mm grid; coarser pixels would close the canal itself
+        closed = (ndi.binary_closing(mb0, structure=s8, border_value=0) | mb0) if max(gy, gx) < 2.5 else mb0
         lab, nl = ndi.label(~closed, structure=s2)
         border = np.unique(np.concatenate([lab[:, 0, :].ravel(), lab[:, -1, :].ravel(),
                                            lab[:, :, 0].ravel(), lab[:, :, -1].ravel()]))
@@ -224,7 +225,7 @@ class _Ctx:
         is_hole[0] = False
         self.filled_max = closed | is_hole[lab]
         mb = (g > p.bone_hu) & self.body
-        mclosed = ndi.binary_closing(mb, structure=s8, border_value=0) | mb
+        mclosed = (ndi.binary_closing(mb, structure=s8, border_value=0) | mb) if max(gy, gx) < 2.5 else mb
         mlab, mnl = ndi.label(~mclosed, structure=s2)
         mborder = np.unique(np.concatenate([mlab[:, 0, :].ravel(), mlab[:, -1, :].ravel(),
                                             mlab[:, :, 0].ravel(), mlab[:, :, -1].ravel()]))
@@ -539,6 +540,10 @@ class _Ctx:
                 continue  # no vertebral body between these discs (beyond the end of the column)
             if self.skull_from is not None and 0.5 * (a + b) > self.canal_top:
                 continue  # above the spinal canal: skull base, not a vertebra
+            # the body itself: the slices between the discs whose profile is bone (disc slices left out)
+            body = np.nonzero(self.prof_n[first : last + 1] >= 0.5)[0]
+            if body.size:
+                first, last = first + int(body[0]), first + int(body[-1])
             segs.append(_Seg(lo=a, hi=b, first=first, last=last, edge_lo=a < 0, edge_hi=b > n - 1))
         return segs
 
@@ -618,9 +623,11 @@ class _Ctx:
             runs = _runs(il, max(1, int(round(4.0 / dz))))
             a, b = runs[0]
             from_bottom = a <= max(1, int(round(6.0 / dz))) or (sac_top >= 0 and a <= sac_top)
-            if from_bottom and (b - a + 1) * dz >= self.p.iliac_run_mm:
+            # the crests rise above the sacrum (a run that ends with the sacrum is the sacrum's own width)
+            above_sacrum = sac_top < 0 or b > sac_top + max(1, int(round(5.0 / dz)))
+            if from_bottom and (b - a + 1) * dz >= self.p.iliac_run_mm and above_sacrum:
                 self.crest_top = int(b)
-            if from_bottom and (b - a + 1) * dz >= self.p.iliac_run_mm and b < n - 1:
+            if from_bottom and (b - a + 1) * dz >= self.p.iliac_run_mm and b < n - 1 and above_sacrum:
                 zc = float(b)
                 si = next((i for i, s in enumerate(segs) if s.lo <= zc <= s.hi), None)
                 if si is not None:
@@ -828,7 +835,7 @@ def _name(segs: list[_Seg], anchors: list[tuple[Anchor, int, set[str]]], ctx: _C
     conf = "low"
     if not votes:
         notes.append("no anchor (sacrum, iliac crest, lowest or highest rib-bearing vertebra, dens of C2, skull base) "
-                     "in the field of view: vertebrae cannot be named")
+                     "in the field of view: cannot count vertebrae")
     else:
         common = set.intersection(*[v for _, v in votes])
         exact = [a for a, v in votes if len(v) == 1]
