@@ -157,6 +157,10 @@ class SpineLevelFinder:
                     if v.touches_edge or v.middle is None:
                         notes.append(f"{level} touches the edge of the field of view")
                         continue
+                    odd = _odd_height(verts, v, dz)
+                    if odd:
+                        notes.append(odd)
+                        continue
                     k = int(round(v.middle))
                     return LevelResult(level=level, slice_index=k, notes=tuple(notes), **base)  # type: ignore[arg-type]
             seen = ", ".join(v.name for v in verts if v.name)
@@ -795,6 +799,25 @@ class _Ctx:
         return out
 
 
+def _odd_height(verts: list[Vertebra], v: Vertebra, dz: float) -> str:
+    """Why the vertebra's disc-to-disc height is implausible next to its neighbours' ("" when it is not).
+
+    A missed disc makes one segment about twice as tall as its neighbours, a spurious one about
+    half; either would put the level slice half a vertebra off, so the level is not named.
+    """
+    i = verts.index(v)
+    pitch = [(w.pitch if w.pitch is not None else None) for w in verts]
+    own = pitch[i]
+    near = [pitch[j] for j in (i - 2, i - 1, i + 1, i + 2) if 0 <= j < len(verts) and pitch[j] is not None]
+    if own is None or not near:
+        return ""
+    ref = float(np.median(near))
+    if own > 1.5 * ref or own < 0.6 * ref:
+        return (f"{v.name} is {own * dz:.0f} mm disc to disc against {ref * dz:.0f} mm for its neighbours "
+                "(a disc missed or found twice): level not named")
+    return ""
+
+
 def _rib_segment(segs: list[_Seg], za: float) -> int | None:
     """The vertebra a rib attaching at slice ``za`` belongs to: the one whose disc-to-disc span holds its neck."""
     best, bd = None, np.inf
@@ -885,7 +908,7 @@ def _name(segs: list[_Seg], anchors: list[tuple[Anchor, int, set[str]]], ctx: _C
         verts.append(Vertebra(name=nm, first=s.first, last=s.last, width_mm=w, rib_bearing=bool(sides),
                               centre_rc=centre, half_width_mm=float(np.median(ctx.body_hw[ks])),
                               half_height_mm=float(np.median(ctx.body_hh[ks])), touches_edge=edge, middle=mid,
-                              rib_sides=sides))
+                              pitch=None if edge else s.hi - s.lo, rib_sides=sides))
     if offset is not None and any(v.name == "S1" for v in verts):
         pass
     return verts, offset, final, conf, notes

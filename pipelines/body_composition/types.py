@@ -39,6 +39,7 @@ class Vertebra:
     touches_edge: bool = False
     middle: float | None = None  # slice position (fractional) of the middle of the vertebral body, disc to disc
     rib_sides: tuple[str, ...] = ()  # "left"/"right": sides with a rib articulating with this vertebra
+    pitch: float | None = None  # slices from the disc below to the disc above (None at the edge)
 
 
 @dataclass(frozen=True)
