@@ -24,12 +24,12 @@ from tests.verse_spine import as_volume, build  # noqa: E402
 def main() -> None:
     case = build("verse004", 3.0)
     vol, _ = as_volume(case).canonical_axial()
-    keep: dict[str, object] = {}
+    keep: dict[str, list[float]] = {}
     orig = L._Ctx.find_discs
 
     def spy(self: L._Ctx) -> list[float]:
         d = orig(self)
-        keep["prof"], keep["discs"] = self.prof.copy(), list(d)
+        keep["prof"], keep["discs"] = [float(x) for x in self.prof], list(d)
         return d
 
     L._Ctx.find_discs = spy  # type: ignore[method-assign]
@@ -44,7 +44,7 @@ def main() -> None:
                  aspect=vol.slice_spacing / vol.pixel_spacing[0])
     ax[0].plot(body[:, 0], np.arange(n), "c-", lw=1, label="vertebral-body centre line")
     ax[0].plot(canal[:, 0], np.arange(n), "y-", lw=1, label="spinal canal centre line")
-    for d in keep["discs"]:  # type: ignore[union-attr]
+    for d in keep["discs"]:
         ax[0].axhline(d, color="r", lw=0.6)
     for v in res.vertebrae:
         if v.name:
@@ -52,19 +52,19 @@ def main() -> None:
             ax[0].text(5, y, v.name + (" (rib)" if v.rib_bearing else ""), color="w", fontsize=8, va="center")
     if res.slice_index is not None:
         ax[0].axhline(res.slice_index, color="lime", lw=1.2, ls="--", label=f"{res.level} level slice")
-    ax[0].set_title("sagittal through the column (sub-verse004 based, 3 mm)")
+    ax[0].set_title("sub-verse004 based volume, 3 mm: sagittal", fontsize=9)
     ax[0].set_xlabel("row (anterior -> posterior)")
     ax[0].set_ylabel("slice (feet -> head)")
     ax[0].legend(loc="upper right", fontsize=7)
-    prof = keep["prof"]
+    prof = np.asarray(keep["prof"])
     ax[1].plot(prof, np.arange(n), "k-", lw=1)
-    for d in keep["discs"]:  # type: ignore[union-attr]
+    for d in keep["discs"]:
         ax[1].axhline(d, color="r", lw=0.6)
     for a in res.anchors:
         ax[1].axhspan(a.slices[0], a.slices[1], alpha=0.12, color="b")
         ax[1].text(float(np.max(prof)) * 0.55, 0.5 * (a.slices[0] + a.slices[1]),
                    f"{a.name}: {' or '.join(a.names)}", fontsize=7, color="b", va="center")
-    ax[1].set_title(f"bone profile (median HU in the body), discs in red; confidence {res.confidence}")
+    ax[1].set_title(f"bone profile in the body; discs red; anchors blue ({res.confidence})", fontsize=9)
     ax[1].set_xlabel("HU")
     fig.tight_layout()
     out = Path(__file__).resolve().parents[1] / "docs" / "level-finding.png"

@@ -77,6 +77,7 @@ class LevelParams:
     corridor_mm: float = 26.0  # spinal corridor half width for rib search
     rib_attach_mm: float = 10.0  # a rib's medial end lies within this of the corridor
     rib_reach_mm: float = 70.0  # ... and it reaches this far from the midline
+    rib_link_mm: float = 0.0  # bridge gaps this wide between pieces of a rib (0: none)
     rib_forward_mm: float = 15.0  # ... or this far in front of the vertebral body centre
     ala_mm: tuple[float, float] = (25.0, 70.0)
     ala_area_mm2: float = 600.0
@@ -140,8 +141,8 @@ class SpineLevelFinder:
         discs = ctx.find_discs()
         segs = ctx.segments(discs)
         ctx.lateral_features()
-        anchors = ctx.anchors(segs, discs)
-        verts, offset, anchors, conf, notes2 = _name(segs, anchors, ctx, levels)
+        votes = ctx.anchors(segs, discs)
+        verts, offset, anchors, conf, notes2 = _name(segs, votes, ctx, levels)
         notes.extend(notes2)
         body_line = tuple(ctx.full_rc(r, c) for r, c in zip(ctx.body_r, ctx.body_c, strict=True))
         canal_line = tuple(ctx.full_rc(r, c) for r, c in zip(ctx.canal_r, ctx.canal_c, strict=True))
@@ -151,17 +152,17 @@ class SpineLevelFinder:
                     confidence=conf, body_line=body_line, body_size_mm=sizes, canal_line=canal_line)
         if offset is not None:
             for level in levels:
-                for v in verts:
-                    if v.name != level:
+                for vert in verts:
+                    if vert.name != level:
                         continue
-                    if v.touches_edge or v.middle is None:
+                    if vert.touches_edge or vert.middle is None:
                         notes.append(f"{level} touches the edge of the field of view")
                         continue
-                    odd = _odd_height(verts, v, dz)
+                    odd = _odd_height(verts, vert, dz)
                     if odd:
                         notes.append(odd)
                         continue
-                    k = int(round(v.middle))
+                    k = int(round(vert.middle))
                     return LevelResult(level=level, slice_index=k, notes=tuple(notes), **base)  # type: ignore[arg-type]
             seen = ", ".join(v.name for v in verts if v.name)
             notes.append(f"{' or '.join(levels)} not in the field of view (vertebrae seen: {seen})")
@@ -356,10 +357,10 @@ class _Ctx:
             hhs.append(max(3.0, d_px * gy / 2.0))
         if not ks:
             # no body: sit the ellipse 15 mm in front of the canal
-            self.body_r = self.canal_front - 15.0 / gy
-            self.body_c = self.canal_c.copy()
-            self.body_hw = np.full(n, 15.0)
-            self.body_hh = np.full(n, 12.0)
+            self.body_r: NDArray[np.float64] = np.asarray(self.canal_front - 15.0 / gy, dtype=np.float64)
+            self.body_c: NDArray[np.float64] = self.canal_c.copy()
+            self.body_hw: NDArray[np.float64] = np.full(n, 15.0)
+            self.body_hh: NDArray[np.float64] = np.full(n, 12.0)
             return
         karr = np.array(ks, dtype=np.float64)
         win = max(1, int(round(15.0 / self.dz)))
@@ -374,8 +375,10 @@ class _Ctx:
         # sizes: take the larger half of the slices (bodies, not endplate rims or discs)
         self.body_r = _smooth_interp(karr, robust(rs), n, sig)
         self.body_c = _smooth_interp(karr, robust(cs), n, sig)
-        hw_s = ndi.maximum_filter1d(np.array(hws), size=min(len(hws), 2 * win + 1), mode="nearest")
-        hh_s = ndi.maximum_filter1d(np.array(hhs), size=min(len(hhs), 2 * win + 1), mode="nearest")
+        hw_s: NDArray[np.float64] = np.asarray(ndi.maximum_filter1d(np.array(hws), size=min(len(hws), 2 * win + 1),
+                                                                   mode="nearest"), dtype=np.float64)
+        hh_s: NDArray[np.float64] = np.asarray(ndi.maximum_filter1d(np.array(hhs), size=min(len(hhs), 2 * win + 1),
+                                                                   mode="nearest"), dtype=np.float64)
         self.body_hw = _smooth_interp(karr, robust(list(hw_s)), n, sig)
         self.body_hh = _smooth_interp(karr, robust(list(hh_s)), n, sig)
 
@@ -461,8 +464,8 @@ class _Ctx:
         single = int(np.argmax(gain))
         if f.max() <= gain[single]:
             return [cands[single][0]]
-        i, j = np.unravel_index(int(np.argmax(f)), f.shape)
-        chain = [int(j), int(i)]
+        bi, bj = np.unravel_index(int(np.argmax(f)), f.shape)
+        chain = [int(bj), int(bi)]
         while back[chain[-1], chain[-2]] >= 0:
             chain.append(int(back[chain[-1], chain[-2]]))
         return sorted(cands[c][0] for c in chain)
@@ -676,7 +679,7 @@ class _Ctx:
 
     def rib_attachments(self, segs: list[_Seg], sac_top: int) -> dict[int, set[str]]:
         """Segment index -> sides with a rib articulating there."""
-        p, g, n, gy, gx, dz = self.p, self.g, self.n, self.gy, self.gx, self.dz
+        p, g, gy, gx, dz = self.p, self.g, self.gy, self.gx, self.dz
         if not segs:
             return {}
         r_lo = int(max(0, np.min(self.body_r - (self.body_hh + 70.0) / gy)))
@@ -691,7 +694,10 @@ class _Ctx:
         outside = bone & ~corridor[:, None, :]
         # a rib's head, neck and shaft are often separate pieces above the bone threshold: link pieces
         # that are a few millimetres apart (in plane) before following the rib
-        link = outside  # no bridging: a lumbar transverse process near a rib must not become a rib
+        # pieces of one rib (head, neck, shaft) a few millimetres apart are followed as one rib
+        it = int(round(p.rib_link_mm / (2.0 * min(gy, gx))))
+        link = (ndi.binary_dilation(outside, structure=np.ones((1, 3, 3), bool), iterations=it) & ~corridor[:, None, :]
+                if it > 0 else outside)
         # leave out the pelvis: slices of the sacrum and of the iliac bones that rise from it (up to the crest)
         if sac_top >= 0:
             outside[: sac_top + 1] = False
@@ -716,8 +722,6 @@ class _Ctx:
             fwd = float(((self.body_r[kk] - rr) * gy)[np.abs(la) > 35.0].max()) if (np.abs(la) > 35.0).any() else 0.0
             if reach < p.rib_reach_mm and fwd < p.rib_forward_mm:
                 continue
-            if (kk.max() - kk.min() + 1) * dz > 150.0:  # a scapula / hip-sized sheet, not a rib near the spine
-                pass
             near = (np.abs(la) <= p.corridor_mm + p.rib_attach_mm)
             band = (rr >= self.body_r[kk] - self.body_hh[kk] / gy) & (rr <= self.canal_r[kk] + 30.0 / gy)
             att = near & band
@@ -743,13 +747,13 @@ class _Ctx:
         out: list[tuple[Anchor, int, set[str]]] = []
         if not segs:
             return out
-        p, g, n, gy, gx, dz = self.p, self.g, self.n, self.gy, self.gx, self.dz
+        p, n, dz = self.p, self.n, self.dz
         vol = self.vol
         dy, dx = vol.pixel_spacing
         dens_k: list[int] = []
         top = self.canal_top
         for k in range(max(0, top - int(round(30.0 / dz))), top + 1):
-            r0, c0 = self.canal_r[k], self.canal_c[k]
+            c0 = self.canal_c[k]
             # dens: at full resolution, a bone island in front of the canal, ringed by soft tissue,
             # with C1's anterior arch in front and its lateral masses beside
             if self.body_hw[k] > 20.0:
@@ -769,7 +773,7 @@ class _Ctx:
                 if not (25.0 <= sizes[i] <= 220.0):
                     continue
                 rr, cc = np.nonzero(lab == i)
-                rm, cm = float(rr.mean()), float(cc.mean())
+                cm = float(cc.mean())
                 if abs((cm + cA - C) * dx) > 6.0:
                     continue
                 # ring of soft tissue around it (no other bone within 1 mm)
@@ -806,9 +810,9 @@ def _odd_height(verts: list[Vertebra], v: Vertebra, dz: float) -> str:
     half; either would put the level slice half a vertebra off, so the level is not named.
     """
     i = verts.index(v)
-    pitch = [(w.pitch if w.pitch is not None else None) for w in verts]
+    pitch = [w.pitch for w in verts]
     own = pitch[i]
-    near = [pitch[j] for j in (i - 2, i - 1, i + 1, i + 2) if 0 <= j < len(verts) and pitch[j] is not None]
+    near = [q for j in (i - 2, i - 1, i + 1, i + 2) if 0 <= j < len(verts) and (q := pitch[j]) is not None]
     if own is None or not near:
         return ""
     ref = float(np.median(near))
@@ -909,8 +913,6 @@ def _name(segs: list[_Seg], anchors: list[tuple[Anchor, int, set[str]]], ctx: _C
                               centre_rc=centre, half_width_mm=float(np.median(ctx.body_hw[ks])),
                               half_height_mm=float(np.median(ctx.body_hh[ks])), touches_edge=edge, middle=mid,
                               pitch=None if edge else s.hi - s.lo, rib_sides=sides))
-    if offset is not None and any(v.name == "S1" for v in verts):
-        pass
     return verts, offset, final, conf, notes
 
 
@@ -922,8 +924,3 @@ def anatomy_for_slice(level: LevelResult, k: int) -> SliceAnatomy:
         return SliceAnatomy(centre_rc=level.body_line[k], half_width_mm=hw, half_height_mm=hh, canal_rc=canal)
     best = min(level.vertebrae, key=lambda v: 0 if v.first <= k <= v.last else min(abs(k - v.first), abs(k - v.last)))
     return SliceAnatomy(centre_rc=best.centre_rc, half_width_mm=best.half_width_mm, half_height_mm=best.half_height_mm)
-
-
-def describe(level: LevelResult) -> dict[str, Any]:
-    """JSON-ready anchors and confidence (summary.json)."""
-    return {"level_anchors": [a.as_json() for a in level.anchors], "level_confidence": level.confidence or None}
