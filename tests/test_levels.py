@@ -27,20 +27,7 @@ def _find(case: SpineCase, **orientation: object) -> tuple[LevelResult, object]:
     return SpineLevelFinder().run(vol, ("L3", "C3")), reo
 
 
-@pytest.mark.parametrize("spacing", [1.0, 5.0])
-def test_other_spacings_never_name_a_wrong_l3(spacing: float) -> None:
-    """At 5 mm the thin T12/L1 disc can vanish in one slab: then the rib anchor disagrees with the pelvic ones and
-    the level is refused with each anchor's reading; it is never named one vertebra off."""
-    case = _case("verse004", spacing)
-    res, _ = _find(case)
-    if res.level is None:
-        assert res.confidence == "low" and "anchors disagree" in " ".join(res.notes)
-        assert {a.name for a in res.anchors} >= {"sacrum", "iliac crest"}
-    else:
-        assert res.slice_index is not None and abs(res.slice_index - case.truth_mid["L3"]) <= 1.0
-
-
-@pytest.mark.parametrize("spacing", [3.0])
+@pytest.mark.parametrize("spacing", [1.0, 3.0, 5.0])
 def test_lumbar_levels_named_from_three_anchors(spacing: float) -> None:
     case = _case("verse004", spacing)
     res, _ = _find(case)
@@ -52,8 +39,12 @@ def test_lumbar_levels_named_from_three_anchors(spacing: float) -> None:
     assert all(a.agrees for a in res.anchors)
     named = [v for v in res.vertebrae if v.name in case.truth_mid and v.middle is not None]
     assert len(named) >= 6
-    for v in named:  # the middle of every complete vertebral body, disc to disc
-        assert v.middle is not None and abs(v.middle - case.truth_mid[v.name]) <= 1.0, (v.name, v.middle)
+    # every complete vertebral body: its middle (half way between its discs) against the centroid of its
+    # label's anterior part; wedge-shaped L5 and the short L1 of this spine differ by up to ~2.5 mm between
+    # those two definitions, hence one slice or 3 mm
+    tol = max(1.0, 3.0 / spacing)
+    for v in named:
+        assert v.middle is not None and abs(v.middle - case.truth_mid[v.name]) <= tol, (v.name, v.middle)
     assert res.vertebra("T12") is not None and res.vertebra("T12").rib_bearing  # type: ignore[union-attr]
     assert not res.vertebra("L1").rib_bearing  # type: ignore[union-attr]
 
@@ -83,12 +74,28 @@ def test_thirteen_rib_pairs_report_disagreement() -> None:
     assert s is not None and r is not None and s != r
 
 
+def test_sacrum_and_crest_alone_name_l3() -> None:
+    case = _case("verse010", 3.0)  # L1-L5 only: no ribs in view
+    res, _ = _find(case)
+    assert res.level == "L3" and res.slice_index is not None and abs(res.slice_index - case.truth_mid["L3"]) <= 1.5
+    assert {a.name for a in res.anchors} == {"sacrum", "iliac crest"} and res.confidence == "high"
+
+
 def test_no_anchor_is_not_evaluable() -> None:
-    case = _case("verse004", 3.0)
-    top = SpineCase(hu=case.hu[50:], spacing=case.spacing, truth_mid={}, names=())  # L4..T9 without ribs below T12?
+    case = _case("verse004", 3.0, ())  # no ribs, and the pelvis cut off: nothing to count from
+    top = SpineCase(hu=case.hu[60:], spacing=case.spacing, truth_mid={}, names=())
     res, _ = _find(top)
-    # the sacrum and iliac crest are cut off; the ribs still name T12
-    assert res.level == "L3" or "touches the edge" in " ".join(res.notes) or res.level is None
+    assert res.level is None and not res.anchors and res.confidence == "low"
+    assert "cannot count vertebrae" in " ".join(res.notes)
+    assert len([v for v in res.vertebrae if not v.touches_edge]) >= 4  # the column itself was found
+
+
+def test_level_touching_the_edge_is_refused() -> None:
+    case = _case("verse004", 3.0)
+    cut = SpineCase(hu=case.hu[int(case.truth_mid["L3"]) - 2 :], spacing=case.spacing, truth_mid={}, names=())
+    res, _ = _find(cut)  # the ribs still name T12, but L3 is cut by the bottom of the series
+    assert res.level is None
+    assert "L3 touches the edge of the field of view" in res.notes
 
 
 @pytest.mark.xfail(reason="cervical discs are not separated on the VerSe neck volumes yet (see the report)",
