@@ -499,6 +499,7 @@ class _Ctx:
                 if height >= p.min_peak:
                     raw.append((self._subslice(sn, k, dip=False), p.peak_weight * height, False))
         raw.sort()
+        self.raw_cands = raw
         out: list[tuple[float, float]] = []
         merge = max(8.0, 1.5 * dz) / dz
         i = 0
@@ -507,13 +508,17 @@ class _Ctx:
             while j + 1 < len(raw) and raw[j + 1][0] - raw[j][0] <= merge:
                 j += 1
             grp = raw[i : j + 1]
-            dips = [g for g in grp if g[2]]
+            # a dip places the disc (the nucleus between two endplates) unless it is a shallow wobble
+            # between the bright bands of a thin disc
+            top_peak = max((g[1] for g in grp if not g[2]), default=0.0)
+            dips = [g for g in grp if g[2] and g[1] >= 0.5 * top_peak]
             if dips:
                 pos, sc = max(dips, key=lambda g: g[1])[:2]
                 sc = max(sc, max(g[1] for g in grp))
             else:
-                wsum = sum(g[1] for g in grp)
-                pos = sum(g[0] * g[1] for g in grp) / wsum
+                pk = [g for g in grp if not g[2]]
+                wsum = sum(g[1] for g in pk)
+                pos = sum(g[0] * g[1] for g in pk) / wsum
                 sc = max(g[1] for g in grp)
             out.append((float(pos), float(sc)))
             i = j + 1
@@ -544,8 +549,8 @@ class _Ctx:
                 continue
             if float(np.median(self.prof_n[first : last + 1])) < 0.4:
                 continue  # no vertebral body between these discs (beyond the end of the column)
-            if self.skull_from is not None and 0.5 * (a + b) > self.canal_top:
-                continue  # above the spinal canal: skull base, not a vertebra
+            if self.skull_from is not None and first > self.canal_top + 5.0 / self.dz:
+                continue  # above the spinal canal: skull base (and C1, which has no body), not a vertebra
             # the body itself: the slices between the discs whose profile is bone (disc slices left out)
             body = np.nonzero(self.prof_n[first : last + 1] >= 0.5)[0]
             if body.size:
@@ -793,10 +798,10 @@ class _Ctx:
                 s = segs[si]
                 out.append((Anchor("dens of C2", (min(dens_k), max(dens_k)), (s.first, s.last), ("C2",)), si, {"C2"}))
         if self.skull_from is not None:
-            # C1 has no body: the top of the canal is C1's ring; 15 mm below it lies C2 (dens and body)
-            zc2 = top - 15.0 / dz
-            si = next((i for i, s in enumerate(segs) if s.lo <= zc2 <= s.hi), None)
-            if si is not None and not segs[si].edge_lo:
+            # C1 has no body: the highest complete segment of the column under the skull is C2 (body and dens)
+            cand = [i for i, s in enumerate(segs) if not s.edge_lo and not s.edge_hi and s.lo < top]
+            if cand:
+                si = cand[-1]
                 s = segs[si]
                 out.append((Anchor("skull base", (self.skull_from, n - 1), (s.first, s.last), ("C2",)), si, {"C2"}))
         return out
@@ -822,16 +827,29 @@ def _odd_height(verts: list[Vertebra], v: Vertebra, dz: float) -> str:
 
 
 def _rib_segment(segs: list[_Seg], za: float) -> int | None:
-    """The vertebra a rib attaching at slice ``za`` belongs to: the one whose disc-to-disc span holds its neck."""
-    best, bd = None, np.inf
-    for i, s in enumerate(segs):
-        if s.edge_hi and s.edge_lo:
-            continue
-        d = 0.0 if s.lo <= za <= s.hi else min(abs(za - s.lo), abs(za - s.hi)) + 1.0
-        d += 1e-3 * abs(za - 0.5 * (s.lo + s.hi))
-        if d < bd:
-            best, bd = i, d
-    return best if bd < 1.0 else None
+    """The vertebra a rib whose neck lies at slice ``za`` belongs to.
+
+    Rib n's head sits on the upper edge of vertebra n and the disc above it, never on the lower part of the
+    vertebra above: a neck in the lowest 15 % of a span (just above a disc) belongs to the vertebra below.
+    """
+    def containing(z: float) -> int | None:
+        best, bd = None, np.inf
+        for i, s in enumerate(segs):
+            if s.edge_hi and s.edge_lo:
+                continue
+            d = 0.0 if s.lo <= z <= s.hi else min(abs(z - s.lo), abs(z - s.hi)) + 1.0
+            d += 1e-3 * abs(z - 0.5 * (s.lo + s.hi))
+            if d < bd:
+                best, bd = i, d
+        return best if bd < 1.0 else None
+
+    i = containing(za)
+    if i is None:
+        return None
+    s = segs[i]
+    if not s.edge_lo and za - s.lo < 0.15 * (s.hi - s.lo) and i > 0 and abs(segs[i - 1].hi - s.lo) < 1e-6:
+        return i - 1
+    return i
 
 
 def _runs(flags: NDArray[np.bool_], max_gap: int = 1) -> list[tuple[int, int]]:
