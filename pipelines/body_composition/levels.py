@@ -655,24 +655,31 @@ class _Ctx:
         ribs = self.rib_attachments(segs, max(sac_top, self.crest_top))
         self.rib_segs = ribs
         bearing = [bool(ribs.get(i)) for i in range(len(segs))]
-        complete = [not (s.edge_lo and s.edge_hi) for s in segs]
+        both = [len(ribs.get(i, ())) == 2 for i in range(len(segs))]
+        complete = [not (s.edge_lo or s.edge_hi) for s in segs]
         for i, s in enumerate(segs):
             if not bearing[i]:
                 continue
-            # lowest rib-bearing: the next one down is in view (its upper part) and rib-free, all below too
-            if i >= 1 and not any(bearing[:i]) and complete[i - 1] and (
-                    segs[i - 1].hi - segs[i - 1].lo) * dz >= 10.0 and not segs[i - 1].edge_hi:
-                low_ok = not segs[i - 1].edge_lo or (segs[i - 1].hi - max(segs[i - 1].lo, -0.5)) * dz >= 12.0
-                if low_ok and (sac_top < 0 or s.first > sac_top):
-                    out.append((Anchor("lowest rib-bearing vertebra", (s.first, s.last), (s.first, s.last),
-                                       ("T12",)), i, {"T12"}))
+            # lowest rib-bearing (T12): ribs on both sides, the vertebra above rib-bearing too (a thoracic
+            # column, not a stray bone), the one below in view (its upper part at least) and rib-free
+            below_ok = i >= 1 and not segs[i - 1].edge_hi and (
+                not segs[i - 1].edge_lo or (segs[i - 1].hi - max(segs[i - 1].lo, -0.5)) * dz >= 12.0)
+            above_ok = i + 1 < len(segs) and bearing[i + 1]
+            if below_ok and above_ok and both[i] and (sac_top < 0 or s.first > sac_top):
+                out.append((Anchor("lowest rib-bearing vertebra", (s.first, s.last), (s.first, s.last),
+                                   ("T12",)), i, {"T12"}))
+            elif below_ok:
+                self.notes.append(f"lowest rib-bearing vertebra at slices {s.first}-{s.last} not used as T12 "
+                                  f"(ribs on {', '.join(sorted(ribs.get(i, ())))} side only"
+                                  + ("" if above_ok else "; the vertebra above shows no rib") + ")")
             break
         for i in range(len(segs) - 1, -1, -1):
             if not bearing[i]:
                 continue
-            # the two vertebrae above (C7, C6) are complete and rib-free: one missed rib cannot fake T1
+            # highest rib-bearing (T1): the two vertebrae above (C7, C6) complete and rib-free, and the one
+            # below (T2) rib-bearing too
             above = segs[i + 1 : i + 3]
-            if len(above) == 2 and not any(bearing[i + 1 :]) and not any(a.edge_lo or a.edge_hi for a in above):
+            if len(above) == 2 and all(complete[i + 1 : i + 3]) and i >= 1 and bearing[i - 1]:
                 s = segs[i]
                 out.append((Anchor("highest rib-bearing vertebra", (s.first, s.last), (s.first, s.last), ("T1",)),
                             i, {"T1"}))
@@ -693,7 +700,6 @@ class _Ctx:
         bone = self.bone[:, r_lo:r_hi, c_lo:c_hi]
         cols = np.arange(c_lo, c_hi)[None, :] - self.canal_c[:, None]  # (n, c) in grid columns
         lat = cols * gx
-        rows = np.arange(r_lo, r_hi)
         corridor = np.abs(lat) <= p.corridor_mm
         outside = bone & ~corridor[:, None, :]
         # a rib's head, neck and shaft are often separate pieces above the bone threshold: link pieces
@@ -739,11 +745,12 @@ class _Ctx:
                 # one attachment per cluster along k (a merged rib cage has several)
                 splits = np.nonzero(np.diff(ks) * dz > max(4.0, 1.5 * dz))[0]
                 for grp in np.split(ks, splits + 1):
+                    if (grp[-1] - grp[0]) * dz > 20.0:
+                        continue  # a column along the spine (cervical articular pillars), not a rib's neck
                     za = float(np.mean(grp))
                     si = _rib_segment(segs, za)
                     if si is not None:
                         out.setdefault(si, set()).add(side)
-        del rows
         return out
 
     def neck_anchors(self, segs: list[_Seg]) -> list[tuple[Anchor, int, set[str]]]:
@@ -799,7 +806,7 @@ class _Ctx:
                 out.append((Anchor("dens of C2", (min(dens_k), max(dens_k)), (s.first, s.last), ("C2",)), si, {"C2"}))
         if self.skull_from is not None:
             # C1 has no body: the highest complete segment of the column under the skull is C2 (body and dens)
-            cand = [i for i, s in enumerate(segs) if not s.edge_lo and not s.edge_hi and s.lo < top]
+            cand = [i for i, s in enumerate(segs) if not s.edge_lo and s.lo < top]
             if cand:
                 si = cand[-1]
                 s = segs[si]
