@@ -160,6 +160,7 @@ class SpineLevelFinder:
                     odd = _odd_height(verts, vert, dz)
                     if odd:
                         notes.append(odd)
+                        base["confidence"] = "low"  # the count itself is in doubt
                         continue
                     k = int(round(vert.middle))
                     return LevelResult(level=level, slice_index=k, notes=tuple(notes), **base)  # type: ignore[arg-type]
