@@ -915,7 +915,7 @@ def _name(segs: list[_Seg], anchors: list[tuple[Anchor, int, set[str]]], ctx: _C
             if o is not None:
                 si = IDX[lv] - o
                 if 0 <= si < len(segs) and not segs[si].edge_lo and not segs[si].edge_hi:
-                    implies[lv] = int(round(0.5 * (segs[si].lo + segs[si].hi)))
+                    implies[lv] = int(round(0.5 * (segs[si].first + segs[si].last)))
         agrees = offset is not None and offset in v
         final.append(replace(a, implies=implies, agrees=agrees))
         desc = ", ".join(f"{lv} at slice {k}" if k is not None else f"{lv} not in view" for lv, k in implies.items())
@@ -928,7 +928,7 @@ def _name(segs: list[_Seg], anchors: list[tuple[Anchor, int, set[str]]], ctx: _C
             j = i + offset
             nm = ORDER[j] if 0 <= j < len(ORDER) else "?"
         edge = s.edge_lo or s.edge_hi
-        mid = None if edge else 0.5 * (s.lo + s.hi)
+        mid = None if edge else 0.5 * (s.first + s.last)  # the bone slices between the two discs
         ks = np.arange(s.first, s.last + 1)
         body = [ctx.full_rc(ctx.body_r[k], ctx.body_c[k]) for k in ks]
         centre = (float(np.median([b[0] for b in body])), float(np.median([b[1] for b in body])))
