@@ -98,13 +98,24 @@ def test_level_touching_the_edge_is_refused() -> None:
     assert "L3 touches the edge of the field of view" in res.notes
 
 
-@pytest.mark.xfail(reason="cervical discs are not separated on the VerSe neck volumes yet (see the report)",
-                   strict=False)
-def test_neck_c3_named() -> None:
-    case = _case("gl003", 3.0)
+def test_neck_c3_named_from_dens_and_skull_base() -> None:
+    case = _case("gl003", 3.0)  # C1-T5
     res, _ = _find(case)
-    assert res.level == "C3" and res.slice_index is not None
+    assert res.level == "C3" and res.slice_index is not None, res.notes
     assert abs(res.slice_index - case.truth_mid["C3"]) <= 1.0
+    assert {a.name for a in res.anchors} >= {"dens of C2", "skull base"} and res.confidence == "high"
+    for v in res.vertebrae:  # C2's segment holds the dens as well as the body
+        if v.name in case.truth_mid and v.middle is not None and v.name != "C2":
+            assert abs(v.middle - case.truth_mid[v.name]) <= 1.0, (v.name, v.middle)
+
+
+def test_neck_never_names_a_wrong_c3() -> None:
+    case = _case("gl017", 3.0)  # C1-T4: here the dens is not found and the skull base alone does not name
+    res, _ = _find(case)
+    if res.level is None:
+        assert res.confidence == "low" and res.notes
+    else:
+        assert res.slice_index is not None and abs(res.slice_index - case.truth_mid["C3"]) <= 1.0
 
 
 def test_real_ct_t11_t12_separated_at_the_disc(shared_data: Path, tmp_path: Path) -> None:

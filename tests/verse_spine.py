@@ -93,6 +93,11 @@ def build(case: str, spacing: float = 3.0, ribs: tuple[str, ...] | None = None, 
         cent[v] = (float(z.mean()), float(y.mean()), float(x.mean()))
         body = y < np.percentile(y, 40)
         truth[names[v]] = float(z[body].mean())
+    # joints: where two vertebrae's labels touch (facets, C1-dens), a voxel of soft tissue separates them
+    grown = ndi.grey_dilation(lab, size=(3, 3, 3))
+    shrunk = -ndi.grey_dilation(-np.where(lab > 0, lab, 999).astype(np.int32), size=(3, 3, 3))
+    joint = (lab > 0) & ((grown != lab) & (grown > 0) | (shrunk != lab) & (shrunk != 999))
+    lab = np.where(joint, 0, lab).astype(lab.dtype)
     bone = lab > 0
     inner = np.zeros_like(bone)
     for v, sl in enumerate(ndi.find_objects(lab), start=1):

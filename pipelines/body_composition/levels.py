@@ -764,12 +764,13 @@ class _Ctx:
         dy, dx = vol.pixel_spacing
         dens_k: list[int] = []
         top = self.canal_top
-        for k in range(max(0, top - int(round(30.0 / dz))), top + 1):
+        # C1's ring may lie above the last slice where the canal was enclosed
+        for k in range(max(0, top - int(round(30.0 / dz))), min(n, top + int(round(25.0 / dz)) + 1)):
             c0 = self.canal_c[k]
             # dens: at full resolution, a bone island in front of the canal, ringed by soft tissue,
             # with C1's anterior arch in front and its lateral masses beside
-            if self.body_hw[k] > 20.0:
-                continue
+            if self.body_hw[k] > 30.0 or self.body_hh[k] > 13.0:
+                continue  # a cervical column only (body depth under about 26 mm)
             C = int(round(self.full_rc(0.0, c0)[1]))
             fr = int(round(self.full_rc(self.canal_front[k], 0.0)[0]))
             ra, rb = max(0, fr - int(25.0 / dy)), min(vol.shape[1], fr + int(3.0 / dy))
