@@ -60,10 +60,11 @@ def main() -> None:
     ax[1].plot(prof, np.arange(n), "k-", lw=1)
     for d in keep["discs"]:
         ax[1].axhline(d, color="r", lw=0.6)
-    for a in res.anchors:
+    for i, a in enumerate(res.anchors):
         ax[1].axhspan(a.slices[0], a.slices[1], alpha=0.12, color="b")
-        ax[1].text(float(np.max(prof)) * 0.55, 0.5 * (a.slices[0] + a.slices[1]),
-                   f"{a.name}: {' or '.join(a.names)}", fontsize=7, color="b", va="center")
+        ax[1].text(float(np.max(prof)) * 0.45, a.slices[1] - 2.0 - 4.0 * i,
+                   f"{a.name} -> {' or '.join(a.names)} (slices {a.vertebra_slices[0]}-{a.vertebra_slices[1]})",
+                   fontsize=7, color="b", va="top")
     ax[1].set_title(f"bone profile in the body; discs red; anchors blue ({res.confidence})", fontsize=9)
     ax[1].set_xlabel("HU")
     fig.tight_layout()
