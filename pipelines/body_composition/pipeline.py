@@ -222,6 +222,9 @@ class BodyCompositionPipeline:
         if level.level is None or level.slice_index is None:
             reason = "; ".join(level.notes) or "level not found"
             out = outputs.write_not_evaluable(ctx, source, reason, self, "level-finder", backend=backend, level=level)
+            # what each anchor said (and the confidence) goes with the refusal too
+            out = replace(out, summary={**out.summary, "level_anchors": [a.as_json() for a in level.anchors],
+                                        "level_confidence": level.confidence or None})
             self.last_timings, self.last_cpu_timings = t.seconds, t.cpu_seconds
             return out
         names_kept = self.override is None or any(v.name for v in level.vertebrae)
@@ -279,6 +282,8 @@ def summary_of(meas: Measurements, seg: Segmentation) -> dict[str, Any]:
         "slice_index": meas.slice_index,
         "level_method": seg.level.method,
         "level_notes": list(seg.level.notes),
+        "level_anchors": [a.as_json() for a in seg.level.anchors],
+        "level_confidence": seg.level.confidence or None,
         "backend": seg.backend,
         "model_version": seg.model_version or None,
         "areas_cm2": {k: v.as_json() for k, v in meas.areas.items()},

@@ -15,11 +15,7 @@ from typing import Any, Protocol
 import numpy as np
 from numpy.typing import NDArray
 
-from pipelines.body_composition.classical import (
-    ClassicalLevelFinder,
-    ClassicalParams,
-    anatomy_for_slice,
-)
+from pipelines.body_composition.levels import SpineLevelFinder, anatomy_for_slice
 from pipelines.body_composition.plausibility import Gates, apply_gates, load_gates
 from pipelines.body_composition.reference import (
     Classification,
@@ -73,8 +69,8 @@ class ClassicalBackend:
     name = "classical"
     model_version = ""
 
-    def __init__(self, params: ClassicalParams | None = None, tissue: TissueParams | None = None) -> None:
-        self.finder = ClassicalLevelFinder(params or ClassicalParams())
+    def __init__(self, tissue: TissueParams | None = None) -> None:
+        self.finder = SpineLevelFinder()
         self.segmenter = TissueSlicer(tissue or TissueParams())
 
     def find_level(self, volume: Volume, levels: Sequence[str]) -> LevelResult:

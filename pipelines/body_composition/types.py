@@ -47,6 +47,25 @@ class Vertebra:
     half_width_mm: float
     half_height_mm: float
     touches_edge: bool = False
+    middle: float | None = None  # slice position (fractional) of the middle of the vertebral body, disc to disc
+    rib_sides: tuple[str, ...] = ()  # "left"/"right": sides with a rib articulating with this vertebra
+    pitch: float | None = None  # slices from the disc below to the disc above (None at the edge)
+
+
+@dataclass(frozen=True)
+class Anchor:
+    """One anatomical landmark and the name it gives to a vertebra (its vote)."""
+
+    name: str  # "sacrum", "iliac crest", "lowest rib-bearing vertebra", "highest rib-bearing vertebra", ...
+    slices: tuple[int, int]  # where the landmark was seen (first, last slice index)
+    vertebra_slices: tuple[int, int]  # the vertebra it names (first, last slice index)
+    names: tuple[str, ...]  # the name(s) it gives that vertebra ("L5"; the iliac crest: "L4" or "L5")
+    implies: Mapping[str, int | None] = field(default_factory=dict)  # level -> its slice under this vote alone
+    agrees: bool = True  # with the naming finally used
+
+    def as_json(self) -> dict[str, Any]:
+        return {"anchor": self.name, "slices": list(self.slices), "vertebra_slices": list(self.vertebra_slices),
+                "names": list(self.names), "implies": dict(self.implies), "agrees": self.agrees}
 
 
 @dataclass(frozen=True)
@@ -57,6 +76,12 @@ class LevelResult:
     spine_centre_rc: tuple[float, float]
     notes: tuple[str, ...] = ()
     method: str = ""
+    anchors: tuple[Anchor, ...] = ()
+    confidence: str = ""  # "high" (>= 2 independent anchors agree), "moderate" (one), "low" (none or disagree)
+    # per slice (canonical index): vertebral-body centre (row, column) and its half width / half depth (mm)
+    body_line: tuple[tuple[float, float], ...] = ()
+    body_size_mm: tuple[tuple[float, float], ...] = ()
+    canal_line: tuple[tuple[float, float], ...] = ()  # per slice: spinal canal centre (row, column)
 
     def vertebra(self, name: str) -> Vertebra | None:
         for v in self.vertebrae:
@@ -70,6 +95,7 @@ class SliceAnatomy:
     centre_rc: tuple[float, float]
     half_width_mm: float
     half_height_mm: float
+    canal_rc: tuple[float, float] | None = None  # spinal canal centre on this slice, where known
 
 
 @dataclass(frozen=True)

@@ -1,0 +1,952 @@
+"""Weight-free vertebral level finding on real anatomy (canonical volumes only).
+
+The input is a canonical axial volume (``Volume.canonical_axial``): ``hu[k, r, c]`` with ``k``
+toward the head, ``r`` toward the back and ``c`` toward the patient's left.  Steps (see
+docs/level-finding.md):
+
+1. Work grid: in-plane block means to about 2 mm pixels (slices are kept).
+2. Spinal canal: per slice, the holes of the closed bone mask (HU > ``bone_hu``) that are the
+   size of a canal, hold CSF/fat/cord HU and have bone directly in front (the vertebral body).
+   A longest-path search along ``k`` keeps the chain that moves little from slice to slice
+   (lordosis, kyphosis, scoliosis allowed); the centre line is interpolated between the slices
+   where the canal is enclosed (disc levels are not).
+3. Vertebral body: per slice, the bone component in front of the canal; its centre and size
+   are smoothed along the column.
+4. Bone profile: mean HU in an ellipse inside the vertebral body, slice by slice.  Discs are
+   local minima; a chain search keeps minima that are deep enough and spaced like vertebrae
+   (10-55 mm, neighbouring heights alike), so a disc that is one slice at 5 mm still counts.
+   Vertebrae are the segments between discs; the middle of a body is half way between its discs.
+5. Anchors, each a vote for a name: the sacrum (a wide bone mass continuous laterally, with the
+   iliac bones beside it: the vertebra above the L5/S1 disc is L5), the iliac crests (their top
+   lies at L4 or L5), the lowest rib-bearing vertebra (T12) and the highest (T1) where the
+   vertebra beyond is in view and rib-free (a rib is a bone outside the spinal corridor whose
+   medial end lies at the vertebra's transverse process or body and which runs laterally or
+   forward), C2's dens (a bone peg inside C1's ring) and the skull base (the top segment below
+   it is C2).  Votes agreeing from two or more anchors give "high" confidence, one anchor
+   "moderate"; no anchor or disagreeing anchors give no level ("low"), with each anchor's
+   reading in the notes.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Sequence
+from dataclasses import dataclass, replace
+
+import numpy as np
+from numpy.typing import NDArray
+from scipy import ndimage as ndi
+
+from pipelines.body_composition.types import Anchor, LevelResult, SliceAnatomy, Vertebra
+from pipelines.common.volume import Volume
+
+log = logging.getLogger(__name__)
+
+# bottom (feet) to top (head); a vertebra's name is ORDER[index + offset]
+ORDER: tuple[str, ...] = (("S1", "L5", "L4", "L3", "L2", "L1") + tuple(f"T{i}" for i in range(12, 0, -1))
+                          + tuple(f"C{i}" for i in range(7, 1, -1)))
+IDX = {n: i for i, n in enumerate(ORDER)}
+METHOD = "canal-profile-anchors"
+# anchors trusted to name the column on their own ("moderate"); the others need a second, agreeing anchor
+STANDALONE = frozenset({"sacrum", "lowest rib-bearing vertebra"})
+
+
+@dataclass(frozen=True)
+class LevelParams:
+    grid_mm: float = 2.0  # in-plane working pixel
+    bone_hu: float = 180.0
+    canal_area_mm2: tuple[float, float] = (40.0, 800.0)
+    canal_hu: tuple[float, float] = (-150.0, 100.0)
+    canal_max_offcentre_mm: float = 80.0  # from the body's midline column
+    front_bone_hu: float = 140.0
+    front_bone_fraction: float = 0.3
+    motion_free_mm: float = 5.0  # canal motion allowed without cost between neighbouring slices ...
+    motion_slope: float = 0.8  # ... plus this many mm per mm along z
+    chain_gap_mm: float = 60.0
+    body_max_depth_mm: float = 60.0
+    body_max_half_width_mm: float = 30.0
+    roi_fraction: float = 0.5  # profile ellipse: this fraction of the body's half width / depth
+    disc_min_mm: float = 10.0  # vertebra pitch (body + disc) limits
+    disc_max_mm: float = 55.0
+    min_depth: float = 0.12  # of the profile's 10-90 % range
+    min_peak: float = 0.25  # a bright band (thin disc between two endplates, slices >= 2 mm)
+    peak_weight: float = 0.7
+    height_change_cost: float = 0.35  # per unit |log(h_i / h_{i-1})|
+    pitch_cost: float = 0.3  # per unit |log(h / expected)|, expected = the body's depth
+    corridor_mm: float = 26.0  # spinal corridor half width for rib search
+    rib_attach_mm: float = 10.0  # a rib's medial end lies within this of the corridor
+    rib_reach_mm: float = 70.0  # ... and it reaches this far from the midline
+    rib_link_mm: float = 0.0  # bridge gaps this wide between pieces of a rib (0: none)
+    rib_forward_mm: float = 15.0  # ... or this far in front of the vertebral body centre
+    ala_mm: tuple[float, float] = (25.0, 70.0)
+    ala_area_mm2: float = 600.0
+    iliac_area_mm2: float = 300.0
+    iliac_run_mm: float = 25.0
+
+
+def _smooth_interp(k: NDArray[np.float64], v: NDArray[np.float64], n: int, sigma: float) -> NDArray[np.float64]:
+    """Values at 0..n-1 from samples (k, v): linear between, held at the ends, Gaussian smoothed."""
+    out = np.interp(np.arange(n), k, v)
+    if sigma > 0 and n > 1:
+        out = ndi.gaussian_filter1d(out, sigma, mode="nearest")
+    return np.asarray(out, dtype=np.float64)
+
+
+class SpineLevelFinder:
+    """Find the spinal column, separate vertebrae at the discs and name them from anchors."""
+
+    def __init__(self, params: LevelParams | None = None) -> None:
+        self.p = params or LevelParams()
+
+    # ------------------------------------------------------------------------------------------
+    def run(self, vol: Volume, levels: Sequence[str]) -> LevelResult:
+        p = self.p
+        n, rows, cols = vol.shape
+        dy, dx = vol.pixel_spacing
+        dz = vol.slice_spacing
+        fy, fx = max(1, int(round(p.grid_mm / dy))), max(1, int(round(p.grid_mm / dx)))
+        # crop to the patient (bounding box of tissue on a sparse sample), then block means / maxima
+        sub = vol.hu[:: max(1, n // 24), :: 4, :: 4] > -400.0
+        rr, cc = np.nonzero(sub.any(axis=0))
+        if rr.size:
+            r_off = max(0, int(rr.min()) * 4 - 8)
+            c_off = max(0, int(cc.min()) * 4 - 8)
+            r_end, c_end = min(rows, int(rr.max()) * 4 + 12), min(cols, int(cc.max()) * 4 + 12)
+        else:
+            r_off, c_off, r_end, c_end = 0, 0, rows, cols
+        r2, c2 = (r_end - r_off) // fy, (c_end - c_off) // fx
+        hu = vol.hu[:, r_off : r_off + r2 * fy, c_off : c_off + c2 * fx]
+        if fy > 1 or fx > 1:
+            views = [hu[:, i::fy, j::fx] for i in range(fy) for j in range(fx)]
+            acc = views[0].astype(np.float32)
+            gmax = acc.copy()
+            for v in views[1:]:
+                acc += v
+                np.maximum(gmax, v, out=gmax)  # thin cortex and ribs survive the coarser grid
+            g = acc * np.float32(1.0 / len(views))
+        else:
+            g = np.asarray(hu, dtype=np.float32)
+            gmax = g
+        gy, gx = dy * fy, dx * fx
+        ctx = _Ctx(vol=vol, g=g, gmax=gmax, gy=gy, gx=gx, dz=dz, fy=fy, fx=fx, p=p)
+        ctx.r_off, ctx.c_off = r_off, c_off
+        notes: list[str] = []
+        if not ctx.find_canal():
+            return LevelResult(level=None, slice_index=None, vertebrae=(), spine_centre_rc=(0.0, 0.0),
+                               notes=("spinal canal not found: no vertebral column in the field of view",),
+                               method=METHOD, confidence="low")
+        ctx.find_body()
+        ctx.find_skull()
+        discs = ctx.find_discs()
+        segs = ctx.segments(discs)
+        ctx.lateral_features()
+        votes = ctx.anchors(segs, discs)
+        verts, offset, anchors, conf, notes2 = _name(segs, votes, ctx, levels)
+        notes.extend(notes2)
+        body_line = tuple(ctx.full_rc(r, c) for r, c in zip(ctx.body_r, ctx.body_c, strict=True))
+        canal_line = tuple(ctx.full_rc(r, c) for r, c in zip(ctx.canal_r, ctx.canal_c, strict=True))
+        sizes = tuple((float(a), float(b)) for a, b in zip(ctx.body_hw, ctx.body_hh, strict=True))
+        centre = (float(np.median([b[0] for b in body_line])), float(np.median([b[1] for b in body_line])))
+        base = dict(vertebrae=tuple(verts), spine_centre_rc=centre, method=METHOD, anchors=tuple(anchors),
+                    confidence=conf, body_line=body_line, body_size_mm=sizes, canal_line=canal_line)
+        if offset is not None:
+            for level in levels:
+                for vert in verts:
+                    if vert.name != level:
+                        continue
+                    if vert.touches_edge or vert.middle is None:
+                        notes.append(f"{level} touches the edge of the field of view")
+                        continue
+                    odd = _odd_height(verts, vert, dz)
+                    if odd:
+                        notes.append(odd)
+                        base["confidence"] = "low"  # the count itself is in doubt
+                        continue
+                    k = int(round(vert.middle))
+                    return LevelResult(level=level, slice_index=k, notes=tuple(notes), **base)  # type: ignore[arg-type]
+            seen = ", ".join(v.name for v in verts if v.name)
+            notes.append(f"{' or '.join(levels)} not in the field of view (vertebrae seen: {seen})")
+        return LevelResult(level=None, slice_index=None, notes=tuple(notes), **base)  # type: ignore[arg-type]
+
+
+@dataclass(frozen=True)
+class _Seg:
+    lo: float  # disc position below (fractional slice) or None-like -1 at the edge
+    hi: float
+    first: int
+    last: int
+    edge_lo: bool
+    edge_hi: bool
+
+
+class _Ctx:
+    """Working state of one run (arrays on the ~2 mm grid)."""
+
+    def __init__(self, vol: Volume, g: NDArray[np.float32], gmax: NDArray[np.float32], gy: float, gx: float, dz: float, fy: int, fx: int,
+                 p: LevelParams) -> None:
+        self.vol, self.g, self.gy, self.gx, self.dz, self.fy, self.fx, self.p = vol, g, gy, gx, dz, fy, fx, p
+        self.r_off, self.c_off = 0, 0
+        self.n = g.shape[0]
+        # the patient: per slice the largest component above -400 HU (not the table, not the air)
+        s2 = np.zeros((3, 3, 3), bool)
+        s2[1] = ndi.generate_binary_structure(2, 1)
+        lab, nl = ndi.label(g > -400.0, structure=s2)
+        body = np.zeros(g.shape, bool)
+        if nl:
+            sizes = np.bincount(lab.ravel(), minlength=nl + 1)
+            sizes[0] = 0
+            objs = ndi.find_objects(lab)
+            best = np.zeros(g.shape[0], dtype=np.int64)
+            bsz = np.zeros(g.shape[0])
+            for i, sl in enumerate(objs, start=1):
+                if sl is not None and sizes[i] > bsz[sl[0].start]:
+                    bsz[sl[0].start], best[sl[0].start] = sizes[i], i
+            body = lab == best[:, None, None]
+            body &= best[:, None, None] > 0
+        self.body = body
+        self.bone = (gmax > p.bone_hu) & body
+
+    def full_rc(self, r: float, c: float) -> tuple[float, float]:
+        """Working-grid (row, column) -> the volume's pixel (row, column)."""
+        return (float(r) * self.fy + (self.fy - 1) / 2.0 + self.r_off,
+                float(c) * self.fx + (self.fx - 1) / 2.0 + self.c_off)
+
+    # --- 2. spinal canal -------------------------------------------------------------------------
+    def find_canal(self) -> bool:
+        p, g, n = self.p, self.g, self.n
+        gy, gx = self.gy, self.gx
+        s2 = np.zeros((3, 3, 3), bool)
+        s2[1] = ndi.generate_binary_structure(2, 1)
+        s8 = np.zeros((3, 3, 3), bool)
+        s8[1] = True
+        mb0 = (g > p.bone_hu) & self.body
+        # close 1-pixel gaps in the bony ring on the ~2 mm grid; coarser pixels would close the canal itself
+        closed = (ndi.binary_closing(mb0, structure=s8, border_value=0) | mb0) if max(gy, gx) < 2.5 else mb0
+        lab, nl = ndi.label(~closed, structure=s2)
+        border = np.unique(np.concatenate([lab[:, 0, :].ravel(), lab[:, -1, :].ravel(),
+                                           lab[:, :, 0].ravel(), lab[:, :, -1].ravel()]))
+        is_hole = np.ones(nl + 1, bool)
+        is_hole[border] = False
+        is_hole[0] = False
+        self.filled_max = closed | is_hole[lab]
+        mb = (g > p.bone_hu) & self.body
+        mclosed = (ndi.binary_closing(mb, structure=s8, border_value=0) | mb) if max(gy, gx) < 2.5 else mb
+        mlab, mnl = ndi.label(~mclosed, structure=s2)
+        mborder = np.unique(np.concatenate([mlab[:, 0, :].ravel(), mlab[:, -1, :].ravel(),
+                                            mlab[:, :, 0].ravel(), mlab[:, :, -1].ravel()]))
+        mhole = np.ones(mnl + 1, bool)
+        mhole[mborder] = False
+        mhole[0] = False
+        self.filled = mclosed | mhole[mlab]
+        flat = lab.ravel()
+        area = np.bincount(flat, minlength=nl + 1).astype(np.float64) * gy * gx
+        hsum = np.bincount(flat, weights=g.ravel().astype(np.float64), minlength=nl + 1)
+        mean = hsum / np.maximum(area / (gy * gx), 1)
+        ok = is_hole & (area >= p.canal_area_mm2[0]) & (area <= p.canal_area_mm2[1])
+        ok &= (mean >= p.canal_hu[0]) & (mean <= p.canal_hu[1])
+        ids = np.nonzero(ok)[0]
+        # midline of the body per slice (tissue above -300 HU)
+        tissue = self.body
+        colw = tissue.sum(axis=1).astype(np.float64)  # (n, c)
+        cc_idx = np.arange(g.shape[2], dtype=np.float64)
+        tot = colw.sum(axis=1)
+        self.mid_c = np.where(tot > 0, (colw * cc_idx).sum(axis=1) / np.maximum(tot, 1), g.shape[2] / 2.0)
+        objs = ndi.find_objects(lab)
+        cands: list[tuple[int, float, float, float, float]] = []  # k, r, c, front row, area
+        front_d = max(2, int(round(20.0 / gy)))
+        half_w = max(1, int(round(8.0 / gx)))
+        for i in ids:
+            sl = objs[i - 1]
+            if sl is None:
+                continue
+            k = sl[0].start
+            m = lab[sl] == i
+            rr, cc = np.nonzero(m[0])
+            r = float(rr.mean()) + sl[1].start
+            c = float(cc.mean()) + sl[2].start
+            h = (rr.max() - rr.min() + 1) * gy
+            w = (cc.max() - cc.min() + 1) * gx
+            if max(h, w) / max(1e-6, min(h, w)) > 3.0:
+                continue
+            if abs(c - self.mid_c[k]) * gx > p.canal_max_offcentre_mm:
+                continue
+            front = float(rr.min()) + sl[1].start
+            a0 = max(0, int(front) - front_d)
+            c0, c1 = max(0, int(round(c)) - half_w), int(round(c)) + half_w + 1
+            box = g[k, a0 : int(front), c0:c1]
+            if box.size == 0 or float((box > p.front_bone_hu).mean()) < p.front_bone_fraction:
+                continue
+            cands.append((k, r, c, front, float(area[i])))
+        if not cands:
+            return False
+        cands.sort()
+        # longest chain along k with limited motion
+        m = len(cands)
+        best = np.ones(m)
+        prev = -np.ones(m, dtype=np.int64)
+        gap = int(np.ceil(p.chain_gap_mm / self.dz))
+        for j in range(m):
+            kj, rj, cj = cands[j][0], cands[j][1], cands[j][2]
+            for i in range(j - 1, -1, -1):
+                ki = cands[i][0]
+                if ki == kj:
+                    continue
+                if kj - ki > gap:
+                    break
+                dzmm = (kj - ki) * self.dz
+                d = float(np.hypot((rj - cands[i][1]) * gy, (cj - cands[i][2]) * gx))
+                lim = p.motion_free_mm + p.motion_slope * dzmm
+                if d > 2.0 * lim:
+                    continue
+                sc = best[i] + 1.0 - max(0.0, d - lim) / lim - 0.01 * (kj - ki - 1)
+                if sc > best[j]:
+                    best[j], prev[j] = sc, i
+        j = int(np.argmax(best))
+        chain = []
+        while j >= 0:
+            chain.append(cands[j])
+            j = int(prev[j])
+        chain = chain[::-1]
+        ks = np.array([c[0] for c in chain], dtype=np.float64)
+        sig = 3.0 / self.dz if self.dz < 3.0 else 0.0
+        self.canal_r = _smooth_interp(ks, np.array([c[1] for c in chain]), n, sig)
+        self.canal_c = _smooth_interp(ks, np.array([c[2] for c in chain]), n, sig)
+        self.canal_front = _smooth_interp(ks, np.array([c[3] for c in chain]), n, sig)
+        self.canal_ks = ks.astype(np.int64)
+        self.canal_area = float(np.median([c[4] for c in chain]))
+        log.debug("canal chain: %d slices of %d (k %d-%d)", len(chain), n, int(ks[0]), int(ks[-1]))
+        return len(chain) >= 2
+
+    # --- 3. vertebral body -----------------------------------------------------------------------
+    def find_body(self) -> None:
+        p, g, n, gy, gx = self.p, self.g, self.n, self.gy, self.gx
+        depth = int(round(p.body_max_depth_mm / gy))
+        hw = int(round(p.body_max_half_width_mm / gx))
+        ks, rs, cs, hws, hhs = [], [], [], [], []
+        gap = max(1, int(round(3.0 / gy)))
+        for k in range(n):
+            front = int(round(self.canal_front[k]))
+            c0 = int(round(self.canal_c[k]))
+            if not (0 < front < g.shape[1] and 0 <= c0 < g.shape[2]):
+                continue
+            # along the midline: from the canal's front wall forward through bone to the anterior cortex
+            col = self.filled[k, max(0, front - depth) : front, c0][::-1]
+            if col.size < 3 or not col[: gap + 1].any():
+                continue
+            start = int(np.argmax(col))
+            run = col[start:]
+            stop = int(np.argmin(run)) if not run.all() else run.size
+            d_px = stop
+            if d_px * gy < 6.0:
+                continue
+            rc = front - start - d_px / 2.0 - 0.5
+            row = int(round(rc))
+            line = self.filled[k, row, :]
+            lft = c0
+            while lft - 1 >= max(0, c0 - hw) and line[lft - 1]:
+                lft -= 1
+            rgt = c0
+            while rgt + 1 < min(g.shape[2], c0 + hw + 1) and line[rgt + 1]:
+                rgt += 1
+            if not line[c0]:
+                continue
+            ks.append(k)
+            rs.append(rc)
+            cs.append(0.5 * (lft + rgt))
+            hws.append(max(3.0, (rgt - lft + 1) * gx / 2.0))
+            hhs.append(max(3.0, d_px * gy / 2.0))
+        if not ks:
+            # no body: sit the ellipse 15 mm in front of the canal
+            self.body_r: NDArray[np.float64] = np.asarray(self.canal_front - 15.0 / gy, dtype=np.float64)
+            self.body_c: NDArray[np.float64] = self.canal_c.copy()
+            self.body_hw: NDArray[np.float64] = np.full(n, 15.0)
+            self.body_hh: NDArray[np.float64] = np.full(n, 12.0)
+            return
+        karr = np.array(ks, dtype=np.float64)
+        win = max(1, int(round(15.0 / self.dz)))
+
+        def robust(v: list[float]) -> NDArray[np.float64]:
+            a_ = np.array(v, dtype=np.float64)
+            if len(a_) >= 3:
+                a_ = ndi.median_filter(a_, size=min(len(a_), 2 * win + 1), mode="nearest")
+            return a_
+
+        sig = 4.0 / self.dz
+        # sizes: take the larger half of the slices (bodies, not endplate rims or discs)
+        self.body_r = _smooth_interp(karr, robust(rs), n, sig)
+        self.body_c = _smooth_interp(karr, robust(cs), n, sig)
+        hw_s: NDArray[np.float64] = np.asarray(ndi.maximum_filter1d(np.array(hws), size=min(len(hws), 2 * win + 1),
+                                                                   mode="nearest"), dtype=np.float64)
+        hh_s: NDArray[np.float64] = np.asarray(ndi.maximum_filter1d(np.array(hhs), size=min(len(hhs), 2 * win + 1),
+                                                                   mode="nearest"), dtype=np.float64)
+        self.body_hw = _smooth_interp(karr, robust(list(hw_s)), n, sig)
+        self.body_hh = _smooth_interp(karr, robust(list(hh_s)), n, sig)
+
+    def find_skull(self) -> None:
+        """Skull base: above the top of the spinal canal, a broad ring of bone (occiput, mastoids) around it."""
+        g, n, gy, gx, dz = self.g, self.n, self.gy, self.gx, self.dz
+        self.skull_from: int | None = None
+        top = int(self.canal_ks.max())
+        self.canal_top = top
+        if (n - 1 - top) * dz < 10.0:
+            return
+        r0, c0 = self.canal_r[top], self.canal_c[top]
+        yy = (np.arange(g.shape[1]) - r0)[:, None] * gy
+        xx = (np.arange(g.shape[2]) - c0)[None, :] * gx
+        disk = yy**2 + xx**2 <= 75.0**2
+        hits = []
+        for k in range(top + 1, n):
+            b = self.bone[k] & disk
+            area = float(b.sum()) * gy * gx
+            cols = b.any(axis=0)
+            if area >= 1500.0 and cols[xx[0] < -45.0].any() and cols[xx[0] > 45.0].any():
+                hits.append(k)
+        if len(hits) * dz >= 10.0:
+            self.skull_from = min(hits)
+
+    # --- 4. bone profile and discs ---------------------------------------------------------------
+    def profile(self) -> NDArray[np.float64]:
+        p, g, n, gy, gx = self.p, self.g, self.n, self.gy, self.gx
+        out = np.zeros(n)
+        for k in range(n):
+            ay = max(1.0, p.roi_fraction * self.body_hh[k] / gy)
+            ax = max(1.0, p.roi_fraction * self.body_hw[k] / gx)
+            r0, c0 = self.body_r[k], self.body_c[k]
+            a, b = max(0, int(np.floor(r0 - ay))), min(g.shape[1], int(np.ceil(r0 + ay)) + 1)
+            ca, cb = max(0, int(np.floor(c0 - ax))), min(g.shape[2], int(np.ceil(c0 + ax)) + 1)
+            if b <= a or cb <= ca:
+                continue
+            yy = (np.arange(a, b) - r0)[:, None] / ay
+            xx = (np.arange(ca, cb) - c0)[None, :] / ax
+            m = yy**2 + xx**2 <= 1.0
+            v = np.clip(g[k, a:b, ca:cb][m], -200.0, 1200.0)
+            out[k] = float(np.median(v)) if v.size else 0.0
+        return out
+
+    def find_discs(self) -> list[float]:
+        p, n, dz = self.p, self.n, self.dz
+        prof = self.profile()
+        self.prof = prof
+        if n < 3:
+            return []
+        s = ndi.gaussian_filter1d(prof, 1.5 / dz, mode="nearest") if dz < 2.0 else prof.copy()
+        lo_, med = np.percentile(s, [10, 50])
+        scale = max(float(med - lo_), 30.0)  # bodies' plateau above the discs (endplate peaks left out)
+        sn = (s - lo_) / scale
+        self.prof_n = sn
+        w = max(2, int(round(15.0 / dz)))
+        cands = self.disc_candidates(sn, w)
+        self.disc_cands = cands
+        if not cands:
+            return []
+        m = len(cands)
+        z = np.array([c[0] for c in cands]) * dz
+        dep = np.array([c[1] for c in cands])
+        gain = dep - p.min_depth * 0.5
+        # chain over pairs: f[i, j] = best chain ending with discs i < j
+        neg = -1e9
+        f = np.full((m, m), neg)
+        back = -np.ones((m, m), dtype=np.int64)
+        for j in range(m):
+            for i in range(j):
+                h = z[j] - z[i]
+                if h < p.disc_min_mm or h > p.disc_max_mm:
+                    continue
+                pr = p.pitch_cost * abs(float(np.log(h / self.expected_pitch(0.5 * (z[i] + z[j]) / dz))))
+                f[i, j] = gain[i] + gain[j] - pr
+                for h0 in range(i):
+                    if f[h0, i] <= neg / 2:
+                        continue
+                    hp = z[i] - z[h0]
+                    sc = f[h0, i] + gain[j] - p.height_change_cost * abs(float(np.log(h / hp))) - pr
+                    if sc > f[i, j]:
+                        f[i, j], back[i, j] = sc, h0
+        single = int(np.argmax(gain))
+        if f.max() <= gain[single]:
+            return [cands[single][0]]
+        bi, bj = np.unravel_index(int(np.argmax(f)), f.shape)
+        chain = [int(bj), int(bi)]
+        while back[chain[-1], chain[-2]] >= 0:
+            chain.append(int(back[chain[-1], chain[-2]]))
+        return sorted(cands[c][0] for c in chain)
+
+    def disc_candidates(self, sn: NDArray[np.float64], w: int) -> list[tuple[float, float]]:
+        """(position, score) of disc candidates along the normalised profile.
+
+        A disc thicker than the slice is a dip below the bodies' plateau (often between two bright
+        endplates); a disc thinner than the slice is averaged with both endplates into a bright band.
+        Both are anomalies against the plateau (the median of the profile on each side); anomalies
+        closer than a disc's height are one disc, placed at its dip where there is one.
+        """
+        p, n, dz = self.p, self.n, self.dz
+        raw: list[tuple[float, float, bool]] = []  # position, score, is_dip
+        for k in range(n):
+            lw, rw = sn[max(0, k - w) : k], sn[k + 1 : k + w + 1]
+            left = float(np.median(lw)) if lw.size >= max(2, w // 2) else None
+            right = float(np.median(rw)) if rw.size >= max(2, w // 2) else None
+            if left is None and right is None:
+                continue
+            lv = left if left is not None else right
+            rv = right if right is not None else left
+            assert lv is not None and rv is not None
+            prev_ = sn[k - 1] if k > 0 else sn[k]
+            next_ = sn[k + 1] if k + 1 < n else sn[k]
+            if sn[k] <= prev_ and sn[k] <= next_ and (sn[k] < prev_ or sn[k] < next_):
+                depth = min(lv, rv) - float(sn[k])
+                if depth >= p.min_depth:
+                    raw.append((self._subslice(sn, k, dip=True), depth, True))
+            elif sn[k] >= prev_ and sn[k] >= next_ and (sn[k] > prev_ or sn[k] > next_) and dz >= 2.0:
+                height = float(sn[k]) - max(lv, rv)
+                if height >= p.min_peak:
+                    raw.append((self._subslice(sn, k, dip=False), p.peak_weight * height, False))
+        raw.sort()
+        self.raw_cands = raw
+        out: list[tuple[float, float]] = []
+        merge = max(8.0, 1.5 * dz) / dz
+        i = 0
+        while i < len(raw):
+            j = i
+            while j + 1 < len(raw) and raw[j + 1][0] - raw[j][0] <= merge:
+                j += 1
+            grp = raw[i : j + 1]
+            # a dip places the disc (the nucleus between two endplates) unless it is a shallow wobble
+            # between the bright bands of a thin disc
+            top_peak = max((g[1] for g in grp if not g[2]), default=0.0)
+            dips = [g for g in grp if g[2] and g[1] >= 0.5 * top_peak]
+            if dips:
+                pos, sc = max(dips, key=lambda g: g[1])[:2]
+                sc = max(sc, max(g[1] for g in grp))
+            else:
+                pk = [g for g in grp if not g[2]]
+                wsum = sum(g[1] for g in pk)
+                pos = sum(g[0] * g[1] for g in pk) / wsum
+                sc = max(g[1] for g in grp)
+            out.append((float(pos), float(sc)))
+            i = j + 1
+        return out
+
+    @staticmethod
+    def _subslice(sn: NDArray[np.float64], k: int, dip: bool) -> float:
+        if k == 0 or k == len(sn) - 1:
+            return float(k)
+        den = sn[k - 1] - 2 * sn[k] + sn[k + 1]
+        if (dip and den <= 1e-9) or (not dip and den >= -1e-9):
+            return float(k)
+        off = 0.5 * (sn[k - 1] - sn[k + 1]) / den
+        return k + float(np.clip(off, -0.5, 0.5))
+
+    def expected_pitch(self, k: float) -> float:
+        """Body height plus disc is about the body's depth (cervical to lumbar)."""
+        kk = int(np.clip(round(k), 0, self.n - 1))
+        return float(max(12.0, 2.0 * self.body_hh[kk]))
+
+    def segments(self, discs: list[float]) -> list[_Seg]:
+        n = self.n
+        bounds = [-0.5, *discs, n - 0.5]
+        segs = []
+        for a, b in zip(bounds[:-1], bounds[1:], strict=True):
+            first, last = int(np.floor(a)) + 1, int(np.ceil(b)) - 1
+            if last < first:
+                continue
+            if float(np.median(self.prof_n[first : last + 1])) < 0.4:
+                continue  # no vertebral body between these discs (beyond the end of the column)
+            if self.skull_from is not None and first > self.canal_top + 5.0 / self.dz:
+                continue  # above the spinal canal: skull base (and C1, which has no body), not a vertebra
+            # the body itself: the slices between the discs whose profile is bone (disc slices left out)
+            body = np.nonzero(self.prof_n[first : last + 1] >= 0.5)[0]
+            if body.size:
+                first, last = first + int(body[0]), first + int(body[-1])
+            segs.append(_Seg(lo=a, hi=b, first=first, last=last, edge_lo=a < 0, edge_hi=b > n - 1))
+        return segs
+
+    # --- 5. anchors --------------------------------------------------------------------------------
+    def lateral_features(self) -> None:
+        """Per slice: ala area beside the body (bone joined to the spine) and iliac bone area, per side."""
+        p, g, n, gy, gx = self.p, self.g, self.n, self.gy, self.gx
+        self.ala = np.zeros((n, 2))
+        self.iliac = np.zeros((n, 2))
+        self.ala_reach = np.zeros((n, 2))
+        px = gy * gx
+        for k in range(n):
+            r0, c0 = self.body_r[k], self.body_c[k]
+            a = max(0, int(r0 - (self.body_hh[k] + 25.0) / gy))
+            b = min(g.shape[1], int(self.canal_r[k] + 70.0 / gy) + 1)
+            ca = max(0, int(c0 - 190.0 / gx))
+            cb = min(g.shape[2], int(c0 + 190.0 / gx) + 1)
+            fm = self.filled[k, a:b, ca:cb]
+            lab, nl = ndi.label(fm)
+            if nl == 0:
+                continue
+            rr0, cc0 = int(round(r0)) - a, int(round(c0)) - ca
+            hw = max(1, int(round(0.5 * self.body_hw[k] / gx)))
+            hh = max(1, int(round(0.5 * self.body_hh[k] / gy)))
+            core = lab[max(0, rr0 - hh) : rr0 + hh + 1, max(0, cc0 - hw) : cc0 + hw + 1]
+            spine_ids = np.unique(core[core > 0])
+            lat = (np.arange(ca, cb) - c0) * gx  # + = left
+            ymm = (np.arange(a, b) - r0) * gy
+            band = (ymm > -self.body_hh[k] - 10.0) & (ymm < (self.canal_r[k] - r0) * gy + 30.0)
+            spine = np.isin(lab, spine_ids) & band[:, None]
+            sizes = np.bincount(lab.ravel(), minlength=nl + 1) * px
+            big = sizes >= 100.0
+            big[0] = False
+            big[spine_ids] = False
+            other = big[lab] & ((ymm > -self.body_hh[k] - 40.0) & (ymm < (self.canal_r[k] - r0) * gy + 70.0))[:, None]
+            for s, sgn in ((0, -1.0), (1, 1.0)):  # 0 = right (c decreasing), 1 = left
+                side = sgn * lat
+                sel = (side >= p.ala_mm[0]) & (side <= p.ala_mm[1])
+                self.ala[k, s] = float(spine[:, sel].sum()) * px
+                cols_sp = np.nonzero(spine.any(axis=0) & (side > 0))[0]
+                self.ala_reach[k, s] = float(side[cols_sp].max()) if cols_sp.size else 0.0
+                self.iliac[k, s] = float(other[:, (side >= 35.0) & (side <= 190.0)].sum()) * px
+        sac = (self.ala.min(axis=1) >= p.ala_area_mm2) & (
+            (self.iliac.min(axis=1) >= p.iliac_area_mm2) | (self.ala_reach.min(axis=1) >= 70.0))
+        self.sacral = sac
+        self.iliac_present = self.iliac.min(axis=1) >= p.iliac_area_mm2
+
+    def anchors(self, segs: list[_Seg], discs: list[float]) -> list[tuple[Anchor, int, set[str]]]:
+        """(anchor, segment index, names it allows for that segment)."""
+        out: list[tuple[Anchor, int, set[str]]] = []
+        n, dz = self.n, self.dz
+        self.notes: list[str] = []
+        # sacrum: lowest run of sacral slices; the disc just above its top is L5/S1
+        sac_top = -1
+        sk = np.nonzero(self.sacral)[0]
+        if sk.size >= max(2, int(round(8.0 / dz))):
+            runs = _runs(self.sacral, max(1, int(round(4.0 / dz))))
+            a, b = runs[0]
+            if (b - a + 1) * dz >= 8.0:
+                sac_top = b
+                cand = [d for d in discs if sac_top - 12.0 / dz <= d <= sac_top + 25.0 / dz]
+                if cand:
+                    d = min(cand)
+                    si = next((i for i, s in enumerate(segs) if abs(s.lo - d) < 1e-6), None)
+                    if si is not None and not segs[si].edge_hi:
+                        out.append((Anchor("sacrum", (int(a), int(b)), (segs[si].first, segs[si].last), ("L5",)),
+                                    si, {"L5"}))
+                    elif si is not None:
+                        self.notes.append("sacrum found but the vertebra above it touches the edge")
+                else:
+                    self.notes.append(f"sacrum at slices {a}-{b} but no L5/S1 disc found above it")
+        # iliac crests: the run of iliac slices from the bottom (or the sacrum) upward
+        # the iliac bones rise from the sacrum (fused with it where the sacroiliac joint is not resolved)
+        il = self.iliac_present | (self.sacral & (self.ala_reach.min(axis=1) >= 70.0))
+        self.crest_top = -1
+        if il.any():
+            runs = _runs(il, max(1, int(round(4.0 / dz))))
+            a, b = runs[0]
+            from_bottom = a <= max(1, int(round(6.0 / dz))) or (sac_top >= 0 and a <= sac_top)
+            # the crests rise above the sacrum (a run that ends with the sacrum is the sacrum's own width)
+            above_sacrum = sac_top < 0 or b > sac_top + max(1, int(round(5.0 / dz)))
+            if from_bottom and (b - a + 1) * dz >= self.p.iliac_run_mm and above_sacrum:
+                self.crest_top = int(b)
+            if from_bottom and (b - a + 1) * dz >= self.p.iliac_run_mm and b < n - 1 and above_sacrum:
+                zc = float(b)
+                si = next((i for i, s in enumerate(segs) if s.lo <= zc <= s.hi), None)
+                if si is not None:
+                    near_disc = [d for d in discs if abs(d - zc) * dz <= 4.0]
+                    allowed = {"L4", "L5"}
+                    if near_disc:  # crest top at a disc: the vertebra above it is L4
+                        d = near_disc[0]
+                        si = next((i for i, s in enumerate(segs) if abs(s.lo - d) < 1e-6), si)
+                        allowed = {"L4"}
+                    s = segs[si]
+                    out.append((Anchor("iliac crest", (int(a), int(b)), (s.first, s.last),
+                                       tuple(sorted(allowed))), si, allowed))
+        # ribs
+        ribs = self.rib_attachments(segs, max(sac_top, self.crest_top))
+        self.rib_segs = ribs
+        bearing = [bool(ribs.get(i)) for i in range(len(segs))]
+        both = [len(ribs.get(i, ())) == 2 for i in range(len(segs))]
+        complete = [not (s.edge_lo or s.edge_hi) for s in segs]
+        for i, s in enumerate(segs):
+            if not bearing[i]:
+                continue
+            # lowest rib-bearing (T12): ribs on both sides, the vertebra above rib-bearing too (a thoracic
+            # column, not a stray bone), the one below in view (its upper part at least) and rib-free
+            below_ok = i >= 1 and not segs[i - 1].edge_hi and (
+                not segs[i - 1].edge_lo or (segs[i - 1].hi - max(segs[i - 1].lo, -0.5)) * dz >= 12.0)
+            above_ok = i + 1 < len(segs) and bearing[i + 1]
+            if below_ok and above_ok and both[i] and (sac_top < 0 or s.first > sac_top):
+                out.append((Anchor("lowest rib-bearing vertebra", (s.first, s.last), (s.first, s.last),
+                                   ("T12",)), i, {"T12"}))
+            elif below_ok:
+                self.notes.append(f"lowest rib-bearing vertebra at slices {s.first}-{s.last} not used as T12 "
+                                  f"(ribs on {', '.join(sorted(ribs.get(i, ())))} side only"
+                                  + ("" if above_ok else "; the vertebra above shows no rib") + ")")
+            break
+        for i in range(len(segs) - 1, -1, -1):
+            if not bearing[i]:
+                continue
+            # highest rib-bearing (T1): the two vertebrae above (C7, C6) complete and rib-free, and the one
+            # below (T2) rib-bearing too
+            above = segs[i + 1 : i + 3]
+            if len(above) == 2 and all(complete[i + 1 : i + 3]) and i >= 1 and bearing[i - 1]:
+                s = segs[i]
+                out.append((Anchor("highest rib-bearing vertebra", (s.first, s.last), (s.first, s.last), ("T1",)),
+                            i, {"T1"}))
+            break
+        # neck: dens of C2 inside C1's ring, and the skull base
+        out.extend(self.neck_anchors(segs))
+        return out
+
+    def rib_attachments(self, segs: list[_Seg], sac_top: int) -> dict[int, set[str]]:
+        """Segment index -> sides with a rib articulating there."""
+        p, g, gy, gx, dz = self.p, self.g, self.gy, self.gx, self.dz
+        if not segs:
+            return {}
+        r_lo = int(max(0, np.min(self.body_r - (self.body_hh + 70.0) / gy)))
+        r_hi = int(min(g.shape[1], np.max(self.canal_r + 70.0 / gy) + 1))
+        c_lo = int(max(0, np.min(self.body_c) - 170.0 / gx))
+        c_hi = int(min(g.shape[2], np.max(self.body_c) + 170.0 / gx + 1))
+        bone = self.bone[:, r_lo:r_hi, c_lo:c_hi]
+        cols = np.arange(c_lo, c_hi)[None, :] - self.canal_c[:, None]  # (n, c) in grid columns
+        lat = cols * gx
+        corridor = np.abs(lat) <= p.corridor_mm
+        outside = bone & ~corridor[:, None, :]
+        # a rib's head, neck and shaft are often separate pieces above the bone threshold: link pieces
+        # that are a few millimetres apart (in plane) before following the rib
+        # pieces of one rib (head, neck, shaft) a few millimetres apart are followed as one rib
+        it = int(round(p.rib_link_mm / (2.0 * min(gy, gx))))
+        link = (ndi.binary_dilation(outside, structure=np.ones((1, 3, 3), bool), iterations=it) & ~corridor[:, None, :]
+                if it > 0 else outside)
+        # leave out the pelvis: slices of the sacrum and of the iliac bones that rise from it (up to the crest)
+        if sac_top >= 0:
+            outside[: sac_top + 1] = False
+        if self.skull_from is not None:
+            outside[self.canal_top + 1 :] = False
+        lab, nl = ndi.label(link)
+        lab[~outside] = 0
+        if nl == 0:
+            return {}
+        objs = ndi.find_objects(lab)
+        out: dict[int, set[str]] = {}
+        for i, sl in enumerate(objs, start=1):
+            if sl is None:
+                continue
+            m = lab[sl] == i
+            kk, rr, cc = np.nonzero(m)
+            kk = kk + sl[0].start
+            rr = rr + sl[1].start + r_lo
+            cc = cc + sl[2].start
+            la = lat[kk, cc]
+            reach = float(np.abs(la).max())
+            fwd = float(((self.body_r[kk] - rr) * gy)[np.abs(la) > 35.0].max()) if (np.abs(la) > 35.0).any() else 0.0
+            if reach < p.rib_reach_mm and fwd < p.rib_forward_mm:
+                continue
+            near = (np.abs(la) <= p.corridor_mm + p.rib_attach_mm)
+            band = (rr >= self.body_r[kk] - self.body_hh[kk] / gy) & (rr <= self.canal_r[kk] + 30.0 / gy)
+            att = near & band
+            if not att.any():
+                continue
+            for sgn, side in ((1.0, "left"), (-1.0, "right")):
+                sel = att & (np.sign(la) == sgn)
+                if not sel.any():
+                    continue
+                ks = np.sort(kk[sel])
+                # one attachment per cluster along k (a merged rib cage has several)
+                splits = np.nonzero(np.diff(ks) * dz > max(4.0, 1.5 * dz))[0]
+                for grp in np.split(ks, splits + 1):
+                    if (grp[-1] - grp[0]) * dz > 20.0:
+                        continue  # a column along the spine (cervical articular pillars), not a rib's neck
+                    za = float(np.mean(grp))
+                    si = _rib_segment(segs, za)
+                    if si is not None:
+                        out.setdefault(si, set()).add(side)
+        return out
+
+    def neck_anchors(self, segs: list[_Seg]) -> list[tuple[Anchor, int, set[str]]]:
+        """Dens of C2 (a bone peg inside C1's ring) and the skull base above the column."""
+        out: list[tuple[Anchor, int, set[str]]] = []
+        if not segs:
+            return out
+        p, n, dz = self.p, self.n, self.dz
+        vol = self.vol
+        dy, dx = vol.pixel_spacing
+        dens_k: list[int] = []
+        top = self.canal_top
+        # C1's ring may lie above the last slice where the canal was enclosed
+        for k in range(max(0, top - int(round(30.0 / dz))), min(n, top + int(round(25.0 / dz)) + 1)):
+            c0 = self.canal_c[k]
+            # dens: at full resolution, a bone island in front of the canal, ringed by soft tissue,
+            # with C1's anterior arch in front and its lateral masses beside
+            if self.body_hw[k] > 30.0 or self.body_hh[k] > 13.0:
+                continue  # a cervical column only (body depth under about 26 mm)
+            C = int(round(self.full_rc(0.0, c0)[1]))
+            fr = int(round(self.full_rc(self.canal_front[k], 0.0)[0]))
+            ra, rb = max(0, fr - int(25.0 / dy)), min(vol.shape[1], fr + int(3.0 / dy))
+            cA, cB = max(0, C - int(30.0 / dx)), min(vol.shape[2], C + int(30.0 / dx) + 1)
+            crop = vol.hu[k, ra:rb, cA:cB] > p.bone_hu
+            if crop.size == 0:
+                continue
+            lab, nl = ndi.label(crop)
+            if nl < 3:
+                continue
+            sizes = np.bincount(lab.ravel(), minlength=nl + 1) * dy * dx
+            for i in range(1, nl + 1):
+                if not (25.0 <= sizes[i] <= 220.0):
+                    continue
+                rr, cc = np.nonzero(lab == i)
+                cm = float(cc.mean())
+                if abs((cm + cA - C) * dx) > 6.0:
+                    continue
+                # ring of soft tissue around it (no other bone within 1 mm)
+                ring = ndi.binary_dilation(lab == i, iterations=max(1, int(round(1.0 / dx)))) & crop & (lab != i)
+                if ring.any():
+                    continue
+                front = lab[: max(0, int(rr.min()) - 1), max(0, int(cm) - int(6 / dx)) : int(cm) + int(6 / dx) + 1]
+                left = lab[int(rr.min()) : int(rr.max()) + 1, int(cc.max()) + 1 : int(cc.max()) + 1 + int(15 / dx)]
+                right = lab[int(rr.min()) : int(rr.max()) + 1, max(0, int(cc.min()) - int(15 / dx)) : int(cc.min())]
+                if (front > 0).any() and (left > 0).any() and (right > 0).any():
+                    dens_k.append(k)
+                    break
+        self.dens_k = dens_k
+        if dens_k:
+            dk = float(np.median(dens_k))
+            si = next((i for i, s in enumerate(segs) if s.lo <= dk <= s.hi), None)
+            if si is not None:
+                s = segs[si]
+                out.append((Anchor("dens of C2", (min(dens_k), max(dens_k)), (s.first, s.last), ("C2",)), si, {"C2"}))
+        if self.skull_from is not None:
+            # C1 has no body: the highest complete segment of the column under the skull is C2 (body and dens)
+            cand = [i for i, s in enumerate(segs) if not s.edge_lo and s.lo < top]
+            if cand:
+                si = cand[-1]
+                s = segs[si]
+                out.append((Anchor("skull base", (self.skull_from, n - 1), (s.first, s.last), ("C2",)), si, {"C2"}))
+        return out
+
+
+def _odd_height(verts: list[Vertebra], v: Vertebra, dz: float) -> str:
+    """Why the vertebra's disc-to-disc height is implausible next to its neighbours' ("" when it is not).
+
+    A missed disc makes one segment about twice as tall as its neighbours, a spurious one about
+    half; either would put the level slice half a vertebra off, so the level is not named.
+    """
+    i = verts.index(v)
+    pitch = [w.pitch for w in verts]
+    own = pitch[i]
+    near = [q for j in (i - 2, i - 1, i + 1, i + 2) if 0 <= j < len(verts) and (q := pitch[j]) is not None]
+    if own is None or not near:
+        return ""
+    ref = float(np.median(near))
+    if own > 1.5 * ref or own < 0.6 * ref:
+        return (f"{v.name} is {own * dz:.0f} mm disc to disc against {ref * dz:.0f} mm for its neighbours "
+                "(a disc missed or found twice): level not named")
+    return ""
+
+
+def _rib_segment(segs: list[_Seg], za: float) -> int | None:
+    """The vertebra a rib whose neck lies at slice ``za`` belongs to.
+
+    Rib n's head sits on the upper edge of vertebra n and the disc above it, never on the lower part of the
+    vertebra above: a neck in the lowest 15 % of a span (just above a disc) belongs to the vertebra below.
+    """
+    def containing(z: float) -> int | None:
+        best, bd = None, np.inf
+        for i, s in enumerate(segs):
+            if s.edge_hi and s.edge_lo:
+                continue
+            d = 0.0 if s.lo <= z <= s.hi else min(abs(z - s.lo), abs(z - s.hi)) + 1.0
+            d += 1e-3 * abs(z - 0.5 * (s.lo + s.hi))
+            if d < bd:
+                best, bd = i, d
+        return best if bd < 1.0 else None
+
+    i = containing(za)
+    if i is None:
+        return None
+    s = segs[i]
+    if not s.edge_lo and za - s.lo < 0.15 * (s.hi - s.lo) and i > 0 and abs(segs[i - 1].hi - s.lo) < 1e-6:
+        return i - 1
+    return i
+
+
+def _runs(flags: NDArray[np.bool_], max_gap: int = 1) -> list[tuple[int, int]]:
+    """Runs of True, bridging gaps of up to ``max_gap`` slices; bottom to top."""
+    ks = np.nonzero(flags)[0]
+    if ks.size == 0:
+        return []
+    out = []
+    a = prev = int(ks[0])
+    for k in ks[1:]:
+        if k - prev > max_gap + 1:
+            out.append((a, prev))
+            a = int(k)
+        prev = int(k)
+    out.append((a, prev))
+    return out
+
+
+def _name(segs: list[_Seg], anchors: list[tuple[Anchor, int, set[str]]], ctx: _Ctx, levels: Sequence[str]
+          ) -> tuple[list[Vertebra], int | None, list[Anchor], str, list[str]]:
+    """Combine the anchors' votes into one naming, or none with the reason."""
+    notes = list(ctx.notes)
+    votes: list[tuple[Anchor, set[int]]] = []
+    for a, si, allowed in anchors:
+        votes.append((a, {IDX[nm] - si for nm in allowed}))
+    offset: int | None = None
+    conf = "low"
+    if not votes:
+        notes.append("no anchor (sacrum, iliac crest, lowest or highest rib-bearing vertebra, dens of C2, skull base) "
+                     "in the field of view: cannot count vertebrae")
+    else:
+        common = set.intersection(*[v for _, v in votes])
+        exact = [a for a, v in votes if len(v) == 1]
+        kinds = {a.name for a, _ in votes}
+        if len(common) == 1 and exact and (len(kinds) >= 2 or kinds & STANDALONE):
+            offset = common.pop()
+            conf = "high" if len(kinds) >= 2 else "moderate"
+        elif len(common) == 1 and exact:
+            notes.append(f"only one anchor ({', '.join(sorted(kinds))}), not validated to name vertebrae on its own: "
+                         "vertebrae not named")
+        elif len(common) > 1:
+            notes.append("only the iliac crest is in view, which puts L4 or L5 at its top: vertebrae not named")
+        else:
+            # disagreement: keep the exact anchors' readings; a documented rule could resolve it
+            notes.append("anchors disagree (transitional vertebra or 11/13 rib pairs suspected): level not named")
+    verts: list[Vertebra] = []
+    final: list[Anchor] = []
+    for a, v in votes:
+        implies: dict[str, int | None] = {}
+        for lv in levels:
+            if lv not in IDX:
+                continue
+            o = min(v) if len(v) == 1 else None
+            implies[lv] = None
+            if o is not None:
+                si = IDX[lv] - o
+                if 0 <= si < len(segs) and not segs[si].edge_lo and not segs[si].edge_hi:
+                    implies[lv] = int(round(0.5 * (segs[si].first + segs[si].last)))
+        agrees = offset is not None and offset in v
+        final.append(replace(a, implies=implies, agrees=agrees))
+        desc = ", ".join(f"{lv} at slice {k}" if k is not None else f"{lv} not in view" for lv, k in implies.items())
+        notes.append(f"{a.name} at slices {a.slices[0]}-{a.slices[1]} names the vertebra at slices "
+                     f"{a.vertebra_slices[0]}-{a.vertebra_slices[1]} {' or '.join(a.names)}"
+                     + (f" ({desc})" if desc else ""))
+    for i, s in enumerate(segs):
+        nm = ""
+        if offset is not None:
+            j = i + offset
+            nm = ORDER[j] if 0 <= j < len(ORDER) else "?"
+        edge = s.edge_lo or s.edge_hi
+        mid = None if edge else 0.5 * (s.first + s.last)  # the bone slices between the two discs
+        ks = np.arange(s.first, s.last + 1)
+        body = [ctx.full_rc(ctx.body_r[k], ctx.body_c[k]) for k in ks]
+        centre = (float(np.median([b[0] for b in body])), float(np.median([b[1] for b in body])))
+        sides = tuple(sorted(getattr(ctx, "rib_segs", {}).get(i, set())))
+        w = float(np.median(ctx.ala[ks].max(axis=1))) if hasattr(ctx, "ala") else 0.0
+        verts.append(Vertebra(name=nm, first=s.first, last=s.last, width_mm=w, rib_bearing=bool(sides),
+                              centre_rc=centre, half_width_mm=float(np.median(ctx.body_hw[ks])),
+                              half_height_mm=float(np.median(ctx.body_hh[ks])), touches_edge=edge, middle=mid,
+                              pitch=None if edge else s.hi - s.lo, rib_sides=sides))
+    return verts, offset, final, conf, notes
+
+
+def anatomy_for_slice(level: LevelResult, k: int) -> SliceAnatomy:
+    """Vertebral body centre and size on slice ``k``: per slice where the finder traced it, else the nearest vertebra."""
+    if level.body_line and 0 <= k < len(level.body_line):
+        hw, hh = level.body_size_mm[k]
+        canal = level.canal_line[k] if level.canal_line else None
+        return SliceAnatomy(centre_rc=level.body_line[k], half_width_mm=hw, half_height_mm=hh, canal_rc=canal)
+    best = min(level.vertebrae, key=lambda v: 0 if v.first <= k <= v.last else min(abs(k - v.first), abs(k - v.last)))
+    return SliceAnatomy(centre_rc=best.centre_rc, half_width_mm=best.half_width_mm, half_height_mm=best.half_height_mm)

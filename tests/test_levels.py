@@ -1,0 +1,154 @@
+"""Level finding on real anatomy: VerSe vertebra masks made into CT volumes, and the shared real CT."""
+
+from __future__ import annotations
+
+import sys
+from functools import lru_cache
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from pipelines.body_composition.levels import SpineLevelFinder
+from pipelines.body_composition.types import LevelResult
+from tests.verse_spine import SpineCase, as_volume, build
+
+VERSE = Path(__file__).resolve().parents[1] / ".." / "shared" / "data" / "verse_vertebra_masks"
+pytestmark = pytest.mark.skipif(not VERSE.exists(), reason=f"{VERSE} missing (shared test data)")
+
+
+@lru_cache(maxsize=8)
+def _case(name: str, spacing: float, ribs: tuple[str, ...] | None = None) -> SpineCase:
+    return build(name, spacing, ribs=ribs)
+
+
+def _find(case: SpineCase, **orientation: object) -> tuple[LevelResult, object]:
+    vol, reo = as_volume(case, **orientation).canonical_axial()  # type: ignore[arg-type]
+    return SpineLevelFinder().run(vol, ("L3", "C3")), reo
+
+
+@pytest.mark.parametrize("spacing", [1.0, 3.0, 5.0])
+def test_lumbar_levels_named_from_three_anchors(spacing: float) -> None:
+    case = _case("verse004", spacing)
+    res, _ = _find(case)
+    assert res.level == "L3" and res.slice_index is not None, res.notes
+    assert abs(res.slice_index - case.truth_mid["L3"]) <= 1.0
+    assert res.confidence == "high"
+    kinds = {a.name for a in res.anchors}
+    assert {"sacrum", "iliac crest", "lowest rib-bearing vertebra"} <= kinds, res.notes
+    assert all(a.agrees for a in res.anchors)
+    named = [v for v in res.vertebrae if v.name in case.truth_mid and v.middle is not None]
+    assert len(named) >= 6
+    # every complete vertebral body: its middle (of the bone slices between its discs) against the centroid of
+    # its label's anterior part; for the short, wedge-shaped L1 of this spine those differ by ~2.5 mm at 1 mm,
+    # hence one slice or 3 mm
+    tol = max(1.0, 3.0 / spacing)
+    for v in named:
+        assert v.middle is not None and abs(v.middle - case.truth_mid[v.name]) <= tol, (v.name, v.middle)
+    assert res.vertebra("T12") is not None and res.vertebra("T12").rib_bearing  # type: ignore[union-attr]
+    assert not res.vertebra("L1").rib_bearing  # type: ignore[union-attr]
+
+
+@pytest.mark.parametrize("rd,cd", [((-1, 0, 0), (0, -1, 0)), ((-1, 0, 0), (0, 1, 0))], ids=["prone", "mirrored-rows"])
+def test_other_stored_orientations_give_the_same_level(rd: tuple[int, int, int], cd: tuple[int, int, int]) -> None:
+    case = _case("verse004", 3.0)
+    ref, _ = _find(case)
+    res, reo = _find(case, row_dir=rd, col_dir=cd, feet_first=True)
+    assert res.level == ref.level == "L3"
+    assert res.slice_index == ref.slice_index  # canonical index: the same anatomy
+    n = case.hu.shape[0]
+    flipped = reo.flip_slices  # type: ignore[attr-defined]
+    assert reo.index_to_source(res.slice_index) == (n - 1 - ref.slice_index if flipped else ref.slice_index)  # type: ignore[attr-defined, operator]
+
+
+def test_thirteen_rib_pairs_report_disagreement() -> None:
+    ribs = ("T9", "T10", "T11", "T12", "L1")  # a rib on L1 as well: 13 pairs, or a lumbar rib
+    res, _ = _find(_case("verse004", 3.0, ribs))
+    assert res.level is None and res.slice_index is None
+    assert res.confidence == "low"
+    text = "\n".join(res.notes)
+    assert "anchors disagree" in text
+    by = {a.name: a for a in res.anchors}
+    # each anchor says where it puts L3, one vertebra apart
+    s, r = by["sacrum"].implies["L3"], by["lowest rib-bearing vertebra"].implies["L3"]
+    assert s is not None and r is not None and s != r
+
+
+def test_sacrum_and_crest_alone_name_l3() -> None:
+    case = _case("verse010", 3.0)  # L1-L5 only: no ribs in view
+    res, _ = _find(case)
+    assert res.level == "L3" and res.slice_index is not None and abs(res.slice_index - case.truth_mid["L3"]) <= 1.5
+    assert {a.name for a in res.anchors} == {"sacrum", "iliac crest"} and res.confidence == "high"
+
+
+def test_no_anchor_is_not_evaluable() -> None:
+    case = _case("verse004", 3.0, ())  # no ribs, and the pelvis cut off: nothing to count from
+    top = SpineCase(hu=case.hu[60:], spacing=case.spacing, truth_mid={}, names=())
+    res, _ = _find(top)
+    assert res.level is None and not res.anchors and res.confidence == "low"
+    assert "cannot count vertebrae" in " ".join(res.notes)
+    assert len([v for v in res.vertebrae if not v.touches_edge]) >= 4  # the column itself was found
+
+
+def test_level_touching_the_edge_is_refused() -> None:
+    case = _case("verse004", 3.0)
+    cut = SpineCase(hu=case.hu[int(case.truth_mid["L3"]) - 2 :], spacing=case.spacing, truth_mid={}, names=())
+    res, _ = _find(cut)  # the ribs still name T12, but L3 is cut by the bottom of the series
+    assert res.level is None
+    assert "L3 touches the edge of the field of view" in res.notes
+
+
+def test_neck_c3_named_from_dens_and_skull_base() -> None:
+    case = _case("gl003", 3.0)  # C1-T5
+    res, _ = _find(case)
+    assert res.level == "C3" and res.slice_index is not None, res.notes
+    assert abs(res.slice_index - case.truth_mid["C3"]) <= 1.0
+    assert {a.name for a in res.anchors} >= {"dens of C2", "skull base"} and res.confidence == "high"
+    for v in res.vertebrae:  # C2's segment holds the dens as well as the body
+        if v.name in case.truth_mid and v.middle is not None and v.name != "C2":
+            assert abs(v.middle - case.truth_mid[v.name]) <= 1.0, (v.name, v.middle)
+
+
+def test_neck_never_names_a_wrong_c3() -> None:
+    case = _case("gl017", 3.0)  # C1-T4: here the dens is not found and the skull base alone does not name
+    res, _ = _find(case)
+    if res.level is None:
+        assert res.confidence == "low" and res.notes
+    else:
+        assert res.slice_index is not None and abs(res.slice_index - case.truth_mid["C3"]) <= 1.0
+
+
+def test_real_ct_t11_t12_separated_at_the_disc(shared_data: Path, tmp_path: Path) -> None:
+    """The shared real CT shows T12 and the lower part of T11 only: the disc between them is found and the
+    T12 body's middle matches TotalSegmentator's T12 label; with no anchor in view the level is not named."""
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "bench"))
+    from body_composition_agreement import with_uids
+
+    from pipelines.body_composition.labels import read_labels_on_volume
+    from pipelines.common.volume import load_series
+
+    base = shared_data / "totalseg_example_ct_dicom"
+    vol = load_series(with_uids(base / "dicom", tmp_path / "ct"))
+    ref = read_labels_on_volume(base / "example_seg_dicom.nii.gz", vol)
+    cvol, reo = vol.canonical_axial()
+    assert reo.identity
+    res = SpineLevelFinder().run(cvol, ("L3",))
+    complete = [v for v in res.vertebrae if not v.touches_edge]
+    # the T12/L1 disc at the bottom edge, T12 complete, the T11/T12 disc, the lower part of T11 at the top edge
+    assert len(complete) == 1 and res.vertebrae[-1].touches_edge and res.vertebrae[-1].first > complete[0].last
+    t12 = complete[0]
+    # TotalSegmentator: which vertebra label sits at the traced body centre, slice by slice
+    at = []
+    for k in range(cvol.shape[0]):
+        r, c = (int(round(x)) for x in res.body_line[k])
+        box = ref[k, r - 8 : r + 9, c - 8 : c + 9]
+        vals, counts = np.unique(box[box > 0], return_counts=True)
+        at.append(int(vals[np.argmax(counts)]) if counts.size and counts.max() > 0.5 * box.size else 0)
+    t12_slices = [k for k, lbl in enumerate(at) if lbl == 32]  # vertebrae_T12
+    ts_mid = 0.5 * (min(t12_slices) + max(t12_slices))
+    assert t12.middle is not None and abs(t12.middle - ts_mid) <= 1.0, (t12.middle, ts_mid, at)
+    # the T11/T12 disc: between TotalSegmentator's last T12 slice and its first T11 slice (+-1)
+    t11_first = min(k for k, lbl in enumerate(at) if lbl == 33)
+    disc = t12.last + 0.5
+    assert max(t12_slices) - 1 <= disc <= t11_first + 1, (disc, at)
+    assert res.level is None and "no anchor" in " ".join(res.notes)
