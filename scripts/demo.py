@@ -72,17 +72,23 @@ def main() -> int:
 
         import pydicom
 
-        from pipelines.body_composition.phantom import PhantomSpec, write_phantom
+        from pipelines.body_composition.anatomy_phantom import (
+            COMPOSITION,
+            AnatomySpec,
+            Geometry,
+            write_anatomy,
+        )
 
         # 1. the real CT (upper abdomen, T11-T12: no L3 in the field of view)
         ct = with_uids(src, work / "ct", seed=f"demo-{time.time()}")
         first = pydicom.dcmread(ct[0], stop_before_pixels=True)
-        # 2. a generated abdomen CT with known truth that contains L3 (body composition with numbers)
-        truth = write_phantom(PhantomSpec(size=256, pixel_mm=1.5, slice_mm=5.0, noise_sd=5.0,
-                                          patient_id="PN-DEMO-2", patient_name="Phantom^Abdomen"),
-                              work / "phantom")
+        # 2. an anatomical abdomen phantom with known truth that contains L3 (body composition with
+        #    numbers): a real VerSe spine (T10-S1) with ribs, iliac wings, organs touching the muscles and
+        #    arms, stored feet-first with mirrored rows (left must stay the patient's left)
+        truth = write_anatomy(AnatomySpec(rows=256, slice_mm=5.0), work / "phantom", Geometry("FFS", mirror_rows=True),
+                              patient_id="PN-DEMO-2", patient_name="Phantom^Abdomen")
         studies = {str(first.StudyInstanceUID): f"real CT, {len(ct)} slices ({first.get('SeriesDescription', '')})",
-                   truth.study_uid: f"phantom abdomen with known truth, {len(truth.files)} slices"}
+                   truth.study_uid: f"anatomical abdomen phantom with known truth, {len(truth.files)} slices"}
         sent_at: dict[str, float] = {}
         storescu(port, ct, calling="SCANNER", extra=["-xv"])  # JPEG 2000 lossless, as stored
         sent_at[str(first.StudyInstanceUID)] = time.time()
@@ -140,8 +146,15 @@ def main() -> int:
                              f"last image to results in PACS {in_pacs - last:.2f} s")
                 print(line)
                 if pipeline == "body-composition" and info.get("level"):
-                    print(f"    level {info['level']} ({info.get('level_method', '')})")
-                    for key, value in [*(info.get("areas_cm2") or {}).items(), *(info.get("derived") or {}).items()]:
+                    print(f"    level {info['level']} ({info.get('level_method', '')}, "
+                          f"confidence {info.get('level_confidence')})")
+                    known = uid == truth.study_uid and "L3" in truth.level_slices
+                    for key, value in (info.get("areas_cm2") or {}).items():
+                        beside = ""
+                        if known and key in COMPOSITION:  # the phantom's truth at the middle of L3
+                            beside = f"   (truth at mid-L3: {truth.area_cm2(key, truth.level_slices['L3']):.2f} cm2)"
+                        print(f"    {key}: {_quantity(value)}{beside}")
+                    for key, value in (info.get("derived") or {}).items():
                         print(f"    {key}: {_quantity(value)}")
                     for key, value in (info.get("sarcopenia") or {}).items():
                         verdict = value.get("sarcopenic") if isinstance(value, dict) else value
