@@ -23,8 +23,9 @@ from monai.networks.nets.basic_unet import BasicUNet
 from numpy.typing import NDArray
 from safetensors.torch import load_file
 
-from pipelines.body_composition.classical import ClassicalLevelFinder, _runs
 from pipelines.body_composition.labels import TRAIN_CLASSES
+from pipelines.body_composition.levels import SpineLevelFinder
+from pipelines.body_composition.morphology import runs as _runs
 from pipelines.body_composition.types import (
     NAMED_MUSCLES,
     LevelResult,
@@ -103,7 +104,7 @@ class MonaiBackend:
         self.nets3d = list(nets3d)
         self.device = torch.device(device if device != "cuda" or torch.cuda.is_available() else "cpu")
         self.model_version = f"{spec.level} BasicUNet x{len(nets2d)} folds, {spec.version}"
-        self.classical = ClassicalLevelFinder()
+        self.classical = SpineLevelFinder()  # the weight-free finder, for its anatomy and a second opinion
 
     @classmethod
     def load(cls, model_json: Path, device: str = "cpu") -> MonaiBackend:

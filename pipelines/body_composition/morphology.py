@@ -67,3 +67,11 @@ def largest_component(mask: NDArray[np.bool_]) -> NDArray[np.bool_]:
         return np.zeros(mask.shape, bool)
     sizes = ndi.sum_labels(np.ones(mask.shape), lab, index=np.arange(1, n + 1))
     return np.asarray(lab == int(np.argmax(sizes)) + 1)
+
+
+def runs(flags: NDArray[np.bool_]) -> list[tuple[int, int]]:
+    """Inclusive (first, last) index of each run of True in a 1D flag array."""
+    f = np.concatenate([[False], np.asarray(flags, bool), [False]]).astype(np.int8)
+    d = np.diff(f)
+    starts, ends = np.nonzero(d == 1)[0], np.nonzero(d == -1)[0] - 1
+    return [(int(a), int(b)) for a, b in zip(starts, ends, strict=True)]
