@@ -324,7 +324,14 @@ def lumbar_named(hu: NDArray[np.float32], spacing: tuple[float, float], anat: Sl
     soft = (crop >= p.muscle_hu[0]) & (crop <= p.muscle_hu[1])
     bone = crop > p.muscle_hu[1]
     soft &= ~fill_holes(np.asarray(ndi.binary_closing(bone, disk(1.5))))
-    bone_env = crop > p.bone_hu
+    # bony landmarks are the patient's: the table (often above bone_hu) lies outside the body
+    blab, bn = ndi.label(crop > -500.0)
+    sr0, sc0 = int(round(r0)) - ra, int(round(c0)) - ca
+    if bn and 0 <= sr0 < crop.shape[0] and 0 <= sc0 < crop.shape[1] and blab[sr0, sc0]:
+        inside = fill_holes(np.asarray(blab == blab[sr0, sc0]))
+    else:
+        inside = np.ones(crop.shape, bool)
+    bone_env = (crop > p.bone_hu) & inside
     ymm = ((np.arange(ra, rb) - r0) * dy)[:, None]
     xmm = ((np.arange(ca, cb) - c0) * dx)[None, :]
 
