@@ -96,6 +96,8 @@ class TissueParams:
     # named lumbar muscles
     psoas_lateral_mm: float = 70.0
     psoas_front_frac: float = 0.75  # the psoas centre lies behind (vertebral centre - this x half height)
+    belly_open_frac: float = 0.7  # the psoas belly: opening by this share of its inscribed radius (flat sheets cut)
+    belly_close_mm: float = 3.0  # ... after closing fat specks and noise pits of about this size
     box_contact_max: float = 0.3  # a psoas lies inside its search box (at most this share of its outline on the box)
     erector_lateral_mm: float = 70.0
     named_core_max_hu: float = 100.0  # stricter window for separating named muscles from enhancing organs
@@ -300,6 +302,38 @@ def _posterior_floor(bone: NDArray[np.bool_], ymm: NDArray[np.floating[Any]], la
     return ok
 
 
+def _belly(cand: NDArray[np.bool_], core: NDArray[np.bool_],
+           xy: tuple[NDArray[np.floating[Any]], NDArray[np.floating[Any]]], seed: tuple[float, float],
+           spacing: tuple[float, float], frac: float, close_mm: float) -> NDArray[np.bool_]:
+    """The round muscle belly around ``core``, with flat sheets and other bellies joined to it cut off.
+
+    Anatomy: the psoas major is a fusiform muscle, round to oval in cross-section; what touches it
+    on CT at the same HU is flatter (quadratus lumborum posterolaterally, the crus, the abdominal wall
+    sheet) or another rounded organ joined by a narrower contact (a non-enhanced kidney, a bowel
+    loop).  ``core`` (the component picked near the seed, fat specks closed) is opened by a disc of
+    ``frac`` times its inscribed radius at its deepest point near the seed (within 15 mm of its
+    pixel nearest the seed: a kidney joined to it may be deeper): the belly is what such discs reach
+    sliding from that point without leaving the muscle, and the candidate pixels ``cand`` there
+    (pieces of the same muscle split off by intramuscular fat).  A neck narrower than that disc, or
+    a sheet thinner than it, is not psoas.  Computed with distance transforms (cheap for any radius).
+    """
+    px = float(min(spacing))
+    solid = fill_holes(closing(core, close_mm / px) | core) if close_mm >= px else fill_holes(core)
+    dt = ndi.distance_transform_edt(solid, sampling=spacing)
+    xm, ym = xy
+    dist = np.hypot(np.broadcast_to(xm, core.shape) - seed[0], np.broadcast_to(ym, core.shape) - seed[1])
+    near = core & (dist <= float(dist[core].min()) + 15.0)
+    i = int(np.argmax(np.where(near, dt, -1.0)))
+    rho = frac * float(dt.flat[i])
+    if rho < 2.0 * px:  # too small to tell a neck from pixel noise
+        return core
+    centres = dt >= rho
+    cl, _ = ndi.label(centres)
+    centres = cl == cl.flat[i]
+    reach = ndi.distance_transform_edt(~centres, sampling=spacing) < rho + px
+    return np.asarray(cand & solid & reach)
+
+
 def lumbar_named(hu: NDArray[np.float32], spacing: tuple[float, float], anat: SliceAnatomy,
                  p: TissueParams, compartments: bool = False) -> dict[str, NDArray[np.bool_]]:
     """Psoas and erector spinae, left and right, found relative to the vertebra (on a crop around it).
@@ -373,6 +407,10 @@ def lumbar_named(hu: NDArray[np.float32], spacing: tuple[float, float], anat: Sl
         else:
             best = win[near][int(np.argmin(dist[near]))]
         core = cl == best
+        if compact:
+            core = _belly(cand, core, (xm, ym), seed, spacing, p.belly_open_frac, p.belly_close_mm)
+            if not core.any():
+                return out_full
         if compact and float(np.broadcast_to(ym, core.shape)[core].mean()) < -p.psoas_front_frac * hh:
             # the psoas lies beside the vertebral body; a mass in front of it is the aorta or the vena cava
             return out_full
