@@ -318,11 +318,11 @@ def _belly(cand: NDArray[np.bool_], core: NDArray[np.bool_],
     a sheet thinner than it, is not psoas.  Computed with distance transforms (cheap for any radius).
     """
     px = float(min(spacing))
-    solid = fill_holes(closing(core, close_mm / px) | core) if close_mm >= px else fill_holes(core)
+    solid = fill_holes(closing(cand, close_mm / px) | cand) if close_mm >= px else fill_holes(cand)
     dt = ndi.distance_transform_edt(solid, sampling=spacing)
     xm, ym = xy
     dist = np.hypot(np.broadcast_to(xm, core.shape) - seed[0], np.broadcast_to(ym, core.shape) - seed[1])
-    near = core & (dist <= float(dist[core].min()) + 15.0)
+    near = solid & (dist <= float(dist[core].min()) + 15.0)
     i = int(np.argmax(np.where(near, dt, -1.0)))
     rho = frac * float(dt.flat[i])
     if rho < 2.0 * px:  # too small to tell a neck from pixel noise
