@@ -108,7 +108,9 @@ class TissueParams:
     floor_hold_mm: float = 10.0  # the floor beyond the vertebra's outermost bone is held at its last 10 mm
     rib_margin_mm: float = 10.0  # erector spinae (iliocostalis) reaches about 1 cm beyond the rib angles
     rib_angle_min_lat_mm: float = 40.0  # a rib angle lies this far or more from the midline
-    erector_sheet_mm: float = 4.0  # the outer layer under the fat is latissimus dorsi, trapezius, fascia: not erector
+    erector_sheet_mm: float = 4.0  # where ribs lie beside it, the outer layer under the fat is latissimus dorsi,
+    # serratus posterior inferior, trapezius and fascia: not erector
+    erector_fascia_mm: float = 2.0  # below the ribs only the thoracolumbar fascia covers it (latissimus is aponeurotic)
     erector_open_mm: float = 4.0  # thinner sheets (latissimus dorsi, serratus posterior) are cut off the erector
     min_bone_piece_mm2: float = 20.0  # smaller pieces above bone_hu are vessels or noise, not a bony landmark
     bridge_mm: float = 2.0  # connections thinner than about twice this are cut between components
@@ -243,8 +245,10 @@ def trunk_of(hu: NDArray[np.float32], spacing: tuple[float, float], centre_rc: t
 
 
 def _posterior_floor(bone: NDArray[np.bool_], ymm: NDArray[np.floating[Any]], lat: NDArray[np.floating[Any]],
-                     hh: float, px_area_mm2: float, p: TissueParams) -> NDArray[np.bool_]:
+                     hh: float, px_area_mm2: float, p: TissueParams) -> tuple[NDArray[np.bool_], bool]:
     """Where one side's paraspinal muscles may lie: behind the posterior bony floor, medial to the rib angle.
+
+    Also returns whether a rib (or another bone apart from the vertebra) bounds it laterally.
 
     Anatomy: the erector spinae (and transversospinales) fill the groove behind the laminae and
     transverse processes, and in the thorax behind the rib necks, medial to the rib angles; the
@@ -259,13 +263,13 @@ def _posterior_floor(bone: NDArray[np.bool_], ymm: NDArray[np.floating[Any]], la
     b = bone & side
     ok = np.ones(bone.shape, bool)
     if not b.any():
-        return ok
+        return ok, False
     # enhancing vessels (segmental, intercostal) are small: keep bone pieces of rib size and up
     lab, n = ndi.label(b)
     sizes = ndi.sum_labels(np.ones(b.shape), lab, index=np.arange(1, n + 1)) * px_area_mm2
     b = np.concatenate([[False], sizes >= p.min_bone_piece_mm2])[lab]
     if not b.any():
-        return ok
+        return ok, False
     # pieces less than ~2 mm apart (a transverse process split by partial volume) count as one
     join = max(1.0, 1.0 / float(np.sqrt(px_area_mm2)))
     lab, n = ndi.label(dilate(b, join))
@@ -288,18 +292,20 @@ def _posterior_floor(bone: NDArray[np.bool_], ymm: NDArray[np.floating[Any]], la
     order = np.argsort(lat_row[cols])
     floor = np.interp(lat_row, lat_row[cols][order], ys[order])
     ok &= ymm > floor[None, :]
+    rib = False
     if n > 1:
         bounds = []
         for i in range(1, n + 1):
             if i in vert_ids or not (lab == i).any():
                 continue
+            rib = True
             rr, cc = np.nonzero(lab == i)
             j = int(np.argmax(ymm[rr, 0]))
             if lat_row[cc[j]] >= p.rib_angle_min_lat_mm:
                 bounds.append(float(lat_row[cc[j]]))
         if bounds:
             ok &= lat < min(bounds) + p.rib_margin_mm
-    return ok
+    return ok, rib
 
 
 def _belly(cand: NDArray[np.bool_], core: NDArray[np.bool_],
@@ -435,21 +441,22 @@ def lumbar_named(hu: NDArray[np.float32], spacing: tuple[float, float], anat: Sl
         out_full[bb] = grown
         return out_full
 
-    # the superficial back muscles (latissimus dorsi, trapezius, serratus posterior) and the
-    # thoracolumbar fascia are the outer sheet_mm of the soft tissue under the subcutaneous fat
-    # (the fat joined to the air behind the patient's back)
-    under_fat = np.ones(crop.shape, bool)
+    # the erector's back surface is the thoracolumbar fascia under the subcutaneous fat (the fat joined
+    # to the air behind the patient's back); where ribs lie beside the compartment, the superficial back
+    # muscles (latissimus dorsi, serratus posterior inferior, trapezius) lie on it as well
+    under_fat_mm = np.full(crop.shape, np.inf)
     rows_back = np.nonzero(ymm[:, 0] > hh)[0]  # only behind the vertebral body (where the erector lies)
-    if p.erector_sheet_mm > 0 and rows_back.size:
+    if rows_back.size:
         sub = crop[rows_back[0] :]
         back = (sub < -500.0) & (ymm[rows_back[0] :] > hh + 20.0)
         skin = ndi.distance_transform_edt(~back, sampling=spacing) <= p.skin_mm + 1.0
         outside = components_touching((sub <= p.fat_hu[1]) | skin, back)
-        under_fat[rows_back[0] :] = ndi.distance_transform_edt(~outside, sampling=spacing) > p.erector_sheet_mm
+        under_fat_mm[rows_back[0] :] = ndi.distance_transform_edt(~outside, sampling=spacing)
     for side, sgn in (("left", 1.0), ("right", -1.0)):
         lat = sgn * xmm
         psoas_box = (lat > hw * 0.5) & (lat < hw + p.psoas_lateral_mm) & (ymm > -hh - 45.0) & (ymm < hh + 20.0)
-        floor = _posterior_floor(bone_env, ymm, lat, hh, dy * dx, p)
+        floor, ribs = _posterior_floor(bone_env, ymm, lat, hh, dy * dx, p)
+        under_fat = under_fat_mm > (p.erector_sheet_mm if ribs else p.erector_fascia_mm)
         erector_box = (lat > 0.0) & (lat < p.erector_lateral_mm) & (ymm > hh + 12.0) & floor & under_fat
         out[f"psoas_{side}"][ra:rb, ca:cb] = pick(np.asarray(psoas_box), (sgn * (hw + 20.0), 0.0), compact=True)
         out[f"erector_{side}"][ra:rb, ca:cb] = pick(np.asarray(erector_box), (sgn * 40.0, hh + 35.0), 35.0, True,
