@@ -100,6 +100,7 @@ class TissueParams:
     belly_close_mm: float = 3.0  # ... after closing fat specks and noise pits of about this size
     box_contact_max: float = 0.3  # a psoas lies inside its search box (at most this share of its outline on the box)
     erector_lateral_mm: float = 70.0
+    erector_front_mm: float = 12.0  # the erector lies this far or more behind the vertebral body centre + half height
     named_core_max_hu: float = 100.0  # stricter window for separating named muscles from enhancing organs
     core_smooth_max_hu: float = 80.0  # ... applied to a lightly smoothed image (sigma core_smooth_mm) as well
     core_smooth_mm: float = 1.0
@@ -457,7 +458,7 @@ def lumbar_named(hu: NDArray[np.float32], spacing: tuple[float, float], anat: Sl
         psoas_box = (lat > hw * 0.5) & (lat < hw + p.psoas_lateral_mm) & (ymm > -hh - 45.0) & (ymm < hh + 20.0)
         floor, ribs = _posterior_floor(bone_env, ymm, lat, hh, dy * dx, p)
         under_fat = under_fat_mm > (p.erector_sheet_mm if ribs else p.erector_fascia_mm)
-        erector_box = (lat > 0.0) & (lat < p.erector_lateral_mm) & (ymm > hh + 12.0) & floor & under_fat
+        erector_box = (lat > 0.0) & (lat < p.erector_lateral_mm) & (ymm > hh + p.erector_front_mm) & floor & under_fat
         out[f"psoas_{side}"][ra:rb, ca:cb] = pick(np.asarray(psoas_box), (sgn * (hw + 20.0), 0.0), compact=True)
         out[f"erector_{side}"][ra:rb, ca:cb] = pick(np.asarray(erector_box), (sgn * 40.0, hh + 35.0), 35.0, True,
                                                     p.erector_open_mm / float(np.sqrt(dy * dx)))
