@@ -351,7 +351,7 @@ def lumbar_named(hu: NDArray[np.float32], spacing: tuple[float, float], anat: Sl
     dy, dx = spacing
     r0, c0 = anat.centre_rc
     hw, hh = anat.half_width_mm, anat.half_height_mm
-    lat_max = max(hw + p.psoas_lateral_mm, p.erector_lateral_mm, p.paraspinal_lateral_mm) + 5.0
+    lat_max = max(hw + p.psoas_lateral_mm, p.erector_lateral_mm, p.paraspinal_lateral_mm) + 20.0  # ribs beside it
     top, bottom = -hh - 50.0, hh + 120.0
     ra = max(0, int(np.floor(r0 + top / dy)))
     rb = min(hu.shape[0], int(np.ceil(r0 + bottom / dy)) + 1)
