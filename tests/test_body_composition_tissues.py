@@ -127,10 +127,11 @@ def test_real_ct_erector_agrees_with_totalsegmentator(real_ct: Any) -> None:
             r = ref[k] == lab
             if r.any():
                 scores[key].append(_dice(ours[key], r) if ours[key].any() else 0.0)
-    # measured (bench/body_composition_agreement.py, all 20 slices): left 0.743 (min 0.63), right 0.762
-    # (min 0.69), up from 0.688 / 0.727 with the old segmenter; the Done-when bar of 0.90 is NOT reached
-    # on this T11-T12 series
-    floor = {"erector_left": 0.72, "erector_right": 0.74}
+    # measured (bench/body_composition_agreement.py, all 20 slices): left 0.750 (min 0.63), right 0.762
+    # (min 0.69), up from 0.688 / 0.727 with the old segmenter (0.743 / 0.762 before the wider rib
+    # search); these 10 slices: 0.742 / 0.764.  The Done-when bar of 0.90 is NOT reached on this
+    # T11-T12 series (TotalSegmentator's autochthon holds the fat between the muscle and the bone)
+    floor = {"erector_left": 0.73, "erector_right": 0.75}
     for key, s in scores.items():
         assert len(s) >= 10, key
         assert float(np.mean(s)) > floor[key] and min(s) > 0.6, (key, s)
