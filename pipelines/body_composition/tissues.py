@@ -20,8 +20,12 @@ the trunk's fat outside it.  Skeletal muscle is only:
 * the paraspinal compartment: tissue behind the posterior bony floor (laminae, transverse
   processes, rib necks) and medial to the rib angle, both sides (erector spinae with
   multifidus, as TotalSegmentator's "autochthon"); the erector masks are its largest muscle
-  mass per side;
-* psoas beside the vertebral body (nearest muscle component to its seed);
+  mass per side, behind the thoracolumbar fascia (where ribs lie beside the compartment, the
+  superficial back muscles on it are cut off as well); the bony floor is the patient's bone
+  (the table is outside the body);
+* psoas beside the vertebral body (nearest muscle component to its seed), reduced to its round
+  belly: the quadratus lumborum, the crus or a non-enhanced kidney touching it are cut off where
+  the contact is narrower than the belly (``_belly``);
 * the abdominal wall, quadratus lumborum included: muscle-HU tissue in a band of bounded
   thickness (``wall_max_mm``) inside the outer fascia, the paraspinal compartment counted as
   outside (so the quadratus lumborum lying in front of it is in the band).  Bulky soft tissue
