@@ -127,11 +127,12 @@ def test_real_ct_erector_agrees_with_totalsegmentator(real_ct: Any) -> None:
             r = ref[k] == lab
             if r.any():
                 scores[key].append(_dice(ours[key], r) if ours[key].any() else 0.0)
-    # measured (bench/body_composition_agreement.py, all 20 slices): left 0.750 (min 0.63), right 0.762
-    # (min 0.69), up from 0.688 / 0.727 with the old segmenter (0.743 / 0.762 before the wider rib
-    # search); these 10 slices: 0.742 / 0.764.  The Done-when bar of 0.90 is NOT reached on this
-    # T11-T12 series (6-10 % of TotalSegmentator's autochthon is fat by HU, which muscle never holds)
-    floor = {"erector_left": 0.73, "erector_right": 0.75}
+    # measured (bench/body_composition_agreement.py, all 20 slices): left 0.768 (min 0.66), right 0.777
+    # (min 0.70), up from 0.688 / 0.727 with the old segmenter and 0.743 / 0.762 before the wider rib
+    # search and the lateral raphe bound; these 10 slices: 0.760 / 0.782.  The Done-when bar of 0.90 is
+    # NOT reached on this T11-T12 series (6-10 % of TotalSegmentator's autochthon is fat by HU, which
+    # muscle never holds)
+    floor = {"erector_left": 0.74, "erector_right": 0.76}
     for key, s in scores.items():
         assert len(s) >= 10, key
         assert float(np.mean(s)) > floor[key] and min(s) > 0.6, (key, s)
@@ -142,9 +143,9 @@ def test_real_ct_erector_agrees_with_totalsegmentator(real_ct: Any) -> None:
 # average psoas 0.62-0.68 (quadratus lumborum and a non-enhanced kidney joined it), thin erector 0
 # (the table behind a thin back was taken as the bony floor).
 PHANTOM_FLOORS = {
-    ("thin", True): (0.93, 0.96, 0.84, 0.84),  # measured 0.962 0.988 0.861 0.862
-    ("average", True): (0.93, 0.91, 0.86, 0.85),  # measured 0.953 0.933 0.881 0.872
-    ("obese", False): (0.82, 0.83, 0.83, 0.82),  # measured 0.843 0.857 0.852 0.838 (kidney not enhanced)
+    ("thin", True): (0.93, 0.96, 0.84, 0.83),  # measured 0.962 0.988 0.861 0.850
+    ("average", True): (0.93, 0.91, 0.86, 0.86),  # measured 0.953 0.933 0.881 0.883
+    ("obese", False): (0.82, 0.83, 0.83, 0.83),  # measured 0.843 0.857 0.852 0.853 (kidney not enhanced)
 }
 
 

@@ -103,7 +103,9 @@ class TissueParams:
     belly_open_frac: float = 0.7  # the psoas belly: opening by this share of its inscribed radius (flat sheets cut)
     belly_close_mm: float = 3.0  # ... after closing fat specks and noise pits of about this size
     box_contact_max: float = 0.3  # a psoas lies inside its search box (at most this share of its outline on the box)
-    erector_lateral_mm: float = 70.0
+    erector_lateral_mm: float = 70.0  # without a transverse process on the slice (a disc)
+    erector_lateral_max_mm: float = 85.0
+    raphe_beyond_tip_mm: float = 25.0  # the lateral raphe lies about this far beyond the transverse process tip
     erector_front_mm: float = 12.0  # the erector lies this far or more behind the vertebral body centre + half height
     named_core_max_hu: float = 100.0  # stricter window for separating named muscles from enhancing organs
     core_smooth_max_hu: float = 80.0  # ... applied to a lightly smoothed image (sigma core_smooth_mm) as well
@@ -250,10 +252,11 @@ def trunk_of(hu: NDArray[np.float32], spacing: tuple[float, float], centre_rc: t
 
 
 def _posterior_floor(bone: NDArray[np.bool_], ymm: NDArray[np.floating[Any]], lat: NDArray[np.floating[Any]],
-                     hh: float, px_area_mm2: float, p: TissueParams) -> tuple[NDArray[np.bool_], bool]:
+                     hh: float, px_area_mm2: float, p: TissueParams) -> tuple[NDArray[np.bool_], bool, float | None]:
     """Where one side's paraspinal muscles may lie: behind the posterior bony floor, medial to the rib angle.
 
-    Also returns whether a rib (or another bone apart from the vertebra) bounds it laterally.
+    Also returns whether a rib (or another bone apart from the vertebra) lies beside it, and how far
+    from the midline the vertebra's outermost bone reaches (the transverse process tip; None without).
 
     Anatomy: the erector spinae (and transversospinales) fill the groove behind the laminae and
     transverse processes, and in the thorax behind the rib necks, medial to the rib angles; the
@@ -268,13 +271,13 @@ def _posterior_floor(bone: NDArray[np.bool_], ymm: NDArray[np.floating[Any]], la
     b = bone & side
     ok = np.ones(bone.shape, bool)
     if not b.any():
-        return ok, False
+        return ok, False, None
     # enhancing vessels (segmental, intercostal) are small: keep bone pieces of rib size and up
     lab, n = ndi.label(b)
     sizes = ndi.sum_labels(np.ones(b.shape), lab, index=np.arange(1, n + 1)) * px_area_mm2
     b = np.concatenate([[False], sizes >= p.min_bone_piece_mm2])[lab]
     if not b.any():
-        return ok, False
+        return ok, False, None
     # pieces less than ~2 mm apart (a transverse process split by partial volume) count as one
     join = max(1.0, 1.0 / float(np.sqrt(px_area_mm2)))
     lab, n = ndi.label(dilate(b, join))
@@ -288,8 +291,9 @@ def _posterior_floor(bone: NDArray[np.bool_], ymm: NDArray[np.floating[Any]], la
     cols = np.nonzero(b.any(axis=0))[0]
     ys = np.where(b, ymm_b, -np.inf).max(axis=0)[cols]
     vcols = np.nonzero(vmask.any(axis=0))[0]
+    tip_lat = None
     if vcols.size:
-        lat_out = float(lat_row[vcols].max())
+        lat_out = tip_lat = float(lat_row[vcols].max())
         tip = vmask & (np.broadcast_to(lat, b.shape) >= lat_out - p.floor_hold_mm)
         hold = float(ymm_b[tip].max())
         in_tip = lat_row[cols] >= lat_out - p.floor_hold_mm
@@ -310,7 +314,7 @@ def _posterior_floor(bone: NDArray[np.bool_], ymm: NDArray[np.floating[Any]], la
                 bounds.append(float(lat_row[cc[j]]))
         if bounds:
             ok &= lat < min(bounds) + p.rib_margin_mm
-    return ok, rib
+    return ok, rib, tip_lat
 
 
 def _belly(cand: NDArray[np.bool_], core: NDArray[np.bool_],
@@ -460,9 +464,12 @@ def lumbar_named(hu: NDArray[np.float32], spacing: tuple[float, float], anat: Sl
     for side, sgn in (("left", 1.0), ("right", -1.0)):
         lat = sgn * xmm
         psoas_box = (lat > hw * 0.5) & (lat < hw + p.psoas_lateral_mm) & (ymm > -hh - 45.0) & (ymm < hh + 20.0)
-        floor, ribs = _posterior_floor(bone_env, ymm, lat, hh, dy * dx, p)
+        floor, ribs, tip = _posterior_floor(bone_env, ymm, lat, hh, dy * dx, p)
+        # the lateral raphe (the fascia's posterior and middle layers meeting at the quadratus
+        # lumborum's lateral edge) lies beyond the transverse process tip
+        lat_max = p.erector_lateral_mm if tip is None else min(p.erector_lateral_max_mm, tip + p.raphe_beyond_tip_mm)
         under_fat = under_fat_mm > (p.erector_sheet_mm if ribs else p.erector_fascia_mm)
-        erector_box = (lat > 0.0) & (lat < p.erector_lateral_mm) & (ymm > hh + p.erector_front_mm) & floor & under_fat
+        erector_box = (lat > 0.0) & (lat < lat_max) & (ymm > hh + p.erector_front_mm) & floor & under_fat
         out[f"psoas_{side}"][ra:rb, ca:cb] = pick(np.asarray(psoas_box), (sgn * (hw + 20.0), 0.0), compact=True)
         out[f"erector_{side}"][ra:rb, ca:cb] = pick(np.asarray(erector_box), (sgn * 40.0, hh + 35.0), 35.0, True,
                                                     p.erector_open_mm / float(np.sqrt(dy * dx)))
