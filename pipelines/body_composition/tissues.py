@@ -21,8 +21,9 @@ the trunk's fat outside it.  Skeletal muscle is only:
   processes, rib necks) and medial to the rib angle, both sides (erector spinae with
   multifidus, as TotalSegmentator's "autochthon"); the erector masks are its largest muscle
   mass per side, behind the thoracolumbar fascia (where ribs lie beside the compartment, the
-  superficial back muscles on it are cut off as well); the bony floor is the patient's bone
-  (the table is outside the body);
+  superficial back muscles on it are cut off as well) and medial to the lateral raphe (about
+  ``raphe_beyond_tip_mm`` beyond the transverse process tip); the bony floor is the patient's
+  bone (the table is outside the body);
 * psoas beside the vertebral body (nearest muscle component to its seed), reduced to its round
   belly: the quadratus lumborum, the crus or a non-enhanced kidney touching it are cut off where
   the contact is narrower than the belly (``_belly``);
