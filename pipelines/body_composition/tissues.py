@@ -107,6 +107,7 @@ class TissueParams:
     erector_lateral_mm: float = 70.0  # without a transverse process on the slice (a disc)
     erector_lateral_max_mm: float = 85.0
     raphe_beyond_tip_mm: float = 25.0  # the lateral raphe lies about this far beyond the transverse process tip
+    tp_beyond_body_mm: float = 10.0  # a transverse process reaches at least this far beyond the vertebral body
     erector_front_mm: float = 12.0  # the erector lies this far or more behind the vertebral body centre + half height
     named_core_max_hu: float = 100.0  # stricter window for separating named muscles from enhancing organs
     core_smooth_max_hu: float = 80.0  # ... applied to a lightly smoothed image (sigma core_smooth_mm) as well
@@ -467,8 +468,11 @@ def lumbar_named(hu: NDArray[np.float32], spacing: tuple[float, float], anat: Sl
         psoas_box = (lat > hw * 0.5) & (lat < hw + p.psoas_lateral_mm) & (ymm > -hh - 45.0) & (ymm < hh + 20.0)
         floor, ribs, tip = _posterior_floor(bone_env, ymm, lat, hh, dy * dx, p)
         # the lateral raphe (the fascia's posterior and middle layers meeting at the quadratus
-        # lumborum's lateral edge) lies beyond the transverse process tip
-        lat_max = p.erector_lateral_mm if tip is None else min(p.erector_lateral_max_mm, tip + p.raphe_beyond_tip_mm)
+        # lumborum's lateral edge) lies beyond the transverse process tip; a vertebra without one on the
+        # slice (a disc, a pedicle-free cut) leaves the fixed bound
+        has_tp = tip is not None and tip >= hw + p.tp_beyond_body_mm
+        lat_max = min(p.erector_lateral_max_mm, tip + p.raphe_beyond_tip_mm) if has_tp and tip is not None \
+            else p.erector_lateral_mm
         under_fat = under_fat_mm > (p.erector_sheet_mm if ribs else p.erector_fascia_mm)
         erector_box = (lat > 0.0) & (lat < lat_max) & (ymm > hh + p.erector_front_mm) & floor & under_fat
         out[f"psoas_{side}"][ra:rb, ca:cb] = pick(np.asarray(psoas_box), (sgn * (hw + 20.0), 0.0), compact=True)
