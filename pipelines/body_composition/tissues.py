@@ -20,8 +20,13 @@ the trunk's fat outside it.  Skeletal muscle is only:
 * the paraspinal compartment: tissue behind the posterior bony floor (laminae, transverse
   processes, rib necks) and medial to the rib angle, both sides (erector spinae with
   multifidus, as TotalSegmentator's "autochthon"); the erector masks are its largest muscle
-  mass per side;
-* psoas beside the vertebral body (nearest muscle component to its seed);
+  mass per side, behind the thoracolumbar fascia (where ribs lie beside the compartment, the
+  superficial back muscles on it are cut off as well) and medial to the lateral raphe (about
+  ``raphe_beyond_tip_mm`` beyond the transverse process tip); the bony floor is the patient's
+  bone (the table is outside the body);
+* psoas beside the vertebral body (nearest muscle component to its seed), reduced to its round
+  belly: the quadratus lumborum, the crus or a non-enhanced kidney touching it are cut off where
+  the contact is narrower than the belly (``_belly``);
 * the abdominal wall, quadratus lumborum included: muscle-HU tissue in a band of bounded
   thickness (``wall_max_mm``) inside the outer fascia, the paraspinal compartment counted as
   outside (so the quadratus lumborum lying in front of it is in the band).  Bulky soft tissue
@@ -96,8 +101,14 @@ class TissueParams:
     # named lumbar muscles
     psoas_lateral_mm: float = 70.0
     psoas_front_frac: float = 0.75  # the psoas centre lies behind (vertebral centre - this x half height)
+    belly_open_frac: float = 0.7  # the psoas belly: opening by this share of its inscribed radius (flat sheets cut)
+    belly_close_mm: float = 3.0  # ... after closing fat specks and noise pits of about this size
     box_contact_max: float = 0.3  # a psoas lies inside its search box (at most this share of its outline on the box)
-    erector_lateral_mm: float = 70.0
+    erector_lateral_mm: float = 70.0  # without a transverse process on the slice (a disc)
+    erector_lateral_max_mm: float = 85.0
+    raphe_beyond_tip_mm: float = 25.0  # the lateral raphe lies about this far beyond the transverse process tip
+    tp_beyond_body_mm: float = 10.0  # a transverse process reaches at least this far beyond the vertebral body
+    erector_front_mm: float = 12.0  # the erector lies this far or more behind the vertebral body centre + half height
     named_core_max_hu: float = 100.0  # stricter window for separating named muscles from enhancing organs
     core_smooth_max_hu: float = 80.0  # ... applied to a lightly smoothed image (sigma core_smooth_mm) as well
     core_smooth_mm: float = 1.0
@@ -106,7 +117,9 @@ class TissueParams:
     floor_hold_mm: float = 10.0  # the floor beyond the vertebra's outermost bone is held at its last 10 mm
     rib_margin_mm: float = 10.0  # erector spinae (iliocostalis) reaches about 1 cm beyond the rib angles
     rib_angle_min_lat_mm: float = 40.0  # a rib angle lies this far or more from the midline
-    erector_sheet_mm: float = 4.0  # the outer layer under the fat is latissimus dorsi, trapezius, fascia: not erector
+    erector_sheet_mm: float = 4.0  # where ribs lie beside it, the outer layer under the fat is latissimus dorsi,
+    # serratus posterior inferior, trapezius and fascia: not erector
+    erector_fascia_mm: float = 2.0  # below the ribs only the thoracolumbar fascia covers it (latissimus is aponeurotic)
     erector_open_mm: float = 4.0  # thinner sheets (latissimus dorsi, serratus posterior) are cut off the erector
     min_bone_piece_mm2: float = 20.0  # smaller pieces above bone_hu are vessels or noise, not a bony landmark
     bridge_mm: float = 2.0  # connections thinner than about twice this are cut between components
@@ -241,8 +254,11 @@ def trunk_of(hu: NDArray[np.float32], spacing: tuple[float, float], centre_rc: t
 
 
 def _posterior_floor(bone: NDArray[np.bool_], ymm: NDArray[np.floating[Any]], lat: NDArray[np.floating[Any]],
-                     hh: float, px_area_mm2: float, p: TissueParams) -> NDArray[np.bool_]:
+                     hh: float, px_area_mm2: float, p: TissueParams) -> tuple[NDArray[np.bool_], bool, float | None]:
     """Where one side's paraspinal muscles may lie: behind the posterior bony floor, medial to the rib angle.
+
+    Also returns whether a rib (or another bone apart from the vertebra) lies beside it, and how far
+    from the midline the vertebra's outermost bone reaches (the transverse process tip; None without).
 
     Anatomy: the erector spinae (and transversospinales) fill the groove behind the laminae and
     transverse processes, and in the thorax behind the rib necks, medial to the rib angles; the
@@ -257,13 +273,13 @@ def _posterior_floor(bone: NDArray[np.bool_], ymm: NDArray[np.floating[Any]], la
     b = bone & side
     ok = np.ones(bone.shape, bool)
     if not b.any():
-        return ok
+        return ok, False, None
     # enhancing vessels (segmental, intercostal) are small: keep bone pieces of rib size and up
     lab, n = ndi.label(b)
     sizes = ndi.sum_labels(np.ones(b.shape), lab, index=np.arange(1, n + 1)) * px_area_mm2
     b = np.concatenate([[False], sizes >= p.min_bone_piece_mm2])[lab]
     if not b.any():
-        return ok
+        return ok, False, None
     # pieces less than ~2 mm apart (a transverse process split by partial volume) count as one
     join = max(1.0, 1.0 / float(np.sqrt(px_area_mm2)))
     lab, n = ndi.label(dilate(b, join))
@@ -277,8 +293,9 @@ def _posterior_floor(bone: NDArray[np.bool_], ymm: NDArray[np.floating[Any]], la
     cols = np.nonzero(b.any(axis=0))[0]
     ys = np.where(b, ymm_b, -np.inf).max(axis=0)[cols]
     vcols = np.nonzero(vmask.any(axis=0))[0]
+    tip_lat = None
     if vcols.size:
-        lat_out = float(lat_row[vcols].max())
+        lat_out = tip_lat = float(lat_row[vcols].max())
         tip = vmask & (np.broadcast_to(lat, b.shape) >= lat_out - p.floor_hold_mm)
         hold = float(ymm_b[tip].max())
         in_tip = lat_row[cols] >= lat_out - p.floor_hold_mm
@@ -286,18 +303,52 @@ def _posterior_floor(bone: NDArray[np.bool_], ymm: NDArray[np.floating[Any]], la
     order = np.argsort(lat_row[cols])
     floor = np.interp(lat_row, lat_row[cols][order], ys[order])
     ok &= ymm > floor[None, :]
+    rib = False
     if n > 1:
         bounds = []
         for i in range(1, n + 1):
             if i in vert_ids or not (lab == i).any():
                 continue
+            rib = True
             rr, cc = np.nonzero(lab == i)
             j = int(np.argmax(ymm[rr, 0]))
             if lat_row[cc[j]] >= p.rib_angle_min_lat_mm:
                 bounds.append(float(lat_row[cc[j]]))
         if bounds:
             ok &= lat < min(bounds) + p.rib_margin_mm
-    return ok
+    return ok, rib, tip_lat
+
+
+def _belly(cand: NDArray[np.bool_], core: NDArray[np.bool_],
+           xy: tuple[NDArray[np.floating[Any]], NDArray[np.floating[Any]]], seed: tuple[float, float],
+           spacing: tuple[float, float], frac: float, close_mm: float) -> NDArray[np.bool_]:
+    """The round muscle belly around ``core``, with flat sheets and other bellies joined to it cut off.
+
+    Anatomy: the psoas major is a fusiform muscle, round to oval in cross-section; what touches it
+    on CT at the same HU is flatter (quadratus lumborum posterolaterally, the crus, the abdominal wall
+    sheet) or another rounded organ joined by a narrower contact (a non-enhanced kidney, a bowel
+    loop).  ``core`` (the component picked near the seed, fat specks closed) is opened by a disc of
+    ``frac`` times its inscribed radius at its deepest point near the seed (within 15 mm of its
+    pixel nearest the seed: a kidney joined to it may be deeper): the belly is what such discs reach
+    sliding from that point without leaving the muscle, and the candidate pixels ``cand`` there
+    (pieces of the same muscle split off by intramuscular fat).  A neck narrower than that disc, or
+    a sheet thinner than it, is not psoas.  Computed with distance transforms (cheap for any radius).
+    """
+    px = float(min(spacing))
+    solid = fill_holes(closing(cand, close_mm / px) | cand) if close_mm >= px else fill_holes(cand)
+    dt = ndi.distance_transform_edt(solid, sampling=spacing)
+    xm, ym = xy
+    dist = np.hypot(np.broadcast_to(xm, core.shape) - seed[0], np.broadcast_to(ym, core.shape) - seed[1])
+    near = solid & (dist <= float(dist[core].min()) + 15.0)
+    i = int(np.argmax(np.where(near, dt, -1.0)))
+    rho = frac * float(dt.flat[i])
+    if rho < 2.0 * px:  # too small to tell a neck from pixel noise
+        return core
+    centres = dt >= rho
+    cl, _ = ndi.label(centres)
+    centres = cl == cl.flat[i]
+    reach = ndi.distance_transform_edt(~centres, sampling=spacing) < rho + px
+    return np.asarray(cand & solid & reach)
 
 
 def lumbar_named(hu: NDArray[np.float32], spacing: tuple[float, float], anat: SliceAnatomy,
@@ -310,7 +361,7 @@ def lumbar_named(hu: NDArray[np.float32], spacing: tuple[float, float], anat: Sl
     dy, dx = spacing
     r0, c0 = anat.centre_rc
     hw, hh = anat.half_width_mm, anat.half_height_mm
-    lat_max = max(hw + p.psoas_lateral_mm, p.erector_lateral_mm, p.paraspinal_lateral_mm) + 5.0
+    lat_max = max(hw + p.psoas_lateral_mm, p.erector_lateral_mm, p.paraspinal_lateral_mm) + 20.0  # ribs beside it
     top, bottom = -hh - 50.0, hh + 120.0
     ra = max(0, int(np.floor(r0 + top / dy)))
     rb = min(hu.shape[0], int(np.ceil(r0 + bottom / dy)) + 1)
@@ -324,7 +375,14 @@ def lumbar_named(hu: NDArray[np.float32], spacing: tuple[float, float], anat: Sl
     soft = (crop >= p.muscle_hu[0]) & (crop <= p.muscle_hu[1])
     bone = crop > p.muscle_hu[1]
     soft &= ~fill_holes(np.asarray(ndi.binary_closing(bone, disk(1.5))))
-    bone_env = crop > p.bone_hu
+    # bony landmarks are the patient's: the table (often above bone_hu) lies outside the body
+    blab, bn = ndi.label(crop > -500.0)
+    sr0, sc0 = int(round(r0)) - ra, int(round(c0)) - ca
+    if bn and 0 <= sr0 < crop.shape[0] and 0 <= sc0 < crop.shape[1] and blab[sr0, sc0]:
+        inside = fill_holes(np.asarray(blab == blab[sr0, sc0]))
+    else:
+        inside = np.ones(crop.shape, bool)
+    bone_env = (crop > p.bone_hu) & inside
     ymm = ((np.arange(ra, rb) - r0) * dy)[:, None]
     xmm = ((np.arange(ca, cb) - c0) * dx)[None, :]
 
@@ -366,6 +424,10 @@ def lumbar_named(hu: NDArray[np.float32], spacing: tuple[float, float], anat: Sl
         else:
             best = win[near][int(np.argmin(dist[near]))]
         core = cl == best
+        if compact:
+            core = _belly(cand, core, (xm, ym), seed, spacing, p.belly_open_frac, p.belly_close_mm)
+            if not core.any():
+                return out_full
         if compact and float(np.broadcast_to(ym, core.shape)[core].mean()) < -p.psoas_front_frac * hh:
             # the psoas lies beside the vertebral body; a mass in front of it is the aorta or the vena cava
             return out_full
@@ -390,22 +452,29 @@ def lumbar_named(hu: NDArray[np.float32], spacing: tuple[float, float], anat: Sl
         out_full[bb] = grown
         return out_full
 
-    # the superficial back muscles (latissimus dorsi, trapezius, serratus posterior) and the
-    # thoracolumbar fascia are the outer sheet_mm of the soft tissue under the subcutaneous fat
-    # (the fat joined to the air behind the patient's back)
-    under_fat = np.ones(crop.shape, bool)
+    # the erector's back surface is the thoracolumbar fascia under the subcutaneous fat (the fat joined
+    # to the air behind the patient's back); where ribs lie beside the compartment, the superficial back
+    # muscles (latissimus dorsi, serratus posterior inferior, trapezius) lie on it as well
+    under_fat_mm = np.full(crop.shape, np.inf)
     rows_back = np.nonzero(ymm[:, 0] > hh)[0]  # only behind the vertebral body (where the erector lies)
-    if p.erector_sheet_mm > 0 and rows_back.size:
+    if rows_back.size:
         sub = crop[rows_back[0] :]
         back = (sub < -500.0) & (ymm[rows_back[0] :] > hh + 20.0)
         skin = ndi.distance_transform_edt(~back, sampling=spacing) <= p.skin_mm + 1.0
         outside = components_touching((sub <= p.fat_hu[1]) | skin, back)
-        under_fat[rows_back[0] :] = ndi.distance_transform_edt(~outside, sampling=spacing) > p.erector_sheet_mm
+        under_fat_mm[rows_back[0] :] = ndi.distance_transform_edt(~outside, sampling=spacing)
     for side, sgn in (("left", 1.0), ("right", -1.0)):
         lat = sgn * xmm
         psoas_box = (lat > hw * 0.5) & (lat < hw + p.psoas_lateral_mm) & (ymm > -hh - 45.0) & (ymm < hh + 20.0)
-        floor = _posterior_floor(bone_env, ymm, lat, hh, dy * dx, p)
-        erector_box = (lat > 0.0) & (lat < p.erector_lateral_mm) & (ymm > hh + 12.0) & floor & under_fat
+        floor, ribs, tip = _posterior_floor(bone_env, ymm, lat, hh, dy * dx, p)
+        # the lateral raphe (the fascia's posterior and middle layers meeting at the quadratus
+        # lumborum's lateral edge) lies beyond the transverse process tip; a vertebra without one on the
+        # slice (a disc, a pedicle-free cut) leaves the fixed bound
+        has_tp = tip is not None and tip >= hw + p.tp_beyond_body_mm
+        lat_max = min(p.erector_lateral_max_mm, tip + p.raphe_beyond_tip_mm) if has_tp and tip is not None \
+            else p.erector_lateral_mm
+        under_fat = under_fat_mm > (p.erector_sheet_mm if ribs else p.erector_fascia_mm)
+        erector_box = (lat > 0.0) & (lat < lat_max) & (ymm > hh + p.erector_front_mm) & floor & under_fat
         out[f"psoas_{side}"][ra:rb, ca:cb] = pick(np.asarray(psoas_box), (sgn * (hw + 20.0), 0.0), compact=True)
         out[f"erector_{side}"][ra:rb, ca:cb] = pick(np.asarray(erector_box), (sgn * 40.0, hh + 35.0), 35.0, True,
                                                     p.erector_open_mm / float(np.sqrt(dy * dx)))
