@@ -1,0 +1,26 @@
+"""Screenshots for docs/ohif: anatomical phantom -> automatic L3 SEG+SR, then a reader-confirmed re-run.
+
+    .venv/bin/python bench/ohif_screenshots.py
+    bash ../shared/tools/ohif-check/run.sh --out /tmp/shots/ohif /tmp/shots/run/ct \
+        /tmp/shots/run/auto/seg.dcm /tmp/shots/run/auto/sr.dcm /tmp/shots/run/reader/seg.dcm /tmp/shots/run/reader/sr.dcm
+"""
+
+import json
+import shutil
+from pathlib import Path
+
+from pipelines.body_composition.anatomy_phantom import AnatomySpec, Geometry, write_anatomy
+from pipelines.body_composition.pipeline import run_folder
+
+root = Path("/tmp/shots/run"); shutil.rmtree(root, ignore_errors=True)
+truth = write_anatomy(AnatomySpec(rows=256, slice_mm=5.0), root / "ct", Geometry("FFS", mirror_rows=True),
+                      patient_id="PN-SHOT-1", patient_name="Phantom^Shots")
+run_folder(root / "ct", root / "auto", {})
+s = json.loads((root / "auto" / "summary.json").read_text())
+print("auto", s["level"], s.get("level_confidence"), {k: v["value"] for k, v in s["areas_cm2"].items()})
+k = truth.level_slices["L3"] + 1   # the reader picks the next image
+ov = {"level": "L3", "sop_instance_uid": truth.sop_uids[k], "reader": "Reader^Rita", "source": "cli",
+      "time": "2026-12-05T23:00:00Z"}
+run_folder(root / "ct", root / "reader", {"level_override": ov})
+s2 = json.loads((root / "reader" / "summary.json").read_text())
+print("reader", s2["level"], s2.get("level_source"), {k: v["value"] for k, v in s2["areas_cm2"].items()})
