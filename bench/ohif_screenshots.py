@@ -12,7 +12,8 @@ from pathlib import Path
 from pipelines.body_composition.anatomy_phantom import AnatomySpec, Geometry, write_anatomy
 from pipelines.body_composition.pipeline import run_folder
 
-root = Path("/tmp/shots/run"); shutil.rmtree(root, ignore_errors=True)
+root = Path("/tmp/shots/run")
+shutil.rmtree(root, ignore_errors=True)
 truth = write_anatomy(AnatomySpec(rows=256, slice_mm=5.0), root / "ct", Geometry("FFS", mirror_rows=True),
                       patient_id="PN-SHOT-1", patient_name="Phantom^Shots")
 run_folder(root / "ct", root / "auto", {})
