@@ -111,11 +111,10 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--data", type=Path, default=REPO.parent / "shared" / "data")
     ap.add_argument("--every", type=int, default=1, help="use every n-th slice")
     a = ap.parse_args(argv)
-    from pipelines.body_composition.classical import ClassicalLevelFinder, anatomy_for_slice
     from pipelines.body_composition.labels import read_labels_on_volume
+    from pipelines.body_composition.levels import SpineLevelFinder, anatomy_for_slice
     from pipelines.body_composition.pipeline import run_folder
     from pipelines.body_composition.tissues import TissueSlicer
-    from pipelines.body_composition.types import LevelResult
     from pipelines.common.volume import load_series
 
     try:
@@ -129,8 +128,7 @@ def main(argv: list[str] | None = None) -> int:
         files = with_uids(base / "dicom", tmp / "ct")
         vol = load_series(files).canonical_axial()[0]
         ref = read_labels_on_volume(base / "example_seg_dicom.nii.gz", vol)
-        verts, centre, _ = ClassicalLevelFinder().vertebrae(vol)
-        lr = LevelResult(level=None, slice_index=None, vertebrae=tuple(verts), spine_centre_rc=centre)
+        lr = SpineLevelFinder().run(vol, ("L3",))  # the pipeline's anatomy (no anchor in view: unnamed)
         px = vol.pixel_area_mm2 / 100.0
         new = TissueSlicer()
         old = Old() if Old is not None else None
