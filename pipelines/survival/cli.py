@@ -100,6 +100,9 @@ def register(subparsers: Any) -> None:
             p.set_defaults(func=_friendly(cmd_evaluate))
         else:
             p.add_argument("--out", type=Path, required=True, help="HTML file to write")
+            p.add_argument("--nomogram", type=Path, default=None,
+                           help="nomogram PNG to write (default: nomogram.png beside --out; Cox and logistic)")
+            p.add_argument("--no-nomogram", action="store_true", help="draw no nomogram")
             p.set_defaults(func=_friendly(cmd_report))
 
     cmp = model.add_parser("compare", help="compare models on the same test patients (paired CIs, DeLong, NRI)")
@@ -214,8 +217,22 @@ def cmd_report(args: argparse.Namespace) -> int:
 
     model, result, table = _evaluate(args)
     args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(render(model, result, table), encoding="utf-8")
+    png, note = None, ""
+    if not args.no_nomogram:
+        from pipelines.survival.data import read_table
+        from pipelines.survival.nomogram import NomogramError, draw, nomogram_spec
+
+        try:
+            png = draw(model, nomogram_spec(model, read_table(args.data)[0]))
+        except NomogramError as e:
+            note = str(e)
+            log.warning("model report: no nomogram for %s: %s", model.name, e)
+    args.out.write_text(render(model, result, table, png, note), encoding="utf-8")
     print(f"wrote {args.out}")
+    if png is not None:
+        path = args.nomogram or args.out.parent / "nomogram.png"
+        path.write_bytes(png)
+        print(f"wrote {path}")
     return 0
 
 

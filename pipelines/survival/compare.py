@@ -58,20 +58,9 @@ Z95 = 1.959963984540054
 # DeLong -----------------------------------------------------------------------------------
 def _midrank(x: F64) -> F64:
     """Ranks 1..n with ties given their average rank."""
-    order = np.argsort(x, kind="mergesort")
-    xs = x[order]
-    n = len(x)
-    ranks = np.empty(n, dtype=np.float64)
-    i = 0
-    while i < n:
-        j = i
-        while j < n and xs[j] == xs[i]:
-            j += 1
-        ranks[i:j] = 0.5 * (i + j - 1) + 1
-        i = j
-    out = np.empty(n, dtype=np.float64)
-    out[order] = ranks
-    return out
+    from scipy.stats import rankdata
+
+    return np.asarray(rankdata(x, method="average"), dtype=np.float64)
 
 
 def delong(y: npt.ArrayLike, scores: npt.ArrayLike) -> tuple[F64, F64]:
