@@ -99,16 +99,13 @@ def _raw_linear(model: SurvivalModel) -> tuple[float, np.ndarray]:
 
 def nomogram_spec(model: SurvivalModel, frame: pd.DataFrame | None = None) -> NomogramSpec:
     """The scales of the nomogram of ``model``; numeric ranges from ``frame`` when given."""
+    h = model.horizon_days
     if model.kind in COX_KINDS:
-        h = model.horizon_days
         if h is None or h not in model.baseline_survival:
             raise NomogramError("the Cox model stores no baseline survival at its horizon: no risk axis")
-        years = h / 365.25
-        label = f"P(event by {round(years):g} years)" if abs(years - round(years)) < 0.01 and years >= 0.99 \
-            else f"P(event by {h:g} days)"
+        label = _horizon_label(h)
     elif model.kind in LOGISTIC_KINDS:
-        h = model.horizon_days
-        label = f"P(event by {h:g} days)" if model.kind == "logistic" and h else "P(outcome)"
+        label = _horizon_label(h) if model.kind == "logistic" and h else "P(outcome)"
     else:
         raise NomogramError(f"no nomogram for kind {model.kind!r}")
     b0, beta = _raw_linear(model)
@@ -139,6 +136,13 @@ def nomogram_spec(model: SurvivalModel, frame: pd.DataFrame | None = None) -> No
     lp0 = b0 + sum(v.offset for v in variables)
     total = sum(v.spread for v in variables) * per
     return NomogramSpec(tuple(variables), per, lp0, total, label, model.kind)
+
+
+def _horizon_label(h: float) -> str:
+    years = h / 365.25
+    if years >= 0.99 and abs(years - round(years)) < 0.01:
+        return f"P(event by {round(years):g} years)"
+    return f"P(event by {h:g} days)"
 
 
 def points_to_risk(model: SurvivalModel, spec: NomogramSpec, total: float | Sequence[float]) -> np.ndarray:
