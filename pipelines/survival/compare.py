@@ -364,8 +364,9 @@ def compare(model_paths: Sequence[Path], data: Path, *, time_col: str | None = N
             out["models"][j]["td_auc"] = ta[j]
             out["models"][j]["td_auc_ci"] = _ci(list(tb[:, j]), n_boot)
         for pair, (i, j) in zip(out["pairs"], _pairs(k), strict=True):
-            if ta[i] is not None and ta[j] is not None:
-                pair["td_auc_difference"] = ta[i] - ta[j]
+            ti, tj = ta[i], ta[j]
+            if ti is not None and tj is not None:
+                pair["td_auc_difference"] = ti - tj
                 pair["td_auc_difference_ci"] = _ci(list(tb[:, i] - tb[:, j]), n_boot)
         if curves:
             curve_out["td_roc"] = [td_roc_curve(time, event, s, h) for s in scores]

@@ -24,6 +24,7 @@ from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
+import numpy.typing as npt
 import pandas as pd
 
 from pipelines.survival.artifact import SurvivalModel
@@ -84,11 +85,11 @@ class NomogramSpec:
     def total_points(self, values: Mapping[str, Value]) -> float:
         return float(sum(self.points(v, values.get(v.name)) for v in self.variables))
 
-    def score(self, total: float | np.ndarray) -> Any:
+    def score(self, total: float | npt.NDArray[np.float64]) -> Any:
         return self.lp0 + np.asarray(total, dtype=np.float64) / self.points_per_score
 
 
-def _raw_linear(model: SurvivalModel) -> tuple[float, np.ndarray]:
+def _raw_linear(model: SurvivalModel) -> tuple[float, npt.NDArray[np.float64]]:
     """``b0`` and ``beta`` over the raw encoded columns, from the model's own preprocessing and scoring."""
     d = model.design
     k = len(d.encoded_columns)
@@ -145,7 +146,7 @@ def _horizon_label(h: float) -> str:
     return f"P(event by {h:g} days)"
 
 
-def points_to_risk(model: SurvivalModel, spec: NomogramSpec, total: float | Sequence[float]) -> np.ndarray:
+def points_to_risk(model: SurvivalModel, spec: NomogramSpec, total: float | Sequence[float]) -> npt.NDArray[np.float64]:
     """Predicted risk at ``total`` points: the same function the bottom axis is drawn with."""
     s = np.atleast_1d(spec.score(np.asarray(total, dtype=np.float64)))
     if model.kind in LOGISTIC_KINDS and model.kind != "logistic":
