@@ -190,8 +190,11 @@ def axes(model: SurvivalModel, spec: NomogramSpec) -> list[tuple[str, list[tuple
         ("Points", [(float(p), f"{p:g}", float(p)) for p in range(0, 101, 10)])]
     for v in spec.variables:
         if v.kind == "numeric":
-            ticks = _nice(v.lo, v.hi) or [v.lo, v.hi]
-            rows.append((v.name, [(spec.points(v, t), f"{t:g}", t) for t in ticks]))
+            width = v.spread * spec.points_per_score
+            ticks = _nice(v.lo, v.hi, max(2, min(6, int(width / 8))))
+            if len(ticks) < 2:  # a short scale: label its ends
+                ticks = [v.lo, v.hi]
+            rows.append((v.name, [(spec.points(v, t), f"{t:.3g}", t) for t in ticks]))
         else:
             rows.append((v.name, [(spec.points(v, lv), lv, c) for lv, c in v.levels]))
     first = _nice(0, spec.total_max)
@@ -231,13 +234,22 @@ def draw(model: SurvivalModel, spec: NomogramSpec) -> bytes:
         xs = [t[0] for t in ticks] + extents.get(title, [])
         if xs:
             ax.plot([min(xs), max(xs)], [y, y], c="k", lw=1)
-        last = -math.inf
+        above: tuple[float, str] = (-math.inf, "")
+        under: tuple[float, str] = (-math.inf, "")
         for x, label, _ in sorted(ticks):
-            below = x - last < 4.0  # a label too close to the previous one goes under the line
+            def clear(prev: tuple[float, str], x: float = x, label: str = label) -> bool:
+                return x - prev[0] >= 0.45 * (len(prev[1]) + len(label)) + 1.0  # label widths in points units
+
+            below = not clear(above) and clear(under)  # a label too close to the previous one goes under the line
+            if not clear(above) and not below:
+                continue  # no room above or below: leave this tick out
             ax.plot([x, x], [y, y - 0.12 if below else y + 0.12], c="k", lw=1)
             ax.text(x, y - 0.18 if below else y + 0.18, label, ha="center", va="top" if below else "bottom",
                     fontsize=7)
-            last = -math.inf if below else x
+            if below:
+                under = (x, label)
+            else:
+                above = (x, label)
         ax.text(-4, y, title[:34], ha="right", va="center", fontsize=8)
     ax.set_xlim(-45, 105)
     ax.set_ylim(0.4, n + 0.8)
