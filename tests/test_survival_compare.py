@@ -186,3 +186,47 @@ def test_report_draws_and_saves_the_nomogram(cohort: Path, capsys: pytest.Captur
     assert png[:8] == b"\x89PNG\r\n\x1a\n"
     text = out.read_text()
     assert f'<img alt="nomogram" src="data:image/png;base64,{base64.b64encode(png).decode()}"' in text
+
+
+def _binary_model(cohort: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
+    """The logistic model relabelled as ``kind: binary`` for the 0/1 column ``early`` (the hook for binary models;
+    the intercept is 0 so the score is the same whether or not scoring adds it)."""
+    import pipelines.survival.artifact as artifact
+
+    if "binary" not in artifact.KINDS:
+        monkeypatch.setattr(artifact, "KINDS", (*artifact.KINDS, "binary"))
+    d = json.loads((cohort / "logi" / "model.json").read_text())
+    d.update(kind="binary", name="binary", intercept=0.0, horizon_days=None, baseline_survival=[])
+    d["training"]["outcome_column"] = "early"
+    (cohort / "bin").mkdir(exist_ok=True)
+    (cohort / "bin" / "model.json").write_text(json.dumps(d))
+    test = pd.read_csv(cohort / "test.csv")
+    test["early"] = ((test["event"] == 1) & (test["time"] <= 365)).astype(int)
+    test.to_csv(cohort / "binary.csv", index=False)
+    return cohort / "bin"
+
+
+def test_compare_binary_kind_hook(cohort: Path, monkeypatch: pytest.MonkeyPatch,
+                                  capsys: pytest.CaptureFixture[str]) -> None:
+    from pipelines.survival.cli import main
+
+    b = _binary_model(cohort, monkeypatch)
+    code = main(["model", "compare", "--models", str(b), str(cohort / "weak"), "--data", str(cohort / "binary.csv"),
+                 "--n-boot", "50", "--json"])
+    res = json.loads(capsys.readouterr().out)
+    assert code == 0 and res["endpoint"] == "binary" and res["outcome_column"] == "early"
+    assert res["models"][0]["auc"] > res["models"][1]["auc"]
+    assert res["models"][0]["calibration"]["groups"] and res["models"][0]["net_benefit"]["treat_none"][0] == 0
+    assert "nri_note" in res["pairs"][0]  # the Cox model gives no probability of this outcome
+    assert res["pairs"][0]["auc_delong"]["p"] < 0.05
+
+
+def test_nomogram_of_a_binary_model(cohort: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    model = load_model(_binary_model(cohort, monkeypatch))
+    test = pd.read_csv(cohort / "binary.csv")
+    spec = nomogram_spec(model, test)
+    assert axes(model, spec)[-1][0] == "P(outcome)"
+    sub = test.iloc[:8]
+    expected = 1 / (1 + np.exp(-score_frame(model, sub).scores))
+    totals = [spec.total_points(rec) for rec in sub.to_dict(orient="records")]
+    assert np.allclose(points_to_risk(model, spec, totals), expected, atol=1e-9)
