@@ -230,3 +230,14 @@ def test_nomogram_of_a_binary_model(cohort: Path, monkeypatch: pytest.MonkeyPatc
     expected = 1 / (1 + np.exp(-score_frame(model, sub).scores))
     totals = [spec.total_points(rec) for rec in sub.to_dict(orient="records")]
     assert np.allclose(points_to_risk(model, spec, totals), expected, atol=1e-9)
+
+
+def test_td_roc_curve_area_is_sksurv_td_auc(cohort: Path) -> None:
+    """The drawn time-dependent ROC curve has the area scikit-survival reports."""
+    from pipelines.survival.compare import _td_auc_at, td_roc_curve
+
+    test = pd.read_csv(cohort / "test.csv")
+    t, e = test["time"].to_numpy(float), test["event"].to_numpy(bool)
+    s = score_frame(load_model(cohort / "strong"), test).scores
+    fpr, tpr = td_roc_curve(t, e, s, H)
+    assert float(np.trapezoid(tpr, fpr)) == pytest.approx(_td_auc_at(t, e, s, H), abs=1e-9)
