@@ -57,10 +57,14 @@ Z95 = 1.959963984540054
 
 # DeLong -----------------------------------------------------------------------------------
 def _midrank(x: F64) -> F64:
-    """Ranks 1..n with ties given their average rank."""
-    from scipy.stats import rankdata
-
-    return np.asarray(rankdata(x, method="average"), dtype=np.float64)
+    """Ranks 1..n with ties given their average rank (numpy only)."""
+    order = np.argsort(x, kind="mergesort")
+    xs = np.asarray(x, dtype=np.float64)[order]
+    starts = np.flatnonzero(np.r_[True, xs[1:] != xs[:-1]])
+    ends = np.r_[starts[1:], len(xs)]
+    out = np.empty(len(xs), dtype=np.float64)
+    out[order] = np.repeat((starts + ends - 1) / 2 + 1, ends - starts)
+    return out
 
 
 def delong(y: npt.ArrayLike, scores: npt.ArrayLike) -> tuple[F64, F64]:
