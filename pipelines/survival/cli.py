@@ -100,7 +100,26 @@ def register(subparsers: Any) -> None:
             p.set_defaults(func=_friendly(cmd_evaluate))
         else:
             p.add_argument("--out", type=Path, required=True, help="HTML file to write")
+            p.add_argument("--nomogram", type=Path, default=None,
+                           help="nomogram PNG to write (default: nomogram.png beside --out; Cox and logistic)")
+            p.add_argument("--no-nomogram", action="store_true", help="draw no nomogram")
             p.set_defaults(func=_friendly(cmd_report))
+
+    cmp = model.add_parser("compare", help="compare models on the same test patients (paired CIs, DeLong, NRI)")
+    cmp.add_argument("--models", type=Path, nargs="+", required=True, help="two or more model folders")
+    cmp.add_argument("--data", type=Path, required=True, help="test cohort CSV")
+    cmp.add_argument("--time", default=None, help="time column (default: as the first model was trained)")
+    cmp.add_argument("--event", default=None, help="event column (default: as the first model was trained)")
+    cmp.add_argument("--time-unit", choices=tuple(DAYS_PER), default=None, help="default: as in training")
+    cmp.add_argument("--outcome", default=None, help="0/1 outcome column: compare as classifiers of it")
+    cmp.add_argument("--horizon", type=float, default=None, help="days (default: the first model's horizon)")
+    cmp.add_argument("--nri-cutoffs", type=float, nargs="*", default=[],
+                     help="risk cut-offs (probabilities) for the categorical NRI, e.g. 0.2 0.4")
+    cmp.add_argument("--seed", type=int, default=0)
+    cmp.add_argument("--n-boot", type=int, default=200, help="paired bootstrap resamples")
+    cmp.add_argument("--json", action="store_true", help="print one JSON object")
+    cmp.add_argument("--out", type=Path, default=None, help="also write a self-contained HTML report")
+    cmp.set_defaults(func=_friendly(cmd_compare))
 
     cohort = _sub(subparsers, "cohort", "cohort tools")
     split = cohort.add_parser("split", help="seeded held-out split of a cohort CSV")
@@ -198,9 +217,42 @@ def cmd_report(args: argparse.Namespace) -> int:
 
     model, result, table = _evaluate(args)
     args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(render(model, result, table), encoding="utf-8")
+    png, note = None, ""
+    if not args.no_nomogram:
+        from pipelines.survival.data import read_table
+        from pipelines.survival.nomogram import NomogramError, draw, nomogram_spec
+
+        try:
+            png = draw(model, nomogram_spec(model, read_table(args.data)[0]))
+        except NomogramError as e:
+            note = str(e)
+            log.warning("model report: no nomogram for %s: %s", model.name, e)
+    args.out.write_text(render(model, result, table, png, note), encoding="utf-8")
     print(f"wrote {args.out}")
+    if png is not None:
+        path = args.nomogram or args.out.parent / "nomogram.png"
+        path.write_bytes(png)
+        print(f"wrote {path}")
     return 0
+
+
+def cmd_compare(args: argparse.Namespace) -> int:
+    from pipelines.survival.compare import compare, format_compare, render_compare
+
+    result = compare(args.models, args.data, time_col=args.time, event_col=args.event, time_unit=args.time_unit,
+                     outcome_col=args.outcome, horizon_days=args.horizon, n_boot=args.n_boot, seed=args.seed,
+                     nri_cutoffs=args.nri_cutoffs, curves=args.out is not None)
+    if args.out is not None:
+        args.out.parent.mkdir(parents=True, exist_ok=True)
+        args.out.write_text(render_compare(result), encoding="utf-8")
+    result.pop("curves", None)
+    if args.json:
+        print(json.dumps(result, allow_nan=False, default=_json_default))
+    else:
+        print(format_compare(result))
+        if args.out is not None:
+            print(f"wrote {args.out}")
+    return 1 if result.get("error") else 0
 
 
 def cmd_split(args: argparse.Namespace) -> int:

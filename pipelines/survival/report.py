@@ -121,7 +121,8 @@ def _img(b64: str, alt: str) -> str:
     return f'<figure><img alt="{html.escape(alt)}" src="data:image/png;base64,{b64}"/></figure>'
 
 
-def render(model: SurvivalModel, result: dict[str, Any], table: str) -> str:
+def render(model: SurvivalModel, result: dict[str, Any], table: str, nomogram_png: bytes | None = None,
+           nomogram_note: str = "") -> str:
     parts = [
         "<!DOCTYPE html><html><head><meta charset='utf-8'>",
         f"<title>prognode report: {html.escape(model.name)} {html.escape(model.version)}</title>",
@@ -145,6 +146,12 @@ def render(model: SurvivalModel, result: dict[str, Any], table: str) -> str:
         if rows:
             parts.append("<h2>Hazard/odds ratios</h2>" + _img(
                 _png(_forest(rows, "Ratios with 95% CIs"), (7.0, 1.5 + 0.35 * len(rows))), "forest plot"))
+    if nomogram_png is not None:
+        parts.append("<h2>Nomogram</h2>" + _img(base64.b64encode(nomogram_png).decode("ascii"), "nomogram")
+                     + "<p>Each variable's points are read on the top scale; their sum on the total-points scale "
+                     "gives the predicted risk on the bottom scale.</p>")
+    elif nomogram_note:
+        parts.append(f"<h2>Nomogram</h2><p>Not drawn: {html.escape(nomogram_note)}</p>")
     parts.append("<h2>Model</h2><p>Training: " + html.escape(
         f"n={model.training.get('n')}, events={model.training.get('events')}, source {model.training.get('source')}")
         + "</p></body></html>")
