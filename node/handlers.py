@@ -28,6 +28,7 @@ from node.header import (
     HeaderReader,
     ImageError,
     ImageFacts,
+    VRMismatch,
     check_image,
     file_meta_bytes,
     readable_here,
@@ -123,6 +124,8 @@ def handle_store(event: Event, store: Storage, index: Index, audit: AuditLog,
             meta = InstanceMeta.from_text(texts, extra_keywords)
         except TooLarge as e:
             return outcome(OUT_OF_RESOURCES, str(e))
+        except VRMismatch as e:  # named as it is: the peer encodes in another syntax than it proposed
+            return outcome(CANNOT_UNDERSTAND, str(e))
         except HeaderError as e:
             return outcome(CANNOT_UNDERSTAND, f"unreadable dataset: {e}")
         except InvalidInstance as e:

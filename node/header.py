@@ -225,8 +225,8 @@ def _tag(tag: int) -> str:
 
 
 def _name(tag: int) -> str:
-    keyword = keyword_for_tag(tag)
-    return f"({tag >> 16:04X},{tag & 0xFFFF:04X})" + (f" {keyword}" if keyword else "")
+    """The keyword of ``tag``, or (gggg,eeee) (an ErrorComment holds 64 characters)."""
+    return keyword_for_tag(tag) or _tag(tag)
 
 
 def _looks_implicit(view: memoryview, pos: int) -> bool:
@@ -240,10 +240,11 @@ def _looks_implicit(view: memoryview, pos: int) -> bool:
 def check_encoding(view: memoryview, implicit_vr: bool) -> None:
     """Refuse (:class:`VRMismatch`) a data set whose first element is encoded in the other VR encoding than the
     transfer syntax says: pydicom reads a stored file by its first element, and would read it all otherwise."""
-    if len(view) >= 6 and _looks_implicit(view, 0) != implicit_vr:
-        found = "implicit" if implicit_vr is False else "explicit"
-        raise VRMismatch(f"VR mismatch: an {found} VR data set on an "
-                         f"{'implicit' if implicit_vr else 'explicit'} VR transfer syntax")
+    if len(view) < 6 or _U16.unpack_from(view, 0)[0] in (0x0000, 0x0002):
+        return  # too short, or a command or File Meta element first: the walk refuses those by name
+    if _looks_implicit(view, 0) != implicit_vr:
+        raise VRMismatch(f"VR mismatch: {'explicit' if implicit_vr else 'implicit'} VR data set on an "
+                         f"{'implicit' if implicit_vr else 'explicit'} VR context")
 
 
 def _is_sequence(view: memoryview, pos: int, end: int, tag: int, vr: bytes | None) -> bool:
@@ -299,7 +300,7 @@ def _walk(view: memoryview, pos: int, end: int, implicit_vr: bool, wanted: froze
         else:
             vr = bytes(view[pos + 4:pos + 6])
             if vr not in _VRS:
-                raise HeaderError(f"element {_name(tag)} of unknown VR {vr!r}")
+                raise HeaderError(f"{_name(tag)} of unknown VR {vr.decode('latin-1')!r}")
             if vr in _LONG_VRS:
                 if end - pos < 12:
                     raise HeaderError(f"element ({group:04X},{element:04X}) header cut short")
@@ -314,7 +315,7 @@ def _walk(view: memoryview, pos: int, end: int, implicit_vr: bool, wanted: froze
             facts.pixel_length = None if length == UNDEFINED_LENGTH else length
         if length == UNDEFINED_LENGTH:
             if wanted is not None and tag in wanted:
-                raise HeaderError(f"element {_name(tag)} of undefined length")
+                raise HeaderError(f"{_name(tag)} of undefined length")
             if _is_sequence(view, pos, end, tag, vr):
                 pos = _walk_items(view, pos, end, implicit_vr, depth + 1, tag)
             else:  # encapsulated Pixel Data, or any other value of undefined length
