@@ -102,6 +102,11 @@ class HeaderReader:
         return cls(frozenset(tags))
 
     @functools.cached_property
+    def keywords(self) -> dict[int, str]:
+        """The keyword of each tag read (looked up once)."""
+        return {tag: keyword_for_tag(tag) for tag in self.walked if keyword_for_tag(tag)}
+
+    @functools.cached_property
     def walked(self) -> frozenset[int]:
         """The tags the walk keeps: the wanted ones and :data:`IMAGE_TAGS`."""
         return self.tags | IMAGE_TAGS
@@ -134,7 +139,7 @@ class HeaderReader:
         texts: dict[str, str] = {}
         for tag, (vr, raw) in found.items():
             text = _to_text(tag, vr, raw, None if charset is None else charset[1])
-            keyword = keyword_for_tag(tag)
+            keyword = self.keywords.get(tag)
             if keyword:
                 texts[keyword] = text
         return texts, facts
@@ -209,7 +214,7 @@ def value_text(value: object) -> str:
     if value is None:
         return ""
     if isinstance(value, (list, tuple)) or type(value).__name__ == "MultiValue":
-        return "\\".join(str(v) for v in value)  # type: ignore[union-attr]
+        return "\\".join(str(v) for v in value)  # type: ignore[attr-defined]
     return str(value)
 
 
@@ -286,10 +291,12 @@ def _walk(view: memoryview, pos: int, end: int, implicit_vr: bool, wanted: froze
                 return pos + 8
             raise HeaderError(f"stray delimitation item ({group:04X},{element:04X}) at offset {pos} of the data set")
         if facts is not None:  # the top level
-            if group == 0x0002:
-                raise HeaderError(f"File Meta Information element ({group:04X},{element:04X}) inside the data set")
-            if group == 0x0000:
-                raise HeaderError(f"command element ({group:04X},{element:04X}) inside the data set")
+            if group < 0x0008:
+                if group == 0x0002:
+                    raise HeaderError(f"File Meta Information element ({group:04X},{element:04X}) inside the "
+                                      "data set")
+                if group == 0x0000:
+                    raise HeaderError(f"command element ({group:04X},{element:04X}) inside the data set")
             if tag <= last_tag and tag in seen:
                 raise HeaderError(f"element ({group:04X},{element:04X}) occurs twice in the data set")
             seen.append(tag)
@@ -298,7 +305,7 @@ def _walk(view: memoryview, pos: int, end: int, implicit_vr: bool, wanted: froze
         if implicit_vr:
             pos += 8
         else:
-            vr = bytes(view[pos + 4:pos + 6])
+            vr = _TAG_VR_LENGTH16.unpack_from(view, pos)[2]
             if vr not in _VRS:
                 raise HeaderError(f"{_name(tag)} of unknown VR {vr.decode('latin-1')!r}")
             if vr in _LONG_VRS:

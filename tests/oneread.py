@@ -131,7 +131,7 @@ def seeds(max_bytes: int = 600_000) -> list[Seed]:
             read_preamble(fp, False)
             meta = _read_file_meta_info(fp)
             syntax = meta.get("TransferSyntaxUID")
-            ds = pydicom.dcmread(BytesIO(raw))
+            ds: Dataset = pydicom.dcmread(BytesIO(raw))
         except Exception:
             continue
         if syntax is None or not readable_here(UID(syntax)):
@@ -399,9 +399,9 @@ def mutate(rng: random.Random, seed: Seed, data: bytes) -> tuple[str, bytes]:
         except Exception:
             pass
     if kind == "swap-elements" and len(spans) > 2:
-        i = rng.randrange(len(spans) - 1)
-        a, b = spans[i], spans[i + 1]
-        return kind, data[:a[1]] + data[b[1]:b[3]] + data[a[1]:a[3]] + data[b[3]:]
+        k = rng.randrange(len(spans) - 1)
+        first, second = spans[k], spans[k + 1]
+        return kind, data[:first[1]] + data[second[1]:second[3]] + data[first[1]:first[3]] + data[second[3]:]
     if kind == "sequence-break":
         found = [i - 4 for i in _find_all(data, b"SQ\x00\x00", 40) if i >= 4 and i + 8 <= len(data)] if not implicit else []
         if found:
@@ -409,13 +409,14 @@ def mutate(rng: random.Random, seed: Seed, data: bytes) -> tuple[str, bytes]:
             new = rng.choice([0xFFFFFFFF, 0, struct.unpack_from("<I", data, i + 8)[0] + 8])
             return kind, data[:i + 8] + struct.pack("<I", new & 0xFFFFFFFF) + data[i + 12:]
     if kind == "private-undefined":  # an unknown tag of undefined length: pydicom looks ahead for an item
-        body = rng.choice([ITEM + b"\x04\x00\x00\x00abcd" + SEQ_DELIM + b"\0" * 4,
+        value = rng.choice([ITEM + b"\x04\x00\x00\x00abcd" + SEQ_DELIM + b"\0" * 4,
                            b"abcd" + SEQ_DELIM + b"\0" * 4, ITEM + b"\xff" * 4 + ITEM_DELIM + b"\0" * 4
                            + SEQ_DELIM + b"\0" * 4])
-        tag = rng.choice([0x00091010, 0x00290010, 0x00081010, 0x60003000, 0x00191001])
-        head = (struct.pack("<HHI", tag >> 16, tag & 0xFFFF, 0xFFFFFFFF) if implicit else
-                struct.pack("<HH2s2xI", tag >> 16, tag & 0xFFFF, rng.choice([b"UN", b"OB", b"SQ", b"UT"]), 0xFFFFFFFF))
-        return kind, _insert_at_boundary(rng, data, spans, head + body)
+        private = rng.choice([0x00091010, 0x00290010, 0x00081010, 0x60003000, 0x00191001])
+        header = (struct.pack("<HHI", private >> 16, private & 0xFFFF, 0xFFFFFFFF) if implicit else
+                struct.pack("<HH2s2xI", private >> 16, private & 0xFFFF,
+                            rng.choice([b"UN", b"OB", b"SQ", b"UT"]), 0xFFFFFFFF))
+        return kind, _insert_at_boundary(rng, data, spans, header + value)
     if kind == "non-ascii" and spans:
         tags = [s for s in spans if s[0] in _TEXT_TAGS or s[0] in _UID_TAGS]
         if tags:

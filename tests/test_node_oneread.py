@@ -84,7 +84,7 @@ REFERENCED_IMAGES = 0x00081140
 
 def refused_cases() -> list[tuple[str, str, Dataset, bytes, str]]:
     """(name, syntax, data set, payload, a word of the reason) that the node must refuse."""
-    cases = []
+    cases: list[tuple[str, str, Dataset, bytes, str]] = []
     ds, explicit = _ct()
     implicit = encoded(ds, ImplicitVRLittleEndian)
     cases.append(("explicit-on-implicit", ImplicitVRLittleEndian, ds, explicit, "VR mismatch"))
@@ -121,7 +121,7 @@ def refused_cases() -> list[tuple[str, str, Dataset, bytes, str]]:
 def agreed_cases() -> list[tuple[str, str, Dataset, bytes, dict[str, str]]]:
     """(name, syntax, data set, payload, index attributes expected) that the node must store, indexed as pydicom
     reads them (before, the index and the file said different things)."""
-    cases = []
+    cases: list[tuple[str, str, Dataset, bytes, dict[str, str]]] = []
     ds, explicit = _ct()
     modality = _element(0x00080060, "CS", b"C\xc9", False)  # non-ASCII: pydicom decodes it as Latin-1
     cases.append(("modality-non-ascii", ExplicitVRLittleEndian, ds, _replace(explicit, False, 0x00080060, modality),
