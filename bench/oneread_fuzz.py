@@ -29,7 +29,9 @@ def kind_of(detail: str) -> str:
         return "stored file unreadable by pydicom (" + detail.split(": ")[1] + ")"
     if detail.startswith("index"):
         return "index differs: " + ", ".join(sorted(set(re.findall(r"'([\w.]+)': \(", detail))))
-    return detail.split(" ")[0] + " " + detail.split(" ")[1] if " " in detail else detail
+    if detail.startswith("pydicom cannot read an image attribute"):
+        return "image attribute unreadable by pydicom (" + detail.split(": ")[1] + ")"
+    return "image attribute differs: " + detail.split(" ")[1] if " " in detail else detail
 
 
 def main() -> None:
