@@ -166,7 +166,8 @@ _BINARY = {"US": "H", "UL": "I", "SS": "h", "SL": "i", "FL": "f", "FD": "d", "SV
 # spaces.  Every other value (non-ASCII, control characters, leading or inner padding, empty values in a list,
 # numbers pydicom may rewrite, text VRs where a backslash is a character) is converted by pydicom itself.
 _PLAIN_WORD = rb"[\x21-\x5B\x5D-\x7E]+(?: [\x21-\x5B\x5D-\x7E]+)*"
-_PLAIN = {vr: re.compile(rb"(?:%s(?:\\%s)*)?[\x00 ]*" % (word, word)) for vr, word in (
+_PLAIN = {vr: re.compile(rb"(?:%s(?:\\%s)*)?%s" % (word, word, rb" *" if vr == "AE" else rb"[\x00 ]*"))
+          for vr, word in (  # (pydicom strips spaces only from AE values, NULs and spaces from the others)
     ("UI", rb"[0-9]+(?:\.[0-9]+)*"),
     ("IS", rb"[+-]?[0-9]{1,9}(?![0-9])"),  # pydicom reads longer ones as floats
     ("DS", rb"(?=[0-9eE+.-]{1,16}(?![0-9eE+.-]))[+-]?(?:[0-9]+(?:\.[0-9]*)?|\.[0-9]+)(?:[eE][+-]?[0-9]+)?"),

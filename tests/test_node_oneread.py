@@ -217,3 +217,26 @@ def test_stored_through_the_node_as_pydicom_reads_it(node: Node,
     series = node.index.series(str(ds.SeriesInstanceUID))
     assert series is not None and series.modality == back.modality
     assert {k: back.attributes[k] for k in attributes} == attributes
+
+
+PLAIN_VALUES = [b"AB", b"AB\x00", b"AB ", b"AB\x00 ", b"AB \x00", b"A B\\C\x00", b"A^B=C", b"AB\\CD ", b"", b" ",
+                b"\x00", b"1.2\x00", b"1.2 ", b"1.2\\1.3\x00", b"12 ", b"+1 ", b"-0", b"007", b"1.5\x00", b"1e3",
+                b"-.5", b"1.\\2 ", b"1.50", b"0.0000000000001", b"12345678901", b"1\xe9", b" A", b"A  B", b"A\\\\B"]
+
+
+@pytest.mark.parametrize("vr", ["AE", "AS", "CS", "DA", "DT", "TM", "LO", "SH", "PN", "UC", "UI", "IS", "DS"])
+def test_text_of_each_value_as_pydicom_converts_it(vr: str) -> None:
+    """The reader's text of a value (its own plain fast path or pydicom's conversion) is pydicom's, per VR."""
+    from pydicom.dataelem import RawDataElement
+    from pydicom.tag import Tag
+
+    from node.header import _to_text, value_text
+
+    for raw in PLAIN_VALUES:
+        ds = Dataset()
+        ds[0x00091010] = RawDataElement(Tag(0x00091010), vr, len(raw), raw, 0, False, True)
+        try:
+            theirs = value_text(ds[0x00091010].value)
+        except Exception:
+            continue  # pydicom refuses it: so does the reader (the same conversion raises)
+        assert _to_text(0x00091010, vr, raw, None) == theirs, (vr, raw)
