@@ -473,7 +473,9 @@ def run(seed_list: list[Seed], rng_seed: int, count: int, budget_s: float,
     for seed, kind, data in itertools.chain(pairs, mutants(seed_list, rng, count)):
         if time.monotonic() - t0 > budget_s:
             break
-        verdict = judge(seed, data)
+        with warnings.catch_warnings():  # pydicom warns about most mutants
+            warnings.simplefilter("ignore")
+            verdict = judge(seed, data)
         tally.tried += 1
         for k in kind.split("+"):
             tally.kinds[k] += 1

@@ -31,7 +31,7 @@ from tests.probes import _element, _replace, ct_dataset, encoded, raw_c_store
 READER = HeaderReader.for_keywords(KEYWORDS)
 RNG_SEED = 20261205
 MUTANTS = 3000
-BUDGET_S = 20.0
+BUDGET_S = 15.0
 
 
 @pytest.fixture(scope="module")
