@@ -17,6 +17,7 @@ from io import BytesIO
 from typing import Any, cast
 
 from pydicom.dataset import Dataset
+from pydicom.uid import UID
 from pynetdicom import evt
 from pynetdicom.dimse_primitives import C_STORE
 from pynetdicom.events import Event
@@ -27,6 +28,7 @@ from node.header import (
     HeaderReader,
     ImageError,
     ImageFacts,
+    VRMismatch,
     check_image,
     file_meta_bytes,
     readable_here,
@@ -122,6 +124,8 @@ def handle_store(event: Event, store: Storage, index: Index, audit: AuditLog,
             meta = InstanceMeta.from_text(texts, extra_keywords)
         except TooLarge as e:
             return outcome(OUT_OF_RESOURCES, str(e))
+        except VRMismatch as e:  # named as it is: the peer encodes in another syntax than it proposed
+            return outcome(CANNOT_UNDERSTAND, str(e))
         except HeaderError as e:
             return outcome(CANNOT_UNDERSTAND, f"unreadable dataset: {e}")
         except InvalidInstance as e:
@@ -175,19 +179,27 @@ def _reader(extra_keywords: tuple[str, ...]) -> HeaderReader:
 
 def _header(event: Event, body: memoryview,
             extra_keywords: Sequence[str]) -> tuple[dict[str, str], ImageFacts | None]:
-    """The text of the attributes InstanceMeta needs and the data set's :class:`ImageFacts`: read straight
-    from the encoded little endian dataset (see :mod:`node.header`; a deflated one is inflated first, with a
-    cap), or from pydicom's decoding for big endian ones (no image facts then)."""
+    """:func:`read_received` for the event's context, or pydicom's decoding for big endian ones (no image
+    facts then)."""
     syntax = event.context.transfer_syntax
-    if readable_here(syntax):
-        return _reader(tuple(extra_keywords)).read_instance(body, bool(syntax.is_implicit_VR))
-    if syntax.is_deflated:  # inflated here, with a cap, then read as explicit VR little endian
-        return _reader(tuple(extra_keywords)).read_instance(inflate(body, _max_dataset_bytes(event)), False)
+    if readable_here(syntax) or syntax.is_deflated:
+        return read_received(body, syntax, extra_keywords, _max_dataset_bytes(event))
     ds = event.dataset
     broken = truncation(ds)
     if broken:
         raise HeaderError(broken)
     return InstanceMeta.text_of(ds, extra_keywords), None
+
+
+def read_received(body: bytes | memoryview, syntax: UID, extra_keywords: Sequence[str],
+                  max_dataset_bytes: int) -> tuple[dict[str, str], ImageFacts]:
+    """The text of the attributes InstanceMeta needs and the data set's :class:`ImageFacts`, read straight
+    from the encoded little endian data set as received (see :mod:`node.header`; a deflated one is inflated
+    first, with a cap): what the C-STORE handler indexes.  Raises :class:`HeaderError` (including a VR
+    mismatch with ``syntax``), :class:`TooLarge`."""
+    if syntax.is_deflated:  # inflated here, with a cap, then read as explicit VR little endian
+        return _reader(tuple(extra_keywords)).read_instance(inflate(body, max_dataset_bytes), False)
+    return _reader(tuple(extra_keywords)).read_instance(body, bool(syntax.is_implicit_VR))
 
 
 class TooLarge(ValueError):

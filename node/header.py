@@ -19,16 +19,19 @@ dataset as received: the same elements, in the same order, as pynetdicom's
 from __future__ import annotations
 
 import functools
+import re
 import struct
+import warnings
 from collections.abc import Iterable
 from dataclasses import dataclass
 
-from pydicom.charset import convert_encodings, decode_bytes
-from pydicom.datadict import dictionary_VR, keyword_for_tag, tag_for_keyword
+from pydicom.charset import convert_encodings
+from pydicom.datadict import _dictionary_vr_fast, dictionary_VR, keyword_for_tag, tag_for_keyword
 from pydicom.dataelem import RawDataElement
 from pydicom.dataset import Dataset
 from pydicom.tag import Tag
 from pydicom.uid import UID
+from pydicom.values import convert_string
 
 from node.dicom_facts import STORAGE_SOP_CLASSES
 
@@ -59,6 +62,10 @@ _TAG_VR_LENGTH16 = struct.Struct("<HH2sH")  # explicit VR element header with a 
 
 class HeaderError(ValueError):
     """The encoded dataset is malformed or cut short (the message says where)."""
+
+
+class VRMismatch(HeaderError):
+    """The data set is encoded in the other VR encoding (explicit or implicit) than its transfer syntax."""
 
 
 class ImageError(ValueError):
@@ -95,6 +102,11 @@ class HeaderReader:
         return cls(frozenset(tags))
 
     @functools.cached_property
+    def keywords(self) -> dict[int, str]:
+        """The keyword of each tag read (looked up once)."""
+        return {tag: keyword_for_tag(tag) for tag in self.walked if keyword_for_tag(tag)}
+
+    @functools.cached_property
     def walked(self) -> frozenset[int]:
         """The tags the walk keeps: the wanted ones and :data:`IMAGE_TAGS`."""
         return self.tags | IMAGE_TAGS
@@ -118,17 +130,16 @@ class HeaderReader:
             raise HeaderError("no data elements")
         found: dict[int, tuple[str | None, bytes]] = {}
         facts = ImageFacts({})
+        check_encoding(view, implicit_vr)
         _walk(view, 0, len(view), implicit_vr, self.walked, found, 0, stop_at=None, facts=facts)
         for tag in IMAGE_TAGS:
             if tag in found:
                 facts.values[tag] = found[tag] if tag in self.tags else found.pop(tag)
         charset = found.get(SPECIFIC_CHARACTER_SET)
-        encodings = [e.strip() for e in charset[1].decode("ascii", "replace").split("\\")] if charset else []
         texts: dict[str, str] = {}
         for tag, (vr, raw) in found.items():
-            vr = vr or _dictionary_vr(tag)
-            text = _to_text(tag, vr, raw, encodings, implicit_vr)
-            keyword = keyword_for_tag(tag)
+            text = _to_text(tag, vr, raw, None if charset is None else charset[1])
+            keyword = self.keywords.get(tag)
             if keyword:
                 texts[keyword] = text
         return texts, facts
@@ -149,136 +160,232 @@ def _dictionary_vr(tag: int) -> str:
 
 _TEXT_VRS = frozenset({"AE", "AS", "CS", "DA", "DS", "DT", "IS", "LO", "LT", "PN", "SH", "ST", "TM", "UC", "UI",
                        "UR", "UT"})
-_NUMBER_STRINGS = frozenset({"DS", "IS"})
-_CHARSET_VRS = frozenset({"LO", "LT", "PN", "SH", "ST", "UC", "UT"})  # PS3.5 6.1.2.3: affected by the charset
 _BINARY = {"US": "H", "UL": "I", "SS": "h", "SL": "i", "FL": "f", "FD": "d", "SV": "q", "UV": "Q"}
+# Values whose text is their ASCII bytes less the trailing padding, exactly as pydicom converts them (checked by
+# tests/test_node_oneread.py): one or more values of these characters, joined by backslashes, then NULs or
+# spaces.  Every other value (non-ASCII, control characters, leading or inner padding, empty values in a list,
+# numbers pydicom may rewrite, text VRs where a backslash is a character) is converted by pydicom itself.
+_PLAIN_WORD = rb"[\x21-\x5B\x5D-\x7E]+(?: [\x21-\x5B\x5D-\x7E]+)*"
+_PLAIN = {vr: re.compile(rb"(?:%s(?:\\%s)*)?%s" % (word, word, rb" *" if vr == "AE" else rb"[\x00 ]*"))
+          for vr, word in (  # (pydicom strips spaces only from AE values, NULs and spaces from the others)
+    ("UI", rb"[0-9]+(?:\.[0-9]+)*"),
+    ("IS", rb"[+-]?[0-9]{1,9}(?![0-9])"),  # pydicom reads longer ones as floats
+    ("DS", rb"(?=[0-9eE+.-]{1,16}(?![0-9eE+.-]))[+-]?(?:[0-9]+(?:\.[0-9]*)?|\.[0-9]+)(?:[eE][+-]?[0-9]+)?"),
+    *((vr, _PLAIN_WORD) for vr in ("AE", "AS", "CS", "DA", "DT", "TM", "LO", "SH", "PN", "UC")),
+)}
 
 
-def _to_text(tag: int, vr: str, raw: bytes, encodings: list[str], implicit_vr: bool) -> str:
-    """One element's value as text; rare VRs and non-ASCII text are converted by pydicom."""
-    if vr in _TEXT_VRS and (vr not in _CHARSET_VRS or (raw.isascii() and b"\x1b" not in raw)):
-        text = raw.decode("ascii", "replace")
-    elif vr in _CHARSET_VRS:
-        text = decode_bytes(raw, convert_encodings(encodings or ["ISO_IR 6"]), {0x5C, 0x3D, 0x5E} if vr == "PN" else set())
-    elif vr in _BINARY:
-        fmt = _BINARY[vr]
+def _to_text(tag: int, vr: str | None, raw: bytes, charset: bytes | None) -> str:
+    """One element's value as text, as ``InstanceMeta.text_of`` gives it for pydicom's reading of the same
+    element (``vr``: as sent, None in implicit VR); plain values here, the others converted by pydicom."""
+    known = vr if vr is not None else _dictionary_vr(tag)
+    plain = _PLAIN.get(known)
+    if plain is not None and plain.fullmatch(raw):
+        return raw.rstrip(b"\x00 ").decode("ascii")
+    fmt = _BINARY.get(known)
+    if fmt is not None and len(raw) % struct.calcsize(fmt) == 0:
         n = len(raw) // struct.calcsize(fmt)
-        return "\\".join(str(v) for v in struct.unpack(f"<{n}{fmt}", raw[:n * struct.calcsize(fmt)]))
-    else:  # sequences of defined length, OB, OW, UN...: as the slow path would show them
-        ds = Dataset()
-        ds[tag] = RawDataElement(Tag(tag), vr, len(raw), raw, 0, implicit_vr, True)  # type: ignore[assignment]
-        value = ds[tag].value
-        return "\\".join(str(v) for v in value) if type(value).__name__ == "MultiValue" else str(value)
-    if vr in _NUMBER_STRINGS:  # pydicom parses each value, dropping the spaces around it
-        return "\\".join(p.strip("\x00 ") for p in text.split("\\"))
-    return text.rstrip("\x00 ")  # trailing padding only, as pydicom
+        return "\\".join(str(v) for v in struct.unpack(f"<{n}{fmt}", raw))
+    ds = Dataset()
+    if charset is not None:
+        ds[SPECIFIC_CHARACTER_SET] = RawDataElement(  # type: ignore[assignment]
+            Tag(SPECIFIC_CHARACTER_SET), "CS", len(charset), charset, 0, vr is None, True)
+    ds[tag] = RawDataElement(Tag(tag), vr, len(raw), raw, 0, vr is None, True)  # type: ignore[assignment]
+    return value_text(ds[tag].value)
+
+
+@functools.lru_cache(maxsize=64)
+def _check_charset(vr: str | None, raw: bytes) -> None:
+    """Refuse a Specific Character Set that pydicom cannot read: it converts it twice while reading a data
+    set or item (filereader.data_element_generator and read_dataset), and an error there fails the whole file."""
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            convert_encodings(convert_string(raw, True))
+            ds = Dataset()
+            ds[SPECIFIC_CHARACTER_SET] = RawDataElement(  # type: ignore[assignment]
+                Tag(SPECIFIC_CHARACTER_SET), vr, len(raw), raw, 0, vr is None, True)
+            convert_encodings(ds[SPECIFIC_CHARACTER_SET].value)
+    except Exception as e:
+        raise HeaderError(f"Specific Character Set unreadable: {type(e).__name__}: {e}") from None
+
+
+def value_text(value: object) -> str:
+    """A pydicom value as the index keeps it: multiple values joined by backslashes, None as ''."""
+    if value is None:
+        return ""
+    if isinstance(value, (list, tuple)) or type(value).__name__ == "MultiValue":
+        return "\\".join(str(v) for v in value)  # type: ignore[attr-defined]
+    return str(value)
+
+
+# PS3.5 6.2: the VRs; an explicit VR element with any other code is refused (pydicom would read it with a
+# 16-bit length, or as an implicit VR element when the code is not two capitals)
+_VRS = frozenset({b"AE", b"AS", b"AT", b"CS", b"DA", b"DS", b"DT", b"FD", b"FL", b"IS", b"LO", b"LT", b"OB", b"OD",
+                  b"OF", b"OL", b"OV", b"OW", b"PN", b"SH", b"SL", b"SQ", b"SS", b"ST", b"SV", b"TM", b"UC", b"UI",
+                  b"UL", b"UN", b"UR", b"US", b"UT", b"UV"})
+
+
+def _tag(tag: int) -> str:
+    return f"({tag >> 16:04X},{tag & 0xFFFF:04X})"
+
+
+def _name(tag: int) -> str:
+    """The keyword of ``tag``, or (gggg,eeee) (an ErrorComment holds 64 characters)."""
+    return keyword_for_tag(tag) or _tag(tag)
+
+
+def _looks_implicit(view: memoryview, pos: int) -> bool:
+    """pydicom's test of the encoding of a data set or item starting at ``pos`` (filereader._is_implicit_vr):
+    implicit unless the two bytes where an explicit VR would be are capital letters."""
+    if len(view) - pos < 6:
+        return False
+    return not (0x40 < view[pos + 4] < 0x5B and 0x40 < view[pos + 5] < 0x5B)
+
+
+def check_encoding(view: memoryview, implicit_vr: bool) -> None:
+    """Refuse (:class:`VRMismatch`) a data set whose first element is encoded in the other VR encoding than the
+    transfer syntax says: pydicom reads a stored file by its first element, and would read it all otherwise."""
+    if len(view) < 6 or _U16.unpack_from(view, 0)[0] in (0x0000, 0x0002):
+        return  # too short, or a command or File Meta element first: the walk refuses those by name
+    if _looks_implicit(view, 0) != implicit_vr:
+        raise VRMismatch(f"VR mismatch: {'explicit' if implicit_vr else 'implicit'} VR data set on an "
+                         f"{'implicit' if implicit_vr else 'explicit'} VR context")
+
+
+def _is_sequence(view: memoryview, pos: int, end: int, tag: int, vr: bytes | None) -> bool:
+    """Whether pydicom reads an element of undefined length as a sequence (filereader.data_element_generator):
+    SQ or UN (PS3.5 6.2.2) in explicit VR; in implicit VR, by the dictionary, or when the tag is unknown, by
+    whether an item follows."""
+    if vr is not None:
+        return vr in (b"SQ", b"UN")
+    try:
+        return bool(_dictionary_vr_fast(tag) == "SQ")
+    except KeyError:
+        if end - pos < 4:
+            raise HeaderError(f"element {_tag(tag)} of undefined length cut short") from None
+        return bool(_U32.unpack_from(view, pos)[0] == (ITEM >> 16 | (ITEM & 0xFFFF) << 16))
 
 
 def _walk(view: memoryview, pos: int, end: int, implicit_vr: bool, wanted: frozenset[int] | None,
           found: dict[int, tuple[str | None, bytes]], depth: int, stop_at: int | None,
           facts: ImageFacts | None = None) -> int:
-    """Walk data elements from ``pos``; return the offset after the last one (after the
-    ``stop_at`` delimiter when one is given).  Top-level wanted values go in ``found``; at the
-    top level (``facts`` given) Pixel Data is described in ``facts`` and group 0002 elements,
-    delimitation items and repeated elements are refused."""
+    """Walk data elements from ``pos`` as pydicom reads them; return the offset after the last one (after
+    the ``stop_at`` delimiter when one is given).  Top-level wanted values go in ``found``; at the top level
+    (``facts`` given) Pixel Data is described in ``facts`` and command and File Meta elements and repeated
+    elements are refused.  Anything pydicom would read another way than this walk (an unknown VR, a
+    delimiter or item out of place, an element running past its item, a wanted element of undefined
+    length) is refused."""
     if depth > MAX_DEPTH:
         raise HeaderError(f"sequences nested deeper than {MAX_DEPTH}")
     last_tag = -1
+    seen: list[int] = []
     while pos < end:
         if end - pos < 8:
             raise HeaderError(f"{end - pos} stray bytes at offset {pos}")
         group, element, length = _TAG_AND_LENGTH.unpack_from(view, pos)
         tag = group << 16 | element
-        if stop_at is not None and tag == stop_at:
-            return pos + 8
+        if group == 0xFFFE:
+            if stop_at is not None and tag == stop_at:
+                if length:
+                    raise HeaderError(f"item delimitation item of length {length} at offset {pos}")
+                return pos + 8
+            raise HeaderError(f"stray delimitation item ({group:04X},{element:04X}) at offset {pos} of the data set")
         if facts is not None:  # the top level
-            if group == 0x0002:
-                raise HeaderError(f"File Meta Information element ({group:04X},{element:04X}) inside the data set")
-            if group == 0xFFFE:
-                raise HeaderError(f"stray delimitation item ({group:04X},{element:04X}) at offset {pos} of the data set")
-            if tag <= last_tag and tag in _top_level_tags(view, 0, pos, implicit_vr):
+            if group < 0x0008:
+                if group == 0x0002:
+                    raise HeaderError(f"File Meta Information element ({group:04X},{element:04X}) inside the "
+                                      "data set")
+                if group == 0x0000:
+                    raise HeaderError(f"command element ({group:04X},{element:04X}) inside the data set")
+            if tag <= last_tag and tag in seen:
                 raise HeaderError(f"element ({group:04X},{element:04X}) occurs twice in the data set")
+            seen.append(tag)
             last_tag = tag
         vr: bytes | None = None
-        if implicit_vr or group == 0xFFFE:
+        if implicit_vr:
             pos += 8
         else:
-            _, _, vr, short = _TAG_VR_LENGTH16.unpack_from(view, pos)
+            vr = _TAG_VR_LENGTH16.unpack_from(view, pos)[2]
+            if vr not in _VRS:
+                raise HeaderError(f"{_name(tag)} of unknown VR {vr.decode('latin-1')!r}")
             if vr in _LONG_VRS:
                 if end - pos < 12:
                     raise HeaderError(f"element ({group:04X},{element:04X}) header cut short")
                 length = _U32.unpack_from(view, pos + 8)[0]
                 pos += 12
             else:
-                length = short
+                length = _U16.unpack_from(view, pos + 6)[0]
                 pos += 8
         if facts is not None and tag == PIXEL_DATA:
             facts.pixel_present = True
-            facts.pixel_vr = None if vr is None else vr.decode("ascii", "replace")
+            facts.pixel_vr = None if vr is None else vr.decode("ascii")
             facts.pixel_length = None if length == UNDEFINED_LENGTH else length
         if length == UNDEFINED_LENGTH:
-            # a sequence, encapsulated pixel data, or UN holding an implicit VR sequence (PS3.5 6.2.2)
-            pos = _walk_items(view, pos, end, implicit_vr or vr == b"UN", found, depth + 1, tag,
-                              facts if facts is not None and tag == PIXEL_DATA else None)
+            if wanted is not None and tag in wanted:
+                raise HeaderError(f"{_name(tag)} of undefined length")
+            if _is_sequence(view, pos, end, tag, vr):
+                pos = _walk_items(view, pos, end, implicit_vr, depth + 1, tag)
+            else:  # encapsulated Pixel Data, or any other value of undefined length
+                pos = _walk_fragments(view, pos, end, tag, facts if facts is not None and tag == PIXEL_DATA else None)
             continue
         if pos + length > end:
             raise HeaderError(f"element ({group:04X},{element:04X}) truncated ({end - pos} of {length} bytes)")
         if wanted is not None and tag in wanted:
-            found[tag] = (None if vr is None else vr.decode("ascii", "replace"), bytes(view[pos:pos + length]))
+            found[tag] = (None if vr is None else vr.decode("ascii"), bytes(view[pos:pos + length]))
+        if tag == SPECIFIC_CHARACTER_SET:
+            _check_charset(None if vr is None else vr.decode("ascii"), bytes(view[pos:pos + length]))
         pos += length
     if stop_at is not None:
         raise HeaderError(f"item or sequence not closed before offset {end}")
     return pos
 
 
-def _top_level_tags(view: memoryview, pos: int, end: int, implicit_vr: bool) -> set[int]:
-    """The tags of the top-level elements between ``pos`` and ``end`` (walked again: only when the data set
-    is out of order, which PS3.5 7.1 does not allow either)."""
-    tags: set[int] = set()
-    while pos < end:
-        group, element, length = _TAG_AND_LENGTH.unpack_from(view, pos)
-        tags.add(group << 16 | element)
-        if implicit_vr or group == 0xFFFE:
-            pos += 8
-        else:
-            _, _, vr, short = _TAG_VR_LENGTH16.unpack_from(view, pos)
-            if vr in _LONG_VRS:
-                length = _U32.unpack_from(view, pos + 8)[0]
-                pos += 12
-            else:
-                length = short
-                pos += 8
-        pos = _walk_items(view, pos, end, implicit_vr or vr == b"UN", {}, 1, 0) if length == UNDEFINED_LENGTH \
-            else pos + length
-    return tags
-
-
-def _walk_items(view: memoryview, pos: int, end: int, implicit_vr: bool,
-                found: dict[int, tuple[str | None, bytes]], depth: int, owner: int,
-                facts: ImageFacts | None = None) -> int:
-    """Skip the items of an undefined-length value up to and past its sequence delimiter (counting, for
-    encapsulated Pixel Data, the non-empty fragments after the Basic Offset Table in ``facts``)."""
-    first = True
+def _walk_items(view: memoryview, pos: int, end: int, implicit_vr: bool, depth: int, owner: int) -> int:
+    """Walk the items of a sequence of undefined length up to and past its sequence delimiter, as pydicom's
+    ``read_sequence`` does: each item read in implicit VR when the sequence is, or when its first element
+    looks implicit (PS3.5 6.2.2), every element of an item of defined length inside it."""
     while True:
         if end - pos < 8:
-            raise HeaderError(f"element ({owner >> 16:04X},{owner & 0xFFFF:04X}) of undefined length not closed")
+            raise HeaderError(f"element {_tag(owner)} of undefined length not closed")
         group, element, length = _TAG_AND_LENGTH.unpack_from(view, pos)
         tag = group << 16 | element
         pos += 8
         if tag == SEQUENCE_DELIMITER:
             return pos
         if tag != ITEM:
-            raise HeaderError(f"({group:04X},{element:04X}) where an item of ({owner >> 16:04X},"
-                              f"{owner & 0xFFFF:04X}) was expected")
+            raise HeaderError(f"({group:04X},{element:04X}) where an item of {_tag(owner)} was expected")
+        item_implicit = implicit_vr or _looks_implicit(view, pos)
         if length == UNDEFINED_LENGTH:
-            pos = _walk(view, pos, end, implicit_vr, None, found, depth + 1, stop_at=ITEM_DELIMITER)
+            pos = _walk(view, pos, end, item_implicit, None, {}, depth + 1, stop_at=ITEM_DELIMITER)
         elif pos + length > end:
-            raise HeaderError(f"item of ({owner >> 16:04X},{owner & 0xFFFF:04X}) truncated "
-                              f"({end - pos} of {length} bytes)")
+            raise HeaderError(f"item of {_tag(owner)} truncated ({end - pos} of {length} bytes)")
         else:
+            _walk(view, pos, pos + length, item_implicit, None, {}, depth + 1, stop_at=None)
             pos += length
-            if facts is not None and not first and length:
-                facts.fragments += 1
+
+
+def _walk_fragments(view: memoryview, pos: int, end: int, owner: int, facts: ImageFacts | None) -> int:
+    """Walk a value of undefined length that is not a sequence (encapsulated Pixel Data) up to and past its
+    sequence delimiter, as pydicom reads it when its items are well formed (fileutil's
+    ``_try_read_encapsulated_pixel_data``; pydicom's fallback, a search for the delimiter's bytes, is refused);
+    counts the non-empty fragments after the Basic Offset Table in ``facts``."""
+    first = True
+    while True:
+        if end - pos < 8:
+            raise HeaderError(f"element {_tag(owner)} of undefined length not closed")
+        group, element, length = _TAG_AND_LENGTH.unpack_from(view, pos)
+        tag = group << 16 | element
+        pos += 8
+        if tag == SEQUENCE_DELIMITER:
+            return pos
+        if tag != ITEM:
+            raise HeaderError(f"({group:04X},{element:04X}) where an item of {_tag(owner)} was expected")
+        if length == UNDEFINED_LENGTH or pos + length > end:
+            raise HeaderError(f"item of {_tag(owner)} truncated ({end - pos} of {length} bytes)")
+        pos += length
+        if facts is not None and not first and length:
+            facts.fragments += 1
         first = False
 
 
@@ -333,6 +440,8 @@ def check_image(facts: ImageFacts, sop_class_uid: str, implicit_vr: bool) -> Non
             raise ImageError(f"NumberOfFrames {frames}")
     if not facts.pixel_present:
         raise ImageError("Pixel Data missing")
+    if facts.pixel_vr not in (None, "OB", "OW", "UN"):  # pydicom would read other VRs as text or numbers
+        raise ImageError(f"Pixel Data of VR {facts.pixel_vr}")
     if facts.pixel_length is None:
         if not facts.fragments:
             raise ImageError("encapsulated Pixel Data without a complete fragment")

@@ -458,15 +458,17 @@ def test_nesting_deeper_than_max_depth_is_refused(explicit: bool, levels: int) -
         READER.read(nested(levels, explicit), implicit_vr=not explicit)
 
 
-def test_deep_nesting_in_items_of_defined_length_is_skipped_not_recursed() -> None:
-    # items of defined length are skipped whole: their depth costs nothing
+def test_deep_nesting_in_items_of_defined_length_is_refused() -> None:
+    # pydicom reads an item of defined length inside a sequence of undefined length element by element (and
+    # would recurse 1000 deep here): the reader walks it as well, and refuses past MAX_DEPTH
     inner = implicit_element(0x0008, 0x0060, b"MR")
     for _ in range(1000):
         item = tag_bytes(0xFFFE, 0xE000, len(inner)) + inner
         inner = tag_bytes(0x0008, 0x1140, UNDEFINED) + item + SEQ_DELIMITER
     data = tag_bytes(0x0008, 0x1140, UNDEFINED) + tag_bytes(0xFFFE, 0xE000, len(inner)) + inner + SEQ_DELIMITER
     data += implicit_element(0x0008, 0x0060, b"CT")
-    assert READER.read(data, implicit_vr=True) == {"Modality": "CT"}
+    with pytest.raises(HeaderError, match="nested deeper"):
+        READER.read(data, implicit_vr=True)
 
 
 # 5. Real files ---------------------------------------------------------------------------------
