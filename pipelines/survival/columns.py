@@ -7,8 +7,10 @@ the ones named by ``--exclude``.  A candidate is dropped, with the reason, when 
 - is missing in more than half of the rows (imputing most of a column invents the data);
 - identifies rows: text with a different value in every row (a patient code), or integers that
   number the rows (one per row, consecutive: a row number or a numeric ID);
-- is text with more than ``MAX_LEVELS`` distinct values (dates, free text): one-hot encoding it
-  would add a column per value; name it with ``--features`` to use it anyway.
+- is text with more distinct values than ``max_levels(rows)`` = ``MAX_LEVELS`` (20), or fewer when
+  there would be under ``ROWS_PER_LEVEL`` (10) rows per value on average, but never fewer than 5
+  (dates, free text, treatment descriptions): one-hot encoding it would add a column per rare value,
+  and a new patient with an unseen value is not evaluable; name it with ``--features`` to use it anyway.
 
 Other text columns are one-hot encoded by :func:`pipelines.survival.design.fit_design`.  Other
 outcome columns (a second event, a date of death) cannot be recognised by name: ``--exclude`` them.
@@ -28,6 +30,13 @@ log = logging.getLogger(__name__)
 
 MAX_LEVELS = 20
 MAX_MISSING_FRACTION = 0.5
+ROWS_PER_LEVEL = 10
+MIN_LEVEL_LIMIT = 5
+
+
+def max_levels(rows: int) -> int:
+    """The most distinct values a text column may have to be one-hot encoded by default."""
+    return min(MAX_LEVELS, max(MIN_LEVEL_LIMIT, rows // ROWS_PER_LEVEL))
 
 
 @dataclass(frozen=True)
@@ -66,8 +75,9 @@ def _drop_reason(col: pd.Series, numeric: bool) -> str | None:  # type: ignore[t
         return None
     if distinct == k and k >= 10:
         return "identifies rows (a different text in every row)"
-    if distinct > MAX_LEVELS:
-        return (f"text with {distinct} distinct values (more than {MAX_LEVELS}; dates or free text?): "
+    limit = max_levels(k)
+    if distinct > limit:
+        return (f"text with {distinct} distinct values (more than {limit} for {k} rows: dates, free text?); "
                 "name it with --features to one-hot encode it anyway")
     return None
 

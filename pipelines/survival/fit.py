@@ -324,14 +324,22 @@ def fit_model(cohort: Cohort, opts: FitOptions, software_version: str = "") -> S
                    "log_likelihood": float(cph.log_likelihood_), "concordance_lifelines": float(cph.concordance_index_)}
     elif opts.kind == "lasso-cox":
         cv = lasso_cv(x, time_fit, event_fit, opts.cv_folds, opts.seed, opts.n_alphas, opts.one_se)
-        est = _coxnet_path(x, time_fit, event_fit, [cv["alpha"]], opts.n_alphas)
-        coef = np.asarray(est.coef_[:, 0], dtype=np.float64)
+        refit = "single alpha"
+        try:
+            est = _coxnet_path(x, time_fit, event_fit, [cv["alpha"]], opts.n_alphas)
+            coef = np.asarray(est.coef_[:, 0], dtype=np.float64)
+        except ArithmeticError:  # coxnet from a cold start can overflow where the warm-started path did not
+            path = _coxnet_path(x, time_fit, event_fit, cv["alphas"], opts.n_alphas)
+            k = int(np.argmin(np.abs(np.asarray(path.alphas_, dtype=np.float64) - cv["alpha"])))
+            coef = np.asarray(path.coef_[:, k], dtype=np.float64)
+            refit = "taken from the warm-started path (the single-alpha refit overflowed)"
+            log.warning("lasso-cox: coefficients %s", refit)
         lp_center = float(np.mean(x @ coef))
         for c, b in zip(cols, coef, strict=True):
             hrs.append({"term": c, "ratio": math.exp(b), "lower": None, "upper": None, "p": None,
                         "note": "penalised: no valid CI"})
         details = {"library": "sksurv.linear_model.CoxnetSurvivalAnalysis", "l1_ratio": 1.0, "ties": "breslow",
-                   "selected": [c for c, b in zip(cols, coef, strict=True) if b != 0], **cv}
+                   "selected": [c for c, b in zip(cols, coef, strict=True) if b != 0], "refit": refit, **cv}
         if not details["selected"]:
             log.warning("lasso-cox: cross-validation chose alpha %.4g, which keeps no feature", cv["alpha"])
     elif opts.kind == "logistic":
