@@ -12,6 +12,7 @@ import json
 from pathlib import Path
 
 import numpy as np
+import numpy.typing as npt
 import pandas as pd
 import pytest
 
@@ -142,7 +143,7 @@ def test_auc_matches_scikit_learn_with_ties() -> None:
 
     rng = np.random.default_rng(1)
     y = rng.random(200) < 0.3
-    s = np.round(rng.standard_normal(200) + y, 1)  # rounded: many ties
+    s = np.asarray(np.round(rng.standard_normal(200) + y, 1), dtype=np.float64)  # rounded: many ties
     assert auc(y, s) == pytest.approx(roc_auc_score(y, s), abs=1e-12)
     with pytest.raises(ValueError):
         auc(np.zeros(5, dtype=bool), np.arange(5.0))
@@ -176,7 +177,7 @@ def test_refusals_name_the_problem(args: tuple[str, ...], message: str, tables: 
     assert not (tmp_path / "x").exists()
 
 
-def survival_table(n: int, seed: int, horizon: float) -> tuple[pd.DataFrame, np.ndarray]:
+def survival_table(n: int, seed: int, horizon: float) -> tuple[pd.DataFrame, npt.NDArray[np.float64]]:
     """Exponential times, hazard 0.7/h * exp(0.8 x); independent uniform censoring on (0, 2.5 h)."""
     rng = np.random.default_rng(seed)
     x = rng.standard_normal(n)
