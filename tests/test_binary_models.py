@@ -146,7 +146,7 @@ def test_auc_matches_scikit_learn_with_ties() -> None:
     s = np.asarray(np.round(rng.standard_normal(200) + y, 1), dtype=np.float64)  # rounded: many ties
     assert auc(y, s) == pytest.approx(roc_auc_score(y, s), abs=1e-12)
     with pytest.raises(ValueError):
-        auc(np.zeros(5, dtype=bool), np.arange(5.0))
+        auc(np.zeros(5, dtype=bool), np.arange(5, dtype=np.float64))
 
 
 def test_elastic_net_chooses_its_mix(tables: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
