@@ -128,13 +128,11 @@ def logistic_path(x: F64, y: B, lambdas: npt.ArrayLike, l1_ratio: float, tol: fl
 
 def auc(y: B, s: F64) -> float:
     """Area under the ROC curve (Mann-Whitney; ties count half).  ValueError with a single class."""
-    from scipy.stats import rankdata
-
     y = np.asarray(y, dtype=bool)
     n1, n0 = int(y.sum()), int((~y).sum())
     if n1 == 0 or n0 == 0:
         raise ValueError("AUC needs both outcomes")
-    r = rankdata(s)
+    r = pd.Series(np.asarray(s, dtype=np.float64)).rank(method="average").to_numpy()
     return float((r[y].sum() - n1 * (n1 + 1) / 2) / (n1 * n0))
 
 
