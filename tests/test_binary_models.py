@@ -96,6 +96,7 @@ def test_binary_evaluate_json_on_held_out(binary_model: tuple[Path, str], tables
     cal = res["calibration"]
     # the one-SE penalty shrinks the log-odds toward 0: predictions too moderate, slope above 1
     assert 1.0 < cal["slope"] < 2.5 and abs(cal["intercept"]) < 0.4
+    assert cal["calibration_slope"] == cal["slope"] and cal["slope_ci"][0] < cal["slope"] < cal["slope_ci"][1]
     nb = res["net_benefit"]
     assert len(nb["thresholds"]) == len(nb["model"]) == len(nb["treat_all"]) and nb["treat_none"][0] == 0
     i = nb["thresholds"].index(0.5)

@@ -298,6 +298,8 @@ def binary_calibration(y: B, prob: F64, n_groups: int = 5) -> dict[str, Any]:
     a, se_a = calibration_in_the_large(y, eta)
     return {"slope": slope, "slope_ci": slope_ci, "intercept": metrics._clean(a),
             "intercept_ci": [metrics._clean(a - 1.96 * se_a), metrics._clean(a + 1.96 * se_a)],
+            # the same slope under the survival JSON's key names, so one reader handles both
+            "calibration_slope": slope, "calibration_slope_ci": slope_ci,
             "observed_expected": metrics._clean(float(y.sum()) / float(prob.sum())) if prob.sum() > 0 else None,
             "groups": rows,
             "method": "slope: logistic regression of the outcome on the predicted log-odds (1 is ideal); "
