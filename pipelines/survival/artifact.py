@@ -18,7 +18,7 @@ from pipelines.survival.design import Design, DesignError
 
 SCHEMA = "prognode.survival-model"
 SCHEMA_VERSION = 1
-KINDS = ("cox", "lasso-cox", "logistic")
+KINDS = ("cox", "lasso-cox", "logistic", "binary")
 MODEL_FILE = "model.json"
 CARD_FILE = "MODEL_CARD.md"
 _UNSAFE_SUFFIXES = (".pkl", ".pickle", ".joblib", ".pt", ".pth", ".npy", ".npz")
@@ -57,7 +57,7 @@ class SurvivalModel:
     coefficients: tuple[float, ...]  # aligned with design.columns
     risk_groups: RiskGroups
     horizon_days: float | None = None
-    intercept: float = 0.0  # logistic only
+    intercept: float = 0.0  # logistic and binary only
     lp_center: float = 0.0  # Cox: linear predictor of the baseline (lifelines' mean covariates)
     baseline_survival: Mapping[float, float] = field(default_factory=dict)  # Cox: S0(t) at stored horizons
     training: Mapping[str, Any] = field(default_factory=dict)
@@ -227,13 +227,41 @@ def model_card(model: SurvivalModel) -> str:
         "", "## Intended use", "", INTENDED_USE, "",
         "## Training data", "",
         f"- Source: `{t.get('source', '?')}` (SHA-256 `{str(t.get('sha256', ''))[:16]}...`)",
-        f"- Time column `{t.get('time_column')}` ({t.get('time_unit')}), event column `{t.get('event_column')}`",
-        f"- Patients: {t.get('n')}, events: {t.get('events')}, median follow-up (reverse KM): "
-        f"{t.get('median_follow_up_days', float('nan')):.0f} days",
     ]
-    if model.kind == "logistic":
-        lines.append(f"- Horizon outcome: event by {model.horizon_days:g} days; {t.get('excluded_censored', 0)} "
-                     "patients censored before the horizon were **excluded** (complete-case, not IPCW)")
+    if model.kind == "binary":
+        lines.append(f"- Outcome column `{t.get('outcome_column')}` (1 = present, 0 = absent): {t.get('n')} patients, "
+                     f"{t.get('events')} with the outcome")
+    else:
+        lines += [f"- Time column `{t.get('time_column')}` ({t.get('time_unit')}), event column "
+                  f"`{t.get('event_column')}`",
+                  f"- Patients: {t.get('n')}, events: {t.get('events')}, median follow-up (reverse KM): "
+                  f"{t.get('median_follow_up_days', float('nan')):.0f} days"]
+    if model.kind == "logistic" and t.get("censoring") == "ipcw":
+        lo, hi = t.get("ipcw_weight_range") or (float("nan"), float("nan"))
+        lines.append(f"- Horizon outcome: event by {model.horizon_days:g} days. Censoring: **IPCW** "
+                     f"(`--censoring ipcw`): the {t.get('excluded_censored', 0)} patients censored before the "
+                     "horizon carry no weight; the others are weighted by the inverse Kaplan-Meier probability of "
+                     f"remaining uncensored (weights {lo:.2f}-{hi:.2f}); assumes censoring independent of the "
+                     "features")
+    elif model.kind == "logistic":
+        lines.append(f"- Horizon outcome: event by {model.horizon_days:g} days. Censoring: **excluded** "
+                     f"(`--censoring exclude`, complete case): {t.get('excluded_censored', 0)} "
+                     "patients censored before the horizon were left out (not IPCW)")
+    sel = t.get("feature_selection")
+    lines += ["", "## Columns used and dropped", ""]
+    if isinstance(sel, Mapping):
+        lines.append("Features were not named (`--features` not given): every column except the outcome "
+                     "columns (" + ", ".join(f"`{c}`" for c in sel.get("outcome_columns", [])) + ") and "
+                     + (", ".join(f"`{c}`" for c in sel.get("excluded", [])) + " (`--exclude`)"
+                        if sel.get("excluded") else "none excluded (`--exclude`)") + " was a candidate.")
+        lines.append("")
+        lines.append(f"- Used ({len(sel.get('used', []))}): " + ", ".join(f"`{c}`" for c in sel.get("used", [])))
+        dropped = sel.get("dropped", [])
+        lines.append(f"- Dropped ({len(dropped)}):" + ("" if dropped else " none"))
+        for d in dropped:
+            lines.append(f"  - `{d.get('column')}`: {d.get('reason')}")
+    else:
+        lines.append("Features named with `--features`: " + ", ".join(f"`{c}`" for c in model.feature_names))
     lines += ["", "## Inputs and preprocessing", ""]
     for spec in model.design.features:
         if spec.kind == "numeric":
@@ -257,7 +285,7 @@ def model_card(model: SurvivalModel) -> str:
         h = hr.get(c)
         ci = f"{h['ratio']:.3f} ({h['lower']:.3f}-{h['upper']:.3f})" if h and h.get("lower") is not None \
             and h.get("upper") is not None \
-            else f"{math.exp(b):.3f} (no CI: penalised)" if model.kind == "lasso-cox" else "-"
+            else f"{math.exp(b):.3f} (no CI: penalised)" if model.kind in ("lasso-cox", "binary") else "-"
         pu = (h or {}).get("per_unit") or {}
         unit = "-" if pu.get("ratio") is None else f"{pu['ratio']:.3f}" + (
             f" ({pu['lower']:.3f}-{pu['upper']:.3f})" if pu.get("lower") is not None and pu.get("upper") is not None
@@ -268,7 +296,10 @@ def model_card(model: SurvivalModel) -> str:
               + ", ".join(f"{lab}" for lab in rg.labels) + "; cut-offs " + ", ".join(f"{c:.4f}" for c in rg.cutoffs)]
     lines += ["", "## Metrics", ""]
     for split, m in model.metrics.items():
-        if isinstance(m, Mapping):
+        if isinstance(m, Mapping) and model.kind == "binary":
+            dev = f", deviance {m['deviance']:.4f}" if isinstance(m.get("deviance"), float) else ""
+            lines.append(f"- {split}: AUC {_fmt_ci(m, 'auc')}{dev} (n={m.get('n')}, with outcome {m.get('events')})")
+        elif isinstance(m, Mapping):
             lines.append(f"- {split}: Harrell's C {_fmt_ci(m, 'c_index')}; Uno's C {_fmt_ci(m, 'uno_c_index')}"
                          f" (n={m.get('n')}, events={m.get('events')})")
     if model.fit_details:
@@ -279,6 +310,8 @@ def model_card(model: SurvivalModel) -> str:
     lines += ["", "## Limitations", "",
               "- Apparent (training) metrics are optimistic; judge the model on held-out or external data "
               "(`prognode model evaluate`).",
+              "- Linearity of the log-odds in the (standardised) features is assumed, not guaranteed."
+              if model.kind == "binary" else
               "- Proportional hazards and linearity in the (standardised) features are assumed, not guaranteed.",
               "- Small cohorts give wide confidence intervals; risk-group cut-offs come from the training cohort.",
               "- The model has not been validated prospectively and is not approved for clinical use.", ""]

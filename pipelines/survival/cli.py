@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import Any
 
 from pipelines.survival.data import DAYS_PER, CohortError
+from pipelines.survival.fit import CENSORING, DEFAULT_HORIZON_DAYS, DEFAULT_L1_RATIOS
 
 log = logging.getLogger(__name__)
 
@@ -60,24 +61,42 @@ def register(subparsers: Any) -> None:
     """Add ``model`` (fit, evaluate, report) and ``cohort split`` to the ``prognode`` parser."""
     model = _sub(subparsers, "model", "fit, evaluate and report survival models")
 
-    fit = model.add_parser("fit", help="fit a Cox, Lasso-Cox or logistic-at-horizon model on a cohort CSV")
+    fit = model.add_parser("fit", help="fit a Cox, Lasso-Cox, logistic-at-horizon or binary-outcome model on a "
+                                       "cohort CSV")
     fit.add_argument("--data", type=Path, required=True, help="cohort CSV, one row per patient")
-    fit.add_argument("--time", required=True, help="follow-up time column")
-    fit.add_argument("--event", required=True, help="event column: 1 event (e.g. death), 0 censored")
-    fit.add_argument("--kind", required=True, choices=("cox", "lasso-cox", "logistic"))
-    fit.add_argument("--features", nargs="+", required=True, help="feature columns (quote names with spaces)")
+    fit.add_argument("--kind", required=True, choices=("cox", "lasso-cox", "logistic", "binary"),
+                     help="binary: a 0/1 --outcome column (penalised logistic); the others: --time and --event")
+    fit.add_argument("--time", default=None, help="survival kinds: follow-up time column")
+    fit.add_argument("--event", default=None, help="survival kinds: event column, 1 event (e.g. death), 0 censored")
+    fit.add_argument("--outcome", default=None, help="--kind binary: the 0/1 outcome column (1 = present)")
+    fit.add_argument("--features", nargs="+", default=None,
+                     help="feature columns (quote names with spaces); default: every usable column but the "
+                          "time/event/outcome columns and --exclude")
+    fit.add_argument("--exclude", nargs="+", default=[], metavar="COL",
+                     help="columns left out of the default feature set (e.g. other outcome columns)")
     fit.add_argument("--categorical", nargs="*", default=[], help="numeric columns to treat as categorical")
     fit.add_argument("--group", action="append", default=[], metavar="NAME=COL,COL,...",
                      help="PCA fusion group of features (repeatable); columns separated by ','")
     fit.add_argument("--pca-variance", type=float, default=0.9, help="variance kept per PCA group (0-1]")
-    fit.add_argument("--horizon", type=float, default=1826.0, help="horizon in days (default 1826 = 5 years)")
+    fit.add_argument("--horizon", type=float, default=None,
+                     help=f"survival kinds: horizon in days (default {DEFAULT_HORIZON_DAYS:g} = 5 years)")
+    fit.add_argument("--censoring", choices=CENSORING, default=None,
+                     help="logistic: patients censored before the horizon are excluded (complete case, the "
+                          "default) or the others are weighted by inverse probability of censoring (ipcw)")
     fit.add_argument("--time-unit", choices=tuple(DAYS_PER), default="days", help="unit of the time column")
     fit.add_argument("--risk-groups", choices=("median", "tertiles", "quartiles"), default="median")
     fit.add_argument("--name", default="", help="model name (default: the output folder's name)")
     fit.add_argument("--model-version", default="1.0.0")
     fit.add_argument("--penalizer", type=float, default=0.0, help="cox: ridge penalty (lifelines)")
-    fit.add_argument("--cv-folds", type=int, default=5, help="lasso-cox: folds for choosing the penalty")
-    fit.add_argument("--one-se", action="store_true", help="lasso-cox: largest penalty within 1 SE of the best")
+    fit.add_argument("--penalty", choices=("l1", "elasticnet"), default=None,
+                     help="binary: L1 (the default) or elastic net, strength chosen by cross-validation")
+    fit.add_argument("--l1-ratios", nargs="+", type=float, default=None, metavar="R",
+                     help="binary --penalty elasticnet: L1 mixing values tried by cross-validation "
+                          f"(default {' '.join(map(str, DEFAULT_L1_RATIOS))})")
+    fit.add_argument("--cv-folds", type=int, default=5,
+                     help="lasso-cox, binary: folds for choosing the penalty")
+    fit.add_argument("--one-se", action="store_true",
+                     help="lasso-cox, binary: largest penalty within 1 SE of the best")
     fit.add_argument("--impute-at-prediction", action="store_true",
                      help="impute missing inputs at prediction time (stated in the model card)")
     fit.add_argument("--seed", type=int, default=0)
@@ -96,6 +115,7 @@ def register(subparsers: Any) -> None:
         p.add_argument("--seed", type=int, default=0)
         p.add_argument("--n-boot", type=int, default=200)
         if name == "evaluate":
+            p.add_argument("--outcome", default=None, help="binary models: outcome column (default: as in training)")
             p.add_argument("--json", action="store_true", help="print one JSON object")
             p.set_defaults(func=_friendly(cmd_evaluate))
         else:
@@ -151,28 +171,84 @@ def _parse_groups(items: Sequence[str]) -> dict[str, list[str]]:
     return groups
 
 
+def _check_fit_args(args: argparse.Namespace) -> None:
+    """--kind binary takes --outcome; the survival kinds take --time and --event: refuse mixtures."""
+    if args.kind == "binary":
+        given = [flag for flag, v in (("--time", args.time), ("--event", args.event), ("--horizon", args.horizon),
+                                      ("--censoring", args.censoring)) if v is not None]
+        if given:
+            raise CohortError(f"--kind binary takes a 0/1 --outcome column and no time: {', '.join(given)} "
+                              "cannot be used with it (for an event by a horizon use --kind logistic)")
+        if not args.outcome:
+            raise CohortError("--kind binary needs --outcome COL (a column of 0 and 1)")
+        return
+    if args.outcome is not None:
+        raise CohortError(f"--outcome is for --kind binary; --kind {args.kind} takes --time and --event")
+    if not args.time or not args.event:
+        raise CohortError(f"--kind {args.kind} needs --time and --event (for a 0/1 outcome use --kind binary "
+                          "--outcome COL)")
+    extra = [flag for flag, v in (("--penalty", args.penalty), ("--l1-ratios", args.l1_ratios)) if v is not None]
+    if extra:
+        raise CohortError(f"{', '.join(extra)}: for --kind binary only")
+    if args.censoring is not None and args.kind != "logistic":
+        raise CohortError(f"--censoring is for --kind logistic (an event by a horizon); --kind {args.kind} "
+                          "uses every patient's follow-up")
+
+
 def cmd_fit(args: argparse.Namespace) -> int:
     from pipelines.survival.artifact import save_model
     from pipelines.survival.data import load_cohort
     from pipelines.survival.fit import FitOptions, fit_model
 
-    cohort = load_cohort(args.data, args.time, args.event, args.time_unit)
+    _check_fit_args(args)
     groups = _parse_groups(args.group)
-    features = list(dict.fromkeys([*args.features, *[c for cols in groups.values() for c in cols]]))
-    opts = FitOptions(kind=args.kind, features=tuple(features), horizon_days=args.horizon,
-                      categorical=tuple(args.categorical), groups=groups, pca_variance=args.pca_variance,
-                      risk_groups=args.risk_groups, name=args.name or args.out.resolve().name,
-                      version=args.model_version, penalizer=args.penalizer, cv_folds=args.cv_folds,
-                      one_se=args.one_se, seed=args.seed, n_boot=args.n_boot,
-                      impute_at_prediction=args.impute_at_prediction, time_column=args.time,
-                      event_column=args.event, time_unit=args.time_unit)
-    model = fit_model(cohort, opts, software_version=_version())
+    features = () if args.features is None else tuple(
+        dict.fromkeys([*args.features, *[c for cols in groups.values() for c in cols]]))
+    common: dict[str, Any] = dict(
+        kind=args.kind, features=features, exclude=tuple(args.exclude), categorical=tuple(args.categorical),
+        groups=groups, pca_variance=args.pca_variance, risk_groups=args.risk_groups,
+        name=args.name or args.out.resolve().name, version=args.model_version, cv_folds=args.cv_folds,
+        one_se=args.one_se, seed=args.seed, n_boot=args.n_boot, impute_at_prediction=args.impute_at_prediction)
+    if args.kind == "binary":
+        from pipelines.survival.binary import fit_binary, load_binary_cohort
+
+        bcohort = load_binary_cohort(args.data, args.outcome)
+        opts = FitOptions(**common, horizon_days=None, outcome_column=args.outcome, penalty=args.penalty or "l1",
+                          l1_ratios=tuple(args.l1_ratios or DEFAULT_L1_RATIOS))
+        model = fit_binary(bcohort, opts, software_version=_version())
+        n, events = bcohort.n, bcohort.events
+    else:
+        cohort = load_cohort(args.data, args.time, args.event, args.time_unit)
+        opts = FitOptions(**common, horizon_days=DEFAULT_HORIZON_DAYS if args.horizon is None else args.horizon,
+                          penalizer=args.penalizer, time_column=args.time, event_column=args.event,
+                          time_unit=args.time_unit, censoring=args.censoring or "exclude")
+        model = fit_model(cohort, opts, software_version=_version())
+        n, events = cohort.n, cohort.events
     save_model(model, args.out)
+    sel = model.training.get("feature_selection")
+    if sel:
+        print(f"features: {len(sel['used'])} columns used (no --features: every column but "
+              f"{', '.join(map(repr, sel['outcome_columns'] + sel['excluded']))})")
+        for d in sel["dropped"]:
+            print(f"  dropped {d['column']!r}: {d['reason']}")
     m = model.metrics["training (apparent)"]
-    ci = m.get("c_index_ci") or (float("nan"), float("nan"))
-    print(f"fitted {model.kind} on {cohort.n} patients ({cohort.events} events): "
-          f"{len(model.design.columns)} model columns, apparent C-index {m['c_index']:.3f} "
-          f"({ci[0]:.3f}-{ci[1]:.3f})")
+    if model.kind == "binary":
+        d = model.fit_details
+        ci = m.get("auc_ci") or (float("nan"), float("nan"))
+        print(f"fitted binary on {n} patients ({events} with {args.outcome!r} = 1): "
+              f"{len(model.design.columns)} model columns, apparent AUC {m['auc']:.3f} ({ci[0]:.3f}-{ci[1]:.3f}), "
+              f"cross-validated AUC {d['cv_auc_pooled']:.3f}")
+        print(f"{d['penalty']}: lambda {d['lambda']:.4g}, l1_ratio {d['l1_ratio']:g} by {d['folds']}-fold CV "
+              f"(deviance {d['cv_deviance']:.4f}); kept {len(d['selected'])}: {', '.join(d['selected'])}")
+    else:
+        ci = m.get("c_index_ci") or (float("nan"), float("nan"))
+        print(f"fitted {model.kind} on {n} patients ({events} events): "
+              f"{len(model.design.columns)} model columns, apparent C-index {m['c_index']:.3f} "
+              f"({ci[0]:.3f}-{ci[1]:.3f})")
+    if model.kind == "logistic":
+        t = model.training
+        print(f"censoring: {t['censoring']} ({t['excluded_censored']} patients censored before the horizon "
+              + ("excluded)" if t["censoring"] == "exclude" else "without weight, the others IPC-weighted)"))
     if model.kind == "lasso-cox":
         d = model.fit_details
         print(f"lasso: alpha {d['alpha']:.4g} by {d['folds']}-fold CV (C-index {d['cv_c_index']:.3f}); "
@@ -187,6 +263,18 @@ def _evaluate(args: argparse.Namespace) -> tuple[Any, dict[str, Any], str]:
     from pipelines.survival.evaluate import evaluate, format_table
 
     model = load_model(args.model)
+    if model.kind == "binary":
+        from pipelines.survival.binary import evaluate_binary, format_binary_table, load_binary_cohort
+
+        if args.time or args.event:
+            raise CohortError("a binary model is evaluated on its 0/1 outcome column (--outcome), not --time/--event")
+        outcome = getattr(args, "outcome", None) or model.training.get("outcome_column")
+        if not outcome:
+            raise CohortError("the model does not record its outcome column: give --outcome")
+        bres = evaluate_binary(model, load_binary_cohort(args.data, outcome), n_boot=args.n_boot, seed=args.seed)
+        return model, bres, format_binary_table(bres)
+    if getattr(args, "outcome", None):
+        raise CohortError(f"--outcome is for binary models; this one is {model.kind} (--time/--event)")
     time_col = args.time or model.training.get("time_column")
     event_col = args.event or model.training.get("event_column")
     unit = args.time_unit or model.training.get("time_unit") or "days"
@@ -203,7 +291,7 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
         print(json.dumps(result, allow_nan=False, default=_json_default))
     else:
         print(table)
-    return 0 if result.get("c_index") is not None else 1
+    return 0 if result.get("c_index") is not None or result.get("auc") is not None else 1
 
 
 def _json_default(o: Any) -> Any:

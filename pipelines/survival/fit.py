@@ -8,9 +8,17 @@
   alpha.  ``tests/test_survival_models.py`` cross-checks it against lifelines' ``penalizer`` with
   ``l1_ratio=1.0`` (same objective scaling: -loglik/n + alpha * |beta|_1).
 - ``logistic``: event by the horizon (``time <= h`` and event) against survival past it; patients
-  censored before the horizon are **excluded** (complete case, stated in the model card) rather than
-  IPCW-weighted; scikit-learn ``LogisticRegression`` without penalty, Wald CIs for odds ratios from
-  the observed information.
+  censored before the horizon are **excluded** (``censoring="exclude"``, complete case, the default)
+  or, with ``censoring="ipcw"``, the patients whose status at the horizon is known are weighted by
+  the inverse probability of remaining uncensored (Kaplan-Meier of the censoring times: ``1/G(T-)``
+  for an event by the horizon, ``1/G(h)`` past it), which removes the complete-case bias toward
+  events when censoring does not depend on the features; scikit-learn ``LogisticRegression``
+  without penalty, Wald CIs for odds ratios from the observed information (robust sandwich CIs with
+  weights, which ignore the uncertainty of the weights).  The model card says which was used.
+- ``binary`` (a 0/1 outcome, no time): :mod:`pipelines.survival.binary`.
+
+Without ``features`` every column but the outcome columns and ``exclude`` is a candidate
+(:func:`pipelines.survival.columns.select_features`); the model stores what was used and dropped.
 
 All kinds use the same fitted :class:`~pipelines.survival.design.Design` (median imputation,
 standardisation, optional PCA fusion), store risk-group cut-offs from the training scores and, for
@@ -33,6 +41,7 @@ import pandas as pd
 
 from pipelines.survival import metrics
 from pipelines.survival.artifact import RiskGroups, SurvivalModel
+from pipelines.survival.columns import SelectionError, select_features
 from pipelines.survival.data import Cohort, median_follow_up_days
 from pipelines.survival.design import fit_design
 
@@ -45,6 +54,9 @@ GROUP_METHODS: dict[str, tuple[tuple[float, ...], tuple[str, ...]]] = {
     "quartiles": ((0.25, 0.5, 0.75), ("Q1", "Q2", "Q3", "Q4")),
 }
 STORED_HORIZONS_DAYS = (365.25, 730.5, 1095.75, 1826.25)
+DEFAULT_HORIZON_DAYS = 1826.0
+CENSORING = ("exclude", "ipcw")
+DEFAULT_L1_RATIOS = (0.2, 0.5, 0.8)
 
 
 class FitError(ValueError):
@@ -55,7 +67,7 @@ class FitError(ValueError):
 class FitOptions:
     kind: str
     features: tuple[str, ...]
-    horizon_days: float | None = 1826.0
+    horizon_days: float | None = DEFAULT_HORIZON_DAYS
     categorical: tuple[str, ...] = ()
     groups: Mapping[str, Sequence[str]] = field(default_factory=dict)  # PCA fusion groups
     pca_variance: float = 0.9
@@ -72,6 +84,73 @@ class FitOptions:
     time_column: str = ""
     event_column: str = ""
     time_unit: str = "days"
+    censoring: str = "exclude"  # logistic: "exclude" (complete case) or "ipcw"
+    exclude: tuple[str, ...] = ()  # columns left out of the default feature set
+    outcome_column: str = ""  # binary
+    penalty: str = "l1"  # binary: "l1" or "elasticnet"
+    l1_ratios: tuple[float, ...] = DEFAULT_L1_RATIOS  # binary elasticnet: mixing values tried by CV
+
+
+def resolve_features(frame: pd.DataFrame, opts: FitOptions,
+                     reserved: Sequence[str]) -> tuple[tuple[str, ...], dict[str, Any] | None]:
+    """``opts.features`` (and PCA group columns), or the default set: every usable column but ``reserved``."""
+    group_cols = [c for cols in opts.groups.values() for c in cols]
+    if opts.features:
+        if opts.exclude:
+            raise FitError("--exclude only applies to the default feature set: with --features, "
+                           "leave the column out of --features")
+        return tuple(dict.fromkeys([*opts.features, *group_cols])), None
+    if not [c for c in reserved if c]:
+        raise FitError("no features given, and the outcome columns are unknown (set time_column/event_column "
+                       "or outcome_column, or give the features)")
+    try:
+        sel = select_features(frame, [c for c in reserved if c], opts.exclude, opts.categorical)
+    except SelectionError as e:
+        raise FitError(str(e)) from None
+    used = list(sel.used)
+    lost = [c for c in group_cols if c not in used]
+    if lost:
+        why = dict(sel.dropped)
+        raise FitError("PCA group columns not usable: " + "; ".join(f"{c}: {why.get(c, 'excluded')}" for c in lost))
+    log.info("default features: %d used, %d dropped", len(used), len(sel.dropped))
+    return tuple(used), sel.to_dict()
+
+
+def ipcw_weights(time: F64, event: npt.NDArray[np.bool_], horizon: float) -> F64:
+    """Inverse probability of censoring weights for the status at ``horizon`` (0 where it is unknown).
+
+    ``G`` is the Kaplan-Meier estimate of the censoring distribution (an event at the same time as a
+    censoring comes first); an event by the horizon gets ``1/G(T-)``, a patient followed past it
+    ``1/G(h)`` (``1/G(h-)`` if censored exactly at ``h``), a patient censored before it 0.
+    """
+    cens_times = np.unique(time[~event])
+    factors = []
+    for u in cens_times:
+        at_risk = float(np.sum(time > u) + np.sum((time == u) & ~event))
+        c = float(np.sum((time == u) & ~event))
+        factors.append(1.0 - c / at_risk if at_risk > 0 else 1.0)
+    cum = np.cumprod(factors) if factors else np.ones(0)
+
+    def g_before(t: float) -> float:  # G(t-): censorings strictly before t
+        k = int(np.searchsorted(cens_times, t, side="left"))
+        return float(cum[k - 1]) if k > 0 else 1.0
+
+    def g_at(t: float) -> float:  # G(t): censorings up to and including t
+        k = int(np.searchsorted(cens_times, t, side="right"))
+        return float(cum[k - 1]) if k > 0 else 1.0
+
+    w = np.zeros(len(time))
+    for i, (t, e) in enumerate(zip(time, event, strict=True)):
+        if e and t <= horizon:
+            g = g_before(t)
+        elif t > horizon:
+            g = g_at(horizon)
+        elif t == horizon:
+            g = g_before(horizon)
+        else:
+            continue
+        w[i] = 1.0 / g if g > 0 else 0.0
+    return w
 
 
 def breslow_survival(time: F64, event: npt.NDArray[np.bool_], lp: F64, at: Sequence[float]) -> dict[float, float]:
@@ -185,8 +264,6 @@ def apparent_metrics(time: F64, event: npt.NDArray[np.bool_], s: F64, horizon: f
 
 def fit_model(cohort: Cohort, opts: FitOptions, software_version: str = "") -> SurvivalModel:
     """Fit ``opts.kind`` on the whole cohort and return the artifact (not yet saved)."""
-    if not opts.features:
-        raise FitError("no features given")
     if opts.kind == "logistic" and opts.horizon_days is None:
         raise FitError("logistic needs a horizon (--horizon DAYS)")
     if cohort.events < 2:
@@ -197,10 +274,19 @@ def fit_model(cohort: Cohort, opts: FitOptions, software_version: str = "") -> S
                                 "time_column": opts.time_column, "event_column": opts.event_column,
                                 "time_unit": opts.time_unit}
     frame = cohort.frame
+    if opts.censoring not in CENSORING:
+        raise FitError(f"censoring {opts.censoring!r}: expected one of {', '.join(CENSORING)}")
+    if opts.censoring != "exclude" and opts.kind != "logistic":
+        raise FitError(f"censoring {opts.censoring!r} applies to --kind logistic only (Cox kinds use every patient)")
+    weights: F64 | None = None
     if opts.kind == "logistic":
         h = float(opts.horizon_days)  # type: ignore[arg-type]
         keep = (time >= h) | event
+        training["censoring"] = opts.censoring
         training["excluded_censored"] = int((~keep).sum())
+        if opts.censoring == "ipcw":
+            weights = ipcw_weights(time, event, h)[keep]
+            training["ipcw_weight_range"] = [float(weights.min()), float(weights.max())]
         training["horizon_events"] = int((event & (time <= h)).sum())
         frame = frame.loc[keep].reset_index(drop=True)
         time_fit, event_fit = time[keep], event[keep]
@@ -208,7 +294,10 @@ def fit_model(cohort: Cohort, opts: FitOptions, software_version: str = "") -> S
             raise FitError(f"logistic at {h:g} days: too few patients on one side of the horizon")
     else:
         time_fit, event_fit = time, event
-    design = fit_design(frame, opts.features, opts.categorical, opts.groups, opts.pca_variance,
+    features, selection = resolve_features(frame, opts, reserved=(opts.time_column, opts.event_column))
+    if selection is not None:
+        training["feature_selection"] = selection
+    design = fit_design(frame, features, opts.categorical, opts.groups, opts.pca_variance,
                         opts.impute_at_prediction)
     x, _ = design.transform(frame, impute=True)
     cols = list(design.columns)
@@ -235,26 +324,37 @@ def fit_model(cohort: Cohort, opts: FitOptions, software_version: str = "") -> S
                    "log_likelihood": float(cph.log_likelihood_), "concordance_lifelines": float(cph.concordance_index_)}
     elif opts.kind == "lasso-cox":
         cv = lasso_cv(x, time_fit, event_fit, opts.cv_folds, opts.seed, opts.n_alphas, opts.one_se)
-        est = _coxnet_path(x, time_fit, event_fit, [cv["alpha"]], opts.n_alphas)
-        coef = np.asarray(est.coef_[:, 0], dtype=np.float64)
+        refit = "single alpha"
+        try:
+            est = _coxnet_path(x, time_fit, event_fit, [cv["alpha"]], opts.n_alphas)
+            coef = np.asarray(est.coef_[:, 0], dtype=np.float64)
+        except ArithmeticError:  # coxnet from a cold start can overflow where the warm-started path did not
+            path = _coxnet_path(x, time_fit, event_fit, cv["alphas"], opts.n_alphas)
+            k = int(np.argmin(np.abs(np.asarray(path.alphas_, dtype=np.float64) - cv["alpha"])))
+            coef = np.asarray(path.coef_[:, k], dtype=np.float64)
+            refit = "taken from the warm-started path (the single-alpha refit overflowed)"
+            log.warning("lasso-cox: coefficients %s", refit)
         lp_center = float(np.mean(x @ coef))
         for c, b in zip(cols, coef, strict=True):
             hrs.append({"term": c, "ratio": math.exp(b), "lower": None, "upper": None, "p": None,
                         "note": "penalised: no valid CI"})
         details = {"library": "sksurv.linear_model.CoxnetSurvivalAnalysis", "l1_ratio": 1.0, "ties": "breslow",
-                   "selected": [c for c, b in zip(cols, coef, strict=True) if b != 0], **cv}
+                   "selected": [c for c, b in zip(cols, coef, strict=True) if b != 0], "refit": refit, **cv}
         if not details["selected"]:
             log.warning("lasso-cox: cross-validation chose alpha %.4g, which keeps no feature", cv["alpha"])
     elif opts.kind == "logistic":
         y = event_fit & (time_fit <= float(opts.horizon_days))  # type: ignore[arg-type]
-        intercept, coef, se = metrics.logistic_fit(x, y)
+        intercept, coef, se = metrics.logistic_fit(x, y, weights)
         for c, b, e in zip(cols, coef, se, strict=True):
             hrs.append({"term": c, "ratio": math.exp(b), "lower": math.exp(b - 1.96 * e) if math.isfinite(e) else None,
                         "upper": math.exp(b + 1.96 * e) if math.isfinite(e) else None,
                         "p": _wald_p(b, e), "measure": "odds ratio"})
         details = {"library": "sklearn.linear_model.LogisticRegression", "penalty": "none",
                    "outcome": f"event by {opts.horizon_days:g} days",
-                   "censored_before_horizon": "excluded (complete case)"}
+                   "censored_before_horizon": "excluded (complete case)" if weights is None else
+                   "no weight; the others weighted by inverse probability of censoring (IPCW, KM of censoring)",
+                   "standard_errors": "observed information" if weights is None else
+                   "robust sandwich (weights taken as known)"}
     else:
         raise FitError(f"unknown kind {opts.kind!r}")
     _add_per_unit(hrs, design)

@@ -118,19 +118,27 @@ def km_at(time: F64, event: B, t: float) -> tuple[float, float, float]:
     return s, math.exp(-math.exp(loglog + half)), math.exp(-math.exp(loglog - half))
 
 
-def logistic_fit(x: F64, y: B) -> tuple[float, F64, F64]:
-    """Unpenalised logistic regression (scikit-learn); intercept, coefficients, Wald standard errors."""
+def logistic_fit(x: F64, y: B, weights: F64 | None = None) -> tuple[float, F64, F64]:
+    """Unpenalised logistic regression (scikit-learn); intercept, coefficients, Wald standard errors.
+
+    With ``weights`` (e.g. IPCW) the standard errors are the robust sandwich ``A^-1 B A^-1``.
+    """
     from sklearn.linear_model import LogisticRegression
 
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        est = LogisticRegression(C=np.inf, max_iter=5000).fit(x, y.astype(int))
+        est = LogisticRegression(C=np.inf, max_iter=5000).fit(x, y.astype(int), sample_weight=weights)
     b0, b = float(est.intercept_[0]), np.asarray(est.coef_[0], dtype=np.float64)
     xd = np.column_stack([np.ones(len(x)), x])
     p = 1 / (1 + np.exp(-(xd @ np.concatenate([[b0], b]))))
-    info = xd.T @ (xd * (p * (1 - p))[:, None])
+    w = np.ones(len(x)) if weights is None else np.asarray(weights, dtype=np.float64)
+    info = xd.T @ (xd * (w * p * (1 - p))[:, None])
     try:
-        se = np.sqrt(np.clip(np.diag(np.linalg.inv(info))[1:], 0, None))
+        inv = np.linalg.inv(info)
+        if weights is not None:
+            u = xd * (w * (y.astype(np.float64) - p))[:, None]
+            inv = inv @ (u.T @ u) @ inv
+        se = np.sqrt(np.clip(np.diag(inv)[1:], 0, None))
     except np.linalg.LinAlgError:
         se = np.full(len(b), np.nan)
     return b0, b, se

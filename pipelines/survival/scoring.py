@@ -1,7 +1,8 @@
 """Scoring one patient or a table with a fitted :class:`~pipelines.survival.artifact.SurvivalModel`.
 
 The score is the model's linear predictor: for Cox kinds ``beta . z - lp_center`` (log relative hazard
-against the baseline), for logistic ``intercept + beta . z`` (log-odds of the event by the horizon).
+against the baseline), for logistic ``intercept + beta . z`` (log-odds of the event by the horizon), for
+binary the same (log-odds of the outcome; a binary model has no horizon, so no horizon probability).
 Higher is worse in both.  ``horizon_probability`` is the predicted probability of the *event* by the
 horizon: ``1 - S0(h) ** exp(score)`` for Cox kinds, ``sigmoid(score)`` for logistic.
 
@@ -39,7 +40,7 @@ class Risk:
 def linear_predictor(model: SurvivalModel, x: npt.NDArray[np.float64]) -> npt.NDArray[np.float64]:
     """Scores for model-column rows ``x`` (NaN rows stay NaN)."""
     lp = x @ np.asarray(model.coefficients, dtype=np.float64)
-    if model.kind == "logistic":
+    if model.kind in ("logistic", "binary"):
         return lp + model.intercept
     return lp - model.lp_center
 
