@@ -127,11 +127,13 @@ def test_real_ct_erector_agrees_with_totalsegmentator(real_ct: Any) -> None:
             if r.any():
                 scores[key].append(_dice(ours[key], r) if ours[key].any() else 0.0)
     # With the anatomy the pipeline uses (levels.SpineLevelFinder: vertebral body centre on the canal's
-    # midline) these 10 slices give left 0.712 (min 0.62), right 0.802 (min 0.76).  With the old
-    # finder's anatomy (a bone centroid ~9 mm off the midline on this series) they gave 0.760 / 0.764;
+    # midline) these 10 slices give left 0.722 (min 0.62), right 0.811 (min 0.76); 0.712 / 0.802 before the
+    # transverse process was taken behind the body's wall (not against the body's width) and the body's
+    # width across its anterior half.  With the old finder's anatomy (a bone centroid ~9 mm off the midline
+    # on this series, which narrowed the left compartment and widened the right) they gave 0.760 / 0.764;
     # 0.688 / 0.727 with the old segmenter.  The Done-when bar of 0.90 is NOT reached on this T11-T12
     # series (6-10 % of TotalSegmentator's autochthon is fat by HU, which muscle never holds).
-    floor = {"erector_left": 0.70, "erector_right": 0.78}
+    floor = {"erector_left": 0.72, "erector_right": 0.80}
     for key, s in scores.items():
         assert len(s) >= 10, key
         assert float(np.mean(s)) > floor[key] and min(s) > 0.6, (key, s)
@@ -175,7 +177,9 @@ def test_real_ct_mirrored_slice_swaps_sides(real_ct: Any) -> None:
     k = 10
     anat = _anat(real_ct, k)
     n = vol.shape[2]
-    mirrored = SliceAnatomy((anat.centre_rc[0], n - 1 - anat.centre_rc[1]), anat.half_width_mm, anat.half_height_mm)
+    canal = None if anat.canal_rc is None else (anat.canal_rc[0], n - 1 - anat.canal_rc[1])
+    mirrored = SliceAnatomy((anat.centre_rc[0], n - 1 - anat.centre_rc[1]), anat.half_width_mm, anat.half_height_mm,
+                            canal_rc=canal)
     a = TissueSlicer().run(vol.hu[k], vol.pixel_spacing, anat, "L3")
     b = TissueSlicer().run(np.ascontiguousarray(vol.hu[k][:, ::-1]), vol.pixel_spacing, mirrored, "L3")
     for left, right in (("erector_left", "erector_right"), ("psoas_left", "psoas_right")):

@@ -145,7 +145,7 @@ class SpineLevelFinder:
         notes.extend(notes2)
         body_line = tuple(ctx.full_rc(r, c) for r, c in zip(ctx.body_r, ctx.body_c, strict=True))
         canal_line = tuple(ctx.full_rc(r, c) for r, c in zip(ctx.canal_r, ctx.canal_c, strict=True))
-        sizes = tuple((float(a), float(b)) for a, b in zip(ctx.body_hw, ctx.body_hh, strict=True))
+        sizes = tuple((float(a), float(b)) for a, b in zip(ctx.body_own_hw, ctx.body_hh, strict=True))
         centre = (float(np.median([b[0] for b in body_line])), float(np.median([b[1] for b in body_line])))
         base = dict(vertebrae=tuple(verts), spine_centre_rc=centre, method=METHOD, anchors=tuple(anchors),
                     confidence=conf, body_line=body_line, body_size_mm=sizes, canal_line=canal_line)
@@ -322,7 +322,7 @@ class _Ctx:
         p, g, n, gy, gx = self.p, self.g, self.n, self.gy, self.gx
         depth = int(round(p.body_max_depth_mm / gy))
         hw = int(round(p.body_max_half_width_mm / gx))
-        ks, rs, cs, hws, hhs = [], [], [], [], []
+        ks, rs, cs, hws, hhs, bws = [], [], [], [], [], []
         gap = max(1, int(round(3.0 / gy)))
         for k in range(n):
             front = int(round(self.canal_front[k]))
@@ -350,10 +350,14 @@ class _Ctx:
                 rgt += 1
             if not line[c0]:
                 continue
+            # the body's own width: across its anterior half, where no pedicle or rib head joins it
+            # (at the centre row the costovertebral joints of T10-T12 and the pedicles can)
+            widths = [self._run_width(k, r, c0, hw) for r in range(int(round(rc - d_px / 2.0 + 1)), row + 1)]
             ks.append(k)
             rs.append(rc)
             cs.append(0.5 * (lft + rgt))
             hws.append(max(3.0, (rgt - lft + 1) * gx / 2.0))
+            bws.append(max(3.0, float(np.median(widths)) * gx / 2.0) if widths else hws[-1])
             hhs.append(max(3.0, d_px * gy / 2.0))
         if not ks:
             # no body: sit the ellipse 15 mm in front of the canal
@@ -361,6 +365,7 @@ class _Ctx:
             self.body_c: NDArray[np.float64] = self.canal_c.copy()
             self.body_hw: NDArray[np.float64] = np.full(n, 15.0)
             self.body_hh: NDArray[np.float64] = np.full(n, 12.0)
+            self.body_own_hw: NDArray[np.float64] = self.body_hw.copy()
             return
         karr = np.array(ks, dtype=np.float64)
         win = max(1, int(round(15.0 / self.dz)))
@@ -381,6 +386,24 @@ class _Ctx:
                                                                    mode="nearest"), dtype=np.float64)
         self.body_hw = _smooth_interp(karr, robust(list(hw_s)), n, sig)
         self.body_hh = _smooth_interp(karr, robust(list(hh_s)), n, sig)
+        bw_s: NDArray[np.float64] = np.asarray(ndi.maximum_filter1d(np.array(bws), size=min(len(bws), 2 * win + 1),
+                                                                   mode="nearest"), dtype=np.float64)
+        self.body_own_hw = _smooth_interp(karr, robust(list(bw_s)), n, sig)
+
+    def _run_width(self, k: int, r: int, c0: int, hw: int) -> int:
+        """Pixels of the filled bone run through column ``c0`` on row ``r`` (at most ``hw`` each side); 0 off bone."""
+        if not 0 <= r < self.g.shape[1]:
+            return 0
+        line = self.filled[k, r, :]
+        if not line[c0]:
+            return 0
+        lft = c0
+        while lft - 1 >= max(0, c0 - hw) and line[lft - 1]:
+            lft -= 1
+        rgt = c0
+        while rgt + 1 < min(self.g.shape[2], c0 + hw + 1) and line[rgt + 1]:
+            rgt += 1
+        return rgt - lft + 1
 
     def find_skull(self) -> None:
         """Skull base: above the top of the spinal canal, a broad ring of bone (occiput, mastoids) around it."""
@@ -936,7 +959,7 @@ def _name(segs: list[_Seg], anchors: list[tuple[Anchor, int, set[str]]], ctx: _C
         sides = tuple(sorted(getattr(ctx, "rib_segs", {}).get(i, set())))
         w = float(np.median(ctx.ala[ks].max(axis=1))) if hasattr(ctx, "ala") else 0.0
         verts.append(Vertebra(name=nm, first=s.first, last=s.last, width_mm=w, rib_bearing=bool(sides),
-                              centre_rc=centre, half_width_mm=float(np.median(ctx.body_hw[ks])),
+                              centre_rc=centre, half_width_mm=float(np.median(ctx.body_own_hw[ks])),
                               half_height_mm=float(np.median(ctx.body_hh[ks])), touches_edge=edge, middle=mid,
                               pitch=None if edge else s.hi - s.lo, rib_sides=sides))
     return verts, offset, final, conf, notes
