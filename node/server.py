@@ -246,8 +246,8 @@ class DicomServer:
 
     def stop(self, timeout: float = 30.0, wait: Callable[[float], None] = time.sleep) -> None:
         """Stop accepting, close connections still in their handshake, let established associations finish
-        (up to ``timeout``), then abort the rest: returns within about ``timeout`` + ``STOP_GRACE`` seconds
-        whatever the peers do."""
+        (up to ``timeout``) and those just released run their last events (up to 1 s more), then abort the rest:
+        returns within about ``timeout`` + 1 + ``STOP_GRACE`` seconds whatever the peers do."""
         server = self.server
         if server is None:
             return
@@ -256,6 +256,10 @@ class DicomServer:
         server.gate.shutdown(pending_only=True)
         deadline = time.monotonic() + timeout
         while any(a.is_established for a in server.active_associations) and time.monotonic() < deadline:
+            wait(0.05)
+        # associations that just released still run their last events (the released log line): let them end
+        closing = time.monotonic() + min(1.0, max(0.0, deadline - time.monotonic()))
+        while server.active_associations and time.monotonic() < closing:
             wait(0.05)
         left = server.active_associations
         for assoc in left:
