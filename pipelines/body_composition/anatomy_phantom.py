@@ -79,6 +79,7 @@ from numpy.typing import NDArray
 from scipy import ndimage
 
 from pipelines.body_composition.anatomy_spine import NAMES, NUMBERS, SACRUM, SpineModel, load_spine, order_key
+from pipelines.body_composition.phantom import set_ct_pixels, to_stored
 
 log = logging.getLogger(__name__)
 _T = TypeVar("_T", bound=np.generic)
@@ -1197,7 +1198,7 @@ def write_series(ph: Anatomy, out_dir: Path, geometry: Geometry | None = None, s
     labels = _written(ph.labels, geometry)
     verts = _written(ph.vertebrae, geometry)
     ribs = _written(ph.ribs, geometry)
-    stored = np.clip(np.round(ph.hu + 1024.0), 0, 4095).astype(np.uint16)
+    stored = to_stored(ph.hu)
     stored_w = _written(stored, geometry)
     n = len(ph.z)
     zs = ph.z[::-1] if geometry.position.startswith("HF") else ph.z
@@ -1258,19 +1259,7 @@ def write_series(ph: Anatomy, out_dir: Path, geometry: Geometry | None = None, s
         if spec.contrast:
             ds.ContrastBolusAgent = "Iodinated contrast (portal venous)"
         ds.PixelSpacing = [f"{px:.6f}", f"{px:.6f}"]
-        ds.Rows = ds.Columns = spec.rows
-        ds.SamplesPerPixel = 1
-        ds.PhotometricInterpretation = "MONOCHROME2"
-        ds.BitsAllocated = 16
-        ds.BitsStored = 12
-        ds.HighBit = 11
-        ds.PixelRepresentation = 0
-        ds.RescaleIntercept = "-1024"
-        ds.RescaleSlope = "1"
-        ds.RescaleType = "HU"
-        ds.WindowCenter = "40"
-        ds.WindowWidth = "400"
-        ds.PixelData = stored_w[i].tobytes()
+        set_ct_pixels(ds, stored_w[i])
         path = out_dir / f"CT{i + 1:04d}.dcm"
         ds.save_as(path, enforce_file_format=True)
         files.append(path)

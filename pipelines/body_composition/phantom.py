@@ -210,6 +210,28 @@ def make_phantom(spec: PhantomSpec) -> Truth:
                  pixel_area_mm2=px * px, slice_mm=spec.slice_mm)
 
 
+def to_stored(hu: NDArray[np.floating]) -> NDArray[np.uint16]:  # type: ignore[type-arg]
+    """HU to the 12-bit unsigned values :func:`set_ct_pixels` writes (rounded, clipped to 0..4095)."""
+    return np.clip(np.round(hu + 1024.0), 0, 4095).astype(np.uint16)
+
+
+def set_ct_pixels(ds: Dataset, stored: NDArray[np.uint16]) -> None:
+    """Image Pixel and CT Image attributes of one slice stored as 12-bit unsigned values, HU = stored - 1024."""
+    ds.Rows, ds.Columns = (int(v) for v in stored.shape)
+    ds.SamplesPerPixel = 1
+    ds.PhotometricInterpretation = "MONOCHROME2"
+    ds.BitsAllocated = 16
+    ds.BitsStored = 12
+    ds.HighBit = 11
+    ds.PixelRepresentation = 0
+    ds.RescaleIntercept = "-1024"
+    ds.RescaleSlope = "1"
+    ds.RescaleType = "HU"
+    ds.WindowCenter = "40"
+    ds.WindowWidth = "400"
+    ds.PixelData = np.ascontiguousarray(stored, dtype=np.uint16).tobytes()
+
+
 def write_phantom(spec: PhantomSpec, out_dir: Path, study_uid: str | None = None) -> Truth:
     """Write the phantom as one DICOM CT series (one file per slice) and return its truth.
 
@@ -228,7 +250,7 @@ def write_phantom(spec: PhantomSpec, out_dir: Path, study_uid: str | None = None
     col_dir = np.array([0.0, np.cos(t), -np.sin(t)])
     half = (n - 1) / 2.0 * px
     files = []
-    stored = np.clip(np.round(truth.hu + 1024.0), 0, 4095).astype(np.uint16)
+    stored = to_stored(truth.hu)
     for k in range(truth.hu.shape[0]):
         z = k * spec.slice_mm
         centre = np.array([0.0, 0.0, z])
@@ -281,20 +303,7 @@ def write_phantom(spec: PhantomSpec, out_dir: Path, study_uid: str | None = None
         ds.SliceThickness = f"{spec.slice_mm:.2f}"
         ds.SliceLocation = f"{z:.2f}"
         ds.PixelSpacing = [f"{px:.4f}", f"{px:.4f}"]
-        ds.Rows = n
-        ds.Columns = n
-        ds.SamplesPerPixel = 1
-        ds.PhotometricInterpretation = "MONOCHROME2"
-        ds.BitsAllocated = 16
-        ds.BitsStored = 12
-        ds.HighBit = 11
-        ds.PixelRepresentation = 0
-        ds.RescaleIntercept = "-1024"
-        ds.RescaleSlope = "1"
-        ds.RescaleType = "HU"
-        ds.WindowCenter = "40"
-        ds.WindowWidth = "400"
-        ds.PixelData = stored[k].tobytes()
+        set_ct_pixels(ds, stored[k])
         path = out_dir / f"CT{k + 1:04d}.dcm"
         ds.save_as(path, enforce_file_format=True)
         files.append(path)
