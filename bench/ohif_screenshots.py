@@ -1,19 +1,25 @@
 """Screenshots for docs/ohif: anatomical phantom -> automatic L3 SEG+SR, then a reader-confirmed re-run.
 
-    .venv/bin/python bench/ohif_screenshots.py
-    bash ../shared/tools/ohif-check/run.sh --out /tmp/shots/ohif /tmp/shots/run/ct \
-        /tmp/shots/run/auto/seg.dcm /tmp/shots/run/auto/sr.dcm /tmp/shots/run/reader/seg.dcm /tmp/shots/run/reader/sr.dcm
+    .venv/bin/python bench/ohif_screenshots.py --out RUN
+    bash ../shared/tools/ohif-check/run.sh --out SHOTS RUN/ct \
+        RUN/auto/seg.dcm RUN/auto/sr.dcm RUN/reader/seg.dcm RUN/reader/sr.dcm
 """
 
+import argparse
 import json
 import shutil
+import tempfile
 from pathlib import Path
 
 from pipelines.body_composition.anatomy_phantom import AnatomySpec, Geometry, write_anatomy
 from pipelines.body_composition.pipeline import run_folder
 
-root = Path("/tmp/shots/run")
-shutil.rmtree(root, ignore_errors=True)
+ap = argparse.ArgumentParser(description="phantom L3 SEG+SR, then a reader-confirmed re-run, for ohif-check")
+ap.add_argument("--out", type=Path, default=None, help="output folder (default: a new temporary folder)")
+root = ap.parse_args().out or Path(tempfile.mkdtemp(prefix="prognode-shots-"))
+print("writing to", root)
+for sub in ("ct", "auto", "reader"):  # this script's own folders only
+    shutil.rmtree(root / sub, ignore_errors=True)
 truth = write_anatomy(AnatomySpec(rows=256, slice_mm=5.0), root / "ct", Geometry("FFS", mirror_rows=True),
                       patient_id="PN-SHOT-1", patient_name="Phantom^Shots")
 run_folder(root / "ct", root / "auto", {})
