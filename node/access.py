@@ -84,6 +84,12 @@ def _handle_requested(event: Any, policy: AccessPolicy, audit: AuditSink | None)
     if verdict is None:
         return
     reason, diagnostic = verdict
+    reject_association(assoc, calling, ip, reason, diagnostic, audit)
+
+
+def reject_association(assoc: Any, calling: str, ip: str, reason: str, diagnostic: int,
+                       audit: AuditSink | None) -> None:
+    """A-ASSOCIATE-RJ (permanent, by the service user) with a log line and an audit record naming why."""
     log.warning("association rejected: calling_ae=%s peer=%s reason=%s", calling, ip, reason)
     if audit is not None:
         audit.write("association_rejected", calling_ae=calling, peer=ip, reason=reason)

@@ -26,14 +26,12 @@ from typing import Any
 from pynetdicom import AE, evt
 from pynetdicom.association import Association
 
+from node.access import DIAG_CALLING_AE_NOT_RECOGNISED, reject_association
 from node.audit import AuditSink
 from node.config import Config, DestinationConfig, NodeTlsConfig, PeerTlsConfig, RemoteAE
 
 log = logging.getLogger(__name__)
 
-REJECT_PERMANENT = 0x01
-SOURCE_SERVICE_USER = 0x01
-DIAG_CALLING_AE_NOT_RECOGNISED = 0x03
 
 
 class TlsError(ValueError):
@@ -148,11 +146,7 @@ def _handle_requested(event: Any, tls: NodeTlsConfig, audit: AuditSink | None) -
     reason = check_client_identity(tls, calling, _peercert(assoc))
     if reason is None:
         return
-    ip = str(assoc.requestor.address)
-    log.warning("association rejected: calling_ae=%s peer=%s reason=%s", calling, ip, reason)
-    if audit is not None:
-        audit.write("association_rejected", calling_ae=calling, peer=ip, reason=reason)
-    assoc.acse.send_reject(REJECT_PERMANENT, SOURCE_SERVICE_USER, DIAG_CALLING_AE_NOT_RECOGNISED)
+    reject_association(assoc, calling, str(assoc.requestor.address), reason, DIAG_CALLING_AE_NOT_RECOGNISED, audit)
 
 
 def client_identity_handlers(
