@@ -18,7 +18,7 @@ import re
 import tomllib
 from collections.abc import Mapping, Sequence
 from pathlib import Path
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 from pydantic import (
     AliasChoices,
@@ -312,6 +312,50 @@ class WebConfig(_Model):
         return self
 
 
+class _NotifyBase(_Model):
+    """A ``[[notify]]`` target (node.notify): told when a job's results are filed in every destination
+    (or, with no destination, when the job is done) and when a job is dead.  ``include_phi``: the
+    patient's name, ID, birth date and the accession number go out too; otherwise UIDs only."""
+
+    name: str
+    include_phi: bool = False
+    timeout_seconds: float = Field(10.0, gt=0)  # connect, send and answer of one attempt
+    retry_seconds: float = Field(5.0, gt=0)  # delay after the first failed attempt, doubled at each failure
+    retry_max_seconds: float = Field(600.0, gt=0)  # cap of one delay
+    max_attempts: int = Field(10, ge=1)  # then the notification is dead (logged and audited)
+    events: tuple[Literal["filed", "dead", "retracted"], ...] = ("filed", "dead", "retracted")
+
+
+class WebhookNotify(_NotifyBase):
+    """An HTTP(S) POST of a JSON body; ``token_file`` holds a Bearer token."""
+
+    kind: Literal["webhook"] = "webhook"
+    url: str
+    token_file: Path | None = None
+
+    @field_validator("url")
+    @classmethod
+    def _http(cls, value: str) -> str:
+        if not value.startswith(("http://", "https://")):
+            raise ValueError("a webhook url starts with http:// or https://")
+        return value
+
+
+class Hl7Notify(_NotifyBase):
+    """HL7 v2.5 ORU^R01 over MLLP to a RIS; the ACK (MSA-1 AA) is checked."""
+
+    kind: Literal["hl7"] = "hl7"
+    host: str
+    port: int = Field(ge=1, le=65535)
+    sending_application: str = "PROGNODE"
+    sending_facility: str = ""
+    receiving_application: str = ""
+    receiving_facility: str = ""
+
+
+NotifyConfig = Annotated[WebhookNotify | Hl7Notify, Field(discriminator="kind")]
+
+
 class OutputConfig(_Model):
     """Identity of the objects prognode writes (Contributing Equipment, series numbers)."""
 
@@ -340,6 +384,7 @@ class Config(_Model):
     web: WebConfig = WebConfig()
     output: OutputConfig = OutputConfig()
     logging: LoggingConfig = LoggingConfig()
+    notify: tuple[NotifyConfig, ...] = ()  # [[notify]]: webhooks and HL7 ORU targets (node.notify)
     base_dir: Path = Path(".")  # folder of the config file; set by load()
 
     @model_validator(mode="after")
@@ -351,6 +396,9 @@ class Config(_Model):
             for target in route.send_to:
                 if target not in names:
                     raise ValueError(f"routes[{i}].send_to: unknown destination {target!r}")
+        notify = [n.name for n in self.notify]
+        if len(set(notify)) != len(notify):
+            raise ValueError("notify: names must be unique")
         if self.sweep.enabled and self.sweep.source not in {s.name for s in self.sources}:
             raise ValueError(f"sweep.source: unknown source {self.sweep.source!r}")
         return self

@@ -8,6 +8,8 @@ jobs        the durable job queue: pending -> running -> done | failed -> (retry
 exports     one row per (job result file, destination): C-STORE SCU attempts and dead letters
 results     the ledger of objects prognode produced, with supersession links
 sweeps      one row per PACS sweep, with its items in sweep_items (resumable)
+notifications  the outbox of [[notify]] messages (node.notify): one row per (target, job, event)
+retractions one row per retracted job: its IOCM rejection KOS, the reason, who (node.retract)
 state_counts  counts by state and totals kept by triggers as rows change (node.counters)
 
 All timestamps are UTC epoch seconds (float).  The schema is created by :func:`connect`.
@@ -42,6 +44,7 @@ from node import counters
 from node.dicom_facts import CompletionReason as CompletionReason
 from node.dicom_facts import ExportState as ExportState
 from node.dicom_facts import JobState as JobState
+from node.dicom_facts import NotificationState as NotificationState
 from node.dicom_facts import SeriesState as SeriesState
 from node.dicom_facts import SweepItemState as SweepItemState
 from node.dicom_facts import SweepState as SweepState
@@ -176,6 +179,41 @@ class SweepItem(Base):
     error: Mapped[str] = mapped_column(Text, default="")
 
 
+class Notification(Base):
+    """One message of the [[notify]] outbox (node.notify), built when the event happens and sent
+    by the notifier's thread with back-off; never blocks the job loop."""
+
+    __tablename__ = "notifications"
+    __table_args__ = (UniqueConstraint("target", "job_id", "event", name="uq_notification"),)
+    id: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=True)
+    target: Mapped[str] = mapped_column(String(64))  # [[notify]] name
+    job_id: Mapped[int] = mapped_column(ForeignKey("jobs.id"), index=True)
+    event: Mapped[str] = mapped_column(String(16))  # "filed" | "dead" | "retracted"
+    payload: Mapped[dict[str, Any]] = mapped_column(JSON, default=dict)  # what is sent (PHI only if the target asks)
+    state: Mapped[str] = mapped_column(String(16), default=NotificationState.PENDING.value, index=True)
+    attempts: Mapped[int] = mapped_column(Integer, default=0)
+    next_attempt_at: Mapped[float] = mapped_column(Float, default=0.0)
+    last_error: Mapped[str] = mapped_column(Text, default="")
+    event_at: Mapped[float] = mapped_column(Float, default=now)  # when the event happened
+    created_at: Mapped[float] = mapped_column(Float, default=now)
+    sent_at: Mapped[float | None] = mapped_column(Float, nullable=True)
+
+
+class Retraction(Base):
+    """A retracted job (node.retract): its results are rejected by an IOCM Key Object Selection
+    ("Rejected for Quality Reasons") sent to every destination that received them."""
+
+    __tablename__ = "retractions"
+    job_id: Mapped[int] = mapped_column(ForeignKey("jobs.id"), primary_key=True)
+    kos_sop_instance_uid: Mapped[str] = mapped_column(String(64))
+    kos_path: Mapped[str] = mapped_column(Text)
+    reason: Mapped[str] = mapped_column(Text)
+    by: Mapped[str] = mapped_column(String(64))
+    retracted: Mapped[list[str]] = mapped_column(JSON, default=list)  # SOP Instance UIDs of the rejected results
+    destinations: Mapped[list[str]] = mapped_column(JSON, default=list)  # those that get the KOS
+    created_at: Mapped[float] = mapped_column(Float, default=now)
+
+
 class StateCount(Base):
     """A count kept by the database's triggers (:mod:`node.counters`): ``jobs.pending``, ``instances``..."""
 
@@ -188,7 +226,8 @@ class StateCount(Base):
 Index("ix_jobs_state_not_before", Job.state, Job.not_before)
 # time windows of the metrics' histograms (created on existing databases too, see Database)
 WINDOW_INDEXES = (Index("ix_series_completed_at", Series.completed_at), Index("ix_jobs_finished_at", Job.finished_at),
-                  Index("ix_results_in_pacs_at", Result.in_pacs_at))
+                  Index("ix_results_in_pacs_at", Result.in_pacs_at),
+                  Index("ix_exports_sent_at", Export.sent_at))  # node.notify: results filed since its last look
 
 
 class Database:

@@ -59,6 +59,14 @@ class ExportState(StrEnum):
     DEAD = "dead"
 
 
+class NotificationState(StrEnum):
+    """``notifications.state`` (node.notify's outbox): pending -> sent, or dead after its attempts."""
+
+    PENDING = "pending"
+    SENT = "sent"
+    DEAD = "dead"
+
+
 class SweepState(StrEnum):
     """``sweeps.state``: running -> done, failed or interrupted (resumed by the next run)."""
 

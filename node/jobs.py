@@ -14,6 +14,7 @@ worker entry point :func:`execute` is also what ``prognode run`` calls.
 from __future__ import annotations
 
 import ctypes
+import dataclasses
 import importlib
 import importlib.metadata
 import json
@@ -151,9 +152,11 @@ def run_pipeline(spec: JobSpec) -> PipelineOutput:
                           options=dict(spec.options), models=dict(spec.models), predecessors=spec.predecessors,
                           device=spec.device, extra_files=spec.extra_files)
     out = pipeline.run(ctx)
-    summary = {"pipeline": spec.pipeline, "pipeline_version": getattr(pipeline, "version", ""),
-               "evaluable": out.evaluable, "reason": out.reason, "files": [str(f) for f in out.files],
-               **dict(out.summary)}
+    # which version made it: in summary.json and in the job's summary (the results ledger's provenance)
+    out = dataclasses.replace(out, summary={**dict(out.summary),
+                                            "pipeline_version": str(getattr(pipeline, "version", ""))})
+    summary = {"pipeline": spec.pipeline, "evaluable": out.evaluable, "reason": out.reason,
+               "files": [str(f) for f in out.files], **dict(out.summary)}
     (spec.work_dir / "summary.json").write_text(json.dumps(summary, indent=1, default=str), encoding="utf-8")
     return out
 

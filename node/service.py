@@ -25,6 +25,7 @@ from node.db import Database
 from node.export import Exporter
 from node.index import Index
 from node.jobs import JobManager, JobQueue, LocalProcessRunner, Runner, pipeline_modules
+from node.notify import Notifier
 from node.ops import Operations
 from node.reader import LevelMarkers
 from node.routing import Router
@@ -67,6 +68,7 @@ class Node:
         self.runner: Runner | None = runner
         self._factories = dict(factories or {})
         self.exporter = Exporter(self.db, config, self.audit, config.completion.poll_seconds)
+        self.notifier = Notifier(self.db, config, self.index, self.audit, config.completion.poll_seconds)
         # operations (issue 6): metrics on the SCP's events, web dashboard/REST/metrics, sweep schedule
         self.ops = Operations(config, self.db, self.audit)
         self.server = DicomServer(config, self.storage, self.index, self.audit,
@@ -103,8 +105,10 @@ class Node:
                                             busy=self.server.open_associations.busy,
                                             on_complete=self.markers.on_series_complete)
         self.server.start()
-        for name, target in (("completion", self.completion.run), ("jobs", self.jobs.run),
-                             ("export", self.exporter.run)):
+        loops = [("completion", self.completion.run), ("jobs", self.jobs.run), ("export", self.exporter.run)]
+        if self.config.notify:  # [[notify]] targets: their own thread (node.notify), never the job loop's
+            loops.append(("notify", self.notifier.run))
+        for name, target in loops:
             t = threading.Thread(target=target, args=(self._stop,), name=f"prognode-{name}", daemon=True)
             t.start()
             self._threads.append(t)
@@ -141,6 +145,7 @@ class Node:
         if self.jobs is not None:
             self.jobs.wake.set()
         self.exporter.wake.set()
+        self.notifier.wake.set()
         for t in self._threads:
             t.join(timeout)
         if self.runner is not None:
