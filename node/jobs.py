@@ -38,7 +38,7 @@ from sqlalchemy.orm import aliased
 
 from node.audit import AuditLog, AuditSink
 from node.config import Config
-from node.db import Database, Export, ExportState, Job, JobState, Result, now
+from node.db import Database, Export, ExportState, Job, JobState, Result, Retraction, now
 from node.index import Index
 from node.storage import Storage
 from pipelines.base import Identity, Pipeline, PipelineContext, PipelineOutput, Predecessor, SeriesInput
@@ -344,6 +344,8 @@ def resend_job(db: Database, job_id: int, audit: AuditSink | None, by: str) -> R
         job = s.get(Job, job_id)
         if job is None:
             raise KeyError(f"job {job_id} not found")
+        if s.get(Retraction, job_id) is not None:  # node.retract: its results were rejected
+            raise NothingToResend(f"job {job_id} was retracted: its results are not sent again")
         requeue_job = job.state in (JobState.FAILED, JobState.DEAD)
         exports = list(s.scalars(select(Export).where(Export.job_id == job_id, Export.state != ExportState.PENDING)))
         if not requeue_job and not exports:

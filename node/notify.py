@@ -233,16 +233,16 @@ def oru_r01(target: Hl7Notify, payload: Mapping[str, Any], control_id: str, t: f
     if payload.get("reason"):
         obx.append(("TX", f"reason^Reason^{LOCAL_CODING}", e(payload["reason"]), ""))
     for kv in payload.get("key_values", []) or []:
-        name = e(kv.get("name", ""))
+        label = e(kv.get("name", ""))
         unit = e(kv.get("unit", ""))
         units = f"{unit}^{unit}^UCUM" if unit else ""
         number = _number(kv.get("value"))
         if number is not None:
-            obx.append(("NM", f"{name}^{name}^{LOCAL_CODING}", number, units))
+            obx.append(("NM", f"{label}^{label}^{LOCAL_CODING}", number, units))
         elif kv.get("value") is not None:
-            obx.append(("ST", f"{name}^{name}^{LOCAL_CODING}", e(kv["value"]), units))
+            obx.append(("ST", f"{label}^{label}^{LOCAL_CODING}", e(kv["value"]), units))
         elif kv.get("not_evaluable"):
-            obx.append(("ST", f"{name}^{name}^{LOCAL_CODING}", e(f"not evaluable: {kv['not_evaluable']}"), ""))
+            obx.append(("ST", f"{label}^{label}^{LOCAL_CODING}", e(f"not evaluable: {kv['not_evaluable']}"), ""))
     for i, (vt, ident, value, units) in enumerate(obx, start=1):
         segments.append("|".join(["OBX", str(i), vt, ident, "", value, units, "", "", "", "", status]))
     return "\r".join(segments) + "\r"
@@ -366,13 +366,13 @@ class Notifier:
                 waiting = s.scalar(select(func.count()).select_from(Export).where(
                     Export.job_id == job_id, Export.state != ExportState.SENT))
                 if not waiting:
-                    events.append((int(job_id), FILED, float(at)))
+                    events.append((int(job_id), FILED, float(at or t)))
             for job_id, state, at in s.execute(select(Job.id, Job.state, Job.finished_at).where(
                     Job.finished_at > since, Job.state.in_((JobState.DONE, JobState.DEAD)))).all():
                 if state == JobState.DEAD:
-                    events.append((int(job_id), DEAD, float(at)))
+                    events.append((int(job_id), DEAD, float(at or t)))
                 elif not s.scalar(select(func.count()).select_from(Export).where(Export.job_id == job_id)):
-                    events.append((int(job_id), FILED, float(at)))  # no destination: filed in the node
+                    events.append((int(job_id), FILED, float(at or t)))  # no destination: filed in the node
             for job_id, at in s.execute(select(Retraction.job_id, Retraction.created_at).where(
                     Retraction.created_at > since)).all():
                 events.append((int(job_id), RETRACTED, float(at)))
@@ -394,8 +394,8 @@ class Notifier:
             if not wanted:
                 return 0
             job = s.get(Job, job_id)
-            if job is None:
-                return 0
+            if job is None or (event == FILED and s.get(Retraction, job_id) is not None):
+                return 0  # a retraction's rejection note filed is not a result filed
             results = list(s.scalars(select(Result).where(Result.job_id == job_id).order_by(Result.created_at)))
             destinations = sorted(set(s.scalars(select(Export.destination).where(
                 Export.job_id == job_id, Export.state == ExportState.SENT)).all()))

@@ -29,6 +29,7 @@ from node.db import Database, ExportState, JobState
 from node.jobs import NothingToResend, resend_job
 from node.metrics import CONTENT_TYPE, Metrics
 from node.reader import LevelRequestError, request_level
+from node.retract import RetractError, retract_job
 from node.routing import Router
 from node.web import data, pages
 from node.web.auth import (
@@ -214,6 +215,23 @@ def create_app(config: Config, db: Database, metrics: Metrics, audit: AuditSink 
         401: no or wrong token; 403: the read token, or writes disabled; 404: no such job;
         409: nothing to resend (the job is pending or running, or has no results)."""
         return _resend(job_id, who)
+
+    @app.post("/api/jobs/{job_id}/retract", response_model=data.RetractOut, tags=["write"])
+    def api_retract(job_id: int, body: data.RetractIn, who: Annotated[str, Depends(require_write)]) -> Any:
+        """Retract the job's results: an IOCM rejection note (KOS "Rejected for Quality Reasons")
+        referencing them goes to every destination that received them (node.retract).
+
+        401: no or wrong token; 403: the read token, or writes disabled; 404: no such job;
+        409: the job is not done, has no results or is already retracted; 422: an empty reason."""
+        try:
+            out = retract_job(db, config, audit, job_id, body.reason, by=who)
+        except RetractError as e:
+            raise HTTPException(e.status, str(e)) from None
+        except ValueError as e:
+            raise HTTPException(422, str(e)) from None
+        return data.RetractOut(job_id=out.job_id, kos_sop_instance_uid=out.kos_sop_instance_uid,
+                               retracted=list(out.retracted), destinations=list(out.destinations),
+                               exports_cancelled=out.cancelled)
 
     router = Router(config.routes)
 

@@ -10,6 +10,7 @@ from sqlalchemy import select
 from node import jobs
 from node.db import Database, Export, ExportState, Job, JobState, Result, Series, Sweep
 from node.jobs import JobView
+from node.retract import retractions_of
 
 
 class SeriesOut(BaseModel):
@@ -44,6 +45,8 @@ class JobOut(BaseModel):
     started_at: float | None
     finished_at: float | None
     level_override: dict[str, str] | None = None  # level, image, reader, source, time (node.reader)
+    pipeline_version: str = ""  # the version that made the results (the job's summary), once done
+    retraction: dict[str, Any] | None = None  # reason, by, at, KOS UID, results, destinations (node.retract)
 
 
 class DeadLetterOut(BaseModel):
@@ -102,6 +105,18 @@ class SweepOut(BaseModel):
     item_states: dict[str, int]
 
 
+class RetractIn(BaseModel):
+    reason: str  # why the results are rejected (in the rejection note and the audit log)
+
+
+class RetractOut(BaseModel):
+    job_id: int
+    kos_sop_instance_uid: str  # the rejection note (IOCM KOS "Rejected for Quality Reasons")
+    retracted: list[str]  # SOP Instance UIDs of the rejected results
+    destinations: list[str]  # those that get the rejection note (they had received the results)
+    exports_cancelled: int  # exports of the results not sent yet, cancelled
+
+
 class ResendOut(BaseModel):
     job_id: int
     job_requeued: bool
@@ -120,21 +135,35 @@ def list_series(db: Database, limit: int = 200, state: str | None = None) -> lis
                 for r in s.scalars(q)]
 
 
-def _job(v: JobView) -> JobOut:
+def _job(v: JobView, retractions: dict[int, dict[str, Any]] | None = None,
+         versions: dict[int, str] | None = None) -> JobOut:
     out = JobOut.model_validate(v, from_attributes=True)
     override = v.inputs.get("level_override")
     if override:
         out.level_override = {str(k): str(val) for k, val in dict(override).items()}
+    out.retraction = (retractions or {}).get(v.id)
+    out.pipeline_version = (versions or {}).get(v.id, "")
     return out
 
 
+def _versions(db: Database, ids: list[int]) -> dict[int, str]:
+    if not ids:
+        return {}
+    with db.read() as s:
+        return {int(i): str((summary or {}).get("pipeline_version", ""))
+                for i, summary in s.execute(select(Job.id, Job.summary).where(Job.id.in_(ids))).all()}
+
+
 def list_jobs(db: Database, limit: int = 200, state: str | None = None) -> list[JobOut]:
-    return [_job(v) for v in jobs.list_jobs(db, limit, state)]
+    views = jobs.list_jobs(db, limit, state)
+    ids = [v.id for v in views]
+    retracted, versions = retractions_of(db, ids), _versions(db, ids)
+    return [_job(v, retracted, versions) for v in views]
 
 
 def get_job(db: Database, job_id: int) -> JobOut | None:
     v = jobs.get_job(db, job_id)
-    return _job(v) if v is not None else None
+    return _job(v, retractions_of(db, [job_id]), _versions(db, [job_id])) if v is not None else None
 
 
 def list_dead_letters(db: Database, limit: int = 200) -> list[DeadLetterOut]:

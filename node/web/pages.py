@@ -113,7 +113,10 @@ def dashboard(node_title: str, series: list[SeriesOut], jobs: list[JobOut], dead
         _table("jobs", f"Jobs ({len(jobs)})",
                ["Job", "Pipeline", "Route", "Series UID", "State", "Attempts", "Created (UTC)", "Finished (UTC)",
                 "Error"],
-               [[str(j.id), escape(j.pipeline), escape(j.route), _uid(j.series_uid), _state(j.state),
+               [[str(j.id), escape(j.pipeline + (f" {j.pipeline_version}" if j.pipeline_version else "")),
+                 escape(j.route), _uid(j.series_uid),
+                 _state(j.state) + (f' <span class="retracted" title="{escape(j.retraction["reason"])}">retracted'
+                                    '</span>' if j.retraction else ""),
                  str(j.attempts), fmt_time(j.created_at), fmt_time(j.finished_at), escape(j.error[:120])]
                 for j in jobs]),
         _table("sweeps", f"Sweeps ({len(sweeps)})",
