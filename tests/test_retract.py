@@ -35,7 +35,7 @@ TOKEN = "retract-token"
 def _objects(pacs: Orthanc, study_uid: str, folder: Path) -> list[pydicom.Dataset]:
     """The SEG, SR and KO instances of the study in Orthanc, as files."""
     folder.mkdir(parents=True, exist_ok=True)
-    out = []
+    out: list[pydicom.Dataset] = []
     for inst in pacs.instances_of_study(study_uid):
         with urllib.request.urlopen(f"{pacs.url}/instances/{inst['ID']}/file", timeout=30) as r:
             path = folder / f"{inst['ID']}.dcm"
