@@ -60,7 +60,7 @@ class ExportState(StrEnum):
 
 
 class NotificationState(StrEnum):
-    """``notifications.state`` (node.notify's outbox): pending -> sent, or dead after its attempts."""
+    """``notifications.state``: pending -> sent, or dead after its attempts (node.notify's outbox)."""
 
     PENDING = "pending"
     SENT = "sent"
@@ -205,7 +205,7 @@ def markdown() -> str:
     lines += [f"| {t.name} | `{t.uid}` | {t.encoding} | {'implicit' if t.implicit_vr else 'explicit'} "
               f"| {'yes' if t.lossy else 'no'} |" for t in TRANSFER_SYNTAXES]
     lines += ["", "| column | values (stored as text) | |", "|---|---|---|"]
-    for enum in (SeriesState, CompletionReason, JobState, ExportState, SweepState, SweepItemState):
+    for enum in (SeriesState, CompletionReason, JobState, ExportState, NotificationState, SweepState, SweepItemState):
         column, _, meaning = (enum.__doc__ or "").partition(": ")
         lines.append(f"| {column.replace('``', '`')} | {', '.join(f'`{v}`' for v in enum)} | {meaning.strip().replace('|', '/')} |")
     return "\n".join(lines) + "\n"
