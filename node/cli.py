@@ -26,11 +26,11 @@ from node.config import Config, ConfigError, load
 
 EXTENSIONS = (
     "node.sweep:register",
-    "node.retract:register",  # retract, rerun
     "pipelines.radiomics.cohort:register",  # before survival: it creates `cohort`, survival adds to it
     "pipelines.survival.cli:register",
     "pipelines.body_composition.train:register",
     "pipelines.deep.train:register",
+    "node.retract:register",  # retract, rerun
 )
 
 EXIT_OK, EXIT_FAIL, EXIT_USAGE = 0, 1, 2
