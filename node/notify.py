@@ -35,6 +35,7 @@ from __future__ import annotations
 import datetime as _dt
 import json
 import logging
+import math
 import random
 import socket
 import threading
@@ -79,6 +80,11 @@ def iso(t: float) -> str:
 # Payload ---------------------------------------------------------------------------------------
 
 
+def _finite(value: Any) -> Any:
+    """A value JSON and HL7 can carry: NaN and infinities become None (not evaluable)."""
+    return None if isinstance(value, float) and not math.isfinite(value) else value
+
+
 def key_values(summary: Mapping[str, Any]) -> list[dict[str, Any]]:
     """The values a reader looks at first, from a job's summary: ``key_values`` when a pipeline
     gives them (a list of ``{name, value, unit}``); else the level, and the measured values of
@@ -86,7 +92,8 @@ def key_values(summary: Mapping[str, Any]) -> list[dict[str, Any]]:
     evaluable comes with ``value: null`` and its reason)."""
     given = summary.get("key_values")
     if isinstance(given, list):
-        return [dict(v) for v in given if isinstance(v, Mapping) and "name" in v][:MAX_KEY_VALUES]
+        return [{**dict(v), "value": _finite(v.get("value"))} for v in given
+                if isinstance(v, Mapping) and "name" in v][:MAX_KEY_VALUES]
     out: list[dict[str, Any]] = []
     if summary.get("level"):
         out.append({"name": "level", "value": str(summary["level"]), "unit": ""})
@@ -108,7 +115,7 @@ def key_values(summary: Mapping[str, Any]) -> list[dict[str, Any]]:
                         out.append({"name": f"{section}.{name}.{k}", "value": v[k], "unit": unit})
             elif isinstance(v, (int, float, str, bool)) or v is None:
                 out.append({"name": f"{section}.{name}", "value": v, "unit": ""})
-    return out[:MAX_KEY_VALUES]
+    return [{**v, "value": _finite(v.get("value"))} for v in out[:MAX_KEY_VALUES]]
 
 
 def dashboard_base(config: Config) -> str:
@@ -422,17 +429,19 @@ class Notifier:
         return added
 
     # sending ---------------------------------------------------------------------------------
-    def due(self, limit: int = 32) -> list[Due]:
+    def due(self, target: str | None = None, limit: int = 32) -> list[Due]:
+        q = select(Notification).where(Notification.state == NotificationState.PENDING,
+                                       Notification.next_attempt_at <= now())
+        if target is not None:
+            q = q.where(Notification.target == target)
         with self.db.read() as s:
-            rows = s.scalars(select(Notification).where(Notification.state == NotificationState.PENDING,
-                                                        Notification.next_attempt_at <= now())
-                             .order_by(Notification.id).limit(limit)).all()
+            rows = s.scalars(q.order_by(Notification.id).limit(limit)).all()
             return [Due(r.id, r.target, r.job_id, r.event, dict(r.payload or {}), r.attempts) for r in rows]
 
-    def deliver(self) -> int:
-        """Send what is due; returns how many were sent."""
+    def deliver(self, name: str | None = None) -> int:
+        """Send what is due (to target ``name``, or to every target); returns how many were sent."""
         sent = 0
-        for d in self.due():
+        for d in self.due(name):
             target = self.targets.get(d.target)
             if target is None:
                 self._failed(d, None, f"notify target {d.target!r} is no longer configured")
@@ -480,11 +489,42 @@ class Notifier:
         return self.deliver()
 
     def run(self, stop: threading.Event) -> None:
-        """Until ``stop``: look for events and send what is due, every ``poll_seconds``."""
+        """Until ``stop``: look for events every ``poll_seconds`` in this thread; each target sends from
+        a thread of its own, so a slow or unreachable target never holds up the others."""
+        wakes = {name: threading.Event() for name in self.targets}
+        threads = [threading.Thread(target=self._run_target, args=(name, wakes[name], stop),
+                                    name=f"prognode-notify-{name}", daemon=True) for name in self.targets]
+        for t in threads:
+            t.start()
         while not stop.is_set():
             try:
-                self.tick()
+                if self.scan():
+                    for w in wakes.values():
+                        w.set()
+                self.deliver_orphans()
             except Exception:
                 logger.exception("notify pass failed")
             self.wake.wait(self.poll_seconds)
             self.wake.clear()
+        for w in wakes.values():
+            w.set()
+        for t in threads:
+            t.join()
+
+    def _run_target(self, name: str, wake: threading.Event, stop: threading.Event) -> None:
+        while not stop.is_set():
+            try:
+                self.deliver(name)
+            except Exception:
+                logger.exception("notify pass to %s failed", name)
+            wake.wait(self.poll_seconds)
+            wake.clear()
+
+    def deliver_orphans(self) -> None:
+        """Pending rows of targets no longer configured are dead."""
+        with self.db.read() as s:
+            rows = s.scalars(select(Notification).where(Notification.state == NotificationState.PENDING,
+                                                        Notification.target.not_in(list(self.targets)))).all()
+            orphans = [Due(r.id, r.target, r.job_id, r.event, {}, r.attempts) for r in rows]
+        for d in orphans:
+            self._failed(d, None, f"notify target {d.target!r} is no longer configured")

@@ -106,16 +106,17 @@ def test_filed_and_dead_jobs_notify_webhook_and_ris(tmp_path: Path, pacs: Orthan
     cfg = write_config(tmp_path / "node", destinations=[pacs_destination(pacs.dicom_port)], routes=routes,
                        pipelines={"test-sr": {"fail": True}}, web={"port": 8089})
     (tmp_path / "node" / "hook.token").write_text("s3cret\n")
-    with notify_peers(acks=["AE"]) as (hook, ris):
+    with notify_peers(statuses=[503], acks=["AE"]) as (hook, ris):
         add_notify(cfg, [{"name": "hook", "kind": "webhook", "url": hook.url, "token_file": "hook.token",
-                          "timeout_seconds": 5},
+                          "timeout_seconds": 5, "retry_seconds": 0.2},
                          {"name": "ris", "kind": "hl7", "host": "127.0.0.1", "port": ris.port, "include_phi": True,
                           "receiving_application": "RIS", "receiving_facility": "HOSP", "retry_seconds": 0.2,
                           "timeout_seconds": 5}])
         node = Node(load(cfg, environ={}), factories=TISSUE).start()
         try:
             storescu(node.port, list(study.files))
-            wait_until(lambda: len(hook.bodies()) >= 2, 120, interval=0.2, what="two webhook calls")
+            wait_until(lambda: len(hook.bodies()) >= 3, 120, interval=0.2,
+                       what="the webhook calls (one answered 503, sent again, and one more)")
             wait_until(lambda: len(ris.messages) >= 3, 60, interval=0.2,
                        what="the RIS messages (one answered AE, sent again, and one more)")
             wait_until(lambda: all(n.state == "sent" for n in _rows(node)) and len(_rows(node)) == 4, 30,
@@ -125,8 +126,9 @@ def test_filed_and_dead_jobs_notify_webhook_and_ris(tmp_path: Path, pacs: Orthan
             node.stop(timeout=10)
     assert {(r.target, r.event) for r in rows} == {("hook", "filed"), ("hook", "dead"), ("ris", "filed"),
                                                       ("ris", "dead")}
-    assert [r.attempts for r in rows if r.target == "hook"] == [1, 1]
+    assert sorted(r.attempts for r in rows if r.target == "hook") == [1, 2]  # the 503: sent again
     assert sorted(r.attempts for r in rows if r.target == "ris") == [1, 2]  # the AE answer: sent again
+    assert len(hook.received) == 3
     filed = hook.bodies("filed")[0]
     assert filed["study_uid"] == study.study_uid and filed["series_uid"] == study.series_uids[0]
     assert filed["pipeline"] == "tissue-hu" and filed["pipeline_version"] == "1.0.0"
@@ -159,4 +161,5 @@ def test_filed_and_dead_jobs_notify_webhook_and_ris(tmp_path: Path, pacs: Orthan
     assert str(dead_oru.segment("OBR")[4][0][0]) == "test-sr"
     audit = [json.loads(x) for x in Path(node.config.path(node.config.logging.audit_file)).read_text().splitlines()]
     assert any(e["event"] == "notification_failed" and "ACK AE" in e["error"] for e in audit)
+    assert any(e["event"] == "notification_failed" and "503" in e["error"] for e in audit)
     assert sum(e["event"] == "notification_sent" for e in audit) == 4

@@ -86,8 +86,9 @@ def test_retract_then_rerun_after_upgrade(tmp_path: Path, pacs: Orthanc, monkeyp
             assert client.post(url, json={"reason": "again"}, headers=auth).status_code == 409
             shown = client.get(f"/api/jobs/{first.id}", headers=auth).json()
             assert shown["retraction"]["reason"] == "wrong series: a scout" and shown["pipeline_version"] == "1.0.0"
-            page = client.get("/", headers=auth).text
-            assert "retracted" in page
+            assert '<span class="retracted"' in client.get("/", headers=auth).text
+            listed = {r["sop_instance_uid"]: r["retracted"] for r in client.get("/api/results", headers=auth).json()}
+            assert listed == {uid: True for uid in out["retracted"]}
             assert node_cli.main(["retract", str(first.id), "--reason", "x", "--config", str(cfg)]) == 1  # again
             assert node_cli.main(["retract", "999", "--reason", "x", "--config", str(cfg)]) == 2
             assert node_cli.main(["resend", str(first.id), "--config", str(cfg)]) == 1  # never sent again

@@ -72,6 +72,7 @@ class ResultOut(BaseModel):
     in_pacs_at: float | None
     last_image_at: float | None
     seconds_to_pacs: float | None  # from the last image of the input series to the result stored in PACS
+    retracted: bool = False  # rejected by a retraction of its job (node.retract)
 
 
 class LevelIn(BaseModel):
@@ -192,7 +193,10 @@ def list_results(db: Database, limit: int = 200) -> list[ResultOut]:
                                  pipeline=r.pipeline, study_uid=r.study_uid, source_series_uid=r.source_series_uid,
                                  supersedes=r.supersedes, created_at=r.created_at, in_pacs_at=r.in_pacs_at,
                                  last_image_at=last, seconds_to_pacs=secs))
-        return out
+    retracted = retractions_of(db, sorted({o.job_id for o in out}))
+    for o in out:
+        o.retracted = o.sop_instance_uid in (retracted.get(o.job_id) or {}).get("retracted", ())
+    return out
 
 
 def list_sweeps(db: Database, limit: int = 50) -> list[SweepOut]:
