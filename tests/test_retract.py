@@ -153,3 +153,27 @@ def test_retract_then_rerun_after_upgrade(tmp_path: Path, pacs: Orthanc, monkeyp
     assert "2.0.0" in versions[new.SOPInstanceUID] and "1.0.0" in versions[old.SOPInstanceUID]
     ok, report = dciodvfy(Path(new.filename))
     assert ok, report
+
+
+def test_rejection_note_refuses_what_iocm_cannot_say() -> None:
+    from pydicom.dataset import Dataset
+
+    from dicom_templates.identity import Identity
+    from dicom_templates.kos import build_rejection_kos
+
+    identity = Identity(manufacturer="prognode", software_version="0.1.0", device_serial_number="kos-test")
+
+    def obj(study: str) -> Dataset:
+        ds = Dataset()
+        ds.StudyInstanceUID, ds.SeriesInstanceUID, ds.SOPInstanceUID = study, study + ".1", study + ".1.1"
+        ds.SOPClassUID = "1.2.840.10008.5.1.4.1.1.88.34"
+        return ds
+
+    with pytest.raises(ValueError, match="at least one"):
+        build_rejection_kos([], identity, 9199, "why")
+    with pytest.raises(ValueError, match="2 studies"):
+        build_rejection_kos([obj("1.2.3"), obj("1.2.4")], identity, 9199, "why")
+    with pytest.raises(ValueError, match="reason"):
+        build_rejection_kos([obj("1.2.3")], identity, 9199, " ")
+    with pytest.raises(ValueError, match="device_serial_number"):
+        build_rejection_kos([obj("1.2.3")], Identity("prognode", "0.1.0", ""), 9199, "why")
