@@ -163,3 +163,54 @@ def test_filed_and_dead_jobs_notify_webhook_and_ris(tmp_path: Path, pacs: Orthan
     assert any(e["event"] == "notification_failed" and "ACK AE" in e["error"] for e in audit)
     assert any(e["event"] == "notification_failed" and "503" in e["error"] for e in audit)
     assert sum(e["event"] == "notification_sent" for e in audit) == 4
+
+
+def test_outbox_survives_a_restart_and_tells_each_event_once(tmp_path: Path) -> None:
+    """The outbox is a table: a message to a RIS that is down waits (back-off), a new notifier (a
+    restart) queues nothing twice and sends it once the RIS is up."""
+    from node.audit import AuditLog
+    from node.db import Database, Export, Job, Result, now
+    from node.index import Index
+    from node.notify import Notifier
+    from tests.peers import free_port
+
+    port = free_port()
+    cfg = tmp_path / "c.toml"
+    cfg.write_text(f'[node]\nstorage = "var"\n[[notify]]\nname = "ris"\nkind = "hl7"\nhost = "127.0.0.1"\n'
+                   f'port = {port}\nretry_seconds = 0.05\ntimeout_seconds = 2\n')
+    config = load(cfg, environ={})
+    config.storage_dir.mkdir(parents=True)
+    db = Database(config.database_url)
+    try:
+        def notifier() -> Notifier:
+            return Notifier(db, config, Index(db, config.storage_dir), AuditLog(None))
+
+        first = notifier()
+        first.scan()  # starts looking from now
+        t = now()
+        with db.session() as s:
+            s.add(Job(id=1, series_uid="1.2.3.4", study_uid="1.2.3", route="r", pipeline="tissue-hu", inputs={},
+                      input_key="k", state="done", attempts=1, finished_at=t,
+                      summary={"evaluable": True, "pipeline_version": "1.0.0"}))
+            s.flush()
+            s.add(Result(sop_instance_uid="1.2.3.9", job_id=1, series_uid="1.2.3.8", source_series_uid="1.2.3.4",
+                         study_uid="1.2.3", modality="SR", sop_class_uid="1.2.840.10008.5.1.4.1.1.88.34",
+                         pipeline="tissue-hu"))
+            s.add(Export(job_id=1, destination="pacs", path="/x", sop_instance_uid="1.2.3.9", state="sent",
+                         attempts=1, sent_at=t))
+        assert first.scan() == 1 and first.scan() == 0
+        assert first.deliver() == 0  # nobody listens on the port: a failed attempt, pending again
+        with db.read() as s:
+            row = s.query(Notification).one()
+            assert row.state == "pending" and row.attempts == 1 and "Connection" in row.last_error
+        second = notifier()  # a restart
+        assert second.scan() == 0
+        with notify_peers() as (_hook, ris):
+            second.targets = {"ris": second.targets["ris"].model_copy(update={"port": ris.port})}
+            wait_until(lambda: second.deliver() == 1, 10, interval=0.1, what="the message sent after the restart")
+            assert len(ris.messages) == 1 and str(ris.messages[0].segment("OBR")[25]) == "F"
+        with db.read() as s:
+            row = s.query(Notification).one()
+            assert row.state == "sent" and row.attempts == 2
+    finally:
+        db.dispose()
