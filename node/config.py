@@ -313,9 +313,10 @@ class WebConfig(_Model):
 
 
 class _NotifyBase(_Model):
-    """A ``[[notify]]`` target (node.notify): told when a job's results are filed in every destination
-    (or, with no destination, when the job is done) and when a job is dead.  ``include_phi``: the
-    patient's name, ID, birth date and the accession number go out too; otherwise UIDs only."""
+    """A ``[[notify]]`` target (node.notify): told (``events``) when a job's results are filed in every
+    destination (or, with no destination, when the job is done), when a job is dead and when a job's
+    results are retracted.  ``include_phi``: the patient's name, ID, birth date and the accession
+    number go out too; otherwise UIDs only."""
 
     name: str
     include_phi: bool = False
