@@ -25,6 +25,7 @@ from node.db import Database
 from node.export import Exporter
 from node.index import Index
 from node.jobs import JobManager, JobQueue, LocalProcessRunner, Runner, pipeline_modules
+from node.lanes import HoursWindow
 from node.ops import Operations
 from node.reader import LevelMarkers
 from node.routing import Router
@@ -61,9 +62,9 @@ class Node:
         self.db = Database(config.database_url)
         self.index = Index(self.db, config.storage_dir)
         self.audit = AuditLog(config.path(config.logging.audit_file))
-        self.router = Router(config.routes)
+        self.router = Router(config.routes, sweep_priority=config.sweep.priority)
         self.queue = JobQueue(self.db, self.audit, config.jobs.max_attempts, config.jobs.retry_seconds,
-                              config.jobs.lease_seconds)
+                              config.jobs.lease_seconds, batch_hours=HoursWindow.parse(config.jobs.batch_hours))
         self.runner: Runner | None = runner
         self._factories = dict(factories or {})
         self.exporter = Exporter(self.db, config, self.audit, config.completion.poll_seconds)

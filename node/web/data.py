@@ -43,6 +43,7 @@ class JobOut(BaseModel):
     updated_at: float
     started_at: float | None
     finished_at: float | None
+    priority: str  # lane: urgent, normal or batch (node.lanes)
     level_override: dict[str, str] | None = None  # level, image, reader, source, time (node.reader)
 
 
