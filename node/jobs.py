@@ -344,6 +344,9 @@ def resend_job(db: Database, job_id: int, audit: AuditSink | None, by: str) -> R
         job = s.get(Job, job_id)
         if job is None:
             raise KeyError(f"job {job_id} not found")
+        if job.purged_at is not None:
+            raise NothingToResend(f"job {job_id}'s work folder was deleted by retention: its results cannot be sent "
+                                  "again")
         requeue_job = job.state in (JobState.FAILED, JobState.DEAD)
         exports = list(s.scalars(select(Export).where(Export.job_id == job_id, Export.state != ExportState.PENDING)))
         if not requeue_job and not exports:

@@ -17,6 +17,7 @@ import threading
 from collections.abc import Mapping
 from pathlib import Path
 from types import FrameType
+from typing import Any
 
 from node.audit import AuditLog
 from node.completion import CompletionMonitor
@@ -28,10 +29,13 @@ from node.jobs import JobManager, JobQueue, LocalProcessRunner, Runner, pipeline
 from node.lanes import HoursWindow
 from node.ops import Operations
 from node.reader import LevelMarkers
+from node.retention import Retention
+from node.retention import start_scheduler as start_retention
 from node.routing import Router
 from node.server import DicomServer, route_keywords
 from node.storage import Storage
 from node.tls import client_identity_handlers, server_context
+from node.watermark import FreeSpace, Watermark, association_handlers
 
 logger = logging.getLogger(__name__)
 
@@ -70,10 +74,20 @@ class Node:
         self.exporter = Exporter(self.db, config, self.audit, config.completion.poll_seconds)
         # operations (issue 6): metrics on the SCP's events, web dashboard/REST/metrics, sweep schedule
         self.ops = Operations(config, self.db, self.audit)
+        # retention and the disk watermarks (issue 14): purge on the schedule and below the first mark
+        self.retention = Retention(config, self.db, self.audit)
+        self.watermark = Watermark(FreeSpace(config.storage_dir, config.retention.check_seconds),
+                                   config.node.min_free_bytes, config.node.associate_floor,
+                                   config.retention.headroom_bytes, self.audit,
+                                   self.retention.free_up if config.retention.enabled else None)
+        if self.storage.low_space is None:
+            self.storage.low_space = self.watermark.relieve
+        self._retention_scheduler: Any = None
         self.server = DicomServer(config, self.storage, self.index, self.audit,
                                   server_ssl_context(config.node.tls, config),
                                   extra_handlers=[*self.ops.metrics.scp_handlers(),  # calling AE <-> client cert:
-                                                  *client_identity_handlers(config.node.tls, self.audit)])
+                                                  *client_identity_handlers(config.node.tls, self.audit),
+                                                  *association_handlers(self.watermark, self.audit)])
         self.jobs: JobManager | None = None
         self.completion: CompletionMonitor | None = None
         self.markers: LevelMarkers | None = None
@@ -105,11 +119,13 @@ class Node:
                                             on_complete=self.markers.on_series_complete)
         self.server.start()
         for name, target in (("completion", self.completion.run), ("jobs", self.jobs.run),
-                             ("export", self.exporter.run)):
+                             ("export", self.exporter.run), ("watermark", self.watermark.run)):
             t = threading.Thread(target=target, args=(self._stop,), name=f"prognode-{name}", daemon=True)
             t.start()
             self._threads.append(t)
         self.ops.start()
+        if self.config.retention.enabled:
+            self._retention_scheduler = start_retention(self.retention)
         self._running_mark.write_text(f"{os.getpid()}\n")
         self.audit.write("node_started", ae_title=self.config.node.ae_title, port=self.port)
         return self
@@ -138,6 +154,9 @@ class Node:
         logger.info("stopping: no new associations; waiting for in-flight ones")
         self.server.stop(timeout)
         self.ops.stop()
+        if self._retention_scheduler is not None:
+            self._retention_scheduler.shutdown(wait=False)
+            self._retention_scheduler = None
         self._stop.set()
         if self.jobs is not None:
             self.jobs.wake.set()

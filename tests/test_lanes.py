@@ -6,10 +6,11 @@ import datetime as dt
 from pathlib import Path
 
 import pytest
+from sqlalchemy.orm import Session
 
 from node.audit import AuditLog
 from node.config import ConfigError, RouteConfig, load
-from node.db import Database, Job, JobState, Series, SeriesState, SweepItem, SweepItemState, now
+from node.db import Database, Job, JobState, Series, SeriesState, Sweep, SweepItem, SweepItemState, now
 from node.jobs import JobQueue
 from node.lanes import HoursWindow, Priority, claimable
 from node.metrics import Metrics
@@ -88,20 +89,19 @@ def test_route_priority_and_swept_series_are_batch(tmp_path: Path) -> None:
         s.add(SweepItem(sweep_id=_sweep(s), study_uid="1.2", series_uid="1.2.11",
                         state=SweepItemState.RETRIEVED.value))
         s.flush()
-        scanner = router.on_series_complete(s, s.get(Series, "1.2.10"))
-        swept = router.on_series_complete(s, s.get(Series, "1.2.11"))
+        a, b = s.get(Series, "1.2.10"), s.get(Series, "1.2.11")
+        assert a is not None and b is not None
+        scanner, swept = router.on_series_complete(s, a), router.on_series_complete(s, b)
         got = {(j.series_uid, j.route): j.priority for j in [*scanner, *swept]}
     assert got == {("1.2.10", "plain"): "normal", ("1.2.10", "fast"): "urgent",
                    ("1.2.11", "plain"): "batch", ("1.2.11", "fast"): "urgent"}
     db.dispose()
 
 
-def _sweep(s: object) -> int:
-    from node.db import Sweep
-
+def _sweep(s: Session) -> int:
     sw = Sweep(source="pacs", date_from="20260101", date_to="20260101")
-    s.add(sw)  # type: ignore[attr-defined]
-    s.flush()  # type: ignore[attr-defined]
+    s.add(sw)
+    s.flush()
     return int(sw.id)
 
 
