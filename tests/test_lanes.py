@@ -124,3 +124,20 @@ def test_old_database_gets_the_lane_column(tmp_path: Path) -> None:
         job = s.get(Job, 1)
         assert job is not None and job.priority == "normal" and job.purged_at is None
     db.dispose()
+
+
+def test_dashboard_and_api_show_lanes(tmp_path: Path) -> None:
+    from fastapi.testclient import TestClient
+
+    from node.web.app import create_app
+    from tests.test_web import READ, make_config
+
+    cfg = make_config(tmp_path)
+    db = Database(cfg.database_url)
+    for n, lane in enumerate((Priority.URGENT, Priority.BATCH, Priority.BATCH)):
+        _job(db, n, lane)
+    client = TestClient(create_app(cfg, db, Metrics(db)))
+    page = client.get("/", headers=READ).text
+    assert "Queue urgent<b>1</b>" in page and "Queue normal<b>0</b>" in page and "Queue batch<b>2</b>" in page
+    assert sorted(j["priority"] for j in client.get("/api/jobs", headers=READ).json()) == ["batch", "batch", "urgent"]
+    db.dispose()
