@@ -223,7 +223,11 @@ class Storage:
             return
         final = self.root / stored.path
         try:
-            os.replace(stored.staged, final)
+            try:
+                os.replace(stored.staged, final)
+            except FileNotFoundError:  # retention purged the earlier copy and its folder meanwhile
+                final.parent.mkdir(parents=True, exist_ok=True)
+                os.replace(stored.staged, final)
             if self.fsync:
                 _fsync_dir(final.parent)
         except BaseException:

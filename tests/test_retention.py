@@ -252,3 +252,22 @@ def test_cstore_refused_at_the_mark_after_a_purge_then_associations_rejected(tmp
     rejected = [r for r in audit if r["event"] == "association_rejected"]
     assert len(rejected) >= 2 and all(r.get("transient") and "disk nearly full" in r["reason"] for r in rejected)
     assert any(r["event"] == "disk_watermark" and r["level"] == "critical" for r in audit)
+
+
+def test_storage_writes_into_a_series_folder_retention_removed(tmp_path: Path) -> None:
+    """Storage remembers the folders it made; retention may remove them (emptied) in between."""
+    store = Storage(tmp_path, fsync=False)
+    try:
+        first = store.write_instance("1.2.3", "1.2.3.4", "1.2.3.4.1", [b"a" * 10])
+        (tmp_path / first.path).unlink()
+        (tmp_path / first.path).parent.rmdir()
+        second = store.write_instance("1.2.3", "1.2.3.4", "1.2.3.4.2", [b"b" * 10])
+        assert (tmp_path / second.path).read_bytes() == b"b" * 10
+        staged = store.stage_instance("1.2.3", "1.2.3.4", "1.2.3.4.2", [b"c" * 10])  # a copy of a stored one
+        assert staged.staged
+        (tmp_path / second.path).unlink()
+        (tmp_path / second.path).parent.rmdir()
+        store.commit(staged)
+        assert (tmp_path / second.path).read_bytes() == b"c" * 10
+    finally:
+        store.close()
