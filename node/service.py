@@ -167,6 +167,8 @@ class Node:
             # running jobs are not waited for: they are pending again at the next start
             self.runner.shutdown(wait=False)
         self.ops.stop()
+        if self.storage.low_space == self.watermark.relieve:
+            self.storage.low_space = None
         self.storage.close()  # after the SCP and the jobs: removes the temporary files made ahead of time
         self._running_mark.unlink(missing_ok=True)  # a clean stop: no recovery at the next start
         self.audit.write("node_stopped")

@@ -107,11 +107,11 @@ class Watermark:
         """Free space is short of ``needed`` + ``min_free_bytes``: purge what retention allows (one purge at a
         time; a caller that waited sees what it freed).  True when there is room again.  Without a purge, or
         shortly after a purge that found nothing to delete, False at once."""
-        if self.purge is None:
-            self.level(fresh=True)
+        if self.purge is None or time.monotonic() < self._nothing_until:
+            self.level()  # the caller (node.storage) has just looked at the disk: the cache is enough
             return False
         with self._purge_lock:
-            if self.space.free(fresh=True) - needed >= self.min_free:
+            if self.space.free(fresh=True) - needed >= self.min_free:  # a purge that held the lock made room
                 return True
             if time.monotonic() < self._nothing_until:
                 return False
