@@ -17,6 +17,7 @@ from sqlalchemy import func, select
 
 from node import counters
 from node.audit import AuditLog
+from node.cli import main as cli_main
 from node.config import Config, load
 from node.db import Database, Export, ExportState, Instance, Job, JobState, Series, SeriesState, now
 from node.index import Index, InstanceMeta
@@ -25,7 +26,7 @@ from node.retention import Kind, Retention, Trigger, table
 from node.storage import Storage
 from node.watermark import FreeSpace, Level, Watermark
 from tests.conftest import need
-from tests.node_helpers import cli, running_node, write_config
+from tests.node_helpers import running_node, write_config
 from tests.peers import echoscu, storescu, wait_until
 from tests.synthetic_ct import write_study
 
@@ -192,19 +193,18 @@ def test_watermark_purges_then_refuses_then_rejects(tmp_path: Path) -> None:
     db.dispose()
 
 
-def test_cli_dry_run_lists_and_run_deletes(tmp_path: Path) -> None:
+def test_cli_dry_run_lists_and_run_deletes(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     cfg_path = write_config(tmp_path, retention={"days": 30})
     cfg = load(cfg_path, environ={})
     db, _store, st = _world(tmp_path, cfg)
     db.dispose()
-    r = cli("retention", "--config", str(cfg_path), "--dry-run")
-    assert r.returncode == 0, r.stderr
-    assert st["exported"].series_uid in r.stdout and "would delete: 2 series, 1 work folders" in r.stdout
-    assert st["pending"].series_uid not in r.stdout
+    assert cli_main(["retention", "--config", str(cfg_path), "--dry-run"]) == 0  # `prognode retention --dry-run`
+    out = capsys.readouterr().out
+    assert st["exported"].series_uid in out and "would delete: 2 series, 1 work folders" in out
+    assert st["pending"].series_uid not in out
     assert len(_files(cfg, st["exported"])) == 3
-    r = cli("retention", "--config", str(cfg_path), "--json")
-    assert r.returncode == 0, r.stderr
-    doc = json.loads(r.stdout)
+    assert cli_main(["retention", "--config", str(cfg_path), "--json"]) == 0
+    doc = json.loads(capsys.readouterr().out)
     assert {p["kind"] for p in doc["purged"]} == {Kind.INSTANCES.value, Kind.WORK.value} and doc["files"] == 7
     assert len(_files(cfg, st["exported"])) == 0 and len(_files(cfg, st["pending"])) == 3
 
