@@ -28,9 +28,12 @@ log = logging.getLogger(__name__)
 Network = ipaddress.IPv4Network | ipaddress.IPv6Network
 
 REJECT_PERMANENT = 0x01
+REJECT_TRANSIENT = 0x02
 SOURCE_SERVICE_USER = 0x01
+SOURCE_SERVICE_PROVIDER_PRESENTATION = 0x03  # DICOM UL service-provider (presentation related function)
 DIAG_NO_REASON = 0x01
 DIAG_CALLING_AE_NOT_RECOGNISED = 0x03
+DIAG_LOCAL_LIMIT_EXCEEDED = 0x02  # with SOURCE_SERVICE_PROVIDER_PRESENTATION
 
 
 def _net(text: str) -> Network:
@@ -88,12 +91,17 @@ def _handle_requested(event: Any, policy: AccessPolicy, audit: AuditSink | None)
 
 
 def reject_association(assoc: Any, calling: str, ip: str, reason: str, diagnostic: int,
-                       audit: AuditSink | None) -> None:
-    """A-ASSOCIATE-RJ (permanent, by the service user) with a log line and an audit record naming why."""
+                       audit: AuditSink | None, result: int = REJECT_PERMANENT,
+                       source: int = SOURCE_SERVICE_USER) -> None:
+    """A-ASSOCIATE-RJ (permanent, by the service user, unless ``result`` and ``source`` say otherwise) with a
+    log line and an audit record naming why; nothing when another handler already rejected it."""
+    if getattr(assoc, "is_rejected", False):
+        return
     log.warning("association rejected: calling_ae=%s peer=%s reason=%s", calling, ip, reason)
     if audit is not None:
-        audit.write("association_rejected", calling_ae=calling, peer=ip, reason=reason)
-    assoc.acse.send_reject(REJECT_PERMANENT, SOURCE_SERVICE_USER, diagnostic)
+        audit.write("association_rejected", calling_ae=calling, peer=ip, reason=reason,
+                    **({"transient": True} if result == REJECT_TRANSIENT else {}))
+    assoc.acse.send_reject(result, source, diagnostic)
 
 
 def access_handlers(

@@ -26,6 +26,7 @@ from node.config import Config, ConfigError, load
 
 EXTENSIONS = (
     "node.sweep:register",
+    "node.retention:register",
     "pipelines.radiomics.cohort:register",  # before survival: it creates `cohort`, survival adds to it
     "pipelines.survival.cli:register",
     "pipelines.body_composition.train:register",

@@ -30,6 +30,8 @@ from pydantic import (
     model_validator,
 )
 
+from node.lanes import Priority, check_hours
+
 ENV_PREFIX = "PROGNODE_"
 
 
@@ -158,7 +160,11 @@ class NodeConfig(_Model):
     network_timeout: float = Field(60.0, gt=0)  # idle time between messages before the association is aborted
     dimse_timeout: float = Field(30.0, gt=0)  # longest pause inside a PDU, or a send the peer does not read
     max_dataset_bytes: int = Field(1 << 30, ge=1024)  # longest data set (inflated if deflated); longer: 0xA700
+    # disk watermarks (node.watermark): below min_free_bytes free space the node first purges what
+    # [retention] allows, then answers C-STORE 0xA700; below associate_min_free_bytes (lower) it
+    # rejects new associations (A-ASSOCIATE-RJ transient, local limit exceeded); 0: no such mark
     min_free_bytes: int = Field(512 * 1024 * 1024, ge=0)  # refuse instances below this free space
+    associate_min_free_bytes: int | None = Field(None, ge=0)  # refuse associations below; None: min_free_bytes / 2
     fsync: bool = True
     tls: NodeTlsConfig = NodeTlsConfig()
     institution_name: str = ""  # written into Contributing Equipment when set
@@ -168,6 +174,20 @@ class NodeConfig(_Model):
     @classmethod
     def _ae(cls, value: str) -> str:
         return _check_ae_title(value)
+
+    @model_validator(mode="after")
+    def _watermarks(self) -> NodeConfig:
+        if self.associate_min_free_bytes is not None and self.associate_min_free_bytes > self.min_free_bytes:
+            raise ValueError("associate_min_free_bytes: must not exceed min_free_bytes (associations are "
+                             "refused below the lower mark, instances below the higher one)")
+        return self
+
+    @property
+    def associate_floor(self) -> int:
+        """Free bytes below which new associations are rejected (``associate_min_free_bytes`` or half of
+        ``min_free_bytes``)."""
+        a = self.associate_min_free_bytes
+        return self.min_free_bytes // 2 if a is None else a
 
     @field_validator("allowed_hosts")
     @classmethod
@@ -190,6 +210,13 @@ class JobsConfig(_Model):
     retry_seconds: float = Field(30.0, ge=0)
     lease_seconds: float = Field(600.0, gt=0)  # a running job whose worker vanished is requeued after this
     device: Literal["auto", "cpu", "cuda"] = "auto"
+    # local time of the node in which batch jobs start (node.lanes); "19:00-07:00" wraps past midnight
+    batch_hours: str = "00:00-24:00"
+
+    @field_validator("batch_hours")
+    @classmethod
+    def _batch_hours(cls, value: str) -> str:
+        return check_hours(value)
 
 
 class RemoteAE(_Model):
@@ -250,6 +277,8 @@ class RouteConfig(_Model):
     send_to: tuple[str, ...] = ()
     level: Literal["series", "study"] = "series"
     requires: tuple[SeriesMatch, ...] = ()  # study level: all must be complete before the job starts
+    # lane of its jobs (node.lanes); unset: normal, or [sweep].priority for a series a sweep retrieved
+    priority: Priority | None = None
 
     def matches(self, attributes: Mapping[str, str]) -> bool:
         return match_attributes(self.when, attributes)
@@ -275,6 +304,32 @@ class SweepConfig(_Model):
     allowed_hours: tuple[int, int] = (0, 24)  # [start, end) local hours in which retrieval may run
     modality: str = "CT"
     pause_seconds: float = Field(0.0, ge=0)  # throttle between retrievals
+    priority: Priority = Priority.BATCH  # lane of jobs on retrieved series whose route sets no priority
+
+
+class RetentionConfig(_Model):
+    """What the node deletes, and when (node.retention).
+
+    Received instances of a study and each job's work folder go ``days`` after they were last used,
+    once every job of the study is done and every export of it sent: never the inputs of a pending,
+    running, failed (retryable) or dead job, never a study still receiving, never what a pending or
+    dead-letter export still needs.  The age-based run starts at ``cron`` and stops at the end of
+    ``hours`` (local time; the rest goes at the next run).  With ``enabled``, the disk watermark
+    ([node] min_free_bytes) also purges what these rules allow, oldest first and of any age, until
+    ``min_free_bytes + headroom_bytes`` are free again; without it nothing is ever deleted.
+    """
+
+    enabled: bool = False
+    days: float = Field(30.0, ge=0)  # age of a study (its last instance) or work folder (its job's end)
+    cron: str = "30 1 * * *"  # crontab (local time): minute hour day month weekday
+    hours: str = "00:00-24:00"  # the run stops outside this window (local time), "01:00-05:00" e.g.
+    headroom_bytes: int = Field(1024 * 1024 * 1024, ge=0)  # a watermark purge frees up to min_free_bytes + this
+    check_seconds: float = Field(5.0, gt=0)  # free-space checks of the watermark (statvfs at most this often)
+
+    @field_validator("hours")
+    @classmethod
+    def _hours(cls, value: str) -> str:
+        return check_hours(value)
 
 
 class WebConfig(_Model):
@@ -382,6 +437,7 @@ class Config(_Model):
     pipelines: dict[str, dict[str, Any]] = {}  # per-pipeline options, validated by each pipeline
     models: dict[str, Path] = {}  # local weight files by name; nothing is downloaded
     sweep: SweepConfig = SweepConfig()
+    retention: RetentionConfig = RetentionConfig()
     web: WebConfig = WebConfig()
     output: OutputConfig = OutputConfig()
     logging: LoggingConfig = LoggingConfig()
@@ -472,7 +528,7 @@ def _set_dotted(data: dict[str, Any], dotted: str, raw: str) -> None:
     cursor[parts[-1]] = value
 
 
-_SECTIONS = ("node", "completion", "jobs", "sweep", "web", "output", "logging")
+_SECTIONS = ("node", "completion", "jobs", "sweep", "retention", "web", "output", "logging")
 
 
 def _env_overrides(environ: Mapping[str, str]) -> list[tuple[str, str]]:

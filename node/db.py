@@ -34,6 +34,7 @@ from sqlalchemy import (
     UniqueConstraint,
     create_engine,
     event,
+    inspect,
 )
 from sqlalchemy.engine import Engine
 from sqlalchemy.orm import DeclarativeBase, Mapped, Session, mapped_column, sessionmaker
@@ -48,6 +49,7 @@ from node.dicom_facts import NotificationState as NotificationState
 from node.dicom_facts import SeriesState as SeriesState
 from node.dicom_facts import SweepItemState as SweepItemState
 from node.dicom_facts import SweepState as SweepState
+from node.lanes import Priority
 
 
 def now() -> float:
@@ -122,6 +124,10 @@ class Job(Base):
     last_image_at: Mapped[float | None] = mapped_column(Float, nullable=True)  # for time-to-result
     result_dir: Mapped[str] = mapped_column(Text, default="")
     summary: Mapped[dict[str, Any]] = mapped_column(JSON, default=dict)
+    # lane (node.lanes.Priority): urgent jobs are claimed first, batch ones last and only in [jobs].batch_hours
+    priority: Mapped[str] = mapped_column(String(16), default=Priority.NORMAL.value,
+                                          server_default=Priority.NORMAL.value)
+    purged_at: Mapped[float | None] = mapped_column(Float, nullable=True)  # work folder deleted (node.retention)
 
 
 class Export(Base):
@@ -224,6 +230,10 @@ class StateCount(Base):
 
 
 Index("ix_jobs_state_not_before", Job.state, Job.not_before)
+# columns added to existing tables after their first release: (table, column, DDL of the column), added
+# by Database on a database made before them (an Alembic migration replaces this at merge time)
+ADDED_COLUMNS = (("jobs", "priority", f"VARCHAR(16) NOT NULL DEFAULT '{Priority.NORMAL.value}'"),
+                 ("jobs", "purged_at", "FLOAT"))
 # time windows of the metrics' histograms (created on existing databases too, see Database)
 WINDOW_INDEXES = (Index("ix_series_completed_at", Series.completed_at), Index("ix_jobs_finished_at", Job.finished_at),
                   Index("ix_results_in_pacs_at", Result.in_pacs_at),
@@ -247,6 +257,7 @@ class Database:
         Base.metadata.create_all(self.engine)
         # additive schema changes on a database made by an earlier version (create_all makes
         # missing tables only): indexes of existing tables, then the counters' triggers
+        _add_columns(self.engine)
         for ix in WINDOW_INDEXES:
             ix.create(self.engine, checkfirst=True)
         counters.install(self.engine)
@@ -268,6 +279,14 @@ class Database:
 
     def dispose(self) -> None:
         self.engine.dispose()
+
+
+def _add_columns(engine: Engine) -> None:
+    present = {t: {c["name"] for c in inspect(engine).get_columns(t)} for t in {t for t, _c, _d in ADDED_COLUMNS}}
+    for table, column, ddl in ADDED_COLUMNS:
+        if column not in present[table]:
+            with engine.begin() as conn:
+                conn.exec_driver_sql(f"ALTER TABLE {table} ADD COLUMN {column} {ddl}")
 
 
 def _sqlite_pragmas(dbapi_conn: Any, _record: Any) -> None:

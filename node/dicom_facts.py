@@ -25,10 +25,11 @@ from pydicom.uid import UID
 
 
 class SeriesState(StrEnum):
-    """``series.state``: receiving -> complete; an instance arriving later reopens it (receiving, generation + 1)."""
+    """``series.state``: receiving -> complete; an instance arriving later reopens it (receiving, generation + 1); purged: retention deleted its instances (node.retention)."""  # noqa: E501
 
     RECEIVING = "receiving"
     COMPLETE = "complete"
+    PURGED = "purged"  # instances deleted by retention; their index rows are gone
 
 
 class CompletionReason(StrEnum):

@@ -33,13 +33,14 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Protocol
 
-from sqlalchemy import exists, func, select, update
+from sqlalchemy import case, exists, func, select, update
 from sqlalchemy.orm import aliased
 
 from node.audit import AuditLog, AuditSink
 from node.config import Config
 from node.db import Database, Export, ExportState, Job, JobState, Result, Retraction, now
 from node.index import Index
+from node.lanes import RANK, HoursWindow, Priority, claimable
 from node.storage import Storage
 from pipelines.base import Identity, Pipeline, PipelineContext, PipelineOutput, Predecessor, SeriesInput
 
@@ -285,6 +286,7 @@ class JobView:
     finished_at: float | None
     last_image_at: float | None
     inputs: Mapping[str, Any]
+    priority: str = Priority.NORMAL.value  # lane (node.lanes)
 
 
 def _rowcount(res: Any) -> int:
@@ -293,7 +295,8 @@ def _rowcount(res: Any) -> int:
 
 def _view(j: Job) -> JobView:
     return JobView(j.id, j.series_uid, j.study_uid, j.route, j.pipeline, j.state, j.attempts, j.error,
-                   j.created_at, j.updated_at, j.started_at, j.finished_at, j.last_image_at, dict(j.inputs or {}))
+                   j.created_at, j.updated_at, j.started_at, j.finished_at, j.last_image_at, dict(j.inputs or {}),
+                   j.priority)
 
 
 def list_jobs(db: Database, limit: int = 1000, state: str | None = None) -> list[JobView]:
@@ -346,6 +349,9 @@ def resend_job(db: Database, job_id: int, audit: AuditSink | None, by: str) -> R
             raise KeyError(f"job {job_id} not found")
         if s.get(Retraction, job_id) is not None:  # node.retract: its results were rejected
             raise NothingToResend(f"job {job_id} was retracted: its results are not sent again")
+        if job.purged_at is not None:
+            raise NothingToResend(f"job {job_id}'s work folder was deleted by retention: its results cannot be sent "
+                                  "again")
         requeue_job = job.state in (JobState.FAILED, JobState.DEAD)
         exports = list(s.scalars(select(Export).where(Export.job_id == job_id, Export.state != ExportState.PENDING)))
         if not requeue_job and not exports:
@@ -368,7 +374,8 @@ class JobQueue:
     """Transitions of the durable queue; each method is one transaction."""
 
     def __init__(self, db: Database, audit: AuditLog, max_attempts: int = 3, retry_seconds: float = 30.0,
-                 lease_seconds: float = 600.0) -> None:
+                 lease_seconds: float = 600.0, batch_hours: HoursWindow | None = None) -> None:
+        self.batch_hours = batch_hours  # batch jobs start only in this window (node.lanes); None: any time
         self.db = db
         self.audit = audit
         self.max_attempts = max_attempts
@@ -403,22 +410,26 @@ class JobQueue:
         return ids
 
     def claim(self, worker: str) -> JobView | None:
-        """Take the oldest runnable job; returns it with its new attempt number.
+        """Take the oldest runnable job of the first lane (urgent, normal, batch; batch only within
+        ``batch_hours``, see :mod:`node.lanes`); returns it with its new attempt number.
 
         A job waits while another job of the same pipeline on the same series runs, so a later job
         (a new generation, a reader-confirmed level) starts after the earlier one is done and gets
         its results as predecessors to supersede."""
         t = now()
+        lanes = claimable(self.batch_hours) if self.batch_hours is not None else tuple(RANK)
         with self.db.read() as s:
-            if s.scalar(select(Job.id).where(Job.state.in_((JobState.PENDING, JobState.FAILED)), Job.not_before <= t)
-                        .limit(1)) is None:
+            if s.scalar(select(Job.id).where(Job.state.in_((JobState.PENDING, JobState.FAILED)), Job.not_before <= t,
+                                             Job.priority.in_(lanes)).limit(1)) is None:
                 return None
         running = aliased(Job)
         busy = exists().where(running.series_uid == Job.series_uid, running.pipeline == Job.pipeline,
                               running.state == JobState.RUNNING)
         with self.db.session() as s:
-            job = s.scalars(select(Job).where(Job.state.in_((JobState.PENDING, JobState.FAILED)), Job.not_before <= t, ~busy)
-                            .order_by(Job.id).limit(1)).first()
+            job = s.scalars(select(Job).where(Job.state.in_((JobState.PENDING, JobState.FAILED)), Job.not_before <= t, ~busy,
+                                              Job.priority.in_(lanes))
+                            .order_by(case(RANK, value=Job.priority, else_=RANK[Priority.NORMAL]), Job.id)
+                            .limit(1)).first()
             if job is None:
                 return None
             job.state = JobState.RUNNING.value

@@ -30,9 +30,11 @@ from prometheus_client.core import (
 from prometheus_client.registry import Collector
 from pynetdicom import evt
 from sqlalchemy import func, select
+from sqlalchemy.orm import Session
 
 from node import counters
 from node.db import Database, ExportState, Job, JobState, Result, Series, SeriesState
+from node.lanes import LANE_ORDER
 
 log = logging.getLogger(__name__)
 
@@ -61,6 +63,13 @@ def _by_state(name: str, doc: str, counts: Mapping[str, int], states: Iterable[s
     return g
 
 
+def queue_by_lane(s: Session, t: float) -> dict[str, int]:
+    """Jobs ready to run (pending, or failed and due at ``t``) in each lane (node.lanes), every lane listed."""
+    rows = dict(s.execute(select(Job.priority, func.count()).where(
+        Job.state.in_((JobState.PENDING, JobState.FAILED)), Job.not_before <= t).group_by(Job.priority)).all())
+    return {lane.value: int(rows.get(lane.value, 0)) for lane in LANE_ORDER}
+
+
 def _delta(later: float | None, earlier: float | None) -> float:
     return float(later or 0.0) - float(earlier or 0.0)
 
@@ -79,8 +88,8 @@ class DatabaseCollector(Collector):
         with self.db.read() as s:
             figures = counters.read_counters(s.connection())
             now = time.time()
-            queue = s.scalar(select(func.count()).select_from(Job)
-                             .where(Job.state.in_((JobState.PENDING, JobState.FAILED)), Job.not_before <= now))
+            lanes = queue_by_lane(s, now)
+            queue = sum(lanes.values())
             completion = [_delta(c, lr) for c, lr in s.execute(
                 select(Series.completed_at, Series.last_received)
                 .where(Series.completed_at.is_not(None), Series.completed_at >= since)).all()]
@@ -110,6 +119,11 @@ class DatabaseCollector(Collector):
         yield _by_state("prognode_jobs", "Jobs by state", jobs_by_state, JOB_STATES)
         yield GaugeMetricFamily("prognode_queue_depth", "Jobs ready to run (pending or failed and due)",
                                 value=float(queue or 0))
+        lane_gauge = GaugeMetricFamily("prognode_lane_queue_depth",
+                                       "Jobs ready to run (pending or failed and due) by lane", labels=["lane"])
+        for lane, depth in lanes.items():
+            lane_gauge.add_metric([lane], float(depth))
+        yield lane_gauge
         yield CounterMetricFamily("prognode_export_attempts", "C-STORE export attempts",
                                   value=float(exp_attempts or 0))
         yield CounterMetricFamily("prognode_export_failures", "C-STORE export attempts that failed",

@@ -18,7 +18,8 @@ from sqlalchemy import select
 from sqlalchemy.orm import Session
 
 from node.config import RouteConfig, SeriesMatch, match_attributes
-from node.db import Job, JobState, Series, SeriesState, now
+from node.db import Job, JobState, Series, SeriesState, SweepItem, SweepItemState, now
+from node.lanes import Priority
 
 logger = logging.getLogger(__name__)
 
@@ -39,8 +40,21 @@ def series_attributes(row: Series) -> dict[str, str]:
 class Router:
     """Matches routes against series attributes and queues jobs."""
 
-    def __init__(self, routes: Sequence[RouteConfig]) -> None:
+    def __init__(self, routes: Sequence[RouteConfig], sweep_priority: Priority | None = None) -> None:
         self.routes = tuple(routes)
+        self.sweep_priority = sweep_priority  # lane of a swept series' jobs when its route names none
+
+    def priority(self, s: Session, route: RouteConfig, inputs: Sequence[dict[str, Any]]) -> Priority:
+        """The lane of a job (node.lanes): the route's ``priority``; unset, ``[sweep].priority`` when a sweep
+        retrieved one of its series (a sweep item neither skipped nor only planned), else normal."""
+        if route.priority is not None:
+            return route.priority
+        if self.sweep_priority is not None and s.scalar(
+                select(SweepItem.id).where(SweepItem.series_uid.in_([str(i["uid"]) for i in inputs]),
+                                           SweepItem.state.not_in((SweepItemState.SKIPPED, SweepItemState.PLANNED)))
+                .limit(1)) is not None:
+            return self.sweep_priority
+        return Priority.NORMAL
 
     def matching_series_routes(self, attributes: dict[str, str]) -> list[RouteConfig]:
         return [r for r in self.routes if r.level == "series" and r.matches(attributes)]
@@ -76,6 +90,7 @@ class Router:
     def _queue(self, s: Session, route: RouteConfig, series_uid: str, study_uid: str,
                inputs: list[dict[str, Any]], last_image_at: float) -> list[Job]:
         key = input_key(route.name, inputs)
+        priority = self.priority(s, route, inputs)
         out: list[Job] = []
         for pipeline in route.pipelines:
             exists = s.scalar(select(Job.id).where(Job.pipeline == pipeline, Job.input_key == key))
@@ -84,10 +99,10 @@ class Router:
             job = Job(series_uid=series_uid, study_uid=study_uid, route=route.name, pipeline=pipeline,
                       inputs={"series": inputs, "send_to": list(route.send_to), "level": route.level},
                       input_key=key, state=JobState.PENDING.value, attempts=0, created_at=now(), updated_at=now(),
-                      not_before=0.0, last_image_at=last_image_at)
+                      not_before=0.0, last_image_at=last_image_at, priority=priority.value)
             s.add(job)
             s.flush()
-            logger.info("job %d queued: pipeline %s on series %s (route %s)", job.id, pipeline, series_uid,
-                        route.name)
+            logger.info("job %d queued: pipeline %s on series %s (route %s, %s lane)", job.id, pipeline, series_uid,
+                        route.name, priority)
             out.append(job)
         return out

@@ -17,6 +17,7 @@ import threading
 from collections.abc import Mapping
 from pathlib import Path
 from types import FrameType
+from typing import Any
 
 from node.audit import AuditLog
 from node.completion import CompletionMonitor
@@ -25,13 +26,17 @@ from node.db import Database
 from node.export import Exporter
 from node.index import Index
 from node.jobs import JobManager, JobQueue, LocalProcessRunner, Runner, pipeline_modules
+from node.lanes import HoursWindow
 from node.notify import Notifier
 from node.ops import Operations
 from node.reader import LevelMarkers
+from node.retention import Retention
+from node.retention import start_scheduler as start_retention
 from node.routing import Router
 from node.server import DicomServer, route_keywords
 from node.storage import Storage
 from node.tls import client_identity_handlers, server_context
+from node.watermark import FreeSpace, Watermark, association_handlers
 
 logger = logging.getLogger(__name__)
 
@@ -62,19 +67,29 @@ class Node:
         self.db = Database(config.database_url)
         self.index = Index(self.db, config.storage_dir)
         self.audit = AuditLog(config.path(config.logging.audit_file))
-        self.router = Router(config.routes)
+        self.router = Router(config.routes, sweep_priority=config.sweep.priority)
         self.queue = JobQueue(self.db, self.audit, config.jobs.max_attempts, config.jobs.retry_seconds,
-                              config.jobs.lease_seconds)
+                              config.jobs.lease_seconds, batch_hours=HoursWindow.parse(config.jobs.batch_hours))
         self.runner: Runner | None = runner
         self._factories = dict(factories or {})
         self.exporter = Exporter(self.db, config, self.audit, config.completion.poll_seconds)
         self.notifier = Notifier(self.db, config, self.index, self.audit, config.completion.poll_seconds)
         # operations (issue 6): metrics on the SCP's events, web dashboard/REST/metrics, sweep schedule
         self.ops = Operations(config, self.db, self.audit)
+        # retention and the disk watermarks (issue 14): purge on the schedule and below the first mark
+        self.retention = Retention(config, self.db, self.audit)
+        self.watermark = Watermark(FreeSpace(config.storage_dir, config.retention.check_seconds),
+                                   config.node.min_free_bytes, config.node.associate_floor,
+                                   config.retention.headroom_bytes, self.audit,
+                                   self.retention.free_up if config.retention.enabled else None)
+        if self.storage.low_space is None:
+            self.storage.low_space = self.watermark.relieve
+        self._retention_scheduler: Any = None
         self.server = DicomServer(config, self.storage, self.index, self.audit,
                                   server_ssl_context(config.node.tls, config),
                                   extra_handlers=[*self.ops.metrics.scp_handlers(),  # calling AE <-> client cert:
-                                                  *client_identity_handlers(config.node.tls, self.audit)])
+                                                  *client_identity_handlers(config.node.tls, self.audit),
+                                                  *association_handlers(self.watermark, self.audit)])
         self.jobs: JobManager | None = None
         self.completion: CompletionMonitor | None = None
         self.markers: LevelMarkers | None = None
@@ -105,7 +120,8 @@ class Node:
                                             busy=self.server.open_associations.busy,
                                             on_complete=self.markers.on_series_complete)
         self.server.start()
-        loops = [("completion", self.completion.run), ("jobs", self.jobs.run), ("export", self.exporter.run)]
+        loops = [("completion", self.completion.run), ("jobs", self.jobs.run), ("export", self.exporter.run),
+                 ("watermark", self.watermark.run)]
         if self.config.notify:  # [[notify]] targets: their own thread (node.notify), never the job loop's
             loops.append(("notify", self.notifier.run))
         for name, target in loops:
@@ -113,6 +129,8 @@ class Node:
             t.start()
             self._threads.append(t)
         self.ops.start()
+        if self.config.retention.enabled:
+            self._retention_scheduler = start_retention(self.retention)
         self._running_mark.write_text(f"{os.getpid()}\n")
         self.audit.write("node_started", ae_title=self.config.node.ae_title, port=self.port)
         return self
@@ -141,6 +159,9 @@ class Node:
         logger.info("stopping: no new associations; waiting for in-flight ones")
         self.server.stop(timeout)
         self.ops.stop()
+        if self._retention_scheduler is not None:
+            self._retention_scheduler.shutdown(wait=False)
+            self._retention_scheduler = None
         self._stop.set()
         if self.jobs is not None:
             self.jobs.wake.set()
@@ -152,6 +173,8 @@ class Node:
             # running jobs are not waited for: they are pending again at the next start
             self.runner.shutdown(wait=False)
         self.ops.stop()
+        if self.storage.low_space == self.watermark.relieve:
+            self.storage.low_space = None
         self.storage.close()  # after the SCP and the jobs: removes the temporary files made ahead of time
         self._running_mark.unlink(missing_ok=True)  # a clean stop: no recovery at the next start
         self.audit.write("node_stopped")

@@ -30,7 +30,7 @@ import secrets
 import shutil
 import threading
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
@@ -98,6 +98,9 @@ class Storage:
         self._token = secrets.token_hex(4)  # temporary names unique to this object, not only the process
         self._users = 1  # holders of a shared object (see shared()); close() by the last one closes it
         self._key: Path | None = None
+        # called with the bytes wanted when free space is below min_free_bytes (node.watermark.Watermark.relieve):
+        # True when it freed room
+        self.low_space: Callable[[int], bool] | None = None
 
     @classmethod
     def shared(cls, root: Path, fsync: bool = True, min_free_bytes: int = 0) -> Storage:
@@ -129,16 +132,23 @@ class Storage:
 
     def check_space(self, needed: int) -> None:
         """Refuse when the write would leave less than ``min_free_bytes``; statvfs at most every
-        ``FREE_SPACE_RECHECK`` seconds, counting what was written since."""
+        ``FREE_SPACE_RECHECK`` seconds, counting what was written since.  Below the mark, ``low_space``
+        (the disk watermark's purge, node.watermark) runs first when set, then the space is looked at again."""
+        free = self._free_space(needed)
+        if free - needed < self.min_free_bytes and self.low_space is not None and self.low_space(needed):
+            free = self._free_space(needed, fresh=True)
+        if free - needed < self.min_free_bytes:
+            raise OutOfSpace(f"below node.min_free_bytes: {free} B free, {needed} B sent")
+
+    def _free_space(self, needed: int, fresh: bool = False) -> int:
         with self._lock:
             t = time.monotonic()
             checked, free = self._free
-            if t - checked > FREE_SPACE_RECHECK or free - needed < self.min_free_bytes + needed:
+            if fresh or t - checked > FREE_SPACE_RECHECK or free - needed < self.min_free_bytes + needed:
                 free = shutil.disk_usage(self.root).free
                 checked = t
             self._free = (checked, free - needed)
-        if free - needed < self.min_free_bytes:
-            raise OutOfSpace(f"free space {free} B minus {needed} B is below min_free_bytes {self.min_free_bytes}")
+        return free
 
     def write_instance(self, study_uid: str, series_uid: str, sop_uid: str,
                        parts: Sequence[bytes | memoryview]) -> StoredFile:
@@ -191,7 +201,11 @@ class Storage:
             if os.path.lexists(final):
                 staged = str(tmp)  # an earlier copy stays in place until this one is indexed
             else:
-                os.replace(tmp, final)
+                try:
+                    os.replace(tmp, final)
+                except FileNotFoundError:  # its folder went since (retention removes emptied folders)
+                    folder.mkdir(parents=True, exist_ok=True)
+                    os.replace(tmp, final)
                 if self.fsync:
                     _fsync_dir(folder)
             self._make_next()
@@ -209,7 +223,11 @@ class Storage:
             return
         final = self.root / stored.path
         try:
-            os.replace(stored.staged, final)
+            try:
+                os.replace(stored.staged, final)
+            except FileNotFoundError:  # retention purged the earlier copy and its folder meanwhile
+                final.parent.mkdir(parents=True, exist_ok=True)
+                os.replace(stored.staged, final)
             if self.fsync:
                 _fsync_dir(final.parent)
         except BaseException:

@@ -112,7 +112,7 @@ def test_states_are_the_stored_strings() -> None:
     from node import db
 
     assert db.JobState is facts.JobState and db.ExportState is facts.ExportState
-    assert [str(s) for s in facts.SeriesState] == ["receiving", "complete"]
+    assert [str(s) for s in facts.SeriesState] == ["receiving", "complete", "purged"]
     assert db.Series.__table__.c.state.default.arg == facts.SeriesState.RECEIVING
     assert db.Sweep.__table__.c.state.default.arg == facts.SweepState.RUNNING
     assert db.SweepItem.__table__.c.state.default.arg == facts.SweepItemState.PENDING

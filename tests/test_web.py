@@ -374,9 +374,9 @@ def test_healthz_and_metrics_are_open_without_phi(node_db: tuple[Config, Databas
     text = client.get("/metrics").text
     assert health.status_code == 200 and "prognode_jobs" in text
     _no_phi(health.text + text)
-    # label names say what a value can be: states, directions, outcomes, methods, buckets; never a patient
+    # label names say what a value can be: states, directions, outcomes, methods, lanes, buckets; never a patient
     labels = {k for fam in text_string_to_metric_families(text) for sample in fam.samples for k in sample.labels}
-    assert labels <= {"state", "direction", "outcome", "method", "le"}, labels
+    assert labels <= {"state", "direction", "outcome", "method", "lane", "le"}, labels
     assert client.get("/openapi.json").status_code == 200
 
 

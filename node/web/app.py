@@ -27,7 +27,7 @@ from node.audit import AuditSink
 from node.config import Config
 from node.db import Database, ExportState, JobState
 from node.jobs import NothingToResend, resend_job
-from node.metrics import CONTENT_TYPE, Metrics
+from node.metrics import CONTENT_TYPE, Metrics, queue_by_lane
 from node.reader import LevelRequestError, request_level
 from node.retract import RetractError, retract_job
 from node.routing import Router
@@ -233,7 +233,7 @@ def create_app(config: Config, db: Database, metrics: Metrics, audit: AuditSink 
                                retracted=list(out.retracted), destinations=list(out.destinations),
                                exports_cancelled=out.cancelled)
 
-    router = Router(config.routes)
+    router = Router(config.routes, sweep_priority=config.sweep.priority)
 
     @app.post("/api/series/{series_uid}/level", response_model=data.LevelOut, status_code=202, tags=["write"])
     def api_level(series_uid: str, body: data.LevelIn, who: Annotated[str, Depends(require_write)]) -> Any:
@@ -318,11 +318,13 @@ def create_app(config: Config, db: Database, metrics: Metrics, audit: AuditSink 
         cred = credential(request)
         with db.read() as s:  # the counters kept by the database (node.counters), not table scans
             figures = counters.read_counters(s.connection())
+            lanes = queue_by_lane(s, time.time())
         counts = {
             "Series": sum(counters.by_state(figures, "series").values()),
             "Jobs pending": figures.get(f"jobs.{JobState.PENDING}", 0),
             "Jobs running": figures.get(f"jobs.{JobState.RUNNING}", 0),
             "Jobs done": figures.get(f"jobs.{JobState.DONE}", 0),
+            **{f"Queue {lane}": depth for lane, depth in lanes.items()},  # ready to run, by lane (node.lanes)
         }
         dead = data.list_dead_letters(db, 100)
         counts["Dead letters"] = figures.get(f"jobs.{JobState.DEAD}", 0) + figures.get(f"exports.{ExportState.DEAD}", 0)

@@ -44,6 +44,7 @@ class JobOut(BaseModel):
     updated_at: float
     started_at: float | None
     finished_at: float | None
+    priority: str  # lane: urgent, normal or batch (node.lanes)
     level_override: dict[str, str] | None = None  # level, image, reader, source, time (node.reader)
     pipeline_version: str = ""  # the version that made the results (the job's summary), once done
     retraction: dict[str, Any] | None = None  # reason, by, at, KOS UID, results, destinations (node.retract)
