@@ -34,6 +34,9 @@ from node.config import DicomwebDestinationConfig
 from node.transports.base import Outcome, Sender, file_size
 
 logger = logging.getLogger(__name__)
+# dicomweb-client's retry decorator logs every failed request with its traceback at WARNING, even with its
+# retries off; the export's own log line says what failed and what happens next
+logging.getLogger("retrying").setLevel(logging.ERROR)
 
 RETRYABLE_HTTP = frozenset({408, 429})  # the 4xx statuses that say "later"
 PROCESSING_FAILURE = 0x0110
