@@ -13,6 +13,7 @@ import datetime as dt
 import json
 import logging
 import random
+import ssl
 import threading
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -31,10 +32,12 @@ from node.audit import AuditLog
 from node.config import Config, ConfigError, DestinationConfig, DicomwebDestinationConfig, NodeConfig, load
 from node.db import Database, Export, ExportState, Job, JobState
 from node.export import REFUSED, Exporter
+from node.transports.dicomweb import DicomwebSender
 from tests.conftest import need
 from tests.node_helpers import ROUTE, running_node, write_config
 from tests.peers import Orthanc, free_port, storescu, wait_until
 from tests.synthetic_ct import write_study
+from tests.test_tls import Pki, pki  # noqa: F401 - the module's test PKI (CA, server, client, rogue CA)
 
 pytestmark = pytest.mark.peers
 
@@ -54,7 +57,8 @@ class Stub:
 
 
 @contextmanager
-def stow_stub() -> Iterator[Stub]:
+def stow_stub(context: ssl.SSLContext | None = None) -> Iterator[Stub]:
+    """The scripted server on a free loopback port; over TLS with ``context``."""
     stub = Stub()
 
     class Handler(BaseHTTPRequestHandler):
@@ -87,6 +91,8 @@ def stow_stub() -> Iterator[Stub]:
             self._answer(status, reply)
 
     server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+    if context is not None:
+        server.socket = context.wrap_socket(server.socket, server_side=True)
     stub.port = int(server.server_address[1])
     t = threading.Thread(target=server.serve_forever, daemon=True)
     t.start()
@@ -348,3 +354,48 @@ def test_echo_either_kind(tmp_path: Path, pacs: Orthanc, capsys: pytest.CaptureF
     rc = node_cli.main(["config", "check", str(cfg)])
     out = capsys.readouterr()
     assert rc == 2 and "token_file: cannot read" in out.err and SECRET not in out.err + out.out
+
+
+# HTTPS: the peer TLS table -------------------------------------------------------------------------------------
+
+
+def test_https_destination_uses_the_peer_tls_table(tmp_path: Path, pki: Pki) -> None:  # noqa: F811
+    """An https URL is verified with the destination's ``tls``: its CA bundle (a rogue CA fails), the name in
+    the server's certificate (``server_hostname`` when the URL's host is not in it), and our client
+    certificate where the server requires one (mutual TLS); STOW-RS goes over the same session."""
+
+    def server_context(cert: Path, key: Path, mutual: bool = False) -> ssl.SSLContext:
+        ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+        ctx.load_cert_chain(str(cert), str(key))
+        if mutual:
+            ctx.verify_mode = ssl.CERT_REQUIRED
+            ctx.load_verify_locations(str(pki.ca))
+        return ctx
+
+    def echo(port: int, **tls: Any) -> tuple[bool, str]:
+        d = web_dest(f"https://127.0.0.1:{port}/dicom-web", tls=tls, timeout_seconds=5)
+        return DicomwebSender(d, tmp_path).echo()
+
+    ca = {"ca_bundle": str(pki.ca)}
+    client = {"client_certificate": str(pki.client_cert), "client_private_key": str(pki.client_key)}
+    with stow_stub(server_context(pki.server_cert, pki.server_key)) as plain, \
+            stow_stub(server_context(pki.elsewhere_cert, pki.elsewhere_key)) as elsewhere, \
+            stow_stub(server_context(pki.server_cert, pki.server_key, mutual=True)) as mutual:
+        assert echo(plain.port, **ca) == (True, "QIDO-RS HTTP 200")
+        ok, why = echo(plain.port, ca_bundle=str(pki.rogue_ca))
+        assert not ok and "TLS" in why and "CERTIFICATE_VERIFY_FAILED" in why, why
+        ok, why = echo(elsewhere.port, **ca)
+        assert not ok and "TLS" in why and "127.0.0.1" in why, why
+        assert echo(elsewhere.port, **ca, server_hostname="pacs.elsewhere.test")[0]
+        ok, why = echo(mutual.port, **ca)
+        assert not ok, why
+        assert echo(mutual.port, **ca, **client)[0]
+        sender = DicomwebSender(web_dest(f"https://127.0.0.1:{mutual.port}/dicom-web", tls={**ca, **client}),
+                                tmp_path)
+        ds = pydicom.dcmread(write_study(tmp_path / "s", 9, dt.date(2025, 1, 2), slices=1).files[0])
+        assert sender.open([ds]) == ""
+        try:
+            assert [o.ok for o in sender.send_all([ds])] == [True]
+        finally:
+            sender.close()
+        assert [s["method"] for s in mutual.seen][-1] == "POST"
