@@ -365,6 +365,8 @@ class WebConfig(_Model):
     secure_cookies: bool = False  # mark the cookie Secure over plain HTTP too (behind a TLS proxy)
     tls_certificate: Path | None = None  # PEM chain: serve HTTPS (the cookie is then always Secure)
     tls_private_key: Path | None = None  # PEM key of tls_certificate
+    # STOW-RS receiver (POST /dicom-web/studies, node.stow): longest request body, spooled to disk
+    stow_max_request_bytes: int = Field(2 << 30, ge=1 << 20)
 
     @field_validator("token", "read_token")
     @classmethod
