@@ -187,18 +187,23 @@ class DicomwebSender(Sender):
         return self.send_all([ds])[0]
 
     def send_all(self, datasets: Sequence[pydicom.Dataset]) -> list[Outcome]:
-        out: list[Outcome] = []
-        chunk: list[pydicom.Dataset] = []
+        """As few STOW-RS requests as ``max_request_bytes`` allows; once one gets no answer, the rest are
+        not tried (each would wait for its own timeout)."""
+        chunks: list[list[pydicom.Dataset]] = []
         size = 0
         for ds in datasets:
             n = file_size(ds)
-            if chunk and size + n > self.dest.max_request_bytes:
-                out.extend(self._post(chunk))
-                chunk, size = [], 0
-            chunk.append(ds)
+            if not chunks or (chunks[-1] and size + n > self.dest.max_request_bytes):
+                chunks.append([])
+                size = 0
+            chunks[-1].append(ds)
             size += n
-        if chunk:
-            out.extend(self._post(chunk))
+        out: list[Outcome] = []
+        for chunk in chunks:
+            if out and out[-1].unreachable:
+                out.extend([out[-1]] * len(chunk))
+            else:
+                out.extend(self._post(chunk))
         return out
 
     def _post(self, datasets: Sequence[pydicom.Dataset]) -> list[Outcome]:
