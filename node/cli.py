@@ -94,9 +94,11 @@ def cmd_config_check(args: argparse.Namespace) -> int:
     except ConfigError as e:
         print(f"config error: {e}", file=sys.stderr)
         return EXIT_USAGE
+    from node import transports
     from node.tls import tls_problems
 
-    problems = check_config(config) + tls_problems(config)  # TLS files that are missing or do not load
+    # TLS files that are missing or do not load; a DICOMweb destination's credential files too
+    problems = check_config(config) + tls_problems(config) + transports.problems(config)
     if problems:
         for p in problems:
             print(f"config error: {p}", file=sys.stderr)
@@ -107,25 +109,38 @@ def cmd_config_check(args: argparse.Namespace) -> int:
 
 
 def cmd_echo(args: argparse.Namespace) -> int:
+    """C-ECHO a DIMSE destination or source, or a QIDO-RS request to a DICOMweb destination, with the
+    settings export and sweeps use (TLS, credentials)."""
+
     from pynetdicom import AE
 
+    from node import transports
     from node.config import RemoteAE
     from node.dicom_facts import VERIFICATION
     from node.tls import associate
 
     config = config_from_args(args)
-    peers: dict[str, RemoteAE] = {d.name: d for d in config.destinations}
-    peers.update({s.name: s for s in config.sources})
-    if args.dest not in peers:
-        print(f"echo: unknown destination {args.dest!r}; known: {', '.join(peers) or 'none'}", file=sys.stderr)
+    names = [d.name for d in config.destinations] + [s.name for s in config.sources]
+    if args.dest not in names:
+        print(f"echo: unknown destination {args.dest!r}; known: {', '.join(names) or 'none'}", file=sys.stderr)
         return EXIT_USAGE
-    peer = peers[args.dest]
+    dest = next((d for d in config.destinations if d.name == args.dest), None)
+    if dest is not None:
+        timed = dest.model_copy(update={"timeout_seconds": args.timeout})
+        sender = transports.sender_for(timed, config)
+        ok, why = sender.echo()
+        if not ok:
+            print(f"echo {args.dest} ({sender.describe()}): {why}", file=sys.stderr)
+            return EXIT_FAIL
+        print(f"echo {args.dest} ({sender.describe()}): ok ({why})")
+        return EXIT_OK
+    peer: RemoteAE = config.source(args.dest)
     label = f"{peer.ae_title}@{peer.host}:{peer.port}{' over TLS' if peer.tls.enabled else ''}"
     ae = AE(ae_title=config.node.ae_title)
     ae.acse_timeout = ae.network_timeout = ae.dimse_timeout = args.timeout
     ae.connection_timeout = args.timeout
     ae.add_requested_context(VERIFICATION)
-    opened = associate(ae, peer, config.base_dir)  # the peer's [tls] settings, as export and sweeps use them
+    opened = associate(ae, peer, config.base_dir)  # the peer's [tls] settings, as sweeps use them
     if not opened.ok or opened.assoc is None:
         print(f"echo {args.dest}: no association: {opened.error}", file=sys.stderr)
         return EXIT_FAIL
@@ -346,7 +361,7 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--set", dest="overrides", action="append", default=[], metavar="SECTION.KEY=VALUE")
     c.set_defaults(func=cmd_config_check)
 
-    p = sub.add_parser("echo", help="C-ECHO a configured destination or source")
+    p = sub.add_parser("echo", help="C-ECHO (or QIDO-RS for a DICOMweb one) a configured destination or source")
     p.add_argument("dest")
     p.add_argument("--timeout", type=float, default=10.0)
     add_common(p)

@@ -24,7 +24,9 @@ from pydantic import (
     AliasChoices,
     BaseModel,
     ConfigDict,
+    Discriminator,
     Field,
+    Tag,
     ValidationError,
     field_validator,
     model_validator,
@@ -102,7 +104,7 @@ TlsConfig = NodeTlsConfig  # the older name
 
 
 _OLD_PEER_TLS_KEYS = {"certificate": "client_certificate", "private_key": "client_private_key",
-                      "ca_certificates": "ca_bundle", "require_client_certificate": None}
+                      "require_client_certificate": None}
 
 
 class PeerTlsConfig(_Model):
@@ -115,7 +117,8 @@ class PeerTlsConfig(_Model):
     """
 
     enabled: bool = False
-    ca_bundle: Path | None = None  # PEM bundle that verifies the peer's certificate
+    # PEM bundle that verifies the peer's certificate ("ca_certificates" is accepted as its other name)
+    ca_bundle: Path | None = Field(None, validation_alias=AliasChoices("ca_bundle", "ca_certificates"))
     use_system_store: bool = False  # trust the operating system's CA store too
     client_certificate: Path | None = None  # PEM chain presented for mutual TLS
     client_private_key: Path | None = None  # PEM key of client_certificate
@@ -237,23 +240,91 @@ class RemoteAE(_Model):
 _RemoteAE = RemoteAE  # the older name
 
 
-class DestinationConfig(RemoteAE):
-    """A PACS that gets the results (C-STORE), see :mod:`node.export`.
+class DestinationBase(_Model):
+    """What every destination has, whatever its ``kind`` (:mod:`node.transports` sends to it, the
+    one state machine of :mod:`node.export` retries it).
 
     A failed attempt is retried after ``retry_seconds``, doubled at each failure up to
     ``retry_max_seconds`` (each delay lengthened at random by up to ``retry_jitter`` of itself,
     never beyond ``retry_max_seconds``); once the delays add up to ``dead_letter_after_seconds``
-    (or after ``max_attempts``, when set) the result is a dead letter.  While results wait or are
-    dead letters because the destination is unreachable, it is probed with C-ECHO every
-    ``probe_seconds``; when it answers, waiting results go at once and dead letters again."""
+    (or after ``max_attempts``, when set) the result is a dead letter; a failure the destination
+    calls permanent (an HTTP 4xx but 408/429, a STOW-RS FailedSOPSequence reason that is not a lack
+    of resources) is a dead letter at once.  While results wait or are dead letters because the
+    destination is unreachable, it is probed (C-ECHO, or a QIDO-RS request) every ``probe_seconds``;
+    when it answers, waiting results go at once and dead letters again."""
 
+    name: str
     retry_seconds: float = Field(30.0, gt=0)  # delay after the first failed attempt
     retry_max_seconds: float = Field(3600.0, gt=0)  # cap of one delay
     retry_jitter: float = Field(0.2, ge=0, le=1)  # random lengthening of each delay, as a fraction of it
     dead_letter_after_seconds: float = Field(86400.0, ge=0)  # back-off horizon before a dead letter
     max_attempts: int = Field(0, ge=0)  # also a dead letter after this many attempts; 0: the horizon alone
-    probe_seconds: float = Field(60.0, gt=0)  # C-ECHO interval while the destination is unreachable
-    timeout_seconds: float = Field(30.0, gt=0)  # association, DIMSE and network timeouts of one attempt
+    probe_seconds: float = Field(60.0, gt=0)  # probe interval (C-ECHO, QIDO-RS) while the destination is unreachable
+    timeout_seconds: float = Field(30.0, gt=0)  # association, DIMSE and network timeouts (or each HTTP request's)
+
+
+class DestinationConfig(RemoteAE, DestinationBase):
+    """A PACS that gets the results by C-STORE (``kind = "dimse"``, the default when ``kind`` is absent)."""
+
+    kind: Literal["dimse"] = "dimse"
+
+
+class DicomwebDestinationConfig(DestinationBase):
+    """A PACS or archive that gets the results by STOW-RS (``kind = "dicomweb"``): ``url`` is the
+    DICOMweb service root (STOW-RS posts to ``{url}/studies``, the probe is a QIDO-RS request).
+
+    Credentials come from files, never from the config itself: ``token_file`` (a Bearer token) or
+    ``username`` with ``password_file`` (Basic).  An ``https`` URL is verified with ``tls``, the same
+    peer TLS table as a DIMSE destination's (``ca_bundle``, ``use_system_store``, a client certificate
+    for mutual TLS, ``server_hostname``); ``tls.enabled`` is implied by ``https`` and refused with ``http``."""
+
+    kind: Literal["dicomweb"]
+    url: str
+    token_file: Path | None = None  # a file holding the Bearer token
+    username: str = ""  # Basic authentication, with password_file
+    password_file: Path | None = None  # a file holding the password of username
+    tls: PeerTlsConfig = PeerTlsConfig()
+    max_request_bytes: int = Field(64 << 20, ge=1 << 20)  # instances posted together by STOW-RS, up to this size
+
+    @field_validator("url")
+    @classmethod
+    def _http_url(cls, value: str) -> str:
+        if not re.fullmatch(r"https?://[^\s/?#@]+(/[^\s?#]*)?", value):
+            raise ValueError(f"{value!r}: an http:// or https:// service root (no query, no spaces, no credentials in it)")
+        return value.rstrip("/")
+
+    @model_validator(mode="after")
+    def _consistent(self) -> DicomwebDestinationConfig:
+        if self.token_file is not None and (self.username or self.password_file is not None):
+            raise ValueError("token_file: either a Bearer token_file or username + password_file, not both")
+        if bool(self.username) != (self.password_file is not None):
+            raise ValueError("username: goes together with password_file (Basic authentication)")
+        https = self.url.startswith("https://")
+        if not https and self.tls.enabled:
+            raise ValueError("tls: enabled with an http:// url; TLS needs an https:// url")
+        if https and self.tls.ca_bundle is None and not self.tls.use_system_store:
+            raise ValueError("tls: ca_bundle is required for an https url (the CA that signed the server's "
+                             "certificate), unless use_system_store = true")
+        return self
+
+    @property
+    def uses_tls(self) -> bool:
+        return self.url.startswith("https://")
+
+
+DESTINATION_KINDS = ("dimse", "dicomweb")  # the kinds of [[destinations]]; "dimse" when kind is absent
+
+
+def _destination_kind(value: Any) -> str:
+    kind = value.get("kind", "dimse") if isinstance(value, Mapping) else getattr(value, "kind", "dimse")
+    return str(kind)
+
+
+AnyDestination = Annotated[
+    Annotated[DestinationConfig, Tag("dimse")] | Annotated[DicomwebDestinationConfig, Tag("dicomweb")],
+    Discriminator(_destination_kind, custom_error_type="destination_kind",
+                  custom_error_message="kind: 'dimse' (the default) or 'dicomweb'"),
+]
 
 
 class SourceConfig(RemoteAE):
@@ -350,6 +421,8 @@ class WebConfig(_Model):
     secure_cookies: bool = False  # mark the cookie Secure over plain HTTP too (behind a TLS proxy)
     tls_certificate: Path | None = None  # PEM chain: serve HTTPS (the cookie is then always Secure)
     tls_private_key: Path | None = None  # PEM key of tls_certificate
+    # STOW-RS receiver (POST /dicom-web/studies, node.stow): longest request body, spooled to disk
+    stow_max_request_bytes: int = Field(2 << 30, ge=1 << 20)
 
     @field_validator("token", "read_token")
     @classmethod
@@ -431,7 +504,7 @@ class Config(_Model):
     node: NodeConfig = NodeConfig()
     completion: CompletionConfig = CompletionConfig()
     jobs: JobsConfig = JobsConfig()
-    destinations: tuple[DestinationConfig, ...] = ()
+    destinations: tuple[AnyDestination, ...] = ()
     sources: tuple[SourceConfig, ...] = ()
     routes: tuple[RouteConfig, ...] = ()
     pipelines: dict[str, dict[str, Any]] = {}  # per-pipeline options, validated by each pipeline
@@ -472,7 +545,7 @@ class Config(_Model):
     def database_url(self) -> str:
         return self.node.database or f"sqlite:///{self.storage_dir / 'prognode.db'}"
 
-    def destination(self, name: str) -> DestinationConfig:
+    def destination(self, name: str) -> DestinationConfig | DicomwebDestinationConfig:
         for d in self.destinations:
             if d.name == name:
                 return d
@@ -491,6 +564,19 @@ class Config(_Model):
 
 
 # Loading ------------------------------------------------------------------------------
+
+
+def _plain_loc(loc: Sequence[int | str]) -> list[int | str]:
+    """``loc`` without pydantic's validator names and the kind tag of a union item
+    (``destinations.0.dicomweb.url`` -> ``destinations.0.url``)."""
+    out: list[int | str] = []
+    for part in loc:
+        if str(part).startswith("function-"):
+            continue
+        if out and isinstance(out[-1], int) and part in DESTINATION_KINDS:
+            continue
+        out.append(part)
+    return out
 
 
 def _format_loc(loc: Sequence[int | str]) -> str:
@@ -581,6 +667,6 @@ def load(
     except ValidationError as e:
         lines = []
         for err in e.errors():
-            loc = _format_loc([x for x in err["loc"] if not str(x).startswith("function-")])
+            loc = _format_loc(_plain_loc(err["loc"]))
             lines.append(_error_line(loc, str(err["msg"])))
         raise ConfigError("; ".join(lines)) from None

@@ -1,4 +1,10 @@
-"""Export of results: C-STORE SCU to each destination, with back-off, dead letters and C-ECHO probes.
+"""Export of results to each destination, whatever its kind, with back-off, dead letters and probes.
+
+How a file travels is the destination's sender (:mod:`node.transports`: C-STORE for ``kind = "dimse"``,
+STOW-RS for ``kind = "dicomweb"``); everything below (when to send, retry, give up, probe) is here, once,
+for every kind.  A failure the sender calls permanent (e.g. an HTTP 4xx but 408/429, a STOW-RS
+FailedSOPSequence reason that is not a lack of resources) is a dead letter at once, and a probe does
+not requeue it.
 
 Each (result file, destination) is one row in ``exports`` (states: :class:`node.db.ExportState`).
 A pending row whose ``next_attempt_at`` has come is sent.  A failed attempt is retried with
@@ -6,10 +12,12 @@ exponential back-off (see :func:`retry_delay`: ``retry_seconds`` doubled at each
 at ``retry_max_seconds``, lengthened at random by up to ``retry_jitter``); once the nominal delays
 add up to the destination's ``dead_letter_after_seconds`` (default 24 h), or after
 ``max_attempts`` when set, the row is ``dead`` (``prognode resend JOB_ID`` queues it again).
-A destination with ``tls.enabled`` gets its results (and its probes) over DICOM TLS
-(:func:`node.tls.associate`: its CA bundle, its host name checked, our client certificate where it wants one).
+A DIMSE destination with ``tls.enabled`` gets its results (and its probes) over DICOM TLS
+(:func:`node.tls.associate`: its CA bundle, its host name checked, our client certificate where it wants one);
+a DICOMweb one with an ``https`` URL is verified with the same ``tls`` table.
 
-A destination that cannot be reached (the association fails) is probed with C-ECHO every
+A destination that cannot be reached (the association fails, the HTTP request gets no answer) is
+probed (C-ECHO, or a QIDO-RS request) every
 ``probe_seconds`` while it has results waiting or dead letters; when it answers, the waiting
 results are due at once and its dead letters are pending again (attempts reset), so a PACS that
 was down for days gets everything once it is back, without anyone resending.  A dead letter
@@ -29,24 +37,22 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import pydicom
-from pynetdicom import AE
-from pynetdicom.presentation import build_context
 from sqlalchemy import func, select, update
 
-from node import tls
+from node import transports
 from node.audit import AuditLog
-from node.config import Config, DestinationConfig
+from node.config import Config, DestinationBase
 from node.db import Database, Export, ExportState, Result, now
-from node.dicom_facts import VERIFICATION
+from node.transports import Destination
 
 logger = logging.getLogger(__name__)
 
-MAX_CONTEXTS = 128  # PS3.8: at most 128 presentation contexts per association
 BATCH = 64  # results read and sent per association: a backlog after an outage is sent in bounded memory
 UNREADABLE = "cannot read "  # start of the error of a result file that cannot be read (never requeued by a probe)
+REFUSED = "refused for good: "  # start of the error of a permanent failure (never requeued by a probe)
 
 
-def nominal_delay(dest: DestinationConfig, attempts: int) -> float:
+def nominal_delay(dest: DestinationBase, attempts: int) -> float:
     """The delay after the ``attempts``-th failed attempt before jitter: ``retry_seconds`` doubled
     at each failure, at most ``retry_max_seconds``."""
     if attempts >= 64:  # 2**63 * anything positive is past any cap
@@ -54,7 +60,7 @@ def nominal_delay(dest: DestinationConfig, attempts: int) -> float:
     return float(min(dest.retry_max_seconds, dest.retry_seconds * 2.0 ** max(0, attempts - 1)))
 
 
-def retry_delay(dest: DestinationConfig, attempts: int, rng: random.Random | None = None) -> float:
+def retry_delay(dest: DestinationBase, attempts: int, rng: random.Random | None = None) -> float:
     """The delay after the ``attempts``-th failed attempt: the nominal one lengthened at random by up
     to ``retry_jitter`` of itself (senders that failed together do not retry together), never
     beyond ``retry_max_seconds``; so it is at least the nominal delay and at most the cap."""
@@ -63,7 +69,7 @@ def retry_delay(dest: DestinationConfig, attempts: int, rng: random.Random | Non
     return min(dest.retry_max_seconds, d * (1.0 + dest.retry_jitter * u))
 
 
-def backed_off(dest: DestinationConfig, attempts: int) -> float:
+def backed_off(dest: DestinationBase, attempts: int) -> float:
     """The nominal delays after the first ``attempts`` failures, added up: at most the time from the
     first failure to the attempt that follows the ``attempts``-th one (the delays are never shorter
     than nominal)."""
@@ -77,7 +83,7 @@ def backed_off(dest: DestinationConfig, attempts: int) -> float:
     return total
 
 
-def is_dead_letter(dest: DestinationConfig, attempts: int) -> bool:
+def is_dead_letter(dest: DestinationBase, attempts: int) -> bool:
     """After ``attempts`` failed attempts: out of back-off (the nominal delays waited so far reach
     ``dead_letter_after_seconds``) or of ``max_attempts`` (when set)?"""
     if dest.max_attempts and attempts >= dest.max_attempts:
@@ -93,10 +99,6 @@ class Pending:
     path: str
     sop_instance_uid: str
     attempts: int
-
-
-def _store_status_ok(status: int) -> bool:
-    return status == 0x0000 or (status & 0xF000) == 0xB000  # success or warning
 
 
 class _WakeAll:
@@ -154,7 +156,7 @@ class Exporter:
         self._unconfigured()
         return sum(self.tick_destination(dest) for dest in self.config.destinations)
 
-    def tick_destination(self, dest: DestinationConfig) -> int:
+    def tick_destination(self, dest: Destination) -> int:
         """Probe ``dest`` when that is due, then send its due exports (at most :data:`BATCH`);
         returns how many were sent."""
         self._probe_if_due(dest)
@@ -172,7 +174,7 @@ class Exporter:
             self._failed([p], None, f"destination {p.destination!r} is no longer configured")
 
     # C-ECHO probes -----------------------------------------------------------------------------
-    def _probe_if_due(self, dest: DestinationConfig) -> None:
+    def _probe_if_due(self, dest: Destination) -> None:
         reach = self._reach.setdefault(dest.name, _Reachability())
         if reach.down is False or now() < reach.next_probe:
             return
@@ -181,16 +183,17 @@ class Exporter:
         waiting = self._undelivered(dest.name, include_pending=reach.down is True)
         if not waiting:
             return
-        ok, why = self._echo(dest)
+        sender = transports.sender_for(dest, self.config)
+        ok, why = sender.echo()
         if not ok:
             reach.down = True
-            logger.info("export: %s (%s@%s:%d) still unreachable: %s; %d results wait", dest.name, dest.ae_title,
-                        dest.host, dest.port, why, waiting)
+            logger.info("export: %s (%s) still unreachable: %s; %d results wait", dest.name, sender.describe(),
+                        why, waiting)
             return
         reach.down = False
         requeued, hastened = self._requeue(dest.name)
-        logger.warning("export: %s answers C-ECHO again: %d dead letters queued again, %d waiting results due now",
-                       dest.name, requeued, hastened)
+        logger.warning("export: %s answers again (%s): %d dead letters queued again, %d waiting results due now",
+                       dest.name, why, requeued, hastened)
         self.audit.write("export_destination_up", destination=dest.name, dead_letters_requeued=requeued,
                          pending_hastened=hastened)
 
@@ -199,7 +202,7 @@ class Exporter:
         with self.db.read() as s:
             return int(s.scalar(select(func.count()).select_from(Export).where(
                 Export.destination == destination, Export.state.in_(states),
-                ~Export.last_error.startswith(UNREADABLE))) or 0)
+                ~Export.last_error.startswith(UNREADABLE), ~Export.last_error.startswith(REFUSED))) or 0)
 
     def _requeue(self, destination: str) -> tuple[int, int]:
         """The destination answers again: its dead letters go back to pending (attempts reset) and
@@ -207,7 +210,7 @@ class Exporter:
         with self.db.session() as s:
             dead = s.execute(update(Export).where(
                 Export.destination == destination, Export.state == ExportState.DEAD,
-                ~Export.last_error.startswith(UNREADABLE)).values(
+                ~Export.last_error.startswith(UNREADABLE), ~Export.last_error.startswith(REFUSED)).values(
                 state=ExportState.PENDING.value, attempts=0, next_attempt_at=0.0))
             hastened = s.execute(update(Export).where(
                 Export.destination == destination, Export.state == ExportState.PENDING,
@@ -215,24 +218,7 @@ class Exporter:
         self.wake.set()
         return int(getattr(dead, "rowcount", 0)), int(getattr(hastened, "rowcount", 0))
 
-    def _echo(self, dest: DestinationConfig) -> tuple[bool, str]:
-        """One C-ECHO to ``dest`` on an association of its own: (answered with Success, why not)."""
-        ae = AE(ae_title=self.config.node.ae_title)
-        ae.acse_timeout = ae.dimse_timeout = ae.network_timeout = dest.timeout_seconds
-        ae.add_requested_context(VERIFICATION)
-        opened = tls.associate(ae, dest, self.config.base_dir)  # over TLS where dest.tls is enabled
-        if not opened.ok or opened.assoc is None:
-            return False, opened.error
-        assoc = opened.assoc
-        try:
-            rsp = assoc.send_c_echo()
-            status = int(rsp.Status) if rsp is not None and "Status" in rsp else -1
-        finally:
-            if assoc.is_established:
-                assoc.release()
-        return (status == 0x0000), f"C-ECHO status {status:#06x}"
-
-    def _send(self, dest: DestinationConfig, items: Sequence[Pending]) -> int:
+    def _send(self, dest: Destination, items: Sequence[Pending]) -> int:
         datasets: list[tuple[Pending, pydicom.Dataset]] = []
         for p in items:
             try:
@@ -241,51 +227,42 @@ class Exporter:
                 self._failed([p], dest, f"{UNREADABLE}{Path(p.path).name}: {type(e).__name__}: {e}", final=True)
         if not datasets:
             return 0
-        ae = AE(ae_title=self.config.node.ae_title)
-        ae.acse_timeout = ae.dimse_timeout = ae.network_timeout = dest.timeout_seconds
-        contexts = {(str(ds.SOPClassUID), str(ds.file_meta.TransferSyntaxUID)) for _, ds in datasets}
-        for sop_class, ts in sorted(contexts)[:MAX_CONTEXTS]:
-            ae.requested_contexts = [*ae.requested_contexts, build_context(sop_class, [ts])]
-        opened = tls.associate(ae, dest, self.config.base_dir)  # over TLS where dest.tls is enabled
-        if not opened.ok or opened.assoc is None:
-            self._reach.setdefault(dest.name, _Reachability()).down = True  # probed with C-ECHO from now on
-            self._failed([p for p, _ in datasets], dest, opened.error)
+        reach = self._reach.setdefault(dest.name, _Reachability())
+        sender = transports.sender_for(dest, self.config)
+        why = sender.open([ds for _, ds in datasets])
+        if why:
+            reach.down = True  # probed from now on
+            self._failed([p for p, _ in datasets], dest, why)
             return 0
-        self._reach.setdefault(dest.name, _Reachability()).down = False
-        assoc = opened.assoc
-        sent = 0
         try:
-            for p, ds in datasets:
-                try:
-                    rsp = assoc.send_c_store(ds)
-                    status = int(getattr(rsp, "Status", -1)) if rsp is not None and "Status" in rsp else -1
-                except Exception as e:
-                    self._failed([p], dest, f"C-STORE error: {type(e).__name__}: {e}")
-                    continue
-                if status >= 0 and _store_status_ok(status):
-                    self._sent(p, dest, status)
-                    sent += 1
-                else:
-                    comment = str(rsp.get("ErrorComment", "")) if rsp is not None else ""
-                    self._failed([p], dest, f"C-STORE status 0x{status & 0xFFFF:04X} {comment}".strip())
+            outcomes = sender.send_all([ds for _, ds in datasets])
         finally:
-            if assoc.is_established:
-                assoc.release()
+            sender.close()
+        reach.down = any(o.unreachable for o in outcomes)
+        sent = 0
+        for (p, _), outcome in zip(datasets, outcomes, strict=True):
+            if outcome.ok:
+                self._sent(p, dest, outcome.status)
+                sent += 1
+            elif outcome.permanent:
+                self._failed([p], dest, f"{REFUSED}{outcome.error}", final=True)
+            else:
+                self._failed([p], dest, outcome.error)
         return sent
 
-    def _sent(self, p: Pending, dest: DestinationConfig, status: int) -> None:
+    def _sent(self, p: Pending, dest: Destination, status: str) -> None:
         t = now()
         with self.db.session() as s:
             s.execute(update(Export).where(Export.id == p.id).values(state=ExportState.SENT.value, sent_at=t,
                                                                       attempts=p.attempts + 1, last_error=""))
             s.execute(update(Result).where(Result.sop_instance_uid == p.sop_instance_uid,
                                            Result.in_pacs_at.is_(None)).values(in_pacs_at=t))
-        logger.info("export job %d: %s sent to %s (status 0x%04X, attempt %d)", p.job_id, p.sop_instance_uid,
+        logger.info("export job %d: %s sent to %s (status %s, attempt %d)", p.job_id, p.sop_instance_uid,
                     dest.name, status, p.attempts + 1)
         self.audit.write("export_sent", job_id=p.job_id, destination=dest.name, sop_instance_uid=p.sop_instance_uid,
-                         attempt=p.attempts + 1, status=f"0x{status:04X}")
+                         attempt=p.attempts + 1, status=status)
 
-    def _failed(self, items: Sequence[Pending], dest: DestinationConfig | None, error: str,
+    def _failed(self, items: Sequence[Pending], dest: Destination | None, error: str,
                 final: bool = False) -> None:
         t = now()
         for p in items:
@@ -322,7 +299,7 @@ class Exporter:
         for t in threads:
             t.join()
 
-    def _run_destination(self, dest: DestinationConfig, stop: threading.Event) -> None:
+    def _run_destination(self, dest: Destination, stop: threading.Event) -> None:
         wake = self.wake.event()
         while not stop.is_set():
             sent = 0

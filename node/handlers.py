@@ -12,7 +12,8 @@ import logging
 import threading
 import time
 import zlib
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 from io import BytesIO
 from typing import Any, cast
 
@@ -23,6 +24,7 @@ from pynetdicom.dimse_primitives import C_STORE
 from pynetdicom.events import Event
 from pynetdicom.status import Status
 
+from node.audit import AuditSink
 from node.header import (
     HeaderError,
     HeaderReader,
@@ -89,39 +91,95 @@ def peer_of(event: Event) -> tuple[str, str]:
 
 def handle_store(event: Event, store: Storage, index: Index, audit: AuditLog,
                  extra_keywords: Sequence[str] = (), open_associations: OpenAssociations | None = None) -> Dataset:
-    """EVT_C_STORE: validate, write atomically, index, then answer."""
+    """EVT_C_STORE: validate, write atomically, index, then answer (:func:`receive_instance`)."""
     calling, peer = peer_of(event)
     rq_sop = str(getattr(event.request, "AffectedSOPInstanceUID", "") or "")
-
-    def outcome(code: int, reason: str, sop: str = rq_sop, **extra: Any) -> Dataset:
-        ok = code == SUCCESS
-        logger.log(logging.INFO if ok else logging.WARNING,
-                   "C-STORE %s from %s at %s: SOP Instance %s status 0x%04X%s", "stored" if ok else "refused",
-                   calling, peer, sop or "?", code, f" ({reason})" if reason else "")
-        audit.write("instance_stored" if ok else "instance_refused", calling_ae=calling, peer=peer,
-                    sop_instance_uid=sop, status=f"0x{code:04X}", reason=reason, **extra)
-        return _status(code, "" if ok else reason)
-
-    # The header is read first (a fraction of a millisecond, see node.header), so that a refused
-    # instance is never written; then the file is written durably and indexed.
-    t0 = time.perf_counter()
     dropped = int(getattr(event.request, "dropped_bytes", 0) or 0)
+    door = Door(store, index, audit, extra_keywords, _max_dataset_bytes(event))
     if dropped:  # node.transport dropped the data set as it arrived: over node.max_dataset_bytes
-        return outcome(OUT_OF_RESOURCES, f"data set of {dropped} bytes over node.max_dataset_bytes "
-                                         f"({_max_dataset_bytes(event)})")
+        return _status_of(door.outcome(OUT_OF_RESOURCES, f"data set of {dropped} bytes over "
+                                                         f"node.max_dataset_bytes ({door.max_dataset_bytes})",
+                                       rq_sop, calling, peer))
     try:
         request = cast(C_STORE, event.request)
         syntax = event.context.transfer_syntax
-        head = PREAMBLE + file_meta_bytes(str(request.AffectedSOPClassUID or ""), rq_sop, str(syntax),
+        rq_class = str(request.AffectedSOPClassUID or "")
+        head = PREAMBLE + file_meta_bytes(rq_class, rq_sop, str(syntax),
                                           event.assoc.acceptor.implementation_class_uid or "",
                                           event.assoc.acceptor.implementation_version_name or "")
         stream = _encoded_dataset(event)
     except Exception as e:
-        return outcome(CANNOT_UNDERSTAND, f"unreadable request: {type(e).__name__}: {e}")
+        return _status_of(door.outcome(CANNOT_UNDERSTAND, f"unreadable request: {type(e).__name__}: {e}", rq_sop,
+                                       calling, peer))
     with stream.getbuffer() as body:  # the encoded dataset, not copied
+        receipt = door.receive(head, body, syntax, rq_sop, rq_class, calling, peer, decode=lambda: event.dataset)
+    if receipt.ok and open_associations is not None:
+        open_associations.add(id(event.assoc), receipt.series_uid)
+    return _status_of(receipt)
+
+
+@dataclass(frozen=True)
+class Receipt:
+    """What became of one received instance: ``status`` is a C-STORE status (PS3.4 Table B.2-1), also the
+    FailureReason of a STOW-RS response; ``reason`` says why it was refused."""
+
+    status: int
+    reason: str
+    sop_instance_uid: str
+    sop_class_uid: str = ""
+    series_uid: str = ""
+    study_uid: str = ""
+
+    @property
+    def ok(self) -> bool:
+        return self.status == SUCCESS
+
+
+def _status_of(receipt: Receipt) -> Dataset:
+    return _status(receipt.status, "" if receipt.ok else receipt.reason)
+
+
+@dataclass(frozen=True)
+class Door:
+    """The checks at the door, the write and the index of one received instance, whatever brought it
+    (C-STORE here, STOW-RS in node.stow): one log line and one audit record per instance."""
+
+    store: Storage
+    index: Index
+    audit: AuditSink
+    extra_keywords: Sequence[str] = ()
+    max_dataset_bytes: int = 1 << 30
+    via: str = "C-STORE"
+
+    def outcome(self, code: int, reason: str, sop: str, calling: str, peer: str, sop_class: str = "",
+                series_uid: str = "", study_uid: str = "", **extra: Any) -> Receipt:
+        ok = code == SUCCESS
+        logger.log(logging.INFO if ok else logging.WARNING,
+                   "%s %s from %s: SOP Instance %s status 0x%04X%s", self.via, "stored" if ok else "refused",
+                   f"{calling} at {peer}" if calling else peer, sop or "?", code, f" ({reason})" if reason else "")
+        if self.via != "C-STORE":
+            extra["via"] = self.via
+        if series_uid:
+            extra.update(series_uid=series_uid, study_uid=study_uid)
+        self.audit.write("instance_stored" if ok else "instance_refused", calling_ae=calling, peer=peer,
+                         sop_instance_uid=sop, status=f"0x{code:04X}", reason=reason, **extra)
+        return Receipt(code, reason, sop, sop_class, series_uid, study_uid)
+
+    def receive(self, head: bytes, body: memoryview, syntax: UID, rq_sop: str, rq_class: str, calling: str,
+                peer: str, decode: Callable[[], Dataset]) -> Receipt:
+        """Validate the encoded data set ``body`` (in ``syntax``; ``rq_sop`` and ``rq_class`` are what the
+        sender said it is), write ``head`` + ``body`` atomically, index it.  ``decode`` gives pydicom's
+        decoding, for the syntaxes node.header does not read (big endian)."""
+
+        def outcome(code: int, reason: str, sop: str = rq_sop, **extra: Any) -> Receipt:
+            return self.outcome(code, reason, sop, calling, peer, rq_class, **extra)
+
+        # The header is read first (a fraction of a millisecond, see node.header), so that a refused
+        # instance is never written; then the file is written durably and indexed.
+        t0 = time.perf_counter()
         try:
-            texts, facts = _header(event, body, extra_keywords)
-            meta = InstanceMeta.from_text(texts, extra_keywords)
+            texts, facts = _header(syntax, body, self.extra_keywords, self.max_dataset_bytes, decode)
+            meta = InstanceMeta.from_text(texts, self.extra_keywords)
         except TooLarge as e:
             return outcome(OUT_OF_RESOURCES, str(e))
         except VRMismatch as e:  # named as it is: the peer encodes in another syntax than it proposed
@@ -135,15 +193,15 @@ def handle_store(event: Event, store: Storage, index: Index, audit: AuditLog,
         if rq_sop and meta.sop_instance_uid != rq_sop:
             return outcome(DATASET_MISMATCH, "SOPInstanceUID differs from Affected SOP Instance UID",
                            sop=meta.sop_instance_uid)
-        rq_class = str(request.AffectedSOPClassUID or "")
         if rq_class and meta.sop_class_uid != rq_class:
             return outcome(DATASET_MISMATCH, "data set's SOP Class UID differs from Affected SOP Class UID",
                            sop=meta.sop_instance_uid, sop_class_uid=meta.sop_class_uid[:64])
         if facts is not None:
             try:
-                check_image(facts, meta.sop_class_uid, bool(event.context.transfer_syntax.is_implicit_VR))
+                check_image(facts, meta.sop_class_uid, bool(syntax.is_implicit_VR))
             except ImageError as e:
                 return outcome(DATASET_MISMATCH, str(e), sop=meta.sop_instance_uid)
+        store, index = self.store, self.index
         try:
             stored = store.stage_instance(meta.study_uid, meta.series_uid, meta.sop_instance_uid, (head, body))
         except OutOfSpace as e:
@@ -151,25 +209,22 @@ def handle_store(event: Event, store: Storage, index: Index, audit: AuditLog,
         except (OSError, ValueError) as e:
             return outcome(OUT_OF_RESOURCES, f"write error: {getattr(e, 'strerror', None) or e}",
                            sop=meta.sop_instance_uid)
-    t1 = time.perf_counter()
-    try:
-        rec = index.record_instance(meta, stored.path, stored.size, stored.sha256,
-                                    str(event.context.transfer_syntax), calling, peer)
-    except Exception as e:
-        logger.exception("index write failed for %s", meta.sop_instance_uid)
-        # a staged copy goes and an earlier acknowledged file of the instance stays as it was
-        if stored.staged or not index.has_instance_safely(meta.sop_instance_uid):
-            store.discard(stored)
-        return outcome(OUT_OF_RESOURCES, f"index write failed: {type(e).__name__}", sop=meta.sop_instance_uid)
-    try:
-        store.commit(stored)  # a new copy of an instance already here replaces it now that it is indexed
-    except OSError as e:
-        return outcome(OUT_OF_RESOURCES, f"write error: {e.strerror or e}", sop=meta.sop_instance_uid)
-    if open_associations is not None:
-        open_associations.add(id(event.assoc), meta.series_uid)
-    return outcome(SUCCESS, "", sop=meta.sop_instance_uid, series_uid=meta.series_uid, study_uid=meta.study_uid,
-                   bytes=stored.size, generation=rec.generation, reopened=rec.reopened,
-                   write_ms=round((t1 - t0) * 1000, 2), index_ms=round((time.perf_counter() - t1) * 1000, 2))
+        t1 = time.perf_counter()
+        try:
+            rec = index.record_instance(meta, stored.path, stored.size, stored.sha256, str(syntax), calling, peer)
+        except Exception as e:
+            logger.exception("index write failed for %s", meta.sop_instance_uid)
+            # a staged copy goes and an earlier acknowledged file of the instance stays as it was
+            if stored.staged or not index.has_instance_safely(meta.sop_instance_uid):
+                store.discard(stored)
+            return outcome(OUT_OF_RESOURCES, f"index write failed: {type(e).__name__}", sop=meta.sop_instance_uid)
+        try:
+            store.commit(stored)  # a new copy of an instance already here replaces it now that it is indexed
+        except OSError as e:
+            return outcome(OUT_OF_RESOURCES, f"write error: {e.strerror or e}", sop=meta.sop_instance_uid)
+        return outcome(SUCCESS, "", sop=meta.sop_instance_uid, series_uid=meta.series_uid, study_uid=meta.study_uid,
+                       bytes=stored.size, generation=rec.generation, reopened=rec.reopened,
+                       write_ms=round((t1 - t0) * 1000, 2), index_ms=round((time.perf_counter() - t1) * 1000, 2))
 
 
 @functools.lru_cache(maxsize=8)
@@ -177,14 +232,13 @@ def _reader(extra_keywords: tuple[str, ...]) -> HeaderReader:
     return HeaderReader.for_keywords((*META_KEYWORDS, *ROUTING_KEYWORDS, *extra_keywords))
 
 
-def _header(event: Event, body: memoryview,
-            extra_keywords: Sequence[str]) -> tuple[dict[str, str], ImageFacts | None]:
-    """:func:`read_received` for the event's context, or pydicom's decoding for big endian ones (no image
-    facts then)."""
-    syntax = event.context.transfer_syntax
+def _header(syntax: UID, body: memoryview, extra_keywords: Sequence[str], max_dataset_bytes: int,
+            decode: Callable[[], Dataset]) -> tuple[dict[str, str], ImageFacts | None]:
+    """:func:`read_received` for ``syntax``, or pydicom's decoding (``decode``) for big endian ones (no
+    image facts then)."""
     if readable_here(syntax) or syntax.is_deflated:
-        return read_received(body, syntax, extra_keywords, _max_dataset_bytes(event))
-    ds = event.dataset
+        return read_received(body, syntax, extra_keywords, max_dataset_bytes)
+    ds = decode()
     broken = truncation(ds)
     if broken:
         raise HeaderError(broken)

@@ -251,6 +251,8 @@ def tls_problems(config: Config) -> list[str]:
         except TlsError as e:
             problems.append(str(e))
     for peer in (*config.destinations, *config.sources):
+        if not isinstance(peer, RemoteAE):  # a DICOMweb peer: node.transports checks its TLS
+            continue
         try:
             tls_args(peer, config.base_dir)
         except TlsError as e:

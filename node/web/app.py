@@ -8,6 +8,7 @@ route, so a route added later is closed by default.  Swagger UI is off: it would
 """
 
 
+import json
 import logging
 import socket
 import threading
@@ -21,9 +22,10 @@ import uvicorn
 from fastapi import Depends, FastAPI, HTTPException, Query, Request
 from fastapi.responses import HTMLResponse, JSONResponse, RedirectResponse, Response
 from fastapi.security import HTTPBearer
+from starlette.concurrency import run_in_threadpool
 
 from node import counters
-from node.audit import AuditSink
+from node.audit import AuditLog, AuditSink
 from node.config import Config
 from node.db import Database, ExportState, JobState
 from node.jobs import NothingToResend, resend_job
@@ -31,6 +33,8 @@ from node.metrics import CONTENT_TYPE, Metrics, queue_by_lane
 from node.reader import LevelRequestError, request_level
 from node.retract import RetractError, retract_job
 from node.routing import Router
+from node.stow import StowReceiver
+from node.stow import warning as stow_warning
 from node.web import data, pages
 from node.web.auth import (
     COOKIE,
@@ -69,6 +73,14 @@ def _client(request: Request) -> str:
 def _problem(status: int, detail: str, bearer: bool = False) -> JSONResponse:
     return JSONResponse({"detail": detail}, status_code=status,
                         headers={"WWW-Authenticate": "Bearer"} if bearer else None)
+
+
+def _stow_answer(status: int, body: dict[str, Any], warnings: list[str], raw: bool = False) -> Response:
+    """A STOW-RS answer: ``application/dicom+json``, Warning headers (``raw``: already formatted)."""
+    response = Response(json.dumps(body), status_code=status, media_type="application/dicom+json")
+    for w in warnings:
+        response.headers.append("Warning", w if raw else stow_warning(w))
+    return response
 
 
 def _harden(response: Response) -> Response:
@@ -249,6 +261,39 @@ def create_app(config: Config, db: Database, metrics: Metrics, audit: AuditSink 
         except LevelRequestError as e:
             raise HTTPException(e.status, str(e)) from None
         return data.LevelOut(job_id=q.job_id, sop_instance_uid=q.sop_instance_uid)
+
+    stow = StowReceiver(config, db, audit if audit is not None else AuditLog(None))
+
+    @app.post("/dicom-web/studies", tags=["write"], response_class=Response)
+    async def stow_rs(request: Request, who: Annotated[str, Depends(require_write)]) -> Response:
+        """STOW-RS (PS3.18 10.5): DICOM Part 10 files as ``multipart/related; type="application/dicom"``, stored
+        as if received by C-STORE (node.stow).  200 all stored, 202 some, 409 none (FailedSOPSequence with
+        each FailureReason, a Warning header with the reason in words); 400 malformed, 413 over
+        ``[web] stow_max_request_bytes``, 415 another media type; 401/403 without the write token."""
+        return await _stow(request)
+
+    async def _stow(request: Request) -> Response:
+        peer = f"{_client(request)}:{request.client.port if request.client else 0}"
+        declared = request.headers.get("content-length")
+        if declared is not None and declared.isdigit() and int(declared) > stow.max_request_bytes:
+            return _stow_answer(413, {}, [f"request of {declared} bytes over [web] stow_max_request_bytes "
+                                          f"({stow.max_request_bytes})"])
+        try:
+            spooled = await run_in_threadpool(stow.spool)
+        except OSError as e:
+            return _stow_answer(503, {}, [f"cannot spool the request: {e.strerror or e}"])
+        with spooled:
+            size = 0
+            async for chunk in request.stream():
+                size += len(chunk)
+                if size > stow.max_request_bytes:
+                    return _stow_answer(413, {}, [f"request over [web] stow_max_request_bytes "
+                                                  f"({stow.max_request_bytes})"])
+                await run_in_threadpool(spooled.write, chunk)
+            await run_in_threadpool(spooled.flush)
+            result = await run_in_threadpool(stow.receive, spooled, size, request.headers.get("content-type", ""),
+                                             peer)
+        return _stow_answer(result.status, result.body, result.warnings, raw=True)
 
     @app.get("/healthz", tags=["public"])
     def healthz() -> dict[str, str]:
