@@ -113,7 +113,7 @@ def cmd_echo(args: argparse.Namespace) -> int:
 
     config = config_from_args(args)
     peers: dict[str, RemoteAE] = {d.name: d for d in config.destinations}
-    peers.update({s.name: s for s in config.sources})
+    peers.update({s.name: s for s in config.sources if isinstance(s, RemoteAE)})  # DICOMweb: issue 14 item 1
     if args.dest not in peers:
         print(f"echo: unknown destination {args.dest!r}; known: {', '.join(peers) or 'none'}", file=sys.stderr)
         return EXIT_USAGE

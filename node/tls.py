@@ -250,7 +250,7 @@ def tls_problems(config: Config) -> list[str]:
             server_context(config.node.tls, config.base_dir)
         except TlsError as e:
             problems.append(str(e))
-    for peer in (*config.destinations, *config.sources):
+    for peer in (*config.destinations, *(s for s in config.sources if isinstance(s, RemoteAE))):
         try:
             tls_args(peer, config.base_dir)
         except TlsError as e:
