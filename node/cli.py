@@ -30,6 +30,7 @@ EXTENSIONS = (
     "pipelines.survival.cli:register",
     "pipelines.body_composition.train:register",
     "pipelines.deep.train:register",
+    "node.sweep.cohort:register",  # after pipelines.radiomics.cohort: `cohort features --source` (retrieve, then extract)
 )
 
 EXIT_OK, EXIT_FAIL, EXIT_USAGE = 0, 1, 2

@@ -85,7 +85,8 @@ def test_run_pipeline_on_a_folder(tmp_path: Path, shared_data: Path, capsys: pyt
 def test_extensions_skip_missing_modules_only(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
     assert node_cli.EXTENSIONS == ("node.sweep:register", "pipelines.radiomics.cohort:register",
                                    "pipelines.survival.cli:register",
-                                   "pipelines.body_composition.train:register", "pipelines.deep.train:register")
+                                   "pipelines.body_composition.train:register", "pipelines.deep.train:register",
+                                   "node.sweep.cohort:register")
     parser = argparse.ArgumentParser()
     sub = parser.add_subparsers()
     node_cli.load_extensions(sub, ("prognode_missing_pkg.cli:register", "pipelines.no_such_module:register"))
