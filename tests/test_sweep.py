@@ -329,3 +329,30 @@ def test_find_checks_series_answers_against_the_study(tmp_path: Path, source_pac
     caplog.clear()
     assert len(sweeper.find_series(src, study, announced=1)) == 1
     assert out_associations() == N_STUDIES + 1 + 3 + 1 and not caplog.records
+
+
+def test_dicomweb_source_config_and_session(tmp_path: Path) -> None:
+    """kind = "dicomweb": the union's default stays dimse; auth from files (Bearer or Basic), never both."""
+    from node.sweep.dicomweb import session_of
+
+    (tmp_path / "vna.token").write_text("s3cret-token\n")
+    (tmp_path / "vna.pw").write_text("pw\n")
+    base = '[[sources]]\nname = "pacs"\nae_title = "PACS"\nhost = "127.0.0.1"\nport = 104\n' \
+           '[[sources]]\nname = "vna"\nkind = "dicomweb"\nurl = "http://127.0.0.1:8042/dicom-web/"\n'
+
+    def load(extra: str) -> config_mod.Config:
+        (tmp_path / "c.toml").write_text(base + extra)
+        return config_mod.load(tmp_path / "c.toml", environ={})
+
+    cfg = load('token_file = "vna.token"\n')
+    pacs, vna = cfg.sources
+    assert pacs.kind == "dimse" and vna.kind == "dicomweb" and vna.url == "http://127.0.0.1:8042/dicom-web"
+    assert session_of(vna, cfg.base_dir).headers["Authorization"] == "Bearer s3cret-token"  # type: ignore[arg-type]
+    cfg = load('username = "node"\npassword_file = "vna.pw"\n')
+    assert session_of(cfg.sources[1], cfg.base_dir).auth == ("node", "pw")  # type: ignore[arg-type]
+    for bad, message in (('token_file = "vna.token"\nusername = "u"\npassword_file = "vna.pw"\n', "not both"),
+                         ('username = "u"\n', "password_file"),
+                         ("[sources.tls]\nenabled = true\nuse_system_store = true\n", "https"),
+                         ('kind2 = "x"\n', "kind2")):
+        with pytest.raises(config_mod.ConfigError, match=message):
+            load(bad)
