@@ -13,11 +13,13 @@ import sys
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
+from typing import Any
 
 import pytest
 from sqlalchemy import func, select
 
 from node import config as config_mod
+from node import service
 from node.audit import AuditLog
 from node.db import Database, Instance, Sweep, SweepItem
 from node.metrics import Metrics
@@ -57,7 +59,7 @@ def write_config(tmp: Path, pacs: Orthanc, retrieve: str = "move", extra: str = 
     return sweep_node_config(tmp, pacs, retrieve, max_concurrent=2, node_extra="fsync = false", sweep_extra=extra)
 
 
-def _run(cfg_path: Path, dry_run: bool = False, hour: int | None = None) -> tuple:
+def _run(cfg_path: Path, dry_run: bool = False, hour: int | None = None) -> tuple[Any, ...]:
     cfg = config_mod.load(cfg_path)
     db = open_database(cfg)
     audit = AuditLog(cfg.path(cfg.logging.audit_file))
@@ -75,13 +77,11 @@ def _instances(db: Database) -> int:
 
 
 @contextmanager
-def serving(cfg_path: Path, method: str) -> Iterator[object]:
+def serving(cfg_path: Path, method: str) -> Iterator[service.Node | None]:
     """For C-MOVE the node's own SCP must run (it receives the sub-operations); yields the node or None."""
     if method != "move":
         yield None
         return
-    from node import service
-
     node = service.Node(config_mod.load(cfg_path)).start()
     try:
         yield node
@@ -118,7 +118,8 @@ def test_sweep_retrieves_then_second_sweep_retrieves_nothing(tmp_path: Path, sou
     out_assocs = 0 if method == "wado" else 2 * N_STUDIES + 1
     assert _counter(scrape, 'prognode_associations_total{direction="out",outcome="accepted"}') == out_assocs
     if method == "move":  # the sub-operations came in to the running node's own SCP, no receiver of the sweep
-        node_scrape = node.ops.metrics.exposition().decode()  # type: ignore[union-attr]
+        assert node is not None
+        node_scrape = node.ops.metrics.exposition().decode()
         assert _counter(node_scrape, 'prognode_associations_total{direction="in",outcome="accepted"}') == N_STUDIES
         assert _counter(scrape, 'prognode_associations_total{direction="in",outcome="accepted"}') == 0
     else:  # C-GET and WADO-RS store through this process's store path
@@ -184,7 +185,6 @@ def test_killed_sweep_resumes(tmp_path: Path, source_pacs: Orthanc) -> None:
     cfg_path = write_config(tmp_path, source_pacs, extra="pause_seconds = 0.6\n")
     cfg_path.write_text(cfg_path.read_text().replace("max_concurrent = 2", "max_concurrent = 1"))
     cfg = config_mod.load(cfg_path)
-    from node import service
     args = [sys.executable, "-m", "node", "sweep", "--config", str(cfg_path), "--from", FIRST.isoformat(),
             "--to", (FIRST + dt.timedelta(days=10)).isoformat(), "--json"]
     env = dict(os.environ, PYTHONPATH=str(REPO))

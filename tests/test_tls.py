@@ -20,7 +20,7 @@ from pynetdicom import AE
 from node import config as config_mod
 from node.access import AccessPolicy
 from node.audit import AuditLog
-from node.config import Config
+from node.config import Config, SourceConfig
 from node.db import Database
 from node.index import Index
 from node.server import DicomServer
@@ -286,7 +286,9 @@ server_hostname = "pacs.test"
     monkeypatch.setattr(AE, "associate", fake_associate)
     sweeper = Sweeper(cfg, None, default_store_handler)  # type: ignore[arg-type]
     with pytest.raises(SweepError, match="pacs"):
-        sweeper._associate(cfg.source("pacs"), AE(ae_title="PROGNODE"))
+        src = cfg.source("pacs")
+        assert isinstance(src, SourceConfig)
+        sweeper._associate(src, AE(ae_title="PROGNODE"))
     (host, port, kw), = seen
     ctx, hostname = kw["tls_args"]
     assert (host, port, hostname, kw["ae_title"]) == ("127.0.0.1", 4242, "pacs.test", "PACS")

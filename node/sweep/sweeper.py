@@ -100,7 +100,7 @@ class Sweeper:
         self.progress = progress or (lambda _line: None)
         self.hour = hour
         self._stop = threading.Event()
-        self._clients: dict[str, Any] = {}  # DICOMweb clients by source name
+        self._clients: dict[str, Any] = {}  # DICOMweb clients by thread and source name
         self._clients_lock = threading.Lock()
 
     # Public ------------------------------------------------------------------------------------
@@ -166,13 +166,14 @@ class Sweeper:
         return plan.DimseQuery(self.config.node.ae_title, lambda ae: self._associate(src, ae))
 
     def client(self, src: DicomwebSourceConfig) -> Any:
-        """The source's DICOMweb client (one per source and sweeper; requests sessions are thread-safe enough
-        for independent GETs)."""
+        """The source's DICOMweb client, one per source and thread (a requests session is not shared between
+        the sweep's concurrent retrievals)."""
+        key = f"{threading.get_ident()}:{src.name}"
         with self._clients_lock:
-            c = self._clients.get(src.name)
+            c = self._clients.get(key)
             if c is None:
                 try:
-                    c = self._clients[src.name] = dicomweb.client(src, self.config.base_dir)
+                    c = self._clients[key] = dicomweb.client(src, self.config.base_dir)
                 except dicomweb.DicomwebError as e:
                     raise SweepError(str(e)) from e
             return c
