@@ -30,6 +30,7 @@ from node.reader import LevelMarkers
 from node.routing import Router
 from node.server import DicomServer, route_keywords
 from node.storage import Storage
+from node.sweep.retrieve import in_flight as sweep_in_flight
 from node.tls import client_identity_handlers, server_context
 
 logger = logging.getLogger(__name__)
@@ -100,7 +101,7 @@ class Node:
         self.markers = LevelMarkers(self.db, self.index, self.router, self.audit, own_devices=[own])
         self.completion = CompletionMonitor(self.db, self.config.completion, self.router, self.audit,
                                             on_jobs=lambda _ids: jobs.wake.set(),
-                                            busy=self.server.open_associations.busy,
+                                            busy=lambda: self.server.open_associations.busy() | sweep_in_flight(),
                                             on_complete=self.markers.on_series_complete)
         self.server.start()
         for name, target in (("completion", self.completion.run), ("jobs", self.jobs.run),

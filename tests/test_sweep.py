@@ -356,3 +356,25 @@ def test_dicomweb_source_config_and_session(tmp_path: Path) -> None:
                          ('kind2 = "x"\n', "kind2")):
         with pytest.raises(config_mod.ConfigError, match=message):
             load(bad)
+
+
+@pytest.mark.parametrize("method", ["get", "wado"])
+def test_series_in_flight_while_retrieved(tmp_path: Path, source_pacs: Orthanc, method: str) -> None:
+    """While C-GET or WADO-RS stores a series in this process, it is busy for completion (node.service passes
+    in_flight() on), as a series an open association is delivering; afterwards nothing is."""
+    from node.sweep.retrieve import in_flight
+
+    cfg_path = write_config(tmp_path, source_pacs, method)
+    cfg = config_mod.load(cfg_path)
+    db = open_database(cfg)
+    store = default_store_handler(cfg, db)
+    seen: list[set[str]] = []
+
+    def watching(event: object) -> object:
+        seen.append(in_flight())
+        return store(event)
+
+    out = Sweeper(cfg, db, watching).run(FIRST, FIRST + dt.timedelta(days=10))
+    assert out.retrieved == N_STUDIES and len(seen) == N_STUDIES * SLICES
+    assert all(len(busy) in (1, 2) for busy in seen)  # max_concurrent = 2
+    assert in_flight() == set()

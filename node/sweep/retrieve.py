@@ -20,7 +20,8 @@ from __future__ import annotations
 import functools
 import logging
 import socket
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from io import BytesIO
 from typing import Any
@@ -48,7 +49,7 @@ from node.dicom_facts import (
     STUDY_ROOT_MOVE,
     TRANSFER_SYNTAX_UIDS,
 )
-from node.handlers import CANNOT_UNDERSTAND, SUCCESS, handle_store
+from node.handlers import CANNOT_UNDERSTAND, SUCCESS, OpenAssociations, handle_store
 from node.index import Index
 from node.metrics import Metrics
 from node.server import limits_of, route_keywords
@@ -61,6 +62,26 @@ log = logging.getLogger(__name__)
 StoreHandler = Callable[[Any], Any]  # EVT_C_STORE handler: event -> status (int or Dataset)
 Associate = Callable[..., Association]  # (src, ae, ext_neg=..., handlers=...) -> established association
 Source = SourceConfig | DicomwebSourceConfig
+
+# Series a sweep of this process is retrieving by C-GET or WADO-RS (the store handler runs here): completion
+# waits for them as for a series an open association still delivers (node.service passes in_flight() on)
+IN_FLIGHT = OpenAssociations()
+
+
+def in_flight() -> set[str]:
+    return IN_FLIGHT.busy()
+
+
+@contextmanager
+def _retrieving(series_uid: str) -> Iterator[None]:
+    token = object()
+    if series_uid:
+        IN_FLIGHT.add(id(token), series_uid)
+    try:
+        yield
+    finally:
+        IN_FLIGHT.close(id(token))
+
 
 SOP_CLASS_NOT_SUPPORTED = 0x0122  # Refused: SOP Class not supported (PS3.4 C.4.2.1.4 / the SCP's negotiation)
 
@@ -317,7 +338,8 @@ def retrieve_dimse(config: Config, src: SourceConfig, associate: Associate, stor
         assoc.dimse.limits = limits_of(config.node)  # type: ignore[attr-defined]  # read by handle_store's caps
         responses = assoc.send_c_get(q, STUDY_ROOT_GET)
     try:
-        completed, failed, status = _drain(responses)
+        with _retrieving(series_uid if src.retrieve == "get" else ""):
+            completed, failed, status = _drain(responses)
     finally:
         assoc.release()
     what = f"series {series_uid}" if series_uid else f"study {study_uid}"
@@ -353,8 +375,9 @@ def retrieve_wado(config: Config, src: DicomwebSourceConfig, client: Any, store_
                   study_uid: str, series_uid: str, audit: AuditSink | None = None) -> int:
     """WADO-RS of one series, each instance stored through ``store_handler``; the instances stored."""
     try:
-        stored, refused, first = store_parts(dicomweb.retrieve_series(client, src, study_uid, series_uid), src,
-                                             config, store_handler, audit)
+        with _retrieving(series_uid):
+            stored, refused, first = store_parts(dicomweb.retrieve_series(client, src, study_uid, series_uid), src,
+                                                 config, store_handler, audit)
     except dicomweb.DicomwebError as e:
         raise SweepError(str(e)) from e
     if refused:
