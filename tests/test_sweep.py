@@ -226,8 +226,9 @@ def test_killed_sweep_resumes(tmp_path: Path, source_pacs: Orthanc) -> None:
     assert _instances(db) == N_STUDIES * SLICES
 
 
-def test_allowed_hours_stop_then_resume(tmp_path: Path, source_pacs: Orthanc) -> None:
-    cfg_path = write_config(tmp_path, source_pacs, "get", extra="allowed_hours = [20, 6]\n")
+@pytest.mark.parametrize("method", ["get", "wado"])
+def test_allowed_hours_stop_then_resume(tmp_path: Path, source_pacs: Orthanc, method: str) -> None:
+    cfg_path = write_config(tmp_path, source_pacs, method, extra="allowed_hours = [20, 6]\n")
     _cfg, db, out, _lines, _m = _run(cfg_path, hour=12)
     assert out.state == "interrupted" and "allowed hours" in out.stopped_reason
     assert out.retrieved == 0 and _instances(db) == 0
