@@ -3,7 +3,8 @@
 A private loopback Orthanc holds N synthetic CT studies (one series of S slices each).  Each method
 queries STUDY level for the date range, then SERIES level per study, then retrieves each series:
 
-* prognode sweep, C-MOVE to the node's AE (sweep receiver, fsync per instance), concurrency 1 and 2
+* prognode sweep, C-MOVE to the node's AE (received by ``prognode serve`` running beside the sweep, fsync
+  per instance), concurrency 1 and 2
 * prognode sweep, C-GET (stores through the same path), concurrency 2
 * dcmtk findscu + movescu (one process per query/series, to a dcmtk storescp; no fsync)
 * dcmtk findscu + getscu
@@ -36,6 +37,7 @@ sys.path.insert(0, str(REPO))
 
 from pydicom import dcmread  # noqa: E402
 
+from tests.node_helpers import node_process  # noqa: E402
 from tests.peers import Orthanc, free_port, stop_pid, sweep_node_config, wait_port, wait_until  # noqa: E402
 from tests.synthetic_ct import write_studies  # noqa: E402
 
@@ -52,11 +54,32 @@ def sweep_cli(cfg: Path, *extra: str) -> list[str]:
             "--to", LAST.isoformat(), "--json", *extra]
 
 
-def run_prognode(cfg: Path) -> tuple[float, dict[str, Any]]:
+class Serving:
+    """``prognode serve`` of ``cfg`` as its own process while a C-MOVE sweep runs (its SCP receives)."""
+
+    def __init__(self, cfg: Path, retrieve: str) -> None:
+        self.cfg, self.retrieve = cfg, retrieve
+        self.proc: subprocess.Popen[bytes] | None = None
+
+    def __enter__(self) -> Serving:
+        if self.retrieve == "move":
+            from node import config as config_mod
+
+            self.proc = node_process(self.cfg)
+            wait_port(config_mod.load(self.cfg).node.port, timeout=60)
+        return self
+
+    def __exit__(self, *_exc: object) -> None:
+        if self.proc is not None:
+            stop_pid(self.proc)
+
+
+def run_prognode(cfg: Path, retrieve: str = "move") -> tuple[float, dict[str, Any]]:
     env = dict(os.environ, PYTHONPATH=str(REPO))
-    t = time.monotonic()
-    r = subprocess.run(sweep_cli(cfg), cwd=REPO, env=env, capture_output=True, text=True, timeout=900)
-    wall = time.monotonic() - t
+    with Serving(cfg, retrieve):
+        t = time.monotonic()
+        r = subprocess.run(sweep_cli(cfg), cwd=REPO, env=env, capture_output=True, text=True, timeout=900)
+        wall = time.monotonic() - t
     if r.returncode != 0:
         raise RuntimeError(r.stdout + r.stderr)
     return wall, json.loads(r.stdout[r.stdout.index("{\n"):])
@@ -114,8 +137,15 @@ def run_dcmtk(pacs: Orthanc, work: Path, method: str) -> tuple[float, int, int, 
 def run_killed(pacs: Orthanc, work: Path, n_series: int) -> dict[str, Any]:
     cfg = node_config(work, pacs, "move", 1, pause=0.3)
     env = dict(os.environ, PYTHONPATH=str(REPO))
-    proc = subprocess.Popen(sweep_cli(cfg), cwd=REPO, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    db = work / "var" / "prognode.db"
+    with Serving(cfg, "move"):
+        proc = subprocess.Popen(sweep_cli(cfg), cwd=REPO, env=env, stdout=subprocess.DEVNULL,
+                                stderr=subprocess.DEVNULL)
+        before = _kill_halfway(proc, work / "var" / "prognode.db", n_series)
+    _wall, rep = run_prognode(cfg)
+    return {"killed_after": before, **rep}
+
+
+def _kill_halfway(proc: subprocess.Popen[bytes], db: Path, n_series: int) -> int:
 
     def retrieved() -> int:
         try:
@@ -129,9 +159,7 @@ def run_killed(pacs: Orthanc, work: Path, n_series: int) -> dict[str, Any]:
     finally:
         os.kill(proc.pid, signal.SIGKILL)
         proc.wait(10)
-    before = retrieved()
-    _wall, rep = run_prognode(cfg)
-    return {"killed_after": before, **rep}
+    return retrieved()
 
 
 def show_node(cfg_path: Path, metrics_out: Path | None, screenshot: Path | None) -> None:
@@ -192,11 +220,11 @@ def main() -> int:
 
         for retrieve, conc in (("move", 1), ("move", 2), ("get", 2)):
             cfg = node_config(root / f"prognode-{retrieve}-{conc}", pacs, retrieve, conc)
-            wall, rep = run_prognode(cfg)
+            wall, rep = run_prognode(cfg, retrieve)
             add(f"prognode sweep C-{retrieve.upper()} x{conc}", rep["studies"], rep["retrieved"],
                 rep["instances_retrieved"], wall, f"in-process {rep['seconds']:.2f}s, fsync on")
             if (retrieve, conc) == ("move", 2):
-                wall2, rep2 = run_prognode(cfg)
+                wall2, rep2 = run_prognode(cfg, retrieve)
                 add("  second sweep, same range", rep2["studies"], rep2["retrieved"], rep2["instances_retrieved"],
                     wall2, f"{rep2['skipped']} series skipped by the ledger")
                 show_node(cfg, args.metrics_out, args.screenshot)

@@ -32,6 +32,7 @@ EXTENSIONS = (
     "pipelines.body_composition.train:register",
     "pipelines.deep.train:register",
     "node.retract:register",  # retract, rerun
+    "node.sweep.cohort:register",  # after pipelines.radiomics.cohort: `cohort features --source` (retrieve, then extract)
 )
 
 EXIT_OK, EXIT_FAIL, EXIT_USAGE = 0, 1, 2
@@ -134,7 +135,19 @@ def cmd_echo(args: argparse.Namespace) -> int:
             return EXIT_FAIL
         print(f"echo {args.dest} ({sender.describe()}): ok ({why})")
         return EXIT_OK
-    peer: RemoteAE = config.source(args.dest)
+    source = config.source(args.dest)
+    if not isinstance(source, RemoteAE):  # a DICOMweb source: a QIDO-RS request, as its sweeps make
+        from node.sweep.dicomweb import client
+
+        try:
+            client(source.model_copy(update={"timeout_seconds": args.timeout}), config.base_dir).search_for_studies(
+                limit=1)
+        except Exception as e:
+            print(f"echo {args.dest} ({source.url}): QIDO-RS failed: {type(e).__name__}: {e}", file=sys.stderr)
+            return EXIT_FAIL
+        print(f"echo {args.dest} ({source.url}): ok (QIDO-RS HTTP 200)")
+        return EXIT_OK
+    peer: RemoteAE = source
     label = f"{peer.ae_title}@{peer.host}:{peer.port}{' over TLS' if peer.tls.enabled else ''}"
     ae = AE(ae_title=config.node.ae_title)
     ae.acse_timeout = ae.network_timeout = ae.dimse_timeout = args.timeout

@@ -328,10 +328,62 @@ AnyDestination = Annotated[
 
 
 class SourceConfig(RemoteAE):
-    """A PACS to query and retrieve from (C-FIND, then C-MOVE or C-GET)."""
+    """A PACS to query and retrieve from over DIMSE (C-FIND, then C-MOVE or C-GET; ``kind = "dimse"``, the default).
 
+    C-MOVE asks the PACS to send the instances to ``move_destination`` (default: this node's AE title, which
+    the PACS must know with the node's host and port); the running node's SCP receives them."""
+
+    kind: Literal["dimse"] = "dimse"
     retrieve: Literal["move", "get"] = "move"
     move_destination: str = ""  # AE title the PACS sends C-MOVE results to; empty: this node's
+
+
+class DicomwebSourceConfig(_Model):
+    """A DICOMweb service to query (QIDO-RS) and retrieve from (WADO-RS) (``kind = "dicomweb"``).
+
+    ``url`` is the service root (``{url}/studies``).  Authentication: a Bearer token read from
+    ``token_file``, or HTTP Basic with ``username`` and the password read from ``password_file``, or none.
+    ``tls`` (for https) is the same peer table as a DIMSE peer's: ``ca_bundle`` (or ``use_system_store``)
+    verifies the server, ``client_certificate`` + ``client_private_key`` for mutual TLS."""
+
+    kind: Literal["dicomweb"]
+    name: str
+    url: str
+    token_file: Path | None = None
+    username: str = ""
+    password_file: Path | None = None
+    tls: PeerTlsConfig = PeerTlsConfig()
+    timeout_seconds: float = Field(60.0, gt=0)  # connect and read timeout of one HTTP request
+
+    @field_validator("url")
+    @classmethod
+    def _url(cls, value: str) -> str:
+        if not re.match(r"^https?://[^/\s]+", value):
+            raise ValueError(f"not an http(s) URL: {value!r}")
+        return value.rstrip("/")
+
+    @model_validator(mode="after")
+    def _auth(self) -> DicomwebSourceConfig:
+        if self.token_file is not None and (self.username or self.password_file is not None):
+            raise ValueError("token_file: either a Bearer token or username + password_file, not both")
+        if bool(self.username) != (self.password_file is not None):
+            raise ValueError("username: goes together with password_file (HTTP Basic)")
+        if self.tls.server_hostname:
+            raise ValueError("tls.server_hostname: not supported for DICOMweb (the URL's host name is checked)")
+        if self.tls.enabled != self.url.startswith("https://"):
+            raise ValueError("tls.enabled: set it for an https:// url, and only then")
+        return self
+
+
+def _source_kind(value: Any) -> str:
+    kind = value.get("kind", "dimse") if isinstance(value, Mapping) else getattr(value, "kind", "dimse")
+    return str(kind)
+
+
+AnySource = Annotated[
+    Annotated[SourceConfig, Tag("dimse")] | Annotated[DicomwebSourceConfig, Tag("dicomweb")],
+    Discriminator(_source_kind),
+]
 
 
 class SeriesMatch(_Model):
@@ -505,7 +557,7 @@ class Config(_Model):
     completion: CompletionConfig = CompletionConfig()
     jobs: JobsConfig = JobsConfig()
     destinations: tuple[AnyDestination, ...] = ()
-    sources: tuple[SourceConfig, ...] = ()
+    sources: tuple[AnySource, ...] = ()  # kind = "dimse" (default) or "dicomweb"
     routes: tuple[RouteConfig, ...] = ()
     pipelines: dict[str, dict[str, Any]] = {}  # per-pipeline options, validated by each pipeline
     models: dict[str, Path] = {}  # local weight files by name; nothing is downloaded
@@ -551,7 +603,7 @@ class Config(_Model):
                 return d
         raise KeyError(name)
 
-    def source(self, name: str) -> SourceConfig:
+    def source(self, name: str) -> SourceConfig | DicomwebSourceConfig:
         for s in self.sources:
             if s.name == name:
                 return s

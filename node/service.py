@@ -35,6 +35,7 @@ from node.retention import start_scheduler as start_retention
 from node.routing import Router
 from node.server import DicomServer, route_keywords
 from node.storage import Storage
+from node.sweep.retrieve import in_flight as sweep_in_flight
 from node.tls import client_identity_handlers, server_context
 from node.watermark import FreeSpace, Watermark, association_handlers
 
@@ -117,7 +118,7 @@ class Node:
         self.markers = LevelMarkers(self.db, self.index, self.router, self.audit, own_devices=[own])
         self.completion = CompletionMonitor(self.db, self.config.completion, self.router, self.audit,
                                             on_jobs=lambda _ids: jobs.wake.set(),
-                                            busy=self.server.open_associations.busy,
+                                            busy=lambda: self.server.open_associations.busy() | sweep_in_flight(),
                                             on_complete=self.markers.on_series_complete)
         self.server.start()
         loops = [("completion", self.completion.run), ("jobs", self.jobs.run), ("export", self.exporter.run),

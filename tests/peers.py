@@ -268,7 +268,10 @@ def with_uids(src: Path, dst: Path, seed: str = "prognode", patient_id: str = "P
 
 
 def pacs_source_toml(pacs: Orthanc, retrieve: str = "move", name: str = "pacs") -> str:
-    """A ``[[sources]]`` entry of a node's config.toml for ``pacs`` (C-MOVE or C-GET)."""
+    """A ``[[sources]]`` entry of a node's config.toml for ``pacs`` (C-MOVE or C-GET; ``wado``: its DICOMweb
+    plug-in as a ``kind = "dicomweb"`` source, QIDO-RS and WADO-RS)."""
+    if retrieve == "wado":
+        return f'[[sources]]\nname = "{name}"\nkind = "dicomweb"\nurl = "{pacs.url}/dicom-web"\n'
     return (f'[[sources]]\nname = "{name}"\nae_title = "{pacs.aet}"\nhost = "127.0.0.1"\n'
             f'port = {pacs.dicom_port}\nretrieve = "{retrieve}"\n')
 

@@ -87,7 +87,8 @@ def test_extensions_skip_missing_modules_only(monkeypatch: pytest.MonkeyPatch, t
                                    "pipelines.radiomics.cohort:register",
                                    "pipelines.survival.cli:register",
                                    "pipelines.body_composition.train:register", "pipelines.deep.train:register",
-                                   "node.retract:register")
+                                   "node.retract:register",
+                                   "node.sweep.cohort:register")
     parser = argparse.ArgumentParser()
     sub = parser.add_subparsers()
     node_cli.load_extensions(sub, ("prognode_missing_pkg.cli:register", "pipelines.no_such_module:register"))

@@ -15,6 +15,7 @@ from sqlalchemy import select
 
 from node.db import Instance
 from node.handlers import OUT_OF_RESOURCES
+from node.server import route_keywords
 from node.storage import INCOMING, INSTANCES, Storage
 from node.sweep import default_store_handler
 from tests.node_helpers import dataset_bytes, running_node, send_raw, write_config
@@ -70,6 +71,7 @@ def test_one_storage_per_process_and_folder(tmp_path: Path) -> None:
         node.storage.close()  # that holder is done; the node's use goes on
         handler: Any = default_store_handler(node.config, node.db)  # what a C-GET sweep inside serve uses
         assert handler.keywords["store"] is node.storage
+        assert handler.keywords["extra_keywords"] == route_keywords(node.config)  # the SCP's route keywords
         assert not node.storage._closed
         node.storage.close()
     assert node.storage._closed  # the node's stop closed it: its last holder

@@ -1,4 +1,5 @@
-"""Sweeps against a real Orthanc: C-MOVE and C-GET, skip by ledger, dry run, kill -9 and resume, hours."""
+"""Sweeps against a real Orthanc: C-MOVE (into the running node), C-GET and WADO-RS (its DICOMweb plug-in), skip by
+ledger, dry run, kill -9 and resume, hours, the node's caps on what comes back."""
 
 from __future__ import annotations
 
@@ -10,18 +11,22 @@ import sqlite3
 import subprocess
 import sys
 from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
+from typing import Any
 
 import pytest
 from sqlalchemy import func, select
 
 from node import config as config_mod
+from node import service
 from node.audit import AuditLog
 from node.db import Database, Instance, Sweep, SweepItem
 from node.metrics import Metrics
 from node.sweep import (
     SCHEDULER_JOB_ID,
     Sweeper,
+    SweepError,
     default_store_handler,
     open_database,
     run_sweep,
@@ -54,7 +59,7 @@ def write_config(tmp: Path, pacs: Orthanc, retrieve: str = "move", extra: str = 
     return sweep_node_config(tmp, pacs, retrieve, max_concurrent=2, node_extra="fsync = false", sweep_extra=extra)
 
 
-def _run(cfg_path: Path, dry_run: bool = False, hour: int | None = None) -> tuple:
+def _run(cfg_path: Path, dry_run: bool = False, hour: int | None = None) -> tuple[Any, ...]:
     cfg = config_mod.load(cfg_path)
     db = open_database(cfg)
     audit = AuditLog(cfg.path(cfg.logging.audit_file))
@@ -71,11 +76,32 @@ def _instances(db: Database) -> int:
         return int(s.scalar(select(func.count()).select_from(Instance)) or 0)
 
 
-@pytest.mark.parametrize("method", ["move", "get"])
+@contextmanager
+def serving(cfg_path: Path, method: str) -> Iterator[service.Node | None]:
+    """For C-MOVE the node's own SCP must run (it receives the sub-operations); yields the node or None."""
+    if method != "move":
+        yield None
+        return
+    node = service.Node(config_mod.load(cfg_path)).start()
+    try:
+        yield node
+    finally:
+        node.stop()
+
+
+def _counter(scrape: str, name: str) -> float:
+    for line in scrape.splitlines():
+        if line.startswith(name + " "):
+            return float(line.split()[-1])
+    return 0.0
+
+
+@pytest.mark.parametrize("method", ["move", "get", "wado"])
 def test_sweep_retrieves_then_second_sweep_retrieves_nothing(tmp_path: Path, source_pacs: Orthanc,
                                                              method: str) -> None:
     cfg_path = write_config(tmp_path, source_pacs, method)
-    cfg, db, out, lines, metrics = _run(cfg_path)
+    with serving(cfg_path, method) as node:
+        cfg, db, out, lines, metrics = _run(cfg_path)
     assert out.state == "done", lines
     assert (out.studies, out.series, out.retrieved, out.failed) == (N_STUDIES, N_STUDIES, N_STUDIES, 0)
     assert out.instances_retrieved == N_STUDIES * SLICES
@@ -84,18 +110,24 @@ def test_sweep_retrieves_then_second_sweep_retrieves_nothing(tmp_path: Path, sou
     assert len(files) == N_STUDIES * SLICES
     report = json.loads((cfg.storage_dir / "sweeps" / f"sweep-{out.sweep_id}.json").read_text())
     assert report["retrieved"] == N_STUDIES and report["item_states"] == {"retrieved": N_STUDIES}
-    assert any("instances by C-" in ln for ln in lines)
+    label = {"move": "C-MOVE", "get": "C-GET", "wado": "WADO-RS"}[method]
+    assert any(f"instances by {label}" in ln for ln in lines)
     scrape = metrics.exposition().decode()
     assert f'prognode_sweep_series_retrieved_total{{method="{method}"}} {float(N_STUDIES)}' in scrape
-    # one association per C-FIND (studies, then the series of each study), one per retrieval;
-    # C-MOVE sub-operations come in to the sweep receiver
-    assert f'prognode_associations_total{{direction="out",outcome="accepted"}} {float(2 * N_STUDIES + 1)}' in scrape
-    if method == "move":
-        assert f'prognode_associations_total{{direction="in",outcome="accepted"}} {float(N_STUDIES)}' in scrape
-    if method == "get":  # C-GET stores through this process's store path
+    # DIMSE: one association per C-FIND (studies, then the series of each study), one per retrieval
+    out_assocs = 0 if method == "wado" else 2 * N_STUDIES + 1
+    assert _counter(scrape, 'prognode_associations_total{direction="out",outcome="accepted"}') == out_assocs
+    if method == "move":  # the sub-operations came in to the running node's own SCP, no receiver of the sweep
+        assert node is not None
+        node_scrape = node.ops.metrics.exposition().decode()
+        assert _counter(node_scrape, 'prognode_associations_total{direction="in",outcome="accepted"}') == N_STUDIES
+        assert _counter(scrape, 'prognode_associations_total{direction="in",outcome="accepted"}') == 0
+    else:  # C-GET and WADO-RS store through this process's store path
         assert f"prognode_instances_received_total {float(N_STUDIES * SLICES)}" in scrape
-    events = [r["event"] for r in AuditLog(cfg.path(cfg.logging.audit_file)).read()]
+    records = AuditLog(cfg.path(cfg.logging.audit_file)).read()
+    events = [r["event"] for r in records if r["event"] not in ("node_started", "node_stopped")]
     assert events.count("retrieve") == N_STUDIES and "query" in events and events[-1] == "sweep"
+    assert events.count("instance_stored") == N_STUDIES * SLICES  # the node's store handler, every instance
 
     # same range again: the ledger has every series with its content, nothing is retrieved
     _cfg2, db2, out2, _lines2, _m = _run(cfg_path)
@@ -103,6 +135,35 @@ def test_sweep_retrieves_then_second_sweep_retrieves_nothing(tmp_path: Path, sou
     assert (out2.retrieved, out2.skipped, out2.state) == (0, N_STUDIES, "done")
     assert all(item["reason"] == "present" for item in out2.items)
     assert _instances(db2) == N_STUDIES * SLICES
+
+
+@pytest.mark.parametrize("method", ["get", "wado"])
+def test_retrieved_instances_meet_the_nodes_caps(tmp_path: Path, source_pacs: Orthanc, method: str) -> None:
+    """What C-GET and WADO-RS bring back passes the SCP's door: over [node].max_dataset_bytes is refused
+    (Out of Resources, named), so the series fail and nothing is stored."""
+    cfg_path = write_config(tmp_path, source_pacs, method)
+    cfg_path.write_text(cfg_path.read_text().replace("fsync = false", "fsync = false\nmax_dataset_bytes = 1024"))
+    cfg, db, out, lines, _m = _run(cfg_path)
+    assert (out.retrieved, out.failed) == (0, N_STUDIES), lines
+    assert _instances(db) == 0
+    refused = [r for r in AuditLog(cfg.path(cfg.logging.audit_file)).read() if r["event"] == "instance_refused"]
+    assert refused and all(r["status"] == "0xA700" and "max_dataset_bytes" in r["reason"] for r in refused)
+
+
+def test_move_without_the_node_running_says_so(tmp_path: Path, source_pacs: Orthanc) -> None:
+    """No temporary receiver: a C-MOVE sweep with nothing at the node's address stops with the reason
+    (resumable once the node runs)."""
+    cfg_path = write_config(tmp_path, source_pacs, "move")
+    with pytest.raises(SweepError, match="nothing listens there: start `prognode serve`"):
+        _run(cfg_path)
+    cfg = config_mod.load(cfg_path)
+    db = open_database(cfg)
+    with db.session() as s:
+        (sweep,) = s.scalars(select(Sweep)).all()
+        assert sweep.state == "failed"
+    with serving(cfg_path, "move"):
+        out = run_sweep(cfg, db, FIRST, FIRST + dt.timedelta(days=10))
+    assert (out.sweep_id, out.resumed, out.retrieved, out.state) == (sweep.id, True, N_STUDIES, "done")
 
 
 def test_dry_run_cli_retrieves_nothing(tmp_path: Path, source_pacs: Orthanc) -> None:
@@ -127,6 +188,7 @@ def test_killed_sweep_resumes(tmp_path: Path, source_pacs: Orthanc) -> None:
     args = [sys.executable, "-m", "node", "sweep", "--config", str(cfg_path), "--from", FIRST.isoformat(),
             "--to", (FIRST + dt.timedelta(days=10)).isoformat(), "--json"]
     env = dict(os.environ, PYTHONPATH=str(REPO))
+    node = service.Node(cfg).start()  # C-MOVE delivers to the node's SCP
     proc = subprocess.Popen(args, cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
     dbfile = cfg.storage_dir / "prognode.db"
 
@@ -146,7 +208,10 @@ def test_killed_sweep_resumes(tmp_path: Path, source_pacs: Orthanc) -> None:
         proc.wait(10)
     done_before = retrieved()
     assert done_before < N_STUDIES
-    r = subprocess.run(args, cwd=REPO, env=env, capture_output=True, text=True, timeout=120)
+    try:
+        r = subprocess.run(args, cwd=REPO, env=env, capture_output=True, text=True, timeout=120)
+    finally:
+        node.stop()
     assert r.returncode == 0, r.stdout + r.stderr
     summary = json.loads(r.stdout[r.stdout.index("{\n"):])
     assert summary["resumed"] is True and summary["sweep_id"] == 1
@@ -161,8 +226,9 @@ def test_killed_sweep_resumes(tmp_path: Path, source_pacs: Orthanc) -> None:
     assert _instances(db) == N_STUDIES * SLICES
 
 
-def test_allowed_hours_stop_then_resume(tmp_path: Path, source_pacs: Orthanc) -> None:
-    cfg_path = write_config(tmp_path, source_pacs, "get", extra="allowed_hours = [20, 6]\n")
+@pytest.mark.parametrize("method", ["get", "wado"])
+def test_allowed_hours_stop_then_resume(tmp_path: Path, source_pacs: Orthanc, method: str) -> None:
+    cfg_path = write_config(tmp_path, source_pacs, method, extra="allowed_hours = [20, 6]\n")
     _cfg, db, out, _lines, _m = _run(cfg_path, hour=12)
     assert out.state == "interrupted" and "allowed hours" in out.stopped_reason
     assert out.retrieved == 0 and _instances(db) == 0
@@ -187,24 +253,6 @@ def test_scheduler_restart_keeps_one_job(tmp_path: Path) -> None:
         rows = c.execute("select id from apscheduler_jobs").fetchall()
     assert rows == [(SCHEDULER_JOB_ID,)]
 
-
-
-def test_move_sweep_into_running_node(tmp_path: Path, source_pacs: Orthanc) -> None:
-    """With the node serving, C-MOVE results arrive through the node's own SCP (no sweep receiver)."""
-    from node import service
-
-    cfg_path = write_config(tmp_path, source_pacs, "move")
-    cfg = config_mod.load(cfg_path)
-    node = service.Node(cfg).start()
-    try:
-        db = open_database(cfg)
-        out = run_sweep(cfg, db, FIRST, FIRST + dt.timedelta(days=10))
-        assert (out.retrieved, out.failed, out.instances_retrieved) == (N_STUDIES, 0, N_STUDIES * SLICES)
-        assert _instances(db) == N_STUDIES * SLICES
-        again = run_sweep(cfg, db, FIRST, FIRST + dt.timedelta(days=10))
-        assert (again.retrieved, again.skipped) == (0, N_STUDIES), again.items
-    finally:
-        node.stop()
 
 
 def test_failed_series_is_retried_once(tmp_path: Path, source_pacs: Orthanc) -> None:
@@ -271,14 +319,63 @@ def test_find_checks_series_answers_against_the_study(tmp_path: Path, source_pac
 
     assert out_associations() == N_STUDIES + 1  # the STUDY query, then one SERIES query per study
     study = found[0].study_uid
-    with caplog.at_level("WARNING", logger="node.sweep"):
+    with caplog.at_level("WARNING", logger="node.sweep"):  # the package's loggers (node.sweep.plan)
         again = sweeper.find_series(src, study, announced=2, attempts=3)
     assert [r.series_uid for r in again] == [found[0].series_uid]
     assert out_associations() == N_STUDIES + 1 + 3
-    warnings = [r.getMessage() for r in caplog.records if r.name == "node.sweep"]
+    warnings = [r.getMessage() for r in caplog.records if r.name.startswith("node.sweep")]
     assert len(warnings) == 3 and all(f"study {study}: 1 of 2 series" in w for w in warnings), warnings
     assert "going on with those" in warnings[-1]
     # the announced count met: one query, no warning
     caplog.clear()
     assert len(sweeper.find_series(src, study, announced=1)) == 1
     assert out_associations() == N_STUDIES + 1 + 3 + 1 and not caplog.records
+
+
+def test_dicomweb_source_config_and_session(tmp_path: Path) -> None:
+    """kind = "dicomweb": the union's default stays dimse; auth from files (Bearer or Basic), never both."""
+    from node.sweep.dicomweb import session_of
+
+    (tmp_path / "vna.token").write_text("s3cret-token\n")
+    (tmp_path / "vna.pw").write_text("pw\n")
+    base = '[[sources]]\nname = "pacs"\nae_title = "PACS"\nhost = "127.0.0.1"\nport = 104\n' \
+           '[[sources]]\nname = "vna"\nkind = "dicomweb"\nurl = "http://127.0.0.1:8042/dicom-web/"\n'
+
+    def load(extra: str) -> config_mod.Config:
+        (tmp_path / "c.toml").write_text(base + extra)
+        return config_mod.load(tmp_path / "c.toml", environ={})
+
+    cfg = load('token_file = "vna.token"\n')
+    pacs, vna = cfg.sources
+    assert pacs.kind == "dimse" and vna.kind == "dicomweb" and vna.url == "http://127.0.0.1:8042/dicom-web"
+    assert session_of(vna, cfg.base_dir).headers["Authorization"] == "Bearer s3cret-token"  # type: ignore[arg-type]
+    cfg = load('username = "node"\npassword_file = "vna.pw"\n')
+    assert session_of(cfg.sources[1], cfg.base_dir).auth == ("node", "pw")  # type: ignore[arg-type]
+    for bad, message in (('token_file = "vna.token"\nusername = "u"\npassword_file = "vna.pw"\n', "not both"),
+                         ('username = "u"\n', "password_file"),
+                         ("[sources.tls]\nenabled = true\nuse_system_store = true\n", "https"),
+                         ('kind2 = "x"\n', "kind2")):
+        with pytest.raises(config_mod.ConfigError, match=message):
+            load(bad)
+
+
+@pytest.mark.parametrize("method", ["get", "wado"])
+def test_series_in_flight_while_retrieved(tmp_path: Path, source_pacs: Orthanc, method: str) -> None:
+    """While C-GET or WADO-RS stores a series in this process, it is busy for completion (node.service passes
+    in_flight() on), as a series an open association is delivering; afterwards nothing is."""
+    from node.sweep.retrieve import in_flight
+
+    cfg_path = write_config(tmp_path, source_pacs, method)
+    cfg = config_mod.load(cfg_path)
+    db = open_database(cfg)
+    store = default_store_handler(cfg, db)
+    seen: list[set[str]] = []
+
+    def watching(event: object) -> object:
+        seen.append(in_flight())
+        return store(event)
+
+    out = Sweeper(cfg, db, watching).run(FIRST, FIRST + dt.timedelta(days=10))
+    assert out.retrieved == N_STUDIES and len(seen) == N_STUDIES * SLICES
+    assert all(len(busy) in (1, 2) for busy in seen)  # max_concurrent = 2
+    assert in_flight() == set()

@@ -20,10 +20,13 @@ from pynetdicom import AE
 from node import config as config_mod
 from node.access import AccessPolicy
 from node.audit import AuditLog
-from node.config import Config
+from node.config import Config, SourceConfig
 from node.db import Database
-from node.sweep import Receiver, default_store_handler
-from node.tls import TlsError, client_context, server_context
+from node.index import Index
+from node.server import DicomServer
+from node.storage import Storage
+from node.sweep import default_store_handler
+from node.tls import TlsError, client_context, client_identity_handlers, server_context
 from tests.conftest import need
 from tests.peers import echoscu, free_port, pacs_source_toml, stop_pid, wait_port
 from tests.synthetic_ct import write_study
@@ -103,11 +106,13 @@ def tls_scp(tmp_path: Path, pki: Pki) -> Iterator[tuple[Config, Database, AuditL
     cfg = node_config(tmp_path, pki, allowed_aets='["STORESCU", "ECHOSCU@127.0.0.0/8", "FARAWAY@10.9.0.0/16"]')
     db = Database(cfg.database_url)
     audit = AuditLog(tmp_path / "audit.jsonl")
-    receiver = Receiver(cfg, default_store_handler(cfg, db, audit=audit), audit)
+    server = DicomServer(cfg, Storage(cfg.storage_dir, fsync=False), Index(db, cfg.storage_dir), audit,
+                         server_context(cfg.node.tls, cfg.base_dir),
+                         extra_handlers=client_identity_handlers(cfg.node.tls, audit)).start()
     try:
         yield cfg, db, audit
     finally:
-        receiver.stop()
+        server.stop(timeout=5)
         db.dispose()
 
 
@@ -281,7 +286,9 @@ server_hostname = "pacs.test"
     monkeypatch.setattr(AE, "associate", fake_associate)
     sweeper = Sweeper(cfg, None, default_store_handler)  # type: ignore[arg-type]
     with pytest.raises(SweepError, match="pacs"):
-        sweeper._associate(cfg.source("pacs"), AE(ae_title="PROGNODE"))
+        src = cfg.source("pacs")
+        assert isinstance(src, SourceConfig)
+        sweeper._associate(src, AE(ae_title="PROGNODE"))
     (host, port, kw), = seen
     ctx, hostname = kw["tls_args"]
     assert (host, port, hostname, kw["ae_title"]) == ("127.0.0.1", 4242, "pacs.test", "PACS")
@@ -441,7 +448,17 @@ client_private_key = "{pki.client_key}"
         (tmp_path / "config.toml").write_text(text)
         cfg = config_mod.load(tmp_path / "config.toml")
         db = Database(cfg.database_url)
-        out = run_sweep(cfg, db, dt.date(2026, 3, 1), dt.date(2026, 3, 5))
+        node = None
+        if method == "move":  # the node's own SCP (over TLS) receives the C-MOVE sub-operations
+            from node.service import Node
+
+            (tmp_path / "config.toml").write_text(text + "[web]\nenabled = false\n")
+            node = Node(config_mod.load(tmp_path / "config.toml")).start()
+        try:
+            out = run_sweep(cfg, db, dt.date(2026, 3, 1), dt.date(2026, 3, 5))
+        finally:
+            if node is not None:
+                node.stop()
         assert (out.studies, out.retrieved, out.instances_retrieved, out.failed) == (1, 1, 3, 0)
         db.dispose()
 

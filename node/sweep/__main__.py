@@ -1,0 +1,5 @@
+"""``python -m node.sweep sweep ...``."""
+
+from node.sweep.cli import main
+
+raise SystemExit(main())

@@ -1,0 +1,156 @@
+"""A ``kind = "dicomweb"`` source: QIDO-RS queries and WADO-RS retrieval with ``dicomweb-client``.
+
+:func:`client` builds one :class:`dicomweb_client.DICOMwebClient` per source: the Bearer token of
+``token_file`` or HTTP Basic with ``username`` + ``password_file``, the source's peer TLS table
+(``ca_bundle`` or the system store verifies the server, a client certificate for mutual TLS) and its
+timeout.  :func:`search_studies` / :func:`search_series` return QIDO-RS matches as pydicom Datasets (the
+same shape as C-FIND identifiers); :func:`retrieve_series` yields each instance of a series as the Part 10
+bytes the server sent (``transfer-syntax=*``: as stored there, never transcoded on the way), which
+:mod:`node.sweep.retrieve` stores through the node's own C-STORE handler.
+"""
+
+from __future__ import annotations
+
+import functools
+import logging
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+import requests
+from dicomweb_client.api import DICOMwebClient
+from dicomweb_client.web import _Transaction
+from pydicom.dataset import Dataset
+
+from node.config import DicomwebSourceConfig
+from node.sweep.plan import SERIES_RETURN_KEYS, STUDY_RETURN_KEYS, SweepError
+
+log = logging.getLogger(__name__)
+
+# WADO-RS: every instance as application/dicom in the transfer syntax the server holds it in
+ACCEPT_AS_STORED = 'multipart/related; type="application/dicom"; transfer-syntax=*'
+
+
+class DicomwebError(RuntimeError):
+    """A DICOMweb request failed (names the source and what was asked)."""
+
+
+def _read_secret(path: Path, base_dir: Path, what: str) -> str:
+    p = path if path.is_absolute() else (base_dir / path)
+    try:
+        text = p.read_text(encoding="utf-8").strip()
+    except OSError as e:
+        raise DicomwebError(f"{what}: cannot read {p}: {e.strerror or e}") from e
+    if not text:
+        raise DicomwebError(f"{what}: {p} is empty")
+    return text
+
+
+def session_of(src: DicomwebSourceConfig, base_dir: Path) -> requests.Session:
+    """A requests session with the source's authentication and TLS settings."""
+    where = f"sources {src.name!r}"
+    s = requests.Session()
+    if src.token_file is not None:
+        s.headers["Authorization"] = f"Bearer {_read_secret(src.token_file, base_dir, f'{where} token_file')}"
+    elif src.username:
+        assert src.password_file is not None  # checked by the config
+        s.auth = (src.username, _read_secret(src.password_file, base_dir, f"{where} password_file"))
+    tls = src.tls
+    if tls.enabled:
+        s.verify = str(tls.ca_bundle if tls.ca_bundle is None or tls.ca_bundle.is_absolute()
+                       else base_dir / tls.ca_bundle) if tls.ca_bundle is not None else True
+        if tls.client_certificate is not None and tls.client_private_key is not None:
+            s.cert = tuple(str(p if p.is_absolute() else base_dir / p)
+                           for p in (tls.client_certificate, tls.client_private_key))  # type: ignore[assignment]
+    return s
+
+
+def client(src: DicomwebSourceConfig, base_dir: Path) -> DICOMwebClient:
+    c = DICOMwebClient(src.url, session=session_of(src, base_dir), timeout=src.timeout_seconds)
+    c.set_http_retry_params(retry=False)  # the sweep retries a failed series itself (once, later)
+    return c
+
+
+QIDO_PAGE = 500  # matches asked for per QIDO-RS request
+STUDY_UID_TAG, SERIES_UID_TAG = "0020000D", "0020000E"
+
+
+def _pages(search: Callable[..., list[dict[str, Any]]], key: str, what: str) -> list[Dataset]:
+    """Every match of a QIDO-RS search, ``QIDO_PAGE`` at a time (``limit``/``offset``), keyed by ``key`` (a UID tag).
+
+    A server that ignores ``offset`` (Orthanc's DICOMweb plug-in does with ModalitiesInStudy) sends the same
+    page again: paging stops at the first page with nothing new, with a warning when that page was full."""
+    seen: dict[str, dict[str, Any]] = {}
+    offset = 0
+    while True:
+        page = search(limit=QIDO_PAGE, offset=offset)
+        new = 0
+        for m in page:
+            uid = str((m.get(key) or {}).get("Value", [""])[0])
+            if uid and uid not in seen:
+                seen[uid] = m
+                new += 1
+        if len(page) < QIDO_PAGE:
+            break
+        if not new:
+            log.warning("%s: the server sent the same %d matches again (offset ignored); going on with %d",
+                        what, len(page), len(seen))
+            break
+        offset += len(page)
+    return [Dataset.from_json(m) for m in seen.values()]
+
+
+def search_studies(c: DICOMwebClient, src: DicomwebSourceConfig, filters: Mapping[str, str],
+                   fields: Sequence[str] = ()) -> list[Dataset]:
+    """QIDO-RS ``/studies`` with ``filters`` (keyword = value, e.g. ``StudyDate = 20260301-20260310``), all pages."""
+    what = f"QIDO-RS studies of {src.name} ({src.url})"
+    try:
+        return _pages(functools.partial(c.search_for_studies, search_filters=dict(filters),
+                                        fields=list(fields) or None), STUDY_UID_TAG, what)
+    except (requests.RequestException, ValueError) as e:
+        raise DicomwebError(f"{what}: {e}") from e
+
+
+def search_series(c: DICOMwebClient, src: DicomwebSourceConfig, study_uid: str,
+                  fields: Sequence[str] = ()) -> list[Dataset]:
+    """QIDO-RS ``/studies/{study}/series``, all pages."""
+    what = f"QIDO-RS series of study {study_uid} on {src.name} ({src.url})"
+    try:
+        return _pages(functools.partial(c.search_for_series, study_uid, fields=list(fields) or None),
+                      SERIES_UID_TAG, what)
+    except (requests.RequestException, ValueError) as e:
+        raise DicomwebError(f"{what}: {e}") from e
+
+
+def retrieve_series(c: DICOMwebClient, src: DicomwebSourceConfig, study_uid: str,
+                    series_uid: str) -> Iterator[bytes]:
+    """WADO-RS ``/studies/{study}/series/{series}``: each instance's Part 10 bytes as the server sent them.
+
+    Uses the client's URL building, HTTP GET and multipart decoding (dicomweb-client 0.61; its public
+    ``iter_series`` decodes every part with pydicom, which would re-encode what gets stored)."""
+    url = c._get_series_url(_Transaction.RETRIEVE, study_uid, series_uid)
+    try:
+        response = c._http_get(url, headers={"Accept": ACCEPT_AS_STORED}, stream=True)
+        yield from c._decode_multipart_message(response, stream=True)
+    except (requests.RequestException, ValueError) as e:
+        raise DicomwebError(f"WADO-RS series {series_uid} from {src.name} ({src.url}): {e}") from e
+
+
+class DicomwebQuery:
+    """:class:`node.sweep.plan.Query` by QIDO-RS (failures raise :class:`node.sweep.plan.SweepError`)."""
+
+    def __init__(self, c: DICOMwebClient, src: DicomwebSourceConfig) -> None:
+        self.client = c
+        self.src = src
+
+    def studies(self, filters: dict[str, str]) -> list[Dataset]:
+        try:
+            return search_studies(self.client, self.src, filters, STUDY_RETURN_KEYS)
+        except DicomwebError as e:
+            raise SweepError(str(e)) from e
+
+    def series(self, study_uid: str) -> list[Dataset]:
+        try:
+            return search_series(self.client, self.src, study_uid, SERIES_RETURN_KEYS)
+        except DicomwebError as e:
+            raise SweepError(str(e)) from e
