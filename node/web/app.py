@@ -29,7 +29,7 @@ from node.db import Database, ExportState, JobState
 from node.jobs import NothingToResend, resend_job
 from node.metrics import CONTENT_TYPE, Metrics, queue_by_lane
 from node.reader import LevelRequestError, request_level
-from node.retract import RetractError, retract_job
+from node.retract import RetractError, pipeline_version, request_rerun, retract_job
 from node.routing import Router
 from node.web import data, pages
 from node.web.auth import (
@@ -249,6 +249,25 @@ def create_app(config: Config, db: Database, metrics: Metrics, audit: AuditSink 
         except LevelRequestError as e:
             raise HTTPException(e.status, str(e)) from None
         return data.LevelOut(job_id=q.job_id, sop_instance_uid=q.sop_instance_uid)
+
+    @app.post("/api/series/{series_uid}/rerun", response_model=data.RerunOut, status_code=202, tags=["write"])
+    def api_rerun(series_uid: str, body: data.RerunIn, who: Annotated[str, Depends(require_write)]) -> Any:
+        """Run a pipeline again on the inputs of the series' latest job of it, at the installed version
+        (``prognode rerun``, node.retract): the new results supersede the old (Predecessor Documents).
+
+        202: queued (or that version's job was queued already), its id.  404: unknown series, or no
+        job of the pipeline on it; 409: a job of it on the series is queued or running, or the
+        installed version made the latest result already (unless ``force``); 422: unknown pipeline."""
+        try:
+            version = pipeline_version(config, body.pipeline)
+        except KeyError as e:
+            raise HTTPException(422, str(e.args[0])) from None
+        try:
+            out = request_rerun(db, audit, series_uid, body.pipeline, version, by=who, force=body.force)
+        except RetractError as e:
+            raise HTTPException(e.status, str(e)) from None
+        return data.RerunOut(job_id=out.job_id, created=out.created, previous_job=out.previous_job,
+                             previous_version=out.previous_version, version=out.version)
 
     @app.get("/healthz", tags=["public"])
     def healthz() -> dict[str, str]:
