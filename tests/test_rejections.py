@@ -46,7 +46,7 @@ def _dcmtk(tool: str, port: int, calling: str, extra: list[str]) -> str:
 def test_real_peers_see_the_rejection_and_its_reason(tmp_path: Path, shared_data: Path) -> None:
     need("storescu", "echoscu")
     ct = str(shared_data / "pydicom_testfiles" / "CT_small.dcm")
-    cases = (  # [node] settings, calling AE, what dcmtk prints
+    cases: tuple[tuple[dict[str, Any], str, str], ...] = (  # [node] settings, calling AE, what dcmtk prints
         ({"allowed_calling_aets": ["SCANNER1"]}, "INTRUDER", "Reason: Calling AE Title Not Recognized"),
         ({"allowed_calling_aets": ["SCANNER1@10.0.0.0/8"]}, "SCANNER1", "Reason: Calling AE Title Not Recognized"),
         ({"max_associations_per_ae": 1}, "SCANNER1", "Reason: Local Limit Exceeded"),  # the connection gate
