@@ -176,3 +176,62 @@ def test_rest_rerun(api: tuple[TestClient, Database], monkeypatch: pytest.Monkey
         assert job.input_key == input_key("ct", SERIES, "9.0.0")  # what routing would key it by
     r = client.post(url, json={"pipeline": "tissue-hu", "force": True}, headers=auth)
     assert r.status_code == 409 and "pending" in r.json()["detail"]  # one at a time
+
+
+@pytest.mark.slow
+def test_an_upgrade_through_a_running_node_supersedes(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """End to end with the versioned test pipeline: a study route's job at 1.0.0; the pipeline is
+    upgraded (registry and worker both say 2.0.0) and another series of the study arrives: the route
+    picks the same series, a new job runs at 2.0.0 and its results supersede the old ones."""
+    import datetime as dt
+
+    import pydicom
+
+    from node.config import load as load_config
+    from node.service import Node
+    from pipelines import tissue_hu
+    from tests.conftest import need
+    from tests.node_helpers import write_config
+    from tests.peers import storescu, wait_until
+    from tests.synthetic_ct import write_study
+    from tests.test_notify import TISSUE
+
+    need("storescu")
+    monkeypatch.setattr(tissue_hu, "VERSION", tissue_hu.VERSION)
+    study = write_study(tmp_path / "ct", 7, dt.date(2026, 1, 6), series=2, slices=4, size=32)
+    first_series, other = study.series_uids
+    route = {"name": "ct", "level": "study", "pipelines": ["tissue-hu"],
+             "requires": [{"name": "ct", "when": {"SeriesNumber": "1"}}]}
+
+    def done(node: Node) -> list[Job]:
+        with node.db.read() as s:
+            return list(s.scalars(select(Job).where(Job.state == JobState.DONE).order_by(Job.id)))
+
+    def run(version: str, files: list[Path], jobs: int) -> list[Job]:
+        monkeypatch.setitem(registry.REGISTRY, "tissue-hu",
+                            dataclasses.replace(registry.entry("tissue-hu"), version=version))
+        cfg = write_config(tmp_path / "node", routes=[route], pipelines={"tissue-hu": {"test_version": version}})
+        node = Node(load_config(cfg, environ={}), factories=TISSUE).start()
+        try:
+            storescu(node.port, files)
+            return list(wait_until(lambda: len(d := done(node)) >= jobs and d, 120, interval=0.2,
+                                   what=f"{jobs} done jobs"))
+        finally:
+            node.stop(timeout=10)
+
+    by_series = {uid: [f for f in study.files if pydicom.dcmread(f, stop_before_pixels=True).SeriesInstanceUID == uid]
+                 for uid in study.series_uids}
+    [old] = run("1.0.0", by_series[first_series], 1)
+    old_job, new_job = run("2.0.0", by_series[other], 2)
+    assert old_job.id == old.id and new_job.series_uid == old.series_uid == first_series
+    assert old.summary["pipeline_version"] == "1.0.0" and new_job.summary["pipeline_version"] == "2.0.0"
+    assert new_job.inputs["pipeline_version"] == "2.0.0" and new_job.input_key != old.input_key
+    assert new_job.inputs["series"] == old.inputs["series"]
+    db = Database(load_config(tmp_path / "node" / "config.toml", environ={}).database_url)
+    try:
+        with db.read() as s:
+            new_rows = s.scalars(select(Result).where(Result.job_id == new_job.id)).all()
+            old_rows = {r.sop_instance_uid for r in s.scalars(select(Result).where(Result.job_id == old.id))}
+            assert new_rows and old_rows and all(r.supersedes in old_rows for r in new_rows)
+    finally:
+        db.dispose()
