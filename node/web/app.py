@@ -233,23 +233,6 @@ def create_app(config: Config, db: Database, metrics: Metrics, audit: AuditSink 
                                retracted=list(out.retracted), destinations=list(out.destinations),
                                exports_cancelled=out.cancelled)
 
-    router = Router(config.routes, sweep_priority=config.sweep.priority)
-
-    @app.post("/api/series/{series_uid}/level", response_model=data.LevelOut, status_code=202, tags=["write"])
-    def api_level(series_uid: str, body: data.LevelIn, who: Annotated[str, Depends(require_write)]) -> Any:
-        """Recompute body composition at a reader-confirmed level (L3 or C3) on one image of the series.
-
-        Queues a new body-composition job whose results supersede the earlier ones (202, its id).
-        404: unknown series; 422: bad level, image not in the series, an absent or repeated instance
-        number, or a reader that is not a person name; 409: a body-composition job on the series is
-        queued or running, or the series is still receiving."""
-        try:
-            q = request_level(db, router, audit, series_uid, body.level, sop_instance_uid=body.sop_instance_uid,
-                              instance_number=body.instance_number, reader=body.reader, source="api")
-        except LevelRequestError as e:
-            raise HTTPException(e.status, str(e)) from None
-        return data.LevelOut(job_id=q.job_id, sop_instance_uid=q.sop_instance_uid)
-
     @app.post("/api/series/{series_uid}/rerun", response_model=data.RerunOut, status_code=202, tags=["write"])
     def api_rerun(series_uid: str, body: data.RerunIn, who: Annotated[str, Depends(require_write)]) -> Any:
         """Run a pipeline again on the inputs of the series' latest job of it, at the installed version
@@ -268,6 +251,23 @@ def create_app(config: Config, db: Database, metrics: Metrics, audit: AuditSink 
             raise HTTPException(e.status, str(e)) from None
         return data.RerunOut(job_id=out.job_id, created=out.created, previous_job=out.previous_job,
                              previous_version=out.previous_version, version=out.version)
+
+    router = Router(config.routes, sweep_priority=config.sweep.priority)
+
+    @app.post("/api/series/{series_uid}/level", response_model=data.LevelOut, status_code=202, tags=["write"])
+    def api_level(series_uid: str, body: data.LevelIn, who: Annotated[str, Depends(require_write)]) -> Any:
+        """Recompute body composition at a reader-confirmed level (L3 or C3) on one image of the series.
+
+        Queues a new body-composition job whose results supersede the earlier ones (202, its id).
+        404: unknown series; 422: bad level, image not in the series, an absent or repeated instance
+        number, or a reader that is not a person name; 409: a body-composition job on the series is
+        queued or running, or the series is still receiving."""
+        try:
+            q = request_level(db, router, audit, series_uid, body.level, sop_instance_uid=body.sop_instance_uid,
+                              instance_number=body.instance_number, reader=body.reader, source="api")
+        except LevelRequestError as e:
+            raise HTTPException(e.status, str(e)) from None
+        return data.LevelOut(job_id=q.job_id, sop_instance_uid=q.sop_instance_uid)
 
     @app.get("/healthz", tags=["public"])
     def healthz() -> dict[str, str]:
