@@ -9,6 +9,8 @@ Config (``[node]``):
 :func:`access_handlers` returns the ``EVT_REQUESTED`` handler that rejects a refused association with
 a proper A-ASSOCIATE-RJ (permanent; "calling AE title not recognised" or "no reason given" for an
 address) before any negotiation, logs one line and writes an ``association_rejected`` audit record.
+Every rejection after the A-ASSOCIATE-RQ (these, the disk watermark's, the connection gate's) goes
+through :func:`send_rejection`, which waits until the RJ is on the wire and the peer has closed.
 """
 
 from __future__ import annotations
@@ -101,7 +103,17 @@ def reject_association(assoc: Any, calling: str, ip: str, reason: str, diagnosti
     if audit is not None:
         audit.write("association_rejected", calling_ae=calling, peer=ip, reason=reason,
                     **({"transient": True} if result == REJECT_TRANSIENT else {}))
+    send_rejection(assoc, result, source, diagnostic)
+
+
+def send_rejection(assoc: Any, result: int, source: int, diagnostic: int) -> None:
+    """The one way the node rejects an association it has read the A-ASSOCIATE-RQ of: queue the
+    A-ASSOCIATE-RJ, then wait (``Association.kill``, as pynetdicom does after its own rejections) until
+    the DUL has sent it and the peer has closed the connection, or the ARTIM timer ran out.  Returning
+    at once let the reactor close the socket before the RJ was on the wire, and a real peer (dcmtk)
+    saw "Peer aborted Association" instead of the rejection and its reason."""
     assoc.acse.send_reject(result, source, diagnostic)
+    assoc.kill()
 
 
 def access_handlers(

@@ -28,8 +28,6 @@ version that already made the latest result is refused unless ``force``.
 from __future__ import annotations
 
 import argparse
-import hashlib
-import json
 import logging
 import sys
 from dataclasses import dataclass
@@ -178,12 +176,11 @@ class Rerun:
 
 def rerun_key(route: str, series: list[dict[str, Any]], version: str, level_override: dict[str, Any] | None,
               forced_at: str = "") -> str:
-    """The route and series (as :func:`node.routing.input_key`) plus the pipeline version (and a
-    reader-confirmed level carried over, and the request time of a forced re-run)."""
-    canon = json.dumps({"route": route, "series": sorted((s["uid"], s["generation"]) for s in series),
-                        "pipeline_version": version, "level": level_override or None, "forced": forced_at},
-                       sort_keys=True)
-    return hashlib.sha256(canon.encode()).hexdigest()[:40]
+    """:func:`node.routing.input_key` (route, series and pipeline version, the key of a routed job
+    at that version) with a reader-confirmed level carried over and the request time of a forced re-run."""
+    from node.routing import input_key
+
+    return input_key(route, series, version, level_override, forced_at)
 
 
 def request_rerun(db: Database, audit: AuditSink | None, series_uid: str, pipeline: str, version: str, by: str,
@@ -265,7 +262,12 @@ def cmd_retract(args: argparse.Namespace) -> int:
 
 
 def pipeline_version(config: Config, pipeline: str, factory: str = "") -> str:
-    """The version of ``pipeline`` as installed now (its module is imported: not for the receive path)."""
+    """The version of ``pipeline`` as installed now: its ``pipelines/registry.py`` entry (KeyError
+    for an unknown name); with a test ``factory``, the version of the pipeline it makes."""
+    if not factory:
+        from pipelines import registry
+
+        return registry.version(pipeline)
     from node.jobs import create_pipeline
 
     made = create_pipeline(pipeline, dict(config.pipelines.get(pipeline, {})), factory)

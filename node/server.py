@@ -47,6 +47,27 @@ def _reject_pdu() -> bytes:
     return struct.pack(">BBIBBBB", _RJ_PDU_TYPE, 0, 4, 0, _RJ_PERMANENT, _RJ_SERVICE_USER, _RJ_NO_REASON)
 
 
+REJECT_WAIT = 5.0  # seconds a raw A-ASSOCIATE-RJ waits for the peer to close (as pynetdicom's ARTIM does)
+
+
+def _await_peer_close(sock: socket.socket, seconds: float, limit: int = 1 << 20) -> None:
+    """After an A-ASSOCIATE-RJ written on the raw socket: read and drop what the peer still sends (the rest
+    of its A-ASSOCIATE-RQ) until it closes, for at most ``seconds`` and ``limit`` bytes.  Closing with
+    unread data would reset the connection under the RJ, and the peer could see "Peer aborted" instead of
+    the rejection (the same wait as node.access.send_rejection's)."""
+    deadline = time.monotonic() + seconds
+    got = 0
+    while got < limit:
+        left = deadline - time.monotonic()
+        if left <= 0:
+            return
+        sock.settimeout(left)
+        chunk = sock.recv(65536)
+        if not chunk:
+            return
+        got += len(chunk)
+
+
 class HostAllowList:
     """Peer addresses allowed to associate (IPs or CIDR networks); empty: any."""
 
@@ -135,6 +156,7 @@ class NodeServer(ThreadedAssociationServer):
                 if pdu_type == 0x01 and len(body) >= 36:
                     calling = body[20:36].decode("ascii", "replace").strip()
             request.sendall(_reject_pdu())
+            _await_peer_close(request, REJECT_WAIT)
         except OSError:
             pass
         finally:

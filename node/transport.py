@@ -70,6 +70,12 @@ from pynetdicom.pdu_primitives import A_ASSOCIATE, P_DATA
 from pynetdicom.transport import AssociationSocket, RequestHandler
 from pynetdicom.utils import make_target
 
+from node.access import (
+    DIAG_LOCAL_LIMIT_EXCEEDED,
+    REJECT_TRANSIENT,
+    SOURCE_SERVICE_PROVIDER_PRESENTATION,
+    send_rejection,
+)
 from node.header import padded
 
 logger = logging.getLogger(__name__)
@@ -679,9 +685,9 @@ class NodeAssociation(Association):
                 self.requestor.ae_title = calling  # set by negotiation otherwise; the log and audit name it
                 self.rejection_reason = refused  # node.handlers.handle_association logs and audits it
                 # rejected-transient, service provider (presentation), local limit exceeded (PS3.8 9.3.4)
-                self.acse.send_reject(0x02, 0x03, 0x02)
+                # (node.access.send_rejection: returns once the RJ is sent and the peer closed)
+                send_rejection(self, REJECT_TRANSIENT, SOURCE_SERVICE_PROVIDER_PRESENTATION, DIAG_LOCAL_LIMIT_EXCEEDED)
                 evt.trigger(self, evt.EVT_REJECTED, {})
-                self.kill()  # returns once the RJ is sent and the peer closed (or association_timeout passed)
             else:
                 self.acse.negotiate_association()
         if self.is_established:

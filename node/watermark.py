@@ -154,7 +154,6 @@ def _on_requested(event: Any, watermark: Watermark, audit: AuditSink | None) -> 
               f"{watermark.associate_min_free}")
     reject_association(assoc, calling, str(assoc.requestor.address), reason, DIAG_LOCAL_LIMIT_EXCEEDED, audit,
                        result=REJECT_TRANSIENT, source=SOURCE_SERVICE_PROVIDER_PRESENTATION)
-    assoc.kill()  # returns once the A-ASSOCIATE-RJ is sent and the peer closed (as node.transport's gate does)
 
 
 def association_handlers(watermark: Watermark,

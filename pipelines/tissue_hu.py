@@ -29,6 +29,7 @@ import numpy as np
 from numpy.typing import NDArray
 from pydicom.dataset import Dataset
 
+from pipelines import registry
 from pipelines.base import (
     Identity,
     NotEvaluable,
@@ -43,7 +44,7 @@ from pipelines.common.volume import SeriesToVolume, Volume
 log = logging.getLogger(__name__)
 
 NAME = "tissue-hu"
-VERSION = "1.0.0"
+VERSION = registry.version(NAME)  # the one place: pipelines/registry.py
 SEGMENTS = ("adipose-tissue", "soft-tissue")
 
 

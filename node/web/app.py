@@ -31,7 +31,7 @@ from node.db import Database, ExportState, JobState
 from node.jobs import NothingToResend, resend_job
 from node.metrics import CONTENT_TYPE, Metrics, queue_by_lane
 from node.reader import LevelRequestError, request_level
-from node.retract import RetractError, retract_job
+from node.retract import RetractError, pipeline_version, request_rerun, retract_job
 from node.routing import Router
 from node.stow import StowReceiver
 from node.stow import warning as stow_warning
@@ -244,6 +244,25 @@ def create_app(config: Config, db: Database, metrics: Metrics, audit: AuditSink 
         return data.RetractOut(job_id=out.job_id, kos_sop_instance_uid=out.kos_sop_instance_uid,
                                retracted=list(out.retracted), destinations=list(out.destinations),
                                exports_cancelled=out.cancelled)
+
+    @app.post("/api/series/{series_uid}/rerun", response_model=data.RerunOut, status_code=202, tags=["write"])
+    def api_rerun(series_uid: str, body: data.RerunIn, who: Annotated[str, Depends(require_write)]) -> Any:
+        """Run a pipeline again on the inputs of the series' latest job of it, at the installed version
+        (``prognode rerun``, node.retract): the new results supersede the old (Predecessor Documents).
+
+        202: queued (or that version's job was queued already), its id.  404: unknown series, or no
+        job of the pipeline on it; 409: a job of it on the series is queued or running, or the
+        installed version made the latest result already (unless ``force``); 422: unknown pipeline."""
+        try:
+            version = pipeline_version(config, body.pipeline)
+        except KeyError as e:
+            raise HTTPException(422, str(e.args[0])) from None
+        try:
+            out = request_rerun(db, audit, series_uid, body.pipeline, version, by=who, force=body.force)
+        except RetractError as e:
+            raise HTTPException(e.status, str(e)) from None
+        return data.RerunOut(job_id=out.job_id, created=out.created, previous_job=out.previous_job,
+                             previous_version=out.previous_version, version=out.version)
 
     router = Router(config.routes, sweep_priority=config.sweep.priority)
 

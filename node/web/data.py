@@ -119,6 +119,19 @@ class RetractOut(BaseModel):
     exports_cancelled: int  # exports of the results not sent yet, cancelled
 
 
+class RerunIn(BaseModel):
+    pipeline: str  # a registered pipeline (pipelines/registry.py)
+    force: bool = False  # run again even if the installed version made the latest result
+
+
+class RerunOut(BaseModel):
+    job_id: int
+    created: bool  # False: that version's job for these inputs was queued already
+    previous_job: int  # the job whose inputs it takes and whose results it supersedes
+    previous_version: str  # the version of the latest result ("" if unknown)
+    version: str  # the installed version it runs at
+
+
 class ResendOut(BaseModel):
     job_id: int
     job_requeued: bool

@@ -30,6 +30,7 @@ from typing import Any
 import numpy as np
 import pydicom
 
+from pipelines import registry
 from pipelines.base import (
     Identity,
     NotEvaluable,
@@ -57,7 +58,7 @@ from pipelines.common.volume import Reorient, SeriesToVolume, Volume
 log = logging.getLogger(__name__)
 
 NAME = "body-composition"
-VERSION = "0.1.0"
+VERSION = registry.version(NAME)  # the one place: pipelines/registry.py
 KNOWN_LEVELS = ("L3", "C3")
 
 

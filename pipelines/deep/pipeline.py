@@ -21,6 +21,7 @@ from typing import Any
 import numpy as np
 from numpy.typing import NDArray
 
+from pipelines import registry
 from pipelines.base import NotEvaluable, PipelineContext, PipelineOutput, StageError
 from pipelines.common.options import parse_options
 from pipelines.common.volume import SeriesToVolume, Volume
@@ -31,7 +32,7 @@ from pipelines.roi.mask import RoiMask, find_roi_objects
 log = logging.getLogger(__name__)
 
 NAME = "deep-features"
-VERSION = "1.0.0"
+VERSION = registry.version(NAME)  # the one place: pipelines/registry.py
 
 
 @dataclass(frozen=True)

@@ -21,6 +21,7 @@ from typing import Any
 
 import numpy as np
 
+from pipelines import registry
 from pipelines.base import NotEvaluable, PipelineContext, PipelineOutput, SeriesInput, StageError
 from pipelines.common.options import parse_options
 from pipelines.common.volume import SeriesToVolume, Volume
@@ -33,7 +34,7 @@ from pipelines.roi.mask import RoiMask, RoiToMask, find_roi_objects
 log = logging.getLogger(__name__)
 
 NAME = "dual-phase"
-VERSION = "1.0.0"
+VERSION = registry.version(NAME)  # the one place: pipelines/registry.py
 FAT_HU = (-190.0, -30.0)
 
 

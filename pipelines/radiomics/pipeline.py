@@ -23,6 +23,7 @@ import numpy as np
 import pydicom
 from numpy.typing import NDArray
 
+from pipelines import registry
 from pipelines.base import NotEvaluable, PipelineContext, PipelineOutput, SeriesInput, StageError
 from pipelines.common.options import parse_options
 from pipelines.common.volume import CT_IMAGE_STORAGE, ENHANCED_CT_IMAGE_STORAGE, SeriesToVolume, Volume
@@ -41,7 +42,7 @@ from pipelines.roi.mask import RoiMask, RoiToMask, find_roi_objects
 log = logging.getLogger(__name__)
 
 NAME = "tumour-radiomics"
-VERSION = "1.0.0"
+VERSION = registry.version(NAME)  # the one place: pipelines/registry.py
 
 
 @dataclass(frozen=True)

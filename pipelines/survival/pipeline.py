@@ -30,6 +30,7 @@ import numpy.typing as npt
 import pydicom
 from pydicom.dataset import Dataset
 
+from pipelines import registry
 from pipelines.base import PipelineContext, PipelineOutput, StageError
 from pipelines.survival.artifact import ArtifactError, SurvivalModel, load_model
 from pipelines.survival.features import gather, parse_mapping
@@ -37,7 +38,7 @@ from pipelines.survival.scoring import Risk, score
 
 log = logging.getLogger(__name__)
 NAME = "survival-risk"
-VERSION = "1.0.0"
+VERSION = registry.version(NAME)  # the one place: pipelines/registry.py
 BODY_HU = -300.0
 
 
