@@ -30,6 +30,8 @@ from pydantic import (
     model_validator,
 )
 
+from node.dicom_facts import ResultFormat
+
 ENV_PREFIX = "PROGNODE_"
 
 
@@ -227,6 +229,8 @@ class DestinationConfig(RemoteAE):
     max_attempts: int = Field(0, ge=0)  # also a dead letter after this many attempts; 0: the horizon alone
     probe_seconds: float = Field(60.0, gt=0)  # C-ECHO interval while the destination is unreachable
     timeout_seconds: float = Field(30.0, gt=0)  # association, DIMSE and network timeouts of one attempt
+    # which result objects this destination gets: "seg", "sr", "sc" (Secondary Capture), "pdf"
+    formats: tuple[ResultFormat, ...] = Field((ResultFormat.SEG, ResultFormat.SR), min_length=1)
 
 
 class SourceConfig(RemoteAE):
@@ -319,6 +323,8 @@ class OutputConfig(_Model):
     seg_series_number: int = Field(9101, ge=1)
     sr_series_number: int = Field(9102, ge=1)
     map_series_number: int = Field(9103, ge=1)
+    sc_series_number: int = Field(9104, ge=1)  # Secondary Capture key images (formats "sc")
+    pdf_series_number: int = Field(9105, ge=1)  # Encapsulated PDF report (formats "pdf")
 
 
 class LoggingConfig(_Model):

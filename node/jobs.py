@@ -80,6 +80,8 @@ def identity_from_config(config: Config) -> Identity:
         seg_series_number=config.output.seg_series_number,
         sr_series_number=config.output.sr_series_number,
         map_series_number=config.output.map_series_number,
+        sc_series_number=config.output.sc_series_number,
+        pdf_series_number=config.output.pdf_series_number,
     )
 
 

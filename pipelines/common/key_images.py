@@ -1,0 +1,167 @@
+"""Key images: the result's outlines and values burned into a Secondary Capture series.
+
+For a PACS that shows neither SEG nor SR (``formats = [..., "sc"]`` on a destination).  Works on
+what any pipeline writes, so no pipeline needs to know about it: the first SEG among the outputs
+gives the outlines and the key slices (its source images with the most segmented pixels: the
+level slice of body composition, the ROI's largest slice of a tumour), the summary gives the
+values (:func:`pipelines.common.key_values.key_values`).  Each key slice becomes one SC instance
+(:func:`dicom_templates.sc.build_key_image`), the CT in a soft-tissue window as stored (rows and
+columns as the CT's, so its Patient Orientation holds), colour-coded outlines with a legend, the
+values, the model and version and "NOT FOR DIAGNOSIS".  A result without a SEG gets no key image.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import highdicom as hd
+import numpy as np
+import pydicom
+from numpy.typing import NDArray
+from pydicom.dataset import Dataset
+
+from dicom_templates.common import Algorithm
+from dicom_templates.identity import Identity
+from dicom_templates.sc import build_key_image
+from pipelines.base import StageError
+from pipelines.common.key_values import KeyValues, key_values
+
+log = logging.getLogger(__name__)
+
+__all__ = ["KeyImages", "KeyImagesInput", "render_key_image"]
+
+NOT_FOR_DIAGNOSIS = "NOT FOR DIAGNOSIS"
+WINDOW = (40.0, 400.0)  # soft-tissue window: centre, width (HU)
+PALETTE = ("#e6194b", "#3cb44b", "#ffe119", "#4363d8", "#f58231", "#911eb4", "#46f0f0", "#f032e6",
+           "#bcf60c", "#fabebe")  # distinct on a grey CT
+SIZE_PX = (1280, 720)  # picture width, height
+MAX_KEY_SLICES = 3
+
+
+@dataclass(frozen=True)
+class KeyImagesInput:
+    result_files: tuple[Path, ...]  # the pipeline's outputs (SEG, SR, ...)
+    image_files: tuple[Path, ...]  # the source series' files
+    summary: Mapping[str, Any]  # with "pipeline" and "pipeline_version"
+    work_dir: Path
+
+
+def _window(ds: Dataset) -> NDArray[np.uint8]:
+    hu = ds.pixel_array.astype(np.float32) * float(ds.get("RescaleSlope", 1)) + float(ds.get("RescaleIntercept", 0))
+    c, w = WINDOW
+    g = np.clip((hu - (c - w / 2)) / w, 0.0, 1.0)
+    return (g * 255.0 + 0.5).astype(np.uint8)
+
+
+def render_key_image(ct: Dataset, masks: Sequence[tuple[str, NDArray[np.bool_]]], kv: KeyValues,
+                     title: str) -> NDArray[np.uint8]:
+    """The picture of one key slice: rows x columns x 3 uint8 (``SIZE_PX``)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    from matplotlib.figure import Figure
+    from matplotlib.patches import Patch
+
+    w, h = SIZE_PX
+    fig = Figure(figsize=(w / 100, h / 100), dpi=100, facecolor="black")
+    ax = fig.add_axes((0.0, 0.0, h / w, 1.0))  # the CT: a square on the left, as stored
+    ax.set_axis_off()
+    sy, sx = (float(v) for v in ct.get("PixelSpacing", (1.0, 1.0)))
+    ax.imshow(_window(ct), cmap="gray", vmin=0, vmax=255, aspect=sy / sx, interpolation="bilinear")
+    handles = []
+    for i, (label, mask) in enumerate(masks):  # the first (main) outlines widest, the later ones on top
+        color = PALETTE[i % len(PALETTE)]
+        if mask.any():
+            ax.contour(mask.astype(np.float32), levels=[0.5], colors=[color], linewidths=max(1.2, 3.2 - 0.4 * i))
+        handles.append(Patch(facecolor="none", edgecolor=color, linewidth=2.5, label=label[:40]))
+    ax.text(0.5, 0.985, NOT_FOR_DIAGNOSIS, transform=ax.transAxes, ha="center", va="top", color="#ff3030",
+            fontsize=20, fontweight="bold")
+    panel = fig.add_axes((h / w + 0.01, 0.0, 0.99 - h / w, 1.0))
+    panel.set_axis_off()
+    panel.set_xlim(0, 1)
+    panel.set_ylim(0, 1)
+    y = 0.96
+    panel.text(0.02, y, title[:40], color="white", fontsize=17, fontweight="bold", va="top")
+    y -= 0.065
+    panel.text(0.02, y, kv.verdict[:60], color="#7CFC00" if kv.evaluable else "#ffa500", fontsize=14, va="top")
+    y -= 0.06
+    for label, text in kv.values[:9]:
+        panel.text(0.02, y, f"{label}: {text}"[:62], color="white", fontsize=12, va="top")
+        y -= 0.042
+    if handles:
+        legend = panel.legend(handles=handles[:12], loc="upper left", bbox_to_anchor=(0.0, y - 0.005),
+                              frameon=False, labelcolor="white", fontsize=11, title="Outlines",
+                              title_fontsize=12, alignment="left", handlelength=1.6, labelspacing=0.3)
+        legend.get_title().set_color("white")
+    panel.text(0.02, 0.085, kv.model[:70], color="#cfcfcf", fontsize=11, va="bottom")
+    panel.text(0.02, 0.03, f"{NOT_FOR_DIAGNOSIS}: research result", color="#ff3030", fontsize=14,
+               fontweight="bold", va="bottom")
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+
+    canvas = FigureCanvasAgg(fig)
+    canvas.draw()
+    rgba = np.asarray(canvas.buffer_rgba())
+    return np.ascontiguousarray(rgba[:, :, :3]).astype(np.uint8)
+
+
+class KeyImages:
+    """Stage: SEG + summary + source images -> Secondary Capture key images (files under work_dir)."""
+
+    name = "key-images"
+
+    def __init__(self, identity: Identity, max_slices: int = MAX_KEY_SLICES) -> None:
+        self.identity = identity
+        self.max_slices = max_slices
+
+    def run(self, data: KeyImagesInput) -> tuple[Path, ...]:
+        seg_path = next((p for p in data.result_files
+                         if pydicom.dcmread(p, stop_before_pixels=True).get("Modality") == "SEG"), None)
+        if seg_path is None:
+            log.info("key images: no SEG among the results, no key image")
+            return ()
+        seg = hd.seg.segread(seg_path)
+        series_uid = str(seg.SeriesInstanceUID)
+        try:
+            return self._run(seg, data)
+        except (ValueError, KeyError, AttributeError, IndexError) as e:
+            raise StageError(self.name, series_uid, f"{type(e).__name__}: {e}") from e
+
+    def _run(self, seg: hd.seg.Segmentation, data: KeyImagesInput) -> tuple[Path, ...]:
+        sources = {str(ds.SOPInstanceUID): p for p in data.image_files
+                   for ds in [pydicom.dcmread(p, stop_before_pixels=True)]}
+        referenced = [uid for _, _, uid in seg.get_source_image_uids() if uid in sources]
+        if not referenced:
+            log.info("key images: the SEG references none of the source images, no key image")
+            return ()
+        labels = {int(s.SegmentNumber): str(s.SegmentLabel) for s in seg.SegmentSequence}
+        numbers = sorted(labels)
+        per_slice = {}
+        for uid in referenced:
+            px = seg.get_pixels_by_source_instance([uid], segment_numbers=numbers, combine_segments=False,
+                                                   assert_missing_frames_are_empty=True)
+            per_slice[uid] = np.asarray(px[0]).astype(bool)  # rows x columns x segments
+        ranked = sorted(referenced, key=lambda u: -int(per_slice[u].sum()))
+        keys = ranked if len(ranked) <= self.max_slices and len(ranked) <= 2 else ranked[:1]
+        summary = data.summary
+        kv = key_values(summary)
+        algo = seg.SegmentSequence[0].get("SegmentationAlgorithmIdentificationSequence")
+        algorithm = Algorithm(
+            name=str(algo[0].AlgorithmName) if algo else str(summary.get("pipeline") or "prognode"),
+            version=str(algo[0].AlgorithmVersion) if algo else str(summary.get("pipeline_version") or "0"))
+        title = str(seg.get("SeriesDescription", "") or summary.get("pipeline", "")).removesuffix(" SEG")
+        series = hd.UID()
+        out = []
+        for i, uid in enumerate(keys, start=1):
+            ct = pydicom.dcmread(sources[uid])
+            masks = [(labels[n], per_slice[uid][:, :, j]) for j, n in enumerate(numbers)]
+            rgb = render_key_image(ct, masks, kv, title)
+            sc = build_key_image(ct, rgb, algorithm, self.identity, series, i, f"{title} key images")
+            p = data.work_dir / f"sc-{i}.dcm"
+            sc.save_as(p, enforce_file_format=True)
+            out.append(p)
+        log.info("key images: %d SC instance(s) of series %s", len(out), series)
+        return tuple(out)
