@@ -299,6 +299,9 @@ class WebConfig(_Model):
     secure_cookies: bool = False  # mark the cookie Secure over plain HTTP too (behind a TLS proxy)
     tls_certificate: Path | None = None  # PEM chain: serve HTTPS (the cookie is then always Secure)
     tls_private_key: Path | None = None  # PEM key of tls_certificate
+    # the site's viewer for a study, "{study_uid}" replaced, e.g. "https://ohif.example.org/viewer?StudyInstanceUIDs={study_uid}";
+    # empty: the dashboard shows no viewer link
+    viewer_url: str = ""
 
     @field_validator("token", "read_token")
     @classmethod
@@ -313,6 +316,8 @@ class WebConfig(_Model):
             raise ValueError("read_token equals token: a reader could write; use two different tokens")
         if (self.tls_certificate is None) != (self.tls_private_key is None):
             raise ValueError("tls_certificate and tls_private_key go together")
+        if self.viewer_url and "{study_uid}" not in self.viewer_url:
+            raise ValueError("viewer_url: a template with {study_uid} (the study to open)")
         return self
 
 

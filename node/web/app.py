@@ -30,7 +30,7 @@ from node.jobs import NothingToResend, resend_job
 from node.metrics import CONTENT_TYPE, Metrics
 from node.reader import LevelRequestError, request_level
 from node.routing import Router
-from node.web import data, pages
+from node.web import data, outcomes, pages
 from node.web.auth import (
     COOKIE,
     CSRF_FIELD,
@@ -203,6 +203,14 @@ def create_app(config: Config, db: Database, metrics: Metrics, audit: AuditSink 
     def api_results(limit: Annotated[int, Query(ge=1, le=5000)] = 200) -> Any:
         return data.list_results(db, limit)
 
+    @app.get("/api/outcomes", response_model=list[outcomes.OutcomeOut], tags=["read"], dependencies=read)
+    def api_outcomes(limit: Annotated[int, Query(ge=1, le=5000)] = 200) -> Any:
+        return outcomes.list_outcomes(db, config.web.viewer_url, limit)
+
+    @app.get("/api/time-to-result", response_model=list[outcomes.HistogramOut], tags=["read"], dependencies=read)
+    def api_time_to_result() -> Any:
+        return outcomes.histograms(db)
+
     @app.get("/api/sweeps", response_model=list[data.SweepOut], tags=["read"], dependencies=read)
     def api_sweeps(limit: Annotated[int, Query(ge=1, le=1000)] = 50) -> Any:
         return data.list_sweeps(db, limit)
@@ -317,7 +325,10 @@ def create_app(config: Config, db: Database, metrics: Metrics, audit: AuditSink 
         return pages.dashboard(node_title, data.list_series(db, 100), data.list_jobs(db, 100), dead,
                                data.list_results(db, 100), data.list_sweeps(db, 20), writes=writes,
                                csrf=auth.csrf(cred), access=cred.access.value if cred.via == "cookie" else "",
-                               message=msg, counts=counts)
+                               message=msg, counts=counts,
+                               outcomes=outcomes.outcomes_html(outcomes.list_outcomes(db, config.web.viewer_url, 100),
+                                                               pages.fmt_time),
+                               histograms=outcomes.histograms_html(outcomes.histograms(db)))
 
     @app.post("/ui/jobs/{job_id}/resend", include_in_schema=False)
     async def ui_resend(job_id: int, request: Request) -> RedirectResponse:
