@@ -69,6 +69,24 @@ def test_key_image_round_trip_dciodvfy_and_identity(phantom_result: tuple[Path, 
     assert ok, text
 
 
+def test_not_evaluable_key_image_says_why(phantom_result: tuple[Path, Path], tmp_path: Path) -> None:
+    ct, out = phantom_result
+    summary = {"pipeline": "body-composition", "pipeline_version": "9.9.9", "evaluable": False,
+               "reason": "L3 not in the field of view"}
+    files = KeyImages(IDENTITY).run(KeyImagesInput((out / "sr.dcm",), tuple(sorted(ct.iterdir())), summary,
+                                                   tmp_path))
+    assert len(files) == 1
+    ds = pydicom.dcmread(files[0])
+    assert ds.SeriesDescription == "body-composition not evaluable" and ds.PatientID == pydicom.dcmread(
+        out / "sr.dcm").PatientID
+    px = ds.pixel_array
+    orange = (px[..., 0] > 230) & (px[..., 1] > 140) & (px[..., 1] < 190) & (px[..., 2] < 40)
+    assert orange.sum() > 100  # the verdict, in orange
+    need("dciodvfy")
+    ok, text = dciodvfy(files[0])
+    assert ok, text
+
+
 def test_key_values_body_composition_and_not_evaluable(phantom_result: tuple[Path, Path]) -> None:
     _, out = phantom_result
     s = {**json.loads((out / "summary.json").read_text()), "pipeline": "body-composition", "pipeline_version": "1.2"}

@@ -4,10 +4,11 @@ For a PACS that shows neither SEG nor SR (``formats = [..., "sc"]`` on a destina
 what any pipeline writes, so no pipeline needs to know about it: the first SEG among the outputs
 gives the outlines and the key slices (its source images with the most segmented pixels: the
 level slice of body composition, the ROI's largest slice of a tumour), the summary gives the
-values (:func:`pipelines.common.key_values.key_values`).  Each key slice becomes one SC instance
+values (:func:`pipelines.common.key_values.key_values`); a result that is not evaluable and
+has no SEG gets one key image of the series' middle slice saying so and why.  Each key slice becomes one SC instance
 (:func:`dicom_templates.sc.build_key_image`), the CT in a soft-tissue window as stored (rows and
 columns as the CT's, so its Patient Orientation holds), colour-coded outlines with a legend, the
-values, the model and version and "NOT FOR DIAGNOSIS".  A result without a SEG gets no key image.
+values, the model and version and "NOT FOR DIAGNOSIS".  An evaluable result without a SEG gets no key image.
 """
 
 from __future__ import annotations
@@ -121,6 +122,9 @@ class KeyImages:
         seg_path = next((p for p in data.result_files
                          if pydicom.dcmread(p, stop_before_pixels=True).get("Modality") == "SEG"), None)
         if seg_path is None:
+            kv = key_values(data.summary)
+            if not kv.evaluable and data.image_files:  # the PACS shows the verdict and its reason too
+                return self._not_evaluable(data, kv)
             log.info("key images: no SEG among the results, no key image")
             return ()
         seg = hd.seg.segread(seg_path)
@@ -129,6 +133,28 @@ class KeyImages:
             return self._run(seg, data)
         except (ValueError, KeyError, AttributeError, IndexError) as e:
             raise StageError(self.name, series_uid, f"{type(e).__name__}: {e}") from e
+
+    def _not_evaluable(self, data: KeyImagesInput, kv: KeyValues) -> tuple[Path, ...]:
+        """One key image of the series' middle slice (along the slice normal, in patient
+        coordinates) that says "not evaluable" and why; no outline, no value."""
+        heads = [(p, pydicom.dcmread(p, stop_before_pixels=True)) for p in data.image_files]
+        heads = [(p, h) for p, h in heads if "ImagePositionPatient" in h and "ImageOrientationPatient" in h]
+        if not heads:
+            return ()
+        iop = np.asarray(heads[0][1].ImageOrientationPatient, dtype=float)
+        normal = np.cross(iop[:3], iop[3:])
+        heads.sort(key=lambda ph: float(np.dot(normal, np.asarray(ph[1].ImagePositionPatient, dtype=float))))
+        path, _ = heads[len(heads) // 2]
+        ct = pydicom.dcmread(path)
+        name = str(data.summary.get("pipeline") or "result")
+        algorithm = Algorithm(name=name, version=str(data.summary.get("pipeline_version") or
+                                                     data.summary.get("version") or "unknown"))
+        rgb = render_key_image(ct, [], kv, name)
+        sc = build_key_image(ct, rgb, algorithm, self.identity, hd.UID(), 1, f"{name} not evaluable")
+        out = data.work_dir / "sc-1.dcm"
+        sc.save_as(out, enforce_file_format=True)
+        log.info("key images: not evaluable (%s), one SC instance", kv.reason)
+        return (out,)
 
     def _run(self, seg: hd.seg.Segmentation, data: KeyImagesInput) -> tuple[Path, ...]:
         sources = {str(ds.SOPInstanceUID): p for p in data.image_files
