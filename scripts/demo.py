@@ -225,7 +225,7 @@ def _screenshots(pacs: Orthanc, viewer_url: str, db_path: Path, ct_folders: dict
                                                                                   "Modality": "OT"}, "Expand": True}))
         for s in series:
             uid = s["MainDicomTags"]["SeriesInstanceUID"]
-            out = shots / f"SC-{study_uid[-12:]}-{s['MainDicomTags'].get('SeriesNumber', '')}.png"
+            out = shots / f"SC-{study_uid[-8:]}-{uid[-8:]}.png"
             try:
                 ohif_view.series_screenshot(viewer_url, study_uid, uid, out)
                 print(f"  SC key images ({s['MainDicomTags'].get('SeriesDescription', '')}): {out}")

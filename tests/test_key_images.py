@@ -141,3 +141,27 @@ def test_sc_only_destination_gets_only_the_sc(tmp_path: Path, pacs: Orthanc) -> 
     with urllib.request.urlopen(f"{pacs.url}/instances/{oid}/preview", timeout=30) as r:  # Orthanc renders it
         png = r.read()
     assert png[:8] == b"\x89PNG\r\n\x1a\n" and len(png) > 20_000
+
+
+@pytest.mark.slow
+def test_ohif_opens_the_sc_series(phantom_result: tuple[Path, Path], pacs: Orthanc, tmp_path: Path) -> None:
+    """OHIF 3.13.2 (ohif-check's build, over Orthanc's DICOMweb) draws the key image in its viewport."""
+    from tests import ohif_view
+
+    why = ohif_view.available()
+    if why:
+        pytest.skip(why)
+    ct, out = phantom_result
+    summary = {**json.loads((out / "summary.json").read_text()), "pipeline": "body-composition",
+               "pipeline_version": "9.9.9"}
+    (sc,) = KeyImages(IDENTITY).run(KeyImagesInput((out / "seg.dcm",), tuple(sorted(ct.iterdir())), summary,
+                                                   tmp_path))
+    pacs.upload([*sorted(ct.iterdir()), sc])
+    ds = pydicom.dcmread(sc, stop_before_pixels=True)
+    viewer = ohif_view.start_viewer(pacs.url)
+    try:
+        shot = ohif_view.series_screenshot(viewer.url, ds.StudyInstanceUID, ds.SeriesInstanceUID,
+                                           tmp_path / "ohif-sc.png", timeout=90)
+    finally:
+        viewer.stop()
+    assert shot.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"

@@ -83,6 +83,18 @@ def _tumour(s: Mapping[str, Any]) -> list[tuple[str, str]]:
     return out
 
 
+def _segments(s: Mapping[str, Any]) -> list[tuple[str, str]]:
+    """tissue-hu: volume and mean HU of each segment over the series."""
+    out = []
+    for name, seg in (s.get("segments") or {}).items():
+        if not isinstance(seg, Mapping):
+            continue
+        vol, hu = _num(seg.get("volume_ml"), 0), _num(seg.get("mean_hu"), 0)
+        out.append((str(name).replace("_", " ").capitalize(),
+                    ", ".join(x for x in (f"{vol} mL" if vol else "", f"{hu} HU" if hu else "") if x) or "empty"))
+    return out
+
+
 def _generic(s: Mapping[str, Any]) -> list[tuple[str, str]]:
     out = []
     for k, v in s.items():
@@ -120,6 +132,8 @@ def key_values(summary: Mapping[str, Any]) -> KeyValues:
         values = _body_composition(s)
     elif "roi_label" in s:
         values = _tumour(s)
+    elif isinstance(s.get("segments"), Mapping):
+        values = _segments(s)
     elif "group" in s and "score" in s:
         score = _num(s.get("score"), 3)
         values = [("Risk group", str(s.get("group"))), ("Score", score or "")]
