@@ -106,6 +106,7 @@ class JobSpec:
     device: str = "cpu"
     factory: str = ""  # "module:function" replacing the registry entry (tests only); empty: registry
     key_images: bool = False  # a destination of the job wants Secondary Capture key images (formats "sc")
+    pdf_report: bool = False  # a destination of the job wants the Encapsulated PDF report (formats "pdf")
 
 
 @dataclass(frozen=True)
@@ -158,7 +159,7 @@ def run_pipeline(spec: JobSpec) -> PipelineOutput:
     summary = {"pipeline": spec.pipeline, "pipeline_version": getattr(pipeline, "version", ""),
                "evaluable": out.evaluable, "reason": out.reason, "files": [str(f) for f in out.files],
                **dict(out.summary)}
-    if spec.key_images:
+    if spec.key_images or spec.pdf_report:
         out = _with_key_images(spec, out, summary)
         summary["files"] = [str(f) for f in out.files]
     (spec.work_dir / "summary.json").write_text(json.dumps(summary, indent=1, default=str), encoding="utf-8")
@@ -166,11 +167,11 @@ def run_pipeline(spec: JobSpec) -> PipelineOutput:
 
 
 def _with_key_images(spec: JobSpec, out: PipelineOutput, summary: Mapping[str, Any]) -> PipelineOutput:
-    """``out`` plus its Secondary Capture key images (:mod:`pipelines.common.key_images`)."""
+    """``out`` plus its Secondary Capture key images and/or PDF report (:mod:`pipelines.common.key_images`)."""
     from pipelines.common.key_images import KeyImages, KeyImagesInput
 
     images = tuple(f for s in spec.series for f in s.files)
-    sc = KeyImages(spec.identity).run(KeyImagesInput(tuple(out.files), images, summary, spec.work_dir))
+    sc = KeyImages(spec.identity, sc=spec.key_images, pdf=spec.pdf_report).run(KeyImagesInput(tuple(out.files), images, summary, spec.work_dir))
     return replace(out, files=(*out.files, *sc)) if sc else out
 
 
@@ -567,6 +568,7 @@ class JobManager:
         if device == "auto":
             device = "cpu"  # the worker may upgrade to cuda itself; the node never imports torch
         options = dict(self.config.pipelines.get(job.pipeline, {}))
+        wanted = {f for fs in self.formats([str(d) for d in job.inputs.get("send_to", [])]).values() for f in fs}
         if job.inputs.get("level_override"):  # a reader-confirmed level (node.reader): this job's only
             options["level_override"] = dict(job.inputs["level_override"])
         return JobSpec(job_id=job.id, attempt=job.attempts, pipeline=job.pipeline,
@@ -575,8 +577,7 @@ class JobManager:
                        extra_files=extra,
                        models={k: self.config.path(v) for k, v in self.config.models.items()},
                        device=device, factory=self.factories.get(job.pipeline, ""),
-                       key_images=any(ResultFormat.SC in f for f in
-                                      self.formats([str(d) for d in job.inputs.get("send_to", [])]).values()))
+                       key_images=ResultFormat.SC in wanted, pdf_report=ResultFormat.PDF in wanted)
 
     def formats(self, send_to: Sequence[str]) -> dict[str, Sequence[ResultFormat]]:
         """The formats each configured destination of ``send_to`` gets."""

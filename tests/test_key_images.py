@@ -1,10 +1,10 @@
 """Issue 14 item 4: Secondary Capture key images and per-destination ``formats``.
 
-- the SC builder and the key-images stage on the body-composition phantom: write-then-read round
-  trip, dciodvfy, the same patient and study as the SEG/SR in a new series, text burned in;
+- the SC and Encapsulated PDF builders and the key-images stage on the body-composition phantom:
+  write-then-read round trip, dciodvfy, the same patient and study as the SEG/SR in a new series, text burned in;
 - the reading of summaries into a verdict and key values (shared with the dashboard);
 - end to end: a destination with ``formats = ["sc"]`` gets only the SC in Orthanc (which renders
-  it), while a destination with the default formats is queued only the SEG and SR.
+  it), while a destination with ``["seg", "sr", "pdf"]`` is queued the SEG, the SR and the PDF report.
 """
 
 from __future__ import annotations
@@ -69,6 +69,24 @@ def test_key_image_round_trip_dciodvfy_and_identity(phantom_result: tuple[Path, 
     assert ok, text
 
 
+def test_pdf_report_round_trip_and_dciodvfy(phantom_result: tuple[Path, Path], tmp_path: Path) -> None:
+    ct, out = phantom_result
+    summary = {**json.loads((out / "summary.json").read_text()), "pipeline": "body-composition",
+               "pipeline_version": "9.9.9"}
+    (path,) = KeyImages(IDENTITY, sc=False, pdf=True).run(
+        KeyImagesInput((out / "seg.dcm",), tuple(sorted(ct.iterdir())), summary, tmp_path))
+    ds = pydicom.dcmread(path)
+    seg = pydicom.dcmread(out / "seg.dcm")
+    assert result_format(ds.SOPClassUID) is ResultFormat.PDF and ds.Modality == "DOC"
+    assert ds.StudyInstanceUID == seg.StudyInstanceUID and ds.PatientID == seg.PatientID
+    assert ds.SeriesNumber == IDENTITY.pdf_series_number and ds.MIMETypeOfEncapsulatedDocument == "application/pdf"
+    pdf = bytes(ds.EncapsulatedDocument)[: ds.EncapsulatedDocumentLength]
+    assert pdf.startswith(b"%PDF-") and pdf.rstrip().endswith(b"%%EOF")
+    need("dciodvfy")
+    ok, text = dciodvfy(path)
+    assert ok, text
+
+
 def test_not_evaluable_key_image_says_why(phantom_result: tuple[Path, Path], tmp_path: Path) -> None:
     ct, out = phantom_result
     summary = {"pipeline": "body-composition", "pipeline_version": "9.9.9", "evaluable": False,
@@ -120,7 +138,7 @@ def test_sc_only_destination_gets_only_the_sc(tmp_path: Path, pacs: Orthanc) -> 
     cfg = write_config(tmp_path / "node", routes=[route], pipelines={"body-composition": {"volumes_3d": False}},
                        destinations=[pacs_destination(pacs.dicom_port, formats=["sc"]),
                                      {"name": "archive", "ae_title": "ARCHIVE", "host": "127.0.0.1", "port": closed,
-                                      "retry_seconds": 60}])
+                                      "retry_seconds": 60, "formats": ["seg", "sr", "pdf"]}])
     with running_node(cfg) as node:
         storescu(node.port, truth.files)
         found = wait_until(lambda: pacs.instances_of_study(truth.study_uid), 240, interval=0.5,
@@ -130,7 +148,7 @@ def test_sc_only_destination_gets_only_the_sc(tmp_path: Path, pacs: Orthanc) -> 
     by_dest: dict[str, set[str]] = {}
     for dest, path in rows:
         by_dest.setdefault(dest, set()).add(str(pydicom.dcmread(path, stop_before_pixels=True).Modality))
-    assert by_dest == {"pacs": {"OT"}, "archive": {"SEG", "SR"}}
+    assert by_dest == {"pacs": {"OT"}, "archive": {"SEG", "SR", "DOC"}}
     assert len(found) == 1
     oid = found[0]["ID"]
     assert pacs.get(f"/instances/{oid}/simplified-tags")["SOPClassUID"] == SC_CLASS

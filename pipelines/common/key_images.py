@@ -14,7 +14,7 @@ values, the model and version and "NOT FOR DIAGNOSIS".  An evaluable result with
 from __future__ import annotations
 
 import logging
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -27,6 +27,7 @@ from pydicom.dataset import Dataset
 
 from dicom_templates.common import Algorithm
 from dicom_templates.identity import Identity
+from dicom_templates.pdf import build_pdf_report
 from dicom_templates.sc import build_key_image
 from pipelines.base import StageError
 from pipelines.common.key_values import KeyValues, key_values
@@ -109,14 +110,56 @@ def render_key_image(ct: Dataset, masks: Sequence[tuple[str, NDArray[np.bool_]]]
     return np.ascontiguousarray(rgba[:, :, :3]).astype(np.uint8)
 
 
+def pdf_of(pictures: Iterable[NDArray[np.uint8]]) -> bytes:
+    """A PDF with one landscape page per picture (the key images, text as drawn on them)."""
+    import io
+
+    from matplotlib.backends.backend_pdf import PdfPages
+    from matplotlib.figure import Figure
+
+    buf = io.BytesIO()
+    with PdfPages(buf, metadata={"Title": "prognode key images", "Creator": "prognode",
+                                 "CreationDate": None}) as pdf:
+        for rgb in pictures:
+            h, w = rgb.shape[:2]
+            fig = Figure(figsize=(w / 100, h / 100), dpi=100)
+            ax = fig.add_axes((0.0, 0.0, 1.0, 1.0))
+            ax.set_axis_off()
+            ax.imshow(rgb, interpolation="none")
+            pdf.savefig(fig)
+    return buf.getvalue()
+
+
 class KeyImages:
-    """Stage: SEG + summary + source images -> Secondary Capture key images (files under work_dir)."""
+    """Stage: SEG + summary + source images -> Secondary Capture key images and/or an Encapsulated
+    PDF report of them (files under work_dir)."""
 
     name = "key-images"
 
-    def __init__(self, identity: Identity, max_slices: int = MAX_KEY_SLICES) -> None:
+    def __init__(self, identity: Identity, max_slices: int = MAX_KEY_SLICES, sc: bool = True,
+                 pdf: bool = False) -> None:
         self.identity = identity
         self.max_slices = max_slices
+        self.sc = sc  # write the key images as Secondary Capture instances
+        self.pdf = pdf  # write them as an Encapsulated PDF report (one page each)
+
+    def _write(self, pictures: Sequence[tuple[Dataset, NDArray[np.uint8]]], algorithm: Algorithm, title: str,
+               work_dir: Path) -> tuple[Path, ...]:
+        out = []
+        if self.sc:
+            series = hd.UID()
+            for i, (ct, rgb) in enumerate(pictures, start=1):
+                sc = build_key_image(ct, rgb, algorithm, self.identity, series, i, title)
+                p = work_dir / f"sc-{i}.dcm"
+                sc.save_as(p, enforce_file_format=True)
+                out.append(p)
+        if self.pdf and pictures:
+            doc = build_pdf_report(pictures[0][0], pdf_of(p for _, p in pictures), algorithm, self.identity,
+                                   title.replace("key images", "report"))
+            p = work_dir / "report-pdf.dcm"
+            doc.save_as(p, enforce_file_format=True)
+            out.append(p)
+        return tuple(out)
 
     def run(self, data: KeyImagesInput) -> tuple[Path, ...]:
         seg_path = next((p for p in data.result_files
@@ -150,11 +193,8 @@ class KeyImages:
         algorithm = Algorithm(name=name, version=str(data.summary.get("pipeline_version") or
                                                      data.summary.get("version") or "unknown"))
         rgb = render_key_image(ct, [], kv, name)
-        sc = build_key_image(ct, rgb, algorithm, self.identity, hd.UID(), 1, f"{name} not evaluable")
-        out = data.work_dir / "sc-1.dcm"
-        sc.save_as(out, enforce_file_format=True)
-        log.info("key images: not evaluable (%s), one SC instance", kv.reason)
-        return (out,)
+        log.info("key images: not evaluable (%s), one picture", kv.reason)
+        return self._write([(ct, rgb)], algorithm, f"{name} not evaluable", data.work_dir)
 
     def _run(self, seg: hd.seg.Segmentation, data: KeyImagesInput) -> tuple[Path, ...]:
         sources = {str(ds.SOPInstanceUID): p for p in data.image_files
@@ -179,15 +219,11 @@ class KeyImages:
             name=str(algo[0].AlgorithmName) if algo else str(summary.get("pipeline") or "prognode"),
             version=str(algo[0].AlgorithmVersion) if algo else str(summary.get("pipeline_version") or "0"))
         title = str(seg.get("SeriesDescription", "") or summary.get("pipeline", "")).removesuffix(" SEG")
-        series = hd.UID()
-        out = []
-        for i, uid in enumerate(keys, start=1):
+        pictures = []
+        for uid in keys:
             ct = pydicom.dcmread(sources[uid])
             masks = [(labels[n], per_slice[uid][:, :, j]) for j, n in enumerate(numbers)]
-            rgb = render_key_image(ct, masks, kv, title)
-            sc = build_key_image(ct, rgb, algorithm, self.identity, series, i, f"{title} key images")
-            p = data.work_dir / f"sc-{i}.dcm"
-            sc.save_as(p, enforce_file_format=True)
-            out.append(p)
-        log.info("key images: %d SC instance(s) of series %s", len(out), series)
-        return tuple(out)
+            pictures.append((ct, render_key_image(ct, masks, kv, title)))
+        out = self._write(pictures, algorithm, f"{title} key images", data.work_dir)
+        log.info("key images: %d picture(s): %s", len(pictures), ", ".join(p.name for p in out))
+        return out
