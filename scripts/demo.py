@@ -60,6 +60,7 @@ def main() -> int:
                     help="keep Orthanc, the node and OHIF running and print their URLs until Ctrl-C")
     ap.add_argument("--shots", type=Path, default=None,
                     help="folder for the OHIF screenshots (default: a new temporary folder, kept)")
+    ap.add_argument("--no-screenshots", action="store_true", help="skip the OHIF screenshots")
     args = ap.parse_args()
     src = DATA / "totalseg_example_ct_dicom" / "dicom"
     if not src.is_dir():
@@ -191,7 +192,7 @@ def main() -> int:
                         cut = f" (cut-off {value.get('threshold')} {value.get('unit', '')})" if isinstance(value, dict) else ""
                         print(f"    sarcopenia by {key}: {verdict}{cut}")
             print(f"  seconds from last image sent to all results in the PACS: {seen - sent_at[uid]:.2f} (wall)")
-        if viewer is not None:
+        if viewer is not None and not args.no_screenshots:
             shots = args.shots or Path(tempfile.mkdtemp(prefix="prognode-demo-shots-"))
             _screenshots(pacs, viewer.url, db_path, {str(first.StudyInstanceUID): work / "ct",
                                                      truth.study_uid: work / "phantom"}, shots)
