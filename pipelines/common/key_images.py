@@ -14,6 +14,7 @@ values, the model and version and "NOT FOR DIAGNOSIS".  An evaluable result with
 from __future__ import annotations
 
 import logging
+import textwrap
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -89,11 +90,14 @@ def render_key_image(ct: Dataset, masks: Sequence[tuple[str, NDArray[np.bool_]]]
     y = 0.96
     panel.text(0.02, y, title[:40], color="white", fontsize=17, fontweight="bold", va="top")
     y -= 0.065
-    panel.text(0.02, y, kv.verdict[:60], color="#7CFC00" if kv.evaluable else "#ffa500", fontsize=14, va="top")
-    y -= 0.06
+    for line in textwrap.wrap(kv.verdict, 48)[:6]:  # a reason is read whole
+        panel.text(0.02, y, line, color="#7CFC00" if kv.evaluable else "#ffa500", fontsize=14, va="top")
+        y -= 0.045
+    y -= 0.015
     for label, text in kv.values[:9]:
-        panel.text(0.02, y, f"{label}: {text}"[:62], color="white", fontsize=12, va="top")
-        y -= 0.042
+        for i, line in enumerate(textwrap.wrap(f"{label}: {text}", 60)[:2]):
+            panel.text(0.02 + 0.03 * (i > 0), y, line, color="white", fontsize=12, va="top")
+            y -= 0.042
     if handles:
         legend = panel.legend(handles=handles[:12], loc="upper left", bbox_to_anchor=(0.0, y - 0.005),
                               frameon=False, labelcolor="white", fontsize=11, title="Outlines",
