@@ -148,6 +148,20 @@ def describe_file(path: Path) -> ResultFile:
                       str(ds.StudyInstanceUID), str(ds.get("Modality", "")))
 
 
+def json_default(o: object) -> Any:
+    """JSON for what a pipeline's summary may hold besides JSON types: a numpy scalar as its Python
+    value (a numpy bool False must stay false, not become the truthy string "False"), else its text."""
+    item = getattr(o, "item", None)
+    if callable(item):
+        try:
+            value = item()
+        except (TypeError, ValueError):
+            return str(o)
+        if isinstance(value, bool | int | float | str) or value is None:
+            return value
+    return str(o)
+
+
 def run_pipeline(spec: JobSpec) -> PipelineOutput:
     """Build the context and run the pipeline (shared by the worker and ``prognode run``)."""
     spec.work_dir.mkdir(parents=True, exist_ok=True)
@@ -162,7 +176,7 @@ def run_pipeline(spec: JobSpec) -> PipelineOutput:
     if spec.key_images or spec.pdf_report:
         out = _with_key_images(spec, out, summary)
         summary["files"] = [str(f) for f in out.files]
-    (spec.work_dir / "summary.json").write_text(json.dumps(summary, indent=1, default=str), encoding="utf-8")
+    (spec.work_dir / "summary.json").write_text(json.dumps(summary, indent=1, default=json_default), encoding="utf-8")
     return out
 
 
@@ -180,7 +194,7 @@ def execute(spec: JobSpec) -> JobOutcome:
     try:
         out = run_pipeline(spec)
         files = tuple(describe_file(Path(f)) for f in out.files)
-        return JobOutcome(True, files, json.loads(json.dumps(dict(out.summary), default=str)), out.evaluable,
+        return JobOutcome(True, files, json.loads(json.dumps(dict(out.summary), default=json_default)), out.evaluable,
                           out.reason)
     except Exception as e:
         logger.error("job %d (%s) failed: %s", spec.job_id, spec.pipeline, e)

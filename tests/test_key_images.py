@@ -114,6 +114,11 @@ def test_key_values_body_composition_and_not_evaluable(phantom_result: tuple[Pat
     assert labels["SMI"].endswith("cm²/m²")
     assert labels["Sarcopenia (prado-2008)"].startswith(("present", "absent"))
     assert kv.model.startswith("body-composition 1.2") and "backend classical" in kv.model
+    # summaries written before node.jobs.json_default hold numpy bools as text: read as what they say
+    old = {**s, "sarcopenia": {"prado-2008": {**s["sarcopenia"]["prado-2008"], "sarcopenic": "False"}}}
+    assert dict(key_values(old).values)["Sarcopenia (prado-2008)"].startswith("absent")
+    assert dict(key_values({**s, "evaluable": "False"}).values) == {}
+    assert not key_values({**s, "evaluable": "maybe"}).evaluable
     bad = key_values({"evaluable": False, "reason": "L3 not in the field of view", "pipeline": "body-composition"})
     assert bad.verdict == "not evaluable: L3 not in the field of view" and bad.values == ()
 

@@ -30,6 +30,18 @@ class KeyValues:
         return "evaluable" if self.evaluable else f"not evaluable: {self.reason or 'no reason given'}"
 
 
+def _flag(v: Any) -> bool | None:
+    """A yes/no of a summary: a bool, a numpy bool, or the strings "True"/"False" that older
+    summaries hold (numpy bools written as text); None when it is neither."""
+    if isinstance(v, bool):
+        return v
+    if type(v).__name__ == "bool_":  # numpy.bool_
+        return bool(v)
+    if isinstance(v, str) and v.strip().lower() in ("true", "false"):
+        return v.strip().lower() == "true"
+    return None
+
+
 def _num(v: Any, digits: int) -> str | None:
     if isinstance(v, Mapping):
         v = v.get("value")
@@ -49,10 +61,13 @@ def _body_composition(s: Mapping[str, Any]) -> list[tuple[str, str]]:
     for cid, res in (s.get("sarcopenia") or {}).items():
         if not isinstance(res, Mapping):
             continue
-        if "sarcopenic" in res:
+        flag = _flag(res.get("sarcopenic"))
+        if "sarcopenic" in res and flag is not None:
             via = f" via {res['via']}" if res.get("via") else ""
-            out.append((f"Sarcopenia ({cid}{via})", f"{'present' if res['sarcopenic'] else 'absent'} "
+            out.append((f"Sarcopenia ({cid}{via})", f"{'present' if flag else 'absent'} "
                         f"(SMI < {res.get('threshold')} {res.get('unit', '')})".rstrip()))
+        elif "sarcopenic" in res:  # never guess a verdict
+            out.append((f"Sarcopenia ({cid})", f"not stated ({res['sarcopenic']!r})"))
         else:
             out.append((f"Sarcopenia ({cid})", f"not evaluable: {res.get('not_evaluable', '')}"))
     areas = s.get("areas_cm2") or {}
@@ -124,8 +139,10 @@ def _model(s: Mapping[str, Any]) -> str:
 def key_values(summary: Mapping[str, Any]) -> KeyValues:
     """The verdict, the key values and the model of one result, from its summary (summary.json)."""
     s = summary
-    evaluable = bool(s.get("evaluable", True))
+    evaluable = _flag(s.get("evaluable", True))
     reason = str(s.get("reason") or "")
+    if evaluable is None:  # a verdict that cannot be read is no verdict
+        evaluable, reason = False, reason or f"verdict unreadable ({s.get('evaluable')!r})"
     if not evaluable:
         values: list[tuple[str, str]] = []
     elif "areas_cm2" in s or "sarcopenia" in s:
