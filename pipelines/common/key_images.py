@@ -42,7 +42,7 @@ WINDOW = (40.0, 400.0)  # soft-tissue window: centre, width (HU)
 PALETTE = ("#e6194b", "#3cb44b", "#ffe119", "#4363d8", "#f58231", "#911eb4", "#46f0f0", "#f032e6",
            "#bcf60c", "#fabebe")  # distinct on a grey CT
 SIZE_PX = (1280, 720)  # picture width, height
-MAX_KEY_SLICES = 3
+MAX_KEY_SLICES = 2  # a SEG over at most this many slices gets a key image of each; a longer one, of its largest
 
 
 @dataclass(frozen=True)
@@ -215,7 +215,8 @@ class KeyImages:
                                                    assert_missing_frames_are_empty=True)
             per_slice[uid] = np.asarray(px[0]).astype(bool)  # rows x columns x segments
         ranked = sorted(referenced, key=lambda u: -int(per_slice[u].sum()))
-        keys = ranked if len(ranked) <= self.max_slices and len(ranked) <= 2 else ranked[:1]
+        # a SEG of a few slices (the level slice(s)): each of them; of a volume (an ROI): its largest slice
+        keys = ranked if len(ranked) <= self.max_slices else ranked[:1]
         summary = data.summary
         kv = key_values(summary)
         algo = seg.SegmentSequence[0].get("SegmentationAlgorithmIdentificationSequence")
