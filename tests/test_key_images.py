@@ -17,6 +17,7 @@ import highdicom as hd
 import numpy as np
 import pydicom
 import pytest
+from numpy.typing import NDArray
 from sqlalchemy import select
 
 from dicom_templates.identity import Identity
@@ -25,7 +26,7 @@ from node.db import Export
 from node.dicom_facts import ResultFormat, result_format
 from pipelines.body_composition.phantom import PhantomSpec, write_phantom
 from pipelines.body_composition.pipeline import run_folder
-from pipelines.common.key_images import KeyImages, KeyImagesInput
+from pipelines.common.key_images import KeyImages, KeyImagesInput, key_slices
 from pipelines.common.key_values import key_values
 from tests.conftest import need
 from tests.node_helpers import pacs_destination, running_node, write_config
@@ -103,6 +104,20 @@ def test_not_evaluable_key_image_says_why(phantom_result: tuple[Path, Path], tmp
     need("dciodvfy")
     ok, text = dciodvfy(files[0])
     assert ok, text
+
+
+def test_key_slices_level_slices_or_the_largest() -> None:
+    def masks(*areas: int) -> dict[str, NDArray[np.bool_]]:
+        out: dict[str, NDArray[np.bool_]] = {}
+        for i, a in enumerate(areas):
+            m: NDArray[np.bool_] = np.zeros((8, 8, 2), dtype=bool)
+            m.reshape(-1)[:a] = True
+            out[f"1.2.{i}"] = m
+        return out
+
+    assert key_slices(masks(5)) == ["1.2.0"]  # the level slice
+    assert key_slices(masks(5, 9)) == ["1.2.1", "1.2.0"]  # two level slices: both
+    assert key_slices(masks(3, 40, 12, 0)) == ["1.2.1"]  # a tumour ROI over slices: its largest
 
 
 def test_key_values_body_composition_and_not_evaluable(phantom_result: tuple[Path, Path]) -> None:

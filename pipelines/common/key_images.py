@@ -35,7 +35,7 @@ from pipelines.common.key_values import KeyValues, key_values
 
 log = logging.getLogger(__name__)
 
-__all__ = ["KeyImages", "KeyImagesInput", "render_key_image"]
+__all__ = ["KeyImages", "KeyImagesInput", "key_slices", "pdf_of", "render_key_image"]
 
 NOT_FOR_DIAGNOSIS = "NOT FOR DIAGNOSIS"
 WINDOW = (40.0, 400.0)  # soft-tissue window: centre, width (HU)
@@ -112,6 +112,14 @@ def render_key_image(ct: Dataset, masks: Sequence[tuple[str, NDArray[np.bool_]]]
     canvas.draw()
     rgba = np.asarray(canvas.buffer_rgba())
     return np.ascontiguousarray(rgba[:, :, :3]).astype(np.uint8)
+
+
+def key_slices(per_slice: Mapping[str, NDArray[np.bool_]], max_slices: int = MAX_KEY_SLICES) -> list[str]:
+    """The key slices among a SEG's source images (SOP Instance UID -> its segments' pixels): every
+    one of a SEG over at most ``max_slices`` slices (the level slice(s)), else the one with the most
+    segmented pixels (an ROI's largest slice); ties keep the SEG's order."""
+    ranked = sorted(per_slice, key=lambda u: -int(per_slice[u].sum()))
+    return ranked if len(ranked) <= max_slices else ranked[:1]
 
 
 def pdf_of(pictures: Iterable[NDArray[np.uint8]]) -> bytes:
@@ -203,20 +211,18 @@ class KeyImages:
     def _run(self, seg: hd.seg.Segmentation, data: KeyImagesInput) -> tuple[Path, ...]:
         sources = {str(ds.SOPInstanceUID): p for p in data.image_files
                    for ds in [pydicom.dcmread(p, stop_before_pixels=True)]}
-        referenced = [uid for _, _, uid in seg.get_source_image_uids() if uid in sources]
+        referenced = [str(uid) for _, _, uid in seg.get_source_image_uids() if str(uid) in sources]
         if not referenced:
             log.info("key images: the SEG references none of the source images, no key image")
             return ()
         labels = {int(s.SegmentNumber): str(s.SegmentLabel) for s in seg.SegmentSequence}
         numbers = sorted(labels)
-        per_slice = {}
+        per_slice: dict[str, NDArray[np.bool_]] = {}
         for uid in referenced:
             px = seg.get_pixels_by_source_instance([uid], segment_numbers=numbers, combine_segments=False,
                                                    assert_missing_frames_are_empty=True)
             per_slice[uid] = np.asarray(px[0]).astype(bool)  # rows x columns x segments
-        ranked = sorted(referenced, key=lambda u: -int(per_slice[u].sum()))
-        # a SEG of a few slices (the level slice(s)): each of them; of a volume (an ROI): its largest slice
-        keys = ranked if len(ranked) <= self.max_slices else ranked[:1]
+        keys = key_slices(per_slice, self.max_slices)
         summary = data.summary
         kv = key_values(summary)
         algo = seg.SegmentSequence[0].get("SegmentationAlgorithmIdentificationSequence")
