@@ -34,8 +34,9 @@ test: setup
 test-fast: venv
 	$(PY) -m pytest -q -m "not slow"
 
+# VIEW=1: keep Orthanc, the node and OHIF running (URLs printed) until Ctrl-C
 demo: setup
-	$(PY) scripts/demo.py --config config.toml
+	$(PY) scripts/demo.py --config config.toml $(if $(VIEW),--view)
 
 bench: setup
 	$(PY) bench/ingest.py

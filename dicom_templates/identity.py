@@ -33,3 +33,5 @@ class Identity:
     seg_series_number: int = 9101
     sr_series_number: int = 9102
     map_series_number: int = 9103
+    sc_series_number: int = 9104  # Secondary Capture key images
+    pdf_series_number: int = 9105  # Encapsulated PDF report

@@ -32,6 +32,7 @@ from pydantic import (
     model_validator,
 )
 
+from node.dicom_facts import ResultFormat
 from node.lanes import Priority, check_hours
 
 ENV_PREFIX = "PROGNODE_"
@@ -261,6 +262,8 @@ class DestinationBase(_Model):
     max_attempts: int = Field(0, ge=0)  # also a dead letter after this many attempts; 0: the horizon alone
     probe_seconds: float = Field(60.0, gt=0)  # probe interval (C-ECHO, QIDO-RS) while the destination is unreachable
     timeout_seconds: float = Field(30.0, gt=0)  # association, DIMSE and network timeouts (or each HTTP request's)
+    # which result objects this destination gets: "seg", "sr", "sc" (Secondary Capture), "pdf"
+    formats: tuple[ResultFormat, ...] = Field((ResultFormat.SEG, ResultFormat.SR), min_length=1)
 
 
 class DestinationConfig(RemoteAE, DestinationBase):
@@ -475,6 +478,9 @@ class WebConfig(_Model):
     tls_private_key: Path | None = None  # PEM key of tls_certificate
     # STOW-RS receiver (POST /dicom-web/studies, node.stow): longest request body, spooled to disk
     stow_max_request_bytes: int = Field(2 << 30, ge=1 << 20)
+    # the site's viewer for a study, "{study_uid}" replaced, e.g. "https://ohif.example.org/viewer?StudyInstanceUIDs={study_uid}";
+    # empty: the dashboard shows no viewer link
+    viewer_url: str = ""
 
     @field_validator("token", "read_token")
     @classmethod
@@ -489,6 +495,8 @@ class WebConfig(_Model):
             raise ValueError("read_token equals token: a reader could write; use two different tokens")
         if (self.tls_certificate is None) != (self.tls_private_key is None):
             raise ValueError("tls_certificate and tls_private_key go together")
+        if self.viewer_url and "{study_uid}" not in self.viewer_url:
+            raise ValueError("viewer_url: a template with {study_uid} (the study to open)")
         return self
 
 
@@ -544,6 +552,8 @@ class OutputConfig(_Model):
     seg_series_number: int = Field(9101, ge=1)
     sr_series_number: int = Field(9102, ge=1)
     map_series_number: int = Field(9103, ge=1)
+    sc_series_number: int = Field(9104, ge=1)  # Secondary Capture key images (formats "sc")
+    pdf_series_number: int = Field(9105, ge=1)  # Encapsulated PDF report (formats "pdf")
 
 
 class LoggingConfig(_Model):

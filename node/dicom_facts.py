@@ -134,6 +134,36 @@ SOP_CLASSES: dict[str, SopClass] = {c.uid: c for c in STORAGE_SOP_CLASSES}
 STORAGE_CLASS_UIDS: tuple[UID, ...] = tuple(c.uid for c in STORAGE_SOP_CLASSES)
 PIXEL_DATA_CLASS_UIDS: frozenset[str] = frozenset(c.uid for c in STORAGE_SOP_CLASSES if c.pixel_data)
 
+
+class ResultFormat(StrEnum):
+    """What a destination asks for (``[[destinations]] formats``): which of the result objects it gets."""
+
+    SEG = "seg"  # Segmentation
+    SR = "sr"  # TID 1500 Measurement Report (and other SR documents prognode writes)
+    SC = "sc"  # Secondary Capture: key slices with outlines and values burned in, for PACS that show neither
+    PDF = "pdf"  # Encapsulated PDF report
+
+
+# The result objects' SOP Classes by format; a result of a class not listed here (a parametric map,
+# a Key Object Selection) goes to every destination of its route whatever its formats.
+RESULT_FORMAT_CLASSES: dict[str, ResultFormat] = {
+    "1.2.840.10008.5.1.4.1.1.66.4": ResultFormat.SEG,  # Segmentation Storage
+    "1.2.840.10008.5.1.4.1.1.66.7": ResultFormat.SEG,  # Label Map Segmentation Storage
+    "1.2.840.10008.5.1.4.1.1.88.11": ResultFormat.SR,  # Basic Text SR
+    "1.2.840.10008.5.1.4.1.1.88.22": ResultFormat.SR,  # Enhanced SR
+    "1.2.840.10008.5.1.4.1.1.88.33": ResultFormat.SR,  # Comprehensive SR
+    "1.2.840.10008.5.1.4.1.1.88.34": ResultFormat.SR,  # Comprehensive 3D SR
+    "1.2.840.10008.5.1.4.1.1.88.35": ResultFormat.SR,  # Extensible SR
+    "1.2.840.10008.5.1.4.1.1.7": ResultFormat.SC,  # Secondary Capture Image Storage
+    "1.2.840.10008.5.1.4.1.1.7.4": ResultFormat.SC,  # Multi-frame True Color Secondary Capture
+    "1.2.840.10008.5.1.4.1.1.104.1": ResultFormat.PDF,  # Encapsulated PDF Storage
+}
+
+
+def result_format(sop_class_uid: str) -> ResultFormat | None:
+    """The format a result object of ``sop_class_uid`` belongs to; None: not filtered by format."""
+    return RESULT_FORMAT_CLASSES.get(sop_class_uid.strip())
+
 VERIFICATION = UID("1.2.840.10008.1.1")
 STUDY_ROOT_FIND = UID("1.2.840.10008.5.1.4.1.2.2.1")  # Study Root Query/Retrieve Information Model (PS3.4 C.6.2)
 STUDY_ROOT_MOVE = UID("1.2.840.10008.5.1.4.1.2.2.2")

@@ -29,7 +29,7 @@ import traceback
 from collections.abc import Callable, Mapping, Sequence
 from concurrent.futures import Future, ProcessPoolExecutor
 from concurrent.futures.process import BrokenProcessPool
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, Protocol
 
@@ -39,6 +39,7 @@ from sqlalchemy.orm import aliased
 from node.audit import AuditLog, AuditSink
 from node.config import Config
 from node.db import Database, Export, ExportState, Job, JobState, Result, Retraction, now
+from node.dicom_facts import ResultFormat, result_format
 from node.index import Index
 from node.lanes import RANK, HoursWindow, Priority, claimable
 from node.storage import Storage
@@ -82,6 +83,8 @@ def identity_from_config(config: Config) -> Identity:
         seg_series_number=config.output.seg_series_number,
         sr_series_number=config.output.sr_series_number,
         map_series_number=config.output.map_series_number,
+        sc_series_number=config.output.sc_series_number,
+        pdf_series_number=config.output.pdf_series_number,
     )
 
 
@@ -104,6 +107,8 @@ class JobSpec:
     models: Mapping[str, Path] = field(default_factory=dict)
     device: str = "cpu"
     factory: str = ""  # "module:function" replacing the registry entry (tests only); empty: registry
+    key_images: bool = False  # a destination of the job wants Secondary Capture key images (formats "sc")
+    pdf_report: bool = False  # a destination of the job wants the Encapsulated PDF report (formats "pdf")
 
 
 @dataclass(frozen=True)
@@ -145,6 +150,20 @@ def describe_file(path: Path) -> ResultFile:
                       str(ds.StudyInstanceUID), str(ds.get("Modality", "")))
 
 
+def json_default(o: object) -> Any:
+    """JSON for what a pipeline's summary may hold besides JSON types: a numpy scalar as its Python
+    value (a numpy bool False must stay false, not become the truthy string "False"), else its text."""
+    item = getattr(o, "item", None)
+    if callable(item):
+        try:
+            value = item()
+        except (TypeError, ValueError):
+            return str(o)
+        if isinstance(value, bool | int | float | str) or value is None:
+            return value
+    return str(o)
+
+
 def run_pipeline(spec: JobSpec) -> PipelineOutput:
     """Build the context and run the pipeline (shared by the worker and ``prognode run``)."""
     spec.work_dir.mkdir(parents=True, exist_ok=True)
@@ -158,8 +177,20 @@ def run_pipeline(spec: JobSpec) -> PipelineOutput:
                                             "pipeline_version": str(getattr(pipeline, "version", ""))})
     summary = {"pipeline": spec.pipeline, "evaluable": out.evaluable, "reason": out.reason,
                "files": [str(f) for f in out.files], **dict(out.summary)}
-    (spec.work_dir / "summary.json").write_text(json.dumps(summary, indent=1, default=str), encoding="utf-8")
+    if spec.key_images or spec.pdf_report:
+        out = _with_key_images(spec, out, summary)
+        summary["files"] = [str(f) for f in out.files]
+    (spec.work_dir / "summary.json").write_text(json.dumps(summary, indent=1, default=json_default), encoding="utf-8")
     return out
+
+
+def _with_key_images(spec: JobSpec, out: PipelineOutput, summary: Mapping[str, Any]) -> PipelineOutput:
+    """``out`` plus its Secondary Capture key images and/or PDF report (:mod:`pipelines.common.key_images`)."""
+    from pipelines.common.key_images import KeyImages, KeyImagesInput
+
+    images = tuple(f for s in spec.series for f in s.files)
+    sc = KeyImages(spec.identity, sc=spec.key_images, pdf=spec.pdf_report).run(KeyImagesInput(tuple(out.files), images, summary, spec.work_dir))
+    return replace(out, files=(*out.files, *sc)) if sc else out
 
 
 def execute(spec: JobSpec) -> JobOutcome:
@@ -167,7 +198,7 @@ def execute(spec: JobSpec) -> JobOutcome:
     try:
         out = run_pipeline(spec)
         files = tuple(describe_file(Path(f)) for f in out.files)
-        return JobOutcome(True, files, json.loads(json.dumps(dict(out.summary), default=str)), out.evaluable,
+        return JobOutcome(True, files, json.loads(json.dumps(dict(out.summary), default=json_default)), out.evaluable,
                           out.reason)
     except Exception as e:
         logger.error("job %d (%s) failed: %s", spec.job_id, spec.pipeline, e)
@@ -464,8 +495,12 @@ class JobQueue:
             return tuple(Predecessor(r.sop_instance_uid, r.series_uid, r.study_uid, r.sop_class_uid) for r in rows)
 
     def finish(self, job: JobView, attempt: int, outcome: JobOutcome, result_dir: str,
-               predecessors: Sequence[Predecessor], send_to: Sequence[str]) -> bool:
-        """Record a successful attempt, its results and their exports; False if this attempt lost the job."""
+               predecessors: Sequence[Predecessor], send_to: Sequence[str],
+               formats: Mapping[str, Sequence[ResultFormat]] | None = None) -> bool:
+        """Record a successful attempt, its results and their exports; False if this attempt lost the job.
+
+        ``formats``: per destination, the formats it gets (``[[destinations]] formats``); a result
+        of another format is not exported to it (a result of no format, to every destination)."""
         t = now()
         with self.db.session() as s:
             res = s.execute(update(Job).where(Job.id == job.id, Job.state == JobState.RUNNING, Job.attempts == attempt)
@@ -481,7 +516,10 @@ class JobQueue:
                              source_series_uid=job.series_uid, study_uid=f.study_uid, modality=f.modality,
                              sop_class_uid=f.sop_class_uid, pipeline=job.pipeline,
                              supersedes=by_class.get(f.sop_class_uid, ""), created_at=t))
+                fmt = result_format(f.sop_class_uid)
                 for dest in send_to:
+                    if fmt is not None and formats is not None and dest in formats and fmt not in formats[dest]:
+                        continue
                     s.add(Export(job_id=job.id, destination=dest, path=f.path, sop_instance_uid=f.sop_instance_uid,
                                  state=ExportState.PENDING.value, attempts=0, next_attempt_at=0.0))
         logger.info("job %d done: %d result files%s", job.id, len(outcome.files),
@@ -560,6 +598,7 @@ class JobManager:
         if device == "auto":
             device = "cpu"  # the worker may upgrade to cuda itself; the node never imports torch
         options = dict(self.config.pipelines.get(job.pipeline, {}))
+        wanted = {f for fs in self.formats([str(d) for d in job.inputs.get("send_to", [])]).values() for f in fs}
         if job.inputs.get("level_override"):  # a reader-confirmed level (node.reader): this job's only
             options["level_override"] = dict(job.inputs["level_override"])
         return JobSpec(job_id=job.id, attempt=job.attempts, pipeline=job.pipeline,
@@ -567,7 +606,13 @@ class JobManager:
                        work_dir=work, identity=self.identity, predecessors=self.queue.predecessors(job),
                        extra_files=extra,
                        models={k: self.config.path(v) for k, v in self.config.models.items()},
-                       device=device, factory=self.factories.get(job.pipeline, ""))
+                       device=device, factory=self.factories.get(job.pipeline, ""),
+                       key_images=ResultFormat.SC in wanted, pdf_report=ResultFormat.PDF in wanted)
+
+    def formats(self, send_to: Sequence[str]) -> dict[str, Sequence[ResultFormat]]:
+        """The formats each configured destination of ``send_to`` gets."""
+        known = {d.name: d.formats for d in self.config.destinations}
+        return {d: known[d] for d in send_to if d in known}
 
     def tick(self) -> None:
         self.queue.expire_leases()
@@ -594,7 +639,8 @@ class JobManager:
                 outcome = JobOutcome(False, error=f"worker failed: {type(e).__name__}: {e}")
             if outcome.ok:
                 send_to = [str(d) for d in job.inputs.get("send_to", [])]
-                self.queue.finish(job, attempt, outcome, str(spec.work_dir), spec.predecessors, send_to)
+                self.queue.finish(job, attempt, outcome, str(spec.work_dir), spec.predecessors, send_to,
+                                  self.formats(send_to))
                 if self.on_done:
                     self.on_done(job_id)
             else:

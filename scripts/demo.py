@@ -8,7 +8,14 @@ that contains L3, waits until every routed job's SEG and SR are in Orthanc, prin
 arrived and the seconds from the last image to results in the PACS, and stops what it
 started.  Exits non-zero on failure.
 
-    .venv/bin/python scripts/demo.py --config config.toml
+The destination asks for Secondary Capture key images too (``formats = ["seg", "sr", "sc"]``), and
+the "scanner" sends each CT to the PACS as well, so the viewer shows the results over the CT.
+Then it writes OHIF screenshots (the shared ohif-check for every SEG and SR, and the SC key images
+opened in OHIF over the demo's Orthanc) and prints their paths.  With ``--view`` (``make demo
+VIEW=1``) it keeps Orthanc, the node (with its dashboard) and OHIF running and prints the viewer and
+dashboard URLs until Ctrl-C, then stops what it started, by PID.
+
+    .venv/bin/python scripts/demo.py --config config.toml [--view] [--shots DIR]
 """
 
 from __future__ import annotations
@@ -16,6 +23,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import secrets
 import shutil
 import sqlite3
 import subprocess
@@ -23,11 +31,15 @@ import sys
 import tempfile
 import time
 from pathlib import Path
+from typing import Any
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
+from tests import ohif_view  # noqa: E402
 from tests.peers import DATA, Orthanc, free_port, stop_pid, storescu, wait_port, wait_until, with_uids  # noqa: E402
+
+OHIF_CHECK_RUN = ohif_view.OHIF_CHECK / "run.sh"
 
 
 def _quantity(value: object) -> str:
@@ -44,6 +56,11 @@ def main() -> int:
     ap.add_argument("--config", type=Path, default=REPO / "config.toml")
     ap.add_argument("--timeout", type=float, default=300.0, help="seconds to wait for SEG and SR in the PACS")
     ap.add_argument("--keep", action="store_true", help="keep the temporary folder")
+    ap.add_argument("--view", action="store_true",
+                    help="keep Orthanc, the node and OHIF running and print their URLs until Ctrl-C")
+    ap.add_argument("--shots", type=Path, default=None,
+                    help="folder for the OHIF screenshots (default: a new temporary folder, kept)")
+    ap.add_argument("--no-screenshots", action="store_true", help="skip the OHIF screenshots")
     args = ap.parse_args()
     src = DATA / "totalseg_example_ct_dicom" / "dicom"
     if not src.is_dir():
@@ -52,15 +69,26 @@ def main() -> int:
     work = Path(tempfile.mkdtemp(prefix="prognode-demo-"))
     pacs = Orthanc(work / "orthanc")
     node: subprocess.Popen[bytes] | None = None
+    viewer = None
     try:
         pacs.start()
         print(f"PACS: Orthanc {pacs.aet} on 127.0.0.1:{pacs.dicom_port} (REST {pacs.url})")
+        why_no_viewer = ohif_view.available()
+        if not why_no_viewer:
+            viewer = ohif_view.start_viewer(pacs.url)
+            print(f"viewer: OHIF {ohif_view.OHIF_VERSION} on {viewer.url} (DICOMweb of the PACS)")
+        else:
+            print(f"viewer: none ({why_no_viewer}); no OHIF screenshots")
         port = free_port()
+        web_port = free_port()
+        token = "demo-" + secrets.token_urlsafe(18)
         dest = [{"name": "pacs", "ae_title": pacs.aet, "host": "127.0.0.1", "port": pacs.dicom_port,
-                 "retry_seconds": 2, "max_attempts": 10}]
+                 "retry_seconds": 2, "max_attempts": 10, "formats": ["seg", "sr", "sc"]}]
         sets = [f"node.port={port}", f"node.storage={work / 'var'}", "node.min_free_bytes=0",
                 f"destinations={json.dumps(dest)}", f"logging.audit_file={work / 'var' / 'audit.jsonl'}",
-                "web.enabled=false"]
+                "web.enabled=true", "web.host=127.0.0.1", f"web.port={web_port}", f"web.read_token={token}"]
+        if viewer is not None:
+            sets.append(f"web.viewer_url={ohif_view.study_url(viewer.url, '{study_uid}')}")
         cmd = [sys.executable, "-m", "node", "serve", "--config", str(args.config.resolve())]
         for s in sets:
             cmd += ["--set", s]
@@ -94,6 +122,9 @@ def main() -> int:
         sent_at[str(first.StudyInstanceUID)] = time.time()
         storescu(port, truth.files, calling="SCANNER")
         sent_at[truth.study_uid] = time.time()
+        # the scanner sends to the PACS too: the viewer shows the results over their CT
+        storescu(pacs.dicom_port, ct, called=pacs.aet, calling="SCANNER", extra=["-xv"])
+        storescu(pacs.dicom_port, truth.files, called=pacs.aet, calling="SCANNER")
         for uid, what in studies.items():
             print(f"sent: {what} with storescu, study {uid}")
 
@@ -161,6 +192,12 @@ def main() -> int:
                         cut = f" (cut-off {value.get('threshold')} {value.get('unit', '')})" if isinstance(value, dict) else ""
                         print(f"    sarcopenia by {key}: {verdict}{cut}")
             print(f"  seconds from last image sent to all results in the PACS: {seen - sent_at[uid]:.2f} (wall)")
+        if viewer is not None and not args.no_screenshots:
+            shots = args.shots or Path(tempfile.mkdtemp(prefix="prognode-demo-shots-"))
+            _screenshots(pacs, viewer.url, db_path, {str(first.StudyInstanceUID): work / "ct",
+                                                     truth.study_uid: work / "phantom"}, shots)
+        if args.view:
+            _view(pacs, viewer, f"http://127.0.0.1:{web_port}/", token, studies)
         if failed:
             return 1
         return 0
@@ -172,9 +209,68 @@ def main() -> int:
     finally:
         if node is not None:
             stop_pid(node, timeout=30)
+        if viewer is not None:
+            viewer.stop()
         pacs.stop()
         if not args.keep:
             shutil.rmtree(work, ignore_errors=True)
+
+
+def _screenshots(pacs: Orthanc, viewer_url: str, db_path: Path, ct_folders: dict[str, Path], shots: Path) -> None:
+    """OHIF screenshots of the results: each SC key-image series opened in OHIF over the demo's PACS,
+    then the shared ohif-check on every SEG and SR (with its CT); prints every path."""
+    shots.mkdir(parents=True, exist_ok=True)
+    print(f"\nOHIF screenshots in {shots}:")
+    for study_uid in ct_folders:
+        series = pacs.post("/tools/find", json.dumps({"Level": "Series", "Query": {"StudyInstanceUID": study_uid,
+                                                                                  "Modality": "OT"}, "Expand": True}))
+        for s in series:
+            uid = s["MainDicomTags"]["SeriesInstanceUID"]
+            out = shots / f"SC-{study_uid[-8:]}-{uid[-8:]}.png"
+            try:
+                ohif_view.series_screenshot(viewer_url, study_uid, uid, out)
+                print(f"  SC key images ({s['MainDicomTags'].get('SeriesDescription', '')}): {out}")
+            except Exception as e:  # a look, not a check: say why and go on
+                print(f"  SC key images of study {study_uid}: no screenshot ({type(e).__name__}: {e})")
+    con = sqlite3.connect(db_path, timeout=30)
+    try:
+        paths = [Path(p) for (p,) in con.execute(
+            "select distinct e.path from exports e join results r on r.sop_instance_uid = e.sop_instance_uid "
+            "where r.modality in ('SEG', 'SR')")]
+    finally:
+        con.close()
+    if not OHIF_CHECK_RUN.exists() or not paths:
+        return
+    out = shots / "ohif-check"
+    r = subprocess.run(["bash", str(OHIF_CHECK_RUN), "--out", str(out), *map(str, ct_folders.values()),
+                        *map(str, paths)], capture_output=True, text=True, timeout=1800)
+    for line in r.stdout.splitlines():
+        if line.startswith("{"):
+            rec = json.loads(line)
+            state = "displayed" if rec.get("displayed") else f"not displayed ({'; '.join(rec.get('reasons', []))})"
+            print(f"  {rec.get('modality')} {rec.get('description', '')}: {state}: {rec.get('screenshot', '')}")
+        elif line.startswith("ohif-check:"):
+            print(f"  {line}")
+    if r.returncode == 2:
+        print(f"  ohif-check could not run: {r.stderr.strip().splitlines()[-1:] or ''}")
+
+
+def _view(pacs: Orthanc, viewer: Any, dashboard: str, token: str, studies: dict[str, str]) -> None:
+    """Keep everything running, print where to look, until Ctrl-C (the caller then stops what it started)."""
+    print("\n--view: everything keeps running until Ctrl-C")
+    if viewer is not None:
+        url = str(viewer.url)
+        print(f"  viewer (OHIF):  {url}/")
+        for uid, what in studies.items():
+            print(f"    {what}: {ohif_view.study_url(url, uid)}")
+    print(f"  dashboard:      {dashboard}  (sign in with the read token {token})")
+    print(f"  PACS (Orthanc): {pacs.url}/app/explorer.html")
+    sys.stdout.flush()
+    try:
+        while True:
+            time.sleep(3600)
+    except KeyboardInterrupt:
+        print("\nstopping what the demo started")
 
 
 if __name__ == "__main__":

@@ -35,7 +35,7 @@ from node.retract import RetractError, pipeline_version, request_rerun, retract_
 from node.routing import Router
 from node.stow import StowReceiver
 from node.stow import warning as stow_warning
-from node.web import data, pages
+from node.web import data, outcomes, pages
 from node.web.auth import (
     COOKIE,
     CSRF_FIELD,
@@ -215,6 +215,14 @@ def create_app(config: Config, db: Database, metrics: Metrics, audit: AuditSink 
     @app.get("/api/results", response_model=list[data.ResultOut], tags=["read"], dependencies=read)
     def api_results(limit: Annotated[int, Query(ge=1, le=5000)] = 200) -> Any:
         return data.list_results(db, limit)
+
+    @app.get("/api/outcomes", response_model=list[outcomes.OutcomeOut], tags=["read"], dependencies=read)
+    def api_outcomes(limit: Annotated[int, Query(ge=1, le=5000)] = 200) -> Any:
+        return outcomes.list_outcomes(db, config.web.viewer_url, limit)
+
+    @app.get("/api/time-to-result", response_model=list[outcomes.HistogramOut], tags=["read"], dependencies=read)
+    def api_time_to_result() -> Any:
+        return outcomes.histograms(db)
 
     @app.get("/api/sweeps", response_model=list[data.SweepOut], tags=["read"], dependencies=read)
     def api_sweeps(limit: Annotated[int, Query(ge=1, le=1000)] = 50) -> Any:
@@ -401,7 +409,10 @@ def create_app(config: Config, db: Database, metrics: Metrics, audit: AuditSink 
         return pages.dashboard(node_title, data.list_series(db, 100), data.list_jobs(db, 100), dead,
                                data.list_results(db, 100), data.list_sweeps(db, 20), writes=writes,
                                csrf=auth.csrf(cred), access=cred.access.value if cred.via == "cookie" else "",
-                               message=msg, counts=counts)
+                               message=msg, counts=counts,
+                               outcomes=outcomes.outcomes_html(outcomes.list_outcomes(db, config.web.viewer_url, 100),
+                                                               pages.fmt_time),
+                               histograms=outcomes.histograms_html(outcomes.histograms(db)))
 
     @app.post("/ui/jobs/{job_id}/resend", include_in_schema=False)
     async def ui_resend(job_id: int, request: Request) -> RedirectResponse:

@@ -84,9 +84,12 @@ def signin(node_title: str, message: str, next_path: str, enabled: bool, signed_
 
 def dashboard(node_title: str, series: list[SeriesOut], jobs: list[JobOut], dead: list[DeadLetterOut],
               results: list[ResultOut], sweeps: list[SweepOut], writes: str = "disabled", csrf: str = "",
-              access: str = "", message: str = "", counts: dict[str, Any] | None = None) -> str:
+              access: str = "", message: str = "", counts: dict[str, Any] | None = None,
+              outcomes: str = "", histograms: str = "") -> str:
     """``writes``: "enabled" (a write session: Resend buttons), "read-only" or "disabled" (no write token);
-    ``access``: the session's access ("read"/"write"; empty for a bearer client: no sign-out form)."""
+    ``access``: the session's access ("read"/"write"; empty for a bearer client: no sign-out form);
+    ``outcomes``, ``histograms``: the readable results section and the time-to-result histograms
+    beside the counts (HTML from :mod:`node.web.outcomes`)."""
     counts = counts or {}
     cards = "".join(f'<div class="card">{escape(k)}<b>{escape(str(v))}</b></div>' for k, v in counts.items())
     csrf_input = f'<input type="hidden" name="csrf" value="{escape(csrf)}">'
@@ -104,6 +107,7 @@ def dashboard(node_title: str, series: list[SeriesOut], jobs: list[JobOut], dead
                ["Kind", "Job", "Pipeline", "Destination", "Attempts", "Error", "Series UID", ""],
                [[escape(d.kind), str(d.job_id), escape(d.pipeline), escape(d.destination), str(d.attempts),
                  escape(d.error[:120]), _uid(d.series_uid), resend_form(d.job_id)] for d in dead]),
+        outcomes,
         _table("results", f"Recent results ({len(results)})",
                ["Result SOP UID", "Type", "Pipeline", "Job", "Source series", "Created (UTC)", "In PACS (UTC)",
                 "Last image to PACS", "Supersedes"],
@@ -137,7 +141,7 @@ def dashboard(node_title: str, series: list[SeriesOut], jobs: list[JobOut], dead
     ]
     msg = f'<p class="msg" id="message">{escape(message)}</p>' if message else ""
     nav = "".join(f'<a href="#{a}">{escape(t)}</a>' for a, t in
-                  (("dead-letters", "Dead letters"), ("results", "Results"), ("jobs", "Jobs"), ("sweeps", "Sweeps"),
+                  (("dead-letters", "Dead letters"), ("outcomes", "Results"), ("results", "Result objects"), ("jobs", "Jobs"), ("sweeps", "Sweeps"),
                    ("series", "Series"))) + '<a href="/openapi.json">API</a><a href="/metrics">Metrics</a>'
     who = ""
     if access:
@@ -146,5 +150,5 @@ def dashboard(node_title: str, series: list[SeriesOut], jobs: list[JobOut], dead
     return (f"<!doctype html><html lang=en><head><meta charset=utf-8><title>prognode {escape(node_title)}</title>"
             f'<meta name="viewport" content="width=device-width"><meta http-equiv="refresh" content="30">'
             f"<style>{CSS}</style></head><body><header><h1>prognode</h1><span>{escape(node_title)}</span>"
-            f"<nav>{nav}</nav>{who}</header><main>{msg}<div class=cards>{cards}</div>{''.join(sections)}</main>"
+            f"<nav>{nav}</nav>{who}</header><main>{msg}<div class=cards>{cards}</div>{histograms}{''.join(sections)}</main>"
             "</body></html>")
