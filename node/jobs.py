@@ -143,10 +143,12 @@ def describe_file(path: Path) -> ResultFile:
                       str(ds.StudyInstanceUID), str(ds.get("Modality", "")))
 
 
-def run_pipeline(spec: JobSpec) -> PipelineOutput:
-    """Build the context and run the pipeline (shared by the worker and ``prognode run``)."""
+def run_pipeline(spec: JobSpec, pipeline: Pipeline | None = None) -> PipelineOutput:
+    """Build the context and run the pipeline (shared by the worker and ``prognode run``); a
+    long-lived worker (a Ray actor) passes the pipeline it keeps between jobs."""
     spec.work_dir.mkdir(parents=True, exist_ok=True)
-    pipeline = create_pipeline(spec.pipeline, spec.options, spec.factory)
+    if pipeline is None:
+        pipeline = create_pipeline(spec.pipeline, spec.options, spec.factory)
     ctx = PipelineContext(series=spec.series, work_dir=spec.work_dir, identity=spec.identity,
                           options=dict(spec.options), models=dict(spec.models), predecessors=spec.predecessors,
                           device=spec.device, extra_files=spec.extra_files)
@@ -158,10 +160,10 @@ def run_pipeline(spec: JobSpec) -> PipelineOutput:
     return out
 
 
-def execute(spec: JobSpec) -> JobOutcome:
+def execute(spec: JobSpec, pipeline: Pipeline | None = None) -> JobOutcome:
     """Worker entry point: never raises; failures come back as ``ok=False`` with the reason."""
     try:
-        out = run_pipeline(spec)
+        out = run_pipeline(spec, pipeline)
         files = tuple(describe_file(Path(f)) for f in out.files)
         return JobOutcome(True, files, json.loads(json.dumps(dict(out.summary), default=str)), out.evaluable,
                           out.reason)
