@@ -16,7 +16,12 @@ Overhead for one series: the same job (the wait pipeline with no sleep) submitte
 after another, through the local process pool and through the Ray runner (task and actor
 mode); median and max of the latency after one warm-up job.
 
+The node's own database work per job (claim, renew, finish with one result and one export on
+SQLite, one thread) is measured last: it bounds how many jobs one node can hand out, whatever the
+cluster.
+
     .venv/bin/python bench/ray_scaling.py [--series 12] [--sleep 2] [--png docs/ray-scaling.png]
+    .venv/bin/python bench/ray_scaling.py --queue-only [--queue-jobs 500]
 """
 
 from __future__ import annotations
@@ -83,6 +88,30 @@ def latencies(runner: Runner, specs: list[JobSpec]) -> list[float]:
     return out[1:]  # the first one warms the worker up
 
 
+def queue_rate(folder: Path, n: int) -> float:
+    """Jobs per second through the node's queue on SQLite: claim, renew, finish with one result and one
+    export (the node-side database work per job, whatever the runner)."""
+    from node.audit import AuditLog
+    from node.db import Database, Job
+    from node.jobs import JobQueue, ResultFile
+
+    db = Database(f"sqlite:///{folder / 'queue.db'}")
+    queue = JobQueue(db, AuditLog(folder / "audit.jsonl"))
+    with db.session() as s:
+        for i in range(n):
+            s.add(Job(series_uid=f"1.2.3.{i}", study_uid="1.2.3", route="ct", pipeline="p",
+                      inputs={"series": [{"uid": f"1.2.3.{i}"}]}, input_key=f"k{i}"))
+    t0 = time.monotonic()
+    done = 0
+    while (job := queue.claim("bench")) is not None:
+        queue.renew([job.id])
+        f = ResultFile(str(folder / f"{job.id}.dcm"), f"2.25.{job.id}", "1.2.840.10008.5.1.4.1.1.88.34",
+                       f"2.25.9{job.id}", "1.2.3", "SR")
+        assert queue.finish(job, job.attempts, JobOutcome(True, (f,)), str(folder), (), ["pacs"])
+        done += 1
+    return done / (time.monotonic() - t0)
+
+
 def ray_config(address: str, mode: str, workers: int) -> Config:
     return Config(runner=RunnerConfig(kind="ray", address=address, mode=mode, actors_per_pipeline=workers,
                                       namespace=f"bench-{mode}-{workers}"))
@@ -115,10 +144,17 @@ def main() -> int:
     ap.add_argument("--series", type=int, default=12, help="series per measurement")
     ap.add_argument("--sleep", type=float, default=2.0, help="seconds the wait pipeline waits")
     ap.add_argument("--overhead-runs", type=int, default=8)
+    ap.add_argument("--queue-jobs", type=int, default=500, help="jobs for the queue (SQLite) measurement")
+    ap.add_argument("--queue-only", action="store_true", help="only the queue measurement (no Ray cluster)")
     ap.add_argument("--png", type=Path, default=REPO / "docs" / "ray-scaling.png")
     args = ap.parse_args()
 
     work = Path(tempfile.mkdtemp(prefix="pn-bench-ray-"))
+    if args.queue_only:
+        rate = queue_rate(work, args.queue_jobs)
+        print(f"node queue on SQLite (claim + renew + finish with 1 result and 1 export, one thread): "
+              f"{rate:.0f} jobs/s = {rate * 3600:.0f} jobs/h")
+        return 0
     files = with_uids(DATA / "totalseg_example_ct_dicom" / "dicom", work / "ct", seed="bench-ray")
     size_mb = sum(f.stat().st_size for f in files) / 1e6
     print(f"series: {len(files)} CT slices, {size_mb:.1f} MB; {os.cpu_count()} CPU cores; "
@@ -162,6 +198,14 @@ def main() -> int:
         runner = RayRunner(shared)
         lat["ray (task, shared path)"] = latencies(runner, specs("wait", "lat-shared", args.overhead_runs + 1, 0.0))
         runner.shutdown(wait=False)
+        try:  # the node as a Ray Client (address ray://head:port), as in deploy/
+            runner = RayRunner(Config(runner=RunnerConfig(kind="ray", address=cluster.client_address,
+                                                          namespace="bench-client")))
+            lat["ray client (task, object store)"] = latencies(runner, specs("wait", "lat-client",
+                                                                             args.overhead_runs + 1, 0.0))
+            runner.shutdown(wait=False)
+        except Exception as e:
+            print(f"Ray Client: failed: {type(e).__name__}: {e}", flush=True)
     local = LocalProcessRunner(1, preload=("tests.node_pipelines",))
     lat["local process pool"] = latencies(local, specs("wait", "lat-local", args.overhead_runs + 1, 0.0))
     local.shutdown(wait=True)
@@ -182,6 +226,9 @@ def main() -> int:
     for label, values in lat.items():
         if label != "local process pool":
             print(f"overhead {label} vs local: {statistics.median(values) - base:+.3f} s")
+    rate = queue_rate(work, args.queue_jobs)
+    print(f"\nnode queue on SQLite (claim + renew + finish with 1 result and 1 export, one thread): "
+          f"{rate:.0f} jobs/s = {rate * 3600:.0f} jobs/h")
     plot(args.png, rows, args.sleep)
     print(f"\nplot: {args.png}; total {time.monotonic() - t_start:.0f} s")
     return 0

@@ -63,12 +63,17 @@ class RayCluster:
     object_store_bytes: int = 100 * 1024 * 1024
     temp_dir: Path = field(default_factory=lambda: Path(tempfile.mkdtemp(prefix="pn-ray-", dir="/tmp")))
     port: int = 0
+    client_port: int = 0  # Ray Client server of the head: ray://127.0.0.1:<client_port>
     head: subprocess.Popen[bytes] | None = None
     nodes: list[subprocess.Popen[bytes] | None] = field(default_factory=list)
 
     @property
     def address(self) -> str:
         return f"127.0.0.1:{self.port}"
+
+    @property
+    def client_address(self) -> str:
+        return f"ray://127.0.0.1:{self.client_port}"
 
     def _start(self, args: list[str], name: str) -> subprocess.Popen[bytes]:
         log = open(self.temp_dir / f"{name}.log", "ab")  # noqa: SIM115 - closed when the process ends
@@ -78,9 +83,9 @@ class RayCluster:
                                 env=_env(), stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
 
     def start(self) -> RayCluster:
-        self.port = free_port()
+        self.port, self.client_port = free_port(), free_port()
         self.head = self._start(["--head", "--port", str(self.port), "--num-cpus", "0",
-                                 "--include-dashboard", "false", "--ray-client-server-port", str(free_port()),
+                                 "--include-dashboard", "false", "--ray-client-server-port", str(self.client_port),
                                  "--temp-dir", str(self.temp_dir)], "head")
         self._wait_started(self.head, "head", 90)
         for _ in range(self.workers):
