@@ -126,8 +126,8 @@ def plot(png: Path, rows: dict[str, list[float]], sleep: float) -> None:
     fig, ax = plt.subplots(figsize=(6, 4), dpi=110)
     for label, values in rows.items():
         ax.plot(WORKERS, values, marker="o", label=label)
-    ideal = [rows[f"wait {sleep:g} s (task)"][0] * n for n in WORKERS]
-    ax.plot(WORKERS, ideal, ls=":", color="grey", label="linear from 1 worker")
+    ideal = [n * 3600.0 / sleep for n in WORKERS]
+    ax.plot(WORKERS, ideal, ls=":", color="grey", label=f"ideal for the wait pipeline (n x 3600/{sleep:g})")
     ax.set_xlabel("Ray workers in use (one-CPU worker nodes)")
     ax.set_ylabel("series per hour")
     ax.set_xticks(WORKERS)

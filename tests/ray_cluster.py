@@ -60,6 +60,7 @@ class RayCluster:
 
     workers: int = 1
     cpus_per_worker: int = 1
+    gpu_workers: int = 0  # the first ones declare one GPU (Ray schedules on the declaration; none needed here)
     object_store_bytes: int = 100 * 1024 * 1024
     temp_dir: Path = field(default_factory=lambda: Path(tempfile.mkdtemp(prefix="pn-ray-", dir="/tmp")))
     port: int = 0
@@ -94,7 +95,8 @@ class RayCluster:
 
     def add_worker(self) -> int:
         i = len(self.nodes)
-        self.nodes.append(self._start(["--address", self.address, "--num-cpus", str(self.cpus_per_worker)],
+        gpus = ["--num-gpus", "1"] if i < self.gpu_workers else ["--num-gpus", "0"]
+        self.nodes.append(self._start(["--address", self.address, "--num-cpus", str(self.cpus_per_worker), *gpus],
                                       f"worker{i}"))
         return i
 

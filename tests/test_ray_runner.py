@@ -75,7 +75,7 @@ def replace_work(spec: JobSpec, work: Path) -> JobSpec:
 @pytest.fixture(scope="module")
 def cluster() -> object:
     need("storescu", "Orthanc")
-    with RayCluster(workers=2, cpus_per_worker=1) as c:
+    with RayCluster(workers=2, cpus_per_worker=1, gpu_workers=1) as c:
         yield c
 
 
@@ -113,11 +113,11 @@ def test_series_through_ray_gives_its_result(tmp_path: Path, pacs: Orthanc, shar
 
 
 @pytest.mark.peers
-def test_actor_keeps_its_pipeline_between_series_shared_path(tmp_path: Path, shared_data: Path,
+def test_gpu_actor_keeps_its_pipeline_between_series_shared_path(tmp_path: Path, shared_data: Path,
                                                              cluster: RayCluster) -> None:
     cfg = write_config(tmp_path, routes=[{**ROUTE, "send_to": []}],
                        runner={"kind": "ray", "address": cluster.address, "io": "shared-path", "mode": "actor",
-                               "namespace": "pn-actor-test"})
+                               "namespace": "pn-actor-test", "resources": {"test-sr": {"cpus": 1, "gpus": 1}}})
     with running_node(cfg) as node:
         for k in range(2):
             ct, _ = ct_series(shared_data, tmp_path / f"ct{k}", f"ray-actor-{k}")
@@ -128,6 +128,8 @@ def test_actor_keeps_its_pipeline_between_series_shared_path(tmp_path: Path, sha
         jobs, _, results = jobs_and_exports(node)
     assert stats["test-sr"][0]["jobs"] == 2 and stats["test-sr"][0]["pipelines"] == 1  # built once, used twice
     assert len(results) == 2 and all(Path(j.result_dir, "sr.dcm").is_file() for j in jobs)
+    # the pipeline declared a GPU: the actor holds the worker node's (declared) GPU and runs on "cuda"
+    assert all(j.summary["device"] == "cuda" and j.summary["cuda_visible_devices"] == "0" for j in jobs)
 
 
 @pytest.mark.peers
@@ -156,3 +158,14 @@ def test_worker_node_killed_mid_job_reruns_and_exports_once(tmp_path: Path, pacs
     assert len(results) == 1 and len(exports) == 1 and sr_count(pacs, study) == 1
     events = (tmp_path / "var" / "audit.jsonl").read_text()
     assert "NodeDiedError" in events or "WorkerCrashedError" in events
+
+
+def test_resources_from_the_registry_or_the_config() -> None:
+    from node.config import Config, PipelineResources, RunnerConfig
+    from node.ray_runner import ray_options, resources_for
+
+    cfg = Config(runner=RunnerConfig(resources={"tissue-hu": PipelineResources(cpus=2, memory_mb=512)}))
+    assert ray_options(resources_for(cfg, "deep-features")) == {"num_cpus": 1.0, "num_gpus": 1.0}  # registry
+    assert ray_options(resources_for(cfg, "tissue-hu")) == {"num_cpus": 2.0, "num_gpus": 0.0,
+                                                            "memory": 512 * 1024 * 1024}
+    assert ray_options(resources_for(cfg, "test-sr")) == {"num_cpus": 1.0, "num_gpus": 0.0}  # not registered
