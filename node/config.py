@@ -223,6 +223,30 @@ class JobsConfig(_Model):
         return check_hours(value)
 
 
+class PipelineResources(_Model):
+    """What one job of a pipeline needs on a worker (a Ray task's or actor's resource request)."""
+
+    cpus: float = Field(1.0, ge=0)
+    gpus: float = Field(0.0, ge=0)
+    memory_mb: int = Field(0, ge=0)  # 0: no memory request
+
+
+class RunnerConfig(_Model):
+    """Where jobs run: ``local`` (a process pool on this host) or ``ray`` (an existing Ray cluster).
+
+    With ``ray``, ``jobs.workers`` is the number of jobs the node keeps in flight on the cluster; the
+    node's database stays the source of truth (claim, lease, one finish per attempt)."""
+
+    kind: Literal["local", "ray"] = "local"
+    address: str = "auto"  # what ray.init(address=...) takes: "auto", "host:port" or "ray://host:port"
+    namespace: str = "prognode"
+    io: Literal["object-store", "shared-path"] = "object-store"  # how inputs reach a worker, outputs come back
+    mode: Literal["task", "actor"] = "task"  # actor: long-lived per pipeline, keeps its model loaded
+    actors_per_pipeline: int = Field(1, ge=1)
+    detached_actors: bool = False  # true: actors outlive the node process (reused after a restart)
+    resources: dict[str, PipelineResources] = {}  # per pipeline; default: the pipeline registry's declaration
+
+
 class RemoteAE(_Model):
     """A DICOM peer this node opens associations to (a destination or a source)."""
 
@@ -566,6 +590,7 @@ class Config(_Model):
     node: NodeConfig = NodeConfig()
     completion: CompletionConfig = CompletionConfig()
     jobs: JobsConfig = JobsConfig()
+    runner: RunnerConfig = RunnerConfig()
     destinations: tuple[AnyDestination, ...] = ()
     sources: tuple[AnySource, ...] = ()  # kind = "dimse" (default) or "dicomweb"
     routes: tuple[RouteConfig, ...] = ()
@@ -676,7 +701,7 @@ def _set_dotted(data: dict[str, Any], dotted: str, raw: str) -> None:
     cursor[parts[-1]] = value
 
 
-_SECTIONS = ("node", "completion", "jobs", "sweep", "retention", "web", "output", "logging")
+_SECTIONS = ("node", "completion", "jobs", "runner", "sweep", "retention", "web", "output", "logging")
 
 
 def _env_overrides(environ: Mapping[str, str]) -> list[tuple[str, str]]:

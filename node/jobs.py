@@ -164,10 +164,12 @@ def json_default(o: object) -> Any:
     return str(o)
 
 
-def run_pipeline(spec: JobSpec) -> PipelineOutput:
-    """Build the context and run the pipeline (shared by the worker and ``prognode run``)."""
+def run_pipeline(spec: JobSpec, pipeline: Pipeline | None = None) -> PipelineOutput:
+    """Build the context and run the pipeline (shared by the worker and ``prognode run``); a
+    long-lived worker (a Ray actor) passes the pipeline it keeps between jobs."""
     spec.work_dir.mkdir(parents=True, exist_ok=True)
-    pipeline = create_pipeline(spec.pipeline, spec.options, spec.factory)
+    if pipeline is None:
+        pipeline = create_pipeline(spec.pipeline, spec.options, spec.factory)
     ctx = PipelineContext(series=spec.series, work_dir=spec.work_dir, identity=spec.identity,
                           options=dict(spec.options), models=dict(spec.models), predecessors=spec.predecessors,
                           device=spec.device, extra_files=spec.extra_files)
@@ -193,10 +195,10 @@ def _with_key_images(spec: JobSpec, out: PipelineOutput, summary: Mapping[str, A
     return replace(out, files=(*out.files, *sc)) if sc else out
 
 
-def execute(spec: JobSpec) -> JobOutcome:
+def execute(spec: JobSpec, pipeline: Pipeline | None = None) -> JobOutcome:
     """Worker entry point: never raises; failures come back as ``ok=False`` with the reason."""
     try:
-        out = run_pipeline(spec)
+        out = run_pipeline(spec, pipeline)
         files = tuple(describe_file(Path(f)) for f in out.files)
         return JobOutcome(True, files, json.loads(json.dumps(dict(out.summary), default=json_default)), out.evaluable,
                           out.reason)

@@ -25,7 +25,7 @@ from node.config import Config, TlsConfig
 from node.db import Database
 from node.export import Exporter
 from node.index import Index
-from node.jobs import JobManager, JobQueue, LocalProcessRunner, Runner, pipeline_modules
+from node.jobs import JobManager, JobQueue, Runner
 from node.lanes import HoursWindow
 from node.notify import Notifier
 from node.ops import Operations
@@ -33,6 +33,7 @@ from node.reader import LevelMarkers
 from node.retention import Retention
 from node.retention import start_scheduler as start_retention
 from node.routing import Router
+from node.runners import build_runner
 from node.server import DicomServer, route_keywords
 from node.storage import Storage
 from node.sweep.retrieve import in_flight as sweep_in_flight
@@ -106,11 +107,8 @@ class Node:
         self._recover_index()
         self.storage.sweep_temporaries()
         self.queue.recover()
-        if self.runner is None:
-            names = [p for r in self.config.routes for p in r.pipelines]
-            self.runner = LocalProcessRunner(self.config.jobs.workers,
-                                             preload=pipeline_modules(names, self._factories),
-                                             log_level=self.config.logging.level)
+        if self.runner is None:  # [runner] kind: a local process pool, or a Ray cluster
+            self.runner = build_runner(self.config, self._factories)
         self.jobs = JobManager(self.config, self.queue, self.index, self.storage, self.runner, self._factories,
                                on_done=lambda _id: self.exporter.wake.set())
         jobs = self.jobs

@@ -24,12 +24,22 @@ if TYPE_CHECKING:
 
 
 @dataclass(frozen=True)
+class Resources:
+    """What one job of the pipeline needs on a worker (read by distributed runners, no import of the pipeline)."""
+
+    cpus: float = 1.0
+    gpus: float = 0.0
+    memory_mb: int = 0  # 0: no request
+
+
+@dataclass(frozen=True)
 class Entry:
     name: str
     target: str  # "module:factory"
     level: str  # "series" or "study"
     summary: str
     version: str  # the pipeline's version: in its results, their SR, and the key of its jobs
+    resources: Resources = Resources()
 
 
 _ENTRIES = (
@@ -42,7 +52,8 @@ _ENTRIES = (
     Entry("dual-phase", "pipelines.dualphase.pipeline:create", "study",
           "Arterial and portal-venous series registered and featurised together", "1.0.0"),
     Entry("deep-features", "pipelines.deep.pipeline:create", "study",
-          "MONAI encoder features (2D/3D) with attention maps", "1.0.0"),
+          "MONAI encoder features (2D/3D) with attention maps", "1.0.0",
+          Resources(cpus=1.0, gpus=1.0)),
     Entry("survival-risk", "pipelines.survival.pipeline:create", "series",
           "Risk score and risk group from a fitted survival model, as a TID 1500 SR", "1.0.0"),
 )

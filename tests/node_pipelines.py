@@ -39,7 +39,8 @@ class SrPipeline:
             raise StageError("test-sr", series.series_uid, "asked to fail")
         time.sleep(self.sleep)
         summary = {"instances": len(series.files), "predecessors": [p.sop_instance_uid for p in ctx.predecessors],
-                   "extra_files": [str(p) for p in ctx.extra_files], "roles": [s.role for s in ctx.series]}
+                   "extra_files": [str(p) for p in ctx.extra_files], "roles": [s.role for s in ctx.series],
+                   "device": ctx.device, "cuda_visible_devices": os.environ.get("CUDA_VISIBLE_DEVICES")}
         if not self.write:
             return PipelineOutput(files=(), summary=summary)
         ref = pydicom.dcmread(sorted(series.files)[0], stop_before_pixels=True)

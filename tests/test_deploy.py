@@ -4,6 +4,7 @@ Dockerfile references; every shipped config.toml validates against node.config."
 from __future__ import annotations
 
 import base64
+import importlib.metadata
 import re
 import shutil
 import subprocess
@@ -64,7 +65,13 @@ def render(template: str, values: dict[str, Any], release: str = "prognode") -> 
         ws, trim_left, expr, _trim_right = m.groups()
         return ("" if trim_left else ws) + _eval(expr, scope)
 
-    return _ACTION.sub(sub, template)
+    def cond(m: re.Match[str]) -> str:  # {{- if .Values.x }} ... {{- end }} (not nested)
+        return m.group(2) if _lookup(m.group(1), scope) else ""
+
+    return _ACTION.sub(sub, _IF.sub(cond, template))
+
+
+_IF = re.compile(r"\{\{-?\s*if\s+(\S+)\s*-?\}\}(.*?)\s*\{\{-?\s*end\s*-?\}\}", re.DOTALL)
 
 
 @pytest.fixture(scope="module")
@@ -75,7 +82,8 @@ def rendered() -> dict[str, dict[str, Any]]:
     out = {}
     for t in sorted((CHART / "templates").glob("*.yaml")):
         doc = yaml.safe_load(render(t.read_text(), values))
-        out[doc["kind"]] = doc
+        if doc is not None:  # a template switched off by its values
+            out[doc["kind"]] = doc
     return out
 
 
@@ -143,7 +151,7 @@ def test_helm_network_policy(rendered: dict[str, dict[str, Any]]) -> None:
 
 def test_compose_services_ports_volumes(tmp_path: Path) -> None:
     compose = yaml.safe_load((DEPLOY / "docker-compose.yml").read_text())
-    services = compose["services"]
+    services = {k: v for k, v in compose["services"].items() if not v.get("profiles")}  # the default `up`
     assert set(services) == {"prognode", "orthanc", "ohif", "gateway"}
     assert set(compose["volumes"]) == {"prognode-data", "orthanc-data"}
 
@@ -266,3 +274,50 @@ def test_dockerfile_references_exist() -> None:
     assert text.index("download.pytorch.org/whl/cpu") < text.index("-r requirements.lock")
     assert "torch==2.13.0" in (REPO / "requirements.lock").read_text()
     assert re.search(r"^EXPOSE 11112 8080$", text, re.M) and "USER prognode" in text
+
+
+# Ray cluster (issue 13) --------------------------------------------------------------------------------
+
+
+def test_compose_ray_profile() -> None:
+    """Head + CPU workers under the "ray" profile, a GPU worker under "ray-gpu": usage statistics off, no
+    dashboard, nothing published; the node reaches the head through Ray Client when its runner is ray."""
+    services = yaml.safe_load((DEPLOY / "docker-compose.yml").read_text())["services"]
+    ray = {k: v for k, v in services.items() if v.get("profiles")}
+    assert {k: v["profiles"] for k, v in ray.items()} == {"ray-head": ["ray"], "ray-cpu-worker": ["ray"],
+                                                          "ray-gpu-worker": ["ray-gpu"]}
+    for name, svc in ray.items():
+        assert not svc.get("ports"), name
+        assert "--disable-usage-stats" in svc["command"] and svc["environment"]["RAY_USAGE_STATS_ENABLED"] == "0"
+        assert svc["entrypoint"][-1] == "/opt/prognode/venv/bin/ray"
+    head = ray["ray-head"]["command"]
+    assert "--head" in head and "--include-dashboard=false" in head and "--num-cpus=0" in head
+    assert "--address=ray-head:6379" in ray["ray-cpu-worker"]["command"]
+    assert "--num-gpus=1" in ray["ray-gpu-worker"]["command"]
+    env = services["prognode"]["environment"]
+    assert env["PROGNODE_RUNNER_KIND"] == "${PROGNODE_RUNNER_KIND:-local}"
+    assert env["PROGNODE_RUNNER_ADDRESS"].endswith("ray://ray-head:10001}")
+    cfg = config_mod.load(DEPLOY / "config" / "prognode.toml",
+                          environ={"PROGNODE_RUNNER_KIND": "ray", "PROGNODE_RUNNER_ADDRESS": "ray://ray-head:10001"})
+    assert (cfg.runner.kind, cfg.runner.address, cfg.runner.io) == ("ray", "ray://ray-head:10001", "object-store")
+
+
+def test_helm_ray_cluster() -> None:
+    """values.ray.enabled renders a KubeRay RayCluster (head without CPUs, CPU and GPU worker groups)."""
+    values = yaml.safe_load((CHART / "values.yaml").read_text())
+    assert values["ray"]["enabled"] is False
+    template = (CHART / "templates" / "raycluster.yaml").read_text()
+    assert yaml.safe_load(render(template, values)) is None
+    values["ray"]["enabled"] = True
+    rc = yaml.safe_load(render(template, values))
+    assert rc["kind"] == "RayCluster" and rc["apiVersion"] == "ray.io/v1"
+    assert rc["spec"]["rayVersion"] == importlib.metadata.version("ray")
+    head = rc["spec"]["headGroupSpec"]
+    assert head["rayStartParams"] == {"num-cpus": "0", "include-dashboard": "false", "disable-usage-stats": "true"}
+    groups = {g["groupName"]: g for g in rc["spec"]["workerGroupSpecs"]}
+    assert set(groups) == {"cpu", "gpu"} and groups["gpu"]["rayStartParams"]["num-gpus"] == "1"
+    gpu = groups["gpu"]["template"]["spec"]["containers"][0]
+    assert gpu["resources"]["limits"]["nvidia.com/gpu"] == 1
+    for pod in [head, *groups.values()]:
+        (c,) = pod["template"]["spec"]["containers"]
+        assert {"name": "RAY_USAGE_STATS_ENABLED", "value": "0"} in c["env"]
