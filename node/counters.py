@@ -111,12 +111,18 @@ def install(engine: Engine) -> bool:
         if _version(c) == VERSION:
             return False
     with engine.begin() as c:  # SQLite: BEGIN IMMEDIATE (node.db); PostgreSQL: the trigger DDL locks the tables
-        if _version(c) == VERSION:
-            return False
-        for stmt in ddl(dialect):
-            c.exec_driver_sql(stmt)
-        refill(c)
-        c.execute(text(f"INSERT INTO {TABLE} (name, value, total) VALUES (:n, :v, 0)"), {"n": MARK, "v": VERSION})
+        return install_on(c)
+
+
+def install_on(c: Connection) -> bool:
+    """:func:`install` inside the caller's write transaction (the baseline migration's)."""
+    dialect = c.dialect.name
+    if not supported(dialect) or _version(c) == VERSION:
+        return False
+    for stmt in ddl(dialect):
+        c.exec_driver_sql(stmt)
+    refill(c)
+    c.execute(text(f"INSERT INTO {TABLE} (name, value, total) VALUES (:n, :v, 0)"), {"n": MARK, "v": VERSION})
     logger.info("counters: triggers installed and counts filled from the tables (version %d)", VERSION)
     return True
 

@@ -10,7 +10,8 @@ results     the ledger of objects prognode produced, with supersession links
 sweeps      one row per PACS sweep, with its items in sweep_items (resumable)
 state_counts  counts by state and totals kept by triggers as rows change (node.counters)
 
-All timestamps are UTC epoch seconds (float).  The schema is created by :func:`connect`.
+All timestamps are UTC epoch seconds (float).  :func:`connect` brings the schema to the newest
+migration (:mod:`node.schema`, ``node/migrations``): a change here ships with its migration.
 """
 
 from __future__ import annotations
@@ -36,7 +37,7 @@ from sqlalchemy import (
 from sqlalchemy.engine import Engine
 from sqlalchemy.orm import DeclarativeBase, Mapped, Session, mapped_column, sessionmaker
 
-from node import counters
+from node import counters, schema
 
 # the states stored in the tables below (re-exported: node.db.JobState is node.dicom_facts.JobState)
 from node.dicom_facts import CompletionReason as CompletionReason
@@ -186,7 +187,7 @@ class StateCount(Base):
 
 
 Index("ix_jobs_state_not_before", Job.state, Job.not_before)
-# time windows of the metrics' histograms (created on existing databases too, see Database)
+# time windows of the metrics' histograms
 WINDOW_INDEXES = (Index("ix_series_completed_at", Series.completed_at), Index("ix_jobs_finished_at", Job.finished_at),
                   Index("ix_results_in_pacs_at", Result.in_pacs_at))
 
@@ -205,11 +206,9 @@ class Database:
         if url.startswith("sqlite"):
             event.listen(self.engine, "connect", _sqlite_pragmas)
             event.listen(self.engine, "begin", _sqlite_begin_immediate)
-        Base.metadata.create_all(self.engine)
-        # additive schema changes on a database made by an earlier version (create_all makes
-        # missing tables only): indexes of existing tables, then the counters' triggers
-        for ix in WINDOW_INDEXES:
-            ix.create(self.engine, checkfirst=True)
+        # the schema: Alembic migrations up to the newest (node.schema, node/migrations), then the
+        # counters' triggers (made by the baseline; again here for a database adopted without them)
+        schema.migrate(self.engine)
         counters.install(self.engine)
         self._sessions = sessionmaker(self.engine, expire_on_commit=False)
         self._readers = sessionmaker(self.engine.execution_options(prognode_read_only=True),

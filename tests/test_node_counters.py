@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 from sqlalchemy import text, update
 
-from node import counters
+from node import counters, schema
 from node.db import Database, Export, ExportState, Instance, Job, JobState, Series, now
 from node.metrics import Metrics
 
@@ -95,6 +95,7 @@ def test_an_existing_database_gets_counters_and_indexes(tmp_path: Path) -> None:
         for ix in ("ix_series_completed_at", "ix_jobs_finished_at", "ix_results_in_pacs_at"):
             c.execute(f"DROP INDEX {ix}")
         c.execute("DROP TABLE state_counts")
+        c.execute("DROP TABLE alembic_version")  # made before Alembic too (node.schema.adopt)
         c.execute("UPDATE jobs SET state = 'done' WHERE id = 1")
     db = Database(f"sqlite:///{path}")
     assert kept(db) == counted(db) and kept(db)["jobs.done"] == 1 and kept(db)["instances:count"] == 4
@@ -102,6 +103,8 @@ def test_an_existing_database_gets_counters_and_indexes(tmp_path: Path) -> None:
         names = {n for (n,) in c.execute("SELECT name FROM sqlite_master WHERE type IN ('index', 'trigger')")}
     assert {"ix_series_completed_at", "ix_jobs_finished_at", "ix_results_in_pacs_at",
             "prognode_count_jobs_update", "prognode_count_instances_insert"} <= names
+    with sqlite3.connect(path) as c:
+        assert c.execute("SELECT version_num FROM alembic_version").fetchall() == [(schema.head(),)]
     _populate(db, 2, "new")
     assert kept(db) == counted(db) and kept(db)["jobs.pending"] == 5
     assert not counters.install(db.engine)  # installed once

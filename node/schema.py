@@ -1,0 +1,137 @@
+"""The database schema's versions: Alembic migrations run at every start, SQLite and PostgreSQL alike.
+
+:func:`migrate` (called by :class:`node.db.Database`, so by ``node.db.connect``, ``prognode serve``
+and every command) brings the database to the newest revision of ``node/migrations/versions``
+(``alembic upgrade head``, programmatically) in one write transaction: on SQLite under ``BEGIN
+IMMEDIATE``, on PostgreSQL under a transaction-level advisory lock, so receivers that start together
+migrate once.  A database already at the head costs one read.
+
+A database made before Alembic (the baseline's tables, no ``alembic_version``) is adopted
+(:func:`adopt`): pieces added by earlier versions without a migration (``state_counts``, the
+time-window indexes) are made, its tables' columns are checked against the baseline revision, and
+it is stamped at the baseline; a database that does not match is refused with the differences.
+
+How to add a migration: docs/architecture.md, "Schema changes".
+"""
+
+from __future__ import annotations
+
+import functools
+import logging
+from pathlib import Path
+from typing import Any
+
+from alembic import command
+from alembic.config import Config as AlembicConfig
+from alembic.migration import MigrationContext
+from alembic.script import ScriptDirectory
+from sqlalchemy import MetaData, create_engine, inspect, text
+from sqlalchemy.engine import Connection, Engine
+
+logger = logging.getLogger(__name__)
+
+MIGRATIONS = Path(__file__).resolve().with_name("migrations")
+BASELINE = "0001"
+# tables in the node's database that belong to others (the sweep scheduler's job store)
+FOREIGN_TABLES = frozenset({"apscheduler_jobs"})
+ADVISORY_LOCK = 0x70726F67  # "prog": PostgreSQL advisory lock key held while migrating
+
+
+class SchemaError(RuntimeError):
+    """The database's schema is not one this version can migrate (names what differs)."""
+
+
+def alembic_config(connection: Connection | None = None) -> AlembicConfig:
+    cfg = AlembicConfig()
+    cfg.set_main_option("script_location", str(MIGRATIONS))
+    if connection is not None:
+        cfg.attributes["connection"] = connection
+    return cfg
+
+
+@functools.cache
+def head() -> str:
+    """The newest revision shipped with this version."""
+    heads = ScriptDirectory.from_config(alembic_config()).get_heads()
+    if len(heads) != 1:
+        raise SchemaError(f"migrations: expected one head revision, found {heads} (merge the branches)")
+    return str(heads[0])
+
+
+def current(c: Connection) -> str | None:
+    """The database's revision (None: not under Alembic)."""
+    return MigrationContext.configure(c).get_current_revision()
+
+
+def include_object(obj: Any, name: str | None, type_: str, reflected: bool, compare_to: Any) -> bool:
+    """What Alembic compares: everything but the tables of others (:data:`FOREIGN_TABLES`)."""
+    return not (type_ == "table" and name in FOREIGN_TABLES)
+
+
+def lock(c: Connection) -> None:
+    """Serialise migrations between processes (PostgreSQL; SQLite's ``BEGIN IMMEDIATE`` already does)."""
+    if c.dialect.name == "postgresql":
+        c.execute(text("SELECT pg_advisory_xact_lock(:k)"), {"k": ADVISORY_LOCK})
+
+
+def migrate(engine: Engine) -> str | None:
+    """Upgrade the database to :func:`head`; returns the revision it came from (None: new or adopted)."""
+    target = head()
+    with engine.execution_options(prognode_read_only=True).connect() as c:
+        before = current(c)
+        if before == target:
+            return before
+    with engine.begin() as c:
+        lock(c)
+        before = current(c)
+        if before == target:  # another process migrated while this one waited
+            return before
+        if before is None and inspect(c).has_table("instances"):
+            adopt(c)
+        command.upgrade(alembic_config(c), "head")
+    logger.info("database schema %s -> %s (%s)", before or "none", target, engine.dialect.name)
+    return before
+
+
+@functools.cache
+def baseline_reference() -> MetaData:
+    """The baseline revision's schema as made on a scratch in-memory SQLite database."""
+    scratch = create_engine("sqlite://")
+    try:
+        with scratch.begin() as c:
+            command.upgrade(alembic_config(c), BASELINE)
+            meta = MetaData()
+            meta.reflect(c)
+            meta.remove(meta.tables["alembic_version"])
+        return meta
+    finally:
+        scratch.dispose()
+
+
+def adopt(c: Connection) -> None:
+    """Check a database made before Alembic against the baseline and stamp it there."""
+    ref = baseline_reference()
+    insp = inspect(c)
+    problems: list[str] = []
+    for name, table in ref.tables.items():
+        if not insp.has_table(name):
+            if name == "state_counts":  # before the counters (issue 11): made here, filled by node.counters
+                table.create(c)
+                continue
+            problems.append(f"table {name} is missing")
+            continue
+        have = {col["name"] for col in insp.get_columns(name)}
+        want = {col.name for col in table.columns}
+        if have != want:
+            problems.append(f"table {name}: columns {sorted(have - want)} not in the baseline, "
+                            f"{sorted(want - have)} missing")
+            continue
+        indexes = {ix["name"] for ix in insp.get_indexes(name)}
+        for ix in table.indexes:
+            if ix.name not in indexes:  # the time-window indexes came after some databases were made
+                ix.create(c)
+    if problems:
+        raise SchemaError(f"database ({c.dialect.name}) was made before Alembic but does not match the "
+                          f"baseline revision {BASELINE}: " + "; ".join(problems))
+    command.stamp(alembic_config(c), BASELINE)
+    logger.info("database made before Alembic: checked against and stamped at revision %s", BASELINE)
