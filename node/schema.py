@@ -135,3 +135,16 @@ def adopt(c: Connection) -> None:
                           f"baseline revision {BASELINE}: " + "; ".join(problems))
     command.stamp(alembic_config(c), BASELINE)
     logger.info("database made before Alembic: checked against and stamped at revision %s", BASELINE)
+
+
+def differences(c: Connection, metadata: MetaData | None = None) -> list[Any]:
+    """What Alembic's autogenerate would change to make the database match the ORM models
+    (``node.db.Base.metadata``): empty when every model change shipped with its migration."""
+    from alembic.autogenerate import compare_metadata
+
+    if metadata is None:
+        from node.db import Base
+
+        metadata = Base.metadata
+    ctx = MigrationContext.configure(c, opts={"compare_type": True, "include_object": include_object})
+    return list(compare_metadata(ctx, metadata))
