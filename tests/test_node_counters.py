@@ -44,8 +44,8 @@ def _populate(db: Database, n: int, tag: str) -> None:
             s.add(Export(job_id=job.id, destination="pacs", path="x", sop_instance_uid=f"{tag}.{i}.9"))
 
 
-def test_counters_follow_every_change(tmp_path: Path) -> None:
-    db = Database(f"sqlite:///{tmp_path / 'p.db'}")
+def test_counters_follow_every_change(database_url: str) -> None:
+    db = Database(database_url)
     _populate(db, 5, "a")
     with db.session() as s:
         s.execute(update(Job).where(Job.id <= 2).values(state=JobState.RUNNING.value))
@@ -69,9 +69,8 @@ def test_counters_follow_every_change(tmp_path: Path) -> None:
     db.dispose()
 
 
-def test_concurrent_writers_keep_counters_exact(tmp_path: Path) -> None:
-    url = f"sqlite:///{tmp_path / 'p.db'}"
-    dbs = [Database(url) for _ in range(3)]
+def test_concurrent_writers_keep_counters_exact(database_url: str) -> None:
+    dbs = [Database(database_url) for _ in range(3)]
     threads = [threading.Thread(target=_populate, args=(db, 20, f"w{i}")) for i, db in enumerate(dbs)]
     for t in threads:
         t.start()
