@@ -9,6 +9,7 @@ exports     one row per (job result file, destination): C-STORE SCU attempts and
 results     the ledger of objects prognode produced, with supersession links
 sweeps      one row per PACS sweep, with its items in sweep_items (resumable)
 state_counts  counts by state and totals kept by triggers as rows change (node.counters)
+deliveries  series each receiver is still receiving, for the others sharing the database (node.cluster)
 
 All timestamps are UTC epoch seconds (float).  :func:`connect` brings the schema to the newest
 migration (:mod:`node.schema`, ``node/migrations``): a change here ships with its migration.
@@ -184,6 +185,16 @@ class StateCount(Base):
     name: Mapped[str] = mapped_column(String(64), primary_key=True)
     value: Mapped[int] = mapped_column(BigInteger, default=0)  # rows counted
     total: Mapped[int] = mapped_column(BigInteger, default=0)  # sum of the figure's total over them (bytes...)
+
+
+class Delivery(Base):
+    """A series that one receiver's open association is still delivering (:mod:`node.cluster`):
+    the other receivers sharing the database wait for it before completing the series."""
+
+    __tablename__ = "deliveries"
+    series_uid: Mapped[str] = mapped_column(String(64), primary_key=True)
+    receiver: Mapped[str] = mapped_column(String(128), primary_key=True)  # host:pid
+    until: Mapped[float] = mapped_column(Float)  # lease: ignored after this (a receiver that died)
 
 
 Index("ix_jobs_state_not_before", Job.state, Job.not_before)

@@ -148,3 +148,54 @@ def differences(c: Connection, metadata: MetaData | None = None) -> list[Any]:
         metadata = Base.metadata
     ctx = MigrationContext.configure(c, opts={"compare_type": True, "include_object": include_object})
     return list(compare_metadata(ctx, metadata))
+
+
+def new_revision(message: str, rev_id: str | None = None) -> list[Path]:
+    """Write the migration of the models' changes since the newest revision (autogenerate against a
+    scratch SQLite database at the head); returns the files written.  Read and adjust what it
+    wrote (docs/architecture.md, "Schema changes"): autogenerate sees tables, columns, indexes
+    and constraints, not triggers or data."""
+    scratch = create_engine("sqlite://")
+    try:
+        with scratch.begin() as c:
+            command.upgrade(alembic_config(c), "head")
+            if not differences(c):
+                raise SchemaError("the models match the newest revision: nothing to migrate")
+            number = rev_id or (f"{int(head()) + 1:04d}" if head().isdigit() else None)
+            written = command.revision(alembic_config(c), message=message, autogenerate=True, rev_id=number)
+        scripts = written if isinstance(written, list) else [written]
+        return [Path(s.path) for s in scripts if s is not None]
+    finally:
+        scratch.dispose()
+        head.cache_clear()
+
+
+def main(argv: list[str] | None = None) -> int:
+    """``python -m node.schema revision -m "what changed"`` | ``python -m node.schema check``."""
+    import argparse
+
+    parser = argparse.ArgumentParser(prog="python -m node.schema")
+    sub = parser.add_subparsers(dest="command", required=True)
+    rev = sub.add_parser("revision", help="write the migration of the models' changes (autogenerate)")
+    rev.add_argument("-m", "--message", required=True)
+    sub.add_parser("check", help="exit 1 when the models differ from what the migrations make")
+    args = parser.parse_args(argv)
+    if args.command == "revision":
+        for path in new_revision(args.message):
+            print(path)
+        return 0
+    scratch = create_engine("sqlite://")
+    try:
+        with scratch.begin() as c:
+            command.upgrade(alembic_config(c), "head")
+            diff = differences(c)
+    finally:
+        scratch.dispose()
+    for d in diff:
+        print(d)
+    print("models and migrations agree" if not diff else f"{len(diff)} differences: write a migration")
+    return 1 if diff else 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

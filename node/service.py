@@ -19,6 +19,7 @@ from pathlib import Path
 from types import FrameType
 
 from node.audit import AuditLog
+from node.cluster import Deliveries
 from node.completion import CompletionMonitor
 from node.config import Config, TlsConfig
 from node.db import Database
@@ -76,6 +77,7 @@ class Node:
         self.jobs: JobManager | None = None
         self.completion: CompletionMonitor | None = None
         self.markers: LevelMarkers | None = None
+        self.deliveries: Deliveries | None = None
         self._stop = threading.Event()
         self._threads: list[threading.Thread] = []
         self._stopped = threading.Event()
@@ -98,9 +100,11 @@ class Node:
         jobs = self.jobs
         own = (self.jobs.identity.manufacturer, self.jobs.identity.device_serial_number)
         self.markers = LevelMarkers(self.db, self.index, self.router, self.audit, own_devices=[own])
+        # series this receiver or another sharing the database is still receiving (node.cluster)
+        self.deliveries = Deliveries(self.db, self.server.open_associations.busy, self.config.completion.poll_seconds)
         self.completion = CompletionMonitor(self.db, self.config.completion, self.router, self.audit,
                                             on_jobs=lambda _ids: jobs.wake.set(),
-                                            busy=self.server.open_associations.busy,
+                                            busy=self.deliveries.busy,
                                             on_complete=self.markers.on_series_complete)
         self.server.start()
         for name, target in (("completion", self.completion.run), ("jobs", self.jobs.run),
@@ -143,6 +147,11 @@ class Node:
         self.exporter.wake.set()
         for t in self._threads:
             t.join(timeout)
+        if self.deliveries is not None:
+            try:
+                self.deliveries.close()
+            except Exception:  # the database is gone: the rows' leases run out by themselves
+                logger.exception("could not remove this receiver's delivery rows")
         if self.runner is not None:
             # running jobs are not waited for: they are pending again at the next start
             self.runner.shutdown(wait=False)

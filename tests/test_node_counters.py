@@ -94,7 +94,8 @@ def test_an_existing_database_gets_counters_and_indexes(tmp_path: Path) -> None:
         for ix in ("ix_series_completed_at", "ix_jobs_finished_at", "ix_results_in_pacs_at"):
             c.execute(f"DROP INDEX {ix}")
         c.execute("DROP TABLE state_counts")
-        c.execute("DROP TABLE alembic_version")  # made before Alembic too (node.schema.adopt)
+        c.execute("DROP TABLE alembic_version")  # made before Alembic too (node.schema.adopt) ...
+        c.execute("DROP TABLE deliveries")  # ... which came with a migration
         c.execute("UPDATE jobs SET state = 'done' WHERE id = 1")
     db = Database(f"sqlite:///{path}")
     assert kept(db) == counted(db) and kept(db)["jobs.done"] == 1 and kept(db)["instances:count"] == 4
