@@ -213,6 +213,8 @@ class Database:
             # isolation_level=None + BEGIN IMMEDIATE: writers queue on busy_timeout instead of
             # failing with "database is locked" when a read transaction tries to upgrade.
             kwargs["connect_args"] = {"timeout": 30, "check_same_thread": False, "isolation_level": None}
+        else:  # a server: connections that died with it (a restart) are replaced, not handed out
+            kwargs["pool_pre_ping"] = True
         self.engine: Engine = create_engine(url, **kwargs)
         if url.startswith("sqlite"):
             event.listen(self.engine, "connect", _sqlite_pragmas)

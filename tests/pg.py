@@ -66,6 +66,7 @@ class PgServer:
     port: int
     folder: Path
     process: subprocess.Popen[bytes]
+    command: list[str]
 
     def url(self, database: str = "postgres") -> str:
         return f"postgresql+psycopg://{USER}@127.0.0.1:{self.port}/{database}"
@@ -78,6 +79,13 @@ class PgServer:
         with psycopg.connect(f"host=127.0.0.1 port={self.port} user={USER} dbname=postgres", autocommit=True) as c:
             c.execute(f'CREATE DATABASE "{name}"')
         return self.url(name)
+
+    def restart(self, down_seconds: float = 0.0) -> None:
+        """Stop (fast shutdown: clients are disconnected), wait, start again on the same port and data."""
+        self.stop()
+        time.sleep(down_seconds)
+        self.process = _spawn(self.command, self.folder)
+        _wait_ready(self)
 
     def stop(self) -> None:
         if self.process.poll() is None:
@@ -105,20 +113,22 @@ def postgres(fsync: bool = False) -> Iterator[PgServer]:
         if r.returncode != 0:
             raise Unavailable(f"initdb failed: {r.stderr[-400:]}")
         port = free_port()
-        log = open(folder / "server.log", "wb")  # noqa: SIM115 - closed below
         settings = ["-c", "listen_addresses=127.0.0.1", "-c", f"unix_socket_directories={folder}",
                     "-c", "max_connections=200", "-c", f"fsync={'on' if fsync else 'off'}",
                     "-c", "full_page_writes=off" if not fsync else "full_page_writes=on"]
-        proc = subprocess.Popen([*prefix, str(bin_dir / "postgres"), "-D", str(data), "-p", str(port), *settings],
-                                stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
-        log.close()
-        server = PgServer(port, folder, proc)
+        command = [*prefix, str(bin_dir / "postgres"), "-D", str(data), "-p", str(port), *settings]
+        server = PgServer(port, folder, _spawn(command, folder), command)
         _wait_ready(server)
         yield server
     finally:
         if server is not None:
             server.stop()
         shutil.rmtree(folder, ignore_errors=True)
+
+
+def _spawn(command: list[str], folder: Path) -> subprocess.Popen[bytes]:
+    with open(folder / "server.log", "ab") as log:
+        return subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
 
 
 def _wait_ready(server: PgServer, timeout: float = 30.0) -> None:

@@ -162,3 +162,23 @@ def test_two_receivers_split_one_series(tmp_path: Path, pacs: Orthanc, pg_server
     assert sum(e["event"] == "export_sent" for e in logs) == 1  # one receiver sends it
     assert [line.split()[0] for line in runs.read_text().splitlines()] == ["start", "done"]  # one run
     assert pacs.modalities_in_study(study).count("SR") == 1
+
+
+def test_a_postgresql_restart_is_survived(tmp_path: Path, pg_server: PgServer) -> None:
+    """PostgreSQL restarts under a running node's database object: the next transactions work
+    (dead pooled connections are replaced), and the instance recorded before is still there."""
+    from node.index import Index, InstanceMeta
+
+    db = Database(pg_server.create_database())
+    index = Index(db, tmp_path)
+    meta = InstanceMeta(sop_instance_uid="1.2.3.1", sop_class_uid="1.2.840.10008.5.1.4.1.1.2", study_uid="1.2",
+                        series_uid="1.2.3", modality="CT")
+    index.record_instance(meta, "a.dcm", 10, "0" * 64, "1.2.840.10008.1.2.1")
+    _jobs(db, 1)
+    pg_server.restart(0.5)
+    index.record_instance(InstanceMeta(**{**meta.__dict__, "sop_instance_uid": "1.2.3.2"}), "b.dcm", 10, "1" * 64,
+                          "1.2.840.10008.1.2.1")
+    assert JobQueue(db, AuditLog(None)).claim("w") is not None
+    with db.read() as s:
+        assert s.scalar(select(Series.instances)) == 2
+    db.dispose()
