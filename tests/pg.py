@@ -17,7 +17,7 @@ import subprocess
 import tempfile
 import time
 import uuid
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -98,8 +98,9 @@ class PgServer:
 
 
 @contextmanager
-def postgres(fsync: bool = False) -> Iterator[PgServer]:
-    """Start a private server (``fsync=False``: a test database, no durability needed)."""
+def postgres(fsync: bool = False, settings: Sequence[str] = ()) -> Iterator[PgServer]:
+    """Start a private server (``fsync=False``: a test database, no durability needed);
+    ``settings``: more ``name=value`` server settings."""
     bin_dir = binaries()
     prefix, uid = _runner()
     folder = Path(tempfile.mkdtemp(prefix="prognode-pg-"))
@@ -113,10 +114,11 @@ def postgres(fsync: bool = False) -> Iterator[PgServer]:
         if r.returncode != 0:
             raise Unavailable(f"initdb failed: {r.stderr[-400:]}")
         port = free_port()
-        settings = ["-c", "listen_addresses=127.0.0.1", "-c", f"unix_socket_directories={folder}",
-                    "-c", "max_connections=200", "-c", f"fsync={'on' if fsync else 'off'}",
-                    "-c", "full_page_writes=off" if not fsync else "full_page_writes=on"]
-        command = [*prefix, str(bin_dir / "postgres"), "-D", str(data), "-p", str(port), *settings]
+        args = ["-c", "listen_addresses=127.0.0.1", "-c", f"unix_socket_directories={folder}",
+                "-c", "max_connections=200", "-c", f"fsync={'on' if fsync else 'off'}",
+                "-c", "full_page_writes=off" if not fsync else "full_page_writes=on"]
+        args += [x for kv in settings for x in ("-c", kv)]
+        command = [*prefix, str(bin_dir / "postgres"), "-D", str(data), "-p", str(port), *args]
         server = PgServer(port, folder, _spawn(command, folder), command)
         _wait_ready(server)
         yield server
