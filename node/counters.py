@@ -120,7 +120,10 @@ def install(engine: Engine) -> bool:
     with engine.connect() as c:  # a plain read first: no write lock at every start
         if _version(c) == VERSION:
             return False
-    with engine.begin() as c:  # SQLite: BEGIN IMMEDIATE (node.db); PostgreSQL: the trigger DDL locks the tables
+    from node.schema import lock
+
+    with engine.begin() as c:  # SQLite: BEGIN IMMEDIATE (node.db); PostgreSQL: the migrations' advisory lock
+        lock(c)
         return install_on(c)
 
 

@@ -18,6 +18,8 @@ from __future__ import annotations
 
 import functools
 import logging
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -81,7 +83,7 @@ def migrate(engine: Engine) -> str | None:
         before = current(c)
         if before == target:
             return before
-    with engine.begin() as c:
+    with engine.connect() as c, _sqlite_foreign_keys_off(c), c.begin():
         lock(c)
         before = current(c)
         if before == target:  # another process migrated while this one waited
@@ -89,8 +91,27 @@ def migrate(engine: Engine) -> str | None:
         if before is None and inspect(c).has_table("instances"):
             adopt(c)
         command.upgrade(alembic_config(c), "head")
+        if c.dialect.name == "sqlite":
+            broken = c.exec_driver_sql("PRAGMA foreign_key_check").all()
+            if broken:
+                raise SchemaError(f"migration to {target} left rows whose foreign keys point nowhere: {broken[:5]}")
     logger.info("database schema %s -> %s (%s)", before or "none", target, engine.dialect.name)
     return before
+
+
+@contextmanager
+def _sqlite_foreign_keys_off(c: Connection) -> Iterator[None]:
+    """SQLite: foreign keys off while migrating (node.db turns them on for every connection), so a
+    batch migration that copies a table others refer to can drop the old one; checked after."""
+    raw = c.connection.driver_connection if c.dialect.name == "sqlite" else None
+    if raw is None:
+        yield
+        return
+    raw.execute("PRAGMA foreign_keys=OFF")  # outside any transaction: inside one it does nothing
+    try:
+        yield
+    finally:
+        raw.execute("PRAGMA foreign_keys=ON")
 
 
 @functools.cache
