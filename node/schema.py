@@ -7,9 +7,10 @@ IMMEDIATE``, on PostgreSQL under a transaction-level advisory lock, so receivers
 migrate once.  A database already at the head costs one read.
 
 A database made before Alembic (the baseline's tables, no ``alembic_version``) is adopted
-(:func:`adopt`): pieces added by earlier versions without a migration (``state_counts``, the
-time-window indexes) are made, its tables' columns are checked against the baseline revision, and
-it is stamped at the baseline; a database that does not match is refused with the differences.
+(:func:`adopt`): the baseline's tables and indexes it lacks (added by versions later than the one
+that made it, e.g. ``state_counts``) are made, the columns of those it has are checked against the
+baseline revision, and it is stamped at the baseline; a database whose columns differ is refused
+with the differences.
 
 How to add a migration: docs/architecture.md, "Schema changes".
 """
@@ -136,10 +137,9 @@ def adopt(c: Connection) -> None:
     problems: list[str] = []
     for name, table in ref.tables.items():
         if not insp.has_table(name):
-            if name == "state_counts":  # before the counters (issue 11): made here, filled by node.counters
-                table.create(c)
-                continue
-            problems.append(f"table {name} is missing")
+            # a table the version that made the database did not have yet (state_counts came with the
+            # counters): made here, as that version's successors did with create_all
+            table.create(c)
             continue
         have = {col["name"] for col in insp.get_columns(name)}
         want = {col.name for col in table.columns}
