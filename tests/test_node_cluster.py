@@ -19,6 +19,7 @@ from node.audit import AuditLog
 from node.cluster import Deliveries
 from node.db import Database, Job, JobState, Result, Series
 from node.jobs import JobQueue, worker_gone
+from node.metrics import Metrics
 from tests.conftest import need
 from tests.node_helpers import ROUTE, node_process, pacs_destination, write_config
 from tests.peers import Orthanc, stop_pid, storescu, wait_port, wait_until, with_uids
@@ -54,6 +55,7 @@ def test_each_job_is_claimed_once(database_url: str) -> None:
     with db.read() as s:
         assert counters.read_counters(s.connection())["jobs.running"] == 40
         assert counters.count_from_tables(s.connection())["jobs.running"] == 40
+    assert 'prognode_jobs{state="running"} 40.0' in Metrics(db).exposition().decode()  # the metrics' queries too
     db.dispose()
 
 
