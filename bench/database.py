@@ -24,9 +24,9 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from node.audit import AuditLog  # noqa: E402
 from sqlalchemy import update  # noqa: E402
 
+from node.audit import AuditLog  # noqa: E402
 from node.db import Database, Job, JobState  # noqa: E402
 from node.index import Index, InstanceMeta  # noqa: E402
 from node.jobs import JobQueue  # noqa: E402
