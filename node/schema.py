@@ -61,6 +61,12 @@ def head() -> str:
     return str(heads[0])
 
 
+@functools.cache
+def known_revisions() -> frozenset[str]:
+    """Every revision shipped with this version."""
+    return frozenset(str(r.revision) for r in ScriptDirectory.from_config(alembic_config()).walk_revisions())
+
+
 def current(c: Connection) -> str | None:
     """The database's revision (None: not under Alembic)."""
     return MigrationContext.configure(c).get_current_revision()
@@ -84,6 +90,9 @@ def migrate(engine: Engine) -> str | None:
         before = current(c)
         if before == target:
             return before
+    if before is not None and before not in known_revisions():
+        raise SchemaError(f"database ({engine.dialect.name}) schema is at revision {before}, which this version "
+                          f"does not know (its newest is {target}): a newer prognode migrated it; run that version")
     with engine.connect() as c, _sqlite_foreign_keys_off(c), c.begin():
         lock(c)
         before = current(c)

@@ -123,3 +123,13 @@ def test_migrations_ship_as_package_data() -> None:
     assert (root / "env.py").is_file() and (root / "script.py.mako").is_file()
     pyproject = (Path(schema.__file__).parents[1] / "pyproject.toml").read_text(encoding="utf-8")
     assert '"*.mako"' in pyproject
+
+
+def test_a_database_migrated_by_a_newer_version_is_refused(database_url: str) -> None:
+    Database(database_url).dispose()
+    engine = create_engine(database_url)
+    with engine.begin() as c:
+        c.execute(text("UPDATE alembic_version SET version_num = '9999'"))
+    engine.dispose()
+    with pytest.raises(schema.SchemaError, match="9999.*newer prognode"):
+        Database(database_url)
