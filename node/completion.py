@@ -122,7 +122,7 @@ class CompletionMonitor:
 
     def _try_complete(self, uid: str, last: float, t: float) -> bool:
         with self.db.session() as s:
-            series = s.get(Series, uid)
+            series = s.get(Series, uid, with_for_update=True)  # PostgreSQL: one receiver decides, the others wait
             if series is None or series.state != SeriesState.RECEIVING or series.last_received != last:
                 return False
             rows = s.execute(select(Instance.position, Instance.frames, Instance.sop_class_uid)

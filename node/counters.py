@@ -83,8 +83,18 @@ def _postgresql_ddl(table: str) -> list[str]:
     name = f"prognode_count_{table}"
     columns = FIGURES[table].columns
     events = "INSERT OR DELETE" + (f" OR UPDATE OF {', '.join(columns)}" if columns else "")
-    body = (f"BEGIN IF TG_OP IN ('UPDATE', 'DELETE') THEN {_adds(table, 'OLD', '-')} END IF; "
-            f"IF TG_OP IN ('INSERT', 'UPDATE') THEN {_adds(table, 'NEW', '+')} END IF; RETURN NULL; END")
+    f = FIGURES[table]
+    # an UPDATE moves a row between two counters in one statement that locks them in name order:
+    # two transactions moving rows opposite ways (claim pending -> running, lease expiry
+    # running -> pending) by two processes must not deadlock on the counter rows
+    move = (f"INSERT INTO {TABLE} (name, value, total) SELECT n, SUM(v), SUM(t) FROM (VALUES "
+            f"({f.name.format(r='OLD')}, -1, -({f.total.format(r='OLD')})), "
+            f"({f.name.format(r='NEW')}, 1, {f.total.format(r='NEW')})) AS d(n, v, t) GROUP BY n ORDER BY n "
+            f"ON CONFLICT (name) DO UPDATE SET value = {TABLE}.value + excluded.value, "
+            f"total = {TABLE}.total + excluded.total;")
+    body = (f"BEGIN IF TG_OP = 'INSERT' THEN {_adds(table, 'NEW', '+')} "
+            f"ELSIF TG_OP = 'DELETE' THEN {_adds(table, 'OLD', '-')} "
+            f"ELSE {move} END IF; RETURN NULL; END")
     return [f"CREATE OR REPLACE FUNCTION {name}() RETURNS trigger LANGUAGE plpgsql AS $$ {body} $$",
             f"DROP TRIGGER IF EXISTS {name} ON {table}",
             f"CREATE TRIGGER {name} AFTER {events} ON {table} FOR EACH ROW EXECUTE FUNCTION {name}()"]
@@ -110,13 +120,22 @@ def install(engine: Engine) -> bool:
     with engine.connect() as c:  # a plain read first: no write lock at every start
         if _version(c) == VERSION:
             return False
-    with engine.begin() as c:  # SQLite: BEGIN IMMEDIATE (node.db); PostgreSQL: the trigger DDL locks the tables
-        if _version(c) == VERSION:
-            return False
-        for stmt in ddl(dialect):
-            c.exec_driver_sql(stmt)
-        refill(c)
-        c.execute(text(f"INSERT INTO {TABLE} (name, value, total) VALUES (:n, :v, 0)"), {"n": MARK, "v": VERSION})
+    from node.schema import lock
+
+    with engine.begin() as c:  # SQLite: BEGIN IMMEDIATE (node.db); PostgreSQL: the migrations' advisory lock
+        lock(c)
+        return install_on(c)
+
+
+def install_on(c: Connection) -> bool:
+    """:func:`install` inside the caller's write transaction (the baseline migration's)."""
+    dialect = c.dialect.name
+    if not supported(dialect) or _version(c) == VERSION:
+        return False
+    for stmt in ddl(dialect):
+        c.exec_driver_sql(stmt)
+    refill(c)
+    c.execute(text(f"INSERT INTO {TABLE} (name, value, total) VALUES (:n, :v, 0)"), {"n": MARK, "v": VERSION})
     logger.info("counters: triggers installed and counts filled from the tables (version %d)", VERSION)
     return True
 

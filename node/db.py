@@ -11,8 +11,10 @@ sweeps      one row per PACS sweep, with its items in sweep_items (resumable)
 notifications  the outbox of [[notify]] messages (node.notify): one row per (target, job, event)
 retractions one row per retracted job: its IOCM rejection KOS, the reason, who (node.retract)
 state_counts  counts by state and totals kept by triggers as rows change (node.counters)
+deliveries  series each receiver is still receiving, for the others sharing the database (node.cluster)
 
-All timestamps are UTC epoch seconds (float).  The schema is created by :func:`connect`.
+All timestamps are UTC epoch seconds (float).  :func:`connect` brings the schema to the newest
+migration (:mod:`node.schema`, ``node/migrations``): a change here ships with its migration.
 """
 
 from __future__ import annotations
@@ -34,12 +36,11 @@ from sqlalchemy import (
     UniqueConstraint,
     create_engine,
     event,
-    inspect,
 )
 from sqlalchemy.engine import Engine
 from sqlalchemy.orm import DeclarativeBase, Mapped, Session, mapped_column, sessionmaker
 
-from node import counters
+from node import counters, schema
 
 # the states stored in the tables below (re-exported: node.db.JobState is node.dicom_facts.JobState)
 from node.dicom_facts import CompletionReason as CompletionReason
@@ -229,12 +230,18 @@ class StateCount(Base):
     total: Mapped[int] = mapped_column(BigInteger, default=0)  # sum of the figure's total over them (bytes...)
 
 
+class Delivery(Base):
+    """A series that one receiver's open association is still delivering (:mod:`node.cluster`):
+    the other receivers sharing the database wait for it before completing the series."""
+
+    __tablename__ = "deliveries"
+    series_uid: Mapped[str] = mapped_column(String(64), primary_key=True)
+    receiver: Mapped[str] = mapped_column(String(128), primary_key=True)  # host:pid
+    until: Mapped[float] = mapped_column(Float)  # lease: ignored after this (a receiver that died)
+
+
 Index("ix_jobs_state_not_before", Job.state, Job.not_before)
-# columns added to existing tables after their first release: (table, column, DDL of the column), added
-# by Database on a database made before them (an Alembic migration replaces this at merge time)
-ADDED_COLUMNS = (("jobs", "priority", f"VARCHAR(16) NOT NULL DEFAULT '{Priority.NORMAL.value}'"),
-                 ("jobs", "purged_at", "FLOAT"))
-# time windows of the metrics' histograms (created on existing databases too, see Database)
+# time windows of the metrics' histograms
 WINDOW_INDEXES = (Index("ix_series_completed_at", Series.completed_at), Index("ix_jobs_finished_at", Job.finished_at),
                   Index("ix_results_in_pacs_at", Result.in_pacs_at),
                   Index("ix_exports_sent_at", Export.sent_at))  # node.notify: results filed since its last look
@@ -250,16 +257,15 @@ class Database:
             # isolation_level=None + BEGIN IMMEDIATE: writers queue on busy_timeout instead of
             # failing with "database is locked" when a read transaction tries to upgrade.
             kwargs["connect_args"] = {"timeout": 30, "check_same_thread": False, "isolation_level": None}
+        else:  # a server: connections that died with it (a restart) are replaced, not handed out
+            kwargs["pool_pre_ping"] = True
         self.engine: Engine = create_engine(url, **kwargs)
         if url.startswith("sqlite"):
             event.listen(self.engine, "connect", _sqlite_pragmas)
             event.listen(self.engine, "begin", _sqlite_begin_immediate)
-        Base.metadata.create_all(self.engine)
-        # additive schema changes on a database made by an earlier version (create_all makes
-        # missing tables only): indexes of existing tables, then the counters' triggers
-        _add_columns(self.engine)
-        for ix in WINDOW_INDEXES:
-            ix.create(self.engine, checkfirst=True)
+        # the schema: Alembic migrations up to the newest (node.schema, node/migrations), then the
+        # counters' triggers (made by the baseline; again here for a database adopted without them)
+        schema.migrate(self.engine)
         counters.install(self.engine)
         self._sessions = sessionmaker(self.engine, expire_on_commit=False)
         self._readers = sessionmaker(self.engine.execution_options(prognode_read_only=True),
@@ -279,14 +285,6 @@ class Database:
 
     def dispose(self) -> None:
         self.engine.dispose()
-
-
-def _add_columns(engine: Engine) -> None:
-    present = {t: {c["name"] for c in inspect(engine).get_columns(t)} for t in {t for t, _c, _d in ADDED_COLUMNS}}
-    for table, column, ddl in ADDED_COLUMNS:
-        if column not in present[table]:
-            with engine.begin() as conn:
-                conn.exec_driver_sql(f"ALTER TABLE {table} ADD COLUMN {column} {ddl}")
 
 
 def _sqlite_pragmas(dbapi_conn: Any, _record: Any) -> None:

@@ -160,8 +160,25 @@ class Exporter:
         """Probe ``dest`` when that is due, then send its due exports (at most :data:`BATCH`);
         returns how many were sent."""
         self._probe_if_due(dest)
-        items = self.due(now(), dest.name, BATCH)
+        items = self.claim(dest, now(), BATCH)
         return self._send(dest, items) if items else 0
+
+    def claim(self, dest: Destination, t: float, limit: int) -> list[Pending]:
+        """Take the due exports of ``dest`` for this process: their next attempt moves past the
+        longest the send can take, so another receiver sharing the database does not send them
+        too (PostgreSQL: rows another receiver is taking are skipped); one that dies mid-send
+        leaves them due again after that."""
+        if not self.due(t, dest.name, 1):  # a read first: no write transaction at every idle poll
+            return []
+        with self.db.session() as s:
+            rows = s.scalars(select(Export).where(Export.state == ExportState.PENDING, Export.next_attempt_at <= t,
+                                                  Export.destination == dest.name)
+                             .order_by(Export.id).limit(limit).with_for_update(skip_locked=True)).all()
+            hold = t + dest.timeout_seconds * (len(rows) + 2)  # opening, every C-STORE, releasing
+            out = [Pending(r.id, r.job_id, r.destination, r.path, r.sop_instance_uid, r.attempts) for r in rows]
+            for r in rows:
+                r.next_attempt_at = hold
+        return out
 
     def _unconfigured(self) -> None:
         """Pending exports to a destination no longer in the configuration are dead letters."""

@@ -66,6 +66,9 @@ class _Statement:
 
 # The statements of Index.record_instance, built once (plain SQL that SQLite and PostgreSQL share).
 _SELECT_SERIES = _Statement("SELECT state, generation FROM series WHERE series_uid = :uid")
+# PostgreSQL: the series row stays locked until commit, so completion (node.completion, which locks
+# it too) never decides while another receiver records an instance of the series
+_LOCK_SERIES = _Statement("SELECT state, generation FROM series WHERE series_uid = :uid FOR UPDATE")
 _SELECT_INSTANCE = _Statement("SELECT sha256, series_uid, generation FROM instances WHERE sop_instance_uid = :sop")
 _DELETE_INSTANCE = _Statement("DELETE FROM instances WHERE sop_instance_uid = :sop")
 _INSTANCE_COLUMNS = ("sop_instance_uid", "series_uid", "study_uid", "sop_class_uid", "transfer_syntax", "path",
@@ -254,7 +257,8 @@ class Index:
 
     def _record(self, dialect: Dialect, cur: Any, meta: InstanceMeta, path: str, size: int, sha256: str,
                 transfer_syntax: str, calling_ae: str, peer: str, t: Any) -> Recorded:
-        row = _SELECT_SERIES.run(dialect, cur, {"uid": meta.series_uid}).fetchone()
+        select_series = _LOCK_SERIES if dialect.name == "postgresql" else _SELECT_SERIES
+        row = select_series.run(dialect, cur, {"uid": meta.series_uid}).fetchone()
         if row is None:
             _INSERT_SERIES.run(dialect, cur, {
                 "series_uid": meta.series_uid, "study_uid": meta.study_uid, "patient_id": meta.patient_id,
@@ -262,7 +266,7 @@ class Index:
                 "attributes": json.dumps(dict(meta.attributes)), "state": SeriesState.RECEIVING.value, "generation": 0,
                 "instances": 0, "expected": meta.expected, "first_received": t, "last_received": t,
                 "completed_at": None, "completion_reason": "", "source": calling_ae})
-            row = _SELECT_SERIES.run(dialect, cur, {"uid": meta.series_uid}).fetchone()
+            row = select_series.run(dialect, cur, {"uid": meta.series_uid}).fetchone()
         state, generation = str(row[0]), int(row[1])
         old = _SELECT_INSTANCE.run(dialect, cur, {"sop": meta.sop_instance_uid}).fetchone()
         duplicate = old is not None and old[0] == sha256 and old[1] == meta.series_uid

@@ -322,6 +322,23 @@ class JobView:
     priority: str = Priority.NORMAL.value  # lane (node.lanes)
 
 
+def worker_gone(worker: str) -> bool:
+    """Whether a job's worker (``host:pid``, :attr:`JobManager.worker_name`) is known to be gone:
+    none, or a process of this host that no longer runs (another host's: unknown, False)."""
+    host, _, pid = worker.rpartition(":")
+    if not worker or not pid.isdigit():
+        return True
+    if host != socket.gethostname():
+        return False
+    try:
+        os.kill(int(pid), 0)
+    except ProcessLookupError:
+        return True
+    except PermissionError:
+        return False
+    return int(pid) == os.getpid()  # this process is starting: whatever it held before is gone
+
+
 def _rowcount(res: Any) -> int:
     return int(getattr(res, "rowcount", 0))
 
@@ -416,9 +433,14 @@ class JobQueue:
         self.lease_seconds = lease_seconds
 
     def recover(self) -> list[int]:
-        """At start-up: every ``running`` job was interrupted; queue it again."""
+        """At start-up: every ``running`` job whose worker is gone was interrupted; queue it again.
+
+        Gone: run by no one, or by a process of this host that no longer exists.  Jobs of live
+        processes (another receiver sharing the database) are theirs; those of other hosts come
+        back when their lease expires (:meth:`expire_leases`)."""
         with self.db.session() as s:
-            ids = list(s.scalars(select(Job.id).where(Job.state == JobState.RUNNING)).all())
+            rows = s.execute(select(Job.id, Job.worker).where(Job.state == JobState.RUNNING)).all()
+            ids = [i for i, worker in rows if worker_gone(worker)]
             if ids:
                 s.execute(update(Job).where(Job.id.in_(ids)).values(
                     state=JobState.PENDING.value, worker="", lease_until=None, not_before=0.0, updated_at=now(),
@@ -459,10 +481,13 @@ class JobQueue:
         busy = exists().where(running.series_uid == Job.series_uid, running.pipeline == Job.pipeline,
                               running.state == JobState.RUNNING)
         with self.db.session() as s:
+            # lanes: urgent first, batch only in its hours (node.lanes); PostgreSQL: rows another receiver
+            # is claiming are skipped, the row taken stays locked until commit (SQLite: BEGIN IMMEDIATE
+            # already serialises the claims)
             job = s.scalars(select(Job).where(Job.state.in_((JobState.PENDING, JobState.FAILED)), Job.not_before <= t, ~busy,
                                               Job.priority.in_(lanes))
                             .order_by(case(RANK, value=Job.priority, else_=RANK[Priority.NORMAL]), Job.id)
-                            .limit(1)).first()
+                            .limit(1).with_for_update(skip_locked=True)).first()
             if job is None:
                 return None
             job.state = JobState.RUNNING.value

@@ -20,6 +20,7 @@ from types import FrameType
 from typing import Any
 
 from node.audit import AuditLog
+from node.cluster import Deliveries
 from node.completion import CompletionMonitor
 from node.config import Config, TlsConfig
 from node.db import Database
@@ -95,6 +96,7 @@ class Node:
         self.jobs: JobManager | None = None
         self.completion: CompletionMonitor | None = None
         self.markers: LevelMarkers | None = None
+        self.deliveries: Deliveries | None = None
         self._stop = threading.Event()
         self._threads: list[threading.Thread] = []
         self._stopped = threading.Event()
@@ -114,9 +116,12 @@ class Node:
         jobs = self.jobs
         own = (self.jobs.identity.manufacturer, self.jobs.identity.device_serial_number)
         self.markers = LevelMarkers(self.db, self.index, self.router, self.audit, own_devices=[own])
+        # series this receiver or another sharing the database is still receiving (node.cluster)
+        self.deliveries = Deliveries(self.db, lambda: self.server.open_associations.busy() | sweep_in_flight(),
+                                     self.config.completion.poll_seconds)
         self.completion = CompletionMonitor(self.db, self.config.completion, self.router, self.audit,
                                             on_jobs=lambda _ids: jobs.wake.set(),
-                                            busy=lambda: self.server.open_associations.busy() | sweep_in_flight(),
+                                            busy=self.deliveries.busy,
                                             on_complete=self.markers.on_series_complete)
         self.server.start()
         loops = [("completion", self.completion.run), ("jobs", self.jobs.run), ("export", self.exporter.run),
@@ -168,6 +173,11 @@ class Node:
         self.notifier.wake.set()
         for t in self._threads:
             t.join(timeout)
+        if self.deliveries is not None:
+            try:
+                self.deliveries.close()
+            except Exception:  # the database is gone: the rows' leases run out by themselves
+                logger.exception("could not remove this receiver's delivery rows")
         if self.runner is not None:
             # running jobs are not waited for: they are pending again at the next start
             self.runner.shutdown(wait=False)

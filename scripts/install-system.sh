@@ -1,10 +1,10 @@
 #!/usr/bin/env bash
 # Installs the Debian packages prognode and its tests need: the real DICOM peers
-# (dcmtk, Orthanc with DICOMweb, dicom3tools), Chromium for web tests and OHIF,
+# (dcmtk, Orthanc with DICOMweb, dicom3tools), PostgreSQL (tests start a private server), Chromium for web tests and OHIF,
 # and a C compiler for the loopback-bind shim. Idempotent: a second run that finds
 # everything in place does nothing.
 set -euo pipefail
-PKGS=(dcmtk orthanc orthanc-dicomweb dicom3tools chromium chromium-driver gcc libc6-dev
+PKGS=(dcmtk orthanc orthanc-dicomweb dicom3tools chromium chromium-driver gcc libc6-dev postgresql
       python3-venv nodejs npm openssl sqlite3 make)
 missing=()
 for p in "${PKGS[@]}"; do
@@ -20,7 +20,7 @@ if ((${#missing[@]})); then
   SUDO=""; [ "$(id -u)" = 0 ] || SUDO="sudo"
   export DEBIAN_FRONTEND=noninteractive
   $SUDO apt-get update -qq
-  # policy-rc.d keeps Debian's orthanc service from starting on machines with an init system.
+  # policy-rc.d keeps Debian's orthanc and postgresql services from starting on machines with an init system.
   if [ ! -e /usr/sbin/policy-rc.d ]; then
     printf '#!/bin/sh\nexit 101\n' | $SUDO tee /usr/sbin/policy-rc.d >/dev/null; $SUDO chmod +x /usr/sbin/policy-rc.d; created_policy=1
   fi

@@ -8,6 +8,7 @@ from pathlib import Path
 
 import pytest
 
+from tests import pg
 from tests.peers import DATA, Orthanc, orthanc
 
 
@@ -32,3 +33,22 @@ def pacs(tmp_path: Path) -> Iterator[Orthanc]:
     need("Orthanc")
     with orthanc(tmp_path / "orthanc") as o:
         yield o
+
+
+@pytest.fixture(scope="session")
+def pg_server() -> Iterator[pg.PgServer]:
+    """One private PostgreSQL server for the session (tests/pg.py); each test makes its own database."""
+    try:
+        with pg.postgres() as server:
+            yield server
+    except pg.Unavailable as e:
+        pytest.skip(f"PostgreSQL: {e}")
+
+
+@pytest.fixture(params=["sqlite", "postgresql"])
+def database_url(request: pytest.FixtureRequest, tmp_path: Path) -> str:
+    """A fresh, empty node database on SQLite (a file) and on PostgreSQL (a new database)."""
+    if request.param == "sqlite":
+        return f"sqlite:///{tmp_path / 'prognode.db'}"
+    server: pg.PgServer = request.getfixturevalue("pg_server")
+    return server.create_database()

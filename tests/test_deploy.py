@@ -321,3 +321,68 @@ def test_helm_ray_cluster() -> None:
     for pod in [head, *groups.values()]:
         (c,) = pod["template"]["spec"]["containers"]
         assert {"name": "RAY_USAGE_STATS_ENABLED", "value": "0"} in c["env"]
+
+
+def _merge(base: dict[str, Any], over: dict[str, Any]) -> dict[str, Any]:
+    """Helm's merge of values files: maps merge, everything else (lists included) is replaced."""
+    out = dict(base)
+    for k, v in over.items():
+        out[k] = _merge(out[k], v) if isinstance(v, dict) and isinstance(out.get(k), dict) else v
+    return out
+
+
+def test_helm_cluster_values(tmp_path: Path) -> None:
+    """values-cluster.yaml: N receivers on PostgreSQL (URL from the Secret) and a ReadWriteMany volume;
+    the default stays one pod on SQLite."""
+    values = yaml.safe_load((CHART / "values.yaml").read_text())
+    assert (values["replicas"], values["strategy"], values["storage"]["accessMode"]) == (1, "Recreate", "ReadWriteOnce")
+    cluster = _merge(values, yaml.safe_load((CHART / "values-cluster.yaml").read_text()))
+    cluster["database"]["url"] = "postgresql+psycopg://prognode:pw@pg-postgresql:5432/prognode"
+    docs = {}
+    for t in sorted((CHART / "templates").glob("*.yaml")):
+        doc = yaml.safe_load(render(t.read_text(), cluster))
+        if doc is not None:  # a template rendered empty (the Ray cluster, off by default)
+            docs[doc["kind"]] = doc
+    dep = docs["Deployment"]
+    assert dep["spec"]["replicas"] == 3 and dep["spec"]["strategy"]["type"] == "RollingUpdate"
+    assert docs["PersistentVolumeClaim"]["spec"]["accessModes"] == ["ReadWriteMany"]
+    (container,) = dep["spec"]["template"]["spec"]["containers"]
+    env = {e["name"]: e["valueFrom"]["secretKeyRef"] for e in container["env"]}
+    assert env["PROGNODE_NODE_DATABASE"] == {"name": docs["Secret"]["metadata"]["name"], "key": "database-url"}
+    url = base64.b64decode(docs["Secret"]["data"]["database-url"]).decode()
+    cfg_file = tmp_path / "config.toml"
+    cfg_file.write_text(docs["ConfigMap"]["data"]["config.toml"])
+    cfg = config_mod.load(cfg_file, environ={"PROGNODE_NODE_DATABASE": url})
+    assert cfg.database_url.startswith("postgresql+psycopg://")
+    egress_ports = {p["port"] for rule in docs["NetworkPolicy"]["spec"]["egress"] for p in rule["ports"]}
+    assert {53, 4242, 5432} <= egress_ports
+    # the default Secret's empty URL keeps SQLite in the volume
+    default_cfg = config_mod.load(cfg_file, environ={"PROGNODE_NODE_DATABASE": ""})
+    assert default_cfg.database_url.startswith("sqlite:///")
+    pg = yaml.safe_load((DEPLOY / "helm" / "postgresql-values.yaml").read_text())
+    assert pg["auth"]["username"] == "prognode" and pg["auth"]["database"] == "prognode"
+
+
+def test_compose_cluster_receivers_share_postgresql(tmp_path: Path) -> None:
+    compose = yaml.safe_load((DEPLOY / "docker-compose.cluster.yml").read_text())
+    services = compose["services"]
+    assert {"postgres", "receiver", "dicom-balancer", "orthanc"} <= set(services)
+    # published: the balancer's DICOM port only; PostgreSQL, the receivers and Orthanc stay on the network
+    published = {name: svc.get("ports", []) for name, svc in services.items() if svc.get("ports")}
+    assert published == {"dicom-balancer": ["11112:11112"]}
+    receiver = services["receiver"]
+    assert "prognode-data:/var/lib/prognode" in receiver["volumes"]
+    assert receiver["depends_on"]["postgres"] == {"condition": "service_healthy"}
+    url = receiver["environment"]["PROGNODE_NODE_DATABASE"]
+    assert url.startswith("postgresql+psycopg://prognode:") and url.endswith("@postgres:5432/prognode")
+    cfg = config_mod.load(DEPLOY / "config" / "prognode-cluster.toml",
+                          environ={"PROGNODE_NODE_DATABASE": "postgresql+psycopg://prognode:pw@postgres:5432/prognode"})
+    assert cfg.database_url.endswith("@postgres:5432/prognode") and not cfg.sweep.enabled
+    assert str(cfg.storage_dir) == "/var/lib/prognode" and cfg.node.port == 11112
+    nginx = (DEPLOY / "nginx" / "dicom-balancer.conf").read_text()
+    assert "stream {" in nginx and "server receiver:11112" in nginx and "listen 11112;" in nginx
+    for svc in services.values():
+        for vol in svc.get("volumes", []):
+            src = vol.split(":")[0]
+            if src.startswith("./"):
+                assert (DEPLOY / src).exists(), src

@@ -66,11 +66,12 @@ class Clock:
         return self.t
 
 
-def setup(tmp_path: Path, destinations: list[DestinationConfig], results: int = 1) -> tuple[Database, Config, list[Path]]:
+def setup(tmp_path: Path, destinations: list[DestinationConfig], results: int = 1,
+          database_url: str = "") -> tuple[Database, Config, list[Path]]:
     need("storescp")
     study = write_study(tmp_path / "src", 0, dt.date(2024, 1, 2), slices=results)
     config = Config(node=NodeConfig(storage=tmp_path / "var"), destinations=tuple(destinations))
-    db = Database(f"sqlite:///{tmp_path / 'prognode.db'}")
+    db = Database(database_url or f"sqlite:///{tmp_path / 'prognode.db'}")
     with db.session() as s:
         job = Job(series_uid="1.2.3", study_uid="1.2", route="ct", pipeline="test-sr", inputs={}, input_key="k",
                   state=JobState.DONE.value)
@@ -147,10 +148,11 @@ def test_down_backs_off_then_dead_letter_then_echo_requeues_and_delivers(
     db.dispose()
 
 
-def test_waiting_results_go_as_soon_as_the_destination_answers(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_waiting_results_go_as_soon_as_the_destination_answers(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+                                                               database_url: str) -> None:
     port = free_port()
     d = dest("pacs", port, retry_seconds=600, retry_max_seconds=3600, probe_seconds=5, timeout_seconds=5)
-    db, config, _ = setup(tmp_path, [d], results=2)
+    db, config, _ = setup(tmp_path, [d], results=2, database_url=database_url)
     clock = Clock()
     monkeypatch.setattr(export_mod, "now", clock)
     exporter = Exporter(db, config, AuditLog(None))

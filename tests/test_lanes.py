@@ -106,23 +106,27 @@ def _sweep(s: Session) -> int:
 
 
 def test_old_database_gets_the_lane_column(tmp_path: Path) -> None:
-    import sqlite3
+    """A database of the version before lanes (Alembic revision 0003) is migrated at the first open:
+    its queued jobs are in the normal lane, with no purge recorded (migration 0004)."""
+    from alembic import command
+    from sqlalchemy import create_engine, text
 
-    path = tmp_path / "old.db"
-    con = sqlite3.connect(path)
-    con.execute("CREATE TABLE jobs (id INTEGER PRIMARY KEY, series_uid VARCHAR(64), study_uid VARCHAR(64), "
-                "route VARCHAR(64), pipeline VARCHAR(64), inputs JSON, input_key VARCHAR(128), state VARCHAR(16), "
-                "attempts INTEGER, error TEXT, created_at FLOAT, updated_at FLOAT, not_before FLOAT, "
-                "started_at FLOAT, finished_at FLOAT, lease_until FLOAT, worker VARCHAR(64), last_image_at FLOAT, "
-                "result_dir TEXT, summary JSON)")
-    con.execute("INSERT INTO jobs VALUES (1, '1.2.3', '1.2', 'r', 'p', '{}', 'k', 'pending', 0, '', 0, 0, 0, "
-                "NULL, NULL, NULL, '', NULL, '', '{}')")
-    con.commit()
-    con.close()
-    db = Database(f"sqlite:///{path}")
+    from node import schema
+
+    url = f"sqlite:///{tmp_path / 'old.db'}"
+    engine = create_engine(url)
+    with engine.begin() as c:
+        command.upgrade(schema.alembic_config(c), "0003")
+        c.execute(text("INSERT INTO jobs (id, series_uid, study_uid, route, pipeline, inputs, input_key, state, attempts, "
+                       "error, created_at, updated_at, not_before, worker, result_dir, summary) VALUES (1, '1.2.3', "
+                       "'1.2', 'r', 'p', '{}', 'k', 'pending', 0, '', 0, 0, 0, '', '', '{}')"))
+    engine.dispose()
+    db = Database(url)
     with db.read() as s:
         job = s.get(Job, 1)
         assert job is not None and job.priority == "normal" and job.purged_at is None
+    with db.engine.connect() as c:
+        assert schema.current(c) == schema.head()
     db.dispose()
 
 

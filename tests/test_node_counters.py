@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 from sqlalchemy import text, update
 
-from node import counters
+from node import counters, schema
 from node.db import Database, Export, ExportState, Instance, Job, JobState, Series, now
 from node.metrics import Metrics
 
@@ -44,8 +44,8 @@ def _populate(db: Database, n: int, tag: str) -> None:
             s.add(Export(job_id=job.id, destination="pacs", path="x", sop_instance_uid=f"{tag}.{i}.9"))
 
 
-def test_counters_follow_every_change(tmp_path: Path) -> None:
-    db = Database(f"sqlite:///{tmp_path / 'p.db'}")
+def test_counters_follow_every_change(database_url: str) -> None:
+    db = Database(database_url)
     _populate(db, 5, "a")
     with db.session() as s:
         s.execute(update(Job).where(Job.id <= 2).values(state=JobState.RUNNING.value))
@@ -69,9 +69,8 @@ def test_counters_follow_every_change(tmp_path: Path) -> None:
     db.dispose()
 
 
-def test_concurrent_writers_keep_counters_exact(tmp_path: Path) -> None:
-    url = f"sqlite:///{tmp_path / 'p.db'}"
-    dbs = [Database(url) for _ in range(3)]
+def test_concurrent_writers_keep_counters_exact(database_url: str) -> None:
+    dbs = [Database(database_url) for _ in range(3)]
     threads = [threading.Thread(target=_populate, args=(db, 20, f"w{i}")) for i, db in enumerate(dbs)]
     for t in threads:
         t.start()
@@ -95,6 +94,13 @@ def test_an_existing_database_gets_counters_and_indexes(tmp_path: Path) -> None:
         for ix in ("ix_series_completed_at", "ix_jobs_finished_at", "ix_results_in_pacs_at"):
             c.execute(f"DROP INDEX {ix}")
         c.execute("DROP TABLE state_counts")
+        c.execute("DROP TABLE alembic_version")  # made before Alembic too (node.schema.adopt) ...
+        c.execute("DROP TABLE deliveries")  # ... which came with a migration, as did (0003, 0004) these:
+        c.execute("DROP TABLE notifications")
+        c.execute("DROP TABLE retractions")
+        c.execute("DROP INDEX ix_exports_sent_at")
+        c.execute("ALTER TABLE jobs DROP COLUMN priority")
+        c.execute("ALTER TABLE jobs DROP COLUMN purged_at")
         c.execute("UPDATE jobs SET state = 'done' WHERE id = 1")
     db = Database(f"sqlite:///{path}")
     assert kept(db) == counted(db) and kept(db)["jobs.done"] == 1 and kept(db)["instances:count"] == 4
@@ -102,6 +108,8 @@ def test_an_existing_database_gets_counters_and_indexes(tmp_path: Path) -> None:
         names = {n for (n,) in c.execute("SELECT name FROM sqlite_master WHERE type IN ('index', 'trigger')")}
     assert {"ix_series_completed_at", "ix_jobs_finished_at", "ix_results_in_pacs_at",
             "prognode_count_jobs_update", "prognode_count_instances_insert"} <= names
+    with sqlite3.connect(path) as c:
+        assert c.execute("SELECT version_num FROM alembic_version").fetchall() == [(schema.head(),)]
     _populate(db, 2, "new")
     assert kept(db) == counted(db) and kept(db)["jobs.pending"] == 5
     assert not counters.install(db.engine)  # installed once

@@ -68,9 +68,12 @@ def sr_in_pacs(pacs: Orthanc, study: str) -> list[dict[str, object]]:
             and "1.2.840.10008.5.1.4.1.1.88" in json.dumps(i)]
 
 
-def test_series_to_sr_in_pacs_and_late_instance_supersedes(tmp_path: Path, pacs: Orthanc, ct: list[Path]) -> None:
+def test_series_to_sr_in_pacs_and_late_instance_supersedes(tmp_path: Path, pacs: Orthanc, ct: list[Path],
+                                                           database_url: str) -> None:
+    """Index, completion, jobs, exports and the results ledger, on SQLite and on PostgreSQL."""
     need("storescu")
-    cfg = write_config(tmp_path, destinations=[pacs_destination(pacs.dicom_port)], routes=[ROUTE])
+    cfg = write_config(tmp_path, destinations=[pacs_destination(pacs.dicom_port)], routes=[ROUTE],
+                       node={"database": database_url})
     study, series = study_of(ct)
     with running_node(cfg) as node:
         storescu(node.port, ct[:-1], extra=["-xv"])  # 19 slices: an even stack already

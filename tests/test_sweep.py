@@ -54,9 +54,10 @@ def source_pacs(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Orthanc]:
         yield o
 
 
-def write_config(tmp: Path, pacs: Orthanc, retrieve: str = "move", extra: str = "") -> Path:
-    """The node's config for a sweep of ``pacs``; ``extra``: lines of ``[sweep]``."""
-    return sweep_node_config(tmp, pacs, retrieve, max_concurrent=2, node_extra="fsync = false", sweep_extra=extra)
+def write_config(tmp: Path, pacs: Orthanc, retrieve: str = "move", extra: str = "", database: str = "") -> Path:
+    """The node's config for a sweep of ``pacs``; ``extra``: lines of ``[sweep]``; ``database``: its URL."""
+    node_extra = "fsync = false" + (f'\ndatabase = "{database}"' if database else "")
+    return sweep_node_config(tmp, pacs, retrieve, max_concurrent=2, node_extra=node_extra, sweep_extra=extra)
 
 
 def _run(cfg_path: Path, dry_run: bool = False, hour: int | None = None) -> tuple[Any, ...]:
@@ -96,10 +97,13 @@ def _counter(scrape: str, name: str) -> float:
     return 0.0
 
 
-@pytest.mark.parametrize("method", ["move", "get", "wado"])
+@pytest.mark.parametrize(("method", "database_url"),
+                         [("move", "sqlite"), ("get", "sqlite"), ("wado", "sqlite"), ("get", "postgresql")],
+                         indirect=["database_url"])
 def test_sweep_retrieves_then_second_sweep_retrieves_nothing(tmp_path: Path, source_pacs: Orthanc,
-                                                             method: str) -> None:
-    cfg_path = write_config(tmp_path, source_pacs, method)
+                                                             method: str, database_url: str) -> None:
+    """The sweep ledger on SQLite and on PostgreSQL, for every retrieval."""
+    cfg_path = write_config(tmp_path, source_pacs, method, database=database_url)
     with serving(cfg_path, method) as node:
         cfg, db, out, lines, metrics = _run(cfg_path)
     assert out.state == "done", lines

@@ -83,14 +83,19 @@ def populate(db: Database) -> None:
 
 
 @pytest.fixture
-def node_db(tmp_path: Path) -> Iterator[tuple[Config, Database]]:
+def node_db(tmp_path: Path, request: pytest.FixtureRequest) -> Iterator[tuple[Config, Database]]:
+    """The populated node database: SQLite, or PostgreSQL where a test asks (indirect ``"postgresql"``)."""
     cfg = make_config(tmp_path)
+    if getattr(request, "param", "sqlite") == "postgresql":
+        cfg = cfg.model_copy(update={"node": cfg.node.model_copy(
+            update={"database": request.getfixturevalue("pg_server").create_database()})})
     db = Database(cfg.database_url)
     populate(db)
     yield cfg, db
     db.dispose()
 
 
+@pytest.mark.parametrize("node_db", ["sqlite", "postgresql"], indirect=True)
 def test_rest_api_reads_and_openapi(node_db: tuple[Config, Database]) -> None:
     cfg, db = node_db
     client = TestClient(create_app(cfg, db, Metrics(db)), headers=READ)
@@ -163,6 +168,7 @@ def test_resend_is_one_behaviour_for_cli_and_api(node_db: tuple[Config, Database
     assert [(e["event"], e["by"]) for e in audit.read()] == [("resend", "cli")]
 
 
+@pytest.mark.parametrize("node_db", ["sqlite", "postgresql"], indirect=True)
 def test_metrics_scrape(node_db: tuple[Config, Database]) -> None:
     cfg, db = node_db
     metrics = Metrics(db)

@@ -1,0 +1,1 @@
+"""Alembic migrations of the node's database (see :func:`node.db.migrate` and docs/architecture.md)."""
