@@ -32,7 +32,7 @@ from dicomweb_client.api import DICOMwebClient
 from requests.adapters import HTTPAdapter
 
 from node import tls
-from node.config import DicomwebDestinationConfig, DicomwebPeer
+from node.config import DicomwebDestinationConfig, DicomwebPeer, DicomwebSourceConfig
 from node.transports.base import Outcome, Sender, file_size
 
 logger = logging.getLogger(__name__)
@@ -99,6 +99,11 @@ def _read_secret(path: Path, base_dir: Path, key: str) -> str:
     if not value:
         raise ValueError(f"{key}: {p} is empty")
     return value
+
+
+def peer_where(peer: DicomwebDestinationConfig | DicomwebSourceConfig) -> str:
+    """How errors name the peer: ``destinations 'vna'`` or ``sources 'vna'`` (keys follow: ``.token_file``)."""
+    return f"{'destinations' if isinstance(peer, DicomwebDestinationConfig) else 'sources'} {peer.name!r}"
 
 
 def peer_session(peer: DicomwebPeer, base_dir: Path, where: str) -> requests.Session:
@@ -214,7 +219,7 @@ class DicomwebSender(Sender):
 
     @property
     def _where(self) -> str:
-        return f"destinations {self.dest.name!r}"
+        return peer_where(self.dest)
 
     def session(self) -> requests.Session:
         """A requests session with the destination's credentials and TLS (:func:`peer_session`)."""
