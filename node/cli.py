@@ -98,7 +98,7 @@ def cmd_config_check(args: argparse.Namespace) -> int:
     from node import transports
     from node.tls import tls_problems
 
-    # TLS files that are missing or do not load; a DICOMweb destination's credential files too
+    # TLS files that are missing or do not load; a DICOMweb peer's credential files too
     problems = check_config(config) + tls_problems(config) + transports.problems(config)
     if problems:
         for p in problems:
@@ -109,9 +109,17 @@ def cmd_config_check(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
+def _echo_answer(name: str, label: str, ok: bool, why: str) -> int:
+    if not ok:
+        print(f"echo {name} ({label}): {why}", file=sys.stderr)
+        return EXIT_FAIL
+    print(f"echo {name} ({label}): ok ({why})")
+    return EXIT_OK
+
+
 def cmd_echo(args: argparse.Namespace) -> int:
-    """C-ECHO a DIMSE destination or source, or a QIDO-RS request to a DICOMweb destination, with the
-    settings export and sweeps use (TLS, credentials)."""
+    """C-ECHO a DIMSE destination or source, or a QIDO-RS request to a DICOMweb destination or source,
+    with the settings export and sweeps use (TLS, credentials)."""
 
     from pynetdicom import AE
 
@@ -127,26 +135,14 @@ def cmd_echo(args: argparse.Namespace) -> int:
         return EXIT_USAGE
     dest = next((d for d in config.destinations if d.name == args.dest), None)
     if dest is not None:
-        timed = dest.model_copy(update={"timeout_seconds": args.timeout})
-        sender = transports.sender_for(timed, config)
-        ok, why = sender.echo()
-        if not ok:
-            print(f"echo {args.dest} ({sender.describe()}): {why}", file=sys.stderr)
-            return EXIT_FAIL
-        print(f"echo {args.dest} ({sender.describe()}): ok ({why})")
-        return EXIT_OK
+        sender = transports.sender_for(dest.model_copy(update={"timeout_seconds": args.timeout}), config)
+        return _echo_answer(args.dest, sender.describe(), *sender.echo())
     source = config.source(args.dest)
-    if not isinstance(source, RemoteAE):  # a DICOMweb source: a QIDO-RS request, as its sweeps make
-        from node.sweep.dicomweb import client
+    if not isinstance(source, RemoteAE):  # a DICOMweb source: the echo of a DICOMweb destination (QIDO-RS)
+        from node.transports.dicomweb import peer_echo, peer_where
 
-        try:
-            client(source.model_copy(update={"timeout_seconds": args.timeout}), config.base_dir).search_for_studies(
-                limit=1)
-        except Exception as e:
-            print(f"echo {args.dest} ({source.url}): QIDO-RS failed: {type(e).__name__}: {e}", file=sys.stderr)
-            return EXIT_FAIL
-        print(f"echo {args.dest} ({source.url}): ok (QIDO-RS HTTP 200)")
-        return EXIT_OK
+        return _echo_answer(args.dest, source.url,
+                            *peer_echo(source, config.base_dir, peer_where(source), args.timeout))
     peer: RemoteAE = source
     label = f"{peer.ae_title}@{peer.host}:{peer.port}{' over TLS' if peer.tls.enabled else ''}"
     ae = AE(ae_title=config.node.ae_title)

@@ -296,14 +296,15 @@ class DestinationConfig(RemoteAE, DestinationBase):
     kind: Literal["dimse"] = "dimse"
 
 
-class DicomwebDestinationConfig(DestinationBase):
-    """A PACS or archive that gets the results by STOW-RS (``kind = "dicomweb"``): ``url`` is the
-    DICOMweb service root (STOW-RS posts to ``{url}/studies``, the probe is a QIDO-RS request).
+class DicomwebPeer(_Model):
+    """A DICOMweb service this node calls (``kind = "dicomweb"``): a destination (STOW-RS) or a source
+    (QIDO-RS, WADO-RS); :func:`node.transports.dicomweb.peer_session` builds its session, for either.
 
-    Credentials come from files, never from the config itself: ``token_file`` (a Bearer token) or
-    ``username`` with ``password_file`` (Basic).  An ``https`` URL is verified with ``tls``, the same
-    peer TLS table as a DIMSE destination's (``ca_bundle``, ``use_system_store``, a client certificate
-    for mutual TLS, ``server_hostname``); ``tls.enabled`` is implied by ``https`` and refused with ``http``."""
+    ``url`` is the service root (``{url}/studies``).  Credentials come from files, never from the config
+    itself: ``token_file`` (a Bearer token) or ``username`` with ``password_file`` (Basic), or none.  An
+    ``https`` URL is verified with ``tls``, the same peer TLS table as a DIMSE peer's (``ca_bundle`` or
+    ``use_system_store``, a client certificate for mutual TLS, ``server_hostname``); ``tls.enabled`` is
+    implied by ``https`` and refused with ``http``."""
 
     kind: Literal["dicomweb"]
     url: str
@@ -311,7 +312,6 @@ class DicomwebDestinationConfig(DestinationBase):
     username: str = ""  # Basic authentication, with password_file
     password_file: Path | None = None  # a file holding the password of username
     tls: PeerTlsConfig = PeerTlsConfig()
-    max_request_bytes: int = Field(64 << 20, ge=1 << 20)  # instances posted together by STOW-RS, up to this size
 
     @field_validator("url")
     @classmethod
@@ -321,7 +321,7 @@ class DicomwebDestinationConfig(DestinationBase):
         return value.rstrip("/")
 
     @model_validator(mode="after")
-    def _consistent(self) -> DicomwebDestinationConfig:
+    def _consistent(self) -> DicomwebPeer:
         if self.token_file is not None and (self.username or self.password_file is not None):
             raise ValueError("token_file: either a Bearer token_file or username + password_file, not both")
         if bool(self.username) != (self.password_file is not None):
@@ -339,19 +339,26 @@ class DicomwebDestinationConfig(DestinationBase):
         return self.url.startswith("https://")
 
 
-DESTINATION_KINDS = ("dimse", "dicomweb")  # the kinds of [[destinations]]; "dimse" when kind is absent
+class DicomwebDestinationConfig(DicomwebPeer, DestinationBase):
+    """A PACS or archive that gets the results by STOW-RS (``kind = "dicomweb"``): STOW-RS posts to
+    ``{url}/studies``, the probe is a QIDO-RS request (:class:`DicomwebPeer` for the rest)."""
+
+    max_request_bytes: int = Field(64 << 20, ge=1 << 20)  # instances posted together by STOW-RS, up to this size
 
 
-def _destination_kind(value: Any) -> str:
+DESTINATION_KINDS = ("dimse", "dicomweb")  # the kinds of [[destinations]] and [[sources]]; "dimse" when kind is absent
+
+
+def _peer_kind(value: Any) -> str:
     kind = value.get("kind", "dimse") if isinstance(value, Mapping) else getattr(value, "kind", "dimse")
     return str(kind)
 
 
+_KIND = Discriminator(_peer_kind, custom_error_type="peer_kind",
+                      custom_error_message="kind: 'dimse' (the default) or 'dicomweb'")
+
 AnyDestination = Annotated[
-    Annotated[DestinationConfig, Tag("dimse")] | Annotated[DicomwebDestinationConfig, Tag("dicomweb")],
-    Discriminator(_destination_kind, custom_error_type="destination_kind",
-                  custom_error_message="kind: 'dimse' (the default) or 'dicomweb'"),
-]
+    Annotated[DestinationConfig, Tag("dimse")] | Annotated[DicomwebDestinationConfig, Tag("dicomweb")], _KIND]
 
 
 class SourceConfig(RemoteAE):
@@ -365,52 +372,16 @@ class SourceConfig(RemoteAE):
     move_destination: str = ""  # AE title the PACS sends C-MOVE results to; empty: this node's
 
 
-class DicomwebSourceConfig(_Model):
-    """A DICOMweb service to query (QIDO-RS) and retrieve from (WADO-RS) (``kind = "dicomweb"``).
+class DicomwebSourceConfig(DicomwebPeer):
+    """A DICOMweb service to query (QIDO-RS) and retrieve from (WADO-RS) (``kind = "dicomweb"``;
+    :class:`DicomwebPeer` for ``url``, credentials and ``tls``)."""
 
-    ``url`` is the service root (``{url}/studies``).  Authentication: a Bearer token read from
-    ``token_file``, or HTTP Basic with ``username`` and the password read from ``password_file``, or none.
-    ``tls`` (for https) is the same peer table as a DIMSE peer's: ``ca_bundle`` (or ``use_system_store``)
-    verifies the server, ``client_certificate`` + ``client_private_key`` for mutual TLS."""
-
-    kind: Literal["dicomweb"]
     name: str
-    url: str
-    token_file: Path | None = None
-    username: str = ""
-    password_file: Path | None = None
-    tls: PeerTlsConfig = PeerTlsConfig()
     timeout_seconds: float = Field(60.0, gt=0)  # connect and read timeout of one HTTP request
-
-    @field_validator("url")
-    @classmethod
-    def _url(cls, value: str) -> str:
-        if not re.match(r"^https?://[^/\s]+", value):
-            raise ValueError(f"not an http(s) URL: {value!r}")
-        return value.rstrip("/")
-
-    @model_validator(mode="after")
-    def _auth(self) -> DicomwebSourceConfig:
-        if self.token_file is not None and (self.username or self.password_file is not None):
-            raise ValueError("token_file: either a Bearer token or username + password_file, not both")
-        if bool(self.username) != (self.password_file is not None):
-            raise ValueError("username: goes together with password_file (HTTP Basic)")
-        if self.tls.server_hostname:
-            raise ValueError("tls.server_hostname: not supported for DICOMweb (the URL's host name is checked)")
-        if self.tls.enabled != self.url.startswith("https://"):
-            raise ValueError("tls.enabled: set it for an https:// url, and only then")
-        return self
-
-
-def _source_kind(value: Any) -> str:
-    kind = value.get("kind", "dimse") if isinstance(value, Mapping) else getattr(value, "kind", "dimse")
-    return str(kind)
 
 
 AnySource = Annotated[
-    Annotated[SourceConfig, Tag("dimse")] | Annotated[DicomwebSourceConfig, Tag("dicomweb")],
-    Discriminator(_source_kind),
-]
+    Annotated[SourceConfig, Tag("dimse")] | Annotated[DicomwebSourceConfig, Tag("dicomweb")], _KIND]
 
 
 class SeriesMatch(_Model):

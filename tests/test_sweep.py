@@ -337,30 +337,53 @@ def test_find_checks_series_answers_against_the_study(tmp_path: Path, source_pac
 
 
 def test_dicomweb_source_config_and_session(tmp_path: Path) -> None:
-    """kind = "dicomweb": the union's default stays dimse; auth from files (Bearer or Basic), never both."""
-    from node.sweep.dicomweb import session_of
+    """kind = "dicomweb": the union's default stays dimse; auth from files (Bearer or Basic), never both, through
+    the session every DICOMweb peer gets (node.transports.dicomweb.peer_session); https implies TLS, as for a
+    DICOMweb destination (the issue's ``[sources.tls] ca_certificates = ...`` without ``enabled``)."""
+    import requests
+
+    from node.sweep.dicomweb import DicomwebError, client
+    from node.transports.dicomweb import peer_session
 
     (tmp_path / "vna.token").write_text("s3cret-token\n")
     (tmp_path / "vna.pw").write_text("pw\n")
     base = '[[sources]]\nname = "pacs"\nae_title = "PACS"\nhost = "127.0.0.1"\nport = 104\n' \
            '[[sources]]\nname = "vna"\nkind = "dicomweb"\nurl = "http://127.0.0.1:8042/dicom-web/"\n'
 
-    def load(extra: str) -> config_mod.Config:
-        (tmp_path / "c.toml").write_text(base + extra)
+    def load(extra: str, url: str = "") -> config_mod.Config:
+        text = base.replace("http://127.0.0.1:8042/dicom-web/", url) if url else base
+        (tmp_path / "c.toml").write_text(text + extra)
         return config_mod.load(tmp_path / "c.toml", environ={})
+
+    def authorization(cfg: config_mod.Config) -> str:
+        src = cfg.sources[1]
+        assert isinstance(src, config_mod.DicomwebSourceConfig)
+        with peer_session(src, cfg.base_dir, "sources 'vna'") as s:
+            assert s.trust_env is False  # no proxy or .netrc credentials from the environment
+            return str(s.prepare_request(requests.Request("GET", src.url)).headers["Authorization"])
 
     cfg = load('token_file = "vna.token"\n')
     pacs, vna = cfg.sources
     assert pacs.kind == "dimse" and vna.kind == "dicomweb" and vna.url == "http://127.0.0.1:8042/dicom-web"
-    assert session_of(vna, cfg.base_dir).headers["Authorization"] == "Bearer s3cret-token"  # type: ignore[arg-type]
-    cfg = load('username = "node"\npassword_file = "vna.pw"\n')
-    assert session_of(cfg.sources[1], cfg.base_dir).auth == ("node", "pw")  # type: ignore[arg-type]
+    assert authorization(cfg) == "Bearer s3cret-token"
+    assert authorization(load('username = "node"\npassword_file = "vna.pw"\n')) == "Basic bm9kZTpwdw=="  # node:pw
+    # an unreadable credential file: the key named, never a secret, a DicomwebError for the sweep
+    with pytest.raises(DicomwebError, match=r"sources 'vna'\.token_file: cannot read"):
+        client(load('token_file = "missing.token"\n').sources[1], tmp_path)  # type: ignore[arg-type]
+    # https: the issue's example, a CA bundle by its other name and no enabled, is a TLS source
+    https = load('[sources.tls]\nca_certificates = "ca.pem"\n', url="https://vna.example.org/dicom-web")
+    assert https.sources[1].uses_tls and https.sources[1].tls.ca_bundle == Path("ca.pem")  # type: ignore[union-attr]
     for bad, message in (('token_file = "vna.token"\nusername = "u"\npassword_file = "vna.pw"\n', "not both"),
                          ('username = "u"\n', "password_file"),
                          ("[sources.tls]\nenabled = true\nuse_system_store = true\n", "https"),
                          ('kind2 = "x"\n', "kind2")):
         with pytest.raises(config_mod.ConfigError, match=message):
             load(bad)
+    with pytest.raises(config_mod.ConfigError, match=r"sources\[1\]\.tls: ca_bundle is required for an https url"):
+        load("", url="https://vna.example.org/dicom-web")
+    (tmp_path / "c.toml").write_text(base.replace('kind = "dicomweb"', 'kind = "web"'))
+    with pytest.raises(config_mod.ConfigError, match=r"sources\[1\]\.kind: 'dimse' \(the default\) or 'dicomweb'"):
+        config_mod.load(tmp_path / "c.toml", environ={})
 
 
 @pytest.mark.parametrize("method", ["get", "wado"])

@@ -29,9 +29,19 @@ from sqlalchemy import select
 from node import cli as node_cli
 from node import export as export_mod
 from node.audit import AuditLog
-from node.config import Config, ConfigError, DestinationConfig, DicomwebDestinationConfig, NodeConfig, load
+from node.config import (
+    Config,
+    ConfigError,
+    DestinationConfig,
+    DicomwebDestinationConfig,
+    DicomwebSourceConfig,
+    NodeConfig,
+    load,
+)
 from node.db import Database, Export, ExportState, Job, JobState
 from node.export import REFUSED, Exporter
+from node.sweep.dicomweb import client as source_client
+from node.sweep.dicomweb import search_studies
 from node.transports.dicomweb import DicomwebSender
 from tests.conftest import need
 from tests.node_helpers import ROUTE, running_node, write_config
@@ -324,7 +334,7 @@ def test_series_routed_to_a_dicomweb_destination_arrives_in_orthanc_by_stow(tmp_
 def test_echo_either_kind(tmp_path: Path, pacs: Orthanc, capsys: pytest.CaptureFixture[str]) -> None:
     """C-ECHO to a DIMSE destination, a QIDO-RS request to a DICOMweb one (with Basic credentials from a
     file, never printed); a DICOMweb destination that is down, or whose token file is missing, fails with
-    a reason."""
+    a reason.  A DICOMweb source gets the same echo (the same session: node.transports.dicomweb)."""
     (tmp_path / "pw").write_text(SECRET)
     with stow_stub() as stub:
         cfg = write_config(tmp_path, destinations=[
@@ -335,6 +345,10 @@ def test_echo_either_kind(tmp_path: Path, pacs: Orthanc, capsys: pytest.CaptureF
             {"name": "down", "kind": "dicomweb", "url": f"http://127.0.0.1:{free_port()}/dicom-web"},
             {"name": "notoken", "kind": "dicomweb", "url": f"{pacs.url}/dicom-web", "token_file": "missing.token"},
         ])
+        with cfg.open("a") as f:
+            f.write(f'[[sources]]\nname = "websrc"\nkind = "dicomweb"\nurl = "{pacs.url}/dicom-web"\n'
+                    f'[[sources]]\nname = "srcnotoken"\nkind = "dicomweb"\nurl = "{pacs.url}/dicom-web"\n'
+                    'token_file = "missing.token"\n')
 
         def echo(name: str) -> tuple[int, str]:
             rc = node_cli.main(["echo", name, "--timeout", "5", "--config", str(cfg)])
@@ -355,9 +369,14 @@ def test_echo_either_kind(tmp_path: Path, pacs: Orthanc, capsys: pytest.CaptureF
         rc, text = echo("notoken")
         assert rc == 1 and "destinations 'notoken'.token_file: cannot read" in text, text
         assert SECRET not in text
+        rc, text = echo("websrc")
+        assert rc == 0 and f"echo websrc ({pacs.url}/dicom-web): ok (QIDO-RS HTTP 200)" in text, text
+        rc, text = echo("srcnotoken")
+        assert rc == 1 and "sources 'srcnotoken'.token_file: cannot read" in text, text
     rc = node_cli.main(["config", "check", str(cfg)])
     out = capsys.readouterr()
     assert rc == 2 and "token_file: cannot read" in out.err and SECRET not in out.err + out.out
+    assert "sources 'srcnotoken'.token_file: cannot read" in out.err  # a DICOMweb source's files are checked too
 
 
 # HTTPS: the peer TLS table -------------------------------------------------------------------------------------
@@ -366,7 +385,8 @@ def test_echo_either_kind(tmp_path: Path, pacs: Orthanc, capsys: pytest.CaptureF
 def test_https_destination_uses_the_peer_tls_table(tmp_path: Path, pki: Pki) -> None:  # noqa: F811
     """An https URL is verified with the destination's ``tls``: its CA bundle (a rogue CA fails), the name in
     the server's certificate (``server_hostname`` when the URL's host is not in it), and our client
-    certificate where the server requires one (mutual TLS); STOW-RS goes over the same session."""
+    certificate where the server requires one (mutual TLS); STOW-RS goes over the same session, and so does
+    a DICOMweb source's QIDO-RS (the issue's ``ca_certificates`` without ``enabled``: https implies TLS)."""
 
     def server_context(cert: Path, key: Path, mutual: bool = False) -> ssl.SSLContext:
         ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
@@ -403,3 +423,8 @@ def test_https_destination_uses_the_peer_tls_table(tmp_path: Path, pki: Pki) -> 
         finally:
             sender.close()
         assert [s["method"] for s in mutual.seen][-1] == "POST"
+        src = DicomwebSourceConfig.model_validate({
+            "name": "vna", "kind": "dicomweb", "url": f"https://127.0.0.1:{mutual.port}/dicom-web",
+            "tls": {"ca_certificates": str(pki.ca), **client}, "timeout_seconds": 5})
+        assert search_studies(source_client(src, tmp_path), src, {}) == []
+        assert mutual.seen[-1]["method"] == "GET" and mutual.seen[-1]["path"].startswith("/dicom-web/studies")

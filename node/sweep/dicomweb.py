@@ -1,11 +1,11 @@
 """A ``kind = "dicomweb"`` source: QIDO-RS queries and WADO-RS retrieval with ``dicomweb-client``.
 
-:func:`client` builds one :class:`dicomweb_client.DICOMwebClient` per source: the Bearer token of
-``token_file`` or HTTP Basic with ``username`` + ``password_file``, the source's peer TLS table
-(``ca_bundle`` or the system store verifies the server, a client certificate for mutual TLS) and its
-timeout.  :func:`search_studies` / :func:`search_series` return QIDO-RS matches as pydicom Datasets (the
-same shape as C-FIND identifiers); :func:`retrieve_series` yields each instance of a series as the Part 10
-bytes the server sent (``transfer-syntax=*``: as stored there, never transcoded on the way), which
+:func:`client` builds one :class:`dicomweb_client.DICOMwebClient` per source with the session every
+DICOMweb peer gets (:func:`node.transports.dicomweb.peer_session`: the Bearer token of ``token_file`` or
+HTTP Basic with ``username`` + ``password_file``, the source's peer TLS table) and its timeout.
+:func:`search_studies` / :func:`search_series` return QIDO-RS matches as pydicom Datasets (the same shape
+as C-FIND identifiers); :func:`retrieve_series` yields each instance of a series as the Part 10 bytes the
+server sent (``transfer-syntax=*``: as stored there, never transcoded on the way), which
 :mod:`node.sweep.retrieve` stores through the node's own C-STORE handler.
 """
 
@@ -24,6 +24,8 @@ from pydicom.dataset import Dataset
 
 from node.config import DicomwebSourceConfig
 from node.sweep.plan import SERIES_RETURN_KEYS, STUDY_RETURN_KEYS, SweepError
+from node.tls import TlsError
+from node.transports.dicomweb import peer_client, peer_session, peer_where
 
 log = logging.getLogger(__name__)
 
@@ -35,40 +37,15 @@ class DicomwebError(RuntimeError):
     """A DICOMweb request failed (names the source and what was asked)."""
 
 
-def _read_secret(path: Path, base_dir: Path, what: str) -> str:
-    p = path if path.is_absolute() else (base_dir / path)
-    try:
-        text = p.read_text(encoding="utf-8").strip()
-    except OSError as e:
-        raise DicomwebError(f"{what}: cannot read {p}: {e.strerror or e}") from e
-    if not text:
-        raise DicomwebError(f"{what}: {p} is empty")
-    return text
-
-
-def session_of(src: DicomwebSourceConfig, base_dir: Path) -> requests.Session:
-    """A requests session with the source's authentication and TLS settings."""
-    where = f"sources {src.name!r}"
-    s = requests.Session()
-    if src.token_file is not None:
-        s.headers["Authorization"] = f"Bearer {_read_secret(src.token_file, base_dir, f'{where} token_file')}"
-    elif src.username:
-        assert src.password_file is not None  # checked by the config
-        s.auth = (src.username, _read_secret(src.password_file, base_dir, f"{where} password_file"))
-    tls = src.tls
-    if tls.enabled:
-        s.verify = str(tls.ca_bundle if tls.ca_bundle is None or tls.ca_bundle.is_absolute()
-                       else base_dir / tls.ca_bundle) if tls.ca_bundle is not None else True
-        if tls.client_certificate is not None and tls.client_private_key is not None:
-            s.cert = tuple(str(p if p.is_absolute() else base_dir / p)
-                           for p in (tls.client_certificate, tls.client_private_key))  # type: ignore[assignment]
-    return s
-
-
 def client(src: DicomwebSourceConfig, base_dir: Path) -> DICOMwebClient:
-    c = DICOMwebClient(src.url, session=session_of(src, base_dir), timeout=src.timeout_seconds)
-    c.set_http_retry_params(retry=False)  # the sweep retries a failed series itself (once, later)
-    return c
+    """The source's client; a credential or TLS setting that cannot be used raises :class:`DicomwebError`
+    (naming the key, never the secret).  Its retries are off: the sweep retries a failed series itself
+    (once, later)."""
+    try:
+        session = peer_session(src, base_dir, peer_where(src))
+    except (ValueError, TlsError) as e:
+        raise DicomwebError(str(e)) from e
+    return peer_client(src, session, src.timeout_seconds)
 
 
 QIDO_PAGE = 500  # matches asked for per QIDO-RS request

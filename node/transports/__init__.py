@@ -7,9 +7,9 @@ from __future__ import annotations
 
 from collections.abc import Callable
 
-from node.config import Config, DestinationConfig, DicomwebDestinationConfig
+from node.config import Config, DestinationConfig, DicomwebDestinationConfig, DicomwebSourceConfig
 from node.transports.base import Outcome, Sender
-from node.transports.dicomweb import DicomwebSender
+from node.transports.dicomweb import DicomwebSender, peer_problems, peer_where
 from node.transports.dimse import DimseSender
 
 Destination = DestinationConfig | DicomwebDestinationConfig
@@ -34,9 +34,11 @@ def sender_for(dest: Destination, config: Config) -> Sender:
 
 
 def problems(config: Config) -> list[str]:
-    """Destination settings that cannot be used (``prognode config check``); DIMSE peers' TLS files are
-    :func:`node.tls.tls_problems`'."""
-    return [p for dest in config.destinations for p in sender_for(dest, config).problems()]
+    """Destination settings that cannot be used, and a DICOMweb source's credential and TLS files
+    (``prognode config check``); DIMSE peers' TLS files are :func:`node.tls.tls_problems`'."""
+    found = [p for dest in config.destinations for p in sender_for(dest, config).problems()]
+    return found + [p for src in config.sources if isinstance(src, DicomwebSourceConfig)
+                    for p in peer_problems(src, config.base_dir, peer_where(src))]
 
 
 __all__ = ["SENDERS", "Destination", "Outcome", "Sender", "problems", "sender_for"]

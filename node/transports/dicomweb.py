@@ -1,12 +1,14 @@
 """The DICOMweb sender (``kind = "dicomweb"``): STOW-RS with ``dicomweb-client`` to ``{url}/studies``,
-a QIDO-RS request as the probe.
+a QIDO-RS request as the probe; and the session, client and echo of any DICOMweb peer
+(:class:`node.config.DicomwebPeer`: :func:`peer_session`, :func:`peer_client`, :func:`peer_echo`), which a
+DICOMweb source's QIDO-RS and WADO-RS (:mod:`node.sweep.dicomweb`) and ``prognode echo`` use too.
 
 * Credentials are read from files when a session opens (a Bearer ``token_file``, or ``username`` with a
   ``password_file`` for Basic) and go only into the ``Authorization`` header: never into a log line,
   an error or the audit log.
-* Every request has the destination's ``timeout_seconds`` (connect and read), and dicomweb-client's own
+* Every request has the peer's ``timeout_seconds`` (connect and read), and dicomweb-client's own
   retries are off: retrying is :mod:`node.export`'s, the same for every kind.
-* An ``https`` URL is verified with the destination's peer TLS table through :func:`node.tls.client_context`
+* An ``https`` URL is verified with the peer's TLS table through :func:`node.tls.client_context`
   (TLS 1.2 or newer, ``ca_bundle`` only unless ``use_system_store``, the host name checked, a client
   certificate for mutual TLS), as a DIMSE peer is.
 * Files go in as few requests as ``max_request_bytes`` allows.  Each file's :class:`Outcome` comes from
@@ -30,7 +32,7 @@ from dicomweb_client.api import DICOMwebClient
 from requests.adapters import HTTPAdapter
 
 from node import tls
-from node.config import DicomwebDestinationConfig
+from node.config import DicomwebDestinationConfig, DicomwebPeer, DicomwebSourceConfig
 from node.transports.base import Outcome, Sender, file_size
 
 logger = logging.getLogger(__name__)
@@ -65,7 +67,7 @@ class _BearerAuth(requests.auth.AuthBase):
 
 
 class _PeerTlsAdapter(HTTPAdapter):
-    """HTTPS with the destination's own SSL context (node.tls.client_context) and nothing else: no
+    """HTTPS with the peer's own SSL context (node.tls.client_context) and nothing else: no
     certifi bundle, no system store unless the config says so; ``server_hostname`` when set."""
 
     def __init__(self, context: tls.ClientContext, server_hostname: str) -> None:
@@ -97,6 +99,72 @@ def _read_secret(path: Path, base_dir: Path, key: str) -> str:
     if not value:
         raise ValueError(f"{key}: {p} is empty")
     return value
+
+
+def peer_where(peer: DicomwebDestinationConfig | DicomwebSourceConfig) -> str:
+    """How errors name the peer: ``destinations 'vna'`` or ``sources 'vna'`` (keys follow: ``.token_file``)."""
+    return f"{'destinations' if isinstance(peer, DicomwebDestinationConfig) else 'sources'} {peer.name!r}"
+
+
+def peer_session(peer: DicomwebPeer, base_dir: Path, where: str) -> requests.Session:
+    """A requests session with the peer's credentials and TLS (``where`` names the peer in errors:
+    ``destinations 'vna'``); raises ValueError (naming the key, never the secret) or node.tls.TlsError
+    when a setting cannot be used."""
+    s = requests.Session()
+    s.trust_env = False  # no proxies or .netrc credentials from the environment
+    try:
+        if peer.token_file is not None:
+            s.auth = _BearerAuth(_read_secret(peer.token_file, base_dir, f"{where}.token_file"))
+        elif peer.username and peer.password_file is not None:
+            s.auth = requests.auth.HTTPBasicAuth(
+                peer.username, _read_secret(peer.password_file, base_dir, f"{where}.password_file"))
+        if peer.uses_tls:
+            ctx = tls.client_context(peer.tls.model_copy(update={"enabled": True}), base_dir, f"{where} tls")
+            s.mount("https://", _PeerTlsAdapter(ctx, peer.tls.server_hostname))
+    except BaseException:
+        s.close()
+        raise
+    return s
+
+
+def peer_client(peer: DicomwebPeer, session: requests.Session, timeout: float) -> DICOMwebClient:
+    """A dicomweb-client for ``peer`` over ``session``: ``timeout`` seconds to connect and to read, its own
+    retries off (retrying is the caller's: node.export's, or the sweep's)."""
+    c = DICOMwebClient(peer.url, session=session, timeout=(timeout, timeout))
+    c.set_http_retry_params(retry=False)
+    return c
+
+
+def peer_echo(peer: DicomwebPeer, base_dir: Path, where: str, timeout: float) -> tuple[bool, str]:
+    """A QIDO-RS study search (``limit=1``): answered with a 2xx status?  The probe of a destination and
+    ``prognode echo`` of either kind."""
+    try:
+        session = peer_session(peer, base_dir, where)
+    except (ValueError, tls.TlsError) as e:
+        return False, f"{peer.url}: {e}"
+    try:
+        peer_client(peer, session, timeout).search_for_studies(limit=1)
+    except requests.HTTPError as e:
+        status = e.response.status_code if e.response is not None else 0
+        reason = (e.response.reason if e.response is not None else "") or ""
+        return False, f"QIDO-RS HTTP {status} {reason}".strip()
+    except (requests.ConnectionError, requests.Timeout) as e:
+        return False, f"QIDO-RS: {_no_answer(e, peer.url)}"
+    except Exception as e:
+        return False, f"QIDO-RS error: {type(e).__name__}: {e}"
+    finally:
+        session.close()
+    return True, "QIDO-RS HTTP 200"
+
+
+def peer_problems(peer: DicomwebPeer, base_dir: Path, where: str) -> list[str]:
+    """Settings of ``peer`` that cannot be used (``prognode config check``): its credential and TLS files."""
+    try:
+        peer_session(peer, base_dir, where).close()
+    except (ValueError, tls.TlsError) as e:
+        return [str(e)]
+    host = urlsplit(peer.url).hostname or ""
+    return [] if host else [f"{where}.url: no host"]
 
 
 def _failure_reason(item: pydicom.Dataset) -> int:
@@ -151,29 +219,14 @@ class DicomwebSender(Sender):
 
     @property
     def _where(self) -> str:
-        return f"destinations {self.dest.name!r}"
+        return peer_where(self.dest)
 
     def session(self) -> requests.Session:
-        """A requests session with the destination's credentials and TLS; raises ValueError (naming the
-        key, never the secret) or node.tls.TlsError when a setting cannot be used."""
-        d = self.dest
-        s = requests.Session()
-        s.trust_env = False  # no proxies or .netrc credentials from the environment
-        if d.token_file is not None:
-            s.auth = _BearerAuth(_read_secret(d.token_file, self.base_dir, f"{self._where}.token_file"))
-        elif d.username and d.password_file is not None:
-            s.auth = requests.auth.HTTPBasicAuth(
-                d.username, _read_secret(d.password_file, self.base_dir, f"{self._where}.password_file"))
-        if d.uses_tls:
-            ctx = tls.client_context(d.tls.model_copy(update={"enabled": True}), self.base_dir, f"{self._where} tls")
-            s.mount("https://", _PeerTlsAdapter(ctx, d.tls.server_hostname))
-        return s
+        """A requests session with the destination's credentials and TLS (:func:`peer_session`)."""
+        return peer_session(self.dest, self.base_dir, self._where)
 
     def client(self, session: requests.Session) -> DICOMwebClient:
-        t = self.dest.timeout_seconds
-        c = DICOMwebClient(self.dest.url, session=session, timeout=(t, t))
-        c.set_http_retry_params(retry=False)  # retries are node.export's
-        return c
+        return peer_client(self.dest, session, self.dest.timeout_seconds)
 
     def open(self, datasets: Sequence[pydicom.Dataset]) -> str:
         try:
@@ -259,28 +312,7 @@ class DicomwebSender(Sender):
 
     def echo(self) -> tuple[bool, str]:
         """A QIDO-RS study search (``limit=1``): answered with a 2xx status?"""
-        try:
-            session = self.session()
-        except (ValueError, tls.TlsError) as e:
-            return False, f"{self.describe()}: {e}"
-        try:
-            self.client(session).search_for_studies(limit=1)
-        except requests.HTTPError as e:
-            status = e.response.status_code if e.response is not None else 0
-            reason = (e.response.reason if e.response is not None else "") or ""
-            return False, f"QIDO-RS HTTP {status} {reason}".strip()
-        except (requests.ConnectionError, requests.Timeout) as e:
-            return False, f"QIDO-RS: {_no_answer(e, self.describe())}"
-        except Exception as e:
-            return False, f"QIDO-RS error: {type(e).__name__}: {e}"
-        finally:
-            session.close()
-        return True, "QIDO-RS HTTP 200"
+        return peer_echo(self.dest, self.base_dir, self._where, self.dest.timeout_seconds)
 
     def problems(self) -> list[str]:
-        try:
-            self.session().close()
-        except (ValueError, tls.TlsError) as e:
-            return [str(e)]
-        host = urlsplit(self.dest.url).hostname or ""
-        return [] if host else [f"{self._where}.url: no host"]
+        return peer_problems(self.dest, self.base_dir, self._where)
