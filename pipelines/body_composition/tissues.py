@@ -121,6 +121,7 @@ class TissueParams:
     erector_sheet_mm: float = 4.0  # where ribs lie beside it, the outer layer under the fat is latissimus dorsi,
     # serratus posterior inferior, trapezius and fascia: not erector
     erector_fascia_mm: float = 2.0  # below the ribs only the thoracolumbar fascia covers it (latissimus is aponeurotic)
+    sat_channel_mm: float = 1.5  # fat reached through a channel narrower than twice this is not subcutaneous
     erector_open_mm: float = 4.0  # thinner sheets (latissimus dorsi, serratus posterior) are cut off the erector
     min_bone_piece_mm2: float = 20.0  # smaller pieces above bone_hu are vessels or noise, not a bony landmark
     bridge_mm: float = 2.0  # connections thinner than about twice this are cut between components
@@ -472,7 +473,14 @@ def lumbar_named(hu: NDArray[np.float32], spacing: tuple[float, float], anat: Sl
         sub = crop[rows_back[0] :]
         back = (sub < -500.0) & (ymm[rows_back[0] :] > wall + 20.0)
         skin = ndi.distance_transform_edt(~back, sampling=spacing) <= p.skin_mm + 1.0
-        outside = components_touching((sub <= p.fat_hu[1]) | skin, back)
+        fat = sub <= p.fat_hu[1]
+        px = float(np.sqrt(dy * dx))
+        # the subcutaneous fat, not the clefts between the paraspinal muscles joined to it by a thin channel
+        # (along the spinous process): channels narrower than 2 x sat_channel_mm do not carry it inward
+        wide = opening(fat, p.sat_channel_mm / px) if p.sat_channel_mm >= px else fat
+        outside = components_touching(wide | skin, back)
+        if p.sat_channel_mm >= px:
+            outside |= dilate(outside, p.sat_channel_mm / px) & fat
         under_fat_mm[rows_back[0] :] = ndi.distance_transform_edt(~outside, sampling=spacing)
     for side, sgn in (("left", 1.0), ("right", -1.0)):
         lat = sgn * xmm
