@@ -314,10 +314,12 @@ def _posterior_floor(bone: NDArray[np.bool_], ymm: NDArray[np.floating[Any]], la
         for i in range(1, n + 1):
             if i in vert_ids or not (lab == i).any():
                 continue
-            rib = True
             rr, cc = np.nonzero(lab == i)
             j = int(np.argmax(ymm[rr, 0]))
+            # a rib's angle lies well lateral; a piece nearer the midline is a vertebral process parted
+            # from the vertebra by partial volume (an articular process), not a rib
             if lat_row[cc[j]] >= p.rib_angle_min_lat_mm:
+                rib = True
                 bounds.append(float(lat_row[cc[j]]))
         if bounds:
             ok &= lat < min(bounds) + p.rib_margin_mm
