@@ -120,7 +120,8 @@ class TissueParams:
     rib_angle_min_lat_mm: float = 40.0  # a rib angle lies this far or more from the midline
     erector_sheet_mm: float = 4.0  # where ribs lie beside it, the outer layer under the fat is latissimus dorsi,
     # serratus posterior inferior, trapezius and fascia: not erector
-    erector_fascia_mm: float = 2.0  # below the ribs only the thoracolumbar fascia covers it (latissimus is aponeurotic)
+    erector_fascia_mm: float = 1.0  # below the ribs only the thoracolumbar fascia (about 1 mm) covers it (latissimus
+    # is aponeurotic there): a wider margin cut a whole pixel layer of erector off at 2 mm pixels
     sat_channel_mm: float = 1.5  # fat reached through a channel narrower than twice this is not subcutaneous
     erector_open_mm: float = 4.0  # thinner sheets (latissimus dorsi, serratus posterior) are cut off the erector
     min_bone_piece_mm2: float = 20.0  # smaller pieces above bone_hu are vessels or noise, not a bony landmark
