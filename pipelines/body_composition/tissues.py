@@ -19,11 +19,28 @@ the trunk's fat outside it.  Skeletal muscle is only:
 
 * the paraspinal compartment: tissue behind the posterior bony floor (laminae, transverse
   processes, rib necks) and medial to the rib angle, both sides (erector spinae with
-  multifidus, as TotalSegmentator's "autochthon"); the erector masks are its largest muscle
-  mass per side, behind the thoracolumbar fascia (where ribs lie beside the compartment, the
-  superficial back muscles on it are cut off as well) and medial to the lateral raphe (about
-  ``raphe_beyond_tip_mm`` beyond the transverse process tip); the bony floor is the patient's
-  bone (the table is outside the body);
+  multifidus, as TotalSegmentator's "autochthon"); the bony floor is the patient's bone (the
+  table is outside the body).  The erector masks are its largest muscle mass per side (opened
+  by ``erector_open_mm`` so thin sheets part from it, then grown back into the muscle window),
+  bounded by:
+
+  - the back: the subcutaneous fat, i.e. the fat joined to the air behind the back through
+    channels at least 2 x ``sat_channel_mm`` wide.  The fat clefts between multifidus and
+    longissimus reach the subcutaneous fat only by a thin channel along the spinous process;
+    they are intramuscular, not the back surface.  Under the ribs (a bone piece whose most
+    posterior point lies at least ``rib_angle_min_lat_mm`` from the midline; a medial piece is
+    a vertebral process parted by partial volume) the outer ``erector_sheet_mm`` is latissimus
+    dorsi, serratus posterior inferior and trapezius; below them only the thoracolumbar fascia
+    (``erector_fascia_mm``, about its thickness) covers the erector;
+  - the front: the bony floor, and ``erector_front_mm`` behind the vertebral body's wall;
+  - the side: the lateral raphe (about ``raphe_beyond_tip_mm`` beyond the transverse process
+    tip, at most ``erector_lateral_max_mm``; ``erector_lateral_mm`` without a process on the
+    slice) and the rib angle.  This bound is a straight line, not the fat plane lateral to the
+    iliocostalis: where a muscle lies lateral to that plane inside the bound (T12 on the real CT
+    bench), it is counted as erector.
+
+  Fat inside the compartment (intramuscular clefts, fatty infiltration) is IMAT, never erector;
+  TotalSegmentator's autochthon holds it (6-10 % of it on the real CT bench).
 * psoas beside the vertebral body (nearest muscle component to its seed), reduced to its round
   belly: the quadratus lumborum, the crus or a non-enhanced kidney touching it are cut off where
   the contact is narrower than the belly (``_belly``);
@@ -120,7 +137,9 @@ class TissueParams:
     rib_angle_min_lat_mm: float = 40.0  # a rib angle lies this far or more from the midline
     erector_sheet_mm: float = 4.0  # where ribs lie beside it, the outer layer under the fat is latissimus dorsi,
     # serratus posterior inferior, trapezius and fascia: not erector
-    erector_fascia_mm: float = 2.0  # below the ribs only the thoracolumbar fascia covers it (latissimus is aponeurotic)
+    erector_fascia_mm: float = 1.0  # below the ribs only the thoracolumbar fascia (about 1 mm) covers it (latissimus
+    # is aponeurotic there): a wider margin cut a whole pixel layer of erector off at 2 mm pixels
+    sat_channel_mm: float = 1.5  # fat reached through a channel narrower than twice this is not subcutaneous
     erector_open_mm: float = 4.0  # thinner sheets (latissimus dorsi, serratus posterior) are cut off the erector
     min_bone_piece_mm2: float = 20.0  # smaller pieces above bone_hu are vessels or noise, not a bony landmark
     bridge_mm: float = 2.0  # connections thinner than about twice this are cut between components
@@ -258,7 +277,8 @@ def _posterior_floor(bone: NDArray[np.bool_], ymm: NDArray[np.floating[Any]], la
                      hh: float, px_area_mm2: float, p: TissueParams) -> tuple[NDArray[np.bool_], bool, float | None]:
     """Where one side's paraspinal muscles may lie: behind the posterior bony floor, medial to the rib angle.
 
-    Also returns whether a rib (or another bone apart from the vertebra) lies beside it, and how far
+    Also returns whether a rib (a bone apart from the vertebra whose most posterior point lies at least
+    ``rib_angle_min_lat_mm`` from the midline) lies beside it, and how far
     from the midline the vertebra's outermost bone reaches (the transverse process tip; None without).
 
     Anatomy: the erector spinae (and transversospinales) fill the groove behind the laminae and
@@ -268,7 +288,9 @@ def _posterior_floor(bone: NDArray[np.bool_], ymm: NDArray[np.floating[Any]], la
     midline is left out), linearly interpolated across columns without bone and held constant
     beyond the outermost one.  A bone component that is not joined to the vertebra in this slice
     (a rib, or the iliac crest low in the lumbar spine) bounds the compartment laterally at its
-    most posterior point (the rib angle).  Without lateral bone (a disc slice) nothing is removed.
+    most posterior point (the rib angle) where that lies ``rib_angle_min_lat_mm`` or more from the
+    midline; a piece nearer the midline is a vertebral process parted from the vertebra by partial
+    volume.  Without lateral bone (a disc slice) nothing is removed.
     """
     side = (lat > p.envelope_min_lat_mm) & (ymm > -hh) & (ymm < hh + p.envelope_max_depth_mm)
     b = bone & side
@@ -313,10 +335,12 @@ def _posterior_floor(bone: NDArray[np.bool_], ymm: NDArray[np.floating[Any]], la
         for i in range(1, n + 1):
             if i in vert_ids or not (lab == i).any():
                 continue
-            rib = True
             rr, cc = np.nonzero(lab == i)
             j = int(np.argmax(ymm[rr, 0]))
+            # a rib's angle lies well lateral; a piece nearer the midline is a vertebral process parted
+            # from the vertebra by partial volume (an articular process), not a rib
             if lat_row[cc[j]] >= p.rib_angle_min_lat_mm:
+                rib = True
                 bounds.append(float(lat_row[cc[j]]))
         if bounds:
             ok &= lat < min(bounds) + p.rib_margin_mm
@@ -472,7 +496,14 @@ def lumbar_named(hu: NDArray[np.float32], spacing: tuple[float, float], anat: Sl
         sub = crop[rows_back[0] :]
         back = (sub < -500.0) & (ymm[rows_back[0] :] > wall + 20.0)
         skin = ndi.distance_transform_edt(~back, sampling=spacing) <= p.skin_mm + 1.0
-        outside = components_touching((sub <= p.fat_hu[1]) | skin, back)
+        fat = sub <= p.fat_hu[1]
+        px = float(np.sqrt(dy * dx))
+        # the subcutaneous fat, not the clefts between the paraspinal muscles joined to it by a thin channel
+        # (along the spinous process): channels narrower than 2 x sat_channel_mm do not carry it inward
+        wide = opening(fat, p.sat_channel_mm / px) if p.sat_channel_mm >= px else fat
+        outside = components_touching(wide | skin, back)
+        if p.sat_channel_mm >= px:
+            outside |= dilate(outside, p.sat_channel_mm / px) & fat
         under_fat_mm[rows_back[0] :] = ndi.distance_transform_edt(~outside, sampling=spacing)
     for side, sgn in (("left", 1.0), ("right", -1.0)):
         lat = sgn * xmm
