@@ -215,7 +215,8 @@ class JobsConfig(_Model):
     lease_seconds: float = Field(600.0, gt=0)  # a running job whose worker vanished is requeued after this
     device: Literal["auto", "cpu", "cuda"] = "auto"
     # local time of the node in which batch jobs start (node.lanes); "19:00-07:00" wraps past midnight
-    batch_hours: str = "00:00-24:00"
+    # ("allowed_hours" is read as this key too)
+    batch_hours: str = Field("00:00-24:00", validation_alias=AliasChoices("batch_hours", "allowed_hours"))
 
     @field_validator("batch_hours")
     @classmethod

@@ -37,6 +37,7 @@ def test_config_lanes() -> None:
                     "jobs.batch_hours=19:00-07:00"], environ={})
     assert c.routes[0].priority is Priority.URGENT and c.sweep.priority is Priority.BATCH
     assert load(None, [], environ={}).jobs.batch_hours == "00:00-24:00"
+    assert load(None, ["jobs.allowed_hours=20:00-06:00"], environ={}).jobs.batch_hours == "20:00-06:00"  # the name
     with pytest.raises(ConfigError, match=r"routes\[0\]\.priority"):
         load(None, ['routes=[{"name": "r", "pipelines": ["x"], "priority": "asap"}]'], environ={})
     with pytest.raises(ConfigError, match="jobs.batch_hours"):
