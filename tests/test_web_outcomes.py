@@ -71,7 +71,7 @@ def test_results_show_verdict_values_model_and_viewer_link(outcome_db: tuple[obj
     assert bc["verdict"] == "evaluable" and bc["model"] == "body-composition 1.4.0; backend monai, model bc-unet-2026.11"
     values = dict(bc["values"])
     assert values["Level"] == "L3 (canal-profile-anchors, high)" and values["SMI"] == "48.6 cm²/m²"
-    assert values["Sarcopenia (martin-2013)"] == "present (SMI < 53.0 cm2/m2)"
+    assert values["Sarcopenia (martin-2013)"] == "present (cut-off: SMI < 53.0 cm2/m2)"
     assert values["VAT"] == "not evaluable: VAT cut by the field of view"
     assert bc["viewer_link"] == "http://ohif.example:3000/viewer?StudyInstanceUIDs=1.2.3.9"
     assert bc["seconds_to_result"] == pytest.approx(95.0)

@@ -65,7 +65,7 @@ def _body_composition(s: Mapping[str, Any]) -> list[tuple[str, str]]:
         if "sarcopenic" in res and flag is not None:
             via = f" via {res['via']}" if res.get("via") else ""
             out.append((f"Sarcopenia ({cid}{via})", f"{'present' if flag else 'absent'} "
-                        f"(SMI < {res.get('threshold')} {res.get('unit', '')})".rstrip()))
+                        f"(cut-off: SMI < {res.get('threshold')} {res.get('unit', '')})".rstrip()))
         elif "sarcopenic" in res:  # never guess a verdict
             out.append((f"Sarcopenia ({cid})", f"not stated ({res['sarcopenic']!r})"))
         else:
