@@ -51,7 +51,7 @@ def dual_phase_study(folder: Path, index: int = 0, enhancement_hu: float = 80.0)
     return folder
 
 
-def encoder_weights(folder: Path, arch: str = "resnet10") -> dict[str, Path]:
+def encoder_weights(folder: Path, arch: str = "resnet10", dims: tuple[int, ...] = (2, 3)) -> dict[str, Path]:
     """Seeded encoder weights saved as safetensors ("pretrained" stand-ins for tests: not signal)."""
     import torch
 
@@ -60,7 +60,7 @@ def encoder_weights(folder: Path, arch: str = "resnet10") -> dict[str, Path]:
     torch.manual_seed(0)
     folder.mkdir(parents=True, exist_ok=True)
     out = {}
-    for dims in (2, 3):
-        out[f"deep{dims}d"] = folder / f"{arch}_{dims}d.safetensors"
-        save_weights(build(arch, dims), out[f"deep{dims}d"])
+    for d in dims:
+        out[f"deep{d}d"] = folder / f"{arch}_{d}d.safetensors"
+        save_weights(build(arch, d), out[f"deep{d}d"])
     return out

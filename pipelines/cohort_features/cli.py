@@ -111,6 +111,8 @@ def add_arguments(p: argparse.ArgumentParser, folder_required: bool = True) -> N
                    help="CSV: study, level (L3/C3), sop_instance_uid, reader: reader-confirmed levels")
     p.add_argument("--deep-arch", default=None, help="encoder (default resnet18; must match the weights)")
     p.add_argument("--deep-dims", type=int, nargs="+", choices=(2, 3), default=None, help="2, 3 or both (default)")
+    p.add_argument("--deep-size", type=int, nargs=2, metavar=("SIDE_2D", "SIDE_3D"), default=None,
+                   help="patch side in voxels, 2D and 3D (default 128 64; must match what the weights expect)")
     p.add_argument("--weights-2d", type=Path, default=None,
                    help="pretrained 2D encoder weights (.safetensors; config [models] deep2d)")
     p.add_argument("--weights-3d", type=Path, default=None,
@@ -141,6 +143,8 @@ def options_from_args(args: argparse.Namespace) -> tuple[CohortOptions, dict[str
         deep["arch"] = args.deep_arch
     if args.deep_dims:
         deep["dims"] = list(args.deep_dims)
+    if args.deep_size:
+        deep["size_2d"], deep["size_3d"] = args.deep_size
     models = {k: Path(v) for k, v in (("deep2d", args.weights_2d), ("deep3d", args.weights_3d)) if v is not None}
     levels = read_reader_levels(args.reader_levels) if args.reader_levels else {}
     return CohortOptions(families=families, label=args.label, radiomics=radiomics, body_composition=bc, deep=deep,
@@ -160,3 +164,76 @@ def run(args: argparse.Namespace) -> int:
     print(f"cohort features: {result.done} extracted, {result.skipped} already in {args.out}, {result.failed} failed"
           + (" (see the error column)" if result.failed else ""))
     return 1 if result.failed and not result.done and not result.skipped else 0
+
+
+def join(features: Path, outcomes: Path, out: Path, on: str = "study", outcome_key: str | None = None,
+         drop_provenance: bool = True) -> tuple[int, list[str], list[str]]:
+    """Features joined to an outcome table, one row per study in both: (rows, features-only, outcomes-only keys).
+
+    With ``drop_provenance`` the text provenance columns (pipeline names, versions, UIDs, hashes,
+    not-evaluable reasons, the error column) are left out, so ``model fit`` without ``--features``
+    sees the numbers only; rows with an ``error`` are dropped (their families are incomplete).
+    """
+    import pandas as pd
+
+    f = pd.read_csv(features, dtype={on: str})
+    o = pd.read_csv(outcomes, dtype={outcome_key or on: str})
+    key = outcome_key or on
+    for frame, col, name in ((f, on, features), (o, key, outcomes)):
+        if col not in frame.columns:
+            raise ValueError(f"{name}: no column {col!r}")
+        dup = frame[col][frame[col].duplicated()].tolist()
+        if dup:
+            raise ValueError(f"{name}: {col!r} repeats {dup[:5]}")
+    if "error" in f.columns:
+        bad = f["error"].fillna("").astype(str) != ""
+        if bad.any():
+            log.warning("join: %d studies with an error left out: %s", int(bad.sum()), f.loc[bad, on].tolist())
+        f = f.loc[~bad]
+    if drop_provenance:
+        keep = [c for c in f.columns if c == on or not (c in FIRST_COLUMNS or _provenance(c))]
+        f = f[keep]
+    if key != on:
+        o = o.rename(columns={key: on})
+    clash = sorted((set(f.columns) & set(o.columns)) - {on})
+    if clash:
+        raise ValueError(f"join: columns in both tables: {clash[:5]}")
+    merged = f.merge(o, on=on, how="inner")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    merged.to_csv(out, index=False)
+    only_f = sorted(set(f[on]) - set(o[on]))
+    only_o = sorted(set(o[on]) - set(f[on]))
+    return len(merged), only_f, only_o
+
+
+PROVENANCE_SUFFIXES = ("_pipeline", "_pipeline_version", "_series_uid", "_params", "_params_sha256", "_model",
+                       "_model_version", "_level", "_level_source", "_level_confidence", "_level_sop_instance_uid",
+                       "_reader", "_cutoff_table_version", "_not_evaluable", "_weights", "_rois", "_notes",
+                       "_roi_label", "_roi_source", "_plausibility_failed", "_reference_phase")
+
+
+def _provenance(column: str) -> bool:
+    head, _, _ = column.partition("_")
+    return head in ("bc", "rad", "deep", "dp") and column.endswith(PROVENANCE_SUFFIXES)
+
+
+def run_join(args: argparse.Namespace) -> int:
+    try:
+        n, only_f, only_o = join(args.features, args.outcomes, args.out, args.on, args.outcome_key,
+                                 not args.keep_provenance)
+    except (ValueError, OSError) as e:
+        print(f"cohort join: {e}", file=sys.stderr)
+        return 2
+    print(f"cohort join: {n} studies with features and outcomes -> {args.out}"
+          + (f"; {len(only_f)} with features only: {only_f[:5]}" if only_f else "")
+          + (f"; {len(only_o)} with outcomes only: {only_o[:5]}" if only_o else ""))
+    return 0 if n else 1
+
+
+def add_join_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--features", type=Path, required=True, help="the table of `cohort features`")
+    p.add_argument("--outcomes", type=Path, required=True, help="the site's outcome table (CSV)")
+    p.add_argument("--on", default="study", help="key column of the feature table (default: study)")
+    p.add_argument("--outcome-key", default=None, help="key column of the outcome table (default: as --on)")
+    p.add_argument("--keep-provenance", action="store_true", help="keep the text provenance columns")
+    p.add_argument("--out", type=Path, required=True)

@@ -83,14 +83,18 @@ def _cohort_group(subparsers: Any) -> Any:
 
 
 def register(subparsers: Any) -> None:
-    """Add ``cohort features`` to the ``prognode`` command line (node/cli.py EXTENSIONS)."""
-    from pipelines.cohort_features.cli import add_arguments, run
+    """Add ``cohort features`` and ``cohort join`` to the ``prognode`` command line (node/cli.py EXTENSIONS)."""
+    from pipelines.cohort_features.cli import add_arguments, add_join_arguments, run, run_join
 
-    p = _cohort_group(subparsers).add_parser(
+    group = _cohort_group(subparsers)
+    p = group.add_parser(
         "features", help="feature table of a folder of studies: body composition, radiomics, deep, dual-phase "
                          "(resumable)")
     add_arguments(p)
     p.set_defaults(func=run)
+    j = group.add_parser("join", help="join a feature table to an outcome table by study")
+    add_join_arguments(j)
+    j.set_defaults(func=run_join)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
