@@ -39,13 +39,13 @@ def inputs(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 
 def _synthetic(inputs: Path, name: str, studies: Path, signal: dict[str, float], binary: str = "",
-               **options: Any) -> tuple[Path, Path]:
+               models: dict[str, Path] | None = None, **options: Any) -> tuple[Path, Path]:
     """Extract the phantoms once (the column names), then a 120-patient cohort with ``signal``."""
     from pipelines.cohort_features.cli import CohortOptions, extract_cohort, study_folders
     from tests.recipe_data import synthetic_cohort
 
     pre = inputs / f"{name}-columns.csv"
-    extract_cohort(study_folders(studies), pre, CohortOptions(**options), progress=False)
+    extract_cohort(study_folders(studies), pre, CohortOptions(**options), models, progress=False)
     return synthetic_cohort(pre, inputs / f"{name}-synthetic", 120, signal, seed=3, binary=binary)
 
 
@@ -102,7 +102,7 @@ def test_gastric_recipe(inputs: Path, tmp_path: Path) -> None:
     deep = {"arch": "resnet10", "size_2d": 48, "dims": [2]}
     f, o = _synthetic(inputs, "gastric", inputs / "abdomen",
                       {"bc_psoas_left_area_cm2": -0.8, "bc_erector_left_volume_cm3": -0.5, "bc_smi": -0.6},
-                      families=("body-composition", "deep"), deep=deep)
+                      models=weights, families=("body-composition", "deep"), deep=deep)
     run = run_recipe("gastric", tmp_path / "work", {
         "STUDIES": str(inputs / "abdomen"), "OUTCOMES": str(o), "FEATURES": str(f),
         "WEIGHTS_2D": str(weights["deep2d"]), "WEIGHTS_3D": "",
@@ -133,8 +133,8 @@ def test_nsclc_recipe(inputs: Path, tmp_path: Path) -> None:
 
     weights = encoder_weights(tmp_path / "weights", dims=(3,))
     f, o = _synthetic(inputs, "nsclc", inputs / "tumour", {"ring3_firstorder_Mean": 0.7, "intra_shape_VoxelVolume": 0.6},
-                      families=("radiomics", "deep"), deep={"arch": "resnet10", "size_3d": 24, "dims": [3]},
-                      )
+                      models=weights, families=("radiomics", "deep"),
+                      deep={"arch": "resnet10", "size_2d": 48, "size_3d": 24, "dims": [3]})
     run = run_recipe("nsclc", tmp_path / "work", {
         "STUDIES": str(inputs / "tumour"), "OUTCOMES": str(o), "FEATURES": str(f),
         "WEIGHTS_3D": str(weights["deep3d"]), "DEEP_OPTS": "--deep-arch resnet10 --deep-dims 3 --deep-size 48 24",
