@@ -10,6 +10,7 @@ SD of the column).  Everything is seeded.
 from __future__ import annotations
 
 from collections.abc import Mapping
+from typing import Any
 from pathlib import Path
 
 import numpy as np
@@ -32,7 +33,7 @@ def synthetic_cohort(features_csv: Path, out_dir: Path, n: int, signal: Mapping[
     missing = [c for c in signal if c not in numeric]
     if missing:
         raise ValueError(f"signal columns not in {features_csv}: {missing}")
-    data: dict[str, np.ndarray] = {}
+    data: dict[str, Any] = {}
     for c in numeric:
         base = float(real[c].mean())
         spread = abs(base) * 0.2 if base != 0 else 1.0

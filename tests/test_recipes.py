@@ -54,7 +54,7 @@ def _check(run: RecipeRun, work: Path) -> dict[str, Any]:
     features = pd.read_csv(work / "features.csv")
     assert len(features) >= 1 and not features["error"].fillna("").astype(bool).any()
     assert (work / "split" / "train.csv").is_file() and (work / "split" / "test.csv").is_file()
-    compare = json.loads((work / "compare.json").read_text())
+    compare: dict[str, Any] = json.loads((work / "compare.json").read_text())
     assert compare["n"] >= 20 and len(compare["models"]) >= 2
     html = (work / "compare.html").read_text()
     assert "data:image/png;base64," in html and "<script" not in html
