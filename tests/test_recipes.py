@@ -65,6 +65,7 @@ def test_hnscc_recipe(inputs: Path, tmp_path: Path) -> None:
     run, work = _run("hnscc", inputs, tmp_path)
     compare = _check(run, work)
     assert compare["n"] == 64 and compare["events"] == 23  # the documented held-out split (seed 42)
+    assert [m["label"] for m in compare["models"]] == ["clinical", "body-composition", "combined", "deployable"]
     assert _auc(compare, "clinical") > _auc(compare, "body-composition")
     features = pd.read_csv(work / "features.csv")
     assert features.loc[0, "bc_level"] == "L3" and features.loc[0, "bc_smi"] > 0
