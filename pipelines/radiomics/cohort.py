@@ -1,11 +1,8 @@
-"""``prognode cohort features``: a feature table from a folder of studies.
+"""Registers ``prognode cohort features`` and holds the cohort table helpers.
 
-One subfolder per study holding its CT series and a SEG or RTSTRUCT of the tumour (any file
-names, any nesting).  Each study becomes one CSV row: ``study`` (the subfolder name), UIDs, the
-ROI used, the parameter file and its sha256, then ``intra_*``, ``ring3_*``, ``ring6_*``,
-``ring9_*`` features.  The table is rewritten atomically after every study, so an interrupted
-run loses nothing and a re-run skips the studies already in it.  A study that fails is recorded
-in ``<out>.errors.csv`` (study, stage, reason) and the run goes on; it is retried next time.
+The command itself (every feature family, one row per study, resumable) is
+:mod:`pipelines.cohort_features.cli`; this module keeps the ``cohort`` group shared with the
+survival tools, the atomic CSV writer and :func:`classify` (used by ``train-deep``).
 """
 
 from __future__ import annotations
@@ -14,7 +11,6 @@ import argparse
 import csv
 import logging
 import os
-import sys
 from collections import defaultdict
 from collections.abc import Mapping, Sequence
 from pathlib import Path
@@ -22,7 +18,7 @@ from typing import Any
 
 import pydicom
 
-from pipelines.base import NotEvaluable, StageError
+from pipelines.base import NotEvaluable
 
 log = logging.getLogger(__name__)
 
@@ -74,75 +70,6 @@ def classify(folder: Path) -> tuple[list[Path], list[Path]]:
     return max(series.values(), key=lambda fs: len(fs)), rois
 
 
-def study_features(folder: Path, options: Mapping[str, Any]) -> dict[str, Any]:
-    from pipelines.common.volume import SeriesToVolume
-    from pipelines.radiomics.pipeline import RadiomicsOptions, check_volume, extract, load_roi
-
-    opts = RadiomicsOptions.from_mapping({k: v for k, v in options.items() if v is not None})
-    ct, rois = classify(folder)
-    volume = SeriesToVolume().run(ct)
-    check_volume(volume)
-    roi = load_roi(volume, rois, opts.label)
-    result = extract(volume, roi, opts)
-    return {
-        "study": folder.name, "study_uid": volume.study_uid, "series_uid": volume.series_uid, "roi_label": roi.label,
-        "roi_source": roi.source_kind, "params": result.params.name, "params_sha256": result.params.sha256,
-        **result.features,
-    }
-
-
-def build(root: Path, out: Path, options: Mapping[str, Any], progress: bool = True) -> tuple[int, int, int]:
-    """Features for every study folder under ``root`` not yet in ``out``: (done, skipped, failed)."""
-    from tqdm import tqdm
-
-    rows: list[dict[str, Any]] = list(read_table(out))
-    done_ids = {r["study"] for r in rows}
-    errors_path = out.with_name(out.stem + ".errors.csv")
-    errors: list[dict[str, Any]] = []
-    studies = sorted(p for p in root.iterdir() if p.is_dir())
-    todo = [s for s in studies if s.name not in done_ids]
-    skipped = len(studies) - len(todo)
-    done = failed = 0
-    for folder in tqdm(todo, desc="cohort features", unit="study", disable=not progress, file=sys.stderr):
-        try:
-            rows.append(study_features(folder, options))
-            write_table_atomic(out, rows)
-            done += 1
-        except (StageError, NotEvaluable, ValueError, OSError) as e:
-            failed += 1
-            stage = getattr(e, "stage", "") or type(e).__name__
-            reason = getattr(e, "reason", "") or str(e)
-            log.warning("study %s failed: %s: %s", folder.name, stage, reason)
-            errors.append({"study": folder.name, "stage": stage, "reason": reason})
-    if errors:
-        write_table_atomic(errors_path, errors, first=("study", "stage", "reason"))
-    elif errors_path.exists():
-        errors_path.unlink()
-    return done, skipped, failed
-
-
-def _add_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("folder", type=Path, help="one subfolder per study: CT series + SEG or RTSTRUCT")
-    p.add_argument("--out", type=Path, required=True, help="feature table (CSV); existing rows are kept and skipped")
-    p.add_argument("--label", default="", help="segment label / ROI name of the tumour (default: the first)")
-    p.add_argument("--params", default=None, help="pyradiomics YAML (default: the shipped ct_v1.yaml)")
-    p.add_argument("--rings-mode", choices=("cumulative", "annular"), default=None)
-    p.add_argument("--no-progress", action="store_true", help="no progress bar")
-
-
-def run(args: argparse.Namespace) -> int:
-    if not args.folder.is_dir():
-        print(f"cohort features: {args.folder} is not a folder", file=sys.stderr)
-        return 2
-    options = {"label": args.label, "params": args.params, "rings_mode": args.rings_mode,
-               "write_seg": False, "write_sr": False}
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    done, skipped, failed = build(args.folder, args.out, options, progress=not args.no_progress)
-    print(f"cohort features: {done} extracted, {skipped} already in {args.out}, {failed} failed"
-          + (f" (see {args.out.with_name(args.out.stem + '.errors.csv')})" if failed else ""))
-    return 1 if failed and not done and not skipped else 0
-
-
 def _cohort_group(subparsers: Any) -> Any:
     """The ``cohort`` sub-command group, reused when another extension (survival) made it first."""
     existing = subparsers.choices.get("cohort")
@@ -156,10 +83,18 @@ def _cohort_group(subparsers: Any) -> Any:
 
 
 def register(subparsers: Any) -> None:
-    """Add ``cohort features`` to the ``prognode`` command line (node/cli.py EXTENSIONS)."""
-    p = _cohort_group(subparsers).add_parser("features", help="radiomics feature table from a folder of studies (resumable)")
-    _add_arguments(p)
+    """Add ``cohort features`` and ``cohort join`` to the ``prognode`` command line (node/cli.py EXTENSIONS)."""
+    from pipelines.cohort_features.cli import add_arguments, add_join_arguments, run, run_join
+
+    group = _cohort_group(subparsers)
+    p = group.add_parser(
+        "features", help="feature table of a folder of studies: body composition, radiomics, deep, dual-phase "
+                         "(resumable)")
+    add_arguments(p)
     p.set_defaults(func=run)
+    j = group.add_parser("join", help="join a feature table to an outcome table by study")
+    add_join_arguments(j)
+    j.set_defaults(func=run_join)
 
 
 def main(argv: Sequence[str] | None = None) -> int:

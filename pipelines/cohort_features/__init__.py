@@ -1,0 +1,1 @@
+"""``prognode cohort features``: one row per study with every feature family and its provenance."""
