@@ -152,3 +152,20 @@ def test_cohort_group_is_shared_with_radiomics() -> None:
     """`prognode cohort` holds radiomics' `features` and survival's `split` and `km` together."""
     r = cli("cohort", "--help")
     assert all(name in r.stdout for name in ("features", "split", "km"))
+
+
+def test_logistic_on_separated_data_is_refused_with_the_reason(tmp_path: Path,
+                                                               capsys: pytest.CaptureFixture[str]) -> None:
+    """An outcome that one feature separates has no maximum-likelihood odds ratio: a clear refusal naming
+    the feature and what to use instead, not an overflow."""
+    import numpy as np
+
+    rng = np.random.default_rng(0)
+    x = rng.normal(size=80)
+    event = (x > 0).astype(int)
+    time = np.where(event == 1, rng.uniform(10, 300, 80), rng.uniform(2000, 4000, 80))
+    pd.DataFrame({"t": time, "e": event, "x": x, "z": rng.normal(size=80)}).to_csv(tmp_path / "c.csv", index=False)
+    rc, _out, err = inproc(capsys, "model", "fit", "--data", tmp_path / "c.csv", "--time", "t", "--event", "e",
+                           "--kind", "logistic", "--horizon", "365", "--out", tmp_path / "m")
+    assert rc == 2 and "separated by x" in err and "--kind binary" in err
+    assert not (tmp_path / "m").exists()

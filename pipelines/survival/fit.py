@@ -46,6 +46,7 @@ from pipelines.survival.data import Cohort, median_follow_up_days
 from pipelines.survival.design import fit_design
 
 log = logging.getLogger(__name__)
+SEPARATION_LOG_OR = 25.0  # |log odds ratio| per standard deviation beyond this: separation, not an estimate
 F64 = npt.NDArray[np.float64]
 
 GROUP_METHODS: dict[str, tuple[tuple[float, ...], tuple[str, ...]]] = {
@@ -345,6 +346,13 @@ def fit_model(cohort: Cohort, opts: FitOptions, software_version: str = "") -> S
     elif opts.kind == "logistic":
         y = event_fit & (time_fit <= float(opts.horizon_days))  # type: ignore[arg-type]
         intercept, coef, se = metrics.logistic_fit(x, y, weights)
+        sds = np.asarray(x, dtype=float).std(axis=0)
+        diverged = [c for c, b, sd in zip(cols, coef, sds, strict=True)
+                    if not math.isfinite(b) or abs(b) * float(sd) > SEPARATION_LOG_OR]
+        if diverged:  # (quasi-)complete separation: the maximum-likelihood odds ratio is infinite
+            raise FitError(f"logistic: the outcome is (nearly) separated by {', '.join(diverged)}: their odds "
+                           "ratios diverge, so this unpenalised fit has no estimate; use fewer features, "
+                           "--kind binary (penalised, cross-validated) or lasso-cox")
         for c, b, e in zip(cols, coef, se, strict=True):
             hrs.append({"term": c, "ratio": math.exp(b), "lower": math.exp(b - 1.96 * e) if math.isfinite(e) else None,
                         "upper": math.exp(b + 1.96 * e) if math.isfinite(e) else None,
