@@ -32,20 +32,21 @@ def table(compare: dict[str, Any]) -> str:
              f"{compare.get('n_boot')} bootstrap resamples",
              "| model | kind | Harrell's C (95% CI) | AUC (DeLong 95% CI) |" if not binary
              else "| model | kind | AUC (bootstrap 95% CI) | AUC (DeLong 95% CI) |", "|---|---|---|---|"]
+    key = "auc" if binary else "horizon_auc"  # compare.py's key of the classifier block
     for m in compare["models"]:
         if binary:
             first = f"{m['auc']:.3f} {_ci(m.get('horizon_auc_ci') or m.get('auc_ci'))}"
         else:
             first = f"{m['c_index']:.3f} {_ci(m.get('c_index_ci'))}"
         auc = m.get("auc") if binary else m.get("horizon_auc")
-        second = f"{auc:.3f} {_ci(m.get('horizon_auc_delong_ci'))}" if auc is not None else "-"
+        second = f"{auc:.3f} {_ci(m.get(f'{key}_delong_ci'))}" if auc is not None else "-"
         lines.append(f"| {m['label']} | {m['kind']} | {first} | {second} |")
     for p in compare.get("pairs", []):
-        d = p.get("c_index_difference") if not binary else p.get("horizon_auc_difference")
-        dl = p.get("horizon_auc_delong") or {}
+        d = p.get("c_index_difference") if not binary else p.get(f"{key}_difference")
+        dl = p.get(f"{key}_delong") or {}
         if d is not None:
             lines.append(f"  {p['a']} - {p['b']}: difference {d:.3f} "
-                         f"{_ci(p.get('c_index_difference_ci') if not binary else p.get('horizon_auc_difference_bootstrap_ci'))}"
+                         f"{_ci(p.get('c_index_difference_ci') if not binary else p.get(f'{key}_difference_bootstrap_ci'))}"
                          + (f", DeLong p={dl['p']:.2f}" if dl.get("p") is not None else ""))
     return "\n".join(lines)
 
