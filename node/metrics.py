@@ -2,8 +2,9 @@
 
 Two kinds of figures:
 
-* **Events of this process** (the SCP and the sweep receiver): instances and bytes received and
-  associations, recorded through :meth:`Metrics.record_instance` / :meth:`Metrics.record_association`.
+* **Events of this process** (the SCP, the STOW-RS receiver and the sweep receiver): instances and bytes
+  received and associations, recorded through :meth:`Metrics.record_instance` /
+  :meth:`Metrics.record_association`, and STOW-RS requests by outcome (:meth:`Metrics.record_stow_request`).
   Pass the :class:`Metrics` object explicitly to whoever records.
 * **State in the database**, computed at scrape time by :class:`DatabaseCollector`: series completed,
   jobs by state, queue depth, export attempts and failures, dead letters, sweep items, and the
@@ -157,14 +158,17 @@ class Metrics:
 
     def __init__(self, db: Database | None = None, registry: CollectorRegistry | None = None) -> None:
         self.registry = registry if registry is not None else CollectorRegistry(auto_describe=True)
-        self.instances_received = Counter("prognode_instances_received", "Instances received (C-STORE)",
-                                          registry=self.registry)
+        # every transport in one counter (C-STORE, STOW-RS parts, sweep retrievals), refused ones included
+        self.instances_received = Counter("prognode_instances_received",
+                                          "Instances received (C-STORE, STOW-RS, sweeps)", registry=self.registry)
         self.bytes_received = Counter("prognode_bytes_received", "Bytes of instances received",
                                       registry=self.registry)
         self.associations = Counter("prognode_associations", "Associations by direction and outcome",
                                     ["direction", "outcome"], registry=self.registry)
         self.sweep_retrieved = Counter("prognode_sweep_series_retrieved", "Series retrieved by sweeps",
                                        ["method"], registry=self.registry)
+        self.stow_requests = Counter("prognode_stow_requests", "STOW-RS requests by outcome (node.stow.OUTCOMES)",
+                                     ["outcome"], registry=self.registry)
         if db is not None:
             self.registry.register(DatabaseCollector(db))
 
@@ -174,6 +178,13 @@ class Metrics:
 
     def record_association(self, direction: str = "in", outcome: str = "accepted") -> None:
         self.associations.labels(direction=direction, outcome=outcome).inc()
+
+    def record_stow_request(self, outcome: str) -> None:
+        self.stow_requests.labels(outcome=outcome).inc()
+
+    def instances_received_total(self) -> int:
+        """Instances received by this process so far (the dashboard's count)."""
+        return int(self.registry.get_sample_value("prognode_instances_received_total") or 0)
 
     def record_sweep_retrieval(self, method: str) -> None:
         self.sweep_retrieved.labels(method=method).inc()

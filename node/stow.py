@@ -13,7 +13,11 @@ ReferencedSOPSequence for the stored instances, FailedSOPSequence with a Failure
 the door gave, or 0122 / C122 for a SOP class or transfer syntax not accepted) for the others, and one
 ``Warning: 299`` header per refused part with the reason in words; 200 when every instance was stored,
 202 when some were, 409 when none was; 400 for a body that is not multipart, 415 for another media type.
-The write token is required (node.web.auth, as every write of the web app)."""
+The write token is required (node.web.auth, as every write of the web app).
+
+Metrics (node.metrics): every part counts in ``prognode_instances_received_total`` and its bytes (the Part 10
+file as received) in ``prognode_bytes_received_total``, as each C-STORE request does, refused ones included;
+each request answered counts in ``prognode_stow_requests_total{outcome}`` (:data:`OUTCOMES`)."""
 
 from __future__ import annotations
 
@@ -39,6 +43,7 @@ from node.dicom_facts import STORAGE_CLASS_UIDS, TRANSFER_SYNTAX_UIDS
 from node.handlers import CANNOT_UNDERSTAND, OUT_OF_RESOURCES, PREAMBLE, Door, Receipt
 from node.header import file_meta_bytes
 from node.index import Index
+from node.metrics import Metrics
 from node.server import route_keywords
 from node.storage import Storage
 
@@ -52,6 +57,9 @@ META_MAX_BYTES = 64 * 1024  # a File Meta Information group longer than this is 
 MAX_WARNINGS = 20  # Warning headers per response
 _ACCEPTED_CLASSES = frozenset(str(u) for u in STORAGE_CLASS_UIDS)
 _ACCEPTED_SYNTAXES = frozenset(str(u) for u in TRANSFER_SYNTAX_UIDS)
+# the outcome label of prognode_stow_requests_total for each HTTP status a STOW-RS request is answered with
+OUTCOMES = {200: "stored", 202: "partial", 409: "refused", 400: "malformed", 413: "too_large",
+            415: "unsupported_media_type", 503: "unavailable"}
 _BOUNDARY = re.compile(r'boundary=(?:"([^"]{1,200})"|([^;,\s"]{1,200}))', re.IGNORECASE)
 
 
@@ -157,10 +165,11 @@ def warning(text: str) -> str:
 class StowReceiver:
     """Stores the parts of STOW-RS requests through the node's door (:class:`node.handlers.Door`)."""
 
-    def __init__(self, config: Config, db: Database, audit: AuditSink) -> None:
+    def __init__(self, config: Config, db: Database, audit: AuditSink, metrics: Metrics | None = None) -> None:
         self.config = config
         self.db = db
         self.audit = audit
+        self.metrics = metrics
         self.max_request_bytes = config.web.stow_max_request_bytes
         self._door: Door | None = None
 
@@ -172,6 +181,11 @@ class StowReceiver:
             self._door = Door(store, Index(self.db, cfg.storage_dir), self.audit, route_keywords(cfg),
                               cfg.node.max_dataset_bytes, via="STOW-RS")
         return self._door
+
+    def count(self, status: int) -> None:
+        """Count a request answered with HTTP ``status`` (also those the web app answers before :meth:`receive`)."""
+        if self.metrics is not None:
+            self.metrics.record_stow_request(OUTCOMES.get(status, "other"))
 
     def spool(self) -> IO[bytes]:
         """A temporary file for a request body, on the storage's file system, gone when closed."""
@@ -190,6 +204,7 @@ class StowReceiver:
         except StowError as e:
             logger.warning("STOW-RS from %s refused: HTTP %d %s", peer, e.status, e.reason)
             self.audit.write("stow_refused", peer=peer, status=e.status, reason=e.reason)
+            self.count(e.status)
             return StowResult(e.status, {}, [warning(e.reason)])
         stored = [r for r in receipts if r.ok]
         failed = [r for r in receipts if not r.ok]
@@ -201,6 +216,7 @@ class StowReceiver:
         status = 200 if not failed else (202 if stored else 409)
         warnings = [warning(f"{r.sop_instance_uid or 'part'}: {r.reason}") for r in failed[:MAX_WARNINGS]]
         logger.info("STOW-RS from %s: %d stored, %d refused (HTTP %d)", peer, len(stored), len(failed), status)
+        self.count(status)
         return StowResult(status, answer.to_json_dict(), warnings)
 
     def _parts(self, mm: mmap.mmap, boundary: bytes, peer: str) -> list[Receipt]:
@@ -209,6 +225,8 @@ class StowReceiver:
         try:
             for headers, start, end in split_parts(mm, boundary):
                 part = view[start:end]
+                if self.metrics is not None:  # as a C-STORE request is counted on arrival (node.metrics)
+                    self.metrics.record_instance(len(part))
                 try:
                     receipts.append(self._one(part, headers, peer))
                 finally:

@@ -21,7 +21,7 @@ from node.handlers import CANNOT_UNDERSTAND, OUT_OF_RESOURCES
 from node.service import Node
 from node.stow import boundary_of, split_parts
 from tests.node_helpers import ROUTE, running_node, write_config
-from tests.peers import free_port, wait_until
+from tests.peers import free_port, storescu, wait_until
 from tests.synthetic_ct import write_study
 
 pytestmark = pytest.mark.peers
@@ -125,6 +125,38 @@ def test_refusals_with_reasons(tmp_path: Path, node: Node) -> None:
     assert r.status_code == 400 and "boundary" in r.headers["Warning"]
     refused = [e for e in node.audit.read() if e["event"] == "instance_refused"]
     assert {e["via"] for e in refused} == {"STOW-RS"} and len(refused) == 3
+
+
+def _scrape(node: Node) -> dict[str, float]:
+    from prometheus_client.parser import text_string_to_metric_families
+
+    text = requests.get(f"{url(node).removesuffix('/dicom-web')}/metrics", timeout=30).text
+    return {s.name + "".join(f"/{v}" for v in s.labels.values()): s.value
+            for fam in text_string_to_metric_families(text) for s in fam.samples}
+
+
+def test_stow_instances_are_counted_as_c_store_ones(tmp_path: Path, node: Node) -> None:
+    """STOW-RS parts count in the same prognode_instances_received_total and bytes as C-STORE requests, refused
+    ones included; each request in prognode_stow_requests_total{outcome}; the dashboard shows the count."""
+    study = write_study(tmp_path / "ct", 10, dt.date(2025, 7, 4), slices=3)
+    storescu(node.port, study.files[:1])
+    before = _scrape(node)
+    assert before["prognode_instances_received_total"] == 1.0  # the C-STORE one
+    parts = [study.files[1].read_bytes(), study.files[2].read_bytes(), b"\x00" * 200 + b"not dicom"]
+    body, ctype = multipart(parts)
+    assert post(node, body, ctype).status_code == 202
+    assert post(node, parts[2], "application/dicom").status_code == 415
+    assert post(node, b"x" * (2 << 20), ctype).status_code == 413
+    after = _scrape(node)
+    assert after["prognode_instances_received_total"] == 4.0
+    assert after["prognode_bytes_received_total"] - before["prognode_bytes_received_total"] == sum(map(len, parts))
+    assert {k: v for k, v in after.items() if k.startswith("prognode_stow_requests_total")} == {
+        "prognode_stow_requests_total/partial": 1.0, "prognode_stow_requests_total/unsupported_media_type": 1.0,
+        "prognode_stow_requests_total/too_large": 1.0}
+    assert after["prognode_instances_stored"] == 3.0  # the index: the C-STORE one and the two STOW-RS ones
+    page = requests.get(url(node).removesuffix("/dicom-web") + "/", timeout=30,
+                        headers={"Authorization": f"Bearer {READ_TOKEN}"}).text
+    assert "Instances received<b>4</b>" in page
 
 
 def test_multipart_parsing() -> None:

@@ -289,7 +289,7 @@ def create_app(config: Config, db: Database, metrics: Metrics, audit: AuditSink 
             raise HTTPException(e.status, str(e)) from None
         return data.LevelOut(job_id=q.job_id, sop_instance_uid=q.sop_instance_uid)
 
-    stow = StowReceiver(config, db, audit if audit is not None else AuditLog(None))
+    stow = StowReceiver(config, db, audit if audit is not None else AuditLog(None), metrics)
 
     @app.post("/dicom-web/studies", tags=["write"], response_class=Response)
     async def stow_rs(request: Request, who: Annotated[str, Depends(require_write)]) -> Response:
@@ -303,17 +303,20 @@ def create_app(config: Config, db: Database, metrics: Metrics, audit: AuditSink 
         peer = f"{_client(request)}:{request.client.port if request.client else 0}"
         declared = request.headers.get("content-length")
         if declared is not None and declared.isdigit() and int(declared) > stow.max_request_bytes:
+            stow.count(413)
             return _stow_answer(413, {}, [f"request of {declared} bytes over [web] stow_max_request_bytes "
                                           f"({stow.max_request_bytes})"])
         try:
             spooled = await run_in_threadpool(stow.spool)
         except OSError as e:
+            stow.count(503)
             return _stow_answer(503, {}, [f"cannot spool the request: {e.strerror or e}"])
         with spooled:
             size = 0
             async for chunk in request.stream():
                 size += len(chunk)
                 if size > stow.max_request_bytes:
+                    stow.count(413)
                     return _stow_answer(413, {}, [f"request over [web] stow_max_request_bytes "
                                                   f"({stow.max_request_bytes})"])
                 await run_in_threadpool(spooled.write, chunk)
@@ -397,6 +400,7 @@ def create_app(config: Config, db: Database, metrics: Metrics, audit: AuditSink 
             "Jobs running": figures.get(f"jobs.{JobState.RUNNING}", 0),
             "Jobs done": figures.get(f"jobs.{JobState.DONE}", 0),
             **{f"Queue {lane}": depth for lane, depth in lanes.items()},  # ready to run, by lane (node.lanes)
+            "Instances received": metrics.instances_received_total(),  # by this process: C-STORE, STOW-RS, sweeps
         }
         dead = data.list_dead_letters(db, 100)
         counts["Dead letters"] = figures.get(f"jobs.{JobState.DEAD}", 0) + figures.get(f"exports.{ExportState.DEAD}", 0)
