@@ -39,7 +39,7 @@ from node.server import DicomServer, route_keywords
 from node.storage import Storage
 from node.sweep.retrieve import in_flight as sweep_in_flight
 from node.tls import client_identity_handlers, server_context
-from node.watermark import FreeSpace, Watermark, association_handlers
+from node.watermark import association_handlers, attach, detach, for_node
 
 logger = logging.getLogger(__name__)
 
@@ -81,12 +81,8 @@ class Node:
         self.ops = Operations(config, self.db, self.audit)
         # retention and the disk watermarks (issue 14): purge on the schedule and below the first mark
         self.retention = Retention(config, self.db, self.audit)
-        self.watermark = Watermark(FreeSpace(config.storage_dir, config.retention.check_seconds),
-                                   config.node.min_free_bytes, config.node.associate_floor,
-                                   config.retention.headroom_bytes, self.audit,
-                                   self.retention.free_up if config.retention.enabled else None)
-        if self.storage.low_space is None:
-            self.storage.low_space = self.watermark.relieve
+        self.watermark = for_node(config, self.audit, self.retention)
+        attach(self.storage, self.watermark)
         self._retention_scheduler: Any = None
         self.server = DicomServer(config, self.storage, self.index, self.audit,
                                   server_ssl_context(config.node.tls, config),
@@ -182,8 +178,7 @@ class Node:
             # running jobs are not waited for: they are pending again at the next start
             self.runner.shutdown(wait=False)
         self.ops.stop()
-        if self.storage.low_space == self.watermark.relieve:
-            self.storage.low_space = None
+        detach(self.storage, self.watermark)
         self.storage.close()  # after the SCP and the jobs: removes the temporary files made ahead of time
         self._running_mark.unlink(missing_ok=True)  # a clean stop: no recovery at the next start
         self.audit.write("node_stopped")

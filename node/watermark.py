@@ -13,6 +13,10 @@ level is logged and audited once (``disk_watermark``: level, free_bytes, the mar
 each refused instance and rejected association has its own audit record as usual.  With ``[retention]
 enabled`` a monitor (:meth:`Watermark.run`) also purges ahead of time, oldest first, whenever free space is
 under ``min_free_bytes + headroom_bytes``.
+
+:func:`for_node` builds the node's watermark from its configuration and :func:`attach` hooks its relief into
+a :class:`~node.storage.Storage`: ``prognode serve`` (node.service) and ``prognode sweep`` (node.sweep.cli)
+both do, so a sweep run from the command line purges what retention allows before it refuses too.
 """
 
 from __future__ import annotations
@@ -24,7 +28,7 @@ import time
 from collections.abc import Callable
 from enum import StrEnum
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from pynetdicom import evt
 
@@ -35,6 +39,11 @@ from node.access import (
     reject_association,
 )
 from node.audit import AuditSink
+
+if TYPE_CHECKING:
+    from node.config import Config
+    from node.retention import Retention
+    from node.storage import Storage
 
 logger = logging.getLogger(__name__)
 
@@ -141,6 +150,31 @@ class Watermark:
             except Exception:
                 logger.exception("disk watermark check failed")
             stop.wait(self.space.max_age)
+
+
+def for_node(config: Config, audit: AuditSink | None, retention: Retention | None,
+             probe: Callable[[Path], int] | None = None) -> Watermark:
+    """The node's watermark: the marks of ``[node]``, free space every ``[retention] check_seconds``, and the
+    purge of ``retention`` when ``[retention] enabled`` (else nothing is deleted); ``probe`` as for
+    :class:`FreeSpace`."""
+    purge = retention.free_up if retention is not None and config.retention.enabled else None
+    return Watermark(FreeSpace(config.storage_dir, config.retention.check_seconds, probe), config.node.min_free_bytes,
+                     config.node.associate_floor, config.retention.headroom_bytes, audit, purge)
+
+
+def attach(storage: Storage, watermark: Watermark) -> bool:
+    """Below ``min_free_bytes`` ``storage`` asks ``watermark`` to relieve before it refuses; True when attached
+    (a shared Storage keeps the relief attached first: one per process, see :meth:`Storage.shared`)."""
+    if storage.low_space is not None:
+        return False
+    storage.low_space = watermark.relieve
+    return True
+
+
+def detach(storage: Storage, watermark: Watermark) -> None:
+    """Undo :func:`attach` (only if ``watermark``'s relief is the one attached)."""
+    if storage.low_space == watermark.relieve:
+        storage.low_space = None
 
 
 def _on_requested(event: Any, watermark: Watermark, audit: AuditSink | None) -> None:

@@ -11,6 +11,8 @@ import json
 import shutil
 from dataclasses import dataclass
 from pathlib import Path
+from types import SimpleNamespace
+from typing import Any
 
 import pytest
 from sqlalchemy import func, select
@@ -20,10 +22,12 @@ from node.audit import AuditLog
 from node.cli import main as cli_main
 from node.config import Config, load
 from node.db import Database, Export, ExportState, Instance, Job, JobState, Series, SeriesState, now
+from node.dicom_facts import SweepState
 from node.index import Index, InstanceMeta
 from node.jobs import NothingToResend, resend_job
 from node.retention import Kind, Retention, Trigger, table
-from node.storage import Storage
+from node.storage import OutOfSpace, Storage
+from node.sweep import cli as sweep_cli
 from node.watermark import FreeSpace, Level, Watermark
 from tests.conftest import need
 from tests.node_helpers import running_node, write_config
@@ -207,6 +211,48 @@ def test_cli_dry_run_lists_and_run_deletes(tmp_path: Path, capsys: pytest.Captur
     doc = json.loads(capsys.readouterr().out)
     assert {p["kind"] for p in doc["purged"]} == {Kind.INSTANCES.value, Kind.WORK.value} and doc["files"] == 7
     assert len(_files(cfg, st["exported"])) == 0 and len(_files(cfg, st["pending"])) == 3
+
+
+def test_sweep_cli_storage_purges_before_it_refuses(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """``prognode sweep`` (node.sweep.cli) stores through a Storage with the serve's watermark relief: below
+    node.min_free_bytes an instance is refused without [retention] enabled, stored after a purge with it.
+    Free space is a stand-in (the disk holds the instance and work files and 500 bytes more) and the sweep
+    one C-GET instance written through the process's shared Storage."""
+    cfg_path = write_config(tmp_path, retention={"days": 30, "headroom_bytes": 0})
+    cfg = load(cfg_path, environ={})
+    db, _store, st = _world(tmp_path, cfg)
+    db.dispose()
+
+    def used() -> int:
+        return sum(f.stat().st_size for d in ("instances", "jobs") for f in (cfg.storage_dir / d).rglob("*")
+                   if f.is_file())
+
+    capacity = used() + 500
+    monkeypatch.setattr(shutil, "disk_usage", lambda _p: SimpleNamespace(total=capacity, free=capacity - used()))
+    outcomes: list[str] = []
+
+    def sweep(config: Config, *_args: Any, **_kw: Any) -> SimpleNamespace:
+        store = Storage.shared(config.storage_dir, config.node.fsync, config.node.min_free_bytes)
+        try:
+            store.write_instance("1.2.826.0.1.99", "1.2.826.0.1.99.1", "1.2.826.0.1.99.1.1", [b"\0" * 300])
+            outcomes.append("stored")
+        except OutOfSpace as e:
+            outcomes.append(str(e))
+        finally:
+            store.close()
+        return SimpleNamespace(state=SweepState.DONE, failed=0)
+
+    monkeypatch.setattr(sweep_cli, "run_sweep", sweep)
+    argv = ["sweep", "--config", str(cfg_path), "--from", "2025-01-01", "--to", "2025-01-02",
+            "--set", "node.min_free_bytes=1000"]
+    assert cli_main([*argv, "--set", "retention.enabled=false"]) == 0
+    assert "below node.min_free_bytes" in outcomes[-1] and all(len(_files(cfg, s)) == 3 for s in st.values())
+    assert cli_main([*argv, "--set", "retention.enabled=true"]) == 0
+    assert outcomes[-1] == "stored" and capacity - used() >= 1000
+    assert len(_files(cfg, st["exported"])) == 0 or len(_files(cfg, st["no-job"])) == 0
+    assert len(_files(cfg, st["pending"])) == 3 and len(_files(cfg, st["dead"])) == 3
+    audit = AuditLog(cfg.path(cfg.logging.audit_file)).read()
+    assert {r["trigger"] for r in audit if r["event"] == "retention_purged"} == {"watermark"}
 
 
 # Real peers: the node, dcmtk ---------------------------------------------------------------------------

@@ -1,20 +1,44 @@
-"""``prognode sweep --config FILE --from DATE --to DATE [--dry-run] [--source NAME] [--json]``."""
+"""``prognode sweep --config FILE --from DATE --to DATE [--dry-run] [--source NAME] [--json]``.
+
+The instances it retrieves (C-GET, WADO-RS) go through the process's shared :class:`~node.storage.Storage`
+with the disk watermark's relief attached as in ``prognode serve`` (:func:`relieved_storage`): below
+``[node] min_free_bytes`` what ``[retention]`` allows is purged (when enabled) before an instance is refused."""
 
 from __future__ import annotations
 
 import argparse
 import json
 import logging
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
 from node import config as config_mod
-from node.audit import AuditLog
+from node.audit import AuditLog, AuditSink
+from node.config import Config
+from node.db import Database
 from node.dicom_facts import SweepState
+from node.retention import Retention
+from node.storage import Storage
 from node.sweep.plan import SweepError, parse_date
 from node.sweep.sweeper import open_database, run_sweep
+from node.watermark import attach, detach, for_node
+
+
+@contextmanager
+def relieved_storage(config: Config, db: Database, audit: AuditSink | None) -> Iterator[Storage]:
+    """The shared Storage that :func:`run_sweep` writes through, its watermark relief attached (node.watermark,
+    the same wiring as node.service) while the sweep runs."""
+    storage = Storage.shared(config.storage_dir, config.node.fsync, config.node.min_free_bytes)
+    watermark = for_node(config, audit, Retention(config, db, audit))
+    attach(storage, watermark)
+    try:
+        yield storage
+    finally:
+        detach(storage, watermark)
+        storage.close()
 
 
 def _cmd_sweep(args: argparse.Namespace) -> int:
@@ -22,8 +46,9 @@ def _cmd_sweep(args: argparse.Namespace) -> int:
     db = open_database(config)
     try:
         audit = AuditLog(config.path(config.logging.audit_file))
-        out = run_sweep(config, db, parse_date(args.date_from), parse_date(args.date_to), args.dry_run,
-                        args.source, audit=audit, progress=lambda line: print(line, flush=True))
+        with relieved_storage(config, db, audit):
+            out = run_sweep(config, db, parse_date(args.date_from), parse_date(args.date_to), args.dry_run,
+                            args.source, audit=audit, progress=lambda line: print(line, flush=True))
     except (SweepError, config_mod.ConfigError, ValueError) as e:
         print(f"prognode sweep: {e}", flush=True)
         return 2
