@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import shutil
 from collections.abc import Iterator
 from pathlib import Path
@@ -52,3 +53,18 @@ def database_url(request: pytest.FixtureRequest, tmp_path: Path) -> str:
         return f"sqlite:///{tmp_path / 'prognode.db'}"
     server: pg.PgServer = request.getfixturevalue("pg_server")
     return server.create_database()
+
+
+@pytest.fixture(autouse=True)
+def _root_logging_restored() -> Iterator[None]:
+    """A test that runs a CLI in-process configures logging (node.logs: a plain StreamHandler on the
+    sys.stderr of that moment, pytest's capture); remove such handlers after the test, so a server
+    thread that logs after the test ended does not write to a closed capture file.  pytest's own
+    handlers (subclasses, swapped per test phase) are left alone."""
+    root = logging.getLogger()
+    before, level = set(root.handlers), root.level
+    yield
+    for h in list(root.handlers):
+        if type(h) is logging.StreamHandler and h not in before:
+            root.removeHandler(h)
+    root.setLevel(level)
