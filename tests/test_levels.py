@@ -152,3 +152,20 @@ def test_real_ct_t11_t12_separated_at_the_disc(shared_data: Path, tmp_path: Path
     disc = t12.last + 0.5
     assert max(t12_slices) - 1 <= disc <= t11_first + 1, (disc, at)
     assert res.level is None and "no anchor" in " ".join(res.notes)
+
+
+def test_thin_cervical_discs_separated_at_1mm() -> None:
+    """At 1 mm a cervical disc is one or two slices between bright endplates; smoothing alone turned it into a
+    bright band (and the middle of each body into a false dip), which merged vertebrae in pairs so that the T1
+    rib anchor and the neck anchors disagreed.  Every disc C2/C3 to T4/T5 is found and all three agree."""
+    case = _case("gl003", 1.0)  # C1-T5
+    res, _ = _find(case)
+    assert res.level == "C3" and res.slice_index is not None, res.notes
+    assert abs(res.slice_index - case.truth_mid["C3"]) <= 1.5  # 1.5 mm
+    kinds = {a.name for a in res.anchors}
+    assert kinds >= {"highest rib-bearing vertebra", "dens of C2", "skull base"}, res.notes
+    assert all(a.agrees for a in res.anchors) and res.confidence == "high"
+    named = {v.name: v for v in res.vertebrae if v.middle is not None}
+    for name in ("C3", "C4", "C5", "C6", "C7", "T1", "T2", "T3", "T4"):
+        assert name in named, (name, sorted(named))
+        assert abs(named[name].middle - case.truth_mid[name]) <= 3.0, (name, named[name].middle)  # type: ignore[operator]

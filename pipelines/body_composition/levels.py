@@ -459,6 +459,8 @@ class _Ctx:
         self.prof_n = sn
         w = max(2, int(round(15.0 / dz)))
         cands = self.disc_candidates(sn, w)
+        if dz < 2.0:
+            cands = self.thin_disc_candidates(prof, w, cands)
         self.disc_cands = cands
         if not cands:
             return []
@@ -547,6 +549,33 @@ class _Ctx:
             out.append((float(pos), float(sc)))
             i = j + 1
         return out
+
+    def thin_disc_candidates(self, prof: NDArray[np.float64], w: int, cands: list[tuple[float, float]]
+                             ) -> list[tuple[float, float]]:
+        """Add the discs thinner than about 3 mm that the smoothed profile loses (thin slices only).
+
+        A cervical (or narrowed) disc on 1 mm slices is one or two slices of soft tissue between two
+        bright endplates; smoothing averages the three into a bright band.  A minimum over about 3 mm
+        widens the disc's dip and removes the endplates' thin peaks (a body's cancellous plateau is
+        wider and stays), so the disc is a dip there.  Only dips where the smoothed profile found no
+        disc are added: discs thicker than the slices keep their place and score.  A dip of the smoothed
+        profile where every slice within 1.5 mm is bone (the middle of a body between two thin discs'
+        bright bands) is no disc and is dropped.
+        """
+        dz = self.dz
+        size = 2 * max(1, int(round(1.5 / dz))) + 1
+        s2 = ndi.gaussian_filter1d(ndi.minimum_filter1d(prof, size, mode="nearest"), 1.5 / dz, mode="nearest")
+        lo_, med = np.percentile(s2, [10, 50])
+        sn2 = (s2 - lo_) / max(float(med - lo_), 30.0)
+        keep_raw = self.raw_cands
+        thin = self.disc_candidates(sn2, w)
+        self.raw_cands = keep_raw
+        merge = max(8.0, 1.5 * dz) / dz
+        kept = [c for c in cands if sn2[int(np.clip(round(c[0]), 0, self.n - 1))] < 0.5]
+        added = [c for c in thin if all(abs(c[0] - d[0]) > merge for d in kept)]
+        self.thin_cands = added
+        self.dropped_cands = [c for c in cands if c not in kept]
+        return sorted(kept + added)
 
     @staticmethod
     def _subslice(sn: NDArray[np.float64], k: int, dip: bool) -> float:
