@@ -109,11 +109,25 @@ def test_neck_c3_named_from_dens_and_skull_base() -> None:
             assert abs(v.middle - case.truth_mid[v.name]) <= 1.0, (v.name, v.middle)
 
 
+def test_dens_inside_a_one_piece_atlas_ring() -> None:
+    """gl017 at 3 mm: C1's anterior arch and lateral masses are one piece of bone around the dens (the dens
+    detector wanted them as separate pieces and missed the dens, leaving the skull base alone)."""
+    case = _case("gl017", 3.0)  # C1-T4
+    res, _ = _find(case)
+    assert res.level == "C3" and res.slice_index is not None, res.notes
+    assert abs(res.slice_index - case.truth_mid["C3"]) <= 1.0
+    assert {a.name for a in res.anchors} >= {"dens of C2", "skull base"} and res.confidence == "high"
+
+
 def test_neck_never_names_a_wrong_c3() -> None:
-    case = _case("gl017", 3.0)  # C1-T4: here the dens is not found and the skull base alone does not name
+    """gl017 at 5 mm: the C2/C3 and C3/C4 discs are not separated, so the top segment is C2 with C3 and C4.
+    The dens lies far too high above that segment's lower disc for C2 and is not used: no C3 is named."""
+    case = _case("gl017", 5.0)
     res, _ = _find(case)
     if res.level is None:
         assert res.confidence == "low" and res.notes
+        assert "dens of C2" not in {a.name for a in res.anchors}
+        assert any("C2 is shorter" in x for x in res.notes), res.notes
     else:
         assert res.slice_index is not None and abs(res.slice_index - case.truth_mid["C3"]) <= 1.0
 

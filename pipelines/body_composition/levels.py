@@ -49,6 +49,8 @@ IDX = {n: i for i, n in enumerate(ORDER)}
 METHOD = "canal-profile-anchors"
 # anchors trusted to name the column on their own ("moderate"); the others need a second, agreeing anchor
 STANDALONE = frozenset({"sacrum", "lowest rib-bearing vertebra"})
+# the dens inside C1's ring lies at most this far above the C2/C3 disc (C2 is 35-45 mm from dens tip to endplate)
+DENS_ABOVE_DISC_MM = 40.0
 
 
 @dataclass(frozen=True)
@@ -831,7 +833,8 @@ class _Ctx:
             if crop.size == 0:
                 continue
             lab, nl = ndi.label(crop)
-            if nl < 3:
+            # the dens and C1's ring; the anterior arch and the lateral masses are often one piece
+            if nl < 2:
                 continue
             sizes = np.bincount(lab.ravel(), minlength=nl + 1) * dy * dx
             for i in range(1, nl + 1):
@@ -857,7 +860,16 @@ class _Ctx:
             si = next((i for i, s in enumerate(segs) if s.lo <= dk <= s.hi), None)
             if si is not None:
                 s = segs[si]
-                out.append((Anchor("dens of C2", (min(dens_k), max(dens_k)), (s.first, s.last), ("C2",)), si, {"C2"}))
+                # C2 measures about 35-45 mm from the tip of the dens to its lower endplate: the dens inside
+                # C1's ring lies less than DENS_ABOVE_DISC_MM above the C2/C3 disc.  Higher, the segment is
+                # C2 with C3 (or more) below it, a disc missed, and it is not C2.
+                above = (dk - s.lo) * dz
+                if s.edge_lo or above > DENS_ABOVE_DISC_MM:
+                    self.notes.append(f"dens of C2 at slices {min(dens_k)}-{max(dens_k)} lies {above:.0f} mm above "
+                                      "the disc below its segment (C2 is shorter: a disc below it missed): not used")
+                else:
+                    out.append((Anchor("dens of C2", (min(dens_k), max(dens_k)), (s.first, s.last), ("C2",)), si,
+                                {"C2"}))
         if self.skull_from is not None:
             # C1 has no body: the highest complete segment of the column under the skull is C2 (body and dens)
             cand = [i for i, s in enumerate(segs) if not s.edge_lo and s.lo < top]
