@@ -861,9 +861,9 @@ class _Ctx:
             if si is not None:
                 s = segs[si]
                 # C2 measures about 35-45 mm from the tip of the dens to its lower endplate: the dens inside
-                # C1's ring lies less than DENS_ABOVE_DISC_MM above the C2/C3 disc.  Higher, the segment is
-                # C2 with C3 (or more) below it, a disc missed, and it is not C2.
-                above = (dk - s.lo) * dz
+                # C1's ring (its lowest slice there) lies less than DENS_ABOVE_DISC_MM above the C2/C3 disc.
+                # Higher, the segment is C2 with C3 (or more) below it, a disc missed, and it is not C2.
+                above = (min(dens_k) - s.lo) * dz
                 if s.edge_lo or above > DENS_ABOVE_DISC_MM:
                     self.notes.append(f"dens of C2 at slices {min(dens_k)}-{max(dens_k)} lies {above:.0f} mm above "
                                       "the disc below its segment (C2 is shorter: a disc below it missed): not used")
