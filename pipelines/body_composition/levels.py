@@ -73,6 +73,7 @@ class LevelParams:
     min_depth: float = 0.12  # of the profile's 10-90 % range
     min_peak: float = 0.25  # a bright band (thin disc between two endplates, slices >= 2 mm)
     peak_weight: float = 0.7
+    plateau_dip: float = 0.9  # slices >= 2 mm: a dip at or above this normalised level is a body's middle
     height_change_cost: float = 0.35  # per unit |log(h_i / h_{i-1})|
     pitch_cost: float = 0.3  # per unit |log(h / expected)|, expected = the body's depth
     corridor_mm: float = 26.0  # spinal corridor half width for rib search
@@ -520,7 +521,9 @@ class _Ctx:
             next_ = sn[k + 1] if k + 1 < n else sn[k]
             if sn[k] <= prev_ and sn[k] <= next_ and (sn[k] < prev_ or sn[k] < next_):
                 depth = min(lv, rv) - float(sn[k])
-                if depth >= p.min_depth:
+                # on thick slices a dip that stays at the bodies' plateau is the cancellous middle of a body
+                # between two thin discs' bright bands, not a disc (a disc is soft tissue below the plateau)
+                if depth >= p.min_depth and not (dz >= 2.0 and sn[k] >= p.plateau_dip):
                     raw.append((self._subslice(sn, k, dip=True), depth, True))
             elif sn[k] >= prev_ and sn[k] >= next_ and (sn[k] > prev_ or sn[k] > next_) and dz >= 2.0:
                 height = float(sn[k]) - max(lv, rv)
@@ -530,12 +533,27 @@ class _Ctx:
         self.raw_cands = raw
         out: list[tuple[float, float]] = []
         merge = max(8.0, 1.5 * dz) / dz
+        groups: list[list[tuple[float, float, bool]]] = []
+        rest = raw
+        if dz >= 2.0:
+            # each dip with the bright bands (endplates) within a disc's height of it is one disc; chaining
+            # anomalies one slice apart would join the discs of a whole cervical spine at 5 mm into one
+            taken: set[int] = set()
+            for di in sorted((i for i, r in enumerate(raw) if r[2]), key=lambda i: -raw[i][1]):
+                if di in taken:
+                    continue
+                members = [i for i, r in enumerate(raw) if i not in taken and abs(r[0] - raw[di][0]) <= merge]
+                taken.update(members)
+                groups.append([raw[i] for i in members])
+            rest = [r for i, r in enumerate(raw) if i not in taken]
         i = 0
-        while i < len(raw):
+        while i < len(rest):
             j = i
-            while j + 1 < len(raw) and raw[j + 1][0] - raw[j][0] <= merge:
+            while j + 1 < len(rest) and rest[j + 1][0] - rest[j][0] <= merge:
                 j += 1
-            grp = raw[i : j + 1]
+            groups.append(rest[i : j + 1])
+            i = j + 1
+        for grp in sorted(groups, key=lambda g_: min(x[0] for x in g_)):
             # a dip places the disc (the nucleus between two endplates) unless it is a shallow wobble
             # between the bright bands of a thin disc
             top_peak = max((g[1] for g in grp if not g[2]), default=0.0)
@@ -549,8 +567,7 @@ class _Ctx:
                 pos = sum(g[0] * g[1] for g in pk) / wsum
                 sc = max(g[1] for g in grp)
             out.append((float(pos), float(sc)))
-            i = j + 1
-        return out
+        return sorted(out)
 
     def thin_disc_candidates(self, prof: NDArray[np.float64], w: int, cands: list[tuple[float, float]]
                              ) -> list[tuple[float, float]]:
