@@ -748,10 +748,11 @@ class _Ctx:
         for i in range(len(segs) - 1, -1, -1):
             if not bearing[i]:
                 continue
-            # highest rib-bearing (T1): the two vertebrae above (C7, C6) complete and rib-free, and the one
-            # below (T2) rib-bearing too
+            # highest rib-bearing (T1): ribs on both sides (the first rib pair articulates on both; a rib
+            # seen on one side only is as likely a stray bone or a missed T1 rib), the two vertebrae above (C7,
+            # C6) complete and rib-free, and the one below (T2) rib-bearing too
             above = segs[i + 1 : i + 3]
-            if len(above) == 2 and all(complete[i + 1 : i + 3]) and i >= 1 and bearing[i - 1]:
+            if len(above) == 2 and all(complete[i + 1 : i + 3]) and i >= 1 and bearing[i - 1] and both[i]:
                 s = segs[i]
                 out.append((Anchor("highest rib-bearing vertebra", (s.first, s.last), (s.first, s.last), ("T1",)),
                             i, {"T1"}))
