@@ -49,6 +49,8 @@ IDX = {n: i for i, n in enumerate(ORDER)}
 METHOD = "canal-profile-anchors"
 # anchors trusted to name the column on their own ("moderate"); the others need a second, agreeing anchor
 STANDALONE = frozenset({"sacrum", "lowest rib-bearing vertebra"})
+# the dens inside C1's ring lies at most this far above the C2/C3 disc (C2 is 35-45 mm from dens tip to endplate)
+DENS_ABOVE_DISC_MM = 40.0
 
 
 @dataclass(frozen=True)
@@ -71,6 +73,7 @@ class LevelParams:
     min_depth: float = 0.12  # of the profile's 10-90 % range
     min_peak: float = 0.25  # a bright band (thin disc between two endplates, slices >= 2 mm)
     peak_weight: float = 0.7
+    plateau_dip: float = 0.9  # slices >= 2 mm: a dip at or above this normalised level is a body's middle
     height_change_cost: float = 0.35  # per unit |log(h_i / h_{i-1})|
     pitch_cost: float = 0.3  # per unit |log(h / expected)|, expected = the body's depth
     corridor_mm: float = 26.0  # spinal corridor half width for rib search
@@ -459,6 +462,8 @@ class _Ctx:
         self.prof_n = sn
         w = max(2, int(round(15.0 / dz)))
         cands = self.disc_candidates(sn, w)
+        if dz < 2.0:
+            cands = self.thin_disc_candidates(prof, w, cands)
         self.disc_cands = cands
         if not cands:
             return []
@@ -516,7 +521,9 @@ class _Ctx:
             next_ = sn[k + 1] if k + 1 < n else sn[k]
             if sn[k] <= prev_ and sn[k] <= next_ and (sn[k] < prev_ or sn[k] < next_):
                 depth = min(lv, rv) - float(sn[k])
-                if depth >= p.min_depth:
+                # on thick slices a dip that stays at the bodies' plateau is the cancellous middle of a body
+                # between two thin discs' bright bands, not a disc (a disc is soft tissue below the plateau)
+                if depth >= p.min_depth and not (dz >= 2.0 and sn[k] >= p.plateau_dip):
                     raw.append((self._subslice(sn, k, dip=True), depth, True))
             elif sn[k] >= prev_ and sn[k] >= next_ and (sn[k] > prev_ or sn[k] > next_) and dz >= 2.0:
                 height = float(sn[k]) - max(lv, rv)
@@ -526,12 +533,27 @@ class _Ctx:
         self.raw_cands = raw
         out: list[tuple[float, float]] = []
         merge = max(8.0, 1.5 * dz) / dz
+        groups: list[list[tuple[float, float, bool]]] = []
+        rest = raw
+        if dz >= 2.0:
+            # each dip with the bright bands (endplates) within a disc's height of it is one disc; chaining
+            # anomalies one slice apart would join the discs of a whole cervical spine at 5 mm into one
+            taken: set[int] = set()
+            for di in sorted((i for i, r in enumerate(raw) if r[2]), key=lambda i: -raw[i][1]):
+                if di in taken:
+                    continue
+                members = [i for i, r in enumerate(raw) if i not in taken and abs(r[0] - raw[di][0]) <= merge]
+                taken.update(members)
+                groups.append([raw[i] for i in members])
+            rest = [r for i, r in enumerate(raw) if i not in taken]
         i = 0
-        while i < len(raw):
+        while i < len(rest):
             j = i
-            while j + 1 < len(raw) and raw[j + 1][0] - raw[j][0] <= merge:
+            while j + 1 < len(rest) and rest[j + 1][0] - rest[j][0] <= merge:
                 j += 1
-            grp = raw[i : j + 1]
+            groups.append(rest[i : j + 1])
+            i = j + 1
+        for grp in sorted(groups, key=lambda g_: min(x[0] for x in g_)):
             # a dip places the disc (the nucleus between two endplates) unless it is a shallow wobble
             # between the bright bands of a thin disc
             top_peak = max((g[1] for g in grp if not g[2]), default=0.0)
@@ -545,8 +567,34 @@ class _Ctx:
                 pos = sum(g[0] * g[1] for g in pk) / wsum
                 sc = max(g[1] for g in grp)
             out.append((float(pos), float(sc)))
-            i = j + 1
-        return out
+        return sorted(out)
+
+    def thin_disc_candidates(self, prof: NDArray[np.float64], w: int, cands: list[tuple[float, float]]
+                             ) -> list[tuple[float, float]]:
+        """Add the discs thinner than about 3 mm that the smoothed profile loses (thin slices only).
+
+        A cervical (or narrowed) disc on 1 mm slices is one or two slices of soft tissue between two
+        bright endplates; smoothing averages the three into a bright band.  A minimum over about 3 mm
+        widens the disc's dip and removes the endplates' thin peaks (a body's cancellous plateau is
+        wider and stays), so the disc is a dip there.  Only dips where the smoothed profile found no
+        disc are added: discs thicker than the slices keep their place and score.  A dip of the smoothed
+        profile where every slice within 1.5 mm is bone (the middle of a body between two thin discs'
+        bright bands) is no disc and is dropped.
+        """
+        dz = self.dz
+        size = 2 * max(1, int(round(1.5 / dz))) + 1
+        s2 = ndi.gaussian_filter1d(ndi.minimum_filter1d(prof, size, mode="nearest"), 1.5 / dz, mode="nearest")
+        lo_, med = np.percentile(s2, [10, 50])
+        sn2 = (s2 - lo_) / max(float(med - lo_), 30.0)
+        keep_raw = self.raw_cands
+        thin = self.disc_candidates(sn2, w)
+        self.raw_cands = keep_raw
+        merge = max(8.0, 1.5 * dz) / dz
+        kept = [c for c in cands if sn2[int(np.clip(round(c[0]), 0, self.n - 1))] < 0.5]
+        added = [c for c in thin if all(abs(c[0] - d[0]) > merge for d in kept)]
+        self.thin_cands = added
+        self.dropped_cands = [c for c in cands if c not in kept]
+        return sorted(kept + added)
 
     @staticmethod
     def _subslice(sn: NDArray[np.float64], k: int, dip: bool) -> float:
@@ -700,10 +748,11 @@ class _Ctx:
         for i in range(len(segs) - 1, -1, -1):
             if not bearing[i]:
                 continue
-            # highest rib-bearing (T1): the two vertebrae above (C7, C6) complete and rib-free, and the one
-            # below (T2) rib-bearing too
+            # highest rib-bearing (T1): ribs on both sides (the first rib pair articulates on both; a rib
+            # seen on one side only is as likely a stray bone or a missed T1 rib), the two vertebrae above (C7,
+            # C6) complete and rib-free, and the one below (T2) rib-bearing too
             above = segs[i + 1 : i + 3]
-            if len(above) == 2 and all(complete[i + 1 : i + 3]) and i >= 1 and bearing[i - 1]:
+            if len(above) == 2 and all(complete[i + 1 : i + 3]) and i >= 1 and bearing[i - 1] and both[i]:
                 s = segs[i]
                 out.append((Anchor("highest rib-bearing vertebra", (s.first, s.last), (s.first, s.last), ("T1",)),
                             i, {"T1"}))
@@ -802,7 +851,8 @@ class _Ctx:
             if crop.size == 0:
                 continue
             lab, nl = ndi.label(crop)
-            if nl < 3:
+            # the dens and C1's ring; the anterior arch and the lateral masses are often one piece
+            if nl < 2:
                 continue
             sizes = np.bincount(lab.ravel(), minlength=nl + 1) * dy * dx
             for i in range(1, nl + 1):
@@ -828,7 +878,16 @@ class _Ctx:
             si = next((i for i, s in enumerate(segs) if s.lo <= dk <= s.hi), None)
             if si is not None:
                 s = segs[si]
-                out.append((Anchor("dens of C2", (min(dens_k), max(dens_k)), (s.first, s.last), ("C2",)), si, {"C2"}))
+                # C2 measures about 35-45 mm from the tip of the dens to its lower endplate: the dens inside
+                # C1's ring (its lowest slice there) lies less than DENS_ABOVE_DISC_MM above the C2/C3 disc.
+                # Higher, the segment is C2 with C3 (or more) below it, a disc missed, and it is not C2.
+                above = (min(dens_k) - s.lo) * dz
+                if s.edge_lo or above > DENS_ABOVE_DISC_MM:
+                    self.notes.append(f"dens of C2 at slices {min(dens_k)}-{max(dens_k)} lies {above:.0f} mm above "
+                                      "the disc below its segment (C2 is shorter: a disc below it missed): not used")
+                else:
+                    out.append((Anchor("dens of C2", (min(dens_k), max(dens_k)), (s.first, s.last), ("C2",)), si,
+                                {"C2"}))
         if self.skull_from is not None:
             # C1 has no body: the highest complete segment of the column under the skull is C2 (body and dens)
             cand = [i for i, s in enumerate(segs) if not s.edge_lo and s.lo < top]
