@@ -143,3 +143,79 @@ def test_model_without_record_and_bad_tables(cohort: dict[str, Any], tmp_path: P
         cohort_record(lone, list(COLUMNS))
     with pytest.raises(CohortRecordError, match="not in the table"):
         cohort_record(cohort["table"], ["intra_no_such_feature"])
+
+
+def _fit(table: Path, columns: tuple[str, ...], name: str, out: Path) -> Path:
+    """A Cox model on ``columns`` of a synthetic cohort around the table's values, with the cohort record."""
+    real = pd.read_csv(table)
+    rng = np.random.default_rng(4)
+    n = 120
+    frame = pd.DataFrame({c: float(real[c].mean()) + abs(float(real[c].mean()) or 1.0) * 0.2 * rng.normal(size=n)
+                          for c in columns})
+    lp = (frame[columns[0]] - frame[columns[0]].mean()) / frame[columns[0]].std()
+    t, c = rng.exponential(1500 * np.exp(-lp)), rng.uniform(400, 3000, n)
+    frame["time"], frame["event"] = np.minimum(t, c), (t <= c).astype(int)
+    model = fit_model(cohort_from_frame(frame, "time", "event", source="synthetic"),
+                      FitOptions(kind="cox", features=columns, horizon_days=1096.0, name=name, n_boot=10,
+                                 time_column="time", event_column="event"))
+    model = dataclasses.replace(model, training={**model.training, RECORD_KEY: cohort_record(table, columns)})
+    save_model(model, out)
+    return out
+
+
+def _series(folder: Path, role: str = "") -> SeriesInput:
+    files = tuple(sorted(folder.glob("*")))
+    ds = pydicom.dcmread(files[0], stop_before_pixels=True)
+    return SeriesInput(ds.SeriesInstanceUID, ds.StudyInstanceUID, files, role=role)
+
+
+def test_dual_phase_model_needs_both_phases(tmp_path: Path) -> None:
+    from pipelines.cohort_features.cli import CohortOptions, extract_cohort
+    from tests.cohort_phantoms import dual_phase_study
+
+    study = dual_phase_study(tmp_path / "studies" / "d0", 0)
+    table = tmp_path / "features.csv"
+    extract_cohort([study], table, CohortOptions(families=("dual-phase",)), progress=False)
+    real = pd.read_csv(table).iloc[0]
+    columns = tuple(c for c in ("enh_art_minus_pv_hu", "art_intra_firstorder_Mean", "pv_ring3_firstorder_Mean")
+                    if c in real)
+    assert len(columns) == 3, list(real.index)
+    model = _fit(table, columns, "hcc-dp", tmp_path / "hcc-dp")
+    pipeline = registry.create("survival-risk", {"model": "hcc-dp"})
+
+    def ctx(*series: SeriesInput, work: str) -> PipelineContext:
+        return PipelineContext(series=series, work_dir=tmp_path / work, identity=IDENTITY, models={"hcc-dp": model},
+                               extra_files=(study / "seg.dcm",))
+
+    both = pipeline.run(ctx(_series(study / "art", "arterial"), _series(study / "pv", "portal"), work="both"))
+    assert both.evaluable, both.reason
+    for c in columns:  # the cohort's own dual-phase run: registration included
+        assert both.summary["features"][c] == pytest.approx(float(real[c]), rel=1e-9)
+    assert both.summary["cohort_features"]["families"] == ["dual-phase"]
+    assert read_risk(check_sr(both.files[0]))["numbers"]["Risk score"] == pytest.approx(both.summary["score"])
+    one = pipeline.run(ctx(_series(study / "pv"), work="one"))
+    assert not one.evaluable and one.reason.startswith("dual-phase: not one arterial and one portal-venous CT series")
+    check_sr(one.files[0])
+
+
+def test_deep_model_with_the_cohort_weights(cohort: dict[str, Any], tmp_path: Path) -> None:
+    from pipelines.cohort_features.cli import CohortOptions, extract_cohort
+    from tests.cohort_phantoms import encoder_weights
+
+    weights = encoder_weights(tmp_path / "weights", dims=(3,))
+    study = cohort["root"] / "studies" / "t0"
+    table = tmp_path / "features.csv"
+    extract_cohort([study], table, CohortOptions(families=("radiomics", "deep"), deep={
+        "arch": "resnet10", "size_3d": 24, "dims": [3]}), weights, progress=False)
+    columns = ("deep3d_tumour_000", "deep3d_tumour_001", "intra_firstorder_Mean")
+    model = _fit(table, columns, "deep-risk", tmp_path / "deep-risk")
+    out = run(study, model, tmp_path / "w", options={"model": "deep-risk"}, models={"deep-risk": model, **weights})
+    assert out.evaluable, out.reason
+    real = pd.read_csv(table).iloc[0]
+    for c in columns:
+        assert out.summary["features"][c] == pytest.approx(float(real[c]), rel=1e-5, abs=1e-6)
+    assert out.summary["cohort_features"]["families"] == ["radiomics", "deep"]
+    check_sr(out.files[0])
+    other = encoder_weights(tmp_path / "other", dims=(3,), arch="resnet18")  # not the cohort's weights
+    out = run(study, model, tmp_path / "w2", options={"model": "deep-risk"}, models={"deep-risk": model, **other})
+    assert not out.evaluable and out.reason.startswith("param hash mismatch") and "weights_sha256" in out.reason
