@@ -219,3 +219,19 @@ def test_deep_model_with_the_cohort_weights(cohort: dict[str, Any], tmp_path: Pa
     other = encoder_weights(tmp_path / "other", dims=(3,), arch="resnet18")  # not the cohort's weights
     out = run(study, model, tmp_path / "w2", options={"model": "deep-risk"}, models={"deep-risk": model, **other})
     assert not out.evaluable and out.reason.startswith("param hash mismatch") and "weights_sha256" in out.reason
+
+
+def test_no_level_is_not_evaluable(cohort: dict[str, Any], tmp_path: Path) -> None:
+    """A body-composition model on a study without a findable vertebral level (the sphere phantom)."""
+    model = load_model(cohort["model"])
+    record = {**model.training[RECORD_KEY], "options": {**model.training[RECORD_KEY]["options"],
+                                                        "families": ["radiomics", "body-composition"]}}
+    save_model(dataclasses.replace(model, training={**model.training, RECORD_KEY: record}), tmp_path / "m")
+    from pipelines.cohort_features.families import CohortOptions, Plan
+
+    record["param_hash"] = Plan(CohortOptions(families=("radiomics", "body-composition"))).hash
+    save_model(dataclasses.replace(model, training={**model.training, RECORD_KEY: record}), tmp_path / "m")
+    opts = {"model": "rad-risk", "features": {COLUMNS[0]: "cohort:bc_smi"}}
+    out = run(cohort["root"] / "studies" / "t0", tmp_path / "m", tmp_path / "w", options=opts)
+    assert not out.evaluable and out.reason.startswith("body-composition: "), out.reason
+    check_sr(out.files[0])
