@@ -94,6 +94,8 @@ def test_same_numbers_as_the_cohort_and_a_valid_sr(cohort: dict[str, Any], tmp_p
     got = read_risk(sr)
     assert got["numbers"]["Risk score"] == pytest.approx(out.summary["score"])
     assert got["algorithm"][0] == "rad-risk"
+    card = (cohort["model"] / "MODEL_CARD.md").read_text()
+    assert f"param_hash `{row['param_hash']}`, families: radiomics" in card
 
 
 def test_no_roi_is_not_evaluable(cohort: dict[str, Any], tmp_path: Path) -> None:
