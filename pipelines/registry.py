@@ -55,7 +55,8 @@ _ENTRIES = (
           "MONAI encoder features (2D/3D) with attention maps", "1.0.0",
           Resources(cpus=1.0, gpus=1.0)),
     Entry("survival-risk", "pipelines.survival.pipeline:create", "series",
-          "Risk score and risk group from a fitted survival model, as a TID 1500 SR", "1.0.0"),
+          "Risk score and risk group from a fitted survival model (header, SR or cohort-feature inputs), as a "
+          "TID 1500 SR", "1.1.0"),
 )
 REGISTRY: dict[str, Entry] = {e.name: e for e in _ENTRIES}
 

@@ -9,6 +9,7 @@ SD of the column).  Everything is seeded.
 
 from __future__ import annotations
 
+import shutil
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
@@ -56,8 +57,14 @@ def synthetic_cohort(features_csv: Path, out_dir: Path, n: int, signal: Mapping[
         outcomes["event"] = (t <= c).astype(int)
     if binary:
         outcomes[binary] = (rng.random(n) < 1.0 / (1.0 + np.exp(-(lp - 0.3)))).astype(int)
+    hashes = real["param_hash"].dropna().unique() if "param_hash" in real.columns else []
+    if len(hashes) == 1:  # drawn from one extraction: its param_hash and parameter file, for --cohort-features
+        frame.insert(1, "param_hash", hashes[0])
     out_dir.mkdir(parents=True, exist_ok=True)
     f_path, o_path = out_dir / "features.csv", out_dir / "outcomes.csv"
+    sidecar = features_csv.with_suffix(".params.json")
+    if sidecar.is_file():
+        shutil.copy(sidecar, f_path.with_suffix(".params.json"))
     frame.to_csv(f_path, index=False)
     outcomes.to_csv(o_path, index=False)
     return f_path, o_path
@@ -69,8 +76,6 @@ HNSCC = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "surviv
 
 def make_inputs(root: Path) -> Path:
     """The phantom studies every recipe's image steps run on (a few seconds)."""
-    import shutil
-
     from tests.cohort_phantoms import abdomen_study, dual_phase_study, sphere_study
 
     abdomen_study(root / "abdomen" / "a0", 0)
@@ -115,7 +120,7 @@ def recipe_variables(name: str, inputs: Path, scratch: Path, nboot: str = "50") 
                 "NEW_STUDY": str(inputs / "abdomen" / "a0" / "ct"), "NBOOT": nboot}
     if name == "sarcoma":
         f, o = _synthetic(scratch, name, inputs / "tumour", {"rad_roi_volume_mm3": 0.8, "intra_firstorder_Mean": 0.5},
-                          families=("radiomics",))
+                          families=("radiomics", "deep"))  # as the recipe's step 1 (no weights: no deep columns)
         return {"STUDIES": str(inputs / "tumour"), "OUTCOMES": str(o), "FEATURES": str(f), "WEIGHTS_2D": "",
                 "WEIGHTS_3D": "", "DEEP_OPTS": "", "NEW_STUDY": str(inputs / "tumour" / "t1"), "NBOOT": nboot}
     if name == "nsclc":

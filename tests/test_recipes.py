@@ -11,10 +11,15 @@ import json
 from pathlib import Path
 from typing import Any
 
+import highdicom as hd
 import pandas as pd
 import pydicom
 import pytest
 
+from dicom_templates.risk_sr import read_risk
+from pipelines.survival.artifact import load_model
+from tests.conftest import need
+from tests.peers import dciodvfy
 from tests.recipe_data import HNSCC, RECIPES, make_inputs, recipe_variables
 from tests.recipes import STUDIES_DOCS, RecipeRun, blocks, run_recipe, site_variables
 
@@ -88,6 +93,25 @@ def test_sarcoma_recipe(inputs: Path, tmp_path: Path) -> None:
     features = pd.read_csv(work / "features.csv")
     assert features["deep_weights"].str.startswith("none: ").all()
     assert _auc(compare, "combined") > _auc(compare, "clinical")  # the signal is in volume and mean HU
+    # deployed: the radiomics model's features computed on the new study by the cohort's extraction
+    summary = json.loads((work / "new" / "risk" / "summary.json").read_text())
+    model = json.loads((work / "models" / "radiomics" / "model.json").read_text())
+    record = model["training"]["cohort_features"]
+    assert record["param_hash"] == features.loc[0, "param_hash"] and record["families"] == ["radiomics"]
+    cf = summary["cohort_features"]
+    assert cf["param_hash"] == cf["recorded_param_hash"] == record["param_hash"] and cf["families"] == ["radiomics"]
+    assert set(summary["features"]) == set(load_model(work / "models" / "radiomics").feature_names)
+    row = features.set_index("study").loc["t1"]  # NEW_STUDY: the same extraction gives the same numbers
+    for name, value in summary["features"].items():
+        assert value == pytest.approx(float(row[name]), rel=1e-9), name
+    sr_path = next((work / "new" / "risk").glob("risk-sr-*.dcm"))
+    need("dciodvfy")
+    ok, report = dciodvfy(sr_path)
+    assert ok, report
+    sr = pydicom.dcmread(sr_path)
+    hd.sr.Comprehensive3DSR.from_dataset(sr)  # highdicom reads it back
+    got = read_risk(sr)
+    assert got["numbers"]["Risk score"] == pytest.approx(summary["score"]) and got["algorithm"][0] == "radiomics"
 
 
 def test_nsclc_recipe(inputs: Path, tmp_path: Path) -> None:

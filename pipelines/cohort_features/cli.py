@@ -15,12 +15,18 @@ interrupted run loses nothing.  A study whose row is already in the table with t
 ``param_hash`` and no ``error`` is skipped; a changed option (or weights file, or parameter file)
 re-extracts it, and a row with an ``error`` is retried.  The columns are described in
 :mod:`pipelines.cohort_features.families`.
+
+Beside the table, ``<table>.params.json`` (:func:`params_path`) records the options, the
+``param_hash`` they give and what they hash (``Plan.describe``), and the ``[models]`` keys used:
+``model fit --cohort-features`` copies it into the model, so the node can compute a new study's
+features with exactly the same extraction (``pipelines.survival.cohort_source``).
 """
 
 from __future__ import annotations
 
 import argparse
 import csv
+import json
 import logging
 import sys
 from collections.abc import Mapping, Sequence
@@ -33,8 +39,8 @@ from pipelines.cohort_features.study import scan
 
 log = logging.getLogger(__name__)
 
-__all__ = ["CohortOptions", "CohortRun", "add_arguments", "extract_cohort", "options_from_args", "run",
-           "study_folders"]
+__all__ = ["CohortOptions", "CohortRun", "add_arguments", "extract_cohort", "options_from_args", "params_path",
+           "run", "study_folders"]
 
 FIRST_COLUMNS = ("study", "study_uid", "param_hash", "families", "error")
 
@@ -45,6 +51,30 @@ class CohortRun:
     skipped: int  # already in the table with the same parameter hash
     failed: int  # rows with an error (retried next time)
     out: Path
+
+
+PARAMS_SCHEMA = "prognode.cohort-features-params"
+
+
+def params_path(table: Path) -> Path:
+    """The sidecar of a feature table: ``features.csv`` -> ``features.params.json``."""
+    return table.with_suffix(".params.json")
+
+
+def write_params(out: Path, plan: Plan) -> Path:
+    """The options of ``plan`` as JSON beside the table (what deployment rebuilds the plan from)."""
+    o = plan.options
+    doc = {"schema": PARAMS_SCHEMA, "param_hash": plan.hash,
+           "options": {"families": list(o.families), "label": o.label, "radiomics": dict(o.radiomics),
+                       "body_composition": dict(o.body_composition), "deep": dict(o.deep),
+                       "dual_phase": dict(o.dual_phase)},
+           "models": {k: str(v) for k, v in plan.models.items()},  # the keys deployment passes on
+           "describe": plan.describe()}
+    path = params_path(out)
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(json.dumps(doc, indent=1, sort_keys=True, default=str), encoding="utf-8")
+    tmp.replace(path)
+    return path
 
 
 def study_folders(root: Path) -> list[Path]:
@@ -80,6 +110,7 @@ def extract_cohort(studies: Sequence[Path], out: Path, options: CohortOptions | 
     skipped = len(studies) - len(todo)
     done = failed = 0
     out.parent.mkdir(parents=True, exist_ok=True)
+    write_params(out, plan)
     for folder in tqdm(todo, desc="cohort features", unit="study", disable=not progress, file=sys.stderr):
         row = extract_study(scan(folder), plan)
         if row["error"]:

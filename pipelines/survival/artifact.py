@@ -247,6 +247,12 @@ def model_card(model: SurvivalModel) -> str:
         lines.append(f"- Horizon outcome: event by {model.horizon_days:g} days. Censoring: **excluded** "
                      f"(`--censoring exclude`, complete case): {t.get('excluded_censored', 0)} "
                      "patients censored before the horizon were left out (not IPCW)")
+    cf = t.get("cohort_features")
+    if isinstance(cf, Mapping):
+        lines.append(f"- Image features from `prognode cohort features` (`{cf.get('table', '?')}`), param_hash "
+                     f"`{cf.get('param_hash', '?')}`, families: {', '.join(cf.get('families', [])) or 'none'}; "
+                     "the node computes them on a new study with the same options and refuses (not evaluable) "
+                     "when its param_hash differs")
     sel = t.get("feature_selection")
     lines += ["", "## Columns used and dropped", ""]
     if isinstance(sel, Mapping):

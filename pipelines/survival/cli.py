@@ -102,6 +102,9 @@ def register(subparsers: Any) -> None:
     fit.add_argument("--seed", type=int, default=0)
     fit.add_argument("--n-boot", type=int, default=200, help="bootstrap resamples for confidence intervals")
     fit.add_argument("--out", type=Path, required=True, help="model folder to write")
+    fit.add_argument("--cohort-features", type=Path, default=None, metavar="FEATURES.csv",
+                     help="the `cohort features` table the data's feature columns came from: its param_hash and "
+                          "options go into the model, so the node can compute them on new studies (survival-risk)")
     fit.set_defaults(func=_friendly(cmd_fit))
 
     for name, helptext in (("evaluate", "evaluate a model on a cohort CSV"),
@@ -195,6 +198,27 @@ def _check_fit_args(args: argparse.Namespace) -> None:
                           "uses every patient's follow-up")
 
 
+def _with_cohort_record(model: Any, args: argparse.Namespace) -> Any:
+    """The model with ``training.cohort_features`` (``--cohort-features``), or as it is with a note."""
+    import dataclasses
+
+    from pipelines.survival.cohort_source import RECORD_KEY, CohortRecordError, cohort_record, family_of
+
+    cohort_cols = [c for c in model.feature_names if family_of(c)]
+    if args.cohort_features is None:
+        if cohort_cols:
+            print(f"note: {len(cohort_cols)} feature columns look like `cohort features` columns; without "
+                  "--cohort-features FEATURES.csv the node cannot compute them on a new study")
+        return model
+    try:
+        record = cohort_record(args.cohort_features, model.feature_names, args.data)
+    except CohortRecordError as e:
+        raise CohortError(str(e)) from None
+    print(f"cohort features: param_hash {record['param_hash']}, families {', '.join(record['families']) or 'none'} "
+          f"({len(record['columns'])} model columns) recorded for deployment")
+    return dataclasses.replace(model, training={**model.training, RECORD_KEY: record})
+
+
 def cmd_fit(args: argparse.Namespace) -> int:
     from pipelines.survival.artifact import save_model
     from pipelines.survival.data import load_cohort
@@ -224,6 +248,7 @@ def cmd_fit(args: argparse.Namespace) -> int:
                           time_unit=args.time_unit, censoring=args.censoring or "exclude")
         model = fit_model(cohort, opts, software_version=_version())
         n, events = cohort.n, cohort.events
+    model = _with_cohort_record(model, args)
     save_model(model, args.out)
     sel = model.training.get("feature_selection")
     if sel:

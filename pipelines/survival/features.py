@@ -8,7 +8,10 @@ The pipeline's ``features`` option maps each model feature to ``"<source>:<key>"
 - ``sr``: from TID 1500 SRs among the study's other objects (e.g. prognode's body-composition SR):
   every NUM by its concept meaning in lower case (``skeletal muscle index``) and every CODE
   (``sarcopenia`` -> ``present``);
-- ``const``: a fixed value written in the option (``const:Male``), for tests and site defaults.
+- ``const``: a fixed value written in the option (``const:Male``), for tests and site defaults;
+- ``cohort``: a column of ``prognode cohort features`` (``cohort:intra_firstorder_Mean``), computed
+  on the study by the cohort's own family code with the options the model recorded at fit time
+  (:mod:`pipelines.survival.cohort_source`; the pipeline fills these, ``gather`` takes them in).
 
 Adding a source is writing a class with ``name`` and ``collect``.  Value maps (option ``values``)
 translate source values into the model's levels, e.g. ``{"Sex": {"M": "Male", "F": "Female"}}``.
@@ -110,6 +113,7 @@ class ConstSource:
 
 SOURCES: dict[str, type[HeaderSource] | type[SRSource] | type[ConstSource]] = {
     "header": HeaderSource, "sr": SRSource, "const": ConstSource}
+COHORT = "cohort"  # computed by the pipeline (pipelines.survival.cohort_source), not a FeatureSource
 
 
 def parse_mapping(features: Mapping[str, str]) -> dict[str, tuple[str, str]]:
@@ -117,18 +121,23 @@ def parse_mapping(features: Mapping[str, str]) -> dict[str, tuple[str, str]]:
     out = {}
     for feature, spec in features.items():
         source, sep, key = str(spec).partition(":")
-        if not sep or source not in SOURCES or not key:
+        if not sep or source not in (*SOURCES, COHORT) or not key:
             raise ValueError(f"pipelines.survival-risk.features.{feature}: expected '<source>:<key>' with source in "
-                             f"{', '.join(SOURCES)}, got {spec!r}")
-        out[str(feature)] = (source, key if source == "const" else key.lower())
+                             f"{', '.join((*SOURCES, COHORT))}, got {spec!r}")
+        out[str(feature)] = (source, key if source in ("const", COHORT) else key.lower())
     return out
 
 
 def gather(mapping: Mapping[str, tuple[str, str]], values: Mapping[str, Mapping[str, str]], header: Dataset,
-           extra_files: Sequence[Path]) -> dict[str, Value]:
-    """The model's raw feature values; a value the sources lack is None (the scorer says why)."""
+           extra_files: Sequence[Path], cohort: Mapping[str, Value] | None = None) -> dict[str, Value]:
+    """The model's raw feature values; a value the sources lack is None (the scorer says why).
+
+    ``cohort``: the values of the ``cohort`` source, computed by the pipeline.
+    """
     needed = {src for src, _ in mapping.values()}
-    collected = {name: SOURCES[name]().collect(header, extra_files) for name in needed if name != "const"}
+    collected = {name: SOURCES[name]().collect(header, extra_files) for name in needed
+                 if name not in ("const", COHORT)}
+    collected[COHORT] = dict(cohort or {})
     out: dict[str, Value] = {}
     for feature, (source, key) in mapping.items():
         value: Value = key if source == "const" else collected[source].get(key)

@@ -12,9 +12,22 @@ Options (config ``[pipelines.survival-risk]``)::
     M = "Male"
     F = "Female"
 
-Stages: key slice and body outline (the SR's SCOORD anchor) -> features -> score -> SR.
-Missing inputs give an SR that says "not evaluable" and why; they are never imputed unless the
-model card says the model imputes.
+A model fitted on ``prognode cohort features`` columns with ``model fit --cohort-features`` needs no
+mapping for them: every model feature named like a cohort column (``intra_*``, ``ring3_*``, ``bc_*``,
+``deep3d_*``, ``art_*``, ...) that ``features`` does not map is ``cohort:<column>``, computed on the
+job's study by the cohort's own family code with the options recorded in the model
+(:mod:`pipelines.survival.cohort_source`).  Run it on a study-level route when the model needs the
+tumour SEG/RTSTRUCT or both contrast phases::
+
+    [pipelines.survival-risk]
+    model = "rps-radiomics"
+    [pipelines.survival-risk.features]   # only the features that are not cohort columns
+    Age = "header:age"
+
+Stages: key slice and body outline (the SR's SCOORD anchor) -> features (cohort families) -> score -> SR.
+Missing inputs give an SR that says "not evaluable" and why (for cohort columns: no ROI, no level, a
+feature the family did not give, deep features without weights, a parameter-hash mismatch); they
+are never imputed unless the model card says the model imputes.
 """
 
 from __future__ import annotations
@@ -31,9 +44,10 @@ import pydicom
 from pydicom.dataset import Dataset
 
 from pipelines import registry
-from pipelines.base import PipelineContext, PipelineOutput, StageError
+from pipelines.base import PipelineContext, PipelineOutput, SeriesInput, StageError
 from pipelines.survival.artifact import ArtifactError, SurvivalModel, load_model
-from pipelines.survival.features import gather, parse_mapping
+from pipelines.survival.cohort_source import RECORD_KEY, CohortFeatureStage, CohortValues, family_of
+from pipelines.survival.features import COHORT, gather, parse_mapping
 from pipelines.survival.scoring import Risk, score
 
 log = logging.getLogger(__name__)
@@ -58,8 +72,8 @@ class RiskOptions:
         model = options.get("model")
         if not isinstance(model, str) or not model:
             raise ValueError(f"pipelines.{NAME}.model: name a model folder from [models]")
-        feats = options.get("features")
-        if not isinstance(feats, Mapping) or not feats:
+        feats = options.get("features", {})
+        if not isinstance(feats, Mapping):
             raise ValueError(f"pipelines.{NAME}.features: map each model feature to '<source>:<key>'")
         values = options.get("values", {})
         if not isinstance(values, Mapping) or not all(isinstance(v, Mapping) for v in values.values()):
@@ -153,24 +167,53 @@ class SurvivalRiskPipeline:
         except ArtifactError as e:
             raise StageError("load-model", series_uid, str(e)) from e
 
+    def _mapping(self, model: SurvivalModel, series_uid: str) -> dict[str, tuple[str, str]]:
+        """Each model feature's source: the option, else ``cohort:<name>`` for a cohort column of a model
+        fitted with ``--cohort-features``."""
+        record = model.training.get(RECORD_KEY)
+        mapping = dict(self.options.features)
+        for f in model.feature_names:
+            if f not in mapping and record and family_of(f):
+                mapping[f] = (COHORT, f)
+        unmapped = [f for f in model.feature_names if f not in mapping]
+        if unmapped:
+            hint = ("" if record or not any(family_of(f) for f in unmapped) else
+                    "; cohort feature columns are computed only for a model fitted with `model fit "
+                    "--cohort-features FEATURES.csv`")
+            raise StageError("features", series_uid,
+                             f"pipelines.{NAME}.features does not map model features {unmapped}{hint}")
+        if not record and any(src == COHORT for src, _ in mapping.values()):
+            raise StageError("features", series_uid, f"model {model.name!r} records no cohort extraction options "
+                             "(fit it with `model fit --cohort-features FEATURES.csv`)")
+        return {f: mapping[f] for f in model.feature_names}
+
     def run(self, ctx: PipelineContext) -> PipelineOutput:
         from dicom_templates.risk_sr import RiskContent, build_risk_sr
 
         if not ctx.series:
             raise StageError(NAME, "", "no series in the job")
-        series = ctx.series[0]
+        series = ct_series(ctx.series)
         model = self._model(ctx, series.series_uid)
-        unmapped = [f for f in model.feature_names if f not in self.options.features]
-        if unmapped:
-            raise StageError("features", series.series_uid,
-                             f"pipelines.{NAME}.features does not map model features {unmapped}")
+        mapping = self._mapping(model, series.series_uid)
         key = self.key_slice.run(series.files, series.series_uid)
-        raw = gather(self.options.features, self.options.values, key.image, ctx.extra_files)
-        risk = score(model, raw)
-        reason = self._explain(risk, raw) if not risk.evaluable else ""
+        columns = [k for src, k in mapping.values() if src == COHORT]
+        cohort: CohortValues | None = None
+        if columns:
+            cohort = CohortFeatureStage(model.training[RECORD_KEY]).run(ctx.series, ctx.extra_files, ctx.models,
+                                                                        ctx.device, columns)
+        raw = gather(mapping, self.options.values, key.image, ctx.extra_files,
+                     cohort.values if cohort is not None else None)
+        if cohort is not None and cohort.reason:
+            missing = sum(1 for v in cohort.values.values() if v is None)
+            risk = Risk(None, None, None, evaluable=False, reason=cohort.reason)
+            reason = cohort.reason
+        else:
+            risk = score(model, raw)
+            missing = len(risk.reason.split("; ")) if risk.reason else 0
+            reason = self._explain(risk, raw, mapping) if not risk.evaluable else ""
         content = RiskContent(model.name, model.version, model.kind, risk.score, risk.group, model.horizon_days,
                               risk.horizon_probability, risk.evaluable, reason,
-                              unusable_inputs=len(risk.reason.split("; ")) if risk.reason else 0)
+                              unusable_inputs=missing)
         try:
             sr = build_risk_sr(content, key.image, key.polygon, ctx.identity,
                                series_description=self.options.series_description)
@@ -184,16 +227,39 @@ class SurvivalRiskPipeline:
                    "horizon_probability": risk.horizon_probability,
                    "features": {k: v for k, v in raw.items()}, "anchor": key.outline,
                    "sr_sop_instance_uid": str(sr.SOPInstanceUID)}
+        if cohort is not None:
+            summary["cohort_features"] = {"param_hash": cohort.param_hash, "families": list(cohort.families),
+                                          "recorded_param_hash": model.training[RECORD_KEY].get("param_hash")}
         log.info("risk for series %s: %s", series.series_uid, risk.label)
         return PipelineOutput(files=(out,), summary=summary, evaluable=risk.evaluable, reason=reason)
 
-    def _explain(self, risk: Risk, raw: Mapping[str, Any]) -> str:
-        where = {f: f"{s}:{k}" for f, (s, k) in self.options.features.items()}
+    def _explain(self, risk: Risk, raw: Mapping[str, Any], mapping: Mapping[str, tuple[str, str]]) -> str:
+        where = {f: f"{s}:{k}" for f, (s, k) in mapping.items()}
         parts = []
         for item in risk.reason.split("; "):
             feature = item.split(":", 1)[0]
             parts.append(f"{item} (from {where[feature]})" if feature in where else item)
         return "; ".join(parts)
+
+
+def ct_series(series: Sequence[SeriesInput]) -> SeriesInput:
+    """The CT series the SR anchors on: role ``ct``, else the largest CT series, else the first series."""
+    from pipelines.common.volume import CT_IMAGE_STORAGE, ENHANCED_CT_IMAGE_STORAGE
+
+    if len(series) == 1:
+        return series[0]
+    for s in series:
+        if s.role == "ct":
+            return s
+    cts = []
+    for s in series:
+        try:
+            ds = pydicom.dcmread(s.files[0], stop_before_pixels=True, specific_tags=["SOPClassUID"])
+        except Exception:  # noqa: BLE001 - not DICOM: not a CT series
+            continue
+        if str(ds.get("SOPClassUID", "")) in (CT_IMAGE_STORAGE, ENHANCED_CT_IMAGE_STORAGE):
+            cts.append(s)
+    return max(cts, key=lambda s: len(s.files)) if cts else series[0]
 
 
 def create(options: Mapping[str, Any]) -> SurvivalRiskPipeline:
