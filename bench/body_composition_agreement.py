@@ -115,7 +115,13 @@ def main(argv: list[str] | None = None) -> int:
     from pipelines.body_composition.labels import read_labels_on_volume
     from pipelines.body_composition.levels import SpineLevelFinder, anatomy_for_slice
     from pipelines.body_composition.pipeline import run_folder
-    from pipelines.body_composition.tissues import TissueParams, TissueSlicer, bony_landmarks, with_neighbours
+    from pipelines.body_composition.tissues import (
+        TissueParams,
+        TissueSlicer,
+        bony_landmarks,
+        process_reach_mm,
+        with_neighbours,
+    )
     from pipelines.body_composition.types import SideBone
     from pipelines.common.volume import load_series
 
@@ -150,7 +156,8 @@ def main(argv: list[str] | None = None) -> int:
 
         for k in slices:
             # as the pipeline's stage does: the slice with the bony landmarks of its neighbours
-            anat = with_neighbours(anatomy_for_slice(lr, k), k, landmarks, vol.shape[0], vol.slice_spacing, p)
+            anat = with_neighbours(anatomy_for_slice(lr, k), k, landmarks, vol.shape[0], vol.slice_spacing, p,
+                                   process_reach_mm(lr, k, vol.slice_spacing, p))
             seg = new.run(vol.hu[k], vol.pixel_spacing, anat, "L3")
             for key in dices:
                 r = ref[k] == TS_LABELS[key]

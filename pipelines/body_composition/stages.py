@@ -27,7 +27,13 @@ from pipelines.body_composition.reference import (
     classify,
     smi,
 )
-from pipelines.body_composition.tissues import TissueParams, TissueSlicer, bony_landmarks, with_neighbours
+from pipelines.body_composition.tissues import (
+    TissueParams,
+    TissueSlicer,
+    bony_landmarks,
+    process_reach_mm,
+    with_neighbours,
+)
 from pipelines.body_composition.types import (
     C3_NAMED,
     NAMED_MUSCLES,
@@ -158,7 +164,8 @@ class TissueSegmenter:
             return bony_landmarks(vol.hu[k], vol.pixel_spacing, anatomy_for_slice(level, k), p)
 
         n = vol.hu.shape[0]
-        return lambda k: with_neighbours(anatomy_for_slice(level, k), k, landmarks, n, vol.slice_spacing, p)
+        return lambda k: with_neighbours(anatomy_for_slice(level, k), k, landmarks, n, vol.slice_spacing, p,
+                                         process_reach_mm(level, k, vol.slice_spacing, p))
 
     def run(self, data: SegmentInput) -> Segmentation:
         vol, level = data.volume, data.level

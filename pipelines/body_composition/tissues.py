@@ -42,8 +42,9 @@ the trunk's fat outside it.  Skeletal muscle is only:
     same as at the processes above and below: the intertransverse ligaments and muscles join
     adjacent processes into one plane in front of the erector, and the thoracolumbar fascia's
     lateral raphe runs along their tips.  Such a slice takes the process tip and the floor of
-    the nearest slices with a process within ``tp_context_mm`` along the spine (about half the
-    gap between two processes, so a slice midway sees both), interpolated between the one above
+    the nearest slices with a process within half the vertebral pitch along the spine (processes
+    repeat once per pitch, so every slice lies that near to the process above or the one below;
+    ``tp_context_mm`` where the pitch is unknown), interpolated between the one above
     and the one below; the carried floor holds only lateral to the slice's own bone (its lamina
     and pedicle still bound it medially), and only the erector mask, not the compartment's
     skeletal muscle (intertransversarii are muscle).  Landmarks come from
@@ -96,6 +97,7 @@ from pipelines.body_composition.morphology import (
 from pipelines.body_composition.types import (
     C3_NAMED,
     L3_NAMED,
+    LevelResult,
     NeighbourBone,
     SideBone,
     SliceAnatomy,
@@ -136,7 +138,8 @@ class TissueParams:
     box_contact_max: float = 0.3  # a psoas lies inside its search box (at most this share of its outline on the box)
     erector_lateral_mm: float = 70.0  # without a transverse process on the slice (a disc)
     erector_lateral_max_mm: float = 85.0
-    tp_context_mm: float = 10.0  # a slice without a transverse process takes those of slices this near (0: off)
+    tp_context_mm: float = 10.0  # a slice without a transverse process takes those of slices this near, or half
+    # the vertebral pitch where that is known and farther (process_reach_mm); 0: off
     raphe_beyond_tip_mm: float = 25.0  # the lateral raphe lies about this far beyond the transverse process tip
     tp_min_lat_mm: float = 27.0  # a transverse process reaches at least this far from the midline
     canal_to_wall_mm: float = 8.0  # the vertebral body's posterior wall lies this far in front of the canal's centre
@@ -466,12 +469,28 @@ def bony_landmarks(hu: NDArray[np.float32], spacing: tuple[float, float], anat: 
     return sides[0], sides[1]
 
 
+def process_reach_mm(level: LevelResult, k: int, slice_mm: float, p: TissueParams) -> float:
+    """How far along the spine slice ``k`` looks for a transverse process: half the vertebral pitch (body plus
+    disc) of the vertebra it lies in or nearest to, where the level finder measured it, else ``tp_context_mm``.
+
+    Processes repeat once per pitch, so every slice lies within half a pitch of the process of the
+    vertebra above or below it."""
+    if not level.vertebrae or p.tp_context_mm <= 0:
+        return p.tp_context_mm
+    v = min(level.vertebrae, key=lambda w: 0 if w.first <= k <= w.last else min(abs(k - w.first), abs(k - w.last)))
+    if v.pitch is None:
+        return p.tp_context_mm
+    return max(p.tp_context_mm, 0.5 * v.pitch * slice_mm)
+
+
 def with_neighbours(anat: SliceAnatomy, k: int, landmarks: Callable[[int], tuple[SideBone, SideBone]],
-                    n_slices: int, slice_mm: float, p: TissueParams) -> SliceAnatomy:
-    """``anat`` of slice ``k`` with the bony landmarks of the slices within ``tp_context_mm`` along the spine."""
-    if p.tp_context_mm <= 0 or slice_mm <= 0:
+                    n_slices: int, slice_mm: float, p: TissueParams, reach_mm: float | None = None) -> SliceAnatomy:
+    """``anat`` of slice ``k`` with the bony landmarks of the slices within ``reach_mm`` along the spine
+    (``process_reach_mm``; ``tp_context_mm`` without it)."""
+    reach_mm = p.tp_context_mm if reach_mm is None else reach_mm
+    if reach_mm <= 0 or slice_mm <= 0:
         return anat
-    reach = int(np.floor(p.tp_context_mm / slice_mm + 1e-6))
+    reach = int(np.floor(reach_mm / slice_mm + 1e-6))
     near = []
     for kk in range(max(0, k - reach), min(n_slices, k + reach + 1)):
         if kk != k:
@@ -488,7 +507,7 @@ def _carried(neighbours: tuple[NeighbourBone, ...], side: str, p: TissueParams
     best: dict[int, tuple[float, SideBone]] = {}
     for nb in neighbours:
         sb = nb.left if side == "left" else nb.right
-        if sb.tip_mm is None or not sb.floor_mm or abs(nb.dz_mm) > p.tp_context_mm:
+        if sb.tip_mm is None or not sb.floor_mm:
             continue
         key = 1 if nb.dz_mm > 0 else -1
         if key not in best or abs(nb.dz_mm) < abs(best[key][0]):
