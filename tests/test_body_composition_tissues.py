@@ -146,7 +146,8 @@ def test_real_ct_erector_agrees_with_totalsegmentator(real_ct: Any) -> None:
             if r.any():
                 scores[key].append(_dice(ours[key], r) if ours[key].any() else 0.0)
     # With the anatomy the pipeline uses (levels.SpineLevelFinder: vertebral body centre on the canal's
-    # midline) these 10 slices give left 0.794 (min 0.75), right 0.825 (min 0.78); 0.780 / 0.822 with a
+    # midline) these 10 slices give left 0.792 (min 0.75), right 0.825 (min 0.78); 0.794 / 0.825 with the
+    # nearest slice's process tip instead of each process's longest reach; 0.780 / 0.822 with a
     # fixed reach of 10 mm (tp_context_mm) instead of half the vertebral pitch; 0.731 / 0.820 before a
     # slice without a transverse process took the process tip and floor of the nearest slices with one
     # (it had the fixed 70 mm lateral bound and its pedicle as floor); 0.722 / 0.811 before the
@@ -164,8 +165,8 @@ def test_real_ct_erector_agrees_with_totalsegmentator(real_ct: Any) -> None:
 
 
 def test_a_slice_between_transverse_processes_takes_the_nearest_ones_within_reach() -> None:
-    """Landmarks come from slices within tp_context_mm only, and are interpolated along the spine between
-    the nearest process above and the nearest below (a farther one on the same side does not count)."""
+    """Landmarks come from slices within reach only and are interpolated along the spine between the process
+    above and the one below: the floor from the nearest slice, the tip as the longest reach of each."""
     from pipelines.body_composition.tissues import _carried
 
     p = TissueParams()  # tp_context_mm 10
@@ -180,9 +181,10 @@ def test_a_slice_between_transverse_processes_takes_the_nearest_ones_within_reac
     assert sorted(nb.dz_mm for nb in anat.neighbours) == [-10.0, -8.0, 8.0, 10.0]
     carried = _carried(anat.neighbours, "left", p)
     assert carried is not None
-    # nearest below: slice 4 (32 mm, 8 mm away); nearest above: slice 12 (40 mm, 8 mm away)
-    assert carried[0] == pytest.approx(36.0)
-    assert carried[1][0] == pytest.approx(36.0)
+    # below: slices 3 and 4 (longest 32 mm; nearest slice 4, 8 mm away); above: slices 12 and 13 (longest
+    # 60 mm; nearest slice 12, 8 mm away): equal weights
+    assert carried[0] == pytest.approx(46.0)
+    assert carried[1][0] == pytest.approx(36.0)  # the floors of slices 4 (32) and 12 (40)
     assert _carried(anat.neighbours, "right", p) is None  # no process on that side: the fixed bound stays
     # one side only within reach: that slice's landmarks as they are
     only = with_neighbours(SliceAnatomy((0.0, 0.0), 20.0, 15.0), 16, landmarks, 20, 2.0, p)

@@ -45,7 +45,9 @@ the trunk's fat outside it.  Skeletal muscle is only:
     the nearest slices with a process within half the vertebral pitch along the spine (processes
     repeat once per pitch, so every slice lies that near to the process above or the one below;
     ``tp_context_mm`` where the pitch is unknown), interpolated between the one above
-    and the one below; the carried floor holds only lateral to the slice's own bone (its lamina
+    and the one below (each process's tip taken as its longest reach over the slices that show it:
+    a slice through a process's upper or lower edge cuts it short); the carried floor holds only
+    lateral to the slice's own bone (its lamina
     and pedicle still bound it medially), and only the erector mask, not the compartment's
     skeletal muscle (intertransversarii are muscle).  Landmarks come from
     :func:`bony_landmarks` per slice and :func:`with_neighbours` (the stage does this over the
@@ -503,25 +505,29 @@ def with_neighbours(anat: SliceAnatomy, k: int, landmarks: Callable[[int], tuple
 def _carried(neighbours: tuple[NeighbourBone, ...], side: str, p: TissueParams
              ) -> tuple[float, NDArray[np.float64]] | None:
     """The transverse-process plane of the nearest slices with a process, above and below (interpolated along the
-    spine between them, or the one within reach): its tip (mm from the midline) and floor on the 1 mm grid."""
+    spine between them, or the one within reach): its tip (mm from the midline) and floor on the 1 mm grid.
+
+    The tip of each process (above, below) is its longest reach over the slices within reach that show it: a
+    slice through its upper or lower edge cuts it short.  The floor is the nearest slice's."""
     best: dict[int, tuple[float, SideBone]] = {}
+    reach: dict[int, float] = {}
     for nb in neighbours:
         sb = nb.left if side == "left" else nb.right
         if sb.tip_mm is None or not sb.floor_mm:
             continue
         key = 1 if nb.dz_mm > 0 else -1
+        reach[key] = max(reach.get(key, 0.0), sb.tip_mm)
         if key not in best or abs(nb.dz_mm) < abs(best[key][0]):
             best[key] = (nb.dz_mm, sb)
     if not best:
         return None
     if len(best) == 1:
-        sb = next(iter(best.values()))[1]
-        assert sb.tip_mm is not None
-        return sb.tip_mm, np.asarray(sb.floor_mm)
+        key, (_, sb) = next(iter(best.items()))
+        return reach[key], np.asarray(sb.floor_mm)
     (da, a), (db, b) = best[1], best[-1]
-    assert a.tip_mm is not None and b.tip_mm is not None
+    ta, tb = reach[1], reach[-1]
     wa = abs(db) / (abs(da) + abs(db))
-    return wa * a.tip_mm + (1 - wa) * b.tip_mm, wa * np.asarray(a.floor_mm) + (1 - wa) * np.asarray(b.floor_mm)
+    return wa * ta + (1 - wa) * tb, wa * np.asarray(a.floor_mm) + (1 - wa) * np.asarray(b.floor_mm)
 
 
 def lumbar_named(hu: NDArray[np.float32], spacing: tuple[float, float], anat: SliceAnatomy,
