@@ -24,6 +24,7 @@ own run-to-run agreement of 0.92-0.99.
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import shutil
 import sys
@@ -114,7 +115,14 @@ def main(argv: list[str] | None = None) -> int:
     from pipelines.body_composition.labels import read_labels_on_volume
     from pipelines.body_composition.levels import SpineLevelFinder, anatomy_for_slice
     from pipelines.body_composition.pipeline import run_folder
-    from pipelines.body_composition.tissues import TissueSlicer
+    from pipelines.body_composition.tissues import (
+        TissueParams,
+        TissueSlicer,
+        bony_landmarks,
+        process_reach_mm,
+        with_neighbours,
+    )
+    from pipelines.body_composition.types import SideBone
     from pipelines.common.volume import load_series
 
     try:
@@ -140,8 +148,16 @@ def main(argv: list[str] | None = None) -> int:
                                        "arm area": []}
         totals: dict[str, list[float]] = {"muscle before": [], "muscle after": [], "sat before": [], "sat after": []}
         slices = list(range(0, vol.shape[0], a.every))
+        p = TissueParams()
+
+        @functools.cache
+        def landmarks(kk: int) -> tuple[SideBone, SideBone]:
+            return bony_landmarks(vol.hu[kk], vol.pixel_spacing, anatomy_for_slice(lr, kk), p)
+
         for k in slices:
-            anat = anatomy_for_slice(lr, k)
+            # as the pipeline's stage does: the slice with the bony landmarks of its neighbours
+            anat = with_neighbours(anatomy_for_slice(lr, k), k, landmarks, vol.shape[0], vol.slice_spacing, p,
+                                   process_reach_mm(lr, k, vol.slice_spacing, p))
             seg = new.run(vol.hu[k], vol.pixel_spacing, anat, "L3")
             for key in dices:
                 r = ref[k] == TS_LABELS[key]

@@ -6,8 +6,9 @@ Each stage works without the node: ``QCGate().run(volume)``, ``LevelFinder(...).
 
 from __future__ import annotations
 
+import functools
 import logging
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Any, Protocol
@@ -26,7 +27,13 @@ from pipelines.body_composition.reference import (
     classify,
     smi,
 )
-from pipelines.body_composition.tissues import TissueParams, TissueSlicer
+from pipelines.body_composition.tissues import (
+    TissueParams,
+    TissueSlicer,
+    bony_landmarks,
+    process_reach_mm,
+    with_neighbours,
+)
 from pipelines.body_composition.types import (
     C3_NAMED,
     NAMED_MUSCLES,
@@ -35,6 +42,7 @@ from pipelines.body_composition.types import (
     Measurements,
     QCResult,
     Segmentation,
+    SideBone,
     SliceAnatomy,
     SliceSegmentation,
     Value,
@@ -144,12 +152,27 @@ class TissueSegmenter:
         self.volumes_3d = volumes_3d
         self.workers = workers
 
+    def _anatomy(self, vol: Volume, level: LevelResult) -> Callable[[int], SliceAnatomy]:
+        """Slice ``k``'s vertebral anatomy; for the weight-free backend with the bony landmarks of nearby
+        slices (a slice between transverse processes takes theirs: ``tissues.with_neighbours``)."""
+        if not isinstance(self.backend, ClassicalBackend) or level.level == "C3":
+            return lambda k: anatomy_for_slice(level, k)
+        p = self.backend.segmenter.p
+
+        @functools.cache
+        def landmarks(k: int) -> tuple[SideBone, SideBone]:
+            return bony_landmarks(vol.hu[k], vol.pixel_spacing, anatomy_for_slice(level, k), p)
+
+        n = vol.hu.shape[0]
+        return lambda k: with_neighbours(anatomy_for_slice(level, k), k, landmarks, n, vol.slice_spacing, p,
+                                         process_reach_mm(level, k, vol.slice_spacing, p))
+
     def run(self, data: SegmentInput) -> Segmentation:
         vol, level = data.volume, data.level
         assert level.slice_index is not None
         k = level.slice_index
-        seg = self.backend.segment_slice(vol.hu[k], vol.pixel_spacing, anatomy_for_slice(level, k),
-                                         level=level.level or "L3")
+        anatomy = self._anatomy(vol, level)
+        seg = self.backend.segment_slice(vol.hu[k], vol.pixel_spacing, anatomy(k), level=level.level or "L3")
         masks: dict[str, NDArray[np.bool_]] = {}
         rng: tuple[int, int] | None = None
         note = ""
@@ -164,7 +187,7 @@ class TissueSegmenter:
                 others = [kk for kk in range(rng[0], rng[1] + 1) if kk != k]
 
                 def one(kk: int) -> Mapping[str, NDArray[np.bool_]]:
-                    return self.backend.segment_named(vol.hu[kk], vol.pixel_spacing, anatomy_for_slice(level, kk))
+                    return self.backend.segment_named(vol.hu[kk], vol.pixel_spacing, anatomy(kk))
 
                 with ThreadPoolExecutor(max_workers=self.workers) as pool:  # scipy releases the GIL
                     results = list(pool.map(one, others))

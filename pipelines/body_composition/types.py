@@ -91,11 +91,29 @@ class LevelResult:
 
 
 @dataclass(frozen=True)
+class SideBone:
+    """One side's posterior bony landmarks on one slice, relative to the vertebral body centre."""
+
+    tip_mm: float | None  # the transverse process tip, mm from the midline (None: no process on the slice)
+    floor_mm: tuple[float, ...] = ()  # the posterior bony floor, mm behind the centre, at 0, 1, 2, ... mm lateral
+
+
+@dataclass(frozen=True)
+class NeighbourBone:
+    """The bony landmarks of a nearby slice (``dz_mm`` along the spine from the slice measured)."""
+
+    dz_mm: float
+    left: SideBone
+    right: SideBone
+
+
+@dataclass(frozen=True)
 class SliceAnatomy:
     centre_rc: tuple[float, float]
     half_width_mm: float
     half_height_mm: float
     canal_rc: tuple[float, float] | None = None  # spinal canal centre on this slice, where known
+    neighbours: tuple[NeighbourBone, ...] = ()  # bony landmarks of nearby slices (tissues.with_neighbours)
 
 
 @dataclass(frozen=True)
