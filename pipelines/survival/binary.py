@@ -135,13 +135,13 @@ def logistic_path(x: F64, y: B, lambdas: npt.ArrayLike, l1_ratio: float, tol: fl
     return out
 
 
-def auc(y: B, s: F64) -> float:
+def auc(y: npt.ArrayLike, s: npt.ArrayLike) -> float:
     """Area under the ROC curve (Mann-Whitney; ties count half).  ValueError with a single class."""
     y = np.asarray(y, dtype=bool)
     n1, n0 = int(y.sum()), int((~y).sum())
     if n1 == 0 or n0 == 0:
         raise ValueError("AUC needs both outcomes")
-    r = pd.Series(np.asarray(s, dtype=np.float64)).rank(method="average").to_numpy()
+    r = metrics.midrank(np.asarray(s, dtype=np.float64))
     return float((r[y].sum() - n1 * (n1 + 1) / 2) / (n1 * n0))
 
 
@@ -284,20 +284,27 @@ def calibration_in_the_large(y: B, eta: F64) -> tuple[float, float]:
     return a, 1 / math.sqrt(info)
 
 
-def binary_calibration(y: B, prob: F64, n_groups: int = 5) -> dict[str, Any]:
-    eta = np.log(np.clip(prob, 1e-12, 1 - 1e-12) / np.clip(1 - prob, 1e-12, 1))
+def calibration_groups(y: B, prob: F64, n_groups: int = 5) -> list[dict[str, Any]]:
+    """Mean predicted against observed proportion by quantile group of the prediction (Wilson 95% CIs);
+    at most one group per 10 patients, at least 2."""
     n_groups = max(2, min(n_groups, len(prob) // 10 or 2))
     edges = np.quantile(prob, np.linspace(0, 1, n_groups + 1))
     which = np.clip(np.searchsorted(edges[1:-1], prob, side="right"), 0, n_groups - 1)
     rows = []
     for g in range(n_groups):
         m = which == g
-        if m.sum() == 0:
+        if not m.any():
             continue
         k, n = int(y[m].sum()), int(m.sum())
         lo, hi = _wilson(k, n)
         rows.append({"group": g + 1, "n": n, "events": k, "predicted": float(prob[m].mean()),
                      "observed": k / n, "observed_lower": lo, "observed_upper": hi})
+    return rows
+
+
+def binary_calibration(y: B, prob: F64, n_groups: int = 5) -> dict[str, Any]:
+    eta = np.log(np.clip(prob, 1e-12, 1 - 1e-12) / np.clip(1 - prob, 1e-12, 1))
+    rows = calibration_groups(y, prob, n_groups)
     slope: float | None = None
     slope_ci: list[float | None] | None = None
     if 0 < y.sum() < len(y) and np.ptp(eta) > 0:

@@ -44,6 +44,7 @@ import pandas as pd
 
 from pipelines.survival import metrics
 from pipelines.survival.artifact import SurvivalModel, load_model
+from pipelines.survival.binary import auc, binary_net_benefit, calibration_groups
 from pipelines.survival.data import CohortError, read_table
 from pipelines.survival.scoring import horizon_probability, score_frame
 
@@ -56,17 +57,6 @@ Z95 = 1.959963984540054
 
 
 # DeLong -----------------------------------------------------------------------------------
-def _midrank(x: F64) -> F64:
-    """Ranks 1..n with ties given their average rank (numpy only)."""
-    order = np.argsort(x, kind="mergesort")
-    xs = np.asarray(x, dtype=np.float64)[order]
-    starts = np.flatnonzero(np.r_[True, xs[1:] != xs[:-1]])
-    ends = np.r_[starts[1:], len(xs)]
-    out = np.empty(len(xs), dtype=np.float64)
-    out[order] = np.repeat((starts + ends - 1) / 2 + 1, ends - starts)
-    return out
-
-
 def delong(y: npt.ArrayLike, scores: npt.ArrayLike) -> tuple[F64, F64]:
     """AUCs of each row of ``scores`` (k x n, higher = more likely positive) and their DeLong covariance.
 
@@ -82,9 +72,9 @@ def delong(y: npt.ArrayLike, scores: npt.ArrayLike) -> tuple[F64, F64]:
         raise ValueError(f"DeLong needs at least 2 positives and 2 negatives (got {m} and {n0})")
     pos, neg = s[:, yb], s[:, ~yb]
     k = s.shape[0]
-    tx = np.vstack([_midrank(pos[r]) for r in range(k)])
-    ty = np.vstack([_midrank(neg[r]) for r in range(k)])
-    tz = np.vstack([_midrank(np.concatenate([pos[r], neg[r]])) for r in range(k)])
+    tx = np.vstack([metrics.midrank(pos[r]) for r in range(k)])
+    ty = np.vstack([metrics.midrank(neg[r]) for r in range(k)])
+    tz = np.vstack([metrics.midrank(np.concatenate([pos[r], neg[r]])) for r in range(k)])
     aucs = (tz[:, :m].sum(axis=1) - m * (m + 1) / 2) / (m * n0)
     v10 = (tz[:, :m] - tx) / n0
     v01 = 1.0 - (tz[:, m:] - ty) / m
@@ -102,17 +92,6 @@ def delong_paired(y: npt.ArrayLike, a: npt.ArrayLike, b: npt.ArrayLike) -> dict[
     p = float(math.erfc(abs(z) / math.sqrt(2))) if math.isfinite(z) else 0.0
     return {"auc_a": float(aucs[0]), "auc_b": float(aucs[1]), "difference": diff, "se": se,
             "ci": [diff - Z95 * se, diff + Z95 * se], "z": z if math.isfinite(z) else None, "p": p}
-
-
-def auc(y: npt.ArrayLike, s: npt.ArrayLike) -> float:
-    """Mann-Whitney AUC (ties count one half)."""
-    yb = np.asarray(y).astype(bool)
-    sv = np.asarray(s, dtype=np.float64)
-    m, n0 = int(yb.sum()), int((~yb).sum())
-    if m == 0 or n0 == 0:
-        raise ValueError("AUC needs positives and negatives")
-    r = _midrank(sv)
-    return float((r[yb].sum() - m * (m + 1) / 2) / (m * n0))
 
 
 # NRI ----------------------------------------------------------------------------------------
@@ -143,40 +122,9 @@ def nri(y: npt.ArrayLike, p_new: npt.ArrayLike, p_old: npt.ArrayLike,
 # Binary calibration and net benefit ------------------------------------------------------------
 def binary_calibration(y: B, p: F64, n_groups: int = 5) -> dict[str, Any]:
     """Mean predicted vs observed proportion by quantile group of the prediction (Wilson 95% CIs)."""
-    n_groups = max(2, min(n_groups, len(p) // 10 or 2))
-    edges = np.quantile(p, np.linspace(0, 1, n_groups + 1))
-    which = np.clip(np.searchsorted(edges[1:-1], p, side="right"), 0, n_groups - 1)
-    rows = []
-    for g in range(n_groups):
-        m = which == g
-        if not m.any():
-            continue
-        k, n = int(y[m].sum()), int(m.sum())
-        lo, hi = _wilson(k, n)
-        rows.append({"group": g + 1, "n": n, "events": k, "predicted": float(p[m].mean()), "observed": k / n,
-                     "observed_lower": lo, "observed_upper": hi})
     exp_total = float(p.sum())
-    return {"groups": rows, "observed_expected": float(y.sum()) / exp_total if exp_total > 0 else None}
-
-
-def _wilson(k: int, n: int) -> tuple[float, float]:
-    p = k / n
-    d = 1 + Z95**2 / n
-    c = (p + Z95**2 / (2 * n)) / d
-    h = Z95 * math.sqrt(p * (1 - p) / n + Z95**2 / (4 * n * n)) / d
-    return max(0.0, c - h), min(1.0, c + h)
-
-
-def binary_net_benefit(y: B, p: F64, thresholds: Sequence[float] | None = None) -> dict[str, Any]:
-    ts = list(thresholds) if thresholds is not None else [round(x, 2) for x in np.arange(0.01, 0.96, 0.01)]
-    n, prev = len(y), float(y.mean())
-    model_nb, all_nb = [], []
-    for pt in ts:
-        w = pt / (1 - pt)
-        pos = p >= pt
-        model_nb.append(float((pos & y).sum() / n - (pos & ~y).sum() / n * w))
-        all_nb.append(prev - (1 - prev) * w)
-    return {"thresholds": ts, "model": model_nb, "treat_all": all_nb, "treat_none": [0.0] * len(ts)}
+    return {"groups": calibration_groups(y, p, n_groups),
+            "observed_expected": float(y.sum()) / exp_total if exp_total > 0 else None}
 
 
 # ROC curves -----------------------------------------------------------------------------------

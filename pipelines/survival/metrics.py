@@ -41,6 +41,17 @@ def _clean(x: float) -> float | None:
     return float(x) if x is not None and math.isfinite(float(x)) else None
 
 
+def midrank(x: F64) -> F64:
+    """Ranks 1..n with ties given their average rank (numpy only)."""
+    order = np.argsort(x, kind="mergesort")
+    xs = np.asarray(x, dtype=np.float64)[order]
+    starts = np.flatnonzero(np.r_[True, xs[1:] != xs[:-1]])
+    ends = np.r_[starts[1:], len(xs)]
+    out = np.empty(len(xs), dtype=np.float64)
+    out[order] = np.repeat((starts + ends - 1) / 2 + 1, ends - starts)
+    return out
+
+
 def harrell_c(time: F64, event: B, score: F64) -> float:
     from sksurv.metrics import concordance_index_censored
 
