@@ -341,20 +341,28 @@ def _walk(view: memoryview, pos: int, end: int, implicit_vr: bool, wanted: froze
     return pos
 
 
+def _next_item(view: memoryview, pos: int, end: int, owner: int) -> tuple[int, int | None]:
+    """The item header at ``pos`` in a value of undefined length of element ``owner``: the position past it and
+    the item's length, or ``None`` for the length when it is the sequence delimiter (the value's end)."""
+    if end - pos < 8:
+        raise HeaderError(f"element {_tag(owner)} of undefined length not closed")
+    group, element, length = _TAG_AND_LENGTH.unpack_from(view, pos)
+    tag = group << 16 | element
+    if tag == SEQUENCE_DELIMITER:
+        return pos + 8, None
+    if tag != ITEM:
+        raise HeaderError(f"({group:04X},{element:04X}) where an item of {_tag(owner)} was expected")
+    return pos + 8, length
+
+
 def _walk_items(view: memoryview, pos: int, end: int, implicit_vr: bool, depth: int, owner: int) -> int:
     """Walk the items of a sequence of undefined length up to and past its sequence delimiter, as pydicom's
     ``read_sequence`` does: each item read in implicit VR when the sequence is, or when its first element
     looks implicit (PS3.5 6.2.2), every element of an item of defined length inside it."""
     while True:
-        if end - pos < 8:
-            raise HeaderError(f"element {_tag(owner)} of undefined length not closed")
-        group, element, length = _TAG_AND_LENGTH.unpack_from(view, pos)
-        tag = group << 16 | element
-        pos += 8
-        if tag == SEQUENCE_DELIMITER:
+        pos, length = _next_item(view, pos, end, owner)
+        if length is None:
             return pos
-        if tag != ITEM:
-            raise HeaderError(f"({group:04X},{element:04X}) where an item of {_tag(owner)} was expected")
         item_implicit = implicit_vr or _looks_implicit(view, pos)
         if length == UNDEFINED_LENGTH:
             pos = _walk(view, pos, end, item_implicit, None, {}, depth + 1, stop_at=ITEM_DELIMITER)
@@ -372,15 +380,9 @@ def _walk_fragments(view: memoryview, pos: int, end: int, owner: int, facts: Ima
     counts the non-empty fragments after the Basic Offset Table in ``facts``."""
     first = True
     while True:
-        if end - pos < 8:
-            raise HeaderError(f"element {_tag(owner)} of undefined length not closed")
-        group, element, length = _TAG_AND_LENGTH.unpack_from(view, pos)
-        tag = group << 16 | element
-        pos += 8
-        if tag == SEQUENCE_DELIMITER:
+        pos, length = _next_item(view, pos, end, owner)
+        if length is None:
             return pos
-        if tag != ITEM:
-            raise HeaderError(f"({group:04X},{element:04X}) where an item of {_tag(owner)} was expected")
         if length == UNDEFINED_LENGTH or pos + length > end:
             raise HeaderError(f"item of {_tag(owner)} truncated ({end - pos} of {length} bytes)")
         pos += length
