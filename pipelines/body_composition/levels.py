@@ -231,16 +231,7 @@ class _Ctx:
         is_hole = np.ones(nl + 1, bool)
         is_hole[border] = False
         is_hole[0] = False
-        self.filled_max = closed | is_hole[lab]
-        mb = (g > p.bone_hu) & self.body
-        mclosed = (ndi.binary_closing(mb, structure=s8, border_value=0) | mb) if max(gy, gx) < 2.5 else mb
-        mlab, mnl = ndi.label(~mclosed, structure=s2)
-        mborder = np.unique(np.concatenate([mlab[:, 0, :].ravel(), mlab[:, -1, :].ravel(),
-                                            mlab[:, :, 0].ravel(), mlab[:, :, -1].ravel()]))
-        mhole = np.ones(mnl + 1, bool)
-        mhole[mborder] = False
-        mhole[0] = False
-        self.filled = mclosed | mhole[mlab]
+        self.filled = closed | is_hole[lab]  # the bone with the canal and every enclosed hole filled
         flat = lab.ravel()
         area = np.bincount(flat, minlength=nl + 1).astype(np.float64) * gy * gx
         hsum = np.bincount(flat, weights=g.ravel().astype(np.float64), minlength=nl + 1)
