@@ -80,14 +80,6 @@ class CohortOptions:
             raise ValueError(f"families {bad}: expected some of {', '.join(FAMILIES)}")
 
 
-def sha256_file(path: Path) -> str:
-    h = hashlib.sha256()
-    with path.open("rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
-
-
 class Plan:
     """The configured pipelines and stages, built once per cohort run (fails early on bad options)."""
 
@@ -95,7 +87,7 @@ class Plan:
         from pipelines.body_composition.pipeline import Options as BcOptions
         from pipelines.body_composition.pipeline import create as create_bc
         from pipelines.body_composition.reader_level import LevelOverride
-        from pipelines.deep.pipeline import DeepOptions
+        from pipelines.deep.pipeline import DeepOptions, sha256_of
         from pipelines.dualphase.pipeline import DualPhaseOptions
         from pipelines.dualphase.pipeline import create as create_dp
         from pipelines.radiomics.features import Params
@@ -125,7 +117,7 @@ class Plan:
                 if not self.models[key].is_file():
                     raise ValueError(f"deep weights models.{key}: {self.models[key]} is not a file")
                 self.weights[dims] = self.models[key]
-        self.weights_sha256 = {d: sha256_file(p) for d, p in self.weights.items()}
+        self.weights_sha256 = {d: sha256_of(p) for d, p in self.weights.items()}
         self._embedders: dict[int, Any] = {}
         self.hash = hashlib.sha256(json.dumps(self.describe(), sort_keys=True, default=str).encode()).hexdigest()[:16]
 
