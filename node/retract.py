@@ -244,10 +244,7 @@ def cmd_retract(args: argparse.Namespace) -> int:
     try:
         out = retract_job(db, config, AuditLog(config.path(config.logging.audit_file)), args.job_id, args.reason,
                           by="cli")
-    except UnknownJob as e:
-        print(f"retract: {e}", file=sys.stderr)
-        return EXIT_USAGE
-    except ValueError as e:
+    except (UnknownJob, ValueError) as e:
         print(f"retract: {e}", file=sys.stderr)
         return EXIT_USAGE
     except RetractError as e:
