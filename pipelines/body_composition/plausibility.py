@@ -105,22 +105,19 @@ def apply_gates(level: str, areas: Mapping[str, Value], means: Mapping[str, Valu
         if not b.min <= val <= b.max:
             fail(b.key, f"{b.quantity} range", f"{b.quantity.replace('_', ' ')} {val:.1f} {unit} outside "
                  f"{b.min:g}..{b.max:g} {unit}", b.source)
-    for b in gates.fractions:
-        val = raw.get(b.key)
-        if b.level != level or val is None or not seg.body_area_cm2:
-            continue
-        f = val / seg.body_area_cm2
-        if not b.min <= f <= b.max:
-            fail(b.key, "share of the body cross-section", f"{val:.1f} cm2 is {f:.2f} of the {seg.body_area_cm2:.0f} "
-                 f"cm2 body cross-section (plausible {b.min:g}..{b.max:g})", b.source)
-    for b in gates.vertebra_ratios:
-        val = raw.get(b.key)
-        if b.level != level or val is None or not seg.vertebral_body_cm2:
-            continue
-        f = val / seg.vertebral_body_cm2
-        if not b.min <= f <= b.max:
-            fail(b.key, "size against the vertebral body", f"{val:.1f} cm2 is {f:.2f} times the "
-                 f"{seg.vertebral_body_cm2:.1f} cm2 vertebral body (plausible {b.min:g}..{b.max:g})", b.source)
+    # areas as a share of a reference area on the same slice: the body cross-section, the vertebral body
+    relative = ((gates.fractions, seg.body_area_cm2, "share of the body cross-section",
+                 f"of the {seg.body_area_cm2 or 0:.0f} cm2 body cross-section"),
+                (gates.vertebra_ratios, seg.vertebral_body_cm2, "size against the vertebral body",
+                 f"times the {seg.vertebral_body_cm2 or 0:.1f} cm2 vertebral body"))
+    for bounds, reference, check, against in relative:
+        for b in bounds:
+            val = raw.get(b.key)
+            if b.level != level or val is None or not reference:
+                continue
+            f = val / reference
+            if not b.min <= f <= b.max:
+                fail(b.key, check, f"{val:.1f} cm2 is {f:.2f} {against} (plausible {b.min:g}..{b.max:g})", b.source)
     for s in gates.symmetry:
         if s.left not in a or s.right not in a:
             continue
