@@ -406,3 +406,66 @@ def test_series_in_flight_while_retrieved(tmp_path: Path, source_pacs: Orthanc, 
     assert out.retrieved == N_STUDIES and len(seen) == N_STUDIES * SLICES
     assert all(len(busy) in (1, 2) for busy in seen)  # max_concurrent = 2
     assert in_flight() == set()
+
+
+def test_wado_rs_part_over_the_cap_is_stopped_while_it_arrives(tmp_path: Path) -> None:
+    """A WADO-RS answer is read part by part with at most node.max_dataset_bytes (+ MIME headers) of one part
+    in memory: a part that never ends is cut off while it arrives, an answer without a multipart boundary is
+    refused before its body is read, and parts within the cap come out as sent."""
+    import http.server
+    import threading
+
+    from node.config import DicomwebSourceConfig
+    from node.sweep.dicomweb import PART_OVERHEAD_BYTES, DicomwebError, client, retrieve_series
+    from tests.peers import free_port
+
+    cap = 256 << 10
+    mode = {"kind": "endless"}
+
+    class Handler(http.server.BaseHTTPRequestHandler):
+        protocol_version = "HTTP/1.1"
+
+        def log_message(self, *args: Any) -> None:
+            pass
+
+        def do_GET(self) -> None:  # noqa: N802 - http.server's name
+            self.send_response(200)
+            if mode["kind"] == "no-boundary":
+                self.send_header("Content-Type", "application/dicom")
+                self.send_header("Content-Length", str(8 * cap))
+                self.end_headers()
+                return
+            self.send_header("Content-Type", 'multipart/related; type="application/dicom"; boundary=B')
+            self.send_header("Connection", "close")
+            self.end_headers()
+            head = b"\r\n--B\r\nContent-Type: application/dicom\r\n\r\n"
+            try:
+                if mode["kind"] == "small":
+                    self.wfile.write(head + b"A" * 1000 + head + b"C" * 2000 + b"\r\n--B--\r\n")
+                    return
+                self.wfile.write(head)
+                for _ in range(64):  # 4 MiB of one part, no closing boundary
+                    self.wfile.write(b"x" * (64 << 10))
+            except (BrokenPipeError, ConnectionResetError):
+                pass
+
+    port = free_port()
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", port), Handler)
+    t = threading.Thread(target=server.serve_forever, daemon=True)
+    t.start()
+    try:
+        src = DicomwebSourceConfig(kind="dicomweb", name="web", url=f"http://127.0.0.1:{port}/dicom-web",
+                                   timeout_seconds=10)
+        c = client(src, tmp_path)
+        with pytest.raises(DicomwebError, match="transfer stopped"):
+            list(retrieve_series(c, src, "1.2", "1.2.3", cap))
+        # (without the cap the decoder would buffer all 4 MiB and hand it over as one part at the end)
+        mode["kind"] = "no-boundary"
+        with pytest.raises(DicomwebError, match="boundary"):
+            list(retrieve_series(c, src, "1.2", "1.2.3", cap))
+        mode["kind"] = "small"
+        assert [len(p) for p in retrieve_series(c, src, "1.2", "1.2.3", cap)] == [1000, 2000]
+        assert PART_OVERHEAD_BYTES < cap
+    finally:
+        server.shutdown()
+        server.server_close()

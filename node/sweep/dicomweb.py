@@ -99,18 +99,50 @@ def search_series(c: DICOMwebClient, src: DicomwebSourceConfig, study_uid: str,
         raise DicomwebError(f"{what}: {e}") from e
 
 
+PART_OVERHEAD_BYTES = 64 << 10  # a part's MIME headers and boundary beside its data set
+
+
+class _PartCap:
+    """Counts the response bytes read since the last part came out of the multipart decoder, and stops the
+    transfer once they exceed ``cap``: the decoder holds a part in memory until its boundary arrives, so a
+    part (or a missing boundary) larger than any instance the node would store is refused while it arrives."""
+
+    def __init__(self, response: requests.Response, cap: int, what: str) -> None:
+        self.cap, self.what, self.pending = cap, what, 0
+        read = response.iter_content
+
+        def iter_content(chunk_size: int | None = 1, decode_unicode: bool = False) -> Iterator[bytes]:
+            for chunk in read(chunk_size):  # the decoder reads bytes
+                self.pending += len(chunk)
+                if self.pending > self.cap:
+                    raise DicomwebError(f"{self.what}: a part of more than {self.cap} bytes (node.max_dataset_bytes "
+                                        "plus its MIME headers): transfer stopped")
+                yield chunk
+
+        response.iter_content = iter_content  # type: ignore[method-assign]
+
+
 def retrieve_series(c: DICOMwebClient, src: DicomwebSourceConfig, study_uid: str,
-                    series_uid: str) -> Iterator[bytes]:
-    """WADO-RS ``/studies/{study}/series/{series}``: each instance's Part 10 bytes as the server sent them.
+                    series_uid: str, max_dataset_bytes: int) -> Iterator[bytes]:
+    """WADO-RS ``/studies/{study}/series/{series}``: each instance's Part 10 bytes as the server sent them,
+    none larger than ``max_dataset_bytes`` (plus its MIME headers) held in memory.
 
     Uses the client's URL building, HTTP GET and multipart decoding (dicomweb-client 0.61; its public
     ``iter_series`` decodes every part with pydicom, which would re-encode what gets stored)."""
+    what = f"WADO-RS series {series_uid} from {src.name} ({src.url})"
     url = c._get_series_url(_Transaction.RETRIEVE, study_uid, series_uid)
     try:
         response = c._http_get(url, headers={"Accept": ACCEPT_AS_STORED}, stream=True)
-        yield from c._decode_multipart_message(response, stream=True)
+        if "boundary=" not in response.headers.get("content-type", "").lower():  # the decoder would read it all
+            response.close()
+            raise DicomwebError(f"{what}: not a multipart/related answer with a boundary "
+                                f"({response.headers.get('content-type', 'no content type')})")
+        cap = _PartCap(response, max_dataset_bytes + PART_OVERHEAD_BYTES, what)
+        for part in c._decode_multipart_message(response, stream=True):
+            cap.pending = 0
+            yield part
     except (requests.RequestException, ValueError) as e:
-        raise DicomwebError(f"WADO-RS series {series_uid} from {src.name} ({src.url}): {e}") from e
+        raise DicomwebError(f"{what}: {e}") from e
 
 
 class DicomwebQuery:

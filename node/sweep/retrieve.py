@@ -376,8 +376,8 @@ def retrieve_wado(config: Config, src: DicomwebSourceConfig, client: Any, store_
     """WADO-RS of one series, each instance stored through ``store_handler``; the instances stored."""
     try:
         with _retrieving(series_uid):
-            stored, refused, first = store_parts(dicomweb.retrieve_series(client, src, study_uid, series_uid), src,
-                                                 config, store_handler, audit)
+            parts = dicomweb.retrieve_series(client, src, study_uid, series_uid, config.node.max_dataset_bytes)
+            stored, refused, first = store_parts(parts, src, config, store_handler, audit)
     except dicomweb.DicomwebError as e:
         raise SweepError(str(e)) from e
     if refused:
