@@ -146,7 +146,9 @@ def test_real_ct_erector_agrees_with_totalsegmentator(real_ct: Any) -> None:
             if r.any():
                 scores[key].append(_dice(ours[key], r) if ours[key].any() else 0.0)
     # With the anatomy the pipeline uses (levels.SpineLevelFinder: vertebral body centre on the canal's
-    # midline) these 10 slices give left 0.792 (min 0.75), right 0.825 (min 0.78); 0.794 / 0.825 with the
+    # midline) these 10 slices give left 0.810, right 0.847 with the erector as its compartment (outline
+    # smoothed by a pixel, fat clefts narrower than 8 mm in: tissues._compartment); 0.792 (min 0.75) /
+    # 0.825 (min 0.78) before, with muscle-window pixels only; 0.794 / 0.825 with the
     # nearest slice's process tip instead of each process's longest reach; 0.780 / 0.822 with a
     # fixed reach of 10 mm (tp_context_mm) instead of half the vertebral pitch; 0.731 / 0.820 before a
     # slice without a transverse process took the process tip and floor of the nearest slices with one
@@ -158,7 +160,7 @@ def test_real_ct_erector_agrees_with_totalsegmentator(real_ct: Any) -> None:
     # on this series, which narrowed the left compartment and widened the right) they gave 0.760 / 0.764;
     # 0.688 / 0.727 with the old segmenter.  The Done-when bar of 0.90 is NOT reached on this T11-T12
     # series (6-10 % of TotalSegmentator's autochthon is fat by HU, which muscle never holds).
-    floor = {"erector_left": 0.785, "erector_right": 0.815}
+    floor = {"erector_left": 0.80, "erector_right": 0.835}
     for key, s in scores.items():
         assert len(s) >= 10, key
         assert float(np.mean(s)) > floor[key] and min(s) > 0.7, (key, s)
@@ -206,10 +208,12 @@ def test_a_slice_between_transverse_processes_takes_the_nearest_ones_within_reac
 # (the table behind a thin back was taken as the bony floor).
 # Erector before the 1 mm fascia margin (erector_fascia_mm, was 2 mm) and the rib test by the rib angle's
 # distance: thin 0.861 0.850, average 0.881 0.883, obese 0.852 0.853.
+# Erector before it became the compartment (its fat clefts in, against truth without the phantom's IMAT
+# blobs inside it): thin 0.889 0.877, average 0.909 0.913, obese 0.882 0.884.
 PHANTOM_FLOORS = {
-    ("thin", True): (0.93, 0.96, 0.87, 0.86),  # measured 0.962 0.988 0.889 0.877
-    ("average", True): (0.93, 0.91, 0.89, 0.89),  # measured 0.953 0.933 0.909 0.913
-    ("obese", False): (0.82, 0.83, 0.86, 0.86),  # measured 0.843 0.857 0.882 0.884 (kidney not enhanced)
+    ("thin", True): (0.93, 0.96, 0.87, 0.87),  # measured 0.962 0.988 0.890 0.883
+    ("average", True): (0.93, 0.91, 0.90, 0.90),  # measured 0.953 0.933 0.914 0.914
+    ("obese", False): (0.82, 0.83, 0.87, 0.87),  # measured 0.843 0.857 0.891 0.895 (kidney not enhanced)
 }
 
 

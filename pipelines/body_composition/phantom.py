@@ -45,8 +45,21 @@ LABELS: Mapping[str, int] = {
     "gas": 12,
     "disc": 13,
     "canal": 14,
+    "erector_fat_left": 15,
+    "erector_fat_right": 16,
 }
 MUSCLE_LABELS = (1, 2, 3, 4, 5)
+# a structure as the pipeline measures it, as labels: the erector is its compartment (its IMAT in; see
+# tissues.py), and that fat is IMAT as well
+PARTS: Mapping[str, tuple[str, ...]] = {
+    "erector_left": ("erector_left", "erector_fat_left"),
+    "erector_right": ("erector_right", "erector_fat_right"),
+    "imat": ("imat", "erector_fat_left", "erector_fat_right"),
+}
+
+
+def _ids(name: str) -> list[int]:
+    return [LABELS[n] for n in PARTS.get(name, (name,))]
 
 HU = {
     "air": -1000.0, "fat": -100.0, "imat": -80.0, "muscle": 45.0, "psoas": 50.0, "erector": 40.0,
@@ -95,20 +108,20 @@ class Truth:
     study_uid: str = ""
 
     def area_cm2(self, name: str, k: int) -> float:
-        return float(np.count_nonzero(self.labels[k] == LABELS[name])) * self.pixel_area_mm2 / 100.0
+        return float(np.count_nonzero(np.isin(self.labels[k], _ids(name)))) * self.pixel_area_mm2 / 100.0
 
     def muscle_area_cm2(self, k: int) -> float:
         return float(np.count_nonzero(np.isin(self.labels[k], MUSCLE_LABELS))) * self.pixel_area_mm2 / 100.0
 
     def mean_hu(self, name: str, k: int) -> float:
-        return float(self.hu[k][self.labels[k] == LABELS[name]].mean())
+        return float(self.hu[k][np.isin(self.labels[k], _ids(name))].mean())
 
     def muscle_mean_hu(self, k: int) -> float:
         return float(self.hu[k][np.isin(self.labels[k], MUSCLE_LABELS)].mean())
 
     def volume_cm3(self, name: str, k0: int, k1: int) -> float:
         """Volume of a label over slices k0..k1 inclusive."""
-        n = np.count_nonzero(self.labels[k0 : k1 + 1] == LABELS[name])
+        n = np.count_nonzero(np.isin(self.labels[k0 : k1 + 1], _ids(name)))
         return float(n) * self.pixel_area_mm2 * self.slice_mm / 1000.0
 
 
@@ -159,9 +172,9 @@ def _paint_slice(spec: PhantomSpec, level: str, body: bool, x: NDArray[np.float6
         grow = {"L1": 0.7, "L2": 0.8, "L3": 0.9, "L4": 1.0, "L5": 1.05}.get(level.split("-")[0], 0.9)
         for side, lbl in ((1, L["psoas_left"]), (-1, L["psoas_right"])):
             lab[ell(side * 52, 32, 16 * grow, 20 * grow)] = lbl
-    for side, lbl in ((1, L["erector_left"]), (-1, L["erector_right"])):
+    for side, lbl, fat in ((1, L["erector_left"], L["erector_fat_left"]), (-1, L["erector_right"], L["erector_fat_right"])):
         lab[ell(side * 42, 70, 22, 15)] = lbl
-        lab[ell(side * 48, 72, 4.5, 4.5)] = L["imat"]
+        lab[ell(side * 48, 72, 4.5, 4.5)] = fat
     if body:
         if sacral:
             lab[ell(0, 25, 95, 20)] = L["bone"]
@@ -181,7 +194,7 @@ def _paint_slice(spec: PhantomSpec, level: str, body: bool, x: NDArray[np.float6
 
 
 _HU_OF = {1: "muscle", 2: "psoas", 3: "psoas", 4: "erector", 5: "erector", 6: "fat", 7: "fat", 8: "imat",
-          10: "bone", 11: "organ", 12: "gas", 13: "disc", 14: "canal"}
+          10: "bone", 11: "organ", 12: "gas", 13: "disc", 14: "canal", 15: "imat", 16: "imat"}
 
 
 def make_phantom(spec: PhantomSpec) -> Truth:
@@ -316,8 +329,12 @@ def write_phantom(spec: PhantomSpec, out_dir: Path, study_uid: str | None = None
 
 
 def training_labels(truth: Truth, level: str = "L3") -> NDArray[np.uint8]:
-    """train-seg label map from the truth: classes 1-8 as they are, 20 on the level vertebra's bone."""
-    out = np.where(truth.labels <= 8, truth.labels, 0).astype(np.uint8)
+    """train-seg label map from the truth: classes 1-8 as they are, the erector's fat as its erector (the
+    compartment), 20 on the level vertebra's bone."""
+    lab = truth.labels
+    lab = np.where(lab == LABELS["erector_fat_left"], LABELS["erector_left"], lab)
+    lab = np.where(lab == LABELS["erector_fat_right"], LABELS["erector_right"], lab)
+    out = np.where(lab <= 8, lab, 0).astype(np.uint8)
     ks = [k for k, lv in enumerate(truth.levels) if lv == level]
     for k in ks:
         out[k][truth.labels[k] == LABELS["bone"]] = 20

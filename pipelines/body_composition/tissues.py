@@ -57,8 +57,12 @@ the trunk's fat outside it.  Skeletal muscle is only:
     around bone (partial volume of the laminae) helped there but cost the phantom, whose truth
     reaches the bone, 0.02-0.03 Dice: the edge is where the muscle window ends.
 
-  Fat inside the compartment (intramuscular clefts, fatty infiltration) is IMAT, never erector;
-  TotalSegmentator's autochthon holds it (6-10 % of it on the real CT bench).
+  The erector mask is the compartment, not only its muscle-window pixels (``_compartment``): the
+  outline is smoothed by one pixel and fat clefts and concavities narrower than 2 x
+  ``erector_close_mm`` are taken in, as TotalSegmentator's autochthon holds them (6-10 % of it on
+  the real CT bench) and as the paraspinal "total cross-sectional area" of body-composition
+  studies does; its mean HU is then the compartment's (fatty infiltration lowers it).  That fat is
+  IMAT, never skeletal muscle.
 * psoas beside the vertebral body (nearest muscle component to its seed), reduced to its round
   belly: the quadratus lumborum, the crus or a non-enhanced kidney touching it are cut off where
   the contact is narrower than the belly (``_belly``);
@@ -164,6 +168,8 @@ class TissueParams:
     # is aponeurotic there): a wider margin cut a whole pixel layer of erector off at 2 mm pixels
     sat_channel_mm: float = 1.5  # fat reached through a channel narrower than twice this is not subcutaneous
     erector_open_mm: float = 4.0  # thinner sheets (latissimus dorsi, serratus posterior) are cut off the erector
+    erector_close_mm: float = 4.0  # the compartment: fat clefts and concavities narrower than twice this are inside it
+    erector_smooth_mm: float = 1.0  # one-pixel spurs and notches of the outline are partial volume, not anatomy
     min_bone_piece_mm2: float = 20.0  # smaller pieces above bone_hu are vessels or noise, not a bony landmark
     bridge_mm: float = 2.0  # connections thinner than about twice this are cut between components
     # C3
@@ -534,6 +540,27 @@ def _carried(neighbours: tuple[NeighbourBone, ...], side: str, p: TissueParams
     return wa * ta + (1 - wa) * tb, wa * np.asarray(a.floor_mm) + (1 - wa) * np.asarray(b.floor_mm)
 
 
+def _compartment(muscle: NDArray[np.bool_], region: NDArray[np.bool_], px: float, p: TissueParams
+                 ) -> NDArray[np.bool_]:
+    """One side's paraspinal compartment from its muscle mass: the outline smoothed by ``erector_smooth_mm``
+    (opening, then closing) and the fat clefts and concavities narrower than 2 x ``erector_close_mm`` taken in,
+    inside ``region`` (the compartment's bounds, bone left out).
+
+    Anatomy: the multifidus and the longissimus and iliocostalis are parted by fat clefts, and fatty
+    infiltration lies between their fascicles; the compartment (TotalSegmentator's autochthon, the
+    paraspinal "total cross-sectional area" of body-composition studies) holds them.  Its fat is also
+    IMAT, never skeletal muscle (the muscle window decides that)."""
+    if not muscle.any():
+        return muscle
+    out = muscle
+    it = int(np.floor(p.erector_smooth_mm / px + 1e-6))  # never coarser than erector_smooth_mm
+    if it > 0:
+        out = ndi.binary_closing(ndi.binary_opening(out, iterations=it), iterations=it) & region
+    if p.erector_close_mm >= px:
+        out = fill_holes(closing(out, p.erector_close_mm / px) | out) & region
+    return np.asarray(out)
+
+
 def lumbar_named(hu: NDArray[np.float32], spacing: tuple[float, float], anat: SliceAnatomy,
                  p: TissueParams, compartments: bool = False) -> dict[str, NDArray[np.bool_]]:
     """Psoas and erector spinae, left and right, found relative to the vertebra (on a crop around it).
@@ -665,8 +692,9 @@ def lumbar_named(hu: NDArray[np.float32], spacing: tuple[float, float], anat: Sl
         under_fat = under_fat_mm > (p.erector_sheet_mm if ribs else p.erector_fascia_mm)
         erector_box = (lat > 0.0) & (lat < lat_max) & (ymm > wall + p.erector_front_mm) & efloor & under_fat
         out[f"psoas_{side}"][ra:rb, ca:cb] = pick(np.asarray(psoas_box), (sgn * (hw + 20.0), 0.0), compact=True)
-        out[f"erector_{side}"][ra:rb, ca:cb] = pick(np.asarray(erector_box), (sgn * 40.0, wall + 35.0), 35.0, True,
-                                                    p.erector_open_mm / float(np.sqrt(dy * dx)))
+        er = pick(np.asarray(erector_box), (sgn * 40.0, wall + 35.0), 35.0, True,
+                  p.erector_open_mm / float(np.sqrt(dy * dx)))
+        out[f"erector_{side}"][ra:rb, ca:cb] = _compartment(er, np.asarray(erector_box) & ~bone, float(np.sqrt(dy * dx)), p)
         if compartments:
             medial = (lat > 0.0) if side == "left" else (lat >= 0.0)
             region = medial & (lat < p.paraspinal_lateral_mm) & (ymm > wall + p.paraspinal_front_mm) & floor
