@@ -92,6 +92,7 @@ LABELS: Mapping[str, int] = {
     "gluteal_left": 17, "gluteal_right": 18, "diaphragm": 19,
     "scm_left": 20, "scm_right": 21, "paravertebral_left": 22, "paravertebral_right": 23,
     "neck_muscle_other": 24, "shoulder_muscle": 25, "erector_fat_left": 26, "erector_fat_right": 27,
+    "psoas_fat_left": 28, "psoas_fat_right": 29,
     "liver": 30, "spleen": 31, "kidney_left": 32, "kidney_right": 33, "stomach": 34, "colon": 35,
     "small_bowel": 36, "bowel_gas": 37, "aorta": 38, "ivc": 39, "iliac_artery": 40, "iliac_vein": 41,
     "lung": 42, "ligament": 43, "airway": 44, "thyroid": 45, "oesophagus": 46, "carotid": 47,
@@ -112,11 +113,11 @@ TRUNK_MUSCLES = ("rectus_left", "rectus_right", "wall_left", "wall_right", "psoa
 # the arms; IMAT is fat inside muscle fascia; VAT is all fat inside the abdominal wall.
 COMPOSITION: Mapping[str, tuple[str, ...]] = {
     "skeletal_muscle": TRUNK_MUSCLES,
-    "psoas_left": ("psoas_left",), "psoas_right": ("psoas_right",),
+    "psoas_left": ("psoas_left", "psoas_fat_left"), "psoas_right": ("psoas_right", "psoas_fat_right"),
     # the erector is its compartment (TotalSegmentator's autochthon, the paraspinal total cross-sectional
     # area): the IMAT inside it belongs to it, and is IMAT as well
     "erector_left": ("erector_left", "erector_fat_left"), "erector_right": ("erector_right", "erector_fat_right"),
-    "sat": ("sat",), "vat": ("vat",), "imat": ("imat", "erector_fat_left", "erector_fat_right"),
+    "sat": ("sat",), "vat": ("vat",), "imat": ("imat", "erector_fat_left", "erector_fat_right", "psoas_fat_left", "psoas_fat_right"),
     "c3_muscle": ("scm_left", "scm_right", "paravertebral_left", "paravertebral_right"),  # Swartz 2016
 }
 BONES = ("vertebra", "rib", "sacrum", "ilium", "humerus", "forearm_bone", "mandible", "skull", "clavicle",
@@ -853,7 +854,8 @@ class _Builder:
                 i = rng.integers(len(ys))
                 r = rng.uniform(1.5, 3.5) * (1.5 if self.spec.habitus == "obese" else 1.0)
                 blob = _ell(self.X, self.Y, self.x[xs[i]], self.y[ys[i]], r, r * rng.uniform(0.6, 1.4))
-                into = {L["erector_left"]: L["erector_fat_left"], L["erector_right"]: L["erector_fat_right"]}
+                into = {L["erector_left"]: L["erector_fat_left"], L["erector_right"]: L["erector_fat_right"],
+                        L["psoas_left"]: L["psoas_fat_left"], L["psoas_right"]: L["psoas_fat_right"]}
                 lab[blob & (lab == mid)] = into.get(mid, L["imat"])
 
     def _vessels(self, lab: NDArray[np.uint8], z: float, t: dict[str, float]) -> None:
@@ -1095,7 +1097,7 @@ class _Builder:
         setv(("iliac_artery",), "aorta")
         setv(("iliac_vein",), "ivc")
         setv(("carotid", "jugular"), "vessel_neck")
-        setv(("erector_fat_left", "erector_fat_right"), "imat")
+        setv(("erector_fat_left", "erector_fat_right", "psoas_fat_left", "psoas_fat_right"), "imat")
         setv(TRUNK_MUSCLES, mean=h.muscle_hu, sd=7.0)
         setv(("psoas_left", "psoas_right"), mean=h.muscle_hu + 4.0, sd=6.0)
         setv(("arm_muscle_left", "arm_muscle_right"), mean=h.muscle_hu + 2.0, sd=7.0)

@@ -64,7 +64,9 @@ the trunk's fat outside it.  Skeletal muscle is only:
   studies does; its mean HU is then the compartment's (fatty infiltration lowers it).  That fat is
   IMAT, never skeletal muscle.
 * psoas beside the vertebral body (nearest muscle component to its seed), reduced to its round
-  belly: the quadratus lumborum, the crus or a non-enhanced kidney touching it are cut off where
+  belly, and measured as its outline (TotalSegmentator's iliopsoas, "total psoas area"): fat specks
+  and notches narrower than 2 x ``psoas_outline_mm`` are in it (and in IMAT, never in skeletal
+  muscle); the quadratus lumborum, the crus or a non-enhanced kidney touching it are cut off where
   the contact is narrower than the belly (``_belly``);
 * the abdominal wall, quadratus lumborum included: muscle-HU tissue in a band of bounded
   thickness (``wall_max_mm``) inside the outer fascia, the paraspinal compartment counted as
@@ -169,6 +171,7 @@ class TissueParams:
     sat_channel_mm: float = 1.5  # fat reached through a channel narrower than twice this is not subcutaneous
     erector_open_mm: float = 4.0  # thinner sheets (latissimus dorsi, serratus posterior) are cut off the erector
     erector_close_mm: float = 4.0  # the compartment: fat clefts and concavities narrower than twice this are inside it
+    psoas_outline_mm: float = 3.0  # the psoas is its outline: fat specks and notches narrower than twice this are in
     erector_smooth_mm: float = 1.0  # one-pixel spurs and notches of the outline are partial volume, not anatomy
     min_bone_piece_mm2: float = 20.0  # smaller pieces above bone_hu are vessels or noise, not a bony landmark
     bridge_mm: float = 2.0  # connections thinner than about twice this are cut between components
@@ -691,7 +694,10 @@ def lumbar_named(hu: NDArray[np.float32], spacing: tuple[float, float], anat: Sl
             efloor = floor
         under_fat = under_fat_mm > (p.erector_sheet_mm if ribs else p.erector_fascia_mm)
         erector_box = (lat > 0.0) & (lat < lat_max) & (ymm > wall + p.erector_front_mm) & efloor & under_fat
-        out[f"psoas_{side}"][ra:rb, ca:cb] = pick(np.asarray(psoas_box), (sgn * (hw + 20.0), 0.0), compact=True)
+        ps = pick(np.asarray(psoas_box), (sgn * (hw + 20.0), 0.0), compact=True)
+        if p.psoas_outline_mm > 0 and ps.any():  # its intramuscular fat is IMAT as well, never skeletal muscle
+            ps = fill_holes(closing(ps, p.psoas_outline_mm / float(np.sqrt(dy * dx))) | ps) & np.asarray(psoas_box) & ~bone
+        out[f"psoas_{side}"][ra:rb, ca:cb] = ps
         er = pick(np.asarray(erector_box), (sgn * 40.0, wall + 35.0), 35.0, True,
                   p.erector_open_mm / float(np.sqrt(dy * dx)))
         out[f"erector_{side}"][ra:rb, ca:cb] = _compartment(er, np.asarray(erector_box) & ~bone, float(np.sqrt(dy * dx)), p)
