@@ -29,9 +29,11 @@ def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--slice-mm", type=float, default=5.0)
     ap.add_argument("--habitus", default="average")
+    ap.add_argument("--per-slice", action="store_true", help="print each slice's Dice (after)")
     a = ap.parse_args(argv)
     from pipelines.body_composition import tissues as t
     from pipelines.body_composition.anatomy_phantom import (
+        COMPOSITION,
         LABELS,
         AnatomySpec,
         Geometry,
@@ -69,13 +71,17 @@ def main(argv: list[str] | None = None) -> int:
         for when, anat in (("before", alone), ("after", near)):
             m = t.lumbar_named(vol.hu[k], vol.pixel_spacing, anat, p)
             for i, key in enumerate(("erector_left", "erector_right")):
-                truth_k = tl == LABELS[key]
+                truth_k = np.isin(tl, [LABELS[n] for n in COMPOSITION[key]])  # the compartment, its fat in
                 if not truth_k.any():
                     continue
                 d = 2.0 * float((m[key] & truth_k).sum()) / float(m[key].sum() + truth_k.sum())
                 own = "process" if landmarks(k)[i].tip_mm is not None else "no process"
                 for split in ("all", own):
                     res.setdefault((key, split, when), []).append(d)
+                if a.per_slice and when == "after":
+                    name = next((v.name for v in lr.vertebrae if v.first <= k <= v.last), "disc")
+                    print(f"slice {k:>3} {name:<5} {key:<14} {own:<11} Dice {d:.3f}  area {m[key].sum():>5} px"
+                          f"  truth {truth_k.sum():>5} px")
     print(f"phantom {a.habitus}, {a.slice_mm:g} mm slices, L5-L1 = slices {l5.first}-{l1.last}")
     print(f"{'structure':<16}{'slices':<12}{'n':>4}{'before':>9}{'min':>7}{'after':>9}{'min':>7}")
     for key in ("erector_left", "erector_right"):
