@@ -1,6 +1,6 @@
 """Agreement of the weight-free tissues with TotalSegmentator on the shared real CT (T11-T12, contrast).
 
-    .venv/bin/python bench/body_composition_agreement.py [--data ../shared/data] [--every 1]
+    .venv/bin/python bench/body_composition_agreement.py [--data ../shared/data] [--every 1] [--noise SD]
 
 The series (totalseg_example_ct_dicom) has empty UIDs: it is copied to a temp folder and
 given UIDs first.  TotalSegmentator's labels (LAS NIfTI) are sampled onto the canonical grid
@@ -111,6 +111,8 @@ def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--data", type=Path, default=REPO.parent / "shared" / "data")
     ap.add_argument("--every", type=int, default=1, help="use every n-th slice")
+    ap.add_argument("--noise", type=float, default=0.0,
+                    help="add white noise of this SD (HU) first, as low-dose CT (seeded: the same every run)")
     a = ap.parse_args(argv)
     from pipelines.body_composition.labels import read_labels_on_volume
     from pipelines.body_composition.levels import SpineLevelFinder, anatomy_for_slice
@@ -135,6 +137,11 @@ def main(argv: list[str] | None = None) -> int:
     try:
         files = with_uids(base / "dicom", tmp / "ct")
         vol = load_series(files).canonical_axial()[0]
+        if a.noise > 0:
+            from dataclasses import replace
+
+            noise = np.random.default_rng(0).normal(0.0, a.noise, vol.hu.shape)
+            vol = replace(vol, hu=(vol.hu + noise).astype(np.float32))
         ref = read_labels_on_volume(base / "example_seg_dicom.nii.gz", vol)
         lr = SpineLevelFinder().run(vol, ("L3",))  # the pipeline's anatomy (no anchor in view: unnamed)
         px = vol.pixel_area_mm2 / 100.0
@@ -185,7 +192,8 @@ def main(argv: list[str] | None = None) -> int:
                 totals[f"muscle {when}"].append(float(mus.sum()) * px)
                 totals[f"sat {when}"].append(float(s.masks["sat"].sum()) * px)
 
-        print(f"real CT: {base.name}, {len(slices)} slices (T11-T12), pixel {vol.pixel_spacing[0]:.3f} mm")
+        print(f"real CT: {base.name}, {len(slices)} slices (T11-T12), pixel {vol.pixel_spacing[0]:.3f} mm"
+              + (f", white noise of {a.noise:g} HU added" if a.noise > 0 else ""))
         print()
         print("erector spinae vs TotalSegmentator autochthon (TotalSegmentator vs itself: Dice 0.92-0.99)")
         print(f"{'structure':<16}{'slices':>7}{'Dice mean':>11}{'min':>7}{'max':>7}{'area err cm2':>14}")
