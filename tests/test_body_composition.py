@@ -230,6 +230,32 @@ def test_truncated_body_sat_not_evaluable(tmp_path: Path) -> None:
     assert s["areas_cm2"]["psoas_left"]["value"] == pytest.approx(r.truth.area_cm2("psoas_left", k), rel=0.01)
 
 
+def test_metal_on_the_level_slice_files_no_number(tmp_path: Path) -> None:
+    """A pedicle screw on the L3 slice (metal at 3071 HU): every area, mean HU and SMI is "not evaluable" with the
+    metal reason, and the 3D volumes over L5-L1 as well; the level is still named."""
+    import pydicom
+
+    from pipelines.body_composition.phantom import LABELS
+
+    truth = write_phantom(PhantomSpec(noise_sd=5.0, seed=1), tmp_path / "ct")
+    k = truth.level_slices["L3"]
+    bone = np.argwhere(truth.labels[k] == LABELS["bone"])
+    screw = bone[np.argsort(bone[:, 0])[-8:]]  # 8 pixels of 3 mm: 72 mm2, the back of the vertebra
+    ds = pydicom.dcmread(truth.files[k])
+    px = ds.pixel_array.copy()
+    px[screw[:, 0], screw[:, 1]] = 3071 + 1024
+    ds.PixelData = px.tobytes()
+    ds.save_as(truth.files[k])
+    result = run_folder(tmp_path / "ct", tmp_path / "out", {})
+    s = json.loads((tmp_path / "out" / "summary.json").read_text())
+    assert result.evaluable and s["level"] == "L3"
+    for key, v in s["areas_cm2"].items():
+        assert v["value"] is None and "metal" in v["not_evaluable"], key
+    assert "metal" in s["derived"]["smi"]["not_evaluable"]
+    for key, v in s["volumes_cm3"].items():
+        assert v["value"] is None and "metal" in v["not_evaluable"], key
+
+
 def test_missing_height_only_dependent_values(tmp_path: Path) -> None:
     r = _run(tmp_path, PhantomSpec(size=64, pixel_mm=6.0, height_m=None, sex=None), {"volumes_3d": False})
     s = r.summary

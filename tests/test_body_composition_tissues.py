@@ -476,6 +476,41 @@ def test_every_area_and_mean_hu_has_a_published_range() -> None:
     assert all(b.min < b.max and b.source.strip() for b in gates.ranges)
 
 
+def test_metal_on_the_level_slice_makes_every_value_not_evaluable(real_ct: Any) -> None:
+    """A pedicle screw (metal at the scanner's ceiling, 3071 HU) with its streaks on the level slice: nothing on
+    that slice is filed and the reason points to a reader-confirmed slice clear of it; a small clip passes; and
+    a screw anywhere in L5-L1 leaves the 3D volumes not evaluable."""
+    from pipelines.body_composition.plausibility import metal_mm2, metal_slices
+
+    vol = real_ct.vol
+    k = 10
+    anat = _anat(real_ct, k)
+    r0, c0 = anat.centre_rc
+    rr, cc = np.mgrid[: vol.hu.shape[1], : vol.hu.shape[2]]
+    dist = np.hypot((rr - (r0 + 12.0)) * vol.pixel_spacing[0], (cc - (c0 + 14.0)) * vol.pixel_spacing[1])
+    screw = vol.hu[k].copy()
+    screw[dist <= 3.5] = 3071.0  # a 7 mm screw through the left pedicle
+    angle = np.arctan2(rr - (r0 + 12.0), cc - (c0 + 14.0))
+    screw = (screw + 150.0 * np.cos(8 * angle) * np.exp(-dist / 60.0)).astype(np.float32)  # streaks
+    gates = load_gates()
+    seg = TissueSlicer().run(screw, vol.pixel_spacing, anat, "L3")
+    metal = metal_mm2(screw, seg.body, vol.pixel_area_mm2, gates)
+    assert metal > 30.0
+    a, m = _values(**GOOD)
+    a2, m2, failed = apply_gates("L3", a, m, replace(_fake_seg(), metal_mm2=metal), gates)
+    assert all(v.value is None and "metal" in v.reason and "reader" in v.reason for v in a2.values())
+    assert all(v.value is None for v in m2.values()) and {f["gate"] for f in failed} == {"metal"}
+    clip = vol.hu[k].copy()
+    clip[dist <= 1.0] = 3071.0  # a surgical clip: a few mm2
+    small = metal_mm2(clip, seg.body, vol.pixel_area_mm2, gates)
+    assert 0.0 < small < 10.0
+    a3, _, _ = apply_gates("L3", a, m, replace(_fake_seg(), metal_mm2=small), gates)
+    assert a3 == a
+    assert metal_mm2(vol.hu[k], seg.body, vol.pixel_area_mm2, gates) == 0.0  # bone is not metal
+    stack = np.stack([vol.hu[k], screw, clip])
+    assert metal_slices(stack, vol.pixel_area_mm2, gates) == [1]
+
+
 def test_a_fat_filled_erector_or_psoas_is_not_filed() -> None:
     """A compartment that is mostly fat (a wrong mask) fails its mean-HU range; a fatty but real one passes."""
     a, m = _values(**GOOD)

@@ -13,6 +13,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import numpy as np
+from numpy.typing import NDArray
+
 from pipelines.body_composition.types import WHOLE_SLICE, SliceSegmentation, Value
 
 GATES_PATH = Path(__file__).with_name("plausibility.toml")
@@ -46,6 +49,9 @@ class Gates:
     max_half_width_ratio: float
     max_lateral_concavity: float
     trunk_source: str
+    metal_hu: float = float("inf")
+    metal_max_mm2: float = float("inf")
+    metal_source: str = ""
 
 
 def load_gates(path: Path = GATES_PATH) -> Gates:
@@ -60,7 +66,21 @@ def load_gates(path: Path = GATES_PATH) -> Gates:
         max_half_width_ratio=float(trunk.get("max_half_width_ratio", float("inf"))),
         max_lateral_concavity=float(trunk.get("max_lateral_concavity", float("inf"))),
         trunk_source=str(trunk.get("source", "")),
+        metal_hu=float(data.get("metal", {}).get("hu", float("inf"))),
+        metal_max_mm2=float(data.get("metal", {}).get("max_mm2", float("inf"))),
+        metal_source=str(data.get("metal", {}).get("source", "")),
     )
+
+
+def metal_mm2(hu: NDArray[np.float32], body: NDArray[np.bool_], pixel_area_mm2: float, gates: Gates) -> float:
+    """Area (mm2) of ``body`` above the metal threshold: implants (pedicle screws, rods, clips, a prosthesis)."""
+    return float(np.count_nonzero((hu > gates.metal_hu) & body)) * pixel_area_mm2
+
+
+def metal_slices(hu: NDArray[np.float32], pixel_area_mm2: float, gates: Gates) -> list[int]:
+    """Slices of a volume (first axis) holding more metal than the gate allows, anywhere in the slice."""
+    per = np.count_nonzero(hu > gates.metal_hu, axis=(1, 2)) * pixel_area_mm2
+    return [int(i) for i in np.nonzero(per > gates.metal_max_mm2)[0]]
 
 
 def apply_gates(level: str, areas: Mapping[str, Value], means: Mapping[str, Value], seg: SliceSegmentation,
@@ -92,6 +112,12 @@ def apply_gates(level: str, areas: Mapping[str, Value], means: Mapping[str, Valu
             fail(key, "trunk outline", f"notches beside the trunk ({notch:.3f} of its area inside its convex hull, "
                  f"> {gates.max_lateral_concavity:g}): an arm lying against the trunk may not have been cut off",
                  gates.trunk_source)
+    # metal on the level slice: its streaks move the HU of everything around it across the tissue windows
+    if seg.metal_mm2 > gates.metal_max_mm2:
+        for key in list(a):
+            fail(key, "metal", f"{seg.metal_mm2:.0f} mm2 of metal (implant) on the level slice (> "
+                 f"{gates.metal_max_mm2:g} mm2): streak artefacts make the HU windows unreliable; a reader can "
+                 "confirm a level slice clear of it", gates.metal_source)
     # values are judged on what was measured, before any other gate removed a partner
     raw = {k: v.value for k, v in a.items()}
     raw_hu = {k: v.value for k, v in m.items()}
