@@ -25,12 +25,9 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
 
-def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--slice-mm", type=float, default=5.0)
-    ap.add_argument("--habitus", default="average")
-    ap.add_argument("--per-slice", action="store_true", help="print each slice's Dice (after)")
-    a = ap.parse_args(argv)
+def measure(habitus: str = "average", slice_mm: float = 5.0, per_slice: bool = False, base: Path | None = None
+            ) -> tuple[dict[tuple[str, str, str], list[float]], str]:
+    """Erector Dice per (structure, "all" / "process" / "no process", "before" / "after"), and the range."""
     from pipelines.body_composition import tissues as t
     from pipelines.body_composition.anatomy_phantom import (
         COMPOSITION,
@@ -44,14 +41,14 @@ def main(argv: list[str] | None = None) -> int:
     from pipelines.body_composition.types import SideBone
     from pipelines.common.volume import SeriesToVolume
 
-    ph = make_anatomy(AnatomySpec(habitus=a.habitus, rows=256, slice_mm=a.slice_mm))
-    truth = write_series(ph, Path(tempfile.mkdtemp(prefix="bench-erector-")) / "ct", Geometry("HFS"))
+    ph = make_anatomy(AnatomySpec(habitus=habitus, rows=256, slice_mm=slice_mm))
+    base = base or Path(tempfile.mkdtemp(prefix="bench-erector-"))
+    truth = write_series(ph, base / "ct", Geometry("HFS"))
     vol = SeriesToVolume().run(truth.files).canonical_axial()[0]
     lr = SpineLevelFinder().run(vol, ("L3",))
     l1, l5 = lr.vertebra("L1"), lr.vertebra("L5")
     if l1 is None or l5 is None:
-        print("L1 or L5 not found: nothing measured")
-        return 1
+        return {}, "L1 or L5 not found: nothing measured"
     p = t.TissueParams()
 
     @functools.cache
@@ -78,11 +75,23 @@ def main(argv: list[str] | None = None) -> int:
                 own = "process" if landmarks(k)[i].tip_mm is not None else "no process"
                 for split in ("all", own):
                     res.setdefault((key, split, when), []).append(d)
-                if a.per_slice and when == "after":
+                if per_slice and when == "after":
                     name = next((v.name for v in lr.vertebrae if v.first <= k <= v.last), "disc")
                     print(f"slice {k:>3} {name:<5} {key:<14} {own:<11} Dice {d:.3f}  area {m[key].sum():>5} px"
                           f"  truth {truth_k.sum():>5} px")
-    print(f"phantom {a.habitus}, {a.slice_mm:g} mm slices, L5-L1 = slices {l5.first}-{l1.last}")
+    return res, f"phantom {habitus}, {slice_mm:g} mm slices, L5-L1 = slices {l5.first}-{l1.last}"
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--slice-mm", type=float, default=5.0)
+    ap.add_argument("--habitus", default="average")
+    ap.add_argument("--per-slice", action="store_true", help="print each slice's Dice (after)")
+    a = ap.parse_args(argv)
+    res, title = measure(a.habitus, a.slice_mm, a.per_slice)
+    print(title)
+    if not res:
+        return 1
     print(f"{'structure':<16}{'slices':<12}{'n':>4}{'before':>9}{'min':>7}{'after':>9}{'min':>7}")
     for key in ("erector_left", "erector_right"):
         for split in ("all", "process", "no process"):

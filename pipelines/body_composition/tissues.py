@@ -49,7 +49,11 @@ the trunk's fat outside it.  Skeletal muscle is only:
     it (a slice through its upper or lower edge cuts it short).  The carried floor holds only
     lateral to the slice's own bone (its lamina and pedicle still bound it medially), and only
     for the erector mask, not for the compartment's skeletal muscle (the intertransversarii are
-    muscle).  Landmarks come from :func:`bony_landmarks` per slice and :func:`with_neighbours`
+    muscle).  In the lumbar spine it replaces, lateral to that bone, the slice's own floor held
+    level from the lamina (the erector reaches forward to the intertransverse plane there:
+    lumbar phantom erector Dice over every L5-L1 slice 0.83 -> 0.87); where ribs lie beside the
+    compartment the deeper of the two bounds it (rib necks and levatores costarum lie in front;
+    the real T11-T12 CT lost 0.01 Dice against TotalSegmentator when the carried plane alone did).  Landmarks come from :func:`bony_landmarks` per slice and :func:`with_neighbours`
     (the stage does this over the volume); without a process within reach the fixed
     ``erector_lateral_mm`` stays.
   - no rim is eroded: a one-pixel erosion, or one only where the mask faces fat, matched
@@ -324,6 +328,7 @@ class _Floor:
     tip: float | None  # lateral reach of the vertebra's bone behind the body's wall (mm), None without
     line: NDArray[np.floating[Any]] | None  # the floor (mm behind the centre) per crop column, None without bone
     lat_out: float | None  # lateral reach of the vertebra's own bone (mm)
+    lateral_ok: NDArray[np.bool_] | None = None  # medial to the rib angle (None: no rib bound)
 
 
 def _posterior_floor(bone: NDArray[np.bool_], ymm: NDArray[np.floating[Any]], lat: NDArray[np.floating[Any]],
@@ -397,7 +402,9 @@ def _posterior_floor(bone: NDArray[np.bool_], ymm: NDArray[np.floating[Any]], la
                 rib = True
                 bounds.append(float(lat_row[cc[j]]))
         if bounds:
-            ok &= lat < min(bounds) + p.rib_margin_mm
+            lateral_ok = np.broadcast_to(lat < min(bounds) + p.rib_margin_mm, bone.shape)
+            ok &= lateral_ok
+            return _Floor(ok, rib, tip_lat, floor, lat_out, np.asarray(lateral_ok))
     return _Floor(ok, rib, tip_lat, floor, lat_out)
 
 
@@ -701,7 +708,11 @@ def lumbar_named(hu: NDArray[np.float32], spacing: tuple[float, float], anat: Sl
             # beyond this slice's own bone
             grid = np.arange(carried[1].size, dtype=np.float64)
             beyond = lat > (fl.lat_out if fl.lat_out is not None else 0.0)
-            efloor = floor & (~beyond | (ymm > np.interp(lat, grid, carried[1])))
+            carried_ok = ymm > np.interp(lat, grid, carried[1])
+            if ribs:  # rib necks and levatores costarum lie in front of it as well: the deeper floor bounds it
+                efloor = floor & (~beyond | carried_ok)
+            else:  # lumbar: beyond the lamina and pedicle only the intertransverse plane does
+                efloor = np.where(beyond, carried_ok & (True if fl.lateral_ok is None else fl.lateral_ok), floor)
         else:
             efloor = floor
         under_fat = under_fat_mm > (p.erector_sheet_mm if ribs else p.erector_fascia_mm)
