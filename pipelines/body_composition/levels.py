@@ -85,6 +85,11 @@ class LevelParams:
     ala_area_mm2: float = 600.0
     iliac_area_mm2: float = 300.0
     iliac_run_mm: float = 25.0
+    # dim (osteoporotic) bodies: cancellous bone no brighter than a disc; the discs are found between endplates
+    dim_body_hu: float = 130.0  # median profile below this: the endplate profile is used
+    endplate_reach_mm: float = 8.0  # a disc has a bright endplate within this distance above and below
+    band_slice_mm: float = 4.0  # slices this thick hold a degenerated disc and both its endplates (one bright band)
+    baseline_mm: float = 15.0  # the cancellous level: the profile's median within this distance
 
 
 def _smooth_interp(k: NDArray[np.float64], v: NDArray[np.float64], n: int, sigma: float) -> NDArray[np.float64]:
@@ -422,9 +427,10 @@ class _Ctx:
             self.skull_from = min(hits)
 
     # --- 4. bone profile and discs ---------------------------------------------------------------
-    def profile(self) -> NDArray[np.float64]:
+    def profile(self, bands: int = 0) -> NDArray[np.float64]:
+        """Median HU in the ellipse per slice; with ``bands`` > 0, per slice and per band of depth (front first)."""
         p, g, n, gy, gx = self.p, self.g, self.n, self.gy, self.gx
-        out = np.zeros(n)
+        out = np.zeros((n, bands)) if bands else np.zeros(n)
         for k in range(n):
             ay = max(1.0, p.roi_fraction * self.body_hh[k] / gy)
             ax = max(1.0, p.roi_fraction * self.body_hw[k] / gx)
@@ -436,13 +442,69 @@ class _Ctx:
             yy = (np.arange(a, b) - r0)[:, None] / ay
             xx = (np.arange(ca, cb) - c0)[None, :] / ax
             m = yy**2 + xx**2 <= 1.0
+            if bands:
+                # a tilted endplate (L5/S1, a wedge) crosses a band of the depth over fewer slices than the ellipse
+                cut = np.linspace(-1.0, 1.0, bands + 1)
+                for j in range(bands):
+                    mb = m & (yy >= cut[j]) & (yy <= cut[j + 1])
+                    vb = np.clip(g[k, a:b, ca:cb][mb], -200.0, 1200.0)
+                    out[k, j] = float(np.median(vb)) if vb.size else 0.0
+                continue
             v = np.clip(g[k, a:b, ca:cb][m], -200.0, 1200.0)
             out[k] = float(np.median(v)) if v.size else 0.0
         return out
 
+    def endplate_profile(self, prof: NDArray[np.float64]) -> NDArray[np.float64]:
+        """A profile of dim (osteoporotic) bodies in which the discs are dips again.
+
+        Osteoporotic cancellous bone (50-120 HU) is no brighter than a disc, but the cortical endplates
+        stay bright (and sclerose next to a degenerated disc): a disc lies between an endplate below and
+        one above, each within ``endplate_reach_mm`` (on slices of ``band_slice_mm`` or more both and a
+        narrowed disc can be one bright band).  The middle of a body is farther than that from both of its endplates.  Per slice: the
+        baseline is the profile's median within ``baseline_mm`` (the cancellous level); the endplate
+        evidence is the profile above it (the brightest of three bands of the body's depth, so a tilted
+        endplate is not spread over many slices); a slice's disc score is the smaller of the strongest evidence
+        within reach below and within reach above.  The profile returned is the baseline, lowered where
+        the profile is below it (a disc with gas in it, a disc darker than the bone) and by the disc score.
+        """
+        p, n, dz = self.p, self.n, self.dz
+        hb = max(1, int(round(p.baseline_mm / dz)))
+        base = ndi.median_filter(prof, size=2 * hb + 1, mode="nearest")
+        # endplate evidence: the middle third of the body's depth above its own baseline, so that a tilted
+        # endplate (L5/S1, a wedge) is not spread over many slices
+        mid = self.profile(bands=3)[:, 1]
+        ev = np.clip(mid - ndi.median_filter(mid, size=2 * hb + 1, mode="nearest"), 0.0, None)
+        r = max(1, int(round(p.endplate_reach_mm / dz)))
+        pad = np.concatenate([np.zeros(r), ev, np.zeros(r)])
+        score = np.zeros(n)
+        inner = np.zeros(n)
+        # a pair of endplates, one at most r slices below the slice and one at most r above; the same slice counts
+        # as both only where a slice is thick enough to hold a thin disc with both its endplates
+        for i in range(r + 1):
+            for j in range(r + 1):
+                band = i == 0 and j == 0
+                if band and dz < p.band_slice_mm:
+                    continue
+                pair = np.minimum(pad[r - i : r - i + n], pad[r + j : r + j + n])
+                # strongest half way between the two endplates (where the disc is), less toward either
+                np.maximum(score, (1.0 - 0.5 * abs(i - j) / (r + 1)) * pair, out=score)
+                if band or (i > 0 and j > 0):
+                    np.maximum(inner, pair, out=inner)  # strictly between the endplates: disc, not body
+        low = np.minimum(prof, base)
+        # the slices strictly between two endplates are no body's (the endplates themselves are)
+        self.member_prof = np.asarray(low - inner, dtype=np.float64)
+        return np.asarray(low - score, dtype=np.float64)
+
     def find_discs(self) -> list[float]:
         p, n, dz = self.p, self.n, self.dz
         prof = self.profile()
+        self.prof_raw = prof
+        ks = self.canal_ks
+        body_hu = float(np.median(prof[int(ks.min()) : int(ks.max()) + 1]))
+        self.dim = body_hu < p.dim_body_hu
+        if self.dim:
+            log.debug("vertebral bodies dim (median %.0f HU): discs from the endplates", body_hu)
+            prof = self.endplate_profile(prof)
         self.prof = prof
         if n < 3:
             return []
@@ -451,6 +513,8 @@ class _Ctx:
         scale = max(float(med - lo_), 30.0)  # bodies' plateau above the discs (endplate peaks left out)
         sn = (s - lo_) / scale
         self.prof_n = sn
+        # slices of a vertebral body (not disc): bright enough; dim bodies: not between two endplates
+        self.body_n = (self.member_prof - lo_) / scale if self.dim else sn
         w = max(2, int(round(15.0 / dz)))
         cands = self.disc_candidates(sn, w)
         if dz < 2.0:
@@ -615,7 +679,7 @@ class _Ctx:
             if self.skull_from is not None and first > self.canal_top + 5.0 / self.dz:
                 continue  # above the spinal canal: skull base (and C1, which has no body), not a vertebra
             # the body itself: the slices between the discs whose profile is bone (disc slices left out)
-            body = np.nonzero(self.prof_n[first : last + 1] >= 0.5)[0]
+            body = np.nonzero(self.body_n[first : last + 1] >= 0.5)[0]
             if body.size:
                 first, last = first + int(body[0]), first + int(body[-1])
             segs.append(_Seg(lo=a, hi=b, first=first, last=last, edge_lo=a < 0, edge_hi=b > n - 1))
