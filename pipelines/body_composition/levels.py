@@ -59,6 +59,7 @@ class LevelParams:
     bone_hu: float = 180.0
     canal_area_mm2: tuple[float, float] = (40.0, 800.0)
     canal_hu: tuple[float, float] = (-150.0, 100.0)
+    body_hole_hu: float = 25.0  # a hole this much denser than a hole behind it is a (dim) body's inside, not the canal
     canal_max_offcentre_mm: float = 80.0  # from the body's midline column
     front_bone_hu: float = 140.0
     front_bone_fraction: float = 0.3
@@ -88,6 +89,7 @@ class LevelParams:
     # dim (osteoporotic) bodies: cancellous bone no brighter than a disc; the discs are found between endplates
     dim_body_hu: float = 130.0  # median profile below this: the endplate profile is used
     endplate_reach_mm: float = 8.0  # a disc has a bright endplate within this distance above and below
+    endplate_span_mm: float = 16.0  # ... and the two at most this far apart (a tall disc and two sclerotic endplates)
     band_slice_mm: float = 4.0  # slices this thick hold a degenerated disc and both its endplates (one bright band)
     baseline_mm: float = 15.0  # the cancellous level: the profile's median within this distance
 
@@ -252,6 +254,7 @@ class _Ctx:
         self.mid_c = np.where(tot > 0, (colw * cc_idx).sum(axis=1) / np.maximum(tot, 1), g.shape[2] / 2.0)
         objs = ndi.find_objects(lab)
         cands: list[tuple[int, float, float, float, float]] = []  # k, r, c, front row, area
+        hole_hu: list[float] = []
         front_d = max(2, int(round(20.0 / gy)))
         half_w = max(1, int(round(8.0 / gx)))
         for i in ids:
@@ -276,6 +279,13 @@ class _Ctx:
             if box.size == 0 or float((box > p.front_bone_hu).mean()) < p.front_bone_fraction:
                 continue
             cands.append((k, r, c, front, float(area[i])))
+            hole_hu.append(float(mean[i]))
+        # an osteoporotic body's cancellous bone (50-120 HU) inside its cortex is a hole too: of two holes one behind
+        # the other in a slice, the front one is the body (not the canal) where it is denser than the one behind
+        drop = {j for j, a_ in enumerate(cands) for b_, hb in zip(cands, hole_hu, strict=True)
+                if b_[0] == a_[0] and 10.0 <= (b_[1] - a_[1]) * gy <= 60.0 and abs(b_[2] - a_[2]) * gx <= 15.0
+                and hole_hu[j] - hb >= p.body_hole_hu}
+        cands = [c_ for j, c_ in enumerate(cands) if j not in drop]
         if not cands:
             return False
         cands.sort()
@@ -459,21 +469,22 @@ class _Ctx:
 
         Osteoporotic cancellous bone (50-120 HU) is no brighter than a disc, but the cortical endplates
         stay bright (and sclerose next to a degenerated disc): a disc lies between an endplate below and
-        one above, each within ``endplate_reach_mm`` (on slices of ``band_slice_mm`` or more both and a
+        one above, each within ``endplate_reach_mm`` and the two within ``endplate_span_mm`` (on slices of ``band_slice_mm`` or more both and a
         narrowed disc can be one bright band).  The middle of a body is farther than that from both of its endplates.  Per slice: the
         baseline is the profile's median within ``baseline_mm`` (the cancellous level); the endplate
-        evidence is the profile above it (the brightest of three bands of the body's depth, so a tilted
-        endplate is not spread over many slices); a slice's disc score is the smaller of the strongest evidence
+        evidence is the profile above it, or the middle third of the body's depth above its own baseline
+        (a tilted endplate is spread over fewer slices there); a slice's disc score is the smaller of the strongest evidence
         within reach below and within reach above.  The profile returned is the baseline, lowered where
         the profile is below it (a disc with gas in it, a disc darker than the bone) and by the disc score.
         """
         p, n, dz = self.p, self.n, self.dz
         hb = max(1, int(round(p.baseline_mm / dz)))
         base = ndi.median_filter(prof, size=2 * hb + 1, mode="nearest")
-        # endplate evidence: the middle third of the body's depth above its own baseline, so that a tilted
-        # endplate (L5/S1, a wedge) is not spread over many slices
+        # endplate evidence: the profile above its baseline, or the middle third of the body's depth above its own
+        # (a tilted endplate, L5/S1 or a wedge, crosses the whole ellipse over many slices, its middle over fewer)
         mid = self.profile(bands=3)[:, 1]
-        ev = np.clip(mid - ndi.median_filter(mid, size=2 * hb + 1, mode="nearest"), 0.0, None)
+        ev = np.maximum(np.clip(prof - base, 0.0, None),
+                        np.clip(mid - ndi.median_filter(mid, size=2 * hb + 1, mode="nearest"), 0.0, None))
         r = max(1, int(round(p.endplate_reach_mm / dz)))
         pad = np.concatenate([np.zeros(r), ev, np.zeros(r)])
         score = np.zeros(n)
@@ -483,13 +494,14 @@ class _Ctx:
         for i in range(r + 1):
             for j in range(r + 1):
                 band = i == 0 and j == 0
-                if band and dz < p.band_slice_mm:
+                if (band and dz < p.band_slice_mm) or (i + j) * dz > p.endplate_span_mm:
                     continue
                 pair = np.minimum(pad[r - i : r - i + n], pad[r + j : r + j + n])
                 # strongest half way between the two endplates (where the disc is), less toward either
                 np.maximum(score, (1.0 - 0.5 * abs(i - j) / (r + 1)) * pair, out=score)
-                if band or (i > 0 and j > 0):
-                    np.maximum(inner, pair, out=inner)  # strictly between the endplates: disc, not body
+                if i > 0 and j > 0:
+                    # strictly between two endplates: disc, not body (a single bright slice may be one endplate)
+                    np.maximum(inner, pair, out=inner)
         low = np.minimum(prof, base)
         # the slices strictly between two endplates are no body's (the endplates themselves are)
         self.member_prof = np.asarray(low - inner, dtype=np.float64)
@@ -674,11 +686,19 @@ class _Ctx:
             first, last = int(np.floor(a)) + 1, int(np.ceil(b)) - 1
             if last < first:
                 continue
-            if float(np.median(self.prof_n[first : last + 1])) < 0.4:
-                continue  # no vertebral body between these discs (beyond the end of the column)
+            between_discs = a >= 0 and b <= n - 1
+            if float(np.median(self.prof_n[first : last + 1])) < 0.4 and not (self.dim and between_discs):
+                # no vertebral body between these discs (beyond the end of the column); with dim bodies a short
+                # body between two discs has its two endplates within a disc's reach of each other: it stays
+                continue
             if self.skull_from is not None and first > self.canal_top + 5.0 / self.dz:
                 continue  # above the spinal canal: skull base (and C1, which has no body), not a vertebra
             # the body itself: the slices between the discs whose profile is bone (disc slices left out)
+            if self.dim:
+                # no contrast between a dim body and its disc: the slice holding a disc's centre is the disc's
+                f2, l2 = max(first, int(round(a)) + 1), min(last, int(round(b)) - 1)
+                if f2 <= l2:
+                    first, last = f2, l2
             body = np.nonzero(self.body_n[first : last + 1] >= 0.5)[0]
             if body.size:
                 first, last = first + int(body[0]), first + int(body[-1])
