@@ -199,3 +199,22 @@ def test_thin_cervical_discs_separated_at_1mm() -> None:
     for name in ("C3", "C4", "C5", "C6", "C7", "T1", "T2", "T3", "T4"):
         assert name in named, (name, sorted(named))
         assert abs(named[name].middle - case.truth_mid[name]) <= 3.0, (name, named[name].middle)  # type: ignore[operator]
+
+
+def test_aged_spine_osteoporosis_and_degenerated_discs_at_3mm(tmp_path: Path) -> None:
+    """An old patient's spine (anatomical phantom): osteoporotic cancellous bone at 80 HU (no brighter than a
+    disc; cortex and endplates kept), L4/L5 narrowed to 3 mm with sclerotic endplates and gas in it, L3/L4
+    bridged by osteophytes.  The discs are found between the endplates; L3 is named within one slice."""
+    from pipelines.body_composition.anatomy_phantom import AnatomySpec, Geometry, make_anatomy, write_series
+    from pipelines.common.volume import SeriesToVolume
+
+    spec = AnatomySpec(slice_mm=3.0, rows=160, fov_mm=360.0, habitus="thin", arms=False, top="L1",
+                       trabecular_hu=80.0, narrowed_discs=("L4/L5",), endplate_sclerosis=True,
+                       vacuum_discs=("L4/L5",), osteophyte_discs=("L3/L4",))
+    ph = make_anatomy(spec)
+    vol, _ = SeriesToVolume().run(write_series(ph, tmp_path, Geometry("FFS")).files).canonical_axial()
+    res = SpineLevelFinder().run(vol, ("L3",))
+    assert res.level == "L3" and res.slice_index is not None, res.notes
+    z = float(vol.index_to_world(res.slice_index, 0.0, 0.0)[2])
+    assert abs(z - ph.level_z["L3"]) <= spec.slice_mm  # within one slice of the middle of the L3 body
+    assert {a.name for a in res.anchors} >= {"sacrum", "iliac crest"} and all(a.agrees for a in res.anchors)
