@@ -437,8 +437,8 @@ class _Ctx:
             self.skull_from = min(hits)
 
     # --- 4. bone profile and discs ---------------------------------------------------------------
-    def profile(self, bands: int = 0) -> NDArray[np.float64]:
-        """Median HU in the ellipse per slice; with ``bands`` > 0, per slice and per band of depth (front first)."""
+    def profile(self, bands: int = 0, q: float = 50.0) -> NDArray[np.float64]:
+        """Median (``q``-th percentile) HU in the ellipse per slice; with ``bands`` > 0, per band of depth too."""
         p, g, n, gy, gx = self.p, self.g, self.n, self.gy, self.gx
         out = np.zeros((n, bands)) if bands else np.zeros(n)
         for k in range(n):
@@ -458,10 +458,10 @@ class _Ctx:
                 for j in range(bands):
                     mb = m & (yy >= cut[j]) & (yy <= cut[j + 1])
                     vb = np.clip(g[k, a:b, ca:cb][mb], -200.0, 1200.0)
-                    out[k, j] = float(np.median(vb)) if vb.size else 0.0
+                    out[k, j] = float(np.percentile(vb, q)) if vb.size else 0.0
                 continue
             v = np.clip(g[k, a:b, ca:cb][m], -200.0, 1200.0)
-            out[k] = float(np.median(v)) if v.size else 0.0
+            out[k] = (float(np.median(v)) if q == 50.0 else float(np.percentile(v, q))) if v.size else 0.0
         return out
 
     def endplate_profile(self, prof: NDArray[np.float64]) -> NDArray[np.float64]:
@@ -481,10 +481,15 @@ class _Ctx:
         hb = max(1, int(round(p.baseline_mm / dz)))
         base = ndi.median_filter(prof, size=2 * hb + 1, mode="nearest")
         # endplate evidence: the profile above its baseline, or the middle third of the body's depth above its own
-        # (a tilted endplate, L5/S1 or a wedge, crosses the whole ellipse over many slices, its middle over fewer)
-        mid = self.profile(bands=3)[:, 1]
-        ev = np.maximum(np.clip(prof - base, 0.0, None),
-                        np.clip(mid - ndi.median_filter(mid, size=2 * hb + 1, mode="nearest"), 0.0, None))
+        # (a tilted endplate, L5/S1 or a wedge, crosses the whole ellipse over many slices, its middle over fewer),
+        def above_base(v: NDArray[np.float64]) -> NDArray[np.float64]:
+            return np.asarray(np.clip(v - ndi.median_filter(v, size=2 * hb + 1, mode="nearest"), 0.0, None))
+
+        ev = np.maximum(above_base(prof), above_base(self.profile(bands=3)[:, 1]))
+        if dz < 2.0:
+            # ... or, on thin slices, the ellipse's 90th percentile above its baseline: a concave endplate crosses a
+            # thin slice as a ring, too little of the ellipse for its median (thick slices average it in)
+            ev = np.maximum(ev, above_base(self.profile(q=90.0)))
         r = max(1, int(round(p.endplate_reach_mm / dz)))
         pad = np.concatenate([np.zeros(r), ev, np.zeros(r)])
         score = np.zeros(n)
