@@ -12,6 +12,12 @@ What it is made of (all in LPS millimetres: x to the patient's left, y posterior
   height between the bodies (85 HU); the canal with cord (35 HU) above the conus and CSF (10 HU);
   a synthesised sacrum (S1-S5 with ala and sacral canal) below L5; cortex 750 HU (a one-pixel
   shell) around cancellous bone of 160-200 HU (denser in the thoracic spine).
+- **Aged spine** (all off by default): ``trabecular_hu`` (osteoporotic cancellous bone, e.g. 80 HU,
+  with 1 mm cortical endplates of about 500 HU), ``narrowed_discs`` (to ``disc_height_mm``; the
+  vertebrae above move down), ``endplate_sclerosis`` (2 mm, about 800 HU, at the narrowed discs),
+  ``vacuum_discs`` (gas, about -700 HU, in the nucleus), ``osteophyte_discs`` (a bone lip bridging
+  the disc's anterior and lateral rim) and ``wedge_fracture`` (anterior height ``wedge_front``); see
+  :class:`.anatomy_spine.Aging`.  The level truth is measured on the changed bones.
 - **Ribs** as curved tubes from the costal facet (head) and the transverse-process tip (tubercle)
   of each thoracic vertebra, around the trunk just inside the wall, sloping down as they run
   forward; costal cartilage (120 HU) on the front end of ribs 1-10; T11 and T12 are floating ribs.

@@ -6,7 +6,8 @@ docs/level-finding.md):
 
 1. Work grid: in-plane block means to about 2 mm pixels (slices are kept).
 2. Spinal canal: per slice, the holes of the closed bone mask (HU > ``bone_hu``) that are the
-   size of a canal, hold CSF/fat/cord HU and have bone directly in front (the vertebral body).
+   size of a canal, hold CSF/fat/cord HU and have bone directly in front (the vertebral body); of
+   two such holes one behind the other, a front one denser by ``body_hole_hu`` is a dim body's inside.
    A longest-path search along ``k`` keeps the chain that moves little from slice to slice
    (lordosis, kyphosis, scoliosis allowed); the centre line is interpolated between the slices
    where the canal is enclosed (disc levels are not).
@@ -16,6 +17,9 @@ docs/level-finding.md):
    local minima; a chain search keeps minima that are deep enough and spaced like vertebrae
    (10-55 mm, neighbouring heights alike), so a disc that is one slice at 5 mm still counts.
    Vertebrae are the segments between discs; the middle of a body is half way between its discs.
+   Dim (osteoporotic) bodies, median profile under ``dim_body_hu``, are no brighter than a disc: the
+   profile is replaced by one where a disc is a dip between a bright endplate below and one above
+   (``endplate_profile``), and an osteoporotic body's inside is not taken for the canal.
 5. Anchors, each a vote for a name: the sacrum (a wide bone mass continuous laterally, with the
    iliac bones beside it: the vertebra above the L5/S1 disc is L5), the iliac crests (their top
    lies at L4 or L5), the lowest rib-bearing vertebra (T12) and the highest (T1) where the
