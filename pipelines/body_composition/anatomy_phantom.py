@@ -12,6 +12,12 @@ What it is made of (all in LPS millimetres: x to the patient's left, y posterior
   height between the bodies (85 HU); the canal with cord (35 HU) above the conus and CSF (10 HU);
   a synthesised sacrum (S1-S5 with ala and sacral canal) below L5; cortex 750 HU (a one-pixel
   shell) around cancellous bone of 160-200 HU (denser in the thoracic spine).
+- **Aged spine** (all off by default): ``trabecular_hu`` (osteoporotic cancellous bone, e.g. 80 HU,
+  with 1 mm cortical endplates of about 500 HU), ``narrowed_discs`` (to ``disc_height_mm``; the
+  vertebrae above move down), ``endplate_sclerosis`` (2 mm, about 800 HU, at the narrowed discs),
+  ``vacuum_discs`` (gas, about -700 HU, in the nucleus), ``osteophyte_discs`` (a bone lip bridging
+  the disc's anterior and lateral rim) and ``wedge_fracture`` (anterior height ``wedge_front``); see
+  :class:`.anatomy_spine.Aging`.  The level truth is measured on the changed bones.
 - **Ribs** as curved tubes from the costal facet (head) and the transverse-process tip (tubercle)
   of each thoracic vertebra, around the trunk just inside the wall, sloping down as they run
   forward; costal cartilage (120 HU) on the front end of ribs 1-10; T11 and T12 are floating ribs.
@@ -78,7 +84,15 @@ import numpy as np
 from numpy.typing import NDArray
 from scipy import ndimage
 
-from pipelines.body_composition.anatomy_spine import NAMES, NUMBERS, SACRUM, SpineModel, load_spine, order_key
+from pipelines.body_composition.anatomy_spine import (
+    NAMES,
+    NUMBERS,
+    SACRUM,
+    Aging,
+    SpineModel,
+    load_spine,
+    order_key,
+)
 from pipelines.body_composition.phantom import set_ct_pixels, to_stored
 
 log = logging.getLogger(__name__)
@@ -169,6 +183,26 @@ class AnatomySpec:
     seed: int = 0
     sex: str = "M"
     age: str = "062Y"
+    # an old spine (all off by default; see docs/level-finding.md, "Aged spines"):
+    trabecular_hu: float = 0.0  # osteoporosis: cancellous bone of the vertebrae at this HU (0 = young, 160-200)
+    narrowed_discs: tuple[str, ...] = ()  # degenerated discs ("L4/L5") brought to disc_height_mm at the centre
+    disc_height_mm: float = 3.0
+    endplate_sclerosis: bool = False  # the narrowed discs' endplates sclerotic (a dense 2 mm band)
+    vacuum_discs: tuple[str, ...] = ()  # discs with gas in the nucleus (vacuum phenomenon)
+    osteophyte_discs: tuple[str, ...] = ()  # discs bridged by osteophytes around their anterior and lateral rim
+    wedge_fracture: str = ""  # a vertebra ("L1") with a compression (wedge) fracture ...
+    wedge_front: float = 0.6  # ... its anterior height as a fraction of the original
+
+    @property
+    def aging(self) -> Aging | None:
+        """The degenerative changes for the bone model, or None for a young spine (the default)."""
+        if not (self.trabecular_hu or self.narrowed_discs or self.vacuum_discs or self.osteophyte_discs
+                or self.wedge_fracture):
+            return None
+        return Aging(narrowed=tuple((d, self.disc_height_mm) for d in self.narrowed_discs),
+                     wedge=(self.wedge_fracture, self.wedge_front) if self.wedge_fracture else None,
+                     osteophytes=self.osteophyte_discs, vacuum=self.vacuum_discs,
+                     sclerosis=self.narrowed_discs if self.endplate_sclerosis else ())
 
     @property
     def field_mm(self) -> float:
@@ -455,7 +489,7 @@ class _Builder:
         neck = spec.region == "neck"
         self.neck = neck
         src = spec.spine or ("gl003" if neck else "verse004")
-        self.spine = load_spine(src, not neck, spec.sacralised_l5)
+        self.spine = load_spine(src, not neck, spec.sacralised_l5, spec.aging)
         # world frame: spine midline at x = 0; body centre of L3 (or C4) at y = 0; z kept from the source
         ref = self.spine.vertebrae.get(NUMBERS["C4" if neck else "L3"]) or self.spine.ordered()[len(
             self.spine.vertebrae) // 2]
@@ -489,6 +523,8 @@ class _Builder:
         offs = (np.arange(nsub) - (nsub - 1) / 2.0) * (spec.slice_mm / nsub)
         self.zf: NDArray[np.float64] = np.asarray((self.z[:, None] + offs[None, :]).ravel(), dtype=np.float64)
         self.anchors: dict[str, object] = {}
+        self.endplate: NDArray[np.uint8] | None = None
+        self.gas: NDArray[np.bool_] | None = None
 
     # -- per-z trunk geometry -------------------------------------------------------------------
     def trunk(self, z: float) -> dict[str, float]:
@@ -603,6 +639,9 @@ class _Builder:
         bone = np.zeros(shape, dtype=np.uint8)
         bone[vert > 0] = LABELS["vertebra"]
         bone[vert == SACRUM] = LABELS["sacrum"]
+        # aged spines: cortical (and sclerotic) endplates and disc gas, painted as HU over the labels
+        self.endplate = take(s.endplate).astype(np.uint8) if s.endplate is not None else None
+        self.gas = take(s.gas).astype(bool) if s.gas is not None else None
         return (vert, bone, take(s.disc).astype(bool) & (vert == 0), take(s.canal).astype(bool) & (vert == 0),
                 take(s.cord).astype(bool) & (vert == 0))
 
@@ -1114,6 +1153,22 @@ class _Builder:
         hu[vb] = (250.0 - 3.5 * np.minimum(lvl[vb], 26.0)) + rng.standard_normal(int(vb.sum())).astype(np.float32) * 35
         hu[lab == L["rib"]] = 260.0
         hu[lab == L["ilium"]] = 200.0
+        if spec.trabecular_hu:
+            # osteoporosis: the cancellous bone thins (the cortex and the endplates stay brighter)
+            hu[vb] = spec.trabecular_hu + rng.standard_normal(int(vb.sum())).astype(np.float32) * 25.0
+            f = spec.trabecular_hu / 175.0
+            hu[lab == L["rib"]] = 260.0 * f
+            hu[lab == L["ilium"]] = 200.0 * f
+        ep = self.endplate
+        if ep is not None:
+            # cortical endplates (1 mm, about 500 HU); sclerotic endplates of degenerated discs (2 mm, about 800 HU)
+            e1, e2 = (ep == 1) & vb, (ep == 2) & vb
+            hu[e1] = 500.0 + rng.standard_normal(int(e1.sum())).astype(np.float32) * 60.0
+            hu[e2] = 800.0 + rng.standard_normal(int(e2.sum())).astype(np.float32) * 80.0
+        gas = self.gas
+        if gas is not None:
+            g_ = gas & (lab == L["disc"])
+            hu[g_] = -700.0 + rng.standard_normal(int(g_.sum())).astype(np.float32) * 60.0
         # cortex: a one-pixel shell in-plane around every bone (and the kidney cortex with contrast)
         st = ndimage.generate_binary_structure(3, 1)
         st[0] = st[2] = False

@@ -92,6 +92,8 @@ class SpineModel:
     vertebrae: dict[int, VertebraInfo]
     sacrum: Sacrum | None
     canal_line: NDArray[np.float64]  # (n, 4): z, x, y, radius of the canal per grid z
+    endplate: NDArray[np.uint8] | None = None  # aged spines: 1 cortical endplate, 2 sclerotic endplate
+    gas: NDArray[np.bool_] | None = None  # aged spines: vacuum phenomenon (gas) inside discs
 
     @property
     def shape(self) -> tuple[int, int, int]:
@@ -101,6 +103,138 @@ class SpineModel:
     def ordered(self) -> list[VertebraInfo]:
         """Vertebrae from head to feet."""
         return [self.vertebrae[v] for v in sorted(self.vertebrae, key=order_key)]
+
+
+@dataclass(frozen=True)
+class Aging:
+    """Degenerative changes of an old spine, applied to the bone model (all optional; see :func:`load_spine`).
+
+    ``narrowed``: discs (named ``"L3/L4"``, by the bodies above and below) whose height at the centre is
+    brought to the given millimetres by moving every vertebra above down (the column shortens, as it does);
+    ``wedge``: a vertebra whose body collapses in front to ``wedge[1]`` of its height (posterior wall kept,
+    the space left filled by the disc above bulging into it); ``osteophytes``: discs bridged by a bone lip
+    around their anterior and lateral rim, joining the two bodies; ``vacuum``: discs with a gas cleft in the
+    nucleus; ``sclerosis``: discs whose endplates are sclerotic (a thicker, dense endplate band).
+    """
+
+    narrowed: tuple[tuple[str, float], ...] = ()
+    wedge: tuple[str, float] | None = None
+    osteophytes: tuple[str, ...] = ()
+    vacuum: tuple[str, ...] = ()
+    sclerosis: tuple[str, ...] = ()
+    endplate_mm: float = 1.0  # cortical endplate thickness (sclerotic endplates: twice this)
+
+
+def _disc_pair(name: str) -> tuple[int, int]:
+    up, _, lo = name.partition("/")
+    if up not in NUMBERS or lo not in NUMBERS:
+        raise ValueError(f"anatomical phantom: disc {name!r}; name it by its two vertebrae, e.g. 'L3/L4'")
+    return NUMBERS[up], NUMBERS[lo]
+
+
+def _central_gap(vid: NDArray[np.uint8], body: NDArray[np.bool_], up: int, lo: int) -> float:
+    """Disc height (mm) between the bodies of ``up`` and ``lo`` on the columns around the two bodies' mid axis."""
+    a, b = body & (vid == up), body & (vid == lo)
+    zz = np.arange(vid.shape[0])[:, None, None]
+    ca = np.argwhere(a)
+    cb = np.argwhere(b)
+    cy, cx = (0.5 * (ca[:, 1:].mean(axis=0) + cb[:, 1:].mean(axis=0))).round().astype(int)
+    sa, sb = a[:, cy - 3 : cy + 4, cx - 3 : cx + 4], b[:, cy - 3 : cy + 4, cx - 3 : cx + 4]
+    ok = sa.any(axis=0) & sb.any(axis=0)
+    bottom = np.where(sa, zz, 10**6).min(axis=0)
+    top = np.where(sb, zz, -1).max(axis=0)
+    return float(np.median((bottom - top - 1)[ok])) if ok.any() else 0.0
+
+
+def _narrow(vid: NDArray[np.uint8], body: NDArray[np.bool_], ids: list[int],
+            narrowed: tuple[tuple[str, float], ...]) -> NDArray[np.uint8]:
+    """Move every vertebra above each narrowed disc down so that the disc keeps the given central height."""
+    drop = dict.fromkeys(ids, 0)
+    for name, height in narrowed:
+        up, lo = _disc_pair(name)
+        if up not in ids or lo not in ids:
+            raise ValueError(f"anatomical phantom: disc {name} is not in this spine")
+        gap = _central_gap(vid, body, up, lo)
+        d = max(0, int(round(gap - height)))
+        for v in ids:
+            if order_key(v) <= order_key(up):
+                drop[v] += d
+    out = np.zeros_like(vid)
+    for v in sorted(ids, key=order_key, reverse=True):  # feet first: the vertebra above wins an overlap
+        m = vid == v
+        d = drop[v]
+        if d:
+            m = np.concatenate([m[d:], np.zeros((d, *m.shape[1:]), dtype=bool)])
+        out[m] = v
+    return out
+
+
+def _wedge(vid: NDArray[np.uint8], body: NDArray[np.bool_], v: int, front_fraction: float) -> NDArray[np.bool_]:
+    """Collapse the body of ``v`` from above, to ``front_fraction`` of its height in front (posterior wall intact).
+
+    Returns the voxels the body lost (set to 0 in ``vid``)."""
+    b = body & (vid == v)
+    if not b.any():
+        raise ValueError(f"anatomical phantom: no body for the wedge fracture of {NAMES.get(v, v)}")
+    zz = np.arange(b.shape[0])[:, None, None]
+    has = b.any(axis=0)
+    lo = np.where(has, np.argmax(b, axis=0), 0)
+    hi = np.where(has, b.shape[0] - 1 - np.argmax(b[::-1], axis=0), -1)
+    ys = np.nonzero(has.any(axis=1))[0]
+    y_front, y_back = float(ys.min()), float(ys.max())
+    t = np.clip((y_back - np.arange(b.shape[1])) / max(1.0, y_back - y_front), 0.0, 1.0)[:, None]  # 1 in front
+    keep = 1.0 - (1.0 - front_fraction) * t
+    top = lo + np.floor((hi - lo + 1) * keep) - 1
+    lost = b & (zz > top[None])
+    vid[lost] = 0
+    return np.asarray(lost)
+
+
+def _osteophytes(vid: NDArray[np.uint8], disc: NDArray[np.uint8], up: int, lo: int, canal_y: float) -> None:
+    """Bridge the disc between ``up`` and ``lo`` with a bone lip around its anterior and lateral rim."""
+    d = disc == up
+    if not d.any():
+        return
+    zs = np.nonzero(d.any(axis=(1, 2)))[0]
+    foot = d.any(axis=0)
+    plane = ndimage.generate_binary_structure(2, 1)
+    rim = ndimage.binary_dilation(foot, plane, iterations=3) & ~ndimage.binary_erosion(foot, plane, iterations=2)
+    yy = np.arange(foot.shape[0])[:, None]
+    rim &= yy < canal_y - 8.0  # not behind the body (the canal and the foramina stay open)
+    z0, z1 = max(0, int(zs.min()) - 3), min(vid.shape[0], int(zs.max()) + 4)
+    mid = 0.5 * (zs.min() + zs.max())
+    for z in range(z0, z1):
+        free = rim & ((vid[z] == 0) | (disc[z] == up))
+        vid[z][free] = up if z > mid else lo
+        disc[z][free] = 0
+
+
+def _vacuum(disc: NDArray[np.uint8], up: int) -> NDArray[np.bool_]:
+    """A gas cleft in the nucleus: the middle 2 mm of the disc's height, over its central half, in front."""
+    d = disc == up
+    out = np.zeros(d.shape, dtype=bool)
+    if not d.any():
+        return out
+    zz = np.arange(d.shape[0])[:, None, None]
+    cnt = d.sum(axis=0)
+    has = cnt >= 2
+    mid = np.where(has, (d * zz).sum(axis=0) / np.maximum(cnt, 1), -10.0)
+    foot_y, foot_x = np.nonzero(has)
+    cy, cx = float(foot_y.mean()), float(foot_x.mean())
+    hy, hx = 0.5 * (foot_y.max() - foot_y.min()), 0.5 * (foot_x.max() - foot_x.min())
+    yy, xx = np.ogrid[: d.shape[1], : d.shape[2]]
+    core = ((xx - cx) / (0.5 * hx + 1e-3)) ** 2 + ((yy - (cy - 0.15 * hy)) / (0.35 * hy + 1e-3)) ** 2 <= 1.0
+    out = d & core[None] & (np.abs(zz - mid[None]) <= 1.0)
+    return np.asarray(out)
+
+
+def _endplates(vid: NDArray[np.uint8], body: NDArray[np.bool_], thick: int) -> NDArray[np.bool_]:
+    """Body voxels within ``thick`` mm of the end of their vertebra's bone along z (the cortical endplates)."""
+    out = np.zeros(vid.shape, dtype=bool)
+    for i in range(1, max(1, thick) + 1):
+        out[i:] |= vid[i:] != vid[:-i]
+        out[:-i] |= vid[:-i] != vid[i:]
+    return np.asarray(out & body & (vid > 0))
 
 
 def _read_on_grid(path: Path, margin: tuple[float, float, float, float, float, float]
@@ -219,11 +353,11 @@ def _vertebra_info(vid_arr: NDArray[np.uint8], body: NDArray[np.bool_], v: int,
 
 
 def _synth_sacrum(vid: NDArray[np.uint8], l5: VertebraInfo, origin: tuple[float, float, float],
-                  sacralised: bool) -> Sacrum:
+                  sacralised: bool, gap: float = 11.0) -> Sacrum:
     """Paint S1-S5 (label 26) below ``l5`` in ``vid`` and return its geometry."""
     ox, oy, oz = origin
     slope = np.deg2rad(35.0)
-    gap = 11.0  # L5-S1 disc height at the centre (taller in front, thinner behind: the slope does it)
+    # gap: L5-S1 disc height at the centre, 11 mm (taller in front, thinner behind: the slope does it)
     top = np.array([l5.body_centre[0], l5.body_centre[1] + 3.0, l5.body_z[0] - gap])
     axis = np.array([0.0, np.sin(slope), -np.cos(slope)])  # down the sacrum (posterior-inferior)
     perp = np.array([0.0, np.cos(slope), np.sin(slope)])  # toward the back, in the sagittal plane
@@ -305,13 +439,20 @@ def _disc(vid: NDArray[np.uint8], body: NDArray[np.bool_], upper: int, lower: in
     return sl, disc  # type: ignore[return-value]
 
 
-def load_spine(source: str, sacrum: bool = True, sacralised_l5: bool = False) -> SpineModel:
-    """The bone model of one VerSe spine (cached: a phantom's variants share it)."""
-    return _load_spine(source, bool(sacrum), bool(sacralised_l5))
+def load_spine(source: str, sacrum: bool = True, sacralised_l5: bool = False, aging: Aging | None = None
+               ) -> SpineModel:
+    """The bone model of one VerSe spine (cached: a phantom's variants share it).
+
+    ``aging`` (:class:`Aging`) makes it an old spine: narrowed discs (the vertebrae above move down),
+    a wedge fracture, then the truth (body centres and heights) is measured on the changed bones as on
+    any spine; cortical endplates (and sclerotic ones), bridging osteophytes and disc gas are added
+    after it, so they do not move a body's recorded middle.
+    """
+    return _load_spine(source, bool(sacrum), bool(sacralised_l5), aging)
 
 
 @functools.lru_cache(maxsize=8)
-def _load_spine(source: str, sacrum: bool, sacralised_l5: bool) -> SpineModel:
+def _load_spine(source: str, sacrum: bool, sacralised_l5: bool, aging: Aging | None = None) -> SpineModel:
     if source not in SOURCES:
         raise ValueError(f"anatomical phantom: unknown spine source {source!r}; known: {sorted(SOURCES)}")
     path = DATA / SOURCES[source]
@@ -322,17 +463,30 @@ def _load_spine(source: str, sacrum: bool, sacralised_l5: bool) -> SpineModel:
     raw = _read_on_grid(path, (30.0, 30.0, 15.0, 45.0, 140.0 if lumbar else 10.0, 10.0))
     vid, origin = raw
     ids = sorted({int(v) for v in np.unique(vid) if v > 0}, key=order_key)
-    line = _canal_line(vid)
     nz, ny, nx = vid.shape
+    yy = np.arange(ny)[None, :, None]
+    s1_gap = 11.0
+    lost: NDArray[np.bool_] | None = None
+    if aging is not None:
+        lumbar_discs = tuple((d, h) for d, h in aging.narrowed if not d.endswith("/S1"))
+        s1_gap = next((h + 1.0 for d, h in aging.narrowed if d.endswith("/S1")), s1_gap)
+        if lumbar_discs:
+            line0 = _canal_line(vid)
+            body0 = (vid > 0) & (yy < (line0[:, 2] - 0.9 * line0[:, 3])[:, None, None])
+            vid = _narrow(vid, body0, ids, lumbar_discs)
+        if aging.wedge is not None:
+            line0 = _canal_line(vid)
+            body0 = (vid > 0) & (yy < (line0[:, 2] - 0.9 * line0[:, 3])[:, None, None])
+            lost = _wedge(vid, body0, NUMBERS[aging.wedge[0]], aging.wedge[1])
+    line = _canal_line(vid)
     # the body is the part of each vertebra in front of the canal
     front = (line[:, 2] - 0.9 * line[:, 3])[:, None, None]
-    yy = np.arange(ny)[None, :, None]
     body = (vid > 0) & (yy < front)
     infos = {v: _vertebra_info(vid, body, v, origin) for v in ids}
     sac: Sacrum | None = None
     lowest = ids[-1]
     if sacrum and SACRUM not in ids and lowest in (24, 25):
-        sac = _synth_sacrum(vid, infos[lowest], origin, sacralised_l5)
+        sac = _synth_sacrum(vid, infos[lowest], origin, sacralised_l5, s1_gap)
         ids.append(SACRUM)
         # the canal continues in the sacrum: re-derive the line below L5
         top_z = sac.top[2] - origin[2]
@@ -362,6 +516,30 @@ def _load_spine(source: str, sacrum: bool, sacralised_l5: bool) -> SpineModel:
         sl, d = got
         sub = disc[sl]
         sub[d & (vid[sl] == 0)] = up
+    endplate: NDArray[np.uint8] | None = None
+    gas: NDArray[np.bool_] | None = None
+    if aging is not None:
+        if lost is not None and aging.wedge is not None:
+            # the disc above bulges into the collapsed front of the body (its nucleus and annulus follow the endplate)
+            w = NUMBERS[aging.wedge[0]]
+            above = [v for v in ids if order_key(v) < order_key(w)]
+            disc[lost & (vid == 0)] = max(above, key=order_key) if above else w
+        thick = max(1, int(round(aging.endplate_mm)))
+        endplate = _endplates(vid, body, thick).astype(np.uint8)
+        st = np.zeros((3, 3, 3), dtype=bool)
+        st[:, 1, 1] = True
+        for name in aging.sclerosis:
+            up, lo = _disc_pair(name)
+            near = ndimage.binary_dilation(disc == up, structure=st, iterations=2 * thick)
+            endplate[near & body & np.isin(vid, (up, lo))] = 2
+        for name in aging.osteophytes:
+            up, lo = _disc_pair(name)
+            dz_ = np.nonzero((disc == up).any(axis=(1, 2)))[0]
+            wall = float(np.median(line[dz_, 2] - 0.9 * line[dz_, 3])) if dz_.size else float(ny)
+            _osteophytes(vid, disc, up, lo, wall)
+        gas = np.zeros(vid.shape, dtype=bool)
+        for name in aging.vacuum:
+            gas |= _vacuum(disc, _disc_pair(name)[0])
     # canal and cord: an ellipse on the canal line plus the holes, never bone or disc
     zz = np.arange(nz)[:, None, None]
     xx = np.arange(nx)[None, None, :]
@@ -373,4 +551,4 @@ def _load_spine(source: str, sacrum: bool, sacralised_l5: bool) -> SpineModel:
     conus_z = infos[20].body_z[0] - origin[2] if 20 in infos else (zmin - 1.0)
     cord = canal & (zz >= conus_z) & (((xx - cx) / (0.55 * r)) ** 2 + ((yy - cy) / (0.45 * r)) ** 2 <= 1.0)
     return SpineModel(source=source, origin=origin, vid=vid, body=body, disc=disc, canal=canal, cord=cord,
-                      vertebrae=infos, sacrum=sac, canal_line=line)
+                      vertebrae=infos, sacrum=sac, canal_line=line, endplate=endplate, gas=gas)

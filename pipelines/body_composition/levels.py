@@ -6,7 +6,8 @@ docs/level-finding.md):
 
 1. Work grid: in-plane block means to about 2 mm pixels (slices are kept).
 2. Spinal canal: per slice, the holes of the closed bone mask (HU > ``bone_hu``) that are the
-   size of a canal, hold CSF/fat/cord HU and have bone directly in front (the vertebral body).
+   size of a canal, hold CSF/fat/cord HU and have bone directly in front (the vertebral body); of
+   two such holes one behind the other, a front one denser by ``body_hole_hu`` is a dim body's inside.
    A longest-path search along ``k`` keeps the chain that moves little from slice to slice
    (lordosis, kyphosis, scoliosis allowed); the centre line is interpolated between the slices
    where the canal is enclosed (disc levels are not).
@@ -16,6 +17,9 @@ docs/level-finding.md):
    local minima; a chain search keeps minima that are deep enough and spaced like vertebrae
    (10-55 mm, neighbouring heights alike), so a disc that is one slice at 5 mm still counts.
    Vertebrae are the segments between discs; the middle of a body is half way between its discs.
+   Dim (osteoporotic) bodies, median profile under ``dim_body_hu``, are no brighter than a disc: the
+   profile is replaced by one where a disc is a dip between a bright endplate below and one above
+   (``endplate_profile``), and an osteoporotic body's inside is not taken for the canal.
 5. Anchors, each a vote for a name: the sacrum (a wide bone mass continuous laterally, with the
    iliac bones beside it: the vertebra above the L5/S1 disc is L5), the iliac crests (their top
    lies at L4 or L5), the lowest rib-bearing vertebra (T12) and the highest (T1) where the
@@ -59,6 +63,7 @@ class LevelParams:
     bone_hu: float = 180.0
     canal_area_mm2: tuple[float, float] = (40.0, 800.0)
     canal_hu: tuple[float, float] = (-150.0, 100.0)
+    body_hole_hu: float = 25.0  # a hole this much denser than a hole behind it is a (dim) body's inside, not the canal
     canal_max_offcentre_mm: float = 80.0  # from the body's midline column
     front_bone_hu: float = 140.0
     front_bone_fraction: float = 0.3
@@ -85,6 +90,12 @@ class LevelParams:
     ala_area_mm2: float = 600.0
     iliac_area_mm2: float = 300.0
     iliac_run_mm: float = 25.0
+    # dim (osteoporotic) bodies: cancellous bone no brighter than a disc; the discs are found between endplates
+    dim_body_hu: float = 130.0  # median profile below this: the endplate profile is used
+    endplate_reach_mm: float = 8.0  # a disc has a bright endplate within this distance above and below
+    endplate_span_mm: float = 16.0  # ... and the two at most this far apart (a tall disc and two sclerotic endplates)
+    band_slice_mm: float = 4.0  # slices this thick hold a degenerated disc and both its endplates (one bright band)
+    baseline_mm: float = 15.0  # the cancellous level: the profile's median within this distance
 
 
 def _smooth_interp(k: NDArray[np.float64], v: NDArray[np.float64], n: int, sigma: float) -> NDArray[np.float64]:
@@ -247,6 +258,7 @@ class _Ctx:
         self.mid_c = np.where(tot > 0, (colw * cc_idx).sum(axis=1) / np.maximum(tot, 1), g.shape[2] / 2.0)
         objs = ndi.find_objects(lab)
         cands: list[tuple[int, float, float, float, float]] = []  # k, r, c, front row, area
+        hole_hu: list[float] = []
         front_d = max(2, int(round(20.0 / gy)))
         half_w = max(1, int(round(8.0 / gx)))
         for i in ids:
@@ -271,6 +283,13 @@ class _Ctx:
             if box.size == 0 or float((box > p.front_bone_hu).mean()) < p.front_bone_fraction:
                 continue
             cands.append((k, r, c, front, float(area[i])))
+            hole_hu.append(float(mean[i]))
+        # an osteoporotic body's cancellous bone (50-120 HU) inside its cortex is a hole too: of two holes one behind
+        # the other in a slice, the front one is the body (not the canal) where it is denser than the one behind
+        drop = {j for j, a_ in enumerate(cands) for b_, hb in zip(cands, hole_hu, strict=True)
+                if b_[0] == a_[0] and 10.0 <= (b_[1] - a_[1]) * gy <= 60.0 and abs(b_[2] - a_[2]) * gx <= 15.0
+                and hole_hu[j] - hb >= p.body_hole_hu}
+        cands = [c_ for j, c_ in enumerate(cands) if j not in drop]
         if not cands:
             return False
         cands.sort()
@@ -422,9 +441,10 @@ class _Ctx:
             self.skull_from = min(hits)
 
     # --- 4. bone profile and discs ---------------------------------------------------------------
-    def profile(self) -> NDArray[np.float64]:
+    def profile(self, bands: int = 0, q: float = 50.0) -> NDArray[np.float64]:
+        """Median (``q``-th percentile) HU in the ellipse per slice; with ``bands`` > 0, per band of depth too."""
         p, g, n, gy, gx = self.p, self.g, self.n, self.gy, self.gx
-        out = np.zeros(n)
+        out = np.zeros((n, bands)) if bands else np.zeros(n)
         for k in range(n):
             ay = max(1.0, p.roi_fraction * self.body_hh[k] / gy)
             ax = max(1.0, p.roi_fraction * self.body_hw[k] / gx)
@@ -436,13 +456,76 @@ class _Ctx:
             yy = (np.arange(a, b) - r0)[:, None] / ay
             xx = (np.arange(ca, cb) - c0)[None, :] / ax
             m = yy**2 + xx**2 <= 1.0
+            if bands:
+                # a tilted endplate (L5/S1, a wedge) crosses a band of the depth over fewer slices than the ellipse
+                cut = np.linspace(-1.0, 1.0, bands + 1)
+                for j in range(bands):
+                    mb = m & (yy >= cut[j]) & (yy <= cut[j + 1])
+                    vb = np.clip(g[k, a:b, ca:cb][mb], -200.0, 1200.0)
+                    out[k, j] = float(np.percentile(vb, q)) if vb.size else 0.0
+                continue
             v = np.clip(g[k, a:b, ca:cb][m], -200.0, 1200.0)
-            out[k] = float(np.median(v)) if v.size else 0.0
+            out[k] = (float(np.median(v)) if q == 50.0 else float(np.percentile(v, q))) if v.size else 0.0
         return out
+
+    def endplate_profile(self, prof: NDArray[np.float64]) -> NDArray[np.float64]:
+        """A profile of dim (osteoporotic) bodies in which the discs are dips again.
+
+        Osteoporotic cancellous bone (50-120 HU) is no brighter than a disc, but the cortical endplates
+        stay bright (and sclerose next to a degenerated disc): a disc lies between an endplate below and
+        one above, each within ``endplate_reach_mm`` and the two within ``endplate_span_mm`` (on slices of ``band_slice_mm`` or more both and a
+        narrowed disc can be one bright band).  The middle of a body is farther than that from both of its endplates.  Per slice: the
+        baseline is the profile's median within ``baseline_mm`` (the cancellous level); the endplate
+        evidence is the profile above it, or the middle third of the body's depth above its own baseline
+        (a tilted endplate is spread over fewer slices there); a slice's disc score is the smaller of the strongest evidence
+        within reach below and within reach above.  The profile returned is the baseline, lowered where
+        the profile is below it (a disc with gas in it, a disc darker than the bone) and by the disc score.
+        """
+        p, n, dz = self.p, self.n, self.dz
+        hb = max(1, int(round(p.baseline_mm / dz)))
+        base = ndi.median_filter(prof, size=2 * hb + 1, mode="nearest")
+        # endplate evidence: the profile above its baseline, or the middle third of the body's depth above its own
+        # (a tilted endplate, L5/S1 or a wedge, crosses the whole ellipse over many slices, its middle over fewer),
+        def above_base(v: NDArray[np.float64]) -> NDArray[np.float64]:
+            return np.asarray(np.clip(v - ndi.median_filter(v, size=2 * hb + 1, mode="nearest"), 0.0, None))
+
+        ev = np.maximum(above_base(prof), above_base(self.profile(bands=3)[:, 1]))
+        if dz < 2.0:
+            # ... or, on thin slices, the ellipse's 90th percentile above its baseline: a concave endplate crosses a
+            # thin slice as a ring, too little of the ellipse for its median (thick slices average it in)
+            ev = np.maximum(ev, above_base(self.profile(q=90.0)))
+        r = max(1, int(round(p.endplate_reach_mm / dz)))
+        pad = np.concatenate([np.zeros(r), ev, np.zeros(r)])
+        score = np.zeros(n)
+        inner = np.zeros(n)
+        # a pair of endplates, one at most r slices below the slice and one at most r above; the same slice counts
+        # as both only where a slice is thick enough to hold a thin disc with both its endplates
+        for i in range(r + 1):
+            for j in range(r + 1):
+                band = i == 0 and j == 0
+                if (band and dz < p.band_slice_mm) or (i + j) * dz > p.endplate_span_mm:
+                    continue
+                pair = np.minimum(pad[r - i : r - i + n], pad[r + j : r + j + n])
+                # strongest half way between the two endplates (where the disc is), less toward either
+                np.maximum(score, (1.0 - 0.5 * abs(i - j) / (r + 1)) * pair, out=score)
+                if i > 0 and j > 0:
+                    # strictly between two endplates: disc, not body (a single bright slice may be one endplate)
+                    np.maximum(inner, pair, out=inner)
+        low = np.minimum(prof, base)
+        # the slices strictly between two endplates are no body's (the endplates themselves are)
+        self.member_prof = np.asarray(low - inner, dtype=np.float64)
+        return np.asarray(low - score, dtype=np.float64)
 
     def find_discs(self) -> list[float]:
         p, n, dz = self.p, self.n, self.dz
         prof = self.profile()
+        self.prof_raw = prof
+        ks = self.canal_ks
+        body_hu = float(np.median(prof[int(ks.min()) : int(ks.max()) + 1]))
+        self.dim = body_hu < p.dim_body_hu
+        if self.dim:
+            log.debug("vertebral bodies dim (median %.0f HU): discs from the endplates", body_hu)
+            prof = self.endplate_profile(prof)
         self.prof = prof
         if n < 3:
             return []
@@ -451,6 +534,8 @@ class _Ctx:
         scale = max(float(med - lo_), 30.0)  # bodies' plateau above the discs (endplate peaks left out)
         sn = (s - lo_) / scale
         self.prof_n = sn
+        # slices of a vertebral body (not disc): bright enough; dim bodies: not between two endplates
+        self.body_n = (self.member_prof - lo_) / scale if self.dim else sn
         w = max(2, int(round(15.0 / dz)))
         cands = self.disc_candidates(sn, w)
         if dz < 2.0:
@@ -610,12 +695,20 @@ class _Ctx:
             first, last = int(np.floor(a)) + 1, int(np.ceil(b)) - 1
             if last < first:
                 continue
-            if float(np.median(self.prof_n[first : last + 1])) < 0.4:
-                continue  # no vertebral body between these discs (beyond the end of the column)
+            between_discs = a >= 0 and b <= n - 1
+            if float(np.median(self.prof_n[first : last + 1])) < 0.4 and not (self.dim and between_discs):
+                # no vertebral body between these discs (beyond the end of the column); with dim bodies a short
+                # body between two discs has its two endplates within a disc's reach of each other: it stays
+                continue
             if self.skull_from is not None and first > self.canal_top + 5.0 / self.dz:
                 continue  # above the spinal canal: skull base (and C1, which has no body), not a vertebra
             # the body itself: the slices between the discs whose profile is bone (disc slices left out)
-            body = np.nonzero(self.prof_n[first : last + 1] >= 0.5)[0]
+            if self.dim:
+                # no contrast between a dim body and its disc: the slice holding a disc's centre is the disc's
+                f2, l2 = max(first, int(round(a)) + 1), min(last, int(round(b)) - 1)
+                if f2 <= l2:
+                    first, last = f2, l2
+            body = np.nonzero(self.body_n[first : last + 1] >= 0.5)[0]
             if body.size:
                 first, last = first + int(body[0]), first + int(body[-1])
             segs.append(_Seg(lo=a, hi=b, first=first, last=last, edge_lo=a < 0, edge_hi=b > n - 1))
