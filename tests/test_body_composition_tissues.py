@@ -147,7 +147,7 @@ def test_real_ct_erector_agrees_with_totalsegmentator(real_ct: Any) -> None:
                 scores[key].append(_dice(ours[key], r) if ours[key].any() else 0.0)
     # With the anatomy the pipeline uses (levels.SpineLevelFinder: vertebral body centre on the canal's
     # midline) these 10 slices give left 0.810, right 0.847 with the erector as its compartment (outline
-    # smoothed by a pixel, fat clefts narrower than 8 mm in: tissues._compartment); 0.792 (min 0.75) /
+    # smoothed by a pixel, fat clefts narrower than 8 mm in: tissues._outline); 0.792 (min 0.75) /
     # 0.825 (min 0.78) before, with muscle-window pixels only; 0.794 / 0.825 with the
     # nearest slice's process tip instead of each process's longest reach; 0.780 / 0.822 with a
     # fixed reach of 10 mm (tp_context_mm) instead of half the vertebral pitch; 0.731 / 0.820 before a

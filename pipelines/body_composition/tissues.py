@@ -53,15 +53,15 @@ the trunk's fat outside it.  Skeletal muscle is only:
     level from the lamina (the erector reaches forward to the intertransverse plane there:
     lumbar phantom erector Dice over every L5-L1 slice 0.83 -> 0.87); where ribs lie beside the
     compartment the deeper of the two bounds it (rib necks and levatores costarum lie in front;
-    the real T11-T12 CT lost 0.01 Dice against TotalSegmentator when the carried plane alone did).  Landmarks come from :func:`bony_landmarks` per slice and :func:`with_neighbours`
-    (the stage does this over the volume); without a process within reach the fixed
-    ``erector_lateral_mm`` stays.
+    the real T11-T12 CT lost 0.01 Dice against TotalSegmentator when the carried plane alone did).
+    Landmarks come from :func:`bony_landmarks` per slice and :func:`with_neighbours` (the stage does
+    this over the volume); without a process within reach the fixed ``erector_lateral_mm`` stays.
   - no rim is eroded: a one-pixel erosion, or one only where the mask faces fat, matched
     TotalSegmentator's edge on the left of the real CT bench and lost more on the right; a gap
     around bone (partial volume of the laminae) helped there but cost the phantom, whose truth
     reaches the bone, 0.02-0.03 Dice: the edge is where the muscle window ends.
 
-  The erector mask is the compartment, not only its muscle-window pixels (``_compartment``): the
+  The erector mask is the compartment, not only its muscle-window pixels (``_outline``): the
   outline is smoothed by one pixel and fat clefts and concavities narrower than 2 x
   ``erector_close_mm`` are taken in, as TotalSegmentator's autochthon holds them (6-10 % of it on
   the real CT bench) and as the paraspinal "total cross-sectional area" of body-composition
@@ -570,26 +570,26 @@ def _carried(neighbours: tuple[NeighbourBone, ...], side: str, p: TissueParams
     return wa * ta + (1 - wa) * tb, wa * np.asarray(a.floor_mm) + (1 - wa) * np.asarray(b.floor_mm)
 
 
-def _compartment(muscle: NDArray[np.bool_], region: NDArray[np.bool_], px: float, p: TissueParams
-                 ) -> NDArray[np.bool_]:
-    """One side's paraspinal compartment from its muscle mass: the outline smoothed by ``erector_smooth_mm``
-    (opening, then closing) and the fat clefts and concavities narrower than 2 x ``erector_close_mm`` taken in,
-    inside ``region`` (the compartment's bounds, bone left out).
+def _outline(mask: NDArray[np.bool_], region: NDArray[np.bool_], px: float, close_mm: float,
+             smooth_mm: float = 0.0) -> NDArray[np.bool_]:
+    """A muscle as its outline, not only its muscle-window pixels, inside ``region`` (its bounds, bone left out):
+    the outline smoothed by ``smooth_mm`` (opening, then closing; never coarser than that), then fat clefts,
+    specks and concavities narrower than 2 x ``close_mm`` taken in.
 
-    Anatomy: the multifidus and the longissimus and iliocostalis are parted by fat clefts, and fatty
-    infiltration lies between their fascicles; the compartment (TotalSegmentator's autochthon, the
-    paraspinal "total cross-sectional area" of body-composition studies) holds them.  Its fat is also
-    IMAT, never skeletal muscle (the muscle window decides that)."""
-    if not muscle.any():
-        return muscle
-    it = int(np.floor(p.erector_smooth_mm / px + 1e-6))  # never coarser than erector_smooth_mm
-    bb = _around(muscle, int(np.ceil(p.erector_close_mm / px)) + it + 2)
-    out, reg = muscle[bb], region[bb]
+    Anatomy: the multifidus and the longissimus and iliocostalis are parted by fat clefts, fatty infiltration
+    lies between the fascicles of any muscle; TotalSegmentator's autochthon and iliopsoas, and the "total
+    cross-sectional area" of body-composition studies, hold them.  That fat is also IMAT, never skeletal
+    muscle (the muscle window decides that).  Worked on the mask's box: the result is the whole array's."""
+    if not mask.any():
+        return mask
+    it = int(np.floor(smooth_mm / px + 1e-6))
+    bb = _around(mask, int(np.ceil(close_mm / px)) + it + 2)
+    out, reg = mask[bb], region[bb]
     if it > 0:
         out = ndi.binary_closing(ndi.binary_opening(out, iterations=it), iterations=it) & reg
-    if p.erector_close_mm >= px:
-        out = fill_holes(closing(out, p.erector_close_mm / px) | out) & reg
-    full = np.zeros(muscle.shape, bool)
+    if close_mm > 0:
+        out = fill_holes(closing(out, close_mm / px) | out) & reg
+    full = np.zeros(mask.shape, bool)
     full[bb] = out
     return full
 
@@ -736,15 +736,12 @@ def lumbar_named(hu: NDArray[np.float32], spacing: tuple[float, float], anat: Sl
             efloor = floor
         under_fat = under_fat_mm > (p.erector_sheet_mm if ribs else p.erector_fascia_mm)
         erector_box = (lat > 0.0) & (lat < lat_max) & (ymm > wall + p.erector_front_mm) & efloor & under_fat
+        px = float(np.sqrt(dy * dx))
         ps = pick(np.asarray(psoas_box), (sgn * (hw + 20.0), 0.0), compact=True)
-        if p.psoas_outline_mm > 0 and ps.any():  # its intramuscular fat is IMAT as well, never skeletal muscle
-            r_px = p.psoas_outline_mm / float(np.sqrt(dy * dx))
-            bb = _around(ps, int(np.ceil(r_px)) + 2)
-            ps[bb] = fill_holes(closing(ps[bb], r_px) | ps[bb]) & np.asarray(psoas_box)[bb] & ~bone[bb]
-        out[f"psoas_{side}"][ra:rb, ca:cb] = ps
-        er = pick(np.asarray(erector_box), (sgn * 40.0, wall + 35.0), 35.0, True,
-                  p.erector_open_mm / float(np.sqrt(dy * dx)))
-        out[f"erector_{side}"][ra:rb, ca:cb] = _compartment(er, np.asarray(erector_box) & ~bone, float(np.sqrt(dy * dx)), p)
+        out[f"psoas_{side}"][ra:rb, ca:cb] = _outline(ps, np.asarray(psoas_box) & ~bone, px, p.psoas_outline_mm)
+        er = pick(np.asarray(erector_box), (sgn * 40.0, wall + 35.0), 35.0, True, p.erector_open_mm / px)
+        out[f"erector_{side}"][ra:rb, ca:cb] = _outline(er, np.asarray(erector_box) & ~bone, px, p.erector_close_mm,
+                                                        p.erector_smooth_mm)
         if compartments:
             medial = (lat > 0.0) if side == "left" else (lat >= 0.0)
             region = medial & (lat < p.paraspinal_lateral_mm) & (ymm > wall + p.paraspinal_front_mm) & floor
@@ -943,10 +940,8 @@ def segment_c3(hu: NDArray[np.float32], spacing: tuple[float, float], anat: Slic
     fat, muscle_hu, bone_hull = _windows(hu, body, p)
     inner = erode(body, p.skin_mm / px)
     soft = muscle_hu & inner & ~bone_hull
-    soft_s = soft
-    if hs is not hu:
-        _, muscle_s, bone_hull_s = _windows(hs, body, p)
-        soft_s = muscle_s & inner & ~bone_hull_s
+    _, muscle_s, bone_hull_s = (fat, muscle_hu, bone_hull) if hs is hu else _windows(hs, body, p)
+    soft_s = muscle_s & inner & ~bone_hull_s
     smooth = ndi.gaussian_filter(hu, sigma=(p.organ_smooth_mm / dy, p.organ_smooth_mm / dx))
     strict = soft_s & (smooth <= p.organ_hu)
     bridge_px = p.bridge_mm / px
