@@ -286,9 +286,12 @@ class _Ctx:
             hole_hu.append(float(mean[i]))
         # an osteoporotic body's cancellous bone (50-120 HU) inside its cortex is a hole too: of two holes one behind
         # the other in a slice, the front one is the body (not the canal) where it is denser than the one behind
-        drop = {j for j, a_ in enumerate(cands) for b_, hb in zip(cands, hole_hu, strict=True)
-                if b_[0] == a_[0] and 10.0 <= (b_[1] - a_[1]) * gy <= 60.0 and abs(b_[2] - a_[2]) * gx <= 15.0
-                and hole_hu[j] - hb >= p.body_hole_hu}
+        by_slice: dict[int, list[int]] = {}
+        for j, c_ in enumerate(cands):
+            by_slice.setdefault(c_[0], []).append(j)
+        drop = {j for js in by_slice.values() for j in js for i in js
+                if 10.0 <= (cands[i][1] - cands[j][1]) * gy <= 60.0 and abs(cands[i][2] - cands[j][2]) * gx <= 15.0
+                and hole_hu[j] - hole_hu[i] >= p.body_hole_hu}
         cands = [c_ for j, c_ in enumerate(cands) if j not in drop]
         if not cands:
             return False
@@ -519,7 +522,6 @@ class _Ctx:
     def find_discs(self) -> list[float]:
         p, n, dz = self.p, self.n, self.dz
         prof = self.profile()
-        self.prof_raw = prof
         ks = self.canal_ks
         body_hu = float(np.median(prof[int(ks.min()) : int(ks.max()) + 1]))
         self.dim = body_hu < p.dim_body_hu
@@ -606,7 +608,6 @@ class _Ctx:
                 if height >= p.min_peak:
                     raw.append((self._subslice(sn, k, dip=False), p.peak_weight * height, False))
         raw.sort()
-        self.raw_cands = raw
         out: list[tuple[float, float]] = []
         merge = max(8.0, 1.5 * dz) / dz
         groups: list[list[tuple[float, float, bool]]] = []
@@ -662,14 +663,10 @@ class _Ctx:
         s2 = ndi.gaussian_filter1d(ndi.minimum_filter1d(prof, size, mode="nearest"), 1.5 / dz, mode="nearest")
         lo_, med = np.percentile(s2, [10, 50])
         sn2 = (s2 - lo_) / max(float(med - lo_), 30.0)
-        keep_raw = self.raw_cands
         thin = self.disc_candidates(sn2, w)
-        self.raw_cands = keep_raw
         merge = max(8.0, 1.5 * dz) / dz
         kept = [c for c in cands if sn2[int(np.clip(round(c[0]), 0, self.n - 1))] < 0.5]
         added = [c for c in thin if all(abs(c[0] - d[0]) > merge for d in kept)]
-        self.thin_cands = added
-        self.dropped_cands = [c for c in cands if c not in kept]
         return sorted(kept + added)
 
     @staticmethod
