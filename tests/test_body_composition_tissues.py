@@ -500,7 +500,7 @@ def test_metal_on_the_level_slice_makes_every_value_not_evaluable(real_ct: Any) 
     """A pedicle screw (metal at the scanner's ceiling, 3071 HU) with its streaks on the level slice: nothing on
     that slice is filed and the reason points to a reader-confirmed slice clear of it; a small clip passes; and
     a screw anywhere in L5-L1 leaves the 3D volumes not evaluable."""
-    from pipelines.body_composition.plausibility import metal_mm2, metal_slices
+    from pipelines.body_composition.plausibility import metal_in_volume, metal_mm2
 
     vol = real_ct.vol
     k = 10
@@ -517,18 +517,20 @@ def test_metal_on_the_level_slice_makes_every_value_not_evaluable(real_ct: Any) 
     metal = metal_mm2(screw, seg.body, vol.pixel_area_mm2, gates)
     assert metal > 30.0
     a, m = _values(**GOOD)
-    a2, m2, failed = apply_gates("L3", a, m, replace(_fake_seg(), metal_mm2=metal), gates)
+    a2, m2, failed = apply_gates("L3", a, m, _fake_seg(), gates, metal)
     assert all(v.value is None and "metal" in v.reason and "reader" in v.reason for v in a2.values())
     assert all(v.value is None for v in m2.values()) and {f["gate"] for f in failed} == {"metal"}
     clip = vol.hu[k].copy()
     clip[dist <= 1.0] = 3071.0  # a surgical clip: a few mm2
     small = metal_mm2(clip, seg.body, vol.pixel_area_mm2, gates)
     assert 0.0 < small < 10.0
-    a3, _, _ = apply_gates("L3", a, m, replace(_fake_seg(), metal_mm2=small), gates)
+    a3, _, _ = apply_gates("L3", a, m, _fake_seg(), gates, small)
     assert a3 == a
     assert metal_mm2(vol.hu[k], seg.body, vol.pixel_area_mm2, gates) == 0.0  # bone is not metal
     stack = np.stack([vol.hu[k], screw, clip])
-    assert metal_slices(stack, vol.pixel_area_mm2, gates) == [1]
+    reason = metal_in_volume(stack, 40, vol.pixel_area_mm2, gates)
+    assert reason is not None and "1 slice(s)" in reason and "first 41" in reason
+    assert metal_in_volume(stack[[0, 2]], 40, vol.pixel_area_mm2, gates) is None
 
 
 def test_a_fat_filled_erector_or_psoas_is_not_filed() -> None:

@@ -77,15 +77,22 @@ def metal_mm2(hu: NDArray[np.float32], body: NDArray[np.bool_], pixel_area_mm2: 
     return float(np.count_nonzero((hu > gates.metal_hu) & body)) * pixel_area_mm2
 
 
-def metal_slices(hu: NDArray[np.float32], pixel_area_mm2: float, gates: Gates) -> list[int]:
-    """Slices of a volume (first axis) holding more metal than the gate allows, anywhere in the slice."""
+def metal_in_volume(hu: NDArray[np.float32], first: int, pixel_area_mm2: float, gates: Gates) -> str | None:
+    """Why the 3D volumes over ``hu`` (slices ``first``, ``first`` + 1, ...) are not evaluable: a slice holding
+    more metal than the gate allows, anywhere in it; None without."""
     per = np.count_nonzero(hu > gates.metal_hu, axis=(1, 2)) * pixel_area_mm2
-    return [int(i) for i in np.nonzero(per > gates.metal_max_mm2)[0]]
+    hits = np.nonzero(per > gates.metal_max_mm2)[0]
+    if not hits.size:
+        return None
+    return (f"implausible (metal): more than {gates.metal_max_mm2:g} mm2 of metal (implant) on {hits.size} slice(s) "
+            f"of L5-L1 (first {first + int(hits[0])}): streak artefacts make the HU windows unreliable")
 
 
 def apply_gates(level: str, areas: Mapping[str, Value], means: Mapping[str, Value], seg: SliceSegmentation,
-                gates: Gates) -> tuple[dict[str, Value], dict[str, Value], list[dict[str, Any]]]:
-    """Areas and mean HU with every value that fails a gate replaced by "not evaluable" (reason = the gate)."""
+                gates: Gates, metal_mm2: float = 0.0) -> tuple[dict[str, Value], dict[str, Value], list[dict[str, Any]]]:
+    """Areas and mean HU with every value that fails a gate replaced by "not evaluable" (reason = the gate).
+
+    ``metal_mm2``: the metal on the level slice (:func:`metal_mm2`)."""
     a, m = dict(areas), dict(means)
     failed: list[dict[str, Any]] = []
 
@@ -113,9 +120,9 @@ def apply_gates(level: str, areas: Mapping[str, Value], means: Mapping[str, Valu
                  f"> {gates.max_lateral_concavity:g}): an arm lying against the trunk may not have been cut off",
                  gates.trunk_source)
     # metal on the level slice: its streaks move the HU of everything around it across the tissue windows
-    if seg.metal_mm2 > gates.metal_max_mm2:
+    if metal_mm2 > gates.metal_max_mm2:
         for key in list(a):
-            fail(key, "metal", f"{seg.metal_mm2:.0f} mm2 of metal (implant) on the level slice (> "
+            fail(key, "metal", f"{metal_mm2:.0f} mm2 of metal (implant) on the level slice (> "
                  f"{gates.metal_max_mm2:g} mm2): streak artefacts make the HU windows unreliable; a reader can "
                  "confirm a level slice clear of it", gates.metal_source)
     # values are judged on what was measured, before any other gate removed a partner

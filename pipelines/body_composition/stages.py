@@ -10,14 +10,14 @@ import functools
 import logging
 from collections.abc import Callable, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 from typing import Any, Protocol
 
 import numpy as np
 from numpy.typing import NDArray
 
 from pipelines.body_composition.levels import SpineLevelFinder, anatomy_for_slice
-from pipelines.body_composition.plausibility import Gates, apply_gates, load_gates, metal_mm2, metal_slices
+from pipelines.body_composition.plausibility import Gates, apply_gates, load_gates, metal_in_volume, metal_mm2
 from pipelines.body_composition.reference import (
     Classification,
     PatientFactors,
@@ -258,8 +258,8 @@ class Measure:
                 areas[key] = Value(float(m.sum()) * px_cm2, "cm2")
                 means[key] = Value(float(hu[m].mean()), "HU")
         body = seg.slice_seg.body if seg.slice_seg.limbs is None else seg.slice_seg.body | seg.slice_seg.limbs
-        slice_seg = replace(seg.slice_seg, metal_mm2=metal_mm2(hu, body, vol.pixel_area_mm2, self.gates))
-        areas, means, failed = apply_gates(level, areas, means, slice_seg, self.gates)
+        areas, means, failed = apply_gates(level, areas, means, seg.slice_seg, self.gates,
+                                           metal_mm2(hu, body, vol.pixel_area_mm2, self.gates))
         if level == "C3" and areas["skeletal_muscle"].value is not None:
             # Swartz 2016: the C3 area is the paravertebral muscles plus BOTH sternocleidomastoids
             missing = [f"{key.replace('_', ' ')} ({areas[key].reason})" for key in C3_NAMED
@@ -271,18 +271,15 @@ class Measure:
         volumes: dict[str, Value] = {}
         vmeans: dict[str, Value] = {}
         if level != "C3":
-            metal = []
+            metal = None
             if seg.volume_range is not None:
                 k0, k1 = seg.volume_range
-                metal = [k0 + i for i in metal_slices(vol.hu[k0 : k1 + 1], vol.pixel_area_mm2, self.gates)]
+                metal = metal_in_volume(vol.hu[k0 : k1 + 1], k0, vol.pixel_area_mm2, self.gates)
             for key in NAMED_MUSCLES:
                 vm = seg.volume_masks.get(key)
                 if metal:
-                    reason = (f"implausible (metal): more than {self.gates.metal_max_mm2:g} mm2 of metal (implant) on "
-                              f"{len(metal)} slice(s) of L5-L1 (first {metal[0]}): streak artefacts make the HU "
-                              "windows unreliable")
-                    volumes[key] = Value(None, "cm3", reason)
-                    vmeans[key] = Value(None, "HU", reason)
+                    volumes[key] = Value(None, "cm3", metal)
+                    vmeans[key] = Value(None, "HU", metal)
                 elif vm is None or not vm.any():
                     reason = seg.volume_note or "not segmented"
                     volumes[key] = Value(None, "cm3", reason)

@@ -127,7 +127,6 @@ class SliceSegmentation:
     vertebral_body_cm2: float | None = None  # vertebral body cross-section on the slice
     trunk_half_widths_mm: tuple[float, float] | None = None  # trunk outline left / right of the vertebra
     trunk_lateral_concavity: float | None = None  # hull area beside the spine not in the trunk, per trunk area
-    metal_mm2: float = 0.0  # area of the body above the metal threshold (implants; set by the Measure stage)
     not_evaluable: Mapping[str, str] = field(default_factory=dict)  # key -> reason found while segmenting
 
 
