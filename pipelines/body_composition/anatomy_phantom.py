@@ -509,6 +509,10 @@ class _Builder:
         vt, vb = self.spine.vertebrae[NUMBERS[top]], self.spine.vertebrae[NUMBERS[bottom]]
         z_hi = vt.body_z[1] + 8.0
         z_lo = (self.level_z["S1"] - 25.0) if bottom == "S1" else vb.body_z[0] - 8.0
+        # the slice planes sit on the bone model's 1 mm grid (which is sampled by nearest neighbour), so the
+        # rendered bones lie where the truth (measured on that grid) says, not up to half a millimetre off
+        oz = float(self.spine.origin[2] + self.shift[2])
+        z_lo = oz + float(np.round(z_lo - oz))
         n = max(2, int(round((z_hi - z_lo) / spec.slice_mm)) + 1)
         self.z: NDArray[np.float64] = np.asarray(z_lo + spec.slice_mm * np.arange(n), dtype=np.float64)
         px = spec.pixel_mm
