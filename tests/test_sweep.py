@@ -408,6 +408,83 @@ def test_series_in_flight_while_retrieved(tmp_path: Path, source_pacs: Orthanc, 
     assert in_flight() == set()
 
 
+def test_qido_rs_json_answer_is_capped_in_bytes_and_time(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A QIDO-RS answer is read with a cap (node.transports.dicomweb.JSON_MAX_BYTES) and a deadline
+    (JSON_READ_TIMEOUTS x the source's timeout): an endless JSON body is cut off while it arrives, a declared
+    oversize body is refused before it is read, a peer trickling bytes just inside the read timeout is cut off
+    at the deadline, and an answer within both comes out as sent."""
+    import http.server
+    import threading
+    import time
+
+    import node.transports.dicomweb as dw
+    from node.config import DicomwebSourceConfig
+    from node.sweep.dicomweb import DicomwebError, client, search_studies
+    from tests.peers import free_port
+
+    monkeypatch.setattr(dw, "JSON_MAX_BYTES", 256 << 10)
+    mode = {"kind": "endless"}
+    match = {"0020000D": {"vr": "UI", "Value": ["1.2.3"]}}
+
+    class Handler(http.server.BaseHTTPRequestHandler):
+        protocol_version = "HTTP/1.1"
+
+        def log_message(self, *args: Any) -> None:
+            pass
+
+        def do_GET(self) -> None:  # noqa: N802 - http.server's name
+            self.send_response(200)
+            self.send_header("Content-Type", "application/dicom+json")
+            try:
+                if mode["kind"] == "declared":
+                    self.send_header("Content-Length", str(1 << 30))
+                    self.end_headers()
+                    return
+                if mode["kind"] == "small":
+                    body = json.dumps([match]).encode()
+                    self.send_header("Content-Length", str(len(body)))
+                    self.end_headers()
+                    self.wfile.write(body)
+                    return
+                self.send_header("Connection", "close")
+                self.end_headers()
+                self.wfile.write(b"[")
+                if mode["kind"] == "endless":
+                    for _ in range(256):  # 16 MiB of one never-ending match list
+                        self.wfile.write(b" " * (64 << 10))
+                else:  # trickle: a byte every 0.3 s, inside the 1 s read timeout, for 12 s
+                    for _ in range(40):
+                        self.wfile.write(b" ")
+                        self.wfile.flush()
+                        time.sleep(0.3)
+            except (BrokenPipeError, ConnectionResetError):
+                pass
+
+    port = free_port()
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", port), Handler)
+    t = threading.Thread(target=server.serve_forever, daemon=True)
+    t.start()
+    try:
+        src = DicomwebSourceConfig(kind="dicomweb", name="web", url=f"http://127.0.0.1:{port}/dicom-web",
+                                   timeout_seconds=1)
+        c = client(src, tmp_path)
+        with pytest.raises(DicomwebError, match="passed the cap of 262144 bytes"):
+            search_studies(c, src, {})
+        mode["kind"] = "declared"
+        with pytest.raises(DicomwebError, match="declares 1073741824 bytes"):
+            search_studies(c, src, {})
+        mode["kind"] = "trickle"
+        t0 = time.monotonic()
+        with pytest.raises(DicomwebError, match="took over 4 s"):
+            search_studies(c, src, {})
+        assert time.monotonic() - t0 < 9.0  # cut at the deadline, not when the peer stops
+        mode["kind"] = "small"
+        assert [d.StudyInstanceUID for d in search_studies(c, src, {})] == ["1.2.3"]
+    finally:
+        server.shutdown()
+        server.server_close()
+
+
 def test_wado_rs_part_over_the_cap_is_stopped_while_it_arrives(tmp_path: Path) -> None:
     """A WADO-RS answer is read part by part with at most node.max_dataset_bytes (+ MIME headers) of one part
     in memory: a part that never ends is cut off while it arrives, an answer without a multipart boundary is

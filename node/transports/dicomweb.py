@@ -8,6 +8,10 @@ DICOMweb source's QIDO-RS and WADO-RS (:mod:`node.sweep.dicomweb`) and ``prognod
   an error or the audit log.
 * Every request has the peer's ``timeout_seconds`` (connect and read), and dicomweb-client's own
   retries are off: retrying is :mod:`node.export`'s, the same for every kind.
+* A JSON answer (QIDO-RS matches, WADO-RS metadata, a STOW-RS response) is read with a cap: at most
+  ``JSON_MAX_BYTES``, all of it within ``JSON_READ_TIMEOUTS`` x the timeout (a peer trickling a byte per
+  read timeout never ends otherwise); over either, the request fails with :class:`AnswerTooLarge` (a
+  ``requests.RequestException``, so callers report it as any failed request) and the connection is closed.
 * An ``https`` URL is verified with the peer's TLS table through :func:`node.tls.client_context`
   (TLS 1.2 or newer, ``ca_bundle`` only unless ``use_system_store``, the host name checked, a client
   certificate for mutual TLS), as a DIMSE peer is.
@@ -21,6 +25,7 @@ DICOMweb source's QIDO-RS and WADO-RS (:mod:`node.sweep.dicomweb`) and ``prognod
 from __future__ import annotations
 
 import logging
+import time
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
@@ -127,9 +132,53 @@ def peer_session(peer: DicomwebPeer, base_dir: Path, where: str) -> requests.Ses
     return s
 
 
+JSON_MAX_BYTES = 64 << 20  # a QIDO-RS page of 500 studies is well under 2 MiB
+JSON_READ_TIMEOUTS = 4.0  # a whole JSON answer arrives within this many times the peer's timeout
+_JSON_HOOK = "_prognode_json_cap"
+
+
+class AnswerTooLarge(requests.RequestException):
+    """A peer's JSON answer over ``JSON_MAX_BYTES`` or slower than ``JSON_READ_TIMEOUTS`` x its timeout."""
+
+
+def _json_cap(timeout: float) -> Any:
+    """A response hook that reads a JSON body itself, in chunks, with the byte cap and the deadline (requests
+    runs hooks before it reads the body of a request that is not streamed)."""
+
+    def hook(r: requests.Response, *args: Any, **kwargs: Any) -> requests.Response:
+        if kwargs.get("stream") or "json" not in r.headers.get("Content-Type", "").lower():
+            return r  # streamed answers (WADO-RS multipart) are capped part by part by their reader
+        what = f"{r.request.method} {r.url}: the JSON answer"
+        declared = r.headers.get("Content-Length", "")
+        if declared.isdigit() and int(declared) > JSON_MAX_BYTES:
+            r.close()
+            raise AnswerTooLarge(f"{what} declares {int(declared)} bytes, over the cap of {JSON_MAX_BYTES}",
+                                 response=r)
+        deadline = time.monotonic() + JSON_READ_TIMEOUTS * timeout
+        body = bytearray()
+        # read1: what one receive brings (a trickle is seen at each byte, not when 64 KiB have come)
+        while chunk := r.raw.read1(64 << 10, decode_content=True):
+            body += chunk
+            if len(body) > JSON_MAX_BYTES:
+                r.close()
+                raise AnswerTooLarge(f"{what} passed the cap of {JSON_MAX_BYTES} bytes: transfer stopped", response=r)
+            if time.monotonic() > deadline:
+                r.close()
+                raise AnswerTooLarge(f"{what} took over {JSON_READ_TIMEOUTS * timeout:.0f} s "
+                                     f"({len(body)} bytes so far): transfer stopped", response=r)
+        r._content = bytes(body)  # requests' own cache of the body: .json() and .content read it
+        return r
+
+    setattr(hook, _JSON_HOOK, True)
+    return hook
+
+
 def peer_client(peer: DicomwebPeer, session: requests.Session, timeout: float) -> DICOMwebClient:
     """A dicomweb-client for ``peer`` over ``session``: ``timeout`` seconds to connect and to read, its own
-    retries off (retrying is the caller's: node.export's, or the sweep's)."""
+    retries off (retrying is the caller's: node.export's, or the sweep's); JSON answers capped (``_json_cap``)."""
+    hooks = session.hooks.setdefault("response", [])
+    hooks[:] = [h for h in hooks if not getattr(h, _JSON_HOOK, False)]
+    hooks.append(_json_cap(timeout))
     c = DICOMwebClient(peer.url, session=session, timeout=(timeout, timeout))
     c.set_http_retry_params(retry=False)
     return c
