@@ -191,14 +191,16 @@ def test_thin_cervical_discs_separated_at_1mm() -> None:
     case = _case("gl003", 1.0)  # C1-T5
     res, _ = _find(case)
     assert res.level == "C3" and res.slice_index is not None, res.notes
-    assert abs(res.slice_index - case.truth_mid["C3"]) <= 1.5  # 1.5 mm
+    # within a slice of the middle of C3's body (its extents on the unsmoothed profile: the smoothed one took
+    # the 2-3 mm discs into the bodies and named C3 1.3 slices low)
+    assert abs(res.slice_index - case.truth_mid["C3"]) <= 1.0
     kinds = {a.name for a in res.anchors}
     assert kinds >= {"dens of C2", "skull base"}, res.notes
     assert all(a.agrees for a in res.anchors) and res.confidence == "high"
     named = {v.name: v for v in res.vertebrae if v.middle is not None}
     for name in ("C3", "C4", "C5", "C6", "C7", "T1", "T2", "T3", "T4"):
         assert name in named, (name, sorted(named))
-        assert abs(named[name].middle - case.truth_mid[name]) <= 3.0, (name, named[name].middle)  # type: ignore[operator]
+        assert abs(named[name].middle - case.truth_mid[name]) <= 2.0, (name, named[name].middle)  # type: ignore[operator]
 
 
 def test_aged_spine_osteoporosis_and_degenerated_discs_at_3mm(tmp_path: Path) -> None:

@@ -536,8 +536,11 @@ class _Ctx:
         scale = max(float(med - lo_), 30.0)  # bodies' plateau above the discs (endplate peaks left out)
         sn = (s - lo_) / scale
         self.prof_n = sn
-        # slices of a vertebral body (not disc): bright enough; dim bodies: not between two endplates
-        self.body_n = (self.member_prof - lo_) / scale if self.dim else sn
+        # slices of a vertebral body (not disc): bright enough; dim bodies: not between two endplates.  On thin
+        # slices the unsmoothed profile: smoothing over 1.5 mm lifts a 2-3 mm cervical disc above half way and
+        # the body would take in the disc's slices (C3 at 1 mm named 1.3 slices low, 0.3 from unsmoothed extents)
+        self.body_n = ((self.member_prof - lo_) / scale if self.dim
+                       else (prof - lo_) / scale if dz < 2.0 else sn)
         w = max(2, int(round(15.0 / dz)))
         cands = self.disc_candidates(sn, w)
         if dz < 2.0:
@@ -582,14 +585,18 @@ class _Ctx:
         A disc thicker than the slice is a dip below the bodies' plateau (often between two bright
         endplates); a disc thinner than the slice is averaged with both endplates into a bright band.
         Both are anomalies against the plateau (the median of the profile on each side); anomalies
-        closer than a disc's height are one disc, placed at its dip where there is one.
+        closer than a disc's height are one disc, placed at its dip where there is one.  On the endplate
+        profile of dim bodies a disc's dip spans the disc and both endplates, so a short vertebra (a
+        fracture, 15 mm) between two discs is less than half of a 15 mm window: the plateau there is the
+        window's upper quartile.
         """
         p, n, dz = self.p, self.n, self.dz
+        q = 75.0 if getattr(self, "dim", False) else 50.0
         raw: list[tuple[float, float, bool]] = []  # position, score, is_dip
         for k in range(n):
             lw, rw = sn[max(0, k - w) : k], sn[k + 1 : k + w + 1]
-            left = float(np.median(lw)) if lw.size >= max(2, w // 2) else None
-            right = float(np.median(rw)) if rw.size >= max(2, w // 2) else None
+            left = float(np.percentile(lw, q)) if lw.size >= max(2, w // 2) else None
+            right = float(np.percentile(rw, q)) if rw.size >= max(2, w // 2) else None
             if left is None and right is None:
                 continue
             lv = left if left is not None else right
