@@ -136,7 +136,8 @@ def tissues_at_true_level(ph: object, truth: SeriesTruth) -> dict[str, object]:
     bx, by, _, hw, hd = ph.bodies[lv]
     _, r, c = vol.world_to_index((bx, by, zs[k]))
     try:
-        seg = ClassicalBackend().segment_slice(vol.hu[k], vol.pixel_spacing, SliceAnatomy((r, c), hw, hd))
+        seg = ClassicalBackend().segment_slice(vol.hu[k], vol.pixel_spacing, SliceAnatomy((r, c), hw, hd,
+                                                  ribs_possible=None if lv == "C3" else False))
     except Exception as e:  # the stage is being rewritten in parallel: report, do not fail the bench
         return {"error": f"{type(e).__name__}: {e}"[:80]}
     rows, cols = vol.hu.shape[1:]

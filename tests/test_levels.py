@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import sys
+from dataclasses import replace
 from functools import lru_cache
 from pathlib import Path
 
@@ -242,3 +243,25 @@ def test_aged_spine_with_a_wedge_fracture_is_refused_not_named_wrong(tmp_path: P
     else:
         z = float(vol.index_to_world(res.slice_index, 0.0, 0.0)[2])
         assert res.level == "L3" and abs(z - ph.level_z["L3"]) <= spec.slice_mm
+
+
+def test_ribs_possible_follows_the_named_vertebrae() -> None:
+    """The tissue rules learn from the level finder where no rib can lie (L2-L5: a loose bone piece beside the
+    erector is a transverse process tip there), where one may (thoracic), and leave it open for L1 (a 13th rib
+    pair) and unnamed vertebrae."""
+    from pipelines.body_composition.levels import anatomy_for_slice, ribs_possible
+
+    case = _case("verse004", 3.0)
+    res, _ = _find(case)
+    assert res.slice_index is not None
+    assert ribs_possible(res, res.slice_index) is False
+    assert anatomy_for_slice(res, res.slice_index).ribs_possible is False
+    by_name = {v.name: v for v in res.vertebrae}
+    for name, expected in (("L4", False), ("L2", False), ("L1", None), ("T11", True)):
+        v = by_name[name]
+        assert ribs_possible(res, (v.first + v.last) // 2) is expected, name
+    l2, l3 = by_name["L2"], by_name["L3"]
+    if l3.last + 1 < l2.first:  # a slice of the L2/L3 disc: both neighbours rib-free
+        assert ribs_possible(res, l3.last + 1) is False
+    unnamed = replace(res, vertebrae=tuple(replace(v, name="") for v in res.vertebrae), level=None, slice_index=None)
+    assert ribs_possible(unnamed, res.slice_index) is None

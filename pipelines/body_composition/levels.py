@@ -1119,11 +1119,37 @@ def _name(segs: list[_Seg], anchors: list[tuple[Anchor, int, set[str]]], ctx: _C
     return verts, offset, final, conf, notes
 
 
+RIBLESS = frozenset({"L2", "L3", "L4", "L5", "S1"})  # L1 may bear a 13th rib pair
+
+
+def ribs_possible(level: LevelResult, k: int) -> bool | None:
+    """False where slice ``k`` is the level slice of L3 (named or reader-confirmed) or lies in, or between, vertebrae
+    named L2-L5: no rib lies beside its paraspinal muscles there.  True beside a thoracic or cervical vertebra; None
+    at L1 (a 13th rib pair) and where nothing is named."""
+    if k == level.slice_index and level.level in RIBLESS:
+        return False
+    inside = [v for v in level.vertebrae if v.first <= k <= v.last]
+    if not inside:  # a disc: the vertebrae below and above it
+        below = [v for v in level.vertebrae if v.last < k]
+        above = [v for v in level.vertebrae if v.first > k]
+        inside = ([max(below, key=lambda v: v.last)] if below else []) + ([min(above, key=lambda v: v.first)]
+                                                                          if above else [])
+    names = {v.name for v in inside}
+    if not names or "" in names:
+        return None
+    if names <= RIBLESS:
+        return False
+    return True if any(n[0] in "TC" for n in names) else None  # L1: a 13th rib pair is possible, not expected
+
+
 def anatomy_for_slice(level: LevelResult, k: int) -> SliceAnatomy:
     """Vertebral body centre and size on slice ``k``: per slice where the finder traced it, else the nearest vertebra."""
+    ribs = ribs_possible(level, k)
     if level.body_line and 0 <= k < len(level.body_line):
         hw, hh = level.body_size_mm[k]
         canal = level.canal_line[k] if level.canal_line else None
-        return SliceAnatomy(centre_rc=level.body_line[k], half_width_mm=hw, half_height_mm=hh, canal_rc=canal)
+        return SliceAnatomy(centre_rc=level.body_line[k], half_width_mm=hw, half_height_mm=hh, canal_rc=canal,
+                            ribs_possible=ribs)
     best = min(level.vertebrae, key=lambda v: 0 if v.first <= k <= v.last else min(abs(k - v.first), abs(k - v.last)))
-    return SliceAnatomy(centre_rc=best.centre_rc, half_width_mm=best.half_width_mm, half_height_mm=best.half_height_mm)
+    return SliceAnatomy(centre_rc=best.centre_rc, half_width_mm=best.half_width_mm, half_height_mm=best.half_height_mm,
+                        ribs_possible=ribs)

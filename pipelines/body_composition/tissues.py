@@ -183,6 +183,7 @@ class TissueParams:
     erector_open_mm: float = 4.0  # thinner sheets (latissimus dorsi, serratus posterior) are cut off the erector
     erector_close_mm: float = 4.0  # the compartment: fat clefts and concavities narrower than twice this are inside it
     psoas_outline_mm: float = 3.0  # the psoas is its outline: fat specks and notches narrower than twice this are in
+    process_gap_mm: float = 12.0  # L2-L5: a bone piece this near beyond the vertebra's bone is its process's tip
     ilium_min_mm2: float = 250.0  # a bone piece beside the erector this large is the iliac wing (a rib's section at
     # its angle is 50-150 mm2: 134 at most on the real CT): the erector lies medial to the posterior iliac crest,
     # the gluteal muscles lateral to it (phantom L5-L1 erector Dice 0.865/0.870 -> 0.876/0.885, L5 min 0.63 -> 0.66)
@@ -335,7 +336,7 @@ class _Floor:
 
 
 def _posterior_floor(bone: NDArray[np.bool_], ymm: NDArray[np.floating[Any]], lat: NDArray[np.floating[Any]],
-                     hh: float, px_area_mm2: float, p: TissueParams) -> _Floor:
+                     hh: float, px_area_mm2: float, p: TissueParams, ribs_possible: bool | None = None) -> _Floor:
     """Where one side's paraspinal muscles may lie: behind the posterior bony floor, medial to the rib angle.
 
     Also returns whether a rib (a bone apart from the vertebra whose most posterior point lies at least
@@ -354,6 +355,9 @@ def _posterior_floor(bone: NDArray[np.bool_], ymm: NDArray[np.floating[Any]], la
     volume.  A piece of ``ilium_min_mm2`` or more is the iliac wing, not a rib: the compartment ends at its
     most posterior point, without the rib's margin (the gluteal muscles lie lateral to the crest), and it does
     not count as a rib beside the compartment.  Without lateral bone (a disc slice) nothing is removed.
+    Where no rib can lie (``ribs_possible`` False: L2-L5), a smaller piece whose medial end lies within
+    ``process_gap_mm`` beyond the vertebra's bone is the transverse process's tip parted from it by partial
+    volume (an oblique process on a thick slice) and counts as the vertebra's; one farther out bounds nothing.
     """
     side = (lat > p.envelope_min_lat_mm) & (ymm > -hh) & (ymm < hh + p.envelope_max_depth_mm)
     b = bone & side
@@ -374,6 +378,15 @@ def _posterior_floor(bone: NDArray[np.bool_], ymm: NDArray[np.floating[Any]], la
     # pieces joined to the vertebra reach the midline cut (body, lamina: a few mm apart at most)
     vert_ids = np.nonzero(medial_lat <= float(np.min(medial_lat)) + 3.0)[0] + 1
     vmask = np.isin(lab, vert_ids)
+    if ribs_possible is False and n > len(vert_ids):
+        # no ribs here: pieces in line beyond the vertebra's bone are its processes' tips
+        piece_mm2 = ndi.sum_labels(np.ones(b.shape), lab, index=np.arange(1, n + 1)) * px_area_mm2
+        reach = float(np.broadcast_to(lat, b.shape)[vmask].max())
+        tips = [i + 1 for i in range(n) if i + 1 not in vert_ids and piece_mm2[i] < p.ilium_min_mm2
+                and medial_lat[i] <= reach + p.process_gap_mm]
+        if tips:
+            vert_ids = np.concatenate([vert_ids, np.asarray(tips, dtype=vert_ids.dtype)])
+            vmask = np.isin(lab, vert_ids)
     lat_row = lat[0]
     ymm_b = np.broadcast_to(ymm, b.shape)
     cols = np.nonzero(b.any(axis=0))[0]
@@ -406,7 +419,7 @@ def _posterior_floor(bone: NDArray[np.bool_], ymm: NDArray[np.floating[Any]], la
             if lat_row[cc[j]] >= p.rib_angle_min_lat_mm:
                 if rr.size * px_area_mm2 >= p.ilium_min_mm2:  # the iliac wing: the erector lies medial to its crest
                     bounds.append(float(lat_row[cc[j]]) - p.rib_margin_mm)
-                else:
+                elif ribs_possible is not False:
                     rib = True
                     bounds.append(float(lat_row[cc[j]]))
         if bounds:
@@ -507,7 +520,8 @@ def bony_landmarks(hu: NDArray[np.float32], spacing: tuple[float, float], anat: 
     sides = []
     for sgn in (1.0, -1.0):
         lat = sgn * xmm
-        sides.append(_side_bone(_posterior_floor(bone_env, ymm, lat, wall, spacing[0] * spacing[1], p), lat[0], p))
+        sides.append(_side_bone(_posterior_floor(bone_env, ymm, lat, wall, spacing[0] * spacing[1], p,
+                                                 anat.ribs_possible), lat[0], p))
     return sides[0], sides[1]
 
 
@@ -708,7 +722,7 @@ def lumbar_named(hu: NDArray[np.float32], spacing: tuple[float, float], anat: Sl
     for side, sgn in (("left", 1.0), ("right", -1.0)):
         lat = sgn * xmm
         psoas_box = (lat > hw * 0.5) & (lat < hw + p.psoas_lateral_mm) & (ymm > -hh - 45.0) & (ymm < hh + 20.0)
-        fl = _posterior_floor(bone_env, ymm, lat, wall, dy * dx, p)
+        fl = _posterior_floor(bone_env, ymm, lat, wall, dy * dx, p, anat.ribs_possible)
         floor, ribs, tip = fl.ok, fl.ribs, fl.tip
         # the lateral raphe (the fascia's posterior and middle layers meeting at the quadratus
         # lumborum's lateral edge) lies beyond the transverse process tip; a slice without a process

@@ -114,6 +114,9 @@ class SliceAnatomy:
     half_height_mm: float
     canal_rc: tuple[float, float] | None = None  # spinal canal centre on this slice, where known
     neighbours: tuple[NeighbourBone, ...] = ()  # bony landmarks of nearby slices (tissues.with_neighbours)
+    # False where the slice's vertebra is named L2-L5 (or it is the L3 level slice): no rib can lie beside its
+    # paraspinal muscles, so a bone piece there is a transverse process parted by partial volume; None: unknown
+    ribs_possible: bool | None = None
 
 
 @dataclass(frozen=True)
