@@ -158,6 +158,11 @@ class TissueParams:
     psoas_front_frac: float = 0.75  # the psoas centre lies behind (vertebral centre - this x half height)
     belly_open_frac: float = 0.7  # the psoas belly: opening by this share of its inscribed radius (flat sheets cut)
     belly_close_mm: float = 3.0  # ... after closing fat specks and noise pits of about this size
+    belly_drop_hu: float = 12.0  # tissue this far below the belly's median HU is not psoas (0: off) ...
+    belly_hu_smooth_mm: float = 3.0  # ... its local mean over about this (muscle-window pixels only), or 4 x the
+    # spread of that mean inside the belly where that is more ...
+    belly_low_min_mm2: float = 50.0  # ... in a region of at least this (an organ, not noise); the reference is
+    belly_ref_mm: float = 10.0  # the muscle within this of the vertebral body's side at mid-depth, less 2 mm
     box_contact_max: float = 0.3  # a psoas lies inside its search box (at most this share of its outline on the box)
     erector_lateral_mm: float = 70.0  # without a transverse process on the slice (a disc)
     erector_lateral_max_mm: float = 85.0
@@ -418,7 +423,9 @@ def _posterior_floor(bone: NDArray[np.bool_], ymm: NDArray[np.floating[Any]], la
 
 def _belly(cand: NDArray[np.bool_], core: NDArray[np.bool_],
            xy: tuple[NDArray[np.floating[Any]], NDArray[np.floating[Any]]], seed: tuple[float, float],
-           spacing: tuple[float, float], frac: float, close_mm: float) -> NDArray[np.bool_]:
+           spacing: tuple[float, float], frac: float, close_mm: float,
+           hu_local: NDArray[np.floating[Any]] | None = None, drop_hu: float = 0.0, min_low_mm2: float = 50.0,
+           ref_at: tuple[float, float, float] | None = None) -> tuple[NDArray[np.bool_], NDArray[np.bool_]]:
     """The round muscle belly around ``core``, with flat sheets and other bellies joined to it cut off.
 
     Anatomy: the psoas major is a fusiform muscle, round to oval in cross-section; what touches it
@@ -430,7 +437,47 @@ def _belly(cand: NDArray[np.bool_], core: NDArray[np.bool_],
     sliding from that point without leaving the muscle, and the candidate pixels ``cand`` there
     (pieces of the same muscle split off by intramuscular fat).  A neck narrower than that disc, or
     a sheet thinner than it, is not psoas.  Computed with distance transforms (cheap for any radius).
+
+    With ``hu_local`` (the muscle-window tissue's local mean HU, fat left out so the muscle's edge keeps its
+    value): tissue more than ``drop_hu`` (or 4 x the spread of the local means there) below the median of the
+    muscle at ``ref_at`` (x, y, radius in mm: against the vertebral body's side at mid-depth, where only psoas
+    lies) is not psoas, and the belly is found again without it.  Unenhanced, what lies on the psoas with no fat plane is mostly fainter than muscle: kidney
+    parenchyma 30-35 HU, bowel wall and fluid 10-40 HU, against 40-60 HU of psoas (a fatty psoas of 30-40 HU
+    cannot be parted from a kidney this way: its contact is cut only where it is narrow).  Returns the belly and
+    that fainter tissue (a grown or closed outline must not take it back).
     """
+    low = np.zeros(core.shape, bool)
+    belly, centre = _belly_once(cand, core, xy, seed, spacing, frac, close_mm)
+    if hu_local is None or drop_hu <= 0 or ref_at is None:
+        return belly, low
+    xm, ym = xy
+    inner = cand & (np.hypot(np.broadcast_to(xm, cand.shape) - ref_at[0],
+                             np.broadcast_to(ym, cand.shape) - ref_at[1]) <= ref_at[2])
+    if int(inner.sum()) < 10:
+        return belly, low
+    vals = hu_local[inner]
+    ref = float(np.median(vals))
+    # the belly's own spread of local means (its noise and texture) widens the margin
+    spread = 1.4826 * float(np.median(np.abs(vals - ref)))
+    low = cand & (hu_local < ref - max(drop_hu, 4.0 * spread))
+    # a fainter organ is a region, not scattered noise pixels
+    lab, n = ndi.label(low)
+    if n:
+        sizes = ndi.sum_labels(np.ones(lab.shape), lab, index=np.arange(1, n + 1)) * spacing[0] * spacing[1]
+        low = np.concatenate([[False], sizes >= min_low_mm2])[lab]
+    if not low.any():
+        return belly, low
+    belly, _ = _belly_once(cand & ~low, core & ~low, xy, seed, spacing, frac, close_mm)
+    return belly, low
+
+
+def _belly_once(cand: NDArray[np.bool_], core: NDArray[np.bool_],
+                xy: tuple[NDArray[np.floating[Any]], NDArray[np.floating[Any]]], seed: tuple[float, float],
+                spacing: tuple[float, float], frac: float, close_mm: float
+                ) -> tuple[NDArray[np.bool_], NDArray[np.bool_]]:
+    """:func:`_belly` without the HU check: the belly and its centre (the deep part the discs slide in)."""
+    if not core.any():
+        return core, core
     px = float(min(spacing))
     solid = fill_holes(closing(cand, close_mm / px) | cand) if close_mm >= px else fill_holes(cand)
     dt = ndi.distance_transform_edt(solid, sampling=spacing)
@@ -440,12 +487,12 @@ def _belly(cand: NDArray[np.bool_], core: NDArray[np.bool_],
     i = int(np.argmax(np.where(near, dt, -1.0)))
     rho = frac * float(dt.flat[i])
     if rho < 2.0 * px:  # too small to tell a neck from pixel noise
-        return core
+        return core, core & (dt >= 0.5 * float(dt.flat[i]))
     centres = dt >= rho
     cl, _ = ndi.label(centres)
     centres = cl == cl.flat[i]
     reach = ndi.distance_transform_edt(~centres, sampling=spacing) < rho + px
-    return np.asarray(cand & solid & reach)
+    return np.asarray(cand & solid & reach), np.asarray(centres)
 
 
 def _crop(hu: NDArray[np.float32], spacing: tuple[float, float], anat: SliceAnatomy, p: TissueParams
@@ -630,9 +677,12 @@ def lumbar_named(hu: NDArray[np.float32], spacing: tuple[float, float], anat: Sl
         strict &= smooth <= p.core_smooth_max_hu
     bridge_px = p.bridge_mm / float(np.sqrt(dy * dx))
 
+    excluded = [np.zeros(crop.shape, bool)]  # tissue beside the last compact pick found not to be psoas
+
     def pick(region_full: NDArray[np.bool_], seed: tuple[float, float], max_dist_mm: float = 25.0,
              largest: bool = False, open_px: float = 0.0, compact: bool = False) -> NDArray[np.bool_]:
         out_full = np.zeros(crop.shape, bool)
+        excluded[0] = np.zeros(crop.shape, bool)
         rows, cols = np.nonzero(region_full.any(axis=1))[0], np.nonzero(region_full.any(axis=0))[0]
         if rows.size == 0:
             return out_full
@@ -660,7 +710,18 @@ def lumbar_named(hu: NDArray[np.float32], spacing: tuple[float, float], anat: Sl
             best = win[near][int(np.argmin(dist[near]))]
         core = cl == best
         if compact:
-            core = _belly(cand, core, (xm, ym), seed, spacing, p.belly_open_frac, p.belly_close_mm)
+            local = None
+            if p.belly_drop_hu > 0:
+                # the muscle-window tissue's local mean HU (normalised smoothing: fat and bone do not lower it)
+                w = soft[bb].astype(np.float32)
+                sig = (p.belly_hu_smooth_mm / dy, p.belly_hu_smooth_mm / dx)
+                num = ndi.gaussian_filter(np.where(soft[bb], crop[bb], 0.0).astype(np.float32), sigma=sig)
+                local = num / np.maximum(ndi.gaussian_filter(w, sigma=sig), 1e-3)
+            wall_x = seed[0] - np.sign(seed[0]) * 20.0  # the vertebral body's side
+            core, low = _belly(cand, core, (xm, ym), seed, spacing, p.belly_open_frac, p.belly_close_mm, local,
+                               p.belly_drop_hu, p.belly_low_min_mm2,
+                               (wall_x + np.sign(seed[0]) * p.belly_ref_mm, 0.0, p.belly_ref_mm - 2.0))
+            excluded[0][bb] = low
             if not core.any():
                 return out_full
         if compact and float(np.broadcast_to(ym, core.shape)[core].mean()) < -p.psoas_front_frac * hh:
@@ -679,7 +740,7 @@ def lumbar_named(hu: NDArray[np.float32], spacing: tuple[float, float], anat: Sl
             if float((on_box | organ_side).sum()) > p.box_contact_max * float(edge.sum()):
                 return out_full
         grow = max(1.0, max(bridge_px, open_px) + 1.0)
-        grown = dilate(core, grow) & soft[bb] & region
+        grown = dilate(core, grow) & soft[bb] & region & ~excluded[0][bb]
         if open_px > bridge_px:
             gl, _ = ndi.label(grown)
             ids = np.unique(gl[core & grown])
@@ -738,7 +799,8 @@ def lumbar_named(hu: NDArray[np.float32], spacing: tuple[float, float], anat: Sl
         erector_box = (lat > 0.0) & (lat < lat_max) & (ymm > wall + p.erector_front_mm) & efloor & under_fat
         px = float(np.sqrt(dy * dx))
         ps = pick(np.asarray(psoas_box), (sgn * (hw + 20.0), 0.0), compact=True)
-        out[f"psoas_{side}"][ra:rb, ca:cb] = _outline(ps, np.asarray(psoas_box) & ~bone, px, p.psoas_outline_mm)
+        out[f"psoas_{side}"][ra:rb, ca:cb] = _outline(ps, np.asarray(psoas_box) & ~bone & ~excluded[0], px,
+                                                      p.psoas_outline_mm)
         er = pick(np.asarray(erector_box), (sgn * 40.0, wall + 35.0), 35.0, True, p.erector_open_mm / px)
         out[f"erector_{side}"][ra:rb, ca:cb] = _outline(er, np.asarray(erector_box) & ~bone, px, p.erector_close_mm,
                                                         p.erector_smooth_mm)
