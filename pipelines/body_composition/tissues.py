@@ -158,8 +158,10 @@ class TissueParams:
     psoas_front_frac: float = 0.75  # the psoas centre lies behind (vertebral centre - this x half height)
     belly_open_frac: float = 0.7  # the psoas belly: opening by this share of its inscribed radius (flat sheets cut)
     belly_close_mm: float = 3.0  # ... after closing fat specks and noise pits of about this size
+    belly_neck_frac: float = 0.7  # round blobs joined by a neck narrower than this share of the smaller one's
+    # inscribed diameter are two; one centred in front of the vertebral body is not psoas
     belly_drop_hu: float = 12.0  # tissue this far below the belly's median HU is not psoas (0: off) ...
-    belly_hu_smooth_mm: float = 3.0  # ... its local mean over about this (muscle-window pixels only), or 4 x the
+    belly_hu_smooth_mm: float = 3.0  # ... its local mean over about this (muscle-window pixels only), or 3 x the
     # spread of that mean inside the belly where that is more ...
     belly_low_min_mm2: float = 50.0  # ... in a region of at least this (an organ, not noise); the reference is
     belly_ref_mm: float = 10.0  # the muscle within this of the vertebral body's side at mid-depth, less 2 mm
@@ -421,11 +423,60 @@ def _posterior_floor(bone: NDArray[np.bool_], ymm: NDArray[np.floating[Any]], la
     return _Floor(ok, rib, tip_lat, floor, lat_out)
 
 
+def _blobs(solid: NDArray[np.bool_], dt: NDArray[np.floating[Any]], px: float, kappa: float
+           ) -> tuple[NDArray[np.int32], dict[int, int]]:
+    """``solid`` parted into round blobs by its distance transform ``dt``: flooding down from the deepest points,
+    two parts that meet at a level ``t`` (half the width of the neck between them) stay two where ``t`` is below
+    ``kappa`` times each one's inscribed radius (else the shallower joins the deeper); pixels below the meeting
+    level go to the nearer part.  Returns the blob label per pixel (0 outside) and each blob's deepest pixel
+    (flat index)."""
+    owner = np.zeros(solid.shape, np.int32)
+    top: dict[int, float] = {}
+    deepest: dict[int, int] = {}
+    if not solid.any():
+        return owner, deepest
+    step = 0.5 * px
+    dmax = float(dt[solid].max())
+    flat = np.where(solid, dt, -1.0)
+    for t in np.arange(dmax, 0.5 * px, -step):
+        comps, n = ndi.label(solid & (dt >= t - 1e-9), structure=np.ones((3, 3)))
+        if n == 0:
+            continue
+        for c in range(1, n + 1):
+            comp = comps == c
+            ids = [int(v) for v in np.unique(owner[comp]) if v > 0]
+            if not ids:  # a new deepest point
+                r = len(top) + 1
+                top[r] = float(flat[comp].max())
+                deepest[r] = int(np.argmax(np.where(comp, flat, -1.0)))
+                owner[comp] = r
+                continue
+            ids.sort(key=lambda r_: -top[r_])
+            keep = [ids[0]] + [r_ for r_ in ids[1:] if t < kappa * top[r_]]
+            for r_ in ids[1:]:
+                if r_ not in keep:  # a shallow part on a wide neck: the same blob
+                    owner[owner == r_] = ids[0]
+                    del top[r_], deepest[r_]
+            new = comp & (owner == 0)
+            if len(keep) == 1:
+                owner[new] = keep[0]
+            elif new.any():
+                seeds = np.where(comp & np.isin(owner, keep), owner, 0)
+                _, (ri, ci) = ndi.distance_transform_edt(seeds == 0, return_indices=True)
+                owner[new] = seeds[ri[new], ci[new]]
+    rest = solid & (owner == 0)
+    if rest.any() and (owner > 0).any():
+        _, (ri, ci) = ndi.distance_transform_edt(owner == 0, return_indices=True)
+        owner[rest] = owner[ri[rest], ci[rest]]
+    return owner, deepest
+
+
 def _belly(cand: NDArray[np.bool_], core: NDArray[np.bool_],
            xy: tuple[NDArray[np.floating[Any]], NDArray[np.floating[Any]]], seed: tuple[float, float],
            spacing: tuple[float, float], frac: float, close_mm: float,
            hu_local: NDArray[np.floating[Any]] | None = None, drop_hu: float = 0.0, min_low_mm2: float = 50.0,
-           ref_at: tuple[float, float, float] | None = None) -> tuple[NDArray[np.bool_], NDArray[np.bool_]]:
+           ref_at: tuple[float, float, float] | None = None, front_y: float | None = None, neck_frac: float = 0.7
+           ) -> tuple[NDArray[np.bool_], NDArray[np.bool_]]:
     """The round muscle belly around ``core``, with flat sheets and other bellies joined to it cut off.
 
     Anatomy: the psoas major is a fusiform muscle, round to oval in cross-section; what touches it
@@ -439,7 +490,7 @@ def _belly(cand: NDArray[np.bool_], core: NDArray[np.bool_],
     a sheet thinner than it, is not psoas.  Computed with distance transforms (cheap for any radius).
 
     With ``hu_local`` (the muscle-window tissue's local mean HU, fat left out so the muscle's edge keeps its
-    value): tissue more than ``drop_hu`` (or 4 x the spread of the local means there) below the median of the
+    value): tissue more than ``drop_hu`` (or 3 x the spread of the local means there) below the median of the
     muscle at ``ref_at`` (x, y, radius in mm: against the vertebral body's side at mid-depth, where only psoas
     lies) is not psoas, and the belly is found again without it.  Unenhanced, what lies on the psoas with no fat plane is mostly fainter than muscle: kidney
     parenchyma 30-35 HU, bowel wall and fluid 10-40 HU, against 40-60 HU of psoas (a fatty psoas of 30-40 HU
@@ -448,27 +499,40 @@ def _belly(cand: NDArray[np.bool_], core: NDArray[np.bool_],
     """
     low = np.zeros(core.shape, bool)
     belly, centre = _belly_once(cand, core, xy, seed, spacing, frac, close_mm)
-    if hu_local is None or drop_hu <= 0 or ref_at is None:
-        return belly, low
     xm, ym = xy
-    inner = cand & (np.hypot(np.broadcast_to(xm, cand.shape) - ref_at[0],
-                             np.broadcast_to(ym, cand.shape) - ref_at[1]) <= ref_at[2])
-    if int(inner.sum()) < 10:
+    if hu_local is not None and drop_hu > 0 and ref_at is not None:
+        inner = cand & (np.hypot(np.broadcast_to(xm, cand.shape) - ref_at[0],
+                                 np.broadcast_to(ym, cand.shape) - ref_at[1]) <= ref_at[2])
+        if int(inner.sum()) >= 10:
+            vals = hu_local[inner]
+            ref = float(np.median(vals))
+            # the muscle's own spread of local means (its noise and texture) widens the margin
+            spread = 1.4826 * float(np.median(np.abs(vals - ref)))
+            low = cand & (hu_local < ref - max(drop_hu, 3.0 * spread))
+            # a fainter organ is a region, not scattered noise pixels
+            lab, n = ndi.label(low)
+            if n:
+                sizes = ndi.sum_labels(np.ones(lab.shape), lab, index=np.arange(1, n + 1)) * spacing[0] * spacing[1]
+                low = np.concatenate([[False], sizes >= min_low_mm2])[lab]
+            if low.any():
+                belly, centre = _belly_once(cand & ~low, core & ~low, xy, seed, spacing, frac, close_mm)
+    if front_y is None or not centre.any():
         return belly, low
-    vals = hu_local[inner]
-    ref = float(np.median(vals))
-    # the belly's own spread of local means (its noise and texture) widens the margin
-    spread = 1.4826 * float(np.median(np.abs(vals - ref)))
-    low = cand & (hu_local < ref - max(drop_hu, 4.0 * spread))
-    # a fainter organ is a region, not scattered noise pixels
-    lab, n = ndi.label(low)
-    if n:
-        sizes = ndi.sum_labels(np.ones(lab.shape), lab, index=np.arange(1, n + 1)) * spacing[0] * spacing[1]
-        low = np.concatenate([[False], sizes >= min_low_mm2])[lab]
-    if not low.any():
+    # a round blob joined to the psoas by a neck narrower than it, centred in front of the vertebral body (the
+    # duodenum, a bowel loop, the vena cava, a node): not psoas, whatever its HU
+    px = float(min(spacing))
+    rest = cand & ~low
+    solid = fill_holes(closing(rest, close_mm / px) | rest) if close_mm >= px else fill_holes(rest)
+    dt = ndi.distance_transform_edt(solid, sampling=spacing)
+    blobs, deepest = _blobs(solid, dt, px, neck_frac)
+    own = np.unique(blobs[centre & (blobs > 0)])
+    yb = np.broadcast_to(ym, cand.shape)
+    ahead = [r for r, i in deepest.items() if r not in own and float(yb.flat[i]) < front_y]
+    if not ahead:
         return belly, low
-    belly, _ = _belly_once(cand & ~low, core & ~low, xy, seed, spacing, frac, close_mm)
-    return belly, low
+    other = solid & np.isin(blobs, ahead)
+    belly, _ = _belly_once(rest & ~other, core & ~low & ~other, xy, seed, spacing, frac, close_mm)
+    return belly, low | other
 
 
 def _belly_once(cand: NDArray[np.bool_], core: NDArray[np.bool_],
@@ -720,7 +784,8 @@ def lumbar_named(hu: NDArray[np.float32], spacing: tuple[float, float], anat: Sl
             wall_x = seed[0] - np.sign(seed[0]) * 20.0  # the vertebral body's side
             core, low = _belly(cand, core, (xm, ym), seed, spacing, p.belly_open_frac, p.belly_close_mm, local,
                                p.belly_drop_hu, p.belly_low_min_mm2,
-                               (wall_x + np.sign(seed[0]) * p.belly_ref_mm, 0.0, p.belly_ref_mm - 2.0))
+                               (wall_x + np.sign(seed[0]) * p.belly_ref_mm, 0.0, p.belly_ref_mm - 2.0), -hh,
+                               p.belly_neck_frac)
             excluded[0][bb] = low
             if not core.any():
                 return out_full
