@@ -471,12 +471,76 @@ def _blobs(solid: NDArray[np.bool_], dt: NDArray[np.floating[Any]], px: float, k
     return owner, deepest
 
 
+def _hull(mask: NDArray[np.bool_]) -> NDArray[np.bool_]:
+    """The convex hull of ``mask`` (pixel centres), filled."""
+    from scipy.spatial import ConvexHull, QhullError
+
+    pts = np.argwhere(mask & ~ndi.binary_erosion(mask)).astype(np.float64)
+    if len(pts) < 3:
+        return mask
+    try:
+        hull = ConvexHull(pts)
+    except QhullError:
+        return mask
+    rr, cc = np.mgrid[: mask.shape[0], : mask.shape[1]]
+    q = np.stack([rr.ravel(), cc.ravel(), np.ones(rr.size)], axis=1)
+    return np.asarray((q @ hull.equations.T <= 0.5).all(axis=1).reshape(mask.shape))
+
+
+def _waist_cut(mask: NDArray[np.bool_], spacing: tuple[float, float], keep: tuple[int, int], min_depth_mm: float,
+               max_ratio: float) -> NDArray[np.bool_] | None:
+    """Where ``mask`` is two round bodies pressed together: a waist between two notches of its outline (each at
+    least ``min_depth_mm`` deep under its convex hull) shorter than ``max_ratio`` times the smaller part's
+    equivalent diameter, each part at least a fifth of the whole.  Returns the part away from ``keep`` (row,
+    column), or None without such a waist."""
+    hull = _hull(mask)
+    gaps = hull & ~mask
+    depth = ndi.distance_transform_edt(hull, sampling=spacing)
+    gl, gn = ndi.label(gaps)
+    if gn < 2:
+        return None
+    deepest = []
+    for g in range(1, gn + 1):
+        d = np.where(gl == g, depth, -1.0)
+        i = int(np.argmax(d))
+        if float(d.flat[i]) >= min_depth_mm:
+            deepest.append(np.unravel_index(i, mask.shape))
+    best: tuple[float, NDArray[np.bool_]] | None = None
+    total = float(mask.sum())
+    for a in range(len(deepest)):
+        for b in range(a + 1, len(deepest)):
+            (r0, c0), (r1, c1) = deepest[a], deepest[b]
+            length = float(np.hypot((r1 - r0) * spacing[0], (c1 - c0) * spacing[1]))
+            n = int(np.ceil(2.0 * max(abs(r1 - r0), abs(c1 - c0)))) + 2
+            line = np.zeros(mask.shape, bool)
+            line[np.rint(np.linspace(r0, r1, n)).astype(int), np.rint(np.linspace(c0, c1, n)).astype(int)] = True
+            parts, pn = ndi.label(mask & ~ndi.binary_dilation(line))
+            if pn < 2:
+                continue
+            sizes = ndi.sum_labels(np.ones(parts.shape), parts, index=np.arange(1, pn + 1))
+            order = np.argsort(-sizes)
+            if sizes[order[1]] < 0.2 * total:
+                continue
+            small = float(sizes[order[1]]) * spacing[0] * spacing[1]
+            ratio = length / (2.0 * np.sqrt(small / np.pi))
+            if ratio > max_ratio or (best is not None and ratio >= best[0]):
+                continue
+            # the part holding ``keep`` (or nearest to it) stays; the other big part goes
+            mine = parts[keep] if parts[keep] > 0 else order[0] + 1
+            if parts[keep] == 0:
+                _, (ri, ci) = ndi.distance_transform_edt(parts == 0, return_indices=True)
+                mine = parts[ri[keep], ci[keep]]
+            other = order[1] + 1 if mine == order[0] + 1 else order[0] + 1
+            best = (ratio, parts == other)
+    return None if best is None else best[1]
+
+
 def _belly(cand: NDArray[np.bool_], core: NDArray[np.bool_],
            xy: tuple[NDArray[np.floating[Any]], NDArray[np.floating[Any]]], seed: tuple[float, float],
            spacing: tuple[float, float], frac: float, close_mm: float,
            hu_local: NDArray[np.floating[Any]] | None = None, drop_hu: float = 0.0, min_low_mm2: float = 50.0,
-           ref_at: tuple[float, float, float] | None = None, front_y: float | None = None, neck_frac: float = 0.7
-           ) -> tuple[NDArray[np.bool_], NDArray[np.bool_]]:
+           ref_at: tuple[float, float, float] | None = None, front_y: float | None = None, neck_frac: float = 0.7,
+           waist_depth_mm: float = 3.0, waist_ratio: float = 0.8) -> tuple[NDArray[np.bool_], NDArray[np.bool_]]:
     """The round muscle belly around ``core``, with flat sheets and other bellies joined to it cut off.
 
     Anatomy: the psoas major is a fusiform muscle, round to oval in cross-section; what touches it
@@ -497,6 +561,29 @@ def _belly(cand: NDArray[np.bool_], core: NDArray[np.bool_],
     cannot be parted from a kidney this way: its contact is cut only where it is narrow).  Returns the belly and
     that fainter tissue (a grown or closed outline must not take it back).
     """
+    belly, excl = _belly_cuts(cand, core, xy, seed, spacing, frac, close_mm, hu_local, drop_hu, min_low_mm2, ref_at,
+                              front_y, neck_frac)
+    if front_y is None or ref_at is None or not belly.any():
+        return belly, excl
+    # two round bodies pressed together with no neck (the duodenum lying across the psoas' front): a waist
+    # between two notches of the outline; the part in front of the vertebral body is not psoas
+    xb, yb = np.broadcast_to(xy[0], cand.shape), np.broadcast_to(xy[1], cand.shape)
+    keep = np.unravel_index(int(np.argmin(np.hypot(xb - ref_at[0], yb - ref_at[1]))), cand.shape)
+    px = float(min(spacing))
+    solid = fill_holes(closing(belly, close_mm / px) | belly) if close_mm >= px else fill_holes(belly)
+    cut = _waist_cut(solid, spacing, (int(keep[0]), int(keep[1])), waist_depth_mm, waist_ratio)
+    if cut is None or float(yb[cut].mean()) >= front_y:
+        return belly, excl
+    return belly & ~cut, excl | (cut & cand)
+
+
+def _belly_cuts(cand: NDArray[np.bool_], core: NDArray[np.bool_],
+                xy: tuple[NDArray[np.floating[Any]], NDArray[np.floating[Any]]], seed: tuple[float, float],
+                spacing: tuple[float, float], frac: float, close_mm: float,
+                hu_local: NDArray[np.floating[Any]] | None, drop_hu: float, min_low_mm2: float,
+                ref_at: tuple[float, float, float] | None, front_y: float | None, neck_frac: float
+                ) -> tuple[NDArray[np.bool_], NDArray[np.bool_]]:
+    """:func:`_belly` up to its waist cut: fainter tissue and blobs in front cut off."""
     low = np.zeros(core.shape, bool)
     belly, centre = _belly_once(cand, core, xy, seed, spacing, frac, close_mm)
     xm, ym = xy
@@ -525,9 +612,23 @@ def _belly(cand: NDArray[np.bool_], core: NDArray[np.bool_],
     solid = fill_holes(closing(rest, close_mm / px) | rest) if close_mm >= px else fill_holes(rest)
     dt = ndi.distance_transform_edt(solid, sampling=spacing)
     blobs, deepest = _blobs(solid, dt, px, neck_frac)
-    own = np.unique(blobs[centre & (blobs > 0)])
     yb = np.broadcast_to(ym, cand.shape)
-    ahead = [r for r, i in deepest.items() if r not in own and float(yb.flat[i]) < front_y]
+    own = np.unique(blobs[centre & (blobs > 0)])
+    if ref_at is not None and (blobs > 0).any():
+        # the psoas' blob is the one against the vertebral body's side at mid-depth (the belly found so far may be
+        # centred on a deeper organ lying on it)
+        d = np.hypot(np.broadcast_to(xm, cand.shape) - ref_at[0], yb - ref_at[1])
+        j = int(np.argmin(np.where(blobs > 0, d, np.inf)))
+        if float(d.flat[j]) <= ref_at[2]:
+            own = np.array([blobs.flat[j]])
+    # ... or in front of the psoas' own centre by more than its inscribed radius (lying on its anterior surface)
+    own_front = min((float(yb.flat[deepest[int(r)]]) - float(dt.flat[deepest[int(r)]]) for r in own
+                     if int(r) in deepest), default=front_y)
+    own_r = max((float(dt.flat[deepest[int(r)]]) for r in own if int(r) in deepest), default=0.0)
+    # (a round body, at least half as thick as the psoas: not a sliver of it parted by intramuscular fat)
+    ahead = [r for r, i in deepest.items()
+             if r not in own and float(yb.flat[i]) < max(front_y, min(own_front, front_y + 20.0))
+             and float(dt.flat[i]) >= 0.5 * own_r]
     if not ahead:
         return belly, low
     other = solid & np.isin(blobs, ahead)
