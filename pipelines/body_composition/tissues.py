@@ -165,6 +165,8 @@ class TissueParams:
     # spread of that mean inside the belly where that is more ...
     belly_low_min_mm2: float = 50.0  # ... in a region of at least this (an organ, not noise); the reference is
     belly_ref_mm: float = 10.0  # the muscle within this of the vertebral body's side at mid-depth, less 2 mm
+    psoas_beyond_tip_mm: float = 5.0  # behind the body's centre the psoas ends this far beyond the transverse
+    # process tip (0: no bound)
     box_contact_max: float = 0.3  # a psoas lies inside its search box (at most this share of its outline on the box)
     erector_lateral_mm: float = 70.0  # without a transverse process on the slice (a disc)
     erector_lateral_max_mm: float = 85.0
@@ -964,6 +966,10 @@ def lumbar_named(hu: NDArray[np.float32], spacing: tuple[float, float], anat: Sl
         under_fat = under_fat_mm > (p.erector_sheet_mm if ribs else p.erector_fascia_mm)
         erector_box = (lat > 0.0) & (lat < lat_max) & (ymm > wall + p.erector_front_mm) & efloor & under_fat
         px = float(np.sqrt(dy * dx))
+        if has_tp and tip is not None and p.psoas_beyond_tip_mm > 0:
+            # behind the vertebral body's centre the psoas lies in front of the transverse process, medial to its
+            # tip; the quadratus lumborum lies lateral to the tip (it arises from it)
+            psoas_box = psoas_box & ~((ymm > 0.0) & (lat > tip + p.psoas_beyond_tip_mm))
         ps = pick(np.asarray(psoas_box), (sgn * (hw + 20.0), 0.0), compact=True)
         out[f"psoas_{side}"][ra:rb, ca:cb] = _outline(ps, np.asarray(psoas_box) & ~bone & ~excluded[0], px,
                                                       p.psoas_outline_mm)
