@@ -71,7 +71,15 @@ the trunk's fat outside it.  Skeletal muscle is only:
   belly, and measured as its outline (TotalSegmentator's iliopsoas, "total psoas area"): fat specks
   and notches narrower than 2 x ``psoas_outline_mm`` are in it (and in IMAT, never in skeletal
   muscle); the quadratus lumborum, the crus or a non-enhanced kidney touching it are cut off where
-  the contact is narrower than the belly (``_belly``);
+  the contact is narrower than the belly (``_belly``).  What touches it with no fat plane (the
+  anatomical phantom's ``psoas_contacts``, ``bench/psoas_contacts.py``) is cut where a plane-free
+  slice still tells it apart: tissue fainter than the muscle against the vertebral body's side
+  (unenhanced kidney, duodenum, bowel: ``belly_drop_hu``), a round blob joined by a neck and centred
+  in front of the vertebral body or of the psoas' own centre (duodenum, a bowel loop, the vena cava,
+  a node: ``belly_neck_frac``), and, behind the body's centre, anything beyond the transverse process
+  tip (the quadratus lumborum arises from it: ``psoas_beyond_tip_mm``).  Same HU and a contact as
+  wide as the psoas (the duodenum lying across it enhanced, a fatty psoas against an unenhanced
+  kidney) is not told apart: the bench shows how much is then taken;
 * the abdominal wall, quadratus lumborum included: muscle-HU tissue in a band of bounded
   thickness (``wall_max_mm``) inside the outer fascia, the paraspinal compartment counted as
   outside (so the quadratus lumborum lying in front of it is in the band).  Bulky soft tissue
@@ -558,10 +566,20 @@ def _belly(cand: NDArray[np.bool_], core: NDArray[np.bool_],
     With ``hu_local`` (the muscle-window tissue's local mean HU, fat left out so the muscle's edge keeps its
     value): tissue more than ``drop_hu`` (or 3 x the spread of the local means there) below the median of the
     muscle at ``ref_at`` (x, y, radius in mm: against the vertebral body's side at mid-depth, where only psoas
-    lies) is not psoas, and the belly is found again without it.  Unenhanced, what lies on the psoas with no fat plane is mostly fainter than muscle: kidney
-    parenchyma 30-35 HU, bowel wall and fluid 10-40 HU, against 40-60 HU of psoas (a fatty psoas of 30-40 HU
-    cannot be parted from a kidney this way: its contact is cut only where it is narrow).  Returns the belly and
-    that fainter tissue (a grown or closed outline must not take it back).
+    lies) is not psoas, and the belly is found again without it.  Unenhanced, what lies on the psoas with no fat
+    plane is mostly fainter than muscle: kidney parenchyma 30-35 HU, bowel wall and fluid 10-40 HU, against
+    40-60 HU of psoas (a fatty psoas of 30-40 HU cannot be parted from a kidney this way: its contact is cut only
+    where it is narrow).
+
+    With ``front_y`` (the vertebral body's anterior surface, mm): the candidates are parted into round blobs
+    (``_blobs``: a neck narrower than ``neck_frac`` times the smaller one's inscribed diameter parts two); the
+    psoas' blob is the one at ``ref_at``, and a blob at least half as thick centred in front of the vertebral body
+    or in front of the psoas' centre by more than its inscribed radius (the duodenum, a bowel loop, the vena cava,
+    a node lying on its anterior surface) is not psoas, whatever its HU.  Last, two round bodies pressed together
+    with no neck are parted at a waist between two notches of the outline (``_waist_cut``: each notch
+    ``waist_depth_mm`` deep, the waist shorter than ``waist_ratio`` times the smaller part's diameter) when the
+    other part lies in front of the vertebral body.  Returns the belly and the tissue found not to be psoas (a
+    grown or closed outline must not take it back).
     """
     belly, excl = _belly_cuts(cand, core, xy, seed, spacing, frac, close_mm, hu_local, drop_hu, min_low_mm2, ref_at,
                               front_y, neck_frac)
