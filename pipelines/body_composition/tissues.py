@@ -897,10 +897,12 @@ def lumbar_named(hu: NDArray[np.float32], spacing: tuple[float, float], anat: Sl
         if compact:
             local = None
             if p.belly_drop_hu > 0:
-                # the muscle-window tissue's local mean HU (normalised smoothing: fat and bone do not lower it)
-                w = soft[bb].astype(np.float32)
+                # the soft tissue's local mean HU (normalised smoothing over muscle-window pixels not next to fat: fat,
+                # its partial volume at the muscle's edge and bone do not lower or raise it)
+                sure = soft[bb] & ~ndi.binary_dilation(crop[bb] < p.muscle_hu[0])
+                w = sure.astype(np.float32)
                 sig = (p.belly_hu_smooth_mm / dy, p.belly_hu_smooth_mm / dx)
-                num = ndi.gaussian_filter(np.where(soft[bb], crop[bb], 0.0).astype(np.float32), sigma=sig)
+                num = ndi.gaussian_filter(np.where(sure, crop[bb], 0.0).astype(np.float32), sigma=sig)
                 local = num / np.maximum(ndi.gaussian_filter(w, sigma=sig), 1e-3)
             wall_x = seed[0] - np.sign(seed[0]) * 20.0  # the vertebral body's side
             core, low = _belly(cand, core, (xm, ym), seed, spacing, p.belly_open_frac, p.belly_close_mm, local,
