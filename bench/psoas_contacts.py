@@ -10,7 +10,9 @@ slice anatomy, as with a reader-confirmed level), and the table prints per psoas
 
 - Dice against the truth psoas (with its intramuscular fat, :data:`COMPOSITION`);
 - area error % against the truth area;
-- "taken": mm2 of the contact's own truth labels (:data:`CONTACT_LABELS`) inside that side's psoas mask.
+- "taken": mm2 of the contact's own truth labels (:data:`CONTACT_LABELS`) inside that side's psoas mask;
+- "gated": the sides whose area the plausibility gates (``plausibility.toml``: psoas area range, psoas to
+  vertebral body ratio, left/right symmetry) would make "not evaluable" instead of filing it.
 
 ``--quick`` runs the average habitus only.  Nothing here is tuned: the contacts are placed where anatomy puts
 them, and a poor number is the finding.
@@ -37,8 +39,9 @@ from pipelines.body_composition.anatomy_phantom import (  # noqa: E402
     AnatomySpec,
     make_anatomy,
 )
+from pipelines.body_composition.plausibility import apply_gates, load_gates  # noqa: E402
 from pipelines.body_composition.tissues import TissueSlicer  # noqa: E402
-from pipelines.body_composition.types import SliceAnatomy  # noqa: E402
+from pipelines.body_composition.types import L3_KEYS, SliceAnatomy, Value  # noqa: E402
 
 PHASES = {"C-": (False, "portal"), "C+": (True, "portal"), "art": (True, "arterial")}
 
@@ -57,6 +60,12 @@ def measure(habitus: str, phase: str, contacts: tuple[str, ...]) -> dict[str, An
     names = sorted({n for c in contacts for n in CONTACT_LABELS[c]})
     contact = np.isin(lab, [LABELS[n] for n in names]) if names else np.zeros(lab.shape, bool)
     out: dict[str, Any] = {}
+    cm2 = px * px / 100.0
+    hu = ph.hu[k]
+    areas = {key: Value(float(seg.masks[key].sum()) * cm2, "cm2") for key in L3_KEYS}
+    means = {key: Value(float(hu[seg.masks[key]].mean()) if seg.masks[key].any() else 0.0, "HU") for key in L3_KEYS}
+    gated, _, _ = apply_gates("L3", areas, means, seg, load_gates())
+    out["gated"] = "".join(n[0].upper() for n in ("left", "right") if gated[f"psoas_{n}"].value is None) or "-"
     for side in ("left", "right"):
         key = f"psoas_{side}"
         t = np.isin(lab, [LABELS[n] for n in COMPOSITION[key]])
@@ -83,7 +92,7 @@ def main() -> None:
         rows += [(c, (c,)) for c in PSOAS_CONTACTS] + [("all", PSOAS_CONTACTS)]
     phases = args.phases.split(",")
     print(f"{'contact':10s} {'habitus':8s} {'phase':5s} {'Dice L':>7s} {'Dice R':>7s} {'area L%':>8s} {'area R%':>8s}"
-          f" {'taken L':>8s} {'taken R':>8s}")
+          f" {'taken L':>8s} {'taken R':>8s} {'gated':>5s}")
     t0 = time.perf_counter()
     worst: dict[str, float] = {}
     for name, contacts in rows:
@@ -93,7 +102,7 @@ def main() -> None:
                 flag = " <" if min(r["dice_left"], r["dice_right"]) < 0.90 else ""
                 print(f"{name:10s} {hab:8s} {phase:5s} {r['dice_left']:7.3f} {r['dice_right']:7.3f} "
                       f"{r['area_left']:+8.1f} {r['area_right']:+8.1f} {r['taken_left']:8.0f} {r['taken_right']:8.0f}"
-                      f"{flag}", flush=True)
+                      f" {r['gated']:>5s}{flag}", flush=True)
                 worst[name] = min(worst.get(name, 1.0), r["dice_left"], r["dice_right"])
     print("lowest psoas Dice per contact: " + ", ".join(f"{k} {v:.3f}" for k, v in worst.items()))
     print(f"({time.perf_counter() - t0:.0f} s; taken = mm2 of the contact's truth labels inside the psoas mask; "
