@@ -168,11 +168,11 @@ class TissueParams:
     belly_close_mm: float = 3.0  # ... after closing fat specks and noise pits of about this size
     belly_neck_frac: float = 0.7  # round blobs joined by a neck narrower than this share of the smaller one's
     # inscribed diameter are two; one centred in front of the vertebral body is not psoas
-    belly_drop_hu: float = 12.0  # tissue this far below the belly's median HU is not psoas (0: off) ...
-    belly_hu_smooth_mm: float = 3.0  # ... its local mean over about this (muscle-window pixels only), or 3 x the
-    # spread of that mean inside the belly where that is more ...
-    belly_low_min_mm2: float = 50.0  # ... in a region of at least this (an organ, not noise); the reference is
-    belly_ref_mm: float = 10.0  # the muscle within this of the vertebral body's side at mid-depth, less 2 mm
+    belly_drop_hu: float = 12.0  # soft tissue this far (or 2.5 x the spread of the reference's local means) below
+    # the median local mean HU of the reference muscle is not psoas (0: off); local means over this (Gaussian sigma),
+    belly_hu_smooth_mm: float = 3.0  # muscle-window pixels not next to fat only ...
+    belly_low_min_mm2: float = 50.0  # ... in a region of at least this (an organ, not noise); the reference muscle
+    belly_ref_mm: float = 10.0  # lies within this less 2 mm of the point this far beside the vertebral body's side
     psoas_beyond_tip_mm: float = 5.0  # behind the body's centre the psoas ends this far beyond the transverse
     # process tip (0: no bound)
     box_contact_max: float = 0.3  # a psoas lies inside its search box (at most this share of its outline on the box)
@@ -564,7 +564,7 @@ def _belly(cand: NDArray[np.bool_], core: NDArray[np.bool_],
     a sheet thinner than it, is not psoas.  Computed with distance transforms (cheap for any radius).
 
     With ``hu_local`` (the muscle-window tissue's local mean HU, fat left out so the muscle's edge keeps its
-    value): tissue more than ``drop_hu`` (or 3 x the spread of the local means there) below the median of the
+    value): tissue more than ``drop_hu`` (or 2.5 x the spread of the local means there) below the median of the
     muscle at ``ref_at`` (x, y, radius in mm: against the vertebral body's side at mid-depth, where only psoas
     lies) is not psoas, and the belly is found again without it.  Unenhanced, what lies on the psoas with no fat
     plane is mostly fainter than muscle: kidney parenchyma 30-35 HU, bowel wall and fluid 10-40 HU, against
@@ -615,7 +615,7 @@ def _belly_cuts(cand: NDArray[np.bool_], core: NDArray[np.bool_],
             ref = float(np.median(vals))
             # the muscle's own spread of local means (its noise and texture) widens the margin
             spread = 1.4826 * float(np.median(np.abs(vals - ref)))
-            low = cand & (hu_local < ref - max(drop_hu, 3.0 * spread))
+            low = cand & (hu_local < ref - max(drop_hu, 2.5 * spread))
             # a fainter organ is a region, not scattered noise pixels
             lab, n = ndi.label(low)
             if n:
