@@ -645,10 +645,11 @@ def _belly_cuts(cand: NDArray[np.bool_], core: NDArray[np.bool_],
     own_front = min((float(yb.flat[deepest[int(r)]]) - float(dt.flat[deepest[int(r)]]) for r in own
                      if int(r) in deepest), default=front_y)
     own_r = max((float(dt.flat[deepest[int(r)]]) for r in own if int(r) in deepest), default=0.0)
-    # (a round body, at least half as thick as the psoas: not a sliver of it parted by intramuscular fat)
+    # (a round body, at least half as thick as the psoas: not a sliver of it parted by intramuscular fat; and no more
+    # than twice as thick: a psoas split by fat into pieces smaller than what lies on it is not told apart this way)
     ahead = [r for r, i in deepest.items()
              if r not in own and float(yb.flat[i]) < max(front_y, min(own_front, front_y + 20.0))
-             and float(dt.flat[i]) >= 0.5 * own_r]
+             and 0.5 * own_r <= float(dt.flat[i]) <= 2.0 * own_r]
     if not ahead:
         return belly, low
     other = solid & np.isin(blobs, ahead)
