@@ -583,6 +583,13 @@ def _belly(cand: NDArray[np.bool_], core: NDArray[np.bool_],
     """
     belly, excl = _belly_cuts(cand, core, xy, seed, spacing, frac, close_mm, hu_local, drop_hu, min_low_mm2, ref_at,
                               front_y, neck_frac)
+    if ref_at is not None and belly.any():
+        near = np.hypot(np.broadcast_to(xy[0], cand.shape) - ref_at[0],
+                        np.broadcast_to(xy[1], cand.shape) - ref_at[1]) <= ref_at[2]
+        if (near & cand).any() and not (belly & near).any():
+            # what is left after the cuts is not against the vertebral body's side (a psoas split by fat into pieces
+            # smaller than what lies on it keeps a neighbour's piece): no psoas, rather than that piece
+            return np.zeros(cand.shape, bool), excl | belly
     if front_y is None or ref_at is None or not belly.any():
         return belly, excl
     # two round bodies pressed together with no neck (the duodenum lying across the psoas' front): a waist
@@ -645,11 +652,10 @@ def _belly_cuts(cand: NDArray[np.bool_], core: NDArray[np.bool_],
     own_front = min((float(yb.flat[deepest[int(r)]]) - float(dt.flat[deepest[int(r)]]) for r in own
                      if int(r) in deepest), default=front_y)
     own_r = max((float(dt.flat[deepest[int(r)]]) for r in own if int(r) in deepest), default=0.0)
-    # (a round body, at least half as thick as the psoas: not a sliver of it parted by intramuscular fat; and no more
-    # than twice as thick: a psoas split by fat into pieces smaller than what lies on it is not told apart this way)
+    # (a round body, at least half as thick as the psoas: not a sliver of it parted by intramuscular fat)
     ahead = [r for r, i in deepest.items()
              if r not in own and float(yb.flat[i]) < max(front_y, min(own_front, front_y + 20.0))
-             and 0.5 * own_r <= float(dt.flat[i]) <= 2.0 * own_r]
+             and float(dt.flat[i]) >= 0.5 * own_r]
     if not ahead:
         return belly, low
     other = solid & np.isin(blobs, ahead)
