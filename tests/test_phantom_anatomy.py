@@ -173,6 +173,27 @@ def test_muscles_touch_bone_and_organs(phantom: Anatomy) -> None:
     assert (bowel & np.isin(lab3, [LABELS["rectus_left"], LABELS["rectus_right"]])).any()
 
 
+def test_psoas_contacts_touch_psoas_at_l3_with_their_own_labels() -> None:
+    """Each psoas contact lies against the psoas at the L3 middle (no fat pixel between) under its own truth label;
+    the arterial phase opacifies the aorta and leaves the IVC unopacified; an unknown contact is refused."""
+    from pipelines.body_composition.anatomy_phantom import CONTACT_LABELS, PSOAS_CONTACTS
+
+    psoas = [LABELS[n] for n in ("psoas_left", "psoas_right", "psoas_fat_left", "psoas_fat_right")]
+    for contact in PSOAS_CONTACTS:
+        ph = make_anatomy(AnatomySpec(habitus="thin", top="L3", bottom="L3", seed=3, psoas_contacts=(contact,)))
+        k = int(np.argmin(np.abs(ph.z - ph.level_z["L3"])))
+        lab = ph.labels[k]
+        own = np.isin(lab, [LABELS[n] for n in CONTACT_LABELS[contact]])
+        assert own.any(), contact
+        assert (ndimage.binary_dilation(np.isin(lab, psoas)) & own).any(), contact
+    art = make_anatomy(AnatomySpec(top="L3", bottom="L3", psoas_contacts=("ivc",), contrast_phase="arterial"))
+    k = int(np.argmin(np.abs(art.z - art.level_z["L3"])))
+    assert art.hu[k][art.labels[k] == LABELS["aorta"]].mean() > 200
+    assert art.hu[k][art.labels[k] == LABELS["ivc"]].mean() < 80
+    with pytest.raises(ValueError, match="psoas contacts"):
+        make_anatomy(AnatomySpec(psoas_contacts=("spleen",)))
+
+
 def test_habitus_contrast_rib_count_and_transitional_options(tmp_path: Path) -> None:
     small = dict(rows=128, slice_mm=5.0, top="T11", bottom="L5")
     thin = make_anatomy(AnatomySpec(habitus="thin", contrast=False, rib_pairs=11, **small))  # type: ignore[arg-type]

@@ -39,6 +39,33 @@ What it is made of (all in LPS millimetres: x to the patient's left, y posterior
   in the posterior costophrenic recesses, visceral fat filling the rest of the cavity, and both
   arms at the sides touching the trunk (humerus, or radius and ulna below the elbow, arm muscle,
   arm fat).  Contrast-enhanced (portal-venous) or non-contrast organ values.
+- **Psoas contacts** (``psoas_contacts``, all off by default: the default phantoms are unchanged).  What
+  touches psoas major at L3 on real CT, in the muscle window when not enhanced, placed where standard
+  cross-sectional anatomy puts it (Gray's Anatomy, 42nd ed., posterior abdominal wall and retroperitoneum;
+  Moeller & Reif, Pocket Atlas of Sectional Anatomy, CT at L3), touching the psoas with no fat plane (as in
+  thin patients), each with its own truth label (never psoas; :data:`CONTACT_LABELS`):
+
+  - ``"ivc"``: the infrarenal IVC (23 x 15 mm, flattened) in the groove between the right psoas and the
+    vertebral body, from L1 (blended in) down to the bifurcation; ``"aorta"``: an ectatic aorta (19 mm,
+    as over 60) against the left psoas' anteromedial edge.  Non-contrast about 40 HU; portal venous IVC
+    130 HU, aorta 190 HU; ``contrast_phase="arterial"`` opacifies the aorta (280 HU) and leaves the IVC,
+    iliac and gonadal veins unopacified (45 HU).  The common iliacs lie below L4, not at L3.
+  - ``"duodenum"``: the third part crossing at L3 from right to left, lying on the right psoas, the IVC
+    and the aorta, to the left psoas where the fourth part ascends (Gray's), a tube of 24 mm (label
+    ``duodenum``, 25 HU non-contrast, 45 HU enhanced: wall and fluid averaged); ``"bowel"``: a collapsed
+    jejunal loop (22 mm, ``small_bowel``) on the left psoas' anterolateral surface.
+  - ``"kidney"``: both lower poles at L3 (the right one lower), their medial border on the psoas' lateral
+    edge and their back on the quadratus lumborum (32 HU non-contrast, enhancing with contrast).
+  - ``"quadratus"``: quadratus lumborum's medial edge against the psoas' posterolateral surface, in
+    front of the transverse process as before.
+  - ``"crus"``: the right crus of the diaphragm, which arises from the L1-L3 bodies (the left from L1-L2),
+    a flat 12 x 7 mm slip on the anterolateral corner of L3 against the right psoas (label ``diaphragm``).
+  - ``"node"``: retroperitoneal lymph nodes of 10-15 mm (40 HU, 65 enhanced): left para-aortic (between
+    the aorta and the left psoas) and right paracaval (on the right psoas), label ``lymph_node``.
+  - ``"ureter"``: the ureter (5 mm, no excreted contrast, 18-22 HU) on each psoas' anterior surface and
+    the gonadal vein (4 mm, as the IVC) anteromedial to it (labels ``ureter``, ``gonadal_vessel``).
+
+  ``bench/psoas_contacts.py`` measures the segmenter's psoas against each of them.
 - **Neck** (``region="neck"``, cervical spines gl003 or gl017): prevertebral, scalene and
   posterior paravertebral muscles, sternocleidomastoids running from the mastoid to the sternum,
   airway (pharynx, larynx with cartilage, trachea), oesophagus, thyroid lobes, carotids and
@@ -111,6 +138,7 @@ LABELS: Mapping[str, int] = {
     "small_bowel": 36, "bowel_gas": 37, "aorta": 38, "ivc": 39, "iliac_artery": 40, "iliac_vein": 41,
     "lung": 42, "ligament": 43, "airway": 44, "thyroid": 45, "oesophagus": 46, "carotid": 47,
     "jugular": 48, "larynx_cartilage": 49, "oral_soft_tissue": 50, "deep_neck_fat": 51,
+    "duodenum": 52, "lymph_node": 53, "ureter": 54, "gonadal_vessel": 55,
     "vertebra": 60, "disc": 61, "canal_csf": 62, "cord": 63, "rib": 64, "costal_cartilage": 65,
     "sacrum": 66, "ilium": 67, "humerus": 68, "forearm_bone": 69, "mandible": 70, "skull": 71,
     "clavicle": 72, "scapula": 73,
@@ -136,6 +164,17 @@ COMPOSITION: Mapping[str, tuple[str, ...]] = {
 }
 BONES = ("vertebra", "rib", "sacrum", "ilium", "humerus", "forearm_bone", "mandible", "skull", "clavicle",
          "scapula")
+
+
+# Structures that can be made to touch psoas major at L3 (``AnatomySpec.psoas_contacts``); each keeps its own
+# truth label (never psoas).  See the module docstring, "Psoas contacts".
+PSOAS_CONTACTS = ("ivc", "aorta", "duodenum", "bowel", "kidney", "quadratus", "crus", "node", "ureter")
+# the truth labels each contact paints (what must never be counted as psoas)
+CONTACT_LABELS: Mapping[str, tuple[str, ...]] = {
+    "ivc": ("ivc",), "aorta": ("aorta",), "duodenum": ("duodenum",), "bowel": ("small_bowel",),
+    "kidney": ("kidney_left", "kidney_right"), "quadratus": ("quadratus_left", "quadratus_right"),
+    "crus": ("diaphragm",), "node": ("lymph_node",), "ureter": ("ureter", "gonadal_vessel"),
+}
 
 
 @dataclass(frozen=True)
@@ -192,6 +231,10 @@ class AnatomySpec:
     osteophyte_discs: tuple[str, ...] = ()  # discs bridged by osteophytes around their anterior and lateral rim
     wedge_fracture: str = ""  # a vertebra ("L1") with a compression (wedge) fracture ...
     wedge_front: float = 0.6  # ... its anterior height as a fraction of the original
+    # structures that touch psoas major at L3 in real patients (all off by default; see "Psoas contacts" above):
+    # any of PSOAS_CONTACTS
+    psoas_contacts: tuple[str, ...] = ()
+    contrast_phase: str = "portal"  # with contrast: "portal" (venous) or "arterial" (the infrarenal IVC unopacified)
 
     @property
     def aging(self) -> Aging | None:
@@ -326,7 +369,14 @@ _HU: Mapping[str, tuple[float, float, float]] = {
     "larynx_cartilage": (180, 180, 60), "oral_soft_tissue": (40, 60, 6), "disc": (85, 90, 6),
     "canal_csf": (10, 10, 4), "cord": (35, 36, 4), "cortex": (750, 750, 80), "costal_cartilage": (120, 125, 20),
     "compact": (1150, 1150, 80), "table": (260, 260, 10), "deep_neck_fat": (-90, -90, 8),
+    # psoas contacts (AnatomySpec.psoas_contacts): the third part of the duodenum (collapsed or fluid-filled,
+    # wall and fluid averaged), a retroperitoneal lymph node, the ureter without excreted contrast
+    "duodenum": (25, 45, 10), "lymph_node": (40, 65, 6), "ureter": (18, 22, 5),
 }
+# arterial phase (contrast_phase="arterial"): the aorta opacified, the infrarenal IVC and its tributaries not yet
+_ARTERIAL: Mapping[str, tuple[float, float]] = {"aorta": (280.0, 10.0), "iliac_artery": (280.0, 10.0),
+                                                "ivc": (45.0, 5.0), "iliac_vein": (45.0, 5.0),
+                                                "gonadal_vessel": (45.0, 5.0)}
 
 
 def _superellipse(x: NDArray[np.float64], y: NDArray[np.float64], cx: float, cy: float, a: float, b: float,
@@ -365,6 +415,56 @@ def _ell(x: NDArray[np.float64], y: NDArray[np.float64], cx: float, cy: float, a
     u = dx * np.cos(t) + dy * np.sin(t)
     v = -dx * np.sin(t) + dy * np.cos(t)
     out[sub] = (u / a) ** 2 + (v / b) ** 2 <= 1.0
+    return out
+
+
+def _ell_boundary(a: float, b: float, angle_deg: float, n: int = 180) -> NDArray[np.float64]:
+    """Points on the outline of :func:`_ell`'s ellipse (centred at 0), (n, 2) as x, y."""
+    s = np.linspace(0.0, 2.0 * np.pi, n, endpoint=False)
+    t = np.deg2rad(angle_deg)
+    u, v = a * np.cos(s), b * np.sin(s)
+    return np.stack([u * np.cos(t) - v * np.sin(t), u * np.sin(t) + v * np.cos(t)], axis=1)
+
+
+def _in_ell(pts: NDArray[np.float64], cx: float, cy: float, a: float, b: float, angle_deg: float) -> NDArray[np.bool_]:
+    t = np.deg2rad(angle_deg)
+    dx, dy = pts[:, 0] - cx, pts[:, 1] - cy
+    u = dx * np.cos(t) + dy * np.sin(t)
+    v = -dx * np.sin(t) + dy * np.cos(t)
+    return np.asarray((u / a) ** 2 + (v / b) ** 2 <= 1.0)
+
+
+def _touching(ps: tuple[float, float, float, float, float], side: float, phi_deg: float, a: float, b: float,
+              angle_deg: float = 0.0, overlap_mm: float = 1.5) -> tuple[float, float]:
+    """Centre of an ellipse (semi-axes ``a``, ``b``, ``angle_deg`` as :func:`_ell`) lying against the psoas ellipse
+    ``ps`` (centre x, y, semi-axes, angle) in the direction ``phi_deg`` from the psoas centre (0 = anterior, 90 =
+    lateral on ``side``, negative = medial), overlapping it by ``overlap_mm`` (the psoas is painted over the overlap,
+    or the contact only where the psoas is not: they touch with no fat plane)."""
+    cx, cy, rx, ry, pang = ps
+    ph = np.deg2rad(phi_deg)
+    d = np.array([side * np.sin(ph), -np.cos(ph)])
+    pb = _ell_boundary(rx, ry, pang) + np.array([cx, cy])
+    cb = _ell_boundary(a, b, angle_deg)
+    lo, hi = 0.0, rx + ry + a + b + 5.0
+    for _ in range(40):  # the smallest distance at which the two outlines no longer overlap
+        mid = 0.5 * (lo + hi)
+        ex, ey = cx + mid * d[0], cy + mid * d[1]
+        if _in_ell(cb + np.array([ex, ey]), cx, cy, rx, ry, pang).any() or _in_ell(pb, ex, ey, a, b, angle_deg).any():
+            lo = mid
+        else:
+            hi = mid
+    t = hi - overlap_mm
+    return float(cx + t * d[0]), float(cy + t * d[1])
+
+
+def _near_polyline(x: NDArray[np.float64], y: NDArray[np.float64], pts: NDArray[np.float64],
+                   r: float) -> NDArray[np.bool_]:
+    """Points within ``r`` of the polyline ``pts`` (n, 2): a tube lying in the plane, round ends."""
+    out = np.zeros(x.shape, dtype=bool)
+    for (x0, y0), (x1, y1) in zip(pts[:-1], pts[1:], strict=True):
+        dx, dy = x1 - x0, y1 - y0
+        u = np.clip(((x - x0) * dx + (y - y0) * dy) / max(dx * dx + dy * dy, 1e-9), 0.0, 1.0)
+        out |= (x - x0 - u * dx) ** 2 + (y - y0 - u * dy) ** 2 <= r * r
     return out
 
 
@@ -770,6 +870,8 @@ class _Builder:
         self._organs(lab, z, t, cav)
         self._back_muscles(lab, z, t, fascia)
         self._vessels(lab, z, t)
+        if self.spec.psoas_contacts:
+            self._contacts(lab, z, t)
         return lab
 
     def _organs(self, lab: NDArray[np.uint8], z: float, t: dict[str, float], cav: NDArray[np.bool_]) -> None:
@@ -809,13 +911,23 @@ class _Builder:
         # kidneys: T12-L3, left higher, lateral to psoas, in front of quadratus lumborum (muscles
         # are painted after them, so they touch without a fat plane)
         c = t
+        low = "kidney" in self.spec.psoas_contacts
+        pso = self._psoas_at(z, c) if low else {}
         for side, name, zc in ((1.0, "kidney_left", 0.5 * (z12 + z_l2)), (-1.0, "kidney_right",
                                                                            0.5 * (z12 + z_l2) - 15.0)):
+            if low:  # lower poles at L3 (the right one lower), the left about a centimetre higher
+                zc = z_l3 + (45.0 if side > 0 else 36.0)
             dz = (z - zc) / 55.0
             if abs(dz) < 1.0:
                 f = np.sqrt(1 - dz * dz)
                 cx = c["bx"] + side * (c["hw"] + 52.0 + 6.0 * dz)
                 cy = c["tp_y"] - 22.0 + 6.0 * dz
+                if low and pso:
+                    # the lower pole's medial border on the psoas' lateral edge, no fat plane (the psoas and
+                    # quadratus are painted over the overlap); blended in over 40 mm below the psoas' origin
+                    tx, ty = _touching(pso[side], side, 75.0, 30.0 * f, 24.0 * f, side * 35.0, 2.5)
+                    w = float(np.clip((z12 + 5.0 - z) / 40.0, 0.0, 1.0))
+                    cx, cy = cx + w * (tx - cx), cy + w * (ty - cy)
                 kid = cav & _ell(X, Y, cx, cy, 30.0 * f, 24.0 * f, side * 35.0)
                 lab[kid] = L[name]
         # colon: ascending (right) and descending (left) against the lateral wall
@@ -836,7 +948,6 @@ class _Builder:
         z12 = zl.get("T12", zl.get("L1", z) + 28.0)
         z_l1 = zl.get("L1", z12 - 28.0)
         z_l4 = zl.get("L4", z_l1 - 95.0)
-        z_l5 = zl.get("L5", z_l4 - 32.0)
         crest = self.crest_z()
         lumbar_t = np.clip((z12 - z) / max(1.0, z12 - z_l4), 0.0, 1.0)
         # paraspinal compartment (erector spinae + multifidus) behind the transverse processes
@@ -856,20 +967,21 @@ class _Builder:
         # quadratus lumborum: 12th rib to the iliac crest, lateral to the transverse processes
         if crest - 5.0 < z < z12 + 5.0:
             g = np.sin(np.pi * np.clip((z12 + 5.0 - z) / (z12 - crest + 10.0), 0, 1)) ** 0.7
+            pso_q = self._psoas_at(z, c) if "quadratus" in self.spec.psoas_contacts else {}
             for side, name in ((1.0, "quadratus_left"), (-1.0, "quadratus_right")):
-                q = fascia & _ell(X, Y, c["bx"] + side * (c["tp_x"] + 8.0), c["tp_y"] - 4.0, 22.0 * g * ms,
-                                  11.0 * g * ms, side * 20.0)
+                qx, qy = c["bx"] + side * (c["tp_x"] + 8.0), c["tp_y"] - 4.0
+                if pso_q and g > 0.05:
+                    # no fat plane: its medial edge against the psoas' posterolateral surface (the psoas is
+                    # painted over the overlap), in front of the transverse process as before
+                    qx, qy = _touching(pso_q[side], side, 125.0, 22.0 * g * ms, 11.0 * g * ms, side * 20.0, 2.5)
+                q = fascia & _ell(X, Y, qx, qy, 22.0 * g * ms, 11.0 * g * ms, side * 20.0)
                 lab[q & ~np.isin(lab, (L["erector_left"], L["erector_right"]))] = L[name]
         # psoas major: from T12/L1, on the side of the vertebral bodies, growing to L4, then forward
         # and outward over the pelvic brim where it joins iliacus
-        if z < z12 + 5.0:
-            u = np.clip((z12 + 5.0 - z) / max(1.0, z12 - z_l4), 0.0, 1.3)
-            rx, ry = (4.0 + 13.0 * min(u, 1.0)) * ms, (5.0 + 15.0 * min(u, 1.0)) * ms
-            below = max(0.0, z_l5 - z)
+        pso = self._psoas_at(z, c)
+        if pso:
             for side, name in ((1.0, "psoas_left"), (-1.0, "psoas_right")):
-                cx = c["bx"] + side * (c["hw"] + 0.7 * rx + 0.5 * below)
-                cy = c["by"] + 0.15 * c["hd"] - 0.35 * below - 8.0 * max(0.0, u - 0.8)
-                ps = fascia & _ell(X, Y, cx, cy, rx, ry, side * 15.0)
+                ps = fascia & _ell(X, Y, *pso[side])
                 lab[ps & np.isin(lab, (L["vat"], L["kidney_left"], L["kidney_right"], L["colon"], L["small_bowel"],
                                        L["bowel_gas"], L["quadratus_left"], L["quadratus_right"]))] = L[name]
         # diaphragmatic crura beside the aorta, T12-L2
@@ -878,6 +990,25 @@ class _Builder:
                 cr = _ell(X, Y, c["bx"] + side * 0.55 * c["hw"], c["by"] - c["hd"] - 4.0, 6.0, 5.0) & (lab == L["vat"])
                 lab[cr] = L["diaphragm"]
         self._imat(lab, z)
+
+    def _psoas_at(self, z: float, c: Mapping[str, float]) -> dict[float, tuple[float, float, float, float, float]]:
+        """Psoas major's ellipse per side (+1 left, -1 right) at ``z``: centre x, y, semi-axes, angle; {} above it."""
+        zl, ms = self.level_z, self.hab.muscle_scale
+        z12 = zl.get("T12", zl.get("L1", z) + 28.0)
+        z_l1 = zl.get("L1", z12 - 28.0)
+        z_l4 = zl.get("L4", z_l1 - 95.0)
+        z_l5 = zl.get("L5", z_l4 - 32.0)
+        if not z < z12 + 5.0:
+            return {}
+        u = np.clip((z12 + 5.0 - z) / max(1.0, z12 - z_l4), 0.0, 1.3)
+        rx, ry = (4.0 + 13.0 * min(u, 1.0)) * ms, (5.0 + 15.0 * min(u, 1.0)) * ms
+        below = max(0.0, z_l5 - z)
+        out = {}
+        for side in (1.0, -1.0):
+            cx = c["bx"] + side * (c["hw"] + 0.7 * rx + 0.5 * below)
+            cy = c["by"] + 0.15 * c["hd"] - 0.35 * below - 8.0 * max(0.0, u - 0.8)
+            out[side] = (cx, cy, rx, ry, side * 15.0)
+        return out
 
     def _imat(self, lab: NDArray[np.uint8], z: float) -> None:
         """Small fat blobs inside the muscles, seeded per 10 mm of z so they run over a few slices."""
@@ -907,8 +1038,9 @@ class _Builder:
         front = c["by"] - c["hd"]
         soft = np.isin(lab, (L["vat"], L["small_bowel"], L["colon"], L["bowel_gas"], L["liver"], L["diaphragm"]))
         if z >= z_bif:
-            ao = _ell(X, Y, c["bx"] + 14.0, front - 12.0, 11.0, 11.0)
-            ivc = _ell(X, Y, c["bx"] - 22.0, front - 12.0, 13.0, 9.5)
+            (ax, ay, ar), (vx, vy, va, vb) = self._great_vessels(z, c)
+            ao = _ell(X, Y, ax, ay, ar, ar)
+            ivc = _ell(X, Y, vx, vy, va, vb)
             lab[ao & soft] = L["aorta"]
             lab[ivc & soft] = L["ivc"]
         else:
@@ -918,6 +1050,81 @@ class _Builder:
                 v = _ell(X, Y, c["bx"] + side * (4.0 + 0.45 * d) - 12.0 * (side < 0), front - 4.0 - 0.15 * d, 8.0, 6.5)
                 lab[v & soft] = L["iliac_vein"]
                 lab[a & soft] = L["iliac_artery"]
+
+    def _contacts(self, lab: NDArray[np.uint8], z: float, t: dict[str, float]) -> None:
+        """The psoas contacts painted last, each only over visceral fat (so against the psoas, bone, vessels and each
+        other with no gap): the right crus, ureters and gonadal veins, lymph nodes, a jejunal loop, the third part of
+        the duodenum.  The IVC, aorta, kidneys and quadratus lumborum are moved where they are painted."""
+        L, zl, X, Y = LABELS, self.level_z, self.X, self.Y
+        con = self.spec.psoas_contacts
+        pso = self._psoas_at(z, t)
+        if not pso:
+            return
+        z_l2 = zl.get("L2", z + 30.0)
+        z_l3 = zl.get("L3", z_l2 - 32.0)
+
+        def paint(m: NDArray[np.bool_], name: str) -> None:
+            lab[m & (lab == L["vat"])] = L[name]
+
+        if "crus" in con and z_l3 - 12.0 <= z <= z_l2 - 5.0:
+            # the right crus reaches L3 (the left one L2): a flat slip (12 x 7 mm) along the anterolateral corner of
+            # the vertebral body, against the right psoas' anteromedial edge
+            pcx, pcy = pso[-1.0][:2]
+            phi = float(np.degrees(np.arctan2(-(t["bx"] - 0.7 * t["hw"] - pcx), -(t["by"] - t["hd"] - pcy))))
+            cx, cy = _touching(pso[-1.0], -1.0, phi, 6.0, 3.5, -45.0, 1.0)
+            paint(_ell(X, Y, cx, cy, 6.0, 3.5, -45.0), "diaphragm")
+        if "ureter" in con and z <= z_l2 + 15.0:
+            # on the psoas' anterior surface: the ureter near its middle, the gonadal vein anteromedial to it
+            for side in (1.0, -1.0):
+                ux, uy = _touching(pso[side], side, 10.0, 2.5, 2.5, 0.0, 0.5)
+                paint(_ell(X, Y, ux, uy, 2.5, 2.5), "ureter")
+                gx, gy = _touching(pso[side], side, -15.0, 2.0, 2.0, 0.0, 0.5)
+                paint(_ell(X, Y, gx, gy, 2.0, 2.0), "gonadal_vessel")
+        if "node" in con and abs(z - (z_l3 + 3.0)) < 10.0:
+            # lymph nodes of 10-15 mm: left para-aortic (between the aorta and the left psoas), right paracaval
+            g = float(np.sqrt(1.0 - ((z - z_l3 - 3.0) / 10.0) ** 2))
+            for side, phi, a, b in ((1.0, -30.0, 7.0, 5.5), (-1.0, 20.0, 6.0, 5.0)):
+                nx, ny = _touching(pso[side], side, phi, a * g, b * g, side * -30.0, 1.0)
+                paint(_ell(X, Y, nx, ny, a * g, b * g, side * -30.0), "lymph_node")
+        if "bowel" in con and abs(z - z_l3) < 25.0:
+            # a collapsed jejunal loop (2 cm) on the left psoas' anterolateral surface
+            r = 11.0 * float(np.sqrt(1.0 - ((z - z_l3) / 25.0) ** 2))
+            bx_, by_ = _touching(pso[1.0], 1.0, 40.0, r, r, 0.0, 1.5)
+            paint(_ell(X, Y, bx_, by_, r, r), "small_bowel")
+        if "duodenum" in con and abs(z - z_l3) < 12.0:
+            # the third part crosses at L3 from right to left on the right psoas, the IVC and the aorta (with the
+            # right ureter and gonadal vessels between it and the psoas), to the left psoas where the fourth part
+            # ascends (Gray's): a tube of 24 mm across the slice, round the aorta's left side onto the left psoas
+            r = float(np.sqrt(12.0**2 - (z - z_l3) ** 2))
+            (ax, ay, ar), (vx, vy, va, vb) = self._great_vessels(z, t)
+            pts = np.array([_touching(pso[-1.0], -1.0, 40.0, r, r, 0.0, 1.5),
+                            _touching(pso[-1.0], -1.0, 0.0, r, r, 0.0, 1.5),
+                            (vx, vy - vb - r + 1.0), (ax, ay - ar - r + 1.0),
+                            _touching(pso[1.0], 1.0, -10.0, r, r, 0.0, 1.5)])
+            paint(_near_polyline(X, Y, pts, r), "duodenum")
+
+    def _great_vessels(self, z: float, c: Mapping[str, float]) -> tuple[tuple[float, float, float],
+                                                                       tuple[float, float, float, float]]:
+        """Aorta (centre x, y, radius) and IVC (centre x, y, semi-axes) above the bifurcation at ``z``."""
+        front = c["by"] - c["hd"]
+        aorta = (c["bx"] + 14.0, front - 12.0, 11.0)
+        ivc = (c["bx"] - 22.0, front - 12.0, 13.0, 9.5)
+        con = self.spec.psoas_contacts
+        if not ("ivc" in con or "aorta" in con):
+            return aorta, ivc
+        pso = self._psoas_at(z, c)
+        zl = self.level_z
+        z_l1, z_l3 = zl.get("L1", z + 60.0), zl.get("L3", z)
+        # from the renal veins (L1) down the infrarenal IVC lies in the groove between the right psoas and the
+        # vertebral body, and an ectatic aorta (over 60) against the left psoas: full contact from L3 down
+        w = float(np.clip((z_l1 - z) / max(1.0, z_l1 - z_l3), 0.0, 1.0))
+        if pso and "ivc" in con:
+            tx, ty = _touching(pso[-1.0], -1.0, -25.0, 11.5, 7.5)
+            ivc = (ivc[0] + w * (tx - ivc[0]), ivc[1] + w * (ty - ivc[1]), 13.0 - 1.5 * w, 9.5 - 2.0 * w)
+        if pso and "aorta" in con:
+            tx, ty = _touching(pso[1.0], 1.0, -35.0, 9.5, 9.5)
+            aorta = (aorta[0] + w * (tx - aorta[0]), aorta[1] + w * (ty - aorta[1]), 11.0 - 1.5 * w)
+        return aorta, ivc
 
     def crest_z(self) -> float:
         zl = self.level_z
@@ -1136,6 +1343,10 @@ class _Builder:
                   "aorta", "ivc", "lung", "ligament", "airway", "thyroid", "oesophagus", "larynx_cartilage",
                   "oral_soft_tissue", "disc", "canal_csf", "cord", "costal_cartilage", "table", "deep_neck_fat"):
             setv((n,))
+        setv(("duodenum",))
+        setv(("lymph_node",))
+        setv(("ureter",))
+        setv(("gonadal_vessel",), "ivc")
         setv(("kidney_left", "kidney_right"), "kidney")
         setv(("iliac_artery",), "aorta")
         setv(("iliac_vein",), "ivc")
@@ -1146,6 +1357,9 @@ class _Builder:
         setv(("arm_muscle_left", "arm_muscle_right"), mean=h.muscle_hu + 2.0, sd=7.0)
         setv(("arm_fat_left", "arm_fat_right"), "sat")
         setv(("arm_skin",), "skin")
+        if spec.contrast and spec.contrast_phase == "arterial":
+            for n, (m, sd) in _ARTERIAL.items():
+                lut_mean[L[n]], lut_sd[L[n]] = m, sd
         for n in BONES:
             setv((n,), mean=220.0, sd=40.0)  # cancellous; cortex below
         setv(("humerus", "forearm_bone", "mandible", "skull", "clavicle"), mean=1150.0, sd=80.0)
@@ -1231,6 +1445,11 @@ def make_anatomy(spec: AnatomySpec) -> Anatomy:
         raise ValueError("anatomical phantom: rib_pairs must be 11, 12 or 13")
     if not 0.5 <= spec.slice_mm <= 10.0:
         raise ValueError("anatomical phantom: slice_mm must be 0.5-10 mm")
+    unknown = set(spec.psoas_contacts) - set(PSOAS_CONTACTS)
+    if unknown:
+        raise ValueError(f"anatomical phantom: psoas contacts {sorted(unknown)}; use any of {PSOAS_CONTACTS}")
+    if spec.contrast_phase not in ("portal", "arterial"):
+        raise ValueError(f"anatomical phantom: contrast_phase {spec.contrast_phase!r}; use 'portal' or 'arterial'")
     return _Builder(spec).build()
 
 

@@ -71,7 +71,15 @@ the trunk's fat outside it.  Skeletal muscle is only:
   belly, and measured as its outline (TotalSegmentator's iliopsoas, "total psoas area"): fat specks
   and notches narrower than 2 x ``psoas_outline_mm`` are in it (and in IMAT, never in skeletal
   muscle); the quadratus lumborum, the crus or a non-enhanced kidney touching it are cut off where
-  the contact is narrower than the belly (``_belly``);
+  the contact is narrower than the belly (``_belly``).  What touches it with no fat plane (the
+  anatomical phantom's ``psoas_contacts``, ``bench/psoas_contacts.py``) is cut where a plane-free
+  slice still tells it apart: tissue fainter than the muscle against the vertebral body's side
+  (unenhanced kidney, duodenum, bowel: ``belly_drop_hu``), a round blob joined by a neck and centred
+  in front of the vertebral body or of the psoas' own centre (duodenum, a bowel loop, the vena cava,
+  a node: ``belly_neck_frac``), and, behind the body's centre, anything beyond the transverse process
+  tip (the quadratus lumborum arises from it: ``psoas_beyond_tip_mm``).  Same HU and a contact as
+  wide as the psoas (the duodenum lying across it enhanced, a fatty psoas against an unenhanced
+  kidney) is not told apart: the bench shows how much is then taken;
 * the abdominal wall, quadratus lumborum included: muscle-HU tissue in a band of bounded
   thickness (``wall_max_mm``) inside the outer fascia, the paraspinal compartment counted as
   outside (so the quadratus lumborum lying in front of it is in the band).  Bulky soft tissue
@@ -158,6 +166,15 @@ class TissueParams:
     psoas_front_frac: float = 0.75  # the psoas centre lies behind (vertebral centre - this x half height)
     belly_open_frac: float = 0.7  # the psoas belly: opening by this share of its inscribed radius (flat sheets cut)
     belly_close_mm: float = 3.0  # ... after closing fat specks and noise pits of about this size
+    belly_neck_frac: float = 0.7  # round blobs joined by a neck narrower than this share of the smaller one's
+    # inscribed diameter are two; one centred in front of the vertebral body is not psoas
+    belly_drop_hu: float = 12.0  # soft tissue this far (or 2.5 x the spread of the reference's local means) below
+    # the median local mean HU of the reference muscle is not psoas (0: off); local means over this (Gaussian sigma),
+    belly_hu_smooth_mm: float = 3.0  # muscle-window pixels not next to fat only ...
+    belly_low_min_mm2: float = 50.0  # ... in a region of at least this (an organ, not noise); the reference muscle
+    belly_ref_mm: float = 10.0  # lies within this less 2 mm of the point this far beside the vertebral body's side
+    psoas_beyond_tip_mm: float = 5.0  # behind the body's centre the psoas ends this far beyond the transverse
+    # process tip (0: no bound)
     box_contact_max: float = 0.3  # a psoas lies inside its search box (at most this share of its outline on the box)
     erector_lateral_mm: float = 70.0  # without a transverse process on the slice (a disc)
     erector_lateral_max_mm: float = 85.0
@@ -429,9 +446,124 @@ def _posterior_floor(bone: NDArray[np.bool_], ymm: NDArray[np.floating[Any]], la
     return _Floor(ok, rib, tip_lat, floor, lat_out)
 
 
+def _blobs(solid: NDArray[np.bool_], dt: NDArray[np.floating[Any]], px: float, kappa: float
+           ) -> tuple[NDArray[np.int32], dict[int, int]]:
+    """``solid`` parted into round blobs by its distance transform ``dt``: flooding down from the deepest points,
+    two parts that meet at a level ``t`` (half the width of the neck between them) stay two where ``t`` is below
+    ``kappa`` times each one's inscribed radius (else the shallower joins the deeper); pixels below the meeting
+    level go to the nearer part.  Returns the blob label per pixel (0 outside) and each blob's deepest pixel
+    (flat index)."""
+    owner = np.zeros(solid.shape, np.int32)
+    top: dict[int, float] = {}
+    deepest: dict[int, int] = {}
+    if not solid.any():
+        return owner, deepest
+    step = 0.5 * px
+    dmax = float(dt[solid].max())
+    flat = np.where(solid, dt, -1.0)
+    for t in np.arange(dmax, 0.5 * px, -step):
+        comps, n = ndi.label(solid & (dt >= t - 1e-9), structure=np.ones((3, 3)))
+        if n == 0:
+            continue
+        for c in range(1, n + 1):
+            comp = comps == c
+            ids = [int(v) for v in np.unique(owner[comp]) if v > 0]
+            if not ids:  # a new deepest point
+                r = len(top) + 1
+                top[r] = float(flat[comp].max())
+                deepest[r] = int(np.argmax(np.where(comp, flat, -1.0)))
+                owner[comp] = r
+                continue
+            ids.sort(key=lambda r_: -top[r_])
+            keep = [ids[0]] + [r_ for r_ in ids[1:] if t < kappa * top[r_]]
+            for r_ in ids[1:]:
+                if r_ not in keep:  # a shallow part on a wide neck: the same blob
+                    owner[owner == r_] = ids[0]
+                    del top[r_], deepest[r_]
+            new = comp & (owner == 0)
+            if len(keep) == 1:
+                owner[new] = keep[0]
+            elif new.any():
+                seeds = np.where(comp & np.isin(owner, keep), owner, 0)
+                _, (ri, ci) = ndi.distance_transform_edt(seeds == 0, return_indices=True)
+                owner[new] = seeds[ri[new], ci[new]]
+    rest = solid & (owner == 0)
+    if rest.any() and (owner > 0).any():
+        _, (ri, ci) = ndi.distance_transform_edt(owner == 0, return_indices=True)
+        owner[rest] = owner[ri[rest], ci[rest]]
+    return owner, deepest
+
+
+def _hull(mask: NDArray[np.bool_]) -> NDArray[np.bool_]:
+    """The convex hull of ``mask`` (pixel centres), filled."""
+    from scipy.spatial import ConvexHull, QhullError
+
+    pts = np.argwhere(mask & ~ndi.binary_erosion(mask)).astype(np.float64)
+    if len(pts) < 3:
+        return mask
+    try:
+        hull = ConvexHull(pts)
+    except QhullError:
+        return mask
+    rr, cc = np.mgrid[: mask.shape[0], : mask.shape[1]]
+    q = np.stack([rr.ravel(), cc.ravel(), np.ones(rr.size)], axis=1)
+    return np.asarray((q @ hull.equations.T <= 0.5).all(axis=1).reshape(mask.shape))
+
+
+def _waist_cut(mask: NDArray[np.bool_], spacing: tuple[float, float], keep: tuple[int, int], min_depth_mm: float,
+               max_ratio: float) -> NDArray[np.bool_] | None:
+    """Where ``mask`` is two round bodies pressed together: a waist between two notches of its outline (each at
+    least ``min_depth_mm`` deep under its convex hull) shorter than ``max_ratio`` times the smaller part's
+    equivalent diameter, each part at least a fifth of the whole.  Returns the part away from ``keep`` (row,
+    column), or None without such a waist."""
+    hull = _hull(mask)
+    gaps = hull & ~mask
+    depth = ndi.distance_transform_edt(hull, sampling=spacing)
+    gl, gn = ndi.label(gaps)
+    if gn < 2:
+        return None
+    deepest = []
+    for g in range(1, gn + 1):
+        d = np.where(gl == g, depth, -1.0)
+        i = int(np.argmax(d))
+        if float(d.flat[i]) >= min_depth_mm:
+            deepest.append(np.unravel_index(i, mask.shape))
+    best: tuple[float, NDArray[np.bool_]] | None = None
+    total = float(mask.sum())
+    for a in range(len(deepest)):
+        for b in range(a + 1, len(deepest)):
+            (r0, c0), (r1, c1) = deepest[a], deepest[b]
+            length = float(np.hypot((r1 - r0) * spacing[0], (c1 - c0) * spacing[1]))
+            n = int(np.ceil(2.0 * max(abs(r1 - r0), abs(c1 - c0)))) + 2
+            line = np.zeros(mask.shape, bool)
+            line[np.rint(np.linspace(r0, r1, n)).astype(int), np.rint(np.linspace(c0, c1, n)).astype(int)] = True
+            parts, pn = ndi.label(mask & ~ndi.binary_dilation(line))
+            if pn < 2:
+                continue
+            sizes = ndi.sum_labels(np.ones(parts.shape), parts, index=np.arange(1, pn + 1))
+            order = np.argsort(-sizes)
+            if sizes[order[1]] < 0.2 * total:
+                continue
+            small = float(sizes[order[1]]) * spacing[0] * spacing[1]
+            ratio = length / (2.0 * np.sqrt(small / np.pi))
+            if ratio > max_ratio or (best is not None and ratio >= best[0]):
+                continue
+            # the part holding ``keep`` (or nearest to it) stays; the other big part goes
+            mine = parts[keep] if parts[keep] > 0 else order[0] + 1
+            if parts[keep] == 0:
+                _, (ri, ci) = ndi.distance_transform_edt(parts == 0, return_indices=True)
+                mine = parts[ri[keep], ci[keep]]
+            other = order[1] + 1 if mine == order[0] + 1 else order[0] + 1
+            best = (ratio, parts == other)
+    return None if best is None else best[1]
+
+
 def _belly(cand: NDArray[np.bool_], core: NDArray[np.bool_],
            xy: tuple[NDArray[np.floating[Any]], NDArray[np.floating[Any]]], seed: tuple[float, float],
-           spacing: tuple[float, float], frac: float, close_mm: float) -> NDArray[np.bool_]:
+           spacing: tuple[float, float], frac: float, close_mm: float,
+           hu_local: NDArray[np.floating[Any]] | None = None, drop_hu: float = 0.0, min_low_mm2: float = 50.0,
+           ref_at: tuple[float, float, float] | None = None, front_y: float | None = None, neck_frac: float = 0.7,
+           waist_depth_mm: float = 3.0, waist_ratio: float = 0.8) -> tuple[NDArray[np.bool_], NDArray[np.bool_]]:
     """The round muscle belly around ``core``, with flat sheets and other bellies joined to it cut off.
 
     Anatomy: the psoas major is a fusiform muscle, round to oval in cross-section; what touches it
@@ -443,7 +575,114 @@ def _belly(cand: NDArray[np.bool_], core: NDArray[np.bool_],
     sliding from that point without leaving the muscle, and the candidate pixels ``cand`` there
     (pieces of the same muscle split off by intramuscular fat).  A neck narrower than that disc, or
     a sheet thinner than it, is not psoas.  Computed with distance transforms (cheap for any radius).
+
+    With ``hu_local`` (the muscle-window tissue's local mean HU, fat left out so the muscle's edge keeps its
+    value): tissue more than ``drop_hu`` (or 2.5 x the spread of the local means there) below the median of the
+    muscle at ``ref_at`` (x, y, radius in mm: against the vertebral body's side at mid-depth, where only psoas
+    lies) is not psoas, and the belly is found again without it.  Unenhanced, what lies on the psoas with no fat
+    plane is mostly fainter than muscle: kidney parenchyma 30-35 HU, bowel wall and fluid 10-40 HU, against
+    40-60 HU of psoas (a fatty psoas of 30-40 HU cannot be parted from a kidney this way: its contact is cut only
+    where it is narrow).
+
+    With ``front_y`` (the vertebral body's anterior surface, mm): the candidates are parted into round blobs
+    (``_blobs``: a neck narrower than ``neck_frac`` times the smaller one's inscribed diameter parts two); the
+    psoas' blob is the one at ``ref_at``, and a blob at least half as thick centred in front of the vertebral body
+    or in front of the psoas' centre by more than its inscribed radius (the duodenum, a bowel loop, the vena cava,
+    a node lying on its anterior surface) is not psoas, whatever its HU.  Last, two round bodies pressed together
+    with no neck are parted at a waist between two notches of the outline (``_waist_cut``: each notch
+    ``waist_depth_mm`` deep, the waist shorter than ``waist_ratio`` times the smaller part's diameter) when the
+    other part lies in front of the vertebral body.  Returns the belly and the tissue found not to be psoas (a
+    grown or closed outline must not take it back).
     """
+    belly, excl = _belly_cuts(cand, core, xy, seed, spacing, frac, close_mm, hu_local, drop_hu, min_low_mm2, ref_at,
+                              front_y, neck_frac)
+    if ref_at is not None and belly.any():
+        near = np.hypot(np.broadcast_to(xy[0], cand.shape) - ref_at[0],
+                        np.broadcast_to(xy[1], cand.shape) - ref_at[1]) <= ref_at[2]
+        if (near & cand).any() and not (belly & near).any():
+            # what is left after the cuts is not against the vertebral body's side (a psoas split by fat into pieces
+            # smaller than what lies on it keeps a neighbour's piece): no psoas, rather than that piece
+            return np.zeros(cand.shape, bool), excl | belly
+    if front_y is None or ref_at is None or not belly.any():
+        return belly, excl
+    # two round bodies pressed together with no neck (the duodenum lying across the psoas' front): a waist
+    # between two notches of the outline; the part in front of the vertebral body is not psoas
+    xb, yb = np.broadcast_to(xy[0], cand.shape), np.broadcast_to(xy[1], cand.shape)
+    keep = np.unravel_index(int(np.argmin(np.hypot(xb - ref_at[0], yb - ref_at[1]))), cand.shape)
+    px = float(min(spacing))
+    solid = fill_holes(closing(belly, close_mm / px) | belly) if close_mm >= px else fill_holes(belly)
+    cut = _waist_cut(solid, spacing, (int(keep[0]), int(keep[1])), waist_depth_mm, waist_ratio)
+    if cut is None or float(yb[cut].mean()) >= front_y:
+        return belly, excl
+    return belly & ~cut, excl | (cut & cand)
+
+
+def _belly_cuts(cand: NDArray[np.bool_], core: NDArray[np.bool_],
+                xy: tuple[NDArray[np.floating[Any]], NDArray[np.floating[Any]]], seed: tuple[float, float],
+                spacing: tuple[float, float], frac: float, close_mm: float,
+                hu_local: NDArray[np.floating[Any]] | None, drop_hu: float, min_low_mm2: float,
+                ref_at: tuple[float, float, float] | None, front_y: float | None, neck_frac: float
+                ) -> tuple[NDArray[np.bool_], NDArray[np.bool_]]:
+    """:func:`_belly` up to its waist cut: fainter tissue and blobs in front cut off."""
+    low = np.zeros(core.shape, bool)
+    belly, centre = _belly_once(cand, core, xy, seed, spacing, frac, close_mm)
+    xm, ym = xy
+    if hu_local is not None and drop_hu > 0 and ref_at is not None:
+        inner = cand & (np.hypot(np.broadcast_to(xm, cand.shape) - ref_at[0],
+                                 np.broadcast_to(ym, cand.shape) - ref_at[1]) <= ref_at[2])
+        if int(inner.sum()) >= 10:
+            vals = hu_local[inner]
+            ref = float(np.median(vals))
+            # the muscle's own spread of local means (its noise and texture) widens the margin
+            spread = 1.4826 * float(np.median(np.abs(vals - ref)))
+            low = cand & (hu_local < ref - max(drop_hu, 2.5 * spread))
+            # a fainter organ is a region, not scattered noise pixels
+            lab, n = ndi.label(low)
+            if n:
+                sizes = ndi.sum_labels(np.ones(lab.shape), lab, index=np.arange(1, n + 1)) * spacing[0] * spacing[1]
+                low = np.concatenate([[False], sizes >= min_low_mm2])[lab]
+            if low.any():
+                belly, centre = _belly_once(cand & ~low, core & ~low, xy, seed, spacing, frac, close_mm)
+    if front_y is None or not centre.any():
+        return belly, low
+    # a round blob joined to the psoas by a neck narrower than it, centred in front of the vertebral body (the
+    # duodenum, a bowel loop, the vena cava, a node): not psoas, whatever its HU
+    px = float(min(spacing))
+    rest = cand & ~low
+    solid = fill_holes(closing(rest, close_mm / px) | rest) if close_mm >= px else fill_holes(rest)
+    dt = ndi.distance_transform_edt(solid, sampling=spacing)
+    blobs, deepest = _blobs(solid, dt, px, neck_frac)
+    yb = np.broadcast_to(ym, cand.shape)
+    own = np.unique(blobs[centre & (blobs > 0)])
+    if ref_at is not None and (blobs > 0).any():
+        # the psoas' blob is the one against the vertebral body's side at mid-depth (the belly found so far may be
+        # centred on a deeper organ lying on it)
+        d = np.hypot(np.broadcast_to(xm, cand.shape) - ref_at[0], yb - ref_at[1])
+        j = int(np.argmin(np.where(blobs > 0, d, np.inf)))
+        if float(d.flat[j]) <= ref_at[2]:
+            own = np.array([blobs.flat[j]])
+    # ... or in front of the psoas' own centre by more than its inscribed radius (lying on its anterior surface)
+    own_front = min((float(yb.flat[deepest[int(r)]]) - float(dt.flat[deepest[int(r)]]) for r in own
+                     if int(r) in deepest), default=front_y)
+    own_r = max((float(dt.flat[deepest[int(r)]]) for r in own if int(r) in deepest), default=0.0)
+    # (a round body, at least half as thick as the psoas: not a sliver of it parted by intramuscular fat)
+    ahead = [r for r, i in deepest.items()
+             if r not in own and float(yb.flat[i]) < max(front_y, min(own_front, front_y + 20.0))
+             and float(dt.flat[i]) >= 0.5 * own_r]
+    if not ahead:
+        return belly, low
+    other = solid & np.isin(blobs, ahead)
+    belly, _ = _belly_once(rest & ~other, core & ~low & ~other, xy, seed, spacing, frac, close_mm)
+    return belly, low | other
+
+
+def _belly_once(cand: NDArray[np.bool_], core: NDArray[np.bool_],
+                xy: tuple[NDArray[np.floating[Any]], NDArray[np.floating[Any]]], seed: tuple[float, float],
+                spacing: tuple[float, float], frac: float, close_mm: float
+                ) -> tuple[NDArray[np.bool_], NDArray[np.bool_]]:
+    """:func:`_belly` without the HU check: the belly and its centre (the deep part the discs slide in)."""
+    if not core.any():
+        return core, core
     px = float(min(spacing))
     solid = fill_holes(closing(cand, close_mm / px) | cand) if close_mm >= px else fill_holes(cand)
     dt = ndi.distance_transform_edt(solid, sampling=spacing)
@@ -453,12 +692,12 @@ def _belly(cand: NDArray[np.bool_], core: NDArray[np.bool_],
     i = int(np.argmax(np.where(near, dt, -1.0)))
     rho = frac * float(dt.flat[i])
     if rho < 2.0 * px:  # too small to tell a neck from pixel noise
-        return core
+        return core, core & (dt >= 0.5 * float(dt.flat[i]))
     centres = dt >= rho
     cl, _ = ndi.label(centres)
     centres = cl == cl.flat[i]
     reach = ndi.distance_transform_edt(~centres, sampling=spacing) < rho + px
-    return np.asarray(cand & solid & reach)
+    return np.asarray(cand & solid & reach), np.asarray(centres)
 
 
 def _crop(hu: NDArray[np.float32], spacing: tuple[float, float], anat: SliceAnatomy, p: TissueParams
@@ -644,9 +883,12 @@ def lumbar_named(hu: NDArray[np.float32], spacing: tuple[float, float], anat: Sl
         strict &= smooth <= p.core_smooth_max_hu
     bridge_px = p.bridge_mm / float(np.sqrt(dy * dx))
 
+    excluded = [np.zeros(crop.shape, bool)]  # tissue beside the last compact pick found not to be psoas
+
     def pick(region_full: NDArray[np.bool_], seed: tuple[float, float], max_dist_mm: float = 25.0,
              largest: bool = False, open_px: float = 0.0, compact: bool = False) -> NDArray[np.bool_]:
         out_full = np.zeros(crop.shape, bool)
+        excluded[0] = np.zeros(crop.shape, bool)
         rows, cols = np.nonzero(region_full.any(axis=1))[0], np.nonzero(region_full.any(axis=0))[0]
         if rows.size == 0:
             return out_full
@@ -674,7 +916,21 @@ def lumbar_named(hu: NDArray[np.float32], spacing: tuple[float, float], anat: Sl
             best = win[near][int(np.argmin(dist[near]))]
         core = cl == best
         if compact:
-            core = _belly(cand, core, (xm, ym), seed, spacing, p.belly_open_frac, p.belly_close_mm)
+            local = None
+            if p.belly_drop_hu > 0:
+                # the soft tissue's local mean HU (normalised smoothing over muscle-window pixels not next to fat: fat,
+                # its partial volume at the muscle's edge and bone do not lower or raise it)
+                sure = soft[bb] & ~ndi.binary_dilation(crop[bb] < p.muscle_hu[0])
+                w = sure.astype(np.float32)
+                sig = (p.belly_hu_smooth_mm / dy, p.belly_hu_smooth_mm / dx)
+                num = ndi.gaussian_filter(np.where(sure, crop[bb], 0.0).astype(np.float32), sigma=sig)
+                local = num / np.maximum(ndi.gaussian_filter(w, sigma=sig), 1e-3)
+            wall_x = seed[0] - np.sign(seed[0]) * 20.0  # the vertebral body's side
+            core, low = _belly(cand, core, (xm, ym), seed, spacing, p.belly_open_frac, p.belly_close_mm, local,
+                               p.belly_drop_hu, p.belly_low_min_mm2,
+                               (wall_x + np.sign(seed[0]) * p.belly_ref_mm, 0.0, p.belly_ref_mm - 2.0), -hh,
+                               p.belly_neck_frac)
+            excluded[0][bb] = low
             if not core.any():
                 return out_full
         if compact and float(np.broadcast_to(ym, core.shape)[core].mean()) < -p.psoas_front_frac * hh:
@@ -693,7 +949,7 @@ def lumbar_named(hu: NDArray[np.float32], spacing: tuple[float, float], anat: Sl
             if float((on_box | organ_side).sum()) > p.box_contact_max * float(edge.sum()):
                 return out_full
         grow = max(1.0, max(bridge_px, open_px) + 1.0)
-        grown = dilate(core, grow) & soft[bb] & region
+        grown = dilate(core, grow) & soft[bb] & region & ~excluded[0][bb]
         if open_px > bridge_px:
             gl, _ = ndi.label(grown)
             ids = np.unique(gl[core & grown])
@@ -751,8 +1007,13 @@ def lumbar_named(hu: NDArray[np.float32], spacing: tuple[float, float], anat: Sl
         under_fat = under_fat_mm > (p.erector_sheet_mm if ribs else p.erector_fascia_mm)
         erector_box = (lat > 0.0) & (lat < lat_max) & (ymm > wall + p.erector_front_mm) & efloor & under_fat
         px = float(np.sqrt(dy * dx))
+        if has_tp and tip is not None and p.psoas_beyond_tip_mm > 0:
+            # behind the vertebral body's centre the psoas lies in front of the transverse process, medial to its
+            # tip; the quadratus lumborum lies lateral to the tip (it arises from it)
+            psoas_box = psoas_box & ~((ymm > 0.0) & (lat > tip + p.psoas_beyond_tip_mm))
         ps = pick(np.asarray(psoas_box), (sgn * (hw + 20.0), 0.0), compact=True)
-        out[f"psoas_{side}"][ra:rb, ca:cb] = _outline(ps, np.asarray(psoas_box) & ~bone, px, p.psoas_outline_mm)
+        out[f"psoas_{side}"][ra:rb, ca:cb] = _outline(ps, np.asarray(psoas_box) & ~bone & ~excluded[0], px,
+                                                      p.psoas_outline_mm)
         er = pick(np.asarray(erector_box), (sgn * 40.0, wall + 35.0), 35.0, True, p.erector_open_mm / px)
         out[f"erector_{side}"][ra:rb, ca:cb] = _outline(er, np.asarray(erector_box) & ~bone, px, p.erector_close_mm,
                                                         p.erector_smooth_mm)
