@@ -494,20 +494,27 @@ def _blobs(solid: NDArray[np.bool_], dt: NDArray[np.floating[Any]], px: float, k
     return owner, deepest
 
 
-def _hull(mask: NDArray[np.bool_]) -> NDArray[np.bool_]:
-    """The convex hull of ``mask`` (pixel centres), filled."""
+def _filled_hull(mask: NDArray[np.bool_], tol: float) -> NDArray[np.bool_] | None:
+    """The convex hull of ``mask``'s outline pixel centres, filled (pixels within ``tol`` of it count); None when
+    the outline is degenerate (fewer than 3 points, or collinear)."""
     from scipy.spatial import ConvexHull, QhullError
 
     pts = np.argwhere(mask & ~ndi.binary_erosion(mask)).astype(np.float64)
     if len(pts) < 3:
-        return mask
+        return None
     try:
         hull = ConvexHull(pts)
     except QhullError:
-        return mask
+        return None
     rr, cc = np.mgrid[: mask.shape[0], : mask.shape[1]]
     q = np.stack([rr.ravel(), cc.ravel(), np.ones(rr.size)], axis=1)
-    return np.asarray((q @ hull.equations.T <= 0.5).all(axis=1).reshape(mask.shape))
+    return np.asarray((q @ hull.equations.T <= tol).all(axis=1).reshape(mask.shape))
+
+
+def _hull(mask: NDArray[np.bool_]) -> NDArray[np.bool_]:
+    """The convex hull of ``mask`` (pixel centres), filled; ``mask`` itself when it has none."""
+    h = _filled_hull(mask, 0.5)
+    return mask if h is None else h
 
 
 def _waist_cut(mask: NDArray[np.bool_], spacing: tuple[float, float], keep: tuple[int, int], min_depth_mm: float,
@@ -1157,20 +1164,14 @@ def _lateral_concavity(body: NDArray[np.bool_], centre_rc: tuple[float, float]) 
     A trunk outline is nearly convex at the sides; an arm lying against it leaves notches in front
     of and behind the contact.  The groove along the spine and the navel are medial and not counted.
     """
-    from scipy.spatial import ConvexHull, QhullError
-
     rows, cols = np.nonzero(body.any(axis=1))[0], np.nonzero(body.any(axis=0))[0]
     if rows.size < 3 or cols.size < 3:
         return None
     box = body[rows[0] : rows[-1] + 1, cols[0] : cols[-1] + 1]
-    edge = np.argwhere(box & ~ndi.binary_erosion(box)).astype(np.float64)
-    try:
-        hull = ConvexHull(edge)
-    except QhullError:
+    inside = _filled_hull(box, 1e-6)
+    if inside is None:
         return None
-    yy, xx = np.mgrid[: box.shape[0], : box.shape[1]]
-    pts = np.stack([yy.ravel(), xx.ravel(), np.ones(yy.size)], axis=1)
-    inside = (pts @ hull.equations.T <= 1e-6).all(axis=1).reshape(box.shape)
+    xx = np.arange(box.shape[1])[None, :]
     c0 = centre_rc[1] - cols[0]
     half = max(float(box.shape[1] - 1 - c0), float(c0))
     notch = inside & ~box & (np.abs(xx - c0) > 0.5 * half)
