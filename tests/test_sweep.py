@@ -4,12 +4,14 @@ ledger, dry run, kill -9 and resume, hours, the node's caps on what comes back."
 from __future__ import annotations
 
 import datetime as dt
+import http.server
 import json
 import os
 import signal
 import sqlite3
 import subprocess
 import sys
+import threading
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -408,19 +410,30 @@ def test_series_in_flight_while_retrieved(tmp_path: Path, source_pacs: Orthanc, 
     assert in_flight() == set()
 
 
+@contextmanager
+def _http_stub(handler: type[http.server.BaseHTTPRequestHandler]) -> Iterator[int]:
+    """A threading HTTP server with ``handler`` on 127.0.0.1 (a free port, yielded), stopped on exit."""
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler)
+    t = threading.Thread(target=server.serve_forever, daemon=True)
+    t.start()
+    try:
+        yield int(server.server_address[1])
+    finally:
+        server.shutdown()
+        server.server_close()
+        t.join(5)
+
+
 def test_qido_rs_json_answer_is_capped_in_bytes_and_time(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """A QIDO-RS answer is read with a cap (node.transports.dicomweb.JSON_MAX_BYTES) and a deadline
     (JSON_READ_TIMEOUTS x the source's timeout): an endless JSON body is cut off while it arrives, a declared
     oversize body is refused before it is read, a peer trickling bytes just inside the read timeout is cut off
     at the deadline, and an answer within both comes out as sent."""
-    import http.server
-    import threading
     import time
 
     import node.transports.dicomweb as dw
     from node.config import DicomwebSourceConfig
     from node.sweep.dicomweb import DicomwebError, client, search_studies
-    from tests.peers import free_port
 
     monkeypatch.setattr(dw, "JSON_MAX_BYTES", 256 << 10)
     mode = {"kind": "endless"}
@@ -460,11 +473,7 @@ def test_qido_rs_json_answer_is_capped_in_bytes_and_time(tmp_path: Path, monkeyp
             except (BrokenPipeError, ConnectionResetError):
                 pass
 
-    port = free_port()
-    server = http.server.ThreadingHTTPServer(("127.0.0.1", port), Handler)
-    t = threading.Thread(target=server.serve_forever, daemon=True)
-    t.start()
-    try:
+    with _http_stub(Handler) as port:
         src = DicomwebSourceConfig(kind="dicomweb", name="web", url=f"http://127.0.0.1:{port}/dicom-web",
                                    timeout_seconds=1)
         c = client(src, tmp_path)
@@ -480,21 +489,15 @@ def test_qido_rs_json_answer_is_capped_in_bytes_and_time(tmp_path: Path, monkeyp
         assert time.monotonic() - t0 < 9.0  # cut at the deadline, not when the peer stops
         mode["kind"] = "small"
         assert [d.StudyInstanceUID for d in search_studies(c, src, {})] == ["1.2.3"]
-    finally:
-        server.shutdown()
-        server.server_close()
 
 
 def test_wado_rs_part_over_the_cap_is_stopped_while_it_arrives(tmp_path: Path) -> None:
     """A WADO-RS answer is read part by part with at most node.max_dataset_bytes (+ MIME headers) of one part
     in memory: a part that never ends is cut off while it arrives, an answer without a multipart boundary is
     refused before its body is read, and parts within the cap come out as sent."""
-    import http.server
-    import threading
 
     from node.config import DicomwebSourceConfig
     from node.sweep.dicomweb import PART_OVERHEAD_BYTES, DicomwebError, client, retrieve_series
-    from tests.peers import free_port
 
     cap = 256 << 10
     mode = {"kind": "endless"}
@@ -526,11 +529,7 @@ def test_wado_rs_part_over_the_cap_is_stopped_while_it_arrives(tmp_path: Path) -
             except (BrokenPipeError, ConnectionResetError):
                 pass
 
-    port = free_port()
-    server = http.server.ThreadingHTTPServer(("127.0.0.1", port), Handler)
-    t = threading.Thread(target=server.serve_forever, daemon=True)
-    t.start()
-    try:
+    with _http_stub(Handler) as port:
         src = DicomwebSourceConfig(kind="dicomweb", name="web", url=f"http://127.0.0.1:{port}/dicom-web",
                                    timeout_seconds=10)
         c = client(src, tmp_path)
@@ -543,6 +542,3 @@ def test_wado_rs_part_over_the_cap_is_stopped_while_it_arrives(tmp_path: Path) -
         mode["kind"] = "small"
         assert [len(p) for p in retrieve_series(c, src, "1.2", "1.2.3", cap)] == [1000, 2000]
         assert PART_OVERHEAD_BYTES < cap
-    finally:
-        server.shutdown()
-        server.server_close()
