@@ -591,7 +591,7 @@ class _Ctx:
         window's upper quartile.
         """
         p, n, dz = self.p, self.n, self.dz
-        q = 75.0 if getattr(self, "dim", False) else 50.0
+        q = 75.0 if self.dim else 50.0
         raw: list[tuple[float, float, bool]] = []  # position, score, is_dip
         for k in range(n):
             lw, rw = sn[max(0, k - w) : k], sn[k + 1 : k + w + 1]
@@ -1005,7 +1005,7 @@ def _odd_height(verts: list[Vertebra], v: Vertebra, dz: float) -> str:
         return ""
     ref = float(np.median(near))
     slack = 2.0 / ref  # two slices (pitch is in slices)
-    lo, hi = min(0.75, max(0.6, 0.75 - slack)), max(1.25, min(1.5, 1.25 + slack))
+    lo, hi = max(0.6, 0.75 - slack), min(1.5, 1.25 + slack)
     if own > hi * ref or own < lo * ref:
         return (f"{v.name} is {own * dz:.0f} mm disc to disc against {ref * dz:.0f} mm for its neighbours "
                 "(a disc missed or found twice): level not named")

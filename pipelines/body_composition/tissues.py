@@ -890,32 +890,32 @@ def lumbar_named(hu: NDArray[np.float32], spacing: tuple[float, float], anat: Sl
         strict &= smooth <= p.core_smooth_max_hu
     bridge_px = p.bridge_mm / float(np.sqrt(dy * dx))
 
-    excluded = [np.zeros(crop.shape, bool)]  # tissue beside the last compact pick found not to be psoas
-
     def pick(region_full: NDArray[np.bool_], seed: tuple[float, float], max_dist_mm: float = 25.0,
-             largest: bool = False, open_px: float = 0.0, compact: bool = False) -> NDArray[np.bool_]:
+             largest: bool = False, open_px: float = 0.0, compact: bool = False
+             ) -> tuple[NDArray[np.bool_], NDArray[np.bool_]]:
+        """The muscle picked near ``seed``, and the tissue beside it found not to be it (compact picks only)."""
         out_full = np.zeros(crop.shape, bool)
-        excluded[0] = np.zeros(crop.shape, bool)
+        excluded = np.zeros(crop.shape, bool)
         rows, cols = np.nonzero(region_full.any(axis=1))[0], np.nonzero(region_full.any(axis=0))[0]
         if rows.size == 0:
-            return out_full
+            return out_full, excluded
         bb = np.s_[rows[0] : rows[-1] + 1, cols[0] : cols[-1] + 1]
         region, ym, xm = region_full[bb], ymm[bb[0]], xmm[:, bb[1]]
         r_open = max(bridge_px, open_px)
         cand = (opening(strict[bb], r_open) if r_open >= 1.0 else strict[bb]) & region
         cl, cn = ndi.label(cand)
         if cn == 0:
-            return out_full
+            return out_full, excluded
         sr_, sc_ = (seed[1] - ym[0, 0]) / dy, (seed[0] - xm[0, 0]) / dx
         wa, wb = max(0, int(sr_ - max_dist_mm / dy)), min(cl.shape[0], int(sr_ + max_dist_mm / dy) + 2)
         va, vb = max(0, int(sc_ - max_dist_mm / dx)), min(cl.shape[1], int(sc_ + max_dist_mm / dx) + 2)
         if wa >= wb or va >= vb:
-            return out_full
+            return out_full, excluded
         win = cl[wa:wb, va:vb]
         dist = np.hypot(xm[:, va:vb] - seed[0], ym[wa:wb, :] - seed[1])
         near = (dist <= max_dist_mm) & (win > 0)
         if not near.any():
-            return out_full
+            return out_full, excluded
         if largest:  # the biggest muscle mass inside the search disc (thin strips beside it lose)
             ids = np.unique(win[near])
             best = ids[int(np.argmax(ndi.sum_labels(near, win, index=ids)))]
@@ -937,12 +937,12 @@ def lumbar_named(hu: NDArray[np.float32], spacing: tuple[float, float], anat: Sl
                                p.belly_drop_hu, p.belly_low_min_mm2,
                                (wall_x + np.sign(seed[0]) * p.belly_ref_mm, 0.0, p.belly_ref_mm - 2.0), -hh,
                                p.belly_neck_frac)
-            excluded[0][bb] = low
+            excluded[bb] = low
             if not core.any():
-                return out_full
+                return out_full, excluded
         if compact and float(np.broadcast_to(ym, core.shape)[core].mean()) < -p.psoas_front_frac * hh:
             # the psoas lies beside the vertebral body; a mass in front of it is the aorta or the vena cava
-            return out_full
+            return out_full, excluded
         if compact:
             # a muscle lies inside its box; a component pressed against the box's edges over much of
             # its outline is an organ cut by the box (liver or spleen beside the vertebra), not a muscle
@@ -954,15 +954,15 @@ def lumbar_named(hu: NDArray[np.float32], spacing: tuple[float, float], anat: Sl
             organ_like = soft[bb] & ~strict[bb] & ~ndi.binary_dilation(bone[bb], disk(2.0))
             organ_side = edge & ndi.binary_dilation(organ_like & ~solid, disk(1.5))
             if float((on_box | organ_side).sum()) > p.box_contact_max * float(edge.sum()):
-                return out_full
+                return out_full, excluded
         grow = max(1.0, max(bridge_px, open_px) + 1.0)
-        grown = dilate(core, grow) & soft[bb] & region & ~excluded[0][bb]
+        grown = dilate(core, grow) & soft[bb] & region & ~excluded[bb]
         if open_px > bridge_px:
             gl, _ = ndi.label(grown)
             ids = np.unique(gl[core & grown])
             grown = np.isin(gl, ids[ids > 0])
         out_full[bb] = grown
-        return out_full
+        return out_full, excluded
 
     # the erector's back surface is the thoracolumbar fascia under the subcutaneous fat (the fat joined
     # to the air behind the patient's back); where ribs lie beside the compartment, the superficial back
@@ -1018,10 +1018,10 @@ def lumbar_named(hu: NDArray[np.float32], spacing: tuple[float, float], anat: Sl
             # behind the vertebral body's centre the psoas lies in front of the transverse process, medial to its
             # tip; the quadratus lumborum lies lateral to the tip (it arises from it)
             psoas_box = psoas_box & ~((ymm > 0.0) & (lat > tip + p.psoas_beyond_tip_mm))
-        ps = pick(np.asarray(psoas_box), (sgn * (hw + 20.0), 0.0), compact=True)
-        out[f"psoas_{side}"][ra:rb, ca:cb] = _outline(ps, np.asarray(psoas_box) & ~bone & ~excluded[0], px,
+        ps, not_psoas = pick(np.asarray(psoas_box), (sgn * (hw + 20.0), 0.0), compact=True)
+        out[f"psoas_{side}"][ra:rb, ca:cb] = _outline(ps, np.asarray(psoas_box) & ~bone & ~not_psoas, px,
                                                       p.psoas_outline_mm)
-        er = pick(np.asarray(erector_box), (sgn * 40.0, wall + 35.0), 35.0, True, p.erector_open_mm / px)
+        er, _ = pick(np.asarray(erector_box), (sgn * 40.0, wall + 35.0), 35.0, True, p.erector_open_mm / px)
         out[f"erector_{side}"][ra:rb, ca:cb] = _outline(er, np.asarray(erector_box) & ~bone, px, p.erector_close_mm,
                                                         p.erector_smooth_mm)
         if compartments:
