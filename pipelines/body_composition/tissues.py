@@ -452,7 +452,10 @@ def _blobs(solid: NDArray[np.bool_], dt: NDArray[np.floating[Any]], px: float, k
     two parts that meet at a level ``t`` (half the width of the neck between them) stay two where ``t`` is below
     ``kappa`` times each one's inscribed radius (else the shallower joins the deeper); pixels below the meeting
     level go to the nearer part.  Returns the blob label per pixel (0 outside) and each blob's deepest pixel
-    (flat index)."""
+    (flat index).
+
+    Each level works on the bounding box of what lies above it, and each part of it on that part's own box (the
+    deep levels are small): the same labels as over the whole image."""
     owner = np.zeros(solid.shape, np.int32)
     top: dict[int, float] = {}
     deepest: dict[int, int] = {}
@@ -461,32 +464,46 @@ def _blobs(solid: NDArray[np.bool_], dt: NDArray[np.floating[Any]], px: float, k
     step = 0.5 * px
     dmax = float(dt[solid].max())
     flat = np.where(solid, dt, -1.0)
+    width = solid.shape[1]
+    eight = np.ones((3, 3))
+    next_id = 0  # a blob's label is never reused (a merged blob's label is gone)
     for t in np.arange(dmax, 0.5 * px, -step):
-        comps, n = ndi.label(solid & (dt >= t - 1e-9), structure=np.ones((3, 3)))
-        if n == 0:
+        level = solid & (dt >= t - 1e-9)
+        rows = np.flatnonzero(level.any(axis=1))
+        if rows.size == 0:
             continue
-        for c in range(1, n + 1):
-            comp = comps == c
-            ids = [int(v) for v in np.unique(owner[comp]) if v > 0]
+        cols = np.flatnonzero(level.any(axis=0))
+        box = np.s_[rows[0] : rows[-1] + 1, cols[0] : cols[-1] + 1]
+        comps, n = ndi.label(level[box], structure=eight)
+        own_box, flat_box = owner[box], flat[box]  # views
+        for c, part in enumerate(ndi.find_objects(comps), start=1):
+            if part is None:
+                continue
+            comp = comps[part] == c
+            own = own_box[part]
+            ids = [int(v) for v in np.unique(own[comp]) if v > 0]
             if not ids:  # a new deepest point
-                r = len(top) + 1
-                top[r] = float(flat[comp].max())
-                deepest[r] = int(np.argmax(np.where(comp, flat, -1.0)))
-                owner[comp] = r
+                r = next_id = next_id + 1
+                fl = np.where(comp, flat_box[part], -1.0)
+                i = int(np.argmax(fl))
+                top[r] = float(fl.flat[i])
+                rr, cc = divmod(i, comp.shape[1])
+                deepest[r] = (int(rows[0]) + part[0].start + rr) * width + int(cols[0]) + part[1].start + cc
+                own[comp] = r
                 continue
             ids.sort(key=lambda r_: -top[r_])
             keep = [ids[0]] + [r_ for r_ in ids[1:] if t < kappa * top[r_]]
             for r_ in ids[1:]:
                 if r_ not in keep:  # a shallow part on a wide neck: the same blob
-                    owner[owner == r_] = ids[0]
+                    own[own == r_] = ids[0]
                     del top[r_], deepest[r_]
-            new = comp & (owner == 0)
+            new = comp & (own == 0)
             if len(keep) == 1:
-                owner[new] = keep[0]
+                own[new] = keep[0]
             elif new.any():
-                seeds = np.where(comp & np.isin(owner, keep), owner, 0)
+                seeds = np.where(comp & np.isin(own, keep), own, 0)
                 _, (ri, ci) = ndi.distance_transform_edt(seeds == 0, return_indices=True)
-                owner[new] = seeds[ri[new], ci[new]]
+                own[new] = seeds[ri[new], ci[new]]
     rest = solid & (owner == 0)
     if rest.any() and (owner > 0).any():
         _, (ri, ci) = ndi.distance_transform_edt(owner == 0, return_indices=True)
@@ -506,9 +523,14 @@ def _filled_hull(mask: NDArray[np.bool_], tol: float) -> NDArray[np.bool_] | Non
         hull = ConvexHull(pts)
     except QhullError:
         return None
-    rr, cc = np.mgrid[: mask.shape[0], : mask.shape[1]]
+    # only pixels within the outline's box (widened by ``tol``) can lie in the hull: test those
+    lo = np.maximum(np.floor(pts.min(axis=0) - tol).astype(int), 0)
+    hi = np.minimum(np.ceil(pts.max(axis=0) + tol).astype(int) + 1, mask.shape)
+    rr, cc = np.mgrid[lo[0] : hi[0], lo[1] : hi[1]]
     q = np.stack([rr.ravel(), cc.ravel(), np.ones(rr.size)], axis=1)
-    return np.asarray((q @ hull.equations.T <= tol).all(axis=1).reshape(mask.shape))
+    out = np.zeros(mask.shape, bool)
+    out[lo[0] : hi[0], lo[1] : hi[1]] = (q @ hull.equations.T <= tol).all(axis=1).reshape(rr.shape)
+    return out
 
 
 def _hull(mask: NDArray[np.bool_]) -> NDArray[np.bool_]:
@@ -616,8 +638,7 @@ def _belly(cand: NDArray[np.bool_], core: NDArray[np.bool_],
     # between two notches of the outline; the part in front of the vertebral body is not psoas
     xb, yb = np.broadcast_to(xy[0], cand.shape), np.broadcast_to(xy[1], cand.shape)
     keep = np.unravel_index(int(np.argmin(np.hypot(xb - ref_at[0], yb - ref_at[1]))), cand.shape)
-    px = float(min(spacing))
-    solid = fill_holes(closing(belly, close_mm / px) | belly) if close_mm >= px else fill_holes(belly)
+    solid = _solid(belly, spacing, close_mm)
     cut = _waist_cut(solid, spacing, (int(keep[0]), int(keep[1])), waist_depth_mm, waist_ratio)
     if cut is None or float(yb[cut].mean()) >= front_y:
         return belly, excl
@@ -632,7 +653,6 @@ def _belly_cuts(cand: NDArray[np.bool_], core: NDArray[np.bool_],
                 ) -> tuple[NDArray[np.bool_], NDArray[np.bool_]]:
     """:func:`_belly` up to its waist cut: fainter tissue and blobs in front cut off."""
     low = np.zeros(core.shape, bool)
-    belly, centre = _belly_once(cand, core, xy, seed, spacing, frac, close_mm)
     xm, ym = xy
     if hu_local is not None and drop_hu > 0 and ref_at is not None:
         inner = cand & (np.hypot(np.broadcast_to(xm, cand.shape) - ref_at[0],
@@ -648,16 +668,15 @@ def _belly_cuts(cand: NDArray[np.bool_], core: NDArray[np.bool_],
             if n:
                 sizes = ndi.sum_labels(np.ones(lab.shape), lab, index=np.arange(1, n + 1)) * spacing[0] * spacing[1]
                 low = np.concatenate([[False], sizes >= min_low_mm2])[lab]
-            if low.any():
-                belly, centre = _belly_once(cand & ~low, core & ~low, xy, seed, spacing, frac, close_mm)
+    rest = cand & ~low
+    solid = _solid(rest, spacing, close_mm)
+    dt = ndi.distance_transform_edt(solid, sampling=spacing)
+    belly, centre = _belly_once(rest, core & ~low, xy, seed, spacing, frac, close_mm, (solid, dt))
     if front_y is None or not centre.any():
         return belly, low
     # a round blob joined to the psoas by a neck narrower than it, centred in front of the vertebral body (the
     # duodenum, a bowel loop, the vena cava, a node): not psoas, whatever its HU
     px = float(min(spacing))
-    rest = cand & ~low
-    solid = fill_holes(closing(rest, close_mm / px) | rest) if close_mm >= px else fill_holes(rest)
-    dt = ndi.distance_transform_edt(solid, sampling=spacing)
     blobs, deepest = _blobs(solid, dt, px, neck_frac)
     yb = np.broadcast_to(ym, cand.shape)
     own = np.unique(blobs[centre & (blobs > 0)])
@@ -683,16 +702,27 @@ def _belly_cuts(cand: NDArray[np.bool_], core: NDArray[np.bool_],
     return belly, low | other
 
 
+def _solid(mask: NDArray[np.bool_], spacing: tuple[float, float], close_mm: float) -> NDArray[np.bool_]:
+    """``mask`` with its specks (closed by a disc of ``close_mm``) and holes filled."""
+    px = float(min(spacing))
+    return fill_holes(closing(mask, close_mm / px) | mask) if close_mm >= px else fill_holes(mask)
+
+
 def _belly_once(cand: NDArray[np.bool_], core: NDArray[np.bool_],
                 xy: tuple[NDArray[np.floating[Any]], NDArray[np.floating[Any]]], seed: tuple[float, float],
-                spacing: tuple[float, float], frac: float, close_mm: float
+                spacing: tuple[float, float], frac: float, close_mm: float,
+                solid_dt: tuple[NDArray[np.bool_], NDArray[np.floating[Any]]] | None = None
                 ) -> tuple[NDArray[np.bool_], NDArray[np.bool_]]:
-    """:func:`_belly` without the HU check: the belly and its centre (the deep part the discs slide in)."""
+    """:func:`_belly` without the HU check: the belly and its centre (the deep part the discs slide in).
+    ``solid_dt``: ``cand``'s :func:`_solid` and its distance transform, where the caller has them."""
     if not core.any():
         return core, core
     px = float(min(spacing))
-    solid = fill_holes(closing(cand, close_mm / px) | cand) if close_mm >= px else fill_holes(cand)
-    dt = ndi.distance_transform_edt(solid, sampling=spacing)
+    if solid_dt is None:
+        solid = _solid(cand, spacing, close_mm)
+        dt = ndi.distance_transform_edt(solid, sampling=spacing)
+    else:
+        solid, dt = solid_dt
     xm, ym = xy
     dist = np.hypot(np.broadcast_to(xm, core.shape) - seed[0], np.broadcast_to(ym, core.shape) - seed[1])
     near = solid & (dist <= float(dist[core].min()) + 15.0)
