@@ -61,11 +61,24 @@ def components_touching(mask: NDArray[np.bool_], seed: NDArray[np.bool_]) -> NDA
     return np.asarray(keep[lab])
 
 
+def label_sizes(lab: NDArray[np.integer], n: int) -> NDArray[np.float64]:
+    """Pixel count of each label 1..n of ``lab`` (``ndi.sum_labels`` of ones, by one bincount)."""
+    return np.bincount(lab.ravel(), minlength=n + 1)[1 : n + 1].astype(np.float64)
+
+
+def label_min(values: NDArray[np.floating], lab: NDArray[np.integer], n: int) -> NDArray[np.float64]:
+    """Smallest of ``values`` over each label 1..n of ``lab`` (inf for a label with no pixel)."""
+    out = np.full(n + 1, np.inf)
+    sel = lab > 0
+    np.minimum.at(out, lab[sel], np.broadcast_to(values, lab.shape)[sel])
+    return out[1:]
+
+
 def largest_component(mask: NDArray[np.bool_]) -> NDArray[np.bool_]:
     lab, n = ndi.label(mask)
     if n == 0:
         return np.zeros(mask.shape, bool)
-    sizes = ndi.sum_labels(np.ones(mask.shape), lab, index=np.arange(1, n + 1))
+    sizes = label_sizes(lab, n)
     return np.asarray(lab == int(np.argmax(sizes)) + 1)
 
 

@@ -123,6 +123,8 @@ from pipelines.body_composition.morphology import (
     disk,
     erode,
     fill_holes,
+    label_min,
+    label_sizes,
     opening,
 )
 from pipelines.body_composition.types import (
@@ -250,7 +252,7 @@ def trunk_of(hu: NDArray[np.float32], spacing: tuple[float, float], centre_rc: t
     if seed is not None:
         tid = int(lab[seed])
     else:
-        sizes = ndi.sum_labels(np.ones(lab.shape), lab, index=np.arange(1, n + 1))
+        sizes = label_sizes(lab, n)
         tid = int(np.argmax(sizes)) + 1
     body = fill_holes(np.asarray(lab == tid))
     # other components of limb size holding limb bone are limbs (arms lying apart)
@@ -259,7 +261,7 @@ def trunk_of(hu: NDArray[np.float32], spacing: tuple[float, float], centre_rc: t
     limbs = np.zeros(hu.shape, bool)
     if others.any():
         bone_px = ndi.sum_labels(bone_all, lab, index=np.arange(1, n + 1))
-        size_px = ndi.sum_labels(np.ones(lab.shape), lab, index=np.arange(1, n + 1))
+        size_px = label_sizes(lab, n)
         # ... and thick (the table and its mattress are thin sheets, a limb is round)
         thick = ndi.maximum(ndi.distance_transform_edt(lab > 0, sampling=spacing), lab, index=np.arange(1, n + 1))
         is_limb = np.concatenate([[False], (bone_px * dy * dx >= p.limb_bone_min_mm2)
@@ -277,7 +279,7 @@ def trunk_of(hu: NDArray[np.float32], spacing: tuple[float, float], centre_rc: t
     bone = bone_all & body
     blab, bn = ndi.label(fill_holes(bone))
     if bn:
-        bsize = ndi.sum_labels(np.ones(blab.shape), blab, index=np.arange(1, bn + 1)) * dy * dx
+        bsize = label_sizes(blab, bn) * dy * dx
         big = np.nonzero(bsize >= p.limb_bone_min_mm2)[0] + 1
     else:
         big = np.zeros(0, int)
@@ -383,7 +385,7 @@ def _posterior_floor(bone: NDArray[np.bool_], ymm: NDArray[np.floating[Any]], la
         return _Floor(ok, False, None, None, None)
     # enhancing vessels (segmental, intercostal) are small: keep bone pieces of rib size and up
     lab, n = ndi.label(b)
-    sizes = ndi.sum_labels(np.ones(b.shape), lab, index=np.arange(1, n + 1)) * px_area_mm2
+    sizes = label_sizes(lab, n) * px_area_mm2
     b = np.concatenate([[False], sizes >= p.min_bone_piece_mm2])[lab]
     if not b.any():
         return _Floor(ok, False, None, None, None)
@@ -391,13 +393,13 @@ def _posterior_floor(bone: NDArray[np.bool_], ymm: NDArray[np.floating[Any]], la
     join = max(1.0, 1.0 / float(np.sqrt(px_area_mm2)))
     lab, n = ndi.label(dilate(b, join))
     lab = np.where(b, lab, 0)
-    medial_lat = ndi.minimum(np.broadcast_to(lat, b.shape), lab, index=np.arange(1, n + 1))
+    medial_lat = label_min(lat, lab, n)
     # pieces joined to the vertebra reach the midline cut (body, lamina: a few mm apart at most)
     vert_ids = np.nonzero(medial_lat <= float(np.min(medial_lat)) + 3.0)[0] + 1
     vmask = np.isin(lab, vert_ids)
     if ribs_possible is False and n > len(vert_ids):
         # no ribs here: pieces in line beyond the vertebra's bone are its processes' tips
-        piece_mm2 = ndi.sum_labels(np.ones(b.shape), lab, index=np.arange(1, n + 1)) * px_area_mm2
+        piece_mm2 = label_sizes(lab, n) * px_area_mm2
         reach = float(np.broadcast_to(lat, b.shape)[vmask].max())
         tips = [i + 1 for i in range(n) if i + 1 not in vert_ids and piece_mm2[i] < p.ilium_min_mm2
                 and medial_lat[i] <= reach + p.process_gap_mm]
@@ -569,7 +571,7 @@ def _waist_cut(mask: NDArray[np.bool_], spacing: tuple[float, float], keep: tupl
             parts, pn = ndi.label(mask & ~ndi.binary_dilation(line))
             if pn < 2:
                 continue
-            sizes = ndi.sum_labels(np.ones(parts.shape), parts, index=np.arange(1, pn + 1))
+            sizes = label_sizes(parts, pn)
             order = np.argsort(-sizes)
             if sizes[order[1]] < 0.2 * total:
                 continue
@@ -666,7 +668,7 @@ def _belly_cuts(cand: NDArray[np.bool_], core: NDArray[np.bool_],
             # a fainter organ is a region, not scattered noise pixels
             lab, n = ndi.label(low)
             if n:
-                sizes = ndi.sum_labels(np.ones(lab.shape), lab, index=np.arange(1, n + 1)) * spacing[0] * spacing[1]
+                sizes = label_sizes(lab, n) * spacing[0] * spacing[1]
                 low = np.concatenate([[False], sizes >= min_low_mm2])[lab]
     rest = cand & ~low
     solid = _solid(rest, spacing, close_mm)
@@ -1160,7 +1162,7 @@ def segment_lumbar(hu: NDArray[np.float32], spacing: tuple[float, float], anat: 
     holes = fill_holes(muscle) & ~muscle
     hl, hn = ndi.label(holes)
     if hn:
-        sizes = ndi.sum_labels(np.ones(hl.shape), hl, index=np.arange(1, hn + 1)) * dy * dx
+        sizes = label_sizes(hl, hn) * dy * dx
         holes = np.concatenate([[False], sizes <= p.imat_max_hole_mm2])[hl]
     imat = fat & envelope & (holes | para)
     vat = fat & envelope & ~imat & ~para
@@ -1265,7 +1267,7 @@ def segment_c3(hu: NDArray[np.float32], spacing: tuple[float, float], anat: Slic
         cl, cn = ndi.label(cand & scm_region)
         scm = np.zeros(hu.shape, bool)
         if cn:
-            sizes = ndi.sum_labels(np.ones(cl.shape), cl, index=np.arange(1, cn + 1)) * dy * dx
+            sizes = label_sizes(cl, cn) * dy * dx
             best = int(np.argmax(sizes))
             if sizes[best] >= p.scm_min_mm2:
                 scm = dilate(cl == best + 1, bridge_px + 1.0) & soft & scm_region
