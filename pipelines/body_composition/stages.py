@@ -172,31 +172,34 @@ class TissueSegmenter:
         assert level.slice_index is not None
         k = level.slice_index
         anatomy = self._anatomy(vol, level)
-        seg = self.backend.segment_slice(vol.hu[k], vol.pixel_spacing, anatomy(k), level=level.level or "L3")
         masks: dict[str, NDArray[np.bool_]] = {}
         rng: tuple[int, int] | None = None
         note = ""
-        if self.volumes_3d and level.level in LUMBAR:
-            l1, l5 = level.vertebra("L1"), level.vertebra("L5")
-            if l1 is None or l5 is None or l1.touches_edge or l5.touches_edge:
-                note = "3D volumes need L1 to L5 completely in the field of view"
-            else:
-                rng = (l5.first, l1.last)
-                for key in NAMED_MUSCLES:
-                    masks[key] = np.zeros(vol.hu.shape, bool)
-                others = [kk for kk in range(rng[0], rng[1] + 1) if kk != k]
+        with ThreadPoolExecutor(max_workers=self.workers) as pool:  # scipy releases the GIL
+            # the level slice's full segmentation runs beside the volume slices, not before them
+            level_seg = pool.submit(self.backend.segment_slice, vol.hu[k], vol.pixel_spacing, anatomy(k),
+                                    level=level.level or "L3")
+            if self.volumes_3d and level.level in LUMBAR:
+                l1, l5 = level.vertebra("L1"), level.vertebra("L5")
+                if l1 is None or l5 is None or l1.touches_edge or l5.touches_edge:
+                    note = "3D volumes need L1 to L5 completely in the field of view"
+                else:
+                    rng = (l5.first, l1.last)
+                    for key in NAMED_MUSCLES:
+                        masks[key] = np.zeros(vol.hu.shape, bool)
+                    others = [kk for kk in range(rng[0], rng[1] + 1) if kk != k]
 
-                def one(kk: int) -> Mapping[str, NDArray[np.bool_]]:
-                    return self.backend.segment_named(vol.hu[kk], vol.pixel_spacing, anatomy(kk))
+                    def one(kk: int) -> Mapping[str, NDArray[np.bool_]]:
+                        return self.backend.segment_named(vol.hu[kk], vol.pixel_spacing, anatomy(kk))
 
-                with ThreadPoolExecutor(max_workers=self.workers) as pool:  # scipy releases the GIL
                     results = list(pool.map(one, others))
-                for kk, named in [(k, seg.masks), *zip(others, results, strict=True)]:
-                    if rng[0] <= kk <= rng[1]:
-                        for key in NAMED_MUSCLES:
-                            masks[key][kk] = named[key]
-        elif self.volumes_3d:
-            note = f"3D volumes are measured over the lumbar spine only (level {level.level})"
+                    for kk, named in [(k, level_seg.result().masks), *zip(others, results, strict=True)]:
+                        if rng[0] <= kk <= rng[1]:
+                            for key in NAMED_MUSCLES:
+                                masks[key][kk] = named[key]
+            elif self.volumes_3d:
+                note = f"3D volumes are measured over the lumbar spine only (level {level.level})"
+            seg = level_seg.result()
         return Segmentation(level=level, slice_seg=seg, volume_masks=masks, volume_range=rng, volume_note=note,
                             backend=self.backend.name, model_version=self.backend.model_version)
 
