@@ -111,26 +111,29 @@ def build_seg(
         arrays.append(m.astype(bool, copy=False))
     # Mutually exclusive masks travel as one label-map array (segment number per pixel),
     # which highdicom checks far faster than a stacked (planes, rows, cols, segments) array;
-    # the SEG written is BINARY either way.  Built with whole-array byte arithmetic (no
-    # boolean fancy indexing): overlap is any pixel where the running sum exceeds 1.
+    # the SEG written is BINARY either way.  Masks are sparse (a few muscles in a whole CT),
+    # so each is written into the label map through the flat indices of its voxels: a mask
+    # overlaps an earlier one when any of its voxels is already labelled.
     pixel_array: NDArray[np.uint8]
     exclusive = len(keys) < 255
     label = np.zeros((planes, rows, cols), dtype=np.uint8)
-    covered = np.zeros((planes, rows, cols), dtype=bool)
+    flat = label.reshape(-1)
+    any_voxel = False
     for i, m in enumerate(arrays):
-        if exclusive and np.logical_and(covered, m).any():
-            exclusive = False
         if not exclusive:
             break
-        np.logical_or(covered, m, out=covered)
-        label += m.view(np.uint8) * np.uint8(i + 1)
+        idx = np.flatnonzero(m)
+        if flat[idx].any():
+            exclusive = False
+            break
+        flat[idx] = i + 1
+        any_voxel = any_voxel or idx.size > 0
     if exclusive:
         pixel_array = label
-        any_voxel = bool(covered.any())
     else:
+        del label, flat
         pixel_array = np.stack(arrays, axis=-1).astype(np.uint8)
         any_voxel = bool(pixel_array.any())
-    del covered
     descriptions = [
         segment_description(key, i + 1, algorithm, (labels or {}).get(key)) for i, key in enumerate(keys)
     ]

@@ -53,6 +53,7 @@ from pipelines.body_composition.dicom_out import (
     tracking_key,
 )
 from pipelines.body_composition.types import LevelResult, Measurements, Segmentation, Value
+from pipelines.common.gc_pause import gc_paused
 from pipelines.common.volume import Volume
 
 if TYPE_CHECKING:
@@ -190,6 +191,13 @@ def _level_groups(seg: Segmentation, meas: Measurements, pipeline: BodyCompositi
 
 def write_results(ctx: PipelineContext, volume: Volume, seg: Segmentation, meas: Measurements,
                   pipeline: BodyCompositionPipeline, backend: Backend) -> PipelineOutput:
+    """SEG, SR and the 3D SEG + SR of an evaluable series (module docstring), written to ``ctx.work_dir``."""
+    with gc_paused():  # ~10^5 short-lived datasets: no full collections walking the series meanwhile
+        return _write_results(ctx, volume, seg, meas, pipeline, backend)
+
+
+def _write_results(ctx: PipelineContext, volume: Volume, seg: Segmentation, meas: Measurements,
+                   pipeline: BodyCompositionPipeline, backend: Backend) -> PipelineOutput:
     from pipelines.body_composition.pipeline import summary_of
 
     src = _source_per_slice(volume)

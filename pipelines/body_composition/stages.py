@@ -280,16 +280,21 @@ class Measure:
                 metal = metal_in_volume(vol.hu[k0 : k1 + 1], k0, vol.pixel_area_mm2, self.gates)
             for key in NAMED_MUSCLES:
                 vm = seg.volume_masks.get(key)
+                if vm is not None and vm.shape != vol.hu.shape:
+                    raise ValueError(f"measurements: series {vol.series_uid}: 3D mask {key!r} has shape {vm.shape}, "
+                                     f"the series {vol.hu.shape}")
+                # the voxels of a (sparse) whole-series mask, in the order hu[vm] gives them: one scan
+                idx = np.flatnonzero(vm) if vm is not None and not metal else None
                 if metal:
                     volumes[key] = Value(None, "cm3", metal)
                     vmeans[key] = Value(None, "HU", metal)
-                elif vm is None or not vm.any():
+                elif idx is None or not idx.size:
                     reason = seg.volume_note or "not segmented"
                     volumes[key] = Value(None, "cm3", reason)
                     vmeans[key] = Value(None, "HU", reason)
                 else:
-                    volumes[key] = Value(float(vm.sum()) * vol.voxel_volume_mm3 / 1000.0, "cm3")
-                    vmeans[key] = Value(float(vol.hu[vm].mean()), "HU")
+                    volumes[key] = Value(float(idx.size) * vol.voxel_volume_mm3 / 1000.0, "cm3")
+                    vmeans[key] = Value(float(vol.hu.reshape(-1)[idx].mean()), "HU")
         gates = {"version": self.gates.version, "failed": failed}
 
         derived: dict[str, Value] = {}
