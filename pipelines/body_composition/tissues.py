@@ -758,7 +758,9 @@ def _crop(hu: NDArray[np.float32], spacing: tuple[float, float], anat: SliceAnat
 
 
 def _side_bone(fl: _Floor, lat_row: NDArray[np.floating[Any]], p: TissueParams) -> SideBone:
-    """One side's landmarks as carried to nearby slices: the process tip and the floor on a 1 mm grid."""
+    """One side's landmarks as carried to nearby slices: the process tip and the floor on a 1 mm grid, and where ribs
+    lie beside the compartment the most posterior bone per grid column (its nearest pixel column within 0.75 mm;
+    NaN where none is that near or it holds no bone)."""
     has_tp = fl.tip is not None and fl.tip >= p.tp_min_lat_mm
     grid = np.arange(0.0, p.erector_lateral_max_mm + 1.0)
     wall: tuple[float, ...] = ()
