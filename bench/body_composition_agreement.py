@@ -1,13 +1,21 @@
 """Agreement of the weight-free tissues with TotalSegmentator on the shared real CT (T11-T12, contrast).
 
     .venv/bin/python bench/body_composition_agreement.py [--data ../shared/data] [--every 1] [--noise SD]
+                                                         [--per-slice]
 
 The series (totalseg_example_ct_dicom) has empty UIDs: it is copied to a temp folder and
 given UIDs first.  TotalSegmentator's labels (LAS NIfTI) are sampled onto the canonical grid
 by geometry (``labels.read_labels_on_volume``).  Printed, per slice and summarised:
 
 * erector spinae (the paraspinal compartment) against TotalSegmentator's autochthon_left /
-  _right: Dice and area error, every slice where the reference exists (a missed slice scores 0);
+  _right: Dice and area error, every slice where the reference exists (a missed slice scores 0),
+  per slice with ``--per-slice``;
+* left against right: each side's area over the other's and the Dice of the left mask with the right one
+  mirrored about the vertebral body's centre column, for TotalSegmentator and for ours, next to the
+  muscle-window tissue behind the spine (more than 20 mm behind the body's posterior edge, within 60 mm of
+  the midline), left over right.  Where that tissue is symmetric and the reference is not, a segmentation
+  that follows the anatomy cannot match the reference on both sides (the real CT: its muscle behind the
+  spine is 1.0-1.1 left over right, TotalSegmentator's autochthon 0.75);
 * organs inside "skeletal muscle": the area of liver, spleen, stomach (and kidneys, colon,
   aorta, IVC where labelled) that the muscle mask holds, before (the old segmenter,
   ``classical.ClassicalSliceSegmenter``, where it still exists) and after (``tissues``);
@@ -69,6 +77,31 @@ def dice(a: NDArray[np.bool_], b: NDArray[np.bool_]) -> float:
     return 2.0 * float((a & b).sum()) / float(a.sum() + b.sum())
 
 
+def mirrored(mask: NDArray[np.bool_], centre_col: float) -> NDArray[np.bool_]:
+    """``mask`` mirrored left to right about the column ``centre_col`` (canonical columns: the patient's left)."""
+    out = np.zeros_like(mask)
+    cols = np.arange(mask.shape[1])
+    src = np.round(2.0 * centre_col - cols).astype(int)
+    ok = (src >= 0) & (src < mask.shape[1])
+    out[:, ok] = mask[:, src[ok]]
+    return out
+
+
+def sides_table(rows: list[tuple[int, float, float, float, float, float, float, float, float, float]],
+                per_slice: bool) -> None:
+    """Left against right, for the reference and for ours (see the module docstring); per slice too."""
+    print("left against right (TotalSegmentator = TS): area left/right, Dice of left vs right mirrored")
+    head = (f"{'slice':>6}{'Dice L':>8}{'Dice R':>8}{'ours L/R':>10}{'TS L/R':>8}{'tissue L/R':>12}"
+            f"{'mirror ours':>13}{'mirror TS':>11}")
+    print(head)
+    if per_slice:
+        for k, dl, dr, ol, orr, tl, tr, tissue, mo, mt in rows:
+            print(f"{k:>6}{dl:>8.3f}{dr:>8.3f}{ol / orr:>10.2f}{tl / tr:>8.2f}{tissue:>12.2f}{mo:>13.3f}{mt:>11.3f}")
+    v = np.asarray([r[1:] for r in rows], dtype=np.float64)
+    print(f"{'mean':>6}{v[:, 0].mean():>8.3f}{v[:, 1].mean():>8.3f}{(v[:, 2] / v[:, 3]).mean():>10.2f}"
+          f"{(v[:, 4] / v[:, 5]).mean():>8.2f}{v[:, 6].mean():>12.2f}{v[:, 7].mean():>13.3f}{v[:, 8].mean():>11.3f}")
+
+
 ORGANS = {"liver": 5, "spleen": 1, "stomach": 6, "kidney_right": 2, "kidney_left": 3, "colon": 20,
           "aorta": 52, "inferior_vena_cava": 63}
 RIBS = range(92, 116)
@@ -113,6 +146,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--every", type=int, default=1, help="use every n-th slice")
     ap.add_argument("--noise", type=float, default=0.0,
                     help="add white noise of this SD (HU) first, as low-dose CT (seeded: the same every run)")
+    ap.add_argument("--per-slice", action="store_true", help="print the erector's Dice and left/right per slice")
     a = ap.parse_args(argv)
     from pipelines.body_composition.labels import read_labels_on_volume
     from pipelines.body_composition.levels import SpineLevelFinder, anatomy_for_slice
@@ -154,6 +188,7 @@ def main(argv: list[str] | None = None) -> int:
         arm: dict[str, list[float]] = {"muscle before": [], "muscle after": [], "sat before": [], "sat after": [],
                                        "arm area": []}
         totals: dict[str, list[float]] = {"muscle before": [], "muscle after": [], "sat before": [], "sat after": []}
+        sides: list[tuple[int, float, float, float, float, float, float, float, float, float]] = []
         slices = list(range(0, vol.shape[0], a.every))
         p = TissueParams()
 
@@ -172,6 +207,17 @@ def main(argv: list[str] | None = None) -> int:
                     m = seg.masks[key]
                     dices[key].append(dice(m, r) if m.any() else 0.0)
                     errs[key].append((float(m.sum()) - float(r.sum())) * px)
+            tl, tr = ref[k] == TS_LABELS["erector_left"], ref[k] == TS_LABELS["erector_right"]
+            ol, orr = seg.masks["erector_left"], seg.masks["erector_right"]
+            if tl.any() and tr.any() and ol.any() and orr.any():
+                c0 = anat.centre_rc[1]
+                dy, dx = vol.pixel_spacing
+                rows_behind = np.arange(vol.shape[1])[:, None] > anat.centre_rc[0] + (anat.half_height_mm + 20.0) / dy
+                off = (np.arange(vol.shape[2])[None, :] - c0) * dx
+                muscle = (vol.hu[k] >= -29.0) & (vol.hu[k] <= 150.0) & rows_behind
+                tissue = float((muscle & (off > 0) & (off <= 60.0)).sum()) / float((muscle & (off < 0) & (off >= -60.0)).sum())
+                sides.append((k, dice(ol, tl), dice(orr, tr), float(ol.sum()), float(orr.sum()), float(tl.sum()),
+                              float(tr.sum()), tissue, dice(mirrored(ol, c0), orr), dice(mirrored(tl, c0), tr)))
             prev = old.run(vol.hu[k], vol.pixel_spacing, anat) if old is not None else None
             plain = new.run(unenhanced(vol.hu[k], ref[k]), vol.pixel_spacing, anat, "L3")
             for name, lab in ORGANS.items():
@@ -201,6 +247,9 @@ def main(argv: list[str] | None = None) -> int:
             if ds:
                 print(f"{key:<16}{len(ds):>7}{np.mean(ds):>11.3f}{np.min(ds):>7.3f}{np.max(ds):>7.3f}"
                       f"{np.mean(errs[key]):>+14.2f}")
+        if sides:
+            print()
+            sides_table(sides, a.per_slice)
         print()
         print("organs inside 'skeletal muscle' (cm2 per slice, mean / max over slices where the organ is labelled)")
         print(f"{'organ':<20}{'slices':>7}{'before mean':>13}{'max':>8}{'after mean':>12}{'max':>8}"

@@ -56,6 +56,15 @@ the trunk's fat outside it.  Skeletal muscle is only:
     the real T11-T12 CT lost 0.01 Dice against TotalSegmentator when the carried plane alone did).
     Landmarks come from :func:`bony_landmarks` per slice and :func:`with_neighbours` (the stage does
     this over the volume); without a process within reach the fixed ``erector_lateral_mm`` stays.
+  - between two ribs (``rib_wall``): the erector lies behind the chest wall, the ribs and the intercostal
+    muscles between them.  A slice through an intercostal space shows no bone between the process tip and the
+    next rib's angle, and a floor drawn straight between them took the intercostals, the diaphragm and the
+    quadratus lumborum's upper end lying in front of the erector (the real T11-T12 CT's left erector: 10.3 cm2
+    against TotalSegmentator's 7.8, most of it in front).  Each rib-bearing slice carries its most posterior bone
+    per column (``SideBone.wall_mm``); lateral to its own vertebra's bone a slice takes, per column, that of the
+    nearest slice above and below within reach that hold bone there (interpolated along the spine), and its
+    floor runs across the columns between those and its own bone, never in front of its own floor (real CT
+    erector Dice 0.804 / 0.840 -> 0.817 / 0.845; the anatomical phantoms unchanged).
   - no rim is eroded: a one-pixel erosion, or one only where the mask faces fat, matched
     TotalSegmentator's edge on the left of the real CT bench and lost more on the right; a gap
     around bone (partial volume of the laminae) helped there but cost the phantom, whose truth
@@ -194,6 +203,7 @@ class TissueParams:
     floor_hold_mm: float = 10.0  # the floor beyond the vertebra's outermost bone is held at its last 10 mm
     rib_margin_mm: float = 10.0  # erector spinae (iliocostalis) reaches about 1 cm beyond the rib angles
     rib_angle_min_lat_mm: float = 40.0  # a rib angle lies this far or more from the midline
+    rib_wall: bool = True  # between two ribs the erector lies behind the ribs of the slices within reach (False: off)
     erector_sheet_mm: float = 4.0  # where ribs lie beside it, the outer layer under the fat is latissimus dorsi,
     # serratus posterior inferior, trapezius and fascia: not erector
     erector_fascia_mm: float = 1.0  # below the ribs only the thoracolumbar fascia (about 1 mm) covers it (latissimus
@@ -352,6 +362,7 @@ class _Floor:
     line: NDArray[np.floating[Any]] | None  # the floor (mm behind the centre) per crop column, None without bone
     lat_out: float | None  # lateral reach of the vertebra's own bone (mm)
     lateral_ok: NDArray[np.bool_] | None = None  # medial to the rib angle (None: no rib bound)
+    bone_post: NDArray[np.floating[Any]] | None = None  # the most posterior bone per crop column (NaN: none)
 
 
 def _posterior_floor(bone: NDArray[np.bool_], ymm: NDArray[np.floating[Any]], lat: NDArray[np.floating[Any]],
@@ -408,6 +419,8 @@ def _posterior_floor(bone: NDArray[np.bool_], ymm: NDArray[np.floating[Any]], la
             vmask = np.isin(lab, vert_ids)
     lat_row = lat[0]
     ymm_b = np.broadcast_to(ymm, b.shape)
+    post = np.where(b, ymm_b, -np.inf).max(axis=0)
+    bone_post = np.where(np.isfinite(post), post, np.nan)
     cols = np.nonzero(b.any(axis=0))[0]
     ys = np.where(b, ymm_b, -np.inf).max(axis=0)[cols]
     vcols = np.nonzero(vmask.any(axis=0))[0]
@@ -444,8 +457,8 @@ def _posterior_floor(bone: NDArray[np.bool_], ymm: NDArray[np.floating[Any]], la
         if bounds:
             lateral_ok = np.broadcast_to(lat < min(bounds) + p.rib_margin_mm, bone.shape)
             ok &= lateral_ok
-            return _Floor(ok, rib, tip_lat, floor, lat_out, np.asarray(lateral_ok))
-    return _Floor(ok, rib, tip_lat, floor, lat_out)
+            return _Floor(ok, rib, tip_lat, floor, lat_out, np.asarray(lateral_ok), bone_post)
+    return _Floor(ok, rib, tip_lat, floor, lat_out, None, bone_post)
 
 
 def _blobs(solid: NDArray[np.bool_], dt: NDArray[np.floating[Any]], px: float, kappa: float
@@ -777,15 +790,23 @@ def _crop(hu: NDArray[np.float32], spacing: tuple[float, float], anat: SliceAnat
 
 
 def _side_bone(fl: _Floor, lat_row: NDArray[np.floating[Any]], p: TissueParams) -> SideBone:
-    """One side's landmarks as carried to nearby slices: the process tip and the floor on a 1 mm grid."""
+    """One side's landmarks as carried to nearby slices: the process tip and the floor on a 1 mm grid, and where ribs
+    lie beside the compartment the most posterior bone per grid column (its nearest pixel column within 0.75 mm;
+    NaN where none is that near or it holds no bone)."""
     has_tp = fl.tip is not None and fl.tip >= p.tp_min_lat_mm
+    grid = np.arange(0.0, p.erector_lateral_max_mm + 1.0)
+    wall: tuple[float, ...] = ()
+    if fl.ribs and fl.bone_post is not None and p.rib_wall:
+        near = np.abs(lat_row[None, :] - grid[:, None])
+        j = np.argmin(near, axis=1)
+        w = np.where(near[np.arange(grid.size), j] <= 0.75, fl.bone_post[j], np.nan)
+        wall = tuple(float(round(v, 2)) for v in w)
     if not has_tp or fl.line is None:
-        return SideBone(None)
+        return SideBone(None, (), wall)
     keep = lat_row >= 0.0
     order = np.argsort(lat_row[keep])
-    grid = np.arange(0.0, p.erector_lateral_max_mm + 1.0)
     floor = np.interp(grid, lat_row[keep][order], fl.line[keep][order])
-    return SideBone(fl.tip, tuple(float(round(v, 2)) for v in floor))
+    return SideBone(fl.tip, tuple(float(round(v, 2)) for v in floor), wall)
 
 
 def bony_landmarks(hu: NDArray[np.float32], spacing: tuple[float, float], anat: SliceAnatomy,
@@ -829,7 +850,7 @@ def with_neighbours(anat: SliceAnatomy, k: int, landmarks: Callable[[int], tuple
     for kk in range(max(0, k - reach), min(n_slices, k + reach + 1)):
         if kk != k:
             left, right = landmarks(kk)
-            if left.tip_mm is not None or right.tip_mm is not None:
+            if left.tip_mm is not None or right.tip_mm is not None or left.wall_mm or right.wall_mm:
                 near.append(NeighbourBone((kk - k) * slice_mm, left, right))
     return replace(anat, neighbours=tuple(near))
 
@@ -860,6 +881,30 @@ def _carried(neighbours: tuple[NeighbourBone, ...], side: str, p: TissueParams
     ta, tb = reach[1], reach[-1]
     wa = abs(db) / (abs(da) + abs(db))
     return wa * ta + (1 - wa) * tb, wa * np.asarray(a.floor_mm) + (1 - wa) * np.asarray(b.floor_mm)
+
+
+def _wall(neighbours: tuple[NeighbourBone, ...], side: str) -> NDArray[np.float64] | None:
+    """The chest wall of the nearby slices: per column of the 1 mm grid, the most posterior bone of the nearest slice
+    above and the nearest below that hold bone in that column (``SideBone.wall_mm``), interpolated along the spine
+    between them, or the one there is; NaN where no slice within reach holds any.  None without rib-bearing slices."""
+    walls = [(nb.dz_mm, (nb.left if side == "left" else nb.right).wall_mm) for nb in neighbours]
+    walls = [(dz, w) for dz, w in walls if w]
+    if not walls:
+        return None
+    size = min(len(w) for _, w in walls)
+    dz = np.asarray([d for d, _ in walls], dtype=np.float64)[:, None]
+    w = np.asarray([ww[:size] for _, ww in walls], dtype=np.float64)
+    has = np.isfinite(w)
+    up = np.where(has & (dz > 0), dz, np.inf)
+    down = np.where(has & (dz < 0), -dz, np.inf)
+    cols = np.arange(size)
+    ia, ib = np.argmin(up, axis=0), np.argmin(down, axis=0)
+    da, db = up[ia, cols], down[ib, cols]
+    wa, wb = w[ia, cols], w[ib, cols]
+    both = np.isfinite(da) & np.isfinite(db)
+    out = np.where(np.isfinite(da), wa, np.where(np.isfinite(db), wb, np.nan))
+    out[both] = ((db * wa + da * wb) / np.where(both, da + db, 1.0))[both]
+    return out if np.isfinite(out).any() else None
 
 
 def _outline(mask: NDArray[np.bool_], region: NDArray[np.bool_], px: float, close_mm: float,
@@ -1043,6 +1088,21 @@ def lumbar_named(hu: NDArray[np.float32], spacing: tuple[float, float], anat: Sl
                 efloor = np.where(beyond, carried_ok & (True if fl.lateral_ok is None else fl.lateral_ok), floor)
         else:
             efloor = floor
+        chest = _wall(anat.neighbours, side) if ribs and p.rib_wall else None
+        if chest is not None and fl.bone_post is not None and fl.line is not None and fl.lat_out is not None:
+            # the chest wall: ribs and the intercostal muscles between them, which the erector lies behind; a slice
+            # between two ribs takes the ribs of the nearest slices that show bone in each column, beyond its own
+            # vertebra's bone, and the floor runs across the columns between them and its own bone
+            lat_row = lat[0]
+            grid = np.arange(chest.size, dtype=np.float64)
+            own = np.isfinite(fl.bone_post)
+            far = np.isfinite(chest) & (grid > fl.lat_out)
+            xs = np.concatenate([lat_row[own], grid[far]])
+            ys = np.concatenate([fl.bone_post[own], chest[far]])
+            order = np.argsort(xs, kind="stable")
+            line = np.interp(lat_row, xs[order], ys[order])
+            beyond = lat_row > fl.lat_out
+            efloor = efloor & (~beyond | (ymm > np.maximum(fl.line, line)[None, :]))
         under_fat = under_fat_mm > (p.erector_sheet_mm if ribs else p.erector_fascia_mm)
         erector_box = (lat > 0.0) & (lat < lat_max) & (ymm > wall + p.erector_front_mm) & efloor & under_fat
         px = float(np.sqrt(dy * dx))

@@ -96,6 +96,9 @@ class SideBone:
 
     tip_mm: float | None  # the transverse process tip, mm from the midline (None: no process on the slice)
     floor_mm: tuple[float, ...] = ()  # the posterior bony floor, mm behind the centre, at 0, 1, 2, ... mm lateral
+    # where ribs lie beside the compartment: the most posterior bone (vertebra and ribs) in each column, mm behind the
+    # centre at 0, 1, 2, ... mm lateral, NaN where the column holds none (the chest wall nearby slices lie behind)
+    wall_mm: tuple[float, ...] = ()
 
 
 @dataclass(frozen=True)
