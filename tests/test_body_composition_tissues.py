@@ -287,6 +287,32 @@ def test_anatomical_phantom_psoas_and_erector_at_true_l3(habitus: str, contrast:
         assert _dice(seg.masks[key], truth) >= floor, (key, _dice(seg.masks[key], truth))
 
 
+@pytest.mark.parametrize("rows", [256, 512])
+def test_vertebral_body_area_holds_at_any_pixel_size(rows: int) -> None:
+    """The psoas-to-vertebral-body gate needs the body's cross-section: a cortical ring with gaps around cancellous
+    bone below bone_hu.  On 1 mm pixels (512 rows over the 500 mm field) it read 0.2 cm2 before, and every psoas
+    was "not evaluable"; now both pixel sizes give the body (the finder's ellipse, about 11 cm2 at L3)."""
+    from pipelines.body_composition.anatomy_phantom import AnatomySpec, make_anatomy
+    from pipelines.body_composition.anatomy_spine import DATA
+
+    if not DATA.is_dir():
+        pytest.skip(f"VerSe masks not found at {DATA}")
+    ph = make_anatomy(AnatomySpec(habitus="thin", contrast=False, top="L3", bottom="L3", seed=3, rows=rows))
+    k = int(np.argmin(np.abs(ph.z - ph.level_z["L3"])))
+    bx, by, _, hw, hd = ph.bodies["L3"]
+    px = ph.spec.pixel_mm
+    seg = TissueSlicer().run(ph.hu[k], (px, px), SliceAnatomy(((by - ph.y[0]) / px, (bx - ph.x[0]) / px), hw, hd))
+    ellipse = np.pi * hw * hd / 100.0
+    assert seg.vertebral_body_cm2 is not None and 0.85 * ellipse <= seg.vertebral_body_cm2 <= 1.3 * ellipse, (
+        seg.vertebral_body_cm2, ellipse)
+    a, m = _values(**GOOD)
+    for key in ("psoas_left", "psoas_right"):
+        a[key] = Value(float(seg.masks[key].sum()) * px * px / 100.0, "cm2")
+    _, _, failed = apply_gates("L3", a, m, replace(_fake_seg(), vertebral_body_cm2=seg.vertebral_body_cm2),
+                               load_gates())
+    assert not [f for f in failed if f["gate"] == "size against the vertebral body"], failed
+
+
 def test_a_transverse_process_tip_parted_by_partial_volume_is_no_rib() -> None:
     """On a 5 mm slab an oblique L3 transverse process can fall apart into the process and a loose tip; lateral
     to 40 mm that tip looked like a rib at its angle, so the right erector was cut to a box (Dice 0.57 against
@@ -674,6 +700,27 @@ def test_gates_make_implausible_values_not_evaluable(change: dict[str, float], s
     assert any(gate in f["gate"] or gate in f["reason"] for f in failed), failed
     for key in set(GOOD) - set(bad):
         assert a2[key].value == a[key].value, key
+
+
+def test_slice_consistency_gate_compares_the_level_slice_with_its_neighbours() -> None:
+    """A muscle whose area on the level slice is far from that on the slices just above and below (or that is not
+    found there) is "not evaluable": its outline is not stable there.  Values near their neighbours are filed."""
+    a, m = _values(**GOOD)
+    near = [dict(GOOD, psoas_left=10.5), dict(GOOD, psoas_left=9.8)]
+    a2, _, failed = apply_gates("L3", a, m, _fake_seg(), load_gates(), 0.0, near, 1.0)
+    assert failed == [] and a2 == a
+    near = [dict(GOOD, psoas_left=15.0), dict(GOOD, psoas_left=16.0)]  # 10 against 15.5: 35 % apart
+    a2, _, failed = apply_gates("L3", a, m, _fake_seg(), load_gates(), 0.0, near, 1.0)
+    assert a2["psoas_left"].value is None and "slice consistency" in a2["psoas_left"].reason
+    assert "35 %" in a2["psoas_left"].reason and "1.0 mm away" in a2["psoas_left"].reason
+    assert a2["psoas_right"].value == GOOD["psoas_right"]  # the other side stands on its own neighbours
+    near = [dict(GOOD, erector_right=0.0), dict(GOOD)]
+    a2, _, failed = apply_gates("L3", a, m, _fake_seg(), load_gates(), 0.0, near, 5.0)
+    assert a2["erector_right"].value is None and "not found on a slice next to" in a2["erector_right"].reason
+    assert a2["psoas_left"].value == GOOD["psoas_left"]
+    # C3 has no such rows: its values pass whatever the neighbours
+    a3, _, failed = apply_gates("C3", a, m, _fake_seg(), load_gates(), 0.0, near, 5.0)
+    assert not [f for f in failed if f["gate"] == "slice consistency"]
 
 
 def test_gate_refuses_a_one_sided_find_unless_the_edge_cut_the_other() -> None:

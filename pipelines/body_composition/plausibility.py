@@ -8,7 +8,7 @@ them and applies them to one level's areas and mean HU.  A value that fails a ga
 from __future__ import annotations
 
 import tomllib
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -40,6 +40,16 @@ class Symmetry:
 
 
 @dataclass(frozen=True)
+class Consistency:
+    """A named muscle's area on the level slice against the slices just above and below it."""
+
+    key: str
+    level: str
+    max_change: float  # |area - mean of the neighbours' areas| / that mean
+    source: str
+
+
+@dataclass(frozen=True)
 class Gates:
     version: str
     ranges: tuple[Bound, ...]
@@ -52,6 +62,7 @@ class Gates:
     metal_hu: float = float("inf")
     metal_max_mm2: float = float("inf")
     metal_source: str = ""
+    consistency: tuple[Consistency, ...] = ()
 
 
 def load_gates(path: Path = GATES_PATH) -> Gates:
@@ -69,6 +80,7 @@ def load_gates(path: Path = GATES_PATH) -> Gates:
         metal_hu=float(data.get("metal", {}).get("hu", float("inf"))),
         metal_max_mm2=float(data.get("metal", {}).get("max_mm2", float("inf"))),
         metal_source=str(data.get("metal", {}).get("source", "")),
+        consistency=tuple(Consistency(**r) for r in data.get("consistency", [])),
     )
 
 
@@ -89,10 +101,12 @@ def metal_in_volume(hu: NDArray[np.float32], first: int, pixel_area_mm2: float, 
 
 
 def apply_gates(level: str, areas: Mapping[str, Value], means: Mapping[str, Value], seg: SliceSegmentation,
-                gates: Gates, metal_mm2: float = 0.0) -> tuple[dict[str, Value], dict[str, Value], list[dict[str, Any]]]:
+                gates: Gates, metal_mm2: float = 0.0, neighbour_areas: Sequence[Mapping[str, float]] = (),
+                neighbour_mm: float = 0.0) -> tuple[dict[str, Value], dict[str, Value], list[dict[str, Any]]]:
     """Areas and mean HU with every value that fails a gate replaced by "not evaluable" (reason = the gate).
 
-    ``metal_mm2``: the metal on the level slice (:func:`metal_mm2`)."""
+    ``metal_mm2``: the metal on the level slice (:func:`metal_mm2`).  ``neighbour_areas``: the named muscles'
+    areas (cm2) on the slices just above and below the level slice, ``neighbour_mm`` away."""
     a, m = dict(areas), dict(means)
     failed: list[dict[str, Any]] = []
 
@@ -151,6 +165,26 @@ def apply_gates(level: str, areas: Mapping[str, Value], means: Mapping[str, Valu
             f = val / reference
             if not b.min <= f <= b.max:
                 fail(b.key, check, f"{val:.1f} cm2 is {f:.2f} {against} (plausible {b.min:g}..{b.max:g})", b.source)
+    # a muscle's cross-section changes by a few per cent per centimetre along the spine: a level slice whose area
+    # differs much from the slices next to it (or a muscle not found there) is an outline that is not stable here
+    for c in gates.consistency:
+        val = raw.get(c.key)
+        if c.level != level or val is None:
+            continue
+        near = [n[c.key] for n in neighbour_areas if c.key in n]
+        if not near:
+            continue
+        name = c.key.replace("_", " ")
+        if min(near) <= 0.0:
+            fail(c.key, "slice consistency", f"{name} not found on a slice next to the level slice "
+                 f"({neighbour_mm:.1f} mm away): its outline on the level slice is not trusted", c.source)
+            continue
+        ref = float(np.mean(near))
+        change = abs(val - ref) / ref
+        if change > c.max_change:
+            fail(c.key, "slice consistency", f"{name} {val:.1f} cm2 on the level slice against {ref:.1f} cm2 on "
+                 f"the slices next to it ({neighbour_mm:.1f} mm away): {100 * change:.0f} % apart (> "
+                 f"{100 * c.max_change:.0f} %)", c.source)
     for s in gates.symmetry:
         if s.left not in a or s.right not in a:
             continue

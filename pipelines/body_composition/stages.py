@@ -175,6 +175,13 @@ class TissueSegmenter:
         masks: dict[str, NDArray[np.bool_]] = {}
         rng: tuple[int, int] | None = None
         note = ""
+        # the slices just above and below the level slice: the consistency gate's reference (lumbar named muscles)
+        near = [kk for kk in (k - 1, k + 1) if 0 <= kk < vol.hu.shape[0]] if level.level in LUMBAR else []
+        named_at: dict[int, Mapping[str, NDArray[np.bool_]]] = {}
+
+        def one(kk: int) -> Mapping[str, NDArray[np.bool_]]:
+            return self.backend.segment_named(vol.hu[kk], vol.pixel_spacing, anatomy(kk))
+
         with ThreadPoolExecutor(max_workers=self.workers) as pool:  # scipy releases the GIL
             # the level slice's full segmentation runs beside the volume slices, not before them
             level_seg = pool.submit(self.backend.segment_slice, vol.hu[k], vol.pixel_spacing, anatomy(k),
@@ -188,20 +195,19 @@ class TissueSegmenter:
                     for key in NAMED_MUSCLES:
                         masks[key] = np.zeros(vol.hu.shape, bool)
                     others = [kk for kk in range(rng[0], rng[1] + 1) if kk != k]
-
-                    def one(kk: int) -> Mapping[str, NDArray[np.bool_]]:
-                        return self.backend.segment_named(vol.hu[kk], vol.pixel_spacing, anatomy(kk))
-
-                    results = list(pool.map(one, others))
-                    for kk, named in [(k, level_seg.result().masks), *zip(others, results, strict=True)]:
+                    named_at.update(zip(others, pool.map(one, others), strict=True))
+                    for kk, named in [(k, level_seg.result().masks), *((o, named_at[o]) for o in others)]:
                         if rng[0] <= kk <= rng[1]:
                             for key in NAMED_MUSCLES:
                                 masks[key][kk] = named[key]
             elif self.volumes_3d:
                 note = f"3D volumes are measured over the lumbar spine only (level {level.level})"
+            missing = [kk for kk in near if kk not in named_at]
+            named_at.update(zip(missing, pool.map(one, missing), strict=True))
             seg = level_seg.result()
         return Segmentation(level=level, slice_seg=seg, volume_masks=masks, volume_range=rng, volume_note=note,
-                            backend=self.backend.name, model_version=self.backend.model_version)
+                            backend=self.backend.name, model_version=self.backend.model_version,
+                            neighbour_masks=tuple(named_at[kk] for kk in near))
 
 
 @dataclass(frozen=True)
@@ -261,8 +267,10 @@ class Measure:
                 areas[key] = Value(float(m.sum()) * px_cm2, "cm2")
                 means[key] = Value(float(hu[m].mean()), "HU")
         body = seg.slice_seg.body if seg.slice_seg.limbs is None else seg.slice_seg.body | seg.slice_seg.limbs
+        near = [{key: float(m.sum()) * px_cm2 for key, m in n.items() if key in named} for n in seg.neighbour_masks]
         areas, means, failed = apply_gates(level, areas, means, seg.slice_seg, self.gates,
-                                           metal_mm2(hu, body, vol.pixel_area_mm2, self.gates))
+                                           metal_mm2(hu, body, vol.pixel_area_mm2, self.gates), near,
+                                           vol.slice_spacing if near else 0.0)
         if level == "C3" and areas["skeletal_muscle"].value is not None:
             # Swartz 2016: the C3 area is the paravertebral muscles plus BOTH sternocleidomastoids
             missing = [f"{key.replace('_', ' ')} ({areas[key].reason})" for key in C3_NAMED

@@ -1272,27 +1272,29 @@ def _lateral_concavity(body: NDArray[np.bool_], centre_rc: tuple[float, float]) 
 
 def _vertebral_body_area(hu: NDArray[np.float32], spacing: tuple[float, float], anat: SliceAnatomy,
                          p: TissueParams) -> float | None:
-    """Cross-section of the vertebral body (bone hull around the body centre), cm2; None if not on the slice."""
+    """Cross-section of the vertebral body, cm2: the convex hull of the bone inside the body's outline as the level
+    finder measured it (its half width and half height about its centre, widened by 15 %: they are smoothed
+    maxima); None with no bone there.
+
+    Anatomy: a vertebral body is convex in cross-section, a thin cortical ring around cancellous bone that lies
+    below ``bone_hu`` where it is osteoporotic, and the ring has gaps (the basivertebral foramen behind, nutrient
+    foramina, partial volume).  Hole filling after a closing by a disc of two pixels closed the ring on 2 mm
+    pixels only: on 1 mm pixels it left the cortex's nearest fragment, 0.2 cm2 for a 13.6 cm2 body, and the psoas
+    to vertebral body gate made every psoas "not evaluable"."""
     dy, dx = spacing
     r0, c0 = anat.centre_rc
-    hw, hh = anat.half_width_mm, anat.half_height_mm
-    ra, rb = max(0, int(r0 - (hh + 10) / dy)), min(hu.shape[0], int(r0 + (hh + 10) / dy) + 1)
-    ca, cb = max(0, int(c0 - (hw + 10) / dx)), min(hu.shape[1], int(c0 + (hw + 10) / dx) + 1)
-    crop = hu[ra:rb, ca:cb]
-    if crop.size == 0:
+    hw, hh = 1.15 * anat.half_width_mm, 1.15 * anat.half_height_mm
+    ra, rb = max(0, int(np.floor(r0 - hh / dy))), min(hu.shape[0], int(np.ceil(r0 + hh / dy)) + 1)
+    ca, cb = max(0, int(np.floor(c0 - hw / dx))), min(hu.shape[1], int(np.ceil(c0 + hw / dx)) + 1)
+    if ra >= rb or ca >= cb:
         return None
-    hull = fill_holes(np.asarray(ndi.binary_closing(crop > p.bone_hu, disk(2.0))))
-    lab, n = ndi.label(hull)
-    if n == 0:
+    yy = ((np.arange(ra, rb) - r0) * dy)[:, None]
+    xx = ((np.arange(ca, cb) - c0) * dx)[None, :]
+    bone = (hu[ra:rb, ca:cb] > p.bone_hu) & ((xx / hw) ** 2 + (yy / hh) ** 2 <= 1.0)
+    hull = _filled_hull(bone, 0.5)
+    if hull is None:
         return None
-    # the bone piece nearest the vertebral body centre (the centre may fall just outside on this slice)
-    _, (ri, ci) = ndi.distance_transform_edt(lab == 0, return_indices=True)
-    sr = min(max(int(round(r0)) - ra, 0), hull.shape[0] - 1)
-    sc = min(max(int(round(c0)) - ca, 0), hull.shape[1] - 1)
-    if np.hypot((ri[sr, sc] - sr) * dy, (ci[sr, sc] - sc) * dx) > 10.0:
-        return None
-    best = lab[ri[sr, sc], ci[sr, sc]]
-    return float((lab == best).sum()) * dy * dx / 100.0
+    return float(hull.sum()) * dy * dx / 100.0
 
 
 def segment_c3(hu: NDArray[np.float32], spacing: tuple[float, float], anat: SliceAnatomy,

@@ -161,6 +161,9 @@ class Segmentation:
     volume_note: str = ""
     backend: str = "classical"
     model_version: str = ""
+    # the named muscles (NAMED_MUSCLES -> (y, x)) on the slices just above and below a lumbar level slice, where the
+    # series has them: what the consistency gate compares the level slice's values with
+    neighbour_masks: tuple[Mapping[str, NDArray[np.bool_]], ...] = ()
 
 
 @dataclass(frozen=True)
