@@ -245,6 +245,39 @@ def test_aged_spine_with_a_wedge_fracture_is_refused_not_named_wrong(tmp_path: P
         assert res.level == "L3" and abs(z - ph.level_z["L3"]) <= spec.slice_mm
 
 
+def test_osteoporotic_l5_s1_at_5mm_read_along_its_tilt(tmp_path: Path) -> None:
+    """An osteoporotic spine (cancellous bone 80 HU, nothing else changed) at 5 mm: the L5/S1 disc is tilted with
+    the sacrum's top (front edge lower), so each thick slice holds its endplates as a wide, dim stripe that the
+    ellipse's median and its middle band do not show; read along their tilt they do, the disc is found and the
+    sacrum counts from it (before: "no L5/S1 disc found above it", not named).  L3 within one slice."""
+    from pipelines.body_composition.anatomy_phantom import AnatomySpec, Geometry, make_anatomy, write_series
+    from pipelines.common.volume import SeriesToVolume
+
+    spec = AnatomySpec(slice_mm=5.0, rows=160, fov_mm=360.0, habitus="thin", arms=False, top="L1", trabecular_hu=80.0)
+    ph = make_anatomy(spec)
+    vol, _ = SeriesToVolume().run(write_series(ph, tmp_path, Geometry("HFS")).files).canonical_axial()
+    res = SpineLevelFinder().run(vol, ("L3",))
+    assert res.level == "L3" and res.slice_index is not None, res.notes
+    z = float(vol.index_to_world(res.slice_index, 0.0, 0.0)[2])
+    assert abs(z - ph.level_z["L3"]) <= spec.slice_mm
+    assert {a.name for a in res.anchors} >= {"sacrum", "iliac crest"} and all(a.agrees for a in res.anchors)
+
+
+def test_a_dens_at_its_segments_lower_disc_is_no_dens(monkeypatch: pytest.MonkeyPatch) -> None:
+    """C2's body lies between its lower endplate and the dens: the dens inside C1's ring is at least 15 mm above
+    the C2/C3 disc (27-35 mm on the VerSe necks).  A "dens" lower than that is a bright speck inside a dim body
+    (seen at the top of osteoporotic lumbar series, where it blocked the sacrum and the crest).  Here the bound
+    is raised to 35 mm on gl017 at 3 mm (dens ~30 mm above): the dens is refused, and the skull base alone names
+    nothing."""
+    import pipelines.body_composition.levels as levels_mod
+
+    monkeypatch.setattr(levels_mod, "DENS_MIN_ABOVE_DISC_MM", 35.0)
+    res, _ = _find(_case("gl017", 3.0))
+    assert res.level is None and res.confidence == "low"
+    assert "dens of C2" not in {a.name for a in res.anchors}
+    assert any("not a dens" in x for x in res.notes), res.notes
+    assert any("only one anchor (skull base)" in x for x in res.notes), res.notes
+
 def test_ribs_possible_follows_the_named_vertebrae() -> None:
     """The tissue rules learn from the level finder where no rib can lie (L2-L5: a loose bone piece beside the
     erector is a transverse process tip there), where one may (thoracic), and leave it open for L1 (a 13th rib

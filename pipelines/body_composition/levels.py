@@ -55,6 +55,9 @@ METHOD = "canal-profile-anchors"
 STANDALONE = frozenset({"sacrum", "lowest rib-bearing vertebra"})
 # the dens inside C1's ring lies at most this far above the C2/C3 disc (C2 is 35-45 mm from dens tip to endplate)
 DENS_ABOVE_DISC_MM = 40.0
+# ... and at least this far: C2's body lies between its lower endplate and the dens (VerSe necks: 27-35 mm).  A
+# "dens" at or below its segment's lower disc is a bright speck inside a dim (osteoporotic) body, not C2's
+DENS_MIN_ABOVE_DISC_MM = 15.0
 
 
 @dataclass(frozen=True)
@@ -96,6 +99,7 @@ class LevelParams:
     endplate_span_mm: float = 16.0  # ... and the two at most this far apart (a tall disc and two sclerotic endplates)
     band_slice_mm: float = 4.0  # slices this thick hold a degenerated disc and both its endplates (one bright band)
     baseline_mm: float = 15.0  # the cancellous level: the profile's median within this distance
+    endplate_tilt_deg: float = 45.0  # endplates tilted up to this from axial are read along their tilt (0: off)
 
 
 def _smooth_interp(k: NDArray[np.float64], v: NDArray[np.float64], n: int, sigma: float) -> NDArray[np.float64]:
@@ -546,10 +550,21 @@ class _Ctx:
         ev = np.maximum(above_base(prof), above_base(self.profile(bands=3)[:, 1]))
         if dz < 2.0:
             # ... or, on thin slices, the ellipse's 90th percentile above its baseline: a concave endplate crosses a
-            # thin slice as a ring, too little of the ellipse for its median (thick slices average it in)
+            # thin slice as a ring, too little of the ellipse for its median (thick slices average it in), and a
+            # tilted one as a stripe
             ev = np.maximum(ev, above_base(self.profile(q=90.0)))
+        ev_disc = ev
+        if dz >= 2.0 and p.endplate_tilt_deg > 0.0:
+            # ... or, on thick slices, a tilted line through the body's sagittal mid-band: an endplate tilted by
+            # lordosis (the sacrum's top faces forward, its front edge lower) crosses each thick slice as a wide,
+            # dim stripe (averaged over the slab), too little of the ellipse for its median or its middle band;
+            # along the endplate's own tilt it is bright over the body's depth.  This finds discs only: a line
+            # tilted 45 degrees through the slice next to a bright (sclerotic) endplate reaches into it, so the
+            # body's extents (which slices are between two endplates) stay on the axial evidence
+            ev_disc = np.maximum(ev, above_base(self.tilted_profile()))
         r = max(1, int(round(p.endplate_reach_mm / dz)))
-        pad = np.concatenate([np.zeros(r), ev, np.zeros(r)])
+        pad = np.concatenate([np.zeros(r), ev_disc, np.zeros(r)])
+        pad0 = np.concatenate([np.zeros(r), ev, np.zeros(r)])
         score = np.zeros(n)
         inner = np.zeros(n)
         # a pair of endplates, one at most r slices below the slice and one at most r above; the same slice counts
@@ -564,11 +579,50 @@ class _Ctx:
                 np.maximum(score, (1.0 - 0.5 * abs(i - j) / (r + 1)) * pair, out=score)
                 if i > 0 and j > 0:
                     # strictly between two endplates: disc, not body (a single bright slice may be one endplate)
-                    np.maximum(inner, pair, out=inner)
+                    np.maximum(inner, np.minimum(pad0[r - i : r - i + n], pad0[r + j : r + j + n]), out=inner)
         low = np.minimum(prof, base)
         # the slices strictly between two endplates are no body's (the endplates themselves are)
         self.member_prof = np.asarray(low - inner, dtype=np.float64)
         return np.asarray(low - score, dtype=np.float64)
+
+    def tilted_profile(self) -> NDArray[np.float64]:
+        """Per slice, the brightest tilted line through the vertebral body in its sagittal mid-band.
+
+        The mid-band is the median across the middle half of the body's width, per slice and row (a
+        sagittal image of the body).  Through each slice's body centre, lines over the middle 70 % of the
+        body's depth at tilts up to ``endplate_tilt_deg`` either way (front lower: lordosis, the sacrum's
+        top; front higher: kyphosis) are sampled between slices; a line's value is its median, so only a
+        line that lies along a bright plate over most of the depth (an endplate) is bright, not one that
+        crosses a cortex.
+        """
+        p, g, n, gy, gx, dz = self.p, self.g, self.n, self.gy, self.gx, self.dz
+        rows = g.shape[1]
+        band = np.zeros((n, rows))
+        for k in range(n):
+            half = max(1.0, 0.5 * self.body_hw[k] / gx)
+            ca = max(0, int(np.floor(self.body_c[k] - half)))
+            cb = min(g.shape[2], int(np.ceil(self.body_c[k] + half)) + 1)
+            if cb > ca:
+                band[k] = np.median(np.clip(g[k, :, ca:cb], -200.0, 1200.0), axis=1)
+        tilts = np.tan(np.deg2rad(np.arange(-p.endplate_tilt_deg, p.endplate_tilt_deg + 1e-6, 5.0)))
+        out = np.zeros(n)
+        for k in range(n):
+            hh = 0.7 * self.body_hh[k]
+            u = np.arange(-hh, hh + 1e-6, gy)  # mm from the body's centre, + toward the back
+            ri = np.clip(np.round(self.body_r[k] + u / gy).astype(np.int64), 0, rows - 1)
+            kk = k - u[None, :] * tilts[:, None] / dz  # (tilt, sample): a positive tilt has its front higher
+            ok = (kk >= 0.0) & (kk <= n - 1)
+            k0 = np.clip(np.floor(kk).astype(np.int64), 0, n - 1)
+            k1 = np.minimum(k0 + 1, n - 1)
+            w = np.clip(kk - k0, 0.0, 1.0)
+            v = (1.0 - w) * band[k0, ri[None, :]] + w * band[k1, ri[None, :]]
+            v = np.where(ok, v, np.nan)
+            full = ok.sum(axis=1) >= 0.6 * u.size  # lines mostly inside the series
+            if full.any():
+                out[k] = float(np.max(np.nanmedian(v[full], axis=1)))
+            else:
+                out[k] = float(np.median(band[k, ri]))
+        return out
 
     def find_discs(self) -> list[float]:
         p, n, dz = self.p, self.n, self.dz
@@ -1019,11 +1073,15 @@ class _Ctx:
                 s = segs[si]
                 # C2 measures about 35-45 mm from the tip of the dens to its lower endplate: the dens inside
                 # C1's ring (its lowest slice there) lies less than DENS_ABOVE_DISC_MM above the C2/C3 disc.
-                # Higher, the segment is C2 with C3 (or more) below it, a disc missed, and it is not C2.
+                # Higher, the segment is C2 with C3 (or more) below it, a disc missed, and it is not C2; lower than
+                # C2's body is tall, it is no dens (a bright speck inside a dim body at the top of a lumbar series).
                 above = (min(dens_k) - s.lo) * dz
                 if s.edge_lo or above > DENS_ABOVE_DISC_MM:
                     self.notes.append(f"dens of C2 at slices {min(dens_k)}-{max(dens_k)} lies {above:.0f} mm above "
                                       "the disc below its segment (C2 is shorter: a disc below it missed): not used")
+                elif above < DENS_MIN_ABOVE_DISC_MM:
+                    self.notes.append(f"dens of C2 at slices {min(dens_k)}-{max(dens_k)} lies {above:.0f} mm above "
+                                      "the disc below its segment (C2's body is taller): not a dens, not used")
                 else:
                     out.append((Anchor("dens of C2", (min(dens_k), max(dens_k)), (s.first, s.last), ("C2",)), si,
                                 {"C2"}))
