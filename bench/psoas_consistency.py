@@ -1,8 +1,8 @@
 """Psoas and erector on the true L3 middle and the slices next to it, and what the slice-consistency gate files.
 
-    PYTHONPATH=$PWD .venv/bin/python bench/psoas_consistency.py [--rows 512] [--quick] [--seeds 3,7]
+    PYTHONPATH=$PWD .venv/bin/python bench/psoas_consistency.py [--rows 512] [--slice-mm 1] [--quick] [--seeds 3,7]
 
-Each case is an anatomical phantom (:mod:`pipelines.body_composition.anatomy_phantom`, L2-L4, 1 mm slices,
+Each case is an anatomical phantom (:mod:`pipelines.body_composition.anatomy_phantom`, L2-L4, ``--slice-mm``,
 ``--rows`` pixels across its 500 mm field of view: 512 gives the ~1 mm pixels of a clinical abdominal CT) for
 each habitus, without and with contrast, without contacts and with every psoas contact at once
 (``AnatomySpec.psoas_contacts``), for each seed (the intramuscular fat and the noise differ).  The tissue
@@ -44,9 +44,10 @@ KEYS = ("psoas_left", "psoas_right", "erector_left", "erector_right")
 WRONG = 25.0  # an area error beyond this (%) is a wrong number
 
 
-def measure(habitus: str, contrast: bool, contacts: tuple[str, ...], seed: int, rows: int) -> dict[str, Any]:
+def measure(habitus: str, contrast: bool, contacts: tuple[str, ...], seed: int, rows: int,
+            slice_mm: float) -> dict[str, Any]:
     ph = make_anatomy(AnatomySpec(habitus=habitus, contrast=contrast, top="L2", bottom="L4", seed=seed, rows=rows,
-                                  slice_mm=1.0, psoas_contacts=contacts))
+                                  slice_mm=slice_mm, psoas_contacts=contacts))
     k = int(np.argmin(np.abs(ph.z - ph.level_z["L3"])))
     bx, by, _, hw, hd = ph.bodies["L3"]
     px = ph.spec.pixel_mm
@@ -84,6 +85,7 @@ def measure(habitus: str, contrast: bool, contacts: tuple[str, ...], seed: int, 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--rows", type=int, default=512)
+    ap.add_argument("--slice-mm", type=float, default=1.0)
     ap.add_argument("--quick", action="store_true", help="average habitus, no contrast only")
     ap.add_argument("--seeds", default="3,7")
     a = ap.parse_args()
@@ -99,7 +101,7 @@ def main() -> None:
         for contrast in contrasts:
             for cname, contacts in (("none", ()), ("all", tuple(PSOAS_CONTACTS))):
                 for seed in seeds:
-                    r = measure(hab, contrast, contacts, seed, a.rows)
+                    r = measure(hab, contrast, contacts, seed, a.rows, a.slice_mm)
                     for key in KEYS:
                         cells = " ".join(f"{r[(key, dk)][0]:6.3f}/{r[(key, dk)][1]:+6.1f}" for dk in (-1, 0, 1))
                         print(f"{hab:8s} {'C+' if contrast else 'C-':2s} {cname:8s} {seed:4d}  {key:14s} {cells}  "
