@@ -619,3 +619,34 @@ def test_c3_on_an_anatomical_neck_is_swartz_only(tmp_path: Path) -> None:
     for name in ("seg.dcm", "sr.dcm"):
         ok, out = dciodvfy(tmp_path / "out" / name)
         assert ok, out
+
+
+def test_level_slice_neighbours_feed_the_consistency_gate(tmp_path: Path) -> None:
+    """The segmentation stage hands on the named muscles of the slices just above and below the level slice (two
+    extra slices when no 3D volume is segmented); Measure compares the level slice with them.  Consistent
+    neighbours file the values; a psoas missing next door makes that psoas "not evaluable" with the reason."""
+    from pipelines.body_composition.reference import PatientFactors, load_table
+    from pipelines.body_composition.stages import (
+        ClassicalBackend,
+        LevelFinder,
+        Measure,
+        MeasureInput,
+        SegmentInput,
+        TissueSegmenter,
+    )
+    from pipelines.common.volume import load_series
+
+    write_phantom(PhantomSpec(size=96, pixel_mm=4.0, noise_sd=5.0, seed=2), tmp_path / "ct")
+    vol = load_series(sorted((tmp_path / "ct").iterdir())).canonical_axial()[0]
+    backend = ClassicalBackend()
+    level = LevelFinder(backend, ("L3",)).run(vol)
+    assert level.level == "L3" and level.slice_index is not None, level.notes
+    seg = TissueSegmenter(backend, volumes_3d=False).run(SegmentInput(vol, level))
+    assert len(seg.neighbour_masks) == 2 and all("psoas_left" in n for n in seg.neighbour_masks)
+    factors = PatientFactors(1.75, 70.0, "M", 60.0)
+    m = Measure(load_table()).run(MeasureInput(vol, seg, factors))
+    assert not [f for f in m.gates["failed"] if f["gate"] == "slice consistency"], m.gates
+    assert m.areas["psoas_left"].value is not None
+    gone = tuple({**n, "psoas_left": np.zeros_like(n["psoas_left"])} for n in seg.neighbour_masks)
+    m = Measure(load_table()).run(MeasureInput(vol, replace(seg, neighbour_masks=gone), factors))
+    assert m.areas["psoas_left"].value is None and "not found on a slice next to" in m.areas["psoas_left"].reason

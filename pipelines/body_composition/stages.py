@@ -200,6 +200,7 @@ class TissueSegmenter:
                         if rng[0] <= kk <= rng[1]:
                             for key in NAMED_MUSCLES:
                                 masks[key][kk] = named[key]
+                    named_at = {kk: named_at[kk] for kk in near if kk in named_at}  # the rest is in ``masks``
             elif self.volumes_3d:
                 note = f"3D volumes are measured over the lumbar spine only (level {level.level})"
             missing = [kk for kk in near if kk not in named_at]
