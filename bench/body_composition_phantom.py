@@ -10,7 +10,8 @@ spine (sacrum and pelvis synthesised), written as a DICOM CT series and run thro
 - level found and its slice offset from the truth (middle of the L3 body, in slices);
 - Dice of each segment at the slice the pipeline measured (against the truth on that slice), read
   from the pipeline's SEG (frames matched to the CT by SOP Instance UID, so any geometry works);
-- area error % of each segment against the truth area at the true L3 middle (what a reader gets);
+- area error % of each segment against the truth area at the true L3 middle (what a reader gets; "-" where
+  the gates made the value "not evaluable", and the row ends with "gated:" and each gate that did);
 - laterality: the SEG's "left" psoas and erector lie on the patient's left (LPS +x).
 
 ``--full`` writes 512 x 512 images at 1 mm (about 300 slices) instead of 256 x 256 at 5 mm.
@@ -217,6 +218,10 @@ def run_variant(base: Path, spec: AnatomySpec, geometry: Geometry, options: dict
             x = float((truth.positions[ii][:, 0] + cc * truth.pixel_mm * truth.row_direction[0]).mean())
             lat.append((x > 0) == key.endswith("left"))
         row["laterality"] = ("ok" if all(lat) else "WRONG") if lat else "n/a"
+        # what the gates kept out of the SR: the Dice columns read the SEG, so a value made "not evaluable" shows only
+        # here (and as "-" in its A% column)
+        failed = (s.get("plausibility") or {}).get("failed") or []
+        row["gated"] = ", ".join(sorted({f"{f['key']} ({f['gate']})" for f in failed}))
     else:
         why = s.get("reason") or "; ".join(f"{k}: {v.get('not_evaluable')}" for k, v in (s.get("areas_cm2") or {}).items()
                                            if isinstance(v, dict) and v.get("not_evaluable"))
@@ -276,6 +281,8 @@ def main(argv: list[str] | None = None) -> int:
         line += "".join(f"{f(r.get('area_' + k), '+.0f'):>9}" for k in KEYS)
         if r.get("reason"):
             line += f"  not evaluable: {r['reason']}"
+        elif r.get("gated"):
+            line += f"  gated: {r['gated']}"
         print(line)
     print(f"(phantoms and outputs in {base}; 'off' = found minus true L3 (neck: C3) middle, in slices; D = Dice at the "
           "measured slice; A% = area error against the true level middle; at C3 'SM' truth is SCM + paravertebral, Swartz 2016)")
