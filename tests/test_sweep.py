@@ -410,6 +410,15 @@ def test_series_in_flight_while_retrieved(tmp_path: Path, source_pacs: Orthanc, 
     assert in_flight() == set()
 
 
+class _StubHandler(http.server.BaseHTTPRequestHandler):
+    """Base of the DICOMweb stubs below: HTTP/1.1 (keep-alive, as a PACS answers), no request log."""
+
+    protocol_version = "HTTP/1.1"
+
+    def log_message(self, *args: Any) -> None:
+        pass
+
+
 @contextmanager
 def _http_stub(handler: type[http.server.BaseHTTPRequestHandler]) -> Iterator[int]:
     """A threading HTTP server with ``handler`` on 127.0.0.1 (a free port, yielded), stopped on exit."""
@@ -439,12 +448,7 @@ def test_qido_rs_json_answer_is_capped_in_bytes_and_time(tmp_path: Path, monkeyp
     mode = {"kind": "endless"}
     match = {"0020000D": {"vr": "UI", "Value": ["1.2.3"]}}
 
-    class Handler(http.server.BaseHTTPRequestHandler):
-        protocol_version = "HTTP/1.1"
-
-        def log_message(self, *args: Any) -> None:
-            pass
-
+    class Handler(_StubHandler):
         def do_GET(self) -> None:  # noqa: N802 - http.server's name
             self.send_response(200)
             self.send_header("Content-Type", "application/dicom+json")
@@ -502,12 +506,7 @@ def test_wado_rs_part_over_the_cap_is_stopped_while_it_arrives(tmp_path: Path) -
     cap = 256 << 10
     mode = {"kind": "endless"}
 
-    class Handler(http.server.BaseHTTPRequestHandler):
-        protocol_version = "HTTP/1.1"
-
-        def log_message(self, *args: Any) -> None:
-            pass
-
+    class Handler(_StubHandler):
         def do_GET(self) -> None:  # noqa: N802 - http.server's name
             self.send_response(200)
             if mode["kind"] == "no-boundary":
