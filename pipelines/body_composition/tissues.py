@@ -422,7 +422,7 @@ def _posterior_floor(bone: NDArray[np.bool_], ymm: NDArray[np.floating[Any]], la
     post = np.where(b, ymm_b, -np.inf).max(axis=0)
     bone_post = np.where(np.isfinite(post), post, np.nan)
     cols = np.nonzero(b.any(axis=0))[0]
-    ys = np.where(b, ymm_b, -np.inf).max(axis=0)[cols]
+    ys = post[cols]
     vcols = np.nonzero(vmask.any(axis=0))[0]
     tip_lat = None
     lat_out: float | None = None
