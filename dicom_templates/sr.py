@@ -8,12 +8,13 @@ Two kinds of measurement group, which go in **separate SRs**:
   lists (``../shared/tools/ohif-check/README.md``).  A planar group without measurements
   becomes a TID 1410 group whose Image Region is the polygon: OHIF draws it without error
   but does not list it (the panel says "Measurements (0)").
-- :class:`VolumeGroup` -> TID 1411 "Volumetric ROI" group referencing a SEG segment.  It has
-  no SCOORD; OHIF 3.13 throws on any SCOORD-less group and then blanks the *whole* SR.
+- :class:`VolumeGroup` -> a SEG segment's measurements.  Without ``outlines``: TID 1411 "Volumetric ROI"
+  referencing the segment; it has no SCOORD, and OHIF 3.13 throws on any SCOORD-less group and then blanks
+  the *whole* SR.  With ``outlines`` (the segment's outline on every image it covers): TID 1501 whose volume
+  NUM is INFERRED FROM all of them, the segment named in the group; OHIF lists it and draws the first.
 
-:func:`build_measurement_report` therefore refuses to mix the two unless
-``allow_scoordless=True`` (which knowingly gives an SR OHIF cannot show).  Put SEG-referencing
-volume groups in their own SR, next to the OHIF-visible planar SR.
+:func:`build_measurement_report` therefore refuses SCOORD-less groups unless ``allow_scoordless=True``
+(which knowingly gives an SR OHIF cannot show): put them in their own SR, or give them outlines.
 
 What OHIF 3.13 shows of a planar group (checked with ohif-check on tissue-hu output): the
 polygon, labelled with the finding's meaning, and in the panel the group's Area NUM until the
@@ -76,6 +77,7 @@ __all__ = [
     "GroupReadout",
     "LevelProvenance",
     "Measurement",
+    "Outline",
     "PlanarGroup",
     "Qualitative",
     "Text",
@@ -220,8 +222,26 @@ class PlanarGroup:
 
 
 @dataclass(frozen=True)
+class Outline:
+    """One closed polygon of a volume's ROI on one source image: (N, 2) pixel coordinates (column, row),
+    ``frame_number`` (1-based) for a multi-frame image."""
+
+    image: Dataset
+    polygon: NDArray[np.floating[Any]]
+    frame_number: int | None = None
+
+
+@dataclass(frozen=True)
 class VolumeGroup:
-    """A measurement group of one SEG segment (TID 1411); no SCOORD, so OHIF cannot show it."""
+    """A measurement group of one SEG segment.
+
+    Without ``outlines``: TID 1411 "Volumetric ROI" whose region is the Referenced Segment; no SCOORD, so OHIF
+    3.13 cannot show it (nor any SR holding it).  With ``outlines`` (the segment's outline on every image it
+    covers): TID 1501 whose first NUM (the volume) is INFERRED FROM all the outlines (TID 300 allows 1-n), each a closed
+    SCOORD POLYLINE SELECTED FROM its image, with OHIF's tracking identifier; the Referenced Segment (and its
+    source series) follow in the group, as in TID 1411.  OHIF 3.13 lists such a group and draws its *first*
+    outline (put the level slice first), showing that polygon's own statistics once it is drawn.
+    """
 
     tracking_id: str
     finding: str
@@ -236,6 +256,7 @@ class VolumeGroup:
     # the SR small and fast, and the evidence list can then be the SEG alone.
     reference_source_series: bool = False
     tracking_key: TrackingKey | None = None
+    outlines: Sequence[Outline] = ()
 
 
 Group = PlanarGroup | VolumeGroup
@@ -345,12 +366,7 @@ def _append(group: Any, items: Sequence[Any]) -> None:
 
 
 def _planar(g: PlanarGroup, algorithm: Algorithm) -> Any:
-    pts = close_polygon(g.polygon)
-    rows, cols = int(g.image.Rows), int(g.image.Columns)
-    if pts[:, 0].min() < 0 or pts[:, 1].min() < 0 or pts[:, 0].max() > cols or pts[:, 1].max() > rows:
-        raise ValueError(f"group {g.tracking_id!r}: polygon leaves the {cols}x{rows} image")
-    frames = [g.frame_number] if g.frame_number is not None else None
-    source = hd.sr.SourceImageForRegion.from_source_image(g.image, referenced_frame_numbers=frames)
+    pts, source = _source(g.image, g.polygon, g.frame_number, g.tracking_id)
     tracking = hd.sr.TrackingIdentifier(uid=_tracking_uid(g.image, g), identifier=OHIF_TRACKING_IDENTIFIER)
     if g.measurements:
         coords = [
@@ -393,10 +409,48 @@ def _referenced_segment(g: VolumeGroup) -> hd.sr.ReferencedSegment:
     )
 
 
+def _source(image: Dataset, polygon: NDArray[np.floating[Any]], frame_number: int | None, tracking_id: str
+            ) -> tuple[NDArray[np.float32], hd.sr.SourceImageForRegion]:
+    """A closed polygon checked against its image, and the image as the SCOORD's source."""
+    pts = close_polygon(polygon)
+    rows, cols = int(image.Rows), int(image.Columns)
+    if pts[:, 0].min() < 0 or pts[:, 1].min() < 0 or pts[:, 0].max() > cols or pts[:, 1].max() > rows:
+        raise ValueError(f"group {tracking_id!r}: polygon leaves the {cols}x{rows} image")
+    frames = [frame_number] if frame_number is not None else None
+    return pts, hd.sr.SourceImageForRegion.from_source_image(image, referenced_frame_numbers=frames)
+
+
+def _outlined_volume(g: VolumeGroup, algorithm: Algorithm) -> Any:
+    coords = []
+    for o in g.outlines:
+        pts, source = _source(o.image, o.polygon, o.frame_number, g.tracking_id)
+        coords.append(hd.sr.CoordinatesForMeasurement(graphic_type=hd.sr.GraphicTypeValues.POLYLINE, graphic_data=pts,
+                                                      source_image=source))
+    if not g.measurements:
+        raise ValueError(f"group {g.tracking_id!r}: an outlined volume group needs a measurement")
+    group: Any = hd.sr.MeasurementsAndQualitativeEvaluations(
+        tracking_identifier=hd.sr.TrackingIdentifier(uid=_tracking_uid(g.outlines[0].image, g),
+                                                     identifier=OHIF_TRACKING_IDENTIFIER),
+        finding_type=codes.finding(g.finding),
+        algorithm_id=algorithm.sr_identification(),
+        finding_sites=_finding_sites(g),
+        # the first NUM (the volume) is INFERRED FROM the outlines; the others (e.g. its mean HU) describe the same
+        # region and do not repeat hundreds of polygons (OHIF reads the outline from the first)
+        measurements=[_num(m, algorithm, coords if i == 0 else None) for i, m in enumerate(g.measurements)],
+        qualitative_evaluations=_qualitative(g.qualitative),
+    )
+    # the segment the outlines were drawn from (TID 1411's rows; TID 1501 is extensible)
+    group[0].ContentSequence.extend(_referenced_segment(g))
+    _append(group, _text_items([*g.text, *_reasons(g.measurements)]))
+    return group
+
+
 def _volume(g: VolumeGroup, algorithm: Algorithm) -> Any:
     numbers = [int(s.SegmentNumber) for s in g.segmentation.SegmentSequence]
     if g.segment_number not in numbers:
         raise ValueError(f"group {g.tracking_id!r}: segment {g.segment_number} not in the SEG (has {numbers})")
+    if g.outlines:
+        return _outlined_volume(g, algorithm)
     group = hd.sr.VolumetricROIMeasurementsAndQualitativeEvaluations(
         tracking_identifier=hd.sr.TrackingIdentifier(uid=_tracking_uid(g.segmentation, g), identifier=g.tracking_id),
         referenced_segment=_referenced_segment(g),
@@ -623,7 +677,7 @@ def build_measurement_report(
                                               form=not_evaluable_form))
     if not groups:
         raise ValueError("build_measurement_report: no measurement groups (give not_evaluable_reason instead)")
-    scoordless = [g.tracking_id for g in groups if isinstance(g, VolumeGroup)]
+    scoordless = [g.tracking_id for g in groups if isinstance(g, VolumeGroup) and not g.outlines]
     if scoordless and not allow_scoordless:
         raise ValueError(
             f"groups {scoordless} have no SCOORD: OHIF 3.13 cannot display an SR containing them; "

@@ -172,18 +172,49 @@ def test_seg_and_sr_round_trip_and_dciodvfy(phantom_run: Run) -> None:
             assert coords, "every NUM carries a SCOORD (OHIF)"
             pts = np.asarray(coords[0].value)
             assert np.allclose(pts[0], pts[-1]), "closed polygon"
+    # the volumes SR: one TID 1501 group per muscle, each NUM INFERRED FROM the muscle's outline on every slice
+    # (the level slice first: OHIF draws the first), the SEG segment named in the group; evidence = SEG + images
     vsr = hd.sr.srread(out / "sr-volumes.dcm")
-    assert len(vsr.content.get_volumetric_roi_measurement_groups()) == 4
-    # volume groups name the SEG segment and the CT series (TID 1411 source series); evidence = the SEG
+    vgroups = vsr.content.get_image_measurement_groups()
+    assert len(vgroups) == 4 and not vsr.content.get_volumetric_roi_measurement_groups()
     seg3d = pydicom.dcmread(out / "seg-volumes.dcm", stop_before_pixels=True)
     evidence = {str(i.ReferencedSOPInstanceUID) for st in vsr.CurrentRequestedProcedureEvidenceSequence
                 for se in st.ReferencedSeriesSequence for i in se.ReferencedSOPSequence}
-    assert evidence == {str(seg3d.SOPInstanceUID)}
-    for g in vsr.content.get_volumetric_roi_measurement_groups():
-        ref = g.referenced_segment
-        assert ref is not None and ref.referenced_sop_instance_uid == seg3d.SOPInstanceUID
-        assert str(ref.source_series_for_segmentation.UID) == ct0.SeriesInstanceUID
-        assert not ref.has_source_images()
+    level_uid = _polygon_image(out / "sr.dcm")
+    slices = {str(d.SOPInstanceUID): d for d in (pydicom.dcmread(f, stop_before_pixels=True)
+                                                   for f in phantom_run.truth.files)}
+    for g in vgroups:
+        for m in g.get_measurements():
+            coords = m.referenced_coordinates or []
+            assert len(coords) > 3, "a volume is drawn on every slice it covers"
+            uids = [str(c.ContentSequence[0].ReferencedSOPSequence[0].ReferencedSOPInstanceUID) for c in coords]
+            assert uids[0] == level_uid and len(set(uids)) == len(uids) and set(uids) <= evidence
+        vol = next(m for m in g.get_measurements() if m.name.meaning == "Volume")
+        ds0 = slices[uids[0]]
+        px = float(ds0.PixelSpacing[0]) * float(ds0.PixelSpacing[1])
+        drawn = sum(abs(_shoelace(np.asarray(c.value))) for c in vol.referenced_coordinates or []) * px * float(
+            ds0.SpacingBetweenSlices if "SpacingBetweenSlices" in ds0 else ds0.SliceThickness) / 1000.0
+        assert drawn == pytest.approx(vol.value, rel=0.05), "the outlines enclose the volume filed"
+    readouts = read_groups(pydicom.dcmread(out / "sr-volumes.dcm"))
+    assert sorted(r.referenced_segment or 0 for r in readouts) == [1, 2, 3, 4]
+    assert str(seg3d.SOPInstanceUID) in evidence
+
+
+def _shoelace(pts: np.ndarray) -> float:
+    x, y = pts[:, 0], pts[:, 1]
+    return float(0.5 * (np.dot(x[:-1], y[1:]) - np.dot(x[1:], y[:-1])))
+
+
+def _polygon_image(sr_path: Path) -> str:
+    """The SOP Instance UID of the image the first SCOORD of an SR is drawn on."""
+    ds = pydicom.dcmread(sr_path)
+    stack = list(ds.ContentSequence)
+    while stack:
+        it = stack.pop(0)
+        if it.ValueType == "SCOORD":
+            return str(it.ContentSequence[0].ReferencedSOPSequence[0].ReferencedSOPInstanceUID)
+        stack = list(it.get("ContentSequence", [])) + stack
+    raise AssertionError(f"{sr_path}: no SCOORD")
 
 
 # --- QC gate ----------------------------------------------------------------------------------
@@ -376,7 +407,8 @@ def test_seg_and_sr_display_in_ohif(phantom_run: Run, tmp_path: Path) -> None:
         pytest.skip(f"ohif-check not found at {OHIF}")
     def check(out: Path) -> tuple[subprocess.CompletedProcess[str], list[dict]]:  # type: ignore[type-arg]
         r = subprocess.run([str(OHIF), "--out", str(out), "--timeout", "180", str(phantom_run.ct),
-                            str(phantom_run.out / "seg.dcm"), str(phantom_run.out / "sr.dcm")],
+                            *(str(phantom_run.out / n) for n in ("seg.dcm", "sr.dcm", "seg-volumes.dcm",
+                                                                  "sr-volumes.dcm"))],
                            capture_output=True, text=True, timeout=600)
         return r, [json.loads(x) for x in r.stdout.splitlines() if x.startswith("{")]
 
@@ -385,7 +417,8 @@ def test_seg_and_sr_display_in_ohif(phantom_run: Run, tmp_path: Path) -> None:
     if r.returncode == 1 and all(x["displayed"] or any("check aborted" in y for y in x["reasons"]) for x in lines):
         r, lines = check(tmp_path / "ohif-retry")
     assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-2000:]
-    assert len(lines) == 2 and all(x["displayed"] for x in lines)
+    # the volumes SR too: a group without a SCOORD made OHIF 3.13 fail on the whole SR
+    assert len(lines) == 4 and all(x["displayed"] for x in lines)
     labels = next(x for x in lines if x["modality"] == "SEG")["panel_items"]
     assert "Iliopsoas left" in labels and "Intermuscular adipose tissue" in labels
 

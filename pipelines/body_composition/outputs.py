@@ -14,9 +14,10 @@ labelled and coded from ``dicom_templates/codes.toml`` (:func:`~.dicom_out.templ
   is not evaluable is a NUM without a number (Numeric Value Qualifier) and a TEXT with the reason.
   The level's provenance (automatic or reader-confirmed, anchors, confidence) is in the report's
   Qualitative Evaluations.
-* ``seg-volumes.dcm`` + ``sr-volumes.dcm``: the named muscles in 3D over L1-L5 and an SR whose
-  groups reference those segments (SCOORD-less, so kept out of ``sr.dcm``: OHIF 3.13 blanks an
-  SR with one such group).
+* ``seg-volumes.dcm`` + ``sr-volumes.dcm``: the named muscles in 3D over L1-L5 and an SR with one group per
+  muscle: its volume and mean HU, each INFERRED FROM the muscle's outline on every slice it covers (the level
+  slice first, which OHIF 3.13 draws), and the SEG segment it was measured on.  Groups without any SCOORD
+  (TID 1411 on the segment alone) made OHIF 3.13 fail on the whole SR ("Something went wrong").
 
 A series that is not evaluable gets one SR saying so and why.
 """
@@ -25,6 +26,7 @@ from __future__ import annotations
 
 import copy
 import logging
+from collections.abc import Sequence
 from dataclasses import replace
 from typing import TYPE_CHECKING, Any
 
@@ -37,6 +39,7 @@ from dicom_templates.seg import build_seg
 from dicom_templates.sr import (
     LevelProvenance,
     Measurement,
+    Outline,
     PlanarGroup,
     Qualitative,
     Text,
@@ -62,6 +65,10 @@ if TYPE_CHECKING:
     from pipelines.body_composition.stages import Backend
 
 log = logging.getLogger(__name__)
+
+# points per slice outline of a 3D muscle in the volumes SR (a psoas or erector outline at ~1 mm pixels runs
+# 100-300 mm: a point every 1-3 pixels keeps its area within a few per cent and the SR a few hundred kB)
+VOLUME_OUTLINE_POINTS = 120
 
 # Type 2 attributes highdicom copies from the first source image into SEG and SR; some
 # scanners and anonymisers leave them out.  They are added, empty, to a copy of that image
@@ -189,6 +196,25 @@ def _level_groups(seg: Segmentation, meas: Measurements, pipeline: BodyCompositi
     return groups
 
 
+def outlines(mask: NDArray[np.bool_], images: Sequence[Dataset], first: int | None = None,
+             max_points: int = VOLUME_OUTLINE_POINTS) -> list[Outline]:
+    """The outline of a 3D mask (z, y, x) on every slice it covers, ``images[z]`` being slice z's source image:
+    one polygon per slice holding all its parts and holes (:func:`~.dicom_out.polygon`), slice ``first`` (the
+    level slice) first and the rest in slice order."""
+    zs = [int(z) for z in np.nonzero(mask.any(axis=(1, 2)))[0]]
+    if first is not None and first in zs:
+        zs.remove(first)
+        zs.insert(0, first)
+    out = []
+    for z in zs:
+        m = mask[z]
+        rows, cols = np.nonzero(m.any(axis=1))[0], np.nonzero(m.any(axis=0))[0]
+        box = m[rows[0] : rows[-1] + 1, cols[0] : cols[-1] + 1]
+        pts = polygon(box, max_points=max_points) + np.array([cols[0], rows[0]], dtype=np.float32)
+        out.append(Outline(images[z], pts))
+    return out
+
+
 def write_results(ctx: PipelineContext, volume: Volume, seg: Segmentation, meas: Measurements,
                   pipeline: BodyCompositionPipeline, backend: Backend) -> PipelineOutput:
     """SEG, SR and the 3D SEG + SR of an evaluable series (module docstring), written to ``ctx.work_dir``."""
@@ -253,6 +279,7 @@ def _write_results(ctx: PipelineContext, volume: Volume, seg: Segmentation, meas
         summary["seg_volumes"] = p.name
         numbers = {str(d.SegmentLabel): int(d.SegmentNumber) for d in seg_3d.SegmentSequence}
         vgroups = []
+        level_at = k - a if a <= k <= b else None
         for key in vol_keys:
             ms = [_value("volume", meas.volumes[key], "cm3", 2)]
             h3 = meas.volume_mean_hu.get(key)
@@ -261,12 +288,13 @@ def _write_results(ctx: PipelineContext, volume: Volume, seg: Segmentation, meas
             vgroups.append(VolumeGroup(
                 tracking_id=f"body-composition-lumbar-{key}", finding=template_key(key), segmentation=seg_3d,
                 segment_number=numbers[label(key)], finding_site="lumbar-spine",
-                reference_source_series=True, measurements=ms, tracking_key=tracking_key(key, "lumbar-3d")))
-        # groups name the SEG segment and the source series (TID 1411), so the evidence is the SEG
-        # alone rather than every lumbar image: the SR stays a few kB instead of ~0.5 MB
-        vsr = build_measurement_report([seg_3d], vgroups, algorithm, ident3d,
-                                       "Body composition lumbar muscle volumes", predecessors=ctx.predecessors,
-                                       texts=texts[:2], allow_scoordless=True)
+                reference_source_series=True, measurements=ms, tracking_key=tracking_key(key, "lumbar-3d"),
+                outlines=outlines(masks[template_key(key)], src[a : b + 1], level_at)))
+        # the evidence: the SEG and every image an outline is drawn on
+        drawn = {id(o.image) for g in vgroups for o in g.outlines}
+        vsr = build_measurement_report([seg_3d, *(d for d in src[a : b + 1] if id(d) in drawn)], vgroups, algorithm,
+                                       ident3d, "Body composition lumbar muscle volumes",
+                                       predecessors=ctx.predecessors, texts=texts[:2])
         p = ctx.work_dir / "sr-volumes.dcm"
         vsr.save_as(p)
         files.append(p)
