@@ -751,3 +751,29 @@ def test_gate_on_mean_hu_and_measure_carries_it() -> None:
     assert "implausible" in meas.derived["smi"].reason
     assert all("not_evaluable" in v for v in meas.sarcopenia.values())
     assert meas.gates["version"] and meas.gates["failed"]
+
+
+def test_morphology_on_the_mask_box_equals_the_whole_array() -> None:
+    """erode/dilate work on the mask's bounding box (grown by the radius): the result is the whole array's,
+    at the array's edges too, for the distance-transform and the small-disk paths; an empty mask dilates
+    to nothing (the whole-array distance transform of an empty mask put pixels in its corner)."""
+    from scipy import ndimage as ndi
+
+    from pipelines.body_composition.morphology import dilate, disk, erode
+
+    rng = np.random.default_rng(7)
+    for t in range(300):
+        h, w = (int(v) for v in rng.integers(4, 60, 2))
+        m = ndi.gaussian_filter(rng.random((h, w)), float(rng.uniform(0.5, 3.0))) > rng.uniform(0.45, 0.6)
+        if t % 5 == 0:
+            m[:, -1] = True  # touching an edge
+        r = float(rng.uniform(0.6, 8.0))
+        if r <= 1.5:
+            want_e, want_d = ndi.binary_erosion(m, disk(r)), ndi.binary_dilation(m, disk(r))
+        else:
+            want_e, want_d = ndi.distance_transform_edt(m) > r, ndi.distance_transform_edt(~m) <= r
+        assert np.array_equal(erode(m, r), want_e), (t, r)
+        if m.any():
+            assert np.array_equal(dilate(m, r), want_d), (t, r)
+    empty = np.zeros((20, 30), bool)
+    assert not dilate(empty, 4.0).any() and not dilate(empty, 1.0).any() and not erode(empty, 4.0).any()

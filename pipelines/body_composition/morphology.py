@@ -25,17 +25,44 @@ def fill_holes(mask: NDArray[np.bool_]) -> NDArray[np.bool_]:
     return np.asarray(mask | ~keep[lab])
 
 
+def _box(mask: NDArray[np.bool_], pad: int) -> tuple[slice, slice] | None:
+    """The bounding box of ``mask`` grown by ``pad`` pixels (clamped to the array); None for an empty mask."""
+    rows, cols = np.nonzero(mask.any(axis=1))[0], np.nonzero(mask.any(axis=0))[0]
+    if rows.size == 0:
+        return None
+    return (slice(max(0, int(rows[0]) - pad), min(mask.shape[0], int(rows[-1]) + pad + 1)),
+            slice(max(0, int(cols[0]) - pad), min(mask.shape[1], int(cols[-1]) + pad + 1)))
+
+
 def erode(mask: NDArray[np.bool_], radius_px: float) -> NDArray[np.bool_]:
-    """Erosion by a disk, via the distance transform for large radii."""
-    if radius_px <= 1.5:
-        return np.asarray(ndi.binary_erosion(mask, disk(radius_px)))
-    return np.asarray(ndi.distance_transform_edt(mask) > radius_px)
+    """Erosion by a disk, via the distance transform for large radii.
+
+    The transform runs on the mask's box grown by one pixel only: every pixel beyond it is background, and the
+    box's one-pixel rim (background as well) is at least as near to any pixel inside as anything farther out,
+    so the distances, and the result, are those of the whole array."""
+    box = _box(mask, 1)
+    out = np.zeros(mask.shape, bool)
+    if box is None:
+        return out
+    if radius_px <= 1.5:  # a disk of 3x3 at most: the rim is background, as beyond the array
+        out[box] = ndi.binary_erosion(mask[box], disk(radius_px))
+    else:
+        out[box] = ndi.distance_transform_edt(mask[box]) > radius_px
+    return out
 
 
 def dilate(mask: NDArray[np.bool_], radius_px: float) -> NDArray[np.bool_]:
+    """Dilation by a disk, via the distance transform for large radii, on the mask's box grown by the radius
+    (nothing beyond it is within the radius of the mask): the whole array's result."""
+    box = _box(mask, int(np.ceil(radius_px)) + 1)
+    out = np.zeros(mask.shape, bool)
+    if box is None:
+        return out
     if radius_px <= 1.5:
-        return np.asarray(ndi.binary_dilation(mask, disk(radius_px)))
-    return np.asarray(ndi.distance_transform_edt(~mask) <= radius_px)
+        out[box] = ndi.binary_dilation(mask[box], disk(radius_px))
+    else:
+        out[box] = ndi.distance_transform_edt(~mask[box]) <= radius_px
+    return out
 
 
 def opening(mask: NDArray[np.bool_], radius_px: float) -> NDArray[np.bool_]:
