@@ -903,7 +903,8 @@ def _wall(neighbours: tuple[NeighbourBone, ...], side: str) -> NDArray[np.float6
     wa, wb = w[ia, cols], w[ib, cols]
     both = np.isfinite(da) & np.isfinite(db)
     out = np.where(np.isfinite(da), wa, np.where(np.isfinite(db), wb, np.nan))
-    out[both] = ((db * wa + da * wb) / np.where(both, da + db, 1.0))[both]
+    if both.any():  # only the columns with bone on both sides are weighed (elsewhere inf * NaN)
+        out[both] = (db[both] * wa[both] + da[both] * wb[both]) / (da[both] + db[both])
     return out if np.isfinite(out).any() else None
 
 
