@@ -1,13 +1,14 @@
-"""Erector spinae on every slice from L5 to L1 of the anatomical phantom, with and without the
+"""Erector spinae and psoas on every slice from L5 to L1 of the anatomical phantom, with and without the
 bony landmarks of neighbouring slices (``tissues.with_neighbours``).
 
-    .venv/bin/python bench/body_composition_erector_slices.py [--slice-mm 5] [--habitus average]
+    .venv/bin/python bench/body_composition_erector_slices.py [--slice-mm 5] [--habitus average] [--rows 256]
 
 The phantom bench measures the L3 middle only, where a transverse process is on the slice; the
 3D volumes of the named muscles are measured on every lumbar slice, half of which lie between
 processes (a disc, between two processes) and take their neighbours' process tip and floor.
-Printed: erector Dice (mean, min) per side, all slices and split by whether the slice shows a
-process itself, before (the slice alone) and after (with its neighbours).  The level finder's
+Printed: erector and psoas Dice (mean, min) per side, all slices and split by whether the slice shows a
+process itself, before (the slice alone) and after (with its neighbours); psoas where the truth has it; and
+the error of the volume summed over L5-L1 (the 3D volume the volumes SR files) against the truth's.  The level finder's
 vertebrae give the range and the slice anatomy, as in the pipeline.
 """
 
@@ -25,9 +26,12 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
 
-def measure(habitus: str = "average", slice_mm: float = 5.0, per_slice: bool = False, base: Path | None = None
-            ) -> tuple[dict[tuple[str, str, str], list[float]], str]:
-    """Erector Dice per (structure, "all" / "process" / "no process", "before" / "after"), and the range."""
+KEYS = ("erector_left", "erector_right", "psoas_left", "psoas_right")
+
+
+def measure(habitus: str = "average", slice_mm: float = 5.0, per_slice: bool = False, base: Path | None = None,
+            rows: int = 256) -> tuple[dict[tuple[str, str, str], list[float]], str]:
+    """Erector and psoas Dice per (structure, "all" / "process" / "no process", "before" / "after"), and the range."""
     from pipelines.body_composition import tissues as t
     from pipelines.body_composition.anatomy_phantom import (
         COMPOSITION,
@@ -41,7 +45,7 @@ def measure(habitus: str = "average", slice_mm: float = 5.0, per_slice: bool = F
     from pipelines.body_composition.types import SideBone
     from pipelines.common.volume import SeriesToVolume
 
-    ph = make_anatomy(AnatomySpec(habitus=habitus, rows=256, slice_mm=slice_mm))
+    ph = make_anatomy(AnatomySpec(habitus=habitus, rows=rows, slice_mm=slice_mm))
     base = base or Path(tempfile.mkdtemp(prefix="bench-erector-"))
     truth = write_series(ph, base / "ct", Geometry("HFS"))
     vol = SeriesToVolume().run(truth.files).canonical_axial()[0]
@@ -67,11 +71,13 @@ def measure(habitus: str = "average", slice_mm: float = 5.0, per_slice: bool = F
                                  t.process_reach_mm(lr, k, vol.slice_spacing, p))
         for when, anat in (("before", alone), ("after", near)):
             m = t.lumbar_named(vol.hu[k], vol.pixel_spacing, anat, p)
-            for i, key in enumerate(("erector_left", "erector_right")):
+            for i, key in ((0, KEYS[0]), (1, KEYS[1]), (0, KEYS[2]), (1, KEYS[3])):
                 truth_k = np.isin(tl, [LABELS[n] for n in COMPOSITION[key]])  # the compartment, its fat in
                 if not truth_k.any():
                     continue
                 d = 2.0 * float((m[key] & truth_k).sum()) / float(m[key].sum() + truth_k.sum())
+                res.setdefault((key, "voxels", when), []).append(float(m[key].sum()))
+                res.setdefault((key, "truth voxels", when), []).append(float(truth_k.sum()))
                 own = "process" if landmarks(k)[i].tip_mm is not None else "no process"
                 for split in ("all", own):
                     res.setdefault((key, split, when), []).append(d)
@@ -79,26 +85,29 @@ def measure(habitus: str = "average", slice_mm: float = 5.0, per_slice: bool = F
                     name = next((v.name for v in lr.vertebrae if v.first <= k <= v.last), "disc")
                     print(f"slice {k:>3} {name:<5} {key:<14} {own:<11} Dice {d:.3f}  area {m[key].sum():>5} px"
                           f"  truth {truth_k.sum():>5} px")
-    return res, f"phantom {habitus}, {slice_mm:g} mm slices, L5-L1 = slices {l5.first}-{l1.last}"
+    return res, f"phantom {habitus}, {rows} rows, {slice_mm:g} mm slices, L5-L1 = slices {l5.first}-{l1.last}"
 
 
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--slice-mm", type=float, default=5.0)
     ap.add_argument("--habitus", default="average")
+    ap.add_argument("--rows", type=int, default=256, help="pixels across the 500 mm field (512: ~1 mm pixels)")
     ap.add_argument("--per-slice", action="store_true", help="print each slice's Dice (after)")
     a = ap.parse_args(argv)
-    res, title = measure(a.habitus, a.slice_mm, a.per_slice)
+    res, title = measure(a.habitus, a.slice_mm, a.per_slice, rows=a.rows)
     print(title)
     if not res:
         return 1
-    print(f"{'structure':<16}{'slices':<12}{'n':>4}{'before':>9}{'min':>7}{'after':>9}{'min':>7}")
-    for key in ("erector_left", "erector_right"):
+    print(f"{'structure':<16}{'slices':<12}{'n':>4}{'before':>9}{'min':>7}{'after':>9}{'min':>7}  volume err % after")
+    for key in KEYS:
+        got, want = sum(res.get((key, "voxels", "after"), [])), sum(res.get((key, "truth voxels", "after"), []))
         for split in ("all", "process", "no process"):
             b, f = res.get((key, split, "before"), []), res.get((key, split, "after"), [])
             if b:
+                vol = f"{100.0 * (got - want) / want:+9.1f}" if split == "all" and want else ""
                 print(f"{key:<16}{split:<12}{len(b):>4}{np.mean(b):>9.3f}{np.min(b):>7.3f}"
-                      f"{np.mean(f):>9.3f}{np.min(f):>7.3f}")
+                      f"{np.mean(f):>9.3f}{np.min(f):>7.3f}{vol}")
     return 0
 
 
