@@ -96,16 +96,26 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--per-slice", action="store_true", help="print each slice's Dice (after)")
     a = ap.parse_args(argv)
     res, title = measure(a.habitus, a.slice_mm, a.per_slice, rows=a.rows)
+    slice_mm = a.slice_mm
     print(title)
     if not res:
         return 1
-    print(f"{'structure':<16}{'slices':<12}{'n':>4}{'before':>9}{'min':>7}{'after':>9}{'min':>7}  volume err % after")
+    from pipelines.body_composition.plausibility import load_gates, unstable_slices
+
+    gates = {g.key: g for g in load_gates().continuity}
+    print(f"{'structure':<16}{'slices':<12}{'n':>4}{'before':>9}{'min':>7}{'after':>9}{'min':>7}  volume err % after"
+          "  continuity gate")
     for key in KEYS:
         got, want = sum(res.get((key, "voxels", "after"), [])), sum(res.get((key, "truth voxels", "after"), []))
         for split in ("all", "process", "no process"):
             b, f = res.get((key, split, "before"), []), res.get((key, split, "after"), [])
             if b:
                 vol = f"{100.0 * (got - want) / want:+9.1f}" if split == "all" and want else ""
+                if split == "all" and key in gates:
+                    g = gates[key]
+                    bad, judged = unstable_slices(res[(key, "voxels", "after")], slice_mm, g)
+                    vol += f"  {bad}/{judged} unstable: " + ("gated" if judged and bad > g.max_unstable * judged
+                                                             else "filed")
                 print(f"{key:<16}{split:<12}{len(b):>4}{np.mean(b):>9.3f}{np.min(b):>7.3f}"
                       f"{np.mean(f):>9.3f}{np.min(f):>7.3f}{vol}")
     return 0

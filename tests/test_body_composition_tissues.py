@@ -723,6 +723,32 @@ def test_slice_consistency_gate_compares_the_level_slice_with_its_neighbours() -
     assert not [f for f in failed if f["gate"] == "slice consistency"]
 
 
+def test_continuity_gate_judges_a_3d_muscle_slice_by_slice() -> None:
+    """A 3D muscle whose area jumps from slice to slice (an organ joined, part cut off, the muscle missed) on more
+    than 15 % of the judged slices has a volume that is not the muscle's: not evaluable, with the count.  A smooth
+    growth (psoas from L1 to L5) passes, and so does a single bad slice; the thin ends are not judged."""
+    from pipelines.body_composition.plausibility import continuity_reason, unstable_slices
+
+    gates = load_gates()
+    (g,) = [c for c in gates.continuity if c.key == "psoas_left"]
+    smooth = [0.5, 1.0, 2.0, 3.0, 4.0, 5.0, 6.0, 7.0, 8.0, 9.0, 10.0, 11.0, 12.0, 13.0, 14.0, 15.0, 15.5, 16.0]
+    assert unstable_slices(smooth, 5.0, g) == (0, 15)  # the first three (neighbours under a quarter of 8.5) are not judged
+    assert continuity_reason("psoas_left", smooth, 5.0, gates) is None
+    one = list(smooth)
+    one[9] = 18.0  # one slice joined to an organ
+    assert unstable_slices(one, 5.0, g)[0] == 1 and continuity_reason("psoas_left", one, 5.0, gates) is None
+    bad = list(smooth)
+    for k in (4, 8, 12):
+        bad[k] = 0.0  # missed
+    bad[6], bad[10] = 14.0, 20.0  # joined to the iliacus or bowel
+    reason = continuity_reason("psoas_left", bad, 5.0, gates)
+    assert reason is not None and "continuity" in reason and "4 of 13 slices" in reason, reason
+    # at 1 mm slices the reach spans 10 slices each way
+    thin = np.repeat(np.asarray(smooth), 5).tolist()
+    assert continuity_reason("psoas_left", thin, 1.0, gates) is None
+    assert continuity_reason("skeletal_muscle", bad, 5.0, gates) is None  # no row: no gate
+
+
 def test_gate_refuses_a_one_sided_find_unless_the_edge_cut_the_other() -> None:
     a, m = _values(**GOOD)
     a["psoas_right"] = Value(None, "cm2", "structure not found on the level slice")

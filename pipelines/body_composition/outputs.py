@@ -292,9 +292,12 @@ def _write_results(ctx: PipelineContext, volume: Volume, seg: Segmentation, meas
                 outlines=outlines(masks[template_key(key)], src[a : b + 1], level_at)))
         # the evidence: the SEG and every image an outline is drawn on
         drawn = {id(o.image) for g in vgroups for o in g.outlines}
+        # the volumes that are not evaluable are named with their reason (their outline is not the muscle's)
+        vtexts = [Text("not-evaluable-reason", f"{label(key)} volume: {meas.volumes[key].reason or 'not evaluable'}")
+                  for key in ordered(meas.volumes) if not meas.volumes[key].evaluable]
         vsr = build_measurement_report([seg_3d, *(d for d in src[a : b + 1] if id(d) in drawn)], vgroups, algorithm,
                                        ident3d, "Body composition lumbar muscle volumes",
-                                       predecessors=ctx.predecessors, texts=texts[:2])
+                                       predecessors=ctx.predecessors, texts=[*texts[:2], *vtexts])
         p = ctx.work_dir / "sr-volumes.dcm"
         vsr.save_as(p)
         files.append(p)

@@ -50,6 +50,19 @@ class Consistency:
 
 
 @dataclass(frozen=True)
+class Continuity:
+    """A 3D muscle's area slice by slice over its range (L5-L1): each slice against the median of the slices within
+    ``reach_mm`` above and below it."""
+
+    key: str
+    max_change: float  # a slice this far (share of that median) from it, or empty beside muscle, is unstable
+    max_unstable: float  # share of the judged slices that may be unstable before the volume is not evaluable
+    reach_mm: float
+    min_share: float  # slices whose median is below this share of the muscle's median area are not judged (its ends)
+    source: str
+
+
+@dataclass(frozen=True)
 class Gates:
     version: str
     ranges: tuple[Bound, ...]
@@ -63,6 +76,7 @@ class Gates:
     metal_max_mm2: float = float("inf")
     metal_source: str = ""
     consistency: tuple[Consistency, ...] = ()
+    continuity: tuple[Continuity, ...] = ()
 
 
 def load_gates(path: Path = GATES_PATH) -> Gates:
@@ -81,7 +95,46 @@ def load_gates(path: Path = GATES_PATH) -> Gates:
         metal_max_mm2=float(data.get("metal", {}).get("max_mm2", float("inf"))),
         metal_source=str(data.get("metal", {}).get("source", "")),
         consistency=tuple(Consistency(**r) for r in data.get("consistency", [])),
+        continuity=tuple(Continuity(**r) for r in data.get("continuity", [])),
     )
+
+
+def unstable_slices(areas: Sequence[float], slice_mm: float, gate: Continuity) -> tuple[int, int]:
+    """(unstable, judged) slices of one 3D muscle's per-slice areas along its range (:class:`Continuity`).
+
+    A muscle's cross-section changes slowly along the spine (psoas major grows by 1-2 cm2 per cm from L1 to L4),
+    so a slice whose area is far from the median of its neighbours within ``reach_mm``, or empty beside them, was
+    outlined wrong (an organ joined, part of the muscle cut off, the muscle missed).  Slices whose neighbours'
+    median is below ``min_share`` of the muscle's median area (where it begins or ends) are not judged."""
+    a = np.asarray(areas, dtype=np.float64)
+    present = a[a > 0]
+    if a.size < 3 or not present.size or slice_mm <= 0:
+        return 0, 0
+    floor = gate.min_share * float(np.median(present))
+    r = max(1, int(round(gate.reach_mm / slice_mm)))
+    unstable = judged = 0
+    for k in range(a.size):
+        near = np.concatenate([a[max(0, k - r) : k], a[k + 1 : k + 1 + r]])
+        ref = float(np.median(near)) if near.size else 0.0
+        if ref <= 0.0 or ref < floor:
+            continue
+        judged += 1
+        if abs(a[k] - ref) > gate.max_change * ref:
+            unstable += 1
+    return unstable, judged
+
+
+def continuity_reason(key: str, areas: Sequence[float], slice_mm: float, gates: Gates) -> str | None:
+    """Why the 3D volume of ``key`` is not evaluable by its continuity gate (None: it passes or has no gate)."""
+    for g in gates.continuity:
+        if g.key != key:
+            continue
+        bad, judged = unstable_slices(areas, slice_mm, g)
+        if judged and bad > g.max_unstable * judged:
+            return (f"implausible (continuity): the outline is unstable on {bad} of {judged} slices along L5-L1 (area "
+                    f"more than {100 * g.max_change:.0f} % from its neighbours' within {g.reach_mm:g} mm, or missing "
+                    f"beside them; at most {100 * g.max_unstable:.0f} % may be): the volume would not be the muscle's")
+    return None
 
 
 def metal_mm2(hu: NDArray[np.float32], body: NDArray[np.bool_], pixel_area_mm2: float, gates: Gates) -> float:

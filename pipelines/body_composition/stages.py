@@ -17,7 +17,14 @@ import numpy as np
 from numpy.typing import NDArray
 
 from pipelines.body_composition.levels import SpineLevelFinder, anatomy_for_slice
-from pipelines.body_composition.plausibility import Gates, apply_gates, load_gates, metal_in_volume, metal_mm2
+from pipelines.body_composition.plausibility import (
+    Gates,
+    apply_gates,
+    continuity_reason,
+    load_gates,
+    metal_in_volume,
+    metal_mm2,
+)
 from pipelines.body_composition.reference import (
     Classification,
     PatientFactors,
@@ -294,9 +301,18 @@ class Measure:
                                      f"the series {vol.hu.shape}")
                 # the voxels of a (sparse) whole-series mask, in the order hu[vm] gives them: one scan
                 idx = np.flatnonzero(vm) if vm is not None and not metal else None
-                if metal:
-                    volumes[key] = Value(None, "cm3", metal)
-                    vmeans[key] = Value(None, "HU", metal)
+                unstable = None
+                if vm is not None and seg.volume_range is not None and not metal:
+                    k0, k1 = seg.volume_range
+                    per_slice = np.count_nonzero(vm[k0 : k1 + 1], axis=(1, 2)) * vol.pixel_area_mm2 / 100.0
+                    unstable = continuity_reason(key, per_slice.tolist(), vol.slice_spacing, self.gates)
+                no_volume = metal or unstable
+                if no_volume:
+                    volumes[key] = Value(None, "cm3", no_volume)
+                    vmeans[key] = Value(None, "HU", no_volume)
+                    if unstable:
+                        failed.append({"key": f"{key}_volume", "gate": "continuity", "reason": unstable,
+                                       "source": next(g.source for g in self.gates.continuity if g.key == key)})
                 elif idx is None or not idx.size:
                     reason = seg.volume_note or "not segmented"
                     volumes[key] = Value(None, "cm3", reason)
