@@ -725,7 +725,7 @@ def test_slice_consistency_gate_compares_the_level_slice_with_its_neighbours() -
 
 def test_continuity_gate_judges_a_3d_muscle_slice_by_slice() -> None:
     """A 3D muscle whose area jumps from slice to slice (an organ joined, part cut off, the muscle missed) on more
-    than 15 % of the judged slices has a volume that is not the muscle's: not evaluable, with the count.  A smooth
+    than a fifth of the judged slices has a volume that is not the muscle's: not evaluable, with the count.  A smooth
     growth (psoas from L1 to L5) passes, and so does a single bad slice; the thin ends are not judged."""
     from pipelines.body_composition.plausibility import continuity_reason, unstable_slices
 
