@@ -187,6 +187,8 @@ class TissueParams:
     psoas_beyond_tip_mm: float = 5.0  # behind the body's centre the psoas ends this far beyond the transverse
     # process tip (0: no bound)
     box_contact_max: float = 0.3  # a psoas lies inside its search box (at most this share of its outline on the box)
+    tp_thickness_mm: float = 6.0  # a lumbar transverse process's depth (front to back) near its root
+    disc_margin_mm: float = 3.0  # the vertebral body's outline grown by this holds its disc (not organ-like tissue)
     erector_lateral_mm: float = 70.0  # without a transverse process on the slice (a disc)
     erector_lateral_max_mm: float = 85.0
     tp_context_mm: float = 10.0  # a slice without a transverse process takes those of slices this near, or half
@@ -969,9 +971,13 @@ def lumbar_named(hu: NDArray[np.float32], spacing: tuple[float, float], anat: Sl
     bridge_px = p.bridge_mm / float(np.sqrt(dy * dx))
 
     def pick(region_full: NDArray[np.bool_], seed: tuple[float, float], max_dist_mm: float = 25.0,
-             largest: bool = False, open_px: float = 0.0, compact: bool = False
-             ) -> tuple[NDArray[np.bool_], NDArray[np.bool_]]:
-        """The muscle picked near ``seed``, and the tissue beside it found not to be it (compact picks only)."""
+             largest: bool = False, open_px: float = 0.0, compact: bool = False,
+             search_full: NDArray[np.bool_] | None = None) -> tuple[NDArray[np.bool_], NDArray[np.bool_]]:
+        """The muscle picked near ``seed``, and the tissue beside it found not to be it (compact picks only).
+
+        ``search_full`` (default ``region_full``) is the search box whose edges an organ cut by it would press
+        against; ``region_full`` may be cut further by anatomical bounds (the transverse process tip), which a
+        muscle meets along its own outline."""
         out_full = np.zeros(crop.shape, bool)
         excluded = np.zeros(crop.shape, bool)
         rows, cols = np.nonzero(region_full.any(axis=1))[0], np.nonzero(region_full.any(axis=0))[0]
@@ -1026,10 +1032,15 @@ def lumbar_named(hu: NDArray[np.float32], spacing: tuple[float, float], anat: Sl
             # its outline is an organ cut by the box (liver or spleen beside the vertebra), not a muscle
             solid = fill_holes(core)
             edge = solid & ~ndi.binary_erosion(solid)
-            on_box = edge & ~ndi.binary_erosion(region, border_value=0)
+            search = region if search_full is None else search_full[bb]
+            on_box = edge & ~ndi.binary_erosion(search, border_value=0)
             # ... or one lying in enhancing soft tissue (the part of an enhancing organ below the strict cut)
             # enhancing soft tissue (organ parenchyma above the strict cut), not the partial-volume rim of bone
             organ_like = soft[bb] & ~strict[bb] & ~ndi.binary_dilation(bone[bb], disk(2.0))
+            # ... nor the vertebral body's own section: on a disc slice the annulus (70-120 HU) is where the psoas
+            # lies against the spine, not an organ
+            spine = (xm / (hw + p.disc_margin_mm)) ** 2 + (ym / (hh + p.disc_margin_mm)) ** 2 <= 1.0
+            organ_like &= ~spine
             organ_side = edge & ndi.binary_dilation(organ_like & ~solid, disk(1.5))
             if float((on_box | organ_side).sum()) > p.box_contact_max * float(edge.sum()):
                 return out_full, excluded
@@ -1063,6 +1074,7 @@ def lumbar_named(hu: NDArray[np.float32], spacing: tuple[float, float], anat: Sl
     for side, sgn in (("left", 1.0), ("right", -1.0)):
         lat = sgn * xmm
         psoas_box = (lat > hw * 0.5) & (lat < hw + p.psoas_lateral_mm) & (ymm > -hh - 45.0) & (ymm < hh + 20.0)
+        psoas_search = psoas_box
         fl = _posterior_floor(bone_env, ymm, lat, wall, dy * dx, p, anat.ribs_possible)
         floor, ribs, tip = fl.ok, fl.ribs, fl.tip
         # the lateral raphe (the fascia's posterior and middle layers meeting at the quadratus
@@ -1107,11 +1119,20 @@ def lumbar_named(hu: NDArray[np.float32], spacing: tuple[float, float], anat: Sl
         under_fat = under_fat_mm > (p.erector_sheet_mm if ribs else p.erector_fascia_mm)
         erector_box = (lat > 0.0) & (lat < lat_max) & (ymm > wall + p.erector_front_mm) & efloor & under_fat
         px = float(np.sqrt(dy * dx))
-        if has_tp and tip is not None and p.psoas_beyond_tip_mm > 0:
+        if not has_tp and carried is not None and p.tp_thickness_mm > 0:
+            # between processes nothing bony stops the psoas behind: it lies in front of the processes' plane (their
+            # back surface on the nearest slices, less a process's thickness), where the paraspinal compartment and
+            # the quadratus lumborum's medial edge begin
+            tp_front = np.interp(lat, np.arange(carried[1].size, dtype=np.float64), carried[1]) - p.tp_thickness_mm
+            psoas_box = psoas_box & (ymm < tp_front)
+        psoas_tip = tip if has_tp else (carried[0] if carried is not None else None)
+        if psoas_tip is not None and p.psoas_beyond_tip_mm > 0:
             # behind the vertebral body's centre the psoas lies in front of the transverse process, medial to its
-            # tip; the quadratus lumborum lies lateral to the tip (it arises from it)
-            psoas_box = psoas_box & ~((ymm > 0.0) & (lat > tip + p.psoas_beyond_tip_mm))
-        ps, not_psoas = pick(np.asarray(psoas_box), (sgn * (hw + 20.0), 0.0), compact=True)
+            # tip; the quadratus lumborum lies lateral to the tip (it arises from it).  Between processes (a disc,
+            # between two processes) the tip is theirs, as for the erector
+            psoas_box = psoas_box & ~((ymm > 0.0) & (lat > psoas_tip + p.psoas_beyond_tip_mm))
+        ps, not_psoas = pick(np.asarray(psoas_box), (sgn * (hw + 20.0), 0.0), compact=True,
+                             search_full=np.asarray(psoas_search))
         out[f"psoas_{side}"][ra:rb, ca:cb] = _outline(ps, np.asarray(psoas_box) & ~bone & ~not_psoas, px,
                                                       p.psoas_outline_mm)
         er, _ = pick(np.asarray(erector_box), (sgn * 40.0, wall + 35.0), 35.0, True, p.erector_open_mm / px)
