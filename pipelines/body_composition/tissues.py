@@ -86,7 +86,10 @@ the trunk's fat outside it.  Skeletal muscle is only:
   (unenhanced kidney, duodenum, bowel: ``belly_drop_hu``), a round blob joined by a neck and centred
   in front of the vertebral body or of the psoas' own centre (duodenum, a bowel loop, the vena cava,
   a node: ``belly_neck_frac``), and, behind the body's centre, anything beyond the transverse process
-  tip (the quadratus lumborum arises from it: ``psoas_beyond_tip_mm``).  Same HU and a contact as
+  tip (the quadratus lumborum arises from it: ``psoas_beyond_tip_mm``).  Medial to the tip the quadratus
+  lumborum lies posterolateral to the psoas in front of the process with no fat plane: the sheet of it the belly's
+  discs cut off (reaching farther than their radius, behind and lateral to the belly's centre) is kept out of the
+  grown and closed outline (``psoas_sheet_stop``; phantom psoas area +9..+15 % -> +3..+8 %).  Same HU and a contact as
   wide as the psoas (the duodenum lying across it enhanced, a fatty psoas against an unenhanced
   kidney) is not told apart: the bench shows how much is then taken;
 * the abdominal wall, quadratus lumborum included: muscle-HU tissue in a band of bounded
