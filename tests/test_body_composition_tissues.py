@@ -380,6 +380,31 @@ def test_psoas_stops_at_the_quadratus_lumborum(contacts: tuple[str, ...]) -> Non
     assert sum(taken["both"]) < sum(taken["stop"]) < sum(taken["off"]), taken
 
 
+def test_the_oval_across_a_contact_is_fitted_to_the_free_outline_only() -> None:
+    """The psoas' oval is fitted to its outline away from the quadratus sheet: on a pixelated oval (1 mm pixels)
+    with a wedge filling the corner toward a sheet, the wedge is cut and the oval kept; an irregular outline (two
+    lobes) fits no oval within a pixel and nothing is cut."""
+    from scipy import ndimage as ndi
+
+    from pipelines.body_composition.tissues import _beyond_oval, _fit_ellipse
+
+    t = np.linspace(0.0, 2.0 * np.pi, 60, endpoint=False)
+    fit = _fit_ellipse(30.0 + 12.0 * np.cos(t), -5.0 + 16.0 * np.sin(t))
+    assert fit is not None
+    assert np.allclose(fit[:2], (30.0, -5.0), atol=1e-6) and np.allclose(fit[3:], (12.0, 16.0), atol=1e-6), fit
+    yy, xx = np.mgrid[0:80, 0:80].astype(np.float64)
+    oval = ((xx - 40.0) / 12.0) ** 2 + ((yy - 35.0) / 15.0) ** 2 <= 1.0
+    sheet = (yy >= 46.0) & (yy <= 56.0) & (xx >= 48.0) & (xx <= 75.0) & ~oval
+    # the corner between the oval and the sheet, filled (what the belly's discs took)
+    wedge = (ndi.distance_transform_edt(~sheet) <= 2.5) & (ndi.distance_transform_edt(~oval) <= 3.5) & ~oval & ~sheet
+    wedge &= (xx < 56.0) & (yy < 50.0)
+    cut = _beyond_oval(oval | wedge, sheet, (xx, yy), (1.0, 1.0), 3.0)
+    # (the wedge pixels within half a pixel of the oval are its outline's own and stay)
+    assert (cut & wedge).sum() >= 0.6 * wedge.sum() and not (cut & oval).any(), ((cut & wedge).sum(), wedge.sum())
+    lobes = oval | (((xx - 55.0) / 9.0) ** 2 + ((yy - 30.0) / 9.0) ** 2 <= 1.0)
+    assert not _beyond_oval(lobes | wedge, sheet, (xx, yy), (1.0, 1.0), 3.0).any()
+
+
 # Psoas at the true L3 middle of the average phantom with every psoas contact (AnatomySpec.psoas_contacts: IVC,
 # ectatic aorta, duodenum, jejunal loop, kidney lower poles, quadratus lumborum, right crus, nodes, ureters and
 # gonadal veins, all touching it with no fat plane): measured L/R Dice 0.954 / 0.762 unenhanced, 0.873 / 0.919
