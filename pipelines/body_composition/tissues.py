@@ -91,8 +91,7 @@ the trunk's fat outside it.  Skeletal muscle is only:
   discs cut off (reaching farther than their radius, behind and lateral to the belly's centre) is kept out of the
   grown and closed outline (``psoas_sheet_stop``), and where it touches that sheet the psoas' edge continues the
   oval fitted to the rest of its outline (``psoas_contact_mm``; phantom psoas area +9..+15 % -> -2..+2 %).  Same HU
-  and a contact as
-  wide as the psoas (the duodenum lying across it enhanced, a fatty psoas against an unenhanced
+  and a contact as wide as the psoas (the duodenum lying across it enhanced, a fatty psoas against an unenhanced
   kidney) is not told apart: the bench shows how much is then taken;
 * the abdominal wall, quadratus lumborum included: muscle-HU tissue in a band of bounded
   thickness (``wall_max_mm``) inside the outer fascia, the paraspinal compartment counted as
