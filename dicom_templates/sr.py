@@ -8,13 +8,14 @@ Two kinds of measurement group, which go in **separate SRs**:
   lists (``../shared/tools/ohif-check/README.md``).  A planar group without measurements
   becomes a TID 1410 group whose Image Region is the polygon: OHIF draws it without error
   but does not list it (the panel says "Measurements (0)").
-- :class:`VolumeGroup` -> a SEG segment's measurements.  Without ``outlines``: TID 1411 "Volumetric ROI"
+- :class:`VolumeGroup` -> a SEG segment's measurements.  Without ``outline``: TID 1411 "Volumetric ROI"
   referencing the segment; it has no SCOORD, and OHIF 3.13 throws on any SCOORD-less group and then blanks
-  the *whole* SR.  With ``outlines`` (the segment's outline on every image it covers): TID 1501 whose volume
-  NUM is INFERRED FROM all of them, the segment named in the group; OHIF lists it and draws the first.
+  the *whole* SR.  With ``outline`` (the segment's section on one image, e.g. the level slice): TID 1501 whose
+  NUMs are INFERRED FROM the segment (an IMAGE reference to the SEG with its segment number), the first also
+  from that outline; OHIF lists it and draws the outline.
 
 :func:`build_measurement_report` therefore refuses SCOORD-less groups unless ``allow_scoordless=True``
-(which knowingly gives an SR OHIF cannot show): put them in their own SR, or give them outlines.
+(which knowingly gives an SR OHIF cannot show): put them in their own SR, or give them an outline.
 
 What OHIF 3.13 shows of a planar group (checked with ohif-check on tissue-hu output): the
 polygon, labelled with the finding's meaning, and in the panel the group's Area NUM until the
@@ -223,7 +224,7 @@ class PlanarGroup:
 
 @dataclass(frozen=True)
 class Outline:
-    """One closed polygon of a volume's ROI on one source image: (N, 2) pixel coordinates (column, row),
+    """A segment's section on one source image as one closed polygon: (N, 2) pixel coordinates (column, row),
     ``frame_number`` (1-based) for a multi-frame image."""
 
     image: Dataset
@@ -235,12 +236,12 @@ class Outline:
 class VolumeGroup:
     """A measurement group of one SEG segment.
 
-    Without ``outlines``: TID 1411 "Volumetric ROI" whose region is the Referenced Segment; no SCOORD, so OHIF
-    3.13 cannot show it (nor any SR holding it).  With ``outlines`` (the segment's outline on every image it
-    covers): TID 1501 whose first NUM (the volume) is INFERRED FROM all the outlines (TID 300 allows 1-n), each a closed
-    SCOORD POLYLINE SELECTED FROM its image, with OHIF's tracking identifier; the Referenced Segment (and its
-    source series) follow in the group, as in TID 1411.  OHIF 3.13 lists such a group and draws its *first*
-    outline (put the level slice first), showing that polygon's own statistics once it is drawn.
+    Without ``outline``: TID 1411 "Volumetric ROI" whose region is the Referenced Segment; no SCOORD, so OHIF 3.13
+    cannot show it (nor any SR holding it).  With ``outline`` (the segment's section on one of its images, e.g. the
+    level slice): TID 1501 whose every NUM is INFERRED FROM the segment (IMAGE "Source of Measurement" naming the
+    SEG and the segment number) and whose first NUM (the volume) is INFERRED FROM the outline as well, a closed
+    SCOORD POLYLINE SELECTED FROM its image (TID 300 allows 1-n), with OHIF's tracking identifier.  OHIF 3.13 lists
+    such a group and draws the outline, showing that polygon's own statistics once drawn.
     """
 
     tracking_id: str
@@ -251,12 +252,12 @@ class VolumeGroup:
     finding_site: str | None = None
     qualitative: Sequence[Qualitative] = ()
     text: Sequence[Text] = ()
-    # TID 1411 allows the segmented images to be named by their series ("Source series for
-    # segmentation") instead of image by image: for a SEG over hundreds of slices this keeps
-    # the SR small and fast, and the evidence list can then be the SEG alone.
+    # TID 1411 allows the segmented images to be named by their series ("Source series for segmentation") instead
+    # of image by image: for a SEG over hundreds of slices this keeps the SR small and fast, and the evidence list
+    # can then be the SEG alone.
     reference_source_series: bool = False
     tracking_key: TrackingKey | None = None
-    outlines: Sequence[Outline] = ()
+    outline: Outline | None = None
 
 
 Group = PlanarGroup | VolumeGroup
@@ -420,27 +421,26 @@ def _source(image: Dataset, polygon: NDArray[np.floating[Any]], frame_number: in
     return pts, hd.sr.SourceImageForRegion.from_source_image(image, referenced_frame_numbers=frames)
 
 
-def _outlined_volume(g: VolumeGroup, algorithm: Algorithm) -> Any:
-    coords = []
-    for o in g.outlines:
-        pts, source = _source(o.image, o.polygon, o.frame_number, g.tracking_id)
-        coords.append(hd.sr.CoordinatesForMeasurement(graphic_type=hd.sr.GraphicTypeValues.POLYLINE, graphic_data=pts,
-                                                      source_image=source))
+def _outlined_volume(g: VolumeGroup, o: Outline, algorithm: Algorithm) -> Any:
+    pts, source = _source(o.image, o.polygon, o.frame_number, g.tracking_id)
+    coords = [hd.sr.CoordinatesForMeasurement(graphic_type=hd.sr.GraphicTypeValues.POLYLINE, graphic_data=pts,
+                                              source_image=source)]
     if not g.measurements:
         raise ValueError(f"group {g.tracking_id!r}: an outlined volume group needs a measurement")
+    nums = [_num(m, algorithm, coords if i == 0 else None) for i, m in enumerate(g.measurements)]
+    for num in nums:  # each value is measured on the SEG segment (TID 300 INFERRED FROM IMAGE)
+        num[0].ContentSequence.append(hd.sr.ImageContentItem(
+            name=dcm_codes.DCM.SourceOfMeasurement, referenced_sop_class_uid=g.segmentation.SOPClassUID,
+            referenced_sop_instance_uid=g.segmentation.SOPInstanceUID, referenced_segment_numbers=[g.segment_number],
+            relationship_type=hd.sr.RelationshipTypeValues.INFERRED_FROM))
     group: Any = hd.sr.MeasurementsAndQualitativeEvaluations(
-        tracking_identifier=hd.sr.TrackingIdentifier(uid=_tracking_uid(g.outlines[0].image, g),
-                                                     identifier=OHIF_TRACKING_IDENTIFIER),
+        tracking_identifier=hd.sr.TrackingIdentifier(uid=_tracking_uid(o.image, g), identifier=OHIF_TRACKING_IDENTIFIER),
         finding_type=codes.finding(g.finding),
         algorithm_id=algorithm.sr_identification(),
         finding_sites=_finding_sites(g),
-        # the first NUM (the volume) is INFERRED FROM the outlines; the others (e.g. its mean HU) describe the same
-        # region and do not repeat hundreds of polygons (OHIF reads the outline from the first)
-        measurements=[_num(m, algorithm, coords if i == 0 else None) for i, m in enumerate(g.measurements)],
+        measurements=nums,
         qualitative_evaluations=_qualitative(g.qualitative),
     )
-    # the segment the outlines were drawn from (TID 1411's rows; TID 1501 is extensible)
-    group[0].ContentSequence.extend(_referenced_segment(g))
     _append(group, _text_items([*g.text, *_reasons(g.measurements)]))
     return group
 
@@ -449,8 +449,8 @@ def _volume(g: VolumeGroup, algorithm: Algorithm) -> Any:
     numbers = [int(s.SegmentNumber) for s in g.segmentation.SegmentSequence]
     if g.segment_number not in numbers:
         raise ValueError(f"group {g.tracking_id!r}: segment {g.segment_number} not in the SEG (has {numbers})")
-    if g.outlines:
-        return _outlined_volume(g, algorithm)
+    if g.outline is not None:
+        return _outlined_volume(g, g.outline, algorithm)
     group = hd.sr.VolumetricROIMeasurementsAndQualitativeEvaluations(
         tracking_identifier=hd.sr.TrackingIdentifier(uid=_tracking_uid(g.segmentation, g), identifier=g.tracking_id),
         referenced_segment=_referenced_segment(g),
@@ -677,7 +677,7 @@ def build_measurement_report(
                                               form=not_evaluable_form))
     if not groups:
         raise ValueError("build_measurement_report: no measurement groups (give not_evaluable_reason instead)")
-    scoordless = [g.tracking_id for g in groups if isinstance(g, VolumeGroup) and not g.outlines]
+    scoordless = [g.tracking_id for g in groups if isinstance(g, VolumeGroup) and g.outline is None]
     if scoordless and not allow_scoordless:
         raise ValueError(
             f"groups {scoordless} have no SCOORD: OHIF 3.13 cannot display an SR containing them; "

@@ -124,7 +124,10 @@ def test_volumes_over_lumbar_spine(phantom_run: Run) -> None:
     k0, k1 = s["volume_slices"]
     assert t.levels[k0] == "L5" and t.levels[k1] == "L1"
     for key in ("psoas_left", "psoas_right", "erector_left", "erector_right"):
-        assert s["volumes_cm3"][key]["value"] == pytest.approx(t.volume_cm3(key, k0, k1), rel=0.01), key
+        # psoas 2 %: between transverse processes the psoas stops in front of their plane, which this schematic
+        # phantom's round psoas crosses by a sliver (-1.6 %); the anatomical phantom's does not
+        rel = 0.02 if key.startswith("psoas") else 0.01
+        assert s["volumes_cm3"][key]["value"] == pytest.approx(t.volume_cm3(key, k0, k1), rel=rel), key
         # the erector is its compartment: the IMAT blob inside it counts (phantom.PARTS)
         m = np.isin(t.labels[k0 : k1 + 1], [{"psoas_left": [2], "psoas_right": [3], "erector_left": [4, 15],
                                                 "erector_right": [5, 16]}[key]])
@@ -172,8 +175,8 @@ def test_seg_and_sr_round_trip_and_dciodvfy(phantom_run: Run) -> None:
             assert coords, "every NUM carries a SCOORD (OHIF)"
             pts = np.asarray(coords[0].value)
             assert np.allclose(pts[0], pts[-1]), "closed polygon"
-    # the volumes SR: one TID 1501 group per muscle, each NUM INFERRED FROM the muscle's outline on every slice
-    # (the level slice first: OHIF draws the first), the SEG segment named in the group; evidence = SEG + images
+    # the volumes SR: one TID 1501 group per muscle, each NUM INFERRED FROM its SEG segment, the volume also from
+    # the muscle's outline on the level slice (OHIF draws it); evidence = the SEG and that image
     vsr = hd.sr.srread(out / "sr-volumes.dcm")
     vgroups = vsr.content.get_image_measurement_groups()
     assert len(vgroups) == 4 and not vsr.content.get_volumetric_roi_measurement_groups()
@@ -181,28 +184,20 @@ def test_seg_and_sr_round_trip_and_dciodvfy(phantom_run: Run) -> None:
     evidence = {str(i.ReferencedSOPInstanceUID) for st in vsr.CurrentRequestedProcedureEvidenceSequence
                 for se in st.ReferencedSeriesSequence for i in se.ReferencedSOPSequence}
     level_uid = _polygon_image(out / "sr.dcm")
-    slices = {str(d.SOPInstanceUID): d for d in (pydicom.dcmread(f, stop_before_pixels=True)
-                                                   for f in phantom_run.truth.files)}
+    assert evidence == {str(seg3d.SOPInstanceUID), level_uid}
     for g in vgroups:
         vol, *others = g.get_measurements()
         assert vol.name.meaning == "Volume" and all(not m.referenced_coordinates for m in others)
-        coords = vol.referenced_coordinates or []
-        assert len(coords) > 3, "a volume is drawn on every slice it covers"
-        uids = [str(c.ContentSequence[0].ReferencedSOPSequence[0].ReferencedSOPInstanceUID) for c in coords]
-        assert uids[0] == level_uid and len(set(uids)) == len(uids) and set(uids) <= evidence
-        ds0 = slices[uids[0]]
-        px = float(ds0.PixelSpacing[0]) * float(ds0.PixelSpacing[1])
-        drawn = sum(abs(_shoelace(np.asarray(c.value))) for c in vol.referenced_coordinates or []) * px * float(
-            ds0.SpacingBetweenSlices if "SpacingBetweenSlices" in ds0 else ds0.SliceThickness) / 1000.0
-        assert drawn == pytest.approx(vol.value, rel=0.05), "the outlines enclose the volume filed"
+        (coords,) = vol.referenced_coordinates or []
+        assert str(coords.ContentSequence[0].ReferencedSOPSequence[0].ReferencedSOPInstanceUID) == level_uid
+        pts = np.asarray(coords.value)
+        assert np.allclose(pts[0], pts[-1]), "closed polygon"
+        for m in (vol, *others):
+            (src,) = [it for it in m[0].ContentSequence if it.ValueType == "IMAGE"]
+            ref = src.ReferencedSOPSequence[0]
+            assert ref.ReferencedSOPInstanceUID == seg3d.SOPInstanceUID and int(ref.ReferencedSegmentNumber) >= 1
     readouts = read_groups(pydicom.dcmread(out / "sr-volumes.dcm"))
     assert sorted(r.referenced_segment or 0 for r in readouts) == [1, 2, 3, 4]
-    assert str(seg3d.SOPInstanceUID) in evidence
-
-
-def _shoelace(pts: np.ndarray) -> float:
-    x, y = pts[:, 0], pts[:, 1]
-    return float(0.5 * (np.dot(x[:-1], y[1:]) - np.dot(x[1:], y[:-1])))
 
 
 def _polygon_image(sr_path: Path) -> str:

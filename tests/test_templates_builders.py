@@ -199,31 +199,36 @@ def test_volume_groups_need_their_own_sr(ct2: list[Dataset], tmp_path: Path) -> 
 
 
 def test_outlined_volume_group_sits_beside_planar_groups(ct2: list[Dataset], tmp_path: Path) -> None:
-    """A volume group drawn on every slice (TID 1501, NUMs INFERRED FROM the outlines, the SEG segment named):
-    no SCOORD-less group, so it needs no separate SR; valid (dciodvfy) and read back."""
+    """A volume group with its segment's outline on one image (TID 1501: every NUM INFERRED FROM the SEG segment,
+    the first also from the outline): no SCOORD-less group, so it needs no separate SR; valid (dciodvfy), read back."""
     need("dciodvfy")
     masks = _masks(len(ct2), int(ct2[0].Rows), int(ct2[0].Columns))
     seg = build_seg(ct2, masks, ALGORITHM, IDENTITY, "SEG")
     square = np.array([[2.0, 2.0], [10.0, 2.0], [10.0, 10.0], [2.0, 10.0]])
-    outlines = (Outline(ct2[1], square), Outline(ct2[0], square + 1.0))
-    vg = VolumeGroup("sat-volume", "sat", seg, 2, [Measurement("volume", 0.25, "ml")], finding_site="abdomen",
-                     reference_source_series=True, outlines=outlines)
-    sr = build_measurement_report([*ct2, seg], [_planar(ct2[1]), vg], ALGORITHM, IDENTITY, "volumes")
+    vg = VolumeGroup("sat-volume", "sat", seg, 2, [Measurement("volume", 0.25, "ml"),
+                                                   Measurement("attenuation", -90.5, "[hnsf'U]", derivation="mean")],
+                     finding_site="abdomen", outline=Outline(ct2[1], square))
+    sr = build_measurement_report([ct2[1], seg], [_planar(ct2[1]), vg], ALGORITHM, IDENTITY, "volumes")
     path = tmp_path / "sr-outlined.dcm"
     ds = write_read(sr, path)
     ok, text = dciodvfy(path)
     assert ok, text
     g = read_groups(ds)[1]
     assert g.tracking_identifier == OHIF_TRACKING_IDENTIFIER and g.referenced_segment == 2
-    assert g.measurements == {"Volume": (0.25, "ml")}
-    assert [len(p) for p in g.scoords] == [5, 5] and np.allclose(g.scoords[0][0], g.scoords[0][-1])
+    assert g.measurements == {"Volume": (0.25, "ml"), "Attenuation Coefficient": (-90.5, "[hnsf'U]")}
+    assert len(g.scoords) == 1 and len(g.scoords[0]) == 5 and np.allclose(g.scoords[0][0], g.scoords[0][-1])
     imaging = next(it for it in ds.ContentSequence if it.ConceptNameCodeSequence[0].CodeValue == "126010")
-    last = imaging.ContentSequence[-1].ContentSequence  # the volume group: its NUM's first SCOORD is on ct2[1]
-    num = next(it for it in last if it.ValueType == "NUM")
-    scoord = next(it for it in num.ContentSequence if it.ValueType == "SCOORD")
+    nums = [it for it in imaging.ContentSequence[-1].ContentSequence if it.ValueType == "NUM"]
+    for num in nums:  # each value INFERRED FROM the SEG segment
+        (src,) = [it for it in num.ContentSequence if it.ValueType == "IMAGE"]
+        assert src.RelationshipType == "INFERRED FROM" and src.ConceptNameCodeSequence[0].CodeValue == "121112"
+        assert src.ReferencedSOPSequence[0].ReferencedSOPInstanceUID == seg.SOPInstanceUID
+        assert int(src.ReferencedSOPSequence[0].ReferencedSegmentNumber) == 2
+    scoord = next(it for it in nums[0].ContentSequence if it.ValueType == "SCOORD")
     assert scoord.ContentSequence[0].ReferencedSOPSequence[0].ReferencedSOPInstanceUID == ct2[1].SOPInstanceUID
+    assert not [it for it in nums[1].ContentSequence if it.ValueType == "SCOORD"]
     with pytest.raises(ValueError, match="leaves"):
-        build_measurement_report([*ct2, seg], [replace(vg, outlines=(Outline(ct2[0], square + 1e4),))],
+        build_measurement_report([ct2[0], seg], [replace(vg, outline=Outline(ct2[0], square + 1e4))],
                                  ALGORITHM, IDENTITY, "x")
 
 

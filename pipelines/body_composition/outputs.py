@@ -15,9 +15,9 @@ labelled and coded from ``dicom_templates/codes.toml`` (:func:`~.dicom_out.templ
   The level's provenance (automatic or reader-confirmed, anchors, confidence) is in the report's
   Qualitative Evaluations.
 * ``seg-volumes.dcm`` + ``sr-volumes.dcm``: the named muscles in 3D over L1-L5 and an SR with one group per
-  muscle: its volume and mean HU, each INFERRED FROM the muscle's outline on every slice it covers (the level
-  slice first, which OHIF 3.13 draws), and the SEG segment it was measured on.  Groups without any SCOORD
-  (TID 1411 on the segment alone) made OHIF 3.13 fail on the whole SR ("Something went wrong").
+  muscle: its volume and mean HU, each INFERRED FROM its SEG segment, the volume also from the muscle's outline on
+  the level slice, which OHIF 3.13 draws.  Groups without any SCOORD (TID 1411 on the segment alone) made OHIF
+  3.13 fail on the whole SR ("Something went wrong").
 
 A series that is not evaluable gets one SR saying so and why.
 """
@@ -66,9 +66,6 @@ if TYPE_CHECKING:
 
 log = logging.getLogger(__name__)
 
-# points per slice outline of a 3D muscle in the volumes SR (a psoas or erector outline at ~1 mm pixels runs
-# 100-300 mm: a point every 1-3 pixels keeps its area within a few per cent and the SR a few hundred kB)
-VOLUME_OUTLINE_POINTS = 120
 
 # Type 2 attributes highdicom copies from the first source image into SEG and SR; some
 # scanners and anonymisers leave them out.  They are added, empty, to a copy of that image
@@ -196,23 +193,15 @@ def _level_groups(seg: Segmentation, meas: Measurements, pipeline: BodyCompositi
     return groups
 
 
-def outlines(mask: NDArray[np.bool_], images: Sequence[Dataset], first: int | None = None,
-             max_points: int = VOLUME_OUTLINE_POINTS) -> list[Outline]:
-    """The outline of a 3D mask (z, y, x) on every slice it covers, ``images[z]`` being slice z's source image:
-    one polygon per slice holding all its parts and holes (:func:`~.dicom_out.polygon`), slice ``first`` (the
-    level slice) first and the rest in slice order."""
-    zs = [int(z) for z in np.nonzero(mask.any(axis=(1, 2)))[0]]
-    if first is not None and first in zs:
-        zs.remove(first)
-        zs.insert(0, first)
-    out = []
-    for z in zs:
-        m = mask[z]
-        rows, cols = np.nonzero(m.any(axis=1))[0], np.nonzero(m.any(axis=0))[0]
-        box = m[rows[0] : rows[-1] + 1, cols[0] : cols[-1] + 1]
-        pts = polygon(box, max_points=max_points) + np.array([cols[0], rows[0]], dtype=np.float32)
-        out.append(Outline(images[z], pts))
-    return out
+def section(mask: NDArray[np.bool_], images: Sequence[Dataset], prefer: int | None = None) -> Outline | None:
+    """The outline of a 3D mask (z, y, x) on one slice, ``images[z]`` being slice z's source image: slice ``prefer``
+    (the level slice) where the mask has pixels there, else its largest slice; None for an empty mask.  One polygon
+    holding all the slice's parts and holes (:func:`~.dicom_out.polygon`)."""
+    per = mask.reshape(mask.shape[0], -1).sum(axis=1)
+    if not per.any():
+        return None
+    z = prefer if prefer is not None and 0 <= prefer < len(per) and per[prefer] else int(np.argmax(per))
+    return Outline(images[z], polygon(mask[z]))
 
 
 def write_results(ctx: PipelineContext, volume: Volume, seg: Segmentation, meas: Measurements,
@@ -289,9 +278,9 @@ def _write_results(ctx: PipelineContext, volume: Volume, seg: Segmentation, meas
                 tracking_id=f"body-composition-lumbar-{key}", finding=template_key(key), segmentation=seg_3d,
                 segment_number=numbers[label(key)], finding_site="lumbar-spine",
                 reference_source_series=True, measurements=ms, tracking_key=tracking_key(key, "lumbar-3d"),
-                outlines=outlines(masks[template_key(key)], src[a : b + 1], level_at)))
-        # the evidence: the SEG and every image an outline is drawn on
-        drawn = {id(o.image) for g in vgroups for o in g.outlines}
+                outline=section(masks[template_key(key)], src[a : b + 1], level_at)))
+        # the evidence: the SEG and the images the sections are drawn on
+        drawn = {id(g.outline.image) for g in vgroups if g.outline is not None}
         # the volumes that are not evaluable are named with their reason (their outline is not the muscle's)
         vtexts = [Text("not-evaluable-reason", f"{label(key)} volume: {meas.volumes[key].reason or 'not evaluable'}")
                   for key in ordered(meas.volumes) if not meas.volumes[key].evaluable]
