@@ -9,6 +9,7 @@ import subprocess
 import sys
 from dataclasses import dataclass, replace
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pydicom
@@ -649,27 +650,27 @@ def test_c3_on_an_anatomical_neck_is_swartz_only(tmp_path: Path) -> None:
         assert ok, out
 
 
-def test_level_slice_neighbours_feed_the_consistency_gate(tmp_path: Path) -> None:
-    """The segmentation stage hands on the named muscles of the slices just above and below the level slice (two
-    extra slices when no 3D volume is segmented); Measure compares the level slice with them.  Consistent
-    neighbours file the values; a psoas missing next door makes that psoas "not evaluable" with the reason."""
-    from pipelines.body_composition.reference import PatientFactors, load_table
-    from pipelines.body_composition.stages import (
-        ClassicalBackend,
-        LevelFinder,
-        Measure,
-        MeasureInput,
-        SegmentInput,
-        TissueSegmenter,
-    )
+def _segmented(tmp_path: Path, volumes_3d: bool) -> tuple[Any, Any, Any]:
+    """The small schematic phantom through the level finder and the segmentation stage: (volume, level,
+    segmentation)."""
+    from pipelines.body_composition.stages import ClassicalBackend, LevelFinder, SegmentInput, TissueSegmenter
     from pipelines.common.volume import load_series
 
     write_phantom(PhantomSpec(size=96, pixel_mm=4.0, noise_sd=5.0, seed=2), tmp_path / "ct")
     vol = load_series(sorted((tmp_path / "ct").iterdir())).canonical_axial()[0]
     backend = ClassicalBackend()
     level = LevelFinder(backend, ("L3",)).run(vol)
+    return vol, level, TissueSegmenter(backend, volumes_3d=volumes_3d).run(SegmentInput(vol, level))
+
+
+def test_level_slice_neighbours_feed_the_consistency_gate(tmp_path: Path) -> None:
+    """The segmentation stage hands on the named muscles of the slices just above and below the level slice (two
+    extra slices when no 3D volume is segmented); Measure compares the level slice with them.  Consistent
+    neighbours file the values; a psoas missing next door makes that psoas "not evaluable" with the reason."""
+    from pipelines.body_composition.reference import PatientFactors, load_table
+    from pipelines.body_composition.stages import Measure, MeasureInput
+    vol, level, seg = _segmented(tmp_path, volumes_3d=False)
     assert level.level == "L3" and level.slice_index is not None, level.notes
-    seg = TissueSegmenter(backend, volumes_3d=False).run(SegmentInput(vol, level))
     assert len(seg.neighbour_masks) == 2 and all("psoas_left" in n for n in seg.neighbour_masks)
     factors = PatientFactors(1.75, 70.0, "M", 60.0)
     m = Measure(load_table()).run(MeasureInput(vol, seg, factors))
@@ -685,21 +686,8 @@ def test_unstable_3d_outline_makes_the_volume_not_evaluable(tmp_path: Path) -> N
     volumes; a psoas missed on every third slice of L5-L1 gets its volume and mean HU "not evaluable" with the
     reason, and the gate is listed in the summary's failed gates."""
     from pipelines.body_composition.reference import PatientFactors, load_table
-    from pipelines.body_composition.stages import (
-        ClassicalBackend,
-        LevelFinder,
-        Measure,
-        MeasureInput,
-        SegmentInput,
-        TissueSegmenter,
-    )
-    from pipelines.common.volume import load_series
-
-    write_phantom(PhantomSpec(size=96, pixel_mm=4.0, noise_sd=5.0, seed=2), tmp_path / "ct")
-    vol = load_series(sorted((tmp_path / "ct").iterdir())).canonical_axial()[0]
-    backend = ClassicalBackend()
-    level = LevelFinder(backend, ("L3",)).run(vol)
-    seg = TissueSegmenter(backend).run(SegmentInput(vol, level))
+    from pipelines.body_composition.stages import Measure, MeasureInput
+    vol, _, seg = _segmented(tmp_path, volumes_3d=True)
     assert seg.volume_range is not None, seg.volume_note
     factors = PatientFactors(1.75, 70.0, "M", 60.0)
     m = Measure(load_table()).run(MeasureInput(vol, seg, factors))
