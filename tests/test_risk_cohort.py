@@ -191,8 +191,10 @@ def test_dual_phase_model_needs_both_phases(tmp_path: Path) -> None:
 
     both = pipeline.run(ctx(_series(study / "art", "arterial"), _series(study / "pv", "portal"), work="both"))
     assert both.evaluable, both.reason
-    for c in columns:  # the cohort's own dual-phase run: registration included
-        assert both.summary["features"][c] == pytest.approx(float(real[c]), rel=1e-9)
+    for c in columns:  # the cohort's own dual-phase run: registration included.  SimpleITK's multi-threaded
+        # registration is not bit-reproducible between runs (CI saw 129.68981223 against 129.68981205, 1.4e-9
+        # apart): 1e-6 still tells the same computation from any other
+        assert both.summary["features"][c] == pytest.approx(float(real[c]), rel=1e-6)
     assert both.summary["cohort_features"]["families"] == ["dual-phase"]
     assert read_risk(check_sr(both.files[0]))["numbers"]["Risk score"] == pytest.approx(both.summary["score"])
     one = pipeline.run(ctx(_series(study / "pv"), work="one"))
