@@ -277,7 +277,7 @@ def _write_results(ctx: PipelineContext, volume: Volume, seg: Segmentation, meas
             vgroups.append(VolumeGroup(
                 tracking_id=f"body-composition-lumbar-{key}", finding=template_key(key), segmentation=seg_3d,
                 segment_number=numbers[label(key)], finding_site="lumbar-spine",
-                reference_source_series=True, measurements=ms, tracking_key=tracking_key(key, "lumbar-3d"),
+                measurements=ms, tracking_key=tracking_key(key, "lumbar-3d"),
                 outline=section(masks[template_key(key)], src[a : b + 1], level_at)))
         # the evidence: the SEG and the images the sections are drawn on
         drawn = {id(g.outline.image) for g in vgroups if g.outline is not None}
