@@ -9,7 +9,8 @@ Options (all optional):
 ``levels`` (["L3", "C3"]) levels to look for, first found wins; ``backend`` ("classical" or
 ``"monai"``); ``model`` (name in config ``[models]`` of a model.json written by ``train-seg``);
 ``max_slice_thickness_mm`` (5.0); ``cutoffs`` (["prado-2008", "martin-2013"]), the first is the
-one named in the SR; ``volumes_3d`` (true).
+one named in the SR; ``volumes_3d`` (true); ``spine_roll`` (true): lumbar slices of a patient lying turned
+(or a rotated vertebra) are segmented turned back by the spine's roll (:mod:`pipelines.body_composition.roll`).
 
 ``level_override`` is set per job, not in a config file: a reader-confirmed level and slice
 (see :mod:`pipelines.body_composition.reader_level`); the pipeline then measures on exactly that
@@ -41,6 +42,7 @@ from pipelines.base import (
 )
 from pipelines.body_composition.reader_level import LevelOverride, level_from_override, level_source
 from pipelines.body_composition.reference import load_table, patient_factors
+from pipelines.body_composition.roll import RollParams
 from pipelines.body_composition.stages import (
     Backend,
     ClassicalBackend,
@@ -70,6 +72,7 @@ class Options:
     max_slice_thickness_mm: float = 5.0
     cutoffs: tuple[str, ...] = ("prado-2008", "martin-2013")
     volumes_3d: bool = True
+    spine_roll: bool = True
     level_override: Mapping[str, Any] | None = None  # per job: a reader-confirmed level (reader_level.py)
 
     @classmethod
@@ -229,7 +232,8 @@ class BodyCompositionPipeline:
             self.last_timings, self.last_cpu_timings = t.seconds, t.cpu_seconds
             return out
         names_kept = self.override is None or any(v.name for v in level.vertebrae)
-        seg = TissueSegmenter(backend, self.options.volumes_3d and names_kept).run(SegmentInput(volume, level))
+        seg = TissueSegmenter(backend, self.options.volumes_3d and names_kept,
+                              roll=RollParams(enabled=self.options.spine_roll)).run(SegmentInput(volume, level))
         if not names_kept and self.options.volumes_3d:
             seg = replace(seg, volume_note="3D lumbar volumes not measured: the automatic vertebra names disagree "
                                            f"with the reader's level {level.level}")

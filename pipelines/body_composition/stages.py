@@ -34,6 +34,7 @@ from pipelines.body_composition.reference import (
     classify,
     smi,
 )
+from pipelines.body_composition.roll import RollParams, SpineRoll, turn_back, turned_anatomy
 from pipelines.body_composition.tissues import (
     TissueParams,
     TissueSlicer,
@@ -92,12 +93,12 @@ class ClassicalBackend:
         return self.finder.run(volume, levels)
 
     def segment_slice(self, hu: NDArray[np.float32], spacing: tuple[float, float],
-                      anatomy: SliceAnatomy, level: str = "L3") -> SliceSegmentation:
-        return self.segmenter.run(hu, spacing, anatomy, level)
+                      anatomy: SliceAnatomy, level: str = "L3", roll_deg: float = 0.0) -> SliceSegmentation:
+        return self.segmenter.run(hu, spacing, anatomy, level, roll_deg)
 
     def segment_named(self, hu: NDArray[np.float32], spacing: tuple[float, float],
-                      anatomy: SliceAnatomy) -> Mapping[str, NDArray[np.bool_]]:
-        return self.segmenter.named(hu, spacing, anatomy)
+                      anatomy: SliceAnatomy, roll_deg: float = 0.0) -> Mapping[str, NDArray[np.bool_]]:
+        return self.segmenter.named(hu, spacing, anatomy, roll_deg)
 
 
 class QCGate:
@@ -154,31 +155,59 @@ class TissueSegmenter:
 
     name = "tissue-segmentation"
 
-    def __init__(self, backend: Backend, volumes_3d: bool = True, workers: int = 2) -> None:
+    def __init__(self, backend: Backend, volumes_3d: bool = True, workers: int = 2,
+                 roll: RollParams | None = None) -> None:
         self.backend = backend
         self.volumes_3d = volumes_3d
         self.workers = workers
+        self.roll = roll or RollParams()
 
-    def _anatomy(self, vol: Volume, level: LevelResult) -> Callable[[int], SliceAnatomy]:
-        """Slice ``k``'s vertebral anatomy; for the weight-free backend with the bony landmarks of nearby
-        slices (a slice between transverse processes takes theirs: ``tissues.with_neighbours``)."""
+    def _turned(self, vol: Volume, level: LevelResult
+                ) -> tuple[Callable[[int], float], Callable[[int], NDArray[np.float32]]]:
+        """Slice ``k``'s spine roll (``roll.SpineRoll``: the weight-free backend at L1-L5 only) and its HU turned
+        back by it (the stored slice where the roll is 0), for its bony landmarks."""
+        if not (isinstance(self.backend, ClassicalBackend) and level.level in LUMBAR and self.roll.enabled):
+            return (lambda k: 0.0), (lambda k: vol.hu[k])
+        sr = SpineRoll(vol.hu, vol.pixel_spacing, vol.slice_spacing, lambda k: anatomy_for_slice(level, k), self.roll)
+
+        @functools.lru_cache(maxsize=16)  # a slice is read for its landmarks and for its segmentation
+        def hu_at(k: int) -> NDArray[np.float32]:
+            deg = sr.at(k)
+            return vol.hu[k] if deg == 0.0 else turn_back(vol.hu[k], vol.pixel_spacing, level_centre(k), deg)
+
+        def level_centre(k: int) -> tuple[float, float]:
+            return anatomy_for_slice(level, k).centre_rc
+
+        return sr.at, hu_at
+
+    def _anatomy(self, vol: Volume, level: LevelResult, roll: Callable[[int], float],
+                 hu_at: Callable[[int], NDArray[np.float32]]) -> Callable[[int], SliceAnatomy]:
+        """Slice ``k``'s vertebral anatomy (on the slice turned back by ``roll``); for the weight-free backend with
+        the bony landmarks of nearby slices (a slice between transverse processes takes theirs:
+        ``tissues.with_neighbours``), each measured on its own turned-back slice."""
+        def own(k: int) -> SliceAnatomy:
+            deg = roll(k)
+            a = anatomy_for_slice(level, k)
+            return a if deg == 0.0 else turned_anatomy(a, vol.pixel_spacing, deg)
+
         if not isinstance(self.backend, ClassicalBackend) or level.level == "C3":
-            return lambda k: anatomy_for_slice(level, k)
+            return own
         p = self.backend.segmenter.p
 
         @functools.cache
         def landmarks(k: int) -> tuple[SideBone, SideBone]:
-            return bony_landmarks(vol.hu[k], vol.pixel_spacing, anatomy_for_slice(level, k), p)
+            return bony_landmarks(hu_at(k), vol.pixel_spacing, own(k), p)
 
         n = vol.hu.shape[0]
-        return lambda k: with_neighbours(anatomy_for_slice(level, k), k, landmarks, n, vol.slice_spacing, p,
+        return lambda k: with_neighbours(own(k), k, landmarks, n, vol.slice_spacing, p,
                                          process_reach_mm(level, k, vol.slice_spacing, p))
 
     def run(self, data: SegmentInput) -> Segmentation:
         vol, level = data.volume, data.level
         assert level.slice_index is not None
         k = level.slice_index
-        anatomy = self._anatomy(vol, level)
+        roll, hu_at = self._turned(vol, level)
+        anatomy = self._anatomy(vol, level, roll, hu_at)
         masks: dict[str, NDArray[np.bool_]] = {}
         rng: tuple[int, int] | None = None
         note = ""
@@ -187,12 +216,23 @@ class TissueSegmenter:
         named_at: dict[int, Mapping[str, NDArray[np.bool_]]] = {}
 
         def one(kk: int) -> Mapping[str, NDArray[np.bool_]]:
-            return self.backend.segment_named(vol.hu[kk], vol.pixel_spacing, anatomy(kk))
+            deg = roll(kk)
+            if deg == 0.0:
+                return self.backend.segment_named(vol.hu[kk], vol.pixel_spacing, anatomy(kk))
+            assert isinstance(self.backend, ClassicalBackend)  # the roll is the weight-free backend's (``_turned``)
+            return self.backend.segment_named(vol.hu[kk], vol.pixel_spacing, anatomy(kk), roll_deg=deg)
+
+        def at_level() -> SliceSegmentation:
+            deg = roll(k)
+            if deg == 0.0:
+                return self.backend.segment_slice(vol.hu[k], vol.pixel_spacing, anatomy(k), level=level.level or "L3")
+            assert isinstance(self.backend, ClassicalBackend)
+            return self.backend.segment_slice(vol.hu[k], vol.pixel_spacing, anatomy(k), level=level.level or "L3",
+                                              roll_deg=deg)
 
         with ThreadPoolExecutor(max_workers=self.workers) as pool:  # scipy releases the GIL
             # the level slice's full segmentation runs beside the volume slices, not before them
-            level_seg = pool.submit(self.backend.segment_slice, vol.hu[k], vol.pixel_spacing, anatomy(k),
-                                    level=level.level or "L3")
+            level_seg = pool.submit(at_level)
             if self.volumes_3d and level.level in LUMBAR:
                 l1, l5 = level.vertebra("L1"), level.vertebra("L5")
                 if l1 is None or l5 is None or l1.touches_edge or l5.touches_edge:

@@ -140,6 +140,7 @@ from pipelines.body_composition.morphology import (
     label_sizes,
     opening,
 )
+from pipelines.body_composition.roll import turn_back, turn_forward
 from pipelines.body_composition.types import (
     C3_NAMED,
     L3_NAMED,
@@ -1326,9 +1327,24 @@ def _empty(level: str, shape: tuple[int, ...], reason: str) -> SliceSegmentation
     return SliceSegmentation(masks={k: empty for k in keys_for_level(level)}, body=empty, notes=(reason,))
 
 
+def turned_named(hu: NDArray[np.float32], spacing: tuple[float, float], anat: SliceAnatomy, p: TissueParams,
+                 roll_deg: float = 0.0, compartments: bool = False) -> dict[str, NDArray[np.bool_]]:
+    """:func:`lumbar_named` on the slice turned back by the spine's roll (:mod:`pipelines.body_composition.roll`;
+    ``anat`` in the turned frame), its masks on the stored slice; the slice itself where ``roll_deg`` is 0."""
+    if roll_deg == 0.0:
+        return lumbar_named(hu, spacing, anat, p, compartments)
+    named = lumbar_named(turn_back(hu, spacing, anat.centre_rc, roll_deg), spacing, anat, p, compartments)
+    return {k: turn_forward(m, spacing, anat.centre_rc, roll_deg) for k, m in named.items()}
+
+
 def segment_lumbar(hu: NDArray[np.float32], spacing: tuple[float, float], anat: SliceAnatomy,
-                   p: TissueParams) -> SliceSegmentation:
-    """L3 (any lumbar or lower thoracic slice): muscle compartments, SAT, VAT, IMAT."""
+                   p: TissueParams, roll_deg: float = 0.0) -> SliceSegmentation:
+    """L3 (any lumbar or lower thoracic slice): muscle compartments, SAT, VAT, IMAT.
+
+    ``roll_deg``: the spine's roll on this slice (``roll.SpineRoll``; ``anat`` and its neighbours' landmarks in the
+    turned frame).  Only the compartments and named muscles, which are found relative to the vertebra's axes, are
+    found on the slice turned back by it (:func:`turned_named`); the trunk, the HU windows and everything read from
+    them stay on the stored slice, so no tissue class is resampled."""
     dy, dx = spacing
     px = float(np.sqrt(dy * dx))
     # Regions (trunk, envelope, compartments, organs, the wall band) are decided on a smoothed copy where the
@@ -1350,7 +1366,7 @@ def segment_lumbar(hu: NDArray[np.float32], spacing: tuple[float, float], anat: 
     soft = muscle_hu & envelope & ~bone_hull
     soft_s = soft if hs is hu else muscle_s & envelope & ~bone_hull_s
 
-    named = lumbar_named(hs, spacing, anat, p, compartments=True)
+    named = turned_named(hs, spacing, anat, p, roll_deg, compartments=True)
     smooth = ndi.gaussian_filter(hu, sigma=(p.organ_smooth_mm / dy, p.organ_smooth_mm / dx))
     enhancing = smooth > p.organ_hu
     para = (named.pop("paraspinal_region_left") | named.pop("paraspinal_region_right")) & envelope & ~enhancing
@@ -1383,9 +1399,12 @@ def segment_lumbar(hu: NDArray[np.float32], spacing: tuple[float, float], anat: 
     masks["imat"] = imat
     truncated = bool(body[0, :].any() or body[-1, :].any() or body[:, 0].any() or body[:, -1].any())
     vb = _vertebral_body_area(hu, spacing, anat, p)
+    notes = (*tr.notes, noise_note) if noise_note else tr.notes
+    if roll_deg:
+        notes = (*notes, f"spine roll of {roll_deg:+.1f} deg: compartments and named muscles found on the slice "
+                         "turned back by it")
     return SliceSegmentation(masks={k: np.asarray(masks[k]) for k in keys_for_level("L3")}, body=np.asarray(body),
-                             truncated=truncated, limbs=tr.limbs,
-                             notes=(*tr.notes, noise_note) if noise_note else tr.notes,
+                             truncated=truncated, limbs=tr.limbs, notes=notes,
                              body_area_cm2=float(body.sum()) * dy * dx / 100.0, vertebral_body_cm2=vb,
                              trunk_half_widths_mm=_half_widths(body, spacing, anat.centre_rc),
                              trunk_lateral_concavity=_lateral_concavity(body, anat.centre_rc))
@@ -1516,11 +1535,14 @@ class TissueSlicer:
         self.p = params or TissueParams()
 
     def run(self, hu: NDArray[np.float32], spacing: tuple[float, float], anat: SliceAnatomy,
-            level: str = "L3") -> SliceSegmentation:
+            level: str = "L3", roll_deg: float = 0.0) -> SliceSegmentation:
+        """``roll_deg``: the spine's roll (lumbar slices; see :func:`segment_lumbar`)."""
         if level == "C3":
+            if roll_deg:
+                raise ValueError("tissue segmentation: the spine's roll is applied to lumbar slices only, not at C3")
             return segment_c3(hu, spacing, anat, self.p)
-        return segment_lumbar(hu, spacing, anat, self.p)
+        return segment_lumbar(hu, spacing, anat, self.p, roll_deg)
 
     def named(self, hu: NDArray[np.float32], spacing: tuple[float, float],
-              anat: SliceAnatomy) -> Mapping[str, NDArray[np.bool_]]:
-        return lumbar_named(for_segmentation(hu, spacing, self.p)[0], spacing, anat, self.p)
+              anat: SliceAnatomy, roll_deg: float = 0.0) -> Mapping[str, NDArray[np.bool_]]:
+        return turned_named(for_segmentation(hu, spacing, self.p)[0], spacing, anat, self.p, roll_deg)
