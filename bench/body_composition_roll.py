@@ -3,8 +3,9 @@
     .venv/bin/python bench/body_composition_roll.py [--habitus thin,average,obese] [--angles -15,-8,-4,0,4,8,15]
 
 Each phantom (:mod:`pipelines.body_composition.anatomy_phantom`, 256 x 256 at 5 mm, seed 3) is turned about the
-head-feet axis by each angle after it is built: HU resampled bilinearly, the truth labels by nearest neighbour
-(so a turned phantom's truth has stair-steps the unturned one has not: read the 0-degree row as the ceiling).
+head-feet axis by each angle (``AnatomySpec.roll_deg``) after it is built: HU resampled bilinearly, the truth labels
+by nearest neighbour (so a turned phantom's truth has stair-steps the unturned one has not: read the 0-degree row as
+the ceiling).  The VerSe spine inside is itself turned by about -1.5 degrees against the phantom's body.
 It is written as a DICOM series and run through ``run_folder`` twice, with ``spine_roll`` off and on.  Per row:
 the level's offset from the truth (slices), the Dice of psoas, erector and all skeletal muscle at the slice the
 pipeline measured (read from its SEG), the roll the stage applied at the level slice (on), and the values the
@@ -16,46 +17,21 @@ Nothing here is tuned to the phantoms: the roll comes from the vertebra's mirror
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import json
 import sys
 import tempfile
 import time
 from pathlib import Path
-from typing import Any
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-import numpy as np  # noqa: E402
-from scipy import ndimage as ndi  # noqa: E402
-
 from bench.body_composition_phantom import run_variant  # noqa: E402
-from pipelines.body_composition.anatomy_phantom import Anatomy, AnatomySpec, Geometry, make_anatomy  # noqa: E402
+from pipelines.body_composition.anatomy_phantom import AnatomySpec, Geometry, make_anatomy  # noqa: E402
 
 KEYS = ("psoas_left", "psoas_right", "erector_left", "erector_right", "skeletal_muscle")
 SHORT = {"psoas_left": "PsL", "psoas_right": "PsR", "erector_left": "ErL", "erector_right": "ErR",
          "skeletal_muscle": "SM"}
-
-
-def turned(ph: Anatomy, deg: float) -> Anatomy:
-    """``ph`` turned by ``deg`` about the grid's centre (positive: the back toward the patient's left)."""
-    if deg == 0:
-        return ph
-
-    def rot(a: Any, order: int, cval: float) -> Any:
-        return ndi.rotate(a, deg, axes=(1, 2), reshape=False, order=order, mode="constant", cval=cval)
-
-    t = np.deg2rad(deg)
-    cx, cy = float(ph.x.mean()), float(ph.y.mean())
-    bodies = {}
-    for name, (bx, by, bz, hw, hd) in ph.bodies.items():
-        dx, dy = bx - cx, by - cy
-        bodies[name] = (cx + np.cos(t) * dx - np.sin(t) * dy, cy + np.sin(t) * dx + np.cos(t) * dy, bz, hw, hd)
-    return dataclasses.replace(ph, hu=rot(ph.hu, 1, -1000.0).astype(np.float32),
-                               labels=rot(ph.labels, 0, 0).astype(np.uint8),
-                               vertebrae=rot(ph.vertebrae, 0, 0).astype(np.uint8),
-                               ribs=rot(ph.ribs, 0, 0).astype(np.uint8), bodies=bodies)
 
 
 def fmt(v: object) -> str:
@@ -75,14 +51,12 @@ def main(argv: list[str] | None = None) -> int:
     filed_low = {False: 0, True: 0}
     gated_n = {False: 0, True: 0}
     for hab in a.habitus.split(","):
-        spec0 = AnatomySpec(habitus=hab, rows=256, slice_mm=5.0, seed=3)
-        ph0 = make_anatomy(spec0)
         for deg in angles:
-            ph = turned(ph0, deg)
+            spec = AnatomySpec(habitus=hab, rows=256, slice_mm=5.0, seed=3, roll_deg=deg)
+            cache: dict[AnatomySpec, object] = {spec: make_anatomy(spec)}
             for on in (False, True):
-                spec = dataclasses.replace(spec0, seed=100000 + int(deg * 10))  # the cache key of this turned copy
                 r = run_variant(base / f"{hab}{deg:+.0f}{'-roll' if on else ''}", spec, Geometry("HFS"),
-                                {"spine_roll": on}, {spec: ph})
+                                {"spine_roll": on}, cache)
                 gated = str(r.get("gated") or r.get("reason") or "")
                 applied = "-"
                 summ = next((base / f"{hab}{deg:+.0f}{'-roll' if on else ''}").glob("*/out/summary.json"), None)

@@ -103,7 +103,7 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import TypeVar
 
@@ -235,6 +235,10 @@ class AnatomySpec:
     # any of PSOAS_CONTACTS
     psoas_contacts: tuple[str, ...] = ()
     contrast_phase: str = "portal"  # with contrast: "portal" (venous) or "arterial" (the infrarenal IVC unopacified)
+    # the patient lying turned about the head-feet axis by this many degrees (positive: the back turned toward the
+    # patient's left, as ``roll.measure_roll`` counts it), applied to the built phantom: HU resampled bilinearly, the
+    # truth labels by nearest neighbour (stair-steps the unturned truth has not)
+    roll_deg: float = 0.0
 
     @property
     def aging(self) -> Aging | None:
@@ -1450,7 +1454,26 @@ def make_anatomy(spec: AnatomySpec) -> Anatomy:
         raise ValueError(f"anatomical phantom: psoas contacts {sorted(unknown)}; use any of {PSOAS_CONTACTS}")
     if spec.contrast_phase not in ("portal", "arterial"):
         raise ValueError(f"anatomical phantom: contrast_phase {spec.contrast_phase!r}; use 'portal' or 'arterial'")
-    return _Builder(spec).build()
+    return _turned(_Builder(spec).build(), spec.roll_deg)
+
+
+def _turned(ph: Anatomy, deg: float) -> Anatomy:
+    """``ph`` turned by ``deg`` about its grid's centre (``AnatomySpec.roll_deg``)."""
+    if deg == 0.0:
+        return ph
+
+    def rot(a: NDArray[_T], order: int, cval: float) -> NDArray[_T]:
+        out = ndimage.rotate(a, deg, axes=(1, 2), reshape=False, order=order, mode="constant", cval=cval)
+        return np.asarray(out, dtype=a.dtype)
+
+    t = np.deg2rad(deg)
+    cx, cy = float(ph.x.mean()), float(ph.y.mean())
+    bodies = {}
+    for name, (bx, by, bz, hw, hd) in ph.bodies.items():
+        dx, dy = bx - cx, by - cy
+        bodies[name] = (cx + np.cos(t) * dx + np.sin(t) * dy, cy - np.sin(t) * dx + np.cos(t) * dy, bz, hw, hd)
+    return replace(ph, hu=rot(ph.hu, 1, -1000.0), labels=rot(ph.labels, 0, 0), vertebrae=rot(ph.vertebrae, 0, 0),
+                   ribs=rot(ph.ribs, 0, 0), bodies=bodies)
 
 
 # ------------------------------------------------------------------------------------------------

@@ -35,6 +35,7 @@ from __future__ import annotations
 import threading
 from collections.abc import Callable
 from dataclasses import dataclass, replace
+from typing import Any
 
 import numpy as np
 from numpy.typing import NDArray
@@ -84,7 +85,7 @@ def measure_roll(hu: NDArray[np.float32], spacing: tuple[float, float], anat: Sl
     y = (rr + ra - r0) * dy  # mm behind the centre
     x = (cc + ca - c0) * dx  # mm to the patient's left
 
-    def scores(degs: NDArray[np.float64], shifts: NDArray[np.float64]) -> NDArray[np.float64]:
+    def scores(degs: NDArray[np.floating[Any]], shifts: NDArray[np.floating[Any]]) -> NDArray[np.float64]:
         """Share of the bone mirrored onto bone about each line (angles x shifts), all at once."""
         t = np.deg2rad(degs)[:, None, None]
         ux, uy = np.sin(t), np.cos(t)
@@ -96,7 +97,7 @@ def measure_roll(hu: NDArray[np.float32], spacing: tuple[float, float], anat: Sl
         hit = bone[np.clip(ri, 0, bone.shape[0] - 1), np.clip(ci, 0, bone.shape[1] - 1)] & ok
         return np.asarray(hit.mean(axis=-1), dtype=np.float64)
 
-    def best_of(degs: NDArray[np.float64], shifts: NDArray[np.float64]) -> tuple[float, float, float]:
+    def best_of(degs: NDArray[np.floating[Any]], shifts: NDArray[np.floating[Any]]) -> tuple[float, float, float]:
         sc = scores(degs, shifts)
         i, j = np.unravel_index(int(np.argmax(sc)), sc.shape)  # the first best: the same every run
         return float(sc[i, j]), float(degs[i]), float(shifts[j])

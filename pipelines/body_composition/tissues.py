@@ -1,7 +1,10 @@
 """Weight-free tissue segmentation bounded by anatomy, on one canonical axial slice.
 
 Input arrays are canonical (``Volume.canonical_axial``): rows increase toward the patient's
-back, columns toward the patient's LEFT, so "left" is always the larger column index.
+back, columns toward the patient's LEFT, so "left" is always the larger column index.  The
+compartments and named muscles are found along the slice's axes; where the patient's spine is
+rolled against them the stage passes ``roll_deg`` and they are found on the slice turned back by
+it (:mod:`pipelines.body_composition.roll`, :func:`turned_named`).
 HU windows follow Mitsiopoulos 1998 (muscle -29..150, fat -190..-30).
 
 Trunk.  The body is the non-air component holding the vertebra.  Arms are cut off: an arm
