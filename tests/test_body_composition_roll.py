@@ -87,14 +87,17 @@ def test_turn_back_and_forward_are_inverse_about_the_centre() -> None:
 def test_spine_roll_smooths_and_applies_only_above_its_threshold(lumbar: dict[float, Anatomy]) -> None:
     for deg, ph in lumbar.items():
         k, anat = _l3(ph)
-        sr = SpineRoll(ph.hu, (ph.spec.pixel_mm,) * 2, ph.spec.slice_mm, lambda _k, a=anat: a)
+
+        def same(_k: int, a: SliceAnatomy = anat) -> SliceAnatomy:
+            return a
+
+        sr = SpineRoll(ph.hu, (ph.spec.pixel_mm,) * 2, ph.spec.slice_mm, same)
         at = sr.at(k)
         if deg == 0.0:
             assert at == 0.0  # below min_deg: the stored slice, untouched
         else:
             assert at == pytest.approx(deg, abs=3.0)
-        off = SpineRoll(ph.hu, (ph.spec.pixel_mm,) * 2, ph.spec.slice_mm, lambda _k, a=anat: a,
-                        RollParams(enabled=False))
+        off = SpineRoll(ph.hu, (ph.spec.pixel_mm,) * 2, ph.spec.slice_mm, same, RollParams(enabled=False))
         assert off.at(k) == 0.0
 
 
