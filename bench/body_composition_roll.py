@@ -1,8 +1,9 @@
 """A patient lying turned on the table: the pipeline with and without ``spine_roll`` on rolled anatomical phantoms.
 
-    .venv/bin/python bench/body_composition_roll.py [--habitus thin,average,obese] [--angles -15,-8,-4,0,4,8,15]
+    .venv/bin/python bench/body_composition_roll.py [--habitus thin,average,obese] [--angles=-15,-8,-4,0,4,8,15] [--full]
 
-Each phantom (:mod:`pipelines.body_composition.anatomy_phantom`, 256 x 256 at 5 mm, seed 3) is turned about the
+Each phantom (:mod:`pipelines.body_composition.anatomy_phantom`, 256 x 256 at 5 mm or with ``--full`` 512 x 512 at
+1 mm, seed 3) is turned about the
 head-feet axis by each angle (``AnatomySpec.roll_deg``) after it is built: HU resampled bilinearly, the truth labels
 by nearest neighbour (so a turned phantom's truth has stair-steps the unturned one has not: read the 0-degree row as
 the ceiling).  The VerSe spine inside is itself turned by about -1.5 degrees against the phantom's body.
@@ -42,6 +43,7 @@ def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--habitus", default="thin,average,obese")
     ap.add_argument("--angles", default="-15,-8,-4,0,4,8,15")
+    ap.add_argument("--full", action="store_true", help="512 x 512 at 1 mm (about 300 slices) instead")
     a = ap.parse_args(argv)
     base = Path(tempfile.mkdtemp(prefix="bench-roll-"))
     angles = [float(v) for v in a.angles.split(",")]
@@ -52,7 +54,8 @@ def main(argv: list[str] | None = None) -> int:
     gated_n = {False: 0, True: 0}
     for hab in a.habitus.split(","):
         for deg in angles:
-            spec = AnatomySpec(habitus=hab, rows=256, slice_mm=5.0, seed=3, roll_deg=deg)
+            spec = AnatomySpec(habitus=hab, rows=512 if a.full else 256, slice_mm=1.0 if a.full else 5.0, seed=3,
+                               roll_deg=deg)
             cache: dict[AnatomySpec, object] = {spec: make_anatomy(spec)}
             for on in (False, True):
                 r = run_variant(base / f"{hab}{deg:+.0f}{'-roll' if on else ''}", spec, Geometry("HFS"),

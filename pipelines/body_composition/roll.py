@@ -60,7 +60,7 @@ class RollParams:
     min_points: int = 30
     min_score: float = 0.45  # share of the bone whose mirror image lands on bone, at the best line
     window_mm: float = 20.0
-    step_mm: float = 2.5
+    step_mm: float = 5.0
     min_votes: int = 3
     min_deg: float = 3.0
 
