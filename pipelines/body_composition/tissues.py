@@ -635,7 +635,9 @@ def _belly(cand: NDArray[np.bool_], core: NDArray[np.bool_],
     lateral to the psoas; bowel, vessels, nodes and ureter in front of it), so fainter tissue there is the psoas'
     own intramuscular fat in partial volume, as in a fatty psoas: a 3 mm fat blob cut 40 % of a thin phantom's
     psoas on the slice above L3's middle.  It is given back after the belly is found, so the cut still parts the
-    quadratus lumborum lying behind and lateral to it."""
+    quadratus lumborum lying behind and lateral to it, and only where it is as thick as the belly (what discs of
+    ``frac`` times its inscribed radius reach): a strip down behind the psoas toward the process is intertransverse
+    and quadratus tissue."""
     belly, excl = _belly_found(cand, core, xy, seed, spacing, frac, close_mm, hu_local, drop_hu, min_low_mm2, ref_at,
                                front_y, neck_frac, waist_depth_mm, waist_ratio)
     if not gutter or not belly.any():
@@ -643,6 +645,11 @@ def _belly(cand: NDArray[np.bool_], core: NDArray[np.bool_],
     side = float(np.sign(seed[0]))
     xm, ym = np.broadcast_to(xy[0], cand.shape), np.broadcast_to(xy[1], cand.shape)
     back = excl & cand & (ym > 0.0) & (side * xm <= side * seed[0])
+    # only what is as thick as the belly (reached by discs of ``frac`` times its inscribed radius, as the belly
+    # itself): a strip down behind it toward the process is intertransverse and quadratus tissue, not psoas
+    px = float(min(spacing))
+    r_in = float(ndi.distance_transform_edt(_solid(belly, spacing, close_mm), sampling=spacing).max())
+    back &= opening(_solid(belly | back, spacing, close_mm), max(frac * r_in / px, 1.0))
     lab, n = ndi.label(back)
     if not n:
         return belly, excl
