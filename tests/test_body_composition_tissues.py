@@ -881,3 +881,28 @@ def test_morphology_on_the_mask_box_equals_the_whole_array() -> None:
             assert np.array_equal(dilate(m, r), want_d), (t, r)
     empty = np.zeros((20, 30), bool)
     assert not dilate(empty, 4.0).any() and not dilate(empty, 1.0).any() and not erode(empty, 4.0).any()
+
+
+def test_intramuscular_fat_behind_the_psoas_centre_stays_psoas() -> None:
+    """A 3 mm fat blob in the back of a thin phantom's psoas, in partial volume on the 5 mm slice above L3's middle,
+    lowered the local HU there and the HU-drop rule (meant for a fainter organ lying on the psoas) cut 44 % of the
+    muscle off.  No organ lies behind the vertebral body's centre and medial to the psoas: that part is given back
+    where it is as thick as the belly, and the quadratus behind and lateral to it stays out."""
+    from pipelines.body_composition.anatomy_phantom import COMPOSITION, LABELS, AnatomySpec, make_anatomy
+    from pipelines.body_composition.anatomy_spine import DATA
+
+    if not DATA.is_dir():
+        pytest.skip(f"VerSe masks not found at {DATA}")
+    ph = make_anatomy(AnatomySpec(habitus="thin", contrast=False, top="L2", bottom="L4", seed=3, rows=512,
+                                  slice_mm=5.0))
+    k = int(np.argmin(np.abs(ph.z - ph.level_z["L3"]))) + 1
+    bx, by, _, hw, hd = ph.bodies["L3"]
+    px = ph.spec.pixel_mm
+    anat = SliceAnatomy(((by - ph.y[0]) / px, (bx - ph.x[0]) / px), hw, hd)
+    truth = np.isin(ph.labels[k], [LABELS[n] for n in COMPOSITION["psoas_right"]])
+    quadratus = ph.labels[k] == LABELS["quadratus_right"]
+    for gutter, low, high in ((False, 0.0, 0.8), (True, 0.93, 1.0)):
+        m = TissueSlicer(TissueParams(psoas_gutter=gutter)).named(ph.hu[k], (px, px), anat)["psoas_right"]
+        d = 2.0 * float((m & truth).sum()) / float(m.sum() + truth.sum())
+        assert low <= d <= high, (gutter, d)
+        assert not (m & quadratus).any()
