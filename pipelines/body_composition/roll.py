@@ -162,8 +162,8 @@ def _matrix(spacing: tuple[float, float], deg: float) -> NDArray[np.float64]:
 def turn_back(hu: NDArray[np.float32], spacing: tuple[float, float], centre_rc: tuple[float, float],
               deg: float) -> NDArray[np.float32]:
     """The slice turned back by ``deg`` about ``centre_rc``: the vertebra's posterior axis runs down the rows.
-    Beyond the stored slice each edge pixel is repeated, so a body cut off by the field of view still reaches the
-    turned slice's edge (and is found truncated), and air stays air."""
+    Beyond the stored slice each edge pixel is repeated (air stays air; tissue cut off by the field of view is not
+    given an edge of air it does not have)."""
     m = _matrix(spacing, deg)
     c = np.asarray(centre_rc, dtype=np.float64)
     return np.asarray(ndi.affine_transform(hu, m, offset=c - m @ c, order=1, mode="nearest"), dtype=np.float32)
