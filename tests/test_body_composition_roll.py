@@ -129,3 +129,19 @@ def test_rolled_patient_segmented_along_its_spine(tmp_path: Path) -> None:
         assert dice[True, key] >= 0.88, (key, dice)
     assert min(dice[True, k] for k in ("erector_left", "erector_right")) > min(
         dice[False, k] for k in ("erector_left", "erector_right")) + 0.02, dice
+
+
+def test_shoulder_girdle_of_a_turned_neck_is_no_iliac_crest(tmp_path: Path) -> None:
+    """The anatomical neck (gl017) turned 10 degrees put big bone beside T1-T2 at the bottom of the field of view on
+    both sides (scapulae, clavicles, humeral heads): the finder called it an iliac crest.  Vertebral bodies that
+    narrow are not L4-S1: no such anchor (``LevelParams.crest_min_body_hw_mm``), and the notes say why."""
+    from pipelines.body_composition.anatomy_phantom import Geometry, write_series
+    from pipelines.body_composition.levels import SpineLevelFinder
+    from pipelines.common.volume import load_series
+
+    ph = make_anatomy(AnatomySpec(region="neck", spine="gl017", rows=160, slice_mm=3.0, roll_deg=-10.0))
+    vol = load_series(write_series(ph, tmp_path / "ct", Geometry("HFS")).files).canonical_axial()[0]
+    level = SpineLevelFinder().run(vol, ("L3", "C3"))
+    assert "iliac crest" not in [a.name for a in level.anchors]
+    assert level.level != "L3"
+    assert any("shoulder girdle" in n for n in level.notes), level.notes

@@ -93,6 +93,11 @@ class LevelParams:
     ala_area_mm2: float = 600.0
     iliac_area_mm2: float = 300.0
     iliac_run_mm: float = 25.0
+    # iliac wings lie beside L4-S1, whose bodies are 40-50 mm wide: a run of big lateral bone beside a vertebral body
+    # narrower than twice this (median over the run of the body's own half width) is the shoulder girdle at the bottom of
+    # a neck scan (scapulae, clavicles, humeral heads), not the iliac crest (the VerSe phantoms: 28-30 mm at the crest,
+    # 18 mm at the T1-T2 of a neck turned 10 degrees, which named an "iliac crest" before)
+    crest_min_body_hw_mm: float = 22.0
     # dim (osteoporotic) bodies: cancellous bone no brighter than a disc; the discs are found between endplates
     dim_body_hu: float = 130.0  # median profile below this: the endplate profile is used
     dim_min_slice_mm: float = 2.0  # dim bodies on thinner slices: no level is named (their endplates are in the noise)
@@ -911,9 +916,13 @@ class _Ctx:
             from_bottom = a <= max(1, int(round(6.0 / dz))) or (sac_top >= 0 and a <= sac_top)
             # the crests rise above the sacrum (a run that ends with the sacrum is the sacrum's own width)
             above_sacrum = sac_top < 0 or b > sac_top + max(1, int(round(5.0 / dz)))
-            if from_bottom and (b - a + 1) * dz >= self.p.iliac_run_mm and above_sacrum:
+            lumbar_size = float(np.median(self.body_own_hw[a : b + 1])) >= self.p.crest_min_body_hw_mm
+            if from_bottom and (b - a + 1) * dz >= self.p.iliac_run_mm and above_sacrum and not lumbar_size:
+                self.notes.append(f"big bone beside the vertebrae at slices {a}-{b} but the vertebral bodies there are "
+                                  "narrower than lumbar ones: the shoulder girdle, not an iliac crest")
+            if from_bottom and (b - a + 1) * dz >= self.p.iliac_run_mm and above_sacrum and lumbar_size:
                 self.crest_top = int(b)
-            if from_bottom and (b - a + 1) * dz >= self.p.iliac_run_mm and b < n - 1 and above_sacrum:
+            if from_bottom and (b - a + 1) * dz >= self.p.iliac_run_mm and b < n - 1 and above_sacrum and lumbar_size:
                 zc = float(b)
                 si = next((i for i, s in enumerate(segs) if s.lo <= zc <= s.hi), None)
                 if si is not None:
