@@ -916,13 +916,14 @@ class _Ctx:
             from_bottom = a <= max(1, int(round(6.0 / dz))) or (sac_top >= 0 and a <= sac_top)
             # the crests rise above the sacrum (a run that ends with the sacrum is the sacrum's own width)
             above_sacrum = sac_top < 0 or b > sac_top + max(1, int(round(5.0 / dz)))
-            lumbar_size = float(np.median(self.body_own_hw[a : b + 1])) >= self.p.crest_min_body_hw_mm
-            if from_bottom and (b - a + 1) * dz >= self.p.iliac_run_mm and above_sacrum and not lumbar_size:
+            crest_run = from_bottom and (b - a + 1) * dz >= self.p.iliac_run_mm and above_sacrum
+            if crest_run and float(np.median(self.body_own_hw[a : b + 1])) < self.p.crest_min_body_hw_mm:
                 self.notes.append(f"big bone beside the vertebrae at slices {a}-{b} but the vertebral bodies there are "
                                   "narrower than lumbar ones: the shoulder girdle, not an iliac crest")
-            if from_bottom and (b - a + 1) * dz >= self.p.iliac_run_mm and above_sacrum and lumbar_size:
+                crest_run = False
+            if crest_run:
                 self.crest_top = int(b)
-            if from_bottom and (b - a + 1) * dz >= self.p.iliac_run_mm and b < n - 1 and above_sacrum and lumbar_size:
+            if crest_run and b < n - 1:
                 zc = float(b)
                 si = next((i for i, s in enumerate(segs) if s.lo <= zc <= s.hi), None)
                 if si is not None:

@@ -94,6 +94,12 @@ def majority(votes: Sequence[NDArray[np.int64]], n_classes: int) -> NDArray[np.i
     return np.asarray(np.argmax(counts, axis=0))
 
 
+def _stored_slice_only(roll_deg: float) -> None:
+    """The model segments the slice as stored (it learned turned patients, or not): it takes no spine roll."""
+    if roll_deg:
+        raise ValueError("MONAI backend: segments the stored slice; the spine's roll is the weight-free backend's")
+
+
 class MonaiBackend:
     name = "monai"
 
@@ -175,7 +181,8 @@ class MonaiBackend:
         return majority(votes, len(TRAIN_CLASSES))
 
     def segment_slice(self, hu: NDArray[np.float32], spacing: tuple[float, float],
-                      anatomy: SliceAnatomy, level: str = "L3") -> SliceSegmentation:
+                      anatomy: SliceAnatomy, level: str = "L3", roll_deg: float = 0.0) -> SliceSegmentation:
+        _stored_slice_only(roll_deg)
         if level == "C3":  # trained on lumbar classes only: the C3 structures are not segmented
             empty = np.zeros(hu.shape, bool)
             why = "the MONAI model segments lumbar structures only (not the C3 structures)"
@@ -194,6 +201,7 @@ class MonaiBackend:
                                  truncated=truncated)
 
     def segment_named(self, hu: NDArray[np.float32], spacing: tuple[float, float],
-                      anatomy: SliceAnatomy) -> Mapping[str, NDArray[np.bool_]]:
+                      anatomy: SliceAnatomy, roll_deg: float = 0.0) -> Mapping[str, NDArray[np.bool_]]:
+        _stored_slice_only(roll_deg)
         c = self.classes(hu)
         return {k: np.asarray(c == TRAIN_CLASSES.index(k)) for k in NAMED_MUSCLES}

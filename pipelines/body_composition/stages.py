@@ -73,10 +73,10 @@ class Backend(Protocol):
     def find_level(self, volume: Volume, levels: Sequence[str]) -> LevelResult: ...
 
     def segment_slice(self, hu: NDArray[np.float32], spacing: tuple[float, float],
-                      anatomy: SliceAnatomy, level: str = "L3") -> SliceSegmentation: ...
+                      anatomy: SliceAnatomy, level: str = "L3", roll_deg: float = 0.0) -> SliceSegmentation: ...
 
     def segment_named(self, hu: NDArray[np.float32], spacing: tuple[float, float],
-                      anatomy: SliceAnatomy) -> Mapping[str, NDArray[np.bool_]]: ...
+                      anatomy: SliceAnatomy, roll_deg: float = 0.0) -> Mapping[str, NDArray[np.bool_]]: ...
 
 
 class ClassicalBackend:
@@ -170,13 +170,10 @@ class TissueSegmenter:
             return (lambda k: 0.0), (lambda k: vol.hu[k])
         sr = SpineRoll(vol.hu, vol.pixel_spacing, vol.slice_spacing, lambda k: anatomy_for_slice(level, k), self.roll)
 
-        @functools.lru_cache(maxsize=16)  # a slice is read for its landmarks and for its segmentation
-        def hu_at(k: int) -> NDArray[np.float32]:
+        def hu_at(k: int) -> NDArray[np.float32]:  # read once per slice: its landmarks are cached
             deg = sr.at(k)
-            return vol.hu[k] if deg == 0.0 else turn_back(vol.hu[k], vol.pixel_spacing, level_centre(k), deg)
-
-        def level_centre(k: int) -> tuple[float, float]:
-            return anatomy_for_slice(level, k).centre_rc
+            return vol.hu[k] if deg == 0.0 else turn_back(vol.hu[k], vol.pixel_spacing,
+                                                            anatomy_for_slice(level, k).centre_rc, deg)
 
         return sr.at, hu_at
 
@@ -216,23 +213,12 @@ class TissueSegmenter:
         named_at: dict[int, Mapping[str, NDArray[np.bool_]]] = {}
 
         def one(kk: int) -> Mapping[str, NDArray[np.bool_]]:
-            deg = roll(kk)
-            if deg == 0.0:
-                return self.backend.segment_named(vol.hu[kk], vol.pixel_spacing, anatomy(kk))
-            assert isinstance(self.backend, ClassicalBackend)  # the roll is the weight-free backend's (``_turned``)
-            return self.backend.segment_named(vol.hu[kk], vol.pixel_spacing, anatomy(kk), roll_deg=deg)
-
-        def at_level() -> SliceSegmentation:
-            deg = roll(k)
-            if deg == 0.0:
-                return self.backend.segment_slice(vol.hu[k], vol.pixel_spacing, anatomy(k), level=level.level or "L3")
-            assert isinstance(self.backend, ClassicalBackend)
-            return self.backend.segment_slice(vol.hu[k], vol.pixel_spacing, anatomy(k), level=level.level or "L3",
-                                              roll_deg=deg)
+            return self.backend.segment_named(vol.hu[kk], vol.pixel_spacing, anatomy(kk), roll_deg=roll(kk))
 
         with ThreadPoolExecutor(max_workers=self.workers) as pool:  # scipy releases the GIL
             # the level slice's full segmentation runs beside the volume slices, not before them
-            level_seg = pool.submit(at_level)
+            level_seg = pool.submit(self.backend.segment_slice, vol.hu[k], vol.pixel_spacing, anatomy(k),
+                                    level=level.level or "L3", roll_deg=roll(k))
             if self.volumes_3d and level.level in LUMBAR:
                 l1, l5 = level.vertebra("L1"), level.vertebra("L5")
                 if l1 is None or l5 is None or l1.touches_edge or l5.touches_edge:
