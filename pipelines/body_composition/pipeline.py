@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import json
 import logging
+import resource
 import time
 from collections.abc import Mapping
 from dataclasses import dataclass, field, replace
@@ -73,6 +74,7 @@ class Options:
     cutoffs: tuple[str, ...] = ("prado-2008", "martin-2013")
     volumes_3d: bool = True
     spine_roll: bool = True
+    forked_workers: bool = True  # the 3D muscles in forked processes where safe (else threads)
     level_override: Mapping[str, Any] | None = None  # per job: a reader-confirmed level (reader_level.py)
 
     @classmethod
@@ -92,17 +94,23 @@ class Options:
         return opts
 
 
+def _cpu_time() -> float:
+    """CPU seconds of this process (all threads) and of its ended child processes (a stage's forked workers)."""
+    ru = resource.getrusage(resource.RUSAGE_CHILDREN)
+    return time.process_time() + ru.ru_utime + ru.ru_stime
+
+
 @dataclass
 class Timings:
-    """Wall seconds per stage, and process CPU seconds (all threads) per stage beside them."""
+    """Wall seconds per stage, and CPU seconds (all threads, and the stage's child processes) beside them."""
 
     seconds: dict[str, float] = field(default_factory=dict)
     cpu_seconds: dict[str, float] = field(default_factory=dict)
-    _cpu0: float = field(default_factory=time.process_time)
+    _cpu0: float = field(default_factory=_cpu_time)
 
     def add(self, stage: str, t0: float) -> float:
         now = time.perf_counter()
-        cpu = time.process_time()
+        cpu = _cpu_time()
         self.seconds[stage] = self.seconds.get(stage, 0.0) + now - t0
         self.cpu_seconds[stage] = self.cpu_seconds.get(stage, 0.0) + cpu - self._cpu0
         self._cpu0 = cpu
@@ -233,7 +241,8 @@ class BodyCompositionPipeline:
             return out
         names_kept = self.override is None or any(v.name for v in level.vertebrae)
         seg = TissueSegmenter(backend, self.options.volumes_3d and names_kept,
-                              roll=RollParams(enabled=self.options.spine_roll)).run(SegmentInput(volume, level))
+                              roll=RollParams(enabled=self.options.spine_roll),
+                              processes=self.options.forked_workers).run(SegmentInput(volume, level))
         if not names_kept and self.options.volumes_3d:
             seg = replace(seg, volume_note="3D lumbar volumes not measured: the automatic vertebra names disagree "
                                            f"with the reader's level {level.level}")

@@ -10,6 +10,7 @@ import functools
 import logging
 from collections.abc import Callable, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures.process import BrokenProcessPool
 from dataclasses import dataclass
 from typing import Any, Protocol
 
@@ -57,6 +58,7 @@ from pipelines.body_composition.types import (
     keys_for_level,
     named_for_level,
 )
+from pipelines.common.forked import fork_safe, map_forked
 from pipelines.common.volume import Volume
 
 log = logging.getLogger(__name__)
@@ -156,11 +158,12 @@ class TissueSegmenter:
     name = "tissue-segmentation"
 
     def __init__(self, backend: Backend, volumes_3d: bool = True, workers: int = 2,
-                 roll: RollParams | None = None) -> None:
+                 roll: RollParams | None = None, processes: bool = True) -> None:
         self.backend = backend
         self.volumes_3d = volumes_3d
         self.workers = workers
         self.roll = roll or RollParams()
+        self.processes = processes  # forked processes where this process may fork (else threads)
 
     def _turned(self, vol: Volume, level: LevelResult
                 ) -> tuple[Callable[[int], float], Callable[[int], NDArray[np.float32]]]:
@@ -199,46 +202,73 @@ class TissueSegmenter:
         return lambda k: with_neighbours(own(k), k, landmarks, n, vol.slice_spacing, p,
                                          process_reach_mm(level, k, vol.slice_spacing, p))
 
+    def _volume_range(self, level: LevelResult) -> tuple[tuple[int, int] | None, str]:
+        """The slices of the 3D lumbar masks (L5's first to L1's last), or None with the reason."""
+        if not self.volumes_3d:
+            return None, ""
+        if level.level not in LUMBAR:
+            return None, f"3D volumes are measured over the lumbar spine only (level {level.level})"
+        l1, l5 = level.vertebra("L1"), level.vertebra("L5")
+        if l1 is None or l5 is None or l1.touches_edge or l5.touches_edge:
+            return None, "3D volumes need L1 to L5 completely in the field of view"
+        return (l5.first, l1.last), ""
+
+    def _segment(self, level_slice: Callable[[], SliceSegmentation],
+                 one: Callable[[int], Mapping[str, NDArray[np.bool_]]], todo: list[int], shape: tuple[int, int]
+                 ) -> tuple[SliceSegmentation, dict[int, Mapping[str, NDArray[np.bool_]]]]:
+        """The level slice's full segmentation and the named muscles on the ``todo`` slices, side by side: in
+        forked processes for the weight-free backend (numpy and scipy, held back by the GIL in threads:
+        ``pipelines.common.forked``) where this process may fork, else in threads (the level slice beside them)."""
+        forked = (self.processes and isinstance(self.backend, ClassicalBackend) and self.workers > 1
+                  and len(todo) >= 2 * self.workers and fork_safe())
+        if forked:
+            h, w = shape
+
+            def packed(kk: int) -> dict[str, NDArray[np.uint8]]:  # an eighth of the bytes through the pipe
+                return {key: np.packbits(m) for key, m in one(kk).items()}
+
+            try:
+                with map_forked(packed, todo, self.workers) as results:
+                    seg = level_slice()  # the parent works too
+                    named: dict[int, Mapping[str, NDArray[np.bool_]]] = {
+                        kk: {key: np.unpackbits(b, count=h * w).reshape(h, w).view(np.bool_) for key, b in r.items()}
+                        for kk, r in zip(todo, results, strict=True)}
+                log.debug("named muscles on %d slices in %d forked processes", len(todo), self.workers)
+                return seg, named
+            except BrokenProcessPool as e:  # a child killed (out of memory): the same work in threads
+                log.warning("tissue-segmentation: a forked worker died (%s); segmenting in threads", e)
+        with ThreadPoolExecutor(max_workers=self.workers) as pool:  # scipy releases the GIL in part
+            # the level slice's full segmentation runs beside the other slices, not before them
+            level_seg = pool.submit(level_slice)
+            return level_seg.result(), dict(zip(todo, pool.map(one, todo), strict=True))
+
     def run(self, data: SegmentInput) -> Segmentation:
         vol, level = data.volume, data.level
         assert level.slice_index is not None
         k = level.slice_index
         roll, hu_at = self._turned(vol, level)
         anatomy = self._anatomy(vol, level, roll, hu_at)
-        masks: dict[str, NDArray[np.bool_]] = {}
-        rng: tuple[int, int] | None = None
-        note = ""
         # the slices just above and below the level slice: the consistency gate's reference (lumbar named muscles)
         near = [kk for kk in (k - 1, k + 1) if 0 <= kk < vol.hu.shape[0]] if level.level in LUMBAR else []
-        named_at: dict[int, Mapping[str, NDArray[np.bool_]]] = {}
+        rng, note = self._volume_range(level)
+        todo = [kk for kk in range(rng[0], rng[1] + 1) if kk != k] if rng is not None else []
+        todo += [kk for kk in near if kk not in set(todo)]
 
         def one(kk: int) -> Mapping[str, NDArray[np.bool_]]:
             return self.backend.segment_named(vol.hu[kk], vol.pixel_spacing, anatomy(kk), roll_deg=roll(kk))
 
-        with ThreadPoolExecutor(max_workers=self.workers) as pool:  # scipy releases the GIL
-            # the level slice's full segmentation runs beside the volume slices, not before them
-            level_seg = pool.submit(self.backend.segment_slice, vol.hu[k], vol.pixel_spacing, anatomy(k),
-                                    level=level.level or "L3", roll_deg=roll(k))
-            if self.volumes_3d and level.level in LUMBAR:
-                l1, l5 = level.vertebra("L1"), level.vertebra("L5")
-                if l1 is None or l5 is None or l1.touches_edge or l5.touches_edge:
-                    note = "3D volumes need L1 to L5 completely in the field of view"
-                else:
-                    rng = (l5.first, l1.last)
+        def level_slice() -> SliceSegmentation:
+            return self.backend.segment_slice(vol.hu[k], vol.pixel_spacing, anatomy(k), level=level.level or "L3",
+                                              roll_deg=roll(k))
+
+        seg, named_at = self._segment(level_slice, one, todo, (vol.hu.shape[1], vol.hu.shape[2]))
+        masks: dict[str, NDArray[np.bool_]] = {}
+        if rng is not None:
+            masks = {key: np.zeros(vol.hu.shape, bool) for key in NAMED_MUSCLES}
+            for kk, named in [(k, seg.masks), *named_at.items()]:
+                if rng[0] <= kk <= rng[1]:
                     for key in NAMED_MUSCLES:
-                        masks[key] = np.zeros(vol.hu.shape, bool)
-                    others = [kk for kk in range(rng[0], rng[1] + 1) if kk != k]
-                    named_at.update(zip(others, pool.map(one, others), strict=True))
-                    for kk, named in [(k, level_seg.result().masks), *((o, named_at[o]) for o in others)]:
-                        if rng[0] <= kk <= rng[1]:
-                            for key in NAMED_MUSCLES:
-                                masks[key][kk] = named[key]
-                    named_at = {kk: named_at[kk] for kk in near if kk in named_at}  # the rest is in ``masks``
-            elif self.volumes_3d:
-                note = f"3D volumes are measured over the lumbar spine only (level {level.level})"
-            missing = [kk for kk in near if kk not in named_at]
-            named_at.update(zip(missing, pool.map(one, missing), strict=True))
-            seg = level_seg.result()
+                        masks[key][kk] = named[key]
         return Segmentation(level=level, slice_seg=seg, volume_masks=masks, volume_range=rng, volume_note=note,
                             backend=self.backend.name, model_version=self.backend.model_version,
                             neighbour_masks=tuple(named_at[kk] for kk in near))
