@@ -145,3 +145,37 @@ def test_shoulder_girdle_of_a_turned_neck_is_no_iliac_crest(tmp_path: Path) -> N
     assert "iliac crest" not in [a.name for a in level.anchors]
     assert level.level != "L3"
     assert any("shoulder girdle" in n for n in level.notes), level.notes
+
+
+def test_turned_neck_parted_along_its_spine_at_c3(tmp_path: Path) -> None:
+    """C3 on the anatomical neck turned 10 degrees (a head turned on the table), stored with mirrored rows: the roll is
+    measured from the cervical vertebra, and left, right, beside and behind it are taken along its axes (the pixel
+    grid's coordinates turned, the slice not resampled).  The paravertebral muscles' worse side gains over the
+    stored axes, each side's Dice holds, and the note says the roll was applied."""
+    from pipelines.body_composition.anatomy_phantom import Geometry, write_series
+    from pipelines.body_composition.reader_level import LevelOverride, level_from_override
+    from pipelines.body_composition.stages import ClassicalBackend, LevelFinder, SegmentInput, TissueSegmenter
+    from pipelines.common.volume import load_series
+
+    ph = make_anatomy(AnatomySpec(region="neck", rows=160, slice_mm=3.0, roll_deg=10.0))
+    truth = write_series(ph, tmp_path / "ct", Geometry("HFS", mirror_rows=True))
+    vol = load_series(truth.files).canonical_axial()[0]
+    be = ClassicalBackend()
+    # the finder does not name C3 on this phantom (one anchor): the level as a reader confirms it
+    marker = {"level": "C3", "sop_instance_uid": truth.sop_uids[truth.level_slices["C3"]], "reader": "Reader^Rita",
+              "source": "cli", "time": "2026-12-06T10:00:00Z"}
+    level = level_from_override(vol, LevelOverride.from_mapping(marker, "test"), LevelFinder(be, ("C3",)).run(vol))
+    assert level.level == "C3" and level.slice_index is not None
+    k = level.slice_index
+    dice = {}
+    for on in (False, True):
+        seg = TissueSegmenter(be, roll=RollParams(enabled=on)).run(SegmentInput(vol, level))
+        assert any("spine roll of +" in n for n in seg.slice_seg.notes) == on, seg.slice_seg.notes
+        for key in ("paravertebral_left", "paravertebral_right"):
+            t = ph.labels[k] == LABELS[key]
+            m = seg.slice_seg.masks[key]
+            dice[on, key] = 2.0 * float((m & t).sum()) / float(m.sum() + t.sum())
+        assert seg.slice_seg.masks["skeletal_muscle"].any()
+    sides = ("paravertebral_left", "paravertebral_right")
+    assert min(dice[True, s] for s in sides) >= 0.78, dice
+    assert min(dice[True, s] for s in sides) > min(dice[False, s] for s in sides) + 0.03, dice

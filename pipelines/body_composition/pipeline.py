@@ -9,8 +9,10 @@ Options (all optional):
 ``levels`` (["L3", "C3"]) levels to look for, first found wins; ``backend`` ("classical" or
 ``"monai"``); ``model`` (name in config ``[models]`` of a model.json written by ``train-seg``);
 ``max_slice_thickness_mm`` (5.0); ``cutoffs`` (["prado-2008", "martin-2013"]), the first is the
-one named in the SR; ``volumes_3d`` (true); ``spine_roll`` (true): lumbar slices of a patient lying turned
-(or a rotated vertebra) are segmented turned back by the spine's roll (:mod:`pipelines.body_composition.roll`).
+one named in the SR; ``volumes_3d`` (true); ``spine_roll`` (true): lumbar slices and C3 of a patient lying turned
+(or a rotated vertebra) are segmented along the spine's own axes (:mod:`pipelines.body_composition.roll`);
+``forked_workers`` (true): the 3D muscles in forked processes where the process runs one thread
+(:mod:`pipelines.common.forked`), else in threads, with the same masks.
 
 ``level_override`` is set per job, not in a config file: a reader-confirmed level and slice
 (see :mod:`pipelines.body_composition.reader_level`); the pipeline then measures on exactly that

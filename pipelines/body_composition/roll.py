@@ -29,6 +29,13 @@ So the stage measures the roll from the vertebra itself and segments each slice 
   sampling (one source pixel per output pixel, so masks that exclude each other still do).  The trunk, the HU
   windows and every area and mean HU stay on the stored slice.
 
+At C3 (a head and neck turned on the table) the same smoothed roll, with the same parameters, is measured on the
+cervical vertebrae (the anatomical neck turned 0, 10 and -15 degrees: 0.0, +9.8 and -15.0 at C3), and
+``tissues.segment_c3`` takes its regions along the vertebra's axes by turning the pixel grid's coordinates, not the
+slice.  On that neck turned 10 and 15 degrees the paravertebral muscles' worse side went from Dice 0.76 / 0.70 to
+0.81 / 0.82 at 160 x 160 and 3 mm, from 0.80 / 0.76 to 0.86 / 0.85 at 512 x 512 and 2 mm; the sternocleidomastoids
+turned -10 degrees at 512 x 512 were held back by the gates without it, and filed at 0.78 / 0.81 with it.
+
 Angles are in the canonical slice (rows toward the patient's back, columns toward the patient's left, see
 ``Volume.canonical_axial``), so a positive roll is the same turn of the patient in any stored orientation.
 """

@@ -167,9 +167,9 @@ class TissueSegmenter:
 
     def _turned(self, vol: Volume, level: LevelResult
                 ) -> tuple[Callable[[int], float], Callable[[int], NDArray[np.float32]]]:
-        """Slice ``k``'s spine roll (``roll.SpineRoll``: the weight-free backend at L1-L5 only) and its HU turned
-        back by it (the stored slice where the roll is 0), for its bony landmarks."""
-        if not (isinstance(self.backend, ClassicalBackend) and level.level in LUMBAR and self.roll.enabled):
+        """Slice ``k``'s spine roll (``roll.SpineRoll``: the weight-free backend at L1-L5 and C3) and its HU turned
+        back by it (the stored slice where the roll is 0), for its bony landmarks (lumbar slices)."""
+        if not (isinstance(self.backend, ClassicalBackend) and level.level in (*LUMBAR, "C3") and self.roll.enabled):
             return (lambda k: 0.0), (lambda k: vol.hu[k])
         sr = SpineRoll(vol.hu, vol.pixel_spacing, vol.slice_spacing, lambda k: anatomy_for_slice(level, k), self.roll)
 

@@ -1511,8 +1511,13 @@ def _vertebral_body_area(hu: NDArray[np.float32], spacing: tuple[float, float], 
 
 
 def segment_c3(hu: NDArray[np.float32], spacing: tuple[float, float], anat: SliceAnatomy,
-               p: TissueParams) -> SliceSegmentation:
-    """C3 by Swartz 2016: paravertebral muscles and both sternocleidomastoids (no SAT, VAT or psoas)."""
+               p: TissueParams, roll_deg: float = 0.0) -> SliceSegmentation:
+    """C3 by Swartz 2016: paravertebral muscles and both sternocleidomastoids (no SAT, VAT or psoas).
+
+    ``roll_deg``: the spine's roll on this slice (a head and neck turned on the table; ``roll.SpineRoll``).  Every
+    region here is a bound on the position relative to the vertebral body's centre (the midline that parts left from
+    right, beside or behind the body), so those positions are measured along the vertebra's own axes: the pixel
+    grid's coordinates are turned, the slice is not (no pixel is resampled)."""
     dy, dx = spacing
     px = float(np.sqrt(dy * dx))
     hs, noise_note = for_segmentation(hu, spacing, p)  # regions on a smoothed copy where noise calls for it
@@ -1532,8 +1537,11 @@ def segment_c3(hu: NDArray[np.float32], spacing: tuple[float, float], anat: Slic
     depth = ndi.distance_transform_edt(body, sampling=spacing)
     r0, c0 = anat.centre_rc
     hw, hh = anat.half_width_mm, anat.half_height_mm
-    ymm = ((np.arange(hu.shape[0]) - r0) * dy)[:, None]
-    xmm = ((np.arange(hu.shape[1]) - c0) * dx)[None, :]
+    ymm: NDArray[np.floating[Any]] = ((np.arange(hu.shape[0]) - r0) * dy)[:, None]
+    xmm: NDArray[np.floating[Any]] = ((np.arange(hu.shape[1]) - c0) * dx)[None, :]
+    if roll_deg:  # mm behind and to the left of the centre along the vertebra's axes (roll.turn_back's frame)
+        t = np.deg2rad(roll_deg)
+        ymm, xmm = np.cos(t) * ymm + np.sin(t) * xmm, np.cos(t) * xmm - np.sin(t) * ymm
     masks: dict[str, NDArray[np.bool_]] = {}
     spine = dilate(bone_hull & (np.abs(ymm) < hh + 40.0) & (np.abs(xmm) < hw + 30.0), 12.0 / px)
     for side, sgn in (("left", 1.0), ("right", -1.0)):
@@ -1563,9 +1571,12 @@ def segment_c3(hu: NDArray[np.float32], spacing: tuple[float, float], anat: Slic
         masks[f"paravertebral_{side}"] = dilate(pv, bridge_px + 1.0) & soft & pv_region
     masks["skeletal_muscle"] = np.asarray(np.logical_or.reduce([masks[k] for k in C3_NAMED]))
     truncated = bool(body[0, :].any() or body[-1, :].any() or body[:, 0].any() or body[:, -1].any())
+    notes = (*tr.notes, noise_note) if noise_note else tr.notes
+    if roll_deg:
+        notes = (*notes, f"spine roll of {roll_deg:+.1f} deg: left, right, beside and behind the vertebra taken "
+                         "along its own axes")
     return SliceSegmentation(masks={k: np.asarray(masks[k]) for k in keys_for_level("C3")}, body=np.asarray(body),
-                             truncated=truncated, limbs=tr.limbs,
-                             notes=(*tr.notes, noise_note) if noise_note else tr.notes,
+                             truncated=truncated, limbs=tr.limbs, notes=notes,
                              body_area_cm2=float(body.sum()) * dy * dx / 100.0,
                              vertebral_body_cm2=_vertebral_body_area(hu, spacing, anat, p),
                              trunk_half_widths_mm=_half_widths(body, spacing, anat.centre_rc))
@@ -1579,11 +1590,9 @@ class TissueSlicer:
 
     def run(self, hu: NDArray[np.float32], spacing: tuple[float, float], anat: SliceAnatomy,
             level: str = "L3", roll_deg: float = 0.0) -> SliceSegmentation:
-        """``roll_deg``: the spine's roll (lumbar slices; see :func:`segment_lumbar`)."""
+        """``roll_deg``: the spine's roll (see :func:`segment_lumbar` and :func:`segment_c3`)."""
         if level == "C3":
-            if roll_deg:
-                raise ValueError("tissue segmentation: the spine's roll is applied to lumbar slices only, not at C3")
-            return segment_c3(hu, spacing, anat, self.p)
+            return segment_c3(hu, spacing, anat, self.p, roll_deg)
         return segment_lumbar(hu, spacing, anat, self.p, roll_deg)
 
     def named(self, hu: NDArray[np.float32], spacing: tuple[float, float],
