@@ -650,6 +650,52 @@ def test_c3_on_an_anatomical_neck_is_swartz_only(tmp_path: Path) -> None:
         assert ok, out
 
 
+
+def test_c3_sternocleidomastoid_parted_by_a_line_is_not_evaluable(tmp_path: Path) -> None:
+    """The anatomical neck's sternocleidomastoids run on into the muscles behind them with no fat plane, so the
+    region's posterior bound (a line) parts them from the paravertebral muscles: those four areas are "not
+    evaluable" with the reason, and their sum, Swartz's C3 area, is filed near the truth.  With a 3 mm fat plane
+    painted between each sternocleidomastoid and the muscle it touched (the truth relabelled as fat), the
+    sternocleidomastoids are filed, near their truth."""
+    from pipelines.body_composition.anatomy_phantom import (
+        LABELS,
+        AnatomySpec,
+        Geometry,
+        make_anatomy,
+        write_series,
+    )
+    from pipelines.body_composition.morphology import dilate
+
+    neck = make_anatomy(AnatomySpec(region="neck", rows=160, slice_mm=3.0))
+    px = neck.spec.pixel_mm
+    plane = np.zeros(neck.labels.shape, bool)
+    for k in range(neck.labels.shape[0]):
+        for side in ("left", "right"):
+            scm = neck.labels[k] == LABELS[f"scm_{side}"]
+            plane[k] |= dilate(scm, 3.0 / px) & ~scm & (neck.labels[k] == LABELS[f"paravertebral_{side}"])
+    fat = np.random.default_rng(5).normal(-90.0, 8.0, int(plane.sum())).astype(np.float32)
+    lab, hu = neck.labels.copy(), neck.hu.copy()
+    lab[plane], hu[plane] = LABELS["deep_neck_fat"], fat
+    parted = replace(neck, labels=lab, hu=hu)
+    for name, ph in (("joined", neck), ("parted", parted)):
+        truth = write_series(ph, tmp_path / name / "ct", Geometry("HFS"))
+        k = truth.level_slices["C3"]
+        marker = {"level": "C3", "sop_instance_uid": truth.sop_uids[k], "reader": "Reader^Rita", "source": "cli",
+                  "time": "2026-12-06T10:00:00Z"}
+        run_folder(tmp_path / name / "ct", tmp_path / name / "out", {"level_override": marker})
+        a = json.loads((tmp_path / name / "out" / "summary.json").read_text())["areas_cm2"]
+        want = {key: truth.area_cm2(t, k) for key, t in (
+            ("sternocleidomastoid_left", "scm_left"), ("sternocleidomastoid_right", "scm_right"),
+            ("paravertebral_left", "paravertebral_left"), ("paravertebral_right", "paravertebral_right"))}
+        assert a["skeletal_muscle"]["value"] == pytest.approx(sum(want.values()), rel=0.15), (name, a)
+        for key in ("sternocleidomastoid_left", "sternocleidomastoid_right"):
+            if name == "joined":
+                assert a[key]["value"] is None and "no fat plane" in a[key]["not_evaluable"], a[key]
+                side_pv = a[key.replace("sternocleidomastoid", "paravertebral")]
+                assert side_pv["value"] is None and "by a line" in side_pv["not_evaluable"], side_pv
+            else:
+                assert a[key]["value"] == pytest.approx(want[key], rel=0.2), (key, a[key], want[key])
+
 def _segmented(tmp_path: Path, volumes_3d: bool) -> tuple[Any, Any, Any]:
     """The small schematic phantom through the level finder and the segmentation stage: (volume, level,
     segmentation)."""

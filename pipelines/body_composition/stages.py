@@ -324,6 +324,8 @@ class Measure:
                 reason = "structure touches the edge of the field of view"
             elif not m.any():
                 reason = "structure not found on the level slice"
+            else:
+                reason = seg.slice_seg.parted_by_line.get(key, "")
             if reason or m is None:
                 areas[key] = Value(None, "cm2", reason)
                 means[key] = Value(None, "HU", reason)
@@ -337,8 +339,9 @@ class Measure:
                                            vol.slice_spacing if near else 0.0)
         if level == "C3" and areas["skeletal_muscle"].value is not None:
             # Swartz 2016: the C3 area is the paravertebral muscles plus BOTH sternocleidomastoids
+            # (a part parted from its neighbour by a line is in the sum all the same)
             missing = [f"{key.replace('_', ' ')} ({areas[key].reason})" for key in C3_NAMED
-                       if areas[key].value is None]
+                       if areas[key].value is None and areas[key].reason != seg.slice_seg.parted_by_line.get(key)]
             if missing:
                 why = "C3 muscle area (Swartz 2016) needs all of its parts; not evaluable: " + "; ".join(missing)
                 areas["skeletal_muscle"] = Value(None, "cm2", why)

@@ -249,6 +249,10 @@ class TissueParams:
     prevertebral_mm: float = 8.0  # longus colli/capitis in front of the vertebral body belong to the paravertebrals
     neck_lateral_mm: float = 90.0
     posterior_piece_min_mm2: float = 150.0  # posterior neck muscle pieces apart from the spine count from this size
+    # the sternocleidomastoid's border with the muscles behind it (levator scapulae, scalenes, splenius) is the
+    # region's posterior bound, a line, where its tissue runs on across it with no fat plane over this share of its
+    # equivalent diameter: that side's two areas are not evaluable, their sum (Swartz's C3 area) still is
+    scm_joined_frac: float = 0.4
 
 
 # --------------------------------------------------------------------------------------------
@@ -1543,6 +1547,7 @@ def segment_c3(hu: NDArray[np.float32], spacing: tuple[float, float], anat: Slic
         t = np.deg2rad(roll_deg)
         ymm, xmm = np.cos(t) * ymm + np.sin(t) * xmm, np.cos(t) * xmm - np.sin(t) * ymm
     masks: dict[str, NDArray[np.bool_]] = {}
+    parted: dict[str, str] = {}
     spine = dilate(bone_hull & (np.abs(ymm) < hh + 40.0) & (np.abs(xmm) < hw + 30.0), 12.0 / px)
     for side, sgn in (("left", 1.0), ("right", -1.0)):
         lat = sgn * xmm
@@ -1555,6 +1560,17 @@ def segment_c3(hu: NDArray[np.float32], spacing: tuple[float, float], anat: Slic
             if sizes[best] >= p.scm_min_mm2:
                 scm = dilate(cl == best + 1, bridge_px + 1.0) & soft & scm_region
         masks[f"sternocleidomastoid_{side}"] = scm
+        if scm.any():
+            # muscle just behind the region's posterior bound that the sternocleidomastoid touches: one pixel per
+            # pixel of contact along the bound
+            behind = cand & (ymm >= hh) & (lat > 0.0) & (depth <= p.scm_depth_mm) & (lat < p.neck_lateral_mm)
+            contact_mm = float((scm & dilate(behind, 1.0)).sum()) * px
+            diameter_mm = 2.0 * float(np.sqrt(float(scm.sum()) * dy * dx / np.pi))
+            if contact_mm >= p.scm_joined_frac * diameter_mm:
+                why = (f"{side} sternocleidomastoid joined to the muscles behind it with no fat plane over "
+                       f"{contact_mm:.0f} mm: parted from the {side} paravertebral muscles by a line, not by anatomy "
+                       "(their sum is in the C3 muscle area)")
+                parted[f"sternocleidomastoid_{side}"] = parted[f"paravertebral_{side}"] = why
         medial = (lat > 0.0) if side == "left" else (lat >= 0.0)
         pv_region = medial & (ymm > -hh - p.prevertebral_mm) & (lat < p.neck_lateral_mm) & ~dilate(scm, 1.0)
         # muscle hugging the spine (deep neck muscles, longus, scalenes) and the posterior neck muscles
@@ -1576,7 +1592,7 @@ def segment_c3(hu: NDArray[np.float32], spacing: tuple[float, float], anat: Slic
         notes = (*notes, f"spine roll of {roll_deg:+.1f} deg: left, right, beside and behind the vertebra taken "
                          "along its own axes")
     return SliceSegmentation(masks={k: np.asarray(masks[k]) for k in keys_for_level("C3")}, body=np.asarray(body),
-                             truncated=truncated, limbs=tr.limbs, notes=notes,
+                             truncated=truncated, limbs=tr.limbs, notes=notes, parted_by_line=parted,
                              body_area_cm2=float(body.sum()) * dy * dx / 100.0,
                              vertebral_body_cm2=_vertebral_body_area(hu, spacing, anat, p),
                              trunk_half_widths_mm=_half_widths(body, spacing, anat.centre_rc))

@@ -134,6 +134,9 @@ class SliceSegmentation:
     trunk_half_widths_mm: tuple[float, float] | None = None  # trunk outline left / right of the vertebra
     trunk_lateral_concavity: float | None = None  # hull area beside the spine not in the trunk, per trunk area
     not_evaluable: Mapping[str, str] = field(default_factory=dict)  # key -> reason found while segmenting
+    # key -> reason: a structure parted from its neighbour by a line, not a fascia or fat plane (its own area is not
+    # evaluable; the sum of the two, where it is measured, is)
+    parted_by_line: Mapping[str, str] = field(default_factory=dict)
 
 
 @dataclass(frozen=True)
