@@ -1,6 +1,6 @@
 """A patient lying turned on the table: the pipeline with and without ``spine_roll`` on rolled anatomical phantoms.
 
-    .venv/bin/python bench/body_composition_roll.py [--habitus thin,average,obese] [--angles=-15,-8,-4,0,4,8,15] [--full]
+    .venv/bin/python bench/body_composition_roll.py [--habitus thin,average,obese] [--angles=-15,-8,-4,0,4,8,15] [--full] [--neck]
 
 Each phantom (:mod:`pipelines.body_composition.anatomy_phantom`, 256 x 256 at 5 mm or with ``--full`` 512 x 512 at
 1 mm, seed 3) is turned about the
@@ -13,6 +13,12 @@ pipeline measured (read from its SEG), the roll the stage applied at the level s
 plausibility gates held back ("not evaluable" instead of filed).  A Dice below 0.90 that was filed is marked "<".
 
 Nothing here is tuned to the phantoms: the roll comes from the vertebra's mirror symmetry.
+
+``--neck``: the anatomical neck instead (real cervical spines gl003 and gl017, 256 x 256 at 3 mm, or 512 x 512 at 2 mm
+with ``--full``), at C3 as a reader confirms it (the finder does not name C3 on these phantoms).  The stages run
+directly, so the Dice of each C3 part is read from its mask even where its value is held back; "filed" lists the
+parts whose area the SR files (the anatomical neck's sternocleidomastoids touch the muscles behind them with no fat
+plane, so their areas and those of the paravertebral muscles are not evaluable; the C3 area, their sum, is).
 """
 
 from __future__ import annotations
@@ -27,7 +33,9 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from bench.body_composition_phantom import run_variant  # noqa: E402
+import numpy as np  # noqa: E402
+
+from bench.body_composition_phantom import dice, run_variant  # noqa: E402
 from pipelines.body_composition.anatomy_phantom import AnatomySpec, Geometry, make_anatomy  # noqa: E402
 
 KEYS = ("psoas_left", "psoas_right", "erector_left", "erector_right", "skeletal_muscle")
@@ -44,9 +52,12 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--habitus", default="thin,average,obese")
     ap.add_argument("--angles", default="-15,-8,-4,0,4,8,15")
     ap.add_argument("--full", action="store_true", help="512 x 512 at 1 mm (about 300 slices) instead")
+    ap.add_argument("--neck", action="store_true", help="the anatomical neck at C3 instead")
     a = ap.parse_args(argv)
     base = Path(tempfile.mkdtemp(prefix="bench-roll-"))
     angles = [float(v) for v in a.angles.split(",")]
+    if a.neck:
+        return neck(base, angles, a.full)
     print(f"{'habitus':8}{'deg':>5} {'roll':4}{'off':>5}{'applied':>8}" + "".join(f"{'D ' + SHORT[k]:>7}" for k in KEYS)
           + f"{'A% SM':>7}  gated")
     t0 = time.perf_counter()
@@ -83,6 +94,66 @@ def main(argv: list[str] | None = None) -> int:
                       flush=True)
     print(f"filed with Dice < 0.90: off {filed_low[False]}, on {filed_low[True]}; held back or not found: "
           f"off {gated_n[False]}, on {gated_n[True]}  ({time.perf_counter() - t0:.0f} s; outputs in {base})")
+    return 0
+
+
+C3_PARTS = {"sternocleidomastoid_left": ("SCM L", "scm_left"), "sternocleidomastoid_right": ("SCM R", "scm_right"),
+            "paravertebral_left": ("PV L", "paravertebral_left"), "paravertebral_right": ("PV R", "paravertebral_right")}
+
+
+def neck(base: Path, angles: list[float], full: bool) -> int:
+    """The ``--neck`` table: C3 on the anatomical neck turned by each angle, with and without the roll."""
+    from pipelines.body_composition.anatomy_phantom import LABELS, write_series
+    from pipelines.body_composition.pipeline import volume_of
+    from pipelines.body_composition.reader_level import LevelOverride, level_from_override
+    from pipelines.body_composition.reference import PatientFactors, load_table
+    from pipelines.body_composition.roll import RollParams
+    from pipelines.body_composition.stages import (
+        ClassicalBackend,
+        LevelFinder,
+        Measure,
+        MeasureInput,
+        SegmentInput,
+        TissueSegmenter,
+    )
+
+    print(f"{'spine':6}{'deg':>5} {'roll':4}{'applied':>8}" + "".join(f"{'D ' + v[0]:>8}" for v in C3_PARTS.values())
+          + f"{'C3 cm2':>8}{'truth':>7}  filed")
+    t0 = time.perf_counter()
+    worst = {False: [], True: []}  # type: dict[bool, list[float]]
+    be = ClassicalBackend()
+    for spine in ("gl003", "gl017"):
+        for deg in angles:
+            ph = make_anatomy(AnatomySpec(region="neck", spine=spine, rows=512 if full else 256,
+                                          slice_mm=2.0 if full else 3.0, roll_deg=deg))
+            d = base / f"{spine}{deg:+.0f}"
+            truth = write_series(ph, d, Geometry("HFS"))
+            vol = volume_of(list(truth.files)).canonical_axial()[0]
+            kt = truth.level_slices["C3"]
+            marker = {"level": "C3", "sop_instance_uid": truth.sop_uids[kt], "reader": "Bench^Reader", "source": "cli",
+                      "time": "2026-12-06T10:00:00Z"}
+            level = level_from_override(vol, LevelOverride.from_mapping(marker, "bench"),
+                                        LevelFinder(be, ("C3",)).run(vol))
+            k = level.slice_index
+            assert k is not None
+            want = sum(float((ph.labels[k] == LABELS[t]).sum()) for _, t in C3_PARTS.values()) \
+                * ph.spec.pixel_mm ** 2 / 100.0
+            for on in (False, True):
+                seg = TissueSegmenter(be, roll=RollParams(enabled=on)).run(SegmentInput(vol, level))
+                m = Measure(load_table()).run(MeasureInput(vol, seg, PatientFactors(1.75, 70.0, "M", 60.0)))
+                applied = next((n.split("roll of ")[1].split(" ")[0] for n in seg.slice_seg.notes
+                                if "spine roll of" in n), "0")
+                dices = []
+                for key, (_, t) in C3_PARTS.items():
+                    dices.append(dice(seg.slice_seg.masks[key], ph.labels[k] == LABELS[t]))
+                worst[on].append(min(dices[2:]))
+                filed = [C3_PARTS[key][0] for key in C3_PARTS if m.areas[key].value is not None]
+                c3 = m.areas["skeletal_muscle"].value
+                print(f"{spine:6}{deg:>+5.0f} {'on' if on else 'off':4}{applied:>8}"
+                      + "".join(f"{v:>8.3f}" for v in dices) + f"{c3 if c3 is not None else float('nan'):>8.1f}"
+                      f"{want:>7.1f}  {', '.join(filed) or '-'}", flush=True)
+    print(f"paravertebral muscles, worse side: mean off {np.mean(worst[False]):.3f}, on {np.mean(worst[True]):.3f}; "
+          f"lowest off {min(worst[False]):.3f}, on {min(worst[True]):.3f}  ({time.perf_counter() - t0:.0f} s)")
     return 0
 
 
