@@ -6,10 +6,13 @@ process may hold other tests' threads, where the stage rightly falls back to thr
 
 from __future__ import annotations
 
+import os
+import signal
 import subprocess
 import sys
 import textwrap
 import threading
+import time
 from pathlib import Path
 
 import pytest
@@ -84,3 +87,38 @@ def test_no_fork_while_another_thread_runs() -> None:
     finally:
         stop.set()
         t.join(5)
+
+
+ORPHAN = textwrap.dedent("""
+    import multiprocessing, time
+    from pipelines.common.forked import map_forked
+    with map_forked(lambda i: time.sleep(120), list(range(8)), 2) as it:
+        print(" ".join(str(p.pid) for p in multiprocessing.active_children()), flush=True)
+        time.sleep(120)
+""")
+
+
+def _alive(pid: int) -> bool:
+    try:
+        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+    except (FileNotFoundError, ProcessLookupError):
+        return False
+    return state not in ("Z", "X")  # a zombie has ended
+
+
+def test_forked_workers_die_with_their_parent() -> None:
+    """A job killed with SIGKILL (the node's timeout, or the node itself dying) leaves no forked worker computing:
+    each child asked the kernel for SIGKILL when its parent dies."""
+    proc = subprocess.Popen([sys.executable, "-c", ORPHAN], cwd=REPO, stdout=subprocess.PIPE, text=True,
+                            env={"PYTHONPATH": str(REPO), "PATH": "/usr/bin:/bin"})
+    try:
+        assert proc.stdout is not None
+        pids = [int(v) for v in proc.stdout.readline().split()]
+        assert len(pids) == 2 and all(_alive(p) for p in pids), pids
+    finally:
+        os.kill(proc.pid, signal.SIGKILL)
+        proc.wait(30)
+    deadline = time.monotonic() + 20.0
+    while any(_alive(p) for p in pids) and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert not any(_alive(p) for p in pids), [p for p in pids if _alive(p)]

@@ -16,6 +16,7 @@ from __future__ import annotations
 import ctypes
 import logging
 import multiprocessing
+import os
 import signal
 import threading
 from collections.abc import Callable, Iterator, Sequence
@@ -36,13 +37,15 @@ def fork_safe() -> bool:
     return "fork" in multiprocessing.get_all_start_methods() and threading.active_count() == 1
 
 
-def _init(fn: Callable[[Any], Any]) -> None:
+def _init(fn: Callable[[Any], Any], parent: int) -> None:
     global _FN
     _FN = fn
     try:  # die with the parent: a killed job leaves no child computing
         ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
     except OSError:
         pass
+    if os.getppid() != parent:  # the parent died before the signal was armed
+        os._exit(1)
     signal.signal(signal.SIGINT, signal.SIG_IGN)
 
 
@@ -64,5 +67,5 @@ def map_forked(fn: Callable[[T], R], items: Sequence[T], workers: int, chunks_pe
     chunk = max(1, -(-len(items) // max(1, workers * chunks_per_worker)))
     # with the fork method, every child is forked at the first submit, before the pool starts its own thread
     with ProcessPoolExecutor(max_workers=workers, mp_context=multiprocessing.get_context("fork"),
-                             initializer=_init, initargs=(fn,)) as pool:
+                             initializer=_init, initargs=(fn, os.getpid())) as pool:
         yield pool.map(_call, items, chunksize=chunk)
