@@ -19,6 +19,7 @@ migration (:mod:`node.schema`, ``node/migrations``): a change here ships with it
 
 from __future__ import annotations
 
+import sqlite3
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -256,7 +257,7 @@ class Database:
         if url.startswith("sqlite"):
             # isolation_level=None + BEGIN IMMEDIATE: writers queue on busy_timeout instead of
             # failing with "database is locked" when a read transaction tries to upgrade.
-            kwargs["connect_args"] = {"timeout": 30, "check_same_thread": False, "isolation_level": None}
+            kwargs["connect_args"] = {"timeout": SQLITE_BUSY_S, "check_same_thread": False, "isolation_level": None}
         else:  # a server: connections that died with it (a restart) are replaced, not handed out
             kwargs["pool_pre_ping"] = True
         self.engine: Engine = create_engine(url, **kwargs)
@@ -287,13 +288,36 @@ class Database:
         self.engine.dispose()
 
 
+SQLITE_BUSY_S = 30.0  # how long a connection waits for another's lock (busy_timeout, and the WAL switch below)
+
+
 def _sqlite_pragmas(dbapi_conn: Any, _record: Any) -> None:
     cur = dbapi_conn.cursor()
-    cur.execute("PRAGMA journal_mode=WAL")
+    cur.execute(f"PRAGMA busy_timeout={int(SQLITE_BUSY_S * 1000)}")
+    _sqlite_wal(cur)
     cur.execute("PRAGMA synchronous=NORMAL")  # WAL + NORMAL is durable against process crashes
     cur.execute("PRAGMA foreign_keys=ON")
-    cur.execute("PRAGMA busy_timeout=30000")
     cur.close()
+
+
+def _sqlite_wal(cur: Any) -> None:
+    """``PRAGMA journal_mode=WAL``, retried while SQLite answers "database is locked".
+
+    Switching a new database file to WAL needs it to itself, and SQLite answers the switch at once, without its
+    busy handler, while another connection opens the same file: four receivers starting together on a new index
+    failed 7 times in 100 that way.  The mode is stored in the file, so once one connection has switched it the
+    others find WAL already set."""
+    deadline = time.monotonic() + SQLITE_BUSY_S
+    delay = 0.005
+    while True:
+        try:
+            cur.execute("PRAGMA journal_mode=WAL")
+            return
+        except sqlite3.OperationalError as e:
+            if "locked" not in str(e) or time.monotonic() > deadline:
+                raise
+        time.sleep(delay)
+        delay = min(2.0 * delay, 0.25)
 
 
 def _sqlite_begin_immediate(conn: Any) -> None:
