@@ -92,21 +92,27 @@ def test_a_database_that_does_not_match_is_refused(database_url: str) -> None:
         Database(database_url)
 
 
-def test_receivers_starting_together_migrate_once(database_url: str) -> None:
+def _open_together(url: str, n: int = 4) -> tuple[list[Database], list[BaseException]]:
+    """``n`` receivers opening the index at ``url`` at once (each in its own thread): the databases and the errors."""
     errors: list[BaseException] = []
     dbs: list[Database] = []
 
     def start() -> None:
         try:
-            dbs.append(Database(database_url))
-        except BaseException as e:  # noqa: BLE001 - reported below
+            dbs.append(Database(url))
+        except BaseException as e:  # noqa: BLE001 - reported by the caller
             errors.append(e)
 
-    threads = [threading.Thread(target=start) for _ in range(4)]
+    threads = [threading.Thread(target=start) for _ in range(n)]
     for t in threads:
         t.start()
     for t in threads:
         t.join(60)
+    return dbs, errors
+
+
+def test_receivers_starting_together_migrate_once(database_url: str) -> None:
+    dbs, errors = _open_together(database_url)
     assert not errors, errors
     with dbs[0].engine.connect() as c:
         assert c.execute(text("SELECT COUNT(*) FROM alembic_version")).scalar() == 1
@@ -115,31 +121,17 @@ def test_receivers_starting_together_migrate_once(database_url: str) -> None:
         db.dispose()
 
 
-
 def test_sqlite_receivers_opening_a_new_index_together(tmp_path: Path) -> None:
     """Four receivers opening the same new SQLite index at once, again and again: none fails.  SQLite answers the
     switch of a new file to WAL with "database is locked" at once (its busy handler not asked) while another
     connection opens it; before the switch was retried, 7 rounds in 100 failed that way."""
     for i in range(25):
-        url = f"sqlite:///{tmp_path / f'index{i}.db'}"
-        errors: list[BaseException] = []
-        dbs: list[Database] = []
-
-        def start(url: str = url, errors: list[BaseException] = errors, dbs: list[Database] = dbs) -> None:
-            try:
-                dbs.append(Database(url))
-            except BaseException as e:  # noqa: BLE001 - reported below
-                errors.append(e)
-
-        threads = [threading.Thread(target=start) for _ in range(4)]
-        for t in threads:
-            t.start()
-        for t in threads:
-            t.join(60)
+        dbs, errors = _open_together(f"sqlite:///{tmp_path / f'index{i}.db'}")
         for db in dbs:
             db.dispose()
         assert not errors, (i, errors)
         assert len(dbs) == 4
+
 
 def test_migrations_ship_as_package_data() -> None:
     """The wheel carries node/migrations (packages found by setuptools, the template as package data)."""
