@@ -13,7 +13,6 @@ worker entry point :func:`execute` is also what ``prognode run`` calls.
 
 from __future__ import annotations
 
-import ctypes
 import dataclasses
 import importlib
 import importlib.metadata
@@ -44,6 +43,7 @@ from node.index import Index
 from node.lanes import RANK, HoursWindow, Priority, claimable
 from node.storage import Storage
 from pipelines.base import Identity, Pipeline, PipelineContext, PipelineOutput, Predecessor, SeriesInput
+from pipelines.common.forked import die_with_parent
 
 logger = logging.getLogger(__name__)
 
@@ -214,15 +214,8 @@ def _worker_init(preload: tuple[str, ...] = (), log_level: str = "") -> None:
 
     The death signal is armed first: a node killed while its workers preload leaves none behind
     (and a node already gone by then ends the worker at once)."""
-    try:
-        libc = ctypes.CDLL("libc.so.6", use_errno=True)
-        pr_set_pdeathsig = 1
-        libc.prctl(pr_set_pdeathsig, signal.SIGKILL)
-    except OSError:
-        pass
     parent = multiprocessing.parent_process()
-    if parent is not None and parent.pid is not None and os.getppid() != parent.pid:
-        os._exit(1)  # the node died before the death signal was armed
+    die_with_parent(parent.pid if parent is not None else None)
     if log_level:
         from node.logs import FORMAT
 

@@ -14,7 +14,6 @@ The children die with their parent (Linux), as the node's workers do.
 from __future__ import annotations
 
 import ctypes
-import logging
 import multiprocessing
 import os
 import signal
@@ -23,8 +22,6 @@ from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import ProcessPoolExecutor
 from contextlib import contextmanager
 from typing import Any, TypeVar
-
-log = logging.getLogger(__name__)
 
 T = TypeVar("T")
 R = TypeVar("R")
@@ -37,15 +34,22 @@ def fork_safe() -> bool:
     return "fork" in multiprocessing.get_all_start_methods() and threading.active_count() == 1
 
 
-def _init(fn: Callable[[Any], Any], parent: int) -> None:
-    global _FN
-    _FN = fn
-    try:  # die with the parent: a killed job leaves no child computing
+def die_with_parent(parent: int | None) -> None:
+    """Ask the kernel (Linux) to kill this process when its parent dies, so a killed node or job leaves no child
+    computing; exit at once if the parent (``parent``: its pid, as this process was started by it) is already gone,
+    having died before the signal was armed."""
+    try:
         ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
     except OSError:
         pass
-    if os.getppid() != parent:  # the parent died before the signal was armed
+    if parent is not None and os.getppid() != parent:
         os._exit(1)
+
+
+def _init(fn: Callable[[Any], Any], parent: int) -> None:
+    global _FN
+    _FN = fn
+    die_with_parent(parent)
     signal.signal(signal.SIGINT, signal.SIG_IGN)
 
 
