@@ -28,6 +28,7 @@ import json
 import sys
 import tempfile
 import time
+from collections.abc import Sequence
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
@@ -37,10 +38,16 @@ import numpy as np  # noqa: E402
 
 from bench.body_composition_phantom import dice, run_variant  # noqa: E402
 from pipelines.body_composition.anatomy_phantom import AnatomySpec, Geometry, make_anatomy  # noqa: E402
+from pipelines.body_composition.types import C3_NAMED  # noqa: E402
 
 KEYS = ("psoas_left", "psoas_right", "erector_left", "erector_right", "skeletal_muscle")
 SHORT = {"psoas_left": "PsL", "psoas_right": "PsR", "erector_left": "ErL", "erector_right": "ErR",
          "skeletal_muscle": "SM"}
+
+
+def applied_roll(notes: Sequence[str]) -> str:
+    """The roll the stage applied at the level slice, as its note gives it ("+9.8"), or "0"."""
+    return next((n.split("roll of ")[1].split(" ")[0] for n in notes if "spine roll of" in n), "0")
 
 
 def fmt(v: object) -> str:
@@ -75,8 +82,7 @@ def main(argv: list[str] | None = None) -> int:
                 applied = "-"
                 summ = next((base / f"{hab}{deg:+.0f}{'-roll' if on else ''}").glob("*/out/summary.json"), None)
                 if summ is not None:
-                    notes = json.loads(summ.read_text()).get("segmentation_notes") or []
-                    applied = next((n.split("roll of ")[1].split(" ")[0] for n in notes if "spine roll of" in n), "0")
+                    applied = applied_roll(json.loads(summ.read_text()).get("segmentation_notes") or [])
                 cells = []
                 for k in KEYS:
                     v = r.get(f"dice_{k}")
@@ -97,13 +103,13 @@ def main(argv: list[str] | None = None) -> int:
     return 0
 
 
-C3_PARTS = {"sternocleidomastoid_left": ("SCM L", "scm_left"), "sternocleidomastoid_right": ("SCM R", "scm_right"),
-            "paravertebral_left": ("PV L", "paravertebral_left"), "paravertebral_right": ("PV R", "paravertebral_right")}
+C3_SHORT = {"sternocleidomastoid_left": "SCM L", "sternocleidomastoid_right": "SCM R", "paravertebral_left": "PV L",
+            "paravertebral_right": "PV R"}
 
 
 def neck(base: Path, angles: list[float], full: bool) -> int:
     """The ``--neck`` table: C3 on the anatomical neck turned by each angle, with and without the roll."""
-    from pipelines.body_composition.anatomy_phantom import LABELS, write_series
+    from pipelines.body_composition.anatomy_phantom import COMPOSITION, LABELS, write_series
     from pipelines.body_composition.pipeline import volume_of
     from pipelines.body_composition.reader_level import LevelOverride, level_from_override
     from pipelines.body_composition.reference import PatientFactors, load_table
@@ -117,7 +123,7 @@ def neck(base: Path, angles: list[float], full: bool) -> int:
         TissueSegmenter,
     )
 
-    print(f"{'spine':6}{'deg':>5} {'roll':4}{'applied':>8}" + "".join(f"{'D ' + v[0]:>8}" for v in C3_PARTS.values())
+    print(f"{'spine':6}{'deg':>5} {'roll':4}{'applied':>8}" + "".join(f"{'D ' + C3_SHORT[k]:>8}" for k in C3_NAMED)
           + f"{'C3 cm2':>8}{'truth':>7}  filed")
     t0 = time.perf_counter()
     worst = {False: [], True: []}  # type: dict[bool, list[float]]
@@ -136,18 +142,16 @@ def neck(base: Path, angles: list[float], full: bool) -> int:
                                         LevelFinder(be, ("C3",)).run(vol))
             k = level.slice_index
             assert k is not None
-            want = sum(float((ph.labels[k] == LABELS[t]).sum()) for _, t in C3_PARTS.values()) \
+            truth_of = {key: np.isin(ph.labels[k], [LABELS[n] for n in COMPOSITION[key]]) for key in C3_NAMED}
+            want = float(np.isin(ph.labels[k], [LABELS[n] for n in COMPOSITION["c3_muscle"]]).sum()) \
                 * ph.spec.pixel_mm ** 2 / 100.0
             for on in (False, True):
                 seg = TissueSegmenter(be, roll=RollParams(enabled=on)).run(SegmentInput(vol, level))
                 m = Measure(load_table()).run(MeasureInput(vol, seg, PatientFactors(1.75, 70.0, "M", 60.0)))
-                applied = next((n.split("roll of ")[1].split(" ")[0] for n in seg.slice_seg.notes
-                                if "spine roll of" in n), "0")
-                dices = []
-                for key, (_, t) in C3_PARTS.items():
-                    dices.append(dice(seg.slice_seg.masks[key], ph.labels[k] == LABELS[t]))
+                applied = applied_roll(seg.slice_seg.notes)
+                dices = [dice(seg.slice_seg.masks[key], truth_of[key]) for key in C3_NAMED]
                 worst[on].append(min(dices[2:]))
-                filed = [C3_PARTS[key][0] for key in C3_PARTS if m.areas[key].value is not None]
+                filed = [C3_SHORT[key] for key in C3_NAMED if m.areas[key].value is not None]
                 c3 = m.areas["skeletal_muscle"].value
                 print(f"{spine:6}{deg:>+5.0f} {'on' if on else 'off':4}{applied:>8}"
                       + "".join(f"{v:>8.3f}" for v in dices) + f"{c3 if c3 is not None else float('nan'):>8.1f}"

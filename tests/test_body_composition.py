@@ -27,6 +27,7 @@ from pipelines.body_composition.reference import (
     load_table,
     smi,
 )
+from pipelines.body_composition.types import C3_NAMED
 from tests.conftest import need
 from tests.peers import REPO, dciodvfy
 
@@ -611,6 +612,19 @@ def test_same_patient_later_study_keeps_tracking_uids(tmp_path: Path) -> None:
     assert len(first) >= 6 and first == later and len(set(first.values())) == len(first)
 
 
+def _c3_by_reader(ph: Any, work: Path, geometry: Any) -> tuple[dict[str, Any], Any, int]:
+    """``ph`` written to ``work/ct`` in ``geometry`` and run with C3 confirmed by a reader at the true middle of C3
+    (the level finder does not name C3 on the anatomical neck: one anchor): (summary, truth, its C3 slice)."""
+    from pipelines.body_composition.anatomy_phantom import write_series
+
+    truth = write_series(ph, work / "ct", geometry)
+    k = truth.level_slices["C3"]
+    marker = {"level": "C3", "sop_instance_uid": truth.sop_uids[k], "reader": "Reader^Rita", "source": "cli",
+              "time": "2026-12-05T10:00:00Z"}
+    run_folder(work / "ct", work / "out", {"level_override": marker})
+    return json.loads((work / "out" / "summary.json").read_text()), truth, k
+
+
 def test_c3_on_an_anatomical_neck_is_swartz_only(tmp_path: Path) -> None:
     """C3 by its own definition, end to end on the anatomical neck phantom (real cervical spine).
 
@@ -618,22 +632,15 @@ def test_c3_on_an_anatomical_neck_is_swartz_only(tmp_path: Path) -> None:
     given as a reader would confirm it; what is measured there is Swartz 2016's area only:
     paravertebral muscles plus both sternocleidomastoids, no VAT, cavity or psoas, left on the
     patient's left in a mirrored copy, and SMI / sarcopenia only with every input of the formula."""
-    from pipelines.body_composition.anatomy_phantom import AnatomySpec, Geometry, make_anatomy, write_series
+    from pipelines.body_composition.anatomy_phantom import AnatomySpec, Geometry, make_anatomy
 
     neck = make_anatomy(AnatomySpec(region="neck", rows=160, slice_mm=3.0))
-    truth = write_series(neck, tmp_path / "ct", Geometry("HFS", mirror_rows=True))
-    k = truth.level_slices["C3"]
-    override = {"level": "C3", "sop_instance_uid": truth.sop_uids[k], "reader": "Reader^Rita", "source": "cli",
-                "time": "2026-12-05T10:00:00Z"}
-    run_folder(tmp_path / "ct", tmp_path / "out", {"level_override": override})
-    s = json.loads((tmp_path / "out" / "summary.json").read_text())
+    s, truth, k = _c3_by_reader(neck, tmp_path, Geometry("HFS", mirror_rows=True))
     assert s["level"] == "C3"
     keys = set(s["areas_cm2"])
-    assert keys == {"skeletal_muscle", "sternocleidomastoid_left", "sternocleidomastoid_right",
-                    "paravertebral_left", "paravertebral_right"}
+    assert keys == {"skeletal_muscle", *C3_NAMED}
     assert not keys & {"vat", "sat", "imat", "psoas_left", "psoas_right"}
-    want = truth.area_cm2("scm_left", k) + truth.area_cm2("scm_right", k) \
-        + truth.area_cm2("paravertebral_left", k) + truth.area_cm2("paravertebral_right", k)
+    want = truth.area_cm2("c3_muscle", k)
     got = s["areas_cm2"]["skeletal_muscle"]["value"]
     if got is not None:  # a gate may refuse; a number, when given, must be near the truth
         assert got == pytest.approx(want, rel=0.15)
@@ -650,20 +657,13 @@ def test_c3_on_an_anatomical_neck_is_swartz_only(tmp_path: Path) -> None:
         assert ok, out
 
 
-
 def test_c3_sternocleidomastoid_parted_by_a_line_is_not_evaluable(tmp_path: Path) -> None:
     """The anatomical neck's sternocleidomastoids run on into the muscles behind them with no fat plane, so the
     region's posterior bound (a line) parts them from the paravertebral muscles: those four areas are "not
     evaluable" with the reason, and their sum, Swartz's C3 area, is filed near the truth.  With a 3 mm fat plane
     painted between each sternocleidomastoid and the muscle it touched (the truth relabelled as fat), the
     sternocleidomastoids are filed, near their truth."""
-    from pipelines.body_composition.anatomy_phantom import (
-        LABELS,
-        AnatomySpec,
-        Geometry,
-        make_anatomy,
-        write_series,
-    )
+    from pipelines.body_composition.anatomy_phantom import LABELS, AnatomySpec, Geometry, make_anatomy
     from pipelines.body_composition.morphology import dilate
 
     neck = make_anatomy(AnatomySpec(region="neck", rows=160, slice_mm=3.0))
@@ -678,15 +678,9 @@ def test_c3_sternocleidomastoid_parted_by_a_line_is_not_evaluable(tmp_path: Path
     lab[plane], hu[plane] = LABELS["deep_neck_fat"], fat
     parted = replace(neck, labels=lab, hu=hu)
     for name, ph in (("joined", neck), ("parted", parted)):
-        truth = write_series(ph, tmp_path / name / "ct", Geometry("HFS"))
-        k = truth.level_slices["C3"]
-        marker = {"level": "C3", "sop_instance_uid": truth.sop_uids[k], "reader": "Reader^Rita", "source": "cli",
-                  "time": "2026-12-06T10:00:00Z"}
-        run_folder(tmp_path / name / "ct", tmp_path / name / "out", {"level_override": marker})
-        a = json.loads((tmp_path / name / "out" / "summary.json").read_text())["areas_cm2"]
-        want = {key: truth.area_cm2(t, k) for key, t in (
-            ("sternocleidomastoid_left", "scm_left"), ("sternocleidomastoid_right", "scm_right"),
-            ("paravertebral_left", "paravertebral_left"), ("paravertebral_right", "paravertebral_right"))}
+        s, truth, k = _c3_by_reader(ph, tmp_path / name, Geometry("HFS"))
+        a = s["areas_cm2"]
+        want = {key: truth.area_cm2(key, k) for key in C3_NAMED}
         assert a["skeletal_muscle"]["value"] == pytest.approx(sum(want.values()), rel=0.15), (name, a)
         for key in ("sternocleidomastoid_left", "sternocleidomastoid_right"):
             if name == "joined":
@@ -695,6 +689,7 @@ def test_c3_sternocleidomastoid_parted_by_a_line_is_not_evaluable(tmp_path: Path
                 assert side_pv["value"] is None and "by a line" in side_pv["not_evaluable"], side_pv
             else:
                 assert a[key]["value"] == pytest.approx(want[key], rel=0.2), (key, a[key], want[key])
+
 
 def _segmented(tmp_path: Path, volumes_3d: bool) -> tuple[Any, Any, Any]:
     """The small schematic phantom through the level finder and the segmentation stage: (volume, level,

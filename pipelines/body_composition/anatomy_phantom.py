@@ -161,6 +161,8 @@ COMPOSITION: Mapping[str, tuple[str, ...]] = {
     "erector_left": ("erector_left", "erector_fat_left"), "erector_right": ("erector_right", "erector_fat_right"),
     "sat": ("sat",), "vat": ("vat",), "imat": ("imat", "erector_fat_left", "erector_fat_right", "psoas_fat_left", "psoas_fat_right"),
     "c3_muscle": ("scm_left", "scm_right", "paravertebral_left", "paravertebral_right"),  # Swartz 2016
+    "sternocleidomastoid_left": ("scm_left",), "sternocleidomastoid_right": ("scm_right",),
+    "paravertebral_left": ("paravertebral_left",), "paravertebral_right": ("paravertebral_right",),
 }
 BONES = ("vertebra", "rib", "sacrum", "ilium", "humerus", "forearm_bone", "mandible", "skull", "clavicle",
          "scapula")
