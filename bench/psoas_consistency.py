@@ -35,7 +35,6 @@ from pipelines.body_composition.anatomy_phantom import (  # noqa: E402
     AnatomySpec,
     make_anatomy,
 )
-from pipelines.body_composition.levels import SliceAnatomy  # noqa: E402
 from pipelines.body_composition.plausibility import apply_gates, load_gates  # noqa: E402
 from pipelines.body_composition.tissues import TissueSlicer  # noqa: E402
 from pipelines.body_composition.types import L3_KEYS, NAMED_MUSCLES, Value  # noqa: E402
@@ -48,10 +47,8 @@ def measure(habitus: str, contrast: bool, contacts: tuple[str, ...], seed: int, 
             slice_mm: float) -> dict[str, Any]:
     ph = make_anatomy(AnatomySpec(habitus=habitus, contrast=contrast, top="L2", bottom="L4", seed=seed, rows=rows,
                                   slice_mm=slice_mm, psoas_contacts=contacts))
-    k = int(np.argmin(np.abs(ph.z - ph.level_z["L3"])))
-    bx, by, _, hw, hd = ph.bodies["L3"]
+    k, anat = ph.at_level("L3")
     px = ph.spec.pixel_mm
-    anat = SliceAnatomy(((by - ph.y[0]) / px, (bx - ph.x[0]) / px), hw, hd)
     slicer = TissueSlicer()
     cm2 = px * px / 100.0
     out: dict[str, Any] = {}

@@ -18,8 +18,8 @@ slice anatomy, as with a reader-confirmed level), and the table prints per psoas
   vertebral body ratio, left/right symmetry) would make "not evaluable" instead of filing it.
 
 ``--quick`` runs the average habitus only; ``--rows`` (256: ~2 mm pixels, 512: ~1 mm as clinical abdominal CT),
-``--slice-mm`` and ``--seeds`` (the intramuscular fat and the noise differ) choose the phantoms.  Nothing here is tuned: the contacts are placed where anatomy puts
-them, and a poor number is the finding.
+``--slice-mm`` and ``--seeds`` (the intramuscular fat and the noise differ) choose the phantoms.  Nothing here is
+tuned: the contacts are placed where anatomy puts them, and a poor number is the finding.
 """
 
 from __future__ import annotations
@@ -45,7 +45,7 @@ from pipelines.body_composition.anatomy_phantom import (  # noqa: E402
 )
 from pipelines.body_composition.plausibility import apply_gates, load_gates  # noqa: E402
 from pipelines.body_composition.tissues import TissueSlicer  # noqa: E402
-from pipelines.body_composition.types import L3_KEYS, SliceAnatomy, Value  # noqa: E402
+from pipelines.body_composition.types import L3_KEYS, Value  # noqa: E402
 
 PHASES = {"C-": (False, "portal"), "C+": (True, "portal"), "art": (True, "arterial")}
 
@@ -57,10 +57,8 @@ def measure(habitus: str, phase: str, contacts: tuple[str, ...], rows: int = 256
     contrast, cphase = PHASES[phase]
     ph = make_anatomy(AnatomySpec(habitus=habitus, contrast=contrast, contrast_phase=cphase, top="L2",
                                   bottom="L4", seed=seed, rows=rows, slice_mm=slice_mm, psoas_contacts=contacts))
-    k = int(np.argmin(np.abs(ph.z - ph.level_z["L3"])))
-    bx, by, _, hw, hd = ph.bodies["L3"]
+    k, anat = ph.at_level("L3")
     px = ph.spec.pixel_mm
-    anat = SliceAnatomy(((by - ph.y[0]) / px, (bx - ph.x[0]) / px), hw, hd)
     seg = TissueSlicer().run(ph.hu[k], (px, px), anat)
     lab = ph.labels[k]
     names = sorted({n for c in contacts for n in CONTACT_LABELS[c]})
@@ -82,7 +80,8 @@ def measure(habitus: str, phase: str, contacts: tuple[str, ...], rows: int = 256
         out[f"taken_{side}"] = float((m & contact).sum()) * px * px
         # mm in front of the vertebral body's anterior surface (rows grow toward the back)
         rr = np.nonzero(m.any(axis=1))[0]
-        out[f"front_{side}"] = (by - hd - (ph.y[0] + float(rr[0]) * px)) if rr.size else float("nan")
+        front = (anat.centre_rc[0] - float(rr[0])) * px - anat.half_height_mm if rr.size else float("nan")
+        out[f"front_{side}"] = front
     return out
 
 

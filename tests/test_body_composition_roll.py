@@ -23,13 +23,6 @@ from pipelines.body_composition.roll import (
 from pipelines.body_composition.types import SliceAnatomy
 
 
-def _l3(ph: Anatomy) -> tuple[int, SliceAnatomy]:
-    bx, by, bz, hw, hd = ph.bodies["L3"]
-    px = ph.spec.pixel_mm
-    k = int(np.argmin(np.abs(ph.z - bz)))
-    return k, SliceAnatomy(((by - ph.y[0]) / px, (bx - ph.x[0]) / px), hw, hd)
-
-
 @pytest.fixture(scope="module")
 def lumbar() -> dict[float, Anatomy]:
     """L2-L4 of the average phantom, unturned and turned 10 degrees each way (256 x 256 at 5 mm)."""
@@ -41,7 +34,7 @@ def test_roll_measured_from_the_vertebra_follows_the_patient_turn(lumbar: dict[f
     p = RollParams()
     measured = {}
     for deg, ph in lumbar.items():
-        k, anat = _l3(ph)
+        k, anat = ph.at_level("L3")
         votes = [measure_roll(ph.hu[kk], (ph.spec.pixel_mm,) * 2, anat, p) for kk in (k - 1, k, k + 1)]
         assert all(v is not None and v[1] >= p.min_score for v in votes), (deg, votes)
         measured[deg] = float(np.median([v[0] for v in votes if v is not None]))
@@ -86,7 +79,7 @@ def test_turn_back_and_forward_are_inverse_about_the_centre() -> None:
 
 def test_spine_roll_smooths_and_applies_only_above_its_threshold(lumbar: dict[float, Anatomy]) -> None:
     for deg, ph in lumbar.items():
-        k, anat = _l3(ph)
+        k, anat = ph.at_level("L3")
 
         def same(_k: int, a: SliceAnatomy = anat) -> SliceAnatomy:
             return a

@@ -276,11 +276,9 @@ def test_anatomical_phantom_psoas_and_erector_at_true_l3(habitus: str, contrast:
     if not DATA.is_dir():
         pytest.skip(f"VerSe masks not found at {DATA}")
     ph = make_anatomy(AnatomySpec(habitus=habitus, contrast=contrast, top="L2", bottom="L4", seed=3))
-    k = int(np.argmin(np.abs(ph.z - ph.level_z["L3"])))
-    bx, by, _, hw, hd = ph.bodies["L3"]
+    k, anat = ph.at_level("L3")
     px = ph.spec.pixel_mm
     # the phantom's grid is canonical: rows toward the back (+y), columns toward the patient's left (+x)
-    anat = SliceAnatomy(((by - ph.y[0]) / px, (bx - ph.x[0]) / px), hw, hd)
     seg = TissueSlicer().run(ph.hu[k], (px, px), anat)
     keys = ("psoas_left", "psoas_right", "erector_left", "erector_right")
     for key, floor in zip(keys, PHANTOM_FLOORS[(habitus, contrast)], strict=True):
@@ -299,11 +297,10 @@ def test_vertebral_body_area_holds_at_any_pixel_size(rows: int) -> None:
     if not DATA.is_dir():
         pytest.skip(f"VerSe masks not found at {DATA}")
     ph = make_anatomy(AnatomySpec(habitus="thin", contrast=False, top="L3", bottom="L3", seed=3, rows=rows))
-    k = int(np.argmin(np.abs(ph.z - ph.level_z["L3"])))
-    bx, by, _, hw, hd = ph.bodies["L3"]
+    k, anat = ph.at_level("L3")
     px = ph.spec.pixel_mm
-    seg = TissueSlicer().run(ph.hu[k], (px, px), SliceAnatomy(((by - ph.y[0]) / px, (bx - ph.x[0]) / px), hw, hd))
-    ellipse = np.pi * hw * hd / 100.0
+    seg = TissueSlicer().run(ph.hu[k], (px, px), anat)
+    ellipse = np.pi * anat.half_width_mm * anat.half_height_mm / 100.0
     assert seg.vertebral_body_cm2 is not None and 0.85 * ellipse <= seg.vertebral_body_cm2 <= 1.3 * ellipse, (
         seg.vertebral_body_cm2, ellipse)
     a, m = _values(**GOOD)
@@ -325,13 +322,12 @@ def test_a_transverse_process_tip_parted_by_partial_volume_is_no_rib() -> None:
     if not DATA.is_dir():
         pytest.skip(f"VerSe masks not found at {DATA}")
     ph = make_anatomy(AnatomySpec(habitus="average", rows=256, slice_mm=5.0, seed=3))
-    k = int(np.argmin(np.abs(ph.z - ph.level_z["L3"])))
-    bx, by, _, hw, hd = ph.bodies["L3"]
+    k, at_l3 = ph.at_level("L3")
     px = ph.spec.pixel_mm
     truth = np.isin(ph.labels[k], [LABELS[n] for n in COMPOSITION["erector_right"]])
     dice = {}
     for ribs in (None, False):
-        anat = SliceAnatomy(((by - ph.y[0]) / px, (bx - ph.x[0]) / px), hw, hd, ribs_possible=ribs)
+        anat = replace(at_l3, ribs_possible=ribs)
         dice[ribs] = _dice(TissueSlicer().run(ph.hu[k], (px, px), anat).masks["erector_right"], truth)
     assert dice[False] >= 0.9, dice
     assert dice[None] < 0.8, dice  # the fragment still bounds the compartment when ribs cannot be ruled out
@@ -358,10 +354,8 @@ def test_psoas_stops_at_the_quadratus_lumborum(contacts: tuple[str, ...]) -> Non
     if not DATA.is_dir():
         pytest.skip(f"VerSe masks not found at {DATA}")
     ph = make_anatomy(AnatomySpec(habitus="average", top="L2", bottom="L4", seed=3, psoas_contacts=contacts))
-    k = int(np.argmin(np.abs(ph.z - ph.level_z["L3"])))
-    bx, by, _, hw, hd = ph.bodies["L3"]
+    k, anat = ph.at_level("L3")
     px = ph.spec.pixel_mm
-    anat = SliceAnatomy(((by - ph.y[0]) / px, (bx - ph.x[0]) / px), hw, hd)
     lab = ph.labels[k]
     max_taken, max_err = QUADRATUS_BOUNDS[contacts]
     taken: dict[str, list[float]] = {}
@@ -436,10 +430,8 @@ def test_psoas_with_every_contact_at_true_l3(contrast: bool) -> None:
         pytest.skip(f"VerSe masks not found at {DATA}")
     ph = make_anatomy(AnatomySpec(habitus="average", contrast=contrast, top="L2", bottom="L4", seed=3,
                                   psoas_contacts=PSOAS_CONTACTS))
-    k = int(np.argmin(np.abs(ph.z - ph.level_z["L3"])))
-    bx, by, _, hw, hd = ph.bodies["L3"]
+    k, anat = ph.at_level("L3")
     px = ph.spec.pixel_mm
-    anat = SliceAnatomy(((by - ph.y[0]) / px, (bx - ph.x[0]) / px), hw, hd)
     seg = TissueSlicer().run(ph.hu[k], (px, px), anat)
     lab = ph.labels[k]
     for key, floor in zip(("psoas_left", "psoas_right"), CONTACT_FLOORS[contrast], strict=True):
@@ -488,10 +480,8 @@ def test_anatomical_phantom_at_low_dose_noise() -> None:
     if not DATA.is_dir():
         pytest.skip(f"VerSe masks not found at {DATA}")
     ph = make_anatomy(AnatomySpec(habitus="average", top="L2", bottom="L4", seed=3, noise_sd=30.0))
-    k = int(np.argmin(np.abs(ph.z - ph.level_z["L3"])))
-    bx, by, _, hw, hd = ph.bodies["L3"]
+    k, anat = ph.at_level("L3")
     px = ph.spec.pixel_mm
-    anat = SliceAnatomy(((by - ph.y[0]) / px, (bx - ph.x[0]) / px), hw, hd)
     seg = TissueSlicer().run(ph.hu[k], (px, px), anat)
     assert any("image noise" in n for n in seg.notes)
     # measured 0.922 0.867 0.897 0.906
@@ -895,10 +885,9 @@ def test_intramuscular_fat_behind_the_psoas_centre_stays_psoas() -> None:
         pytest.skip(f"VerSe masks not found at {DATA}")
     ph = make_anatomy(AnatomySpec(habitus="thin", contrast=False, top="L2", bottom="L4", seed=3, rows=512,
                                   slice_mm=5.0))
-    k = int(np.argmin(np.abs(ph.z - ph.level_z["L3"]))) + 1
-    bx, by, _, hw, hd = ph.bodies["L3"]
+    k, anat = ph.at_level("L3")
+    k += 1  # the slice above the middle
     px = ph.spec.pixel_mm
-    anat = SliceAnatomy(((by - ph.y[0]) / px, (bx - ph.x[0]) / px), hw, hd)
     truth = np.isin(ph.labels[k], [LABELS[n] for n in COMPOSITION["psoas_right"]])
     quadratus = ph.labels[k] == LABELS["quadratus_right"]
     for gutter, low, high in ((False, 0.0, 0.8), (True, 0.93, 1.0)):
@@ -916,10 +905,8 @@ def _psoas_at_l3(habitus: str, rows: int, side: str, params: list[TissueParams])
     if not DATA.is_dir():
         pytest.skip(f"VerSe masks not found at {DATA}")
     ph = make_anatomy(AnatomySpec(habitus=habitus, contrast=False, top="L2", bottom="L4", seed=3, rows=rows))
-    k = int(np.argmin(np.abs(ph.z - ph.level_z["L3"])))
-    bx, by, _, hw, hd = ph.bodies["L3"]
+    k, anat = ph.at_level("L3")
     px = ph.spec.pixel_mm
-    anat = SliceAnatomy(((by - ph.y[0]) / px, (bx - ph.x[0]) / px), hw, hd)
     truth = np.isin(ph.labels[k], [LABELS[n] for n in COMPOSITION[f"psoas_{side}"]])
     return [float(TissueSlicer(q).named(ph.hu[k], (px, px), anat)[f"psoas_{side}"].sum()) / float(truth.sum()) - 1.0
             for q in params]

@@ -121,6 +121,7 @@ from pipelines.body_composition.anatomy_spine import (
     order_key,
 )
 from pipelines.body_composition.phantom import set_ct_pixels, to_stored
+from pipelines.body_composition.types import SliceAnatomy
 
 log = logging.getLogger(__name__)
 _T = TypeVar("_T", bound=np.generic)
@@ -278,6 +279,14 @@ class Anatomy:
     anchors: Mapping[str, object]
     bodies: Mapping[str, tuple[float, float, float, float, float]] = field(default_factory=dict)
     # vertebra name -> (x, y, z) of its body centre (LPS mm), half width and half depth (mm)
+
+    def at_level(self, name: str) -> tuple[int, SliceAnatomy]:
+        """The slice nearest the middle of vertebra ``name``'s body, and the truth's vertebral body there as the
+        slice anatomy (as a reader-confirmed level gives it; rows toward the back, columns toward the left)."""
+        bx, by, bz, hw, hd = self.bodies[name]
+        px = self.spec.pixel_mm
+        k = int(np.argmin(np.abs(self.z - bz)))
+        return k, SliceAnatomy(((by - self.y[0]) / px, (bx - self.x[0]) / px), hw, hd)
 
     def labels_at(self, points: NDArray[np.float64]) -> NDArray[np.uint8]:
         """Truth labels at LPS points (..., 3), nearest voxel; 0 outside the phantom's grid."""
