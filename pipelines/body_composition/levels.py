@@ -7,7 +7,8 @@ docs/level-finding.md):
 1. Work grid: in-plane block means to about 2 mm pixels (slices are kept).
 2. Spinal canal: per slice, the holes of the closed bone mask (HU > ``bone_hu``) that are the
    size of a canal, hold CSF/fat/cord HU and have bone directly in front (the vertebral body); of
-   two such holes one behind the other, a front one denser by ``body_hole_hu`` is a dim body's inside.
+   two such holes one behind the other (within ``body_hole_window_mm`` along the column), a front one denser by
+   ``body_hole_hu`` is a dim body's inside.
    A longest-path search along ``k`` keeps the chain that moves little from slice to slice
    (lordosis, kyphosis, scoliosis allowed); the centre line is interpolated between the slices
    where the canal is enclosed (disc levels are not).
@@ -67,6 +68,7 @@ class LevelParams:
     canal_area_mm2: tuple[float, float] = (40.0, 800.0)
     canal_hu: tuple[float, float] = (-150.0, 100.0)
     body_hole_hu: float = 25.0  # a hole this much denser than a hole behind it is a (dim) body's inside, not the canal
+    body_hole_window_mm: float = 15.0  # ... the hole behind it on a slice at most this far along the column (0: same slice)
     canal_max_offcentre_mm: float = 80.0  # from the body's midline column
     front_bone_hu: float = 140.0
     front_bone_fraction: float = 0.3
@@ -74,6 +76,7 @@ class LevelParams:
     motion_slope: float = 0.8  # ... plus this many mm per mm along z
     chain_gap_mm: float = 60.0
     body_max_depth_mm: float = 60.0
+    skull_back_mm: float = 70.0  # skull base: the occipital squama behind the canal's top spans this much across
     body_max_half_width_mm: float = 30.0
     roi_fraction: float = 0.5  # profile ellipse: this fraction of the body's half width / depth
     disc_min_mm: float = 10.0  # vertebra pitch (body + disc) limits
@@ -355,12 +358,15 @@ class _Ctx:
             cands.append((k, r, c, front, float(area[i])))
             hole_hu.append(float(mean[i]))
         # an osteoporotic body's cancellous bone (50-120 HU) inside its cortex is a hole too: of two holes one behind
-        # the other in a slice, the front one is the body (not the canal) where it is denser than the one behind
-        by_slice: dict[int, list[int]] = {}
-        for j, c_ in enumerate(cands):
-            by_slice.setdefault(c_[0], []).append(j)
-        drop = {j for js in by_slice.values() for j in js for i in js
-                if 10.0 <= (cands[i][1] - cands[j][1]) * gy <= 60.0 and abs(cands[i][2] - cands[j][2]) * gx <= 15.0
+        # the other, the front one is the body (not the canal) where it is denser than the one behind.  The two need
+        # not share a slice: the canal is enclosed only where pedicles and laminae ring it, often not on the slices
+        # where the body's cortex rings its inside (the osteoporotic phantom at 5 mm: the canal a hole on 10 of 57
+        # slices, body insides on 25, and the chain ran through the bodies), so a hole counts as behind within
+        # ``body_hole_window_mm`` along the column (the canal moves a few mm over that; the band is 10-60 mm)
+        win_k = int(np.floor(p.body_hole_window_mm / self.dz))
+        drop = {j for j in range(len(cands)) for i in range(len(cands))
+                if abs(cands[i][0] - cands[j][0]) <= win_k
+                and 10.0 <= (cands[i][1] - cands[j][1]) * gy <= 60.0 and abs(cands[i][2] - cands[j][2]) * gx <= 15.0
                 and hole_hu[j] - hole_hu[i] >= p.body_hole_hu}
         cands = [c_ for j, c_ in enumerate(cands) if j not in drop]
         if not cands:
@@ -492,7 +498,13 @@ class _Ctx:
         return rgt - lft + 1
 
     def find_skull(self) -> None:
-        """Skull base: above the top of the spinal canal, a broad ring of bone (occiput, mastoids) around it."""
+        """Skull base: above the top of the spinal canal, a broad ring of bone (occiput, mastoids) around it, with
+        the occipital squama one plate behind it across the midline (``skull_back_mm`` wide at least).
+
+        The squama tells it from the lowest ribs: on an abdominal series whose canal is last enclosed a few slices
+        below the top (an osteoporotic L1), the ribs and the vertebra there make as broad a ring (1700 mm2, bone
+        45 mm out on both sides), but the bone behind the canal is the laminae and spinous process, 30-45 mm across
+        (the synthetic skulls: 90-150 mm)."""
         g, n, gy, gx, dz = self.g, self.n, self.gy, self.gx, self.dz
         self.skull_from: int | None = None
         top = int(self.canal_ks.max())
@@ -504,12 +516,17 @@ class _Ctx:
         xx = (np.arange(g.shape[2]) - c0)[None, :] * gx
         disk = yy**2 + xx**2 <= 75.0**2
         hits = []
+        c_mid = int(np.clip(round(c0), 0, g.shape[2] - 1))
         for k in range(top + 1, n):
             b = self.bone[k] & disk
             area = float(b.sum()) * gy * gx
             cols = b.any(axis=0)
             if area >= 1500.0 and cols[xx[0] < -45.0].any() and cols[xx[0] > 45.0].any():
-                hits.append(k)
+                # the plate behind: columns with bone 10 mm or more behind the canal, in one run across the midline
+                back, _ = ndi.label((b & (yy > 10.0)).any(axis=0))
+                run = float((back == back[c_mid]).sum()) * gx if back[c_mid] else 0.0
+                if run >= self.p.skull_back_mm:
+                    hits.append(k)
         if len(hits) * dz >= 10.0:
             self.skull_from = min(hits)
 
