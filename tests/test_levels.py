@@ -327,3 +327,22 @@ def test_osteoporotic_body_inside_is_not_taken_for_the_canal(tmp_path: Path) -> 
         r_canal = res.canal_line[k][0]
         # the canal's centre lies behind the body's back surface (its centre plus half its depth)
         assert r_canal > body.centre_rc[0] + body.half_height_mm / px, (name, r_canal, body)
+
+
+def test_a_level_twice_as_tall_as_the_vertebra_below_is_not_named() -> None:
+    """A missed disc next to a second missed disc: the median of the four neighbours holds a merged pair too, so the
+    level passed against it (the aged-dim phantom at 5 mm with a narrower body depth: L3 and L2 merged, 53 mm disc to
+    disc against L4's 27 mm, 51 mm above; median 40 mm) and L3 was named 2.4 slices off with two agreeing anchors
+    counting from the sacrum.  Each adjacent vertebra alone is checked too; a spine of even heights still passes."""
+    from pipelines.body_composition.levels import _odd_height
+    from pipelines.body_composition.types import Vertebra
+
+    def spine(pitches: dict[str, float]) -> list[Vertebra]:
+        return [Vertebra(name=n, first=0, last=1, width_mm=40.0, rib_bearing=False, centre_rc=(0.0, 0.0),
+                         half_width_mm=20.0, half_height_mm=15.0, middle=0.5, pitch=q) for n, q in pitches.items()]
+
+    merged = spine({"L5": 5.7, "L4": 5.4, "L3": 10.6, "L2": 10.2, "T12": 10.4})  # slices of 5 mm
+    why = _odd_height(merged, merged[2], 5.0)
+    assert "53 mm disc to disc against 27 mm for L4 below it" in why and "not named" in why
+    even = spine({"L5": 6.4, "L4": 6.8, "L3": 6.6, "L2": 6.0, "L1": 5.6})
+    assert _odd_height(even, even[2], 5.0) == ""

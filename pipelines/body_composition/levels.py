@@ -1150,11 +1150,23 @@ def _odd_height(verts: list[Vertebra], v: Vertebra, dz: float) -> str:
     if own is None or not near:
         return ""
     ref = float(np.median(near))
-    slack = 2.0 / ref  # two slices (pitch is in slices)
-    lo, hi = max(0.6, 0.75 - slack), min(1.5, 1.25 + slack)
-    if own > hi * ref or own < lo * ref:
+
+    def off(q: float) -> bool:
+        slack = 2.0 / q  # two slices (pitch is in slices)
+        lo, hi = max(0.6, 0.75 - slack), min(1.5, 1.25 + slack)
+        return own > hi * q or own < lo * q
+
+    if off(ref):
         return (f"{v.name} is {own * dz:.0f} mm disc to disc against {ref * dz:.0f} mm for its neighbours "
                 "(a disc missed or found twice): level not named")
+    # ... and against each adjacent vertebra alone: a missed disc next to another one (the median of the four
+    # neighbours then holds a merged pair too) still leaves the level twice the height of the vertebra on its
+    # other side (the aged phantom at 5 mm: L3 + L2 merged, 53 mm against L4's 27 mm and 51 mm above, median 40)
+    for j in (i - 1, i + 1):
+        q = pitch[j] if 0 <= j < len(verts) else None
+        if q is not None and off(q):
+            return (f"{v.name} is {own * dz:.0f} mm disc to disc against {q * dz:.0f} mm for {verts[j].name or 'the vertebra'} "
+                    f"{'below' if j < i else 'above'} it (a disc missed or found twice): level not named")
     return ""
 
 
