@@ -118,8 +118,12 @@ def level_from_override(volume: Volume, override: LevelOverride, automatic: Leve
         notes.append(f"the automatic finder {named}: its vertebra names are not used (no 3D lumbar volumes)")
         vertebrae = tuple(replace(v, name="") for v in automatic.vertebrae)
     log.info("series %s: %s", volume.series_uid, notes[0])
+    # the traced body and canal lines are the anatomy the tissue rules place their compartments by, slice by slice
+    # (without them each slice took its vertebra's one centre and size and no canal)
     return LevelResult(level=override.level, slice_index=k, vertebrae=vertebrae,
-                       spine_centre_rc=automatic.spine_centre_rc, notes=tuple(notes), method=METHOD)
+                       spine_centre_rc=automatic.spine_centre_rc, notes=tuple(notes), method=METHOD,
+                       body_line=automatic.body_line, body_size_mm=automatic.body_size_mm,
+                       canal_line=automatic.canal_line)
 
 
 def _instance_number(volume: Volume, k: int) -> int | None:
