@@ -22,8 +22,6 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-import pydicom  # noqa: E402
-
 from bench.body_composition_phantom import dice, seg_masks  # noqa: E402
 from pipelines.body_composition.anatomy_phantom import AnatomySpec, Geometry, make_anatomy, write_series  # noqa: E402
 from pipelines.body_composition.pipeline import run_folder  # noqa: E402
@@ -47,9 +45,8 @@ def main(argv: list[str] | None = None) -> None:
                 d = Path(tmp) / f"{habitus}-{bone}"
                 truth = write_series(make_anatomy(spec), d / "ct", Geometry("HFS"))
                 k = truth.level_slices["L3"]
-                sop = str(pydicom.dcmread(truth.files[k], stop_before_pixels=True).SOPInstanceUID)
-                run_folder(d / "ct", d / "out", {"volumes_3d": False,
-                                                 "level_override": {"level": "L3", "sop_instance_uid": sop}})
+                run_folder(d / "ct", d / "out", {"volumes_3d": False, "level_override": {
+                    "level": "L3", "sop_instance_uid": truth.sop_uids[k]}})
                 s = json.loads((d / "out" / "summary.json").read_text())
                 segs = seg_masks(d / "out" / str(s["seg"]), truth)
                 cells = []

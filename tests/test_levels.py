@@ -363,17 +363,14 @@ def test_reader_confirmed_l3_on_an_osteoporotic_spine_at_5mm(habitus: str, tmp_p
     Every filed psoas and erector area within 15 % of the truth on the reader's slice; both erectors filed."""
     import json
 
-    import pydicom
-
     from pipelines.body_composition.anatomy_phantom import AnatomySpec, Geometry, make_anatomy, write_series
     from pipelines.body_composition.pipeline import run_folder
 
     spec = AnatomySpec(habitus=habitus, slice_mm=5.0, trabecular_hu=80.0)
     truth = write_series(make_anatomy(spec), tmp_path / "ct", Geometry("HFS"))
     k = truth.level_slices["L3"]
-    sop = str(pydicom.dcmread(truth.files[k], stop_before_pixels=True).SOPInstanceUID)
     run_folder(tmp_path / "ct", tmp_path / "out",
-               {"volumes_3d": False, "level_override": {"level": "L3", "sop_instance_uid": sop}})
+               {"volumes_3d": False, "level_override": {"level": "L3", "sop_instance_uid": truth.sop_uids[k]}})
     s = json.loads((tmp_path / "out" / "summary.json").read_text())
     assert s["level"] == "L3" and s["level_method"] == "reader"
     px2 = spec.pixel_mm**2 / 100.0
