@@ -61,7 +61,7 @@ def main() -> None:
                         z = float(vol.index_to_world(res.slice_index, 0.0, 0.0)[2])
                         err = f"{(z - ph.level_z['L3']) / sp:+.1f}"
                     keys = ("not named", "cannot count", "touches the edge", "not in the field of view", "not found")
-                    why = (", ".join(a.name for a in res.anchors) if res.level else
+                    why = (", ".join(a.name if a.agrees else f"({a.name}: set aside)" for a in res.anchors) if res.level else
                            next((x for x in res.notes if any(q in x for q in keys)), res.notes[0] if res.notes else ""))
                     print(f"{case:13} {sp:3.0f} {gname:11} {res.level or '-':5} {err:>5} {res.confidence:8} {dt:5.2f}  "
                           f"{why}", flush=True)

@@ -51,7 +51,7 @@ def main(argv: list[str] | None = None) -> None:
                     dt = time.perf_counter() - t0
                     err = "-" if res.slice_index is None else f"{res.slice_index - c.truth_mid[target]:+.1f}"
                     keys = ("not named", "cannot count", "touches the edge", "not in the field of view", "not found")
-                    why = (", ".join(x.name for x in res.anchors) if res.level else
+                    why = (", ".join(x.name if x.agrees else f"({x.name}: set aside)" for x in res.anchors) if res.level else
                            next((x for x in res.notes if any(q in x for q in keys)), res.notes[0] if res.notes else ""))
                     print(f"{case:10} {sp:3.0f} {name:17} " + (f"{sd:5.0f} " if noisy else "")
                           + f"{res.level or '-':5} {err:>5} {res.confidence:8} {dt:5.2f}  {why}")

@@ -351,7 +351,11 @@ class _Ctx:
             a0 = max(0, int(front) - front_d)
             c0, c1 = max(0, int(round(c)) - half_w), int(round(c)) + half_w + 1
             box = g[k, a0 : int(front), c0:c1]
-            if box.size == 0 or float((box > p.front_bone_hu).mean()) < p.front_bone_fraction:
+            # bone in front: dense bone, or an enclosed hole denser than this one by body_hole_hu (a dim,
+            # osteoporotic body's cancellous inside within its cortex, 50-120 HU against the canal's 0-35)
+            blab = lab[k, a0 : int(front), c0:c1]
+            dim_in_front = is_hole[blab] & (mean[blab] - mean[i] >= p.body_hole_hu)
+            if box.size == 0 or float(((box > p.front_bone_hu) | dim_in_front).mean()) < p.front_bone_fraction:
                 continue
             cands.append((k, r, c, front, float(area[i])))
             hole_hu.append(float(mean[i]))
@@ -1216,11 +1220,21 @@ def _name(segs: list[_Seg], anchors: list[tuple[Anchor, int, set[str]]], ctx: _C
     """Combine the anchors' votes into one naming, or none with the reason."""
     notes = list(ctx.notes)
     votes: list[tuple[Anchor, set[int]]] = []
+    unsure: list[tuple[Anchor, set[int]]] = []
     for a, si, allowed in anchors:
-        votes.append((a, {IDX[nm] - si for nm in allowed}))
+        v = {IDX[nm] - si for nm in allowed}
+        why = _miscounted(a, si, v, segs, ctx.dz, levels)
+        if why:
+            notes.append(why)
+            unsure.append((a, v))
+        else:
+            votes.append((a, v))
     offset: int | None = None
     conf = "low"
-    if not votes:
+    if not votes and unsure:
+        notes.append("no anchor counts to the level without passing a vertebra of implausible height: "
+                     "vertebrae not named")
+    elif not votes:
         notes.append("no anchor (sacrum, iliac crest, lowest or highest rib-bearing vertebra, dens of C2, skull base) "
                      "in the field of view: cannot count vertebrae")
     else:
@@ -1229,7 +1243,7 @@ def _name(segs: list[_Seg], anchors: list[tuple[Anchor, int, set[str]]], ctx: _C
         kinds = {a.name for a, _ in votes}
         if len(common) == 1 and exact and (len(kinds) >= 2 or kinds & STANDALONE):
             offset = common.pop()
-            conf = "high" if len(kinds) >= 2 else "moderate"
+            conf = "high" if len(kinds) >= 2 and not unsure else "moderate"
         elif len(common) == 1 and exact:
             notes.append(f"only one anchor ({', '.join(sorted(kinds))}), not validated to name vertebrae on its own: "
                          "vertebrae not named")
@@ -1240,7 +1254,7 @@ def _name(segs: list[_Seg], anchors: list[tuple[Anchor, int, set[str]]], ctx: _C
             notes.append("anchors disagree (transitional vertebra or 11/13 rib pairs suspected): level not named")
     verts: list[Vertebra] = []
     final: list[Anchor] = []
-    for a, v in votes:
+    for a, v in votes + unsure:
         implies: dict[str, int | None] = {}
         for lv in levels:
             if lv not in IDX:
@@ -1251,7 +1265,7 @@ def _name(segs: list[_Seg], anchors: list[tuple[Anchor, int, set[str]]], ctx: _C
                 si = IDX[lv] - o
                 if 0 <= si < len(segs) and not segs[si].edge_lo and not segs[si].edge_hi:
                     implies[lv] = int(round(0.5 * (segs[si].first + segs[si].last)))
-        agrees = offset is not None and offset in v
+        agrees = offset is not None and offset in v and all(a is not u for u, _ in unsure)
         final.append(replace(a, implies=implies, agrees=agrees))
         desc = ", ".join(f"{lv} at slice {k}" if k is not None else f"{lv} not in view" for lv, k in implies.items())
         notes.append(f"{a.name} at slices {a.slices[0]}-{a.slices[1]} names the vertebra at slices "
@@ -1274,6 +1288,48 @@ def _name(segs: list[_Seg], anchors: list[tuple[Anchor, int, set[str]]], ctx: _C
                               half_height_mm=float(np.median(ctx.body_hh[ks])), touches_edge=edge, middle=mid,
                               pitch=None if edge else s.hi - s.lo, rib_sides=sides))
     return verts, offset, final, conf, notes
+
+
+# anchors counted from a lumbar or thoracic vertebra of ordinary height (C2, the dens's, is taller than C3 by nature)
+COUNTED_FROM = frozenset({"sacrum", "iliac crest", "lowest rib-bearing vertebra", "highest rib-bearing vertebra"})
+
+
+def _miscounted(a: Anchor, si: int, v: set[int], segs: Sequence[_Seg], dz: float, levels: Sequence[str]) -> str:
+    """Why an exact anchor's count to the level is not trusted ("" when it is).
+
+    Counting from the anchor's vertebra to the level passes every segment between the two (the anchor's own
+    included; the level's own is :func:`_odd_height`'s).  A missed disc leaves one of them about twice the median
+    height of its neighbours (three on each side), a disc found twice leaves two adjacent ones that together make one; either puts
+    the count one off.  The bounds are wider than :func:`_odd_height`'s: a short vertebra at the thoracolumbar
+    junction, whose tilted discs are placed a slice off at 5 mm, measured 0.55 of its neighbours and counted right.
+    (The osteoporotic phantom at 3 mm: T12 and L1 merged, 50 mm against 30 mm; the lowest rib-bearing vertebra named
+    the pair T12 and put L3 one vertebra low, against the sacrum's count, which does not pass it.)
+    """
+    if len(v) != 1 or a.name not in COUNTED_FROM:
+        return ""
+    o = next(iter(v))
+    pitch = [None if s.edge_lo or s.edge_hi else s.hi - s.lo for s in segs]
+    for lv in levels:
+        t = IDX[lv] - o if lv in IDX else -1
+        if not 0 <= t < len(pitch) or t == si:
+            continue
+        for j in range(si, t, 1 if t > si else -1):
+            own = pitch[j]
+            # three on each side: a disc found twice next to it leaves two halves among them
+            near = [q for i in range(j - 3, j + 4) if i != j and 0 <= i < len(pitch) and (q := pitch[i]) is not None]
+            if own is None or len(near) < 2:
+                continue
+            ref = float(np.median(near))
+            where = f"{a.name} at slices {a.slices[0]}-{a.slices[1]} not used: its count to {lv} passes the vertebra " \
+                    f"at slices {segs[j].first}-{segs[j].last}"
+            if own > 1.5 * ref:
+                return f"{where}, {own * dz:.0f} mm disc to disc against {ref * dz:.0f} mm for its neighbours (a disc missed)"
+            for i in (j - 1, j + 1):
+                q = pitch[i] if 0 <= i < len(pitch) else None
+                if own < 0.75 * ref and q is not None and q < 0.75 * ref and 0.75 * ref <= own + q <= 1.25 * ref:
+                    return (f"{where} and the one {'below' if i < j else 'above'} it, {own * dz:.0f} and {q * dz:.0f} mm "
+                            f"disc to disc against {ref * dz:.0f} mm for their neighbours (a disc found twice)")
+    return ""
 
 
 RIBLESS = frozenset({"L2", "L3", "L4", "L5", "S1"})  # L1 may bear a 13th rib pair
