@@ -218,16 +218,17 @@ class SpineLevelFinder:
         ctx.lateral_features()
         votes = ctx.anchors(segs, discs)
         verts, offset, anchors, conf, notes2 = _name(segs, votes, ctx, levels)
-        notes.extend(notes2)
-        if offset is not None and ctx.dim and dz < p.dim_min_slice_mm:
+        if ctx.dim and dz < p.dim_min_slice_mm:
             # a thin slice of a dim (osteoporotic) body is noisy against the endplates' few HU: the endplate
             # evidence fires inside the bodies and a disc may be placed a body's third off (the aged phantom at
-            # 1 mm, another noise seed: L3 named 3 slices off with two agreeing anchors)
+            # 1 mm, another noise seed: L3 named 3 slices off with two agreeing anchors).  Said first, whether or
+            # not the anchors agreed: it is the reason, and it says what to send instead
             notes.append(f"vertebral bodies dim (osteoporotic) on {dz:.1f} mm slices: their endplates lie in the "
                          f"noise, so the discs and the count are not trusted; level not named (a reader can confirm "
                          f"it, or a reconstruction of {p.dim_min_slice_mm:g} mm or more can be sent)")
             offset, conf = None, "low"
             verts = [replace(v, name="") for v in verts]
+        notes.extend(notes2)
         body_line = tuple(ctx.full_rc(r, c) for r, c in zip(ctx.body_r, ctx.body_c, strict=True))
         canal_line = tuple(ctx.full_rc(r, c) for r, c in zip(ctx.canal_r, ctx.canal_c, strict=True))
         sizes = tuple((float(a), float(b)) for a, b in zip(ctx.body_own_hw, ctx.body_hh, strict=True))
