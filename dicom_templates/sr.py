@@ -162,7 +162,8 @@ def tracking_uid(issuer_of_patient_id: str, patient_id: str, key: TrackingKey) -
 class LevelProvenance:
     """How the vertebral level of a report was found; written in the report's Qualitative Evaluations.
 
-    ``anchors`` are one line per landmark the level finder used ("sacrum: L3 at slice 41"),
+    ``anchors`` are one line per landmark the level finder used ("sacrum (images 48-57) names the vertebra on
+    images 42-46 L5; alone it puts L3 on image 31; counted"),
     ``confidence`` the finder's confidence in words or numbers.  A reader-confirmed level names
     the ``reader`` (DICOM PN, "Family^Given"), who becomes the report's person observer
     (TID 1002, role Reader), and when (``confirmed_at``, ISO 8601).

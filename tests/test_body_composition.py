@@ -248,6 +248,39 @@ def test_qc_level_not_in_field_of_view(tmp_path: Path) -> None:
     assert not [e for e in sr.iterall() if e.keyword in ("NumericValue", "FloatingPointValue")]
 
 
+def test_anchor_votes_name_the_images_a_viewer_shows(tmp_path: Path) -> None:
+    """The SR's anchor votes are sentences a reader can check in the viewer: images by Instance Number, in the
+    series as stored (feet first here, so the finder's patient-axis slices run the other way), and the summary's
+    votes in the stored slice order as its level slice is.  (They were Python reprs of the vote with the finder's
+    own 0-based slice indices on patient axes.)"""
+    from pipelines.body_composition.anatomy_phantom import AnatomySpec, Geometry, make_anatomy, write_series
+    from pipelines.common.volume import SeriesToVolume
+
+    spec = AnatomySpec(slice_mm=5.0, rows=160, fov_mm=360.0, habitus="thin", arms=False)
+    truth = write_series(make_anatomy(spec), tmp_path / "ct", Geometry("FFS"))
+    out = run_folder(tmp_path / "ct", tmp_path / "out", {"volumes_3d": False})
+    s = json.loads((tmp_path / "out" / "summary.json").read_text())
+    assert out.evaluable and s["level"] == "L3"
+    k = s["slice_index"]  # into the series as stored, in its own slice order
+    counted = [a for a in s["level_anchors"] if a["agrees"] and a["implies"].get("L3") is not None]
+    assert counted and all(a["implies"]["L3"] == k for a in counted), s["level_anchors"]
+    number = SeriesToVolume().run(truth.files).instance_number(k)
+    l3 = int(pydicom.dcmread(truth.files[truth.level_slices["L3"]], stop_before_pixels=True).InstanceNumber)
+    assert number is not None and abs(number - l3) <= 1  # the phantom's L3, by the number a viewer shows
+    sr = pydicom.dcmread(tmp_path / "out" / str(s["sr"]))
+
+
+    def items(seq: Any) -> Any:
+        for it in seq:
+            yield it
+            yield from items(it.get("ContentSequence", []))
+
+    votes = [str(it.TextValue) for it in items(sr.ContentSequence) if it.ValueType == "TEXT"
+             and it.ConceptNameCodeSequence[0].CodeMeaning == "Level anchor vote"]
+    assert len(votes) == len(s["level_anchors"]) and all("Anchor(" not in v for v in votes), votes
+    assert any(v.startswith("sacrum (image") and f"alone it puts L3 on image {number};" in v for v in votes), votes
+
+
 def test_truncated_body_sat_not_evaluable(tmp_path: Path) -> None:
     r = _run(tmp_path, PhantomSpec(truncate=True))
     s = r.summary

@@ -56,7 +56,7 @@ from pipelines.body_composition.stages import (
     SegmentInput,
     TissueSegmenter,
 )
-from pipelines.body_composition.types import Measurements, Segmentation
+from pipelines.body_composition.types import LevelResult, Measurements, Segmentation
 from pipelines.common.options import parse_options
 from pipelines.common.volume import Reorient, SeriesToVolume, Volume
 
@@ -235,6 +235,7 @@ class BodyCompositionPipeline:
         t0 = t.add("level-finder", t0)
         if level.level is None or level.slice_index is None:
             reason = "; ".join(level.notes) or "level not found"
+            level = level_to_source(level, reorient)  # the votes' slices as the series is stored
             out = outputs.write_not_evaluable(ctx, source, reason, self, "level-finder", backend=backend, level=level)
             # what each anchor said (and the confidence) goes with the refusal too
             out = replace(out, summary={**out.summary, "level_anchors": [a.as_json() for a in level.anchors],
@@ -276,9 +277,7 @@ def segmentation_to_source(seg: Segmentation, meas: Measurements,
         x, y = reorient.index_to_source(a), reorient.index_to_source(b)
         return (min(x, y), max(x, y))
 
-    verts = tuple(replace(v, first=span(v.first, v.last)[0], last=span(v.first, v.last)[1])
-                  for v in seg.level.vertebrae)
-    level = replace(seg.level, slice_index=k_src(seg.level.slice_index), vertebrae=verts)
+    level = level_to_source(seg.level, reorient)
     slice_seg = replace(seg.slice_seg, masks={k: reorient.slice_to_source(m) for k, m in seg.slice_seg.masks.items()},
                         body=reorient.slice_to_source(seg.slice_seg.body))
     volume_masks = {k: reorient.to_source(m) for k, m in seg.volume_masks.items()}
@@ -286,6 +285,22 @@ def segmentation_to_source(seg: Segmentation, meas: Measurements,
     seg = replace(seg, level=level, slice_seg=slice_seg, volume_masks=volume_masks, volume_range=rng)
     meas = replace(meas, slice_index=reorient.index_to_source(meas.slice_index))
     return seg, meas
+
+
+def level_to_source(level: LevelResult, reorient: Reorient) -> LevelResult:
+    """A level found on patient axes with its slice, vertebrae and anchor votes in the stored series' slice order
+    (the per-slice body and canal lines stay on patient axes: they serve the stages, not the outputs)."""
+    if reorient.identity:
+        return level
+
+    def span(a: int, b: int) -> tuple[int, int]:
+        x, y = reorient.index_to_source(a), reorient.index_to_source(b)
+        return (min(x, y), max(x, y))
+
+    verts = tuple(replace(v, first=span(v.first, v.last)[0], last=span(v.first, v.last)[1]) for v in level.vertebrae)
+    k = None if level.slice_index is None else reorient.index_to_source(level.slice_index)
+    anchors = tuple(a.to_source(reorient.index_to_source) for a in level.anchors)
+    return replace(level, slice_index=k, vertebrae=verts, anchors=anchors)
 
 
 def create(options: Mapping[str, Any]) -> BodyCompositionPipeline:

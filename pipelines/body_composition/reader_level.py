@@ -102,7 +102,7 @@ def level_from_override(volume: Volume, override: LevelOverride, automatic: Leve
     Raises :class:`NotEvaluable` when no vertebral body was found at all (nothing to centre on).
     """
     k = slice_of(volume, override.sop_instance_uid)
-    notes = [override.describe(_instance_number(volume, k))]
+    notes = [override.describe(volume.instance_number(k))]
     if not automatic.vertebrae:
         raise NotEvaluable(f"reader-confirmed level {override.level} on slice {k + 1}: no vertebral body found "
                            f"in the series to centre the muscle compartments on ({'; '.join(automatic.notes)})",
@@ -124,14 +124,6 @@ def level_from_override(volume: Volume, override: LevelOverride, automatic: Leve
                        spine_centre_rc=automatic.spine_centre_rc, notes=tuple(notes), method=METHOD,
                        body_line=automatic.body_line, body_size_mm=automatic.body_size_mm,
                        canal_line=automatic.canal_line)
-
-
-def _instance_number(volume: Volume, k: int) -> int | None:
-    value = volume.slices[k].dataset.get("InstanceNumber")
-    try:
-        return int(value) if value not in (None, "") else None
-    except (TypeError, ValueError):
-        return None
 
 
 def level_source(override: LevelOverride | None) -> dict[str, Any]:

@@ -2,8 +2,8 @@
 
 from __future__ import annotations
 
-from collections.abc import Mapping
-from dataclasses import dataclass, field
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 import numpy as np
@@ -66,6 +66,32 @@ class Anchor:
     def as_json(self) -> dict[str, Any]:
         return {"anchor": self.name, "slices": list(self.slices), "vertebra_slices": list(self.vertebra_slices),
                 "names": list(self.names), "implies": dict(self.implies), "agrees": self.agrees}
+
+    def describe(self, instance: Callable[[int], int | None]) -> str:
+        """One sentence for a reader (the SR's anchor vote), naming images as a viewer does: ``instance`` gives the
+        Instance Number of the image at a slice index of the series as stored (None: "slice" and the 1-based
+        index instead)."""
+
+        def where(a: int, b: int) -> str:
+            na, nb = instance(a), instance(b)
+            x, y, word = (na, nb, "image") if na is not None and nb is not None else (a + 1, b + 1, "slice")
+            x, y = min(x, y), max(x, y)
+            return f"{word} {x}" if x == y else f"{word}s {x}-{y}"
+
+        alone = [f"{lv} on {where(k, k)}" for lv, k in self.implies.items() if k is not None]
+        return (f"{self.name} ({where(*self.slices)}) names the vertebra on {where(*self.vertebra_slices)} "
+                f"{' or '.join(self.names)}" + (f"; alone it puts {', '.join(alone)}" if alone else "")
+                + ("; counted" if self.agrees else "; not counted"))
+
+    def to_source(self, index: Callable[[int], int]) -> Anchor:
+        """The same vote with its slice indices mapped by ``index`` (patient axes -> the stored order)."""
+
+        def span(a: int, b: int) -> tuple[int, int]:
+            x, y = index(a), index(b)
+            return (min(x, y), max(x, y))
+
+        return replace(self, slices=span(*self.slices), vertebra_slices=span(*self.vertebra_slices),
+                       implies={lv: None if k is None else index(k) for lv, k in self.implies.items()})
 
 
 @dataclass(frozen=True)

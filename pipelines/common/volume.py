@@ -96,6 +96,14 @@ class Volume:
     def first_dataset(self) -> Dataset:
         return self.slices[0].dataset
 
+    def instance_number(self, k: int) -> int | None:
+        """Slice ``k``'s Instance Number (what a viewer shows as the image number); None when absent or unreadable."""
+        value = self.slices[k].dataset.get("InstanceNumber")
+        try:
+            return int(value) if value not in (None, "") else None
+        except (TypeError, ValueError):
+            return None
+
     def source_datasets(self) -> list[Dataset]:
         """Distinct source instances in slice order (one per instance for multi-frame input)."""
         seen: dict[str, Dataset] = {}
