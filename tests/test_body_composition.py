@@ -252,7 +252,7 @@ def test_anchor_votes_name_the_images_a_viewer_shows(tmp_path: Path) -> None:
     """The SR's anchor votes are sentences a reader can check in the viewer: images by Instance Number, in the
     series as stored (feet first here, so the finder's patient-axis slices run the other way), and the summary's
     votes in the stored slice order as its level slice is.  (They were Python reprs of the vote with the finder's
-    own 0-based slice indices on patient axes.)"""
+    own 0-based slice indices on patient axes, and so were the finder's notes.)"""
     from pipelines.body_composition.anatomy_phantom import AnatomySpec, Geometry, make_anatomy, write_series
     from pipelines.common.volume import SeriesToVolume
 
@@ -279,6 +279,8 @@ def test_anchor_votes_name_the_images_a_viewer_shows(tmp_path: Path) -> None:
              and it.ConceptNameCodeSequence[0].CodeMeaning == "Level anchor vote"]
     assert len(votes) == len(s["level_anchors"]) and all("Anchor(" not in v for v in votes), votes
     assert any(v.startswith("sacrum (image") and f"alone it puts L3 on image {number};" in v for v in votes), votes
+    # the finder's notes (the reason of a refusal) name the same images
+    assert any(n.startswith("sacrum on image") and f"(L3 on image {number}" in n for n in s["level_notes"]), s
 
 
 def test_truncated_body_sat_not_evaluable(tmp_path: Path) -> None:

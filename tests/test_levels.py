@@ -412,19 +412,22 @@ def test_an_anchor_whose_count_passes_a_merged_vertebra_is_not_used() -> None:
             z += q
         return out
 
+    def where(a: int, b: int) -> str:
+        return f"slices {a + 1}-{b + 1}"
+
     rib = Anchor(name="lowest rib-bearing vertebra", slices=(0, 0), vertebra_slices=(0, 0), names=("T12",))
     sacrum = Anchor(name="sacrum", slices=(0, 9), vertebra_slices=(0, 0), names=("L5",))
     # slices of 3 mm: S1 (edge), L5, L4, L3, L2, then T12 + L1 merged, T11, T10
     merged = segs([11.5, 10.4, 11.2, 10.9, 16.5, 9.0, 8.0])
     si = 5  # the merged segment, named T12 by the ribs: L3 = segment 5 - (IDX T12 - IDX L3)
-    why = _miscounted(rib, si, {IDX_OF("T12") - si}, merged, 3.0, ("L3",))
+    why = _miscounted(rib, si, {IDX_OF("T12") - si}, merged, 3.0, ("L3",), where)
     assert "passes the vertebra" in why and "50 mm disc to disc against" in why and "a disc missed" in why
-    assert _miscounted(sacrum, 1, {IDX_OF("L5") - 1}, merged, 3.0, ("L3",)) == ""
+    assert _miscounted(sacrum, 1, {IDX_OF("L5") - 1}, merged, 3.0, ("L3",), where) == ""
     # the young phantom at 5 mm: L1 short (3.4 slices) between L2 (6.7) and T12 (5.9); both counts agree
     short = segs([6.6, 6.5, 6.7, 6.7, 3.4, 5.9, 5.7])
-    assert _miscounted(rib, 6, {IDX_OF("T12") - 6}, short, 5.0, ("L3",)) == ""
+    assert _miscounted(rib, 6, {IDX_OF("T12") - 6}, short, 5.0, ("L3",), where) == ""
     split = segs([6.6, 6.5, 6.7, 6.7, 3.3, 3.2, 5.9, 5.7])  # L1 cut in two by a spurious disc
-    why = _miscounted(rib, 7, {IDX_OF("T12") - 7}, split, 5.0, ("L3",))
+    why = _miscounted(rib, 7, {IDX_OF("T12") - 7}, split, 5.0, ("L3",), where)
     assert "a disc found twice" in why
 
 

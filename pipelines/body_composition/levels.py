@@ -34,7 +34,7 @@ docs/level-finding.md):
 from __future__ import annotations
 
 import logging
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, replace
 
 import numpy as np
@@ -291,6 +291,17 @@ class _Ctx:
             body &= best[:, None, None] > 0
         self.body = body
         self.bone = (gmax > p.bone_hu) & body
+
+    def where(self, a: int, b: int | None = None) -> str:
+        """Slices ``a``..``b`` for a reader: the images' Instance Numbers ("images 48-57"), or where the series has
+        none, the slices counted from 1 at the feet ("slices 1-10")."""
+        b = a if b is None else b
+        n = len(self.vol.slices)
+        na = self.vol.instance_number(a) if 0 <= a < n else None
+        nb = self.vol.instance_number(b) if 0 <= b < n else None
+        x, y, word = (na, nb, "image") if na is not None and nb is not None else (a + 1, b + 1, "slice")
+        x, y = min(x, y), max(x, y)
+        return f"{word} {x}" if x == y else f"{word}s {x}-{y}"
 
     def full_rc(self, r: float, c: float) -> tuple[float, float]:
         """Working-grid (row, column) -> the volume's pixel (row, column)."""
@@ -926,7 +937,7 @@ class _Ctx:
                     elif si is not None:
                         self.notes.append("sacrum found but the vertebra above it touches the edge")
                 else:
-                    self.notes.append(f"sacrum at slices {a}-{b} but no L5/S1 disc found above it")
+                    self.notes.append(f"sacrum on {self.where(a, b)} but no L5/S1 disc found above it")
         # iliac crests: the run of iliac slices from the bottom (or the sacrum) upward
         # the iliac bones rise from the sacrum (fused with it where the sacroiliac joint is not resolved)
         il = self.iliac_present | (self.sacral & (self.ala_reach.min(axis=1) >= 70.0))
@@ -939,7 +950,7 @@ class _Ctx:
             above_sacrum = sac_top < 0 or b > sac_top + max(1, int(round(5.0 / dz)))
             crest_run = from_bottom and (b - a + 1) * dz >= self.p.iliac_run_mm and above_sacrum
             if crest_run and float(np.median(self.body_own_hw[a : b + 1])) < self.p.crest_min_body_hw_mm:
-                self.notes.append(f"big bone beside the vertebrae at slices {a}-{b} but the vertebral bodies there are "
+                self.notes.append(f"big bone beside the vertebrae on {self.where(a, b)} but the vertebral bodies there are "
                                   "narrower than lumbar ones: the shoulder girdle, not an iliac crest")
                 crest_run = False
             if crest_run:
@@ -975,7 +986,7 @@ class _Ctx:
                 out.append((Anchor("lowest rib-bearing vertebra", (s.first, s.last), (s.first, s.last),
                                    ("T12",)), i, {"T12"}))
             elif below_ok:
-                self.notes.append(f"lowest rib-bearing vertebra at slices {s.first}-{s.last} not used as T12 "
+                self.notes.append(f"lowest rib-bearing vertebra on {self.where(s.first, s.last)} not used as T12 "
                                   f"(ribs on {', '.join(sorted(ribs.get(i, ())))} side only"
                                   + ("" if above_ok else "; the vertebra above shows no rib") + ")")
             break
@@ -1118,10 +1129,10 @@ class _Ctx:
                 # C2's body is tall, it is no dens (a bright speck inside a dim body at the top of a lumbar series).
                 above = (min(dens_k) - s.lo) * dz
                 if s.edge_lo or above > DENS_ABOVE_DISC_MM:
-                    self.notes.append(f"dens of C2 at slices {min(dens_k)}-{max(dens_k)} lies {above:.0f} mm above "
+                    self.notes.append(f"dens of C2 on {self.where(min(dens_k), max(dens_k))} lies {above:.0f} mm above "
                                       "the disc below its segment (C2 is shorter: a disc below it missed): not used")
                 elif above < DENS_MIN_ABOVE_DISC_MM:
-                    self.notes.append(f"dens of C2 at slices {min(dens_k)}-{max(dens_k)} lies {above:.0f} mm above "
+                    self.notes.append(f"dens of C2 on {self.where(min(dens_k), max(dens_k))} lies {above:.0f} mm above "
                                       "the disc below its segment (C2's body is taller): not a dens, not used")
                 else:
                     out.append((Anchor("dens of C2", (min(dens_k), max(dens_k)), (s.first, s.last), ("C2",)), si,
@@ -1224,7 +1235,7 @@ def _name(segs: list[_Seg], anchors: list[tuple[Anchor, int, set[str]]], ctx: _C
     unsure: list[tuple[Anchor, set[int]]] = []
     for a, si, allowed in anchors:
         v = {IDX[nm] - si for nm in allowed}
-        why = _miscounted(a, si, v, segs, ctx.dz, levels)
+        why = _miscounted(a, si, v, segs, ctx.dz, levels, ctx.where)
         if why:
             notes.append(why)
             unsure.append((a, v))
@@ -1268,9 +1279,9 @@ def _name(segs: list[_Seg], anchors: list[tuple[Anchor, int, set[str]]], ctx: _C
                     implies[lv] = int(round(0.5 * (segs[si].first + segs[si].last)))
         agrees = offset is not None and offset in v and all(a is not u for u, _ in unsure)
         final.append(replace(a, implies=implies, agrees=agrees))
-        desc = ", ".join(f"{lv} at slice {k}" if k is not None else f"{lv} not in view" for lv, k in implies.items())
-        notes.append(f"{a.name} at slices {a.slices[0]}-{a.slices[1]} names the vertebra at slices "
-                     f"{a.vertebra_slices[0]}-{a.vertebra_slices[1]} {' or '.join(a.names)}"
+        desc = ", ".join(f"{lv} on {ctx.where(k)}" if k is not None else f"{lv} not in view" for lv, k in implies.items())
+        notes.append(f"{a.name} on {ctx.where(*a.slices)} names the vertebra on {ctx.where(*a.vertebra_slices)} "
+                     f"{' or '.join(a.names)}"
                      + (f" ({desc})" if desc else ""))
     for i, s in enumerate(segs):
         nm = ""
@@ -1295,7 +1306,8 @@ def _name(segs: list[_Seg], anchors: list[tuple[Anchor, int, set[str]]], ctx: _C
 COUNTED_FROM = frozenset({"sacrum", "iliac crest", "lowest rib-bearing vertebra", "highest rib-bearing vertebra"})
 
 
-def _miscounted(a: Anchor, si: int, v: set[int], segs: Sequence[_Seg], dz: float, levels: Sequence[str]) -> str:
+def _miscounted(a: Anchor, si: int, v: set[int], segs: Sequence[_Seg], dz: float, levels: Sequence[str],
+                where: Callable[[int, int], str]) -> str:
     """Why an exact anchor's count to the level is not trusted ("" when it is).
 
     Counting from the anchor's vertebra to the level passes every segment between the two (the anchor's own
@@ -1321,14 +1333,14 @@ def _miscounted(a: Anchor, si: int, v: set[int], segs: Sequence[_Seg], dz: float
             if own is None or len(near) < 2:
                 continue
             ref = float(np.median(near))
-            where = f"{a.name} at slices {a.slices[0]}-{a.slices[1]} not used: its count to {lv} passes the vertebra " \
-                    f"at slices {segs[j].first}-{segs[j].last}"
+            where_ = f"{a.name} on {where(*a.slices)} not used: its count to {lv} passes the vertebra " \
+                     f"on {where(segs[j].first, segs[j].last)}"
             if own > 1.5 * ref:
-                return f"{where}, {own * dz:.0f} mm disc to disc against {ref * dz:.0f} mm for its neighbours (a disc missed)"
+                return f"{where_}, {own * dz:.0f} mm disc to disc against {ref * dz:.0f} mm for its neighbours (a disc missed)"
             for i in (j - 1, j + 1):
                 q = pitch[i] if 0 <= i < len(pitch) else None
                 if own < 0.75 * ref and q is not None and q < 0.75 * ref and 0.75 * ref <= own + q <= 1.25 * ref:
-                    return (f"{where} and the one {'below' if i < j else 'above'} it, {own * dz:.0f} and {q * dz:.0f} mm "
+                    return (f"{where_} and the one {'below' if i < j else 'above'} it, {own * dz:.0f} and {q * dz:.0f} mm "
                             f"disc to disc against {ref * dz:.0f} mm for their neighbours (a disc found twice)")
     return ""
 

@@ -103,12 +103,17 @@ def level_from_override(volume: Volume, override: LevelOverride, automatic: Leve
     """
     k = slice_of(volume, override.sop_instance_uid)
     notes = [override.describe(volume.instance_number(k))]
+
+    def image(i: int) -> str:  # as a viewer numbers it (the volume is on patient axes: its index is not)
+        n = volume.instance_number(i)
+        return f"image {n}" if n is not None else f"slice {i + 1} from the feet"
+
     if not automatic.vertebrae:
-        raise NotEvaluable(f"reader-confirmed level {override.level} on slice {k + 1}: no vertebral body found "
+        raise NotEvaluable(f"reader-confirmed level {override.level} on {image(k)}: no vertebral body found "
                            f"in the series to centre the muscle compartments on ({'; '.join(automatic.notes)})",
                            stage="reader-level")
     here = next((v for v in automatic.vertebrae if v.first <= k <= v.last), None)
-    auto = (f"the automatic finder chose {automatic.level} at slice {automatic.slice_index + 1}"
+    auto = (f"the automatic finder chose {automatic.level} on {image(automatic.slice_index)}"
             if automatic.level is not None and automatic.slice_index is not None
             else f"the automatic finder found no level ({'; '.join(automatic.notes) or 'no reason given'})")
     notes.append(auto)
