@@ -160,9 +160,11 @@ class MonaiBackend:
         k = (a + b) // 2
         verts = classical.vertebrae
         if classical.level == self.spec.level and classical.slice_index is not None:
-            notes.append(f"weight-free level finder agrees ({classical.level} at slice {classical.slice_index})"
+            n = volume.instance_number(classical.slice_index)  # as a viewer numbers it
+            at = f"image {n}" if n is not None else f"slice {classical.slice_index + 1} from the feet"
+            notes.append(f"weight-free level finder agrees ({classical.level} on {at})"
                          if a <= classical.slice_index <= b else
-                         f"weight-free level finder disagrees ({classical.level} at slice {classical.slice_index})")
+                         f"weight-free level finder disagrees ({classical.level} on {at})")
         else:
             verts = (Vertebra(name=self.spec.level, first=a, last=b, width_mm=0.0, rib_bearing=False,
                               centre_rc=classical.spine_centre_rc, half_width_mm=20.0, half_height_mm=15.0),)

@@ -174,12 +174,15 @@ class BodyCompositionPipeline:
         part = str(volume.first_dataset.get("BodyPartExamined", "") or "").strip()
         where = f" (body part examined: {part})" if part else ""
         try:
-            level = ClassicalBackend().find_level(volume.canonical_axial()[0], self.options.levels)
+            canonical = volume.canonical_axial()[0]
+            level = ClassicalBackend().find_level(canonical, self.options.levels)
         except Exception as e:  # a description only: never let it hide the refusal itself
             log.info("series %s: content of the tilted series not described: %s", volume.series_uid, e)
             return f"content of the tilted series not assessed{where}"
         if level.level is not None and level.slice_index is not None:
-            return (f"{level.level} appears to be in the field of view (around slice {level.slice_index + 1}) but "
+            n = canonical.instance_number(level.slice_index)  # as a viewer numbers it (the index is on patient axes)
+            image = f"image {n}" if n is not None else f"slice {level.slice_index + 1} from the feet"
+            return (f"{level.level} appears to be in the field of view (around {image}) but "
                     "is not measured on tilted slices: reconstruct the series without gantry tilt (axial) to "
                     "measure it")
         notes = "; ".join(level.notes) or "no vertebral level found"
