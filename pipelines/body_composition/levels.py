@@ -264,6 +264,11 @@ class _Seg:
     edge_lo: bool
     edge_hi: bool
 
+    @property
+    def pitch(self) -> float | None:
+        """Disc to disc, in slices (None where a disc is beyond the field of view)."""
+        return None if self.edge_lo or self.edge_hi else self.hi - self.lo
+
 
 class _Ctx:
     """Working state of one run (arrays on the ~2 mm grid)."""
@@ -293,15 +298,9 @@ class _Ctx:
         self.bone = (gmax > p.bone_hu) & body
 
     def where(self, a: int, b: int | None = None) -> str:
-        """Slices ``a``..``b`` for a reader: the images' Instance Numbers ("images 48-57"), or where the series has
-        none, the slices counted from 1 at the feet ("slices 1-10")."""
-        b = a if b is None else b
-        n = len(self.vol.slices)
-        na = self.vol.instance_number(a) if 0 <= a < n else None
-        nb = self.vol.instance_number(b) if 0 <= b < n else None
-        x, y, word = (na, nb, "image") if na is not None and nb is not None else (a + 1, b + 1, "slice")
-        x, y = min(x, y), max(x, y)
-        return f"{word} {x}" if x == y else f"{word}s {x}-{y}"
+        """Slices ``a``..``b`` for a reader (:meth:`Volume.slices_label`; without Instance Numbers, the slices
+        counted from 1 at the feet)."""
+        return self.vol.slices_label(a, b)
 
     def full_rc(self, r: float, c: float) -> tuple[float, float]:
         """Working-grid (row, column) -> the volume's pixel (row, column)."""
@@ -1266,7 +1265,7 @@ def _name(segs: list[_Seg], anchors: list[tuple[Anchor, int, set[str]]], ctx: _C
             notes.append("anchors disagree (transitional vertebra or 11/13 rib pairs suspected): level not named")
     verts: list[Vertebra] = []
     final: list[Anchor] = []
-    for a, v in votes + unsure:
+    for a, v, counted in [(a, v, True) for a, v in votes] + [(a, v, False) for a, v in unsure]:
         implies: dict[str, int | None] = {}
         for lv in levels:
             if lv not in IDX:
@@ -1277,7 +1276,7 @@ def _name(segs: list[_Seg], anchors: list[tuple[Anchor, int, set[str]]], ctx: _C
                 si = IDX[lv] - o
                 if 0 <= si < len(segs) and not segs[si].edge_lo and not segs[si].edge_hi:
                     implies[lv] = int(round(0.5 * (segs[si].first + segs[si].last)))
-        agrees = offset is not None and offset in v and all(a is not u for u, _ in unsure)
+        agrees = counted and offset is not None and offset in v
         final.append(replace(a, implies=implies, agrees=agrees))
         desc = ", ".join(f"{lv} on {ctx.where(k)}" if k is not None else f"{lv} not in view" for lv, k in implies.items())
         notes.append(f"{a.name} on {ctx.where(*a.slices)} names the vertebra on {ctx.where(*a.vertebra_slices)} "
@@ -1298,7 +1297,7 @@ def _name(segs: list[_Seg], anchors: list[tuple[Anchor, int, set[str]]], ctx: _C
         verts.append(Vertebra(name=nm, first=s.first, last=s.last, width_mm=w, rib_bearing=bool(sides),
                               centre_rc=centre, half_width_mm=float(np.median(ctx.body_own_hw[ks])),
                               half_height_mm=float(np.median(ctx.body_hh[ks])), touches_edge=edge, middle=mid,
-                              pitch=None if edge else s.hi - s.lo, rib_sides=sides))
+                              pitch=s.pitch, rib_sides=sides))
     return verts, offset, final, conf, notes
 
 
@@ -1321,7 +1320,7 @@ def _miscounted(a: Anchor, si: int, v: set[int], segs: Sequence[_Seg], dz: float
     if len(v) != 1 or a.name not in COUNTED_FROM:
         return ""
     o = next(iter(v))
-    pitch = [None if s.edge_lo or s.edge_hi else s.hi - s.lo for s in segs]
+    pitch = [s.pitch for s in segs]
     for lv in levels:
         t = IDX[lv] - o if lv in IDX else -1
         if not 0 <= t < len(pitch) or t == si:
@@ -1333,15 +1332,17 @@ def _miscounted(a: Anchor, si: int, v: set[int], segs: Sequence[_Seg], dz: float
             if own is None or len(near) < 2:
                 continue
             ref = float(np.median(near))
-            where_ = f"{a.name} on {where(*a.slices)} not used: its count to {lv} passes the vertebra " \
-                     f"on {where(segs[j].first, segs[j].last)}"
+            why = ""
             if own > 1.5 * ref:
-                return f"{where_}, {own * dz:.0f} mm disc to disc against {ref * dz:.0f} mm for its neighbours (a disc missed)"
+                why = f", {own * dz:.0f} mm disc to disc against {ref * dz:.0f} mm for its neighbours (a disc missed)"
             for i in (j - 1, j + 1):
                 q = pitch[i] if 0 <= i < len(pitch) else None
-                if own < 0.75 * ref and q is not None and q < 0.75 * ref and 0.75 * ref <= own + q <= 1.25 * ref:
-                    return (f"{where_} and the one {'below' if i < j else 'above'} it, {own * dz:.0f} and {q * dz:.0f} mm "
-                            f"disc to disc against {ref * dz:.0f} mm for their neighbours (a disc found twice)")
+                if not why and own < 0.75 * ref and q is not None and q < 0.75 * ref and 0.75 * ref <= own + q <= 1.25 * ref:
+                    why = (f" and the one {'below' if i < j else 'above'} it, {own * dz:.0f} and {q * dz:.0f} mm disc to "
+                           f"disc against {ref * dz:.0f} mm for their neighbours (a disc found twice)")
+            if why:
+                return (f"{a.name} on {where(*a.slices)} not used: its count to {lv} passes the vertebra on "
+                        f"{where(segs[j].first, segs[j].last)}{why}")
     return ""
 
 

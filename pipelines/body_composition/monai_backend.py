@@ -160,8 +160,7 @@ class MonaiBackend:
         k = (a + b) // 2
         verts = classical.vertebrae
         if classical.level == self.spec.level and classical.slice_index is not None:
-            n = volume.instance_number(classical.slice_index)  # as a viewer numbers it
-            at = f"image {n}" if n is not None else f"slice {classical.slice_index + 1} from the feet"
+            at = volume.slices_label(classical.slice_index, fallback=" from the feet")  # as a viewer numbers it
             notes.append(f"weight-free level finder agrees ({classical.level} on {at})"
                          if a <= classical.slice_index <= b else
                          f"weight-free level finder disagrees ({classical.level} on {at})")

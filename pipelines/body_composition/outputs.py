@@ -113,7 +113,7 @@ def write_not_evaluable(ctx: PipelineContext, volume: Volume, reason: str, pipel
     evidence = [_with_type2(d) for d in volume.source_datasets()]
     texts = [Text("backend", algorithm.parameters["backend"])]
     if level is not None:
-        prov = level_provenance(level, level.level or "", volume=volume)
+        prov = level_provenance(level, level.level or "", volume)
         texts += [Text("level-anchor-vote", a) for a in prov.anchors]
         texts += [Text("level-confidence", prov.confidence)] if prov.confidence else []
     sr = build_measurement_report(evidence, [], algorithm, ctx.identity, "Body composition: not evaluable",
@@ -126,20 +126,15 @@ def write_not_evaluable(ctx: PipelineContext, volume: Volume, reason: str, pipel
                                    "backend": algorithm.parameters["backend"], "sr": path.name})
 
 
-def level_provenance(level: LevelResult, name: str, override: LevelOverride | None = None,
-                     volume: Volume | None = None) -> LevelProvenance:
+def level_provenance(level: LevelResult, name: str, volume: Volume,
+                     override: LevelOverride | None = None) -> LevelProvenance:
     """The level's provenance for the SR, from what the level finder recorded.
 
     Each anchor's vote is one sentence (:meth:`Anchor.describe`) naming the images by their Instance Number in
-    ``volume`` (the series as stored, whose slice order the level's indices are in; "slice N", 1-based, without
-    it or without an Instance Number).  A reader-confirmed level carries ``reader`` (and ``confirmed_at``).
+    ``volume`` (the series as stored, whose slice order the level's indices are in; :meth:`Volume.slices_label`).  A reader-confirmed level carries ``reader`` (and ``confirmed_at``).
     Without anchors the method and notes say how the level was found.
     """
-
-    def instance(k: int) -> int | None:
-        return volume.instance_number(k) if volume is not None and 0 <= k < len(volume.slices) else None
-
-    votes = [a.describe(instance) for a in level.anchors] or [n for n in level.notes if n]
+    votes = [a.describe(volume.slices_label) for a in level.anchors] or [n for n in level.notes if n]
     confidence = str(getattr(level, "confidence", "") or "")
     if not confidence and level.method:
         confidence = f"method: {level.method}"
@@ -250,7 +245,7 @@ def _write_results(ctx: PipelineContext, volume: Volume, seg: Segmentation, meas
     texts += [Text("not-evaluable-reason", t) for t in not_eval]
     sr = build_measurement_report([image], groups, algorithm, ctx.identity, f"Body composition {meas.level}{confirmed}",
                                   predecessors=ctx.predecessors, texts=texts,
-                                  level=level_provenance(seg.level, meas.level, reader, volume),
+                                  level=level_provenance(seg.level, meas.level, volume, reader),
                                   not_evaluable_reason=None if groups else "; ".join(not_eval) or "nothing measured")
     p = ctx.work_dir / "sr.dcm"
     sr.save_as(p)

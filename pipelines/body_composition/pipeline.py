@@ -56,7 +56,7 @@ from pipelines.body_composition.stages import (
     SegmentInput,
     TissueSegmenter,
 )
-from pipelines.body_composition.types import LevelResult, Measurements, Segmentation
+from pipelines.body_composition.types import LevelResult, Measurements, Segmentation, Vertebra
 from pipelines.common.options import parse_options
 from pipelines.common.volume import Reorient, SeriesToVolume, Volume
 
@@ -180,8 +180,7 @@ class BodyCompositionPipeline:
             log.info("series %s: content of the tilted series not described: %s", volume.series_uid, e)
             return f"content of the tilted series not assessed{where}"
         if level.level is not None and level.slice_index is not None:
-            n = canonical.instance_number(level.slice_index)  # as a viewer numbers it (the index is on patient axes)
-            image = f"image {n}" if n is not None else f"slice {level.slice_index + 1} from the feet"
+            image = canonical.slices_label(level.slice_index, fallback=" from the feet")  # as a viewer numbers it
             return (f"{level.level} appears to be in the field of view (around {image}) but "
                     "is not measured on tilted slices: reconstruct the series without gantry tilt (axial) to "
                     "measure it")
@@ -272,19 +271,11 @@ def segmentation_to_source(seg: Segmentation, meas: Measurements,
     """Results found on patient axes, mapped back to the stored series' own slice, row and column order."""
     if reorient.identity:
         return seg, meas
-
-    def k_src(k: int | None) -> int | None:
-        return None if k is None else reorient.index_to_source(k)
-
-    def span(a: int, b: int) -> tuple[int, int]:
-        x, y = reorient.index_to_source(a), reorient.index_to_source(b)
-        return (min(x, y), max(x, y))
-
     level = level_to_source(seg.level, reorient)
     slice_seg = replace(seg.slice_seg, masks={k: reorient.slice_to_source(m) for k, m in seg.slice_seg.masks.items()},
                         body=reorient.slice_to_source(seg.slice_seg.body))
     volume_masks = {k: reorient.to_source(m) for k, m in seg.volume_masks.items()}
-    rng = span(*seg.volume_range) if seg.volume_range is not None else None
+    rng = reorient.span_to_source(*seg.volume_range) if seg.volume_range is not None else None
     seg = replace(seg, level=level, slice_seg=slice_seg, volume_masks=volume_masks, volume_range=rng)
     meas = replace(meas, slice_index=reorient.index_to_source(meas.slice_index))
     return seg, meas
@@ -296,13 +287,13 @@ def level_to_source(level: LevelResult, reorient: Reorient) -> LevelResult:
     if reorient.identity:
         return level
 
-    def span(a: int, b: int) -> tuple[int, int]:
-        x, y = reorient.index_to_source(a), reorient.index_to_source(b)
-        return (min(x, y), max(x, y))
+    def moved(v: Vertebra) -> Vertebra:
+        first, last = reorient.span_to_source(v.first, v.last)
+        return replace(v, first=first, last=last)
 
-    verts = tuple(replace(v, first=span(v.first, v.last)[0], last=span(v.first, v.last)[1]) for v in level.vertebrae)
+    verts = tuple(moved(v) for v in level.vertebrae)
     k = None if level.slice_index is None else reorient.index_to_source(level.slice_index)
-    anchors = tuple(a.to_source(reorient.index_to_source) for a in level.anchors)
+    anchors = tuple(a.to_source(reorient) for a in level.anchors)
     return replace(level, slice_index=k, vertebrae=verts, anchors=anchors)
 
 

@@ -105,8 +105,7 @@ def level_from_override(volume: Volume, override: LevelOverride, automatic: Leve
     notes = [override.describe(volume.instance_number(k))]
 
     def image(i: int) -> str:  # as a viewer numbers it (the volume is on patient axes: its index is not)
-        n = volume.instance_number(i)
-        return f"image {n}" if n is not None else f"slice {i + 1} from the feet"
+        return volume.slices_label(i, fallback=" from the feet")
 
     if not automatic.vertebrae:
         raise NotEvaluable(f"reader-confirmed level {override.level} on {image(k)}: no vertebral body found "

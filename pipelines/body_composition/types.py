@@ -9,7 +9,7 @@ from typing import Any
 import numpy as np
 from numpy.typing import NDArray
 
-from pipelines.common.volume import Volume
+from pipelines.common.volume import Reorient, Volume
 
 # Structures per level, in SEG order; labels and codes of each come from dicom_templates/codes.toml
 # (pipelines.body_composition.dicom_out.template_key).
@@ -67,31 +67,19 @@ class Anchor:
         return {"anchor": self.name, "slices": list(self.slices), "vertebra_slices": list(self.vertebra_slices),
                 "names": list(self.names), "implies": dict(self.implies), "agrees": self.agrees}
 
-    def describe(self, instance: Callable[[int], int | None]) -> str:
-        """One sentence for a reader (the SR's anchor vote), naming images as a viewer does: ``instance`` gives the
-        Instance Number of the image at a slice index of the series as stored (None: "slice" and the 1-based
-        index instead)."""
-
-        def where(a: int, b: int) -> str:
-            na, nb = instance(a), instance(b)
-            x, y, word = (na, nb, "image") if na is not None and nb is not None else (a + 1, b + 1, "slice")
-            x, y = min(x, y), max(x, y)
-            return f"{word} {x}" if x == y else f"{word}s {x}-{y}"
-
+    def describe(self, where: Callable[[int, int], str]) -> str:
+        """One sentence for a reader (the SR's anchor vote), naming images as a viewer does: ``where`` labels slices
+        ``a``..``b`` of the series as stored (:meth:`Volume.slices_label`)."""
         alone = [f"{lv} on {where(k, k)}" for lv, k in self.implies.items() if k is not None]
         return (f"{self.name} ({where(*self.slices)}) names the vertebra on {where(*self.vertebra_slices)} "
                 f"{' or '.join(self.names)}" + (f"; alone it puts {', '.join(alone)}" if alone else "")
                 + ("; counted" if self.agrees else "; not counted"))
 
-    def to_source(self, index: Callable[[int], int]) -> Anchor:
-        """The same vote with its slice indices mapped by ``index`` (patient axes -> the stored order)."""
-
-        def span(a: int, b: int) -> tuple[int, int]:
-            x, y = index(a), index(b)
-            return (min(x, y), max(x, y))
-
-        return replace(self, slices=span(*self.slices), vertebra_slices=span(*self.vertebra_slices),
-                       implies={lv: None if k is None else index(k) for lv, k in self.implies.items()})
+    def to_source(self, reorient: Reorient) -> Anchor:
+        """The same vote with its slice indices in the stored series' order (found on patient axes)."""
+        return replace(self, slices=reorient.span_to_source(*self.slices),
+                       vertebra_slices=reorient.span_to_source(*self.vertebra_slices),
+                       implies={lv: None if k is None else reorient.index_to_source(k) for lv, k in self.implies.items()})
 
 
 @dataclass(frozen=True)

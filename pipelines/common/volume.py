@@ -104,6 +104,18 @@ class Volume:
         except (TypeError, ValueError):
             return None
 
+    def slices_label(self, a: int, b: int | None = None, fallback: str = "") -> str:
+        """Slices ``a``..``b`` as a reader finds them in a viewer: by Instance Number ("image 31", "images 48-57");
+        where one is absent (or an index is outside the volume), "slice(s)" and the 1-based indices, then
+        ``fallback`` (e.g. " from the feet" for a volume on patient axes)."""
+        b = a if b is None else b
+        n = len(self.slices)
+        na = self.instance_number(a) if 0 <= a < n else None
+        nb = self.instance_number(b) if 0 <= b < n else None
+        x, y, word = (na, nb, "image") if na is not None and nb is not None else (a + 1, b + 1, "slice")
+        x, y = min(x, y), max(x, y)
+        return (f"{word} {x}" if x == y else f"{word}s {x}-{y}") + ("" if word == "image" else fallback)
+
     def source_datasets(self) -> list[Dataset]:
         """Distinct source instances in slice order (one per instance for multi-frame input)."""
         seen: dict[str, Dataset] = {}
@@ -230,6 +242,11 @@ class Reorient:
     def index_to_source(self, k: int) -> int:
         """Canonical slice index -> index into the source volume's slices."""
         return self.n_slices - 1 - k if self.flip_slices else k
+
+    def span_to_source(self, a: int, b: int) -> tuple[int, int]:
+        """Canonical slices ``a``..``b`` -> (first, last) in the source volume's slice order."""
+        x, y = self.index_to_source(a), self.index_to_source(b)
+        return (min(x, y), max(x, y))
 
     def index_from_source(self, k: int) -> int:
         return self.index_to_source(k)
