@@ -851,7 +851,13 @@ class _Ctx:
             if last < first:
                 continue
             between_discs = a >= 0 and b <= n - 1
-            if float(np.median(self.prof_n[first : last + 1])) < 0.4 and not (self.dim and between_discs):
+            # is there bone between the discs?  Asked of the slices more than half a slice from each disc: at 5 mm a
+            # short body (T12 or L1, 3-4 slices between two tilted discs) has one disc slice at each end, and the
+            # median of two discs and two body slices is not bone (L1 dropped, the ribs' count one short)
+            i0 = int(np.floor(a + 0.5)) + 1 if a >= 0 else first
+            i1 = int(np.ceil(b - 0.5)) - 1 if b <= n - 1 else last
+            inner = self.prof_n[i0 : i1 + 1] if i0 <= i1 else self.prof_n[first : last + 1]
+            if float(np.median(inner)) < 0.4 and not (self.dim and between_discs):
                 # no vertebral body between these discs (beyond the end of the column); with dim bodies a short
                 # body between two discs has its two endplates within a disc's reach of each other: it stays
                 continue
