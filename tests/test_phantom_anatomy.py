@@ -225,3 +225,29 @@ def test_thin_slices_and_neck_phantom(tmp_path: Path) -> None:
     assert truth.centroid_lps("scm_left")[0] > 0 > truth.centroid_lps("scm_right")[0]
     ds = pydicom.dcmread(truth.files[0])
     assert ds.BodyPartExamined == "NECK"
+
+
+def test_overlapping_reconstruction_is_thick_slices_at_a_finer_spacing(tmp_path: Path) -> None:
+    """``spacing_mm`` under ``slice_mm`` writes an overlapping reconstruction (3 mm slices every 2 mm, as the shared
+    real CT): slice centres at the spacing, each slice the average over its thickness (an endplate 2 mm thick is
+    dimmer in a 3 mm slice than in a 2 mm one), SliceThickness and SpacingBetweenSlices as written, and the level
+    finder names L3 on it within one slice of the truth."""
+    from pipelines.body_composition.levels import SpineLevelFinder
+
+    spec = dict(rows=160, fov_mm=360.0, habitus="thin", arms=False, top="L1", bottom="S1")
+    over = make_anatomy(AnatomySpec(slice_mm=3.0, spacing_mm=2.0, **spec))  # type: ignore[arg-type]
+    contiguous = make_anatomy(AnatomySpec(slice_mm=2.0, **spec))  # type: ignore[arg-type]
+    assert np.allclose(np.diff(over.z), 2.0) and np.allclose(over.z, contiguous.z)
+    bone = over.labels == LABELS["vertebra"]
+    assert bone.any() and float(over.hu.max()) < float(contiguous.hu.max())
+    truth = write_series(over, tmp_path / "ct", Geometry("HFS"))
+    ds = pydicom.dcmread(truth.files[0], stop_before_pixels=True)
+    assert float(ds.SliceThickness) == 3.0 and float(ds.SpacingBetweenSlices) == 2.0 and truth.slice_mm == 2.0
+    vol, _ = SeriesToVolume().run(truth.files).canonical_axial()
+    assert vol.slice_spacing == pytest.approx(2.0) and vol.slice_thickness == pytest.approx(3.0)
+    res = SpineLevelFinder().run(vol, ("L3",))
+    assert res.level == "L3" and res.slice_index is not None, res.notes
+    z = float(vol.index_to_world(res.slice_index, 0.0, 0.0)[2])
+    assert abs(z - over.level_z["L3"]) <= 2.0
+    with pytest.raises(ValueError, match="spacing_mm"):
+        make_anatomy(AnatomySpec(slice_mm=2.0, spacing_mm=3.0, **spec))  # type: ignore[arg-type]

@@ -217,7 +217,8 @@ class AnatomySpec:
     crest_offset_mm: float = 0.0  # iliac crest relative to the L4-L5 disc
     rows: int = 256
     fov_mm: float = 0.0  # 0 = 500 mm for the abdomen (arms included), 360 mm for the neck (shoulders)
-    slice_mm: float = 5.0  # thickness = spacing
+    slice_mm: float = 5.0  # slice thickness (the slab each slice averages)
+    spacing_mm: float = 0.0  # between slice centres; 0 = slice_mm (contiguous), less = an overlapping reconstruction
     arms: bool = True
     table: bool = True
     noise_sd: float | None = None  # None: the habitus's
@@ -253,6 +254,11 @@ class AnatomySpec:
                      wedge=(self.wedge_fracture, self.wedge_front) if self.wedge_fracture else None,
                      osteophytes=self.osteophyte_discs, vacuum=self.vacuum_discs,
                      sclerosis=self.narrowed_discs if self.endplate_sclerosis else ())
+
+    @property
+    def spacing(self) -> float:
+        """Slice centre to slice centre (mm): ``spacing_mm``, or the thickness for contiguous slices."""
+        return self.spacing_mm or self.slice_mm
 
     @property
     def field_mm(self) -> float:
@@ -336,7 +342,7 @@ class SeriesTruth:
     row_direction: NDArray[np.float64]
     column_direction: NDArray[np.float64]
     pixel_mm: float
-    slice_mm: float
+    slice_mm: float  # slice centre to slice centre (the spec's spacing; its thickness is ``spec.slice_mm``)
     geometry: Geometry
     files: list[Path] = field(default_factory=list)
     series_uid: str = ""
@@ -628,14 +634,15 @@ class _Builder:
         # rendered bones lie where the truth (measured on that grid) says, not up to half a millimetre off
         oz = float(self.spine.origin[2] + self.shift[2])
         z_lo = oz + float(np.round(z_lo - oz))
-        n = max(2, int(round((z_hi - z_lo) / spec.slice_mm)) + 1)
-        self.z: NDArray[np.float64] = np.asarray(z_lo + spec.slice_mm * np.arange(n), dtype=np.float64)
+        n = max(2, int(round((z_hi - z_lo) / spec.spacing)) + 1)
+        self.z: NDArray[np.float64] = np.asarray(z_lo + spec.spacing * np.arange(n), dtype=np.float64)
         px = spec.pixel_mm
         c = np.asarray((np.arange(spec.rows) - (spec.rows - 1) / 2.0) * px, dtype=np.float64)
         self.x: NDArray[np.float64] = c.copy()
         self.y: NDArray[np.float64] = c + (10.0 if not neck else 5.0)
         self.X, self.Y = np.meshgrid(self.x, self.y)
-        # sub-planes across the slice thickness (odd count, the middle one carries the labels)
+        # sub-planes across the slice thickness (odd count, the middle one carries the labels); with overlapping
+        # slices (spacing under the thickness) neighbouring slices' sub-planes interleave: ``zf`` is not sorted
         nsub = max(1, int(np.ceil(spec.slice_mm / 2.0)))
         nsub += 1 - nsub % 2
         self.nsub = nsub
@@ -896,7 +903,7 @@ class _Builder:
         z_l2 = zl.get("L2", z_l1 - 30.0)
         z_l3 = zl.get("L3", z_l2 - 32.0)
         a, b, yc = t["a_in"], t["b_in"], t["yc_in"]
-        k = int(np.searchsorted(self.zf, z))
+        k = int(np.argmin(np.abs(self.zf - z)))  # this plane (zf is not sorted with overlapping slices)
         bowel = self.tubes["bowel"][min(k, len(self.zf) - 1)] if "bowel" in self.tubes else None
         # liver: right upper quadrant, against the right and anterior wall, tapering to a tip at L2-L3
         s = np.clip((z - (z_l3 - 5.0)) / (z12 + 40.0 - z_l3), 0.0, 1.0)
@@ -1460,6 +1467,8 @@ def make_anatomy(spec: AnatomySpec) -> Anatomy:
         raise ValueError("anatomical phantom: rib_pairs must be 11, 12 or 13")
     if not 0.5 <= spec.slice_mm <= 10.0:
         raise ValueError("anatomical phantom: slice_mm must be 0.5-10 mm")
+    if spec.spacing_mm and not 0.3 <= spec.spacing_mm <= spec.slice_mm:
+        raise ValueError("anatomical phantom: spacing_mm must be 0.3 mm to slice_mm (contiguous or overlapping)")
     unknown = set(spec.psoas_contacts) - set(PSOAS_CONTACTS)
     if unknown:
         raise ValueError(f"anatomical phantom: psoas contacts {sorted(unknown)}; use any of {PSOAS_CONTACTS}")
@@ -1571,7 +1580,7 @@ def write_series(ph: Anatomy, out_dir: Path, geometry: Geometry | None = None, s
         ds.ImagePositionPatient = [f"{v:.4f}" for v in positions[i]]
         ds.ImageOrientationPatient = [f"{v:.6f}" for v in (*rd, *cd)]
         ds.SliceThickness = f"{spec.slice_mm:.3f}"
-        ds.SpacingBetweenSlices = f"{spec.slice_mm:.3f}"
+        ds.SpacingBetweenSlices = f"{spec.spacing:.3f}"
         ds.SliceLocation = f"{positions[i][2]:.3f}"
         ds.GantryDetectorTilt = "0"
         if spec.contrast:
@@ -1584,10 +1593,10 @@ def write_series(ph: Anatomy, out_dir: Path, geometry: Geometry | None = None, s
         sops.append(str(sop))
     # middle of each vertebral body: the written slice nearest its z
     level_slices = {name: int(np.argmin(np.abs(zs - z))) for name, z in ph.level_z.items()
-                    if zs.min() - spec.slice_mm / 2 <= z <= zs.max() + spec.slice_mm / 2}
+                    if zs.min() - spec.spacing / 2 <= z <= zs.max() + spec.spacing / 2}
     return SeriesTruth(labels=labels, hu=stored_w.astype(np.float32) - 1024.0, vertebrae=verts, ribs=ribs,
                        level_slices=level_slices, level_z=ph.level_z, anchors=ph.anchors, positions=positions,
-                       row_direction=rd, column_direction=cd, pixel_mm=px, slice_mm=spec.slice_mm,
+                       row_direction=rd, column_direction=cd, pixel_mm=px, slice_mm=spec.spacing,
                        geometry=geometry, files=files, series_uid=series_uid, study_uid=study_uid, sop_uids=sops)
 
 
