@@ -218,12 +218,14 @@ class SpineLevelFinder:
         ctx.lateral_features()
         votes = ctx.anchors(segs, discs)
         verts, offset, anchors, conf, notes2 = _name(segs, votes, ctx, levels)
-        if ctx.dim and dz < p.dim_min_slice_mm:
+        # noise is a matter of the slices' thickness (an overlapping 3 mm reconstruction every 1.5 mm is not noisy)
+        thick = max(dz, float(vol.slice_thickness or 0.0))
+        if ctx.dim and thick < p.dim_min_slice_mm:
             # a thin slice of a dim (osteoporotic) body is noisy against the endplates' few HU: the endplate
             # evidence fires inside the bodies and a disc may be placed a body's third off (the aged phantom at
             # 1 mm, another noise seed: L3 named 3 slices off with two agreeing anchors).  Said first, whether or
             # not the anchors agreed: it is the reason, and it says what to send instead
-            notes.append(f"vertebral bodies dim (osteoporotic) on {dz:.1f} mm slices: their endplates lie in the "
+            notes.append(f"vertebral bodies dim (osteoporotic) on {thick:.1f} mm slices: their endplates lie in the "
                          f"noise, so the discs and the count are not trusted; level not named (a reader can confirm "
                          f"it, or a reconstruction of {p.dim_min_slice_mm:g} mm or more can be sent)")
             offset, conf = None, "low"
