@@ -39,6 +39,27 @@ CASES: dict[str, dict[str, object]] = {
 GEOMETRIES = (Geometry("HFS"), Geometry("FFS"), Geometry("HFS", mirror_rows=True))
 
 
+def l3_off(spec: AnatomySpec, d: Path) -> tuple[float | None, str]:
+    """Build and write ``spec`` (HFS) under ``d``, find L3: (found minus true L3 middle in mm, None when refused;
+    the confidence)."""
+    ph = make_anatomy(spec)
+    vol, _ = SeriesToVolume().run(write_series(ph, d, Geometry("HFS")).files).canonical_axial()
+    res = SpineLevelFinder().run(vol, ("L3",))
+    if res.slice_index is None:
+        return None, res.confidence
+    return float(vol.index_to_world(res.slice_index, 0.0, 0.0)[2]) - ph.level_z["L3"], res.confidence
+
+
+def cell(off_mm: float | None, conf: str, spacing: float, tol_mm: float = 0.0) -> tuple[str, bool]:
+    """A table cell (slices off and the confidence's initial, "-" refused, "!" wrong) and whether it is wrong: more
+    than one slice and more than ``tol_mm`` off."""
+    if off_mm is None:
+        return "-", False
+    e = off_mm / spacing
+    bad = abs(e) > 1.0 and abs(off_mm) > tol_mm
+    return f"{e:+.1f}{'!' if bad else ''}{conf[:1]}", bad
+
+
 def seeds(seed_list: list[int], habitus: list[str]) -> None:
     """The noise sweep: each case at 3 and 5 mm (HFS) with each noise seed and habitus; per cell the L3 error in
     slices and the confidence's initial ("-": refused), "!" where it is more than one slice off."""
@@ -50,18 +71,11 @@ def seeds(seed_list: list[int], habitus: list[str]) -> None:
                 for sp in (3.0, 5.0):
                     cells = []
                     for seed in seed_list:
-                        ph = make_anatomy(AnatomySpec(slice_mm=sp, seed=seed, habitus=hab, **opts))  # type: ignore[arg-type]
-                        d = Path(tmp) / f"{hab}{case}{sp}{seed}"
-                        vol, _ = SeriesToVolume().run(write_series(ph, d, Geometry("HFS")).files).canonical_axial()
-                        res = SpineLevelFinder().run(vol, ("L3",))
-                        runs += 1
-                        if res.slice_index is None:
-                            cells.append("-")
-                            continue
-                        e = (float(vol.index_to_world(res.slice_index, 0.0, 0.0)[2]) - ph.level_z["L3"]) / sp
-                        named += 1
-                        wrong += abs(e) > 1.0
-                        cells.append(f"{e:+.1f}{'!' if abs(e) > 1.0 else ''}{res.confidence[:1]}")
+                        spec = AnatomySpec(slice_mm=sp, seed=seed, habitus=hab, **opts)  # type: ignore[arg-type]
+                        off_mm, conf = l3_off(spec, Path(tmp) / f"{hab}{case}{sp}{seed}")
+                        text, bad = cell(off_mm, conf, sp)
+                        cells.append(text)
+                        runs, named, wrong = runs + 1, named + (off_mm is not None), wrong + bad
                     print(f"{hab:8} {case:13} {sp:3.0f} " + " ".join(f"{c:>8}" for c in cells), flush=True)
     print(f"{runs} runs: L3 named in {named}, more than one slice off in {wrong}")
 
@@ -84,20 +98,10 @@ def overlap(seed_list: list[int], habitus: list[str]) -> None:
                     cells = []
                     for th, sp in OVERLAPS:
                         spec = AnatomySpec(slice_mm=th, spacing_mm=sp, seed=seed, habitus=hab, **opts)  # type: ignore[arg-type]
-                        ph = make_anatomy(spec)
-                        d = Path(tmp) / f"{hab}{case}{seed}{th}{sp}"
-                        vol, _ = SeriesToVolume().run(write_series(ph, d, Geometry("HFS")).files).canonical_axial()
-                        res = SpineLevelFinder().run(vol, ("L3",))
-                        runs += 1
-                        if res.slice_index is None:
-                            cells.append("-")
-                            continue
-                        off_mm = float(vol.index_to_world(res.slice_index, 0.0, 0.0)[2]) - ph.level_z["L3"]
-                        e = off_mm / sp
-                        bad = abs(e) > 1.0 and abs(off_mm) > 5.0
-                        named += 1
-                        wrong += bad
-                        cells.append(f"{e:+.1f}{'!' if bad else ''}{res.confidence[:1]}")
+                        off_mm, conf = l3_off(spec, Path(tmp) / f"{hab}{case}{seed}{th}{sp}")
+                        text, bad = cell(off_mm, conf, sp, tol_mm=5.0)
+                        cells.append(text)
+                        runs, named, wrong = runs + 1, named + (off_mm is not None), wrong + bad
                     print(f"{hab:8} {case:13} {seed:>4} " + " ".join(f"{c:>9}" for c in cells), flush=True)
     print(f"{runs} runs: L3 named in {named}, more than one slice and 5 mm off in {wrong}")
 
