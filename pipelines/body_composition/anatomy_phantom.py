@@ -889,22 +889,23 @@ class _Builder:
             mid_wall = _superellipse(X, Y, 0.0, fy + 2.0, fa - 0.4 * h.wall, fb - 5.0, 2.0, 2.4)
             ring = mid_wall & ~_superellipse(X, Y, 0.0, fy + 2.0, fa - 0.4 * h.wall - 1.6, fb - 6.6, 2.0, 2.4)
             lab[ring & np.isin(lab, (L["wall_left"], L["wall_right"])) & (np.abs(X) > 80)] = L["imat"]
-        self._organs(lab, z, t, cav)
+        self._organs(lab, k, z, t, cav)
         self._back_muscles(lab, z, t, fascia)
         self._vessels(lab, z, t)
         if self.spec.psoas_contacts:
             self._contacts(lab, z, t)
         return lab
 
-    def _organs(self, lab: NDArray[np.uint8], z: float, t: dict[str, float], cav: NDArray[np.bool_]) -> None:
+    def _organs(self, lab: NDArray[np.uint8], k: int, z: float, t: dict[str, float], cav: NDArray[np.bool_]
+                ) -> None:
+        """The organs on sub-plane ``k`` (at ``z``) of ``zf``."""
         L, zl, X, Y = LABELS, self.level_z, self.X, self.Y
         z12 = zl.get("T12", zl.get("L1", z) + 28.0)
         z_l1 = zl.get("L1", z12 - 28.0)
         z_l2 = zl.get("L2", z_l1 - 30.0)
         z_l3 = zl.get("L3", z_l2 - 32.0)
         a, b, yc = t["a_in"], t["b_in"], t["yc_in"]
-        k = int(np.argmin(np.abs(self.zf - z)))  # this plane (zf is not sorted with overlapping slices)
-        bowel = self.tubes["bowel"][min(k, len(self.zf) - 1)] if "bowel" in self.tubes else None
+        bowel = self.tubes["bowel"][k] if "bowel" in self.tubes else None
         # liver: right upper quadrant, against the right and anterior wall, tapering to a tip at L2-L3
         s = np.clip((z - (z_l3 - 5.0)) / (z12 + 40.0 - z_l3), 0.0, 1.0)
         if s > 0:

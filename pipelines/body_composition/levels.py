@@ -1343,11 +1343,13 @@ def _miscounted(a: Anchor, si: int, v: set[int], segs: Sequence[_Seg], dz: float
             why = ""
             if own > 1.5 * ref:
                 why = f", {own * dz:.0f} mm disc to disc against {ref * dz:.0f} mm for its neighbours (a disc missed)"
-            for i in (j - 1, j + 1):
-                q = pitch[i] if 0 <= i < len(pitch) else None
-                if not why and own < 0.75 * ref and q is not None and q < 0.75 * ref and 0.75 * ref <= own + q <= 1.25 * ref:
-                    why = (f" and the one {'below' if i < j else 'above'} it, {own * dz:.0f} and {q * dz:.0f} mm disc to "
-                           f"disc against {ref * dz:.0f} mm for their neighbours (a disc found twice)")
+            elif own < 0.75 * ref:
+                for i in (j - 1, j + 1):
+                    q = pitch[i] if 0 <= i < len(pitch) else None
+                    if q is not None and q < 0.75 * ref and 0.75 * ref <= own + q <= 1.25 * ref:
+                        why = (f" and the one {'below' if i < j else 'above'} it, {own * dz:.0f} and {q * dz:.0f} mm "
+                               f"disc to disc against {ref * dz:.0f} mm for their neighbours (a disc found twice)")
+                        break
             if why:
                 return (f"{a.name} on {where(*a.slices)} not used: its count to {lv} passes the vertebra on "
                         f"{where(segs[j].first, segs[j].last)}{why}")
