@@ -757,6 +757,49 @@ def test_level_slice_neighbours_feed_the_consistency_gate(tmp_path: Path) -> Non
     assert m.areas["psoas_left"].value is None and "not found on a slice next to" in m.areas["psoas_left"].reason
 
 
+def test_an_organ_joined_over_several_slices_fails_the_trend_gate(tmp_path: Path) -> None:
+    """Measure checks the level slice's psoas against the psoas' own course along L5-L1 (the 3D masks): an outline
+    inflated on the level slice and on every slice within 10 mm of it, on both sides (an organ lying across both
+    muscles there) passes the neighbour consistency and the symmetry gates but is "not evaluable" by the trend gate,
+    with the reason in the summary's failed gates; the erector is filed."""
+    from scipy import ndimage as ndi
+
+    from pipelines.body_composition.reference import PatientFactors, load_table
+    from pipelines.body_composition.stages import Measure, MeasureInput
+    vol, _, seg = _segmented(tmp_path, volumes_3d=True)
+    assert seg.volume_range is not None, seg.volume_note
+    factors = PatientFactors(1.75, 70.0, "M", 60.0)
+    m = Measure(load_table()).run(MeasureInput(vol, seg, factors))
+    assert not [f for f in m.gates["failed"] if f["gate"] == "trend"], m.gates
+    assert m.areas["psoas_left"].value is not None
+    k = seg.level.slice_index
+    assert k is not None
+    reach = int(round(10.0 / vol.slice_spacing))
+    hu = vol.hu.copy()
+    masks, vms = dict(seg.slice_seg.masks), dict(seg.volume_masks)
+    near = [dict(n) for n in seg.neighbour_masks]
+    for key in ("psoas_left", "psoas_right"):  # an organ lying across both (the duodenum), taken in with each
+        vm = vms[key] = vms[key].copy()
+        for kk in range(k - reach, k + reach + 1):
+            organ = ndi.binary_dilation(vm[kk], iterations=2) & ~vm[kk]
+            hu[kk][organ] = 40.0
+            vm[kk] |= organ
+        assert vm[k].sum() >= 2.0 * masks[key].sum()
+        masks[key] = vm[k]
+        for n, kk in zip(near, (k - 1, k + 1), strict=True):
+            n[key] = vm[kk]
+    joined = replace(seg, slice_seg=replace(seg.slice_seg, masks=masks), volume_masks=vms, neighbour_masks=tuple(near))
+    vol = replace(vol, hu=hu)
+    m = Measure(load_table()).run(MeasureInput(vol, joined, factors))
+    assert not [f for f in m.gates["failed"] if f["gate"] == "slice consistency"], m.gates
+    for key in ("psoas_left", "psoas_right"):
+        v = m.areas[key]
+        assert v.value is None and "trend" in v.reason, v
+        assert m.mean_hu[key].value is None
+        assert any(f["gate"] == "trend" and f["key"] == key for f in m.gates["failed"])
+    assert m.areas["erector_left"].value is not None
+
+
 def test_unstable_3d_outline_makes_the_volume_not_evaluable(tmp_path: Path) -> None:
     """Measure judges each 3D muscle slice by slice (the continuity gate): the phantom's smooth muscles file their
     volumes; a psoas missed on every third slice of L5-L1 gets its volume and mean HU "not evaluable" with the

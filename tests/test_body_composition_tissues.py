@@ -817,6 +817,41 @@ def test_continuity_gate_judges_a_3d_muscle_slice_by_slice() -> None:
     assert continuity_reason("skeletal_muscle", bad, 5.0, gates) is None  # no row: no gate
 
 
+def test_trend_gate_judges_the_level_slice_against_the_muscles_course() -> None:
+    """An organ lying on the psoas at L3 (the third part of the duodenum, 2-3 cm tall) is joined on the level slice
+    and on the slices next to it, so the neighbour consistency gate sees no jump; the line through the psoas' areas
+    15-35 mm above and below does, and a value half as large again is not evaluable with both numbers.  A psoas
+    growing smoothly passes, and so does a right value under a line raised by organs on the far slices; a level too
+    near the end of the range is not judged; each row names its level."""
+    from pipelines.body_composition.plausibility import trend_expected, trend_reason
+
+    gates = load_gates()
+    (g,) = [t for t in gates.trend if t.key == "psoas_left"]
+    assert g.level == "L3" and g.near_mm >= 15.0  # beyond the reach of an organ 2-3 cm tall centred on the level
+    course = [2.0 + 0.2 * i for i in range(17)]  # 5 mm slices, L1 to L5: 2 to 5.2 cm2
+    at = 8
+    assert trend_expected(course, at, 5.0, g) == pytest.approx(course[at])
+    assert trend_reason("psoas_left", course[at], course, at, 5.0, gates, "L3") is None
+    joined = list(course)
+    for k in range(at - 2, at + 3):  # the organ on the level slice and 10 mm either side
+        joined[k] *= 2.0
+    reason = trend_reason("psoas_left", joined[at], joined, at, 5.0, gates, "L3")
+    assert reason is not None and "trend" in reason and "7.2 cm2" in reason and "3.6 cm2" in reason, reason
+    # one-sided: an organ joined on the far slices raises the line, and a right value below it is not held back (a
+    # muscle cut short is left to the other gates)
+    far = [2.0 * a if abs(i - at) >= 3 else a for i, a in enumerate(course)]
+    assert trend_reason("psoas_left", far[at], far, at, 5.0, gates, "L3") is None
+    # on 1 mm slices the same course
+    fine = np.interp(np.arange(81) / 5.0, np.arange(17), course).tolist()
+    assert trend_reason("psoas_left", fine[40], fine, 40, 1.0, gates, "L3") is None
+    assert trend_reason("psoas_left", 2.0 * fine[40], fine, 40, 1.0, gates, "L3") is not None
+    # the level 10 mm from the range's end: nothing beyond 15 mm on that side, not judged
+    assert trend_expected(course, 2, 5.0, g) is None
+    assert trend_reason("psoas_left", 10.0, course, 2, 5.0, gates, "L3") is None
+    assert trend_reason("psoas_left", joined[at], joined, at, 5.0, gates, "C3") is None  # no C3 row
+    assert trend_reason("erector_left", joined[at], joined, at, 5.0, gates, "L3") is None  # no row: no gate
+
+
 def test_gate_refuses_a_one_sided_find_unless_the_edge_cut_the_other() -> None:
     a, m = _values(**GOOD)
     a["psoas_right"] = Value(None, "cm2", "structure not found on the level slice")

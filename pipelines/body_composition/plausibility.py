@@ -7,6 +7,7 @@ them and applies them to one level's areas and mean HU.  A value that fails a ga
 
 from __future__ import annotations
 
+import logging
 import tomllib
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
@@ -17,6 +18,8 @@ import numpy as np
 from numpy.typing import NDArray
 
 from pipelines.body_composition.types import WHOLE_SLICE, SliceSegmentation, Value
+
+logger = logging.getLogger(__name__)
 
 GATES_PATH = Path(__file__).with_name("plausibility.toml")
 
@@ -63,6 +66,21 @@ class Continuity:
 
 
 @dataclass(frozen=True)
+class Trend:
+    """A named muscle's area on the level slice against its own course along the spine: the line through the median
+    areas of the slices ``near_mm`` to ``far_mm`` above and of those below the level slice.  One-sided: only an area
+    larger than the line's value by more than ``max_change`` fails (an organ joined on the level slice and its
+    neighbours); an organ joined on the far slices raises the line, which must not hold back a right value."""
+
+    key: str
+    level: str
+    near_mm: float  # the slices nearer than this are not used (an organ lying on the muscle reaches them too)
+    far_mm: float
+    max_change: float  # (area - the line's value at the level slice) / that value
+    source: str
+
+
+@dataclass(frozen=True)
 class Gates:
     version: str
     ranges: tuple[Bound, ...]
@@ -77,6 +95,7 @@ class Gates:
     metal_source: str = ""
     consistency: tuple[Consistency, ...] = ()
     continuity: tuple[Continuity, ...] = ()
+    trend: tuple[Trend, ...] = ()
 
 
 def load_gates(path: Path = GATES_PATH) -> Gates:
@@ -96,6 +115,7 @@ def load_gates(path: Path = GATES_PATH) -> Gates:
         metal_source=str(data.get("metal", {}).get("source", "")),
         consistency=tuple(Consistency(**r) for r in data.get("consistency", [])),
         continuity=tuple(Continuity(**r) for r in data.get("continuity", [])),
+        trend=tuple(Trend(**r) for r in data.get("trend", [])),
     )
 
 
@@ -134,6 +154,43 @@ def continuity_reason(key: str, areas: Sequence[float], slice_mm: float, gates: 
             return (f"implausible (continuity): the outline is unstable on {bad} of {judged} slices along L5-L1 (area "
                     f"more than {100 * g.max_change:.0f} % from its neighbours' within {g.reach_mm:g} mm, or missing "
                     f"beside them; at most {100 * g.max_unstable:.0f} % may be): the volume would not be the muscle's")
+    return None
+
+
+def trend_expected(areas: Sequence[float], at: int, slice_mm: float, gate: Trend) -> float | None:
+    """The area a muscle's course along the spine puts on slice ``at`` of ``areas`` (its per-slice areas along its
+    range): the line through (median distance, median area) of the slices ``gate.near_mm`` to ``gate.far_mm`` on each
+    side where the muscle was found.  None where either side has no such slice (the level near the range's end)."""
+    a = np.asarray(areas, dtype=np.float64)
+    if slice_mm <= 0 or not 0 <= at < a.size:
+        return None
+    dz = (np.arange(a.size) - at) * slice_mm
+    use = (np.abs(dz) >= gate.near_mm - 1e-6) & (np.abs(dz) <= gate.far_mm + 1e-6) & (a > 0)
+    lo, hi = use & (dz < 0), use & (dz > 0)
+    if not lo.any() or not hi.any():
+        return None
+    z0, a0 = float(np.median(dz[lo])), float(np.median(a[lo]))
+    z1, a1 = float(np.median(dz[hi])), float(np.median(a[hi]))
+    return a0 + (a1 - a0) * (0.0 - z0) / (z1 - z0)
+
+
+def trend_reason(key: str, value: float, areas: Sequence[float], at: int, slice_mm: float, gates: Gates,
+                 level: str) -> str | None:
+    """Why ``value`` (``key``'s area on the level slice, slice ``at`` of ``areas``) is not evaluable by its trend
+    gate (None: it passes, has no gate, or is not judged)."""
+    for g in gates.trend:
+        if g.key != key or g.level != level:
+            continue
+        want = trend_expected(areas, at, slice_mm, g)
+        if want is None or want <= 0.0:
+            continue
+        change = (value - want) / want
+        logger.debug("trend gate %s: %.2f cm2 on the level slice, %.2f cm2 from its course (%+.0f %%)", key, value,
+                     want, 100.0 * change)
+        if change > g.max_change:
+            return (f"implausible (trend): {key.replace('_', ' ')} {value:.1f} cm2 on the level slice against "
+                    f"{want:.1f} cm2 from its course along the spine ({g.near_mm:g}-{g.far_mm:g} mm above and below): "
+                    f"{100 * change:.0f} % larger (> {100 * g.max_change:.0f} %): an organ lying on it is taken in")
     return None
 
 

@@ -25,6 +25,7 @@ from pipelines.body_composition.plausibility import (
     load_gates,
     metal_in_volume,
     metal_mm2,
+    trend_reason,
 )
 from pipelines.body_composition.reference import (
     Classification,
@@ -337,6 +338,20 @@ class Measure:
         areas, means, failed = apply_gates(level, areas, means, seg.slice_seg, self.gates,
                                            metal_mm2(hu, body, vol.pixel_area_mm2, self.gates), near,
                                            vol.slice_spacing if near else 0.0)
+        if seg.volume_range is not None and 0 <= k - seg.volume_range[0] <= seg.volume_range[1] - seg.volume_range[0]:
+            # the level slice's area against the muscle's own course along the spine, beyond what an organ lying on it
+            # reaches (the neighbour slices' consistency gate cannot see an organ that spans them too)
+            k0, k1 = seg.volume_range
+            for g in self.gates.trend:
+                vm, val = seg.volume_masks.get(g.key), areas.get(g.key)
+                if vm is None or val is None or val.value is None or g.level != level:
+                    continue
+                per_slice = np.count_nonzero(vm[k0 : k1 + 1], axis=(1, 2)) * px_cm2
+                why = trend_reason(g.key, val.value, per_slice.tolist(), k - k0, vol.slice_spacing, self.gates, level)
+                if why:
+                    areas[g.key] = Value(None, "cm2", why)
+                    means[g.key] = Value(None, "HU", why)
+                    failed.append({"key": g.key, "gate": "trend", "reason": why, "source": g.source})
         if level == "C3" and areas["skeletal_muscle"].value is not None:
             # Swartz 2016: the C3 area is the paravertebral muscles plus BOTH sternocleidomastoids
             # (a part parted from its neighbour by a line is in the sum all the same)
