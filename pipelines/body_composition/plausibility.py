@@ -69,7 +69,7 @@ class Continuity:
 class Trend:
     """A named muscle's area on the level slice against its own course along the spine: the line through the median
     areas of the slices ``near_mm`` to ``far_mm`` above and of those below the level slice.  One-sided: only an area
-    larger than the line's value by more than ``max_change`` fails (an organ joined on the level slice and its
+    larger than the line's value by more than ``max_change`` of it fails (an organ joined on the level slice and its
     neighbours); an organ joined on the far slices raises the line, which must not hold back a right value."""
 
     key: str
