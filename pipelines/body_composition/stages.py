@@ -338,10 +338,10 @@ class Measure:
         areas, means, failed = apply_gates(level, areas, means, seg.slice_seg, self.gates,
                                            metal_mm2(hu, body, vol.pixel_area_mm2, self.gates), near,
                                            vol.slice_spacing if near else 0.0)
-        if seg.volume_range is not None and 0 <= k - seg.volume_range[0] <= seg.volume_range[1] - seg.volume_range[0]:
+        k0, k1 = seg.volume_range if seg.volume_range is not None else (0, -1)
+        if k0 <= k <= k1:
             # the level slice's area against the muscle's own course along the spine, beyond what an organ lying on it
             # reaches (the neighbour slices' consistency gate cannot see an organ that spans them too)
-            k0, k1 = seg.volume_range
             for g in self.gates.trend:
                 vm, val = seg.volume_masks.get(g.key), areas.get(g.key)
                 if vm is None or val is None or val.value is None or g.level != level:
