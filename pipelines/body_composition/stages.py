@@ -339,6 +339,15 @@ class Measure:
                                            metal_mm2(hu, body, vol.pixel_area_mm2, self.gates), near,
                                            vol.slice_spacing if near else 0.0)
         k0, k1 = seg.volume_range if seg.volume_range is not None else (0, -1)
+        courses: dict[str, list[float]] = {}
+
+        def course(key: str, vm: NDArray[np.bool_]) -> list[float]:
+            """The 3D mask's area (cm2) on each slice of the volume range, counted once for the trend and the
+            continuity gates."""
+            if key not in courses:
+                courses[key] = (np.count_nonzero(vm[k0 : k1 + 1], axis=(1, 2)) * px_cm2).tolist()
+            return courses[key]
+
         if k0 <= k <= k1:
             # the level slice's area against the muscle's own course along the spine, beyond what an organ lying on it
             # reaches (the neighbour slices' consistency gate cannot see an organ that spans them too)
@@ -346,8 +355,7 @@ class Measure:
                 vm, val = seg.volume_masks.get(g.key), areas.get(g.key)
                 if vm is None or val is None or val.value is None or g.level != level:
                     continue
-                per_slice = np.count_nonzero(vm[k0 : k1 + 1], axis=(1, 2)) * px_cm2
-                why = trend_reason(g.key, val.value, per_slice.tolist(), k - k0, vol.slice_spacing, self.gates, level)
+                why = trend_reason(g.key, val.value, course(g.key, vm), k - k0, vol.slice_spacing, self.gates, level)
                 if why:
                     areas[g.key] = Value(None, "cm2", why)
                     means[g.key] = Value(None, "HU", why)
@@ -366,7 +374,6 @@ class Measure:
         if level != "C3":
             metal = None
             if seg.volume_range is not None:
-                k0, k1 = seg.volume_range
                 metal = metal_in_volume(vol.hu[k0 : k1 + 1], k0, vol.pixel_area_mm2, self.gates)
             for key in NAMED_MUSCLES:
                 vm = seg.volume_masks.get(key)
@@ -377,9 +384,7 @@ class Measure:
                 idx = np.flatnonzero(vm) if vm is not None and not metal else None
                 unstable = None
                 if vm is not None and seg.volume_range is not None and not metal:
-                    k0, k1 = seg.volume_range
-                    per_slice = np.count_nonzero(vm[k0 : k1 + 1], axis=(1, 2)) * vol.pixel_area_mm2 / 100.0
-                    unstable = continuity_reason(key, per_slice.tolist(), vol.slice_spacing, self.gates)
+                    unstable = continuity_reason(key, course(key, vm), vol.slice_spacing, self.gates)
                 no_volume = metal or unstable
                 if no_volume:
                     volumes[key] = Value(None, "cm3", no_volume)
