@@ -450,11 +450,35 @@ def test_a_short_body_between_two_disc_slices_is_kept_at_5mm() -> None:
     prof = np.array([1.22, 1.00, 1.17, 1.17, 0.67, -0.40, 1.09, 1.25, -0.35, 0.01, 1.42, 1.40, 1.36, 1.29])
     ctx.n, ctx.p, ctx.dz, ctx.dim, ctx.skull_from = prof.size, LevelParams(), 5.0, False, None
     ctx.prof_n = ctx.body_n = prof
+    ctx.raw_prof = 100.0 + 100.0 * prof  # HU: bodies 200-240, discs 60-100
     segs = ctx.segments([4.9, 8.3])
     assert [(s.first, s.last) for s in segs] == [(0, 4), (6, 7), (10, 13)]
     # the same discs with soft tissue between them (beyond the end of the column): no vertebra there
     ctx.prof_n = ctx.body_n = np.where(np.arange(prof.size) == 6, 0.2, np.where(np.arange(prof.size) == 7, 0.1, prof))
+    ctx.raw_prof = 100.0 + 100.0 * ctx.prof_n
     assert [(s.first, s.last) for s in ctx.segments([4.9, 8.3])] == [(0, 4), (10, 13)]
+
+
+def test_a_body_between_two_bright_disc_bands_is_kept_at_5mm() -> None:
+    """On 5 mm slices narrowed discs with sclerotic endplates are bright bands (300 HU), not dips, and the profile's
+    10th percentile, which the normalised profile counts from, is the lowest bodies' own bone.  The degenerated aged
+    phantom (bench/level_aged.py): L5 at 160 HU between the L5/S1 and L4/L5 bands read 0.1 of the bodies' plateau
+    and was dropped as "no vertebral body", and with it the sacrum's vote (the finder fell back to one anchor).  A
+    segment between two discs whose HU is bone is a vertebra; its body is the slices at bone HU."""
+    from pipelines.body_composition.levels import LevelParams, _Ctx
+
+    ctx = object.__new__(_Ctx)
+    # slices 6-17 of that run: sacrum top, L5/S1 band, L5, L4/L5 band, L4
+    raw = np.array([165.0, 163, 298, 326, 161, 163, 161, 174, 316, 334, 169, 172])
+    ctx.n, ctx.p, ctx.dz, ctx.dim, ctx.skull_from = raw.size, LevelParams(), 5.0, False, None
+    ctx.raw_prof = raw
+    ctx.prof_n = ctx.body_n = (raw - 158.0) / 30.0
+    segs = ctx.segments([2.6, 8.6])
+    assert [(s.first, s.last) for s in segs if not (s.edge_lo or s.edge_hi)] == [(3, 8)]
+    # soft tissue (a disc's 90 HU) between the same two bands is still no vertebra
+    ctx.raw_prof = np.where((np.arange(raw.size) >= 4) & (np.arange(raw.size) <= 7), 90.0, raw)
+    ctx.prof_n = ctx.body_n = (ctx.raw_prof - 158.0) / 30.0
+    assert [(s.first, s.last) for s in ctx.segments([2.6, 8.6]) if not (s.edge_lo or s.edge_hi)] == []
 
 
 def test_a_dim_spine_on_thick_overlapping_slices_is_read(tmp_path: Path) -> None:

@@ -642,8 +642,11 @@ class _Builder:
         self.y: NDArray[np.float64] = c + (10.0 if not neck else 5.0)
         self.X, self.Y = np.meshgrid(self.x, self.y)
         # sub-planes across the slice thickness (odd count, the middle one carries the labels); with overlapping
-        # slices (spacing under the thickness) neighbouring slices' sub-planes interleave: ``zf`` is not sorted
-        nsub = max(1, int(np.ceil(spec.slice_mm / 2.0)))
+        # slices (spacing under the thickness) neighbouring slices' sub-planes interleave: ``zf`` is not sorted.
+        # At most 1 mm apart, the finest structure along z (the VerSe masks' 1 mm voxels, the 1 mm cortical
+        # endplates): a real slice integrates its whole slab, and sub-planes 1.67 mm apart (5 mm slices) hit a 1 mm
+        # endplate or missed it, so an osteoporotic body's endplates came and went from slice to slice
+        nsub = max(1, int(np.ceil(spec.slice_mm / 1.0)))
         nsub += 1 - nsub % 2
         self.nsub = nsub
         offs = (np.arange(nsub) - (nsub - 1) / 2.0) * (spec.slice_mm / nsub)
