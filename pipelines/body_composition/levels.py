@@ -953,6 +953,11 @@ class _Ctx:
                                     si, {"L5"}))
                     elif si is not None:
                         self.notes.append("sacrum found but the vertebra above it touches the edge")
+                    else:
+                        # said, not silent: the sacrum's vote is lost (before the bright-band fix, the degenerated
+                        # spine's L5 went this way with no word in the notes)
+                        self.notes.append(f"sacrum on {self.where(a, b)} but no vertebral body found above its L5/S1 "
+                                          "disc")
                 else:
                     self.notes.append(f"sacrum on {self.where(a, b)} but no L5/S1 disc found above it")
         # iliac crests: the run of iliac slices from the bottom (or the sacrum) upward
