@@ -865,8 +865,9 @@ class _Ctx:
             # the 10th percentile is the lowest bodies' own cancellous bone (the aged phantom: L5 at 160 HU between
             # two 300 HU bands read 0.1 and was dropped, and with it the sacrum's vote)
             raw = self.raw_prof[i0 : i1 + 1] if i0 <= i1 else self.raw_prof[first : last + 1]
-            bone_hu = between_discs and float(np.median(raw)) >= self.p.dim_body_hu
-            if float(np.median(inner)) < 0.4 and not (self.dim and between_discs) and not bone_hu:
+            low = float(np.median(inner)) < 0.4
+            by_hu = low and between_discs and float(np.median(raw)) >= self.p.dim_body_hu
+            if low and not (self.dim and between_discs) and not by_hu:
                 # no vertebral body between these discs (beyond the end of the column); with dim bodies a short
                 # body between two discs has its two endplates within a disc's reach of each other: it stays
                 continue
@@ -878,10 +879,10 @@ class _Ctx:
                 f2, l2 = max(first, int(round(a)) + 1), min(last, int(round(b)) - 1)
                 if f2 <= l2:
                     first, last = f2, l2
-            body = np.nonzero(self.body_n[first : last + 1] >= 0.5)[0]
-            if bone_hu and float(np.median(inner)) < 0.4:
-                # kept for its HU alone: its slices are read the same way, the disc slices left out
+            if by_hu:  # kept for its HU alone: its body is the slices at bone HU, the disc slices left out
                 body = np.nonzero(self.raw_prof[first : last + 1] >= self.p.dim_body_hu)[0]
+            else:
+                body = np.nonzero(self.body_n[first : last + 1] >= 0.5)[0]
             if body.size:
                 first, last = first + int(body[0]), first + int(body[-1])
             segs.append(_Seg(lo=a, hi=b, first=first, last=last, edge_lo=a < 0, edge_hi=b > n - 1))
