@@ -96,6 +96,7 @@ def main() -> None:
     with_all = {"wrong filed": 0, "wrong caught": 0, "right filed": 0, "right gated": 0}
     no_trend = dict(with_all)
     by_trend = 0
+    alone = {"outline": [0, 0], "trend": [0, 0]}  # gate -> [wrong, right] values it alone held back
     t0 = time.perf_counter()
     tmp = Path(tempfile.mkdtemp(prefix="bench-psoas-filed-"))
     try:
@@ -116,6 +117,8 @@ def main() -> None:
                         no_trend[("wrong " if wrong else "right ") + ("filed" if filed_nt else
                                                                        ("caught" if wrong else "gated"))] += 1
                         by_trend += status == "trend"
+                        if status in alone:
+                            alone[status][0 if wrong else 1] += 1
                     print(f"{hab:8s} {contact:9s} {phase:5s} {seed:4d}  {cells[0]:>30s}  {cells[1]:>30s}", flush=True)
                     shutil.rmtree(tmp / f"{hab}-{contact}-{phase}-{seed}", ignore_errors=True)
     finally:
@@ -124,6 +127,7 @@ def main() -> None:
           + ", ".join(f"{k} {v}" for k, v in with_all.items()))
     print("                                  without the trend gate: "
           + ", ".join(f"{k} {v}" for k, v in no_trend.items()) + f"  ({by_trend} held back by the trend gate alone)")
+    print("held back by one gate alone: " + ", ".join(f"{g} {w} wrong and {r} right" for g, (w, r) in alone.items()))
     print(f"({time.perf_counter() - t0:.0f} s; {a.rows} rows, {a.slice_mm:g} mm slices)")
 
 

@@ -634,7 +634,8 @@ def test_c3_structures_are_swartz(tmp_path: Path) -> None:
 
 
 def _measure(seg: SliceSegmentation, hu: np.ndarray, level: str, factors: PatientFactors) -> Any:  # type: ignore[type-arg]
-    vol = SimpleNamespace(hu=hu[None], pixel_area_mm2=1.0, voxel_volume_mm3=1.0)
+    vol = SimpleNamespace(hu=hu[None], pixel_area_mm2=1.0, pixel_spacing=(1.0, 1.0),
+                          voxel_volume_mm3=1.0)
     lr = LevelResult(level=level, slice_index=0, vertebrae=(), spine_centre_rc=(0.0, 0.0))
     s = Segmentation(level=lr, slice_seg=seg)
     return Measure(load_table()).run(MeasureInput(vol, s, factors))  # type: ignore[arg-type]
@@ -975,3 +976,46 @@ def test_marbled_obese_psoas_is_not_opened_away() -> None:
     old, new = _psoas_at_l3("obese", 512, "right", [TissueParams(psoas_bridge_mm=2.0), TissueParams()])
     assert old < -0.30, old
     assert abs(new) < 0.15, new
+
+
+def test_outline_gate_refuses_a_psoas_whose_edge_the_image_does_not_show() -> None:
+    """The outline gate measures how much of a psoas outline runs through tissue of its own density, with no fat plane
+    and no bone beside it.  A psoas in retroperitoneal fat, against the vertebral body, shows its whole edge; one with
+    unenhanced organs and vessels of its density pressed on it all round (a thin patient's kidney, duodenum and vena
+    cava on a non-contrast scan) shows little of it, and its area is the segmenter's guess: not evaluable, with the
+    share in the reason.  An enhancing organ (60 HU and more above the muscle) shows the edge as fat does; noise and
+    tissue a little denser than muscle do not."""
+    from pipelines.body_composition.plausibility import unseen_outline
+
+    gates = load_gates()
+    (g,) = [o for o in gates.outline if o.key == "psoas_left"]
+    assert g.level == "L3" and 0.0 < g.max_unseen < 1.0
+    rng = np.random.default_rng(0)
+    yy, xx = np.mgrid[:160, :160].astype(np.float64)
+    psoas = (yy - 80.0) ** 2 / 18.0 ** 2 + (xx - 80.0) ** 2 / 14.0 ** 2 <= 1.0  # 1 mm pixels: about 7.9 cm2
+    body = (yy - 80.0) ** 2 / 16.0 ** 2 + (xx - 114.0) ** 2 / 20.0 ** 2 <= 1.0  # vertebral body, medial
+    ring = (yy - 80.0) ** 2 / 30.0 ** 2 + (xx - 80.0) ** 2 / 26.0 ** 2 <= 1.0
+    noise = rng.normal(0.0, 12.0, psoas.shape)
+
+    def slice_with(around: float) -> np.ndarray:
+        hu = np.full(psoas.shape, -100.0)
+        hu[ring & ~psoas] = around  # what touches the psoas: fat (-100), an unenhanced organ (35), an enhancing one
+        hu[psoas] = 45.0
+        hu[body] = 250.0
+        return (hu + noise).astype(np.float32)
+
+    in_fat = unseen_outline(psoas, slice_with(-100.0), (1.0, 1.0), g)
+    touched = unseen_outline(psoas, slice_with(35.0), (1.0, 1.0), g)
+    enhancing = unseen_outline(psoas, slice_with(180.0), (1.0, 1.0), g)
+    assert in_fat == 0.0 and enhancing == 0.0, (in_fat, enhancing)
+    assert unseen_outline(psoas, slice_with(90.0), (1.0, 1.0), g) == pytest.approx(touched, abs=0.05)
+    assert touched > g.max_unseen, touched  # only the side against the vertebral body is seen
+    assert unseen_outline(np.zeros_like(psoas), slice_with(35.0), (1.0, 1.0), g) == 0.0
+    a, m = _values(**GOOD)
+    a2, m2, failed = apply_gates("L3", a, m, _fake_seg(), gates, unseen={"psoas_left": touched, "psoas_right": in_fat})
+    assert a2["psoas_left"].value is None and m2["psoas_left"].value is None
+    assert "outline" in a2["psoas_left"].reason and f"{100 * touched:.0f} %" in a2["psoas_left"].reason
+    assert a2["psoas_right"].value == GOOD["psoas_right"]  # the other side stands (its symmetry is on the raw values)
+    assert [f["key"] for f in failed if f["gate"] == "outline"] == ["psoas_left"]
+    a3, _, _ = apply_gates("C3", *_values(**GOOD), _fake_seg(level="C3"), gates, unseen={"psoas_left": touched})
+    assert a3["psoas_left"].value == GOOD["psoas_left"]  # each row names its level

@@ -16,6 +16,7 @@ from typing import Any
 
 import numpy as np
 from numpy.typing import NDArray
+from scipy import ndimage as ndi
 
 from pipelines.body_composition.types import WHOLE_SLICE, SliceSegmentation, Value
 
@@ -81,6 +82,21 @@ class Trend:
 
 
 @dataclass(frozen=True)
+class Outline:
+    """How much of a named muscle's outline on the level slice the image shows: an edge pixel is seen where fat (its
+    plane) or denser tissue (bone, an enhancing vessel or organ) lies within ``reach_mm``; elsewhere the outline runs
+    through tissue of the muscle's own density, where the segmenter's rules drew it and the image cannot confirm it."""
+
+    key: str
+    level: str
+    fat_max_hu: float  # tissue at or below this (lightly smoothed) is fat: a plane that shows the edge
+    dense_above_hu: float  # tissue this far above the muscle's own median HU (bone, enhancing) shows it as well
+    reach_mm: float  # an edge pixel this near such tissue is seen
+    max_unseen: float  # the share of the edge that may run unseen
+    source: str
+
+
+@dataclass(frozen=True)
 class Gates:
     version: str
     ranges: tuple[Bound, ...]
@@ -96,6 +112,7 @@ class Gates:
     consistency: tuple[Consistency, ...] = ()
     continuity: tuple[Continuity, ...] = ()
     trend: tuple[Trend, ...] = ()
+    outline: tuple[Outline, ...] = ()
 
 
 def load_gates(path: Path = GATES_PATH) -> Gates:
@@ -116,6 +133,7 @@ def load_gates(path: Path = GATES_PATH) -> Gates:
         consistency=tuple(Consistency(**r) for r in data.get("consistency", [])),
         continuity=tuple(Continuity(**r) for r in data.get("continuity", [])),
         trend=tuple(Trend(**r) for r in data.get("trend", [])),
+        outline=tuple(Outline(**r) for r in data.get("outline", [])),
     )
 
 
@@ -194,6 +212,36 @@ def trend_reason(key: str, value: float, areas: Sequence[float], at: int, slice_
     return None
 
 
+def unseen_outline(mask: NDArray[np.bool_], hu: NDArray[np.float32], spacing: tuple[float, float], gate: Outline
+                   ) -> float:
+    """The share of ``mask``'s edge (its pixels beside the background) that no fat and no denser tissue lies within
+    ``gate.reach_mm`` of: where the outline runs through tissue of the muscle's own density (an unenhanced organ, a
+    vessel or another muscle touching it without a fat plane).  Denser is ``gate.dense_above_hu`` above the median HU
+    inside ``mask`` (bone, an enhancing organ or vessel: its edge shows on a contrast scan and not on a plain one).
+    The HU are smoothed by 0.7 mm first, so noise does not make fat or bone of soft tissue.  0 for an empty mask."""
+    if not mask.any():
+        return 0.0
+    dy, dx = spacing
+    smooth = ndi.gaussian_filter(hu.astype(np.float32), sigma=(0.7 / dy, 0.7 / dx))
+    dense = float(np.median(hu[mask])) + gate.dense_above_hu
+    shows = (smooth <= gate.fat_max_hu) | (smooth >= dense)
+    edge = mask & ~ndi.binary_erosion(mask)
+    far = ndi.distance_transform_edt(~shows, sampling=spacing) > gate.reach_mm
+    return float(np.count_nonzero(edge & far)) / float(np.count_nonzero(edge))
+
+
+def outline_reason(key: str, unseen: float, gates: Gates, level: str) -> str | None:
+    """Why ``key``'s area is not evaluable by its outline gate, given its :func:`unseen_outline` share (None: it
+    passes or has no gate)."""
+    for g in gates.outline:
+        if g.key == key and g.level == level and unseen > g.max_unseen:
+            return (f"{key.replace('_', ' ')}: {100 * unseen:.0f} % of its outline on the level slice runs through "
+                    f"tissue of its own density, with no fat plane or bone within {g.reach_mm:g} mm (> "
+                    f"{100 * g.max_unseen:.0f} %): organs or vessels touch it there and the image does not show where "
+                    "it ends")
+    return None
+
+
 def metal_mm2(hu: NDArray[np.float32], body: NDArray[np.bool_], pixel_area_mm2: float, gates: Gates) -> float:
     """Area (mm2) of ``body`` above the metal threshold: implants (pedicle screws, rods, clips, a prosthesis)."""
     return float(np.count_nonzero((hu > gates.metal_hu) & body)) * pixel_area_mm2
@@ -212,11 +260,13 @@ def metal_in_volume(hu: NDArray[np.float32], first: int, pixel_area_mm2: float, 
 
 def apply_gates(level: str, areas: Mapping[str, Value], means: Mapping[str, Value], seg: SliceSegmentation,
                 gates: Gates, metal_mm2: float = 0.0, neighbour_areas: Sequence[Mapping[str, float]] = (),
-                neighbour_mm: float = 0.0) -> tuple[dict[str, Value], dict[str, Value], list[dict[str, Any]]]:
+                neighbour_mm: float = 0.0, unseen: Mapping[str, float] | None = None
+                ) -> tuple[dict[str, Value], dict[str, Value], list[dict[str, Any]]]:
     """Areas and mean HU with every value that fails a gate replaced by "not evaluable" (reason = the gate).
 
     ``metal_mm2``: the metal on the level slice (:func:`metal_mm2`).  ``neighbour_areas``: the named muscles'
-    areas (cm2) on the slices just above and below the level slice, ``neighbour_mm`` away."""
+    areas (cm2) on the slices just above and below the level slice, ``neighbour_mm`` away.  ``unseen``: the named
+    muscles' :func:`unseen_outline` shares on the level slice."""
     a, m = dict(areas), dict(means)
     failed: list[dict[str, Any]] = []
 
@@ -295,6 +345,12 @@ def apply_gates(level: str, areas: Mapping[str, Value], means: Mapping[str, Valu
             fail(c.key, "slice consistency", f"{name} {val:.1f} cm2 on the level slice against {ref:.1f} cm2 on "
                  f"the slices next to it ({neighbour_mm:.1f} mm away): {100 * change:.0f} % apart (> "
                  f"{100 * c.max_change:.0f} %)", c.source)
+    # an outline the image does not show (organs of the muscle's density touching it all round) is the segmenter's
+    # guess, however plausible its area
+    for key, share in (unseen or {}).items():
+        why = outline_reason(key, share, gates, level) if raw.get(key) is not None else None
+        if why:
+            fail(key, "outline", why, next(g.source for g in gates.outline if g.key == key))
     for s in gates.symmetry:
         if s.left not in a or s.right not in a:
             continue

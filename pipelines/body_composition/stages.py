@@ -26,6 +26,7 @@ from pipelines.body_composition.plausibility import (
     metal_in_volume,
     metal_mm2,
     trend_reason,
+    unseen_outline,
 )
 from pipelines.body_composition.reference import (
     Classification,
@@ -335,9 +336,11 @@ class Measure:
                 means[key] = Value(float(hu[m].mean()), "HU")
         body = seg.slice_seg.body if seg.slice_seg.limbs is None else seg.slice_seg.body | seg.slice_seg.limbs
         near = [{key: float(m.sum()) * px_cm2 for key, m in n.items() if key in named} for n in seg.neighbour_masks]
+        unseen = {g.key: unseen_outline(seg.slice_seg.masks[g.key], hu, vol.pixel_spacing, g)
+                  for g in self.gates.outline if g.level == level and g.key in seg.slice_seg.masks}
         areas, means, failed = apply_gates(level, areas, means, seg.slice_seg, self.gates,
                                            metal_mm2(hu, body, vol.pixel_area_mm2, self.gates), near,
-                                           vol.slice_spacing if near else 0.0)
+                                           vol.slice_spacing if near else 0.0, unseen)
         k0, k1 = seg.volume_range if seg.volume_range is not None else (0, -1)
         courses: dict[str, list[float]] = {}
 
