@@ -1011,6 +1011,10 @@ def test_outline_gate_refuses_a_psoas_whose_edge_the_image_does_not_show() -> No
     assert unseen_outline(psoas, slice_with(90.0), (1.0, 1.0), g) == pytest.approx(touched, abs=0.05)
     assert touched > g.max_unseen, touched  # only the side against the vertebral body is seen
     assert unseen_outline(np.zeros_like(psoas), slice_with(35.0), (1.0, 1.0), g) == 0.0
+    # on 3 mm pixels the fat in the next pixel shows the edge (its centre lies 3 mm away, beyond reach_mm)
+    coarse = np.s_[::3, ::3]
+    assert unseen_outline(psoas[coarse], slice_with(-100.0)[coarse], (3.0, 3.0), g) == 0.0
+    assert unseen_outline(psoas[coarse], slice_with(35.0)[coarse], (3.0, 3.0), g) > g.max_unseen
     a, m = _values(**GOOD)
     a2, m2, failed = apply_gates("L3", a, m, _fake_seg(), gates, unseen={"psoas_left": touched, "psoas_right": in_fat})
     assert a2["psoas_left"].value is None and m2["psoas_left"].value is None
@@ -1019,3 +1023,29 @@ def test_outline_gate_refuses_a_psoas_whose_edge_the_image_does_not_show() -> No
     assert [f["key"] for f in failed if f["gate"] == "outline"] == ["psoas_left"]
     a3, _, _ = apply_gates("C3", *_values(**GOOD), _fake_seg(level="C3"), gates, unseen={"psoas_left": touched})
     assert a3["psoas_left"].value == GOOD["psoas_left"]  # each row names its level
+
+
+def test_level_area_is_not_evaluable_where_the_3d_outline_swings_around_it() -> None:
+    """The continuity gate's psoas rows also judge the slices within 15 mm of the L3 slice: where more than 40 % of
+    them are unstable (an organ taken in on one slice and not the next, a fatty psoas cut short on some), the L3
+    area is one draw of that and not evaluable, even when the slices next to it swing with it.  A smooth course, or
+    one unstable slice far from the level, passes; the bound is per level and per row."""
+    from pipelines.body_composition.plausibility import around_level_reason
+
+    gates = load_gates()
+    (g,) = [c for c in gates.continuity if c.key == "psoas_left"]
+    assert g.around_level_mm == 15.0 and g.around_levels == ("L3",)
+    smooth = [4.0 + 0.5 * i for i in range(17)]  # 5 mm slices, L1 to L5
+    at = 8
+    assert around_level_reason("psoas_left", smooth, at, 5.0, gates, "L3") is None
+    far = list(smooth)
+    far[1] = 20.0  # one slice outlined wrong, beyond 15 mm of the level
+    assert around_level_reason("psoas_left", far, at, 5.0, gates, "L3") is None
+    swings = list(smooth)
+    for k in (at - 2, at, at + 1, at + 3):  # the level slice and its near neighbours alternately cut short
+        swings[k] *= 0.55
+    reason = around_level_reason("psoas_left", swings, at, 5.0, gates, "L3")
+    assert reason is not None and "continuity at the level" in reason and "within 15 mm" in reason, reason
+    assert around_level_reason("psoas_left", swings, at, 5.0, gates, "C3") is None  # L3 only
+    assert around_level_reason("erector_left", swings, at, 5.0, gates, "L3") is None  # no bound on that row
+    assert around_level_reason("psoas_left", swings, 40, 5.0, gates, "L3") is None  # the level outside the course

@@ -64,6 +64,11 @@ class Continuity:
     reach_mm: float
     min_share: float  # slices whose median is below this share of the muscle's median area are not judged (its ends)
     source: str
+    # the level slice's area (at around_levels) is not evaluable where more than around_level_max_unstable of the judged
+    # slices within around_level_mm of it are unstable (0: no such bound)
+    around_level_mm: float = 0.0
+    around_level_max_unstable: float = 1.0
+    around_levels: tuple[str, ...] = ()
 
 
 @dataclass(frozen=True)
@@ -131,10 +136,29 @@ def load_gates(path: Path = GATES_PATH) -> Gates:
         metal_max_mm2=float(data.get("metal", {}).get("max_mm2", float("inf"))),
         metal_source=str(data.get("metal", {}).get("source", "")),
         consistency=tuple(Consistency(**r) for r in data.get("consistency", [])),
-        continuity=tuple(Continuity(**r) for r in data.get("continuity", [])),
+        continuity=tuple(Continuity(**{**r, "around_levels": tuple(r.get("around_levels", ()))})
+                         for r in data.get("continuity", [])),
         trend=tuple(Trend(**r) for r in data.get("trend", [])),
         outline=tuple(Outline(**r) for r in data.get("outline", [])),
     )
+
+
+def _unstable_flags(areas: Sequence[float], slice_mm: float, gate: Continuity) -> NDArray[np.int8]:
+    """Per slice of one 3D muscle's per-slice areas: 1 unstable, 0 stable, -1 not judged (:func:`unstable_slices`)."""
+    a = np.asarray(areas, dtype=np.float64)
+    flags = np.full(a.size, -1, dtype=np.int8)
+    present = a[a > 0]
+    if a.size < 3 or not present.size or slice_mm <= 0:
+        return flags
+    floor = gate.min_share * float(np.median(present))
+    r = max(1, int(round(gate.reach_mm / slice_mm)))
+    for k in range(a.size):
+        near = np.concatenate([a[max(0, k - r) : k], a[k + 1 : k + 1 + r]])
+        ref = float(np.median(near)) if near.size else 0.0
+        if ref <= 0.0 or ref < floor:
+            continue
+        flags[k] = int(abs(a[k] - ref) > gate.max_change * ref)
+    return flags
 
 
 def unstable_slices(areas: Sequence[float], slice_mm: float, gate: Continuity) -> tuple[int, int]:
@@ -144,22 +168,29 @@ def unstable_slices(areas: Sequence[float], slice_mm: float, gate: Continuity) -
     so a slice whose area is far from the median of its neighbours within ``reach_mm``, or empty beside them, was
     outlined wrong (an organ joined, part of the muscle cut off, the muscle missed).  Slices whose neighbours'
     median is below ``min_share`` of the muscle's median area (where it begins or ends) are not judged."""
-    a = np.asarray(areas, dtype=np.float64)
-    present = a[a > 0]
-    if a.size < 3 or not present.size or slice_mm <= 0:
-        return 0, 0
-    floor = gate.min_share * float(np.median(present))
-    r = max(1, int(round(gate.reach_mm / slice_mm)))
-    unstable = judged = 0
-    for k in range(a.size):
-        near = np.concatenate([a[max(0, k - r) : k], a[k + 1 : k + 1 + r]])
-        ref = float(np.median(near)) if near.size else 0.0
-        if ref <= 0.0 or ref < floor:
+    flags = _unstable_flags(areas, slice_mm, gate)
+    return int(np.count_nonzero(flags == 1)), int(np.count_nonzero(flags >= 0))
+
+
+def around_level_reason(key: str, areas: Sequence[float], at: int, slice_mm: float, gates: Gates, level: str
+                        ) -> str | None:
+    """Why ``key``'s area on the level slice (slice ``at`` of its 3D per-slice ``areas``) is not evaluable because its
+    3D outline is unstable within ``around_level_mm`` of it (None: it passes, has no such bound, or is not judged)."""
+    for g in gates.continuity:
+        if g.key != key or g.around_level_mm <= 0 or level not in g.around_levels or not 0 <= at < len(areas):
             continue
-        judged += 1
-        if abs(a[k] - ref) > gate.max_change * ref:
-            unstable += 1
-    return unstable, judged
+        flags = _unstable_flags(areas, slice_mm, g)
+        r = int(np.floor(g.around_level_mm / slice_mm + 1e-6)) if slice_mm > 0 else 0
+        near = flags[max(0, at - r) : at + r + 1]
+        judged = int(np.count_nonzero(near >= 0))
+        bad = int(np.count_nonzero(near == 1))
+        if judged and bad > g.around_level_max_unstable * judged:
+            return (f"implausible (continuity at the level): {key.replace('_', ' ')}'s outline is unstable on {bad} of "
+                    f"the {judged} slices within {g.around_level_mm:g} mm of the level slice (area more than "
+                    f"{100 * g.max_change:.0f} % from its neighbours' within {g.reach_mm:g} mm; at most "
+                    f"{100 * g.around_level_max_unstable:.0f} % may be): the segmenter takes in or loses tissue from "
+                    "slice to slice here, and the level slice's area is one draw of it")
+    return None
 
 
 def continuity_reason(key: str, areas: Sequence[float], slice_mm: float, gates: Gates) -> str | None:
@@ -218,7 +249,8 @@ def unseen_outline(mask: NDArray[np.bool_], hu: NDArray[np.float32], spacing: tu
     ``gate.reach_mm`` of: where the outline runs through tissue of the muscle's own density (an unenhanced organ, a
     vessel or another muscle touching it without a fat plane).  Denser is ``gate.dense_above_hu`` above the median HU
     inside ``mask`` (bone, an enhancing organ or vessel: its edge shows on a contrast scan and not on a plain one).
-    The HU are smoothed by 0.7 mm first, so noise does not make fat or bone of soft tissue.  0 for an empty mask."""
+    The HU are smoothed by 0.7 mm first, so noise does not make fat or bone of soft tissue.  On pixels coarser than
+    ``reach_mm`` / 1.5 the pixels next to the edge (diagonals included) are what may show it.  0 for an empty mask."""
     if not mask.any():
         return 0.0
     dy, dx = spacing
@@ -226,7 +258,8 @@ def unseen_outline(mask: NDArray[np.bool_], hu: NDArray[np.float32], spacing: tu
     dense = float(np.median(hu[mask])) + gate.dense_above_hu
     shows = (smooth <= gate.fat_max_hu) | (smooth >= dense)
     edge = mask & ~ndi.binary_erosion(mask)
-    far = ndi.distance_transform_edt(~shows, sampling=spacing) > gate.reach_mm
+    # on coarse pixels the pixel beside the edge is the nearest that can show it, however far its centre lies
+    far = ndi.distance_transform_edt(~shows, sampling=spacing) > max(gate.reach_mm, 1.5 * max(dy, dx))
     return float(np.count_nonzero(edge & far)) / float(np.count_nonzero(edge))
 
 

@@ -21,6 +21,7 @@ from pipelines.body_composition.levels import SpineLevelFinder, anatomy_for_slic
 from pipelines.body_composition.plausibility import (
     Gates,
     apply_gates,
+    around_level_reason,
     continuity_reason,
     load_gates,
     metal_in_volume,
@@ -363,6 +364,18 @@ class Measure:
                     areas[g.key] = Value(None, "cm2", why)
                     means[g.key] = Value(None, "HU", why)
                     failed.append({"key": g.key, "gate": "trend", "reason": why, "source": g.source})
+            # ... and against the 3D outline's stability around it: where the segmenter takes in or loses tissue from
+            # slice to slice, the level slice's area is one draw of that
+            for cg in self.gates.continuity:
+                vm, val = seg.volume_masks.get(cg.key), areas.get(cg.key)
+                if vm is None or val is None or val.value is None:
+                    continue
+                why = around_level_reason(cg.key, course(cg.key, vm), k - k0, vol.slice_spacing, self.gates, level)
+                if why:
+                    areas[cg.key] = Value(None, "cm2", why)
+                    means[cg.key] = Value(None, "HU", why)
+                    failed.append({"key": cg.key, "gate": "continuity at the level", "reason": why,
+                                   "source": cg.source})
         if level == "C3" and areas["skeletal_muscle"].value is not None:
             # Swartz 2016: the C3 area is the paravertebral muscles plus BOTH sternocleidomastoids
             # (a part parted from its neighbour by a line is in the sum all the same)
