@@ -96,8 +96,8 @@ def main() -> None:
     with_all = {"wrong filed": 0, "wrong caught": 0, "right filed": 0, "right gated": 0}
     no_trend = dict(with_all)
     by_trend = 0
-    alone = {"outline": [0, 0], "trend": [0, 0], "continuity at the level": [0, 0]}  # gate -> [wrong, right] values
-    # it alone held back
+    # gate -> [wrong, right] values it alone held back
+    alone = {"outline": [0, 0], "trend": [0, 0], "continuity at the level": [0, 0]}
     t0 = time.perf_counter()
     tmp = Path(tempfile.mkdtemp(prefix="bench-psoas-filed-"))
     try:
