@@ -352,6 +352,12 @@ class Measure:
                 courses[key] = (np.count_nonzero(vm[k0 : k1 + 1], axis=(1, 2)) * px_cm2).tolist()
             return courses[key]
 
+        def hold(key: str, gate: str, why: str, source: str) -> None:
+            """The level slice's value of ``key`` not evaluable by a gate judged on its 3D course."""
+            areas[key] = Value(None, "cm2", why)
+            means[key] = Value(None, "HU", why)
+            failed.append({"key": key, "gate": gate, "reason": why, "source": source})
+
         if k0 <= k <= k1:
             # the level slice's area against the muscle's own course along the spine, beyond what an organ lying on it
             # reaches (the neighbour slices' consistency gate cannot see an organ that spans them too)
@@ -361,9 +367,7 @@ class Measure:
                     continue
                 why = trend_reason(g.key, val.value, course(g.key, vm), k - k0, vol.slice_spacing, self.gates, level)
                 if why:
-                    areas[g.key] = Value(None, "cm2", why)
-                    means[g.key] = Value(None, "HU", why)
-                    failed.append({"key": g.key, "gate": "trend", "reason": why, "source": g.source})
+                    hold(g.key, "trend", why, g.source)
             # ... and against the 3D outline's stability around it: where the segmenter takes in or loses tissue from
             # slice to slice, the level slice's area is one draw of that
             for cg in self.gates.continuity:
@@ -372,10 +376,7 @@ class Measure:
                     continue
                 why = around_level_reason(cg.key, course(cg.key, vm), k - k0, vol.slice_spacing, self.gates, level)
                 if why:
-                    areas[cg.key] = Value(None, "cm2", why)
-                    means[cg.key] = Value(None, "HU", why)
-                    failed.append({"key": cg.key, "gate": "continuity at the level", "reason": why,
-                                   "source": cg.source})
+                    hold(cg.key, "continuity at the level", why, cg.source)
         if level == "C3" and areas["skeletal_muscle"].value is not None:
             # Swartz 2016: the C3 area is the paravertebral muscles plus BOTH sternocleidomastoids
             # (a part parted from its neighbour by a line is in the sum all the same)
