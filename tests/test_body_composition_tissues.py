@@ -16,6 +16,7 @@ from typing import Any
 
 import numpy as np
 import pytest
+from numpy.typing import NDArray
 
 from pipelines.body_composition.plausibility import apply_gates, load_gates
 from pipelines.body_composition.reference import PatientFactors, load_table
@@ -376,6 +377,36 @@ def test_psoas_stops_at_the_quadratus_lumborum(contacts: tuple[str, ...]) -> Non
     assert max(taken["both"]) <= max_taken, taken
     assert min(taken["off"]) > max_taken + 20.0, taken  # measured 57 / 72 and 99 / 95 mm2
     assert sum(taken["both"]) < sum(taken["stop"]) < sum(taken["off"]), taken
+
+
+def test_a_round_body_pressed_on_the_psoas_lateral_edge_is_parted_at_its_waist() -> None:
+    """The kidney's lower pole (or the colon) pressed on the psoas' lateral edge at its density, with a neck wider
+    than the belly's discs: parted at the waist between the two notches (it was taken whole before: +65 % and +99 %
+    on the obese unenhanced phantom at 5 mm, +120 % on the thin one); one oval psoas with notches of intramuscular
+    fat anywhere along it is not cut (its lobes lie closer together than two bodies pressed together)."""
+    from pipelines.body_composition.tissues import _belly_found
+
+    # 1 mm pixels; x lateral from the midline (the left side), y behind the vertebral body's centre; the body's
+    # side at x = 20, its front at y = -17.6, the reference muscle at (30, 0)
+    yy, xx = np.mgrid[-40:41, 0:101].astype(np.float64)
+
+    def disc(cx: float, cy: float, rx: float, ry: float | None = None) -> NDArray[np.bool_]:
+        return np.asarray(((xx - cx) / rx) ** 2 + ((yy - cy) / (ry or rx)) ** 2 <= 1.0)
+
+    def belly_of(m: NDArray[np.bool_], lateral: float) -> NDArray[np.bool_]:
+        return _belly_found(m, m, (xx[:1, :], yy[:, :1]), (40.0, 0.0), (1.0, 1.0), 0.7, 3.0, ref_at=(30.0, 0.0, 8.0),
+                            front_y=-17.6, lateral_ratio=lateral)[0]
+
+    psoas = disc(34.0, 0.0, 13.0)
+    for apart in (18.0, 20.0):  # a neck of 20 and 18 mm, wider than the discs (0.7 x 13 mm radius)
+        kidney = disc(34.0 + apart, -2.0, 14.0) & ~psoas
+        assert (belly_of(psoas | kidney, 0.0) & kidney).sum() > 0.9 * kidney.sum()  # taken whole without the rule
+        belly = belly_of(psoas | kidney, TissueParams().psoas_lateral_waist)
+        assert (belly & kidney).sum() <= 2 and (psoas & ~belly).sum() <= 0.12 * psoas.sum(), apart
+    oval = disc(36.0, 0.0, 17.0, 13.0)
+    for at in (30.0, 36.0, 42.0, 46.0):
+        m = oval & ~(disc(at, -14.0, 4.5) | disc(at, 14.0, 4.5))
+        assert (m & ~belly_of(m, TissueParams().psoas_lateral_waist)).sum() <= 0.02 * m.sum(), at
 
 
 def test_the_oval_across_a_contact_is_fitted_to_the_free_outline_only() -> None:

@@ -211,6 +211,9 @@ class TissueParams:
     # a few millimetres); the fit must be an oval matching the free outline, else nothing is cut (0: off)
     psoas_gutter: bool = True  # fainter tissue the HU drop cut off behind the vertebral body's centre and medial to
     # the psoas, joined to it, is its intramuscular fat, not an organ: given back (``_belly``; False: off)
+    psoas_lateral_waist: float = 1.0  # a round body pressed on the psoas' lateral edge (the kidney's lower pole,
+    # the colon) is parted at a waist between two notches shorter than this times the smaller part's diameter
+    # (``_belly_found``; 0: off)
     psoas_fragment_mm: float = 5.0  # pieces of muscle lying wholly within this of the belly, parted from it by
     # intramuscular fat, are its own (a fatty psoas' edge fascicles; ``_fragments``); 0: off
     box_contact_max: float = 0.3  # a psoas lies inside its search box (at most this share of its outline on the box)
@@ -590,11 +593,11 @@ def _hull(mask: NDArray[np.bool_]) -> NDArray[np.bool_]:
 
 
 def _waist_cut(mask: NDArray[np.bool_], spacing: tuple[float, float], keep: tuple[int, int], min_depth_mm: float,
-               max_ratio: float) -> NDArray[np.bool_] | None:
+               max_ratio: float) -> tuple[float, NDArray[np.bool_]] | None:
     """Where ``mask`` is two round bodies pressed together: a waist between two notches of its outline (each at
     least ``min_depth_mm`` deep under its convex hull) shorter than ``max_ratio`` times the smaller part's
-    equivalent diameter, each part at least a fifth of the whole.  Returns the part away from ``keep`` (row,
-    column), or None without such a waist."""
+    equivalent diameter, each part at least a fifth of the whole.  Returns the shortest such waist's ratio and the
+    part away from ``keep`` (row, column), or None without such a waist."""
     hull = _hull(mask)
     gaps = hull & ~mask
     depth = ndi.distance_transform_edt(hull, sampling=spacing)
@@ -634,7 +637,7 @@ def _waist_cut(mask: NDArray[np.bool_], spacing: tuple[float, float], keep: tupl
                 mine = parts[ri[keep], ci[keep]]
             other = order[1] + 1 if mine == order[0] + 1 else order[0] + 1
             best = (ratio, parts == other)
-    return None if best is None else best[1]
+    return best
 
 
 def _belly(cand: NDArray[np.bool_], core: NDArray[np.bool_],
@@ -642,7 +645,7 @@ def _belly(cand: NDArray[np.bool_], core: NDArray[np.bool_],
            spacing: tuple[float, float], frac: float, close_mm: float,
            hu_local: NDArray[np.floating[Any]] | None = None, drop_hu: float = 0.0, min_low_mm2: float = 50.0,
            ref_at: tuple[float, float, float] | None = None, front_y: float | None = None, neck_frac: float = 0.7,
-           waist_depth_mm: float = 3.0, waist_ratio: float = 0.8, gutter: bool = False
+           waist_depth_mm: float = 3.0, waist_ratio: float = 0.8, gutter: bool = False, lateral_ratio: float = 0.0
            ) -> tuple[NDArray[np.bool_], NDArray[np.bool_]]:
     """:func:`_belly_found` (the belly and what is not psoas); with ``gutter`` the fainter tissue it cut off behind the
     vertebral body's centre and medial to the seed, joined to the belly, is given back to it.
@@ -655,7 +658,7 @@ def _belly(cand: NDArray[np.bool_], core: NDArray[np.bool_],
     ``frac`` times its inscribed radius reach): a strip down behind the psoas toward the process is intertransverse
     and quadratus tissue."""
     belly, excl = _belly_found(cand, core, xy, seed, spacing, frac, close_mm, hu_local, drop_hu, min_low_mm2, ref_at,
-                               front_y, neck_frac, waist_depth_mm, waist_ratio)
+                               front_y, neck_frac, waist_depth_mm, waist_ratio, lateral_ratio)
     if not gutter or not belly.any():
         return belly, excl
     side = float(np.sign(seed[0]))
@@ -679,8 +682,8 @@ def _belly_found(cand: NDArray[np.bool_], core: NDArray[np.bool_],
                  spacing: tuple[float, float], frac: float, close_mm: float,
                  hu_local: NDArray[np.floating[Any]] | None = None, drop_hu: float = 0.0, min_low_mm2: float = 50.0,
                  ref_at: tuple[float, float, float] | None = None, front_y: float | None = None,
-                 neck_frac: float = 0.7, waist_depth_mm: float = 3.0, waist_ratio: float = 0.8
-                 ) -> tuple[NDArray[np.bool_], NDArray[np.bool_]]:
+                 neck_frac: float = 0.7, waist_depth_mm: float = 3.0, waist_ratio: float = 0.8,
+                 lateral_ratio: float = 0.0) -> tuple[NDArray[np.bool_], NDArray[np.bool_]]:
     """The round muscle belly around ``core``, with flat sheets and other bellies joined to it cut off.
 
     Anatomy: the psoas major is a fusiform muscle, round to oval in cross-section; what touches it
@@ -708,8 +711,13 @@ def _belly_found(cand: NDArray[np.bool_], core: NDArray[np.bool_],
     a node lying on its anterior surface) is not psoas, whatever its HU.  Last, two round bodies pressed together
     with no neck are parted at a waist between two notches of the outline (``_waist_cut``: each notch
     ``waist_depth_mm`` deep, the waist shorter than ``waist_ratio`` times the smaller part's diameter) when the
-    other part lies in front of the vertebral body.  Returns the belly and the tissue found not to be psoas (a
-    grown or closed outline must not take it back).
+    other part lies in front of the vertebral body, or (with ``lateral_ratio`` > 0, the waist shorter than that
+    times the smaller part's diameter) when it lies lateral to the kept part: its centre farther out than the kept
+    part's equivalent radius plus half its own.  Anatomy: at L3 the kidney's lower pole and the colon lie lateral
+    to the psoas, and unenhanced they are at its HU (a fatty psoas of 30-40 HU and a kidney of 30-35 HU); two halves
+    of one oval muscle parted at a notch lie closer together than that (their centres 0.85 times its radius apart,
+    against 1.06 times it for the sum), so a psoas lobe is not cut.  Returns the belly and the tissue found not to
+    be psoas (a grown or closed outline must not take it back).
     """
     belly, excl = _belly_cuts(cand, core, xy, seed, spacing, frac, close_mm, hu_local, drop_hu, min_low_mm2, ref_at,
                               front_y, neck_frac)
@@ -722,13 +730,24 @@ def _belly_found(cand: NDArray[np.bool_], core: NDArray[np.bool_],
             return np.zeros(cand.shape, bool), excl | belly
     if front_y is None or ref_at is None or not belly.any():
         return belly, excl
-    # two round bodies pressed together with no neck (the duodenum lying across the psoas' front): a waist
-    # between two notches of the outline; the part in front of the vertebral body is not psoas
+    # two round bodies pressed together with no neck (the duodenum lying across the psoas' front, the kidney's
+    # lower pole against its lateral edge): a waist between two notches of the outline; the part in front of the
+    # vertebral body, or lateral to the kept part, is not psoas
     xb, yb = np.broadcast_to(xy[0], cand.shape), np.broadcast_to(xy[1], cand.shape)
     keep = np.unravel_index(int(np.argmin(np.hypot(xb - ref_at[0], yb - ref_at[1]))), cand.shape)
     solid = _solid(belly, spacing, close_mm)
-    cut = _waist_cut(solid, spacing, (int(keep[0]), int(keep[1])), waist_depth_mm, waist_ratio)
-    if cut is None or float(yb[cut].mean()) >= front_y:
+    found = _waist_cut(solid, spacing, (int(keep[0]), int(keep[1])), waist_depth_mm, max(waist_ratio, lateral_ratio))
+    if found is None:
+        return belly, excl
+    ratio, cut = found
+    parted = ratio <= waist_ratio and float(yb[cut].mean()) < front_y
+    if not parted and ratio <= lateral_ratio:
+        kept = solid & ~cut
+        area = spacing[0] * spacing[1] / np.pi
+        side = float(np.sign(seed[0]))
+        beyond = side * (float(xb[cut].mean()) - float(xb[kept].mean()))
+        parted = beyond > float(np.sqrt(kept.sum() * area)) + 0.5 * float(np.sqrt(cut.sum() * area))
+    if not parted:
         return belly, excl
     return belly & ~cut, excl | (cut & cand)
 
@@ -1221,7 +1240,7 @@ def lumbar_named(hu: NDArray[np.float32], spacing: tuple[float, float], anat: Sl
             belly, low = _belly(cand, core, (xm, ym), seed, spacing, p.belly_open_frac, p.belly_close_mm, local,
                                 p.belly_drop_hu, p.belly_low_min_mm2,
                                 (wall_x + np.sign(seed[0]) * p.belly_ref_mm, 0.0, p.belly_ref_mm - 2.0), -hh,
-                                p.belly_neck_frac, gutter=p.psoas_gutter)
+                                p.belly_neck_frac, gutter=p.psoas_gutter, lateral_ratio=p.psoas_lateral_waist)
             if p.psoas_sheet_stop:
                 sheet = _sheets_behind(belly, core & ~low, (xm, ym), float(np.sign(seed[0])), spacing,
                                        p.belly_open_frac, p.belly_close_mm)
