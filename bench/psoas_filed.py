@@ -2,6 +2,7 @@
 
     PYTHONPATH=$PWD .venv/bin/python bench/psoas_filed.py [--quick] [--rows 512] [--slice-mm 5] [--seeds 3,7]
                                                          [--habitus thin,average,obese] [--cases duodenum:C+,...]
+                                                         [--tissue '{"psoas_lateral_waist": 0}']
 
 Each case is an anatomical phantom (:mod:`pipelines.body_composition.anatomy_phantom`, the whole T10-S1 spine, so
 the level finder runs and the 3D L5-L1 muscles are segmented) with one psoas contact, none or all of them
@@ -13,12 +14,15 @@ on the level slice as segmented, before the gates (against the truth at the true
 The summary counts wrong values (area error beyond 25 %) filed and caught and right values filed and gated, with
 every gate and without the trend gate (a value the trend gate held back had passed every other gate: without it
 that value is filed).  ``bench/psoas_contacts.py`` and ``bench/psoas_consistency.py`` run the segmenter alone on
-the true L3 slice; this one shows what reaches the PACS.  Nothing here is tuned: a poor number is the finding.
+the true L3 slice; this one shows what reaches the PACS.  ``--tissue`` overrides fields of the segmenter's
+:class:`TissueParams` (a rule's switch, for a before/after in one checkout).  Nothing here is tuned: a poor number
+is the finding.
 """
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import shutil
 import sys
@@ -39,6 +43,7 @@ from pipelines.body_composition.anatomy_phantom import (  # noqa: E402
     write_series,
 )
 from pipelines.body_composition.pipeline import run_folder  # noqa: E402
+from pipelines.body_composition.tissues import TissueParams  # noqa: E402
 from pipelines.body_composition.types import Measurements  # noqa: E402
 
 WRONG = 25.0  # an area error beyond this (%) is a wrong number
@@ -47,8 +52,8 @@ CASES = ("none:C+", "none:C-", "duodenum:C+", "duodenum:art", "kidney:C-", "ivc:
 QUICK = ("none:C+", "duodenum:C+", "kidney:C-", "all:C-")
 
 
-def run_case(base: Path, habitus: str, contact: str, phase: str, seed: int, rows: int, slice_mm: float
-             ) -> dict[str, tuple[float | None, str]]:
+def run_case(base: Path, habitus: str, contact: str, phase: str, seed: int, rows: int, slice_mm: float,
+             tissue: TissueParams | None = None) -> dict[str, tuple[float | None, str]]:
     """Per psoas side: (area error % of the level slice's outline against the true L3 middle, None where no outline;
     "filed" or the failed gates)."""
     contacts = () if contact == "none" else (PSOAS_CONTACTS if contact == "all" else (contact,))
@@ -63,7 +68,8 @@ def run_case(base: Path, habitus: str, contact: str, phase: str, seed: int, rows
         seen.update({k: float(m.sum()) for k, m in data.segmentation.slice_seg.masks.items()})
         return measure_run(self, data)
 
-    with mock.patch.object(stages.Measure, "run", spy):
+    with mock.patch.object(stages.Measure, "run", spy), \
+            mock.patch.object(stages, "TissueParams", lambda: tissue or TissueParams()):
         run_folder(base / "ct", base / "out", {})
     s = json.loads((base / "out" / "summary.json").read_text())
     failed = (s.get("plausibility") or {}).get("failed") or []
@@ -88,7 +94,9 @@ def main() -> None:
     ap.add_argument("--seeds", default="3,7")
     ap.add_argument("--habitus", default="thin,average,obese")
     ap.add_argument("--cases", default="", help="contact:phase pairs (default: " + ",".join(CASES) + ")")
+    ap.add_argument("--tissue", default="{}", help="TissueParams fields to override, as JSON")
     a = ap.parse_args()
+    tissue = dataclasses.replace(TissueParams(), **json.loads(a.tissue)) if a.tissue != "{}" else None
     habs = ["average"] if a.quick else a.habitus.split(",")
     seeds = [3] if a.quick else [int(x) for x in a.seeds.split(",")]
     cases = [c.split(":") for c in (a.cases.split(",") if a.cases else (QUICK if a.quick else CASES))]
@@ -104,7 +112,8 @@ def main() -> None:
         for hab in habs:
             for contact, phase in cases:
                 for seed in seeds:
-                    r = run_case(tmp / f"{hab}-{contact}-{phase}-{seed}", hab, contact, phase, seed, a.rows, a.slice_mm)
+                    r = run_case(tmp / f"{hab}-{contact}-{phase}-{seed}", hab, contact, phase, seed, a.rows, a.slice_mm,
+                                 tissue)
                     cells = []
                     for key in ("psoas_left", "psoas_right"):
                         err, status = r[key]
@@ -129,7 +138,8 @@ def main() -> None:
     print("                                  without the trend gate: "
           + ", ".join(f"{k} {v}" for k, v in no_trend.items()) + f"  ({by_trend} held back by the trend gate alone)")
     print("held back by one gate alone: " + ", ".join(f"{g} {w} wrong and {r} right" for g, (w, r) in alone.items()))
-    print(f"({time.perf_counter() - t0:.0f} s; {a.rows} rows, {a.slice_mm:g} mm slices)")
+    print(f"({time.perf_counter() - t0:.0f} s; {a.rows} rows, {a.slice_mm:g} mm slices"
+          + (f"; TissueParams {a.tissue}" if tissue is not None else "") + ")")
 
 
 if __name__ == "__main__":
