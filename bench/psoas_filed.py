@@ -34,7 +34,7 @@ from unittest import mock
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from pipelines.body_composition import stages  # noqa: E402
+from pipelines.body_composition import pipeline, stages  # noqa: E402
 from pipelines.body_composition.anatomy_phantom import (  # noqa: E402
     PSOAS_CONTACTS,
     AnatomySpec,
@@ -43,6 +43,7 @@ from pipelines.body_composition.anatomy_phantom import (  # noqa: E402
     write_series,
 )
 from pipelines.body_composition.pipeline import run_folder  # noqa: E402
+from pipelines.body_composition.stages import ClassicalBackend  # noqa: E402
 from pipelines.body_composition.tissues import TissueParams  # noqa: E402
 from pipelines.body_composition.types import Measurements  # noqa: E402
 
@@ -68,8 +69,9 @@ def run_case(base: Path, habitus: str, contact: str, phase: str, seed: int, rows
         seen.update({k: float(m.sum()) for k, m in data.segmentation.slice_seg.masks.items()})
         return measure_run(self, data)
 
+    # the segmenter's parameters go in through the backend's own constructor argument
     with mock.patch.object(stages.Measure, "run", spy), \
-            mock.patch.object(stages, "TissueParams", lambda: tissue or TissueParams()):
+            mock.patch.object(pipeline, "ClassicalBackend", lambda: ClassicalBackend(tissue)):
         run_folder(base / "ct", base / "out", {})
     s = json.loads((base / "out" / "summary.json").read_text())
     failed = (s.get("plausibility") or {}).get("failed") or []
@@ -96,7 +98,8 @@ def main() -> None:
     ap.add_argument("--cases", default="", help="contact:phase pairs (default: " + ",".join(CASES) + ")")
     ap.add_argument("--tissue", default="{}", help="TissueParams fields to override, as JSON")
     a = ap.parse_args()
-    tissue = dataclasses.replace(TissueParams(), **json.loads(a.tissue)) if a.tissue != "{}" else None
+    overrides = json.loads(a.tissue)
+    tissue = dataclasses.replace(TissueParams(), **overrides) if overrides else None
     habs = ["average"] if a.quick else a.habitus.split(",")
     seeds = [3] if a.quick else [int(x) for x in a.seeds.split(",")]
     cases = [c.split(":") for c in (a.cases.split(",") if a.cases else (QUICK if a.quick else CASES))]
