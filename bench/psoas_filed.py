@@ -83,7 +83,8 @@ def run_case(base: Path, habitus: str, contact: str, phase: str, seed: int, rows
         value = (s.get("areas_cm2") or {}).get(key, {})
         gates = sorted({f["gate"] for f in failed if f["key"] == key})
         status = "filed" if isinstance(value, dict) and value.get("value") is not None else (
-            ",".join(gates) or str(value.get("not_evaluable") if isinstance(value, dict) else "") or s.get("reason", ""))
+            ",".join(gates) or str((value.get("not_evaluable") if isinstance(value, dict) else "") or "")
+            or s.get("reason", ""))
         out[key] = (err, status)
     return out
 
