@@ -12,7 +12,7 @@ import sys
 from dataclasses import replace
 from pathlib import Path
 from types import SimpleNamespace
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import pytest
@@ -43,6 +43,9 @@ from pipelines.body_composition.types import (
 from tests.peers import REPO
 from tests.schematic_slices import neck_slice, trunk_with_arm
 
+if TYPE_CHECKING:
+    from pipelines.body_composition.anatomy_phantom import Anatomy
+
 LIVER, SPLEEN, STOMACH = 5, 1, 6
 HUMERUS = (69, 70)
 
@@ -67,6 +70,17 @@ def _anat(real_ct: Any, k: int) -> SliceAnatomy:
     from pipelines.body_composition.levels import anatomy_for_slice
 
     return anatomy_for_slice(real_ct.level, k)
+
+
+def _anatomy(**spec: Any) -> Anatomy:
+    """The anatomical phantom of these ``AnatomySpec`` fields; the test is skipped where the VerSe masks it is built
+    on are missing."""
+    from pipelines.body_composition.anatomy_phantom import AnatomySpec, make_anatomy
+    from pipelines.body_composition.anatomy_spine import DATA
+
+    if not DATA.is_dir():
+        pytest.skip(f"VerSe masks not found at {DATA}")
+    return make_anatomy(AnatomySpec(**spec))
 
 
 def _dice(a: np.ndarray, b: np.ndarray) -> float:  # type: ignore[type-arg]
@@ -465,20 +479,11 @@ def test_a_fainter_streak_across_the_psoas_back_does_not_cost_the_muscle_behind_
     With the belly found again with the given-back tissue never cut (``psoas_gutter_again``): +2 %.  On the thin
     phantom with every contact and contrast the second look must not take the quadratus lumborum's lobe behind and
     lateral to the psoas (the sheet-stop guard in ``_belly``)."""
-    from pipelines.body_composition.anatomy_phantom import (
-        COMPOSITION,
-        LABELS,
-        PSOAS_CONTACTS,
-        AnatomySpec,
-        make_anatomy,
-    )
-    from pipelines.body_composition.anatomy_spine import DATA
+    from pipelines.body_composition.anatomy_phantom import COMPOSITION, LABELS, PSOAS_CONTACTS
 
-    if not DATA.is_dir():
-        pytest.skip(f"VerSe masks not found at {DATA}")
     habitus, every_contact, contrast = case
-    ph = make_anatomy(AnatomySpec(habitus=habitus, contrast=contrast, top="L1", bottom="L5", seed=7, rows=512,
-                                  slice_mm=5.0, psoas_contacts=PSOAS_CONTACTS if every_contact else ()))
+    ph = _anatomy(habitus=habitus, contrast=contrast, top="L1", bottom="L5", seed=7, rows=512, slice_mm=5.0,
+                  psoas_contacts=PSOAS_CONTACTS if every_contact else ())
     k, anat = ph.at_level("L3")
     px = ph.spec.pixel_mm
     truth = np.isin(ph.labels[k], [LABELS[n] for n in COMPOSITION["psoas_right"]])
