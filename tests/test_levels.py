@@ -502,3 +502,36 @@ def test_a_dim_spine_on_thick_overlapping_slices_is_read(tmp_path: Path) -> None
     assert not any("dim (osteoporotic)" in n for n in res.notes)
     assert res.level == "L3" and res.slice_index is not None, res.notes
     assert abs(float(vol.index_to_world(res.slice_index, 0.0, 0.0)[2]) - ph.level_z["L3"]) <= 1.5
+
+
+def test_an_enhancing_kidney_against_the_12th_rib_is_not_a_rib(tmp_path: Path) -> None:
+    """The obese portal-phase phantom with every organ touching the psoas (3 mm, seed 7): the kidney (about 130 HU,
+    pixel noise 18 HU) crosses the 180 HU bone threshold in speckles on the grid's block maxima, the speckle cloud
+    touches the 12th rib as a kidney's upper pole does, and its medial speckles beside the psoas counted as rib
+    attachments on L1 and L2 (11-286 mm3, at most 217 HU; a rib's neck holds more bone or brighter bone): the
+    lowest rib-bearing vertebra was taken for L2, the anchors disagreed and the series was not evaluable.  An
+    attachment with neither (``rib_attach_min_mm3``, ``rib_cortex_hu``) is not a rib's: L3 is named, the ribs
+    agreeing with the sacrum and crest."""
+    from dataclasses import replace
+
+    from pipelines.body_composition.anatomy_phantom import (
+        PSOAS_CONTACTS,
+        AnatomySpec,
+        Geometry,
+        make_anatomy,
+        write_series,
+    )
+    from pipelines.body_composition.levels import LevelParams
+    from pipelines.common.volume import SeriesToVolume
+
+    spec = AnatomySpec(habitus="obese", contrast=True, contrast_phase="portal", seed=7, rows=512, slice_mm=3.0,
+                       psoas_contacts=PSOAS_CONTACTS)
+    ph = make_anatomy(spec)
+    vol, _ = SeriesToVolume().run(write_series(ph, tmp_path, Geometry("HFS")).files).canonical_axial()
+    before = SpineLevelFinder(replace(LevelParams(), rib_attach_min_mm3=0.0)).run(vol, ("L3",))
+    assert before.level is None and any("anchors disagree" in n for n in before.notes), before.notes
+    res = SpineLevelFinder().run(vol, ("L3",))
+    assert res.level == "L3" and res.slice_index is not None, res.notes
+    z = float(vol.index_to_world(res.slice_index, 0.0, 0.0)[2])
+    assert abs(z - ph.level_z["L3"]) <= spec.slice_mm
+    assert "lowest rib-bearing vertebra" in {a.name for a in res.anchors} and all(a.agrees for a in res.anchors)
