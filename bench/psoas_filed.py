@@ -82,9 +82,9 @@ def run_case(base: Path, habitus: str, contact: str, phase: str, seed: int, rows
         err = 100.0 * (seen[key] - t) / t if seen.get(key) and t > 0 else None
         value = (s.get("areas_cm2") or {}).get(key, {})
         gates = sorted({f["gate"] for f in failed if f["key"] == key})
+        why = value.get("not_evaluable") if isinstance(value, dict) else None
         status = "filed" if isinstance(value, dict) and value.get("value") is not None else (
-            ",".join(gates) or str((value.get("not_evaluable") if isinstance(value, dict) else "") or "")
-            or s.get("reason", ""))
+            ",".join(gates) or str(why or "") or s.get("reason", ""))
         out[key] = (err, status)
     return out
 

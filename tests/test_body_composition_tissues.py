@@ -447,8 +447,7 @@ def test_the_kidney_pressed_on_a_thin_psoas_is_not_taken_in() -> None:
 
     def left_psoas(lateral: float) -> tuple[float, float]:
         """Area error (share) and mm2 of kidney in the left psoas with ``psoas_lateral_waist = lateral``."""
-        p = replace(TissueParams(), psoas_lateral_waist=lateral)
-        mask = TissueSlicer(p).run(ph.hu[k], (px, px), anat).masks["psoas_left"]
+        mask = TissueSlicer(TissueParams(psoas_lateral_waist=lateral)).run(ph.hu[k], (px, px), anat).masks["psoas_left"]
         kidney = float(np.isin(lab[mask], [LABELS[n] for n in CONTACT_LABELS["kidney"]]).sum()) * px * px
         return float(mask.sum()) / float(truth.sum()) - 1.0, kidney
 
@@ -496,6 +495,7 @@ def test_a_fainter_streak_across_the_psoas_back_does_not_cost_the_muscle_behind_
     if before is not None:
         assert error(False) < before  # the case the rule is for
     assert abs(error(True)) <= bound
+
 
 def test_the_oval_across_a_contact_is_fitted_to_the_free_outline_only() -> None:
     """The psoas' oval is fitted to its outline away from the quadratus sheet: on a pixelated oval (1 mm pixels)

@@ -512,8 +512,6 @@ def test_an_enhancing_kidney_against_the_12th_rib_is_not_a_rib(tmp_path: Path) -
     lowest rib-bearing vertebra was taken for L2, the anchors disagreed and the series was not evaluable.  An
     attachment with neither (``rib_attach_min_mm3``, ``rib_cortex_hu``) is not a rib's: L3 is named, the ribs
     agreeing with the sacrum and crest."""
-    from dataclasses import replace
-
     from pipelines.body_composition.anatomy_phantom import (
         PSOAS_CONTACTS,
         AnatomySpec,
@@ -528,7 +526,7 @@ def test_an_enhancing_kidney_against_the_12th_rib_is_not_a_rib(tmp_path: Path) -
                        psoas_contacts=PSOAS_CONTACTS)
     ph = make_anatomy(spec)
     vol, _ = SeriesToVolume().run(write_series(ph, tmp_path, Geometry("HFS")).files).canonical_axial()
-    before = SpineLevelFinder(replace(LevelParams(), rib_attach_min_mm3=0.0)).run(vol, ("L3",))
+    before = SpineLevelFinder(LevelParams(rib_attach_min_mm3=0.0)).run(vol, ("L3",))
     assert before.level is None and any("anchors disagree" in n for n in before.notes), before.notes
     res = SpineLevelFinder().run(vol, ("L3",))
     assert res.level == "L3" and res.slice_index is not None, res.notes

@@ -90,12 +90,14 @@ class LevelParams:
     rib_reach_mm: float = 70.0  # ... and it reaches this far from the midline
     rib_link_mm: float = 0.0  # bridge gaps this wide between pieces of a rib (0: none)
     rib_forward_mm: float = 15.0  # ... or this far in front of the vertebral body centre
-    rib_attach_min_mm3: float = 450.0  # a rib's attachment (its bone within rib_attach_mm of the corridor, on one
-    rib_cortex_hu: float = 300.0  # side, a few slices tall) holds this much bone or bone this bright (cortex): the
-    # noise speckles of an enhancing kidney joined to the 12th rib, lying beside the psoas, held neither (11-286 mm3,
-    # at most 217 HU on the grid's block maxima, on L1-L2 in portal and arterial phase); a rib's neck holds both
-    # (856-2308 mm3 and 410-912 HU on the VerSe spines and the anatomical phantoms at 1-5 mm), an osteoporotic one at
-    # least one of them (263-496 mm3 at 696-774 HU); pipelines/body_composition/README.md
+    # a rib's attachment (its bone within rib_attach_mm of the corridor, on one side, a few slices tall) holds this
+    # much bone or bone this bright (cortex, on the grid's block maxima): the noise speckles of an enhancing kidney
+    # joined to the 12th rib, lying beside the psoas, held neither (11-286 mm3, at most 217 HU, on L1-L2 in portal and
+    # arterial phase); a rib's neck holds both (856-2308 mm3 and 410-912 HU on the VerSe spines and the anatomical
+    # phantoms at 1-5 mm), an osteoporotic one at least one of them (263-496 mm3 at 696-774 HU);
+    # pipelines/body_composition/README.md
+    rib_attach_min_mm3: float = 450.0
+    rib_cortex_hu: float = 300.0
     ala_mm: tuple[float, float] = (25.0, 70.0)
     ala_area_mm2: float = 600.0
     iliac_area_mm2: float = 300.0
@@ -1095,11 +1097,10 @@ class _Ctx:
                 for grp in np.split(ks, splits + 1):
                     if (grp[-1] - grp[0]) * dz > 20.0:
                         continue  # a column along the spine (cervical articular pillars), not a rib's neck
-                    in_grp = sel & np.isin(kk, grp)
-                    if (float(grp.size) * gy * gx * dz < p.rib_attach_min_mm3
-                            and float(self.gmax[kk[in_grp], rr[in_grp], cc[in_grp] + c_lo].max())
-                            < p.rib_cortex_hu):
-                        continue  # speckles of an enhancing organ beside the corridor, not a rib's neck
+                    if float(grp.size) * gy * gx * dz < p.rib_attach_min_mm3:
+                        in_grp = sel & np.isin(kk, grp)
+                        if float(self.gmax[kk[in_grp], rr[in_grp], cc[in_grp] + c_lo].max()) < p.rib_cortex_hu:
+                            continue  # speckles of an enhancing organ beside the corridor, not a rib's neck
                     za = float(np.mean(grp))
                     si = _rib_segment(segs, za)
                     if si is not None:
