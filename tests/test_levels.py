@@ -533,3 +533,24 @@ def test_an_enhancing_kidney_against_the_12th_rib_is_not_a_rib(tmp_path: Path) -
     z = float(vol.index_to_world(res.slice_index, 0.0, 0.0)[2])
     assert abs(z - ph.level_z["L3"]) <= spec.slice_mm
     assert "lowest rib-bearing vertebra" in {a.name for a in res.anchors} and all(a.agrees for a in res.anchors)
+
+
+def test_arms_at_the_sides_of_a_thin_body_are_not_iliac_wings(tmp_path: Path) -> None:
+    """A thin body with the arms down, touching the trunk, scanned from T10 to L4 (5 mm, 512 x 512): the forearms
+    and humeri lie within the iliac crest's search band beside the spine (300-350 mm2 of bone a side), so every slice
+    looked "iliac", the run from the bottom was taken for the pelvis and its bound left no slice for the rib search:
+    "no anchor" with the 12th ribs in view.  Big lateral bone whose surroundings come apart from the trunk at a skin
+    contact (the segmenter's arm cut, ``LevelParams.limbs_cut``) is an arm's: the ribs name T12 and L3 is found."""
+    from pipelines.body_composition.anatomy_phantom import AnatomySpec, Geometry, make_anatomy, write_series
+    from pipelines.body_composition.levels import LevelParams
+    from pipelines.common.volume import SeriesToVolume
+
+    spec = AnatomySpec(habitus="thin", contrast=False, seed=7, rows=512, slice_mm=5.0, bottom="L4")
+    ph = make_anatomy(spec)
+    vol, _ = SeriesToVolume().run(write_series(ph, tmp_path, Geometry("HFS")).files).canonical_axial()
+    before = SpineLevelFinder(LevelParams(limbs_cut=False)).run(vol, ("L3",))
+    assert before.level is None and not before.anchors and any("no anchor" in n for n in before.notes), before.notes
+    res = SpineLevelFinder().run(vol, ("L3",))
+    assert res.level == "L3" and res.slice_index is not None, res.notes
+    assert abs(float(vol.index_to_world(res.slice_index, 0.0, 0.0)[2]) - ph.level_z["L3"]) <= spec.slice_mm
+    assert [a.name for a in res.anchors] == ["lowest rib-bearing vertebra"], res.anchors

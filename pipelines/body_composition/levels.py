@@ -41,6 +41,7 @@ import numpy as np
 from numpy.typing import NDArray
 from scipy import ndimage as ndi
 
+from pipelines.body_composition.tissues import TissueParams, trunk_of
 from pipelines.body_composition.types import Anchor, LevelResult, SliceAnatomy, Vertebra
 from pipelines.common.volume import Volume
 
@@ -107,6 +108,13 @@ class LevelParams:
     # a neck scan (scapulae, clavicles, humeral heads), not the iliac crest (the VerSe phantoms: 28-30 mm at the crest,
     # 18 mm at the T1-T2 of a neck turned 10 degrees, which named an "iliac crest" before)
     crest_min_body_hw_mm: float = 22.0
+    # an arm lying at the side and touching the trunk is not an iliac wing: big lateral bone whose surroundings come
+    # apart from the trunk at a skin contact (``tissues.trunk_of``, the segmenter's own arm cut, on the working grid)
+    # is left out of the iliac and sacral bone. Without it a thin body's forearms and humeri (300-350 mm2 a side
+    # beside L1-L4 on the thin phantom) made every slice "iliac": no crest, and the pelvis' bound left no slice for
+    # the rib search, so T10-L4 with both anchors in view had none
+    limbs_cut: bool = True
+    limb_min_run_mm: float = 40.0  # ... judged for pieces this long along z (or cut by the field of view's end)
     # dim (osteoporotic) bodies: cancellous bone no brighter than a disc; the discs are found between endplates
     dim_body_hu: float = 130.0  # median profile below this: the endplate profile is used
     dim_min_slice_mm: float = 2.0  # dim bodies on thinner slices: no level is named (their endplates are in the noise)
@@ -185,8 +193,9 @@ def _close_3x3_in_plane(mask: NDArray[np.bool_]) -> NDArray[np.bool_]:
 class SpineLevelFinder:
     """Find the spinal column, separate vertebrae at the discs and name them from anchors."""
 
-    def __init__(self, params: LevelParams | None = None) -> None:
+    def __init__(self, params: LevelParams | None = None, tissue: TissueParams | None = None) -> None:
         self.p = params or LevelParams()
+        self.tissue = tissue or TissueParams()  # the arm cut's definition (limb bone size, depth, neck)
 
     # ------------------------------------------------------------------------------------------
     def run(self, vol: Volume, levels: Sequence[str]) -> LevelResult:
@@ -213,6 +222,7 @@ class SpineLevelFinder:
             gmax = g
         gy, gx = dy * fy, dx * fx
         ctx = _Ctx(vol=vol, g=g, gmax=gmax, gy=gy, gx=gx, dz=dz, fy=fy, fx=fx, p=p)
+        ctx.tissue = self.tissue
         ctx.r_off, ctx.c_off = r_off, c_off
         notes: list[str] = []
         if not ctx.find_canal():
@@ -287,6 +297,7 @@ class _Ctx:
                  p: LevelParams) -> None:
         self.vol, self.g, self.gy, self.gx, self.dz, self.fy, self.fx, self.p = vol, g, gy, gx, dz, fy, fx, p
         self.gmax = gmax  # block maxima: how bright the bone of a rib's attachment is
+        self.tissue = TissueParams()
         self.r_off, self.c_off = 0, 0
         self.n = g.shape[0]
         # the patient: per slice the largest component above -400 HU (not the table, not the air)
@@ -905,6 +916,8 @@ class _Ctx:
         self.iliac = np.zeros((n, 2))
         self.ala_reach = np.zeros((n, 2))
         px = gy * gx
+        others = np.zeros(g.shape, bool)  # big bone apart from the spine, beside it (iliac wing, or an arm)
+        crops: list[tuple[int, int, int, int, float] | None] = [None] * n
         for k in range(n):
             r0, c0 = self.body_r[k], self.body_c[k]
             a = max(0, int(r0 - (self.body_hh[k] + 25.0) / gy))
@@ -915,6 +928,7 @@ class _Ctx:
             lab, nl = ndi.label(fm)
             if nl == 0:
                 continue
+            crops[k] = (a, b, ca, cb, float(c0))
             rr0, cc0 = int(round(r0)) - a, int(round(c0)) - ca
             hw = max(1, int(round(0.5 * self.body_hw[k] / gx)))
             hh = max(1, int(round(0.5 * self.body_hh[k] / gy)))
@@ -929,17 +943,65 @@ class _Ctx:
             big[0] = False
             big[spine_ids] = False
             other = big[lab] & ((ymm > -self.body_hh[k] - 40.0) & (ymm < (self.canal_r[k] - r0) * gy + 70.0))[:, None]
+            others[k, a:b, ca:cb] = other
             for s, sgn in ((0, -1.0), (1, 1.0)):  # 0 = right (c decreasing), 1 = left
                 side = sgn * lat
                 sel = (side >= p.ala_mm[0]) & (side <= p.ala_mm[1])
                 self.ala[k, s] = float(spine[:, sel].sum()) * px
                 cols_sp = np.nonzero(spine.any(axis=0) & (side > 0))[0]
                 self.ala_reach[k, s] = float(side[cols_sp].max()) if cols_sp.size else 0.0
+        if p.limbs_cut:
+            others &= ~self.limb_bone(others)
+        for k, crop in enumerate(crops):
+            if crop is None:
+                continue
+            a, b, ca, cb, c0 = crop
+            lat = (np.arange(ca, cb) - c0) * gx
+            other = others[k, a:b, ca:cb]
+            for s, sgn in ((0, -1.0), (1, 1.0)):
+                side = sgn * lat
                 self.iliac[k, s] = float(other[:, (side >= 35.0) & (side <= 190.0)].sum()) * px
         sac = (self.ala.min(axis=1) >= p.ala_area_mm2) & (
             (self.iliac.min(axis=1) >= p.iliac_area_mm2) | (self.ala_reach.min(axis=1) >= 70.0))
         self.sacral = sac
         self.iliac_present = self.iliac.min(axis=1) >= p.iliac_area_mm2
+
+    def limb_bone(self, others: NDArray[np.bool_]) -> NDArray[np.bool_]:
+        """The pieces of ``others`` (big bone beside the spine) that are the bones of an arm touching the trunk.
+
+        Each piece, followed along z, is judged on one slice through it by the segmenter's arm cut
+        (:func:`pipelines.body_composition.tissues.trunk_of`): an arm's surroundings come apart from the trunk at
+        its skin contact, an iliac wing and a rib sink into the trunk. A slice judges every piece it crosses, so a
+        few slices do (the arm cut is the costly part)."""
+        p = self.p
+        lab, nl = ndi.label(others)
+        limb = np.zeros(others.shape, bool)
+        if nl == 0:
+            return limb
+        objs = ndi.find_objects(lab)
+        sizes = np.bincount(lab.ravel(), minlength=nl + 1)
+        judged = np.zeros(nl + 1, bool)
+        judged[0] = True
+        is_limb = np.zeros(nl + 1, bool)
+        for i in np.argsort(-sizes[1:]) + 1:
+            sl = objs[i - 1]
+            if judged[i] or sl is None:
+                continue
+            # an arm in view runs a long way along z (or leaves the field of view); pieces of ribs, cut across, do
+            # not and are not judged
+            if (sl[0].stop - sl[0].start) * self.dz < p.limb_min_run_mm and sl[0].start > 0 and sl[0].stop < self.n:
+                continue
+            k = sl[0].start + int(np.argmax((lab[sl] == i).sum(axis=(1, 2))))  # where the piece holds most bone
+            tr = trunk_of(self.g[k], (self.gy, self.gx), (float(self.body_r[k]), float(self.body_c[k])), self.tissue)
+            ids, counts = np.unique(lab[k][lab[k] > 0], return_counts=True)
+            in_limb = ndi.sum_labels(tr.limbs, lab[k], index=ids)
+            for j, cnt, inl in zip(ids, counts, np.asarray(in_limb), strict=True):
+                if not judged[j]:
+                    judged[j] = True
+                    is_limb[j] = inl >= 0.5 * cnt
+        if is_limb.any():
+            log.debug("level finder: %d of %d bone pieces beside the spine are an arm's", int(is_limb.sum()), nl)
+        return np.asarray(is_limb[lab])
 
     def anchors(self, segs: list[_Seg], discs: list[float]) -> list[tuple[Anchor, int, set[str]]]:
         """(anchor, segment index, names it allows for that segment)."""

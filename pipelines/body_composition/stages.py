@@ -91,8 +91,9 @@ class ClassicalBackend:
     model_version = ""
 
     def __init__(self, tissue: TissueParams | None = None) -> None:
-        self.finder = SpineLevelFinder()
-        self.segmenter = TissueSlicer(tissue or TissueParams())
+        tissue = tissue or TissueParams()
+        self.finder = SpineLevelFinder(tissue=tissue)  # the same arm cut as the segmenter's
+        self.segmenter = TissueSlicer(tissue)
 
     def find_level(self, volume: Volume, levels: Sequence[str]) -> LevelResult:
         return self.finder.run(volume, levels)
