@@ -554,3 +554,36 @@ def test_arms_at_the_sides_of_a_thin_body_are_not_iliac_wings(tmp_path: Path) ->
     assert res.level == "L3" and res.slice_index is not None, res.notes
     assert abs(float(vol.index_to_world(res.slice_index, 0.0, 0.0)[2]) - ph.level_z["L3"]) <= spec.slice_mm
     assert [a.name for a in res.anchors] == ["lowest rib-bearing vertebra"], res.anchors
+
+
+def test_positive_oral_contrast_beside_the_spine_and_pelvis_does_not_stop_the_count(tmp_path: Path) -> None:
+    """Positive oral contrast (about 300 HU, as bright as cancellous bone) in the stomach and bowel, every structure
+    touching the psoas (5 mm, seed 7).  Two things went wrong: the contrast-filled colon beside the iliac wings
+    carried the crest's run up to L3, so the crest disagreed with the sacrum and the 12th ribs; and a contrast-filled
+    loop against one side of L1 was taken for the lowest rib, which ended the search for T12.  Now the crest, which
+    only confirms, is set aside when the sacrum and the ribs agree (``crest_set_aside``), and bone against one side
+    of a vertebra with no rib above is not a rib (``rib_stray_skip``): L3 is named from the sacrum and T12."""
+    from pipelines.body_composition.anatomy_phantom import (
+        PSOAS_CONTACTS,
+        AnatomySpec,
+        Geometry,
+        make_anatomy,
+        write_series,
+    )
+    from pipelines.body_composition.levels import LevelParams
+    from pipelines.common.volume import SeriesToVolume
+
+    spec = AnatomySpec(habitus="average", oral_contrast=True, seed=7, rows=512, slice_mm=5.0,
+                       psoas_contacts=PSOAS_CONTACTS)
+    ph = make_anatomy(spec)
+    vol, _ = SeriesToVolume().run(write_series(ph, tmp_path, Geometry("HFS")).files).canonical_axial()
+    for off in (LevelParams(crest_set_aside=False), LevelParams(rib_stray_skip=False)):
+        before = SpineLevelFinder(off).run(vol, ("L3",))
+        assert before.level is None and any("anchors disagree" in n for n in before.notes), before.notes
+    res = SpineLevelFinder().run(vol, ("L3",))
+    assert res.level == "L3" and res.slice_index is not None and res.confidence == "moderate", res.notes
+    assert abs(float(vol.index_to_world(res.slice_index, 0.0, 0.0)[2]) - ph.level_z["L3"]) <= spec.slice_mm
+    agree = {a.name: a.agrees for a in res.anchors}
+    assert agree == {"sacrum": True, "lowest rib-bearing vertebra": True, "iliac crest": False}, res.anchors
+    assert any(n.startswith("iliac crest set aside") for n in res.notes)
+    assert any("not a rib" in n for n in res.notes)

@@ -38,7 +38,8 @@ What it is made of (all in LPS millimetres: x to the patient's left, y posterior
   against the anterior wall), aorta and IVC with the iliac vessels below the bifurcation, lung bases
   in the posterior costophrenic recesses, visceral fat filling the rest of the cavity, and both
   arms at the sides touching the trunk (humerus, or radius and ulna below the elbow, arm muscle,
-  arm fat).  Contrast-enhanced (portal-venous) or non-contrast organ values.
+  arm fat).  Contrast-enhanced (portal-venous) or non-contrast organ values; positive oral contrast in the
+  stomach and bowel (``oral_contrast``).
 - **Psoas contacts** (``psoas_contacts``, all off by default: the default phantoms are unchanged).  What
   touches psoas major at L3 on real CT, in the muscle window when not enhanced, placed where standard
   cross-sectional anatomy puts it (Gray's Anatomy, 42nd ed., posterior abdominal wall and retroperitoneum;
@@ -239,6 +240,10 @@ class AnatomySpec:
     # any of PSOAS_CONTACTS
     psoas_contacts: tuple[str, ...] = ()
     contrast_phase: str = "portal"  # with contrast: "portal" (venous) or "arterial" (the infrarenal IVC unopacified)
+    # positive oral contrast (dilute barium or iodinated, as many oncologic staging CTs are done): the stomach,
+    # duodenum, small bowel and colon filled at ``_ORAL`` HU, as bright as cancellous bone and beside the spine and the
+    # iliac wings (a value inside the range such bowel shows on clinical CT, not calibrated on a dataset)
+    oral_contrast: bool = False
     # the patient lying turned about the head-feet axis by this many degrees (positive: the back turned toward the
     # patient's left, as ``roll.measure_roll`` counts it), applied to the built phantom: HU resampled bilinearly, the
     # truth labels by nearest neighbour (stair-steps the unturned truth has not)
@@ -394,6 +399,9 @@ _HU: Mapping[str, tuple[float, float, float]] = {
     # wall and fluid averaged), a retroperitoneal lymph node, the ureter without excreted contrast
     "duodenum": (25, 45, 10), "lymph_node": (40, 65, 6), "ureter": (18, 22, 5),
 }
+# positive oral contrast (AnatomySpec.oral_contrast): mean and texture SD (contrast mixed with fluid and stool)
+_ORAL: Mapping[str, tuple[float, float]] = {"stomach": (250.0, 20.0), "duodenum": (300.0, 20.0),
+                                            "small_bowel": (300.0, 20.0), "colon": (300.0, 30.0)}
 # arterial phase (contrast_phase="arterial"): the aorta opacified, the infrarenal IVC and its tributaries not yet
 _ARTERIAL: Mapping[str, tuple[float, float]] = {"aorta": (280.0, 10.0), "iliac_artery": (280.0, 10.0),
                                                 "ivc": (45.0, 5.0), "iliac_vein": (45.0, 5.0),
@@ -1385,6 +1393,9 @@ class _Builder:
         setv(("arm_skin",), "skin")
         if spec.contrast and spec.contrast_phase == "arterial":
             for n, (m, sd) in _ARTERIAL.items():
+                lut_mean[L[n]], lut_sd[L[n]] = m, sd
+        if spec.oral_contrast:
+            for n, (m, sd) in _ORAL.items():
                 lut_mean[L[n]], lut_sd[L[n]] = m, sd
         for n in BONES:
             setv((n,), mean=220.0, sd=40.0)  # cancellous; cortex below

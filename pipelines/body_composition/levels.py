@@ -99,6 +99,10 @@ class LevelParams:
     # pipelines/body_composition/README.md
     rib_attach_min_mm3: float = 450.0
     rib_cortex_hu: float = 300.0
+    # the lowest vertebra with bone against it is passed over when that bone lies on one side only and the vertebra
+    # above has none (a contrast-filled bowel loop beside L1-L2 of the phantoms with oral contrast; it ended the
+    # search for T12 before): the lowest rib-bearing vertebra is looked for above it
+    rib_stray_skip: bool = True
     ala_mm: tuple[float, float] = (25.0, 70.0)
     ala_area_mm2: float = 600.0
     iliac_area_mm2: float = 300.0
@@ -108,6 +112,10 @@ class LevelParams:
     # a neck scan (scapulae, clavicles, humeral heads), not the iliac crest (the VerSe phantoms: 28-30 mm at the crest,
     # 18 mm at the T1-T2 of a neck turned 10 degrees, which named an "iliac crest" before)
     crest_min_body_hw_mm: float = 22.0
+    # the crest, which only confirms, is set aside where two anchors of other kinds agree and it alone does not (the
+    # phantoms with positive oral contrast: the contrast-filled colon beside the wings carried the crest's run up to
+    # L3 and every one of them was not evaluable)
+    crest_set_aside: bool = True
     # an arm lying at the side and touching the trunk is not an iliac wing: big lateral bone whose surroundings come
     # apart from the trunk at a skin contact (``tissues.trunk_of``, the segmenter's own arm cut, on the working grid)
     # is left out of the iliac and sacral bone. Without it a thin body's forearms and humeri (300-350 mm2 a side
@@ -1063,6 +1071,7 @@ class _Ctx:
                     out.append((Anchor("iliac crest", (int(a), int(b)), (s.first, s.last),
                                        tuple(sorted(allowed))), si, allowed))
         # ribs
+        p = self.p
         ribs = self.rib_attachments(segs, max(sac_top, self.crest_top))
         self.rib_segs = ribs
         bearing = [bool(ribs.get(i)) for i in range(len(segs))]
@@ -1076,6 +1085,15 @@ class _Ctx:
             below_ok = i >= 1 and not segs[i - 1].edge_hi and (
                 not segs[i - 1].edge_lo or (segs[i - 1].hi - max(segs[i - 1].lo, -0.5)) * dz >= 12.0)
             above_ok = i + 1 < len(segs) and bearing[i + 1]
+            if not both[i] and not above_ok and i + 1 < len(segs) and p.rib_stray_skip:
+                # bone against one side only, with no rib on the vertebra above: not a rib pair ending the
+                # thoracic column but a stray (a contrast-filled bowel loop or a bright vessel beside the
+                # spine); it is no rib, and the search goes on upward
+                self.notes.append(f"bone against the {', '.join(sorted(ribs[i]))} side of the vertebra on "
+                                  f"{self.where(s.first, s.last)}, with no rib on the vertebra above: not a rib")
+                del ribs[i]
+                bearing[i] = False
+                continue
             if below_ok and above_ok and both[i] and (sac_top < 0 or s.first > sac_top):
                 out.append((Anchor("lowest rib-bearing vertebra", (s.first, s.last), (s.first, s.last),
                                    ("T12",)), i, {"T12"}))
@@ -1360,8 +1378,24 @@ def _name(segs: list[_Seg], anchors: list[tuple[Anchor, int, set[str]]], ctx: _C
         elif len(common) > 1:
             notes.append("only the iliac crest is in view, which puts L4 or L5 at its top: vertebrae not named")
         else:
-            # disagreement: keep the exact anchors' readings; a documented rule could resolve it
-            notes.append("anchors disagree (transitional vertebra or 11/13 rib pairs suspected): level not named")
+            # the iliac crest only confirms (its top lies at L4 or L5, and crests sit higher or lower in some
+            # patients); its run is also the anchor most easily lengthened by what lies beside the pelvis
+            # (contrast-filled bowel loops, an arm). Where two other anchors of different kinds name the
+            # vertebrae alike and only the crest disagrees, the crest is set aside and said
+            others = [(a, v) for a, v in votes if a.name != "iliac crest"]
+            crests = [(a, v) for a, v in votes if a.name == "iliac crest"]
+            agreed = set.intersection(*[v for _, v in others]) if others else set()
+            if (ctx.p.crest_set_aside and crests and len(agreed) == 1 and len({a.name for a, _ in others}) >= 2
+                    and all(len(v) == 1 for _, v in others)):
+                offset = next(iter(agreed))
+                conf = "moderate"
+                votes, unsure = others, unsure + crests
+                notes.append(f"iliac crest set aside: {' and '.join(sorted({a.name for a, _ in others}))} name the "
+                             "vertebrae alike and the crest's top does not fit them (a crest higher or lower than "
+                             "L4-L5, or contrast-filled bowel or an arm beside the pelvis taken for it)")
+            else:
+                # disagreement: keep the exact anchors' readings; a documented rule could resolve it
+                notes.append("anchors disagree (transitional vertebra or 11/13 rib pairs suspected): level not named")
     verts: list[Vertebra] = []
     final: list[Anchor] = []
     for a, v, counted in [(a, v, True) for a, v in votes] + [(a, v, False) for a, v in unsure]:
