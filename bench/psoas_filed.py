@@ -6,7 +6,8 @@
 
 Each case is an anatomical phantom (:mod:`pipelines.body_composition.anatomy_phantom`, the whole T10-S1 spine, so
 the level finder runs and the 3D L5-L1 muscles are segmented) with one psoas contact, none or all of them
-(``AnatomySpec.psoas_contacts``), in one phase (C- non-contrast, C+ portal venous, art arterial), written as a DICOM
+(``AnatomySpec.psoas_contacts``), in one phase (C- non-contrast, C+ portal venous, art arterial, oral: portal venous
+with positive oral contrast, ``AnatomySpec.oral_contrast``), written as a DICOM
 series and run through ``run_folder`` as the node runs it.  Per psoas side it prints the area error of the outline
 on the level slice as segmented, before the gates (against the truth at the true L3 middle, as
 ``body_composition_phantom.py``), and whether the SR files it or which gates made it "not evaluable".
@@ -58,8 +59,9 @@ def run_case(base: Path, habitus: str, contact: str, phase: str, seed: int, rows
     """Per psoas side: (area error % of the level slice's outline against the true L3 middle, None where no outline;
     "filed" or the failed gates)."""
     contacts = () if contact == "none" else (PSOAS_CONTACTS if contact == "all" else (contact,))
+    # phase "oral": portal venous with positive oral contrast in the stomach and bowel
     spec = AnatomySpec(habitus=habitus, contrast=phase != "C-", contrast_phase="arterial" if phase == "art" else "portal",
-                       seed=seed, rows=rows, slice_mm=slice_mm, psoas_contacts=contacts)
+                       seed=seed, rows=rows, slice_mm=slice_mm, psoas_contacts=contacts, oral_contrast=phase == "oral")
     truth = write_series(make_anatomy(spec), base / "ct", Geometry("HFS"))
     seen: dict[str, float] = {}
     measure_run = stages.Measure.run

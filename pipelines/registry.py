@@ -46,7 +46,7 @@ _ENTRIES = (
     Entry("tissue-hu", "pipelines.tissue_hu:create", "series",
           "Body mask, adipose (-190..-30 HU) and soft tissue (-29..150 HU) on every slice", "1.0.0"),
     Entry("body-composition", "pipelines.body_composition.pipeline:create", "series",
-          "L3/C3 muscle, SAT, VAT, IMAT, SMI and sarcopenia; psoas and erector spinae in 2D and 3D", "0.2.0"),
+          "L3/C3 muscle, SAT, VAT, IMAT, SMI and sarcopenia; psoas and erector spinae in 2D and 3D", "0.3.0"),
     Entry("tumour-radiomics", "pipelines.radiomics.pipeline:create", "study",
           "Intratumoral and 3/6/9 mm peritumoral radiomics from a received SEG or RTSTRUCT ROI", "1.0.0"),
     Entry("dual-phase", "pipelines.dualphase.pipeline:create", "study",
