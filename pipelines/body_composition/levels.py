@@ -229,8 +229,7 @@ class SpineLevelFinder:
             g = np.asarray(hu, dtype=np.float32)
             gmax = g
         gy, gx = dy * fy, dx * fx
-        ctx = _Ctx(vol=vol, g=g, gmax=gmax, gy=gy, gx=gx, dz=dz, fy=fy, fx=fx, p=p)
-        ctx.tissue = self.tissue
+        ctx = _Ctx(vol=vol, g=g, gmax=gmax, gy=gy, gx=gx, dz=dz, fy=fy, fx=fx, p=p, tissue=self.tissue)
         ctx.r_off, ctx.c_off = r_off, c_off
         notes: list[str] = []
         if not ctx.find_canal():
@@ -302,10 +301,10 @@ class _Ctx:
     """Working state of one run (arrays on the ~2 mm grid)."""
 
     def __init__(self, vol: Volume, g: NDArray[np.float32], gmax: NDArray[np.float32], gy: float, gx: float, dz: float, fy: int, fx: int,
-                 p: LevelParams) -> None:
+                 p: LevelParams, tissue: TissueParams) -> None:
         self.vol, self.g, self.gy, self.gx, self.dz, self.fy, self.fx, self.p = vol, g, gy, gx, dz, fy, fx, p
         self.gmax = gmax  # block maxima: how bright the bone of a rib's attachment is
-        self.tissue = TissueParams()
+        self.tissue = tissue  # the arm cut's definition, the segmenter's
         self.r_off, self.c_off = 0, 0
         self.n = g.shape[0]
         # the patient: per slice the largest component above -400 HU (not the table, not the air)
@@ -925,7 +924,7 @@ class _Ctx:
         self.ala_reach = np.zeros((n, 2))
         px = gy * gx
         others = np.zeros(g.shape, bool)  # big bone apart from the spine, beside it (iliac wing, or an arm)
-        crops: list[tuple[int, int, int, int, float] | None] = [None] * n
+        crops: list[tuple[int, int, int, int, NDArray[np.float64]] | None] = [None] * n  # crop and lateral mm
         for k in range(n):
             r0, c0 = self.body_r[k], self.body_c[k]
             a = max(0, int(r0 - (self.body_hh[k] + 25.0) / gy))
@@ -936,13 +935,13 @@ class _Ctx:
             lab, nl = ndi.label(fm)
             if nl == 0:
                 continue
-            crops[k] = (a, b, ca, cb, float(c0))
             rr0, cc0 = int(round(r0)) - a, int(round(c0)) - ca
             hw = max(1, int(round(0.5 * self.body_hw[k] / gx)))
             hh = max(1, int(round(0.5 * self.body_hh[k] / gy)))
             core = lab[max(0, rr0 - hh) : rr0 + hh + 1, max(0, cc0 - hw) : cc0 + hw + 1]
             spine_ids = np.unique(core[core > 0])
             lat = (np.arange(ca, cb) - c0) * gx  # + = left
+            crops[k] = (a, b, ca, cb, lat)
             ymm = (np.arange(a, b) - r0) * gy
             band = (ymm > -self.body_hh[k] - 10.0) & (ymm < (self.canal_r[k] - r0) * gy + 30.0)
             spine = np.isin(lab, spine_ids) & band[:, None]
@@ -963,8 +962,7 @@ class _Ctx:
         for k, crop in enumerate(crops):
             if crop is None:
                 continue
-            a, b, ca, cb, c0 = crop
-            lat = (np.arange(ca, cb) - c0) * gx
+            a, b, ca, cb, lat = crop
             other = others[k, a:b, ca:cb]
             for s, sgn in ((0, -1.0), (1, 1.0)):
                 side = sgn * lat
@@ -983,9 +981,8 @@ class _Ctx:
         few slices do (the arm cut is the costly part)."""
         p = self.p
         lab, nl = ndi.label(others)
-        limb = np.zeros(others.shape, bool)
         if nl == 0:
-            return limb
+            return np.zeros(others.shape, bool)
         objs = ndi.find_objects(lab)
         sizes = np.bincount(lab.ravel(), minlength=nl + 1)
         judged = np.zeros(nl + 1, bool)
